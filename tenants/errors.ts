@@ -1,0 +1,53 @@
+import type { AuthFailureReason } from './types.ts';
+
+/** A CDS client token was refused. HTTP: 401 `invalid_token`, body says no more. */
+export class AuthError extends Error {
+  readonly reason: AuthFailureReason;
+  constructor(reason: AuthFailureReason, detail?: string) {
+    super(detail ? `${reason}: ${detail}` : reason);
+    this.name = new.target.name;
+    this.reason = reason;
+  }
+}
+
+/** An admin bearer token is missing, unknown or revoked. HTTP: 401. */
+export class AdminAuthError extends Error {
+  constructor(detail: string) {
+    super(detail);
+    this.name = new.target.name;
+  }
+}
+
+/** The principal may not do this. HTTP: 403. */
+export class ForbiddenError extends Error {
+  constructor(detail: string) {
+    super(detail);
+    this.name = new.target.name;
+  }
+}
+
+/** The named thing does not exist (or is not visible to the caller). HTTP: 404. */
+export class NotFoundError extends Error {
+  constructor(what: string) {
+    super(`${what} not found`);
+    this.name = new.target.name;
+  }
+}
+
+/** The request conflicts with stored state (duplicate id, immutable version). HTTP: 409. */
+export class ConflictError extends Error {
+  constructor(detail: string) {
+    super(detail);
+    this.name = new.target.name;
+  }
+}
+
+/** A control-plane input is invalid; `field` names it. HTTP: 400 (or 422 for policy). */
+export class InvalidInputError extends Error {
+  readonly field: string;
+  constructor(field: string, message: string) {
+    super(`${field}: ${message}`);
+    this.name = new.target.name;
+    this.field = field;
+  }
+}
