@@ -15,7 +15,8 @@ export class HookRequestError extends Error {
  */
 export class PrefetchError extends Error {
   readonly key: string;
-  readonly reason: 'missing' | 'not-allowed' | 'timeout' | 'failed' | 'too-large' | 'operation-outcome';
+  readonly reason:
+    'missing' | 'not-allowed' | 'timeout' | 'failed' | 'too-large' | 'operation-outcome';
   readonly operationOutcome: Record<string, unknown>;
   constructor(key: string, reason: PrefetchError['reason'], message: string) {
     super(message);
@@ -24,7 +25,13 @@ export class PrefetchError extends Error {
     this.reason = reason;
     this.operationOutcome = {
       resourceType: 'OperationOutcome',
-      issue: [{ severity: 'error', code: reason === 'timeout' ? 'timeout' : 'processing', diagnostics: message }],
+      issue: [
+        {
+          severity: 'error',
+          code: reason === 'timeout' ? 'timeout' : 'processing',
+          diagnostics: message,
+        },
+      ],
     };
   }
 }

@@ -1,2 +1,12 @@
 export type * from './types.ts';
 export * from './errors.ts';
+export { HOOK_NAMES, HOOK_CONTEXT_SCHEMAS, isHookName, parseHookContext } from './hook-contexts.ts';
+export { parseHookRequest } from './parse-hook-request.ts';
+export { parseFeedbackRequest } from './parse-feedback.ts';
+export { resolvePrefetch } from './resolve-prefetch.ts';
+export type { ResolvePrefetchOptions } from './resolve-prefetch.ts';
+export { normalizeFhirBaseUrl, isUnderFhirBase } from './fhir-base-url.ts';
+export { finalizeCards, stripEmpty } from './finalize-cards.ts';
+export { discoveryEntry } from './discovery.ts';
+export { operationOutcome } from './operation-outcome.ts';
+export { assertSafeJsonKeys } from './validation.ts';

@@ -1,7 +1,13 @@
 /**
  * Public types of the hook catalog: CDS Hooks 2.0 requests, cards, feedback, prefetch.
  */
-import type { CdsCoding, Indicator, LinkTemplate, SelectionBehavior, ActionType } from '../rules/index.ts';
+import type {
+  CdsCoding,
+  Indicator,
+  LinkTemplate,
+  SelectionBehavior,
+  ActionType,
+} from '../rules/index.ts';
 
 export type HookName = 'patient-view' | 'order-select' | 'order-sign';
 

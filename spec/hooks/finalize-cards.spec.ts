@@ -1,0 +1,222 @@
+import { expect } from 'chai';
+import fc from 'fast-check';
+import { finalizeCards, stripEmpty } from '../../hooks/index.ts';
+import type { RawCard } from '../../rules/index.ts';
+
+function raw(patch: Partial<RawCard> = {}): RawCard {
+  return {
+    ruleId: 'rule-1',
+    summary: 'Potassium is high',
+    indicator: 'warning',
+    source: { label: 'cellcds medication safety' },
+    ...patch,
+  };
+}
+
+function counter(): () => string {
+  let n = 0;
+  return () => `00000000-0000-4000-8000-${String(++n).padStart(12, '0')}`;
+}
+
+describe('hooks: stripEmpty', () => {
+  it('removes null, "", [] and {} members deeply, bottom-up', () => {
+    expect(
+      stripEmpty({
+        a: null,
+        b: '',
+        c: [],
+        d: {},
+        e: { f: null, g: [{}, null, ''] },
+        h: [1, null, '', 'x', { i: '' }],
+        j: 0,
+        k: false,
+        l: 'kept',
+      }),
+    ).to.deep.equal({ h: [1, 'x'], j: 0, k: false, l: 'kept' });
+  });
+
+  it('returns the top-level value even when it ends up empty', () => {
+    expect(stripEmpty({ cards: [] })).to.deep.equal({});
+    expect(stripEmpty([])).to.deep.equal([]);
+    expect(stripEmpty('x')).to.equal('x');
+  });
+
+  it('never leaves an empty member, whatever the JSON (property)', () => {
+    const hasEmpty = (v: unknown, top: boolean): boolean => {
+      if (!top && (v === null || v === '' || (Array.isArray(v) && v.length === 0))) {
+        return true;
+      }
+      if (Array.isArray(v)) {
+        return v.some((x) => hasEmpty(x, false));
+      }
+      if (typeof v === 'object' && v !== null) {
+        const values = Object.values(v);
+        return (!top && values.length === 0) || values.some((x) => hasEmpty(x, false));
+      }
+      return false;
+    };
+    fc.assert(
+      fc.property(fc.jsonValue(), (value) => {
+        const stripped = stripEmpty(value);
+        expect(hasEmpty(stripped, true)).to.equal(false);
+        // Idempotent.
+        expect(stripEmpty(stripped)).to.deep.equal(stripped);
+      }),
+    );
+  });
+});
+
+describe('hooks: finalizeCards', () => {
+  it('gives every card and suggestion a fresh uuid and drops ruleId', () => {
+    const rawCards = [
+      raw({ suggestions: [{ label: 'A' }, { label: 'B' }] }),
+      raw({ ruleId: 'rule-2', suggestions: [{ label: 'C' }] }),
+    ];
+    const first = finalizeCards(rawCards);
+    const second = finalizeCards(rawCards);
+    const ids = (cards: typeof first): string[] =>
+      cards.flatMap((c) => [c.uuid, ...(c.suggestions ?? []).map((s) => s.uuid)]);
+    expect(new Set(ids(first)).size).to.equal(5);
+    expect(ids(first).some((id) => ids(second).includes(id))).to.equal(false);
+    for (const card of first) {
+      expect(card).to.not.have.property('ruleId');
+    }
+  });
+
+  it('uses the injected uuid source in card, then suggestion order', () => {
+    const [card] = finalizeCards([raw({ suggestions: [{ label: 'A' }] })], counter());
+    expect(card!.suggestions![0]!.uuid).to.equal('00000000-0000-4000-8000-000000000001');
+    expect(card!.uuid).to.equal('00000000-0000-4000-8000-000000000002');
+  });
+
+  it('defaults selectionBehavior to at-most-one with suggestions, keeps any, drops it without', () => {
+    expect(finalizeCards([raw({ suggestions: [{ label: 'A' }] })])[0]!.selectionBehavior).to.equal(
+      'at-most-one',
+    );
+    expect(
+      finalizeCards([raw({ selectionBehavior: 'any', suggestions: [{ label: 'A' }] })])[0]!
+        .selectionBehavior,
+    ).to.equal('any');
+    const none = finalizeCards([raw({ selectionBehavior: 'any', suggestions: [] })])[0]!;
+    expect(none).to.not.have.property('suggestions');
+    expect(none).to.not.have.property('selectionBehavior');
+  });
+
+  it('strips null and empty optional fields deeply', () => {
+    const [card] = finalizeCards([
+      {
+        ...raw(),
+        detail: '',
+        links: [],
+        overrideReasons: [],
+        source: { label: 'L', url: '', icon: null, topic: {} },
+        suggestions: [{ label: 'A', isRecommended: null, actions: [] }],
+      } as unknown as RawCard,
+    ]);
+    expect(card).to.deep.equal({
+      uuid: card!.uuid,
+      summary: 'Potassium is high',
+      indicator: 'warning',
+      source: { label: 'L' },
+      suggestions: [{ label: 'A', uuid: card!.suggestions![0]!.uuid }],
+      selectionBehavior: 'at-most-one',
+    });
+  });
+
+  it('keeps FHIR resources in actions intact except for nulls', () => {
+    const resource = {
+      resourceType: 'MedicationRequest',
+      id: 'rx1',
+      status: 'draft',
+      note: null,
+      dosageInstruction: [{ text: 'daily', timing: null }],
+      extension: [],
+      _status: { extension: [{ url: 'http://example.org/x', valueString: 'v' }] },
+    };
+    const [card] = finalizeCards([
+      raw({
+        suggestions: [
+          { label: 'A', actions: [{ type: 'create', description: 'Order it', resource }] },
+        ],
+      }),
+    ]);
+    expect(card!.suggestions![0]!.actions![0]).to.deep.equal({
+      type: 'create',
+      description: 'Order it',
+      resource: {
+        resourceType: 'MedicationRequest',
+        id: 'rx1',
+        status: 'draft',
+        dosageInstruction: [{ text: 'daily' }],
+        extension: [],
+        _status: { extension: [{ url: 'http://example.org/x', valueString: 'v' }] },
+      },
+    });
+    // The engine's card is not modified.
+    expect(resource.note).to.equal(null);
+  });
+
+  const broken: Array<[string, RawCard]> = [
+    ['a summary of 140 characters', raw({ summary: 'x'.repeat(140) })],
+    ['an empty summary', raw({ summary: '' })],
+    ['indicator hard-stop', raw({ indicator: 'hard-stop' as never })],
+    ['no source', { ...raw(), source: undefined } as unknown as RawCard],
+    ['an empty source.label', raw({ source: { label: '' } })],
+    ['a relative source.icon', raw({ source: { label: 'L', icon: '/icon.png' } })],
+    [
+      'an override reason without display',
+      raw({ overrideReasons: [{ system: 'http://s', code: 'c' }] }),
+    ],
+    ['a link without type', raw({ links: [{ label: 'L', url: 'https://x.org' } as never] })],
+    ['a relative link url', raw({ links: [{ label: 'L', url: '/x', type: 'absolute' }] })],
+    [
+      'appContext on an absolute link',
+      raw({ links: [{ label: 'L', url: 'https://x.org', type: 'absolute', appContext: '{}' }] }),
+    ],
+    [
+      'two recommended suggestions under at-most-one',
+      raw({
+        suggestions: [
+          { label: 'A', isRecommended: true },
+          { label: 'B', isRecommended: true },
+        ],
+      }),
+    ],
+    ['a suggestion without label', raw({ suggestions: [{ label: '' }] })],
+    [
+      'an action without description',
+      raw({
+        suggestions: [
+          {
+            label: 'A',
+            actions: [{ type: 'delete', description: '', resourceId: 'ServiceRequest/1' }],
+          },
+        ],
+      }),
+    ],
+    [
+      'selectionBehavior all',
+      raw({ selectionBehavior: 'all' as never, suggestions: [{ label: 'A' }] }),
+    ],
+  ];
+  for (const [name, card] of broken) {
+    it(`throws on ${name} (a bug upstream)`, () => {
+      expect(() => finalizeCards([raw(), card])).to.throw(Error, /^card\[1\]/);
+    });
+  }
+
+  it('accepts a summary of 139 characters and several recommended suggestions under any', () => {
+    expect(() =>
+      finalizeCards([
+        raw({ summary: 'x'.repeat(139) }),
+        raw({
+          selectionBehavior: 'any',
+          suggestions: [
+            { label: 'A', isRecommended: true },
+            { label: 'B', isRecommended: true },
+          ],
+        }),
+      ]),
+    ).to.not.throw();
+  });
+});
