@@ -51,3 +51,19 @@ export class InvalidInputError extends Error {
     this.field = field;
   }
 }
+
+/** A JWK Set could not be fetched or parsed (timeout, size, status, redirect, not JSON). */
+export class JwksFetchError extends Error {
+  constructor(detail: string, cause?: unknown) {
+    super(`jwks: ${detail}`, { cause });
+    this.name = new.target.name;
+  }
+}
+
+/** The in-memory replay cache is full of unexpired entries; the token is refused (fail closed). */
+export class ReplayCacheFullError extends Error {
+  constructor() {
+    super('replay cache is full');
+    this.name = new.target.name;
+  }
+}

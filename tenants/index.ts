@@ -1,2 +1,17 @@
 export type * from './types.ts';
 export * from './errors.ts';
+export { openControlPlane } from './control-plane.ts';
+export type { OpenControlPlaneOptions } from './control-plane.ts';
+export { ADMIN_TOKEN_PREFIX, hashAdminToken } from './admin-token-repository.ts';
+export { authorize, authorizeTokenIssue } from './authorize.ts';
+export {
+  createTokenVerifier,
+  ASYMMETRIC_ALGORITHMS,
+  DEFAULT_ALGORITHMS,
+} from './verify-client-token.ts';
+export type { TokenVerifierOptions } from './verify-client-token.ts';
+export { createMemoryReplayCache } from './replay-cache.ts';
+export type { MemoryReplayCacheOptions } from './replay-cache.ts';
+export { createJwksFetcher } from './jwks-fetcher.ts';
+export type { JwksFetcherOptions } from './jwks-fetcher.ts';
+export { TENANT_ID_PATTERN } from './tenant-validation.ts';

@@ -1,0 +1,699 @@
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { expect } from 'chai';
+import sqlite3 from 'sqlite3';
+import type { RulePack } from '../../rules/index.ts';
+import {
+  ConflictError,
+  InvalidInputError,
+  NotFoundError,
+  hashAdminToken,
+  openControlPlane,
+} from '../../tenants/index.ts';
+import type { ControlPlane, NewTenant } from '../../tenants/index.ts';
+import { TestIssuer } from '../helpers/test-issuer.ts';
+
+async function rejection(promise: Promise<unknown>): Promise<Error> {
+  try {
+    await promise;
+  } catch (err) {
+    return err as Error;
+  }
+  throw new Error('expected a rejection');
+}
+
+function fieldOf(err: Error): string {
+  if (!(err instanceof InvalidInputError)) {
+    throw new Error(`expected InvalidInputError, got ${err.name}: ${err.message}`);
+  }
+  return err.field;
+}
+
+function pack(id: string, version: string, title = 'A pack'): RulePack {
+  return {
+    id,
+    version,
+    title,
+    publisher: 'spec',
+    description: 'spec pack',
+    services: [],
+    rules: [],
+  };
+}
+
+function hashOf(p: RulePack): string {
+  return crypto.createHash('sha256').update(JSON.stringify(p)).digest('hex');
+}
+
+describe('tenants/ control plane store', () => {
+  let dir: string;
+  let file: string;
+  let cp: ControlPlane;
+  let clock: Date;
+  let issuer: TestIssuer;
+
+  const tenantInput = (id: string, overrides: Partial<NewTenant> = {}): NewTenant => ({
+    id,
+    name: `Tenant ${id}`,
+    region: 'eu-west',
+    issuers: [{ iss: `https://ehr-${id}.example.org`, jwks: issuer.publicJwks() }],
+    fhirServers: ['https://fhir.example.org/r4'],
+    ...overrides,
+  });
+
+  before(async () => {
+    issuer = await TestIssuer.create({ iss: 'https://ehr.example.org' });
+  });
+
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-'));
+    file = path.join(dir, 'control.sqlite');
+    clock = new Date('2025-01-01T00:00:00Z');
+    cp = await openControlPlane({ storage: file, now: () => clock });
+  });
+
+  afterEach(async () => {
+    await cp.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  for (const storage of ['file', ':memory:'] as const) {
+    it(`serialises concurrent writes from one process (${storage})`, async () => {
+      const db = await openControlPlane({
+        storage: storage === 'file' ? path.join(dir, 'c2.sqlite') : ':memory:',
+      });
+      try {
+        const ids = Array.from({ length: 20 }, (_, k) => `t-${k}`);
+        const p = pack('med-safety', '1.0.0');
+        const results = await Promise.allSettled([
+          ...ids.map((id) => db.tenants.create(tenantInput(id))),
+          ...ids.map((id) => db.audit.record({ type: 'x.y', outcome: 'success', tenant: id })),
+          ...ids.map(() => db.adminTokens.issue({ role: 'platform-operator' })),
+          ...ids.map(() =>
+            db.packs.put({ id: p.id, version: p.version, hash: hashOf(p), pack: p }),
+          ),
+        ]);
+        expect(results.filter((r) => r.status === 'rejected')).to.deep.equal([]);
+        expect(await db.tenants.list()).to.have.length(20);
+        expect((await db.audit.list()).map((e) => e.seq)).to.deep.equal(ids.map((_, k) => k + 1));
+        expect(await db.adminTokens.list()).to.have.length(20);
+        expect(await db.packs.list()).to.have.length(1);
+      } finally {
+        await db.close();
+      }
+    });
+  }
+
+  describe('tenants', () => {
+    it('creates, reads and lists tenants as plain objects', async () => {
+      const created = await cp.tenants.create(tenantInput('acme'));
+      expect(created).to.deep.equal({
+        id: 'acme',
+        name: 'Tenant acme',
+        region: 'eu-west',
+        status: 'active',
+        issuers: [{ iss: 'https://ehr-acme.example.org', jwks: issuer.publicJwks() }],
+        fhirServers: ['https://fhir.example.org/r4'],
+        subscriptions: [],
+        createdAt: '2025-01-01T00:00:00.000Z',
+        updatedAt: '2025-01-01T00:00:00.000Z',
+      });
+      await cp.tenants.create(tenantInput('beta'));
+      expect(await cp.tenants.get('acme')).to.deep.equal(created);
+      expect((await cp.tenants.list()).map((t) => t.id)).to.deep.equal(['acme', 'beta']);
+    });
+
+    it('uses WAL mode for a file database and keeps data across reopen', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      await cp.close();
+      cp = await openControlPlane({ storage: file });
+      expect((await cp.tenants.get('acme')).name).to.equal('Tenant acme');
+      expect(fs.existsSync(`${file}-wal`)).to.equal(true);
+    });
+
+    it('refuses a duplicate id with ConflictError', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const err = await rejection(cp.tenants.create(tenantInput('acme')));
+      expect(err).to.be.instanceOf(ConflictError);
+    });
+
+    it('throws NotFoundError for an unknown tenant', async () => {
+      expect(await rejection(cp.tenants.get('nobody'))).to.be.instanceOf(NotFoundError);
+      expect(await rejection(cp.tenants.update('nobody', { name: 'x' }))).to.be.instanceOf(
+        NotFoundError,
+      );
+      expect(await rejection(cp.tenants.remove('nobody'))).to.be.instanceOf(NotFoundError);
+      expect(await rejection(cp.tenants.setSubscriptions('nobody', []))).to.be.instanceOf(
+        NotFoundError,
+      );
+    });
+
+    it('finds every tenant registered for an issuer (the same iss may serve several)', async () => {
+      const shared = { iss: 'https://shared-ehr.example.org', jwks: issuer.publicJwks() };
+      await cp.tenants.create(tenantInput('acme', { issuers: [shared] }));
+      await cp.tenants.create(tenantInput('beta', { issuers: [shared] }));
+      await cp.tenants.create(tenantInput('gamma'));
+      expect((await cp.tenants.findByIssuer(shared.iss)).map((t) => t.id)).to.deep.equal([
+        'acme',
+        'beta',
+      ]);
+      expect(
+        (await cp.tenants.findByIssuer('https://ehr-gamma.example.org')).map((t) => t.id),
+      ).to.deep.equal(['gamma']);
+      expect(await cp.tenants.findByIssuer('https://unknown.example.org')).to.deep.equal([]);
+    });
+
+    it('updates fields, re-indexes issuers and bumps updatedAt', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      clock = new Date('2025-02-01T00:00:00Z');
+      const updated = await cp.tenants.update('acme', {
+        name: 'Acme Health',
+        status: 'suspended',
+        issuers: [
+          { iss: 'https://new-ehr.example.org', jwksUri: 'https://new-ehr.example.org/jwks' },
+        ],
+      });
+      expect(updated.name).to.equal('Acme Health');
+      expect(updated.status).to.equal('suspended');
+      expect(updated.updatedAt).to.equal('2025-02-01T00:00:00.000Z');
+      expect(updated.createdAt).to.equal('2025-01-01T00:00:00.000Z');
+      expect(await cp.tenants.get('acme')).to.deep.equal(updated);
+      expect(await cp.tenants.findByIssuer('https://ehr-acme.example.org')).to.deep.equal([]);
+      expect(
+        (await cp.tenants.findByIssuer('https://new-ehr.example.org')).map((t) => t.id),
+      ).to.deep.equal(['acme']);
+    });
+
+    it('removes a tenant, its issuer index and its scoped admin tokens', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const { token } = await cp.adminTokens.issue({ role: 'tenant-admin', tenant: 'acme' });
+      expect(await cp.adminTokens.authenticate(token)).to.not.equal(undefined);
+      await cp.tenants.remove('acme');
+      expect(await rejection(cp.tenants.get('acme'))).to.be.instanceOf(NotFoundError);
+      expect(await cp.tenants.findByIssuer('https://ehr-acme.example.org')).to.deep.equal([]);
+      expect(await cp.adminTokens.authenticate(token)).to.equal(undefined);
+    });
+
+    describe('validation names the field and stores nothing', () => {
+      const privateEc = (): Record<string, unknown> => ({
+        ...issuer.publicJwks().keys[0],
+        d: 'AAAA',
+      });
+      const cases: Array<[string, () => unknown, string]> = [
+        ['an id with capitals', () => tenantInput('Acme'), 'id'],
+        ['a one-character id', () => tenantInput('a'), 'id'],
+        ['an id starting with a dash', () => tenantInput('-acme'), 'id'],
+        ['a 64-character id', () => tenantInput('a'.repeat(64)), 'id'],
+        ['an empty name', () => tenantInput('acme', { name: '' }), 'name'],
+        ['a region with spaces', () => tenantInput('acme', { region: 'EU West' }), 'region'],
+        ['no issuers', () => tenantInput('acme', { issuers: [] }), 'issuers'],
+        ['issuers not an array', () => ({ ...tenantInput('acme'), issuers: 'x' }), 'issuers'],
+        [
+          'an iss that is not a URI',
+          () => tenantInput('acme', { issuers: [{ iss: 'not a uri', jwks: issuer.publicJwks() }] }),
+          'issuers[0].iss',
+        ],
+        [
+          'both jwks and jwksUri',
+          () =>
+            tenantInput('acme', {
+              issuers: [
+                {
+                  iss: 'https://e.example',
+                  jwks: issuer.publicJwks(),
+                  jwksUri: 'https://e.example/jwks',
+                },
+              ],
+            }),
+          'issuers[0]',
+        ],
+        [
+          'neither jwks nor jwksUri',
+          () => tenantInput('acme', { issuers: [{ iss: 'https://e.example' }] }),
+          'issuers[0]',
+        ],
+        [
+          'a private EC key (d)',
+          () =>
+            tenantInput('acme', {
+              issuers: [{ iss: 'https://e.example', jwks: { keys: [privateEc()] } }],
+            }),
+          'issuers[0].jwks.keys[0]',
+        ],
+        [
+          'a symmetric key (k)',
+          () =>
+            tenantInput('acme', {
+              issuers: [
+                {
+                  iss: 'https://e.example',
+                  jwks: { keys: [{ kty: 'oct', kid: 'h', k: 'c2VjcmV0' }] },
+                },
+              ],
+            }),
+          'issuers[0].jwks.keys[0]',
+        ],
+        [
+          'a key without kid',
+          () => {
+            const { kid: _kid, ...rest } = issuer.publicJwks().keys[0]!;
+            return tenantInput('acme', {
+              issuers: [{ iss: 'https://e.example', jwks: { keys: [rest] } }],
+            });
+          },
+          'issuers[0].jwks.keys[0].kid',
+        ],
+        [
+          'an empty key set',
+          () =>
+            tenantInput('acme', { issuers: [{ iss: 'https://e.example', jwks: { keys: [] } }] }),
+          'issuers[0].jwks.keys',
+        ],
+        [
+          'a jwksUri over plain http',
+          () =>
+            tenantInput('acme', {
+              issuers: [{ iss: 'https://e.example', jwksUri: 'http://e.example/jwks' }],
+            }),
+          'issuers[0].jwksUri',
+        ],
+        [
+          'a relative jwksUri',
+          () => tenantInput('acme', { issuers: [{ iss: 'https://e.example', jwksUri: '/jwks' }] }),
+          'issuers[0].jwksUri',
+        ],
+        [
+          'a jku over plain http',
+          () =>
+            tenantInput('acme', {
+              issuers: [
+                {
+                  iss: 'https://e.example',
+                  jwks: issuer.publicJwks(),
+                  jku: ['https://e.example/k', 'http://evil.example/k'],
+                },
+              ],
+            }),
+          'issuers[0].jku[1]',
+        ],
+        [
+          'the same iss twice',
+          () =>
+            tenantInput('acme', {
+              issuers: [
+                { iss: 'https://e.example', jwks: issuer.publicJwks() },
+                { iss: 'https://e.example', jwks: issuer.publicJwks() },
+              ],
+            }),
+          'issuers[1].iss',
+        ],
+        [
+          'a relative FHIR server',
+          () => tenantInput('acme', { fhirServers: ['/fhir'] }),
+          'fhirServers[0]',
+        ],
+        [
+          'an ftp FHIR server',
+          () =>
+            tenantInput('acme', {
+              fhirServers: ['https://ok.example/fhir', 'ftp://x.example/fhir'],
+            }),
+          'fhirServers[1]',
+        ],
+        ['an unknown field', () => ({ ...tenantInput('acme'), color: 'blue' }), 'color'],
+        [
+          'a __proto__ key',
+          () =>
+            JSON.parse(
+              `{"__proto__":{"x":1},${JSON.stringify(tenantInput('acme')).slice(1)}`,
+            ) as unknown,
+          '__proto__',
+        ],
+      ];
+      for (const [name, make, field] of cases) {
+        it(`refuses ${name} (${field})`, async () => {
+          const err = await rejection(cp.tenants.create(make() as NewTenant));
+          expect(err).to.be.instanceOf(InvalidInputError);
+          expect(fieldOf(err)).to.equal(field);
+          expect(err.message.startsWith(`${field}: `)).to.equal(true);
+          expect(await cp.tenants.list()).to.deep.equal([]);
+        });
+      }
+
+      it('accepts http JWKS URLs on 127.0.0.1 and localhost only', async () => {
+        const t = await cp.tenants.create(
+          tenantInput('acme', {
+            issuers: [
+              { iss: 'https://a.example', jwksUri: 'http://127.0.0.1:8080/jwks' },
+              {
+                iss: 'https://b.example',
+                jwksUri: 'http://localhost:8080/jwks',
+                jku: ['https://b.example/jwks'],
+              },
+            ],
+          }),
+        );
+        expect(t.issuers).to.have.length(2);
+      });
+
+      it('refuses an invalid patch and leaves the tenant unchanged', async () => {
+        const before = await cp.tenants.create(tenantInput('acme'));
+        for (const [patch, field] of [
+          [{ status: 'deleted' }, 'status'],
+          [{ name: '' }, 'name'],
+          [{ issuers: [] }, 'issuers'],
+          [{ region: 'us' }, 'region'],
+          [{ id: 'other' }, 'id'],
+        ] as const) {
+          const err = await rejection(cp.tenants.update('acme', patch as never));
+          expect(err, JSON.stringify(patch)).to.be.instanceOf(InvalidInputError);
+          expect(fieldOf(err)).to.equal(field);
+        }
+        expect(await cp.tenants.get('acme')).to.deep.equal(before);
+      });
+    });
+
+    describe('subscriptions', () => {
+      beforeEach(async () => {
+        await cp.tenants.create(tenantInput('acme'));
+        for (const v of ['1.0.0', '1.1.0']) {
+          const p = pack('med-safety', v);
+          await cp.packs.put({ id: p.id, version: p.version, hash: hashOf(p), pack: p });
+        }
+      });
+
+      it('stores pinned and canary subscriptions to catalog versions', async () => {
+        const subs = [
+          { pack: 'med-safety', version: '1.0.0', canary: { version: '1.1.0', percent: 10 } },
+        ];
+        const t = await cp.tenants.setSubscriptions('acme', subs);
+        expect(t.subscriptions).to.deep.equal(subs);
+        expect((await cp.tenants.get('acme')).subscriptions).to.deep.equal(subs);
+        expect((await cp.tenants.setSubscriptions('acme', [])).subscriptions).to.deep.equal([]);
+      });
+
+      const bad: Array<[string, unknown, string]> = [
+        ['an unknown pack', [{ pack: 'nope', version: '1.0.0' }], 'subscriptions[0].version'],
+        [
+          'an unknown version',
+          [{ pack: 'med-safety', version: '2.0.0' }],
+          'subscriptions[0].version',
+        ],
+        [
+          'a non-semver version',
+          [{ pack: 'med-safety', version: 'latest' }],
+          'subscriptions[0].version',
+        ],
+        [
+          'an unknown canary version',
+          [{ pack: 'med-safety', version: '1.0.0', canary: { version: '9.9.9', percent: 5 } }],
+          'subscriptions[0].canary.version',
+        ],
+        [
+          'a canary over 100%',
+          [{ pack: 'med-safety', version: '1.0.0', canary: { version: '1.1.0', percent: 101 } }],
+          'subscriptions[0].canary.percent',
+        ],
+        [
+          'a negative canary',
+          [{ pack: 'med-safety', version: '1.0.0', canary: { version: '1.1.0', percent: -1 } }],
+          'subscriptions[0].canary.percent',
+        ],
+        [
+          'the same pack twice',
+          [
+            { pack: 'med-safety', version: '1.0.0' },
+            { pack: 'med-safety', version: '1.1.0' },
+          ],
+          'subscriptions[1].pack',
+        ],
+        [
+          'an unknown field',
+          [{ pack: 'med-safety', version: '1.0.0', tier: 'gold' }],
+          'subscriptions[0].tier',
+        ],
+        ['not an array', { pack: 'med-safety' }, 'subscriptions'],
+      ];
+      for (const [name, subs, field] of bad) {
+        it(`refuses ${name} (${field})`, async () => {
+          const err = await rejection(cp.tenants.setSubscriptions('acme', subs as never));
+          expect(err).to.be.instanceOf(InvalidInputError);
+          expect(fieldOf(err)).to.equal(field);
+          expect((await cp.tenants.get('acme')).subscriptions).to.deep.equal([]);
+        });
+      }
+    });
+  });
+
+  describe('packs', () => {
+    it('stores a version once; identical re-upload is unchanged; different content is a conflict', async () => {
+      const p = pack('med-safety', '1.0.0');
+      expect(
+        await cp.packs.put({
+          id: p.id,
+          version: p.version,
+          hash: hashOf(p),
+          pack: p,
+          uploadedBy: 'rule-author:t1',
+        }),
+      ).to.equal('created');
+      expect(
+        await cp.packs.put({ id: p.id, version: p.version, hash: hashOf(p), pack: p }),
+      ).to.equal('unchanged');
+      const changed = pack('med-safety', '1.0.0', 'Changed title');
+      const err = await rejection(
+        cp.packs.put({
+          id: changed.id,
+          version: changed.version,
+          hash: hashOf(changed),
+          pack: changed,
+        }),
+      );
+      expect(err).to.be.instanceOf(ConflictError);
+      const stored = await cp.packs.get('med-safety', '1.0.0');
+      expect(stored).to.deep.equal({
+        id: 'med-safety',
+        version: '1.0.0',
+        hash: hashOf(p),
+        pack: p,
+        uploadedAt: '2025-01-01T00:00:00.000Z',
+        uploadedBy: 'rule-author:t1',
+      });
+    });
+
+    it('lists the catalog without bodies and sorts versions by semver', async () => {
+      for (const v of ['1.10.0', '1.2.0', '1.9.1']) {
+        const p = pack('med-safety', v);
+        await cp.packs.put({ id: p.id, version: v, hash: hashOf(p), pack: p });
+      }
+      const other = pack('renal', '0.1.0');
+      await cp.packs.put({
+        id: other.id,
+        version: other.version,
+        hash: hashOf(other),
+        pack: other,
+      });
+      expect(await cp.packs.versions('med-safety')).to.deep.equal(['1.2.0', '1.9.1', '1.10.0']);
+      expect(await cp.packs.versions('unknown')).to.deep.equal([]);
+      const list = await cp.packs.list();
+      expect(list).to.have.length(4);
+      for (const row of list) {
+        expect(row).to.have.all.keys('id', 'version', 'hash', 'uploadedAt');
+      }
+    });
+
+    it('throws NotFoundError for an unknown version and InvalidInputError for bad input', async () => {
+      expect(await rejection(cp.packs.get('med-safety', '1.0.0'))).to.be.instanceOf(NotFoundError);
+      const p = pack('med-safety', '1.0.0');
+      const badHash = await rejection(
+        cp.packs.put({ id: p.id, version: p.version, hash: 'abc', pack: p }),
+      );
+      expect(fieldOf(badHash)).to.equal('hash');
+      const mismatch = await rejection(
+        cp.packs.put({ id: 'other', version: p.version, hash: hashOf(p), pack: p }),
+      );
+      expect(fieldOf(mismatch)).to.equal('pack');
+    });
+  });
+
+  describe('admin tokens', () => {
+    it('issues a prefixed random token, authenticates it, and revokes it', async () => {
+      const issued = await cp.adminTokens.issue({ role: 'platform-operator', label: 'bootstrap' });
+      expect(issued.token).to.match(/^ccds_[A-Za-z0-9_-]{43}$/);
+      expect(await cp.adminTokens.authenticate(issued.token)).to.deep.equal({
+        tokenId: issued.id,
+        role: 'platform-operator',
+      });
+      const other = await cp.adminTokens.issue({ role: 'platform-operator' });
+      expect(other.token).to.not.equal(issued.token);
+      await cp.adminTokens.revoke(issued.id);
+      expect(await cp.adminTokens.authenticate(issued.token)).to.equal(undefined);
+      expect(await cp.adminTokens.authenticate(other.token)).to.not.equal(undefined);
+      expect(await rejection(cp.adminTokens.revoke('tok_unknown'))).to.be.instanceOf(NotFoundError);
+    });
+
+    it('authenticates nobody for unknown, altered or malformed tokens', async () => {
+      const { token } = await cp.adminTokens.issue({ role: 'rule-author' });
+      const altered = token.slice(0, -1) + (token.endsWith('A') ? 'B' : 'A');
+      for (const t of [
+        altered,
+        '',
+        'ccds_',
+        token.slice(5),
+        `${token}x`,
+        `Bearer ${token}`,
+        hashAdminToken(token),
+      ]) {
+        expect(await cp.adminTokens.authenticate(t), t).to.equal(undefined);
+      }
+    });
+
+    it('scopes tenant-admin and auditor tokens to an existing tenant, and only those', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const ta = await cp.adminTokens.issue({ role: 'tenant-admin', tenant: 'acme' });
+      expect(await cp.adminTokens.authenticate(ta.token)).to.deep.equal({
+        tokenId: ta.id,
+        role: 'tenant-admin',
+        tenant: 'acme',
+      });
+      const cases: Array<[unknown, string]> = [
+        [{ role: 'tenant-admin' }, 'tenant'],
+        [{ role: 'auditor', tenant: 'nobody' }, 'tenant'],
+        [{ role: 'platform-operator', tenant: 'acme' }, 'tenant'],
+        [{ role: 'rule-author', tenant: 'acme' }, 'tenant'],
+        [{ role: 'root' }, 'role'],
+        [{ role: 'auditor', tenant: 'acme', label: 'x'.repeat(201) }, 'label'],
+      ];
+      for (const [input, field] of cases) {
+        const err = await rejection(cp.adminTokens.issue(input as never));
+        expect(err, JSON.stringify(input)).to.be.instanceOf(InvalidInputError);
+        expect(fieldOf(err)).to.equal(field);
+      }
+    });
+
+    it('lists tokens without hashes or secrets', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const a = await cp.adminTokens.issue({
+        role: 'auditor',
+        tenant: 'acme',
+        label: 'quarterly review',
+      });
+      const b = await cp.adminTokens.issue({ role: 'platform-operator' });
+      await cp.adminTokens.revoke(b.id);
+      const list = await cp.adminTokens.list();
+      expect(list).to.deep.include({
+        id: a.id,
+        role: 'auditor',
+        tenant: 'acme',
+        label: 'quarterly review',
+        createdAt: '2025-01-01T00:00:00.000Z',
+      });
+      expect(list).to.deep.include({
+        id: b.id,
+        role: 'platform-operator',
+        createdAt: '2025-01-01T00:00:00.000Z',
+        revokedAt: '2025-01-01T00:00:00.000Z',
+      });
+      const text = JSON.stringify(list);
+      for (const t of [a, b]) {
+        expect(text).to.not.include(t.token);
+        expect(text).to.not.include(hashAdminToken(t.token));
+      }
+    });
+
+    it('never writes the token to the database files, only its sha256', async () => {
+      const { token } = await cp.adminTokens.issue({ role: 'platform-operator' });
+      const secret = token.slice('ccds_'.length);
+      const files = fs.readdirSync(dir).map((f) => path.join(dir, f));
+      expect(files.some((f) => f.endsWith('-wal'))).to.equal(true);
+      const bytes = Buffer.concat(files.map((f) => fs.readFileSync(f)));
+      expect(bytes.includes(Buffer.from(secret))).to.equal(false);
+      expect(bytes.includes(Buffer.from(hashAdminToken(token)))).to.equal(true);
+    });
+  });
+
+  describe('audit', () => {
+    it('appends events in order and filters by tenant, type and time', async () => {
+      await cp.audit.record({
+        type: 'admin.tenant.create',
+        outcome: 'success',
+        tenant: 'acme',
+        actor: 'platform-operator:tok_1',
+      });
+      clock = new Date('2025-01-02T00:00:00Z');
+      await cp.audit.record({
+        type: 'auth.failure',
+        outcome: 'failure',
+        tenant: 'acme',
+        detail: { reason: 'expired', iss: 'https://e.example' },
+      });
+      clock = new Date('2025-01-03T00:00:00Z');
+      await cp.audit.record({
+        type: 'auth.failure',
+        outcome: 'failure',
+        tenant: 'beta',
+        detail: { reason: 'bad_aud' },
+      });
+      const all = await cp.audit.list();
+      expect(all.map((e) => e.seq)).to.deep.equal([1, 2, 3]);
+      expect(all[1]).to.deep.equal({
+        seq: 2,
+        at: '2025-01-02T00:00:00.000Z',
+        type: 'auth.failure',
+        outcome: 'failure',
+        tenant: 'acme',
+        detail: { reason: 'expired', iss: 'https://e.example' },
+      });
+      expect((await cp.audit.list({ tenant: 'acme' })).map((e) => e.seq)).to.deep.equal([1, 2]);
+      expect((await cp.audit.list({ type: 'auth.failure' })).map((e) => e.seq)).to.deep.equal([
+        2, 3,
+      ]);
+      expect(
+        (await cp.audit.list({ from: '2025-01-02T00:00:00Z' })).map((e) => e.seq),
+      ).to.deep.equal([2, 3]);
+      expect(
+        (await cp.audit.list({ to: new Date('2025-01-02T00:00:00Z') })).map((e) => e.seq),
+      ).to.deep.equal([1]);
+      expect(await rejection(cp.audit.list({ from: 'yesterday' }))).to.be.instanceOf(
+        InvalidInputError,
+      );
+    });
+
+    it('refuses events with nested or oversized detail', async () => {
+      for (const [event, field] of [
+        [{ type: 'x.y', outcome: 'success', detail: { nested: { a: 1 } } }, 'detail.nested'],
+        [{ type: 'x.y', outcome: 'maybe' }, 'outcome'],
+        [{ type: '', outcome: 'success' }, 'type'],
+        [{ type: 'x.y', outcome: 'success', detail: { s: 'x'.repeat(1001) } }, 'detail.s'],
+      ] as const) {
+        const err = await rejection(cp.audit.record(event as never));
+        expect(fieldOf(err)).to.equal(field);
+      }
+      expect(await cp.audit.list()).to.deep.equal([]);
+    });
+
+    it('is append-only in the database itself (UPDATE and DELETE are refused)', async () => {
+      await cp.audit.record({ type: 'admin.tenant.create', outcome: 'success' });
+      const db = new sqlite3.Database(file);
+      const run = (sql: string): Promise<Error | undefined> =>
+        new Promise((resolve) => {
+          db.run(sql, (err: Error | null) => {
+            resolve(err ?? undefined);
+          });
+        });
+      try {
+        expect((await run("UPDATE audit_events SET outcome = 'failure'"))?.message).to.include(
+          'append-only',
+        );
+        expect((await run('DELETE FROM audit_events'))?.message).to.include('append-only');
+      } finally {
+        await new Promise((resolve) => {
+          db.close(resolve);
+        });
+      }
+      expect((await cp.audit.list())[0]?.outcome).to.equal('success');
+    });
+  });
+});

@@ -1,0 +1,589 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { expect } from 'chai';
+import {
+  AuthError,
+  createJwksFetcher,
+  createMemoryReplayCache,
+  createTokenVerifier,
+  openControlPlane,
+} from '../../tenants/index.ts';
+import type { AuthFailureReason, ControlPlane, TokenVerifier } from '../../tenants/index.ts';
+import { startJwksServer, TestIssuer } from '../helpers/test-issuer.ts';
+import type { JwksServer, SignOptions } from '../helpers/test-issuer.ts';
+
+const AUD = 'https://cds.example.org/cds-services/med-safety';
+const OTHER_SERVICE = 'https://cds.example.org/cds-services/renal-dosing';
+const DISCOVERY = 'https://cds.example.org/cds-services';
+const fixtures = path.join(
+  path.dirname(fileURLToPath(import.meta.url)),
+  '..',
+  'fixtures',
+  'cds-hooks-spec',
+  '2.0',
+);
+
+async function refusal(promise: Promise<unknown>): Promise<AuthError> {
+  try {
+    await promise;
+  } catch (err) {
+    if (err instanceof AuthError) {
+      return err;
+    }
+    throw err;
+  }
+  throw new Error('expected an AuthError');
+}
+
+describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
+  let nowMs = Date.parse('2025-06-01T12:00:00Z');
+  const clock = (): Date => new Date(nowMs);
+
+  let issuerA: TestIssuer;
+  let issuerB: TestIssuer;
+  let shared: TestIssuer;
+  let suspendedIssuer: TestIssuer;
+  let uriIssuer: TestIssuer;
+  let jkuServer: JwksServer;
+  let uriServer: JwksServer;
+  let deadUrl: string;
+
+  let dir: string;
+  let cp: ControlPlane;
+  let replay: ReturnType<typeof createMemoryReplayCache>;
+  let failures: Array<{ reason: AuthFailureReason; info: { iss?: string; tenant?: string } }>;
+  let verifier: TokenVerifier;
+
+  before(async () => {
+    issuerA = await TestIssuer.create({
+      iss: 'https://ehr-a.example.org',
+      aud: AUD,
+      tenant: 'tenant-a',
+      now: clock,
+    });
+    for (const alg of ['RS384', 'ES256', 'RS256'] as const) {
+      await issuerA.addKey(alg);
+    }
+    issuerB = await TestIssuer.create({
+      iss: 'https://ehr-b.example.org',
+      aud: AUD,
+      tenant: 'tenant-b',
+      now: clock,
+    });
+    shared = await TestIssuer.create({
+      iss: 'https://shared-ehr.example.org',
+      aud: AUD,
+      now: clock,
+    });
+    suspendedIssuer = await TestIssuer.create({
+      iss: 'https://ehr-s.example.org',
+      aud: AUD,
+      now: clock,
+    });
+    uriIssuer = await TestIssuer.create({ iss: 'https://ehr-u.example.org', aud: AUD, now: clock });
+    jkuServer = await startJwksServer(issuerA.publicJwks());
+    uriServer = await startJwksServer(uriIssuer.publicJwks());
+    const dead = await startJwksServer();
+    deadUrl = dead.url('/jwks');
+    await dead.close();
+  });
+
+  after(async () => {
+    await jkuServer.close();
+    await uriServer.close();
+  });
+
+  function buildVerifier(
+    extra: Partial<Parameters<typeof createTokenVerifier>[0]> = {},
+  ): TokenVerifier {
+    return createTokenVerifier({
+      controlPlane: cp,
+      replayCache: replay,
+      jwks: createJwksFetcher({ now: clock, timeoutMs: 2000 }),
+      now: clock,
+      onFailure: (reason, info) => failures.push({ reason, info }),
+      ...extra,
+    });
+  }
+
+  beforeEach(async () => {
+    nowMs = Date.parse('2025-06-01T12:00:00Z');
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-'));
+    cp = await openControlPlane({ storage: path.join(dir, 'control.sqlite'), now: clock });
+    const t = (id: string, issuers: unknown[]) =>
+      cp.tenants.create({ id, name: id, region: 'eu-west', issuers: issuers as never });
+    await t('tenant-a', [
+      { iss: issuerA.iss, jwks: issuerA.publicJwks(), jku: [jkuServer.url('/a-keys')] },
+    ]);
+    await t('tenant-b', [{ iss: issuerB.iss, jwks: issuerB.publicJwks() }]);
+    await t('tenant-c', [{ iss: shared.iss, jwks: shared.publicJwks() }]);
+    await t('tenant-d', [{ iss: shared.iss, jwks: shared.publicJwks() }]);
+    await t('tenant-s', [{ iss: suspendedIssuer.iss, jwks: suspendedIssuer.publicJwks() }]);
+    await cp.tenants.update('tenant-s', { status: 'suspended' });
+    await t('tenant-u', [{ iss: uriIssuer.iss, jwksUri: uriServer.url('/u-keys') }]);
+    await t('tenant-x', [{ iss: 'https://ehr-x.example.org', jwksUri: deadUrl }]);
+    uriServer.setJwks(uriIssuer.publicJwks());
+    replay = createMemoryReplayCache({ now: clock });
+    failures = [];
+    verifier = buildVerifier();
+  });
+
+  afterEach(async () => {
+    await cp.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const bearer = (jwt: string): string => `Bearer ${jwt}`;
+  const nowS = (): number => Math.floor(nowMs / 1000);
+
+  describe('accepts', () => {
+    it('a well-formed token and returns the registered tenant', async () => {
+      const jwt = await issuerA.sign();
+      const id = await verifier.verify(bearer(jwt), AUD);
+      expect(id.tenant).to.deep.equal(await cp.tenants.get('tenant-a'));
+      expect(id.iss).to.equal(issuerA.iss);
+      expect(id.kid).to.equal(issuerA.kid('ES384'));
+      expect(id.exp).to.equal(nowS() + 300);
+      expect(id.jti).to.be.a('string');
+      expect(replay.size()).to.equal(1);
+      expect(failures).to.deep.equal([]);
+    });
+
+    for (const alg of ['ES384', 'RS384', 'ES256', 'RS256'] as const) {
+      it(`a token signed with ${alg}`, async () => {
+        const id = await verifier.verify(bearer(await issuerA.sign({}, { alg })), AUD);
+        expect(id.kid).to.equal(issuerA.kid(alg));
+      });
+    }
+
+    it('aud as an array that contains the endpoint URL', async () => {
+      await verifier.verify(bearer(await issuerA.sign({ aud: [OTHER_SERVICE, AUD] })), AUD);
+    });
+
+    it('the discovery URL as aud on discovery', async () => {
+      await verifier.verify(bearer(await issuerA.sign({ aud: DISCOVERY })), DISCOVERY);
+    });
+
+    it('no tenant claim when the issuer serves exactly one tenant', async () => {
+      const id = await verifier.verify(bearer(await issuerA.sign({ tenant: undefined })), AUD);
+      expect(id.tenant.id).to.equal('tenant-a');
+    });
+
+    it('a tenant claim naming one of the tenants of a shared issuer', async () => {
+      const id = await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-d' })), AUD);
+      expect(id.tenant.id).to.equal('tenant-d');
+    });
+
+    it('exp within the 60 s leeway, iat up to 60 s ahead, a lifetime of exactly 1 hour', async () => {
+      const t = nowS();
+      await verifier.verify(bearer(await issuerA.sign({ iat: t - 100, exp: t - 30 })), AUD);
+      await verifier.verify(bearer(await issuerA.sign({ iat: t + 30, exp: t + 300 })), AUD);
+      await verifier.verify(bearer(await issuerA.sign({ iat: t, exp: t + 3600 })), AUD);
+    });
+
+    it('a jku header that the issuer allowlisted (fetched from there)', async () => {
+      const before = jkuServer.count('/a-keys');
+      await verifier.verify(bearer(await issuerA.sign({}, { jku: jkuServer.url('/a-keys') })), AUD);
+      expect(jkuServer.count('/a-keys')).to.equal(before + 1);
+    });
+
+    it('keys from a jwksUri, cached across calls', async () => {
+      const before = uriServer.count('/u-keys');
+      await verifier.verify(bearer(await uriIssuer.sign({ tenant: 'tenant-u' })), AUD);
+      await verifier.verify(bearer(await uriIssuer.sign({ tenant: 'tenant-u' })), AUD);
+      expect(uriServer.count('/u-keys')).to.equal(before + 1);
+    });
+  });
+
+  describe('refuses (token-attack table)', () => {
+    type Make = () => Promise<string | undefined> | string | undefined;
+    const table: Array<[string, Make, AuthFailureReason, string?]> = [
+      ['a missing Authorization header', () => undefined, 'missing'],
+      ['an empty Authorization header', () => '', 'missing'],
+      ['the Basic scheme', () => 'Basic dXNlcjpwYXNz', 'malformed'],
+      ['a lower-case bearer scheme', async () => `bearer ${await issuerA.sign()}`, 'malformed'],
+      ['Bearer without a token', () => 'Bearer ', 'malformed'],
+      ['extra header parts', async () => `Bearer ${await issuerA.sign()} extra`, 'malformed'],
+      ['two spaces after Bearer', async () => `Bearer  ${await issuerA.sign()}`, 'malformed'],
+      ['garbage', () => 'Bearer garbage', 'malformed'],
+      ['three garbage segments', () => 'Bearer aaa.bbb.ccc', 'malformed'],
+      ['a JWE-shaped token (5 parts)', () => 'Bearer a.b.c.d.e', 'malformed'],
+      ['an oversized token', () => `Bearer ${'a'.repeat(20_000)}.b.c`, 'malformed'],
+      ['alg none', () => bearer(issuerA.unsigned()), 'bad_alg'],
+      [
+        'HS256 signed with the public key (PEM)',
+        () => bearer(issuerA.hs256WithPublicKey({}, 'pem')),
+        'bad_alg',
+      ],
+      [
+        'HS256 signed with the public key (JWK JSON)',
+        () => bearer(issuerA.hs256WithPublicKey({}, 'jwk')),
+        'bad_alg',
+      ],
+      [
+        'typ other than JWT',
+        async () => bearer(await issuerA.sign({}, { typ: 'at+jwt' })),
+        'bad_typ',
+      ],
+      [
+        'no typ',
+        async () => bearer(await issuerA.sign({}, { header: { typ: undefined } })),
+        'bad_typ',
+      ],
+      [
+        'no kid',
+        async () => bearer(await issuerA.sign({}, { header: { kid: undefined } })),
+        'unknown_kid',
+      ],
+      [
+        'an unknown kid',
+        async () => bearer(await issuerA.sign({}, { kid: 'not-registered' })),
+        'unknown_kid',
+      ],
+      [
+        'a crit header',
+        async () => bearer(await issuerA.sign({}, { header: { crit: ['exp'], exp: 1 } })),
+        'malformed',
+      ],
+      [
+        'a wrong key with the registered kid',
+        async () => bearer(await issuerA.signWithForeignKey()),
+        'bad_signature',
+      ],
+      [
+        'a payload swapped under a valid signature',
+        async () => {
+          const [h, , s] = (await issuerA.sign()).split('.');
+          const [, p] = (await issuerA.sign({ aud: OTHER_SERVICE })).split('.');
+          return `Bearer ${h}.${p}.${s}`;
+        },
+        'bad_signature',
+      ],
+      [
+        'an unregistered iss',
+        async () => bearer(await issuerA.sign({ iss: 'https://evil.example.org' })),
+        'unknown_issuer',
+      ],
+      ['no iss', async () => bearer(await issuerA.sign({ iss: undefined })), 'missing_claim'],
+      [
+        "tenant A's issuer claiming tenant B",
+        async () => bearer(await issuerA.sign({ tenant: 'tenant-b' })),
+        'bad_tenant',
+      ],
+      [
+        'an unknown tenant claim',
+        async () => bearer(await issuerA.sign({ tenant: 'nobody' })),
+        'bad_tenant',
+      ],
+      [
+        'a non-string tenant claim',
+        async () => bearer(await issuerA.sign({ tenant: ['tenant-a'] })),
+        'bad_tenant',
+      ],
+      [
+        'no tenant claim when the issuer serves two tenants',
+        async () => bearer(await shared.sign()),
+        'bad_tenant',
+      ],
+      ['a suspended tenant', async () => bearer(await suspendedIssuer.sign()), 'suspended'],
+      [
+        'aud of another service',
+        async () => bearer(await issuerA.sign({ aud: OTHER_SERVICE })),
+        'bad_aud',
+      ],
+      [
+        'the discovery URL as aud on a service call',
+        async () => bearer(await issuerA.sign({ aud: DISCOVERY })),
+        'bad_aud',
+      ],
+      [
+        'aud with a trailing slash',
+        async () => bearer(await issuerA.sign({ aud: `${AUD}/` })),
+        'bad_aud',
+      ],
+      [
+        'aud with a different case',
+        async () => bearer(await issuerA.sign({ aud: AUD.toUpperCase() })),
+        'bad_aud',
+      ],
+      [
+        'aud as an array without the endpoint',
+        async () => bearer(await issuerA.sign({ aud: [OTHER_SERVICE, DISCOVERY] })),
+        'bad_aud',
+      ],
+      ['aud as an empty array', async () => bearer(await issuerA.sign({ aud: [] })), 'bad_aud'],
+      ['no aud', async () => bearer(await issuerA.sign({ aud: undefined })), 'missing_claim'],
+      [
+        'an expired token',
+        async () => bearer(await issuerA.sign({ iat: nowS() - 400, exp: nowS() - 61 })),
+        'expired',
+      ],
+      [
+        'a future iat',
+        async () => bearer(await issuerA.sign({ iat: nowS() + 120, exp: nowS() + 400 })),
+        'future_iat',
+      ],
+      [
+        'a future nbf',
+        async () => bearer(await issuerA.sign({ nbf: nowS() + 120 })),
+        'not_yet_valid',
+      ],
+      [
+        'an over-long lifetime',
+        async () => bearer(await issuerA.sign({ exp: nowS() + 3601 })),
+        'lifetime',
+      ],
+      ['no exp', async () => bearer(await issuerA.sign({ exp: undefined })), 'missing_claim'],
+      ['no iat', async () => bearer(await issuerA.sign({ iat: undefined })), 'missing_claim'],
+      [
+        'exp as a string',
+        async () => bearer(await issuerA.sign({ exp: String(nowS() + 300) })),
+        'malformed',
+      ],
+      ['no jti', async () => bearer(await issuerA.sign({ jti: undefined })), 'missing_claim'],
+      ['a numeric jti', async () => bearer(await issuerA.sign({ jti: 42 })), 'malformed'],
+      [
+        'an unlisted jku',
+        async () => bearer(await issuerA.sign({}, { jku: jkuServer.url('/evil-keys') })),
+        'bad_jku',
+      ],
+      [
+        'a jku from another issuer registration',
+        async () => bearer(await issuerB.sign({}, { jku: jkuServer.url('/a-keys') })),
+        'bad_jku',
+      ],
+      [
+        'an unreachable jwksUri',
+        async () =>
+          bearer(await issuerA.sign({ iss: 'https://ehr-x.example.org', tenant: undefined })),
+        'jwks_unavailable',
+      ],
+    ];
+
+    for (const [name, make, reason, audience] of table) {
+      it(`${name} -> ${reason}, with no replay-cache entry consumed`, async () => {
+        const authorization = await make();
+        const before = replay.size();
+        const err = await refusal(verifier.verify(authorization, audience ?? AUD));
+        expect(err.reason).to.equal(reason);
+        expect(replay.size()).to.equal(before);
+        expect(failures.map((f) => f.reason)).to.deep.equal([reason]);
+        if (authorization) {
+          const jwt = authorization.split(' ')[1] ?? authorization;
+          if (jwt.length > 10) {
+            expect(err.message).to.not.include(jwt);
+            expect(JSON.stringify(failures)).to.not.include(jwt);
+          }
+        }
+      });
+    }
+
+    it('makes no request to an unlisted jku', async () => {
+      const jwt = await issuerA.sign({}, { jku: jkuServer.url('/evil-keys') });
+      await refusal(verifier.verify(bearer(jwt), AUD));
+      expect(jkuServer.count('/evil-keys')).to.equal(0);
+    });
+
+    it('a replayed jti (the second use), leaving the cache as it was', async () => {
+      const jwt = await issuerA.sign();
+      await verifier.verify(bearer(jwt), AUD);
+      expect(replay.size()).to.equal(1);
+      const err = await refusal(verifier.verify(bearer(jwt), AUD));
+      expect(err.reason).to.equal('replayed');
+      expect(replay.size()).to.equal(1);
+    });
+
+    it('a replay after exp but inside the leeway (the jti is kept until exp + leeway)', async () => {
+      const jwt = await issuerA.sign({ exp: nowS() + 10 });
+      await verifier.verify(bearer(jwt), AUD);
+      nowMs += 40_000; // exp + 30 s: still acceptable by time, so must still be remembered
+      expect((await refusal(verifier.verify(bearer(jwt), AUD))).reason).to.equal('replayed');
+      nowMs += 40_000; // past exp + leeway: the time check refuses it
+      expect((await refusal(verifier.verify(bearer(jwt), AUD))).reason).to.equal('expired');
+    });
+
+    it('the same jti from the same issuer even for another audience', async () => {
+      const jti = 'fixed-jti-1';
+      await verifier.verify(bearer(await issuerA.sign({ jti, aud: [AUD, OTHER_SERVICE] })), AUD);
+      const err = await refusal(
+        verifier.verify(bearer(await issuerA.sign({ jti, aud: OTHER_SERVICE })), OTHER_SERVICE),
+      );
+      expect(err.reason).to.equal('replayed');
+    });
+
+    it('an algorithm outside a narrower configured allowlist', async () => {
+      verifier = buildVerifier({ algorithms: ['ES384'] });
+      const err = await refusal(
+        verifier.verify(bearer(await issuerA.sign({}, { alg: 'RS256' })), AUD),
+      );
+      expect(err.reason).to.equal('bad_alg');
+    });
+
+    it('fails closed when the replay cache is full', async () => {
+      replay = createMemoryReplayCache({ now: clock, maxEntries: 1 });
+      verifier = buildVerifier();
+      await verifier.verify(bearer(await issuerA.sign()), AUD);
+      const err = await refusal(verifier.verify(bearer(await issuerA.sign()), AUD));
+      expect(err.reason).to.equal('replay_unavailable');
+    });
+
+    it('reports the issuer and tenant (never the token) to onFailure', async () => {
+      const jwt = await issuerA.sign({ aud: OTHER_SERVICE });
+      await refusal(verifier.verify(bearer(jwt), AUD));
+      expect(failures).to.deep.equal([
+        { reason: 'bad_aud', info: { iss: issuerA.iss, tenant: 'tenant-a' } },
+      ]);
+    });
+  });
+
+  describe('configuration', () => {
+    for (const algorithms of [['none'], ['HS256'], ['ES384', 'HS512'], []]) {
+      it(`refuses to build a verifier allowing ${JSON.stringify(algorithms)}`, () => {
+        expect(() => createTokenVerifier({ controlPlane: cp, algorithms })).to.throw(/asymmetric/);
+      });
+    }
+  });
+
+  describe('jwksUri rotation and the unknown-kid refetch', () => {
+    it('refetches on an unknown kid at most once per cooldown, then picks up a rotated key', async () => {
+      const base = uriServer.count('/u-keys');
+      const fetches = (): number => uriServer.count('/u-keys') - base;
+      const signU = (opts: SignOptions = {}) => uriIssuer.sign({ tenant: 'tenant-u' }, opts);
+      await verifier.verify(bearer(await signU()), AUD);
+      expect(fetches()).to.equal(1);
+
+      // Unknown kids within the cooldown: no request at all (an attacker cannot make us fetch).
+      for (let i = 0; i < 5; i++) {
+        const err = await refusal(verifier.verify(bearer(await signU({ kid: `bogus-${i}` })), AUD));
+        expect(err.reason).to.equal('unknown_kid');
+      }
+      expect(fetches()).to.equal(1);
+
+      // After the cooldown, one refetch; the next unknown kid again waits.
+      nowMs += 31_000;
+      await refusal(verifier.verify(bearer(await signU({ kid: 'bogus-a' })), AUD));
+      await refusal(verifier.verify(bearer(await signU({ kid: 'bogus-b' })), AUD));
+      expect(fetches()).to.equal(2);
+
+      // The EHR rotates: a new key appears at its JWKS URL and it signs with it. Within the
+      // cooldown we still refuse; after it, one refetch finds the key.
+      const newKid = await uriIssuer.addKey('ES384', 'rotated-1');
+      uriServer.setJwks(uriIssuer.publicJwks());
+      const signedByNew = await signU({ signingKid: newKid });
+      expect((await refusal(verifier.verify(bearer(signedByNew), AUD))).reason).to.equal(
+        'unknown_kid',
+      );
+      expect(fetches()).to.equal(2);
+      nowMs += 31_000;
+      await verifier.verify(bearer(signedByNew), AUD);
+      expect(fetches()).to.equal(3);
+      // A token naming the new kid but signed by the old key fails on its signature.
+      const mislabelled = await signU({ kid: newKid });
+      expect((await refusal(verifier.verify(bearer(mislabelled), AUD))).reason).to.equal(
+        'bad_signature',
+      );
+    });
+  });
+});
+
+describe('tenants/ createTokenVerifier: the CDS Hooks 2.0 spec example JWT', () => {
+  const raw = fs
+    .readFileSync(path.join(fixtures, 'example-authorization-header.txt'), 'utf8')
+    .trim();
+  const authorization = raw.replace(/^Authorization:\s*/, '');
+  const jwksText = fs.readFileSync(path.join(fixtures, 'jwks-public.json'), 'utf8');
+  const payload = JSON.parse(fs.readFileSync(path.join(fixtures, 'jwt-payload.json'), 'utf8')) as {
+    iss: string;
+    aud: string;
+    iat: number;
+    exp: number;
+    tenant: string;
+  };
+  const jku = 'https://fhir-ehr.example.com/jwk_uri';
+  let dir: string;
+  let cp: ControlPlane;
+  let fetched: string[];
+
+  const offlineFetch = ((url: string | URL | Request) => {
+    const u = typeof url === 'string' ? url : url instanceof URL ? url.href : url.url;
+    fetched.push(u);
+    return Promise.resolve(
+      new Response(jwksText, { status: 200, headers: { 'content-type': 'application/json' } }),
+    );
+  }) as typeof fetch;
+
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-'));
+    cp = await openControlPlane({ storage: path.join(dir, 'control.sqlite') });
+    fetched = [];
+    await cp.tenants.create({
+      id: payload.tenant,
+      name: 'Spec example tenant',
+      region: 'us',
+      issuers: [{ iss: payload.iss, jwksUri: jku, jku: [jku] }],
+    });
+  });
+
+  afterEach(async () => {
+    await cp.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const verifierAt = (seconds: number, maxLifetimeSeconds?: number) =>
+    createTokenVerifier({
+      controlPlane: cp,
+      jwks: createJwksFetcher({ fetchImpl: offlineFetch }),
+      now: () => new Date(seconds * 1000),
+      ...(maxLifetimeSeconds !== undefined ? { maxLifetimeSeconds } : {}),
+    });
+
+  it('verifies as a signature test vector (ES384, allowlisted jku, clock at its iat)', async () => {
+    const id = await verifierAt(payload.iat, payload.exp - payload.iat).verify(
+      authorization,
+      payload.aud,
+    );
+    expect(id.tenant.id).to.equal(payload.tenant);
+    expect(id.kid).to.equal('example-kid');
+    expect(id.jti).to.equal('ee22b021-e1b7-4611-ba5b-8eec6a33ac1e');
+    expect(fetched).to.deep.equal([jku]);
+  });
+
+  it('fails on one flipped signature byte', async () => {
+    const [h, p, s] = authorization.slice('Bearer '.length).split('.') as [string, string, string];
+    const sig = Buffer.from(s, 'base64url');
+    sig[10] = (sig[10] ?? 0) ^ 0x01;
+    const tampered = `Bearer ${h}.${p}.${sig.toString('base64url')}`;
+    const err = await refusal(
+      verifierAt(payload.iat, payload.exp - payload.iat).verify(tampered, payload.aud),
+    );
+    expect(err.reason).to.equal('bad_signature');
+  });
+
+  it('is refused under the default policy: its lifetime is years, and it expired in 2015', async () => {
+    expect(
+      (await refusal(verifierAt(payload.iat).verify(authorization, payload.aud))).reason,
+    ).to.equal('lifetime');
+    const today = Math.floor(Date.now() / 1000);
+    expect((await refusal(verifierAt(today).verify(authorization, payload.aud))).reason).to.equal(
+      'expired',
+    );
+  });
+
+  it('is refused when its jku is not on the issuer allowlist, without fetching it', async () => {
+    await cp.tenants.update(payload.tenant, {
+      issuers: [
+        {
+          iss: payload.iss,
+          jwks: JSON.parse(jwksText) as { keys: Array<Record<string, unknown>> },
+        },
+      ],
+    });
+    const err = await refusal(
+      verifierAt(payload.iat, payload.exp - payload.iat).verify(authorization, payload.aud),
+    );
+    expect(err.reason).to.equal('bad_jku');
+    expect(fetched).to.deep.equal([]);
+  });
+});

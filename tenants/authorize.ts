@@ -1,0 +1,78 @@
+/**
+ * Admin authorization policy: one table, consulted by every admin route and CLI command.
+ *
+ * - platform-operator: everything except `records:read` (operators run the platform; they do
+ *   not read patients' data).
+ * - rule-author: `pack:upload`, `pack:read`.
+ * - tenant-admin: its own tenant only: read it, set its subscriptions, read its audit trail and
+ *   records, and issue/list/revoke auditor tokens for it (see `authorizeTokenIssue`).
+ * - auditor: its own tenant only: read it, its audit trail and its records.
+ */
+import { ForbiddenError } from './errors.ts';
+import type { AdminAction, Principal, Role } from './types.ts';
+
+type Scope = 'global' | 'own-tenant';
+
+const POLICY: Readonly<Record<Role, Readonly<Partial<Record<AdminAction, Scope>>>>> = {
+  'platform-operator': {
+    'tenant:create': 'global',
+    'tenant:list': 'global',
+    'tenant:read': 'global',
+    'tenant:update': 'global',
+    'tenant:delete': 'global',
+    'tenant:subscriptions': 'global',
+    'token:issue': 'global',
+    'token:list': 'global',
+    'token:revoke': 'global',
+    'pack:upload': 'global',
+    'pack:read': 'global',
+    'audit:read': 'global',
+  },
+  'rule-author': {
+    'pack:upload': 'global',
+    'pack:read': 'global',
+  },
+  'tenant-admin': {
+    'tenant:read': 'own-tenant',
+    'tenant:subscriptions': 'own-tenant',
+    'token:issue': 'own-tenant',
+    'token:list': 'own-tenant',
+    'token:revoke': 'own-tenant',
+    'audit:read': 'own-tenant',
+    'records:read': 'own-tenant',
+  },
+  auditor: {
+    'tenant:read': 'own-tenant',
+    'audit:read': 'own-tenant',
+    'records:read': 'own-tenant',
+  },
+};
+
+/**
+ * Allows or refuses `action` for `principal`, on `tenantId` when the action concerns one tenant.
+ * Tenant-scoped roles must name their own tenant: a missing `tenantId` is refused for them.
+ * @throws ForbiddenError (HTTP 403) when the policy does not allow it.
+ */
+export function authorize(principal: Principal, action: AdminAction, tenantId?: string): void {
+  const scope = Object.hasOwn(POLICY, principal.role) ? POLICY[principal.role][action] : undefined;
+  if (scope === undefined) {
+    throw new ForbiddenError(`role ${principal.role} may not ${action}`);
+  }
+  if (scope === 'own-tenant') {
+    if (principal.tenant === undefined || tenantId === undefined || tenantId !== principal.tenant) {
+      throw new ForbiddenError(`role ${principal.role} may ${action} only for its own tenant`);
+    }
+  }
+}
+
+/**
+ * Authorizes issuing a token of `role` (for `tenantId`): `token:issue` plus the role rule that a
+ * tenant-admin may only issue auditor tokens for its own tenant.
+ * @throws ForbiddenError (HTTP 403).
+ */
+export function authorizeTokenIssue(principal: Principal, role: Role, tenantId?: string): void {
+  authorize(principal, 'token:issue', tenantId);
+  if (principal.role === 'tenant-admin' && role !== 'auditor') {
+    throw new ForbiddenError('a tenant-admin may issue only auditor tokens');
+  }
+}

@@ -1,0 +1,143 @@
+/**
+ * Sequelize models of the control plane, defined once per Sequelize instance by a factory.
+ * Rows hold no PHI: tenant registrations, the pack catalog, admin token hashes, audit events.
+ * JSON-valued columns are TEXT parsed by the repositories (explicit, portable to PostgreSQL).
+ */
+import { DataTypes } from 'sequelize';
+import type { Model, ModelStatic, Sequelize, Transaction } from 'sequelize';
+
+/** Runs `fn` in an IMMEDIATE transaction, after this process's other writes (one writer). */
+export type WriteTx = <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
+
+/** Runs a single-statement write after this process's other writes. */
+export type WriteLock = <T>(fn: () => Promise<T>) => Promise<T>;
+
+export interface TenantRow {
+  id: string;
+  name: string;
+  region: string;
+  status: string;
+  issuers: string;
+  fhirServers: string;
+  subscriptions: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** Index of `iss` -> tenant, so token verification finds candidate tenants with one lookup. */
+export interface TenantIssuerRow {
+  iss: string;
+  tenantId: string;
+}
+
+export interface PackRow {
+  id: string;
+  version: string;
+  hash: string;
+  pack: string;
+  uploadedAt: string;
+  uploadedBy: string | null;
+}
+
+export interface AdminTokenRow {
+  id: string;
+  role: string;
+  tenantId: string | null;
+  label: string | null;
+  tokenHash: string;
+  createdAt: string;
+  revokedAt: string | null;
+}
+
+export interface AuditRow {
+  seq: number;
+  at: string;
+  type: string;
+  outcome: string;
+  tenant: string | null;
+  actor: string | null;
+  detail: string | null;
+}
+
+type Creation<T, Optional extends keyof T = never> = Omit<T, Optional> & Partial<Pick<T, Optional>>;
+
+export interface ControlPlaneModels {
+  Tenant: ModelStatic<Model<TenantRow, TenantRow>>;
+  TenantIssuer: ModelStatic<Model<TenantIssuerRow, TenantIssuerRow>>;
+  Pack: ModelStatic<Model<PackRow, PackRow>>;
+  AdminToken: ModelStatic<Model<AdminTokenRow, AdminTokenRow>>;
+  Audit: ModelStatic<Model<AuditRow, Creation<AuditRow, 'seq'>>>;
+}
+
+const common = { timestamps: false, underscored: true, freezeTableName: true } as const;
+
+/** Defines the control-plane models on `sequelize` (call once per instance). */
+export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneModels {
+  const Tenant = sequelize.define<Model<TenantRow, TenantRow>>(
+    'Tenant',
+    {
+      id: { type: DataTypes.STRING(63), primaryKey: true },
+      name: { type: DataTypes.STRING(200), allowNull: false },
+      region: { type: DataTypes.STRING(63), allowNull: false },
+      status: { type: DataTypes.STRING(16), allowNull: false },
+      issuers: { type: DataTypes.TEXT, allowNull: false },
+      fhirServers: { type: DataTypes.TEXT, allowNull: false },
+      subscriptions: { type: DataTypes.TEXT, allowNull: false },
+      createdAt: { type: DataTypes.STRING(32), allowNull: false },
+      updatedAt: { type: DataTypes.STRING(32), allowNull: false },
+    },
+    { ...common, tableName: 'tenants' },
+  );
+  const TenantIssuer = sequelize.define<Model<TenantIssuerRow, TenantIssuerRow>>(
+    'TenantIssuer',
+    {
+      iss: { type: DataTypes.STRING(2048), primaryKey: true },
+      tenantId: {
+        type: DataTypes.STRING(63),
+        primaryKey: true,
+        references: { model: 'tenants', key: 'id' },
+        onDelete: 'CASCADE',
+      },
+    },
+    { ...common, tableName: 'tenant_issuers' },
+  );
+  const Pack = sequelize.define<Model<PackRow, PackRow>>(
+    'Pack',
+    {
+      id: { type: DataTypes.STRING(128), primaryKey: true },
+      version: { type: DataTypes.STRING(64), primaryKey: true },
+      hash: { type: DataTypes.STRING(64), allowNull: false },
+      pack: { type: DataTypes.TEXT, allowNull: false },
+      uploadedAt: { type: DataTypes.STRING(32), allowNull: false },
+      uploadedBy: { type: DataTypes.STRING(200), allowNull: true },
+    },
+    { ...common, tableName: 'packs' },
+  );
+  const AdminToken = sequelize.define<Model<AdminTokenRow, AdminTokenRow>>(
+    'AdminToken',
+    {
+      id: { type: DataTypes.STRING(64), primaryKey: true },
+      role: { type: DataTypes.STRING(32), allowNull: false },
+      tenantId: { type: DataTypes.STRING(63), allowNull: true },
+      label: { type: DataTypes.STRING(200), allowNull: true },
+      tokenHash: { type: DataTypes.STRING(64), allowNull: false, unique: true },
+      createdAt: { type: DataTypes.STRING(32), allowNull: false },
+      revokedAt: { type: DataTypes.STRING(32), allowNull: true },
+    },
+    { ...common, tableName: 'admin_tokens' },
+  );
+  const Audit = sequelize.define<Model<AuditRow, Creation<AuditRow, 'seq'>>>(
+    'Audit',
+    {
+      seq: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: true },
+      at: { type: DataTypes.STRING(32), allowNull: false },
+      type: { type: DataTypes.STRING(100), allowNull: false },
+      outcome: { type: DataTypes.STRING(16), allowNull: false },
+      tenant: { type: DataTypes.STRING(63), allowNull: true },
+      actor: { type: DataTypes.STRING(200), allowNull: true },
+      detail: { type: DataTypes.TEXT, allowNull: true },
+    },
+    { ...common, tableName: 'audit_events', indexes: [{ fields: ['at'] }, { fields: ['tenant'] }] },
+  );
+  return { Tenant, TenantIssuer, Pack, AdminToken, Audit };
+}

@@ -1,0 +1,96 @@
+/**
+ * Opens the control-plane database (SQLite through Sequelize) and wires its repositories.
+ * It holds no PHI: tenants, issuers, FHIR server allowlists, subscriptions, the pack catalog,
+ * admin token hashes and the control-plane audit log.
+ */
+import { Sequelize, Transaction } from 'sequelize';
+import { createAdminTokenRepository } from './admin-token-repository.ts';
+import { createAuditRepository } from './audit-repository.ts';
+import { defineControlPlaneModels } from './control-plane-models.ts';
+import { createPackRepository } from './pack-repository.ts';
+import { createTenantRepository } from './tenant-repository.ts';
+import type { WriteTx } from './control-plane-models.ts';
+import type { ControlPlane } from './types.ts';
+
+export interface OpenControlPlaneOptions {
+  /** SQLite file path, or ':memory:'. */
+  storage: string;
+  /** Clock for createdAt/updatedAt/audit times (tests inject it). */
+  now?: () => Date;
+  /** SQL logging is always off (statements would carry token hashes); kept for the contract. */
+  logging?: false;
+}
+
+const APPEND_ONLY_TRIGGERS = [
+  `CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
+   BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END`,
+  `CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
+   BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END`,
+];
+
+/** Runs write operations one at a time (SQLite has a single writer; see `WriteLock`). */
+function createWriteLock(): <T>(fn: () => Promise<T>) => Promise<T> {
+  let tail: Promise<unknown> = Promise.resolve();
+  return <T>(fn: () => Promise<T>): Promise<T> => {
+    const run = tail.then(fn, fn);
+    tail = run.catch(() => undefined);
+    return run;
+  };
+}
+
+/**
+ * Opens (creating if needed) the control-plane database. File databases use WAL mode.
+ * @throws the driver's error if the file cannot be opened or the schema cannot be created.
+ */
+export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<ControlPlane> {
+  const now = opts.now ?? (() => new Date());
+  const sequelize = new Sequelize({ dialect: 'sqlite', storage: opts.storage, logging: false });
+  try {
+    await sequelize.authenticate();
+    if (opts.storage !== ':memory:') {
+      await sequelize.query('PRAGMA journal_mode=WAL');
+    }
+    const models = defineControlPlaneModels(sequelize);
+    // SQLite allows one writer. Sequelize opens a connection per transaction for a file database
+    // and shares one for ':memory:'; either way, concurrent write transactions from this process
+    // would fail (BUSY, or nested BEGIN). So this process queues its writes.
+    const write = createWriteLock();
+    const writeTx: WriteTx = (fn) =>
+      write(() => sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn));
+    await sequelize.sync();
+    for (const sql of APPEND_ONLY_TRIGGERS) {
+      await sequelize.query(sql);
+    }
+    const packs = createPackRepository({ writeTx, models, now });
+    const adminTokens = createAdminTokenRepository({
+      models,
+      now,
+      write,
+      tenantExists: async (id) => (await models.Tenant.count({ where: { id } })) > 0,
+    });
+    const tenants = createTenantRepository({
+      writeTx,
+      models,
+      now,
+      packExists: async (pack, version) =>
+        (await models.Pack.count({ where: { id: pack, version } })) > 0,
+      revokeTenantTokens: (tenantId, t) => adminTokens.revokeForTenant(tenantId, t),
+    });
+    const audit = createAuditRepository({ models, now, write });
+    return {
+      tenants,
+      packs,
+      adminTokens: {
+        issue: (input) => adminTokens.issue(input),
+        authenticate: (token) => adminTokens.authenticate(token),
+        revoke: (id) => adminTokens.revoke(id),
+        list: () => adminTokens.list(),
+      },
+      audit,
+      close: () => sequelize.close(),
+    };
+  } catch (err) {
+    await sequelize.close().catch(() => undefined);
+    throw err;
+  }
+}

@@ -1,0 +1,320 @@
+/**
+ * Validation of control-plane input (tenants, issuers, subscriptions). Every problem is an
+ * InvalidInputError naming the exact field (`issuers[1].jwks.keys[0]`). Input is treated as
+ * untrusted JSON: unknown fields (including `__proto__`) are errors, not silently dropped.
+ */
+import nodeJose from 'node-jose';
+import semver from 'semver';
+import type { Subscription } from '../rules/index.ts';
+import { InvalidInputError } from './errors.ts';
+import type { Jwks, NewTenant, TenantPatch, TenantStatus, TrustedIssuer } from './types.ts';
+import { fhirServerUrlProblem, keyUrlProblem, parseAbsoluteUrl } from './url-policy.ts';
+
+/** Tenant ids: lowercase, digits and dashes, 2..63 characters. */
+export const TENANT_ID_PATTERN = /^[a-z0-9][a-z0-9-]{1,62}$/;
+const REGION_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
+const PRIVATE_JWK_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'k', 'oth'] as const;
+const SIGNING_ALGS = new Set([
+  'RS256',
+  'RS384',
+  'RS512',
+  'PS256',
+  'PS384',
+  'PS512',
+  'ES256',
+  'ES384',
+  'ES512',
+]);
+const EC_CURVES = new Set(['P-256', 'P-384', 'P-521']);
+const MIN_RSA_BITS = 2048;
+const MAX_KEYS = 50;
+const MAX_ISSUERS = 50;
+const MAX_LIST = 100;
+const MAX_NAME = 200;
+
+type Json = Record<string, unknown>;
+
+function isObject(value: unknown): value is Json {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function requireObject(value: unknown, field: string): Json {
+  if (!isObject(value)) {
+    throw new InvalidInputError(field, 'must be an object');
+  }
+  return value;
+}
+
+function rejectUnknown(obj: Json, allowed: readonly string[], prefix: string): void {
+  for (const key of Object.keys(obj)) {
+    if (!allowed.includes(key)) {
+      throw new InvalidInputError(
+        prefix ? `${prefix}.${key.slice(0, 64)}` : key.slice(0, 64),
+        'is not a known field',
+      );
+    }
+  }
+}
+
+function requireArray(value: unknown, field: string, max: number): unknown[] {
+  if (!Array.isArray(value)) {
+    throw new InvalidInputError(field, 'must be an array');
+  }
+  if (value.length > max) {
+    throw new InvalidInputError(field, `must have at most ${max} entries`);
+  }
+  return value;
+}
+
+/** @throws InvalidInputError (`id`) unless the id matches TENANT_ID_PATTERN. */
+export function validateTenantId(id: unknown, field = 'id'): string {
+  if (typeof id !== 'string' || !TENANT_ID_PATTERN.test(id)) {
+    throw new InvalidInputError(field, 'must match ^[a-z0-9][a-z0-9-]{1,62}$');
+  }
+  return id;
+}
+
+function validateName(value: unknown): string {
+  if (typeof value !== 'string' || value.trim().length === 0 || value.length > MAX_NAME) {
+    throw new InvalidInputError(
+      'name',
+      `must be a non-empty string of at most ${MAX_NAME} characters`,
+    );
+  }
+  return value;
+}
+
+function validateRegion(value: unknown): string {
+  if (typeof value !== 'string' || !REGION_PATTERN.test(value)) {
+    throw new InvalidInputError('region', 'must be a region id (^[a-z0-9][a-z0-9-]{0,62}$)');
+  }
+  return value;
+}
+
+function validateStatus(value: unknown): TenantStatus {
+  if (value !== 'active' && value !== 'suspended') {
+    throw new InvalidInputError('status', "must be 'active' or 'suspended'");
+  }
+  return value;
+}
+
+function validateFhirServers(value: unknown): string[] {
+  const list = requireArray(value, 'fhirServers', MAX_LIST);
+  return list.map((entry, i) => {
+    const problem = fhirServerUrlProblem(entry);
+    if (problem) {
+      throw new InvalidInputError(`fhirServers[${i}]`, problem);
+    }
+    return entry as string;
+  });
+}
+
+/** Checks one registered JWK: public, asymmetric, signing, with a kid, importable. */
+async function validatePublicJwk(value: unknown, field: string): Promise<Json> {
+  const key = requireObject(value, field);
+  for (const member of PRIVATE_JWK_MEMBERS) {
+    if (Object.hasOwn(key, member)) {
+      throw new InvalidInputError(
+        field,
+        `must be a public key (private member '${member}' present)`,
+      );
+    }
+  }
+  if (typeof key.kid !== 'string' || key.kid.length === 0 || key.kid.length > 256) {
+    throw new InvalidInputError(`${field}.kid`, 'is required (a non-empty string)');
+  }
+  if (key.kty !== 'EC' && key.kty !== 'RSA') {
+    throw new InvalidInputError(`${field}.kty`, "must be 'EC' or 'RSA'");
+  }
+  if (key.kty === 'EC' && (typeof key.crv !== 'string' || !EC_CURVES.has(key.crv))) {
+    throw new InvalidInputError(`${field}.crv`, 'must be P-256, P-384 or P-521');
+  }
+  if (key.use !== undefined && key.use !== 'sig') {
+    throw new InvalidInputError(`${field}.use`, "must be 'sig' when present");
+  }
+  if (key.alg !== undefined && (typeof key.alg !== 'string' || !SIGNING_ALGS.has(key.alg))) {
+    throw new InvalidInputError(
+      `${field}.alg`,
+      'must be an asymmetric signing algorithm when present',
+    );
+  }
+  let imported: nodeJose.JWK.Key;
+  try {
+    imported = await nodeJose.JWK.asKey(key);
+  } catch {
+    throw new InvalidInputError(field, 'is not a valid JWK');
+  }
+  if (key.kty === 'RSA' && imported.length < MIN_RSA_BITS) {
+    throw new InvalidInputError(field, `RSA keys must have at least ${MIN_RSA_BITS} bits`);
+  }
+  return key;
+}
+
+async function validateJwks(value: unknown, field: string): Promise<Jwks> {
+  const jwks = requireObject(value, field);
+  rejectUnknown(jwks, ['keys'], field);
+  const keys = requireArray(jwks.keys, `${field}.keys`, MAX_KEYS);
+  if (keys.length === 0) {
+    throw new InvalidInputError(`${field}.keys`, 'must contain at least one key');
+  }
+  const out: Json[] = [];
+  const kids = new Set<string>();
+  for (const [j, k] of keys.entries()) {
+    const key = await validatePublicJwk(k, `${field}.keys[${j}]`);
+    const kid = key.kid as string;
+    if (kids.has(kid)) {
+      throw new InvalidInputError(`${field}.keys[${j}].kid`, 'must be unique within the key set');
+    }
+    kids.add(kid);
+    out.push({ ...key });
+  }
+  return { keys: out };
+}
+
+async function validateIssuer(value: unknown, field: string): Promise<TrustedIssuer> {
+  const raw = requireObject(value, field);
+  rejectUnknown(raw, ['iss', 'jwks', 'jwksUri', 'jku'], field);
+  if (typeof raw.iss !== 'string' || !parseAbsoluteUrl(raw.iss)) {
+    throw new InvalidInputError(`${field}.iss`, 'must be a URI');
+  }
+  const issuer: TrustedIssuer = { iss: raw.iss };
+  const hasJwks = raw.jwks !== undefined;
+  const hasUri = raw.jwksUri !== undefined;
+  if (hasJwks === hasUri) {
+    throw new InvalidInputError(field, 'must have exactly one of jwks or jwksUri');
+  }
+  if (hasJwks) {
+    issuer.jwks = await validateJwks(raw.jwks, `${field}.jwks`);
+  } else {
+    const problem = keyUrlProblem(raw.jwksUri);
+    if (problem) {
+      throw new InvalidInputError(`${field}.jwksUri`, problem);
+    }
+    issuer.jwksUri = raw.jwksUri as string;
+  }
+  if (raw.jku !== undefined) {
+    const list = requireArray(raw.jku, `${field}.jku`, MAX_LIST);
+    issuer.jku = list.map((u, k) => {
+      const problem = keyUrlProblem(u);
+      if (problem) {
+        throw new InvalidInputError(`${field}.jku[${k}]`, problem);
+      }
+      return u as string;
+    });
+  }
+  return issuer;
+}
+
+async function validateIssuers(value: unknown): Promise<TrustedIssuer[]> {
+  const list = requireArray(value, 'issuers', MAX_ISSUERS);
+  if (list.length === 0) {
+    throw new InvalidInputError('issuers', 'must contain at least one issuer');
+  }
+  const out: TrustedIssuer[] = [];
+  const seen = new Set<string>();
+  for (const [i, entry] of list.entries()) {
+    const issuer = await validateIssuer(entry, `issuers[${i}]`);
+    if (seen.has(issuer.iss)) {
+      throw new InvalidInputError(`issuers[${i}].iss`, 'is registered twice for this tenant');
+    }
+    seen.add(issuer.iss);
+    out.push(issuer);
+  }
+  return out;
+}
+
+/**
+ * Validates and normalises a new tenant.
+ * @throws InvalidInputError naming the first offending field.
+ */
+export async function validateNewTenant(input: unknown): Promise<Required<NewTenant>> {
+  const raw = requireObject(input, '(body)');
+  rejectUnknown(raw, ['id', 'name', 'region', 'issuers', 'fhirServers'], '');
+  return {
+    id: validateTenantId(raw.id),
+    name: validateName(raw.name),
+    region: validateRegion(raw.region),
+    issuers: await validateIssuers(raw.issuers),
+    fhirServers: raw.fhirServers === undefined ? [] : validateFhirServers(raw.fhirServers),
+  };
+}
+
+/**
+ * Validates a tenant patch (only the fields present are checked and returned).
+ * @throws InvalidInputError naming the first offending field.
+ */
+export async function validateTenantPatch(input: unknown): Promise<TenantPatch> {
+  const raw = requireObject(input, '(body)');
+  rejectUnknown(raw, ['name', 'status', 'issuers', 'fhirServers'], '');
+  const patch: TenantPatch = {};
+  if (raw.name !== undefined) {
+    patch.name = validateName(raw.name);
+  }
+  if (raw.status !== undefined) {
+    patch.status = validateStatus(raw.status);
+  }
+  if (raw.issuers !== undefined) {
+    patch.issuers = await validateIssuers(raw.issuers);
+  }
+  if (raw.fhirServers !== undefined) {
+    patch.fhirServers = validateFhirServers(raw.fhirServers);
+  }
+  return patch;
+}
+
+/**
+ * Validates subscriptions against the catalog (`exists(pack, version)`).
+ * @throws InvalidInputError naming the field (`subscriptions[0].canary.percent`).
+ */
+export async function validateSubscriptions(
+  input: unknown,
+  exists: (pack: string, version: string) => Promise<boolean>,
+): Promise<Subscription[]> {
+  const list = requireArray(input, 'subscriptions', MAX_LIST);
+  const out: Subscription[] = [];
+  const packs = new Set<string>();
+  for (const [i, entry] of list.entries()) {
+    const field = `subscriptions[${i}]`;
+    const raw = requireObject(entry, field);
+    rejectUnknown(raw, ['pack', 'version', 'canary'], field);
+    if (typeof raw.pack !== 'string' || raw.pack.length === 0 || raw.pack.length > 128) {
+      throw new InvalidInputError(`${field}.pack`, 'must be a pack id');
+    }
+    if (packs.has(raw.pack)) {
+      throw new InvalidInputError(`${field}.pack`, 'is subscribed twice');
+    }
+    packs.add(raw.pack);
+    if (typeof raw.version !== 'string' || semver.valid(raw.version) === null) {
+      throw new InvalidInputError(`${field}.version`, 'must be a semver version');
+    }
+    if (!(await exists(raw.pack, raw.version))) {
+      throw new InvalidInputError(`${field}.version`, 'this pack version is not in the catalog');
+    }
+    const sub: Subscription = { pack: raw.pack, version: raw.version };
+    if (raw.canary !== undefined) {
+      const canary = requireObject(raw.canary, `${field}.canary`);
+      rejectUnknown(canary, ['version', 'percent'], `${field}.canary`);
+      if (typeof canary.version !== 'string' || semver.valid(canary.version) === null) {
+        throw new InvalidInputError(`${field}.canary.version`, 'must be a semver version');
+      }
+      if (!(await exists(raw.pack, canary.version))) {
+        throw new InvalidInputError(
+          `${field}.canary.version`,
+          'this pack version is not in the catalog',
+        );
+      }
+      const percent = canary.percent;
+      if (
+        typeof percent !== 'number' ||
+        !Number.isFinite(percent) ||
+        percent < 0 ||
+        percent > 100
+      ) {
+        throw new InvalidInputError(`${field}.canary.percent`, 'must be a number from 0 to 100');
+      }
+      sub.canary = { version: canary.version, percent };
+    }
+    out.push(sub);
+  }
+  return out;
+}
