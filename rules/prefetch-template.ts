@@ -1,7 +1,186 @@
 /**
  * CDS Hooks 2.0 prefetch template syntax. Lives in rules/ because pack validation needs it
  * and rules/ may not import hooks/; hooks/ uses it for resolution.
+ *
+ * A template is a relative FHIR read (`Type/id`) or type-level search (`Type?query`) whose
+ * tokens are `{{context.<field>}}` (root, primitive context fields) or one of the four 2.0
+ * user tokens (CDS Hooks 2.0 "Prefetch tokens"). The 3.0-ballot FHIRPath tokens
+ * (`{{today() - 90 days}}`, `{{context.draftOrders.entry...}}`) are refused: a 2.0 client
+ * need not understand them.
  */
+import { isR4ResourceType } from '../fhir-profiles/index.ts';
+import { PackValidationError } from './errors.ts';
+
+type Token = { kind: 'context'; field: string } | { kind: 'user'; resourceType: string };
+type Part = string | Token;
+
+/** The 2.0 user tokens and the `context.userId` resource type each one expands from. */
+const USER_TOKENS: Readonly<Record<string, string>> = {
+  userPractitionerId: 'Practitioner',
+  userPractitionerRoleId: 'PractitionerRole',
+  userPatientId: 'Patient',
+  userRelatedPersonId: 'RelatedPerson',
+};
+
+/**
+ * Root context fields of the library hooks that hold objects or arrays, never prefetch tokens
+ * (order-sign/order-select `draftOrders`, `selections`; appointment-book `appointments`;
+ * the retired medication-prescribe `medications`, order-review `orders`).
+ */
+const NON_TOKEN_CONTEXT_FIELDS: ReadonlySet<string> = new Set([
+  'draftOrders',
+  'selections',
+  'appointments',
+  'medications',
+  'orders',
+]);
+
+const MAX_TEMPLATE_LENGTH = 2048;
+const TOKEN_RE = /\{\{([^{}]*)\}\}/g;
+const CONTEXT_FIELD_RE = /^context\.([A-Za-z][A-Za-z0-9_]*)$/;
+/** FHIR `id`: 1-64 of `[A-Za-z0-9\-.]` (R4 id datatype). */
+const FHIR_ID_RE = /^[A-Za-z0-9\-.]{1,64}$/;
+/** A relative reference as CDS Hooks puts in `context.userId` (library invariant ord-1). */
+const USER_REF_RE = /^([A-Za-z]+)\/([A-Za-z0-9\-.]{1,64})$/;
+const PARAM_NAME_RE = /^[A-Za-z_][A-Za-z0-9_\-.:]*$/;
+/** Query literal: no whitespace, controls, `#`, braces; `%` only as a valid escape. */
+const QUERY_LITERAL_RE = /^(?:[^\s#{}%\u0000-\u001f\u007f]|%[0-9A-Fa-f]{2})*$/;
+
+function parseToken(raw: string): Token | string {
+  const body = raw.trim();
+  const context = CONTEXT_FIELD_RE.exec(body);
+  if (context?.[1] !== undefined) {
+    const field = context[1];
+    if (NON_TOKEN_CONTEXT_FIELDS.has(field)) {
+      return `'{{${body}}}' is not a prefetch token: only root primitive context fields are`;
+    }
+    return { kind: 'context', field };
+  }
+  const userType = Object.hasOwn(USER_TOKENS, body) ? USER_TOKENS[body] : undefined;
+  if (userType !== undefined) {
+    return { kind: 'user', resourceType: userType };
+  }
+  if (body.startsWith('context.')) {
+    return `'{{${body}}}' is not a CDS Hooks 2.0 prefetch token: nested context paths are not allowed`;
+  }
+  return `'{{${body}}}' is not a CDS Hooks 2.0 prefetch token (FHIRPath tokens are 3.0-ballot only)`;
+}
+
+/** Splits a template into literal text and tokens, checking each token. */
+function tokenize(template: string): Part[] | string {
+  const parts: Part[] = [];
+  let last = 0;
+  for (const match of template.matchAll(TOKEN_RE)) {
+    if (match.index > last) {
+      parts.push(template.slice(last, match.index));
+    }
+    const token = parseToken(match[1] ?? '');
+    if (typeof token === 'string') {
+      return token;
+    }
+    parts.push(token);
+    last = match.index + match[0].length;
+  }
+  if (last < template.length) {
+    parts.push(template.slice(last));
+  }
+  for (const part of parts) {
+    if (typeof part === 'string' && (part.includes('{') || part.includes('}'))) {
+      return 'unbalanced or empty {{ }} token';
+    }
+  }
+  return parts;
+}
+
+function isUserIdToken(part: Part | undefined): boolean {
+  return typeof part === 'object' && part.kind === 'context' && part.field === 'userId';
+}
+
+/** Checks the URL shape of a tokenized template: `Type`, `Type/id` or `Type?name=value&...`. */
+function checkShape(parts: Part[]): string | undefined {
+  // `{{context.userId}}` alone is a read: it already holds `Type/id`.
+  if (parts.length === 1 && isUserIdToken(parts[0])) {
+    return undefined;
+  }
+  const first = parts[0];
+  if (typeof first !== 'string') {
+    return 'must start with a FHIR resource type';
+  }
+  const match = /^([^/?]*)([/?]?)(.*)$/s.exec(first);
+  const resourceType = match?.[1] ?? '';
+  const separator = match?.[2] ?? '';
+  const rest = [match?.[3] ?? '', ...parts.slice(1)];
+  if (/^[a-z][a-z0-9+.-]*:/i.test(first) || first.startsWith('/')) {
+    return 'must be a relative FHIR URL (no scheme, no leading slash)';
+  }
+  if (!isR4ResourceType(resourceType)) {
+    return `'${resourceType}' is not a FHIR R4 resource type`;
+  }
+  if (separator === '') {
+    return rest.length === 1 && rest[0] === '' ? undefined : 'must be a read or a search URL';
+  }
+  if (separator === '/') {
+    return checkReadId(rest);
+  }
+  return checkQuery(rest);
+}
+
+function checkReadId(rest: Part[]): string | undefined {
+  const nonEmpty = rest.filter((p) => p !== '');
+  const only = nonEmpty[0];
+  if (nonEmpty.length !== 1 || only === undefined) {
+    return 'a read must be Type/id with one literal id or one token';
+  }
+  if (typeof only === 'string') {
+    return FHIR_ID_RE.test(only) && only !== '.' && only !== '..'
+      ? undefined
+      : `'${only}' is not a FHIR id (reads may not have sub-paths, operations or queries)`;
+  }
+  return isUserIdToken(only)
+    ? '{{context.userId}} holds Type/id: use it as the whole template or a query value'
+    : undefined;
+}
+
+function checkQuery(rest: Part[]): string | undefined {
+  // Tokens become a placeholder value; the literal text must form name=value pairs.
+  const query = rest.map((p) => (typeof p === 'string' ? p : 'TOKEN')).join('');
+  if (query === '') {
+    return undefined;
+  }
+  for (const pair of query.split('&')) {
+    const eq = pair.indexOf('=');
+    const name = eq < 0 ? pair : pair.slice(0, eq);
+    const value = eq < 0 ? '' : pair.slice(eq + 1);
+    if (!PARAM_NAME_RE.test(name)) {
+      return `'${name}' is not a search parameter name`;
+    }
+    if (value === '') {
+      return `search parameter '${name}' has no value`;
+    }
+    if (!QUERY_LITERAL_RE.test(value)) {
+      return `search parameter '${name}' has a value with whitespace, '#' or a bad %-escape`;
+    }
+  }
+  return undefined;
+}
+
+function parseTemplate(template: unknown): Part[] | string {
+  if (typeof template !== 'string' || template === '') {
+    return 'must be a non-empty string';
+  }
+  if (template.length > MAX_TEMPLATE_LENGTH) {
+    return `is longer than ${MAX_TEMPLATE_LENGTH} characters`;
+  }
+  const parts = tokenize(template);
+  if (typeof parts === 'string') {
+    return parts;
+  }
+  const literals = parts.filter((p): p is string => typeof p === 'string').join('');
+  if (/[\s#\u0000-\u001f\u007f]/.test(literals)) {
+    return 'must not contain whitespace, control characters or a fragment (#)';
+  }
+  return checkShape(parts) ?? parts;
+}
 
 /**
  * Checks a template uses only 2.0 tokens: `{{context.<name>}}` and `{{userPractitionerId}}`,
@@ -9,18 +188,65 @@
  * relative FHIR read or search URL.
  * @returns a problem message, or undefined if the template is valid.
  */
-export function checkPrefetchTemplate(_template: string): string | undefined {
-  throw new Error('not implemented');
+export function checkPrefetchTemplate(template: string): string | undefined {
+  const parts = parseTemplate(template);
+  return typeof parts === 'string' ? parts : undefined;
+}
+
+function encodeUserId(value: string): string | undefined {
+  const ref = USER_REF_RE.exec(value);
+  if (!ref?.[1] || !ref[2] || ref[2] === '.' || ref[2] === '..') {
+    return undefined;
+  }
+  return `${encodeURIComponent(ref[1])}/${encodeURIComponent(ref[2])}`;
+}
+
+function tokenValue(token: Token, context: Record<string, unknown>): string | undefined {
+  if (token.kind === 'user') {
+    const userId = Object.hasOwn(context, 'userId') ? context.userId : undefined;
+    const ref = typeof userId === 'string' ? USER_REF_RE.exec(userId) : null;
+    if (ref?.[1] !== token.resourceType || !ref[2] || ref[2] === '.' || ref[2] === '..') {
+      return undefined;
+    }
+    return encodeURIComponent(ref[2]);
+  }
+  // Own properties only: `{{context.constructor}}` must not reach Object.prototype.
+  const value = Object.hasOwn(context, token.field) ? context[token.field] : undefined;
+  if (typeof value === 'number' || typeof value === 'boolean') {
+    return String(value);
+  }
+  if (typeof value !== 'string' || value === '' || value === '.' || value === '..') {
+    return undefined;
+  }
+  return token.field === 'userId' ? encodeUserId(value) : encodeURIComponent(value);
 }
 
 /**
  * Fills a template's tokens from the hook context (root primitive fields only) and
  * `context.userId` (`Practitioner/123` -> userPractitionerId = 123). Values are URL-encoded.
  * @returns the relative URL, or undefined if a token has no value in this context.
+ * @throws PackValidationError (path `prefetch`) if the template itself is invalid
+ *   (see {@link checkPrefetchTemplate}); packs are validated at load, so this means a bug.
  */
 export function renderPrefetchTemplate(
-  _template: string,
-  _context: Record<string, unknown>,
+  template: string,
+  context: Record<string, unknown>,
 ): string | undefined {
-  throw new Error('not implemented');
+  const parts = parseTemplate(template);
+  if (typeof parts === 'string') {
+    throw new PackValidationError([{ path: 'prefetch', message: parts }]);
+  }
+  let url = '';
+  for (const part of parts) {
+    if (typeof part === 'string') {
+      url += part;
+      continue;
+    }
+    const value = tokenValue(part, context);
+    if (value === undefined) {
+      return undefined;
+    }
+    url += value;
+  }
+  return url;
 }
