@@ -9,3 +9,13 @@ export class PackValidationError extends Error {
     this.problems = problems;
   }
 }
+
+/** A pack was asked to evaluate a service it does not offer. HTTP: 404. */
+export class UnknownServiceError extends Error {
+  readonly serviceId: string;
+  constructor(serviceId: string) {
+    super('the pack has no such service');
+    this.name = new.target.name;
+    this.serviceId = serviceId;
+  }
+}

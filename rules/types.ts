@@ -185,12 +185,23 @@ export interface TraceEntry {
   error?: string;
 }
 
+/** One `let` computed during a call; a name appears at most once per call. */
+export interface LetTraceEntry {
+  name: string;
+  status: 'ok' | 'error' | 'timeout';
+  durationMs: number;
+  /** Safe, PHI-free description of a failure. */
+  error?: string;
+}
+
 export interface EvaluationResult {
   pack: PackRef;
   service: string;
   cards: RawCard[];
   trace: TraceEntry[];
   durationMs: number;
+  /** The `let` values computed for this call (only those the service's rules needed). */
+  lets?: LetTraceEntry[];
 }
 
 /** A tenant's subscription to a pack; `canary` routes a share of calls to a newer version. */

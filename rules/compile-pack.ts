@@ -1,0 +1,442 @@
+/**
+ * Compilation of a (validated) pack into a program: every FHIRPath expression compiled once,
+ * card templates split into text and compiled interpolations, `let` dependencies resolved.
+ * Programs are cached by content hash, in the main thread and in each evaluation worker.
+ */
+import { PackValidationError } from './errors.ts';
+import {
+  analyzeExpression,
+  buildFunctionTable,
+  compileExpression,
+  formatIssue,
+  hasInterpolation,
+  indexValueSets,
+  parseTemplate,
+} from './expression.ts';
+import type { CompiledFn, ExprScope, ValueSetIndex } from './expression.ts';
+import { packHash } from './pack-format.ts';
+import type {
+  ActionType,
+  CardTemplate,
+  CompiledPack,
+  PackProblem,
+  PackRule,
+  RulePack,
+} from './types.ts';
+
+/** A compiled template string: literal text and compiled `{{ }}` interpolations. */
+export interface CompiledText {
+  parts: Array<string | CompiledFn>;
+  /** Set when the whole string is one interpolation (resource templates keep its typed value). */
+  whole?: CompiledFn;
+}
+
+/** A compiled FHIR resource template (JSON with interpolated string leaves). */
+export type CompiledValue =
+  | { kind: 'static'; value: unknown }
+  | { kind: 'text'; text: CompiledText }
+  | { kind: 'array'; items: CompiledValue[] }
+  | { kind: 'object'; entries: Array<[string, CompiledValue]> };
+
+export interface CompiledAction {
+  type: ActionType;
+  description: CompiledText;
+  resource?: CompiledValue;
+  resourceId?: CompiledText;
+}
+
+export interface CompiledCard {
+  summary: CompiledText;
+  detail?: CompiledText;
+  template: CardTemplate;
+  links?: Array<{ label: CompiledText; url: CompiledText; appContext?: CompiledText }>;
+  suggestions?: Array<{ label: CompiledText; actions?: CompiledAction[] }>;
+}
+
+export interface CompiledRule {
+  id: string;
+  service: string;
+  when: CompiledFn;
+  card: CompiledCard;
+  /** `let` names the rule reads directly (each let's own dependencies are resolved on use). */
+  lets: string[];
+}
+
+export interface CompiledLet {
+  name: string;
+  /** Compiled in raw mode: the value keeps its FHIR types when passed on as `%name`. */
+  fn: CompiledFn;
+  /** `let` names this let reads, sorted. */
+  deps: string[];
+}
+
+/** A pack ready to evaluate. */
+export interface PackProgram {
+  hash: string;
+  pack: RulePack;
+  lets: Map<string, CompiledLet>;
+  rules: CompiledRule[];
+  rulesById: Map<string, CompiledRule>;
+  valueSets: Map<string, ValueSetIndex>;
+}
+
+/** The scope of a pack's expressions: its let and value-set names. */
+export function packScope(pack: Pick<RulePack, 'let' | 'valueSets'>): ExprScope {
+  const valueSets = new Set(Object.keys(pack.valueSets ?? {}));
+  return { names: new Set([...Object.keys(pack.let ?? {}), ...valueSets]), valueSets };
+}
+
+/** A string field of a card that may carry `{{ }}` interpolations, with its path. */
+export interface CardTextField {
+  /** Path below the card, e.g. `links[0].url`. */
+  path: string;
+  text: string;
+}
+
+function resourceStrings(value: unknown, path: string, out: CardTextField[]): void {
+  if (typeof value === 'string') {
+    out.push({ path, text: value });
+  } else if (Array.isArray(value)) {
+    value.forEach((v, i) => {
+      resourceStrings(v, `${path}[${i}]`, out);
+    });
+  } else if (typeof value === 'object' && value !== null) {
+    for (const [k, v] of Object.entries(value)) {
+      resourceStrings(
+        v,
+        /^[A-Za-z_][A-Za-z0-9_]*$/.test(k) ? `${path}.${k}` : `${path}[${JSON.stringify(k)}]`,
+        out,
+      );
+    }
+  }
+}
+
+function isObj(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/**
+ * Every interpolatable string of a card (summary, detail, link label/url/appContext,
+ * suggestion labels, action descriptions and resourceIds, resource string leaves).
+ * Tolerates malformed input (used by validation before the schema is known to hold).
+ */
+export function cardTextFields(card: unknown): CardTextField[] {
+  const out: CardTextField[] = [];
+  if (!isObj(card)) {
+    return out;
+  }
+  const str = (v: unknown, path: string) => {
+    if (typeof v === 'string') {
+      out.push({ path, text: v });
+    }
+  };
+  str(card.summary, 'summary');
+  str(card.detail, 'detail');
+  if (Array.isArray(card.links)) {
+    card.links.forEach((l: unknown, i) => {
+      if (isObj(l)) {
+        str(l.label, `links[${i}].label`);
+        str(l.url, `links[${i}].url`);
+        str(l.appContext, `links[${i}].appContext`);
+      }
+    });
+  }
+  if (Array.isArray(card.suggestions)) {
+    card.suggestions.forEach((s: unknown, i) => {
+      if (!isObj(s)) {
+        return;
+      }
+      str(s.label, `suggestions[${i}].label`);
+      if (Array.isArray(s.actions)) {
+        s.actions.forEach((a: unknown, j) => {
+          if (isObj(a)) {
+            str(a.description, `suggestions[${i}].actions[${j}].description`);
+            str(a.resourceId, `suggestions[${i}].actions[${j}].resourceId`);
+            if (isObj(a.resource)) {
+              resourceStrings(a.resource, `suggestions[${i}].actions[${j}].resource`, out);
+            }
+          }
+        });
+      }
+    });
+  }
+  return out;
+}
+
+class Compiler {
+  readonly problems: PackProblem[] = [];
+  readonly letRefs = new Set<string>();
+  private readonly table;
+  private readonly scope: ExprScope;
+  private readonly letNames: Set<string>;
+
+  constructor(pack: RulePack, valueSets: Map<string, ValueSetIndex>) {
+    this.table = buildFunctionTable(valueSets);
+    this.scope = packScope(pack);
+    this.letNames = new Set(Object.keys(pack.let ?? {}));
+  }
+
+  /** Compiles one expression; records let references and problems. */
+  expr(
+    source: string,
+    path: string,
+    raw = false,
+    base?: { line: number; column: number },
+  ): CompiledFn {
+    const analysis = analyzeExpression(source, this.scope);
+    for (const v of analysis.variables) {
+      if (this.letNames.has(v)) {
+        this.letRefs.add(v);
+      }
+    }
+    if (analysis.issues.length > 0) {
+      for (const issue of analysis.issues) {
+        this.problems.push({ path, message: formatIssue(issue, base) });
+      }
+      return () => [];
+    }
+    return compileExpression(source, this.table, raw);
+  }
+
+  text(source: string, path: string): CompiledText {
+    if (!hasInterpolation(source)) {
+      return { parts: [source] };
+    }
+    const parsed = parseTemplate(source);
+    if (!parsed.ok) {
+      this.problems.push({ path, message: parsed.message });
+      return { parts: [source] };
+    }
+    const parts = parsed.parts.map((p) =>
+      p.kind === 'text'
+        ? p.text
+        : this.expr(p.expr, path, false, { line: p.line, column: p.column }),
+    );
+    const only = parts.length === 1 ? parts[0] : undefined;
+    return typeof only === 'function' ? { parts, whole: only } : { parts };
+  }
+
+  value(v: unknown, path: string): CompiledValue {
+    if (typeof v === 'string') {
+      return hasInterpolation(v)
+        ? { kind: 'text', text: this.text(v, path) }
+        : { kind: 'static', value: v };
+    }
+    if (Array.isArray(v)) {
+      return { kind: 'array', items: v.map((x, i) => this.value(x, `${path}[${i}]`)) };
+    }
+    if (isObj(v)) {
+      return {
+        kind: 'object',
+        entries: Object.entries(v).map(([k, x]) => [k, this.value(x, `${path}.${k}`)]),
+      };
+    }
+    return { kind: 'static', value: v };
+  }
+
+  card(card: CardTemplate, base: string): CompiledCard {
+    const out: CompiledCard = {
+      summary: this.text(card.summary, `${base}.summary`),
+      template: card,
+    };
+    if (card.detail !== undefined) {
+      out.detail = this.text(card.detail, `${base}.detail`);
+    }
+    if (card.links) {
+      out.links = card.links.map((l, i) => {
+        const p = `${base}.links[${i}]`;
+        const link: NonNullable<CompiledCard['links']>[number] = {
+          label: this.text(l.label, `${p}.label`),
+          url: this.text(l.url, `${p}.url`),
+        };
+        if (l.appContext !== undefined) {
+          link.appContext = this.text(l.appContext, `${p}.appContext`);
+        }
+        return link;
+      });
+    }
+    if (card.suggestions) {
+      out.suggestions = card.suggestions.map((s, i) => {
+        const p = `${base}.suggestions[${i}]`;
+        const sug: NonNullable<CompiledCard['suggestions']>[number] = {
+          label: this.text(s.label, `${p}.label`),
+        };
+        if (s.actions) {
+          sug.actions = s.actions.map((a, j) => {
+            const ap = `${p}.actions[${j}]`;
+            const act: CompiledAction = {
+              type: a.type,
+              description: this.text(a.description, `${ap}.description`),
+            };
+            if (a.resource !== undefined) {
+              act.resource = this.value(a.resource, `${ap}.resource`);
+            }
+            if (a.resourceId !== undefined) {
+              act.resourceId = this.text(a.resourceId, `${ap}.resourceId`);
+            }
+            return act;
+          });
+        }
+        return sug;
+      });
+    }
+    return out;
+  }
+
+  takeLetRefs(): string[] {
+    const refs = [...this.letRefs].sort();
+    this.letRefs.clear();
+    return refs;
+  }
+}
+
+function compileRule(c: Compiler, rule: PackRule, index: number): CompiledRule {
+  const base = `rules[${index}]`;
+  c.takeLetRefs();
+  const when = c.expr(rule.when, `${base}.when`);
+  const card = c.card(rule.card, `${base}.card`);
+  return { id: rule.id, service: rule.service, when, card, lets: c.takeLetRefs() };
+}
+
+/** Finds a cycle among lets, as `a -> b -> a`, or undefined. */
+export function findLetCycle(deps: ReadonlyMap<string, readonly string[]>): string[] | undefined {
+  const state = new Map<string, 'open' | 'done'>();
+  const stack: string[] = [];
+  const visit = (name: string): string[] | undefined => {
+    const s = state.get(name);
+    if (s === 'done') {
+      return undefined;
+    }
+    if (s === 'open') {
+      return [...stack.slice(stack.indexOf(name)), name];
+    }
+    state.set(name, 'open');
+    stack.push(name);
+    for (const d of deps.get(name) ?? []) {
+      const cycle = visit(d);
+      if (cycle) {
+        return cycle;
+      }
+    }
+    stack.pop();
+    state.set(name, 'done');
+    return undefined;
+  };
+  for (const name of [...deps.keys()].sort()) {
+    const cycle = visit(name);
+    if (cycle) {
+      return cycle;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Compiles a pack into a program (no caching).
+ * @throws PackValidationError if an expression or template does not compile or lets form a cycle.
+ */
+export function compileProgram(pack: RulePack, hash: string): PackProgram {
+  const valueSets = indexValueSets(pack.valueSets);
+  const c = new Compiler(pack, valueSets);
+  const lets = new Map<string, CompiledLet>();
+  for (const [name, source] of Object.entries(pack.let ?? {})) {
+    c.takeLetRefs();
+    const fn = c.expr(source, `let.${name}`, true);
+    lets.set(name, { name, fn, deps: c.takeLetRefs() });
+  }
+  const cycle = findLetCycle(new Map([...lets].map(([n, l]) => [n, l.deps])));
+  if (cycle?.[0] !== undefined) {
+    c.problems.push({
+      path: `let.${cycle[0]}`,
+      message: `lets form a cycle: ${cycle.join(' -> ')}`,
+    });
+  }
+  const rules = pack.rules.map((r, i) => compileRule(c, r, i));
+  if (c.problems.length > 0) {
+    throw new PackValidationError(c.problems);
+  }
+  return { hash, pack, lets, rules, rulesById: new Map(rules.map((r) => [r.id, r])), valueSets };
+}
+
+/** A small LRU map. */
+export class LruCache<V> {
+  private readonly map = new Map<string, V>();
+  constructor(private readonly max: number) {}
+  get(key: string): V | undefined {
+    const v = this.map.get(key);
+    if (v !== undefined) {
+      this.map.delete(key);
+      this.map.set(key, v);
+    }
+    return v;
+  }
+  set(key: string, value: V): void {
+    this.map.delete(key);
+    this.map.set(key, value);
+    while (this.map.size > this.max) {
+      const oldest = this.map.keys().next();
+      if (oldest.done === true) {
+        break;
+      }
+      this.map.delete(oldest.value);
+    }
+  }
+  get size(): number {
+    return this.map.size;
+  }
+}
+
+const programs = new LruCache<PackProgram>(32);
+const compiledPacks = new LruCache<CompiledPack>(64);
+
+/** The cached program of a pack hash, if this thread has compiled it. */
+export function cachedProgram(hash: string): PackProgram | undefined {
+  return programs.get(hash);
+}
+
+/**
+ * The program of a pack with this hash, compiled on first use and cached by hash.
+ * @throws PackValidationError if the pack does not compile.
+ */
+export function programFor(hash: string, pack: RulePack): PackProgram {
+  let program = programs.get(hash);
+  if (!program) {
+    program = compileProgram(pack, hash);
+    programs.set(hash, program);
+  }
+  return program;
+}
+
+function deepFreeze<T>(value: T): T {
+  if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const v of Object.values(value)) {
+      deepFreeze(v);
+    }
+  }
+  return value;
+}
+
+/**
+ * Compiles a pack already validated (e.g. loaded from the catalog): hashes its canonical
+ * JSON and compiles every expression once; the result is cached by hash. The returned `pack`
+ * is a frozen copy, so the hash keeps describing it.
+ * @throws PackValidationError if an expression does not compile.
+ */
+export function compilePack(pack: RulePack): CompiledPack {
+  const hash = packHash(pack);
+  const cached = compiledPacks.get(hash);
+  if (cached) {
+    return cached;
+  }
+  const copy = deepFreeze(JSON.parse(JSON.stringify(pack)) as RulePack);
+  programFor(hash, copy);
+  const compiled: CompiledPack = Object.freeze({
+    id: copy.id,
+    version: copy.version,
+    hash,
+    pack: copy,
+  });
+  compiledPacks.set(hash, compiled);
+  return compiled;
+}

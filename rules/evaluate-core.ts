@@ -1,0 +1,395 @@
+/**
+ * The synchronous evaluation of a pack's rules for one call: the expression environment,
+ * `let` values (computed at most once per run, on first use), `when`, card interpolation.
+ * Runs inside an evaluation worker (see evaluator.ts) or inline. This is the one place rule
+ * semantics live; a faster path (issue 6) plugs in here.
+ */
+import type {
+  CompiledCard,
+  CompiledRule,
+  CompiledText,
+  CompiledValue,
+  PackProgram,
+} from './compile-pack.ts';
+import { collectionText, instantValues, safeErrorMessage, SafeEvalError } from './expression.ts';
+import type { EvaluationInput, LetTraceEntry, RawCard, TraceEntry } from './types.ts';
+
+/** Card summaries must stay under this many characters (CDS Hooks 2.0). */
+export const SUMMARY_LIMIT = 140;
+
+/** Callbacks of a run, in the order things happen. */
+export interface RunHooks {
+  /** A let is about to be computed (lets the caller attribute a timeout to it). */
+  onLetStart?(name: string): void;
+  onLet?(entry: LetTraceEntry): void;
+  onRule(entry: TraceEntry, card: RawCard | undefined): void;
+  /** Checked before each rule; true = stop (the caller marks the rest skipped). */
+  shouldStop?(): boolean;
+}
+
+function isObj(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/** The Patient of a call: a prefetch value that is a Patient, or one inside a prefetch Bundle. */
+export function findPatient(prefetch: Record<string, unknown>, patientId: unknown): unknown {
+  const values = Object.values(prefetch);
+  const direct = values.find((v) => isObj(v) && v.resourceType === 'Patient');
+  if (direct !== undefined) {
+    return direct;
+  }
+  for (const v of values) {
+    if (isObj(v) && v.resourceType === 'Bundle' && Array.isArray(v.entry)) {
+      for (const e of v.entry as unknown[]) {
+        const r = isObj(e) ? e.resource : undefined;
+        if (
+          isObj(r) &&
+          r.resourceType === 'Patient' &&
+          (patientId === undefined || r.id === patientId)
+        ) {
+          return r;
+        }
+      }
+    }
+  }
+  return undefined;
+}
+
+/** `%selections`: the draft order resources whose `Type/id` is listed in `context.selections`. */
+export function findSelections(context: Record<string, unknown>): unknown[] {
+  const drafts = context.draftOrders;
+  const selections = context.selections;
+  if (!isObj(drafts) || !Array.isArray(drafts.entry) || !Array.isArray(selections)) {
+    return [];
+  }
+  const wanted = new Set(selections.filter((s): s is string => typeof s === 'string'));
+  const out: unknown[] = [];
+  for (const e of drafts.entry as unknown[]) {
+    const r = isObj(e) ? e.resource : undefined;
+    if (
+      isObj(r) &&
+      typeof r.resourceType === 'string' &&
+      typeof r.id === 'string' &&
+      wanted.has(`${r.resourceType}/${r.id}`)
+    ) {
+      out.push(r);
+    }
+  }
+  return out;
+}
+
+/** Builds the variables every expression of the call sees (lets are added as computed). */
+export function buildVariables(
+  program: PackProgram,
+  input: EvaluationInput,
+): Record<string, unknown> {
+  const vars = Object.create(null) as Record<string, unknown>;
+  const instant = instantValues(input.now);
+  vars.context = input.context;
+  vars.prefetch = input.prefetch;
+  vars.patient = findPatient(input.prefetch, input.context.patientId);
+  vars.draftOrders = input.context.draftOrders;
+  vars.selections = findSelections(input.context);
+  vars.now = instant.now;
+  vars.today = instant.today;
+  vars.__timeOfDay = instant.timeOfDay;
+  for (const [name, vs] of program.valueSets) {
+    vars[name] = vs.list;
+  }
+  return vars;
+}
+
+function renderText(t: CompiledText, root: unknown, vars: Record<string, unknown>): string {
+  let out = '';
+  for (const part of t.parts) {
+    out += typeof part === 'string' ? part : collectionText(part(root, vars));
+  }
+  return out;
+}
+
+function plain(value: unknown): unknown {
+  return typeof value === 'object' && value !== null
+    ? (JSON.parse(JSON.stringify(value)) as unknown)
+    : value;
+}
+
+const OMIT = Symbol('omit');
+
+function renderValue(v: CompiledValue, root: unknown, vars: Record<string, unknown>): unknown {
+  switch (v.kind) {
+    case 'static':
+      return plain(v.value);
+    case 'text': {
+      if (v.text.whole) {
+        // A string that is exactly one interpolation keeps the typed value(s).
+        const items = v.text.whole(root, vars).map(plain);
+        return items.length === 0 ? OMIT : items.length === 1 ? items[0] : items;
+      }
+      return renderText(v.text, root, vars);
+    }
+    case 'array': {
+      // An array or object emptied by empty interpolations is left out too (FHIR has no empties).
+      const out: unknown[] = [];
+      for (const item of v.items) {
+        const r = renderValue(item, root, vars);
+        if (r !== OMIT) {
+          out.push(r);
+        }
+      }
+      return out.length === 0 && v.items.length > 0 ? OMIT : out;
+    }
+    case 'object': {
+      const out: Record<string, unknown> = {};
+      let kept = 0;
+      for (const [key, item] of v.entries) {
+        const r = renderValue(item, root, vars);
+        if (r !== OMIT) {
+          kept++;
+          Object.defineProperty(out, key, {
+            value: r,
+            enumerable: true,
+            writable: true,
+            configurable: true,
+          });
+        }
+      }
+      return kept === 0 && v.entries.length > 0 ? OMIT : out;
+    }
+  }
+}
+
+/** Interpolates a rule's card. @throws Error (PHI-free) naming the failing field. */
+export function buildCard(
+  ruleId: string,
+  card: CompiledCard,
+  root: unknown,
+  vars: Record<string, unknown>,
+): RawCard {
+  const field = <T>(name: string, f: () => T): T => {
+    try {
+      return f();
+    } catch (err) {
+      throw new SafeEvalError(`card.${name}: ${safeErrorMessage(err)}`);
+    }
+  };
+  const t = card.template;
+  const summary = field('summary', () => renderText(card.summary, root, vars));
+  if (summary.length >= SUMMARY_LIMIT) {
+    throw new SafeEvalError(
+      `card.summary: ${summary.length} characters after interpolation (must be under ${SUMMARY_LIMIT})`,
+    );
+  }
+  const out: RawCard = {
+    ruleId,
+    summary,
+    indicator: t.indicator,
+    source: structuredClone(t.source),
+  };
+  if (card.detail) {
+    const d = card.detail;
+    out.detail = field('detail', () => renderText(d, root, vars));
+  }
+  if (card.links && t.links) {
+    const links = t.links;
+    out.links = card.links.map((l, i) => {
+      const type = links[i]?.type ?? 'absolute';
+      const link: NonNullable<RawCard['links']>[number] = {
+        label: field(`links[${i}].label`, () => renderText(l.label, root, vars)),
+        url: field(`links[${i}].url`, () => renderText(l.url, root, vars)),
+        type,
+      };
+      if (l.appContext) {
+        const a = l.appContext;
+        link.appContext = field(`links[${i}].appContext`, () => renderText(a, root, vars));
+      }
+      return link;
+    });
+  }
+  if (t.overrideReasons) {
+    out.overrideReasons = structuredClone(t.overrideReasons);
+  }
+  if (t.selectionBehavior) {
+    out.selectionBehavior = t.selectionBehavior;
+  }
+  if (card.suggestions && t.suggestions) {
+    const sugs = t.suggestions;
+    out.suggestions = card.suggestions.map((s, i) => {
+      const sug: NonNullable<RawCard['suggestions']>[number] = {
+        label: field(`suggestions[${i}].label`, () => renderText(s.label, root, vars)),
+      };
+      const rec = sugs[i]?.isRecommended;
+      if (rec !== undefined) {
+        sug.isRecommended = rec;
+      }
+      if (s.actions) {
+        sug.actions = s.actions.map((a, j) => {
+          const p = `suggestions[${i}].actions[${j}]`;
+          const act: NonNullable<NonNullable<RawCard['suggestions']>[number]['actions']>[number] = {
+            type: a.type,
+            description: field(`${p}.description`, () => renderText(a.description, root, vars)),
+          };
+          if (a.resource) {
+            const res = a.resource;
+            const r = field(`${p}.resource`, () => renderValue(res, root, vars));
+            if (typeof r === 'object' && r !== null && !Array.isArray(r)) {
+              act.resource = r as Record<string, unknown>;
+            }
+          }
+          if (a.resourceId) {
+            const rid = a.resourceId;
+            act.resourceId = field(`${p}.resourceId`, () => renderText(rid, root, vars));
+          }
+          return act;
+        });
+      }
+      return sug;
+    });
+  }
+  return out;
+}
+
+function describeWhen(result: unknown[]): string {
+  if (result.length !== 1) {
+    return `when must give one boolean, got ${result.length} items`;
+  }
+  const v = result[0];
+  const kind =
+    v === null
+      ? 'null'
+      : Array.isArray(v)
+        ? 'array'
+        : typeof v === 'object'
+          ? 'an element'
+          : typeof v;
+  return `when must give a boolean, got ${kind}`;
+}
+
+/** Counters for tests and metrics (per thread). */
+export const engineCounters = { letEvaluations: 0, ruleEvaluations: 0 };
+
+/**
+ * Evaluates `ruleIds` (in order) of a program for one call. Never throws for a rule: each
+ * outcome goes to `hooks.onRule`. `failedLets` carries lets that failed in an earlier attempt
+ * of the same call (e.g. timed out in a worker that was replaced): they are not recomputed.
+ */
+export function runRules(
+  program: PackProgram,
+  input: EvaluationInput,
+  ruleIds: readonly string[],
+  hooks: RunHooks,
+  failedLets: Readonly<Record<string, string>> = {},
+): void {
+  const vars = buildVariables(program, input);
+  const root = input.context;
+  const letErrors = new Map<string, string>(Object.entries(failedLets));
+  const computed = new Set<string>();
+
+  const ensureLet = (name: string, seen: Set<string>): string | undefined => {
+    if (computed.has(name)) {
+      return undefined;
+    }
+    const known = letErrors.get(name);
+    if (known !== undefined) {
+      return known;
+    }
+    const compiled = program.lets.get(name);
+    if (!compiled || seen.has(name)) {
+      return 'is not computable';
+    }
+    seen.add(name);
+    for (const dep of compiled.deps) {
+      const depError = ensureLet(dep, seen);
+      if (depError !== undefined) {
+        const msg = `depends on let '${dep}', which failed`;
+        letErrors.set(name, msg);
+        hooks.onLet?.({ name, status: 'error', durationMs: 0, error: msg });
+        return msg;
+      }
+    }
+    hooks.onLetStart?.(name);
+    const t0 = performance.now();
+    engineCounters.letEvaluations++;
+    try {
+      vars[name] = compiled.fn(root, vars);
+      computed.add(name);
+      hooks.onLet?.({ name, status: 'ok', durationMs: performance.now() - t0 });
+      return undefined;
+    } catch (err) {
+      const msg = safeErrorMessage(err);
+      letErrors.set(name, msg);
+      hooks.onLet?.({ name, status: 'error', durationMs: performance.now() - t0, error: msg });
+      return msg;
+    }
+  };
+
+  const runRule = (rule: CompiledRule): void => {
+    for (const name of rule.lets) {
+      const err = ensureLet(name, new Set());
+      if (err !== undefined) {
+        hooks.onRule(
+          {
+            ruleId: rule.id,
+            status: 'error',
+            fired: false,
+            durationMs: 0,
+            error: `let '${name}' failed: ${err}`,
+          },
+          undefined,
+        );
+        return;
+      }
+    }
+    engineCounters.ruleEvaluations++;
+    const t0 = performance.now();
+    const done = (status: TraceEntry['status'], fired: boolean, card?: RawCard, error?: string) => {
+      const entry: TraceEntry = {
+        ruleId: rule.id,
+        status,
+        fired,
+        durationMs: performance.now() - t0,
+      };
+      if (error !== undefined) {
+        entry.error = error;
+      }
+      hooks.onRule(entry, card);
+    };
+    let result: unknown[];
+    try {
+      result = rule.when(root, vars);
+    } catch (err) {
+      done('error', false, undefined, `when: ${safeErrorMessage(err)}`);
+      return;
+    }
+    if (result.length === 0 || (result.length === 1 && result[0] === false)) {
+      done('not-fired', false);
+      return;
+    }
+    if (!(result.length === 1 && result[0] === true)) {
+      done('error', false, undefined, describeWhen(result));
+      return;
+    }
+    let card: RawCard;
+    try {
+      card = buildCard(rule.id, rule.card, root, vars);
+    } catch (err) {
+      done('error', true, undefined, safeErrorMessage(err));
+      return;
+    }
+    done('fired', true, card);
+  };
+
+  for (const id of ruleIds) {
+    if (hooks.shouldStop?.() === true) {
+      return;
+    }
+    const rule = program.rulesById.get(id);
+    if (!rule) {
+      hooks.onRule(
+        { ruleId: id, status: 'error', fired: false, durationMs: 0, error: 'unknown rule' },
+        undefined,
+      );
+      continue;
+    }
+    runRule(rule);
+  }
+}

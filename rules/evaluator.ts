@@ -1,0 +1,804 @@
+/**
+ * The evaluator: runs a compiled pack's rules for one hook call under a time budget.
+ *
+ * fhirpath.js is synchronous, so a pathological expression cannot be interrupted in the
+ * thread running it. Evaluation therefore happens in a small pool of worker threads. A worker
+ * evaluates rule by rule and posts each outcome as it completes; the main thread keeps a
+ * per-rule and a per-call deadline. When one passes, it terminates the worker (the pool
+ * replaces it), marks the rule that was running `timeout`, and continues the remaining rules
+ * in another worker while the call budget lasts; rules left when it runs out are `skipped`.
+ * See rules/README.md.
+ */
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import { programFor } from './compile-pack.ts';
+import { runRules } from './evaluate-core.ts';
+import type { RunMessage, WarmMessage, WorkerMessage } from './evaluator-protocol.ts';
+import { UnknownServiceError } from './errors.ts';
+import type {
+  CompiledPack,
+  EvaluationInput,
+  EvaluationResult,
+  LetTraceEntry,
+  RawCard,
+  TraceEntry,
+} from './types.ts';
+
+/** Evaluates packs for hook calls. */
+export interface Evaluator {
+  /**
+   * Evaluates the rules of `serviceId` over one call's input. Rule failures, timeouts and an
+   * exhausted budget show in the trace; the promise itself does not reject for them.
+   * @throws UnknownServiceError if the pack has no such service; Error if the evaluator is closed.
+   */
+  evaluate(
+    pack: CompiledPack,
+    serviceId: string,
+    input: EvaluationInput,
+  ): Promise<EvaluationResult>;
+  /**
+   * Resolves once every worker (and the spare) has started, e.g. before serving traffic.
+   * @throws Error if workers keep failing to start.
+   */
+  ready(): Promise<void>;
+  /** Stops the workers. Calls in flight finish with their remaining rules `skipped`. */
+  close(): Promise<void>;
+  /** Counters for metrics and tests. */
+  stats(): EvaluatorStats;
+}
+
+export interface EvaluatorStats {
+  /** Worker threads started so far (replacements included). */
+  workersStarted: number;
+  /** Workers terminated because a rule overran its budget or the worker failed. */
+  workersReplaced: number;
+  /** Calls evaluated. */
+  calls: number;
+}
+
+export interface EvaluatorOptions {
+  /** Wall-clock budget of one call, from `evaluate()` to its result. Default 2000. */
+  callBudgetMs?: number;
+  /** Budget of one rule (and of one `let`). Default 500. */
+  ruleBudgetMs?: number;
+  /**
+   * Worker threads. Default min(2, availableParallelism()). 0 = evaluate in the calling
+   * thread: no preemption (a rule cannot be interrupted), only the call budget between rules;
+   * meant for tools and trusted packs.
+   */
+  workers?: number;
+  /** Heap limit of a worker (MB); a rule that exhausts it fails like a crashed worker. Default 512. */
+  workerMemoryMb?: number;
+}
+
+const WORKER_URL = new URL('./evaluator-worker.ts', import.meta.url);
+
+/**
+ * The file URL an ESM `import` of a package subpath resolves to. `import.meta.resolve` when
+ * available; when tsx has loaded this module as CommonJS it is missing, and `require.resolve`
+ * would pick the package's `require` build, so the `import` condition is read from the
+ * package's `exports`.
+ */
+function resolveImport(pkg: string, subpath: string): string {
+  const meta = import.meta as { resolve?: (specifier: string) => string };
+  if (typeof meta.resolve === 'function') {
+    return meta.resolve(`${pkg}/${subpath}`);
+  }
+  const pkgJson = createRequire(import.meta.url).resolve(`${pkg}/package.json`);
+  const exportsMap = (
+    JSON.parse(readFileSync(pkgJson, 'utf8')) as { exports?: Record<string, unknown> }
+  ).exports;
+  let entry: unknown = exportsMap?.[`./${subpath}`];
+  while (typeof entry === 'object' && entry !== null) {
+    const e = entry as Record<string, unknown>;
+    entry = e.import ?? e.default;
+  }
+  if (typeof entry !== 'string') {
+    throw new Error(`cannot resolve ${pkg}/${subpath}`);
+  }
+  return pathToFileURL(path.join(path.dirname(pkgJson), entry)).href;
+}
+
+/**
+ * The code a worker thread starts with. Under tsx (no build step) the worker module is a
+ * `.ts` file, and on Node 20 a worker's entry module is loaded before the `--import tsx`
+ * hooks it inherits are active, so a `.ts` entry fails with ERR_UNKNOWN_FILE_EXTENSION. The
+ * worker therefore starts from this small script, which registers tsx's ESM hooks in the
+ * worker (`tsx/esm/api`) and then imports the `.ts` module. A `.js` worker is imported directly.
+ */
+export function workerBootstrapCode(workerUrl: URL = WORKER_URL): string {
+  const target = JSON.stringify(workerUrl.href);
+  if (!workerUrl.pathname.endsWith('.ts')) {
+    return `import(${target});`;
+  }
+  const tsxApi = JSON.stringify(resolveImport('tsx', 'esm/api'));
+  return `import(${tsxApi}).then((tsx) => { tsx.register(); return import(${target}); });`;
+}
+
+interface Slot {
+  worker: Worker;
+  ready: boolean;
+  /** Pack hashes this worker has been sent. */
+  hashes: Set<string>;
+  onMessage?: (msg: WorkerMessage) => void;
+  onExit?: () => void;
+}
+
+interface Waiter {
+  resolve: (slot: Slot | undefined) => void;
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * `size` workers serve calls; one more, the spare, is kept started and idle so that a worker
+ * terminated for overrunning its budget is replaced at once (starting a worker with tsx takes
+ * a few hundred milliseconds, which would otherwise come out of the interrupted call's budget).
+ */
+class WorkerPool {
+  private readonly active = new Set<Slot>();
+  private spare: Slot | undefined;
+  private readonly idle: Slot[] = [];
+  private readonly waiters: Waiter[] = [];
+  private closed = false;
+  private failedStarts = 0;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private readyWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
+  /** Packs used lately, compiled ahead in each new spare. */
+  private readonly recent = new Map<string, CompiledPack>();
+  started = 0;
+  replaced = 0;
+
+  constructor(
+    private readonly size: number,
+    private readonly memoryMb: number,
+  ) {
+    this.maintain();
+  }
+
+  /** Brings the pool back to `size` active workers plus a spare. */
+  private maintain(): void {
+    if (this.closed) {
+      return;
+    }
+    while (this.active.size < this.size) {
+      const spare = this.spare;
+      if (spare) {
+        this.spare = undefined;
+        this.active.add(spare);
+        this.offer(spare);
+      } else if (!this.spawnLater()) {
+        this.active.add(this.spawn());
+      } else {
+        return;
+      }
+    }
+    if (!this.spare && !this.spawnLater()) {
+      this.spare = this.spawn();
+    }
+    this.checkReady();
+  }
+
+  /** After workers failed to start, new ones are started with a backoff, not in a hot loop. */
+  private spawnLater(): boolean {
+    if (this.failedStarts === 0) {
+      return false;
+    }
+    if (!this.retryTimer) {
+      this.retryTimer = setTimeout(
+        () => {
+          this.retryTimer = undefined;
+          const failed = this.failedStarts;
+          this.failedStarts = 0;
+          this.maintain();
+          this.failedStarts = failed;
+        },
+        Math.min(5000, 250 * 2 ** this.failedStarts),
+      );
+      this.retryTimer.unref();
+    }
+    return true;
+  }
+
+  private spawn(): Slot {
+    const worker = new Worker(workerBootstrapCode(), {
+      eval: true,
+      resourceLimits: { maxOldGenerationSizeMb: this.memoryMb },
+    });
+    worker.unref();
+    this.started++;
+    const slot: Slot = { worker, ready: false, hashes: new Set() };
+    worker.on('message', (msg: WorkerMessage) => {
+      if (msg.type === 'ready') {
+        slot.ready = true;
+        this.failedStarts = 0;
+        if (this.spare === slot) {
+          for (const p of this.recent.values()) {
+            this.warm(slot, p);
+          }
+        }
+        this.offer(slot);
+        this.checkReady();
+        return;
+      }
+      slot.onMessage?.(msg);
+    });
+    // Errors surface through 'exit'; without a listener an uncaught worker error would throw here.
+    worker.on('error', () => undefined);
+    worker.on('exit', () => {
+      const wasReady = slot.ready;
+      this.forget(slot);
+      slot.onExit?.();
+      if (!wasReady && !this.closed) {
+        this.failedStarts++;
+        if (this.failedStarts >= 3) {
+          for (const w of this.readyWaiters.splice(0)) {
+            w.reject(new Error('evaluation workers fail to start'));
+          }
+        }
+      }
+      this.maintain();
+    });
+    return slot;
+  }
+
+  private warm(slot: Slot, pack: CompiledPack): void {
+    if (slot.hashes.has(pack.hash)) {
+      return;
+    }
+    slot.hashes.add(pack.hash);
+    const msg: WarmMessage = { type: 'warm', hash: pack.hash, pack: pack.pack };
+    slot.worker.postMessage(msg);
+  }
+
+  /** Notes a pack in use; the spare compiles it ahead so that a takeover does not have to. */
+  noteUse(pack: CompiledPack): void {
+    if (this.recent.has(pack.hash)) {
+      return;
+    }
+    this.recent.set(pack.hash, pack);
+    while (this.recent.size > 8) {
+      const oldest = this.recent.keys().next();
+      if (oldest.done === true) {
+        break;
+      }
+      this.recent.delete(oldest.value);
+    }
+    if (this.spare?.ready === true) {
+      this.warm(this.spare, pack);
+    }
+  }
+
+  private isReady(): boolean {
+    return (
+      this.active.size === this.size &&
+      [...this.active].every((s) => s.ready) &&
+      this.spare?.ready === true
+    );
+  }
+
+  private checkReady(): void {
+    if (this.isReady()) {
+      for (const w of this.readyWaiters.splice(0)) {
+        w.resolve();
+      }
+    }
+  }
+
+  /** Resolves when all workers and the spare are ready. */
+  whenReady(): Promise<void> {
+    if (this.closed) {
+      return Promise.reject(new Error('evaluator is closed'));
+    }
+    if (this.isReady()) {
+      return Promise.resolve();
+    }
+    return new Promise((resolve, reject) => {
+      this.readyWaiters.push({ resolve, reject });
+    });
+  }
+
+  private forget(slot: Slot): void {
+    slot.ready = false;
+    this.active.delete(slot);
+    if (this.spare === slot) {
+      this.spare = undefined;
+    }
+    const i = this.idle.indexOf(slot);
+    if (i >= 0) {
+      this.idle.splice(i, 1);
+    }
+  }
+
+  private offer(slot: Slot): void {
+    if (this.closed || !slot.ready || !this.active.has(slot)) {
+      return;
+    }
+    const waiter = this.waiters.shift();
+    if (waiter) {
+      clearTimeout(waiter.timer);
+      waiter.resolve(slot);
+    } else {
+      this.idle.push(slot);
+    }
+  }
+
+  /** A ready worker, or undefined if none frees up before `deadline` (performance.now()). */
+  acquire(deadline: number, urgent: boolean): Promise<Slot | undefined> {
+    if (this.closed) {
+      return Promise.resolve(undefined);
+    }
+    const slot = this.idle.shift();
+    if (slot) {
+      return Promise.resolve(slot);
+    }
+    return new Promise((resolve) => {
+      const waiter: Waiter = {
+        resolve,
+        timer: setTimeout(
+          () => {
+            const i = this.waiters.indexOf(waiter);
+            if (i >= 0) {
+              this.waiters.splice(i, 1);
+            }
+            resolve(undefined);
+          },
+          Math.max(0, deadline - performance.now()),
+        ),
+      };
+      // A call continuing after a timeout goes first: it already spent part of its budget.
+      if (urgent) {
+        this.waiters.unshift(waiter);
+      } else {
+        this.waiters.push(waiter);
+      }
+    });
+  }
+
+  release(slot: Slot): void {
+    slot.onMessage = undefined;
+    slot.onExit = undefined;
+    this.offer(slot);
+  }
+
+  /** Terminates a worker (it overran or misbehaved); the spare takes its place at once. */
+  discard(slot: Slot): void {
+    slot.onMessage = undefined;
+    slot.onExit = undefined;
+    this.replaced++;
+    this.forget(slot);
+    void slot.worker.terminate();
+    this.maintain();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    clearTimeout(this.retryTimer);
+    for (const w of this.readyWaiters.splice(0)) {
+      w.reject(new Error('evaluator is closed'));
+    }
+    for (const w of this.waiters.splice(0)) {
+      clearTimeout(w.timer);
+      w.resolve(undefined);
+    }
+    const all = [...this.active, ...(this.spare ? [this.spare] : [])];
+    for (const s of all) {
+      s.onExit?.();
+      s.onMessage = undefined;
+      s.onExit = undefined;
+    }
+    await Promise.all(all.map((s) => s.worker.terminate()));
+  }
+}
+
+/** The outcome of one call, gathered as rules complete (possibly over several workers). */
+class CallState {
+  readonly results = new Map<string, { entry: TraceEntry; card?: RawCard }>();
+  readonly lets: LetTraceEntry[] = [];
+  readonly failedLets: Record<string, string> = {};
+  attempts = 0;
+
+  constructor(readonly ruleIds: readonly string[]) {}
+
+  remaining(): string[] {
+    return this.ruleIds.filter((id) => !this.results.has(id));
+  }
+
+  set(entry: TraceEntry, card?: RawCard): void {
+    if (!this.results.has(entry.ruleId)) {
+      this.results.set(entry.ruleId, card ? { entry, card } : { entry });
+    }
+  }
+
+  addLet(entry: LetTraceEntry): void {
+    this.lets.push(entry);
+    if (entry.status !== 'ok') {
+      this.failedLets[entry.name] = entry.error ?? entry.status;
+    }
+  }
+
+  finish(
+    pack: CompiledPack,
+    serviceId: string,
+    started: number,
+    skippedReason: string,
+  ): EvaluationResult {
+    for (const id of this.remaining()) {
+      this.set({
+        ruleId: id,
+        status: 'skipped',
+        fired: false,
+        durationMs: 0,
+        error: skippedReason,
+      });
+    }
+    const trace: TraceEntry[] = [];
+    const cards: RawCard[] = [];
+    for (const id of this.ruleIds) {
+      const r = this.results.get(id);
+      if (r) {
+        trace.push(r.entry);
+        if (r.card) {
+          cards.push(r.card);
+        }
+      }
+    }
+    return {
+      pack: { id: pack.id, version: pack.version, hash: pack.hash },
+      service: serviceId,
+      cards,
+      trace,
+      durationMs: performance.now() - started,
+      lets: this.lets,
+    };
+  }
+}
+
+function ruleIdsOf(pack: CompiledPack, serviceId: string): string[] {
+  if (!pack.pack.services.some((s) => s.id === serviceId)) {
+    throw new UnknownServiceError(serviceId);
+  }
+  return pack.pack.rules.filter((r) => r.service === serviceId).map((r) => r.id);
+}
+
+type AttemptOutcome = 'done' | 'stopped';
+
+let nextCallId = 1;
+
+class PooledEvaluator implements Evaluator {
+  private readonly pool: WorkerPool;
+  private closed = false;
+  private calls = 0;
+
+  constructor(
+    private readonly callBudgetMs: number,
+    private readonly ruleBudgetMs: number,
+    workers: number,
+    memoryMb: number,
+  ) {
+    this.pool = new WorkerPool(workers, memoryMb);
+  }
+
+  async evaluate(
+    pack: CompiledPack,
+    serviceId: string,
+    input: EvaluationInput,
+  ): Promise<EvaluationResult> {
+    if (this.closed) {
+      throw new Error('evaluator is closed');
+    }
+    const started = performance.now();
+    const deadline = started + this.callBudgetMs;
+    const call = new CallState(ruleIdsOf(pack, serviceId));
+    this.calls++;
+    this.pool.noteUse(pack);
+    let reason = 'call budget exhausted';
+    while (call.remaining().length > 0) {
+      if (this.isClosed()) {
+        reason = 'evaluator closed';
+        break;
+      }
+      // (Timers may fire a little early: a budget within 2 ms of its end is spent.)
+      if (performance.now() >= deadline - 2) {
+        break;
+      }
+      const slot = await this.pool.acquire(deadline, call.attempts > 0);
+      if (!slot) {
+        reason = this.isClosed()
+          ? 'evaluator closed'
+          : 'no evaluation worker free within the call budget';
+        break;
+      }
+      call.attempts++;
+      const outcome = await this.attempt(slot, pack, input, call, deadline);
+      if (outcome === 'done') {
+        this.pool.release(slot);
+      } else {
+        this.pool.discard(slot);
+      }
+    }
+    return call.finish(pack, serviceId, started, reason);
+  }
+
+  /** Runs the remaining rules of a call on one worker until done, a deadline, or a crash. */
+  private attempt(
+    slot: Slot,
+    pack: CompiledPack,
+    input: EvaluationInput,
+    call: CallState,
+    deadline: number,
+  ): Promise<AttemptOutcome> {
+    const callId = nextCallId++;
+    const ruleIds = call.remaining();
+    const ruleBudget = this.ruleBudgetMs;
+    return new Promise((resolve) => {
+      let timer: NodeJS.Timeout | undefined;
+      let begun = false;
+      let inFlightLet: string | undefined;
+      let lastProgress = performance.now();
+
+      const inFlightRule = (): string | undefined => ruleIds.find((id) => !call.results.has(id));
+      const settle = (outcome: AttemptOutcome) => {
+        clearTimeout(timer);
+        slot.onMessage = undefined;
+        slot.onExit = undefined;
+        resolve(outcome);
+      };
+      const arm = () => {
+        clearTimeout(timer);
+        const now = performance.now();
+        lastProgress = now;
+        const at = begun ? Math.min(now + ruleBudget, deadline) : deadline;
+        timer = setTimeout(onDeadline, Math.max(0, at - now));
+      };
+      const onDeadline = () => {
+        const now = performance.now();
+        const callOver = now >= deadline - 1;
+        const ran = now - lastProgress;
+        const rule = inFlightRule();
+        if (begun && inFlightLet !== undefined) {
+          call.addLet({
+            name: inFlightLet,
+            status: 'timeout',
+            durationMs: ran,
+            error: 'exceeded the time budget',
+          });
+          if (rule !== undefined) {
+            call.set({
+              ruleId: rule,
+              status: 'timeout',
+              fired: false,
+              durationMs: ran,
+              error: `let '${inFlightLet}' exceeded the time budget`,
+            });
+          }
+        } else if (begun && rule !== undefined) {
+          call.set({
+            ruleId: rule,
+            status: 'timeout',
+            fired: false,
+            durationMs: ran,
+            error: callOver
+              ? 'call budget exhausted'
+              : `exceeded the rule budget of ${ruleBudget} ms`,
+          });
+        }
+        settle('stopped');
+      };
+
+      slot.onExit = () => {
+        const rule = inFlightRule();
+        if (inFlightLet !== undefined) {
+          call.addLet({
+            name: inFlightLet,
+            status: 'error',
+            durationMs: performance.now() - lastProgress,
+            error: 'evaluation worker stopped',
+          });
+        }
+        if (begun && rule !== undefined) {
+          call.set({
+            ruleId: rule,
+            status: 'error',
+            fired: false,
+            durationMs: performance.now() - lastProgress,
+            error: 'evaluation worker stopped',
+          });
+        }
+        settle('stopped');
+      };
+      slot.onMessage = (msg) => {
+        if (!('callId' in msg) || msg.callId !== callId) {
+          return;
+        }
+        switch (msg.type) {
+          case 'need-pack':
+            slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, true));
+            return;
+          case 'begin':
+            begun = true;
+            arm();
+            return;
+          case 'let-start':
+            inFlightLet = msg.name;
+            arm();
+            return;
+          case 'let':
+            inFlightLet = undefined;
+            call.addLet(msg.entry);
+            arm();
+            return;
+          case 'rule':
+            call.set(msg.entry, msg.card);
+            arm();
+            return;
+          case 'end':
+            settle('done');
+            return;
+          case 'failed':
+            for (const id of call.remaining()) {
+              call.set({
+                ruleId: id,
+                status: 'error',
+                fired: false,
+                durationMs: 0,
+                error: msg.error,
+              });
+            }
+            settle('done');
+            return;
+        }
+      };
+      const withPack = !slot.hashes.has(pack.hash);
+      slot.hashes.add(pack.hash);
+      try {
+        slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, withPack));
+      } catch {
+        // Input that cannot be cloned (functions, symbols): no rule can run on it.
+        for (const id of ruleIds) {
+          call.set({
+            ruleId: id,
+            status: 'error',
+            fired: false,
+            durationMs: 0,
+            error: 'input cannot be passed to the evaluation worker',
+          });
+        }
+        settle('done');
+        return;
+      }
+      arm();
+    });
+  }
+
+  private runMessage(
+    callId: number,
+    pack: CompiledPack,
+    input: EvaluationInput,
+    ruleIds: string[],
+    call: CallState,
+    withPack: boolean,
+  ): RunMessage {
+    const msg: RunMessage = {
+      type: 'run',
+      callId,
+      hash: pack.hash,
+      input,
+      ruleIds,
+      failedLets: { ...call.failedLets },
+    };
+    if (withPack) {
+      msg.pack = pack.pack;
+    }
+    return msg;
+  }
+
+  private isClosed(): boolean {
+    return this.closed;
+  }
+
+  ready(): Promise<void> {
+    return this.pool.whenReady();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.pool.close();
+  }
+
+  stats(): EvaluatorStats {
+    return {
+      workersStarted: this.pool.started,
+      workersReplaced: this.pool.replaced,
+      calls: this.calls,
+    };
+  }
+}
+
+class InlineEvaluator implements Evaluator {
+  private closed = false;
+  private calls = 0;
+
+  constructor(private readonly callBudgetMs: number) {}
+
+  evaluate(
+    pack: CompiledPack,
+    serviceId: string,
+    input: EvaluationInput,
+  ): Promise<EvaluationResult> {
+    if (this.closed) {
+      return Promise.reject(new Error('evaluator is closed'));
+    }
+    const started = performance.now();
+    const deadline = started + this.callBudgetMs;
+    let call: CallState;
+    try {
+      call = new CallState(ruleIdsOf(pack, serviceId));
+    } catch (err) {
+      return Promise.reject(err instanceof Error ? err : new Error('evaluation failed'));
+    }
+    this.calls++;
+    try {
+      const program = programFor(pack.hash, pack.pack);
+      // Same isolation as a worker: the rules see a private copy of the input.
+      runRules(program, structuredClone(input), call.ruleIds, {
+        onLet: (e) => {
+          call.addLet(e);
+        },
+        onRule: (e, card) => {
+          call.set(e, card);
+        },
+        shouldStop: () => performance.now() >= deadline,
+      });
+    } catch {
+      for (const id of call.remaining()) {
+        call.set({
+          ruleId: id,
+          status: 'error',
+          fired: false,
+          durationMs: 0,
+          error: 'the pack does not compile',
+        });
+      }
+    }
+    return Promise.resolve(call.finish(pack, serviceId, started, 'call budget exhausted'));
+  }
+
+  ready(): Promise<void> {
+    return this.closed ? Promise.reject(new Error('evaluator is closed')) : Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    this.closed = true;
+    return Promise.resolve();
+  }
+
+  stats(): EvaluatorStats {
+    return { workersStarted: 0, workersReplaced: 0, calls: this.calls };
+  }
+}
+
+/**
+ * Creates an evaluator. Defaults: callBudgetMs 2000, ruleBudgetMs 500,
+ * workers min(2, availableParallelism()). Workers start at once (so the first call does not
+ * pay for their startup) and do not keep the process alive; call `close()` when done.
+ * @throws RangeError for a non-positive budget or a negative worker count.
+ */
+export function createEvaluator(opts: EvaluatorOptions = {}): Evaluator {
+  const callBudgetMs = opts.callBudgetMs ?? 2000;
+  const ruleBudgetMs = opts.ruleBudgetMs ?? 500;
+  const workers = opts.workers ?? Math.min(2, availableParallelism());
+  if (!(callBudgetMs > 0) || !(ruleBudgetMs > 0)) {
+    throw new RangeError('evaluation budgets must be positive');
+  }
+  if (!Number.isInteger(workers) || workers < 0) {
+    throw new RangeError('workers must be a non-negative integer');
+  }
+  if (workers === 0) {
+    return new InlineEvaluator(callBudgetMs);
+  }
+  return new PooledEvaluator(callBudgetMs, ruleBudgetMs, workers, opts.workerMemoryMb ?? 512);
+}

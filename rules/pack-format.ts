@@ -1,0 +1,122 @@
+/**
+ * The text forms of a pack (JSON and YAML, same schema), its canonical JSON and content hash.
+ */
+import { createHash } from 'node:crypto';
+import { parseDocument, stringify } from 'yaml';
+import { PackValidationError } from './errors.ts';
+import type { RulePack } from './types.ts';
+
+function lineColumn(text: string, offset: number): { line: number; column: number } {
+  let line = 1;
+  let lineStart = 0;
+  for (let i = 0; i < offset && i < text.length; i++) {
+    if (text.charCodeAt(i) === 10) {
+      line++;
+      lineStart = i + 1;
+    }
+  }
+  return { line, column: offset - lineStart + 1 };
+}
+
+function parseJsonText(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (err) {
+    const msg = err instanceof Error ? err.message : 'invalid JSON';
+    const m = /at position (\d+)/.exec(msg);
+    const where = m?.[1] !== undefined ? lineColumn(text, Number(m[1])) : undefined;
+    // V8 messages may quote the text; keep only the grammar part.
+    const reason = msg
+      .replace(/\s*in JSON at position \d+.*$/s, '')
+      .replace(/^.*?"\s*is not valid JSON$/s, 'is not valid JSON');
+    throw new PackValidationError([
+      {
+        path: '(document)',
+        message: where
+          ? `JSON syntax error at line ${where.line}, column ${where.column}: ${reason}`
+          : `JSON syntax error: ${reason}`,
+      },
+    ]);
+  }
+}
+
+function parseYamlText(text: string): unknown {
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true, schema: 'core' });
+  if (doc.errors.length > 0) {
+    throw new PackValidationError(
+      doc.errors.map((e) => {
+        const at = e.linePos?.[0];
+        const reason =
+          e.message.split('\n')[0]?.replace(/\s+at line \d+, column \d+:?\s*$/, '') ?? e.code;
+        return {
+          path: '(document)',
+          message: at
+            ? `YAML syntax error at line ${at.line}, column ${at.col}: ${reason}`
+            : `YAML syntax error: ${reason}`,
+        };
+      }),
+    );
+  }
+  try {
+    return doc.toJS({ maxAliasCount: 100 }) as unknown;
+  } catch (err) {
+    const reason = err instanceof Error ? err.message.split('\n')[0] : 'invalid document';
+    throw new PackValidationError([{ path: '(document)', message: `YAML error: ${reason ?? ''}` }]);
+  }
+}
+
+/**
+ * Parses a pack's text as JSON or YAML. Without `format`, text whose first non-blank
+ * character is `{` is JSON, anything else YAML.
+ * @throws PackValidationError with path `(document)` and the line/column of a syntax error.
+ */
+export function parsePackText(text: string, format?: 'json' | 'yaml'): unknown {
+  const fmt = format ?? (text.trimStart().startsWith('{') ? 'json' : 'yaml');
+  const value = fmt === 'json' ? parseJsonText(text) : parseYamlText(text);
+  if (value === null || value === undefined) {
+    throw new PackValidationError([{ path: '(document)', message: 'the document is empty' }]);
+  }
+  return value;
+}
+
+function sortKeys(value: unknown): unknown {
+  if (Array.isArray(value)) {
+    return value.map(sortKeys);
+  }
+  if (typeof value === 'object' && value !== null) {
+    const out: Record<string, unknown> = {};
+    for (const key of Object.keys(value).sort()) {
+      const v = (value as Record<string, unknown>)[key];
+      if (v !== undefined) {
+        Object.defineProperty(out, key, {
+          value: sortKeys(v),
+          enumerable: true,
+          writable: true,
+          configurable: true,
+        });
+      }
+    }
+    return out;
+  }
+  return value;
+}
+
+/** The canonical JSON of a value: object keys sorted, no whitespace, `undefined` dropped. */
+export function canonicalJson(value: unknown): string {
+  return JSON.stringify(sortKeys(value));
+}
+
+/** sha256 (hex) of the pack's canonical JSON: the identity of its exact content. */
+export function packHash(pack: RulePack): string {
+  return createHash('sha256').update(canonicalJson(pack), 'utf8').digest('hex');
+}
+
+/** The pack as pretty-printed JSON (keys in authoring order). */
+export function packToJson(pack: RulePack): string {
+  return `${JSON.stringify(pack, null, 2)}\n`;
+}
+
+/** The pack as YAML; parsing it back gives the same canonical pack and hash. */
+export function packToYaml(pack: RulePack): string {
+  return stringify(pack, { lineWidth: 0, aliasDuplicateObjects: false });
+}

@@ -1,0 +1,485 @@
+/**
+ * Validation of an uploaded (or locally authored) pack: schema, FHIRPath, card limits,
+ * references between parts, prefetch templates, suggestion resources, embedded tests.
+ * Collects every problem before failing.
+ */
+import { validateFhirResource } from '../fhir-profiles/index.ts';
+import { cardTextFields, compilePack, findLetCycle, packScope } from './compile-pack.ts';
+import { PackValidationError } from './errors.ts';
+import { createEvaluator } from './evaluator.ts';
+import type { Evaluator } from './evaluator.ts';
+import {
+  analyzeExpression,
+  formatIssue,
+  hasInterpolation,
+  parseTemplate,
+  RESERVED_NAMES,
+  staticText,
+} from './expression.ts';
+import type { ExprScope } from './expression.ts';
+import { schemaProblems } from './pack-schema.ts';
+import { resolvePackFiles, runPackTests } from './pack-tests.ts';
+import { isPlanDefinition, planDefinitionToPack } from './plan-definition.ts';
+import { checkPrefetchTemplate } from './prefetch-template.ts';
+import type { CompiledPack, PackProblem, RulePack } from './types.ts';
+
+/** Options of {@link validatePack}. */
+export interface ValidatePackOptions {
+  /** Directory the pack file is in: file-based tests are read relative to it. */
+  baseDir?: string;
+  /** Run the embedded tests (default true). */
+  runTests?: boolean;
+  /** Evaluator for the tests; default a temporary one (1 worker, closed afterwards). */
+  evaluator?: Evaluator;
+}
+
+type Json = Record<string, unknown>;
+
+const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
+
+function isObj(v: unknown): v is Json {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function arr(v: unknown): unknown[] {
+  return Array.isArray(v) ? v : [];
+}
+
+function keyPath(base: string, key: string): string {
+  return /^[A-Za-z_$][A-Za-z0-9_$-]*$/.test(key)
+    ? `${base}.${key}`
+    : `${base}[${JSON.stringify(key)}]`;
+}
+
+/** `__proto__`, `constructor`, `prototype` keys anywhere: refused (prototype pollution). */
+function forbiddenKeyProblems(value: unknown, path: string, out: PackProblem[], depth = 0): void {
+  if (depth > 200) {
+    out.push({ path, message: 'nested too deeply' });
+    return;
+  }
+  if (Array.isArray(value)) {
+    value.forEach((v, i) => {
+      forbiddenKeyProblems(v, `${path}[${i}]`, out, depth + 1);
+    });
+  } else if (isObj(value)) {
+    for (const key of Object.keys(value)) {
+      const p = path === '' ? key : keyPath(path, key);
+      if (FORBIDDEN_KEYS.has(key)) {
+        out.push({ path: p, message: 'forbidden key' });
+      } else {
+        forbiddenKeyProblems(value[key], p, out, depth + 1);
+      }
+    }
+  }
+}
+
+function isAbsoluteHttpUrl(text: string): boolean {
+  // Interpolations may fill in parts of a URL; the static skeleton must still be absolute.
+  const skeleton = text.replace(/\{\{[\s\S]*?\}\}/g, 'x');
+  try {
+    const u = new URL(skeleton);
+    return (u.protocol === 'https:' || u.protocol === 'http:') && u.hostname !== '';
+  } catch {
+    return false;
+  }
+}
+
+function duplicates(
+  values: unknown[],
+  label: string,
+  pathOf: (i: number) => string,
+  out: PackProblem[],
+): void {
+  const seen = new Set<string>();
+  values.forEach((v, i) => {
+    if (typeof v !== 'string') {
+      return;
+    }
+    if (seen.has(v)) {
+      out.push({ path: pathOf(i), message: `duplicate ${label} '${v}'` });
+    }
+    seen.add(v);
+  });
+}
+
+class PackChecker {
+  readonly problems: PackProblem[] = [];
+  private readonly services: Json[];
+  private readonly serviceIds: Set<string>;
+  private readonly rules: Json[];
+  private readonly scope: ExprScope;
+
+  constructor(private readonly raw: Json) {
+    this.services = arr(raw.services).filter(isObj);
+    this.serviceIds = new Set(
+      this.services.map((s) => s.id).filter((id): id is string => typeof id === 'string'),
+    );
+    this.rules = arr(raw.rules).filter(isObj);
+    this.scope = packScope({
+      let: isObj(raw.let) ? (raw.let as Record<string, string>) : undefined,
+      valueSets: isObj(raw.valueSets) ? (raw.valueSets as RulePack['valueSets']) : undefined,
+    });
+  }
+
+  private add(path: string, message: string): void {
+    this.problems.push({ path, message });
+  }
+
+  private expression(source: unknown, path: string): void {
+    if (typeof source !== 'string' || source.trim() === '') {
+      return;
+    }
+    for (const issue of analyzeExpression(source, this.scope).issues) {
+      this.add(path, formatIssue(issue));
+    }
+  }
+
+  private template(text: string, path: string): void {
+    if (!hasInterpolation(text)) {
+      return;
+    }
+    const parsed = parseTemplate(text);
+    if (!parsed.ok) {
+      this.add(path, parsed.message);
+      return;
+    }
+    for (const part of parsed.parts) {
+      if (part.kind === 'expr') {
+        for (const issue of analyzeExpression(part.expr, this.scope).issues) {
+          this.add(path, formatIssue(issue, { line: part.line, column: part.column }));
+        }
+      }
+    }
+  }
+
+  checkAll(hasBaseDir: boolean): void {
+    this.checkPeriod();
+    this.checkServices();
+    this.checkNames();
+    this.checkRules();
+    this.checkTests(hasBaseDir);
+  }
+
+  private checkPeriod(): void {
+    const p = this.raw.effectivePeriod;
+    if (isObj(p) && typeof p.start === 'string' && typeof p.end === 'string' && p.start > p.end) {
+      this.add('effectivePeriod', 'start is after end');
+    }
+  }
+
+  private checkServices(): void {
+    duplicates(
+      this.services.map((s) => s.id),
+      'service id',
+      (i) => `services[${i}].id`,
+      this.problems,
+    );
+    arr(this.raw.services).forEach((s, i) => {
+      if (!isObj(s) || !isObj(s.prefetch)) {
+        return;
+      }
+      for (const [key, template] of Object.entries(s.prefetch)) {
+        if (typeof template === 'string') {
+          const msg = checkPrefetchTemplate(template);
+          if (msg !== undefined) {
+            this.add(keyPath(`services[${i}].prefetch`, key), msg);
+          }
+        }
+      }
+    });
+  }
+
+  private checkNames(): void {
+    const lets = isObj(this.raw.let) ? this.raw.let : {};
+    const valueSets = isObj(this.raw.valueSets) ? this.raw.valueSets : {};
+    for (const name of Object.keys(valueSets)) {
+      if (RESERVED_NAMES.has(name)) {
+        this.add(keyPath('valueSets', name), `'${name}' is a reserved name`);
+      }
+    }
+    for (const [name, source] of Object.entries(lets)) {
+      const path = keyPath('let', name);
+      if (RESERVED_NAMES.has(name)) {
+        this.add(path, `'${name}' is a reserved name`);
+      }
+      if (Object.hasOwn(valueSets, name)) {
+        this.add(path, `'${name}' is also the name of a value set`);
+      }
+      this.expression(source, path);
+    }
+    // Dependencies between lets (any order is allowed; a cycle is not).
+    const deps = new Map<string, string[]>();
+    for (const [name, source] of Object.entries(lets)) {
+      if (typeof source === 'string') {
+        const vars = analyzeExpression(source, this.scope).variables;
+        deps.set(name, [...vars].filter((v) => Object.hasOwn(lets, v)).sort());
+      }
+    }
+    const cycle = findLetCycle(deps);
+    if (cycle?.[0] !== undefined) {
+      this.add(keyPath('let', cycle[0]), `lets form a cycle: ${cycle.join(' -> ')}`);
+    }
+  }
+
+  private checkRules(): void {
+    duplicates(
+      this.rules.map((r) => r.id),
+      'rule id',
+      (i) => `rules[${i}].id`,
+      this.problems,
+    );
+    arr(this.raw.rules).forEach((r, i) => {
+      if (!isObj(r)) {
+        return;
+      }
+      const base = `rules[${i}]`;
+      if (typeof r.service === 'string' && !this.serviceIds.has(r.service)) {
+        this.add(`${base}.service`, `unknown service '${r.service}'`);
+      }
+      this.expression(r.when, `${base}.when`);
+      if (isObj(r.card)) {
+        this.checkCard(r.card, `${base}.card`);
+      }
+    });
+  }
+
+  private checkCard(card: Json, base: string): void {
+    for (const field of cardTextFields(card)) {
+      this.template(field.text, `${base}.${field.path}`);
+    }
+    if (typeof card.summary === 'string') {
+      const parsed = parseTemplate(card.summary);
+      const text = parsed.ok ? staticText(parsed.parts) : card.summary;
+      if (text.length >= 140) {
+        this.add(
+          `${base}.summary`,
+          `must be under 140 characters (${parsed.ok && parsed.parts.length > 1 ? 'static text is' : 'got'} ${text.length})`,
+        );
+      }
+    }
+    const source = card.source;
+    if (isObj(source)) {
+      if (source.label === '') {
+        this.add(`${base}.source.label`, 'must not be empty');
+      }
+      for (const f of ['url', 'icon'] as const) {
+        if (typeof source[f] === 'string' && !isAbsoluteHttpUrl(source[f])) {
+          this.add(`${base}.source.${f}`, 'must be an absolute http(s) URL');
+        }
+      }
+    }
+    arr(card.links).forEach((l, i) => {
+      if (!isObj(l)) {
+        return;
+      }
+      const p = `${base}.links[${i}]`;
+      if (typeof l.url === 'string' && l.url !== '' && !isAbsoluteHttpUrl(l.url)) {
+        this.add(`${p}.url`, 'must be an absolute http(s) URL');
+      }
+      if (l.appContext !== undefined && l.type === 'absolute') {
+        this.add(`${p}.appContext`, 'only allowed on smart links');
+      }
+    });
+    arr(card.overrideReasons).forEach((c, i) => {
+      if (isObj(c) && (typeof c.display !== 'string' || c.display === '')) {
+        this.add(`${base}.overrideReasons[${i}].display`, 'required in overrideReasons');
+      }
+    });
+    const suggestions = arr(card.suggestions);
+    const recommended = suggestions.filter((s) => isObj(s) && s.isRecommended === true).length;
+    if (recommended > 1 && card.selectionBehavior !== 'any') {
+      this.add(
+        `${base}.suggestions`,
+        'at most one suggestion may be recommended unless selectionBehavior is any',
+      );
+    }
+    suggestions.forEach((s, i) => {
+      if (!isObj(s)) {
+        return;
+      }
+      const p = `${base}.suggestions[${i}]`;
+      if (s.label === '') {
+        this.add(`${p}.label`, 'must not be empty');
+      }
+      arr(s.actions).forEach((a, j) => {
+        if (isObj(a)) {
+          this.checkAction(a, `${p}.actions[${j}]`);
+        }
+      });
+    });
+  }
+
+  private checkAction(a: Json, p: string): void {
+    if (a.description === '') {
+      this.add(`${p}.description`, 'must not be empty');
+    }
+    if (a.type === 'delete') {
+      if (a.resource !== undefined) {
+        this.add(`${p}.resource`, 'delete uses resourceId, not resource');
+      }
+      if (a.resourceId === undefined) {
+        this.add(`${p}.resourceId`, 'required for delete (Type/id)');
+      }
+    } else if (a.type === 'create' || a.type === 'update') {
+      if (a.resource === undefined) {
+        this.add(`${p}.resource`, `required for ${a.type}`);
+      }
+    }
+    if (
+      typeof a.resourceId === 'string' &&
+      !hasInterpolation(a.resourceId) &&
+      !/^[A-Za-z]+\/[A-Za-z0-9\-.]{1,64}$/.test(a.resourceId)
+    ) {
+      this.add(`${p}.resourceId`, 'must be a relative reference Type/id');
+    }
+    if (
+      (a.type === 'create' || a.type === 'update') &&
+      isObj(a.resource) &&
+      !JSON.stringify(a.resource).includes('{{')
+    ) {
+      for (const issue of validateFhirResource(a.resource)) {
+        this.add(
+          issue.path === '' ? `${p}.resource` : `${p}.resource.${issue.path}`,
+          issue.message,
+        );
+      }
+    }
+  }
+
+  private checkTests(hasBaseDir: boolean): void {
+    const tests = arr(this.raw.tests);
+    duplicates(
+      tests.map((t) => (isObj(t) ? t.name : undefined)),
+      'test name',
+      (i) => `tests[${i}].name`,
+      this.problems,
+    );
+    const ruleService = new Map<string, unknown>(this.rules.map((r) => [String(r.id), r.service]));
+    tests.forEach((t, i) => {
+      if (!isObj(t)) {
+        return;
+      }
+      const base = `tests[${i}]`;
+      const service = this.services.find((s) => s.id === t.service);
+      if (typeof t.service === 'string' && !service) {
+        this.add(`${base}.service`, `unknown service '${t.service}'`);
+      }
+      const sources = ['request', 'requestFile', 'patientBundle'].filter((k) => t[k] !== undefined);
+      if (sources.length !== 1) {
+        this.add(base, 'needs exactly one of request, requestFile, patientBundle');
+      }
+      if (t.draftOrders !== undefined && t.patientBundle === undefined) {
+        this.add(`${base}.draftOrders`, 'only used with patientBundle');
+      }
+      if (!hasBaseDir && sources.length === 1) {
+        for (const k of ['requestFile', 'patientBundle']) {
+          if (t[k] !== undefined) {
+            this.add(`${base}.${k}`, 'resolve test files before upload (no base directory)');
+          }
+        }
+      }
+      if (
+        isObj(t.request) &&
+        service &&
+        typeof t.request.hook === 'string' &&
+        t.request.hook !== service.hook
+      ) {
+        this.add(
+          `${base}.request.hook`,
+          `service '${String(service.id)}' serves ${String(service.hook)}`,
+        );
+      }
+      if (!isObj(t.expect)) {
+        return;
+      }
+      const fire = new Set(arr(t.expect.fire).filter((x): x is string => typeof x === 'string'));
+      for (const key of ['fire', 'notFire'] as const) {
+        arr(t.expect[key]).forEach((id, j) => {
+          if (typeof id !== 'string') {
+            return;
+          }
+          const p = `${base}.expect.${key}[${j}]`;
+          if (!Array.isArray(this.raw.rules)) {
+            return;
+          }
+          if (!ruleService.has(id)) {
+            this.add(p, `unknown rule '${id}'`);
+          } else if (service && ruleService.get(id) !== t.service) {
+            this.add(
+              p,
+              `rule '${id}' belongs to service '${String(ruleService.get(id))}', not '${String(t.service)}'`,
+            );
+          } else if (key === 'notFire' && fire.has(id)) {
+            this.add(p, `rule '${id}' is also expected to fire`);
+          }
+        });
+      }
+    });
+  }
+}
+
+/**
+ * Validates a pack (native form or PlanDefinition) and compiles it. Every problem is
+ * collected with its path; then, if there are none and `runTests` is not false, the embedded
+ * tests run and each failing expectation is a problem (`tests[2]: expected rule x to fire`).
+ * With `baseDir`, file-based tests are resolved (the returned pack has them inline).
+ * @throws PackValidationError listing every problem.
+ */
+export async function validatePack(
+  raw: unknown,
+  opts: ValidatePackOptions = {},
+): Promise<CompiledPack> {
+  let input = raw;
+  if (isPlanDefinition(input)) {
+    input = planDefinitionToPack(input);
+  }
+  const problems: PackProblem[] = [];
+  if (!isObj(input)) {
+    throw new PackValidationError([{ path: '(pack)', message: 'a pack must be an object' }]);
+  }
+  forbiddenKeyProblems(input, '', problems);
+  if (problems.length > 0) {
+    // Do not look further into an object built to pollute prototypes.
+    throw new PackValidationError(problems);
+  }
+  problems.push(...schemaProblems(input));
+  const checker = new PackChecker(input);
+  checker.checkAll(opts.baseDir !== undefined);
+  problems.push(...checker.problems);
+  if (problems.length > 0) {
+    throw new PackValidationError(dedupe(problems));
+  }
+  const resolved = opts.baseDir !== undefined ? resolvePackFiles(input, opts.baseDir) : input;
+  const compiled = compilePack(resolved as RulePack);
+  if (opts.runTests !== false && (compiled.pack.tests?.length ?? 0) > 0) {
+    const evaluator = opts.evaluator ?? createEvaluator({ workers: 1 });
+    try {
+      const results = await runPackTests(compiled, evaluator);
+      results.forEach((r, i) => {
+        for (const f of r.failures) {
+          problems.push({ path: `tests[${i}]`, message: f });
+        }
+      });
+    } finally {
+      if (!opts.evaluator) {
+        await evaluator.close();
+      }
+    }
+    if (problems.length > 0) {
+      throw new PackValidationError(problems);
+    }
+  }
+  return compiled;
+}
+
+function dedupe(problems: PackProblem[]): PackProblem[] {
+  const seen = new Set<string>();
+  return problems.filter((p) => {
+    const k = `${p.path}\u0000${p.message}`;
+    if (seen.has(k)) {
+      return false;
+    }
+    seen.add(k);
+    return true;
+  });
+}

@@ -1,0 +1,586 @@
+import { expect } from 'chai';
+import { Worker } from 'node:worker_threads';
+import { compilePack, createEvaluator, UnknownServiceError } from '../../rules/index.ts';
+import type { EvaluationInput, Evaluator, PackRule, RulePack } from '../../rules/index.ts';
+import { workerBootstrapCode } from '../../rules/evaluator.ts';
+
+const RXNORM = 'http://www.nlm.nih.gov/research/umls/rxnorm';
+/** A ten-item collection; nesting `select` over it multiplies: 10^7 items take many seconds. */
+const DIGITS = '(0|1|2|3|4|5|6|7|8|9)';
+const SLOW = `${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS})))))).count() > 0`;
+/** A planted patient name: it must never appear in an error message. */
+const PLANTED = 'Zebulon';
+
+function rule(id: string, when: string, summary = `card of ${id}`, service = 'svc'): PackRule {
+  return { id, service, when, card: { summary, indicator: 'info', source: { label: 'specs' } } };
+}
+
+function pack(rules: PackRule[], extra: Partial<RulePack> = {}): RulePack {
+  return {
+    id: 'evaluator-pack',
+    version: '1.0.0',
+    title: 'Evaluator pack',
+    publisher: 'specs',
+    description: 'Evaluator semantics',
+    services: [
+      { id: 'svc', hook: 'order-select', description: 'main service' },
+      { id: 'other', hook: 'patient-view', description: 'other service' },
+    ],
+    valueSets: {
+      warfarin: {
+        codes: [
+          { system: RXNORM, code: '855332' },
+          { system: RXNORM, code: '11289' },
+        ],
+      },
+      nsaids: { codes: [{ system: RXNORM, code: '849574' }] },
+    },
+    rules,
+    ...extra,
+  };
+}
+
+function input(now = new Date('2024-02-29T10:15:00.000Z')): EvaluationInput {
+  return {
+    hook: 'order-select',
+    hookInstance: '0f8f3a55-1d2b-4f7e-9f8e-4a6a3c5d7e90',
+    now,
+    context: {
+      userId: 'Practitioner/1',
+      patientId: 'p1',
+      selections: ['MedicationRequest/d1'],
+      draftOrders: {
+        resourceType: 'Bundle',
+        entry: [
+          {
+            resource: {
+              resourceType: 'MedicationRequest',
+              id: 'd1',
+              status: 'draft',
+              medicationCodeableConcept: {
+                coding: [{ system: RXNORM, code: '849574', display: 'Naproxen sodium 220 MG' }],
+              },
+            },
+          },
+          {
+            resource: {
+              resourceType: 'MedicationRequest',
+              id: 'd2',
+              status: 'draft',
+              medicationCodeableConcept: {
+                coding: [{ system: 'http://example.org/local', code: '855332' }],
+              },
+            },
+          },
+        ],
+      },
+    },
+    prefetch: {
+      patient: {
+        resourceType: 'Patient',
+        id: 'p1',
+        gender: 'female',
+        birthDate: '1950-03-01',
+        name: [{ given: [PLANTED, 'Q'], family: 'Xylo' }],
+      },
+      labs: {
+        resourceType: 'Bundle',
+        type: 'searchset',
+        entry: [
+          {
+            resource: {
+              resourceType: 'Observation',
+              id: 'o1',
+              effectiveDateTime: '2024-01-10T08:00:00Z',
+              valueQuantity: { value: 41.5, unit: 'mL/min/{1.73_m2}' },
+            },
+          },
+          {
+            resource: {
+              resourceType: 'Observation',
+              id: 'o2',
+              effectiveDateTime: '2023-06-01T08:00:00Z',
+              valueQuantity: { value: 28, unit: 'mL/min' },
+            },
+          },
+        ],
+      },
+      nothing: null,
+    },
+  };
+}
+
+describe('rules: evaluator', function () {
+  this.timeout(60_000);
+  let evaluator: Evaluator;
+  before(() => {
+    evaluator = createEvaluator({ workers: 2, ruleBudgetMs: 400, callBudgetMs: 4000 });
+  });
+  after(async () => {
+    await evaluator.close();
+  });
+
+  describe('worker startup under tsx', () => {
+    it('starts a .ts worker: the bootstrap registers tsx in the worker first', async () => {
+      const code = workerBootstrapCode();
+      expect(code).to.contain('tsx').and.to.contain('evaluator-worker.ts');
+      const worker = new Worker(code, { eval: true });
+      try {
+        const first = await new Promise<unknown>((resolve, reject) => {
+          worker.once('message', resolve);
+          worker.once('error', reject);
+        });
+        expect(first).to.deep.equal({ type: 'ready' });
+      } finally {
+        await worker.terminate();
+      }
+    });
+
+    it('evaluates in worker threads with the default options', async () => {
+      const ev = createEvaluator();
+      try {
+        const compiled = compilePack(pack([rule('always', 'true')]));
+        const result = await ev.evaluate(compiled, 'svc', input());
+        expect(result.trace.map((t) => t.status)).to.deep.equal(['fired']);
+        // min(2, cores) workers plus one started spare.
+        expect(ev.stats().workersStarted).to.be.within(2, 3);
+      } finally {
+        await ev.close();
+      }
+    });
+  });
+
+  describe('isolation of rules and the time budget', () => {
+    it('keeps the other cards when one rule throws, one is not boolean and one runs too long', async () => {
+      const compiled = compilePack(
+        pack([
+          rule('before', '%selections.count() = 1'),
+          rule('thrower', `%context.draftOrders.entry.resource.id contains %patient.name.given`),
+          rule('not-boolean', '%patient.name.family'),
+          rule('slow', SLOW),
+          rule('after', "%patient.gender = 'female'"),
+        ]),
+      );
+      const replacedBefore = evaluator.stats().workersReplaced;
+      const t0 = performance.now();
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      const elapsed = performance.now() - t0;
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['before', 'after']);
+      expect(result.trace.map((t) => [t.ruleId, t.status])).to.deep.equal([
+        ['before', 'fired'],
+        ['thrower', 'error'],
+        ['not-boolean', 'error'],
+        ['slow', 'timeout'],
+        ['after', 'fired'],
+      ]);
+      const byId = Object.fromEntries(result.trace.map((t) => [t.ruleId, t]));
+      expect(byId.thrower?.error).to.equal('when: Expected singleton on right side of contains');
+      expect(byId['not-boolean']?.error).to.equal('when must give a boolean, got string');
+      expect(byId.slow?.error).to.equal('exceeded the rule budget of 400 ms');
+      expect(byId.slow?.durationMs).to.be.within(390, 1000);
+      expect(JSON.stringify(result)).to.not.contain(PLANTED).and.to.not.contain('Xylo');
+      expect(evaluator.stats().workersReplaced).to.equal(replacedBefore + 1);
+      expect(elapsed).to.be.below(4000);
+      expect(result.durationMs).to.be.below(4000);
+    });
+
+    it('stops at the call budget: the running rule times out, the rest are skipped', async () => {
+      const ev = createEvaluator({ workers: 1, ruleBudgetMs: 800, callBudgetMs: 1400 });
+      try {
+        const compiled = compilePack(
+          pack([
+            rule('ok', 'true'),
+            rule('slow-1', SLOW),
+            rule('slow-2', SLOW),
+            rule('late', 'true'),
+          ]),
+        );
+        // Let the worker and the spare start so that the budget is spent on rules.
+        await ev.ready();
+        const t0 = performance.now();
+        const result = await ev.evaluate(compiled, 'svc', input());
+        const elapsed = performance.now() - t0;
+        expect(result.trace.map((t) => [t.ruleId, t.status, t.error])).to.deep.equal([
+          ['ok', 'fired', undefined],
+          ['slow-1', 'timeout', 'exceeded the rule budget of 800 ms'],
+          ['slow-2', 'timeout', 'call budget exhausted'],
+          ['late', 'skipped', 'call budget exhausted'],
+        ]);
+        expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+        // Bounded by the budget, not by the pathological rules; the upper margins allow for a
+        // loaded 2-core CI machine (this is not a timing test).
+        expect(elapsed).to.be.within(1350, 4000);
+        expect(result.trace[1]?.durationMs).to.be.within(790, 3000);
+      } finally {
+        await ev.close();
+      }
+    });
+
+    it('serves concurrent calls from the pool, each with its own result', async () => {
+      const compiled = compilePack(
+        pack([rule('count', '%selections.count() = 1', 'selected {{ %selections.first().id }}')]),
+      );
+      const calls = Array.from({ length: 24 }, (_, i) => {
+        const inp = input();
+        const entries = (inp.context.draftOrders as { entry: Array<{ resource: { id: string } }> })
+          .entry;
+        entries[0]!.resource.id = `d${i}`;
+        entries[1]!.resource.id = 'other';
+        inp.context.selections = [`MedicationRequest/d${i}`];
+        return evaluator.evaluate(compiled, 'svc', inp);
+      });
+      const results = await Promise.all(calls);
+      results.forEach((r, i) => {
+        expect(r.cards.map((c) => c.summary)).to.deep.equal([`selected d${i}`]);
+      });
+    });
+  });
+
+  describe('let values', () => {
+    it('computes a let once per call however many rules read it, and only if needed', async () => {
+      const compiled = compilePack(
+        pack(
+          [
+            rule('a', '%drafts.count() = 2'),
+            rule('b', "%drafts.where(id = 'd1').exists()"),
+            rule('c', '%drafts.exists()', 'drafts: {{ %drafts.id }}'),
+            rule('other-service', '%unused.exists()', 'x', 'other'),
+          ],
+          {
+            let: {
+              drafts: '%draftOrders.entry.resource.ofType(MedicationRequest)',
+              unused: '%prefetch.labs.entry.resource',
+            },
+          },
+        ),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace.map((t) => t.status)).to.deep.equal(['fired', 'fired', 'fired']);
+      expect(result.lets?.map((l) => [l.name, l.status])).to.deep.equal([['drafts', 'ok']]);
+      expect(result.cards[2]?.summary).to.equal('drafts: d1, d2');
+    });
+
+    it('lets keep FHIR types: a dateTime from a let compares with %now', async () => {
+      const compiled = compilePack(
+        pack(
+          [
+            rule(
+              'recent',
+              '%latest.effective > %now - 90 days',
+              'eGFR {{ %latest.value }} on {{ %latest.effective.toString().substring(0, 10) }}',
+            ),
+          ],
+          {
+            let: {
+              obs: '%prefetch.labs.entry.resource.ofType(Observation)',
+              latest: '%obs.where(effective = %obs.effective.max()).first()',
+            },
+          },
+        ),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace[0]?.status).to.equal('fired');
+      expect(result.cards[0]?.summary).to.equal('eGFR 41.5 mL/min/{1.73_m2} on 2024-01-10');
+      expect(result.lets?.map((l) => l.name)).to.deep.equal(['obs', 'latest']);
+    });
+
+    it('a failing let fails the rules that read it, once, and not the others', async () => {
+      const compiled = compilePack(
+        pack([rule('r1', '%bad.exists()'), rule('r2', '%bad.empty()'), rule('free', 'true')], {
+          let: { bad: '(1|2).single()' },
+        }),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace.map((t) => [t.ruleId, t.status, t.error])).to.deep.equal([
+        ['r1', 'error', "let 'bad' failed: Expected single"],
+        ['r2', 'error', "let 'bad' failed: Expected single"],
+        ['free', 'fired', undefined],
+      ]);
+      expect(result.lets?.map((l) => [l.name, l.status])).to.deep.equal([['bad', 'error']]);
+    });
+
+    it('a let that runs too long times out once; its readers fail, the others still run', async () => {
+      const compiled = compilePack(
+        pack([rule('r1', '%slow'), rule('free', 'true'), rule('r2', '%slow.not()')], {
+          let: { slow: SLOW },
+        }),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace.map((t) => [t.ruleId, t.status, t.error])).to.deep.equal([
+        ['r1', 'timeout', "let 'slow' exceeded the time budget"],
+        ['free', 'fired', undefined],
+        ['r2', 'error', "let 'slow' failed: exceeded the time budget"],
+      ]);
+      expect(result.lets?.map((l) => [l.name, l.status])).to.deep.equal([['slow', 'timeout']]);
+    });
+  });
+
+  describe('expression environment', () => {
+    const env: Array<[string, string, string]> = [
+      ['%context', "%context.patientId = 'p1'", ''],
+      ['%prefetch keys', '%prefetch.labs.entry.count() = 2 and %prefetch.nothing.empty()', ''],
+      ['%patient', "%patient.id = 'p1'", ''],
+      ['%draftOrders', '%draftOrders.entry.count() = 2', ''],
+      [
+        '%selections (only the selected drafts)',
+        "%selections.count() = 1 and %selections.id = 'd1'",
+        '',
+      ],
+      ['%now (dateTime)', '%now = @2024-02-29T10:15:00.000Z', ''],
+      ['%today (date)', '%today = @2024-02-29', ''],
+      ['now() pinned to %now', 'now() = %now and today() = %today', ''],
+      ['date arithmetic', '%patient.birthDate.toDate() <= %today - 65 years', ''],
+      ['a value set as %name', "%warfarin.count() = 2 and %warfarin contains '11289'", ''],
+      [
+        'inValueSet on a CodeableConcept',
+        "%selections.medication.ofType(CodeableConcept).inValueSet('nsaids')",
+        '',
+      ],
+      [
+        'inValueSet on a Coding',
+        "%selections.medication.ofType(CodeableConcept).coding.inValueSet('nsaids')",
+        '',
+      ],
+      [
+        'inValueSet on code strings',
+        "%selections.medication.ofType(CodeableConcept).coding.code.inValueSet('nsaids')",
+        '',
+      ],
+      [
+        'inValueSet is system-aware',
+        "%draftOrders.entry.resource.where(id = 'd2').medication.ofType(CodeableConcept).inValueSet('warfarin').not()",
+        '',
+      ],
+      [
+        'inValueSet on nothing is empty',
+        "%prefetch.nothing.code.inValueSet('warfarin').empty()",
+        '',
+      ],
+      ['the root is the context', "patientId = 'p1'", ''],
+    ];
+    for (const [what, when] of env) {
+      it(`provides ${what}`, async () => {
+        const result = await evaluator.evaluate(
+          compilePack(pack([rule('env', when)])),
+          'svc',
+          input(),
+        );
+        expect(result.trace[0], JSON.stringify(result.trace[0])).to.include({ status: 'fired' });
+      });
+    }
+  });
+
+  describe('cards', () => {
+    it('interpolates card text, links and suggestions', async () => {
+      const compiled = compilePack(
+        pack([
+          {
+            id: 'full',
+            service: 'svc',
+            when: 'true',
+            card: {
+              summary:
+                '{{ %selections.medication.ofType(CodeableConcept).coding }} for {{ %patient.name.given.first() }}',
+              detail:
+                'Labs: {{ %prefetch.labs.entry.resource.value }}; none: [{{ %prefetch.nothing }}]',
+              indicator: 'warning',
+              source: { label: 'specs', topic: { system: 'http://example.org', code: 't' } },
+              links: [
+                {
+                  label: 'Open {{ %patient.id }}',
+                  url: 'https://app.example.org/p/{{ %patient.id }}',
+                  type: 'smart',
+                  appContext: '{{ %context.patientId }}',
+                },
+              ],
+              overrideReasons: [
+                { system: 'http://example.org', code: 'x', display: 'Not relevant' },
+              ],
+              selectionBehavior: 'any',
+              suggestions: [
+                {
+                  label: 'Cancel {{ %selections.id }}',
+                  isRecommended: true,
+                  actions: [
+                    {
+                      type: 'delete',
+                      description: 'Cancel',
+                      resourceId: 'MedicationRequest/{{ %selections.id }}',
+                    },
+                    {
+                      type: 'create',
+                      description: 'Replace',
+                      resource: {
+                        resourceType: 'MedicationRequest',
+                        status: 'draft',
+                        subject: { reference: 'Patient/{{ %patient.id }}' },
+                        medicationCodeableConcept: '{{ %selections.medication }}',
+                        note: [{ text: '{{ %prefetch.nothing }}' }, { text: 'static' }],
+                        dosageInstruction: '{{ %prefetch.nothing }}',
+                        extension: [{ valueString: '{{ %prefetch.nothing }}' }],
+                      },
+                    },
+                  ],
+                },
+              ],
+            },
+          },
+        ]),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.cards).to.deep.equal([
+        {
+          ruleId: 'full',
+          summary: `Naproxen sodium 220 MG for ${PLANTED}`,
+          detail: 'Labs: 41.5 mL/min/{1.73_m2}, 28 mL/min; none: []',
+          indicator: 'warning',
+          source: { label: 'specs', topic: { system: 'http://example.org', code: 't' } },
+          links: [
+            {
+              label: 'Open p1',
+              url: 'https://app.example.org/p/p1',
+              type: 'smart',
+              appContext: 'p1',
+            },
+          ],
+          overrideReasons: [{ system: 'http://example.org', code: 'x', display: 'Not relevant' }],
+          selectionBehavior: 'any',
+          suggestions: [
+            {
+              label: 'Cancel d1',
+              isRecommended: true,
+              actions: [
+                { type: 'delete', description: 'Cancel', resourceId: 'MedicationRequest/d1' },
+                {
+                  type: 'create',
+                  description: 'Replace',
+                  resource: {
+                    resourceType: 'MedicationRequest',
+                    status: 'draft',
+                    subject: { reference: 'Patient/p1' },
+                    medicationCodeableConcept: {
+                      coding: [
+                        { system: RXNORM, code: '849574', display: 'Naproxen sodium 220 MG' },
+                      ],
+                    },
+                    note: [{ text: 'static' }],
+                  },
+                },
+              ],
+            },
+          ],
+        },
+      ]);
+    });
+
+    it('a summary of 140+ characters after interpolation is an error and no card', async () => {
+      const compiled = compilePack(
+        pack([
+          rule(
+            'long',
+            'true',
+            `${'x'.repeat(120)} {{ %patient.name.given }} {{ %patient.name.given }}`,
+          ),
+          rule('short', 'true'),
+        ]),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace[0]).to.include({
+        status: 'error',
+        fired: true,
+        error: 'card.summary: 142 characters after interpolation (must be under 140)',
+      });
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['short']);
+    });
+
+    it('an interpolation of a complex element is an error, named by field', async () => {
+      const compiled = compilePack(pack([rule('complex', 'true', 'Labs {{ %prefetch.labs }}')]));
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace[0]?.error).to.equal(
+        'card.summary: interpolation returned a complex value; select a primitive element',
+      );
+      expect(result.cards).to.deep.equal([]);
+    });
+  });
+
+  describe('calls', () => {
+    it('evaluates only the rules of the service asked for', async () => {
+      const compiled = compilePack(
+        pack([rule('mine', 'true'), rule('theirs', 'true', 'x', 'other')]),
+      );
+      const result = await evaluator.evaluate(compiled, 'other', {
+        ...input(),
+        hook: 'patient-view',
+      });
+      expect(result.trace.map((t) => t.ruleId)).to.deep.equal(['theirs']);
+      expect(result.pack).to.deep.equal({
+        id: compiled.id,
+        version: compiled.version,
+        hash: compiled.hash,
+      });
+      expect(result.service).to.equal('other');
+    });
+
+    it('rejects a service the pack does not have', async () => {
+      const compiled = compilePack(pack([rule('mine', 'true')]));
+      try {
+        await evaluator.evaluate(compiled, 'nope', input());
+        expect.fail('expected UnknownServiceError');
+      } catch (err) {
+        expect(err).to.be.instanceOf(UnknownServiceError);
+      }
+    });
+
+    it('a service without rules answers at once with no cards', async () => {
+      const result = await evaluator.evaluate(
+        compilePack(pack([rule('mine', 'true')])),
+        'other',
+        input(),
+      );
+      expect(result.cards).to.deep.equal([]);
+      expect(result.trace).to.deep.equal([]);
+    });
+
+    it('the inline evaluator (workers: 0) gives the same cards and does not touch the input', async () => {
+      const inline = createEvaluator({ workers: 0 });
+      const compiled = compilePack(
+        pack([
+          rule('a', '%selections.exists()', '{{ %selections.id }} {{ %now }}'),
+          rule('b', '%patient.exists()'),
+        ]),
+      );
+      const inp = input();
+      const before = JSON.stringify(inp);
+      const [x, y] = await Promise.all([
+        inline.evaluate(compiled, 'svc', inp),
+        evaluator.evaluate(compiled, 'svc', input()),
+      ]);
+      expect(x.cards).to.deep.equal(y.cards);
+      expect(x.cards[0]?.summary).to.equal('d1 2024-02-29T10:15:00.000Z');
+      expect(JSON.stringify(inp)).to.equal(before);
+      await inline.close();
+      try {
+        await inline.evaluate(compiled, 'svc', inp);
+        expect.fail('expected a closed evaluator to refuse');
+      } catch (err) {
+        expect((err as Error).message).to.equal('evaluator is closed');
+      }
+    });
+
+    it('a closed pooled evaluator refuses new calls', async () => {
+      const ev = createEvaluator({ workers: 1 });
+      await ev.close();
+      try {
+        await ev.evaluate(compilePack(pack([rule('a', 'true')])), 'svc', input());
+        expect.fail('expected a closed evaluator to refuse');
+      } catch (err) {
+        expect((err as Error).message).to.equal('evaluator is closed');
+      }
+    });
+
+    it('refuses nonsense budgets', () => {
+      expect(() => createEvaluator({ callBudgetMs: 0 })).to.throw(RangeError);
+      expect(() => createEvaluator({ workers: -1 })).to.throw(RangeError);
+    });
+  });
+});
