@@ -1,0 +1,150 @@
+/**
+ * The admin API (JSON in and out). Every route needs an operator bearer token; what each
+ * role may do is decided by tenants/' authorize(), called inside AdminService.
+ */
+import crypto from 'node:crypto';
+import express, { type Request, type RequestHandler, type Router } from 'express';
+import { parsePackText } from '../rules/index.ts';
+import { AdminAuthError } from '../tenants/index.ts';
+import type { Principal } from '../tenants/index.ts';
+import type { AdminService } from './admin-service.ts';
+import type { Deps } from './context.ts';
+import { adminCtxOf, requestIdOf } from './context.ts';
+import { ServiceError, unsupportedMediaType } from './errors.ts';
+
+const PACK_UPLOAD_LIMIT = 32 * 1024 * 1024;
+const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text/x-yaml'];
+
+export function adminRouter(deps: Deps, admin: AdminService): Router {
+  const router = express.Router();
+  const json = express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] });
+  router.use(authenticateAdmin(deps));
+
+  router.post('/tenants', json, async (req, res) => {
+    res.status(201).json(await admin.createTenant(principalOf(res), bodyOf(req)));
+  });
+  router.get('/tenants', async (_req, res) => {
+    res.json({ tenants: await admin.listTenants(principalOf(res)) });
+  });
+  router.get('/tenants/:id', async (req, res) => {
+    res.json(await admin.getTenant(principalOf(res), param(req, 'id')));
+  });
+  router.patch('/tenants/:id', json, async (req, res) => {
+    res.json(await admin.updateTenant(principalOf(res), param(req, 'id'), bodyOf(req)));
+  });
+  router.post('/tenants/:id/suspend', async (req, res) => {
+    res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'suspended'));
+  });
+  router.post('/tenants/:id/resume', async (req, res) => {
+    res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'active'));
+  });
+  router.put('/tenants/:id/subscriptions', json, async (req, res) => {
+    res.json(await admin.setSubscriptions(principalOf(res), param(req, 'id'), bodyOf(req)));
+  });
+
+  router.post('/tokens', json, async (req, res) => {
+    res.status(201).json(await admin.issueToken(principalOf(res), bodyOf(req)));
+  });
+  router.get('/tokens', async (_req, res) => {
+    res.json({ tokens: await admin.listTokens(principalOf(res)) });
+  });
+  router.delete('/tokens/:id', async (req, res) => {
+    await admin.revokeToken(principalOf(res), param(req, 'id'));
+    res.status(204).end();
+  });
+
+  const packBody = express.text({
+    limit: PACK_UPLOAD_LIMIT,
+    type: [...YAML_TYPES, 'application/json', 'application/*+json'],
+  });
+  router.post('/rule-packs', packBody, async (req, res) => {
+    if (!req.is([...YAML_TYPES, 'application/json', 'application/*+json'])) {
+      throw unsupportedMediaType('application/json or application/yaml');
+    }
+    const text = typeof req.body === 'string' ? req.body : '';
+    const raw = parsePackText(text, req.is(YAML_TYPES) ? 'yaml' : 'json');
+    const result = await admin.uploadPack(principalOf(res), raw);
+    res
+      .status(result.status === 'created' ? 201 : 200)
+      .json({ id: result.id, version: result.version, hash: result.hash });
+  });
+  router.get('/rule-packs', async (_req, res) => {
+    res.json({ packs: await admin.listPacks(principalOf(res)) });
+  });
+  router.get('/rule-packs/:id/versions/:version', async (req, res) => {
+    res.json(await admin.getPack(principalOf(res), param(req, 'id'), param(req, 'version')));
+  });
+
+  router.get('/audit', async (req, res) => {
+    const q = req.query as Record<string, unknown>;
+    const query = {
+      ...(typeof q.from === 'string' ? { from: q.from } : {}),
+      ...(typeof q.to === 'string' ? { to: q.to } : {}),
+      ...(typeof q.tenant === 'string' ? { tenant: q.tenant } : {}),
+      ...(typeof q.type === 'string' ? { type: q.type } : {}),
+    };
+    res.json({ events: await admin.listAudit(principalOf(res), query) });
+  });
+
+  return router;
+}
+
+function param(req: Request, name: string): string {
+  return (req.params as Record<string, string | undefined>)[name] ?? '';
+}
+
+function bodyOf(req: Request): unknown {
+  if (req.body === undefined) {
+    throw new ServiceError(415, 'unsupported_media_type', 'Content-Type must be application/json');
+  }
+  return req.body as unknown;
+}
+
+function principalOf(res: express.Response): Principal {
+  return adminCtxOf(res).principal;
+}
+
+/** sha256 of a token, the only form in which tokens are kept or compared. */
+export function hashToken(token: string): Buffer {
+  return crypto.createHash('sha256').update(token, 'utf8').digest();
+}
+
+/** Resolves the operator bearer token to a principal (bootstrap token or an issued one). */
+function authenticateAdmin(deps: Deps): RequestHandler {
+  return async (req, res, next) => {
+    const header = req.headers.authorization;
+    const m = typeof header === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/.exec(header) : null;
+    if (!m?.[1]) {
+      throw new AdminAuthError('missing or malformed admin bearer token');
+    }
+    const token = m[1];
+    let principal: Principal | undefined;
+    if (
+      deps.bootstrapTokenHash &&
+      crypto.timingSafeEqual(hashToken(token), deps.bootstrapTokenHash)
+    ) {
+      principal = { tokenId: 'bootstrap', role: 'platform-operator' };
+    } else {
+      principal = await deps.controlPlane.adminTokens.authenticate(token);
+    }
+    if (!principal) {
+      await deps.controlPlane.audit.record({
+        type: 'admin.auth',
+        outcome: 'failure',
+        detail: { reason: 'unknown token' },
+      });
+      throw new AdminAuthError('unknown or revoked admin token');
+    }
+    const requestId = requestIdOf(res);
+    (res.locals as { admin?: unknown }).admin = {
+      requestId,
+      principal,
+      log: deps.log.child({
+        requestId,
+        ...(principal.tenant ? { tenant: principal.tenant } : {}),
+        role: principal.role,
+      }),
+    };
+    next();
+  };
+}

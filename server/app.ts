@@ -1,0 +1,68 @@
+/**
+ * The Express app factory. Routes are built from Deps; no module-level state.
+ */
+import crypto from 'node:crypto';
+import express, { type Express, type RequestHandler } from 'express';
+import { adminRouter } from './admin-routes.ts';
+import { AdminService } from './admin-service.ts';
+import { cdsRouter } from './cds-routes.ts';
+import type { Deps } from './context.ts';
+import { errorHandler, notFoundHandler } from './error-handler.ts';
+
+export function createApp(deps: Deps): Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  app.set('strict routing', true);
+  app.set('case sensitive routing', true);
+  app.use(assignRequestId);
+  app.use('/cds-services', cors(deps));
+  app.get('/healthz', (_req, res) => {
+    res.json({ status: 'ok' });
+  });
+  app.use('/cds-services', cdsRouter(deps));
+  app.use(
+    '/admin',
+    adminRouter(
+      deps,
+      new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
+    ),
+  );
+  app.use(notFoundHandler);
+  app.use(errorHandler(deps.log));
+  return app;
+}
+
+const assignRequestId: RequestHandler = (_req, res, next) => {
+  const id = crypto.randomUUID();
+  (res.locals as { requestId?: string }).requestId = id;
+  res.setHeader('X-Request-Id', id);
+  next();
+};
+
+/**
+ * CORS for browser-based CDS clients. Preflight (OPTIONS) is answered without a JWT, as
+ * CDS Hooks clients expect; the actual request is still authenticated. Auth is by bearer
+ * token, never cookies, so credentials are not allowed.
+ */
+function cors(deps: Deps): RequestHandler {
+  const allowed = deps.config.corsOrigins;
+  return (req, res, next) => {
+    const origin = req.headers.origin;
+    if (allowed === '*') {
+      res.setHeader('Access-Control-Allow-Origin', '*');
+    } else if (typeof origin === 'string' && allowed.includes(origin)) {
+      res.setHeader('Access-Control-Allow-Origin', origin);
+      res.setHeader('Vary', 'Origin');
+    }
+    res.setHeader('Access-Control-Expose-Headers', 'X-Request-Id, WWW-Authenticate');
+    if (req.method === 'OPTIONS') {
+      res.setHeader('Access-Control-Allow-Methods', 'GET, POST, OPTIONS');
+      res.setHeader('Access-Control-Allow-Headers', 'Content-Type, Authorization');
+      res.setHeader('Access-Control-Max-Age', '600');
+      res.status(204).end();
+      return;
+    }
+    next();
+  };
+}

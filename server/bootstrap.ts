@@ -1,0 +1,86 @@
+/**
+ * Builds the service's dependencies from configuration: data directory, control plane,
+ * evaluator, token verifier, bootstrap operator token, demo seed. Used by main.ts (serve)
+ * and by CLI commands that work on the local data directory.
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { createEvaluator } from '../rules/index.ts';
+import { createTokenVerifier, openControlPlane } from '../tenants/index.ts';
+import { hashToken } from './admin-routes.ts';
+import type { Config } from './config.ts';
+import type { Deps } from './context.ts';
+import type { Logger } from './logger.ts';
+import { ServiceDirectory } from './service-directory.ts';
+
+export const ADMIN_TOKEN_FILE = 'admin-token';
+
+/** Creates the data directory (0700) if needed. */
+export function ensureDataDir(dataDir: string): void {
+  fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+}
+
+/**
+ * The bootstrap operator token: CELLCDS_ADMIN_TOKEN if set; otherwise read from, or
+ * generated into, `<data>/admin-token` (mode 0600). Never logged.
+ */
+export function ensureAdminToken(config: Config): {
+  hash: Buffer;
+  source: 'env' | 'file' | 'generated';
+  file?: string;
+} {
+  if (config.adminToken) {
+    return { hash: hashToken(config.adminToken), source: 'env' };
+  }
+  const file = path.join(config.dataDir, ADMIN_TOKEN_FILE);
+  if (fs.existsSync(file)) {
+    const token = fs.readFileSync(file, 'utf8').trim();
+    return { hash: hashToken(token), source: 'file', file };
+  }
+  const token = `ccds_op_${crypto.randomBytes(32).toString('base64url')}`;
+  fs.writeFileSync(file, `${token}\n`, { mode: 0o600, flag: 'wx' });
+  return { hash: hashToken(token), source: 'generated', file };
+}
+
+/** Reads the operator token for CLI calls to a running server (env, then the data dir). */
+export function readAdminToken(config: Config): string | undefined {
+  if (config.adminToken) {
+    return config.adminToken;
+  }
+  const file = path.join(config.dataDir, ADMIN_TOKEN_FILE);
+  return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').trim() : undefined;
+}
+
+/** Opens everything the app needs. Call `close` on shutdown. */
+export async function buildDeps(
+  config: Config,
+  log: Logger,
+): Promise<Deps & { close(): Promise<void> }> {
+  ensureDataDir(config.dataDir);
+  const controlPlane = await openControlPlane({
+    storage: path.join(config.dataDir, 'control.sqlite'),
+  });
+  const evaluator = createEvaluator(config.evaluation);
+  const bootstrap = ensureAdminToken(config);
+  const verifier = createTokenVerifier({
+    controlPlane,
+    algorithms: [...config.jwtAlgorithms],
+    maxLifetimeSeconds: config.jwtMaxLifetimeSeconds,
+  });
+  const directory = new ServiceDirectory(controlPlane);
+  return {
+    config,
+    log,
+    controlPlane,
+    verifier,
+    evaluator,
+    directory,
+    bootstrapTokenHash: bootstrap.hash,
+    now: () => new Date(),
+    async close() {
+      await evaluator.close();
+      await controlPlane.close();
+    },
+  };
+}

@@ -1,0 +1,148 @@
+/**
+ * CDS Hooks 2.0 endpoints: discovery, service invocation, feedback. Thin: each handler
+ * authenticates, delegates to hooks/ and rules/, and returns data or throws.
+ */
+import express, { type Request, type RequestHandler, type Response, type Router } from 'express';
+import {
+  discoveryEntry,
+  finalizeCards,
+  isHookName,
+  parseFeedbackRequest,
+  parseHookRequest,
+  resolvePrefetch,
+} from '../hooks/index.ts';
+import { AuthError } from '../tenants/index.ts';
+import type { Deps } from './context.ts';
+import { ctxOf, requestIdOf } from './context.ts';
+import { ServiceError, unsupportedMediaType } from './errors.ts';
+
+const JSON_TYPES = ['application/json', 'application/*+json'];
+
+/** Builds the /cds-services router. */
+export function cdsRouter(deps: Deps): Router {
+  const router = express.Router();
+  const json = express.json({ limit: deps.config.bodyLimitBytes, type: JSON_TYPES, strict: true });
+
+  router.get(
+    '/',
+    authenticate(deps, () => '/cds-services'),
+    async (_req, res) => {
+      const { tenant } = ctxOf(res);
+      const services = [...(await deps.directory.services(tenant)).values()].map((r) =>
+        discoveryEntry(r.service),
+      );
+      res.json({ services });
+    },
+  );
+
+  router.post(
+    '/:id',
+    requireJson,
+    json,
+    authenticate(deps, (req) => `/cds-services/${paramOf(req, 'id')}`),
+    async (req, res) => {
+      const started = performance.now();
+      const ctx = ctxOf(res);
+      const resolved = await deps.directory.service(ctx.tenant, paramOf(req, 'id'));
+      if (!isHookName(resolved.service.hook)) {
+        // Packs are validated at upload, so this is a bug, not bad input.
+        throw new ServiceError(500, 'internal', 'internal error', {
+          detail: `service hook ${resolved.service.hook}`,
+        });
+      }
+      const request = parseHookRequest(req.body, resolved.service.hook);
+      const { prefetch } = await resolvePrefetch({
+        templates: resolved.service.prefetch,
+        request,
+        allowedFhirServers: ctx.tenant.fhirServers,
+        fetchOptions: deps.config.prefetch,
+      });
+      const pack = await deps.directory.packForCall(resolved, request.hookInstance);
+      const result = await deps.evaluator.evaluate(pack, resolved.service.id, {
+        hook: request.hook,
+        hookInstance: request.hookInstance,
+        context: request.context,
+        prefetch,
+        now: deps.now(),
+      });
+      const cards = finalizeCards(result.cards);
+      ctx.log.info(
+        {
+          service: resolved.service.id,
+          hook: request.hook,
+          pack: `${pack.id}@${pack.version}`,
+          cardCount: cards.length,
+          ruleErrors: result.trace.filter((t) => t.status === 'error' || t.status === 'timeout')
+            .length,
+          ms: Math.round(performance.now() - started),
+        },
+        'hook call',
+      );
+      res.json({ cards });
+    },
+  );
+
+  router.post(
+    '/:id/feedback',
+    requireJson,
+    json,
+    authenticate(deps, (req) => `/cds-services/${paramOf(req, 'id')}/feedback`),
+    async (req, res) => {
+      const ctx = ctxOf(res);
+      const resolved = await deps.directory.service(ctx.tenant, paramOf(req, 'id'));
+      const items = parseFeedbackRequest(req.body);
+      ctx.log.info({ service: resolved.service.id, feedbackCount: items.length }, 'feedback');
+      res.status(200).end();
+    },
+  );
+
+  return router;
+}
+
+function paramOf(req: Request, name: string): string {
+  const v = (req.params as Record<string, string | undefined>)[name];
+  return v ?? '';
+}
+
+/** 415 unless the body is declared as JSON. */
+const requireJson: RequestHandler = (req, _res, next) => {
+  if (!req.is(JSON_TYPES)) {
+    next(unsupportedMediaType('application/json'));
+    return;
+  }
+  next();
+};
+
+/**
+ * Verifies the CDS client JWT; `aud` must be the exact URL of this endpoint under the
+ * public base URL. Sets the request context.
+ */
+function authenticate(deps: Deps, endpointOf: (req: Request) => string): RequestHandler {
+  return async (req: Request, res: Response, next) => {
+    // The canonical endpoint URL, built from the route (not the raw path), so `aud` is
+    // compared with exactly one string per endpoint.
+    const audience = `${deps.config.publicUrl}${endpointOf(req)}`;
+    const requestId = requestIdOf(res);
+    let identity;
+    try {
+      identity = await deps.verifier.verify(req.headers.authorization, audience);
+    } catch (err) {
+      if (err instanceof AuthError) {
+        // Audited before the 401 goes out; never the token, only why it was refused.
+        await deps.controlPlane.audit.record({
+          type: 'auth.failure',
+          outcome: 'failure',
+          detail: { reason: err.reason, endpoint: endpointOf(req), requestId },
+        });
+      }
+      throw err;
+    }
+    (res.locals as { ctx?: unknown }).ctx = {
+      requestId,
+      tenant: identity.tenant,
+      identity,
+      log: deps.log.child({ requestId, tenant: identity.tenant.id }),
+    };
+    next();
+  };
+}

@@ -1,0 +1,571 @@
+/**
+ * `cellcds`: the command line. Admin commands call the same AdminService the admin API uses
+ * (on the local data directory, as a local platform operator); `pack` commands work offline;
+ * `call` and `pack push` talk to a running server over HTTP.
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Command, CommanderError, Option } from 'commander';
+import jose from 'node-jose';
+import {
+  createEvaluator,
+  PackValidationError,
+  runPackTests,
+  validatePack,
+} from '../rules/index.ts';
+import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
+import type { Principal } from '../tenants/index.ts';
+import { AdminService } from './admin-service.ts';
+import { buildDeps, readAdminToken } from './bootstrap.ts';
+import { ConfigError, loadConfig } from './config.ts';
+import type { Config } from './config.ts';
+import { daysBetween, shiftDates } from './date-shift.ts';
+import {
+  DEMO_ISSUER,
+  DEMO_KEY_FILE,
+  DEMO_TENANT,
+  readPackFile,
+  SHIPPED_PACK_FILE,
+} from './demo.ts';
+import { createLogger } from './logger.ts';
+import { runServe } from './main.ts';
+
+const LOCAL_OPERATOR: Principal = { tokenId: 'cli', role: 'platform-operator' };
+
+/** Exit codes: 0 ok, 1 failure (tests failed, call refused), 2 bad usage or configuration. */
+class CliError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode = 1,
+  ) {
+    super(message);
+  }
+}
+
+function config(): Config {
+  try {
+    return loadConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      throw new CliError(err.message, 2);
+    }
+    throw err;
+  }
+}
+
+function out(value: unknown): void {
+  process.stdout.write(`${typeof value === 'string' ? value : JSON.stringify(value, null, 2)}\n`);
+}
+
+/** Runs an admin operation on the local data directory. */
+async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T> {
+  const cfg = config();
+  const deps = await buildDeps(cfg, createLogger({ level: 'silent' }));
+  try {
+    return await fn(
+      new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
+    );
+  } finally {
+    await deps.close();
+  }
+}
+
+function readJsonFile(file: string): unknown {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as unknown;
+  } catch (err) {
+    throw new CliError(`${file}: ${err instanceof Error ? err.message : String(err)}`, 2);
+  }
+}
+
+const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+
+// ---------------------------------------------------------------------------- pack commands
+
+async function loadAndValidate(
+  file: string,
+  runTests: boolean,
+): Promise<{ compiled: CompiledPack; raw: unknown }> {
+  if (!fs.existsSync(file)) {
+    throw new CliError(`${file}: no such file`, 2);
+  }
+  const raw = readPackFile(file);
+  const evaluator = createEvaluator();
+  try {
+    const compiled = await validatePack(raw, { runTests, evaluator, baseDir: path.dirname(file) });
+    return { compiled, raw };
+  } finally {
+    await evaluator.close();
+  }
+}
+
+function printProblems(file: string, err: PackValidationError): void {
+  process.stderr.write(`${file}: ${err.problems.length} problem(s)\n`);
+  for (const p of err.problems) {
+    process.stderr.write(`  ${p.path}: ${p.message}\n`);
+  }
+}
+
+async function packValidate(file: string): Promise<void> {
+  try {
+    const { compiled } = await loadAndValidate(file, true);
+    out(
+      `ok ${compiled.id}@${compiled.version} sha256:${compiled.hash} (${compiled.pack.rules.length} rules, ${compiled.pack.tests?.length ?? 0} tests passed)`,
+    );
+  } catch (err) {
+    if (err instanceof PackValidationError) {
+      printProblems(file, err);
+      throw new CliError('pack is invalid');
+    }
+    throw err;
+  }
+}
+
+async function packTest(file: string): Promise<void> {
+  let compiled: CompiledPack;
+  try {
+    compiled = (await loadAndValidate(file, false)).compiled;
+  } catch (err) {
+    if (err instanceof PackValidationError) {
+      printProblems(file, err);
+      throw new CliError('pack is invalid');
+    }
+    throw err;
+  }
+  const evaluator = createEvaluator();
+  try {
+    const results = await runPackTests(compiled, evaluator);
+    const width = Math.max(4, ...results.map((r) => r.name.length));
+    out(`${'test'.padEnd(width)}  result`);
+    for (const r of results) {
+      out(`${r.name.padEnd(width)}  ${r.passed ? 'pass' : 'FAIL'}`);
+      if (!r.passed) {
+        for (const f of r.failures) {
+          out(`${' '.repeat(width)}    ${f}`);
+        }
+        for (const t of r.trace) {
+          out(
+            `${' '.repeat(width)}    trace ${t.ruleId}: ${t.status}${t.error ? ` (${t.error})` : ''} ${t.durationMs.toFixed(1)} ms`,
+          );
+        }
+      }
+    }
+    const failed = results.filter((r) => !r.passed).length;
+    out(`${results.length - failed} passed, ${failed} failed`);
+    if (failed > 0) {
+      throw new CliError(`${failed} pack test(s) failed`);
+    }
+  } finally {
+    await evaluator.close();
+  }
+}
+
+async function packEval(
+  file: string,
+  opts: { request: string; service?: string; now?: string; trace?: boolean },
+): Promise<void> {
+  const { compiled } = await loadAndValidate(file, false).catch((err: unknown) => {
+    if (err instanceof PackValidationError) {
+      printProblems(file, err);
+      throw new CliError('pack is invalid');
+    }
+    throw err;
+  });
+  const request = readJsonFile(opts.request) as PackTestRequest;
+  const service = opts.service ?? compiled.pack.services.find((s) => s.hook === request.hook)?.id;
+  if (!service) {
+    throw new CliError(`no service in ${compiled.id} for hook ${request.hook}; pass --service`, 2);
+  }
+  const evaluator = createEvaluator();
+  try {
+    const result = await evaluator.evaluate(compiled, service, {
+      hook: request.hook,
+      hookInstance: request.hookInstance ?? crypto.randomUUID(),
+      context: request.context,
+      prefetch: request.prefetch ?? {},
+      now: opts.now ? new Date(opts.now) : new Date(),
+    });
+    out(opts.trace ? { cards: result.cards, trace: result.trace } : { cards: result.cards });
+  } finally {
+    await evaluator.close();
+  }
+}
+
+async function packPush(file: string, opts: { url?: string; token?: string }): Promise<void> {
+  const cfg = config();
+  const base = (opts.url ?? cfg.publicUrl).replace(/\/+$/, '');
+  const token = opts.token ?? readAdminToken(cfg);
+  if (!token) {
+    throw new CliError(
+      'no operator token: pass --token, set CELLCDS_ADMIN_TOKEN, or run on the server host',
+      2,
+    );
+  }
+  const raw = readPackFile(file);
+  const res = await fetch(`${base}/admin/rule-packs`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+    body: JSON.stringify(raw),
+  });
+  const body = (await res.json().catch(() => ({}))) as Record<string, unknown>;
+  if (res.status === 201 || res.status === 200) {
+    out(
+      `${res.status === 201 ? 'uploaded' : 'unchanged'} ${String(body.id)}@${String(body.version)} sha256:${String(body.hash)}`,
+    );
+    return;
+  }
+  if (res.status === 422 && Array.isArray(body.problems)) {
+    printProblems(file, new PackValidationError(body.problems as PackValidationError['problems']));
+  } else {
+    process.stderr.write(
+      `${res.status} ${JSON.stringify(body.error ?? '')}: ${JSON.stringify(body.message ?? '')}\n`,
+    );
+  }
+  throw new CliError(`upload refused (${res.status})`);
+}
+
+// ---------------------------------------------------------------------------- call
+
+async function signClientJwt(
+  key: jose.JWK.Key,
+  iss: string,
+  aud: string,
+  tenant: string,
+): Promise<string> {
+  const now = Math.floor(Date.now() / 1000);
+  const payload = { iss, aud, exp: now + 300, iat: now, jti: crypto.randomUUID(), tenant };
+  const result = await jose.JWS.createSign(
+    { format: 'compact', fields: { alg: 'ES384', typ: 'JWT', kid: key.kid } },
+    key,
+  )
+    .update(JSON.stringify(payload))
+    .final();
+  return result as unknown as string;
+}
+
+/** The shipped pack's first firing test case for a hook, dates rolled to today. */
+function demoRequest(hook: string): { request: PackTestRequest; name: string } {
+  const pack = readPackFile(SHIPPED_PACK_FILE) as RulePack;
+  const byService = new Map(pack.services.map((s) => [s.id, s.hook]));
+  const test = (pack.tests ?? []).find(
+    (t) => byService.get(t.service) === hook && t.request && (t.expect.fire?.length ?? 0) > 0,
+  );
+  if (!test?.request) {
+    throw new CliError(`the shipped pack has no demo case for hook ${hook}`, 2);
+  }
+  const days = test.now ? daysBetween(new Date(test.now), new Date()) : 0;
+  const request = shiftDates(test.request, days);
+  return { request: { ...request, hook, hookInstance: crypto.randomUUID() }, name: test.name };
+}
+
+function printCards(cards: RawCard[]): void {
+  if (cards.length === 0) {
+    out('No cards.');
+    return;
+  }
+  for (const card of cards) {
+    const mark = card.indicator === 'critical' ? '!!' : card.indicator === 'warning' ? '! ' : 'i ';
+    out(`${mark} [${card.indicator}] ${card.summary}`);
+    if (card.detail) {
+      out(
+        card.detail
+          .split('\n')
+          .map((l) => `     ${l}`)
+          .join('\n'),
+      );
+    }
+    for (const s of card.suggestions ?? []) {
+      out(`     -> suggestion: ${s.label}`);
+    }
+    out(`     source: ${card.source.label}`);
+  }
+}
+
+async function call(
+  hook: string,
+  opts: { demo?: boolean; url?: string; service?: string; request?: string; json?: boolean },
+): Promise<void> {
+  const cfg = config();
+  const base = (opts.url ?? cfg.publicUrl).replace(/\/+$/, '');
+  if (!opts.demo) {
+    throw new CliError(
+      'only --demo signing is built in: pass --demo (uses the demo EHR key in the data directory)',
+      2,
+    );
+  }
+  const keyFile = path.join(cfg.dataDir, DEMO_KEY_FILE);
+  if (!fs.existsSync(keyFile)) {
+    throw new CliError(
+      `no demo key at ${keyFile}: start the server once (npm start) to seed the demo`,
+      2,
+    );
+  }
+  const key = await jose.JWK.asKey(readJsonFile(keyFile) as object);
+  const discoveryUrl = `${base}/cds-services`;
+  const disc = await fetch(discoveryUrl, {
+    headers: {
+      authorization: `Bearer ${await signClientJwt(key, DEMO_ISSUER, discoveryUrl, DEMO_TENANT)}`,
+    },
+  }).catch((err: unknown) => {
+    throw new CliError(
+      `cannot reach ${discoveryUrl}: ${err instanceof Error ? err.message : String(err)} (is the server running? npm start)`,
+    );
+  });
+  if (!disc.ok) {
+    throw new CliError(`discovery refused: ${disc.status}`);
+  }
+  const services = ((await disc.json()) as { services: Array<{ id: string; hook: string }> })
+    .services;
+  const service = opts.service ?? services.find((s) => s.hook === hook)?.id;
+  if (!service) {
+    throw new CliError(
+      `the demo tenant has no ${hook} service (services: ${services.map((s) => s.id).join(', ')})`,
+      2,
+    );
+  }
+  const { request, name } = opts.request
+    ? { request: readJsonFile(opts.request) as PackTestRequest, name: opts.request }
+    : demoRequest(hook);
+  const url = `${base}/cds-services/${service}`;
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: {
+      'content-type': 'application/json',
+      authorization: `Bearer ${await signClientJwt(key, DEMO_ISSUER, url, DEMO_TENANT)}`,
+    },
+    body: JSON.stringify(request),
+  });
+  const body = (await res.json().catch(() => ({}))) as { cards?: RawCard[] } & Record<
+    string,
+    unknown
+  >;
+  if (!res.ok) {
+    throw new CliError(`${url} answered ${res.status}: ${JSON.stringify(body)}`);
+  }
+  if (opts.json) {
+    out(body);
+    return;
+  }
+  out(`POST ${url}  (${name})`);
+  printCards(body.cards ?? []);
+}
+
+// ---------------------------------------------------------------------------- program
+
+export function buildProgram(): Command {
+  const program = new Command('cellcds')
+    .description('Multi-tenant CDS Hooks 2.0 service with FHIRPath rule packs')
+    .showHelpAfterError()
+    .exitOverride();
+
+  program
+    .command('serve')
+    .description('run the service (same as npm start)')
+    .action(async () => runServe());
+
+  program
+    .command('call')
+    .description('sign a hook request like an EHR would, send it, and print the cards')
+    .argument('<hook>', 'patient-view | order-select | order-sign')
+    .option('--demo', 'sign as the seeded demo EHR and use a demo patient from the shipped pack')
+    .option('--url <base>', 'service base URL (default CELLCDS_PUBLIC_URL)')
+    .option('--service <id>', 'service id (default: the first service for the hook)')
+    .option('--request <file>', 'send this request JSON instead of the demo patient')
+    .option('--json', 'print the raw response')
+    .action(call);
+
+  const pack = program.command('pack').description('author, test and upload rule packs');
+  pack
+    .command('validate')
+    .argument('<file>')
+    .description('validate a pack and run its tests')
+    .action(packValidate);
+  pack
+    .command('test')
+    .argument('<file>')
+    .description("run the pack's embedded tests; prints a pass/fail table")
+    .action(packTest);
+  pack
+    .command('eval')
+    .argument('<file>')
+    .requiredOption('--request <file>', 'a CDS Hooks request JSON file')
+    .option('--service <id>', 'service id (default: the first service for the request hook)')
+    .option('--now <dateTime>', 'evaluate as of this instant')
+    .option('--trace', 'print the rule trace too')
+    .description('evaluate a pack on a request and print the cards')
+    .action(packEval);
+  pack
+    .command('push')
+    .argument('<file>')
+    .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
+    .option('--token <token>', 'operator token (default CELLCDS_ADMIN_TOKEN or the data dir)')
+    .description('upload a pack version to a running server')
+    .action(packPush);
+
+  const tenant = program.command('tenant').description('manage tenants (local data directory)');
+  tenant
+    .command('add')
+    .requiredOption('--id <id>')
+    .requiredOption('--name <name>')
+    .option('--region <region>', 'home region (default CELLCDS_REGION)')
+    .requiredOption('--iss <iss>', 'the EHR issuer (JWT iss)')
+    .addOption(new Option('--jwks-file <file>', 'public JWK Set file').conflicts('jwksUri'))
+    .option('--jwks-uri <url>', 'JWK Set URL')
+    .option('--jku <url>', 'allowlisted jku value (repeatable)', collect)
+    .option('--fhir-server <url>', 'allowed FHIR server base URL (repeatable)', collect)
+    .action(
+      async (o: {
+        id: string;
+        name: string;
+        region?: string;
+        iss: string;
+        jwksFile?: string;
+        jwksUri?: string;
+        jku?: string[];
+        fhirServer?: string[];
+      }) => {
+        const issuer: Record<string, unknown> = { iss: o.iss };
+        if (o.jwksFile) {
+          issuer.jwks = readJsonFile(o.jwksFile);
+        }
+        if (o.jwksUri) {
+          issuer.jwksUri = o.jwksUri;
+        }
+        if (o.jku) {
+          issuer.jku = o.jku;
+        }
+        const t = await withLocal((a) =>
+          a.createTenant(LOCAL_OPERATOR, {
+            id: o.id,
+            name: o.name,
+            region: o.region ?? config().region,
+            issuers: [issuer],
+            fhirServers: o.fhirServer ?? [],
+          }),
+        );
+        out(t);
+      },
+    );
+  tenant.command('list').action(async () => {
+    const list = await withLocal((a) => a.listTenants(LOCAL_OPERATOR));
+    for (const t of list) {
+      out(
+        `${t.id}\t${t.status}\t${t.region}\t${t.name}\t${t.subscriptions.map((s) => `${s.pack}@${s.version}`).join(',')}`,
+      );
+    }
+  });
+  tenant
+    .command('show')
+    .argument('<id>')
+    .action(async (id: string) => {
+      out(await withLocal((a) => a.getTenant(LOCAL_OPERATOR, id)));
+    });
+  tenant
+    .command('suspend')
+    .argument('<id>')
+    .action(async (id: string) => {
+      out(await withLocal((a) => a.setTenantStatus(LOCAL_OPERATOR, id, 'suspended')));
+    });
+  tenant
+    .command('resume')
+    .argument('<id>')
+    .action(async (id: string) => {
+      out(await withLocal((a) => a.setTenantStatus(LOCAL_OPERATOR, id, 'active')));
+    });
+  tenant
+    .command('subscribe')
+    .argument('<id>')
+    .requiredOption('--pack <id>')
+    .requiredOption('--version <semver>')
+    .option('--canary-version <semver>')
+    .option('--canary-percent <n>', 'share of calls routed to the canary', Number)
+    .description(
+      "pin a tenant to a pack version, optionally with a canary (replaces that pack's subscription)",
+    )
+    .action(
+      async (
+        id: string,
+        o: { pack: string; version: string; canaryVersion?: string; canaryPercent?: number },
+      ) => {
+        const t = await withLocal(async (a) => {
+          const current = await a.getTenant(LOCAL_OPERATOR, id);
+          const others = current.subscriptions.filter((s) => s.pack !== o.pack);
+          const sub = {
+            pack: o.pack,
+            version: o.version,
+            ...(o.canaryVersion
+              ? { canary: { version: o.canaryVersion, percent: o.canaryPercent ?? 0 } }
+              : {}),
+          };
+          return a.setSubscriptions(LOCAL_OPERATOR, id, [...others, sub]);
+        });
+        out(t.subscriptions);
+      },
+    );
+
+  const token = program.command('token').description('operator tokens (local data directory)');
+  token
+    .command('create')
+    .requiredOption('--role <role>', 'platform-operator | tenant-admin | rule-author | auditor')
+    .option('--tenant <id>', 'for tenant-admin and auditor')
+    .option('--label <label>')
+    .description('issue a token; it is printed once and stored only as a hash')
+    .action(async (o: { role: string; tenant?: string; label?: string }) => {
+      out(await withLocal((a) => a.issueToken(LOCAL_OPERATOR, o)));
+    });
+  token.command('list').action(async () => {
+    out(await withLocal((a) => a.listTokens(LOCAL_OPERATOR)));
+  });
+  token
+    .command('revoke')
+    .argument('<id>')
+    .action(async (id: string) => {
+      await withLocal((a) => a.revokeToken(LOCAL_OPERATOR, id));
+      out(`revoked ${id}`);
+    });
+
+  program
+    .command('audit')
+    .description('list control-plane audit events')
+    .option('--tenant <id>')
+    .option('--type <type>')
+    .option('--from <dateTime>')
+    .option('--to <dateTime>')
+    .action(async (o: { tenant?: string; type?: string; from?: string; to?: string }) => {
+      out(await withLocal((a) => a.listAudit(LOCAL_OPERATOR, o)));
+    });
+
+  return program;
+}
+
+/** Runs the CLI; returns the exit code. */
+export async function runCli(argv: string[]): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv, { from: 'user' });
+    return 0;
+  } catch (err) {
+    if (err instanceof CliError) {
+      process.stderr.write(`cellcds: ${err.message}\n`);
+      return err.exitCode;
+    }
+    if (err instanceof CommanderError) {
+      // commander already printed the usage error or the help text.
+      return err.exitCode === 0 ? 0 : 2;
+    }
+    process.stderr.write(`cellcds: ${err instanceof Error ? err.message : String(err)}\n`);
+    return 1;
+  }
+}
+
+const isEntry =
+  process.argv[1] !== undefined &&
+  path.resolve(process.argv[1]) === path.resolve(import.meta.filename);
+if (isEntry) {
+  const code = await runCli(process.argv.slice(2));
+  if (process.argv[2] !== 'serve' && process.argv[2] !== undefined) {
+    process.exit(code);
+  } else if (code !== 0) {
+    process.exit(code);
+  }
+}

@@ -1,0 +1,174 @@
+/**
+ * Configuration: parsed once from the environment, validated, frozen. The only module that
+ * reads `process.env` (lint enforces it). Bad configuration stops the boot with a message
+ * naming the setting.
+ */
+import path from 'node:path';
+import { z } from 'zod';
+
+const ALLOWED_ALGS = [
+  'ES256',
+  'ES384',
+  'ES512',
+  'RS256',
+  'RS384',
+  'RS512',
+  'PS256',
+  'PS384',
+  'PS512',
+] as const;
+
+const intFrom = (min: number, max: number, dflt: number) =>
+  z.coerce.number().int().min(min).max(max).default(dflt);
+
+const Schema = z
+  .object({
+    PORT: intFrom(0, 65535, 8080),
+    CELLCDS_DATA_DIR: z.string().min(1).default('./var'),
+    CELLCDS_PUBLIC_URL: z.string().optional(),
+    CELLCDS_ADMIN_TOKEN: z
+      .string()
+      .min(32, 'must be at least 32 characters (use a random token)')
+      .optional(),
+    CELLCDS_REGION: z
+      .string()
+      .regex(/^[a-z0-9][a-z0-9-]{0,31}$/, 'must be a lower-case region id such as us-east')
+      .default('local'),
+    CELLCDS_LOG_LEVEL: z
+      .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
+      .default('info'),
+    CELLCDS_JWT_ALGORITHMS: z
+      .string()
+      .default('ES384,RS384,ES256,RS256')
+      .transform((v) =>
+        v
+          .split(',')
+          .map((s) => s.trim())
+          .filter(Boolean),
+      )
+      .refine(
+        (algs) =>
+          algs.length > 0 && algs.every((a) => (ALLOWED_ALGS as readonly string[]).includes(a)),
+        {
+          error: `must be a comma-separated list of asymmetric algorithms from ${ALLOWED_ALGS.join(', ')}`,
+        },
+      ),
+    CELLCDS_JWT_MAX_LIFETIME_SECONDS: intFrom(60, 86400, 3600),
+    CELLCDS_CORS_ORIGINS: z.string().default('*'),
+    CELLCDS_BODY_LIMIT_BYTES: intFrom(1024, 64 * 1024 * 1024, 5 * 1024 * 1024),
+    CELLCDS_PREFETCH_TIMEOUT_MS: intFrom(100, 60000, 3000),
+    CELLCDS_PREFETCH_MAX_BYTES: intFrom(1024, 256 * 1024 * 1024, 8 * 1024 * 1024),
+    CELLCDS_PREFETCH_MAX_PAGES: intFrom(1, 1000, 10),
+    CELLCDS_EVAL_BUDGET_MS: intFrom(10, 60000, 2000),
+    CELLCDS_RULE_BUDGET_MS: intFrom(5, 60000, 500),
+    CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
+    CELLCDS_SEED_DEMO: z
+      .enum(['true', 'false'])
+      .default('true')
+      .transform((v) => v === 'true'),
+  })
+  .loose();
+
+export interface Config {
+  readonly port: number;
+  readonly dataDir: string;
+  /** What `aud` is checked against: `${publicUrl}/cds-services/...`. No trailing slash. */
+  readonly publicUrl: string;
+  readonly adminToken: string | undefined;
+  readonly region: string;
+  readonly logLevel: string;
+  readonly jwtAlgorithms: readonly string[];
+  readonly jwtMaxLifetimeSeconds: number;
+  /** `*` or an explicit list of allowed browser origins. */
+  readonly corsOrigins: '*' | readonly string[];
+  readonly bodyLimitBytes: number;
+  readonly prefetch: {
+    readonly timeoutMs: number;
+    readonly maxBytes: number;
+    readonly maxPages: number;
+  };
+  readonly evaluation: {
+    readonly callBudgetMs: number;
+    readonly ruleBudgetMs: number;
+    readonly workers: number;
+  };
+  readonly seedDemo: boolean;
+}
+
+/** Raised for bad configuration; the message names the setting. */
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = new.target.name;
+  }
+}
+
+function parsePublicUrl(raw: string, setting: string): string {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new ConfigError(
+      `config: ${setting} must be an absolute http(s) URL, got ${JSON.stringify(raw)}`,
+    );
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+    throw new ConfigError(`config: ${setting} must use http or https`);
+  }
+  if (url.search || url.hash || url.username || url.password) {
+    throw new ConfigError(`config: ${setting} must not carry a query, fragment or credentials`);
+  }
+  return url.toString().replace(/\/+$/, '');
+}
+
+/**
+ * Parses configuration from an environment map (tests pass their own).
+ * @throws ConfigError naming the setting.
+ */
+export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+  // An empty variable counts as unset (as in `CELLCDS_ADMIN_TOKEN= npm start`).
+  const present = Object.fromEntries(
+    Object.entries(env).filter(([, v]) => v !== undefined && v !== ''),
+  );
+  const r = Schema.safeParse(present);
+  if (!r.success) {
+    const issues = r.error.issues.map((i) => `${i.path.join('.')} ${i.message}`).join('; ');
+    throw new ConfigError(`config: ${issues}`);
+  }
+  const e = r.data;
+  const publicUrl = parsePublicUrl(
+    e.CELLCDS_PUBLIC_URL ?? `http://localhost:${e.PORT}`,
+    'CELLCDS_PUBLIC_URL',
+  );
+  const corsOrigins: Config['corsOrigins'] =
+    e.CELLCDS_CORS_ORIGINS.trim() === '*'
+      ? '*'
+      : Object.freeze(
+          e.CELLCDS_CORS_ORIGINS.split(',').map((o) =>
+            parsePublicUrl(o.trim(), 'CELLCDS_CORS_ORIGINS'),
+          ),
+        );
+  return Object.freeze({
+    port: e.PORT,
+    dataDir: path.resolve(e.CELLCDS_DATA_DIR),
+    publicUrl,
+    adminToken: e.CELLCDS_ADMIN_TOKEN,
+    region: e.CELLCDS_REGION,
+    logLevel: e.CELLCDS_LOG_LEVEL,
+    jwtAlgorithms: Object.freeze([...e.CELLCDS_JWT_ALGORITHMS]),
+    jwtMaxLifetimeSeconds: e.CELLCDS_JWT_MAX_LIFETIME_SECONDS,
+    corsOrigins,
+    bodyLimitBytes: e.CELLCDS_BODY_LIMIT_BYTES,
+    prefetch: Object.freeze({
+      timeoutMs: e.CELLCDS_PREFETCH_TIMEOUT_MS,
+      maxBytes: e.CELLCDS_PREFETCH_MAX_BYTES,
+      maxPages: e.CELLCDS_PREFETCH_MAX_PAGES,
+    }),
+    evaluation: Object.freeze({
+      callBudgetMs: e.CELLCDS_EVAL_BUDGET_MS,
+      ruleBudgetMs: e.CELLCDS_RULE_BUDGET_MS,
+      workers: e.CELLCDS_EVAL_WORKERS,
+    }),
+    seedDemo: e.CELLCDS_SEED_DEMO,
+  });
+}

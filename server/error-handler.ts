@@ -1,0 +1,155 @@
+/**
+ * The one mapper from thrown errors to HTTP responses. Domain folders throw their own typed
+ * errors; this is the only place that knows their HTTP status. Unknown errors become a 500
+ * with a correlation id; the cause goes to the (redacted) log, never to the client.
+ */
+import type { ErrorRequestHandler, RequestHandler } from 'express';
+import { HookRequestError, PrefetchError } from '../hooks/index.ts';
+import { PackValidationError, UnknownServiceError } from '../rules/index.ts';
+import {
+  AdminAuthError,
+  AuthError,
+  ConflictError,
+  ForbiddenError,
+  InvalidInputError,
+  NotFoundError,
+} from '../tenants/index.ts';
+import { ServiceError } from './errors.ts';
+import type { Logger } from './logger.ts';
+
+/** Maps any thrown value to a ServiceError (or passes one through). */
+export function toServiceError(err: unknown): ServiceError {
+  if (err instanceof ServiceError) {
+    return err;
+  }
+  if (err instanceof AuthError) {
+    // Never tell the client why: the reason goes to the audit log and metrics.
+    return new ServiceError(401, 'invalid_token', 'invalid token', {
+      detail: err.reason,
+      cause: err,
+    });
+  }
+  if (err instanceof AdminAuthError) {
+    return new ServiceError(401, 'invalid_token', 'invalid token', {
+      detail: err.message,
+      cause: err,
+    });
+  }
+  if (err instanceof ForbiddenError) {
+    return new ServiceError(403, 'forbidden', 'forbidden', { detail: err.message, cause: err });
+  }
+  if (err instanceof NotFoundError) {
+    return new ServiceError(404, 'not_found', err.message, { cause: err });
+  }
+  if (err instanceof ConflictError) {
+    return new ServiceError(409, 'conflict', err.message, { cause: err });
+  }
+  if (err instanceof InvalidInputError) {
+    return new ServiceError(400, 'invalid_request', err.message, {
+      body: { field: err.field },
+      cause: err,
+    });
+  }
+  if (err instanceof HookRequestError) {
+    return new ServiceError(400, 'invalid_request', err.message, {
+      body: { field: err.field },
+      cause: err,
+    });
+  }
+  if (err instanceof UnknownServiceError) {
+    return new ServiceError(404, 'not_found', 'no such CDS service', { cause: err });
+  }
+  if (err instanceof PackValidationError) {
+    return new ServiceError(422, 'unprocessable', err.message, {
+      body: { problems: err.problems },
+      cause: err,
+    });
+  }
+  if (err instanceof PrefetchError) {
+    return new ServiceError(412, 'precondition_failed', err.message, {
+      detail: `prefetch ${err.key}: ${err.reason}`,
+      cause: err,
+    });
+  }
+  if (isBodyParserError(err)) {
+    if (err.type === 'entity.too.large') {
+      return new ServiceError(413, 'payload_too_large', 'request body is too large', {
+        cause: err,
+      });
+    }
+    if (err.type === 'encoding.unsupported' || err.type === 'charset.unsupported') {
+      return new ServiceError(415, 'unsupported_media_type', 'unsupported body encoding', {
+        cause: err,
+      });
+    }
+    return new ServiceError(400, 'invalid_request', 'request body is not valid JSON', {
+      cause: err,
+    });
+  }
+  return new ServiceError(500, 'internal', 'internal error', { cause: err });
+}
+
+function isBodyParserError(err: unknown): err is Error & { type: string; status: number } {
+  return (
+    err instanceof Error &&
+    typeof (err as { type?: unknown }).type === 'string' &&
+    typeof (err as { status?: unknown }).status === 'number'
+  );
+}
+
+/** Express error middleware. */
+export function errorHandler(log: Logger): ErrorRequestHandler {
+  return (err, req, res, next) => {
+    if (res.headersSent) {
+      next(err);
+      return;
+    }
+    const se = toServiceError(err);
+    const requestId = (res.locals as { requestId?: string }).requestId;
+    const tenant = (res.locals as { ctx?: { tenant?: { id: string } } }).ctx?.tenant?.id;
+    const logFields = {
+      requestId,
+      tenant,
+      method: req.method,
+      route: routeOf(req),
+      status: se.status,
+      code: se.code,
+    };
+    if (se.status >= 500) {
+      log.error({ ...logFields, err: redactableError(err) }, 'request failed');
+    } else {
+      log.info({ ...logFields, reason: se.detail }, 'request refused');
+    }
+    if (se.status === 401) {
+      res.setHeader('WWW-Authenticate', 'Bearer');
+    }
+    if (err instanceof PrefetchError) {
+      // CDS Hooks: 412 with an OperationOutcome body (3.0 makes this a SHOULD; harmless in 2.0).
+      res.status(412).type('application/json').json(err.operationOutcome);
+      return;
+    }
+    const body: Record<string, unknown> = { error: se.code, message: se.message, ...se.body };
+    if (se.status >= 500 && requestId) {
+      body.requestId = requestId;
+    }
+    res.status(se.status).json(body);
+  };
+}
+
+/** Keeps an error's name, message and stack (stack text passes through pino's redaction). */
+function redactableError(err: unknown): Record<string, unknown> {
+  if (err instanceof Error) {
+    return { type: err.name, message: err.message, stack: err.stack };
+  }
+  return { type: typeof err };
+}
+
+function routeOf(req: { baseUrl: string; route?: { path?: unknown } }): string {
+  const p = req.route?.path;
+  return `${req.baseUrl}${typeof p === 'string' ? p : ''}`;
+}
+
+/** 404 for anything no route matched. */
+export const notFoundHandler: RequestHandler = (_req, _res, next) => {
+  next(new ServiceError(404, 'not_found', 'no such endpoint'));
+};

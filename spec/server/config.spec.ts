@@ -1,0 +1,46 @@
+import { expect } from 'chai';
+import { ConfigError, loadConfig } from '../../server/config.ts';
+
+describe('configuration', () => {
+  it('has embedded defaults', () => {
+    const c = loadConfig({});
+    expect(c.port).to.equal(8080);
+    expect(c.publicUrl).to.equal('http://localhost:8080');
+    expect(c.jwtAlgorithms).to.deep.equal(['ES384', 'RS384', 'ES256', 'RS256']);
+    expect(c.corsOrigins).to.equal('*');
+    expect(c.adminToken).to.equal(undefined);
+    expect(Object.isFrozen(c)).to.equal(true);
+  });
+
+  it('normalises the public URL (no trailing slash)', () => {
+    expect(loadConfig({ CELLCDS_PUBLIC_URL: 'https://cds.example.org/base/' }).publicUrl).to.equal(
+      'https://cds.example.org/base',
+    );
+  });
+
+  const bad: Array<[string, Record<string, string>, RegExp]> = [
+    ['a non-numeric port', { PORT: 'eighty' }, /PORT/],
+    ['a port out of range', { PORT: '70000' }, /PORT/],
+    ['a relative public URL', { CELLCDS_PUBLIC_URL: 'cds.example.org' }, /CELLCDS_PUBLIC_URL/],
+    [
+      'a public URL with a query',
+      { CELLCDS_PUBLIC_URL: 'https://cds.example.org/?x=1' },
+      /CELLCDS_PUBLIC_URL/,
+    ],
+    ['a short admin token', { CELLCDS_ADMIN_TOKEN: 'short' }, /CELLCDS_ADMIN_TOKEN/],
+    [
+      'HS256 in the algorithm list',
+      { CELLCDS_JWT_ALGORITHMS: 'ES384,HS256' },
+      /CELLCDS_JWT_ALGORITHMS/,
+    ],
+    ['alg none', { CELLCDS_JWT_ALGORITHMS: 'none' }, /CELLCDS_JWT_ALGORITHMS/],
+    ['an invalid region id', { CELLCDS_REGION: 'US East' }, /CELLCDS_REGION/],
+    ['an unknown log level', { CELLCDS_LOG_LEVEL: 'loud' }, /CELLCDS_LOG_LEVEL/],
+    ['a bad CORS origin', { CELLCDS_CORS_ORIGINS: 'not a url' }, /CELLCDS_CORS_ORIGINS/],
+  ];
+  for (const [name, env, setting] of bad) {
+    it(`stops the boot on ${name}, naming the setting`, () => {
+      expect(() => loadConfig(env)).to.throw(ConfigError, setting);
+    });
+  }
+});
