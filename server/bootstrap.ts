@@ -62,6 +62,9 @@ export async function buildDeps(
     storage: path.join(config.dataDir, 'control.sqlite'),
   });
   const evaluator = createEvaluator(config.evaluation);
+  // Start the evaluation workers before serving, so the first calls' budgets are not spent
+  // waiting for a worker to boot.
+  await evaluator.ready();
   const bootstrap = ensureAdminToken(config);
   const verifier = createTokenVerifier({
     controlPlane,

@@ -71,6 +71,7 @@ export function cdsRouter(deps: Deps): Router {
           service: resolved.service.id,
           hook: request.hook,
           pack: `${pack.id}@${pack.version}`,
+          packHash: pack.hash,
           cardCount: cards.length,
           ruleErrors: result.trace.filter((t) => t.status === 'error' || t.status === 'timeout')
             .length,

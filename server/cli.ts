@@ -93,6 +93,7 @@ async function loadAndValidate(
   const raw = readPackFile(file);
   const evaluator = createEvaluator();
   try {
+    await evaluator.ready();
     const compiled = await validatePack(raw, { runTests, evaluator, baseDir: path.dirname(file) });
     return { compiled, raw };
   } finally {
@@ -135,6 +136,7 @@ async function packTest(file: string): Promise<void> {
   }
   const evaluator = createEvaluator();
   try {
+    await evaluator.ready();
     const results = await runPackTests(compiled, evaluator);
     const width = Math.max(4, ...results.map((r) => r.name.length));
     out(`${'test'.padEnd(width)}  result`);
@@ -179,6 +181,8 @@ async function packEval(
   }
   const evaluator = createEvaluator();
   try {
+    // Worker start-up must not eat into the call's evaluation budget.
+    await evaluator.ready();
     const result = await evaluator.evaluate(compiled, service, {
       hook: request.hook,
       hookInstance: request.hookInstance ?? crypto.randomUUID(),

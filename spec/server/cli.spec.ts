@@ -1,0 +1,213 @@
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { expect } from 'chai';
+import { createApp } from '../../server/app.ts';
+import { buildDeps } from '../../server/bootstrap.ts';
+import { loadConfig } from '../../server/config.ts';
+import { createLogger } from '../../server/logger.ts';
+
+const PACK_DIR = path.resolve('rules/packs/medication-safety');
+const PACK = path.join(PACK_DIR, 'pack.yaml');
+
+/** The CLI as a rule author and an operator run it: real processes, real files. */
+describe('cellcds CLI', function () {
+  this.timeout(120_000);
+  let work: string;
+  let dataDir: string;
+  let broken: string;
+
+  const run = (args: string[], env: Record<string, string> = {}) =>
+    spawnSync(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
+      env: { ...process.env, CELLCDS_DATA_DIR: dataDir, CELLCDS_LOG_LEVEL: 'silent', ...env },
+      encoding: 'utf8',
+      timeout: 90_000,
+    });
+
+  /** Async variant, for commands that talk to a server running in this process. */
+  const runAsync = (args: string[], env: Record<string, string> = {}) =>
+    new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+      const child = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
+        env: { ...process.env, CELLCDS_DATA_DIR: dataDir, CELLCDS_LOG_LEVEL: 'silent', ...env },
+      });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.on('close', (status) => {
+        resolve({ status, stdout, stderr });
+      });
+    });
+
+  before(() => {
+    work = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-cli-'));
+    dataDir = path.join(work, 'data');
+    // A broken copy, as a rule author's typo would make it: placed next to the original so
+    // its relative test file paths still resolve.
+    broken = path.join(PACK_DIR, `.broken-${process.pid}.yaml`);
+    const text = fs.readFileSync(PACK, 'utf8');
+    const typo = text.replace(/\.exists\(\)/, '.existss()');
+    expect(typo).to.not.equal(text);
+    fs.writeFileSync(broken, typo.replace(/^version: .*$/m, 'version: not-semver'));
+  });
+  after(() => {
+    fs.rmSync(broken, { force: true });
+    fs.rmSync(work, { recursive: true, force: true });
+  });
+
+  it('pack validate: ok on the shipped pack', () => {
+    const r = run(['pack', 'validate', PACK]);
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/^ok medication-safety@\d+\.\d+\.\d+ sha256:[0-9a-f]{64}/);
+  });
+
+  it('pack validate: lists every problem with its path on a broken copy, exit 1', () => {
+    const r = run(['pack', 'validate', broken]);
+    expect(r.status).to.equal(1);
+    expect(r.stderr).to.include('version:');
+    expect(r.stderr).to.match(/unknown function 'existss' at column \d+/);
+  });
+
+  it('pack test: prints a pass/fail table, all passing', () => {
+    const r = run(['pack', 'test', PACK]);
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/Derek Becker .* pass/);
+    expect(r.stdout).to.match(/\d+ passed, 0 failed/);
+  });
+
+  it('pack test: a failing expectation prints FAIL and the rule trace, exit 1', () => {
+    const failing = path.join(PACK_DIR, `.failing-${process.pid}.yaml`);
+    const text = fs.readFileSync(PACK, 'utf8');
+    // Turn the Zachary Kutch negative control into a (wrong) positive expectation.
+    const at = text.indexOf('Zachary Kutch');
+    const i = text.indexOf('notFire:', at);
+    expect(at).to.be.greaterThan(0);
+    fs.writeFileSync(failing, `${text.slice(0, i)}fire:${text.slice(i + 'notFire:'.length)}`);
+    try {
+      const r = run(['pack', 'test', failing]);
+      expect(r.status).to.equal(1);
+      expect(r.stdout).to.include('FAIL');
+      expect(r.stdout).to.match(/trace [a-z0-9-]+: (fired|not-fired)/);
+      expect(r.stdout).to.match(/\d+ passed, [1-9]\d* failed/);
+    } finally {
+      fs.rmSync(failing, { force: true });
+    }
+  });
+
+  it('pack eval: prints the cards for a request file', () => {
+    // The PDDI IG's own order-sign request (ketorolac draft, warfarin in prefetch).
+    const r = run([
+      'pack',
+      'eval',
+      PACK,
+      '--request',
+      'spec/fixtures/pddi-cds/requests/warfarin-nsaids-order-sign-no-coordination.json',
+      '--now',
+      '2020-03-15T12:00:00Z',
+      '--trace',
+    ]);
+    expect(r.status, r.stderr).to.equal(0);
+    const out = JSON.parse(r.stdout) as {
+      cards: Array<{ summary: string; ruleId: string }>;
+      trace: unknown[];
+    };
+    expect(out.cards.map((c) => c.ruleId)).to.include('warfarin-nsaid');
+    expect(out.trace.length).to.be.greaterThan(0);
+  });
+
+  it('pack eval/validate: a missing file is a usage error (exit 2)', () => {
+    expect(run(['pack', 'validate', 'no/such/pack.yaml']).status).to.equal(2);
+  });
+
+  it('tenant add / list / token create work on the local data directory, audited', () => {
+    const jwks = path.join(work, 'jwks.json');
+    fs.writeFileSync(
+      jwks,
+      JSON.stringify({
+        keys: [
+          {
+            kty: 'EC',
+            crv: 'P-384',
+            kid: 'k1',
+            x: 'hBHtLm6g6LIWL3wPl2RQb6Dt7hd8sKK7jXgyOshsa8Q7f0ydtBdKNUqPHtcWz11r',
+            y: 'LqaUdj4wTtmKNyuD5Iab4U5LoTgRWpDJBN5Jfbx8Bq7d9WntCw1Ue9djaNn-OKBs',
+          },
+        ],
+      }),
+    );
+    const add = run([
+      'tenant',
+      'add',
+      '--id',
+      'cli-hosp',
+      '--name',
+      'CLI Hospital',
+      '--iss',
+      'https://ehr.cli.example',
+      '--jwks-file',
+      jwks,
+    ]);
+    expect(add.status, add.stderr).to.equal(0);
+    expect(JSON.parse(add.stdout).id).to.equal('cli-hosp');
+    const dup = run([
+      'tenant',
+      'add',
+      '--id',
+      'cli-hosp',
+      '--name',
+      'again',
+      '--iss',
+      'https://ehr.cli.example',
+      '--jwks-file',
+      jwks,
+    ]);
+    expect(dup.status).to.equal(1);
+    expect(dup.stderr).to.match(/already exists|conflict/i);
+    const list = run(['tenant', 'list']);
+    expect(list.stdout).to.include('cli-hosp');
+    const tok = run(['token', 'create', '--role', 'auditor', '--tenant', 'cli-hosp']);
+    expect(tok.status, tok.stderr).to.equal(0);
+    expect(JSON.parse(tok.stdout).token).to.be.a('string');
+    const audit = run(['audit', '--tenant', 'cli-hosp']);
+    expect(audit.stdout).to.include('admin.tenant.create');
+    expect(audit.stdout).to.not.include(JSON.parse(tok.stdout).token as string);
+  });
+
+  it('pack push: uploads to a running server, refuses a broken pack with its problems', async () => {
+    const config = loadConfig({
+      CELLCDS_DATA_DIR: path.join(work, 'server'),
+      CELLCDS_ADMIN_TOKEN: 'x'.repeat(40),
+      CELLCDS_SEED_DEMO: 'false',
+    });
+    const deps = await buildDeps(config, createLogger({ level: 'silent' }));
+    const server = createApp(deps).listen(0, '127.0.0.1');
+    await new Promise((r) => server.once('listening', r));
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    try {
+      const ok = await runAsync(['pack', 'push', PACK, '--url', url, '--token', 'x'.repeat(40)]);
+      expect(ok.status, ok.stderr).to.equal(0);
+      expect(ok.stdout).to.match(/^uploaded medication-safety@/);
+      const again = await runAsync(['pack', 'push', PACK, '--url', url, '--token', 'x'.repeat(40)]);
+      expect(again.stdout).to.match(/^unchanged medication-safety@/);
+      const bad = await runAsync(['pack', 'push', broken, '--url', url, '--token', 'x'.repeat(40)]);
+      expect(bad.status).to.equal(1);
+      expect(bad.stderr).to.match(/existss/);
+      const denied = await runAsync([
+        'pack',
+        'push',
+        PACK,
+        '--url',
+        url,
+        '--token',
+        'y'.repeat(40),
+      ]);
+      expect(denied.status).to.equal(1);
+      expect(denied.stderr).to.include('401');
+    } finally {
+      server.close();
+      await deps.close();
+    }
+  });
+});
