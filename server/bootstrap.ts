@@ -7,7 +7,12 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createEvaluator } from '../rules/index.ts';
-import { createTokenVerifier, openControlPlane } from '../tenants/index.ts';
+import {
+  createMemoryReplayCache,
+  createRedisReplayCache,
+  createTokenVerifier,
+  openControlPlane,
+} from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
 import type { Config } from './config.ts';
 import type { Deps } from './context.ts';
@@ -66,8 +71,14 @@ export async function buildDeps(
   // waiting for a worker to boot.
   await evaluator.ready();
   const bootstrap = ensureAdminToken(config);
+  // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
+  // against another replica: Redis when configured, else this process' memory.
+  const replayCache = config.redisUrl
+    ? createRedisReplayCache({ url: config.redisUrl })
+    : createMemoryReplayCache();
   const verifier = createTokenVerifier({
     controlPlane,
+    replayCache,
     algorithms: [...config.jwtAlgorithms],
     maxLifetimeSeconds: config.jwtMaxLifetimeSeconds,
   });
@@ -83,6 +94,7 @@ export async function buildDeps(
     now: () => new Date(),
     async close() {
       await evaluator.close();
+      await replayCache.close?.();
       await controlPlane.close();
     },
   };

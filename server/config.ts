@@ -62,6 +62,10 @@ const Schema = z
     CELLCDS_EVAL_BUDGET_MS: intFrom(10, 60000, 2000),
     CELLCDS_RULE_BUDGET_MS: intFrom(5, 60000, 500),
     CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
+    CELLCDS_REDIS_URL: z
+      .string()
+      .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
+      .optional(),
     CELLCDS_SEED_DEMO: z
       .enum(['true', 'false'])
       .default('true')
@@ -93,6 +97,8 @@ export interface Config {
     readonly workers: number;
   };
   readonly seedDemo: boolean;
+  /** Shared replay cache for replicas (scale-out); unset = in-process cache. */
+  readonly redisUrl: string | undefined;
 }
 
 /** Raised for bad configuration; the message names the setting. */
@@ -170,5 +176,6 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       workers: e.CELLCDS_EVAL_WORKERS,
     }),
     seedDemo: e.CELLCDS_SEED_DEMO,
+    redisUrl: e.CELLCDS_REDIS_URL,
   });
 }
