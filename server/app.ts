@@ -8,6 +8,7 @@ import { AdminService } from './admin-service.ts';
 import { cdsRouter } from './cds-routes.ts';
 import type { Deps } from './context.ts';
 import { errorHandler, notFoundHandler } from './error-handler.ts';
+import { uiRouter } from './ui-routes.ts';
 
 export function createApp(deps: Deps): Express {
   const app = express();
@@ -28,6 +29,8 @@ export function createApp(deps: Deps): Express {
       new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
     ),
   );
+  // The card viewer: rule-author playground and SMART app (server/ui/, docs/smart-app.md).
+  app.use(uiRouter(deps, { smartClientId: deps.config.smartClientId }));
   app.use(notFoundHandler);
   app.use(errorHandler(deps.log));
   return app;

@@ -66,6 +66,7 @@ const Schema = z
       .string()
       .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
       .optional(),
+    CELLCDS_SMART_CLIENT_ID: z.string().min(1).max(256).optional(),
     CELLCDS_SEED_DEMO: z
       .enum(['true', 'false'])
       .default('true')
@@ -99,6 +100,8 @@ export interface Config {
   readonly seedDemo: boolean;
   /** Shared replay cache for replicas (scale-out); unset = in-process cache. */
   readonly redisUrl: string | undefined;
+  /** The card viewer's SMART client id (id_token `aud`); unset = SMART app mode refuses calls. */
+  readonly smartClientId: string | undefined;
 }
 
 /** Raised for bad configuration; the message names the setting. */
@@ -177,5 +180,6 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     }),
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,
+    smartClientId: e.CELLCDS_SMART_CLIENT_ID,
   });
 }

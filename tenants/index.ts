@@ -15,4 +15,5 @@ export type { MemoryReplayCacheOptions } from './replay-cache.ts';
 export { createJwksFetcher } from './jwks-fetcher.ts';
 export type { JwksFetcherOptions } from './jwks-fetcher.ts';
 export { TENANT_ID_PATTERN } from './tenant-validation.ts';
+export * from './verify-id-token.ts';
 export * from './redis-replay-cache.ts';

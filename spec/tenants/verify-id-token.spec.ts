@@ -1,0 +1,176 @@
+/**
+ * tenants/ createIdTokenVerifier: the SMART card viewer's id_token check, below HTTP. The
+ * hostile-token table over HTTP is in spec/ui/ui-api.spec.ts; this spec covers tenant choice
+ * (shared issuers, FHIR server allowlists, hints), jwksUri keys and rotation, and azp.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { expect } from 'chai';
+import {
+  AuthError,
+  createIdTokenVerifier,
+  createJwksFetcher,
+  openControlPlane,
+} from '../../tenants/index.ts';
+import type {
+  AuthFailureReason,
+  ControlPlane,
+  IdTokenContext,
+  IdTokenVerifier,
+} from '../../tenants/index.ts';
+import { startJwksServer, TestIssuer } from '../helpers/test-issuer.ts';
+import type { JwksServer } from '../helpers/test-issuer.ts';
+
+const CLIENT = 'card-viewer';
+const FHIR_A = 'https://fhir.hospital-a.example.org/r4';
+const FHIR_B = 'https://fhir.hospital-b.example.org/r4';
+const FHIR_SHARED = 'https://fhir.shared.example.org/r4';
+
+async function reasonOf(promise: Promise<unknown>): Promise<AuthFailureReason> {
+  try {
+    await promise;
+  } catch (err) {
+    if (err instanceof AuthError) {
+      return err.reason;
+    }
+    throw err;
+  }
+  throw new Error('expected an AuthError');
+}
+
+describe('tenants/ createIdTokenVerifier (SMART launch id_tokens)', () => {
+  let nowMs = Date.parse('2025-06-01T12:00:00Z');
+  const clock = (): Date => new Date(nowMs);
+  let hostedAuth: TestIssuer;
+  let rotating: TestIssuer;
+  let jwksServer: JwksServer;
+  let dir: string;
+  let cp: ControlPlane;
+  let verifier: IdTokenVerifier;
+  let failures: Array<{ reason: AuthFailureReason; tenant?: string }>;
+
+  const claims = (extra: Record<string, unknown> = {}) => ({
+    aud: CLIENT,
+    sub: 'user-1',
+    fhirUser: `${FHIR_A}/Practitioner/p1`,
+    ...extra,
+  });
+  const verify = (jwt: string, context: IdTokenContext) =>
+    verifier.verify(`Bearer ${jwt}`, context);
+
+  before(async () => {
+    // One vendor-hosted authorization server shared by three health systems.
+    hostedAuth = await TestIssuer.create({ iss: 'https://auth.vendor.example.org', now: clock });
+    rotating = await TestIssuer.create({ iss: 'https://auth.rotating.example.org', now: clock });
+    jwksServer = await startJwksServer(rotating.publicJwks());
+  });
+  after(async () => jwksServer.close());
+
+  beforeEach(async () => {
+    nowMs = Date.parse('2025-06-01T12:00:00Z');
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-'));
+    cp = await openControlPlane({ storage: path.join(dir, 'control.sqlite'), now: clock });
+    const hosted = { iss: hostedAuth.iss, jwks: hostedAuth.publicJwks() };
+    const create = (id: string, fhirServers: string[], issuers: unknown[] = [hosted]) =>
+      cp.tenants.create({
+        id,
+        name: id,
+        region: 'eu-west',
+        fhirServers,
+        issuers: issuers as never,
+      });
+    await create('hospital-a', [FHIR_A]);
+    await create('hospital-b', [FHIR_B]);
+    await create('shared-1', [FHIR_SHARED]);
+    await create('shared-2', [FHIR_SHARED]);
+    await create('rotating', [FHIR_A], [{ iss: rotating.iss, jwksUri: jwksServer.url('/keys') }]);
+    jwksServer.setJwks(rotating.publicJwks());
+    failures = [];
+    verifier = createIdTokenVerifier({
+      controlPlane: cp,
+      clientIds: [CLIENT],
+      jwks: createJwksFetcher({ now: clock, timeoutMs: 2000 }),
+      now: clock,
+      onFailure: (reason, info) =>
+        failures.push({ reason, ...(info.tenant ? { tenant: info.tenant } : {}) }),
+    });
+  });
+  afterEach(async () => {
+    await cp.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('picks the one tenant of a shared issuer that allowlists the FHIR server', async () => {
+    const jwt = await hostedAuth.sign(claims());
+    expect((await verify(jwt, { fhirServer: FHIR_A })).tenant.id).to.equal('hospital-a');
+    expect((await verify(jwt, { fhirServer: `${FHIR_B}/` })).tenant.id).to.equal('hospital-b');
+    const id = await verify(jwt, { fhirServer: FHIR_A });
+    expect(id).to.deep.include({ iss: hostedAuth.iss, sub: 'user-1', clientId: CLIENT });
+    expect(id.fhirUser).to.equal(`${FHIR_A}/Practitioner/p1`);
+  });
+
+  it('needs a tenant hint when several tenants allow the same FHIR server, and honours it', async () => {
+    const jwt = await hostedAuth.sign(claims());
+    expect(await reasonOf(verify(jwt, { fhirServer: FHIR_SHARED }))).to.equal('bad_tenant');
+    expect((await verify(jwt, { fhirServer: FHIR_SHARED, tenant: 'shared-2' })).tenant.id).to.equal(
+      'shared-2',
+    );
+  });
+
+  it('refuses a hint naming a tenant that does not allow the FHIR server', async () => {
+    const jwt = await hostedAuth.sign(claims());
+    expect(await reasonOf(verify(jwt, { fhirServer: FHIR_A, tenant: 'hospital-b' }))).to.equal(
+      'bad_tenant',
+    );
+    expect(await reasonOf(verify(jwt, { fhirServer: 'not a url' }))).to.equal('bad_tenant');
+    expect(await reasonOf(verify(jwt, { fhirServer: `${FHIR_A}?x=1` }))).to.equal('bad_tenant');
+    expect(failures.map((f) => f.reason)).to.deep.equal(['bad_tenant', 'bad_tenant', 'bad_tenant']);
+  });
+
+  it('accepts several audiences only with azp = the client id', async () => {
+    const both = await hostedAuth.sign(claims({ aud: [CLIENT, 'other'], azp: CLIENT }));
+    expect((await verify(both, { fhirServer: FHIR_A })).clientId).to.equal(CLIENT);
+    const single = await hostedAuth.sign(claims({ azp: CLIENT }));
+    expect((await verify(single, { fhirServer: FHIR_A })).clientId).to.equal(CLIENT);
+  });
+
+  it('accepts an id_token without typ, and refuses one with typ at+jwt', async () => {
+    const noTyp = await hostedAuth.sign(claims(), { header: { typ: undefined } });
+    expect((await verify(noTyp, { fhirServer: FHIR_A })).tenant.id).to.equal('hospital-a');
+    const at = await hostedAuth.sign(claims(), { typ: 'at+jwt' });
+    expect(await reasonOf(verify(at, { fhirServer: FHIR_A }))).to.equal('bad_typ');
+  });
+
+  it('reads keys from a registered jwksUri and picks up a rotated key', async () => {
+    const jwt = await rotating.sign(claims());
+    expect((await verify(jwt, { fhirServer: FHIR_A, tenant: 'rotating' })).tenant.id).to.equal(
+      'rotating',
+    );
+    const kid = await rotating.addKey('ES256');
+    jwksServer.setJwks(rotating.publicJwks());
+    nowMs += 60_000; // past the fetcher's refetch cooldown
+    const rotated = await rotating.sign(claims(), { signingKid: kid });
+    expect((await verify(rotated, { fhirServer: FHIR_A, tenant: 'rotating' })).tenant.id).to.equal(
+      'rotating',
+    );
+  });
+
+  it('lets the same id_token be used for several calls until it expires', async () => {
+    const jwt = await hostedAuth.sign(claims());
+    await verify(jwt, { fhirServer: FHIR_A });
+    await verify(jwt, { fhirServer: FHIR_A });
+    nowMs += 301_000 + 60_000; // exp (iat + 300) plus the leeway
+    expect(await reasonOf(verify(jwt, { fhirServer: FHIR_A }))).to.equal('expired');
+  });
+
+  it('refuses to be built without a client id or with a symmetric algorithm', () => {
+    expect(() => createIdTokenVerifier({ controlPlane: cp, clientIds: [] })).to.throw(/client id/);
+    expect(() => createIdTokenVerifier({ controlPlane: cp, clientIds: [''] })).to.throw(
+      /client id/,
+    );
+    expect(() =>
+      createIdTokenVerifier({ controlPlane: cp, clientIds: [CLIENT], algorithms: ['HS256'] }),
+    ).to.throw(/asymmetric/);
+  });
+});
