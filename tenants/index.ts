@@ -17,3 +17,4 @@ export type { JwksFetcherOptions } from './jwks-fetcher.ts';
 export { TENANT_ID_PATTERN } from './tenant-validation.ts';
 export * from './verify-id-token.ts';
 export * from './redis-replay-cache.ts';
+export * from './data-plane.ts';

@@ -1,0 +1,249 @@
+import { expect } from 'chai';
+import { ConflictError, NotFoundError } from '../../../tenants/index.ts';
+import type { JobInfo, RegionStores, TenantStore } from '../../../tenants/data-plane.ts';
+import { forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
+import type { Env } from './helpers.ts';
+
+async function seed(s: TenantStore, n: number, prefix = 'inv'): Promise<void> {
+  for (let i = 1; i <= n; i += 1) {
+    await s.saveInvocation(invocation(`${prefix}-${i}`, `m${i}`));
+  }
+}
+
+async function until(
+  stores: RegionStores,
+  id: string,
+  pred: (j: JobInfo) => boolean,
+): Promise<JobInfo> {
+  for (;;) {
+    const job = await stores.findJob(id);
+    if (job && pred(job)) {
+      return job;
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+async function expectAllOpen(s: TenantStore, ids: string[], version: number): Promise<void> {
+  for (const id of ids) {
+    const rec = await s.readInvocation(id);
+    expect(rec.keyVersion, id).to.equal(version);
+    expect(rec.secret.trace).to.be.an('array');
+  }
+}
+
+forEachBackend('tenants/ data plane: key rotation', (backend) => {
+  let env: Env;
+  beforeEach(async () => {
+    env = await makeEnv(backend);
+  });
+  afterEach(async () => {
+    await env.close();
+  });
+
+  it('scheduled: new primary at once, old records readable, old version kept until unused', async () => {
+    const stores = await env.reopen({ rewrap: { batchSize: 10, throttleMs: 60 } });
+    const s = stores.store('acme');
+    await seed(s, 40);
+    await s.saveFeedback(
+      [{ card: 'card-inv-1', outcome: 'accepted', outcomeTimestamp: '2025-01-01T13:00:00Z' }],
+      {
+        service: 'med-safety',
+      },
+    );
+    const job = await s.keys.rotate({ actor: 'op-1' });
+    expect(job).to.include({
+      id: 'rewrap.acme.1',
+      tenant: 'acme',
+      kind: 'dek-rewrap',
+      status: 'running',
+      total: 41,
+    });
+    expect(await rejection(s.keys.rotate())).to.be.instanceOf(ConflictError);
+    const mid = await until(stores, job.id, (j) => j.done >= 10 && j.done < j.total);
+    expect(mid.status).to.equal('running');
+    const status = await s.keys.status();
+    expect(status.primary).to.equal(2);
+    expect(status.runningJob).to.equal(job.id);
+    const v1 = status.versions.find((v) => v.version === 1)!;
+    expect(v1.status).to.equal('active');
+    expect(v1.records).to.be.greaterThan(0);
+    expect((await s.saveInvocation(invocation('inv-new'))).keyVersion).to.equal(2);
+    // Mid-job, records under both versions open.
+    const versionsSeen = new Set<number>();
+    for (const id of ['inv-1', 'inv-40']) {
+      versionsSeen.add((await s.readInvocation(id)).keyVersion);
+    }
+    expect([...versionsSeen].sort()).to.deep.equal([1, 2]);
+    const done = await stores.waitForJob(job.id);
+    expect(done).to.include({ status: 'done', done: 41, total: 41, etaSeconds: 0 });
+    const after = await s.keys.status();
+    expect(after.versions.map((v) => [v.version, v.status, v.records])).to.deep.equal([
+      [1, 'destroyed', 0],
+      [2, 'primary', 42],
+    ]);
+    await expectAllOpen(s, ['inv-1', 'inv-20', 'inv-40', 'inv-new'], 2);
+    const types = (await s.audit.list()).map((e) => `${e.type}:${JSON.stringify(e.detail ?? {})}`);
+    expect(
+      types.some((t) => t.startsWith('key.rotate:') && t.includes('"emergency":false')),
+    ).to.equal(true);
+    expect(
+      (await s.audit.list()).filter((e) => e.type === 'key.destroy').map((e) => e.detail),
+    ).to.deep.equal([{ version: 1, reason: 'rewrapped' }]);
+    expect(types.some((t) => t.startsWith('key.rewrap:') && t.includes('"done":41'))).to.equal(
+      true,
+    );
+    expect((await s.audit.list()).find((e) => e.type === 'key.rotate')?.actor).to.equal('op-1');
+    expect(await s.audit.verify()).to.include({ ok: true });
+  });
+
+  it('emergency: the compromised version is retired at once and destroyed once rewrapped', async () => {
+    const stores = await env.reopen({
+      rewrap: { batchSize: 10, throttleMs: 1000, emergencyThrottleMs: 0 },
+    });
+    const s = stores.store('acme');
+    await seed(s, 30);
+    const scheduled = await s.keys.rotate();
+    const emergency = await s.keys.rotate({ emergency: true });
+    const status = await s.keys.status();
+    expect(
+      status.versions.map((v) => [v.version, v.status, v.compromised]),
+    ).to.deep.include.members([
+      [2, 'retired', true],
+      [3, 'primary', false],
+    ]);
+    // Calls keep working: old records open, new ones use the new primary.
+    expect((await s.readInvocation('inv-1')).secret.context).to.deep.equal({
+      patientId: 'm1-patient',
+      userId: 'Practitioner/1',
+    });
+    expect((await s.saveInvocation(invocation('inv-31'))).keyVersion).to.equal(3);
+    const done = await stores.waitForJob(emergency.id);
+    expect(done).to.include({ status: 'done', emergency: true, total: 30, done: 30 });
+    expect((await stores.findJob(scheduled.id))?.status).to.equal('superseded');
+    const after = await s.keys.status();
+    expect(after.versions.map((v) => [v.version, v.status])).to.deep.equal([
+      [1, 'destroyed'],
+      [2, 'destroyed'],
+      [3, 'primary'],
+    ]);
+    const destroyed = (await s.audit.list())
+      .filter((e) => e.type === 'key.destroy')
+      .map((e) => e.detail);
+    expect(destroyed).to.deep.include({ version: 2, reason: 'compromised' });
+    await expectAllOpen(s, ['inv-1', 'inv-15', 'inv-30', 'inv-31'], 3);
+  });
+
+  it('under load: saves and reads during a rewrap all succeed and open', async () => {
+    const stores = await env.reopen({ rewrap: { batchSize: 10, throttleMs: 5 } });
+    const s = stores.store('acme');
+    await seed(s, 120);
+    const job = await s.keys.rotate();
+    let n = 0;
+    let reads = 0;
+    for (;;) {
+      const current = await stores.findJob(job.id);
+      if (current?.status !== 'running') {
+        break;
+      }
+      n += 1;
+      const results = await Promise.all([
+        s.saveInvocation(invocation(`load-${n}`, `load${n}`)),
+        s.readInvocation(`inv-${(n % 120) + 1}`),
+        s.readInvocation(`inv-${((n * 7) % 120) + 1}`),
+        s.saveFeedback(
+          [
+            {
+              card: `card-inv-${(n % 120) + 1}`,
+              outcome: 'accepted',
+              outcomeTimestamp: new Date(Date.UTC(2025, 1, 1, 0, 0, n)).toISOString(),
+            },
+          ],
+          { service: 'med-safety' },
+        ),
+        s.listInvocations({ limit: 5 }),
+      ]);
+      reads += 2;
+      expect(results[0].keyVersion).to.equal(2);
+    }
+    expect(n).to.be.greaterThan(2);
+    const done = await stores.waitForJob(job.id);
+    expect(done).to.include({ status: 'done', total: 120, done: 120 });
+    const ids = [
+      ...Array.from({ length: 120 }, (_, i) => `inv-${i + 1}`),
+      ...Array.from({ length: n }, (_, i) => `load-${i + 1}`),
+    ];
+    await expectAllOpen(s, ids, 2);
+    expect(reads).to.be.greaterThan(4);
+  });
+
+  it('KEK rotation rewraps DEKs only: records untouched and still readable', async () => {
+    const s = env.stores.store('acme');
+    await seed(s, 5);
+    await env.stores.store('beta').saveInvocation(invocation('b-1'));
+    const raw = await env.raw('acme');
+    const sealedBefore = await raw.query<{ id: string; sealed: string }>(
+      `SELECT id, sealed FROM ${raw.t('invocations')} ORDER BY id`,
+    );
+    const [dekBefore] = await raw.query<{ wrapped: string; kek_version: number }>(
+      `SELECT wrapped, kek_version FROM ${raw.t('dek_versions')}`,
+    );
+    const job = await env.stores.rotateKek({ actor: 'op-2' });
+    expect(job).to.include({ id: `kek.${env.region}.2`, kind: 'kek-rewrap' });
+    const done = await env.stores.waitForJob(job.id);
+    expect(done).to.include({ status: 'done', done: 2, total: 2 });
+    const sealedAfter = await raw.query<{ id: string; sealed: string }>(
+      `SELECT id, sealed FROM ${raw.t('invocations')} ORDER BY id`,
+    );
+    expect(sealedAfter).to.deep.equal(sealedBefore);
+    const [dekAfter] = await raw.query<{ wrapped: string; kek_version: number }>(
+      `SELECT wrapped, kek_version FROM ${raw.t('dek_versions')}`,
+    );
+    expect(dekBefore!.kek_version).to.equal(1);
+    expect(dekAfter!.kek_version).to.equal(2);
+    expect(dekAfter!.wrapped).to.not.equal(dekBefore!.wrapped);
+    expect((await env.provider.describe()).keks.map((k) => [k.version, k.status])).to.deep.equal([
+      [1, 'retired'],
+      [2, 'primary'],
+    ]);
+    const fresh = await env.reopen(); // no cached DEKs: unwraps under KEK 2
+    await expectAllOpen(fresh.store('acme'), ['inv-1', 'inv-5'], 1);
+    expect((await fresh.store('beta').readInvocation('b-1')).id).to.equal('b-1');
+    const kekEvent = (await fresh.store('acme').audit.list()).find(
+      (e) => e.type === 'key.kek.rewrap',
+    );
+    expect(kekEvent).to.deep.include({ actor: 'op-2', detail: { deks: 1, kekVersion: 2 } });
+  });
+
+  it('resumes an interrupted DEK rewrap and an unfinished KEK rotation after a restart', async () => {
+    const slow = await env.reopen({ rewrap: { batchSize: 5, throttleMs: 10_000 } });
+    const s = slow.store('acme');
+    await seed(s, 25);
+    const job = await s.keys.rotate();
+    await until(slow, job.id, (j) => j.done >= 5);
+    await slow.close(); // a restart: the job row stays `running`
+    await env.provider.rotateKek(); // the provider rotated, but no KEK job ran
+    const restarted = await env.reopen({ rewrap: { batchSize: 5, throttleMs: 0 } });
+    const resumed = await restarted.resumePendingJobs();
+    expect(resumed.map((j) => j.kind).sort()).to.deep.equal(['dek-rewrap', 'kek-rewrap']);
+    const dekDone = await restarted.waitForJob(job.id);
+    expect(dekDone).to.include({ status: 'done', done: 25, total: 25 });
+    const kekJob = resumed.find((j) => j.kind === 'kek-rewrap')!;
+    expect((await restarted.waitForJob(kekJob.id)).status).to.equal('done');
+    const status = await restarted.store('acme').keys.status();
+    expect(status.versions.map((v) => [v.version, v.status, v.kekVersion])).to.deep.equal([
+      [1, 'destroyed', null],
+      [2, 'primary', 2],
+    ]);
+    await expectAllOpen(restarted.store('acme'), ['inv-1', 'inv-25'], 2);
+  });
+
+  it('reports unknown jobs as not found', async () => {
+    expect(await env.stores.findJob('rewrap.acme.9')).to.equal(undefined);
+    expect(await env.stores.findJob('nonsense')).to.equal(undefined);
+    expect(await rejection(env.stores.waitForJob('rewrap.nobody.1'))).to.be.instanceOf(
+      NotFoundError,
+    );
+    expect(await env.stores.listJobs('nobody')).to.deep.equal([]);
+  });
+});

@@ -1,0 +1,72 @@
+/**
+ * Typed errors of the data plane (keys, sealed records, backups). Messages are safe for logs:
+ * ids, versions and reasons only, never PHI, key material or ciphertext. The HTTP mapping is
+ * done by `server/error-handler.ts` (suggested statuses are in each class's doc).
+ * Not-found, conflict and bad-input cases reuse `NotFoundError`, `ConflictError` and
+ * `InvalidInputError` from `tenants/errors.ts`.
+ */
+
+/** Why a key could not be used. */
+export type KeyUnavailableReason =
+  /** The tenant's provider key was destroyed (crypto-shredded) or never existed here. */
+  | 'tenant_key_destroyed'
+  /** The wrapped DEK names a KEK version the provider does not hold. */
+  | 'unknown_kek'
+  /** The DEK version is destroyed, or the store has no such version. */
+  | 'dek_destroyed'
+  /** The wrapped DEK failed authentication (tampered, another tenant's, another version's). */
+  | 'unwrap_failed'
+  /** The key provider itself failed (unreadable keyring, bad permissions, HSM down). */
+  | 'provider';
+
+/**
+ * A key needed for this operation cannot be used. Fail closed: nothing is read or written.
+ * Suggested HTTP: 500 `internal` (503 for `provider`).
+ */
+export class KeyUnavailableError extends Error {
+  readonly reason: KeyUnavailableReason;
+  constructor(reason: KeyUnavailableReason, detail: string, cause?: unknown) {
+    super(`key unavailable (${reason}): ${detail}`, { cause });
+    this.name = new.target.name;
+    this.reason = reason;
+  }
+}
+
+/** Why a sealed record did not open. */
+export type RecordOpenReason = 'malformed' | 'authentication_failed' | 'key_unavailable';
+
+/**
+ * A sealed record failed to open: tampered bytes, a row copied from another tenant or record,
+ * the wrong key, or a destroyed key. `open` never returns null; it throws this.
+ * Suggested HTTP: 500 `internal` (loud, audited).
+ */
+export class RecordOpenError extends Error {
+  readonly reason: RecordOpenReason;
+  readonly table: string;
+  readonly recordId: string;
+  constructor(reason: RecordOpenReason, table: string, recordId: string, cause?: unknown) {
+    super(`record ${table}/${recordId} failed to open: ${reason}`, { cause });
+    this.name = new.target.name;
+    this.reason = reason;
+    this.table = table;
+    this.recordId = recordId;
+  }
+}
+
+/** Why a backup was refused. */
+export type BackupErrorReason =
+  'manifest' | 'checksum' | 'wrong_region' | 'wrong_tenant' | 'wrong_dialect' | 'snapshot';
+
+/**
+ * A backup could not be written, or a backup was refused at restore (bad manifest or checksum,
+ * another region or tenant, another storage dialect). Nothing was restored.
+ * Suggested HTTP: 422 `unprocessable` (400 for `manifest`).
+ */
+export class BackupError extends Error {
+  readonly reason: BackupErrorReason;
+  constructor(reason: BackupErrorReason, detail: string, cause?: unknown) {
+    super(`backup refused (${reason}): ${detail}`, { cause });
+    this.name = new.target.name;
+    this.reason = reason;
+  }
+}

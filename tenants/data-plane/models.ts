@@ -1,0 +1,266 @@
+/**
+ * Sequelize models of a tenant store, defined once per Sequelize instance by a factory. The
+ * same models run on SQLite (one file per tenant) and PostgreSQL (one schema per tenant).
+ * PHI lives only in the `sealed` columns (AES-256-GCM envelopes); every other column is
+ * metadata without PHI. JSON-valued columns are TEXT, parsed by the repositories.
+ */
+import { DataTypes } from 'sequelize';
+import type { Model, ModelStatic, Sequelize } from 'sequelize';
+
+/** Bumped when the tables change; a store at this version skips `sync()` on open. */
+export const STORE_SCHEMA_VERSION = '1';
+
+export interface MetaRow {
+  key: string;
+  value: string;
+}
+
+export interface DekRow {
+  version: number;
+  status: string;
+  wrapped: string | null;
+  kekVersion: number | null;
+  /** 0/1 (portable boolean). */
+  compromised: number;
+  createdAt: string;
+  retiredAt: string | null;
+  destroyedAt: string | null;
+}
+
+export interface InvocationRow {
+  seq: number;
+  id: string;
+  time: string;
+  service: string;
+  hook: string;
+  hookInstance: string;
+  packId: string;
+  packVersion: string;
+  packHash: string;
+  cardUuids: string;
+  suggestionUuids: string;
+  keyVersion: number;
+  sealed: string;
+  createdAt: string;
+}
+
+export interface InvocationCardRow {
+  cardUuid: string;
+  invocationId: string;
+}
+
+export interface FeedbackRow {
+  seq: number;
+  id: string;
+  invocationId: string;
+  cardUuid: string;
+  service: string;
+  outcome: string;
+  receivedAt: string;
+  keyVersion: number;
+  sealed: string;
+}
+
+export interface AuditEventRow {
+  seq: number;
+  at: string;
+  type: string;
+  outcome: string;
+  actor: string | null;
+  detail: string | null;
+  prevHash: string;
+  hash: string;
+}
+
+export interface AuditHeadRow {
+  id: number;
+  seq: number;
+  hash: string;
+}
+
+export interface JobRow {
+  id: string;
+  n: number;
+  kind: string;
+  status: string;
+  /** 0/1. */
+  emergency: number;
+  /** JSON array of DEK versions being moved away from. */
+  fromVersions: string;
+  total: number;
+  done: number;
+  checkpointTable: string;
+  checkpointSeq: number;
+  startedAt: string;
+  updatedAt: string;
+  finishedAt: string | null;
+  error: string | null;
+}
+
+type Creation<T, Optional extends keyof T = never> = Omit<T, Optional> & Partial<Pick<T, Optional>>;
+
+/**
+ * A model instance that also exposes its attributes: the repositories query with `raw: true`,
+ * which returns plain rows that Sequelize's types still call instances.
+ */
+export type RowModel<T extends object, C extends object = T> = Model<T, C> & T;
+
+export interface TenantStoreModels {
+  Meta: ModelStatic<RowModel<MetaRow>>;
+  Dek: ModelStatic<RowModel<DekRow>>;
+  Invocation: ModelStatic<RowModel<InvocationRow, Creation<InvocationRow, 'seq'>>>;
+  InvocationCard: ModelStatic<RowModel<InvocationCardRow>>;
+  Feedback: ModelStatic<RowModel<FeedbackRow, Creation<FeedbackRow, 'seq'>>>;
+  AuditEvent: ModelStatic<RowModel<AuditEventRow>>;
+  AuditHead: ModelStatic<RowModel<AuditHeadRow>>;
+  Job: ModelStatic<RowModel<JobRow>>;
+}
+
+/** The tables holding sealed records, in rewrap order. */
+export const SEALED_TABLES = ['invocations', 'feedback'] as const;
+export type SealedTable = (typeof SEALED_TABLES)[number];
+
+/** Table names, for raw statements (triggers, backups). */
+export const TABLES = {
+  meta: 'meta',
+  deks: 'dek_versions',
+  invocations: 'invocations',
+  invocationCards: 'invocation_cards',
+  feedback: 'feedback',
+  auditEvents: 'audit_events',
+  auditHead: 'audit_head',
+  jobs: 'jobs',
+} as const;
+
+/**
+ * Defines the tenant-store models on `sequelize` (call once per instance). `schema` places the
+ * tables in a PostgreSQL schema; SQLite passes undefined.
+ */
+export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): TenantStoreModels {
+  const common = {
+    timestamps: false,
+    underscored: true,
+    freezeTableName: true,
+    ...(schema !== undefined ? { schema } : {}),
+  } as const;
+  const ts = () => ({ type: DataTypes.STRING(32), allowNull: false });
+  const tsNull = () => ({ type: DataTypes.STRING(32), allowNull: true });
+
+  const Meta = sequelize.define<RowModel<MetaRow>>(
+    'Meta',
+    {
+      key: { type: DataTypes.STRING(64), primaryKey: true },
+      value: { type: DataTypes.TEXT, allowNull: false },
+    },
+    { ...common, tableName: TABLES.meta },
+  );
+  const Dek = sequelize.define<RowModel<DekRow>>(
+    'Dek',
+    {
+      version: { type: DataTypes.INTEGER, primaryKey: true },
+      status: { type: DataTypes.STRING(16), allowNull: false },
+      wrapped: { type: DataTypes.TEXT, allowNull: true },
+      kekVersion: { type: DataTypes.INTEGER, allowNull: true },
+      compromised: { type: DataTypes.INTEGER, allowNull: false, defaultValue: 0 },
+      createdAt: ts(),
+      retiredAt: tsNull(),
+      destroyedAt: tsNull(),
+    },
+    { ...common, tableName: TABLES.deks },
+  );
+  const Invocation = sequelize.define<RowModel<InvocationRow, Creation<InvocationRow, 'seq'>>>(
+    'Invocation',
+    {
+      seq: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: true },
+      id: { type: DataTypes.STRING(128), allowNull: false, unique: true },
+      time: ts(),
+      service: { type: DataTypes.STRING(128), allowNull: false },
+      hook: { type: DataTypes.STRING(64), allowNull: false },
+      hookInstance: { type: DataTypes.STRING(256), allowNull: false },
+      packId: { type: DataTypes.STRING(128), allowNull: false },
+      packVersion: { type: DataTypes.STRING(64), allowNull: false },
+      packHash: { type: DataTypes.STRING(128), allowNull: false },
+      cardUuids: { type: DataTypes.TEXT, allowNull: false },
+      suggestionUuids: { type: DataTypes.TEXT, allowNull: false },
+      keyVersion: { type: DataTypes.INTEGER, allowNull: false },
+      sealed: { type: DataTypes.TEXT, allowNull: false },
+      createdAt: ts(),
+    },
+    {
+      ...common,
+      tableName: TABLES.invocations,
+      indexes: [{ fields: ['time'] }, { fields: ['hook', 'time'] }, { fields: ['key_version'] }],
+    },
+  );
+  const InvocationCard = sequelize.define<RowModel<InvocationCardRow>>(
+    'InvocationCard',
+    {
+      cardUuid: { type: DataTypes.STRING(128), primaryKey: true },
+      invocationId: { type: DataTypes.STRING(128), allowNull: false },
+    },
+    { ...common, tableName: TABLES.invocationCards, indexes: [{ fields: ['invocation_id'] }] },
+  );
+  const Feedback = sequelize.define<RowModel<FeedbackRow, Creation<FeedbackRow, 'seq'>>>(
+    'Feedback',
+    {
+      seq: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: true },
+      id: { type: DataTypes.STRING(64), allowNull: false, unique: true },
+      invocationId: { type: DataTypes.STRING(128), allowNull: false },
+      cardUuid: { type: DataTypes.STRING(128), allowNull: false },
+      service: { type: DataTypes.STRING(128), allowNull: false },
+      outcome: { type: DataTypes.STRING(16), allowNull: false },
+      receivedAt: ts(),
+      keyVersion: { type: DataTypes.INTEGER, allowNull: false },
+      sealed: { type: DataTypes.TEXT, allowNull: false },
+    },
+    {
+      ...common,
+      tableName: TABLES.feedback,
+      indexes: [{ fields: ['invocation_id'] }, { fields: ['key_version'] }],
+    },
+  );
+  const AuditEvent = sequelize.define<RowModel<AuditEventRow>>(
+    'AuditEvent',
+    {
+      seq: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: false },
+      at: ts(),
+      type: { type: DataTypes.STRING(100), allowNull: false },
+      outcome: { type: DataTypes.STRING(16), allowNull: false },
+      actor: { type: DataTypes.STRING(200), allowNull: true },
+      detail: { type: DataTypes.TEXT, allowNull: true },
+      prevHash: { type: DataTypes.STRING(64), allowNull: false },
+      hash: { type: DataTypes.STRING(64), allowNull: false },
+    },
+    { ...common, tableName: TABLES.auditEvents },
+  );
+  const AuditHead = sequelize.define<RowModel<AuditHeadRow>>(
+    'AuditHead',
+    {
+      id: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: false },
+      seq: { type: DataTypes.INTEGER, allowNull: false },
+      hash: { type: DataTypes.STRING(64), allowNull: false },
+    },
+    { ...common, tableName: TABLES.auditHead },
+  );
+  const Job = sequelize.define<RowModel<JobRow>>(
+    'Job',
+    {
+      id: { type: DataTypes.STRING(100), primaryKey: true },
+      n: { type: DataTypes.INTEGER, allowNull: false, unique: true },
+      kind: { type: DataTypes.STRING(16), allowNull: false },
+      status: { type: DataTypes.STRING(16), allowNull: false },
+      emergency: { type: DataTypes.INTEGER, allowNull: false },
+      fromVersions: { type: DataTypes.TEXT, allowNull: false },
+      total: { type: DataTypes.INTEGER, allowNull: false },
+      done: { type: DataTypes.INTEGER, allowNull: false },
+      checkpointTable: { type: DataTypes.STRING(32), allowNull: false },
+      checkpointSeq: { type: DataTypes.INTEGER, allowNull: false },
+      startedAt: ts(),
+      updatedAt: ts(),
+      finishedAt: tsNull(),
+      error: { type: DataTypes.STRING(500), allowNull: true },
+    },
+    { ...common, tableName: TABLES.jobs, indexes: [{ fields: ['status'] }] },
+  );
+  return { Meta, Dek, Invocation, InvocationCard, Feedback, AuditEvent, AuditHead, Job };
+}

@@ -1,0 +1,707 @@
+/**
+ * `openRegionStores`: every tenant store of one region behind a bounded LRU of open handles,
+ * plus the region's background jobs (DEK rewrap per tenant, KEK rewrap for the region),
+ * deprovisioning (crypto-shredding), and per-tenant backup and restore.
+ *
+ * Handles are borrowed per operation (reference counted); only idle handles are evicted and
+ * closed, so the bound can be exceeded briefly only by handles in use at the same time.
+ */
+import { Op } from 'sequelize';
+import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
+import { appendAudit } from './audit-chain.ts';
+import { stageRestore, writeBackup } from './backup.ts';
+import { ensureInitialDek, getDek, primaryVersion, rewrapDeksToPrimaryKek } from './dek-ring.ts';
+import type { KeyContext } from './dek-ring.ts';
+import { KeyUnavailableError, RecordOpenError } from './errors.ts';
+import { assertRegionId, assertTenantId, sleep } from './ids.ts';
+import {
+  dekJobInfo,
+  failJob,
+  parseDekJobId,
+  randomSuffix,
+  rotateDek,
+  runRewrapBatch,
+} from './rewrap-jobs.ts';
+import type { BatchResult, JobSession } from './rewrap-jobs.ts';
+import { createPostgresBackend, createSqliteBackend } from './store-backend.ts';
+import type { StoreBackend, StoreHandle } from './store-backend.ts';
+import { createTenantStore } from './tenant-store.ts';
+import type { RegionContext } from './tenant-store.ts';
+import type {
+  DeprovisionResult,
+  JobInfo,
+  OpenRegionStoresOptions,
+  RegionStores,
+  RestoreResult,
+  TenantStore,
+} from './types.ts';
+
+interface Slot {
+  handle?: StoreHandle;
+  opening: Promise<StoreHandle>;
+  refs: number;
+  provisioned: boolean;
+}
+
+interface Runner {
+  tenant?: string;
+  stop: boolean;
+  wake?: (() => void) | undefined;
+  session?: JobSession;
+  promise: Promise<void>;
+}
+
+function safeMessage(err: unknown): string {
+  if (err instanceof RecordOpenError || err instanceof KeyUnavailableError) {
+    return err.message;
+  }
+  // Driver errors may quote SQL with values: keep only the class name.
+  return err instanceof Error ? `${err.name}: internal error` : 'internal error';
+}
+
+/**
+ * Opens the stores of one region (SQLite files under `dataDir`, or PostgreSQL schemas).
+ * Nothing is opened per tenant until first use. Call `resumePendingJobs()` after start-up.
+ * @throws InvalidInputError for bad options (region, provider of another region, both or
+ *   neither of dataDir/postgresUrl, maxOpen, batch size); the driver's error if PostgreSQL is
+ *   unreachable.
+ */
+export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<RegionStores> {
+  assertRegionId(opts.region);
+  const region = opts.region;
+  const provider = opts.keyProvider;
+  if (provider.region !== region) {
+    throw new InvalidInputError('keyProvider', 'must be the key provider of this region');
+  }
+  if ((opts.dataDir === undefined) === (opts.postgresUrl === undefined)) {
+    throw new InvalidInputError('dataDir', 'give exactly one of dataDir and postgresUrl');
+  }
+  const maxOpen = opts.maxOpen ?? 64;
+  if (!Number.isInteger(maxOpen) || maxOpen < 1) {
+    throw new InvalidInputError('maxOpen', 'must be a positive integer');
+  }
+  const now = opts.now ?? (() => new Date());
+  const batchSize = opts.rewrap?.batchSize ?? 200;
+  const throttleMs = opts.rewrap?.throttleMs ?? 50;
+  const emergencyThrottleMs = opts.rewrap?.emergencyThrottleMs ?? 0;
+  if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 10_000) {
+    throw new InvalidInputError('rewrap.batchSize', 'must be an integer from 1 to 10000');
+  }
+
+  const backend: StoreBackend =
+    opts.dataDir !== undefined
+      ? createSqliteBackend({ dataDir: opts.dataDir, region, now })
+      : createPostgresBackend({
+          url: opts.postgresUrl ?? '',
+          region,
+          schemaPrefix: opts.schemaPrefix ?? 'cellcds_t_',
+          poolMax: opts.pgPoolMax ?? 2,
+          now,
+        });
+  if (backend.dialect === 'postgres') {
+    try {
+      await backend.admin().authenticate();
+    } catch (err) {
+      await backend.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  const keyCtx: KeyContext = { provider, now };
+  const slots = new Map<string, Slot>();
+  const closingHandles = new Set<Promise<void>>();
+  const blocked = new Map<string, string>();
+  const runners = new Map<string, Runner>();
+  let kekJob: { info: JobInfo; runner: Runner } | undefined;
+  const state = { closed: false };
+  /** Read through a function: the flags change from other async paths. */
+  const isStopped = (runner: Runner): boolean => runner.stop || state.closed;
+
+  // ---- handle LRU --------------------------------------------------------------------------
+
+  async function openHandle(tenant: string, provision: boolean): Promise<StoreHandle> {
+    if (!provision) {
+      return backend.open(tenant, false);
+    }
+    if (!(await backend.exists(tenant))) {
+      // Refuses a deprovisioned tenant before anything is created for it.
+      await provider.createTenantKey(tenant);
+    }
+    const h = await backend.open(tenant, true);
+    try {
+      await ensureInitialDek(h, keyCtx);
+    } catch (err) {
+      await h.close();
+      throw err;
+    }
+    return h;
+  }
+
+  function closeHandle(h: StoreHandle): void {
+    const p = h.close().catch(() => undefined);
+    closingHandles.add(p);
+    void p.finally(() => closingHandles.delete(p));
+  }
+
+  function evictIdle(): void {
+    for (const [tenant, slot] of slots) {
+      if (slots.size <= maxOpen) {
+        return;
+      }
+      if (slot.refs === 0 && slot.handle) {
+        slots.delete(tenant);
+        closeHandle(slot.handle);
+      }
+    }
+  }
+
+  async function acquire(tenant: string, provision: boolean): Promise<Slot> {
+    let slot = slots.get(tenant);
+    if (slot) {
+      slots.delete(tenant);
+      slots.set(tenant, slot);
+    } else {
+      const fresh: Slot = {
+        refs: 0,
+        provisioned: provision,
+        opening: openHandle(tenant, provision),
+      };
+      fresh.opening.then(
+        (h) => {
+          fresh.handle = h;
+        },
+        () => {
+          if (slots.get(tenant) === fresh) {
+            slots.delete(tenant);
+          }
+        },
+      );
+      slots.set(tenant, fresh);
+      slot = fresh;
+    }
+    slot.refs += 1;
+    try {
+      const h = await slot.opening;
+      if (provision && !slot.provisioned) {
+        await ensureInitialDek(h, keyCtx);
+        slot.provisioned = true;
+      }
+    } catch (err) {
+      slot.refs -= 1;
+      throw err;
+    }
+    evictIdle();
+    return slot;
+  }
+
+  function release(slot: Slot): void {
+    slot.refs -= 1;
+    if (slots.size > maxOpen) {
+      evictIdle();
+    }
+  }
+
+  async function use<T>(
+    tenant: string,
+    fn: (h: StoreHandle) => Promise<T>,
+    useOpts: { provision?: boolean } = {},
+  ): Promise<T> {
+    assertTenantId(tenant);
+    if (state.closed) {
+      throw new ConflictError(`the stores of region ${region} are closed`);
+    }
+    const reason = blocked.get(tenant);
+    if (reason !== undefined) {
+      throw new ConflictError(`the store of tenant ${tenant} is being ${reason}`);
+    }
+    const slot = await acquire(tenant, useOpts.provision ?? true);
+    try {
+      return await fn(slot.handle ?? (await slot.opening));
+    } finally {
+      release(slot);
+    }
+  }
+
+  /** Blocks new use of the tenant, stops its jobs, waits for in-flight use, closes its handle. */
+  async function quiesce(tenant: string, reason: string): Promise<void> {
+    const already = blocked.get(tenant);
+    if (already !== undefined) {
+      throw new ConflictError(`the store of tenant ${tenant} is being ${already}`);
+    }
+    blocked.set(tenant, reason);
+    const stops: Array<Promise<void>> = [];
+    for (const runner of runners.values()) {
+      if (runner.tenant === tenant) {
+        runner.stop = true;
+        runner.wake?.();
+        stops.push(runner.promise);
+      }
+    }
+    await Promise.all(stops);
+    for (;;) {
+      const slot = slots.get(tenant);
+      if (!slot) {
+        break;
+      }
+      if (slot.refs === 0) {
+        slots.delete(tenant);
+        const h = await slot.opening.catch(() => undefined);
+        await h?.close();
+        break;
+      }
+      await sleep(5);
+    }
+    await Promise.all([...closingHandles]);
+  }
+
+  // ---- jobs --------------------------------------------------------------------------------
+
+  async function pause(runner: Runner, ms: number): Promise<void> {
+    if (ms <= 0 || isStopped(runner)) {
+      return;
+    }
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      runner.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    runner.wake = undefined;
+  }
+
+  function startDekJob(tenant: string, id: string): void {
+    if (runners.has(id) || state.closed) {
+      return;
+    }
+    const runner: Runner = { tenant, stop: false, promise: Promise.resolve() };
+    runner.promise = (async () => {
+      for (;;) {
+        if (isStopped(runner)) {
+          return;
+        }
+        let result: BatchResult & { emergency: boolean };
+        try {
+          result = await use(
+            tenant,
+            async (h) => {
+              const row = await h.models.Job.findByPk(id, { raw: true });
+              runner.session ??= { startDone: row?.done ?? 0, startMs: performance.now() };
+              const r = await runRewrapBatch(h, keyCtx, id, batchSize);
+              if (r.destroyed.length > 0) {
+                await h.compact();
+              }
+              return { ...r, emergency: row?.emergency === 1 };
+            },
+            { provision: false },
+          );
+        } catch (err) {
+          if (isStopped(runner) || blocked.has(tenant)) {
+            return; // interrupted: the job stays `running` in the store and resumes later
+          }
+          const message = safeMessage(err);
+          await use(tenant, (h) => failJob(h, keyCtx, id, message), { provision: false }).catch(
+            () => undefined,
+          );
+          const info = await findJob(id).catch(() => undefined);
+          if (info) {
+            opts.onJobError?.(info, err);
+          }
+          return;
+        }
+        if (result.finished) {
+          return;
+        }
+        await pause(runner, result.emergency ? emergencyThrottleMs : throttleMs);
+      }
+    })().finally(() => {
+      runners.delete(id);
+    });
+    runners.set(id, runner);
+  }
+
+  function kekJobId(version: number): string {
+    return `kek.${region}.${version}`;
+  }
+
+  function kekInfo(job: { info: JobInfo; runner: Runner }): JobInfo {
+    const { info, runner } = job;
+    const out = { ...info };
+    if (info.status === 'running' && runner.session) {
+      const seconds = (performance.now() - runner.session.startMs) / 1000;
+      out.rate = seconds > 0 ? Math.round((info.done / seconds) * 10) / 10 : 0;
+      out.etaSeconds = out.rate > 0 ? Math.ceil((info.total - info.done) / out.rate) : null;
+    } else if (info.status === 'done') {
+      out.etaSeconds = 0;
+    }
+    return out;
+  }
+
+  function startKekJob(primary: number, actor?: string): JobInfo {
+    const at = now().toISOString();
+    const info: JobInfo = {
+      id: kekJobId(primary),
+      region,
+      kind: 'kek-rewrap',
+      status: 'running',
+      emergency: false,
+      done: 0,
+      total: 0,
+      rate: 0,
+      etaSeconds: null,
+      startedAt: at,
+      updatedAt: at,
+    };
+    const runner: Runner = {
+      stop: false,
+      promise: Promise.resolve(),
+      session: { startDone: 0, startMs: performance.now() },
+    };
+    runner.promise = (async () => {
+      try {
+        const tenants = await backend.list();
+        info.total = tenants.length;
+        for (const tenant of tenants) {
+          if (isStopped(runner)) {
+            return; // the provider still says `retiring`: resumePendingJobs restarts it
+          }
+          if (!blocked.has(tenant) && (await provider.hasTenantKey(tenant))) {
+            await use(tenant, (h) => rewrapDeksToPrimaryKek(h, keyCtx, actor), {
+              provision: false,
+            });
+          }
+          info.done += 1;
+          info.updatedAt = now().toISOString();
+        }
+        await provider.completeKekRotation();
+        info.status = 'done';
+        info.finishedAt = now().toISOString();
+        info.updatedAt = info.finishedAt;
+      } catch (err) {
+        info.status = 'failed';
+        info.error = safeMessage(err);
+        info.updatedAt = now().toISOString();
+        opts.onJobError?.({ ...info }, err);
+      }
+    })();
+    const job = { info, runner };
+    kekJob = job;
+    return kekInfo(job);
+  }
+
+  async function findJob(id: string): Promise<JobInfo | undefined> {
+    const dek = parseDekJobId(id);
+    if (dek) {
+      if (!(await backend.exists(dek.tenant))) {
+        return undefined;
+      }
+      const row = await use(dek.tenant, (h) => h.models.Job.findByPk(id, { raw: true }), {
+        provision: false,
+      });
+      return row ? dekJobInfo(row, region, dek.tenant, runners.get(id)?.session) : undefined;
+    }
+    const kek = /^kek\.([a-z0-9-]+)\.([1-9][0-9]{0,8})$/.exec(id);
+    if (kek?.[1] !== region || kek[2] === undefined) {
+      return undefined;
+    }
+    if (kekJob?.info.id === id) {
+      return kekInfo(kekJob);
+    }
+    // Not started by this process: report what the provider's KEK states say.
+    const version = Number(kek[2]);
+    const described = await provider.describe();
+    const k = described.keks.find((x) => x.version === version);
+    if (!k || k.status !== 'primary') {
+      return undefined;
+    }
+    const pending = described.keks.some((x) => x.status === 'retiring');
+    return {
+      id,
+      region,
+      kind: 'kek-rewrap',
+      status: pending ? 'running' : 'done',
+      emergency: false,
+      done: 0,
+      total: 0,
+      rate: 0,
+      etaSeconds: pending ? null : 0,
+      startedAt: k.createdAt,
+      updatedAt: k.createdAt,
+    };
+  }
+
+  const ctx: RegionContext = {
+    region,
+    provider,
+    now,
+    use,
+    async rotateDek(tenant, rotateOpts) {
+      const row = await use(tenant, (h) => rotateDek(h, keyCtx, rotateOpts));
+      startDekJob(tenant, row.id);
+      return dekJobInfo(row, region, tenant, runners.get(row.id)?.session);
+    },
+  };
+
+  const facades = new Map<string, TenantStore>();
+
+  return {
+    region,
+
+    store(tenantId) {
+      assertTenantId(tenantId);
+      let facade = facades.get(tenantId);
+      if (!facade) {
+        facade = createTenantStore(ctx, tenantId);
+        if (facades.size >= 10_000) {
+          facades.clear();
+        }
+        facades.set(tenantId, facade);
+      }
+      return facade;
+    },
+
+    async provisionTenant(tenantId) {
+      assertTenantId(tenantId);
+      const reason = blocked.get(tenantId);
+      if (reason !== undefined) {
+        throw new ConflictError(`the store of tenant ${tenantId} is being ${reason}`);
+      }
+      await provider.createTenantKey(tenantId, { recreate: true });
+      await use(tenantId, (h) => ensureInitialDek(h, keyCtx, { recreate: true }));
+    },
+
+    listTenants: () => backend.list(),
+
+    findJob,
+
+    async listJobs(tenantId) {
+      assertTenantId(tenantId);
+      if (!(await backend.exists(tenantId))) {
+        return [];
+      }
+      const rows = await use(
+        tenantId,
+        (h) => h.models.Job.findAll({ order: [['n', 'DESC']], raw: true }),
+        {
+          provision: false,
+        },
+      );
+      return rows.map((r) => dekJobInfo(r, region, tenantId, runners.get(r.id)?.session));
+    },
+
+    async waitForJob(id) {
+      const first = await findJob(id);
+      if (!first) {
+        throw new NotFoundError('job');
+      }
+      const dek = parseDekJobId(id);
+      if (dek) {
+        if (first.status === 'running' && !runners.has(id)) {
+          startDekJob(dek.tenant, id); // left running by a crash or restart: resume it here
+        }
+        await runners.get(id)?.promise;
+      } else if (kekJob?.info.id === id) {
+        await kekJob.runner.promise;
+      }
+      return (await findJob(id)) ?? first;
+    },
+
+    async resumePendingJobs() {
+      const started: JobInfo[] = [];
+      for (const tenant of await backend.list()) {
+        if (blocked.has(tenant)) {
+          continue;
+        }
+        const rows = await use(
+          tenant,
+          (h) => h.models.Job.findAll({ where: { status: 'running' }, raw: true }),
+          { provision: false },
+        );
+        for (const row of rows) {
+          startDekJob(tenant, row.id);
+          started.push(dekJobInfo(row, region, tenant, runners.get(row.id)?.session));
+        }
+      }
+      const described = await provider.describe();
+      if (
+        kekJob?.info.status !== 'running' &&
+        described.keks.some((k) => k.status === 'retiring')
+      ) {
+        started.push(startKekJob(described.primaryKekVersion));
+      }
+      return started;
+    },
+
+    async rotateKek(rotateOpts = {}) {
+      if (kekJob?.info.status === 'running') {
+        throw new ConflictError(`KEK rewrap job ${kekJob.info.id} is still running`);
+      }
+      const { primary } = await provider.rotateKek();
+      return startKekJob(primary, rotateOpts.actor);
+    },
+
+    async deprovisionTenant(tenantId): Promise<DeprovisionResult> {
+      assertTenantId(tenantId);
+      await quiesce(tenantId, 'deprovisioned');
+      try {
+        // Crypto-shred first: from here on no wrapped DEK of the tenant can be unwrapped,
+        // wherever a copy of it lives (store, WAL, backups).
+        const tenantKeyDestroyed = await provider.destroyTenantKey(tenantId);
+        let dekVersionsDestroyed = 0;
+        let storeDeleted = false;
+        if (await backend.exists(tenantId)) {
+          try {
+            const h = await backend.open(tenantId, false);
+            try {
+              dekVersionsDestroyed = await h.writeTx(async (t) => {
+                const live = await h.models.Dek.count({
+                  where: { status: { [Op.ne]: 'destroyed' } },
+                  transaction: t,
+                });
+                await h.models.Dek.update(
+                  {
+                    status: 'destroyed',
+                    wrapped: null,
+                    kekVersion: null,
+                    destroyedAt: now().toISOString(),
+                  },
+                  { where: {}, transaction: t },
+                );
+                return live;
+              });
+              await h.compact();
+            } finally {
+              await h.close();
+            }
+          } catch (err) {
+            if (!(err instanceof ConflictError) && !(err instanceof NotFoundError)) {
+              throw err;
+            }
+            // Not this tenant's store (or not a store at all): it is deleted all the same.
+          }
+          await backend.remove(tenantId);
+          storeDeleted = true;
+        }
+        return { tenant: tenantId, region, tenantKeyDestroyed, dekVersionsDestroyed, storeDeleted };
+      } finally {
+        blocked.delete(tenantId);
+      }
+    },
+
+    async backupTenant(tenantId, backupDir) {
+      assertTenantId(tenantId);
+      if (!(await backend.exists(tenantId))) {
+        throw new NotFoundError(`store of tenant ${tenantId}`);
+      }
+      return use(
+        tenantId,
+        async (h) => {
+          const result = await writeBackup(h, backupDir, now);
+          await appendAudit(
+            h,
+            {
+              type: 'backup.created',
+              outcome: 'success',
+              detail: { createdAt: result.createdAt, invocations: result.counts.invocations },
+            },
+            now,
+          );
+          return result;
+        },
+        { provision: false },
+      );
+    },
+
+    async restoreTenant(backupPath, restoreOpts = {}): Promise<RestoreResult> {
+      if (restoreOpts.tenant !== undefined) {
+        assertTenantId(restoreOpts.tenant);
+      }
+      const staged = await stageRestore(backend, backupPath, {
+        region: restoreOpts.region ?? region,
+        ...(restoreOpts.tenant !== undefined ? { tenant: restoreOpts.tenant } : {}),
+        stagingSuffix: randomSuffix(),
+      });
+      const tenant = staged.manifest.tenant;
+      try {
+        await quiesce(tenant, 'restored');
+      } catch (err) {
+        await staged.discard();
+        throw err;
+      }
+      try {
+        await staged.commit();
+      } catch (err) {
+        await staged.discard();
+        throw err;
+      } finally {
+        blocked.delete(tenant);
+      }
+      const keyAvailable = await use(
+        tenant,
+        async (h) => {
+          await appendAudit(
+            h,
+            {
+              type: 'backup.restored',
+              outcome: 'success',
+              detail: { createdAt: staged.manifest.createdAt },
+            },
+            now,
+          );
+          try {
+            await getDek(h, keyCtx, await primaryVersion(h));
+          } catch (err) {
+            if (err instanceof KeyUnavailableError) {
+              return false;
+            }
+            throw err;
+          }
+          // A backup taken mid-rotation carries its job: carry on with it.
+          const running = await h.models.Job.findAll({ where: { status: 'running' }, raw: true });
+          for (const row of running) {
+            startDekJob(tenant, row.id);
+          }
+          return true;
+        },
+        { provision: false },
+      );
+      return {
+        tenant,
+        region,
+        backupCreatedAt: staged.manifest.createdAt,
+        counts: staged.manifest.counts,
+        keyAvailable,
+      };
+    },
+
+    stats() {
+      return {
+        region,
+        dialect: backend.dialect,
+        open: slots.size,
+        maxOpen,
+        runningJobs: runners.size + (kekJob?.info.status === 'running' ? 1 : 0),
+      };
+    },
+
+    async close() {
+      if (state.closed) {
+        return;
+      }
+      state.closed = true;
+      const all = [...runners.values(), ...(kekJob ? [kekJob.runner] : [])];
+      for (const r of all) {
+        r.stop = true;
+        r.wake?.();
+      }
+      await Promise.all(all.map((r) => r.promise));
+      for (const [tenant, slot] of [...slots]) {
+        slots.delete(tenant);
+        const h = await slot.opening.catch(() => undefined);
+        await h?.close();
+      }
+      await Promise.all([...closingHandles]);
+      await backend.close();
+    },
+  };
+}

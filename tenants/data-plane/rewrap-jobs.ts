@@ -1,0 +1,453 @@
+/**
+ * DEK rotation and the rewrap job. Rotation makes a new DEK version primary at once (new
+ * records use it immediately) and records a job row; the job then re-seals every record not
+ * under the primary version, in batches. Each batch is one write transaction that updates the
+ * records AND advances the job's checkpoint and `done` counter, so a crash at any point
+ * resumes after the last committed batch and counts each record exactly once. Old versions
+ * keep opening records until no record uses them; only then are they destroyed.
+ */
+import crypto from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
+import { Op } from 'sequelize';
+import type { CountOptions, FindOptions, Transaction } from 'sequelize';
+import { ConflictError } from '../errors.ts';
+import { appendAuditInTx } from './audit-chain.ts';
+import { dekAad, destroyDekInTx, getDek, primaryVersion } from './dek-ring.ts';
+import type { KeyContext } from './dek-ring.ts';
+import { SEALED_TABLES } from './models.ts';
+import type { JobRow, RowModel, SealedTable } from './models.ts';
+import { generateDataKey, openRecordWithKey, sealRecord } from './record-cipher.ts';
+import type { StoreHandle } from './store-backend.ts';
+import type { JobInfo, JobStatus } from './types.ts';
+
+/** Job ids: `rewrap.<tenant>.<n>` (tenant ids have no dots). */
+export function dekJobId(tenant: string, n: number): string {
+  return `rewrap.${tenant}.${n}`;
+}
+
+/** Parses a DEK job id, or undefined. */
+export function parseDekJobId(id: string): { tenant: string; n: number } | undefined {
+  const m = /^rewrap\.([a-z0-9][a-z0-9-]{1,62})\.([1-9][0-9]{0,8})$/.exec(id);
+  return m?.[1] !== undefined && m[2] !== undefined ? { tenant: m[1], n: Number(m[2]) } : undefined;
+}
+
+/** In-process progress of a running job, for rate and ETA. */
+export interface JobSession {
+  startDone: number;
+  startMs: number;
+}
+
+/** A job row as the public descriptor. */
+export function dekJobInfo(
+  row: JobRow,
+  region: string,
+  tenant: string,
+  session?: JobSession,
+): JobInfo {
+  let rate = 0;
+  let etaSeconds: number | null = null;
+  if (session && row.status === 'running') {
+    const seconds = (performance.now() - session.startMs) / 1000;
+    const moved = row.done - session.startDone;
+    rate = seconds > 0 ? Math.round((moved / seconds) * 10) / 10 : 0;
+    etaSeconds = rate > 0 ? Math.ceil((row.total - row.done) / rate) : null;
+  }
+  if (row.status === 'done') {
+    etaSeconds = 0;
+  }
+  return {
+    id: row.id,
+    tenant,
+    region,
+    kind: 'dek-rewrap',
+    status: row.status as JobStatus,
+    emergency: row.emergency === 1,
+    done: row.done,
+    total: row.total,
+    rate,
+    etaSeconds,
+    startedAt: row.startedAt,
+    updatedAt: row.updatedAt,
+    ...(row.finishedAt !== null ? { finishedAt: row.finishedAt } : {}),
+    ...(row.error !== null ? { error: row.error } : {}),
+  };
+}
+
+/** The operations the rewrap needs, common to both sealed tables. */
+interface SealedModel {
+  count(o: CountOptions): Promise<number>;
+  findAll(
+    o: FindOptions,
+  ): Promise<Array<{ seq: number; id: string; keyVersion: number; sealed: string }>>;
+}
+
+function modelOf(h: StoreHandle, table: SealedTable): SealedModel {
+  return (table === 'invocations'
+    ? h.models.Invocation
+    : h.models.Feedback) as unknown as SealedModel;
+}
+
+async function countNotUnder(h: StoreHandle, t: Transaction, version: number): Promise<number> {
+  let total = 0;
+  for (const table of SEALED_TABLES) {
+    total += await modelOf(h, table).count({
+      where: { keyVersion: { [Op.ne]: version } },
+      transaction: t,
+    });
+  }
+  return total;
+}
+
+/**
+ * Creates a new primary DEK version and the job row that moves old records to it.
+ * @throws ConflictError for a scheduled rotation while a job runs.
+ */
+export async function rotateDek(
+  h: StoreHandle,
+  ctx: KeyContext,
+  opts: { emergency: boolean; actor?: string },
+): Promise<JobRow> {
+  for (;;) {
+    const rows = await h.models.Dek.findAll({ raw: true });
+    const version = Math.max(0, ...rows.map((r) => r.version)) + 1;
+    const dek: KeyObject = generateDataKey();
+    const wrapped = await ctx.provider.wrapDek(h.tenant, dek, dekAad(h.region, h.tenant, version));
+    const job = await h.writeTx(async (t) => {
+      const current = await h.models.Dek.findAll({
+        transaction: t,
+        raw: true,
+        lock: t.LOCK.UPDATE,
+      });
+      if (Math.max(0, ...current.map((r) => r.version)) + 1 !== version) {
+        return undefined; // another rotation won the race: redo with the next number
+      }
+      const running = await h.models.Job.findOne({
+        where: { status: 'running' },
+        transaction: t,
+        raw: true,
+      });
+      if (running && !opts.emergency) {
+        throw new ConflictError(`rewrap job ${running.id} is still running`);
+      }
+      const at = ctx.now().toISOString();
+      if (running) {
+        await h.models.Job.update(
+          { status: 'superseded', finishedAt: at, updatedAt: at },
+          { where: { id: running.id }, transaction: t },
+        );
+      }
+      const previous = current.find((r) => r.status === 'primary');
+      if (previous) {
+        await h.models.Dek.update(
+          opts.emergency
+            ? { status: 'retired', compromised: 1, retiredAt: at }
+            : { status: 'active' },
+          { where: { version: previous.version }, transaction: t },
+        );
+      }
+      await h.models.Dek.create(
+        {
+          version,
+          status: 'primary',
+          wrapped: wrapped.wrapped,
+          kekVersion: wrapped.kekVersion,
+          compromised: 0,
+          createdAt: at,
+          retiredAt: null,
+          destroyedAt: null,
+        },
+        { transaction: t },
+      );
+      const n =
+        ((await h.models.Job.max<number | null, RowModel<JobRow>>('n', { transaction: t })) ?? 0) +
+        1;
+      const row: JobRow = {
+        id: dekJobId(h.tenant, n),
+        n,
+        kind: 'dek-rewrap',
+        status: 'running',
+        emergency: opts.emergency ? 1 : 0,
+        fromVersions: JSON.stringify(
+          current.filter((r) => r.status !== 'destroyed').map((r) => r.version),
+        ),
+        total: await countNotUnder(h, t, version),
+        done: 0,
+        checkpointTable: SEALED_TABLES[0],
+        checkpointSeq: 0,
+        startedAt: at,
+        updatedAt: at,
+        finishedAt: null,
+        error: null,
+      };
+      await h.models.Job.create(row, { transaction: t });
+      const now = ctx.now();
+      await appendAuditInTx(
+        h,
+        t,
+        {
+          type: 'key.create',
+          outcome: 'success',
+          detail: { version, kekVersion: wrapped.kekVersion },
+        },
+        now,
+      );
+      await appendAuditInTx(
+        h,
+        t,
+        {
+          type: 'key.rotate',
+          outcome: 'success',
+          ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
+          detail: {
+            from: previous?.version ?? 0,
+            to: version,
+            emergency: opts.emergency,
+            job: row.id,
+            records: row.total,
+            ...(running ? { superseded: running.id } : {}),
+          },
+        },
+        now,
+      );
+      return row;
+    });
+    if (job) {
+      h.deks.set(version, dek);
+      return job;
+    }
+  }
+}
+
+/** Marks a job failed (safe message). */
+export async function failJob(
+  h: StoreHandle,
+  ctx: KeyContext,
+  id: string,
+  message: string,
+): Promise<void> {
+  await h.writeTx(async (t) => {
+    const at = ctx.now();
+    await h.models.Job.update(
+      {
+        status: 'failed',
+        error: message.slice(0, 500),
+        updatedAt: at.toISOString(),
+        finishedAt: at.toISOString(),
+      },
+      { where: { id, status: 'running' }, transaction: t },
+    );
+    await appendAuditInTx(
+      h,
+      t,
+      { type: 'key.rewrap', outcome: 'failure', detail: { job: id, error: message.slice(0, 200) } },
+      at,
+    );
+  });
+}
+
+/** Is any record sealed under `version`? (An index seek per table, not a count.) */
+async function isVersionUsed(h: StoreHandle, t: Transaction, version: number): Promise<boolean> {
+  for (const table of SEALED_TABLES) {
+    const hit = await modelOf(h, table).findAll({
+      where: { keyVersion: version },
+      attributes: ['seq'],
+      limit: 1,
+      transaction: t,
+      raw: true,
+    });
+    if (hit.length > 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/** Destroys non-primary versions no record uses (`only`: restrict to these versions). */
+async function destroyUnused(
+  h: StoreHandle,
+  t: Transaction,
+  at: Date,
+  reason: string,
+  only?: (row: { version: number; status: string; compromised: number }) => boolean,
+): Promise<number[]> {
+  const rows = await h.models.Dek.findAll({ transaction: t, raw: true });
+  const destroyed: number[] = [];
+  for (const row of rows) {
+    if (row.status === 'primary' || row.status === 'destroyed' || (only && !only(row))) {
+      continue;
+    }
+    if (await isVersionUsed(h, t, row.version)) {
+      continue;
+    }
+    await destroyDekInTx(h, t, row.version, reason, at);
+    destroyed.push(row.version);
+  }
+  return destroyed;
+}
+
+/**
+ * Writes a batch of re-sealed values in one statement (`CASE seq WHEN ... END`), portable to
+ * SQLite and PostgreSQL: one round trip per batch instead of one per record.
+ */
+async function updateSealed(
+  h: StoreHandle,
+  t: Transaction,
+  table: SealedTable,
+  version: number,
+  rows: Array<{ seq: number; sealed: string }>,
+): Promise<void> {
+  const replacements: Record<string, string | number> = { version };
+  const whens: string[] = [];
+  const seqs: string[] = [];
+  rows.forEach((r, i) => {
+    replacements[`s${i}`] = r.seq;
+    replacements[`v${i}`] = r.sealed;
+    whens.push(`WHEN :s${i} THEN :v${i}`);
+    seqs.push(`:s${i}`);
+  });
+  await h.sequelize.query(
+    `UPDATE ${h.qualified(table)} SET key_version = :version,
+       sealed = CASE seq ${whens.join(' ')} END
+     WHERE seq IN (${seqs.join(',')})`,
+    { replacements, transaction: t },
+  );
+}
+
+/** Outcome of one batch. */
+export interface BatchResult {
+  /** The job is no longer running (done, failed, superseded, missing). */
+  finished: boolean;
+  /** Records moved by this batch. */
+  moved: number;
+  /** Versions destroyed by this batch. */
+  destroyed: number[];
+}
+
+/**
+ * Runs one batch of job `id`: re-seals up to `batchSize` records after the checkpoint that are
+ * not under the primary version, advancing the checkpoint and `done` in the same transaction.
+ * An emergency job destroys compromised versions as soon as nothing uses them; any job
+ * destroys unused old versions when it ends.
+ * @throws RecordOpenError if a record fails to open (tampered): the caller fails the job.
+ */
+export async function runRewrapBatch(
+  h: StoreHandle,
+  ctx: KeyContext,
+  id: string,
+  batchSize: number,
+): Promise<BatchResult> {
+  const job = await h.models.Job.findByPk(id, { raw: true });
+  if (job?.status !== 'running') {
+    return { finished: true, moved: 0, destroyed: [] };
+  }
+  const table = job.checkpointTable as SealedTable;
+  const primary = await primaryVersion(h);
+  const where = { seq: { [Op.gt]: job.checkpointSeq }, keyVersion: { [Op.ne]: primary } };
+  const preview = await modelOf(h, table).findAll({
+    where,
+    attributes: ['keyVersion'],
+    order: [['seq', 'ASC']],
+    limit: batchSize,
+    raw: true,
+  });
+  // Unwrap (and audit) the needed DEKs before taking the write queue.
+  const keys = new Map<number, KeyObject>();
+  for (const v of new Set([primary, ...preview.map((r) => r.keyVersion)])) {
+    keys.set(v, await getDek(h, ctx, v));
+  }
+  const primaryKey = keys.get(primary);
+  if (!primaryKey) {
+    throw new Error('primary DEK missing');
+  }
+  const result = await h.writeTx(async (t): Promise<BatchResult> => {
+    const now = ctx.now();
+    const at = now.toISOString();
+    const fresh = await h.models.Job.findByPk(id, { transaction: t, raw: true });
+    if (fresh?.status !== 'running') {
+      return { finished: true, moved: 0, destroyed: [] };
+    }
+    if (
+      fresh.checkpointTable !== job.checkpointTable ||
+      fresh.checkpointSeq !== job.checkpointSeq ||
+      (await primaryVersion(h, t)) !== primary
+    ) {
+      return { finished: false, moved: 0, destroyed: [] }; // moved on meanwhile: re-plan
+    }
+    const rows = await modelOf(h, table).findAll({
+      where,
+      attributes: ['seq', 'id', 'keyVersion', 'sealed'],
+      order: [['seq', 'ASC']],
+      limit: batchSize,
+      transaction: t,
+      raw: true,
+    });
+    if (rows.some((r) => !keys.has(r.keyVersion))) {
+      return { finished: false, moved: 0, destroyed: [] };
+    }
+    const emergency = fresh.emergency === 1;
+    if (rows.length === 0) {
+      const nextTable = SEALED_TABLES[SEALED_TABLES.indexOf(table) + 1];
+      if (nextTable !== undefined) {
+        await h.models.Job.update(
+          { checkpointTable: nextTable, checkpointSeq: 0, updatedAt: at },
+          { where: { id }, transaction: t },
+        );
+        return { finished: false, moved: 0, destroyed: [] };
+      }
+      const destroyed = await destroyUnused(h, t, now, emergency ? 'compromised' : 'rewrapped');
+      await h.models.Job.update(
+        { status: 'done', updatedAt: at, finishedAt: at },
+        { where: { id }, transaction: t },
+      );
+      await appendAuditInTx(
+        h,
+        t,
+        {
+          type: 'key.rewrap',
+          outcome: 'success',
+          detail: { job: id, done: fresh.done, total: fresh.total, destroyed: destroyed.join(',') },
+        },
+        now,
+      );
+      return { finished: true, moved: 0, destroyed };
+    }
+    const resealed = rows.map((row) => {
+      const addr = { tenant: h.tenant, table, recordId: row.id };
+      const oldKey = keys.get(row.keyVersion);
+      if (!oldKey) {
+        throw new Error('DEK missing');
+      }
+      const plaintext = openRecordWithKey(row.sealed, addr, {
+        version: row.keyVersion,
+        key: oldKey,
+      });
+      const sealed = sealRecord({ version: primary, key: primaryKey }, addr, plaintext);
+      plaintext.fill(0);
+      return { seq: row.seq, sealed };
+    });
+    await updateSealed(h, t, table, primary, resealed);
+    const last = rows[rows.length - 1];
+    await h.models.Job.update(
+      {
+        done: fresh.done + rows.length,
+        checkpointSeq: last?.seq ?? fresh.checkpointSeq,
+        updatedAt: at,
+      },
+      { where: { id }, transaction: t },
+    );
+    // Emergency: a compromised version goes as soon as no record uses it, mid-job.
+    const destroyed = emergency
+      ? await destroyUnused(h, t, now, 'compromised', (r) => r.compromised === 1)
+      : [];
+    return { finished: false, moved: rows.length, destroyed };
+  });
+  for (const v of result.destroyed) {
+    h.deks.delete(v);
+  }
+  return result;
+}
+
+/** A random suffix for staging names. */
+export function randomSuffix(): string {
+  return crypto.randomBytes(4).toString('hex');
+}

@@ -1,0 +1,508 @@
+/**
+ * Where a region's tenant stores live and how one is opened: a SQLite file per tenant
+ * (`<dataDir>/<region>/<tenant>.sqlite`, WAL, `synchronous=FULL` and `secure_delete` on every
+ * connection) or a PostgreSQL schema per tenant (`<prefix><tenant>`). A handle is one Sequelize
+ * instance with the models, a write queue (one writer per store in this process) and the
+ * tenant's plaintext DEK cache (process memory only, dropped when the handle closes).
+ */
+import crypto from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { QueryTypes, Sequelize, Transaction } from 'sequelize';
+import sqlite3 from 'sqlite3';
+import { ConflictError, NotFoundError } from '../errors.ts';
+import { GENESIS_HASH } from './hash-chain.ts';
+import { STORE_SCHEMA_VERSION, TABLES, defineTenantStoreModels } from './models.ts';
+import type { TenantStoreModels } from './models.ts';
+
+export type Dialect = 'sqlite' | 'postgres';
+
+/** An open tenant store. */
+export interface StoreHandle {
+  readonly tenant: string;
+  readonly region: string;
+  readonly dialect: Dialect;
+  readonly sequelize: Sequelize;
+  readonly models: TenantStoreModels;
+  /** Plaintext DEKs by version: process memory only, never persisted or returned. */
+  readonly deks: Map<number, KeyObject>;
+  /**
+   * Runs `fn` in a write transaction, after this process's other writes to this store
+   * (possibly sharing one COMMIT with writes queued meanwhile; see createGroupCommit). Settles
+   * after the commit. Never call it from inside `fn` (it would wait for itself).
+   */
+  writeTx<T>(fn: (t: Transaction) => Promise<T>): Promise<T>;
+  /** Runs `fn` in a read transaction that sees one consistent snapshot. */
+  readTx<T>(fn: (t: Transaction) => Promise<T>): Promise<T>;
+  /** `"table"` or `"schema"."table"` for raw statements. */
+  qualified(table: string): string;
+  /** SQLite: checkpoint and truncate the WAL (drops old page images); PostgreSQL: no-op. */
+  compact(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** A region's storage: SQLite files or PostgreSQL schemas. */
+export interface StoreBackend {
+  readonly dialect: Dialect;
+  readonly region: string;
+  exists(tenant: string): Promise<boolean>;
+  /** Tenants with a store. */
+  list(): Promise<string[]>;
+  /** Opens (with `create`, creating) the tenant's store. @throws NotFoundError without create. */
+  open(tenant: string, create: boolean): Promise<StoreHandle>;
+  /** Deletes the store (files incl. WAL/SHM, or the schema). */
+  remove(tenant: string): Promise<void>;
+  close(): Promise<void>;
+  /** SQLite only: the store file. */
+  filePath(tenant: string): string;
+  /** PostgreSQL only: the schema name. */
+  schemaName(tenant: string): string;
+  /** PostgreSQL only: a connection for region-level statements. */
+  admin(): Sequelize;
+  /** Opens a handle on an arbitrary SQLite file or PostgreSQL schema (restore staging). */
+  openAt(
+    target: { file?: string; schema?: string },
+    tenant: string,
+    create: boolean,
+  ): Promise<StoreHandle>;
+}
+
+interface SqliteDb {
+  exec(sql: string, cb: (err: Error | null) => void): void;
+}
+
+function createQueue(): <T>(fn: () => Promise<T>) => Promise<T> {
+  let tail: Promise<unknown> = Promise.resolve();
+  return <T>(fn: () => Promise<T>): Promise<T> => {
+    const run = tail.then(fn, fn);
+    tail = run.catch(() => undefined);
+    return run;
+  };
+}
+
+const MAX_GROUP = 64;
+
+interface PendingWrite {
+  fn: (t: Transaction) => Promise<unknown>;
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+}
+
+/**
+ * Group commit: writes queued while a transaction runs are committed together in the next
+ * one, each inside its own SAVEPOINT (a failing write rolls back alone and rejects only its
+ * caller). Every caller's promise settles only after the shared COMMIT, so "resolved" still
+ * means durable; under load one fsync serves many hook calls instead of one each.
+ */
+function createGroupCommit(
+  sequelize: Sequelize,
+  run: (fn: (t: Transaction) => Promise<void>) => Promise<void>,
+): <T>(fn: (t: Transaction) => Promise<T>) => Promise<T> {
+  const pending: PendingWrite[] = [];
+  let draining = false;
+
+  async function drain(): Promise<void> {
+    draining = true;
+    while (pending.length > 0) {
+      const group = pending.splice(0, MAX_GROUP);
+      const outcomes: Array<{ ok: true; value: unknown } | { ok: false; error: unknown }> = [];
+      try {
+        await run(async (t) => {
+          if (group.length === 1 && group[0]) {
+            outcomes.push({ ok: true, value: await group[0].fn(t) });
+            return;
+          }
+          for (const job of group) {
+            try {
+              const value = await sequelize.transaction({ transaction: t }, (sp) => job.fn(sp));
+              outcomes.push({ ok: true, value });
+            } catch (error) {
+              outcomes.push({ ok: false, error });
+            }
+          }
+        });
+        group.forEach((job, i) => {
+          const o = outcomes[i];
+          if (o?.ok) {
+            job.resolve(o.value);
+          } else {
+            job.reject(o?.error);
+          }
+        });
+      } catch (err) {
+        group.forEach((job, i) => {
+          const o = outcomes[i];
+          job.reject(o && !o.ok ? o.error : err);
+        });
+      }
+    }
+    draining = false;
+  }
+
+  return <T>(fn: (t: Transaction) => Promise<T>): Promise<T> =>
+    new Promise<T>((resolve, reject) => {
+      pending.push({ fn, resolve: resolve as (v: unknown) => void, reject });
+      if (!draining) {
+        void drain();
+      }
+    });
+}
+
+/**
+ * Every SQLite connection Sequelize opens (the default one and one per transaction) gets the
+ * durability and hygiene pragmas before first use. `synchronous` cannot be changed inside a
+ * transaction, hence a connection hook rather than a statement in each transaction.
+ */
+function configureSqliteConnections(sequelize: Sequelize): void {
+  const cm = sequelize.connectionManager as unknown as {
+    getConnection(opts?: unknown): Promise<SqliteDb>;
+  };
+  const original = cm.getConnection.bind(cm);
+  const configured = new WeakSet<object>();
+  cm.getConnection = async (opts?: unknown) => {
+    const db = await original(opts);
+    if (!configured.has(db)) {
+      await new Promise<void>((resolve, reject) => {
+        db.exec(
+          'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000;',
+          (err) => {
+            if (err) {
+              reject(err);
+            } else {
+              resolve();
+            }
+          },
+        );
+      });
+      configured.add(db);
+    }
+    return db;
+  };
+}
+
+const APPEND_ONLY_SQLITE = [
+  `CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON ${TABLES.auditEvents}
+   BEGIN SELECT RAISE(ABORT, 'audit chain is append-only'); END`,
+  `CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON ${TABLES.auditEvents}
+   BEGIN SELECT RAISE(ABORT, 'audit chain is append-only'); END`,
+];
+
+function appendOnlyPostgres(schema: string): string[] {
+  const q = `"${schema}"`;
+  return [
+    `CREATE OR REPLACE FUNCTION ${q}.cellcds_append_only() RETURNS trigger LANGUAGE plpgsql AS
+     $$ BEGIN RAISE EXCEPTION 'audit chain is append-only'; END $$`,
+    `CREATE OR REPLACE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE
+     ON ${q}.${TABLES.auditEvents} FOR EACH ROW EXECUTE FUNCTION ${q}.cellcds_append_only()`,
+  ];
+}
+
+interface HandleParts {
+  tenant: string;
+  region: string;
+  dialect: Dialect;
+  sequelize: Sequelize;
+  schema?: string;
+  now: () => Date;
+  create: boolean;
+}
+
+async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
+  const { sequelize, dialect, schema, tenant, region } = parts;
+  const models = defineTenantStoreModels(sequelize, schema);
+  const qualified = (table: string) => (schema ? `"${schema}"."${table}"` : `"${table}"`);
+  const queue = createQueue();
+
+  const readMeta = async (): Promise<Map<string, string> | undefined> => {
+    try {
+      const rows = await sequelize.query<{ key: string; value: string }>(
+        `SELECT key, value FROM ${qualified(TABLES.meta)}`,
+        { type: QueryTypes.SELECT },
+      );
+      return new Map(rows.map((r) => [r.key, r.value]));
+    } catch {
+      return undefined;
+    }
+  };
+
+  let meta = await readMeta();
+  if (meta?.get('schema') !== STORE_SCHEMA_VERSION) {
+    if (!parts.create && meta === undefined) {
+      throw new NotFoundError(`store of tenant ${tenant}`);
+    }
+    await sequelize.sync();
+    for (const sql of dialect === 'sqlite'
+      ? APPEND_ONLY_SQLITE
+      : appendOnlyPostgres(schema ?? '')) {
+      await sequelize.query(sql);
+    }
+    await sequelize.transaction(async (t) => {
+      const existing = await models.Meta.findAll({ transaction: t, raw: true });
+      const have = new Set(existing.map((r) => r.key));
+      const wanted: Array<[string, string]> = [
+        ['tenant', tenant],
+        ['region', region],
+        ['createdAt', parts.now().toISOString()],
+      ];
+      for (const [key, value] of wanted) {
+        if (!have.has(key)) {
+          await models.Meta.create({ key, value }, { transaction: t });
+        }
+      }
+      if ((await models.AuditHead.count({ transaction: t })) === 0) {
+        await models.AuditHead.create({ id: 1, seq: 0, hash: GENESIS_HASH }, { transaction: t });
+      }
+      await models.Meta.upsert({ key: 'schema', value: STORE_SCHEMA_VERSION }, { transaction: t });
+    });
+    meta = await readMeta();
+  }
+  // A store file or schema renamed or copied to another tenant or region is refused.
+  if (meta?.get('tenant') !== tenant || meta.get('region') !== region) {
+    throw new ConflictError(`the store at this location does not belong to tenant ${tenant}`);
+  }
+
+  let closed = false;
+  const deks = new Map<number, KeyObject>();
+  const begin = <T>(fn: (t: Transaction) => Promise<T>): Promise<T> =>
+    dialect === 'sqlite'
+      ? sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn)
+      : sequelize.transaction(fn);
+  const writeTx = createGroupCommit(sequelize, (fn) => queue(() => begin(fn)));
+  return {
+    tenant,
+    region,
+    dialect,
+    sequelize,
+    models,
+    deks,
+    writeTx,
+    readTx: (fn) =>
+      dialect === 'sqlite'
+        ? sequelize.transaction({ type: Transaction.TYPES.DEFERRED }, fn)
+        : sequelize.transaction(
+            { isolationLevel: Transaction.ISOLATION_LEVELS.REPEATABLE_READ },
+            fn,
+          ),
+    qualified,
+    async compact() {
+      if (dialect === 'sqlite') {
+        // Best effort: readers may keep the WAL from being truncated right now.
+        await queue(() => sequelize.query('PRAGMA wal_checkpoint(TRUNCATE)')).catch(
+          () => undefined,
+        );
+      }
+    },
+    async close() {
+      if (!closed) {
+        closed = true;
+        deks.clear();
+        await sequelize.close();
+      }
+    },
+  };
+}
+
+/** SQLite: `<dataDir>/<region>/<tenant>.sqlite`. */
+export function createSqliteBackend(opts: {
+  dataDir: string;
+  region: string;
+  now: () => Date;
+}): StoreBackend {
+  const dir = path.join(path.resolve(opts.dataDir), opts.region);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const filePath = (tenant: string) => path.join(dir, `${tenant}.sqlite`);
+
+  async function openFile(file: string, tenant: string, create: boolean): Promise<StoreHandle> {
+    if (!fs.existsSync(file)) {
+      if (!create) {
+        throw new NotFoundError(`store of tenant ${tenant}`);
+      }
+      // Created 0600 before SQLite opens it: its -wal and -shm files inherit the mode.
+      fs.closeSync(fs.openSync(file, 'wx', 0o600));
+    }
+    const sequelize = new Sequelize({
+      dialect: 'sqlite',
+      storage: file,
+      logging: false,
+      dialectOptions: { mode: sqlite3.OPEN_READWRITE | sqlite3.OPEN_CREATE },
+    });
+    configureSqliteConnections(sequelize);
+    try {
+      await sequelize.query('PRAGMA journal_mode=WAL');
+      return await initialiseHandle({
+        tenant,
+        region: opts.region,
+        dialect: 'sqlite',
+        sequelize,
+        now: opts.now,
+        create,
+      });
+    } catch (err) {
+      await sequelize.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  return {
+    dialect: 'sqlite',
+    region: opts.region,
+    exists: (tenant) => Promise.resolve(fs.existsSync(filePath(tenant))),
+    list() {
+      const tenants = fs
+        .readdirSync(dir)
+        .filter((f) => f.endsWith('.sqlite') && !f.startsWith('.'))
+        .map((f) => f.slice(0, -'.sqlite'.length));
+      return Promise.resolve(tenants.sort());
+    },
+    open: (tenant, create) => openFile(filePath(tenant), tenant, create),
+    openAt(target, tenant, create) {
+      if (target.file === undefined) {
+        throw new TypeError('openAt: a SQLite backend needs a file');
+      }
+      return openFile(target.file, tenant, create);
+    },
+    remove(tenant) {
+      const file = filePath(tenant);
+      for (const suffix of ['', '-wal', '-shm', '-journal']) {
+        fs.rmSync(`${file}${suffix}`, { force: true });
+      }
+      const fd = fs.openSync(dir, 'r');
+      try {
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      return Promise.resolve();
+    },
+    close: () => Promise.resolve(),
+    filePath,
+    schemaName() {
+      throw new TypeError('schemaName: not a PostgreSQL backend');
+    },
+    admin() {
+      throw new TypeError('admin: not a PostgreSQL backend');
+    },
+  };
+}
+
+const SCHEMA_PREFIX_PATTERN = /^[a-z][a-z0-9_]{0,39}$/;
+const PG_IDENT_MAX = 63;
+
+/**
+ * The schema of a tenant: `<prefix><tenant with - as _>`, or, when that exceeds PostgreSQL's
+ * 63-byte identifiers, a truncated id plus 12 hex digits of its sha256.
+ */
+export function tenantSchemaName(prefix: string, tenant: string): string {
+  const plain = `${prefix}${tenant.replace(/-/g, '_')}`;
+  if (plain.length <= PG_IDENT_MAX) {
+    return plain;
+  }
+  const digest = crypto.createHash('sha256').update(tenant).digest('hex').slice(0, 12);
+  const room = PG_IDENT_MAX - prefix.length - digest.length - 1;
+  return `${prefix}${tenant.slice(0, room).replace(/-/g, '_')}_${digest}`;
+}
+
+/** PostgreSQL: one schema per tenant in the region's database. */
+export function createPostgresBackend(opts: {
+  url: string;
+  region: string;
+  schemaPrefix: string;
+  poolMax: number;
+  now: () => Date;
+}): StoreBackend {
+  if (!SCHEMA_PREFIX_PATTERN.test(opts.schemaPrefix)) {
+    throw new TypeError('schemaPrefix must be lower-case letters, digits and _');
+  }
+  const admin = new Sequelize(opts.url, {
+    dialect: 'postgres',
+    logging: false,
+    pool: { max: 1, min: 0, idle: 5_000 },
+  });
+  const schemaName = (tenant: string) => tenantSchemaName(opts.schemaPrefix, tenant);
+
+  async function schemaExists(schema: string): Promise<boolean> {
+    const rows = await admin.query<{ n: string }>(
+      'SELECT count(*) AS n FROM information_schema.schemata WHERE schema_name = :schema',
+      { type: QueryTypes.SELECT, replacements: { schema } },
+    );
+    return Number(rows[0]?.n ?? 0) > 0;
+  }
+
+  async function openSchema(schema: string, tenant: string, create: boolean): Promise<StoreHandle> {
+    if (!(await schemaExists(schema))) {
+      if (!create) {
+        throw new NotFoundError(`store of tenant ${tenant}`);
+      }
+      await admin.query(`CREATE SCHEMA IF NOT EXISTS "${schema}"`);
+    }
+    const sequelize = new Sequelize(opts.url, {
+      dialect: 'postgres',
+      logging: false,
+      pool: { max: opts.poolMax, min: 0, idle: 10_000 },
+    });
+    try {
+      return await initialiseHandle({
+        tenant,
+        region: opts.region,
+        dialect: 'postgres',
+        sequelize,
+        schema,
+        now: opts.now,
+        create,
+      });
+    } catch (err) {
+      await sequelize.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  return {
+    dialect: 'postgres',
+    region: opts.region,
+    exists: (tenant) => schemaExists(schemaName(tenant)),
+    async list() {
+      const schemas = await admin.query<{ schema_name: string }>(
+        `SELECT schema_name FROM information_schema.schemata
+         WHERE left(schema_name, :n) = :prefix ORDER BY schema_name`,
+        {
+          type: QueryTypes.SELECT,
+          replacements: { n: opts.schemaPrefix.length, prefix: opts.schemaPrefix },
+        },
+      );
+      const tenants: string[] = [];
+      for (const { schema_name: schema } of schemas) {
+        // Schema names are not reversible for long ids: the tenant id is read from the store.
+        try {
+          const rows = await admin.query<{ value: string }>(
+            `SELECT value FROM "${schema}"."${TABLES.meta}" WHERE key = 'tenant'`,
+            { type: QueryTypes.SELECT },
+          );
+          const tenant = rows[0]?.value;
+          if (tenant !== undefined && schemaName(tenant) === schema) {
+            tenants.push(tenant);
+          }
+        } catch {
+          // A schema with the prefix but no store tables (e.g. a restore in progress): skip.
+        }
+      }
+      return tenants.sort();
+    },
+    open: (tenant, create) => openSchema(schemaName(tenant), tenant, create),
+    openAt(target, tenant, create) {
+      if (target.schema === undefined) {
+        throw new TypeError('openAt: a PostgreSQL backend needs a schema');
+      }
+      return openSchema(target.schema, tenant, create);
+    },
+    async remove(tenant) {
+      await admin.query(`DROP SCHEMA IF EXISTS "${schemaName(tenant)}" CASCADE`);
+    },
+    close: () => admin.close(),
+    filePath() {
+      throw new TypeError('filePath: not a SQLite backend');
+    },
+    schemaName,
+    admin: () => admin,
+  };
+}

@@ -1,0 +1,429 @@
+/**
+ * The TenantStore facade: invocation records, feedback, the audit chain and key management of
+ * one tenant. Every method borrows the tenant's handle from the region's LRU for the duration
+ * of the call, so a facade stays valid across handle evictions.
+ */
+import crypto from 'node:crypto';
+import { Op } from 'sequelize';
+import type { WhereOptions } from 'sequelize';
+import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
+import { appendAudit, auditHead, listAudit, verifyAudit } from './audit-chain.ts';
+import { dekVersions, getDek, primarySealingKey, primaryVersion } from './dek-ring.ts';
+import type { KeyContext } from './dek-ring.ts';
+import { KeyUnavailableError, RecordOpenError } from './errors.ts';
+import { canonicalJson } from './hash-chain.ts';
+import { RECORD_ID_PATTERN } from './ids.ts';
+import type { FeedbackRow, InvocationRow, SealedTable } from './models.ts';
+import { openRecord, sealRecord } from './record-cipher.ts';
+import type { StoreHandle } from './store-backend.ts';
+import type {
+  FeedbackInput,
+  FeedbackRecord,
+  InvocationRecord,
+  InvocationSecret,
+  InvocationSummary,
+  JobInfo,
+  TenantStore,
+} from './types.ts';
+import { instant, validateFeedback, validateInvocation, validateQuery } from './validation.ts';
+import type { ValidInvocation } from './validation.ts';
+
+/** What a facade needs from its region. */
+export interface RegionContext extends KeyContext {
+  region: string;
+  /** Borrows the tenant's open handle (opening, and with provision creating, it) for `fn`. */
+  use<T>(
+    tenant: string,
+    fn: (h: StoreHandle) => Promise<T>,
+    opts?: { provision?: boolean },
+  ): Promise<T>;
+  rotateDek(tenant: string, opts: { emergency: boolean; actor?: string }): Promise<JobInfo>;
+}
+
+const MAX_RETRIES = 5;
+
+function toSummary(row: InvocationRow): InvocationSummary {
+  return {
+    id: row.id,
+    time: row.time,
+    service: row.service,
+    hook: row.hook,
+    hookInstance: row.hookInstance,
+    pack: { id: row.packId, version: row.packVersion, hash: row.packHash },
+    cardUuids: JSON.parse(row.cardUuids) as string[],
+    suggestionUuids: JSON.parse(row.suggestionUuids) as string[],
+    keyVersion: row.keyVersion,
+  };
+}
+
+/** Idempotency id of a feedback item: same card, outcome, instant and suggestions = same id. */
+export function feedbackId(item: FeedbackInput): string {
+  const suggestions = [...new Set((item.acceptedSuggestions ?? []).map((s) => s.id))].sort();
+  return crypto
+    .createHash('sha256')
+    .update(
+      canonicalJson({
+        card: item.card,
+        outcome: item.outcome,
+        outcomeTimestamp: instant(item.outcomeTimestamp, 'outcomeTimestamp'),
+        suggestions,
+      }),
+    )
+    .digest('hex');
+}
+
+/**
+ * Opens a sealed row. If the row's DEK version was destroyed between reading the row and
+ * unwrapping (a rewrap finished meanwhile), the row is read again: it is under a newer version.
+ */
+async function openSealedRow<
+  R extends { seq: number; id: string; keyVersion: number; sealed: string },
+>(
+  h: StoreHandle,
+  ctx: KeyContext,
+  table: SealedTable,
+  row: R,
+  reload: (seq: number) => Promise<R | null>,
+): Promise<Buffer> {
+  let current = row;
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await openRecord(
+        current.sealed,
+        { tenant: h.tenant, table, recordId: current.id },
+        (v) => getDek(h, ctx, v),
+      );
+    } catch (err) {
+      const retry =
+        err instanceof RecordOpenError &&
+        err.reason === 'key_unavailable' &&
+        err.cause instanceof KeyUnavailableError &&
+        err.cause.reason === 'dek_destroyed' &&
+        attempt < 2;
+      if (!retry) {
+        throw err;
+      }
+      const again = await reload(current.seq);
+      if (!again || again.keyVersion === current.keyVersion) {
+        throw err;
+      }
+      current = again;
+    }
+  }
+}
+
+function parseJson(buf: Buffer, table: SealedTable, id: string): unknown {
+  try {
+    return JSON.parse(buf.toString('utf8'));
+  } catch (err) {
+    throw new RecordOpenError('malformed', table, id, err);
+  } finally {
+    buf.fill(0);
+  }
+}
+
+async function saveInvocation(
+  h: StoreHandle,
+  ctx: KeyContext,
+  v: ValidInvocation,
+): Promise<InvocationSummary> {
+  const plaintext = Buffer.from(v.secretJson, 'utf8');
+  try {
+    for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
+      const key = await primarySealingKey(h, ctx);
+      const sealed = sealRecord(
+        key,
+        { tenant: h.tenant, table: 'invocations', recordId: v.id },
+        plaintext,
+      );
+      const saved = await h.writeTx(async (t) => {
+        if ((await primaryVersion(h, t)) !== key.version) {
+          return undefined; // rotated meanwhile: seal again under the new primary
+        }
+        if ((await h.models.Invocation.count({ where: { id: v.id }, transaction: t })) > 0) {
+          throw new ConflictError(`invocation ${v.id} is already stored`);
+        }
+        if (
+          v.cardUuids.length > 0 &&
+          (await h.models.InvocationCard.count({
+            where: { cardUuid: { [Op.in]: v.cardUuids } },
+            transaction: t,
+          })) > 0
+        ) {
+          throw new ConflictError('a card uuid of this invocation is already stored');
+        }
+        const row = {
+          id: v.id,
+          time: v.time,
+          service: v.service,
+          hook: v.hook,
+          hookInstance: v.hookInstance,
+          packId: v.pack.id,
+          packVersion: v.pack.version,
+          packHash: v.pack.hash,
+          cardUuids: JSON.stringify(v.cardUuids),
+          suggestionUuids: JSON.stringify(v.suggestionUuids),
+          keyVersion: key.version,
+          sealed,
+          createdAt: ctx.now().toISOString(),
+        };
+        await h.models.Invocation.create(row, { transaction: t });
+        if (v.cardUuids.length > 0) {
+          await h.models.InvocationCard.bulkCreate(
+            v.cardUuids.map((cardUuid) => ({ cardUuid, invocationId: v.id })),
+            { transaction: t },
+          );
+        }
+        return toSummary({ ...row, seq: 0 });
+      });
+      if (saved) {
+        return saved;
+      }
+    }
+    throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
+  } finally {
+    plaintext.fill(0);
+  }
+}
+
+async function readInvocation(
+  h: StoreHandle,
+  ctx: KeyContext,
+  id: string,
+  actor: string | undefined,
+): Promise<InvocationRecord> {
+  const row = await h.models.Invocation.findOne({ where: { id }, raw: true });
+  if (!row) {
+    throw new NotFoundError('invocation');
+  }
+  const audit = (
+    outcome: 'success' | 'failure',
+    detail: Record<string, string | number | boolean>,
+  ) =>
+    appendAudit(
+      h,
+      {
+        type: 'record.read',
+        outcome,
+        ...(actor !== undefined ? { actor } : {}),
+        detail: { invocation: id, ...detail },
+      },
+      ctx.now,
+    );
+  try {
+    const secret = parseJson(
+      await openSealedRow(h, ctx, 'invocations', row, (seq) =>
+        h.models.Invocation.findOne({ where: { seq }, raw: true }),
+      ),
+      'invocations',
+      row.id,
+    ) as InvocationSecret;
+    const feedbackRows = await h.models.Feedback.findAll({
+      where: { invocationId: id },
+      order: [['seq', 'ASC']],
+      raw: true,
+    });
+    const feedback: FeedbackRecord[] = [];
+    for (const f of feedbackRows) {
+      const item = parseJson(
+        await openSealedRow(h, ctx, 'feedback', f, (seq) =>
+          h.models.Feedback.findOne({ where: { seq }, raw: true }),
+        ),
+        'feedback',
+        f.id,
+      ) as FeedbackInput;
+      feedback.push(toFeedbackRecord(f, item));
+    }
+    await audit('success', { feedback: feedback.length });
+    return { ...toSummary(row), secret, feedback };
+  } catch (err) {
+    const reason = err instanceof RecordOpenError ? err.reason : 'error';
+    await audit('failure', { reason }).catch(() => undefined);
+    throw err;
+  }
+}
+
+function toFeedbackRecord(row: FeedbackRow, item: FeedbackInput): FeedbackRecord {
+  return {
+    id: row.id,
+    invocationId: row.invocationId,
+    service: row.service,
+    card: row.cardUuid,
+    outcome: row.outcome as FeedbackRecord['outcome'],
+    receivedAt: row.receivedAt,
+    keyVersion: row.keyVersion,
+    item,
+  };
+}
+
+async function saveFeedback(
+  h: StoreHandle,
+  ctx: KeyContext,
+  items: FeedbackInput[],
+  service: string,
+): Promise<{ stored: number; duplicates: number; ids: string[] }> {
+  const ids = items.map(feedbackId);
+  for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
+    const key = await primarySealingKey(h, ctx);
+    const sealedById = new Map<string, string>();
+    items.forEach((item, i) => {
+      const fid = ids[i] ?? '';
+      if (!sealedById.has(fid)) {
+        const plaintext = Buffer.from(JSON.stringify(item), 'utf8');
+        sealedById.set(
+          fid,
+          sealRecord(key, { tenant: h.tenant, table: 'feedback', recordId: fid }, plaintext),
+        );
+        plaintext.fill(0);
+      }
+    });
+    const result = await h.writeTx(async (t) => {
+      if ((await primaryVersion(h, t)) !== key.version) {
+        return undefined;
+      }
+      const invocationOf = new Map<string, string>();
+      for (const card of new Set(items.map((i) => i.card))) {
+        const link = await h.models.InvocationCard.findByPk(card, { transaction: t, raw: true });
+        const inv = link
+          ? await h.models.Invocation.findOne({
+              where: { id: link.invocationId },
+              attributes: ['id', 'service'],
+              transaction: t,
+              raw: true,
+            })
+          : null;
+        // A card this tenant was never sent, or sent by another service: refuse the batch.
+        if (!inv || inv.service !== service) {
+          throw new NotFoundError('card');
+        }
+        invocationOf.set(card, inv.id);
+      }
+      let stored = 0;
+      let duplicates = 0;
+      const seen = new Set<string>();
+      const receivedAt = ctx.now().toISOString();
+      for (const [i, item] of items.entries()) {
+        const fid = ids[i] ?? '';
+        if (
+          seen.has(fid) ||
+          (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) > 0
+        ) {
+          duplicates += 1;
+          continue;
+        }
+        seen.add(fid);
+        await h.models.Feedback.create(
+          {
+            id: fid,
+            invocationId: invocationOf.get(item.card) ?? '',
+            cardUuid: item.card,
+            service,
+            outcome: item.outcome,
+            receivedAt,
+            keyVersion: key.version,
+            sealed: sealedById.get(fid) ?? '',
+          },
+          { transaction: t },
+        );
+        stored += 1;
+      }
+      return { stored, duplicates, ids };
+    });
+    if (result) {
+      return result;
+    }
+  }
+  throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
+}
+
+/** Creates the facade of `tenant` over the region context. */
+export function createTenantStore(ctx: RegionContext, tenant: string): TenantStore {
+  return {
+    tenant,
+    region: ctx.region,
+
+    async saveInvocation(input) {
+      const v = validateInvocation(input);
+      return ctx.use(tenant, (h) => saveInvocation(h, ctx, v));
+    },
+
+    async listInvocations(query = {}) {
+      const q = validateQuery(query);
+      return ctx.use(tenant, async (h) => {
+        const where: WhereOptions<InvocationRow> = {};
+        const time: Record<symbol, string> = {};
+        if (q.from !== undefined) {
+          time[Op.gte] = q.from;
+        }
+        if (q.to !== undefined) {
+          time[Op.lt] = q.to;
+        }
+        if (q.from !== undefined || q.to !== undefined) {
+          Object.assign(where, { time });
+        }
+        if (q.hook !== undefined) {
+          Object.assign(where, { hook: q.hook });
+        }
+        const rows = await h.models.Invocation.findAll({
+          where,
+          order: [
+            ['time', 'ASC'],
+            ['seq', 'ASC'],
+          ],
+          limit: q.limit,
+          raw: true,
+        });
+        return rows.map(toSummary);
+      });
+    },
+
+    async readInvocation(id, opts = {}) {
+      if (typeof id !== 'string' || !RECORD_ID_PATTERN.test(id)) {
+        throw new InvalidInputError('id', 'must be an invocation id');
+      }
+      return ctx.use(tenant, (h) => readInvocation(h, ctx, id, opts.actor));
+    },
+
+    async findCard(cardUuid) {
+      if (typeof cardUuid !== 'string' || !RECORD_ID_PATTERN.test(cardUuid)) {
+        return undefined;
+      }
+      return ctx.use(tenant, async (h) => {
+        const link = await h.models.InvocationCard.findByPk(cardUuid, { raw: true });
+        return link?.invocationId;
+      });
+    },
+
+    async saveFeedback(items, opts) {
+      const valid = validateFeedback(items, opts.service);
+      return ctx.use(tenant, (h) => saveFeedback(h, ctx, valid, opts.service));
+    },
+
+    audit: {
+      append: (event) => ctx.use(tenant, (h) => appendAudit(h, event, ctx.now)),
+      list: (opts) => ctx.use(tenant, (h) => listAudit(h, opts)),
+      verify: () => ctx.use(tenant, (h) => verifyAudit(h)),
+      head: () => ctx.use(tenant, (h) => auditHead(h)),
+    },
+
+    keys: {
+      status: () =>
+        ctx.use(tenant, async (h) => {
+          const versions = await dekVersions(h);
+          const running = (await h.models.Job.findOne({ where: { status: 'running' }, raw: true }))
+            ?.id;
+          return {
+            tenant,
+            primary: versions.find((v) => v.status === 'primary')?.version ?? 0,
+            versions,
+            ...(running !== undefined ? { runningJob: running } : {}),
+          };
+        }),
+      rotate: (opts = {}) =>
+        ctx.rotateDek(tenant, {
+          emergency: opts.emergency === true,
+          ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
+        }),
+    },
+  };
+}

@@ -1,0 +1,408 @@
+/**
+ * Public types of the regional data plane: the key provider contract, per-tenant stores
+ * (invocation records, feedback, audit chain, keys), rewrap jobs, backups.
+ */
+import type { KeyObject } from 'node:crypto';
+import type { AuditEvent } from '../types.ts';
+import type { ChainHead, ChainVerification } from './hash-chain.ts';
+
+// ---------------------------------------------------------------------------------------------
+// Key provider (region master key = KEK). An HSM/KMS implements the same interface: every
+// operation that needs the KEK or a tenant's provider key happens inside the provider.
+// ---------------------------------------------------------------------------------------------
+
+/** `primary` wraps new DEKs; `retiring` awaits the region's DEK rewrap; `retired` unwraps only. */
+export type KekStatus = 'primary' | 'retiring' | 'retired';
+
+/** A DEK wrapped by the provider (JWE compact for the local keyring; opaque to callers). */
+export interface WrappedDek {
+  wrapped: string;
+  kekVersion: number;
+}
+
+/** Where a provider holds its keys (no key material). */
+export interface KeyProviderInfo {
+  /** e.g. `local-keyring`, `aws-kms`, `pkcs11`. */
+  kind: string;
+  region: string;
+  /** Human-readable location: a file path, a key ARN, an HSM slot. */
+  location: string;
+  primaryKekVersion: number;
+  keks: Array<{ version: number; status: KekStatus; createdAt: string }>;
+  /** Number of tenants holding a live provider key. */
+  tenantKeys: number;
+}
+
+export interface KeyProviderHealth {
+  ok: boolean;
+  kind: string;
+  /** Safe text when not ok. */
+  detail?: string;
+}
+
+/**
+ * The region's key provider. DEKs cross this boundary only wrapped, except `unwrapDek`'s
+ * result, which the caller keeps in process memory only. Per-tenant provider keys make
+ * crypto-shredding possible: after `destroyTenantKey(t)` no wrapped DEK of `t` (including the
+ * ones in old backups) can be unwrapped, even with every KEK.
+ */
+export interface KeyProvider {
+  readonly region: string;
+  /** Where the keys are held, KEK versions and states. */
+  describe(): Promise<KeyProviderInfo>;
+  /** Can the provider wrap and unwrap right now? Never throws. */
+  health(): Promise<KeyProviderHealth>;
+  /**
+   * Creates the tenant's provider key if it has none. A tenant whose key was destroyed gets a
+   * new one only with `{ recreate: true }` (an explicit re-provisioning).
+   * @throws KeyUnavailableError('tenant_key_destroyed') for a destroyed tenant without recreate.
+   */
+  createTenantKey(tenant: string, opts?: { recreate?: boolean }): Promise<'created' | 'exists'>;
+  /** Does the tenant hold a live provider key? */
+  hasTenantKey(tenant: string): Promise<boolean>;
+  /** Wraps a DEK under the primary KEK for `tenant`; `aad` is bound into the wrap. */
+  wrapDek(tenant: string, dek: KeyObject, aad: string): Promise<WrappedDek>;
+  /**
+   * Unwraps a DEK. @throws KeyUnavailableError: `tenant_key_destroyed`, `unknown_kek`,
+   * `unwrap_failed` (tampered, another tenant's or another aad's wrap), `provider`.
+   */
+  unwrapDek(tenant: string, wrapped: string, aad: string): Promise<KeyObject>;
+  /** Re-wraps under the primary KEK without the DEK leaving the provider. @throws as unwrapDek. */
+  rewrapDek(tenant: string, wrapped: string, aad: string): Promise<WrappedDek>;
+  /** Crypto-shreds the tenant's provider key. Returns false if it had none. */
+  destroyTenantKey(tenant: string): Promise<boolean>;
+  /** Makes a new KEK primary; older non-retired KEKs become `retiring`. */
+  rotateKek(): Promise<{ primary: number; retiring: number[] }>;
+  /** Marks `retiring` KEKs `retired` (called once every DEK of the region was rewrapped). */
+  completeKekRotation(): Promise<void>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenant store
+// ---------------------------------------------------------------------------------------------
+
+/** The pack version that produced the cards. */
+export interface PackStamp {
+  id: string;
+  version: string;
+  hash: string;
+}
+
+/** The PHI part of an invocation: sealed with the tenant's primary DEK. */
+export interface InvocationSecret {
+  context: unknown;
+  prefetch: unknown;
+  cards: unknown;
+  trace: unknown;
+}
+
+/** Input of `saveInvocation`. Everything but `secret` is stored in clear, so no PHI there. */
+export interface NewInvocation {
+  /** Unique per tenant: letters, digits, `._:-`, at most 128 characters. */
+  id: string;
+  time: string | Date;
+  service: string;
+  hook: string;
+  hookInstance: string;
+  pack: PackStamp;
+  cardUuids: readonly string[];
+  suggestionUuids: readonly string[];
+  secret: InvocationSecret;
+}
+
+/** Invocation metadata (clear columns, no PHI). */
+export interface InvocationSummary {
+  id: string;
+  /** ISO 8601 instant (UTC). */
+  time: string;
+  service: string;
+  hook: string;
+  hookInstance: string;
+  pack: PackStamp;
+  cardUuids: string[];
+  suggestionUuids: string[];
+  /** DEK version that seals the record now. */
+  keyVersion: number;
+}
+
+/** A decrypted invocation record with its decrypted feedback. */
+export interface InvocationRecord extends InvocationSummary {
+  secret: InvocationSecret;
+  feedback: FeedbackRecord[];
+}
+
+/** Filters of `listInvocations`: `from` inclusive, `to` exclusive, `limit` 1..1000 (100). */
+export interface InvocationQuery {
+  from?: string | Date;
+  to?: string | Date;
+  hook?: string;
+  limit?: number;
+}
+
+/** One feedback item (structurally a CDS Hooks 2.0 feedback entry, already validated). */
+export interface FeedbackInput {
+  card: string;
+  outcome: 'accepted' | 'overridden';
+  acceptedSuggestions?: Array<{ id: string }>;
+  overrideReason?: {
+    reason?: { code: string; system: string; display?: string };
+    userComment?: string;
+  };
+  outcomeTimestamp: string;
+}
+
+/** Stored feedback, decrypted. */
+export interface FeedbackRecord {
+  /** Idempotency id: sha256 of (card, outcome, outcomeTimestamp, sorted suggestion ids). */
+  id: string;
+  invocationId: string;
+  service: string;
+  card: string;
+  outcome: 'accepted' | 'overridden';
+  /** ISO 8601 instant the service stored it. */
+  receivedAt: string;
+  keyVersion: number;
+  item: FeedbackInput;
+}
+
+export interface SaveFeedbackResult {
+  /** Newly stored items. */
+  stored: number;
+  /** Items already stored (idempotent repeats). */
+  duplicates: number;
+  /** Feedback ids, in input order. */
+  ids: string[];
+}
+
+/** A tenant audit event: the store's tenant is implicit. No PHI, no secrets. */
+export type TenantAuditInput = Omit<AuditEvent, 'tenant'>;
+
+/** An event of the tenant's hash-chained audit log. */
+export interface ChainedAuditEvent extends TenantAuditInput {
+  seq: number;
+  /** ISO 8601 instant (UTC). */
+  at: string;
+  prevHash: string;
+  hash: string;
+}
+
+/** The tenant's append-only, hash-chained audit log. */
+export interface TenantAudit {
+  /** Appends one event. @throws InvalidInputError for a malformed event. */
+  append(event: TenantAuditInput): Promise<ChainedAuditEvent>;
+  /** Events in `seq` order after `afterSeq` (default 0), at most `limit` (1..10 000, 1000). */
+  list(opts?: { afterSeq?: number; limit?: number }): Promise<ChainedAuditEvent[]>;
+  /** Walks the whole chain and checks it against the head anchor. */
+  verify(): Promise<ChainVerification>;
+  /** The head anchor as stored. */
+  head(): Promise<ChainHead>;
+}
+
+export type DekStatus = 'primary' | 'active' | 'retired' | 'destroyed';
+
+export interface DekVersionInfo {
+  version: number;
+  /**
+   * `primary`: seals new records. `active`: older, still opens records (scheduled rotation).
+   * `retired`: compromised (emergency rotation), opens records only until they are
+   * rewrapped. `destroyed`: wrapped key erased.
+   */
+  status: DekStatus;
+  /** KEK version wrapping it (null once destroyed). */
+  kekVersion: number | null;
+  compromised: boolean;
+  createdAt: string;
+  retiredAt?: string;
+  destroyedAt?: string;
+  /** Records (invocations + feedback) sealed under this version now. */
+  records: number;
+}
+
+export interface KeyStatus {
+  tenant: string;
+  primary: number;
+  versions: DekVersionInfo[];
+  /** The running rewrap job, if any. */
+  runningJob?: string;
+}
+
+export interface TenantKeys {
+  status(): Promise<KeyStatus>;
+  /**
+   * Makes a new DEK version primary at once and starts a rewrap job (returned). Scheduled: the
+   * job is throttled and old versions are destroyed when it ends with no record under them.
+   * Emergency: the old primary is marked compromised (`retired`), the job runs unthrottled and
+   * destroys it as soon as no record uses it; a running job is superseded.
+   * @throws ConflictError for a scheduled rotation while a rewrap job runs.
+   */
+  rotate(opts?: { emergency?: boolean; actor?: string }): Promise<JobInfo>;
+}
+
+/** One tenant's store in this region. Methods return plain objects. */
+export interface TenantStore {
+  readonly tenant: string;
+  readonly region: string;
+  /**
+   * Stores an invocation: metadata in clear, `secret` sealed with the primary DEK. Durable
+   * (committed, synced) when the promise resolves.
+   * @throws InvalidInputError (bad field), ConflictError (id or a card uuid already stored),
+   *   KeyUnavailableError.
+   */
+  saveInvocation(input: NewInvocation): Promise<InvocationSummary>;
+  /** Metadata only, ascending by time. @throws InvalidInputError for bad filters. */
+  listInvocations(query?: InvocationQuery): Promise<InvocationSummary[]>;
+  /**
+   * Decrypts one record (and its feedback) and appends a `record.read` audit event.
+   * @throws NotFoundError, RecordOpenError.
+   */
+  readInvocation(id: string, opts?: { actor?: string }): Promise<InvocationRecord>;
+  /** The invocation that returned this card, or undefined. */
+  findCard(cardUuid: string): Promise<string | undefined>;
+  /**
+   * Stores feedback items, all or nothing, each linked to its card's invocation; repeats are
+   * stored once. @throws NotFoundError('card') for a card this service never sent to this
+   * tenant, InvalidInputError.
+   */
+  saveFeedback(
+    items: readonly FeedbackInput[],
+    opts: { service: string },
+  ): Promise<SaveFeedbackResult>;
+  audit: TenantAudit;
+  keys: TenantKeys;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs, backups, region
+// ---------------------------------------------------------------------------------------------
+
+export type JobKind = 'dek-rewrap' | 'kek-rewrap';
+export type JobStatus = 'running' | 'done' | 'failed' | 'superseded';
+
+/** An observable rewrap job. `rate` is records (or tenants) per second in this process. */
+export interface JobInfo {
+  /** `rewrap.<tenant>.<n>` or `kek.<region>.<kekVersion>`. */
+  id: string;
+  tenant?: string;
+  region: string;
+  kind: JobKind;
+  status: JobStatus;
+  emergency: boolean;
+  done: number;
+  total: number;
+  rate: number;
+  etaSeconds: number | null;
+  startedAt: string;
+  updatedAt: string;
+  finishedAt?: string;
+  /** Safe text (ids and reasons only). */
+  error?: string;
+}
+
+export interface BackupResult {
+  /** The backup folder (holds manifest.json, the snapshot and deks.json). */
+  path: string;
+  tenant: string;
+  region: string;
+  createdAt: string;
+  counts: { invocations: number; feedback: number; auditEvents: number };
+}
+
+export interface RestoreResult {
+  tenant: string;
+  region: string;
+  backupCreatedAt: string;
+  counts: { invocations: number; feedback: number; auditEvents: number };
+  /** False when the provider holds no key for the tenant: records will not open. */
+  keyAvailable: boolean;
+}
+
+export interface DeprovisionResult {
+  tenant: string;
+  region: string;
+  /** Whether the provider held a tenant key that was destroyed. */
+  tenantKeyDestroyed: boolean;
+  /** DEK versions erased from the store before it was deleted. */
+  dekVersionsDestroyed: number;
+  storeDeleted: boolean;
+}
+
+export interface RegionStoresStats {
+  region: string;
+  dialect: 'sqlite' | 'postgres';
+  open: number;
+  maxOpen: number;
+  runningJobs: number;
+}
+
+/** Options of `openRegionStores`. Exactly one of `dataDir` and `postgresUrl`. */
+export interface OpenRegionStoresOptions {
+  region: string;
+  /** SQLite: stores at `<dataDir>/<region>/<tenant>.sqlite`. */
+  dataDir?: string;
+  /** PostgreSQL: one schema per tenant, `<schemaPrefix><tenant>`. */
+  postgresUrl?: string;
+  /** Default `cellcds_t_`. Lower-case letters, digits, `_`. */
+  schemaPrefix?: string;
+  keyProvider: KeyProvider;
+  /** Open store handles kept (LRU). Default 64. */
+  maxOpen?: number;
+  /** PostgreSQL connections per open store. Default 2. */
+  pgPoolMax?: number;
+  now?: () => Date;
+  rewrap?: {
+    /** Records per batch (one transaction each). Default 200. */
+    batchSize?: number;
+    /** Pause between batches of a scheduled rotation. Default 50 ms. */
+    throttleMs?: number;
+    /** Pause between batches of an emergency rotation. Default 0. */
+    emergencyThrottleMs?: number;
+  };
+  /** Called when a background job fails (safe error). */
+  onJobError?: (job: JobInfo, err: unknown) => void;
+}
+
+/** All tenant stores of one region, a bounded LRU of open handles, jobs and lifecycle. */
+export interface RegionStores {
+  readonly region: string;
+  /** The tenant's store facade (opened lazily, per operation). @throws InvalidInputError. */
+  store(tenantId: string): TenantStore;
+  /**
+   * Creates the tenant's store and keys now (also done lazily on first use). Re-creates keys for
+   * a tenant that was deprovisioned. @throws InvalidInputError.
+   */
+  provisionTenant(tenantId: string): Promise<void>;
+  /** Tenants with a store in this region. */
+  listTenants(): Promise<string[]>;
+  /** A job by id (any tenant of this region, or a KEK job), or undefined. */
+  findJob(id: string): Promise<JobInfo | undefined>;
+  /** The tenant's jobs, newest first. */
+  listJobs(tenantId: string): Promise<JobInfo[]>;
+  /** Resolves when the job stops running (done, failed, superseded). @throws NotFoundError. */
+  waitForJob(id: string): Promise<JobInfo>;
+  /** Restarts every job left running (crash, restart) and an unfinished KEK rotation. */
+  resumePendingJobs(): Promise<JobInfo[]>;
+  /** Rotates the region's KEK and starts the job that rewraps every tenant's DEKs. */
+  rotateKek(opts?: { actor?: string }): Promise<JobInfo>;
+  /**
+   * Crypto-shreds the tenant (provider key first, then every DEK version), then deletes its
+   * store (files incl. WAL/SHM, or the schema). @throws InvalidInputError.
+   */
+  deprovisionTenant(tenantId: string): Promise<DeprovisionResult>;
+  /**
+   * Writes a consistent snapshot (ciphertext as stored), its wrapped DEKs and a manifest with
+   * sha256 checksums into a new folder under `backupDir`. @throws NotFoundError (no store),
+   * BackupError.
+   */
+  backupTenant(tenantId: string, backupDir: string): Promise<BackupResult>;
+  /**
+   * Validates a backup folder and replaces that one tenant's store with it.
+   * @throws BackupError (manifest, checksum, wrong_region, wrong_tenant, wrong_dialect).
+   */
+  restoreTenant(
+    backupPath: string,
+    opts?: { region?: string; tenant?: string },
+  ): Promise<RestoreResult>;
+  stats(): RegionStoresStats;
+  /** Stops job runners after their current batch and closes every handle. */
+  close(): Promise<void>;
+}
