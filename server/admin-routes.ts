@@ -8,6 +8,7 @@ import { parsePackText } from '../rules/index.ts';
 import { AdminAuthError } from '../tenants/index.ts';
 import type { Principal } from '../tenants/index.ts';
 import type { AdminService } from './admin-service.ts';
+import type { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
 import { adminCtxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
@@ -15,7 +16,7 @@ import { ServiceError, unsupportedMediaType } from './errors.ts';
 const PACK_UPLOAD_LIMIT = 32 * 1024 * 1024;
 const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text/x-yaml'];
 
-export function adminRouter(deps: Deps, admin: AdminService): Router {
+export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): Router {
   const router = express.Router();
   const json = express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] });
   router.use(authenticateAdmin(deps));
@@ -73,6 +74,75 @@ export function adminRouter(deps: Deps, admin: AdminService): Router {
   });
   router.get('/rule-packs/:id/versions/:version', async (req, res) => {
     res.json(await admin.getPack(principalOf(res), param(req, 'id'), param(req, 'version')));
+  });
+
+  // ------------------------------------------------------------ data plane (this region)
+  router.get('/tenants/:id/invocations', async (req, res) => {
+    const q = req.query as Record<string, unknown>;
+    const limit = typeof q.limit === 'string' ? Number(q.limit) : undefined;
+    if (limit !== undefined && (!Number.isInteger(limit) || limit < 1 || limit > 1000)) {
+      throw new ServiceError(400, 'invalid_request', 'limit: must be an integer from 1 to 1000', {
+        body: { field: 'limit' },
+      });
+    }
+    const invocations = await data.listInvocations(principalOf(res), param(req, 'id'), {
+      ...(typeof q.from === 'string' ? { from: q.from } : {}),
+      ...(typeof q.to === 'string' ? { to: q.to } : {}),
+      ...(typeof q.hook === 'string' ? { hook: q.hook } : {}),
+      ...(limit !== undefined ? { limit } : {}),
+    });
+    res.json({ invocations });
+  });
+  router.get('/tenants/:id/invocations/:rid', async (req, res) => {
+    res.json(await data.readInvocation(principalOf(res), param(req, 'id'), param(req, 'rid')));
+  });
+  router.post('/tenants/:id/invocations/:rid/replay', async (req, res) => {
+    res.json(await data.replay(principalOf(res), param(req, 'id'), param(req, 'rid')));
+  });
+  router.get('/tenants/:id/keys', async (req, res) => {
+    res.json(await data.keyStatus(principalOf(res), param(req, 'id')));
+  });
+  router.post('/tenants/:id/keys/rotate', json, async (req, res) => {
+    const body = (req.body ?? {}) as Record<string, unknown>;
+    if (body.emergency !== undefined && typeof body.emergency !== 'boolean') {
+      throw new ServiceError(400, 'invalid_request', 'emergency: must be a boolean', {
+        body: { field: 'emergency' },
+      });
+    }
+    res
+      .status(202)
+      .json(
+        await data.rotateTenantKey(principalOf(res), param(req, 'id'), body.emergency === true),
+      );
+  });
+  router.post('/regions/:region/kek/rotate', async (req, res) => {
+    res.status(202).json(await data.rotateKek(principalOf(res), param(req, 'region')));
+  });
+  router.get('/jobs/:jobId', async (req, res) => {
+    res.json(await data.job(principalOf(res), param(req, 'jobId')));
+  });
+  router.delete('/tenants/:id', async (req, res) => {
+    res.json(await data.deprovision(principalOf(res), param(req, 'id')));
+  });
+  router.post('/tenants/:id/backups', async (req, res) => {
+    res.status(201).json(await data.backup(principalOf(res), param(req, 'id')));
+  });
+  router.post('/restores', json, async (req, res) => {
+    const body = (req.body ?? {}) as Record<string, unknown>;
+    if (typeof body.backup !== 'string' || body.backup === '') {
+      throw new ServiceError(400, 'invalid_request', 'backup: the backup folder is required', {
+        body: { field: 'backup' },
+      });
+    }
+    if (body.tenant !== undefined && typeof body.tenant !== 'string') {
+      throw new ServiceError(400, 'invalid_request', 'tenant: must be a tenant id', {
+        body: { field: 'tenant' },
+      });
+    }
+    res.json(await data.restore(principalOf(res), body.backup, body.tenant));
+  });
+  router.get('/tenants/:id/audit/verify', async (req, res) => {
+    res.json(await data.verifyAudit(principalOf(res), param(req, 'id')));
   });
 
   router.get('/audit', async (req, res) => {

@@ -6,6 +6,7 @@ import express, { type Express, type RequestHandler } from 'express';
 import { adminRouter } from './admin-routes.ts';
 import { AdminService } from './admin-service.ts';
 import { cdsRouter } from './cds-routes.ts';
+import { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
 import { errorHandler, notFoundHandler } from './error-handler.ts';
 import { uiRouter } from './ui-routes.ts';
@@ -22,15 +23,30 @@ export function createApp(deps: Deps): Express {
     res.json({ status: 'ok' });
   });
   app.use('/cds-services', cdsRouter(deps));
+  const dataAdmin = new DataAdmin({
+    controlPlane: deps.controlPlane,
+    stores: deps.stores,
+    evaluator: deps.evaluator,
+    backupDir: deps.backupDir,
+  });
   app.use(
     '/admin',
     adminRouter(
       deps,
       new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
+      dataAdmin,
     ),
   );
   // The card viewer: rule-author playground and SMART app (server/ui/, docs/smart-app.md).
-  app.use(uiRouter(deps, { smartClientId: deps.config.smartClientId }));
+  app.use(
+    uiRouter(deps, {
+      smartClientId: deps.config.smartClientId,
+      // SMART app feedback lands in the tenant's store like CDS Hooks feedback.
+      onFeedback: async (tenantId, serviceId, items) => {
+        await deps.stores.store(tenantId).saveFeedback(items, { service: serviceId });
+      },
+    }),
+  );
   app.use(notFoundHandler);
   app.use(errorHandler(deps.log));
   return app;

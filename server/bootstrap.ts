@@ -8,10 +8,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createEvaluator } from '../rules/index.ts';
 import {
+  createLocalKeyProvider,
   createMemoryReplayCache,
   createRedisReplayCache,
   createTokenVerifier,
   openControlPlane,
+  openRegionStores,
 } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
 import type { Config } from './config.ts';
@@ -83,6 +85,29 @@ export async function buildDeps(
     maxLifetimeSeconds: config.jwtMaxLifetimeSeconds,
   });
   const directory = new ServiceDirectory(controlPlane);
+  // The region's data plane: its key provider (local keyring outside the tenant stores) and
+  // one encrypted store per tenant under <data>/<region>/.
+  const keyProvider = await createLocalKeyProvider({
+    keyDir: path.join(config.dataDir, 'keys'),
+    region: config.region,
+  });
+  const stores = await openRegionStores({
+    region: config.region,
+    dataDir: config.dataDir,
+    keyProvider,
+    onJobError: (job, err) => {
+      log.error(
+        {
+          jobId: job.id,
+          tenant: job.tenant,
+          err: { message: err instanceof Error ? err.message : String(err) },
+        },
+        'key job failed',
+      );
+    },
+  });
+  // Rotations interrupted by a crash or restart go on from their checkpoints.
+  await stores.resumePendingJobs();
   return {
     config,
     log,
@@ -90,9 +115,13 @@ export async function buildDeps(
     verifier,
     evaluator,
     directory,
+    stores,
+    keyProvider,
+    backupDir: path.join(config.dataDir, 'backups', config.region),
     bootstrapTokenHash: bootstrap.hash,
     now: () => new Date(),
     async close() {
+      await stores.close();
       await evaluator.close();
       await replayCache.close?.();
       await controlPlane.close();

@@ -5,16 +5,15 @@
 import express, { type Request, type RequestHandler, type Response, type Router } from 'express';
 import {
   discoveryEntry,
-  finalizeCards,
   isHookName,
   parseFeedbackRequest,
   parseHookRequest,
-  resolvePrefetch,
 } from '../hooks/index.ts';
 import { AuthError } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
+import { runHookCall } from './hook-call.ts';
 
 const JSON_TYPES = ['application/json', 'application/*+json'];
 
@@ -51,21 +50,7 @@ export function cdsRouter(deps: Deps): Router {
         });
       }
       const request = parseHookRequest(req.body, resolved.service.hook);
-      const { prefetch } = await resolvePrefetch({
-        templates: resolved.service.prefetch,
-        request,
-        allowedFhirServers: ctx.tenant.fhirServers,
-        fetchOptions: deps.config.prefetch,
-      });
-      const pack = await deps.directory.packForCall(resolved, request.hookInstance);
-      const result = await deps.evaluator.evaluate(pack, resolved.service.id, {
-        hook: request.hook,
-        hookInstance: request.hookInstance,
-        context: request.context,
-        prefetch,
-        now: deps.now(),
-      });
-      const cards = finalizeCards(result.cards);
+      const { cards, pack, result } = await runHookCall(deps, ctx.tenant, resolved, request);
       ctx.log.info(
         {
           service: resolved.service.id,
@@ -92,7 +77,19 @@ export function cdsRouter(deps: Deps): Router {
       const ctx = ctxOf(res);
       const resolved = await deps.directory.service(ctx.tenant, paramOf(req, 'id'));
       const items = parseFeedbackRequest(req.body);
-      ctx.log.info({ service: resolved.service.id, feedbackCount: items.length }, 'feedback');
+      // A card this tenant was never sent is refused (404); repeats are stored once.
+      const saved = await deps.stores
+        .store(ctx.tenant.id)
+        .saveFeedback(items, { service: resolved.service.id });
+      ctx.log.info(
+        {
+          service: resolved.service.id,
+          feedbackCount: items.length,
+          stored: saved.stored,
+          duplicates: saved.duplicates,
+        },
+        'feedback',
+      );
       res.status(200).end();
     },
   );

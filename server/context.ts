@@ -7,7 +7,9 @@ import type { Evaluator } from '../rules/index.ts';
 import type {
   ClientIdentity,
   ControlPlane,
+  KeyProvider,
   Principal,
+  RegionStores,
   Tenant,
   TokenVerifier,
 } from '../tenants/index.ts';
@@ -23,6 +25,12 @@ export interface Deps {
   verifier: TokenVerifier;
   evaluator: Evaluator;
   directory: ServiceDirectory;
+  /** This region's per-tenant encrypted stores. */
+  stores: RegionStores;
+  /** This region's master-key provider. */
+  keyProvider: KeyProvider;
+  /** Where this region's per-tenant backups are written. */
+  backupDir: string;
   /** sha256 of the bootstrap operator token (CELLCDS_ADMIN_TOKEN or the generated one). */
   bootstrapTokenHash?: Buffer;
   now(): Date;

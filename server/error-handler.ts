@@ -9,6 +9,9 @@ import { PackValidationError, UnknownServiceError } from '../rules/index.ts';
 import {
   AdminAuthError,
   AuthError,
+  BackupError,
+  KeyUnavailableError,
+  RecordOpenError,
   ConflictError,
   ForbiddenError,
   InvalidInputError,
@@ -70,6 +73,27 @@ export function toServiceError(err: unknown): ServiceError {
       detail: `prefetch ${err.key}: ${err.reason}`,
       cause: err,
     });
+  }
+  if (err instanceof KeyUnavailableError) {
+    // The region's key provider is down: retryable. Any other key failure is a server fault.
+    return err.reason === 'provider'
+      ? new ServiceError(503, 'unavailable', 'key provider unavailable', {
+          detail: err.message,
+          cause: err,
+        })
+      : new ServiceError(500, 'internal', 'internal error', {
+          detail: `key: ${err.reason}`,
+          cause: err,
+        });
+  }
+  if (err instanceof RecordOpenError) {
+    return new ServiceError(500, 'internal', 'internal error', {
+      detail: `record: ${err.reason}`,
+      cause: err,
+    });
+  }
+  if (err instanceof BackupError) {
+    return new ServiceError(422, 'unprocessable', err.message, { detail: err.reason, cause: err });
   }
   if (isBodyParserError(err)) {
     if (err.type === 'entity.too.large') {

@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'unsupported_media_type'
   | 'unprocessable'
   | 'misdirected'
+  | 'unavailable'
   | 'internal';
 
 export class ServiceError extends Error {

@@ -26,7 +26,6 @@ import {
   isHookName,
   parseFeedbackRequest,
   parseHookRequest,
-  resolvePrefetch,
 } from '../hooks/index.ts';
 import type { FeedbackItem } from '../hooks/index.ts';
 import { buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
@@ -36,6 +35,7 @@ import type { AppIdentity, IdTokenContext, IdTokenVerifier, Principal } from '..
 import { hashToken } from './admin-routes.ts';
 import type { Deps } from './context.ts';
 import { requestIdOf } from './context.ts';
+import { runHookCall } from './hook-call.ts';
 import { toServiceError } from './error-handler.ts';
 import { badRequest, notFound, ServiceError, unsupportedMediaType } from './errors.ts';
 
@@ -621,24 +621,11 @@ function appApi(deps: Deps, opts: UiRouterOptions): Router {
       };
       const request = parseHookRequest(hookBody, 'patient-view');
       try {
-        const { prefetch } = await resolvePrefetch({
-          templates: resolved.service.prefetch,
-          request,
-          allowedFhirServers: tenant.fhirServers,
-          fetchOptions: deps.config.prefetch,
-        });
-        const pack = await deps.directory.packForCall(resolved, request.hookInstance);
-        const result = await deps.evaluator.evaluate(pack, resolved.service.id, {
-          hook: request.hook,
-          hookInstance: request.hookInstance,
-          context: request.context,
-          prefetch,
-          now: deps.now(),
-        });
+        const { cards } = await runHookCall(deps, tenant, resolved, request);
         out.push({
           id: resolved.service.id,
           ...(resolved.service.title === undefined ? {} : { title: resolved.service.title }),
-          cards: finalizeCards(result.cards),
+          cards,
         });
       } catch (err) {
         // One service's missing data must not hide the others' cards: report it per service.

@@ -77,8 +77,11 @@ describe('card viewer in Chromium', function () {
     }
     u = await startUiApp({
       smartClientId: CLIENT_ID,
-      onFeedback: (tenant, service, items) => {
+      // As server/app.ts wires it: the feedback goes to the tenant's store (and is recorded
+      // here for the assertions).
+      onFeedback: async (tenant, service, items) => {
         received.push({ tenant, service, items });
+        await u.t.deps.stores.store(tenant).saveFeedback(items, { service });
       },
     });
     cleanup.push(() => u.close());
@@ -311,6 +314,13 @@ describe('card viewer in Chromium', function () {
     expect(got?.items[0]?.overrideReason).to.deep.equal({
       userComment: 'Patient counselled; INR monitored weekly',
     });
+    // The tenant's store holds the feedback, linked to the invocation that produced the card.
+    const cardUuid = (await card.getAttribute('data-card-uuid')) ?? '';
+    const store = u.t.deps.stores.store('hospital-a');
+    const invocationId = await store.findCard(cardUuid);
+    expect(invocationId, 'the card was recorded with its invocation').to.be.a('string');
+    const record = await store.readInvocation(invocationId ?? '');
+    expect(record.feedback.map((f) => [f.card, f.outcome])).to.deep.equal([[cardUuid, 'overridden']]);
     expect(pageErrors).to.deep.equal([]);
     await page.close();
   });

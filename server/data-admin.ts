@@ -1,0 +1,283 @@
+/**
+ * Admin operations on the region's data plane: reading invocation records back (the tenant's
+ * own tenant-admin and auditor only), "why did this card fire" replays, key rotation and jobs,
+ * deprovisioning (crypto-shredding), backups and restores, audit-chain verification. Shared by
+ * the admin API and the CLI; every call is authorized and audited.
+ */
+import path from 'node:path';
+import { finalizeCards } from '../hooks/index.ts';
+import { compilePack } from '../rules/index.ts';
+import type { Evaluator } from '../rules/index.ts';
+import { authorize, ConflictError, InvalidInputError, NotFoundError } from '../tenants/index.ts';
+import type {
+  AuditEvent,
+  BackupResult,
+  ChainVerification,
+  ControlPlane,
+  DeprovisionResult,
+  InvocationRecord,
+  InvocationSummary,
+  JobInfo,
+  KeyStatus,
+  Principal,
+  RegionStores,
+  RestoreResult,
+} from '../tenants/index.ts';
+
+export interface DataAdminDeps {
+  controlPlane: ControlPlane;
+  stores: RegionStores;
+  evaluator: Evaluator;
+  backupDir: string;
+}
+
+export interface ReplayResult {
+  invocation: string;
+  pack: { id: string; version: string; hash: string };
+  /** True when the replayed cards equal the stored ones (ignoring the per-call uuids). */
+  matches: boolean;
+  cards: unknown[];
+  storedCards: unknown[];
+  trace: unknown[];
+}
+
+const actorOf = (p: Principal): string => `${p.role}:${p.tokenId}`;
+
+/** Cards without their per-call uuids, for comparing a replay with the record. */
+function withoutUuids(cards: unknown): unknown {
+  if (Array.isArray(cards)) {
+    return cards.map(withoutUuids);
+  }
+  if (cards !== null && typeof cards === 'object') {
+    return Object.fromEntries(
+      Object.entries(cards)
+        .filter(([k]) => k !== 'uuid')
+        .map(([k, v]) => [k, k === 'resource' ? v : withoutUuids(v)]),
+    );
+  }
+  return cards;
+}
+
+export class DataAdmin {
+  constructor(private readonly deps: DataAdminDeps) {}
+
+  private async audit(principal: Principal, event: Omit<AuditEvent, 'actor'>): Promise<void> {
+    await this.deps.controlPlane.audit.record({ ...event, actor: actorOf(principal) });
+  }
+
+  /** The tenant must exist in the registry (so a typo is a 404, not a new empty store). */
+  private async tenant(id: string): Promise<void> {
+    await this.deps.controlPlane.tenants.get(id);
+  }
+
+  async listInvocations(
+    principal: Principal,
+    tenantId: string,
+    query: { from?: string; to?: string; hook?: string; limit?: number },
+  ): Promise<InvocationSummary[]> {
+    authorize(principal, 'records:read', tenantId);
+    await this.tenant(tenantId);
+    for (const k of ['from', 'to'] as const) {
+      const v = query[k];
+      if (v !== undefined && Number.isNaN(Date.parse(v))) {
+        throw new InvalidInputError(k, 'must be an ISO 8601 date-time');
+      }
+    }
+    const list = await this.deps.stores.store(tenantId).listInvocations(query);
+    await this.audit(principal, {
+      type: 'records.list',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { count: list.length },
+    });
+    return list;
+  }
+
+  async readInvocation(
+    principal: Principal,
+    tenantId: string,
+    id: string,
+  ): Promise<InvocationRecord> {
+    authorize(principal, 'records:read', tenantId);
+    await this.tenant(tenantId);
+    const record = await this.deps.stores
+      .store(tenantId)
+      .readInvocation(id, { actor: actorOf(principal) });
+    await this.audit(principal, {
+      type: 'records.read',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { invocation: id },
+    });
+    return record;
+  }
+
+  /**
+   * Re-evaluates a stored invocation's inputs with the pack version it was answered with, at
+   * the instant it was answered, and says whether the cards match.
+   */
+  async replay(principal: Principal, tenantId: string, id: string): Promise<ReplayResult> {
+    const record = await this.readInvocation(principal, tenantId, id);
+    const stored = await this.deps.controlPlane.packs.get(record.pack.id, record.pack.version);
+    if (stored.hash !== record.pack.hash) {
+      throw new ConflictError(
+        `pack ${record.pack.id}@${record.pack.version} no longer has hash ${record.pack.hash}`,
+      );
+    }
+    const secret = record.secret as {
+      context: Record<string, unknown>;
+      prefetch: Record<string, unknown>;
+      cards: unknown[];
+    };
+    const result = await this.deps.evaluator.evaluate(compilePack(stored.pack), record.service, {
+      hook: record.hook,
+      hookInstance: record.hookInstance,
+      context: secret.context,
+      prefetch: secret.prefetch,
+      now: new Date(record.time),
+    });
+    const cards = finalizeCards(result.cards);
+    const matches =
+      JSON.stringify(withoutUuids(cards)) === JSON.stringify(withoutUuids(secret.cards));
+    await this.audit(principal, {
+      type: 'records.replay',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { invocation: id, matches },
+    });
+    return {
+      invocation: id,
+      pack: record.pack,
+      matches,
+      cards,
+      storedCards: secret.cards,
+      trace: result.trace,
+    };
+  }
+
+  async keyStatus(principal: Principal, tenantId: string): Promise<KeyStatus> {
+    authorize(principal, 'tenant:read', tenantId);
+    await this.tenant(tenantId);
+    return this.deps.stores.store(tenantId).keys.status();
+  }
+
+  /** Scheduled or emergency DEK rotation: the new version is primary at once; a job rewraps. */
+  async rotateTenantKey(
+    principal: Principal,
+    tenantId: string,
+    emergency: boolean,
+  ): Promise<JobInfo> {
+    authorize(principal, 'tenant:update', tenantId);
+    await this.tenant(tenantId);
+    const job = await this.deps.stores
+      .store(tenantId)
+      .keys.rotate({ emergency, actor: actorOf(principal) });
+    await this.audit(principal, {
+      type: emergency ? 'key.rotate.emergency' : 'key.rotate',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { job: job.id, total: job.total },
+    });
+    return job;
+  }
+
+  /** Rotates this region's master key; a job rewraps every tenant's DEKs (records untouched). */
+  async rotateKek(principal: Principal, region: string): Promise<JobInfo> {
+    authorize(principal, 'tenant:update');
+    if (region !== this.deps.stores.region) {
+      throw new NotFoundError(`region ${region} on this plane`);
+    }
+    const job = await this.deps.stores.rotateKek({ actor: actorOf(principal) });
+    await this.audit(principal, {
+      type: 'key.kek.rotate',
+      outcome: 'success',
+      detail: { region, job: job.id },
+    });
+    return job;
+  }
+
+  async job(principal: Principal, id: string): Promise<JobInfo> {
+    const job = await this.deps.stores.findJob(id);
+    authorize(principal, 'tenant:read', job?.tenant);
+    if (!job) {
+      throw new NotFoundError('job');
+    }
+    return job;
+  }
+
+  /** Crypto-shreds the tenant (keys first, then the store), then removes it from the registry. */
+  async deprovision(principal: Principal, tenantId: string): Promise<DeprovisionResult> {
+    authorize(principal, 'tenant:delete', tenantId);
+    await this.tenant(tenantId);
+    const result = await this.deps.stores.deprovisionTenant(tenantId);
+    await this.deps.controlPlane.tenants.remove(tenantId);
+    await this.audit(principal, {
+      type: 'tenant.deprovision',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: {
+        tenantKeyDestroyed: result.tenantKeyDestroyed,
+        dekVersionsDestroyed: result.dekVersionsDestroyed,
+        storeDeleted: result.storeDeleted,
+      },
+    });
+    return result;
+  }
+
+  async backup(principal: Principal, tenantId: string): Promise<BackupResult> {
+    authorize(principal, 'tenant:update', tenantId);
+    await this.tenant(tenantId);
+    const result = await this.deps.stores.backupTenant(tenantId, this.deps.backupDir);
+    await this.audit(principal, {
+      type: 'backup.create',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { path: path.basename(result.path), invocations: result.counts.invocations },
+    });
+    return result;
+  }
+
+  /** Restores one tenant from a backup folder inside this region's backup directory. */
+  async restore(principal: Principal, backup: string, tenantId?: string): Promise<RestoreResult> {
+    authorize(principal, 'tenant:update', tenantId);
+    const root = path.resolve(this.deps.backupDir);
+    const target = path.resolve(root, backup);
+    if (target !== root && !target.startsWith(`${root}${path.sep}`)) {
+      throw new InvalidInputError('backup', `must be a backup folder under ${root}`);
+    }
+    try {
+      const result = await this.deps.stores.restoreTenant(target, {
+        region: this.deps.stores.region,
+        ...(tenantId !== undefined ? { tenant: tenantId } : {}),
+      });
+      await this.audit(principal, {
+        type: 'restore.tenant',
+        outcome: 'success',
+        tenant: result.tenant,
+        detail: { backupCreatedAt: result.backupCreatedAt, keyAvailable: result.keyAvailable },
+      });
+      return result;
+    } catch (err) {
+      await this.audit(principal, {
+        type: 'restore.tenant',
+        outcome: 'failure',
+        ...(tenantId !== undefined ? { tenant: tenantId } : {}),
+        detail: { backup: path.basename(target) },
+      });
+      throw err;
+    }
+  }
+
+  async verifyAudit(principal: Principal, tenantId: string): Promise<ChainVerification> {
+    authorize(principal, 'audit:read', tenantId);
+    await this.tenant(tenantId);
+    const result = await this.deps.stores.store(tenantId).audit.verify();
+    await this.audit(principal, {
+      type: 'audit.verify',
+      outcome: result.ok ? 'success' : 'failure',
+      tenant: tenantId,
+      detail: { count: result.count },
+    });
+    return result;
+  }
+}
