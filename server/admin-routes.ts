@@ -145,6 +145,9 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.json(await data.verifyAudit(principalOf(res), param(req, 'id')));
   });
 
+  router.get('/audit/verify', async (_req, res) => {
+    res.json(await admin.verifyControlPlaneAudit(principalOf(res)));
+  });
   router.get('/audit', async (req, res) => {
     const q = req.query as Record<string, unknown>;
     const query = {

@@ -4,8 +4,16 @@
  * secrets: only ids, reasons and counts. Hash chaining is added by issue 4 on top of `seq`.
  */
 import { Op } from 'sequelize';
+import type { Transaction } from 'sequelize';
 import type { WhereOptions } from 'sequelize';
-import type { AuditRow, ControlPlaneModels, WriteLock } from './control-plane-models.ts';
+import type {
+  AuditHeadRow,
+  AuditRow,
+  ControlPlaneModels,
+  WriteTx,
+} from './control-plane-models.ts';
+import { createChainVerifier, nextChainEntry } from './data-plane/hash-chain.ts';
+import type { ChainVerification } from './data-plane/hash-chain.ts';
 import { InvalidInputError } from './errors.ts';
 import type { AuditEvent, AuditQuery, AuditRepository, StoredAuditEvent } from './types.ts';
 
@@ -38,7 +46,23 @@ function optionalString(value: unknown, field: string, max: number): string | nu
   return value;
 }
 
-function validateEvent(input: unknown): Omit<AuditRow, 'seq' | 'at'> {
+type EventColumns = Omit<AuditRow, 'seq' | 'at' | 'prevHash' | 'hash'>;
+
+/** What a chain link hashes: the event as stored (time included), canonical JSON. */
+function chainedEvent(
+  row: Pick<AuditRow, 'at' | 'type' | 'outcome' | 'tenant' | 'actor' | 'detail'>,
+): unknown {
+  return {
+    at: row.at,
+    type: row.type,
+    outcome: row.outcome,
+    tenant: row.tenant,
+    actor: row.actor,
+    detail: row.detail,
+  };
+}
+
+function validateEvent(input: unknown): EventColumns {
   if (typeof input !== 'object' || input === null) {
     throw new InvalidInputError('event', 'must be an object');
   }
@@ -98,20 +122,85 @@ function instant(value: string | Date | undefined, field: string): string | unde
 }
 
 /** Creates the audit repository. */
+/**
+ * Appends one event to the control-plane chain inside the caller's write transaction (so a
+ * change and its audit event commit together). Every insert into audit_events goes through
+ * here: a row written any other way would break the chain.
+ */
+export async function appendAuditEvent(
+  models: ControlPlaneModels,
+  at: string,
+  event: AuditEvent,
+  transaction: Transaction,
+): Promise<AuditRow> {
+  const { Audit, AuditHead } = models;
+  const row = { ...validateEvent(event), at };
+  const head = (await AuditHead.findByPk(1, { transaction, raw: true })) as AuditHeadRow | null;
+  const link = nextChainEntry(
+    head ? { seq: head.seq, hash: head.hash } : undefined,
+    chainedEvent(row),
+  );
+  const stored = await Audit.create(
+    { ...row, seq: link.seq, prevHash: link.prevHash, hash: link.hash },
+    { transaction },
+  );
+  await AuditHead.upsert({ id: 1, seq: link.seq, hash: link.hash }, { transaction });
+  return stored.get({ plain: true });
+}
+
 export function createAuditRepository(deps: {
   models: ControlPlaneModels;
   now: () => Date;
-  write: WriteLock;
-}): AuditRepository {
-  const { Audit } = deps.models;
+  writeTx: WriteTx;
+}): AuditRepository & { verify(): Promise<ChainVerification> } {
+  const { Audit, AuditHead } = deps.models;
   return {
     async record(event) {
-      const valid = validateEvent(event);
-      // `at` is taken inside the lock so that seq order and time order agree.
-      const created = await deps.write(() =>
-        Audit.create({ ...valid, at: deps.now().toISOString() }),
+      // `at` and the chain link are taken inside the write transaction, so seq order, time
+      // order and chain order agree, and the head moves with the event or not at all.
+      // `at` and the chain link are taken inside the write transaction, so seq order, time
+      // order and chain order agree, and the head moves with the event or not at all.
+      const created = await deps.writeTx((transaction) =>
+        appendAuditEvent(deps.models, deps.now().toISOString(), event, transaction),
       );
-      return toEvent(created.get({ plain: true }));
+      return toEvent(created);
+    },
+
+    /** Walks the chain in pages: detects edited, deleted (middle or last) and reordered events. */
+    async verify() {
+      const verifier = createChainVerifier();
+      let after = 0;
+      for (;;) {
+        const rows = (await Audit.findAll({
+          where: { seq: { [Op.gt]: after } },
+          order: [['seq', 'ASC']],
+          limit: 1000,
+          raw: true,
+        })) as unknown as AuditRow[];
+        if (rows.length === 0) {
+          break;
+        }
+        let going = true;
+        for (const r of rows) {
+          going = verifier.push({
+            seq: r.seq,
+            prevHash: r.prevHash,
+            hash: r.hash,
+            event: chainedEvent(r),
+          });
+          if (!going) {
+            break;
+          }
+        }
+        if (!going) {
+          break;
+        }
+        after = rows[rows.length - 1]?.seq ?? after;
+      }
+      const head = (await AuditHead.findByPk(1, { raw: true })) as AuditHeadRow | null;
+      return verifier.finish(
+        head ? { seq: head.seq, hash: head.hash } : { seq: 0, hash: '0'.repeat(64) },
+      );
     },
 
     async list(query: AuditQuery = {}) {

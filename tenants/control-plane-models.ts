@@ -20,6 +20,10 @@ export interface TenantRow {
   issuers: string;
   fhirServers: string;
   subscriptions: string;
+  /** JSON of the registered ResidencyPolicyInput, or null for the default policy. */
+  residency: string | null;
+  /** JSON of the ActiveFailover, or null. */
+  failover: string | null;
   createdAt: string;
   updatedAt: string;
 }
@@ -57,6 +61,16 @@ export interface AuditRow {
   tenant: string | null;
   actor: string | null;
   detail: string | null;
+  /** Hash chain: the previous event's hash, and sha256(prevHash || canonical {seq, event}). */
+  prevHash: string;
+  hash: string;
+}
+
+/** The chain's head, kept outside the chain so that deleting the last events is detected. */
+export interface AuditHeadRow {
+  id: number;
+  seq: number;
+  hash: string;
 }
 
 type Creation<T, Optional extends keyof T = never> = Omit<T, Optional> & Partial<Pick<T, Optional>>;
@@ -67,6 +81,7 @@ export interface ControlPlaneModels {
   Pack: ModelStatic<Model<PackRow, PackRow>>;
   AdminToken: ModelStatic<Model<AdminTokenRow, AdminTokenRow>>;
   Audit: ModelStatic<Model<AuditRow, Creation<AuditRow, 'seq'>>>;
+  AuditHead: ModelStatic<Model<AuditHeadRow, AuditHeadRow>>;
 }
 
 const common = { timestamps: false, underscored: true, freezeTableName: true } as const;
@@ -83,11 +98,24 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
       issuers: { type: DataTypes.TEXT, allowNull: false },
       fhirServers: { type: DataTypes.TEXT, allowNull: false },
       subscriptions: { type: DataTypes.TEXT, allowNull: false },
+      residency: { type: DataTypes.TEXT, allowNull: true },
+      failover: { type: DataTypes.TEXT, allowNull: true },
       createdAt: { type: DataTypes.STRING(32), allowNull: false },
       updatedAt: { type: DataTypes.STRING(32), allowNull: false },
     },
     { ...common, tableName: 'tenants' },
   );
+  // `sync()` creates missing tables but never alters existing ones: a control plane created
+  // before issue 5 gets the residency columns here (nullable, so old rows mean "default").
+  Tenant.addHook('afterSync', async () => {
+    const qi = sequelize.getQueryInterface();
+    const columns = await qi.describeTable('tenants');
+    for (const column of ['residency', 'failover']) {
+      if (!Object.hasOwn(columns, column)) {
+        await qi.addColumn('tenants', column, { type: DataTypes.TEXT, allowNull: true });
+      }
+    }
+  });
   const TenantIssuer = sequelize.define<Model<TenantIssuerRow, TenantIssuerRow>>(
     'TenantIssuer',
     {
@@ -136,8 +164,19 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
       tenant: { type: DataTypes.STRING(63), allowNull: true },
       actor: { type: DataTypes.STRING(200), allowNull: true },
       detail: { type: DataTypes.TEXT, allowNull: true },
+      prevHash: { type: DataTypes.STRING(64), allowNull: false },
+      hash: { type: DataTypes.STRING(64), allowNull: false },
     },
     { ...common, tableName: 'audit_events', indexes: [{ fields: ['at'] }, { fields: ['tenant'] }] },
   );
-  return { Tenant, TenantIssuer, Pack, AdminToken, Audit };
+  const AuditHead = sequelize.define<Model<AuditHeadRow, AuditHeadRow>>(
+    'AuditHead',
+    {
+      id: { type: DataTypes.INTEGER, primaryKey: true },
+      seq: { type: DataTypes.INTEGER, allowNull: false },
+      hash: { type: DataTypes.STRING(64), allowNull: false },
+    },
+    { ...common, tableName: 'audit_head' },
+  );
+  return { Tenant, TenantIssuer, Pack, AdminToken, Audit, AuditHead };
 }

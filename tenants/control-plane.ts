@@ -76,7 +76,7 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
         (await models.Pack.count({ where: { id: pack, version } })) > 0,
       revokeTenantTokens: (tenantId, t) => adminTokens.revokeForTenant(tenantId, t),
     });
-    const audit = createAuditRepository({ models, now, write });
+    const audit = createAuditRepository({ models, now, writeTx });
     return {
       tenants,
       packs,

@@ -1,4 +1,4 @@
-import type { AuthFailureReason } from './types.ts';
+import type { AuthFailureReason, ResidencyProblem } from './types.ts';
 
 /** A CDS client token was refused. HTTP: 401 `invalid_token`, body says no more. */
 export class AuthError extends Error {
@@ -65,5 +65,34 @@ export class ReplayCacheFullError extends Error {
   constructor() {
     super('replay cache is full');
     this.name = new.target.name;
+  }
+}
+
+/**
+ * A placement, failover or migration that the tenant's residency policy (or the region
+ * matrix) forbids. HTTP: 422 `unprocessable` with `problems` (paths, reasons, safe text).
+ */
+export class ResidencyError extends Error {
+  readonly problems: readonly ResidencyProblem[];
+  constructor(problems: readonly ResidencyProblem[]) {
+    super(
+      `residency policy forbids this: ${problems.map((p) => `${p.path}: ${p.message}`).join('; ')}`,
+    );
+    this.name = new.target.name;
+    this.problems = problems;
+  }
+}
+
+/**
+ * This region may not serve this tenant (not its home, no permitted failover here). HTTP: 421
+ * `misdirected`, raised before anything of the payload is decrypted or stored.
+ */
+export class RegionMismatchError extends Error {
+  /** The region that refused (this process's). */
+  readonly region: string;
+  constructor(region: string) {
+    super(`region ${region} does not serve this tenant`);
+    this.name = new.target.name;
+    this.region = region;
   }
 }

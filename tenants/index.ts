@@ -17,4 +17,19 @@ export type { JwksFetcherOptions } from './jwks-fetcher.ts';
 export { TENANT_ID_PATTERN } from './tenant-validation.ts';
 export * from './verify-id-token.ts';
 export * from './redis-replay-cache.ts';
+export {
+  assertMayServe,
+  assertNoResidencyProblems,
+  checkFailover,
+  checkFailoverDeclaration,
+  checkMigration,
+  checkPlacement,
+  effectiveResidency,
+  mayBackupTo,
+  mayMigrate,
+  mayServe,
+  resolveResidency,
+} from './residency.ts';
+export type { ResidencySubject } from './residency.ts';
+export { validateResidencyPolicy } from './tenant-validation.ts';
 export * from './data-plane.ts';

@@ -5,14 +5,26 @@
 import { Op, UniqueConstraintError } from 'sequelize';
 import type { Transaction } from 'sequelize';
 import type { Subscription } from '../rules/index.ts';
+import { appendAuditEvent } from './audit-repository.ts';
 import type { ControlPlaneModels, TenantRow, WriteTx } from './control-plane-models.ts';
-import { ConflictError, NotFoundError } from './errors.ts';
+import { ConflictError, NotFoundError, ResidencyError } from './errors.ts';
+import {
+  checkFailover,
+  checkFailoverDeclaration,
+  checkMigration,
+  checkPlacement,
+} from './residency.ts';
 import {
   validateNewTenant,
+  validateRegion,
   validateSubscriptions,
   validateTenantPatch,
 } from './tenant-validation.ts';
 import type {
+  ActiveFailover,
+  AuditEvent,
+  ResidencyPolicyInput,
+  ResidencyProblem,
   Tenant,
   TenantPatch,
   TenantRepository,
@@ -21,6 +33,9 @@ import type {
 } from './types.ts';
 
 function toTenant(row: TenantRow): Tenant {
+  // Older rows (and rows read before the columns were added) carry no residency columns.
+  const residency = row.residency ?? null;
+  const failover = row.failover ?? null;
   return {
     id: row.id,
     name: row.name,
@@ -29,8 +44,40 @@ function toTenant(row: TenantRow): Tenant {
     issuers: JSON.parse(row.issuers) as TrustedIssuer[],
     fhirServers: JSON.parse(row.fhirServers) as string[],
     subscriptions: JSON.parse(row.subscriptions) as Subscription[],
+    ...(residency !== null ? { residency: JSON.parse(residency) as ResidencyPolicyInput } : {}),
+    ...(failover !== null ? { failover: JSON.parse(failover) as ActiveFailover } : {}),
     createdAt: row.createdAt,
     updatedAt: row.updatedAt,
+  };
+}
+
+type ResidencyAction = 'create' | 'update' | 'failover' | 'migrate';
+
+/** What a residency write transaction ends with: the new tenant, or a refusal to record. */
+type Outcome =
+  { refused?: undefined; tenant: Tenant } | { refused: AuditEvent; problems: ResidencyProblem[] };
+
+/** A PHI-free audit event for a refused residency action (ids, regions and reasons only). */
+function refusalEvent(
+  action: ResidencyAction,
+  tenant: string,
+  region: string,
+  problems: readonly ResidencyProblem[],
+  actor: string | undefined,
+  target?: string,
+): AuditEvent {
+  return {
+    type: 'residency.refused',
+    outcome: 'failure',
+    tenant,
+    ...(actor !== undefined ? { actor } : {}),
+    detail: {
+      action,
+      region,
+      ...(target !== undefined ? { target } : {}),
+      reasons: [...new Set(problems.map((p) => p.reason))].join(','),
+      problems: problems.length,
+    },
   };
 }
 
@@ -42,6 +89,11 @@ export interface TenantRepositoryDeps {
   packExists: (pack: string, version: string) => Promise<boolean>;
   /** Revokes the tenant-scoped admin tokens of a removed tenant. */
   revokeTenantTokens: (tenantId: string, t: Transaction) => Promise<void>;
+  /**
+   * Records an audit event outside any transaction (the audit repository's `record`). When
+   * absent, events are inserted into the audit table directly, through the same write queue.
+   */
+  recordAudit?: (event: AuditEvent) => Promise<unknown>;
 }
 
 /** Creates the tenant repository over the given models. */
@@ -49,6 +101,21 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
   const { models, now } = deps;
   const { Tenant: TenantModel, TenantIssuer } = models;
   const immediate = deps.writeTx;
+
+  /** Inserts an audit row in `t` (residency changes are audited atomically with the change). */
+  async function auditInTx(event: AuditEvent, t: Transaction): Promise<void> {
+    await appendAuditEvent(models, now().toISOString(), event, t);
+  }
+
+  /** Records the refusal, then throws it: a refused residency action is always audited. */
+  async function refuse(event: AuditEvent, problems: readonly ResidencyProblem[]): Promise<never> {
+    if (deps.recordAudit) {
+      await deps.recordAudit(event);
+    } else {
+      await immediate((t) => auditInTx(event, t));
+    }
+    throw new ResidencyError(problems);
+  }
 
   async function load(id: string, t?: Transaction): Promise<TenantRow> {
     const row = await TenantModel.findByPk(id, { raw: true, ...(t ? { transaction: t } : {}) });
@@ -71,8 +138,15 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
   }
 
   return {
-    async create(input) {
+    async create(input, opts = {}) {
       const tenant = await validateNewTenant(input);
+      const problems = checkPlacement(tenant.residency, tenant.region, opts.regions);
+      if (problems.length > 0) {
+        return refuse(
+          refusalEvent('create', tenant.id, tenant.region, problems, opts.actor),
+          problems,
+        );
+      }
       const at = now().toISOString();
       const row: TenantRow = {
         id: tenant.id,
@@ -82,6 +156,8 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         issuers: JSON.stringify(tenant.issuers),
         fhirServers: JSON.stringify(tenant.fhirServers),
         subscriptions: '[]',
+        residency: tenant.residency ? JSON.stringify(tenant.residency) : null,
+        failover: null,
         createdAt: at,
         updatedAt: at,
       };
@@ -114,10 +190,38 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       return (rows as unknown as TenantRow[]).map(toTenant);
     },
 
-    async update(id, patch: TenantPatch) {
+    async update(id, patch: TenantPatch, opts = {}) {
       const valid = await validateTenantPatch(patch);
-      return immediate(async (t) => {
+      const outcome = await immediate<Outcome>(async (t) => {
         const row = await load(id, t);
+        if (valid.residency !== undefined) {
+          const current = toTenant(row);
+          const policy = valid.residency ?? undefined;
+          const problems = checkPlacement(policy, current.region, opts.regions);
+          if (current.failover && opts.regions) {
+            // The new policy must keep the active failover allowed (or clear it first).
+            const candidate = { ...current, residency: policy };
+            if (checkFailover(candidate, current.failover.region, opts.regions).length > 0) {
+              problems.push({
+                path: 'residency.dr',
+                reason: 'failover_not_allowed',
+                message: `the active failover to '${current.failover.region}' would not be allowed`,
+              });
+            }
+          } else if (current.failover) {
+            problems.push({
+              path: 'failover',
+              reason: 'failover_active',
+              message: `a failover to '${current.failover.region}' is active; clear it first`,
+            });
+          }
+          if (problems.length > 0) {
+            return {
+              refused: refusalEvent('update', id, row.region, problems, opts.actor),
+              problems,
+            };
+          }
+        }
         const next: TenantRow = {
           ...row,
           ...(valid.name !== undefined ? { name: valid.name } : {}),
@@ -126,14 +230,111 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
           ...(valid.fhirServers !== undefined
             ? { fhirServers: JSON.stringify(valid.fhirServers) }
             : {}),
+          ...(valid.residency !== undefined
+            ? { residency: valid.residency === null ? null : JSON.stringify(valid.residency) }
+            : {}),
           updatedAt: now().toISOString(),
         };
         await TenantModel.update(next, { where: { id }, transaction: t });
         if (valid.issuers !== undefined) {
           await indexIssuers(id, valid.issuers, t);
         }
+        return { tenant: toTenant(next) };
+      });
+      return outcome.refused ? refuse(outcome.refused, outcome.problems) : outcome.tenant;
+    },
+
+    async declareFailover(id, target, opts) {
+      validateRegion(target, 'target');
+      const outcome = await immediate<Outcome>(async (t) => {
+        const row = await load(id, t);
+        const current = toTenant(row);
+        const problems = checkFailoverDeclaration(current, target, opts.regions);
+        if (problems.length > 0) {
+          return {
+            refused: refusalEvent('failover', id, row.region, problems, opts.actor, target),
+            problems,
+          };
+        }
+        if (current.failover?.region === target) {
+          return { tenant: current };
+        }
+        const failover: ActiveFailover = {
+          region: target,
+          declaredAt: now().toISOString(),
+          by: opts.actor ?? 'unknown',
+        };
+        const next: TenantRow = {
+          ...row,
+          failover: JSON.stringify(failover),
+          updatedAt: failover.declaredAt,
+        };
+        await TenantModel.update(next, { where: { id }, transaction: t });
+        await auditInTx(
+          {
+            type: 'residency.failover.declared',
+            outcome: 'success',
+            tenant: id,
+            ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
+            detail: { region: row.region, target },
+          },
+          t,
+        );
+        return { tenant: toTenant(next) };
+      });
+      return outcome.refused ? refuse(outcome.refused, outcome.problems) : outcome.tenant;
+    },
+
+    async clearFailover(id, opts = {}) {
+      return immediate(async (t) => {
+        const row = await load(id, t);
+        const current = toTenant(row);
+        if (!current.failover) {
+          return current;
+        }
+        const next: TenantRow = { ...row, failover: null, updatedAt: now().toISOString() };
+        await TenantModel.update(next, { where: { id }, transaction: t });
+        await auditInTx(
+          {
+            type: 'residency.failover.cleared',
+            outcome: 'success',
+            tenant: id,
+            ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
+            detail: { region: row.region, target: current.failover.region },
+          },
+          t,
+        );
         return toTenant(next);
       });
+    },
+
+    async moveHome(id, target, opts) {
+      validateRegion(target, 'target');
+      const outcome = await immediate<Outcome>(async (t) => {
+        const row = await load(id, t);
+        const current = toTenant(row);
+        const problems = checkMigration(current, target, opts.regions);
+        if (problems.length > 0) {
+          return {
+            refused: refusalEvent('migrate', id, row.region, problems, opts.actor, target),
+            problems,
+          };
+        }
+        const next: TenantRow = { ...row, region: target, updatedAt: now().toISOString() };
+        await TenantModel.update(next, { where: { id }, transaction: t });
+        await auditInTx(
+          {
+            type: 'residency.home.moved',
+            outcome: 'success',
+            tenant: id,
+            ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
+            detail: { from: row.region, to: target },
+          },
+          t,
+        );
+        return { tenant: toTenant(next) };
+      });
+      return outcome.refused ? refuse(outcome.refused, outcome.problems) : outcome.tenant;
     },
 
     async setSubscriptions(id, subscriptions) {

@@ -7,7 +7,15 @@ import nodeJose from 'node-jose';
 import semver from 'semver';
 import type { Subscription } from '../rules/index.ts';
 import { InvalidInputError } from './errors.ts';
-import type { Jwks, NewTenant, TenantPatch, TenantStatus, TrustedIssuer } from './types.ts';
+import type {
+  DrRule,
+  Jwks,
+  NewTenant,
+  ResidencyPolicyInput,
+  TenantPatch,
+  TenantStatus,
+  TrustedIssuer,
+} from './types.ts';
 import { fhirServerUrlProblem, keyUrlProblem, parseAbsoluteUrl } from './url-policy.ts';
 
 /** Tenant ids: lowercase, digits and dashes, 2..63 characters. */
@@ -31,6 +39,7 @@ const MAX_KEYS = 50;
 const MAX_ISSUERS = 50;
 const MAX_LIST = 100;
 const MAX_NAME = 200;
+const MAX_REGIONS = 32;
 
 type Json = Record<string, unknown>;
 
@@ -84,11 +93,67 @@ function validateName(value: unknown): string {
   return value;
 }
 
-function validateRegion(value: unknown): string {
+/** @throws InvalidInputError (`field`) unless `value` is a region id. */
+export function validateRegion(value: unknown, field = 'region'): string {
   if (typeof value !== 'string' || !REGION_PATTERN.test(value)) {
-    throw new InvalidInputError('region', 'must be a region id (^[a-z0-9][a-z0-9-]{0,62}$)');
+    throw new InvalidInputError(field, 'must be a region id (^[a-z0-9][a-z0-9-]{0,62}$)');
   }
   return value;
+}
+
+function validateRegionList(value: unknown, field: string): string[] {
+  const list = requireArray(value, field, MAX_REGIONS);
+  if (list.length === 0) {
+    throw new InvalidInputError(field, 'must name at least one region');
+  }
+  const out: string[] = [];
+  for (const [i, entry] of list.entries()) {
+    const id = validateRegion(entry, `${field}[${i}]`);
+    if (out.includes(id)) {
+      throw new InvalidInputError(`${field}[${i}]`, 'is listed twice');
+    }
+    out.push(id);
+  }
+  return out;
+}
+
+function validateDrRule(value: unknown, field: string): DrRule {
+  const raw = requireObject(value, field);
+  switch (raw.mode) {
+    case 'none':
+    case 'jurisdiction':
+      rejectUnknown(raw, ['mode'], field);
+      return { mode: raw.mode };
+    case 'regions':
+      rejectUnknown(raw, ['mode', 'regions'], field);
+      return { mode: 'regions', regions: validateRegionList(raw.regions, `${field}.regions`) };
+    default:
+      throw new InvalidInputError(`${field}.mode`, "must be 'none', 'jurisdiction' or 'regions'");
+  }
+}
+
+/**
+ * Validates the shape of a residency policy (not whether it permits the placement: that is
+ * `checkPlacement` in residency.ts).
+ * @throws InvalidInputError naming the field (`residency.dr.regions[1]`).
+ */
+export function validateResidencyPolicy(value: unknown, field = 'residency'): ResidencyPolicyInput {
+  const raw = requireObject(value, field);
+  rejectUnknown(raw, ['processingRegions', 'backupRegions', 'dr'], field);
+  const policy: ResidencyPolicyInput = {};
+  if (raw.processingRegions !== undefined) {
+    policy.processingRegions = validateRegionList(
+      raw.processingRegions,
+      `${field}.processingRegions`,
+    );
+  }
+  if (raw.backupRegions !== undefined) {
+    policy.backupRegions = validateRegionList(raw.backupRegions, `${field}.backupRegions`);
+  }
+  if (raw.dr !== undefined) {
+    policy.dr = validateDrRule(raw.dr, `${field}.dr`);
+  }
+  return policy;
 }
 
 function validateStatus(value: unknown): TenantStatus {
@@ -227,15 +292,18 @@ async function validateIssuers(value: unknown): Promise<TrustedIssuer[]> {
  * Validates and normalises a new tenant.
  * @throws InvalidInputError naming the first offending field.
  */
-export async function validateNewTenant(input: unknown): Promise<Required<NewTenant>> {
+export async function validateNewTenant(
+  input: unknown,
+): Promise<NewTenant & { fhirServers: string[] }> {
   const raw = requireObject(input, '(body)');
-  rejectUnknown(raw, ['id', 'name', 'region', 'issuers', 'fhirServers'], '');
+  rejectUnknown(raw, ['id', 'name', 'region', 'issuers', 'fhirServers', 'residency'], '');
   return {
     id: validateTenantId(raw.id),
     name: validateName(raw.name),
     region: validateRegion(raw.region),
     issuers: await validateIssuers(raw.issuers),
     fhirServers: raw.fhirServers === undefined ? [] : validateFhirServers(raw.fhirServers),
+    ...(raw.residency !== undefined ? { residency: validateResidencyPolicy(raw.residency) } : {}),
   };
 }
 
@@ -245,7 +313,7 @@ export async function validateNewTenant(input: unknown): Promise<Required<NewTen
  */
 export async function validateTenantPatch(input: unknown): Promise<TenantPatch> {
   const raw = requireObject(input, '(body)');
-  rejectUnknown(raw, ['name', 'status', 'issuers', 'fhirServers'], '');
+  rejectUnknown(raw, ['name', 'status', 'issuers', 'fhirServers', 'residency'], '');
   const patch: TenantPatch = {};
   if (raw.name !== undefined) {
     patch.name = validateName(raw.name);
@@ -258,6 +326,9 @@ export async function validateTenantPatch(input: unknown): Promise<TenantPatch> 
   }
   if (raw.fhirServers !== undefined) {
     patch.fhirServers = validateFhirServers(raw.fhirServers);
+  }
+  if (raw.residency !== undefined) {
+    patch.residency = raw.residency === null ? null : validateResidencyPolicy(raw.residency);
   }
   return patch;
 }

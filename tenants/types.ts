@@ -32,6 +32,13 @@ export interface Tenant {
   /** FHIR server base URLs the service may fetch prefetch data from for this tenant. */
   fhirServers: string[];
   subscriptions: Subscription[];
+  /**
+   * The residency policy as registered; absent means the default (processing and backups in
+   * the home region only, no DR). Use `effectiveResidency(tenant)` to read it.
+   */
+  residency?: ResidencyPolicyInput;
+  /** A declared failover: while set, this standby region may serve the tenant too. */
+  failover?: ActiveFailover;
   createdAt: string;
   updatedAt: string;
 }
@@ -42,6 +49,7 @@ export interface NewTenant {
   region: string;
   issuers: TrustedIssuer[];
   fhirServers?: string[];
+  residency?: ResidencyPolicyInput;
 }
 
 export interface TenantPatch {
@@ -49,6 +57,8 @@ export interface TenantPatch {
   status?: TenantStatus;
   issuers?: TrustedIssuer[];
   fhirServers?: string[];
+  /** A new residency policy; `null` resets it to the default. */
+  residency?: ResidencyPolicyInput | null;
 }
 
 export type Role = 'platform-operator' | 'tenant-admin' | 'rule-author' | 'auditor';
@@ -197,10 +207,37 @@ export interface AuditQuery {
 
 /** Tenant registry (control plane, no PHI). */
 export interface TenantRepository {
-  create(input: NewTenant): Promise<Tenant>;
+  /**
+   * Registers a tenant. Its placement is checked against its residency policy (and, when
+   * `opts.regions` is given, against the region matrix).
+   * @throws InvalidInputError (400), ConflictError (409), ResidencyError (422; a
+   *   `residency.refused` audit event is recorded before it is thrown).
+   */
+  create(input: NewTenant, opts?: PlacementOptions): Promise<Tenant>;
   get(id: string): Promise<Tenant>;
   list(): Promise<Tenant[]>;
-  update(id: string, patch: TenantPatch): Promise<Tenant>;
+  /**
+   * Updates a tenant. A `residency` patch is checked like `create`'s, and must keep an active
+   * failover allowed. @throws InvalidInputError, NotFoundError, ResidencyError (audited).
+   */
+  update(id: string, patch: TenantPatch, opts?: PlacementOptions): Promise<Tenant>;
+  /**
+   * Lets the standby region `target` serve the tenant (operator action). Records
+   * `residency.failover.declared` in the same transaction, or `residency.refused` and throws.
+   * Declaring the active failover again changes nothing.
+   * @throws NotFoundError, ResidencyError (not a failover target of the home region, the DR
+   *   rule forbids it, another failover is active).
+   */
+  declareFailover(id: string, target: string, opts: ResidencyActionOptions): Promise<Tenant>;
+  /** Ends the active failover (`residency.failover.cleared`); no-op without one. @throws NotFoundError. */
+  clearFailover(id: string, opts?: { actor?: string }): Promise<Tenant>;
+  /**
+   * Moves the home region to `target` (the commit point of a migration: call it once the
+   * target store holds the data). Records `residency.home.moved`, or `residency.refused`
+   * and throws. @throws NotFoundError, ResidencyError (target not an allowed processing
+   *   region, unknown, the same, or a failover is active).
+   */
+  moveHome(id: string, target: string, opts: ResidencyActionOptions): Promise<Tenant>;
   setSubscriptions(id: string, subscriptions: Subscription[]): Promise<Tenant>;
   /** Every tenant (active or suspended) that registered this exact `iss`. */
   findByIssuer(iss: string): Promise<Tenant[]>;
@@ -228,6 +265,8 @@ export interface AdminTokenRepository {
 export interface AuditRepository {
   record(event: AuditEvent): Promise<StoredAuditEvent>;
   list(query?: AuditQuery): Promise<StoredAuditEvent[]>;
+  /** Verifies the hash chain of the control-plane audit log (and its head anchor). */
+  verify(): Promise<{ ok: boolean; count: number; firstBadSeq?: number; problem?: string }>;
 }
 
 /** The control plane: one SQLite (or, later, PostgreSQL) database without PHI. */
@@ -251,4 +290,82 @@ export interface JwksFetcher {
 /** Verifies CDS client JWTs: see `createTokenVerifier`. */
 export interface TokenVerifier {
   verify(authorization: string | undefined, audience: string): Promise<ClientIdentity>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residency (issue 5): where a tenant's data may be processed, backed up and failed over to.
+// ---------------------------------------------------------------------------------------------
+
+/** What tenants/ needs to know of a region (server/regions.ts's `Region` is a superset). */
+export interface RegionInfo {
+  id: string;
+  /** Jurisdiction label such as `US` or `EU`; the `jurisdiction` DR rule compares these. */
+  jurisdiction: string;
+  /** Regions this region's tenants may fail over to (operator-declared). */
+  failover: readonly string[];
+}
+
+/** Where a tenant may be served from during a declared failover. */
+export type DrRule =
+  { mode: 'none' } | { mode: 'jurisdiction' } | { mode: 'regions'; regions: string[] };
+
+/** A residency policy as registered; an omitted part takes its default. */
+export interface ResidencyPolicyInput {
+  /** Regions that may be the home region (normal processing, migration targets). Default [home]. */
+  processingRegions?: string[];
+  /** Regions whose backup location may hold the tenant's backups. Default [home]. */
+  backupRegions?: string[];
+  /** Failover rule. Default `{ mode: 'none' }`. */
+  dr?: DrRule;
+}
+
+/** A residency policy with every default filled in (see `effectiveResidency`). */
+export interface ResidencyPolicy {
+  processingRegions: string[];
+  backupRegions: string[];
+  dr: DrRule;
+}
+
+/** A failover declared by an operator. */
+export interface ActiveFailover {
+  region: string;
+  /** ISO 8601 instant (UTC). */
+  declaredAt: string;
+  /** Who declared it (`role:tokenId`, or `unknown`). */
+  by: string;
+}
+
+/** Why a placement, failover, backup or migration is refused. */
+export type ResidencyReason =
+  | 'unknown_region'
+  | 'home_not_processing'
+  | 'not_processing_region'
+  | 'same_region'
+  | 'not_failover_target'
+  | 'dr_none'
+  | 'dr_other_jurisdiction'
+  | 'dr_not_listed'
+  | 'failover_active'
+  | 'failover_not_allowed';
+
+/** One problem with a placement; `path` names the field (`residency.backupRegions[1]`). */
+export interface ResidencyProblem {
+  path: string;
+  reason: ResidencyReason;
+  /** Safe text: region ids and labels only. */
+  message: string;
+}
+
+/** Options of `tenants.create`/`update`: the region matrix to check the placement against. */
+export interface PlacementOptions {
+  /** The configured regions. Without it only the matrix-free checks run (home is a processing region). */
+  regions?: readonly RegionInfo[];
+  /** Recorded as the audit event's actor. */
+  actor?: string;
+}
+
+/** Options of failover and migration actions: the region matrix is required. */
+export interface ResidencyActionOptions {
+  regions: readonly RegionInfo[];
+  actor?: string;
 }
