@@ -196,7 +196,21 @@ async function packEval(
   }
 }
 
-async function packPush(file: string, opts: { url?: string; token?: string }): Promise<void> {
+interface ServerOpts {
+  url?: string;
+  token?: string;
+}
+
+/**
+ * Calls the admin API of a running server (the data plane belongs to the server process:
+ * rotations, backups and restores go through it, never behind its back).
+ */
+async function adminCall(
+  opts: ServerOpts,
+  method: string,
+  route: string,
+  body?: unknown,
+): Promise<{ status: number; body: Record<string, unknown> }> {
   const cfg = config();
   const base = (opts.url ?? cfg.publicUrl).replace(/\/+$/, '');
   const token = opts.token ?? readAdminToken(cfg);
@@ -206,13 +220,74 @@ async function packPush(file: string, opts: { url?: string; token?: string }): P
       2,
     );
   }
+  let res: Response;
+  try {
+    res = await fetch(`${base}${route}`, {
+      method,
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
+      ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+    });
+  } catch (err) {
+    throw new CliError(
+      `cannot reach ${base}: ${err instanceof Error ? err.message : String(err)} (is the server running? npm start)`,
+    );
+  }
+  const parsed = (await res.json().catch(() => ({}))) as Record<string, unknown>;
+  return { status: res.status, body: parsed };
+}
+
+/** Throws a CliError with the server's error code and message unless the status is expected. */
+function expectStatus(
+  res: { status: number; body: Record<string, unknown> },
+  ...ok: number[]
+): Record<string, unknown> {
+  if (!ok.includes(res.status)) {
+    throw new CliError(
+      `server answered ${res.status} ${JSON.stringify(res.body.error ?? '')}: ${JSON.stringify(res.body.message ?? '')}`,
+    );
+  }
+  return res.body;
+}
+
+/** Draws a progress bar (done/total, rate, ETA) on stderr until the job ends. */
+async function followJob(
+  opts: ServerOpts,
+  job: Record<string, unknown>,
+): Promise<Record<string, unknown>> {
+  const tty = process.stderr.isTTY;
+  let current = job;
+  for (;;) {
+    const done = Number(current.done ?? 0);
+    const total = Number(current.total ?? 0);
+    const width = 30;
+    const filled = total > 0 ? Math.round((done / total) * width) : width;
+    const eta =
+      current.etaSeconds === null || current.etaSeconds === undefined
+        ? '-'
+        : `${Number(current.etaSeconds).toFixed(0)}s`;
+    const line = `${String(current.id)} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total}  ${Number(current.rate ?? 0).toFixed(0)} rec/s  ETA ${eta}  ${String(current.status)}`;
+    process.stderr.write(tty ? `\r${line}` : `${line}\n`);
+    if (current.status !== 'running') {
+      if (tty) {
+        process.stderr.write('\n');
+      }
+      return current;
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    current = expectStatus(
+      await adminCall(opts, 'GET', `/admin/jobs/${encodeURIComponent(String(current.id))}`),
+      200,
+    );
+  }
+}
+
+async function packPush(file: string, opts: ServerOpts): Promise<void> {
   const raw = readPackFile(file);
-  const res = await fetch(`${base}/admin/rule-packs`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
-    body: JSON.stringify(raw),
-  });
-  const body = (await res.json().catch(() => ({}))) as Record<string, unknown>;
+  const { status, body } = await adminCall(opts, 'POST', '/admin/rule-packs', raw);
+  const res = { status };
   if (res.status === 201 || res.status === 200) {
     out(
       `${res.status === 201 ? 'uploaded' : 'unchanged'} ${String(body.id)}@${String(body.version)} sha256:${String(body.hash)}`,
@@ -529,15 +604,174 @@ export function buildProgram(): Command {
       out(`revoked ${id}`);
     });
 
-  program
-    .command('audit')
-    .description('list control-plane audit events')
+  const audit = program.command('audit').description('audit trails');
+  audit
+    .command('list')
+    .description('list control-plane audit events (local data directory)')
     .option('--tenant <id>')
     .option('--type <type>')
     .option('--from <dateTime>')
     .option('--to <dateTime>')
     .action(async (o: { tenant?: string; type?: string; from?: string; to?: string }) => {
       out(await withLocal((a) => a.listAudit(LOCAL_OPERATOR, o)));
+    });
+  audit
+    .command('verify')
+    .description(
+      "verify a hash-chained audit log: a tenant's (through the server) or, without --tenant, the control plane's (local)",
+    )
+    .option('--tenant <id>')
+    .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
+    .option('--token <token>', 'operator, tenant-admin or auditor token')
+    .action(async (o: ServerOpts & { tenant?: string }) => {
+      const r = o.tenant
+        ? expectStatus(
+            await adminCall(
+              o,
+              'GET',
+              `/admin/tenants/${encodeURIComponent(o.tenant)}/audit/verify`,
+            ),
+            200,
+          )
+        : await withLocal((a) => a.verifyControlPlaneAudit(LOCAL_OPERATOR));
+      out(r);
+      if (r.ok !== true) {
+        throw new CliError(`audit chain of ${o.tenant ?? 'the control plane'} is broken`);
+      }
+    });
+
+  const keys = program
+    .command('keys')
+    .description('data keys and master keys (through the running server)');
+  keys
+    .command('status')
+    .requiredOption('--tenant <id>')
+    .option('--url <base>')
+    .option('--token <token>')
+    .action(async (o: ServerOpts & { tenant: string }) => {
+      out(
+        expectStatus(
+          await adminCall(o, 'GET', `/admin/tenants/${encodeURIComponent(o.tenant)}/keys`),
+          200,
+        ),
+      );
+    });
+  keys
+    .command('rotate')
+    .description(
+      "rotate a tenant's data key: new version primary at once, old records rewrapped in the background",
+    )
+    .requiredOption('--tenant <id>')
+    .option(
+      '--emergency',
+      'compromised key: rewrap at once, unthrottled, and destroy the old version',
+    )
+    .option('--wait', 'show progress until the rewrap ends; exit non-zero if it fails')
+    .option('--url <base>')
+    .option('--token <token>')
+    .action(async (o: ServerOpts & { tenant: string; emergency?: boolean; wait?: boolean }) => {
+      const job = expectStatus(
+        await adminCall(o, 'POST', `/admin/tenants/${encodeURIComponent(o.tenant)}/keys/rotate`, {
+          emergency: o.emergency === true,
+        }),
+        202,
+      );
+      const end = o.wait ? await followJob(o, job) : job;
+      out(end);
+      if (o.wait && end.status !== 'done') {
+        throw new CliError(
+          `rewrap job ${String(end.id)} ended ${String(end.status)}${end.error ? `: ${JSON.stringify(end.error)}` : ''}`,
+        );
+      }
+    });
+  keys
+    .command('rotate-kek')
+    .description(
+      "rotate the region's master key: rewraps every tenant's data keys (records untouched)",
+    )
+    .requiredOption('--region <id>')
+    .option('--wait')
+    .option('--url <base>')
+    .option('--token <token>')
+    .action(async (o: ServerOpts & { region: string; wait?: boolean }) => {
+      const job = expectStatus(
+        await adminCall(o, 'POST', `/admin/regions/${encodeURIComponent(o.region)}/kek/rotate`),
+        202,
+      );
+      const end = o.wait ? await followJob(o, job) : job;
+      out(end);
+      if (o.wait && end.status !== 'done') {
+        throw new CliError(`KEK job ${String(end.id)} ended ${String(end.status)}`);
+      }
+    });
+  program
+    .command('job')
+    .argument('<id>')
+    .option('--wait')
+    .option('--url <base>')
+    .option('--token <token>')
+    .description('show a key job (done/total, rate, ETA)')
+    .action(async (id: string, o: ServerOpts & { wait?: boolean }) => {
+      const job = expectStatus(
+        await adminCall(o, 'GET', `/admin/jobs/${encodeURIComponent(id)}`),
+        200,
+      );
+      out(o.wait ? await followJob(o, job) : job);
+    });
+
+  program
+    .command('backup')
+    .description(
+      "write a consistent snapshot of a tenant's store (ciphertext + wrapped keys) to the region's backup folder",
+    )
+    .requiredOption('--tenant <id>')
+    .option('--url <base>')
+    .option('--token <token>')
+    .action(async (o: ServerOpts & { tenant: string }) => {
+      out(
+        expectStatus(
+          await adminCall(o, 'POST', `/admin/tenants/${encodeURIComponent(o.tenant)}/backups`),
+          201,
+        ),
+      );
+    });
+  program
+    .command('restore')
+    .argument(
+      '<backup>',
+      "backup folder (relative to the region's backup folder, or absolute inside it)",
+    )
+    .option('--tenant <id>', 'refuse unless the backup is of this tenant')
+    .option('--url <base>')
+    .option('--token <token>')
+    .description('validate a backup and restore that one tenant (refuses another region or tenant)')
+    .action(async (backup: string, o: ServerOpts & { tenant?: string }) => {
+      out(
+        expectStatus(
+          await adminCall(o, 'POST', '/admin/restores', {
+            backup,
+            ...(o.tenant ? { tenant: o.tenant } : {}),
+          }),
+          200,
+        ),
+      );
+    });
+  tenant
+    .command('delete')
+    .argument('<id>')
+    .option('--yes', 'confirm: crypto-shreds the tenant (destroys its keys, then its store)')
+    .option('--url <base>')
+    .option('--token <token>')
+    .action(async (id: string, o: ServerOpts & { yes?: boolean }) => {
+      if (!o.yes) {
+        throw new CliError(
+          'deprovisioning destroys every key of the tenant and cannot be undone: pass --yes',
+          2,
+        );
+      }
+      out(
+        expectStatus(await adminCall(o, 'DELETE', `/admin/tenants/${encodeURIComponent(id)}`), 200),
+      );
     });
 
   return program;

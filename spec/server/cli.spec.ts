@@ -170,7 +170,7 @@ describe('cellcds CLI', function () {
     const tok = run(['token', 'create', '--role', 'auditor', '--tenant', 'cli-hosp']);
     expect(tok.status, tok.stderr).to.equal(0);
     expect(JSON.parse(tok.stdout).token).to.be.a('string');
-    const audit = run(['audit', '--tenant', 'cli-hosp']);
+    const audit = run(['audit', 'list', '--tenant', 'cli-hosp']);
     expect(audit.stdout).to.include('admin.tenant.create');
     expect(audit.stdout).to.not.include(JSON.parse(tok.stdout).token as string);
   });

@@ -1,0 +1,332 @@
+/**
+ * Prometheus metrics (prom-client), one registry per app: no global default registry, so two
+ * apps in one process (tests, one plane per region) never share or collide.
+ *
+ * Labels are bounded and carry no tenant ids and no payload: per-call metrics are labelled by
+ * service, outcome, pack and rule ids (all from the rule-pack catalog), fetch outcome and auth
+ * failure reason (closed sets). A tenant id in a label would make cardinality grow with the
+ * customer base and would put a tenant's name into every region's scrape, which residency
+ * forbids for regions that may not serve it. Rewrap jobs are per tenant, so their gauges are
+ * summed by job kind; the job id (which names the tenant) is only a key in memory.
+ * Every registry carries a `region` default label.
+ */
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { PrefetchObserver } from '../hooks/index.ts';
+
+/** How a CDS Hooks request ended. */
+export type HookOutcome =
+  'ok' | 'client_error' | 'prefetch_failed' | 'unauthorized' | 'misdirected' | 'error';
+
+/** Which CDS Hooks endpoint was called. */
+export type HookEndpoint = 'discovery' | 'call' | 'feedback';
+
+/** What a prefetch fetch ended with (hooks/ `PrefetchObserver` outcomes). */
+export type PrefetchFetchOutcome = 'ok' | 'error' | 'timeout' | 'refused';
+
+/** Which authentication surface refused a credential. */
+export type AuthSurface = 'cds' | 'admin' | 'app';
+
+/** The job fields metrics read (tenants/ `JobInfo` is a superset). */
+export interface JobProgress {
+  /** Kept in memory only, never a label (it names the tenant). */
+  id: string;
+  kind: string;
+  status: string;
+  done: number;
+  total: number;
+}
+
+export interface MetricsOptions {
+  /** This plane's region: a default label on every series. */
+  region: string;
+  /** Collect Node.js process metrics (default true). */
+  defaultMetrics?: boolean;
+  /** Distinct values kept per open-ended label (service, pack, rule); beyond it: `other`. */
+  maxLabelValues?: number;
+  /**
+   * Polled on each `render()`: the jobs of this plane worth showing (at least the running
+   * ones). A running job missing from the next poll leaves the gauges (it is not counted as
+   * finished: its end state is unknown). Errors are ignored: the scrape still answers. Or push
+   * with `jobProgress` when jobs report their own progress.
+   */
+  jobs?: () => Promise<readonly JobProgress[]>;
+}
+
+const LABEL_VALUE = /^[A-Za-z0-9._:@/-]{1,128}$/;
+const HOOK_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10];
+
+/** Maps an HTTP status of a CDS Hooks response to its outcome label. */
+export function hookOutcomeForStatus(status: number): HookOutcome {
+  if (status < 400) {
+    return 'ok';
+  }
+  switch (status) {
+    case 401:
+      return 'unauthorized';
+    case 412:
+      return 'prefetch_failed';
+    case 421:
+      return 'misdirected';
+    default:
+      return status >= 500 ? 'error' : 'client_error';
+  }
+}
+
+/** Keeps a label's value set bounded: odd values become `invalid`, values past the cap `other`. */
+class BoundedLabel {
+  private readonly seen = new Set<string>();
+  constructor(private readonly max: number) {}
+  value(raw: string | undefined, fallback = 'unknown'): string {
+    if (raw === undefined || raw === '') {
+      return fallback;
+    }
+    if (!LABEL_VALUE.test(raw)) {
+      return 'invalid';
+    }
+    if (this.seen.has(raw)) {
+      return raw;
+    }
+    if (this.seen.size >= this.max) {
+      return 'other';
+    }
+    this.seen.add(raw);
+    return raw;
+  }
+}
+
+function oneOf<T extends string>(value: string, allowed: readonly T[], fallback: T): T {
+  return (allowed as readonly string[]).includes(value) ? (value as T) : fallback;
+}
+
+const HOOK_OUTCOMES: readonly HookOutcome[] = [
+  'ok',
+  'client_error',
+  'prefetch_failed',
+  'unauthorized',
+  'misdirected',
+  'error',
+];
+const FETCH_OUTCOMES: readonly PrefetchFetchOutcome[] = ['ok', 'error', 'timeout', 'refused'];
+const JOB_KINDS = ['dek-rewrap', 'kek-rewrap', 'migration', 'other'] as const;
+const JOB_END_STATES = ['done', 'failed', 'superseded', 'other'] as const;
+const FINISHED_MEMORY = 1000;
+
+/** The app's metrics: small typed recorders and `render()` for `GET /metrics`. */
+export class Metrics {
+  /** This app's own registry. */
+  readonly registry: Registry;
+  private readonly hookSeconds: Histogram<'endpoint' | 'service' | 'outcome'>;
+  private readonly ruleFailures: Counter<'pack' | 'rule' | 'outcome'>;
+  private readonly prefetchFetches: Counter<'outcome'>;
+  private readonly authFailures: Counter<'surface' | 'reason'>;
+  private readonly jobsRunning: Gauge<'kind'>;
+  private readonly jobDone: Gauge<'kind'>;
+  private readonly jobTotal: Gauge<'kind'>;
+  private readonly jobsFinished: Counter<'kind' | 'status'>;
+  private readonly services: BoundedLabel;
+  private readonly packs: BoundedLabel;
+  private readonly rules: BoundedLabel;
+  private readonly reasons: BoundedLabel;
+  private readonly running = new Map<string, { kind: string; done: number; total: number }>();
+  private readonly finished = new Set<string>();
+  private readonly jobSource: MetricsOptions['jobs'];
+
+  constructor(opts: MetricsOptions) {
+    this.jobSource = opts.jobs;
+    const max = opts.maxLabelValues ?? 200;
+    this.services = new BoundedLabel(max);
+    this.packs = new BoundedLabel(max);
+    this.rules = new BoundedLabel(max * 10);
+    this.reasons = new BoundedLabel(64);
+    this.registry = new Registry();
+    this.registry.setDefaultLabels({ region: opts.region });
+    const registers = [this.registry];
+    this.hookSeconds = new Histogram({
+      name: 'cellcds_hook_duration_seconds',
+      help: 'CDS Hooks request latency by endpoint, service and outcome',
+      labelNames: ['endpoint', 'service', 'outcome'],
+      buckets: HOOK_BUCKETS,
+      registers,
+    });
+    this.ruleFailures = new Counter({
+      name: 'cellcds_rule_failures_total',
+      help: 'Rule evaluations that errored or ran out of time, by pack and rule id',
+      labelNames: ['pack', 'rule', 'outcome'],
+      registers,
+    });
+    this.prefetchFetches = new Counter({
+      name: 'cellcds_prefetch_fetches_total',
+      help: 'Prefetch fetches from EHR FHIR servers, by outcome (ok, error, timeout, refused)',
+      labelNames: ['outcome'],
+      registers,
+    });
+    this.authFailures = new Counter({
+      name: 'cellcds_auth_failures_total',
+      help: 'Refused credentials by surface and reason',
+      labelNames: ['surface', 'reason'],
+      registers,
+    });
+    this.jobsRunning = new Gauge({
+      name: 'cellcds_rewrap_jobs_running',
+      help: 'Key rewrap jobs running in this process, by kind',
+      labelNames: ['kind'],
+      registers,
+    });
+    this.jobDone = new Gauge({
+      name: 'cellcds_rewrap_records_done',
+      help: 'Records (or tenants, for KEK jobs) already rewrapped by running jobs, by kind',
+      labelNames: ['kind'],
+      registers,
+    });
+    this.jobTotal = new Gauge({
+      name: 'cellcds_rewrap_records_total',
+      help: 'Records (or tenants, for KEK jobs) to rewrap by running jobs, by kind',
+      labelNames: ['kind'],
+      registers,
+    });
+    this.jobsFinished = new Counter({
+      name: 'cellcds_rewrap_jobs_finished_total',
+      help: 'Key rewrap jobs that stopped, by kind and final status',
+      labelNames: ['kind', 'status'],
+      registers,
+    });
+    if (opts.defaultMetrics ?? true) {
+      collectDefaultMetrics({ register: this.registry });
+    }
+  }
+
+  /** The Content-Type of `render()`'s text. */
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  /**
+   * Records one CDS Hooks request. Pass `service` only once it resolved to a service of the
+   * tenant's catalog; an unresolved id (404, 401) must be `undefined`, so that callers cannot
+   * create label values.
+   */
+  observeHook(
+    endpoint: HookEndpoint,
+    service: string | undefined,
+    outcome: HookOutcome,
+    seconds: number,
+  ): void {
+    this.hookSeconds.observe(
+      {
+        endpoint: oneOf(endpoint, ['discovery', 'call', 'feedback'], 'call'),
+        service: this.services.value(service, 'none'),
+        outcome: oneOf(outcome, HOOK_OUTCOMES, 'error'),
+      },
+      Number.isFinite(seconds) && seconds >= 0 ? seconds : 0,
+    );
+  }
+
+  /** Counts one rule that errored or timed out (pack and rule ids from the catalog). */
+  ruleOutcome(pack: string, ruleId: string, outcome: 'error' | 'timeout'): void {
+    this.ruleFailures.inc({
+      pack: this.packs.value(pack),
+      rule: this.rules.value(ruleId),
+      outcome: oneOf(outcome, ['error', 'timeout'], 'error'),
+    });
+  }
+
+  /** Counts the failed entries of an evaluation trace (`status` error or timeout). */
+  ruleTrace(pack: string, trace: readonly { ruleId: string; status: string }[]): void {
+    for (const entry of trace) {
+      if (entry.status === 'error' || entry.status === 'timeout') {
+        this.ruleOutcome(pack, entry.ruleId, entry.status);
+      }
+    }
+  }
+
+  /** Counts one prefetch fetch by outcome. */
+  prefetchFetch(outcome: PrefetchFetchOutcome): void {
+    this.prefetchFetches.inc({ outcome: oneOf(outcome, FETCH_OUTCOMES, 'error') });
+  }
+
+  /** A hooks/ `PrefetchObserver` that counts fetches (the prefetch key is not recorded). */
+  prefetchObserver(): PrefetchObserver {
+    return {
+      onFetch: (outcome) => {
+        this.prefetchFetch(outcome);
+      },
+    };
+  }
+
+  /** Counts one refused credential (`reason`: an AuthFailureReason or a short admin reason). */
+  authFailure(reason: string, surface: AuthSurface = 'cds'): void {
+    this.authFailures.inc({
+      surface: oneOf(surface, ['cds', 'admin', 'app'], 'cds'),
+      reason: this.reasons.value(reason.replace(/\s+/g, '_')),
+    });
+  }
+
+  /**
+   * Reports a rewrap (or migration) job's progress. Gauges sum the running jobs by kind; a job
+   * that stopped (`status` other than `running`) is counted once in the finished counter.
+   */
+  jobProgress(job: JobProgress): void {
+    this.recordJob(job);
+    this.updateJobGauges();
+  }
+
+  private recordJob(job: JobProgress): void {
+    const kind = oneOf(job.kind, JOB_KINDS, 'other');
+    if (job.status === 'running') {
+      this.running.set(job.id, {
+        kind,
+        done: Math.max(0, job.done),
+        total: Math.max(0, job.total),
+      });
+    } else {
+      this.running.delete(job.id);
+      if (!this.finished.has(job.id)) {
+        this.finished.add(job.id);
+        if (this.finished.size > FINISHED_MEMORY) {
+          const oldest = this.finished.values().next().value;
+          if (oldest !== undefined) {
+            this.finished.delete(oldest);
+          }
+        }
+        this.jobsFinished.inc({ kind, status: oneOf(job.status, JOB_END_STATES, 'other') });
+      }
+    }
+  }
+
+  private updateJobGauges(): void {
+    for (const k of JOB_KINDS) {
+      const jobs = [...this.running.values()].filter((j) => j.kind === k);
+      this.jobsRunning.set({ kind: k }, jobs.length);
+      this.jobDone.set(
+        { kind: k },
+        jobs.reduce((n, j) => n + j.done, 0),
+      );
+      this.jobTotal.set(
+        { kind: k },
+        jobs.reduce((n, j) => n + j.total, 0),
+      );
+    }
+  }
+
+  /** The Prometheus text exposition of this registry (for `GET /metrics`). */
+  async render(): Promise<string> {
+    if (this.jobSource) {
+      try {
+        const jobs = await this.jobSource();
+        const listed = new Set(jobs.map((j) => j.id));
+        for (const id of [...this.running.keys()]) {
+          if (!listed.has(id)) {
+            this.running.delete(id);
+          }
+        }
+        for (const job of jobs) {
+          this.recordJob(job);
+        }
+        this.updateJobGauges();
+      } catch {
+        // A scrape must answer even when a store is unavailable; the gauges keep their values.
+      }
+    }
+    return this.registry.metrics();
+  }
+}

@@ -1,0 +1,122 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { expect } from 'chai';
+import { createLocalKeyProvider, openRegionStores } from '../../tenants/index.ts';
+
+/**
+ * The real server process as an operator runs it: key rotation with a live progress bar from
+ * the CLI, backups, audit verification, and a SIGKILL right after a 200 (the record is there).
+ */
+describe('operating a running server: rotation from the CLI, and a SIGKILL after a 200', function () {
+  this.timeout(180_000);
+  let dataDir: string;
+  let server: ChildProcess;
+  let port: number;
+  let stderr = '';
+  const token = `op-${'z'.repeat(40)}`;
+  const env = () => ({
+    ...process.env,
+    PORT: String(port),
+    CELLCDS_DATA_DIR: dataDir,
+    CELLCDS_ADMIN_TOKEN: token,
+    CELLCDS_PUBLIC_URL: '',
+    CELLCDS_LOG_LEVEL: 'warn',
+  });
+  const cli = (args: string[]) =>
+    spawnSync(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
+      env: env(),
+      encoding: 'utf8',
+      timeout: 90_000,
+    });
+  const cliAsync = (args: string[]) =>
+    new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+      const child = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
+        env: env(),
+      });
+      let out = '';
+      let err = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      child.on('close', (status) => {
+        resolve({ status, stdout: out, stderr: err });
+      });
+    });
+
+  before(async () => {
+    dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-dur-'));
+    port = await new Promise<number>((resolve) => {
+      const s = net.createServer().listen(0, '127.0.0.1', () => {
+        const p = (s.address() as net.AddressInfo).port;
+        s.close(() => {
+          resolve(p);
+        });
+      });
+    });
+    server = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', 'serve'], { env: env() });
+    server.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+    const deadline = Date.now() + 90_000;
+    while (!stderr.includes('npx cellcds call order-sign --demo')) {
+      if (Date.now() > deadline || server.exitCode !== null) {
+        throw new Error(`server did not start:\n${stderr}`);
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  });
+  after(() => {
+    server.kill('SIGKILL');
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  });
+
+  it('rotates a tenant key from the CLI with a live progress bar, calls going on meanwhile', async () => {
+    for (let i = 0; i < 5; i++) {
+      expect(cli(['call', 'order-sign', '--demo', '--json']).status).to.equal(0);
+    }
+    const [rot, during] = await Promise.all([
+      cliAsync(['keys', 'rotate', '--tenant', 'demo', '--wait']),
+      cliAsync(['call', 'patient-view', '--demo', '--json']),
+    ]);
+    expect(rot.status, rot.stderr).to.equal(0);
+    expect(rot.stderr).to.match(/rewrap\.demo\.\d+ \[[#.]+\] \d+\/\d+ +\d+ rec\/s +ETA/);
+    expect(JSON.parse(rot.stdout)).to.include({ status: 'done' });
+    expect(during.status, during.stderr).to.equal(0);
+    const status = cli(['keys', 'status', '--tenant', 'demo']);
+    expect(JSON.parse(status.stdout).primary).to.equal(2);
+  });
+
+  it('backs a tenant up and verifies its audit chain from the CLI', () => {
+    const b = cli(['backup', '--tenant', 'demo']);
+    expect(b.status, b.stderr).to.equal(0);
+    expect(fs.existsSync(JSON.parse(b.stdout).path as string)).to.equal(true);
+    const v = cli(['audit', 'verify', '--tenant', 'demo']);
+    expect(v.status, v.stderr).to.equal(0);
+    expect(JSON.parse(v.stdout).ok).to.equal(true);
+  });
+
+  it('keeps the record of a call that got a 200, after a SIGKILL of the server', async () => {
+    const call = cli(['call', 'order-sign', '--demo', '--json']);
+    expect(call.status, call.stderr).to.equal(0);
+    const cards = (JSON.parse(call.stdout) as { cards: Array<{ uuid: string }> }).cards;
+    expect(cards.length).to.be.greaterThan(0);
+    server.kill('SIGKILL');
+    await new Promise((r) => server.once('exit', r));
+    const keyProvider = await createLocalKeyProvider({
+      keyDir: path.join(dataDir, 'keys'),
+      region: 'local',
+    });
+    const stores = await openRegionStores({ region: 'local', dataDir, keyProvider });
+    try {
+      const store = stores.store('demo');
+      const id = await store.findCard(cards[0]!.uuid);
+      expect(id, 'the acknowledged call has its record').to.be.a('string');
+      const record = await store.readInvocation(id!);
+      expect((record.secret.cards as Array<{ uuid: string }>).map((c) => c.uuid)).to.deep.equal(
+        cards.map((c) => c.uuid),
+      );
+    } finally {
+      await stores.close();
+    }
+  });
+});
