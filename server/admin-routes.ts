@@ -39,6 +39,13 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   router.post('/tenants/:id/resume', async (req, res) => {
     res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'active'));
   });
+  router.post('/tenants/:id/failover', json, async (req, res) => {
+    const body = (req.body ?? {}) as Record<string, unknown>;
+    res.json(await admin.declareFailover(principalOf(res), param(req, 'id'), body.region));
+  });
+  router.delete('/tenants/:id/failover', async (req, res) => {
+    res.json(await admin.clearFailover(principalOf(res), param(req, 'id')));
+  });
   router.put('/tenants/:id/subscriptions', json, async (req, res) => {
     res.json(await admin.setSubscriptions(principalOf(res), param(req, 'id'), bodyOf(req)));
   });
@@ -201,6 +208,7 @@ function authenticateAdmin(deps: Deps): RequestHandler {
       principal = await deps.controlPlane.adminTokens.authenticate(token);
     }
     if (!principal) {
+      deps.metrics.authFailure('unknown_token', 'admin');
       await deps.controlPlane.audit.record({
         type: 'admin.auth',
         outcome: 'failure',

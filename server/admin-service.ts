@@ -15,6 +15,7 @@ import type {
   ControlPlane,
   NewTenant,
   Principal,
+  RegionInfo,
   Role,
   Tenant,
 } from '../tenants/index.ts';
@@ -22,6 +23,8 @@ import type {
 export interface AdminServiceDeps {
   controlPlane: ControlPlane;
   evaluator: Evaluator;
+  /** The region matrix: placements and failovers are checked against it (422 when forbidden). */
+  regions?: readonly RegionInfo[];
 }
 
 const ROLES: readonly Role[] = ['platform-operator', 'tenant-admin', 'rule-author', 'auditor'];
@@ -36,10 +39,41 @@ export class AdminService {
     });
   }
 
+  private placement(principal: Principal): { regions?: readonly RegionInfo[]; actor: string } {
+    return {
+      ...(this.deps.regions ? { regions: this.deps.regions } : {}),
+      actor: `${principal.role}:${principal.tokenId}`,
+    };
+  }
+
+  /**
+   * Declares a failover: the tenant's calls may be served by `region` (a permitted standby of
+   * its home region, under its DR rule). Refused with ResidencyError (422) otherwise.
+   */
+  async declareFailover(principal: Principal, id: string, region: unknown): Promise<Tenant> {
+    authorize(principal, 'tenant:update', id);
+    if (typeof region !== 'string' || region === '') {
+      throw new InvalidInputError('region', 'must be a region id');
+    }
+    return this.deps.controlPlane.tenants.declareFailover(id, region, {
+      regions: this.deps.regions ?? [],
+      actor: `${principal.role}:${principal.tokenId}`,
+    });
+  }
+
+  async clearFailover(principal: Principal, id: string): Promise<Tenant> {
+    authorize(principal, 'tenant:update', id);
+    return this.deps.controlPlane.tenants.clearFailover(id, {
+      actor: `${principal.role}:${principal.tokenId}`,
+    });
+  }
+
   async createTenant(principal: Principal, input: unknown): Promise<Tenant> {
     authorize(principal, 'tenant:create');
     const body = objectOf(input, '(body)');
-    const tenant = await this.deps.controlPlane.tenants.create(body as unknown as NewTenant);
+    const tenant = await this.deps.controlPlane.tenants.create(body as unknown as NewTenant, {
+      ...this.placement(principal),
+    });
     await this.audit(principal, {
       type: 'admin.tenant.create',
       outcome: 'success',
@@ -71,7 +105,7 @@ export class AdminService {
   async updateTenant(principal: Principal, id: string, patch: unknown): Promise<Tenant> {
     authorize(principal, 'tenant:update', id);
     const body = objectOf(patch, '(body)');
-    const tenant = await this.deps.controlPlane.tenants.update(id, body);
+    const tenant = await this.deps.controlPlane.tenants.update(id, body, this.placement(principal));
     await this.audit(principal, {
       type: 'admin.tenant.update',
       outcome: 'success',
@@ -175,6 +209,7 @@ export class AdminService {
     await this.audit(principal, {
       type: 'admin.token.revoke',
       outcome: 'success',
+      ...(info.tenant !== undefined ? { tenant: info.tenant } : {}),
       detail: { tokenId: id },
     });
   }

@@ -19,8 +19,19 @@ export function createApp(deps: Deps): Express {
   app.set('case sensitive routing', true);
   app.use(assignRequestId);
   app.use('/cds-services', cors(deps));
+  // Liveness: the process answers. Readiness: the control plane and this region's key
+  // provider answer (a plane that cannot unwrap keys must not take traffic).
   app.get('/healthz', (_req, res) => {
     res.json({ status: 'ok' });
+  });
+  app.get('/readyz', async (_req, res) => {
+    const checks = await readiness(deps);
+    res.status(checks.ready ? 200 : 503).json(checks);
+  });
+  // Prometheus text; no tenant labels, so it is safe to scrape from any region.
+  app.get('/metrics', async (_req, res) => {
+    res.setHeader('Content-Type', deps.metrics.contentType);
+    res.send(await deps.metrics.render());
   });
   app.use('/cds-services', cdsRouter(deps));
   const dataAdmin = new DataAdmin({
@@ -33,7 +44,11 @@ export function createApp(deps: Deps): Express {
     '/admin',
     adminRouter(
       deps,
-      new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
+      new AdminService({
+        controlPlane: deps.controlPlane,
+        evaluator: deps.evaluator,
+        regions: deps.matrix.regions,
+      }),
       dataAdmin,
     ),
   );
@@ -50,6 +65,28 @@ export function createApp(deps: Deps): Express {
   app.use(notFoundHandler);
   app.use(errorHandler(deps.log));
   return app;
+}
+
+async function readiness(deps: Deps): Promise<{
+  ready: boolean;
+  region: string;
+  controlPlane: 'ok' | 'down';
+  keyProvider: 'ok' | 'down';
+}> {
+  const controlPlane = await deps.controlPlane.tenants.list().then(
+    () => 'ok' as const,
+    () => 'down' as const,
+  );
+  const keyProvider = await deps.keyProvider.health().then(
+    (h) => (h.ok ? ('ok' as const) : ('down' as const)),
+    () => 'down' as const,
+  );
+  return {
+    ready: controlPlane === 'ok' && keyProvider === 'ok',
+    region: deps.region.id,
+    controlPlane,
+    keyProvider,
+  };
 }
 
 const assignRequestId: RequestHandler = (_req, res, next) => {

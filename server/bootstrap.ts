@@ -19,6 +19,8 @@ import { hashToken } from './admin-routes.ts';
 import type { Config } from './config.ts';
 import type { Deps } from './context.ts';
 import type { Logger } from './logger.ts';
+import { Metrics } from './metrics.ts';
+import { loadRegionMatrix, selectRegion } from './regions.ts';
 import { ServiceDirectory } from './service-directory.ts';
 
 export const ADMIN_TOKEN_FILE = 'admin-token';
@@ -87,13 +89,21 @@ export async function buildDeps(
   const directory = new ServiceDirectory(controlPlane);
   // The region's data plane: its key provider (local keyring outside the tenant stores) and
   // one encrypted store per tenant under <data>/<region>/.
+  const matrix = loadRegionMatrix(config.regionsFile, {
+    dataDir: config.dataDir,
+    publicUrl: config.publicUrl,
+  });
+  // This plane serves exactly one region: it opens that region's stores and keys, no other.
+  const region = selectRegion(matrix, config.region);
   const keyProvider = await createLocalKeyProvider({
-    keyDir: path.join(config.dataDir, 'keys'),
-    region: config.region,
+    keyDir: region.keyProvider.dir,
+    region: region.id,
   });
   const stores = await openRegionStores({
-    region: config.region,
-    dataDir: config.dataDir,
+    region: region.id,
+    ...(region.storage.kind === 'sqlite'
+      ? { dataDir: region.storage.dataDir }
+      : { postgresUrl: region.storage.postgresUrl }),
     keyProvider,
     onJobError: (job, err) => {
       log.error(
@@ -108,6 +118,13 @@ export async function buildDeps(
   });
   // Rotations interrupted by a crash or restart go on from their checkpoints.
   await stores.resumePendingJobs();
+  const metrics = new Metrics({
+    region: region.id,
+    jobs: async () =>
+      (await Promise.all((await stores.listTenants()).map((t) => stores.listJobs(t))))
+        .flat()
+        .filter((j) => j.status === 'running'),
+  });
   return {
     config,
     log,
@@ -117,7 +134,10 @@ export async function buildDeps(
     directory,
     stores,
     keyProvider,
-    backupDir: path.join(config.dataDir, 'backups', config.region),
+    matrix,
+    region,
+    metrics,
+    backupDir: region.backupDir,
     bootstrapTokenHash: bootstrap.hash,
     now: () => new Date(),
     async close() {

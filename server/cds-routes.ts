@@ -9,11 +9,13 @@ import {
   parseFeedbackRequest,
   parseHookRequest,
 } from '../hooks/index.ts';
-import { AuthError } from '../tenants/index.ts';
+import { AuthError, mayServe, RegionMismatchError } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
 import { runHookCall } from './hook-call.ts';
+import { hookOutcomeForStatus } from './metrics.ts';
+import type { HookEndpoint } from './metrics.ts';
 
 const JSON_TYPES = ['application/json', 'application/*+json'];
 
@@ -24,6 +26,7 @@ export function cdsRouter(deps: Deps): Router {
 
   router.get(
     '/',
+    observe(deps, 'discovery'),
     authenticate(deps, () => '/cds-services'),
     async (_req, res) => {
       const { tenant } = ctxOf(res);
@@ -36,6 +39,7 @@ export function cdsRouter(deps: Deps): Router {
 
   router.post(
     '/:id',
+    observe(deps, 'call'),
     requireJson,
     json,
     authenticate(deps, (req) => `/cds-services/${paramOf(req, 'id')}`),
@@ -43,6 +47,7 @@ export function cdsRouter(deps: Deps): Router {
       const started = performance.now();
       const ctx = ctxOf(res);
       const resolved = await deps.directory.service(ctx.tenant, paramOf(req, 'id'));
+      (res.locals as { service?: string }).service = resolved.service.id;
       if (!isHookName(resolved.service.hook)) {
         // Packs are validated at upload, so this is a bug, not bad input.
         throw new ServiceError(500, 'internal', 'internal error', {
@@ -70,6 +75,7 @@ export function cdsRouter(deps: Deps): Router {
 
   router.post(
     '/:id/feedback',
+    observe(deps, 'feedback'),
     requireJson,
     json,
     authenticate(deps, (req) => `/cds-services/${paramOf(req, 'id')}/feedback`),
@@ -102,6 +108,22 @@ function paramOf(req: Request, name: string): string {
   return v ?? '';
 }
 
+/** Hook latency by endpoint, service and outcome (no tenant label: bounded, region-safe). */
+function observe(deps: Deps, endpoint: HookEndpoint): RequestHandler {
+  return (_req, res, next) => {
+    const started = performance.now();
+    res.on('finish', () => {
+      deps.metrics.observeHook(
+        endpoint,
+        (res.locals as { service?: string }).service,
+        hookOutcomeForStatus(res.statusCode),
+        (performance.now() - started) / 1000,
+      );
+    });
+    next();
+  };
+}
+
 /** 415 unless the body is declared as JSON. */
 const requireJson: RequestHandler = (req, _res, next) => {
   if (!req.is(JSON_TYPES)) {
@@ -119,13 +141,14 @@ function authenticate(deps: Deps, endpointOf: (req: Request) => string): Request
   return async (req: Request, res: Response, next) => {
     // The canonical endpoint URL, built from the route (not the raw path), so `aud` is
     // compared with exactly one string per endpoint.
-    const audience = `${deps.config.publicUrl}${endpointOf(req)}`;
+    const audience = `${deps.region.publicUrl}${endpointOf(req)}`;
     const requestId = requestIdOf(res);
     let identity;
     try {
       identity = await deps.verifier.verify(req.headers.authorization, audience);
     } catch (err) {
       if (err instanceof AuthError) {
+        deps.metrics.authFailure(err.reason, 'cds');
         // Audited before the 401 goes out; never the token, only why it was refused.
         await deps.controlPlane.audit.record({
           type: 'auth.failure',
@@ -134,6 +157,18 @@ function authenticate(deps: Deps, endpointOf: (req: Request) => string): Request
         });
       }
       throw err;
+    }
+    // Residency: this region's plane serves only tenants whose policy allows processing here
+    // (home region, or a declared and permitted failover). Refused before anything of the
+    // payload is decrypted, evaluated or stored; the log line and metric carry no tenant.
+    if (!mayServe(identity.tenant, deps.region.id, deps.matrix.regions)) {
+      await deps.controlPlane.audit.record({
+        type: 'residency.misdirected',
+        outcome: 'failure',
+        tenant: identity.tenant.id,
+        detail: { region: deps.region.id, endpoint: endpointOf(req), requestId },
+      });
+      throw new RegionMismatchError(deps.region.id);
     }
     (res.locals as { ctx?: unknown }).ctx = {
       requestId,

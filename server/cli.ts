@@ -15,7 +15,7 @@ import {
   validatePack,
 } from '../rules/index.ts';
 import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
-import type { Principal } from '../tenants/index.ts';
+import type { Principal, Tenant } from '../tenants/index.ts';
 import { AdminService } from './admin-service.ts';
 import { buildDeps, readAdminToken } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
@@ -28,7 +28,10 @@ import {
   readPackFile,
   SHIPPED_PACK_FILE,
 } from './demo.ts';
+import { buildEvidence, EvidenceInputError, writeEvidence } from './evidence.ts';
+import type { TenantAuditEventLike } from './evidence.ts';
 import { createLogger } from './logger.ts';
+import { describeRegion, formatRegionTable, loadRegionMatrix } from './regions.ts';
 import { runServe } from './main.ts';
 
 const LOCAL_OPERATOR: Principal = { tokenId: 'cli', role: 'platform-operator' };
@@ -64,7 +67,11 @@ async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T>
   const deps = await buildDeps(cfg, createLogger({ level: 'silent' }));
   try {
     return await fn(
-      new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
+      new AdminService({
+        controlPlane: deps.controlPlane,
+        evaluator: deps.evaluator,
+        regions: deps.matrix.regions,
+      }),
     );
   } finally {
     await deps.close();
@@ -440,8 +447,87 @@ export function buildProgram(): Command {
 
   program
     .command('serve')
-    .description('run the service (same as npm start)')
-    .action(async () => runServe());
+    .description('run the service (same as npm start); --region serves one region of the matrix')
+    .option('--region <id>', 'the region this process serves (default CELLCDS_REGION)')
+    .action(async (o: { region?: string }) =>
+      runServe(o.region ? { CELLCDS_REGION: o.region } : {}),
+    );
+
+  program
+    .command('regions')
+    .description('print the region matrix: where data, backups and keys live, per region')
+    .option('--json')
+    .action((o: { json?: boolean }) => {
+      const cfg = config();
+      let matrix;
+      try {
+        matrix = loadRegionMatrix(cfg.regionsFile, {
+          dataDir: cfg.dataDir,
+          publicUrl: cfg.publicUrl,
+        });
+      } catch (err) {
+        if (err instanceof ConfigError) {
+          throw new CliError(err.message, 2);
+        }
+        throw err;
+      }
+      out(o.json ? matrix.regions.map(describeRegion) : formatRegionTable(matrix));
+    });
+
+  program
+    .command('evidence')
+    .description('write the auditor evidence report (JSON + Markdown) for a period')
+    .requiredOption('--from <dateTime>')
+    .requiredOption('--to <dateTime>')
+    .option('--out <dir>', 'output folder', '.')
+    .action(async (o: { from: string; to: string; out: string }) => {
+      const cfg = config();
+      const deps = await buildDeps(cfg, createLogger({ level: 'silent' }));
+      try {
+        const storeOf = async (t: Tenant) =>
+          t.region === deps.region.id && (await deps.stores.listTenants()).includes(t.id)
+            ? deps.stores.store(t.id)
+            : undefined;
+        const report = await buildEvidence({
+          controlPlane: deps.controlPlane,
+          matrix: deps.matrix,
+          from: o.from,
+          to: o.to,
+          tenantEvents: async (t) => {
+            const store = await storeOf(t);
+            const events: TenantAuditEventLike[] = [];
+            for (let afterSeq = 0; store;) {
+              const page = await store.audit.list({ afterSeq, limit: 1000 });
+              if (page.length === 0) {
+                break;
+              }
+              events.push(...page);
+              afterSeq = page.at(-1)?.seq ?? afterSeq;
+            }
+            return events;
+          },
+          verifyChain: async (t) => {
+            const store = await storeOf(t);
+            return store ? store.audit.verify() : null;
+          },
+          describeKeys: async (r) => {
+            if (r.id !== deps.region.id) {
+              throw new Error('keys of another region are not held here');
+            }
+            return deps.keyProvider.describe();
+          },
+        });
+        const files = writeEvidence(report, o.out);
+        out(`wrote ${files.json}\nwrote ${files.markdown}`);
+      } catch (err) {
+        if (err instanceof EvidenceInputError) {
+          throw new CliError(err.message, 2);
+        }
+        throw err;
+      } finally {
+        await deps.close();
+      }
+    });
 
   program
     .command('call')
@@ -753,6 +839,26 @@ export function buildProgram(): Command {
             ...(o.tenant ? { tenant: o.tenant } : {}),
           }),
           200,
+        ),
+      );
+    });
+  tenant
+    .command('failover')
+    .argument('<id>')
+    .option('--to <region>', 'declare: the standby region that may serve the tenant')
+    .option('--clear', 'end the failover: only the home region serves the tenant again')
+    .description(
+      "declare (or clear) a failover; refused unless the tenant's DR rule and the matrix allow it",
+    )
+    .action(async (id: string, o: { to?: string; clear?: boolean }) => {
+      if (o.clear === (o.to !== undefined)) {
+        throw new CliError('pass exactly one of --to REGION and --clear', 2);
+      }
+      out(
+        await withLocal((a) =>
+          o.clear
+            ? a.clearFailover(LOCAL_OPERATOR, id)
+            : a.declareFailover(LOCAL_OPERATOR, id, o.to),
         ),
       );
     });

@@ -66,6 +66,7 @@ const Schema = z
       .string()
       .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
       .optional(),
+    CELLCDS_REGIONS_FILE: z.string().min(1).optional(),
     CELLCDS_SMART_CLIENT_ID: z.string().min(1).max(256).optional(),
     CELLCDS_SEED_DEMO: z
       .enum(['true', 'false'])
@@ -102,6 +103,10 @@ export interface Config {
   readonly redisUrl: string | undefined;
   /** The card viewer's SMART client id (id_token `aud`); unset = SMART app mode refuses calls. */
   readonly smartClientId: string | undefined;
+  /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */
+  readonly regionsFile: string | undefined;
+  /** Whether CELLCDS_REGION was given (else `npm start` runs one plane per configured region). */
+  readonly regionExplicit: boolean;
 }
 
 /** Raised for bad configuration; the message names the setting. */
@@ -134,10 +139,13 @@ function parsePublicUrl(raw: string, setting: string): string {
  * Parses configuration from an environment map (tests pass their own).
  * @throws ConfigError naming the setting.
  */
-export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+export function loadConfig(
+  env: Record<string, string | undefined> = process.env,
+  overrides: Record<string, string> = {},
+): Config {
   // An empty variable counts as unset (as in `CELLCDS_ADMIN_TOKEN= npm start`).
   const present = Object.fromEntries(
-    Object.entries(env).filter(([, v]) => v !== undefined && v !== ''),
+    Object.entries({ ...env, ...overrides }).filter(([, v]) => v !== undefined && v !== ''),
   );
   const r = Schema.safeParse(present);
   if (!r.success) {
@@ -181,5 +189,13 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,
     smartClientId: e.CELLCDS_SMART_CLIENT_ID,
+    regionExplicit: present.CELLCDS_REGION !== undefined,
+    regionsFile:
+      e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),
   });
+}
+
+/** The environment a supervised child process inherits (the region is set per child). */
+export function childEnv(): Record<string, string | undefined> {
+  return { ...process.env };
 }

@@ -16,6 +16,8 @@ import type {
 import type { Config } from './config.ts';
 import { ServiceError } from './errors.ts';
 import type { Logger } from './logger.ts';
+import type { Metrics } from './metrics.ts';
+import type { Region, RegionMatrix } from './regions.ts';
 import type { ServiceDirectory } from './service-directory.ts';
 
 export interface Deps {
@@ -25,6 +27,11 @@ export interface Deps {
   verifier: TokenVerifier;
   evaluator: Evaluator;
   directory: ServiceDirectory;
+  /** Every region of the deployment (placement and failover policy are checked against it). */
+  matrix: RegionMatrix;
+  /** The region this process serves: its plane opens only this region's stores and keys. */
+  region: Region;
+  metrics: Metrics;
   /** This region's per-tenant encrypted stores. */
   stores: RegionStores;
   /** This region's master-key provider. */

@@ -16,6 +16,8 @@ import {
   ForbiddenError,
   InvalidInputError,
   NotFoundError,
+  RegionMismatchError,
+  ResidencyError,
 } from '../tenants/index.ts';
 import { ServiceError } from './errors.ts';
 import type { Logger } from './logger.ts';
@@ -71,6 +73,17 @@ export function toServiceError(err: unknown): ServiceError {
   if (err instanceof PrefetchError) {
     return new ServiceError(412, 'precondition_failed', err.message, {
       detail: `prefetch ${err.key}: ${err.reason}`,
+      cause: err,
+    });
+  }
+  if (err instanceof ResidencyError) {
+    return new ServiceError(422, 'unprocessable', 'the residency policy forbids this', {
+      body: { problems: err.problems },
+      cause: err,
+    });
+  }
+  if (err instanceof RegionMismatchError) {
+    return new ServiceError(421, 'misdirected', 'this region does not serve this tenant', {
       cause: err,
     });
   }

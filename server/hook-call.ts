@@ -33,6 +33,7 @@ export async function runHookCall(
     request,
     allowedFhirServers: tenant.fhirServers,
     fetchOptions: deps.config.prefetch,
+    observer: deps.metrics.prefetchObserver(),
   });
   const pack = await deps.directory.packForCall(resolved, request.hookInstance);
   const now = deps.now();
@@ -43,6 +44,7 @@ export async function runHookCall(
     prefetch,
     now,
   });
+  deps.metrics.ruleTrace(pack.id, result.trace);
   const cards = finalizeCards(result.cards);
   // Durable before the response: the inputs, cards and trace sealed under the tenant's current
   // data key; ids and the pack stamp (id@version@hash) in clear, no PHI.

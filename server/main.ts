@@ -2,7 +2,10 @@
  * The composition root: configuration, stores, dependencies, seed, listen. The only place
  * that wires real resources together.
  */
+import { spawn } from 'node:child_process';
 import type { Server } from 'node:http';
+import { fileURLToPath } from 'node:url';
+import { childEnv } from './config.ts';
 import { createApp } from './app.ts';
 import { buildDeps } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
@@ -10,6 +13,8 @@ import type { Config } from './config.ts';
 import { AdminService } from './admin-service.ts';
 import { seedDemo } from './demo.ts';
 import { createLogger } from './logger.ts';
+import { loadRegionMatrix } from './regions.ts';
+import type { RegionMatrix } from './regions.ts';
 
 /** Starts the service; resolves once it listens. */
 export async function serve(config: Config): Promise<{ server: Server; close(): Promise<void> }> {
@@ -21,7 +26,11 @@ export async function serve(config: Config): Promise<{ server: Server; close(): 
       dataDir: config.dataDir,
       region: config.region,
       controlPlane: deps.controlPlane,
-      admin: new AdminService({ controlPlane: deps.controlPlane, evaluator: deps.evaluator }),
+      admin: new AdminService({
+        controlPlane: deps.controlPlane,
+        evaluator: deps.evaluator,
+        regions: deps.matrix.regions,
+      }),
     });
   }
   const app = createApp(deps);
@@ -67,16 +76,33 @@ function printBanner(config: Config, seeded: boolean): void {
 }
 
 /** `npm start` / `cellcds serve`: load config, serve until SIGTERM/SIGINT. */
-export async function runServe(env?: Record<string, string | undefined>): Promise<void> {
+export async function runServe(overrides: Record<string, string> = {}): Promise<void> {
   let config: Config;
   try {
-    config = loadConfig(env);
+    config = loadConfig(undefined, overrides);
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`${err.message}\n`);
       process.exit(2);
     }
     throw err;
+  }
+  if (config.regionsFile && !config.regionExplicit) {
+    let matrix: RegionMatrix;
+    try {
+      matrix = loadRegionMatrix(config.regionsFile, {
+        dataDir: config.dataDir,
+        publicUrl: config.publicUrl,
+      });
+    } catch (err) {
+      if (err instanceof ConfigError) {
+        process.stderr.write(`${err.message}\n`);
+        process.exit(2);
+      }
+      throw err;
+    }
+    superviseRegions(matrix);
+    return;
   }
   const running = await serve(config);
   const stop = (): void => {
@@ -87,4 +113,58 @@ export async function runServe(env?: Record<string, string | undefined>): Promis
   };
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);
+}
+
+/**
+ * One process per region (docs/regions.md): each plane runs `serve --region R` on the port of
+ * its region's public URL, so a plane only ever holds its own region's keys and stores in
+ * memory. If any plane exits, the others are stopped and this process exits non-zero: a
+ * half-running deployment fails loudly instead of silently serving fewer regions.
+ */
+function superviseRegions(matrix: RegionMatrix): void {
+  const cli = fileURLToPath(new URL('./cli.ts', import.meta.url));
+  const children = matrix.regions.map((region) => {
+    const url = new URL(region.publicUrl);
+    const port = url.port || (url.protocol === 'https:' ? '443' : '80');
+    const child = spawn(
+      process.execPath,
+      [...process.execArgv, cli, 'serve', '--region', region.id],
+      {
+        env: { ...childEnv(), PORT: port, CELLCDS_PUBLIC_URL: region.publicUrl },
+        stdio: 'inherit',
+      },
+    );
+    return { region: region.id, child };
+  });
+  let stopping = false;
+  const stopAll = (code: number): void => {
+    if (stopping) {
+      return;
+    }
+    stopping = true;
+    for (const { child } of children) {
+      child.kill('SIGTERM');
+    }
+    setTimeout(() => process.exit(code), 5000).unref();
+    void Promise.all(children.map(({ child }) => new Promise((r) => child.once('exit', r)))).then(
+      () => {
+        process.exit(code);
+      },
+    );
+  };
+  for (const { region, child } of children) {
+    child.once('exit', (code) => {
+      if (!stopping) {
+        process.stderr.write(
+          `cellcds: the ${region} plane exited (${String(code)}); stopping the others\n`,
+        );
+        stopAll(1);
+      }
+    });
+  }
+  process.once('SIGTERM', () => { stopAll(0); });
+  process.once('SIGINT', () => { stopAll(0); });
+  process.stderr.write(
+    `cellcds: one plane per region: ${matrix.regions.map((r) => `${r.id} at ${r.publicUrl}`).join(', ')}\n`,
+  );
 }
