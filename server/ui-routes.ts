@@ -30,7 +30,14 @@ import {
 import type { FeedbackItem } from '../hooks/index.ts';
 import { buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
-import { AdminAuthError, AuthError, authorize, createIdTokenVerifier } from '../tenants/index.ts';
+import {
+  AdminAuthError,
+  AuthError,
+  authorize,
+  createIdTokenVerifier,
+  mayServe,
+  RegionMismatchError,
+} from '../tenants/index.ts';
 import type { AppIdentity, IdTokenContext, IdTokenVerifier, Principal } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
 import type { Deps } from './context.ts';
@@ -560,9 +567,20 @@ function appApi(deps: Deps, opts: UiRouterOptions): Router {
     try {
       const identity = await verifier.verify(req.headers.authorization, context);
       userIdOf(identity);
+      // Residency, as for CDS Hooks calls: this plane serves only tenants its region may.
+      if (!mayServe(identity.tenant, deps.region.id, deps.matrix.regions)) {
+        await deps.controlPlane.audit.record({
+          type: 'residency.misdirected',
+          outcome: 'failure',
+          tenant: identity.tenant.id,
+          detail: { region: deps.region.id, endpoint, requestId },
+        });
+        throw new RegionMismatchError(deps.region.id);
+      }
       return identity;
     } catch (err) {
       if (err instanceof AuthError) {
+        deps.metrics.authFailure(err.reason, 'app');
         await deps.controlPlane.audit.record({
           type: 'auth.failure',
           outcome: 'failure',
