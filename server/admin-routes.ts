@@ -189,33 +189,53 @@ export function hashToken(token: string): Buffer {
   return crypto.createHash('sha256').update(token, 'utf8').digest();
 }
 
-/** Resolves the operator bearer token to a principal (bootstrap token or an issued one). */
+/**
+ * Resolves an operator bearer token (`Authorization: Bearer <token>`) to a principal: the
+ * bootstrap token (compared by sha256, in constant time), else an issued admin token. An
+ * unknown or revoked token is counted (`auth_failures{surface="admin"}`) and audited
+ * (`admin.auth` failure, plus `detail.endpoint` when given) before the refusal. Role checks are
+ * the caller's.
+ * @throws AdminAuthError (401) for a missing, malformed, unknown or revoked token.
+ */
+export async function resolveOperator(
+  deps: Deps,
+  authorization: string | undefined,
+  opts: { endpoint?: string } = {},
+): Promise<Principal> {
+  const m =
+    typeof authorization === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/.exec(authorization) : null;
+  const token = m?.[1];
+  if (!token) {
+    throw new AdminAuthError('missing or malformed admin bearer token');
+  }
+  let principal: Principal | undefined;
+  if (
+    deps.bootstrapTokenHash &&
+    crypto.timingSafeEqual(hashToken(token), deps.bootstrapTokenHash)
+  ) {
+    principal = { tokenId: 'bootstrap', role: 'platform-operator' };
+  } else {
+    principal = await deps.controlPlane.adminTokens.authenticate(token);
+  }
+  if (!principal) {
+    deps.metrics.authFailure('unknown_token', 'admin');
+    await deps.controlPlane.audit.record({
+      type: 'admin.auth',
+      outcome: 'failure',
+      detail: {
+        reason: 'unknown token',
+        ...(opts.endpoint === undefined ? {} : { endpoint: opts.endpoint }),
+      },
+    });
+    throw new AdminAuthError('unknown or revoked admin token');
+  }
+  return principal;
+}
+
+/** The admin API's authentication middleware: {@link resolveOperator}, then the admin context. */
 function authenticateAdmin(deps: Deps): RequestHandler {
   return async (req, res, next) => {
-    const header = req.headers.authorization;
-    const m = typeof header === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/.exec(header) : null;
-    if (!m?.[1]) {
-      throw new AdminAuthError('missing or malformed admin bearer token');
-    }
-    const token = m[1];
-    let principal: Principal | undefined;
-    if (
-      deps.bootstrapTokenHash &&
-      crypto.timingSafeEqual(hashToken(token), deps.bootstrapTokenHash)
-    ) {
-      principal = { tokenId: 'bootstrap', role: 'platform-operator' };
-    } else {
-      principal = await deps.controlPlane.adminTokens.authenticate(token);
-    }
-    if (!principal) {
-      deps.metrics.authFailure('unknown_token', 'admin');
-      await deps.controlPlane.audit.record({
-        type: 'admin.auth',
-        outcome: 'failure',
-        detail: { reason: 'unknown token' },
-      });
-      throw new AdminAuthError('unknown or revoked admin token');
-    }
+    const principal = await resolveOperator(deps, req.headers.authorization);
     const requestId = requestIdOf(res);
     (res.locals as { admin?: unknown }).admin = {
       requestId,

@@ -5,18 +5,7 @@
  */
 import path from 'node:path';
 import { z } from 'zod';
-
-const ALLOWED_ALGS = [
-  'ES256',
-  'ES384',
-  'ES512',
-  'RS256',
-  'RS384',
-  'RS512',
-  'PS256',
-  'PS384',
-  'PS512',
-] as const;
+import { ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS } from '../tenants/index.ts';
 
 const intFrom = (min: number, max: number, dflt: number) =>
   z.coerce.number().int().min(min).max(max).default(dflt);
@@ -39,20 +28,16 @@ const Schema = z
       .default('info'),
     CELLCDS_JWT_ALGORITHMS: z
       .string()
-      .default('ES384,RS384,ES256,RS256')
+      .default(DEFAULT_ALGORITHMS.join(','))
       .transform((v) =>
         v
           .split(',')
           .map((s) => s.trim())
           .filter(Boolean),
       )
-      .refine(
-        (algs) =>
-          algs.length > 0 && algs.every((a) => (ALLOWED_ALGS as readonly string[]).includes(a)),
-        {
-          error: `must be a comma-separated list of asymmetric algorithms from ${ALLOWED_ALGS.join(', ')}`,
-        },
-      ),
+      .refine((algs) => algs.length > 0 && algs.every((a) => ASYMMETRIC_ALGORITHMS.includes(a)), {
+        error: `must be a comma-separated list of asymmetric algorithms from ${ASYMMETRIC_ALGORITHMS.join(', ')}`,
+      }),
     CELLCDS_JWT_MAX_LIFETIME_SECONDS: intFrom(60, 86400, 3600),
     CELLCDS_CORS_ORIGINS: z.string().default('*'),
     CELLCDS_BODY_LIMIT_BYTES: intFrom(1024, 64 * 1024 * 1024, 5 * 1024 * 1024),

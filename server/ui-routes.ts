@@ -31,7 +31,6 @@ import type { FeedbackItem } from '../hooks/index.ts';
 import { buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
 import {
-  AdminAuthError,
   AuthError,
   authorize,
   createIdTokenVerifier,
@@ -39,7 +38,7 @@ import {
   RegionMismatchError,
 } from '../tenants/index.ts';
 import type { AppIdentity, IdTokenContext, IdTokenVerifier, Principal } from '../tenants/index.ts';
-import { hashToken } from './admin-routes.ts';
+import { resolveOperator } from './admin-routes.ts';
 import type { Deps } from './context.ts';
 import { requestIdOf } from './context.ts';
 import { runHookCall } from './hook-call.ts';
@@ -268,36 +267,16 @@ const PlaygroundFeedbackBody = z.strictObject({
 });
 
 /**
- * Authenticates an operator bearer token the way the admin API does (bootstrap token hash,
- * then issued tokens), then requires `pack:read`.
+ * Authenticates an operator bearer token exactly as the admin API does
+ * ({@link resolveOperator}), then requires `pack:read`.
  * @throws AdminAuthError (401) for a missing/unknown token; ForbiddenError (403) for a role
  *   without `pack:read` (tenant-admin, auditor).
  */
 function authenticateOperator(deps: Deps): RequestHandler {
   return async (req, res, next) => {
-    const header = req.headers.authorization;
-    const m = typeof header === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/.exec(header) : null;
-    const token = m?.[1];
-    if (token === undefined) {
-      throw new AdminAuthError('missing or malformed operator bearer token');
-    }
-    let principal: Principal | undefined;
-    if (
-      deps.bootstrapTokenHash &&
-      crypto.timingSafeEqual(hashToken(token), deps.bootstrapTokenHash)
-    ) {
-      principal = { tokenId: 'bootstrap', role: 'platform-operator' };
-    } else {
-      principal = await deps.controlPlane.adminTokens.authenticate(token);
-    }
-    if (!principal) {
-      await deps.controlPlane.audit.record({
-        type: 'admin.auth',
-        outcome: 'failure',
-        detail: { reason: 'unknown token', endpoint: 'playground' },
-      });
-      throw new AdminAuthError('unknown or revoked operator token');
-    }
+    const principal = await resolveOperator(deps, req.headers.authorization, {
+      endpoint: 'playground',
+    });
     authorize(principal, 'pack:read');
     (res.locals as { principal?: Principal }).principal = principal;
     next();

@@ -1,0 +1,391 @@
+/**
+ * The JWT mechanics shared by the two bearer-token verifiers: `verify-client-token.ts` (CDS
+ * client JWTs) and `verify-id-token.ts` (SMART launch id_tokens). Each step is a small function
+ * that either returns what the next step needs or throws AuthError(reason); the verifiers keep
+ * their own policy (which `typ`, whether a `jku` may be followed, audience, replay, tenant
+ * choice) and call these in their documented order.
+ *
+ * Never exported from `tenants/index.ts`: callers outside tenants/ use the verifiers.
+ */
+import { decodeJwt, decodeProtectedHeader } from 'jose';
+import nodeJose from 'node-jose';
+import { AuthError } from './errors.ts';
+import type { AuthFailureReason, Jwks, JwksFetcher, TrustedIssuer } from './types.ts';
+
+/** Algorithms a verifier can ever be configured with: asymmetric signatures only. */
+export const ASYMMETRIC_ALGORITHMS: readonly string[] = [
+  'ES256',
+  'ES384',
+  'ES512',
+  'RS256',
+  'RS384',
+  'RS512',
+  'PS256',
+  'PS384',
+  'PS512',
+];
+
+/** The verifiers' default `alg` allowlist. */
+export const DEFAULT_ALGORITHMS: readonly string[] = ['ES384', 'RS384', 'ES256', 'RS256'];
+
+/** Longest Authorization header value considered (a CDS client JWT is well under 2 KiB). */
+export const MAX_TOKEN_LENGTH = 16 * 1024;
+/** Longest `iss` (or other untrusted value) passed to `onFailure`. */
+const MAX_INFO_LENGTH = 256;
+/** `Bearer <compact JWS>`; the signature part may be empty only where the caller allows it. */
+const BEARER = /^Bearer ([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)$/;
+/** JWK members that only private or symmetric keys have. */
+const PRIVATE_JWK_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'k', 'oth'];
+/** Inline key sets remembered per verifier before the cache is dropped and rebuilt. */
+const MAX_KEYSTORE_CACHE = 1000;
+
+/** A decoded JOSE header or JWT claims set. */
+export type Claims = Record<string, unknown>;
+/** A node-jose key store holding only public EC/RSA keys with a `kid`. */
+export type KeyStore = nodeJose.JWK.KeyStore;
+/** What a verifier tells `onFailure` about a refused token (never the token itself). */
+export interface FailureInfo {
+  iss?: string;
+  tenant?: string;
+}
+
+/**
+ * Copies the requested `alg` allowlist (default {@link DEFAULT_ALGORITHMS}).
+ * @throws Error (at verifier creation) if it is empty or holds anything but
+ *   {@link ASYMMETRIC_ALGORITHMS}; the message starts with `label`.
+ */
+export function resolveAlgorithms(
+  requested: readonly string[] | undefined,
+  label: string,
+): string[] {
+  const algorithms = [...(requested ?? DEFAULT_ALGORITHMS)];
+  if (algorithms.length === 0 || algorithms.some((a) => !ASYMMETRIC_ALGORITHMS.includes(a))) {
+    throw new Error(
+      `${label}: algorithms must be asymmetric signature algorithms (${ASYMMETRIC_ALGORITHMS.join(', ')})`,
+    );
+  }
+  return algorithms;
+}
+
+/**
+ * Extracts the compact JWS from `Authorization: Bearer <jws>` (exactly; size-capped).
+ * `allowEmptySignature` lets an unsigned (`alg: none`) token through to the header check, so
+ * it is refused as `bad_alg` rather than `malformed`.
+ * @throws AuthError `missing` (absent or empty header) or `malformed`.
+ */
+export function parseBearer(
+  authorization: string | undefined,
+  opts: { allowEmptySignature: boolean },
+): string {
+  if (authorization === undefined || authorization === '') {
+    throw new AuthError('missing');
+  }
+  if (typeof authorization !== 'string' || authorization.length > MAX_TOKEN_LENGTH) {
+    throw new AuthError('malformed');
+  }
+  const jwt = BEARER.exec(authorization)?.[1];
+  if (jwt === undefined || (!opts.allowEmptySignature && jwt.endsWith('.'))) {
+    throw new AuthError('malformed', 'expected "Bearer <compact JWS>"');
+  }
+  return jwt;
+}
+
+/**
+ * Decodes the protected header and payload WITHOUT verifying anything: the result may only
+ * choose the issuer, tenant and keys, never be trusted as claims.
+ * @throws AuthError `malformed` if either part is not base64url JSON.
+ */
+export function decodeUnverified(jwt: string): { header: Claims; payload: Claims } {
+  try {
+    return { header: decodeProtectedHeader(jwt), payload: decodeJwt(jwt) };
+  } catch {
+    throw new AuthError('malformed');
+  }
+}
+
+/** What a verifier accepts in the (unverified) protected header. */
+export interface HeaderPolicy {
+  /** The `alg` allowlist (from {@link resolveAlgorithms}). */
+  algorithms: readonly string[];
+  /** Whether the `typ` value (`undefined` when absent) is acceptable. */
+  isTypAllowed: (typ: unknown) => boolean;
+  /** Refuse `jku`, `x5u` and `jwk` outright: keys come from the issuer registration only. */
+  refuseKeyLocators: boolean;
+}
+
+/**
+ * Checks the unverified header, in this order: `alg`, `typ`, no `crit`/`b64`, key locators
+ * (when refused), `kid` present.
+ * @returns the `kid`.
+ * @throws AuthError `bad_alg`, `bad_typ`, `malformed`, `bad_jku` or `unknown_kid`.
+ */
+export function checkHeader(header: Claims, policy: HeaderPolicy): string {
+  if (typeof header.alg !== 'string' || !policy.algorithms.includes(header.alg)) {
+    throw new AuthError('bad_alg');
+  }
+  if (!policy.isTypAllowed(header.typ)) {
+    throw new AuthError('bad_typ');
+  }
+  if (header.crit !== undefined || header.b64 !== undefined) {
+    throw new AuthError('malformed', 'crit/b64 extensions are not supported');
+  }
+  if (
+    policy.refuseKeyLocators &&
+    (header.jku !== undefined || header.x5u !== undefined || header.jwk !== undefined)
+  ) {
+    throw new AuthError('bad_jku', 'id_token keys come from the issuer registration only');
+  }
+  const kid = header.kid;
+  if (typeof kid !== 'string' || kid.length === 0) {
+    throw new AuthError('unknown_kid', 'kid is required');
+  }
+  return kid;
+}
+
+/**
+ * The unverified `iss`, which only selects the issuer registration.
+ * @throws AuthError `missing_claim` (`iss`).
+ */
+export function unverifiedIssuer(payload: Claims): string {
+  const iss = payload.iss;
+  if (typeof iss !== 'string' || iss.length === 0) {
+    throw new AuthError('missing_claim', 'iss');
+  }
+  return iss;
+}
+
+/** Caps an untrusted value before it goes to `onFailure` (and from there to logs). */
+export function truncateInfo(value: string): string {
+  return value.length > MAX_INFO_LENGTH ? value.slice(0, MAX_INFO_LENGTH) : value;
+}
+
+/**
+ * Builds a node-jose key store from a JWK Set, keeping only public EC/RSA keys with a `kid`:
+ * a set that (wrongly) publishes private or symmetric keys never makes them usable for
+ * verification, and an unusable key is simply absent (a token naming it fails as unknown_kid).
+ */
+export async function toKeyStore(jwks: Jwks): Promise<KeyStore> {
+  const store = nodeJose.JWK.createKeyStore();
+  for (const key of jwks.keys) {
+    if ((key.kty !== 'EC' && key.kty !== 'RSA') || typeof key.kid !== 'string') {
+      continue;
+    }
+    if (PRIVATE_JWK_MEMBERS.some((m) => Object.hasOwn(key, m))) {
+      continue;
+    }
+    try {
+      await store.add(key);
+    } catch {
+      // An unusable key is simply not there; a token naming it fails as unknown_kid.
+    }
+  }
+  return store;
+}
+
+function hasKid(store: KeyStore, kid: string): boolean {
+  return store.all({ kid }).length > 0;
+}
+
+/** The key stores of issuer registrations, cached; see {@link createIssuerKeys}. */
+export interface IssuerKeys {
+  /**
+   * The key store to verify a token of `registration` whose header names `kid`: the header's
+   * `jku` only when the registration allowlists it, else the inline `jwks`, else `jwksUri`.
+   * An unknown `kid` on a URL-backed set triggers one forced refetch (the fetcher's cooldown
+   * bounds how often); an inline set is never refetched.
+   * @throws AuthError `bad_jku`, `jwks_unavailable` or `unknown_kid`.
+   */
+  keysFor(registration: TrustedIssuer, header: Claims, kid: string): Promise<KeyStore>;
+}
+
+/**
+ * Creates one verifier's key-store cache: inline sets keyed by their JSON (bounded), fetched
+ * sets by object identity (so they follow the fetcher's own cache).
+ */
+export function createIssuerKeys(opts: { fetcher: JwksFetcher }): IssuerKeys {
+  const { fetcher } = opts;
+  const inlineStores = new Map<string, Promise<KeyStore>>();
+  const fetchedStores = new WeakMap<Jwks, Promise<KeyStore>>();
+
+  function inlineStore(jwks: Jwks): Promise<KeyStore> {
+    const key = JSON.stringify(jwks);
+    let store = inlineStores.get(key);
+    if (!store) {
+      if (inlineStores.size >= MAX_KEYSTORE_CACHE) {
+        inlineStores.clear();
+      }
+      store = toKeyStore(jwks);
+      inlineStores.set(key, store);
+    }
+    return store;
+  }
+
+  async function fetchStore(url: string, forceRefresh: boolean): Promise<KeyStore> {
+    let jwks: Jwks;
+    try {
+      jwks = await fetcher.get(url, { forceRefresh });
+    } catch {
+      throw new AuthError('jwks_unavailable');
+    }
+    let store = fetchedStores.get(jwks);
+    if (!store) {
+      store = toKeyStore(jwks);
+      fetchedStores.set(jwks, store);
+    }
+    return store;
+  }
+
+  return {
+    async keysFor(registration, header, kid) {
+      let url: string | undefined;
+      if (header.jku !== undefined) {
+        if (typeof header.jku !== 'string' || !(registration.jku ?? []).includes(header.jku)) {
+          throw new AuthError('bad_jku');
+        }
+        url = header.jku;
+      } else if (registration.jwks) {
+        const store = await inlineStore(registration.jwks);
+        if (!hasKid(store, kid)) {
+          throw new AuthError('unknown_kid');
+        }
+        return store;
+      } else {
+        url = registration.jwksUri;
+      }
+      if (url === undefined) {
+        throw new AuthError('jwks_unavailable');
+      }
+      let store = await fetchStore(url, false);
+      if (!hasKid(store, kid)) {
+        // Key rotation: refetch once; the fetcher's cooldown bounds how often this can happen.
+        store = await fetchStore(url, true);
+        if (!hasKid(store, kid)) {
+          throw new AuthError('unknown_kid');
+        }
+      }
+      return store;
+    },
+  };
+}
+
+/**
+ * Verifies the JWS with node-jose against `keystore` and the `alg` allowlist, requires the
+ * key that verified it to be the header's `kid`, and parses the VERIFIED payload.
+ * @returns the verified claims (a JSON object).
+ * @throws AuthError `bad_signature` or `malformed` (payload not a JSON object).
+ */
+export async function verifySignature(
+  jwt: string,
+  keystore: KeyStore,
+  opts: { algorithms: readonly string[]; kid: string },
+): Promise<Claims> {
+  let verified: nodeJose.JWS.VerificationResult;
+  try {
+    verified = await nodeJose.JWS.createVerify(keystore, {
+      algorithms: [...opts.algorithms],
+    }).verify(jwt);
+  } catch {
+    throw new AuthError('bad_signature');
+  }
+  if (verified.key.kid !== opts.kid) {
+    throw new AuthError('bad_signature', 'verified with an unexpected key');
+  }
+  try {
+    const parsed: unknown = JSON.parse(verified.payload.toString('utf8'));
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+      throw new Error('not an object');
+    }
+    return parsed as Claims;
+  } catch {
+    throw new AuthError('malformed', 'payload is not a JSON object');
+  }
+}
+
+/**
+ * The `aud` claim as a non-empty list of strings (a single string counts as a list of one).
+ * @throws AuthError `missing_claim` (`aud`) or `bad_aud`.
+ */
+export function audienceList(claims: Claims): string[] {
+  const aud = claims.aud;
+  if (aud === undefined) {
+    throw new AuthError('missing_claim', 'aud');
+  }
+  const list: unknown[] = Array.isArray(aud) ? aud : [aud];
+  if (list.length === 0 || list.some((a) => typeof a !== 'string')) {
+    throw new AuthError('bad_aud');
+  }
+  return list as string[];
+}
+
+/** A NumericDate claim (seconds since the epoch) as a finite number, or why it is not one. */
+export function numericDate(claims: Claims, name: string): number | 'missing' | 'malformed' {
+  const value = claims[name];
+  if (value === undefined) {
+    return 'missing';
+  }
+  return typeof value === 'number' && Number.isFinite(value) ? value : 'malformed';
+}
+
+/**
+ * Checks `exp` and `iat` (both required) and `nbf` (optional) against `now` with `leeway`
+ * seconds of skew, and `exp - iat` against `maxLifetime` seconds.
+ * @returns `exp`.
+ * @throws AuthError `missing_claim`, `malformed`, `expired`, `future_iat`, `lifetime` or
+ *   `not_yet_valid`.
+ */
+export function checkTimes(
+  claims: Claims,
+  opts: { now: Date; leeway: number; maxLifetime: number },
+): number {
+  const { leeway, maxLifetime } = opts;
+  const at = Math.floor(opts.now.getTime() / 1000);
+  const exp = numericDate(claims, 'exp');
+  const iat = numericDate(claims, 'iat');
+  if (exp === 'missing' || iat === 'missing') {
+    throw new AuthError('missing_claim', exp === 'missing' ? 'exp' : 'iat');
+  }
+  if (exp === 'malformed' || iat === 'malformed') {
+    throw new AuthError('malformed', 'exp/iat must be numbers');
+  }
+  if (exp <= at - leeway) {
+    throw new AuthError('expired');
+  }
+  if (iat > at + leeway) {
+    throw new AuthError('future_iat');
+  }
+  if (exp - iat > maxLifetime) {
+    throw new AuthError('lifetime');
+  }
+  const nbf = numericDate(claims, 'nbf');
+  if (nbf === 'malformed') {
+    throw new AuthError('malformed', 'nbf must be a number');
+  }
+  if (nbf !== 'missing' && nbf > at + leeway) {
+    throw new AuthError('not_yet_valid');
+  }
+  return exp;
+}
+
+/**
+ * Runs one verification and, when it throws AuthError, calls `onFailure` once with the
+ * reason and whatever `run` recorded in `info`; the error is rethrown unchanged (a throwing
+ * `onFailure` is ignored, so reporting never turns a refusal into something else).
+ */
+export async function reportFailures<T>(
+  run: (info: FailureInfo) => Promise<T>,
+  onFailure: ((reason: AuthFailureReason, info: FailureInfo) => void) | undefined,
+): Promise<T> {
+  const info: FailureInfo = {};
+  try {
+    return await run(info);
+  } catch (err) {
+    if (err instanceof AuthError) {
+      try {
+        onFailure?.(err.reason, info);
+      } catch {
+        // Reporting must never turn a refusal into something else.
+      }
+    }
+    throw err;
+  }
+}
