@@ -15,6 +15,7 @@ import {
   validatePack,
 } from '../rules/index.ts';
 import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
+import { openControlPlane, ResidencyError } from '../tenants/index.ts';
 import type { Principal, Tenant } from '../tenants/index.ts';
 import { AdminService } from './admin-service.ts';
 import { buildDeps, readAdminToken } from './bootstrap.ts';
@@ -31,6 +32,7 @@ import {
 import { buildEvidence, EvidenceInputError, writeEvidence } from './evidence.ts';
 import type { TenantAuditEventLike } from './evidence.ts';
 import { createLogger } from './logger.ts';
+import { runMigration } from './migrate.ts';
 import { describeRegion, formatRegionTable, loadRegionMatrix } from './regions.ts';
 import { runServe } from './main.ts';
 
@@ -472,6 +474,58 @@ export function buildProgram(): Command {
         throw err;
       }
       out(o.json ? matrix.regions.map(describeRegion) : formatRegionTable(matrix));
+    });
+
+  program
+    .command('migrate')
+    .description(
+      "move a tenant's home region and its store to another region its policy allows (run on a host with both regions' data and keys, the tenant's planes stopped)",
+    )
+    .requiredOption('--tenant <id>')
+    .requiredOption('--to <region>', 'target region id')
+    .option('--state-dir <dir>', 'checkpoint folder (default <target backupDir>/migrations)')
+    .option('--json', 'print the result as JSON')
+    .action(async (o: { tenant: string; to: string; stateDir?: string; json?: boolean }) => {
+      const cfg = config();
+      let matrix;
+      try {
+        matrix = loadRegionMatrix(cfg.regionsFile, {
+          dataDir: cfg.dataDir,
+          publicUrl: cfg.publicUrl,
+        });
+      } catch (err) {
+        throw err instanceof ConfigError ? new CliError(err.message, 2) : err;
+      }
+      const controlPlane = await openControlPlane({
+        storage: path.join(cfg.dataDir, 'control.sqlite'),
+      });
+      try {
+        const r = await runMigration({
+          controlPlane,
+          matrix,
+          tenant: o.tenant,
+          to: o.to,
+          ...(o.stateDir !== undefined ? { stateDir: path.resolve(o.stateDir) } : {}),
+          actor: 'cli',
+          onProgress: (p) => {
+            if (!o.json) {
+              process.stderr.write(`migration ${p.id}: ${p.phase}\n`);
+            }
+          },
+        });
+        out(
+          o.json
+            ? r
+            : `${r.tenant.id}: ${r.migration.from} -> ${r.migration.to}, ${String(r.migration.verifiedRecords ?? 0)} records verified, source shredded, tenant ${r.tenant.status}`,
+        );
+      } catch (err) {
+        if (err instanceof ResidencyError) {
+          throw new CliError(err.message, 1);
+        }
+        throw err;
+      } finally {
+        await controlPlane.close();
+      }
     });
 
   program

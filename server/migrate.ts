@@ -84,9 +84,10 @@ export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrat
   const actor = opts.actor ?? 'cli';
   const regions = matrix.regions;
   const tenant = await cp.tenants.get(opts.tenant);
-  const targetRegion = selectRegion(matrix, to);
-  const stateDir = opts.stateDir ?? defaultMigrationStateDir(targetRegion);
-  const pending = readMigrationState(stateDir, tenant.id);
+  // An unknown target is a residency problem (audited below), not a configuration error.
+  const known = regions.find((r) => r.id === to);
+  const stateDir = opts.stateDir ?? (known ? defaultMigrationStateDir(known) : undefined);
+  const pending = stateDir !== undefined ? readMigrationState(stateDir, tenant.id) : undefined;
   const resuming = pending !== undefined && pending.to === to && pending.phase !== 'done';
   if (pending && !resuming && pending.phase !== 'done') {
     throw new ConflictError(
@@ -122,11 +123,10 @@ export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrat
     }
   }
   const sourceRegion = selectRegion(matrix, from);
+  const targetRegion = selectRegion(matrix, to);
 
   // Resume the tenant at the end only if this migration suspended it (kept in the checkpoint).
-  const resumeAfter = resuming
-    ? pending.context?.resumeAfter === true
-    : tenant.status === 'active';
+  const resumeAfter = resuming ? pending.context?.resumeAfter === true : tenant.status === 'active';
   if (tenant.status !== 'suspended') {
     await cp.tenants.update(tenant.id, { status: 'suspended' }, { regions, actor });
   }
@@ -147,7 +147,7 @@ export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrat
       tenant: tenant.id,
       source,
       target,
-      stateDir,
+      stateDir: stateDir ?? defaultMigrationStateDir(targetRegion),
       actor,
       context: { resumeAfter },
       ...(opts.now ? { now: opts.now } : {}),

@@ -34,3 +34,11 @@ export { readBackupManifest } from './data-plane/backup.ts';
 export type { BackupManifest } from './data-plane/backup.ts';
 export { tenantSchemaName } from './data-plane/store-backend.ts';
 export { feedbackId } from './data-plane/tenant-store.ts';
+export { migrateTenant, migrationStatePath, readMigrationState } from './data-plane/migration.ts';
+export type {
+  MigrateTenantOptions,
+  MigrationPhase,
+  MigrationProgress,
+  MigrationRegion,
+  MigrationState,
+} from './data-plane/migration.ts';
