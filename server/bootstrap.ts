@@ -65,6 +65,13 @@ export function readAdminToken(config: Config): string | undefined {
 export async function buildDeps(
   config: Config,
   log: Logger,
+  opts: {
+    /**
+     * Resume key jobs left running (the serving process does; a CLI process on the same data
+     * directory must not, or two processes would rewrap the same records).
+     */
+    resumeJobs?: boolean;
+  } = {},
 ): Promise<Deps & { close(): Promise<void> }> {
   ensureDataDir(config.dataDir);
   const controlPlane = await openControlPlane({
@@ -117,7 +124,9 @@ export async function buildDeps(
     },
   });
   // Rotations interrupted by a crash or restart go on from their checkpoints.
-  await stores.resumePendingJobs();
+  if (opts.resumeJobs !== false) {
+    await stores.resumePendingJobs();
+  }
   const metrics = new Metrics({
     region: region.id,
     jobs: async () =>

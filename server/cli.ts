@@ -66,7 +66,7 @@ function out(value: unknown): void {
 /** Runs an admin operation on the local data directory. */
 async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T> {
   const cfg = config();
-  const deps = await buildDeps(cfg, createLogger({ level: 'silent' }));
+  const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), { resumeJobs: false });
   try {
     return await fn(
       new AdminService({
@@ -536,7 +536,7 @@ export function buildProgram(): Command {
     .option('--out <dir>', 'output folder', '.')
     .action(async (o: { from: string; to: string; out: string }) => {
       const cfg = config();
-      const deps = await buildDeps(cfg, createLogger({ level: 'silent' }));
+      const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), { resumeJobs: false });
       try {
         const storeOf = async (t: Tenant) =>
           t.region === deps.region.id && (await deps.stores.listTenants()).includes(t.id)

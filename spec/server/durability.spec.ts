@@ -95,6 +95,24 @@ describe('operating a running server: rotation from the CLI, and a SIGKILL after
     expect(JSON.parse(v.stdout).ok).to.equal(true);
   });
 
+  it('writes the evidence report (JSON and Markdown) listing the rotation and admin actions of this run', () => {
+    const outDir = path.join(dataDir, 'evidence');
+    const from = new Date(Date.now() - 3600_000).toISOString();
+    const to = new Date(Date.now() + 3600_000).toISOString();
+    const r = cli(['evidence', '--from', from, '--to', to, '--out', outDir]);
+    expect(r.status, r.stderr).to.equal(0);
+    const files = fs.readdirSync(outDir);
+    const json = files.find((f) => f.endsWith('.json'));
+    const md = files.find((f) => f.endsWith('.md'));
+    expect(json).to.be.a('string');
+    expect(md).to.be.a('string');
+    const report = fs.readFileSync(path.join(outDir, json!), 'utf8');
+    expect(report).to.include('key.rotate');
+    expect(report).to.include('admin.tenant.create');
+    expect(report).to.include('backup');
+    expect(fs.readFileSync(path.join(outDir, md!), 'utf8')).to.match(/^# /m);
+  });
+
   it('keeps the record of a call that got a 200, after a SIGKILL of the server', async () => {
     const call = cli(['call', 'order-sign', '--demo', '--json']);
     expect(call.status, call.stderr).to.equal(0);
