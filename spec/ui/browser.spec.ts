@@ -60,6 +60,42 @@ function hostilePack(): Record<string, unknown> {
   };
 }
 
+/** A patient-view card with a suggestion, to accept from the SMART app. */
+function followUpPack(): Record<string, unknown> {
+  const base = tinyPack('followup');
+  const services = (base.services as Array<Record<string, unknown>>).map((svc) =>
+    svc.hook === 'patient-view' ? { ...svc, title: 'Care reminders' } : svc,
+  );
+  return {
+    ...base,
+    services,
+    rules: [
+      {
+        id: 'follow-up',
+        service: 'followup-patient-view',
+        when: '%patient.exists()',
+        card: {
+          summary: 'Medication review due',
+          indicator: 'info',
+          source: { label: 'cellcds specs' },
+          suggestions: [
+            {
+              label: 'Schedule a medication review',
+              actions: [
+                {
+                  type: 'create',
+                  description: 'Create a review task',
+                  resource: { resourceType: 'Task', status: 'requested', intent: 'order' },
+                },
+              ],
+            },
+          ],
+        },
+      },
+    ],
+  };
+}
+
 describe('card viewer in Chromium', function () {
   this.timeout(90_000);
   let browser: Browser;
@@ -94,10 +130,14 @@ describe('card viewer in Chromium', function () {
     expect((await u.t.uploadPack(shippedPackRaw())).status).to.equal(201);
     const hostile = await u.t.uploadPack(hostilePack());
     expect(hostile.status, JSON.stringify(hostile.body)).to.equal(201);
+    expect((await u.t.uploadPack(followUpPack())).status).to.equal(201);
     await u.t.addTenant('hospital-a', {
       issuer: smart.signer,
       fhirServers: [smart.fhirBaseUrl],
-      subscriptions: [{ pack: 'medication-safety', version: '1.0.0' }],
+      subscriptions: [
+        { pack: 'medication-safety', version: '1.0.0' },
+        { pack: 'followup', version: '1.0.0' },
+      ],
     });
     ruleAuthor = (await u.t.deps.controlPlane.adminTokens.issue({ role: 'rule-author' })).token;
     browser = await launchChromium();
@@ -320,7 +360,37 @@ describe('card viewer in Chromium', function () {
     const invocationId = await store.findCard(cardUuid);
     expect(invocationId, 'the card was recorded with its invocation').to.be.a('string');
     const record = await store.readInvocation(invocationId ?? '');
-    expect(record.feedback.map((f) => [f.card, f.outcome])).to.deep.equal([[cardUuid, 'overridden']]);
+    expect(record.feedback.map((f) => [f.card, f.outcome])).to.deep.equal([
+      [cardUuid, 'overridden'],
+    ]);
+    expect(pageErrors).to.deep.equal([]);
+    await page.close();
+  });
+
+  it("in the SMART app, a suggestion click posts feedback that the tenant's store then holds", async () => {
+    const page = await newPage({ width: 1024, height: 700 });
+    await page.goto(smart.launchUrl(`${u.base}/app/launch`));
+    const card = page.locator('.card', {
+      has: page.locator('.card-summary', { hasText: 'Medication review due' }),
+    });
+    await card.waitFor();
+    const button = card.locator('button.suggestion');
+    const suggestionUuid = (await button.getAttribute('data-suggestion-uuid')) ?? '';
+    const cardUuid = (await card.getAttribute('data-card-uuid')) ?? '';
+    const before = received.length;
+    await button.click();
+    await card.locator('.card-status', { hasText: 'Accepted' }).waitFor();
+    expect(received.length).to.equal(before + 1);
+    const store = u.t.deps.stores.store('hospital-a');
+    const invocationId = await store.findCard(cardUuid);
+    expect(invocationId, 'the card was recorded with its invocation').to.be.a('string');
+    const record = await store.readInvocation(invocationId ?? '');
+    expect(record.feedback).to.have.length(1);
+    expect(record.feedback[0]?.item).to.deep.include({
+      card: cardUuid,
+      outcome: 'accepted',
+      acceptedSuggestions: [{ id: suggestionUuid }],
+    });
     expect(pageErrors).to.deep.equal([]);
     await page.close();
   });
