@@ -34,6 +34,7 @@ import type { TenantAuditEventLike } from './evidence.ts';
 import { createLogger } from './logger.ts';
 import { runMigration } from './migrate.ts';
 import { describeRegion, formatRegionTable, loadRegionMatrix } from './regions.ts';
+import type { RegionMatrix } from './regions.ts';
 import { runServe } from './main.ts';
 
 const LOCAL_OPERATOR: Principal = { tokenId: 'cli', role: 'platform-operator' };
@@ -61,6 +62,15 @@ function config(): Config {
 
 function out(value: unknown): void {
   process.stdout.write(`${typeof value === 'string' ? value : JSON.stringify(value, null, 2)}\n`);
+}
+
+/** The region matrix of this configuration; a bad file is a usage error (exit 2). */
+function regionMatrix(cfg: Config): RegionMatrix {
+  try {
+    return loadRegionMatrix(cfg.regionsFile, { dataDir: cfg.dataDir, publicUrl: cfg.publicUrl });
+  } catch (err) {
+    throw err instanceof ConfigError ? new CliError(err.message, 2) : err;
+  }
 }
 
 /** Runs an admin operation on the local data directory. */
@@ -460,19 +470,7 @@ export function buildProgram(): Command {
     .description('print the region matrix: where data, backups and keys live, per region')
     .option('--json')
     .action((o: { json?: boolean }) => {
-      const cfg = config();
-      let matrix;
-      try {
-        matrix = loadRegionMatrix(cfg.regionsFile, {
-          dataDir: cfg.dataDir,
-          publicUrl: cfg.publicUrl,
-        });
-      } catch (err) {
-        if (err instanceof ConfigError) {
-          throw new CliError(err.message, 2);
-        }
-        throw err;
-      }
+      const matrix = regionMatrix(config());
       out(o.json ? matrix.regions.map(describeRegion) : formatRegionTable(matrix));
     });
 
@@ -487,15 +485,7 @@ export function buildProgram(): Command {
     .option('--json', 'print the result as JSON')
     .action(async (o: { tenant: string; to: string; stateDir?: string; json?: boolean }) => {
       const cfg = config();
-      let matrix;
-      try {
-        matrix = loadRegionMatrix(cfg.regionsFile, {
-          dataDir: cfg.dataDir,
-          publicUrl: cfg.publicUrl,
-        });
-      } catch (err) {
-        throw err instanceof ConfigError ? new CliError(err.message, 2) : err;
-      }
+      const matrix = regionMatrix(cfg);
       const controlPlane = await openControlPlane({
         storage: path.join(cfg.dataDir, 'control.sqlite'),
       });
