@@ -1,9 +1,9 @@
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
+import { freePort, runCli, runCliAsync, startServer } from '../helpers/processes.ts';
 import { createLocalKeyProvider, openRegionStores } from '../../tenants/index.ts';
 
 /**
@@ -15,7 +15,6 @@ describe('operating a running server: rotation from the CLI, and a SIGKILL after
   let dataDir: string;
   let server: ChildProcess;
   let port: number;
-  let stderr = '';
   const token = `op-${'z'.repeat(40)}`;
   const env = () => ({
     ...process.env,
@@ -25,45 +24,13 @@ describe('operating a running server: rotation from the CLI, and a SIGKILL after
     CELLCDS_PUBLIC_URL: '',
     CELLCDS_LOG_LEVEL: 'warn',
   });
-  const cli = (args: string[]) =>
-    spawnSync(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
-      env: env(),
-      encoding: 'utf8',
-      timeout: 90_000,
-    });
-  const cliAsync = (args: string[]) =>
-    new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
-      const child = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
-        env: env(),
-      });
-      let out = '';
-      let err = '';
-      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-      child.on('close', (status) => {
-        resolve({ status, stdout: out, stderr: err });
-      });
-    });
+  const cli = (args: string[]) => runCli(args, env());
+  const cliAsync = (args: string[]) => runCliAsync(args, env());
 
   before(async () => {
     dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-dur-'));
-    port = await new Promise<number>((resolve) => {
-      const s = net.createServer().listen(0, '127.0.0.1', () => {
-        const p = (s.address() as net.AddressInfo).port;
-        s.close(() => {
-          resolve(p);
-        });
-      });
-    });
-    server = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', 'serve'], { env: env() });
-    server.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-    const deadline = Date.now() + 90_000;
-    while (!stderr.includes('npx cellcds call order-sign --demo')) {
-      if (Date.now() > deadline || server.exitCode !== null) {
-        throw new Error(`server did not start:\n${stderr}`);
-      }
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    port = await freePort();
+    server = (await startServer(env())).child;
   });
   after(() => {
     server.kill('SIGKILL');

@@ -1,21 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import YAML from 'yaml';
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => {
-        resolve(p);
-      });
-    });
-  });
-}
+import { freePort } from '../helpers/processes.ts';
 
 /** `npm start` with a two-region matrix: one supervised process per region. */
 describe('npm start with a region matrix: one process per region', function () {

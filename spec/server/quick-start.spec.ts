@@ -1,18 +1,16 @@
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
+import { freePort, runCli, startServer, type ServerProcess } from '../helpers/processes.ts';
 
 /** The README quick start, run as a newcomer would: a real process on a real port. */
 describe('quick start (npm start, then cellcds call --demo)', function () {
   this.timeout(120_000);
   let dataDir: string;
-  let server: ChildProcess;
+  let server: ServerProcess;
   let port: number;
-  let stdout = '';
-  let stderr = '';
   // Empty means unset: the server must generate its own operator token.
   const env = () => ({
     ...process.env,
@@ -22,42 +20,22 @@ describe('quick start (npm start, then cellcds call --demo)', function () {
     CELLCDS_PUBLIC_URL: '',
   });
   const cli = (args: string[], extra: Record<string, string> = {}) =>
-    spawnSync(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
-      env: { ...env(), ...extra },
-      encoding: 'utf8',
-      timeout: 60_000,
-    });
+    runCli(args, { ...env(), ...extra });
 
   before(async () => {
     dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-qs-'));
-    port = await new Promise<number>((resolve) => {
-      const s = net.createServer().listen(0, '127.0.0.1', () => {
-        const p = (s.address() as net.AddressInfo).port;
-        s.close(() => {
-          resolve(p);
-        });
-      });
-    });
-    server = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', 'serve'], { env: env() });
-    server.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
-    server.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-    const deadline = Date.now() + 90_000;
-    while (!stderr.includes('npx cellcds call order-sign --demo')) {
-      if (Date.now() > deadline || server.exitCode !== null) {
-        throw new Error(`server did not start:\n${stderr}\n${stdout}`);
-      }
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    port = await freePort();
+    server = await startServer(env());
   });
 
   after(() => {
-    server.kill('SIGTERM');
+    server.child.kill('SIGTERM');
     fs.rmSync(dataDir, { recursive: true, force: true });
   });
 
   it('prints the base URL and the demo command', () => {
-    expect(stderr).to.include(`http://localhost:${port}`);
-    expect(stderr).to.include('npx cellcds call order-sign --demo');
+    expect(server.stderr()).to.include(`http://localhost:${port}`);
+    expect(server.stderr()).to.include('npx cellcds call order-sign --demo');
   });
 
   it('writes a generated operator token with mode 0600 and never logs it', () => {
@@ -65,8 +43,8 @@ describe('quick start (npm start, then cellcds call --demo)', function () {
     expect(fs.statSync(file).mode & 0o777).to.equal(0o600);
     const token = fs.readFileSync(file, 'utf8').trim();
     expect(token.length).to.be.greaterThan(32);
-    expect(stdout).to.not.include(token);
-    expect(stderr).to.not.include(token);
+    expect(server.stdout()).to.not.include(token);
+    expect(server.stderr()).to.not.include(token);
   });
 
   it('answers the demo order-sign call with cards from the shipped pack', () => {
