@@ -14,6 +14,7 @@ import {
   parseTemplate,
 } from './expression.ts';
 import type { CompiledFn, ExprScope, ValueSetIndex } from './expression.ts';
+import { compileFast, withFallback } from './fast-path.ts';
 import { packHash } from './pack-format.ts';
 import type {
   ActionType,
@@ -169,8 +170,14 @@ class Compiler {
   private readonly table;
   private readonly scope: ExprScope;
   private readonly letNames: Set<string>;
+  private readonly valueSets: Map<string, ValueSetIndex>;
 
-  constructor(pack: RulePack, valueSets: Map<string, ValueSetIndex>) {
+  constructor(
+    pack: RulePack,
+    valueSets: Map<string, ValueSetIndex>,
+    private readonly fastPath: boolean,
+  ) {
+    this.valueSets = valueSets;
     this.table = buildFunctionTable(valueSets);
     this.scope = packScope(pack);
     this.letNames = new Set(Object.keys(pack.let ?? {}));
@@ -195,7 +202,14 @@ class Compiler {
       }
       return () => [];
     }
-    return compileExpression(source, this.table, raw);
+    // The fast path (issue 6) where it can, fhirpath.js for the rest and as its fallback.
+    const slow = compileExpression(source, this.table, raw);
+    return this.fastPath
+      ? withFallback(
+          compileFast(source, { raw, valueSets: this.valueSets, ast: analysis.ast }),
+          slow,
+        )
+      : slow;
   }
 
   text(source: string, path: string): CompiledText {
@@ -332,12 +346,17 @@ export function findLetCycle(deps: ReadonlyMap<string, readonly string[]>): stri
 }
 
 /**
- * Compiles a pack into a program (no caching).
+ * Compiles a pack into a program (no caching). `fastPath: false` compiles every expression for
+ * fhirpath.js only (the reference the fast path is checked against).
  * @throws PackValidationError if an expression or template does not compile or lets form a cycle.
  */
-export function compileProgram(pack: RulePack, hash: string): PackProgram {
+export function compileProgram(
+  pack: RulePack,
+  hash: string,
+  opts: { fastPath?: boolean } = {},
+): PackProgram {
   const valueSets = indexValueSets(pack.valueSets);
-  const c = new Compiler(pack, valueSets);
+  const c = new Compiler(pack, valueSets, opts.fastPath ?? true);
   const lets = new Map<string, CompiledLet>();
   for (const [name, source] of Object.entries(pack.let ?? {})) {
     c.takeLetRefs();

@@ -12,6 +12,7 @@ import type {
   PackProgram,
 } from './compile-pack.ts';
 import { collectionText, instantValues, safeErrorMessage, SafeEvalError } from './expression.ts';
+import { fastInstantValues } from './fast-path.ts';
 import type { EvaluationInput, LetTraceEntry, RawCard, TraceEntry } from './types.ts';
 
 /** Card summaries must stay under this many characters (CDS Hooks 2.0). */
@@ -19,6 +20,8 @@ export const SUMMARY_LIMIT = 140;
 
 /** Callbacks of a run, in the order things happen. */
 export interface RunHooks {
+  /** Rule `index` of `ruleIds` is about to run (its lets first, then `when` and its card). */
+  onRuleStart?(index: number): void;
   /** A let is about to be computed (lets the caller attribute a timeout to it). */
   onLetStart?(name: string): void;
   onLet?(entry: LetTraceEntry): void;
@@ -84,7 +87,7 @@ export function buildVariables(
   input: EvaluationInput,
 ): Record<string, unknown> {
   const vars = Object.create(null) as Record<string, unknown>;
-  const instant = instantValues(input.now);
+  const instant = fastInstantValues(input.now) ?? instantValues(input.now);
   vars.context = input.context;
   vars.prefetch = input.prefetch;
   vars.patient = findPatient(input.prefetch, input.context.patientId);
@@ -267,41 +270,45 @@ function describeWhen(result: unknown[]): string {
 /** Counters for tests and metrics (per thread). */
 export const engineCounters = { letEvaluations: 0, ruleEvaluations: 0 };
 
-/**
- * Evaluates `ruleIds` (in order) of a program for one call. Never throws for a rule: each
- * outcome goes to `hooks.onRule`. `failedLets` carries lets that failed in an earlier attempt
- * of the same call (e.g. timed out in a worker that was replaced): they are not recomputed.
- */
-export function runRules(
-  program: PackProgram,
-  input: EvaluationInput,
-  ruleIds: readonly string[],
-  hooks: RunHooks,
-  failedLets: Readonly<Record<string, string>> = {},
-): void {
-  const vars = buildVariables(program, input);
-  const root = input.context;
-  const letErrors = new Map<string, string>(Object.entries(failedLets));
-  const computed = new Set<string>();
+/** One call's evaluation: its variables, computed lets and let errors. */
+class RuleRun {
+  readonly vars: Record<string, unknown>;
+  readonly root: unknown;
+  private readonly letErrors: Map<string, string>;
+  private readonly computed = new Set<string>();
 
-  const ensureLet = (name: string, seen: Set<string>): string | undefined => {
-    if (computed.has(name)) {
+  constructor(
+    private readonly program: PackProgram,
+    input: EvaluationInput,
+    private readonly hooks: RunHooks,
+    failedLets: Readonly<Record<string, string>>,
+  ) {
+    this.vars = buildVariables(program, input);
+    this.root = input.context;
+    this.letErrors = new Map<string, string>(Object.entries(failedLets));
+  }
+
+  /** Computes a let (and its dependencies) once; returns its error, if it failed. */
+  ensureLet(name: string, seen?: Set<string>): string | undefined {
+    if (this.computed.has(name)) {
       return undefined;
     }
-    const known = letErrors.get(name);
+    const known = this.letErrors.get(name);
     if (known !== undefined) {
       return known;
     }
-    const compiled = program.lets.get(name);
-    if (!compiled || seen.has(name)) {
+    const compiled = this.program.lets.get(name);
+    const path = seen ?? new Set<string>();
+    if (!compiled || path.has(name)) {
       return 'is not computable';
     }
-    seen.add(name);
+    path.add(name);
+    const hooks = this.hooks;
     for (const dep of compiled.deps) {
-      const depError = ensureLet(dep, seen);
+      const depError = this.ensureLet(dep, path);
       if (depError !== undefined) {
         const msg = `depends on let '${dep}', which failed`;
-        letErrors.set(name, msg);
+        this.letErrors.set(name, msg);
         hooks.onLet?.({ name, status: 'error', durationMs: 0, error: msg });
         return msg;
       }
@@ -310,23 +317,43 @@ export function runRules(
     const t0 = performance.now();
     engineCounters.letEvaluations++;
     try {
-      vars[name] = compiled.fn(root, vars);
-      computed.add(name);
+      this.vars[name] = compiled.fn(this.root, this.vars);
+      this.computed.add(name);
       hooks.onLet?.({ name, status: 'ok', durationMs: performance.now() - t0 });
       return undefined;
     } catch (err) {
       const msg = safeErrorMessage(err);
-      letErrors.set(name, msg);
+      this.letErrors.set(name, msg);
       hooks.onLet?.({ name, status: 'error', durationMs: performance.now() - t0, error: msg });
       return msg;
     }
-  };
+  }
 
-  const runRule = (rule: CompiledRule): void => {
+  private done(
+    rule: CompiledRule,
+    t0: number,
+    status: TraceEntry['status'],
+    fired: boolean,
+    card?: RawCard,
+    error?: string,
+  ): void {
+    const entry: TraceEntry = {
+      ruleId: rule.id,
+      status,
+      fired,
+      durationMs: performance.now() - t0,
+    };
+    if (error !== undefined) {
+      entry.error = error;
+    }
+    this.hooks.onRule(entry, card);
+  }
+
+  runRule(rule: CompiledRule): void {
     for (const name of rule.lets) {
-      const err = ensureLet(name, new Set());
+      const err = this.ensureLet(name);
       if (err !== undefined) {
-        hooks.onRule(
+        this.hooks.onRule(
           {
             ruleId: rule.id,
             status: 'error',
@@ -341,47 +368,51 @@ export function runRules(
     }
     engineCounters.ruleEvaluations++;
     const t0 = performance.now();
-    const done = (status: TraceEntry['status'], fired: boolean, card?: RawCard, error?: string) => {
-      const entry: TraceEntry = {
-        ruleId: rule.id,
-        status,
-        fired,
-        durationMs: performance.now() - t0,
-      };
-      if (error !== undefined) {
-        entry.error = error;
-      }
-      hooks.onRule(entry, card);
-    };
     let result: unknown[];
     try {
-      result = rule.when(root, vars);
+      result = rule.when(this.root, this.vars);
     } catch (err) {
-      done('error', false, undefined, `when: ${safeErrorMessage(err)}`);
+      this.done(rule, t0, 'error', false, undefined, `when: ${safeErrorMessage(err)}`);
       return;
     }
     if (result.length === 0 || (result.length === 1 && result[0] === false)) {
-      done('not-fired', false);
+      this.done(rule, t0, 'not-fired', false);
       return;
     }
     if (!(result.length === 1 && result[0] === true)) {
-      done('error', false, undefined, describeWhen(result));
+      this.done(rule, t0, 'error', false, undefined, describeWhen(result));
       return;
     }
     let card: RawCard;
     try {
-      card = buildCard(rule.id, rule.card, root, vars);
+      card = buildCard(rule.id, rule.card, this.root, this.vars);
     } catch (err) {
-      done('error', true, undefined, safeErrorMessage(err));
+      this.done(rule, t0, 'error', true, undefined, safeErrorMessage(err));
       return;
     }
-    done('fired', true, card);
-  };
+    this.done(rule, t0, 'fired', true, card);
+  }
+}
 
-  for (const id of ruleIds) {
+/**
+ * Evaluates `ruleIds` (in order) of a program for one call. Never throws for a rule: each
+ * outcome goes to `hooks.onRule`. `failedLets` carries lets that failed in an earlier attempt
+ * of the same call (e.g. timed out in a worker that was replaced): they are not recomputed.
+ */
+export function runRules(
+  program: PackProgram,
+  input: EvaluationInput,
+  ruleIds: readonly string[],
+  hooks: RunHooks,
+  failedLets: Readonly<Record<string, string>> = {},
+): void {
+  const run = new RuleRun(program, input, hooks, failedLets);
+  for (let index = 0; index < ruleIds.length; index++) {
     if (hooks.shouldStop?.() === true) {
       return;
     }
+    hooks.onRuleStart?.(index);
+    const id = ruleIds[index] as string;
     const rule = program.rulesById.get(id);
     if (!rule) {
       hooks.onRule(
@@ -390,6 +421,6 @@ export function runRules(
       );
       continue;
     }
-    runRule(rule);
+    run.runRule(rule);
   }
 }

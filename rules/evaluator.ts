@@ -17,7 +17,22 @@ import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { programFor } from './compile-pack.ts';
 import { runRules } from './evaluate-core.ts';
-import type { RunMessage, WarmMessage, WorkerMessage } from './evaluator-protocol.ts';
+import type {
+  Progress,
+  RunMessage,
+  SerializedInput,
+  WarmMessage,
+  WorkerMessage,
+} from './evaluator-protocol.ts';
+import {
+  epochMs,
+  PHASE_IDLE,
+  PHASE_LET,
+  PHASE_RULE,
+  PROGRESS_BYTES,
+  progressView,
+  readProgress,
+} from './evaluator-protocol.ts';
 import { UnknownServiceError } from './errors.ts';
 import type {
   CompiledPack,
@@ -121,6 +136,8 @@ export function workerBootstrapCode(workerUrl: URL = WORKER_URL): string {
 
 interface Slot {
   worker: Worker;
+  /** What the worker is running (shared memory it writes; see evaluator-protocol.ts). */
+  progress: Progress;
   ready: boolean;
   /** Pack hashes this worker has been sent. */
   hashes: Set<string>;
@@ -204,13 +221,15 @@ class WorkerPool {
   }
 
   private spawn(): Slot {
+    const shared = new SharedArrayBuffer(PROGRESS_BYTES);
     const worker = new Worker(workerBootstrapCode(), {
       eval: true,
+      workerData: { progress: shared },
       resourceLimits: { maxOldGenerationSizeMb: this.memoryMb },
     });
     worker.unref();
     this.started++;
-    const slot: Slot = { worker, ready: false, hashes: new Set() };
+    const slot: Slot = { worker, progress: progressView(shared), ready: false, hashes: new Set() };
     worker.on('message', (msg: WorkerMessage) => {
       if (msg.type === 'ready') {
         slot.ready = true;
@@ -495,6 +514,27 @@ class PooledEvaluator implements Evaluator {
     const call = new CallState(ruleIdsOf(pack, serviceId));
     this.calls++;
     this.pool.noteUse(pack);
+    // The input crosses to the worker as JSON text, serialized once per call.
+    let serialized: SerializedInput;
+    try {
+      serialized = {
+        hook: input.hook,
+        hookInstance: input.hookInstance,
+        json: JSON.stringify({ context: input.context, prefetch: input.prefetch }),
+        now: input.now.getTime(),
+      };
+    } catch {
+      for (const id of call.ruleIds) {
+        call.set({
+          ruleId: id,
+          status: 'error',
+          fired: false,
+          durationMs: 0,
+          error: 'input cannot be passed to the evaluation worker',
+        });
+      }
+      return call.finish(pack, serviceId, started, 'call budget exhausted');
+    }
     let reason = 'call budget exhausted';
     while (call.remaining().length > 0) {
       if (this.isClosed()) {
@@ -513,7 +553,7 @@ class PooledEvaluator implements Evaluator {
         break;
       }
       call.attempts++;
-      const outcome = await this.attempt(slot, pack, input, call, deadline);
+      const outcome = await this.attempt(slot, pack, serialized, call, deadline);
       if (outcome === 'done') {
         this.pool.release(slot);
       } else {
@@ -523,45 +563,65 @@ class PooledEvaluator implements Evaluator {
     return call.finish(pack, serviceId, started, reason);
   }
 
-  /** Runs the remaining rules of a call on one worker until done, a deadline, or a crash. */
+  /**
+   * Runs the remaining rules of a call on one worker until done, a deadline, or a crash. The
+   * worker reports outcomes in batches; between them, the progress record says which rule (or
+   * let) is running and since when, which is what the rule budget is checked against.
+   */
   private attempt(
     slot: Slot,
     pack: CompiledPack,
-    input: EvaluationInput,
+    input: SerializedInput,
     call: CallState,
     deadline: number,
   ): Promise<AttemptOutcome> {
     const callId = nextCallId++;
     const ruleIds = call.remaining();
     const ruleBudget = this.ruleBudgetMs;
+    const deadlineEpoch = performance.timeOrigin + deadline;
+    const letNames = Object.keys(pack.pack.let ?? {});
     return new Promise((resolve) => {
       let timer: NodeJS.Timeout | undefined;
-      let begun = false;
-      let inFlightLet: string | undefined;
-      let lastProgress = performance.now();
-
-      const inFlightRule = (): string | undefined => ruleIds.find((id) => !call.results.has(id));
       const settle = (outcome: AttemptOutcome) => {
         clearTimeout(timer);
         slot.onMessage = undefined;
         slot.onExit = undefined;
         resolve(outcome);
       };
-      const arm = () => {
+      const arm = (atEpoch: number) => {
         clearTimeout(timer);
-        const now = performance.now();
-        lastProgress = now;
-        const at = begun ? Math.min(now + ruleBudget, deadline) : deadline;
-        timer = setTimeout(onDeadline, Math.max(0, at - now));
+        timer = setTimeout(check, Math.max(0, atEpoch - epochMs()));
       };
-      const onDeadline = () => {
-        const now = performance.now();
-        const callOver = now >= deadline - 1;
-        const ran = now - lastProgress;
-        const rule = inFlightRule();
-        if (begun && inFlightLet !== undefined) {
+      /** At a deadline: the step still running past its budget, or the call's end, stops the worker. */
+      const check = () => {
+        const now = epochMs();
+        const p = readProgress(slot.progress);
+        const begun = p.callId === callId && p.phase !== PHASE_IDLE;
+        const callOver = now >= deadlineEpoch - 1;
+        if (!callOver) {
+          if (!begun) {
+            // Compiling or parsing: only the call budget applies; look again later.
+            arm(Math.min(deadlineEpoch, now + ruleBudget));
+            return;
+          }
+          if (p.phase === PHASE_LET || p.phase === PHASE_RULE) {
+            const stepEnd = p.startMs + ruleBudget;
+            if (now < stepEnd - 1) {
+              arm(Math.min(stepEnd, deadlineEpoch));
+              return;
+            }
+          } else {
+            // Done: its last batch is on its way.
+            arm(Math.min(deadlineEpoch, now + ruleBudget));
+            return;
+          }
+        }
+        const ran = now - p.startMs;
+        const rule = begun ? ruleIds[p.ruleIndex] : undefined;
+        if (begun && p.phase === PHASE_LET) {
+          const name = letNames[p.letIndex] ?? 'unknown';
           call.addLet({
-            name: inFlightLet,
+            name,
             status: 'timeout',
             durationMs: ran,
             error: 'exceeded the time budget',
@@ -572,10 +632,10 @@ class PooledEvaluator implements Evaluator {
               status: 'timeout',
               fired: false,
               durationMs: ran,
-              error: `let '${inFlightLet}' exceeded the time budget`,
+              error: `let '${name}' exceeded the time budget`,
             });
           }
-        } else if (begun && rule !== undefined) {
+        } else if (begun && p.phase === PHASE_RULE && rule !== undefined) {
           call.set({
             ruleId: rule,
             status: 'timeout',
@@ -590,21 +650,24 @@ class PooledEvaluator implements Evaluator {
       };
 
       slot.onExit = () => {
-        const rule = inFlightRule();
-        if (inFlightLet !== undefined) {
+        const p = readProgress(slot.progress);
+        const begun = p.callId === callId && p.phase !== PHASE_IDLE;
+        const rule = begun ? ruleIds[p.ruleIndex] : undefined;
+        const ran = epochMs() - p.startMs;
+        if (begun && p.phase === PHASE_LET) {
           call.addLet({
-            name: inFlightLet,
+            name: letNames[p.letIndex] ?? 'unknown',
             status: 'error',
-            durationMs: performance.now() - lastProgress,
+            durationMs: ran,
             error: 'evaluation worker stopped',
           });
         }
-        if (begun && rule !== undefined) {
+        if (begun && (p.phase === PHASE_LET || p.phase === PHASE_RULE) && rule !== undefined) {
           call.set({
             ruleId: rule,
             status: 'error',
             fired: false,
-            durationMs: performance.now() - lastProgress,
+            durationMs: ran,
             error: 'evaluation worker stopped',
           });
         }
@@ -618,25 +681,16 @@ class PooledEvaluator implements Evaluator {
           case 'need-pack':
             slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, true));
             return;
-          case 'begin':
-            begun = true;
-            arm();
-            return;
-          case 'let-start':
-            inFlightLet = msg.name;
-            arm();
-            return;
-          case 'let':
-            inFlightLet = undefined;
-            call.addLet(msg.entry);
-            arm();
-            return;
-          case 'rule':
-            call.set(msg.entry, msg.card);
-            arm();
-            return;
-          case 'end':
-            settle('done');
+          case 'batch':
+            for (const entry of msg.lets) {
+              call.addLet(entry);
+            }
+            for (const r of msg.rules) {
+              call.set(r.entry, r.card);
+            }
+            if (msg.end) {
+              settle('done');
+            }
             return;
           case 'failed':
             for (const id of call.remaining()) {
@@ -654,30 +708,15 @@ class PooledEvaluator implements Evaluator {
       };
       const withPack = !slot.hashes.has(pack.hash);
       slot.hashes.add(pack.hash);
-      try {
-        slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, withPack));
-      } catch {
-        // Input that cannot be cloned (functions, symbols): no rule can run on it.
-        for (const id of ruleIds) {
-          call.set({
-            ruleId: id,
-            status: 'error',
-            fired: false,
-            durationMs: 0,
-            error: 'input cannot be passed to the evaluation worker',
-          });
-        }
-        settle('done');
-        return;
-      }
-      arm();
+      slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, withPack));
+      arm(Math.min(deadlineEpoch, epochMs() + ruleBudget));
     });
   }
 
   private runMessage(
     callId: number,
     pack: CompiledPack,
-    input: EvaluationInput,
+    input: SerializedInput,
     ruleIds: string[],
     call: CallState,
     withPack: boolean,
@@ -689,6 +728,7 @@ class PooledEvaluator implements Evaluator {
       input,
       ruleIds,
       failedLets: { ...call.failedLets },
+      flushEach: call.attempts > 1,
     };
     if (withPack) {
       msg.pack = pack.pack;
@@ -779,6 +819,33 @@ class InlineEvaluator implements Evaluator {
   stats(): EvaluatorStats {
     return { workersStarted: 0, workersReplaced: 0, calls: this.calls };
   }
+}
+
+/**
+ * Evaluates the rules of `serviceId` (or only `ruleIds`, in pack order) synchronously in the
+ * calling thread, with no time budget and without copying the input: for benchmarks and tools
+ * that own their input and trust the pack. Same semantics and results as `evaluate`.
+ * @throws UnknownServiceError if the pack has no such service; PackValidationError if it does
+ *   not compile.
+ */
+export function evaluateInline(
+  pack: CompiledPack,
+  serviceId: string,
+  input: EvaluationInput,
+  ruleIds?: readonly string[],
+): EvaluationResult {
+  const started = performance.now();
+  const all = ruleIdsOf(pack, serviceId);
+  const call = new CallState(ruleIds ? all.filter((id) => ruleIds.includes(id)) : all);
+  runRules(programFor(pack.hash, pack.pack), input, call.ruleIds, {
+    onLet: (e) => {
+      call.addLet(e);
+    },
+    onRule: (e, card) => {
+      call.set(e, card);
+    },
+  });
+  return call.finish(pack, serviceId, started, 'call budget exhausted');
 }
 
 /**

@@ -77,6 +77,8 @@ export interface ExprAnalysis {
   issues: ExprIssue[];
   /** `%names` the expression reads (engine variables, lets, value sets). */
   variables: Set<string>;
+  /** fhirpath.js's parse tree (when it parsed), for the fast path to compile without parsing again. */
+  ast?: unknown;
 }
 
 /** What an expression may refer to. */
@@ -365,7 +367,7 @@ export function analyzeExpression(expr: string, scope: ExprScope): ExprAnalysis 
     const m = /^unknown variable '%(.+)'$/.exec(i.message);
     return !(m?.[1] !== undefined && st.defined.has(m[1]));
   });
-  return { issues: st.issues, variables };
+  return { issues: st.issues, variables, ast };
 }
 
 /** Formats an issue's position: `at column 17` on the first line, else `at line 2, column 5`. */
@@ -463,6 +465,12 @@ export interface ValueSetIndex {
   codes: Set<string>;
   /** The codes in pack order, as the `%name` variable. */
   list: string[];
+  /**
+   * system -> codes, the same test as `pairs` without building a string per Coding. Set only
+   * when no system or code of the set contains `|` (then `system|code` is unambiguous and the
+   * two tests agree on every input).
+   */
+  bySystem?: Map<string, Set<string>>;
 }
 
 /** Indexes a pack's value sets by name. */
@@ -472,10 +480,22 @@ export function indexValueSets(
   const out = new Map<string, ValueSetIndex>();
   for (const [name, vs] of Object.entries(valueSets ?? {})) {
     const index: ValueSetIndex = { pairs: new Set(), codes: new Set(), list: [] };
+    const bySystem = new Map<string, Set<string>>();
+    let unambiguous = true;
     for (const c of vs.codes) {
       index.pairs.add(`${c.system}|${c.code}`);
       index.codes.add(c.code);
       index.list.push(c.code);
+      unambiguous &&= !c.system.includes('|') && !c.code.includes('|');
+      let codes = bySystem.get(c.system);
+      if (!codes) {
+        codes = new Set();
+        bySystem.set(c.system, codes);
+      }
+      codes.add(c.code);
+    }
+    if (unambiguous) {
+      index.bySystem = bySystem;
     }
     out.set(name, index);
   }
@@ -491,9 +511,12 @@ function codingMatches(coding: Record<string, unknown>, vs: ValueSetIndex): bool
   if (typeof code !== 'string') {
     return false;
   }
-  return typeof coding.system === 'string'
-    ? vs.pairs.has(`${coding.system}|${code}`)
-    : vs.codes.has(code);
+  if (typeof coding.system !== 'string') {
+    return vs.codes.has(code);
+  }
+  return vs.bySystem
+    ? vs.bySystem.get(coding.system)?.has(code) === true
+    : vs.pairs.has(`${coding.system}|${code}`);
 }
 
 /**

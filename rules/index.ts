@@ -7,7 +7,7 @@ export { parsePackText, packHash, packToJson, packToYaml, canonicalJson } from '
 export { validatePack } from './validate-pack.ts';
 export type { ValidatePackOptions } from './validate-pack.ts';
 export { compilePack } from './compile-pack.ts';
-export { createEvaluator } from './evaluator.ts';
+export { createEvaluator, evaluateInline } from './evaluator.ts';
 export type { Evaluator, EvaluatorOptions, EvaluatorStats } from './evaluator.ts';
 export { chooseVersion, canaryBucket } from './canary.ts';
 export { runPackTests, resolvePackFiles } from './pack-tests.ts';

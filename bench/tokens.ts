@@ -1,0 +1,83 @@
+/**
+ * CDS client keys and JWTs for the bench, with Node's crypto only: an EHR's signing key
+ * (ES384 on P-384, or RS384 on RSA-2048), its public JWK to register, and compact JWS tokens
+ * carrying a unique `jti` each.
+ */
+import crypto from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
+
+export type BenchAlg = 'ES384' | 'RS384';
+
+/** A signing key as the load client receives it (PEM, so it crosses a process boundary). */
+export interface ClientKey {
+  alg: BenchAlg;
+  kid: string;
+  iss: string;
+  /** PKCS#8 PEM of the private key. */
+  privatePem: string;
+  /** The public JWK (kid, alg, use) to register with the issuer. */
+  publicJwk: Record<string, unknown>;
+}
+
+/** Generates an EHR signing key for `alg`. */
+export function createClientKey(
+  alg: BenchAlg,
+  iss: string,
+  kid = `${alg.toLowerCase()}-${crypto.randomUUID()}`,
+): ClientKey {
+  const { privateKey, publicKey } =
+    alg === 'ES384'
+      ? crypto.generateKeyPairSync('ec', { namedCurve: 'P-384' })
+      : crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  return {
+    alg,
+    kid,
+    iss,
+    privatePem: privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
+    publicJwk: { ...publicKey.export({ format: 'jwk' }), kid, alg, use: 'sig' },
+  };
+}
+
+const b64url = (v: string | Buffer) => Buffer.from(v).toString('base64url');
+
+/** Signs a JWT (compact JWS) with a private key object. */
+export function signJwt(
+  alg: BenchAlg,
+  kid: string,
+  key: KeyObject,
+  claims: Record<string, unknown>,
+): string {
+  const input = `${b64url(JSON.stringify({ alg, typ: 'JWT', kid }))}.${b64url(JSON.stringify(claims))}`;
+  const sig =
+    alg === 'ES384'
+      ? crypto.sign('sha384', Buffer.from(input), { key, dsaEncoding: 'ieee-p1363' })
+      : crypto.sign('sha384', Buffer.from(input), key);
+  return `${input}.${sig.toString('base64url')}`;
+}
+
+/** What every token of a run carries besides a fresh `jti`. */
+export interface TokenClaims {
+  aud: string;
+  tenant: string;
+  /** Lifetime in seconds (default 3000, under the server's 3600 maximum). */
+  lifetime?: number;
+}
+
+/** Signs `count` tokens for one key with unique jtis (`iat` now). */
+export function signTokens(key: ClientKey, claims: TokenClaims, count: number): string[] {
+  const privateKey = crypto.createPrivateKey(key.privatePem);
+  const iat = Math.floor(Date.now() / 1000);
+  const exp = iat + (claims.lifetime ?? 3000);
+  const out: string[] = new Array<string>(count);
+  for (let i = 0; i < count; i++) {
+    out[i] = signJwt(key.alg, key.kid, privateKey, {
+      iss: key.iss,
+      aud: claims.aud,
+      tenant: claims.tenant,
+      iat,
+      exp,
+      jti: crypto.randomUUID(),
+    });
+  }
+  return out;
+}
