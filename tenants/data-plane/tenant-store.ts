@@ -4,7 +4,7 @@
  * of the call, so a facade stays valid across handle evictions.
  */
 import crypto from 'node:crypto';
-import { Op } from 'sequelize';
+import { Op, UniqueConstraintError } from 'sequelize';
 import type { WhereOptions } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit, auditHead, listAudit, verifyAudit } from './audit-chain.ts';
@@ -140,18 +140,6 @@ async function saveInvocation(
         if ((await primaryVersion(h, t)) !== key.version) {
           return undefined; // rotated meanwhile: seal again under the new primary
         }
-        if ((await h.models.Invocation.count({ where: { id: v.id }, transaction: t })) > 0) {
-          throw new ConflictError(`invocation ${v.id} is already stored`);
-        }
-        if (
-          v.cardUuids.length > 0 &&
-          (await h.models.InvocationCard.count({
-            where: { cardUuid: { [Op.in]: v.cardUuids } },
-            transaction: t,
-          })) > 0
-        ) {
-          throw new ConflictError('a card uuid of this invocation is already stored');
-        }
         const row = {
           id: v.id,
           time: v.time,
@@ -167,12 +155,23 @@ async function saveInvocation(
           sealed,
           createdAt: ctx.now().toISOString(),
         };
-        await h.models.Invocation.create(row, { transaction: t });
-        if (v.cardUuids.length > 0) {
-          await h.models.InvocationCard.bulkCreate(
-            v.cardUuids.map((cardUuid) => ({ cardUuid, invocationId: v.id })),
-            { transaction: t },
-          );
+        // Duplicates are refused by the unique id and the card-uuid primary key (one statement
+        // each, instead of a SELECT before every insert on the hook path).
+        try {
+          await h.models.Invocation.create(row, { transaction: t });
+          if (v.cardUuids.length > 0) {
+            await h.models.InvocationCard.bulkCreate(
+              v.cardUuids.map((cardUuid) => ({ cardUuid, invocationId: v.id })),
+              { transaction: t },
+            );
+          }
+        } catch (err) {
+          if (err instanceof UniqueConstraintError) {
+            throw new ConflictError(
+              `invocation ${v.id} or one of its card uuids is already stored`,
+            );
+          }
+          throw err;
         }
         return toSummary({ ...row, seq: 0 });
       });
