@@ -9,10 +9,10 @@ import {
   parseFeedbackRequest,
   parseHookRequest,
 } from '../hooks/index.ts';
-import { AuthError, mayServe, RegionMismatchError } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
+import { assertServedHere, recordAuthFailure } from './guards.ts';
 import { runHookCall } from './hook-call.ts';
 import { hookOutcomeForStatus } from './metrics.ts';
 import type { HookEndpoint } from './metrics.ts';
@@ -143,33 +143,11 @@ function authenticate(deps: Deps, endpointOf: (req: Request) => string): Request
     // compared with exactly one string per endpoint.
     const audience = `${deps.region.publicUrl}${endpointOf(req)}`;
     const requestId = requestIdOf(res);
-    let identity;
-    try {
-      identity = await deps.verifier.verify(req.headers.authorization, audience);
-    } catch (err) {
-      if (err instanceof AuthError) {
-        deps.metrics.authFailure(err.reason, 'cds');
-        // Audited before the 401 goes out; never the token, only why it was refused.
-        await deps.controlPlane.audit.record({
-          type: 'auth.failure',
-          outcome: 'failure',
-          detail: { reason: err.reason, endpoint: endpointOf(req), requestId },
-        });
-      }
-      throw err;
-    }
-    // Residency: this region's plane serves only tenants whose policy allows processing here
-    // (home region, or a declared and permitted failover). Refused before anything of the
-    // payload is decrypted, evaluated or stored; the log line and metric carry no tenant.
-    if (!mayServe(identity.tenant, deps.region.id, deps.matrix.regions)) {
-      await deps.controlPlane.audit.record({
-        type: 'residency.misdirected',
-        outcome: 'failure',
-        tenant: identity.tenant.id,
-        detail: { region: deps.region.id, endpoint: endpointOf(req), requestId },
-      });
-      throw new RegionMismatchError(deps.region.id);
-    }
+    const where = { endpoint: endpointOf(req), requestId };
+    const identity = await deps.verifier
+      .verify(req.headers.authorization, audience)
+      .catch((err: unknown) => recordAuthFailure(deps, err, 'cds', where));
+    await assertServedHere(deps, identity.tenant, where);
     (res.locals as { ctx?: unknown }).ctx = {
       requestId,
       tenant: identity.tenant,

@@ -30,17 +30,12 @@ import {
 import type { FeedbackItem } from '../hooks/index.ts';
 import { buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
-import {
-  AuthError,
-  authorize,
-  createIdTokenVerifier,
-  mayServe,
-  RegionMismatchError,
-} from '../tenants/index.ts';
+import { AuthError, authorize, createIdTokenVerifier } from '../tenants/index.ts';
 import type { AppIdentity, IdTokenContext, IdTokenVerifier, Principal } from '../tenants/index.ts';
 import { resolveOperator } from './admin-routes.ts';
 import type { Deps } from './context.ts';
 import { requestIdOf } from './context.ts';
+import { assertServedHere, recordAuthFailure } from './guards.ts';
 import { runHookCall } from './hook-call.ts';
 import { toServiceError } from './error-handler.ts';
 import { badRequest, notFound, ServiceError, unsupportedMediaType } from './errors.ts';
@@ -542,32 +537,17 @@ function appApi(deps: Deps, opts: UiRouterOptions): Router {
     endpoint: string,
     context: IdTokenContext,
   ): Promise<AppIdentity> {
-    const requestId = requestIdOf(res);
-    try {
-      const identity = await verifier.verify(req.headers.authorization, context);
-      userIdOf(identity);
-      // Residency, as for CDS Hooks calls: this plane serves only tenants its region may.
-      if (!mayServe(identity.tenant, deps.region.id, deps.matrix.regions)) {
-        await deps.controlPlane.audit.record({
-          type: 'residency.misdirected',
-          outcome: 'failure',
-          tenant: identity.tenant.id,
-          detail: { region: deps.region.id, endpoint, requestId },
-        });
-        throw new RegionMismatchError(deps.region.id);
-      }
-      return identity;
-    } catch (err) {
-      if (err instanceof AuthError) {
-        deps.metrics.authFailure(err.reason, 'app');
-        await deps.controlPlane.audit.record({
-          type: 'auth.failure',
-          outcome: 'failure',
-          detail: { reason: err.reason, endpoint, requestId },
-        });
-      }
-      throw err;
-    }
+    const where = { endpoint, requestId: requestIdOf(res) };
+    const identity = await verifier
+      .verify(req.headers.authorization, context)
+      .then((id) => {
+        userIdOf(id); // a token without a usable fhirUser is refused (and audited) like any other
+        return id;
+      })
+      .catch((err: unknown) => recordAuthFailure(deps, err, 'app', where));
+    // Residency, exactly as for CDS Hooks calls.
+    await assertServedHere(deps, identity.tenant, where);
+    return identity;
   }
 
   router.use((_req, res, next) => {

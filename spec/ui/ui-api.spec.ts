@@ -612,6 +612,26 @@ describe('card viewer: SMART app API fails closed', () => {
     }
   });
 
+  it('refuses a tenant this region may not serve with 421, before any FHIR request', async () => {
+    // The same app acting as the plane of a region that is not hospital-a's home.
+    const home = u.t.deps.region;
+    u.t.deps.region = { ...home, id: 'other-region' };
+    try {
+      const before = fhir.requests.length;
+      const res = await call(u, `Bearer ${await ehr.sign(goodClaims())}`);
+      expect(res.status).to.equal(421);
+      expect(res.body.error).to.equal('misdirected');
+      expect(fhir.requests.length).to.equal(before);
+      const audit = await u.t.deps.controlPlane.audit.list({ type: 'residency.misdirected' });
+      expect(audit.at(-1)?.detail).to.deep.include({
+        endpoint: '/app/api/patient-view',
+        region: 'other-region',
+      });
+    } finally {
+      u.t.deps.region = home;
+    }
+  });
+
   it('refuses every call when no client id is configured', async () => {
     const before = fhir.requests.length;
     const res = await call(unconfigured, `Bearer ${await ehr.sign(goodClaims())}`);
