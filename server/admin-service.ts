@@ -20,6 +20,9 @@ import type {
   Tenant,
 } from '../tenants/index.ts';
 
+/** How a principal is named in audit events and `uploadedBy` (no secret: the token id). */
+export const actorOf = (p: Principal): string => `${p.role}:${p.tokenId}`;
+
 export interface AdminServiceDeps {
   controlPlane: ControlPlane;
   evaluator: Evaluator;
@@ -35,14 +38,14 @@ export class AdminService {
   private async audit(principal: Principal, event: Omit<AuditEvent, 'actor'>): Promise<void> {
     await this.deps.controlPlane.audit.record({
       ...event,
-      actor: `${principal.role}:${principal.tokenId}`,
+      actor: actorOf(principal),
     });
   }
 
   private placement(principal: Principal): { regions?: readonly RegionInfo[]; actor: string } {
     return {
       ...(this.deps.regions ? { regions: this.deps.regions } : {}),
-      actor: `${principal.role}:${principal.tokenId}`,
+      actor: actorOf(principal),
     };
   }
 
@@ -57,14 +60,14 @@ export class AdminService {
     }
     return this.deps.controlPlane.tenants.declareFailover(id, region, {
       regions: this.deps.regions ?? [],
-      actor: `${principal.role}:${principal.tokenId}`,
+      actor: actorOf(principal),
     });
   }
 
   async clearFailover(principal: Principal, id: string): Promise<Tenant> {
     authorize(principal, 'tenant:update', id);
     return this.deps.controlPlane.tenants.clearFailover(id, {
-      actor: `${principal.role}:${principal.tokenId}`,
+      actor: actorOf(principal),
     });
   }
 
@@ -242,7 +245,7 @@ export class AdminService {
       version: compiled.version,
       hash: compiled.hash,
       pack: compiled.pack,
-      uploadedBy: `${principal.role}:${principal.tokenId}`,
+      uploadedBy: actorOf(principal),
     });
     await this.audit(principal, {
       type: 'admin.pack.upload',

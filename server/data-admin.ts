@@ -9,6 +9,7 @@ import { finalizeCards } from '../hooks/index.ts';
 import { compilePack } from '../rules/index.ts';
 import type { Evaluator } from '../rules/index.ts';
 import { authorize, ConflictError, InvalidInputError, NotFoundError } from '../tenants/index.ts';
+import { actorOf } from './admin-service.ts';
 import type {
   AuditEvent,
   BackupResult,
@@ -40,8 +41,6 @@ export interface ReplayResult {
   storedCards: unknown[];
   trace: unknown[];
 }
-
-const actorOf = (p: Principal): string => `${p.role}:${p.tokenId}`;
 
 /** Cards without their per-call uuids, for comparing a replay with the record. */
 function withoutUuids(cards: unknown): unknown {
