@@ -162,8 +162,12 @@ function superviseRegions(matrix: RegionMatrix): void {
       }
     });
   }
-  process.once('SIGTERM', () => { stopAll(0); });
-  process.once('SIGINT', () => { stopAll(0); });
+  process.once('SIGTERM', () => {
+    stopAll(0);
+  });
+  process.once('SIGINT', () => {
+    stopAll(0);
+  });
   process.stderr.write(
     `cellcds: one plane per region: ${matrix.regions.map((r) => `${r.id} at ${r.publicUrl}`).join(', ')}\n`,
   );
