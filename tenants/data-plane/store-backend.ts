@@ -9,7 +9,7 @@ import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QueryTypes, Sequelize, Transaction } from 'sequelize';
+import { QueryTypes, Sequelize, Transaction, UniqueConstraintError } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { ConflictError, NotFoundError } from '../errors.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
@@ -37,6 +37,14 @@ export interface StoreHandle {
   readTx<T>(fn: (t: Transaction) => Promise<T>): Promise<T>;
   /** `"table"` or `"schema"."table"` for raw statements. */
   qualified(table: string): string;
+  /**
+   * Runs one raw statement with `?` placeholders inside `t` (SQLite: straight on the
+   * transaction's connection, without Sequelize's per-query work, which scans the SQL text with
+   * regular expressions and captures a stack; PostgreSQL: through Sequelize with bind
+   * parameters). Returns the rows of a SELECT. A unique or primary-key violation becomes
+   * Sequelize's UniqueConstraintError on both.
+   */
+  raw<R = unknown>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]>;
   /** SQLite: checkpoint and truncate the WAL (drops old page images); PostgreSQL: no-op. */
   compact(): Promise<void>;
   close(): Promise<void>;
@@ -70,6 +78,33 @@ export interface StoreBackend {
 
 interface SqliteDb {
   exec(sql: string, cb: (err: Error | null) => void): void;
+  all(sql: string, params: unknown[], cb: (err: Error | null, rows: unknown[]) => void): void;
+}
+
+/** A raw statement on a SQLite connection; constraint violations as UniqueConstraintError. */
+function sqliteRaw<R>(db: SqliteDb, sql: string, params: readonly unknown[]): Promise<R[]> {
+  return new Promise<R[]>((resolve, reject) => {
+    db.all(sql, [...params], (err, rows) => {
+      if (!err) {
+        resolve(rows as R[]);
+      } else if (
+        (err as Error & { code?: string }).code === 'SQLITE_CONSTRAINT' &&
+        /UNIQUE|PRIMARY KEY/.test(err.message)
+      ) {
+        reject(
+          new UniqueConstraintError({ message: err.message, parent: Object.assign(err, { sql }) }),
+        );
+      } else {
+        reject(err);
+      }
+    });
+  });
+}
+
+/** `?` placeholders as PostgreSQL's `$1, $2, ...` (our statements hold no literal `?`). */
+function dollarParams(sql: string): string {
+  let n = 0;
+  return sql.replace(/\?/g, () => `$${String(++n)}`);
 }
 
 function createQueue(): <T>(fn: () => Promise<T>) => Promise<T> {
@@ -149,19 +184,40 @@ function createGroupCommit(
     });
 }
 
+interface SqliteConnection extends SqliteDb {
+  close(cb?: (err: Error | null) => void): void;
+}
+
+const WRITER_UUID = 'cellcds-writer';
+
 /**
  * Every SQLite connection Sequelize opens (the default one and one per transaction) gets the
  * durability and hygiene pragmas before first use. `synchronous` cannot be changed inside a
  * transaction, hence a connection hook rather than a statement in each transaction.
+ *
+ * Write transactions (`beginWrite`) run on one long-lived writer connection instead: Sequelize
+ * opens a new SQLite connection for every transaction and closes it afterwards (file open,
+ * pragmas, schema parse each time), which cost more than the write itself on the hook path.
+ * Writes are serialized per store by the write queue, so one writer connection is enough; read
+ * transactions keep their own connections and see committed data (WAL).
  */
-function configureSqliteConnections(sequelize: Sequelize): void {
+function configureSqliteConnections(sequelize: Sequelize): {
+  beginWrite: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
+} {
   const cm = sequelize.connectionManager as unknown as {
-    getConnection(opts?: unknown): Promise<SqliteDb>;
+    getConnection(opts?: { uuid?: string }): Promise<SqliteConnection>;
+    releaseConnection(conn: SqliteConnection, force?: boolean): void;
+    destroyConnection(conn: SqliteConnection): Promise<void>;
+    connections: Record<string, SqliteConnection | undefined>;
   };
   const original = cm.getConnection.bind(cm);
+  const release = cm.releaseConnection.bind(cm);
+  const destroy = cm.destroyConnection.bind(cm);
   const configured = new WeakSet<object>();
-  cm.getConnection = async (opts?: unknown) => {
-    const db = await original(opts);
+  let writer: SqliteConnection | undefined;
+  let claimWriter = false;
+
+  const configure = async (db: SqliteConnection): Promise<SqliteConnection> => {
     if (!configured.has(db)) {
       await new Promise<void>((resolve, reject) => {
         db.exec(
@@ -178,6 +234,55 @@ function configureSqliteConnections(sequelize: Sequelize): void {
       configured.add(db);
     }
     return db;
+  };
+  const dropWriter = (db: SqliteConnection): void => {
+    if (writer === db) {
+      writer = undefined;
+      Reflect.deleteProperty(cm.connections, WRITER_UUID);
+      db.close();
+    }
+  };
+
+  cm.getConnection = async (opts?: { uuid?: string }) => {
+    if (claimWriter && opts?.uuid !== undefined && opts.uuid !== 'default') {
+      claimWriter = false;
+      // Registered under its own key, so Sequelize's close() closes it with the others.
+      writer ??= await configure(await original({ uuid: WRITER_UUID }));
+      return writer;
+    }
+    return configure(await original(opts));
+  };
+  cm.releaseConnection = (conn, force) => {
+    if (conn !== writer) {
+      release(conn, force);
+    }
+  };
+  cm.destroyConnection = async (conn) => {
+    // A failed COMMIT or ROLLBACK leaves the connection in an unknown state: start afresh.
+    if (conn === writer) {
+      dropWriter(conn);
+      return;
+    }
+    await destroy(conn);
+  };
+
+  return {
+    beginWrite: <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
+      // Sequelize asks for the transaction's connection synchronously inside transaction().
+      claimWriter = true;
+      let run: Promise<T>;
+      try {
+        run = sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, (t) => {
+          if ((t as unknown as { connection?: unknown }).connection !== writer) {
+            throw new Error('write transaction is not on the writer connection');
+          }
+          return fn(t);
+        });
+      } finally {
+        claimWriter = false;
+      }
+      return run;
+    },
   };
 }
 
@@ -206,6 +311,8 @@ interface HandleParts {
   schema?: string;
   now: () => Date;
   create: boolean;
+  /** SQLite: write transactions on the long-lived writer connection. */
+  beginWrite?: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
 }
 
 async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
@@ -265,9 +372,11 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
   let closed = false;
   const deks = new Map<number, KeyObject>();
   const begin = <T>(fn: (t: Transaction) => Promise<T>): Promise<T> =>
-    dialect === 'sqlite'
-      ? sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn)
-      : sequelize.transaction(fn);
+    parts.beginWrite
+      ? parts.beginWrite(fn)
+      : dialect === 'sqlite'
+        ? sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn)
+        : sequelize.transaction(fn);
   const writeTx = createGroupCommit(sequelize, (fn) => queue(() => begin(fn)));
   return {
     tenant,
@@ -285,6 +394,23 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
             fn,
           ),
     qualified,
+    raw<R>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]> {
+      if (dialect === 'sqlite') {
+        const db = (t as unknown as { connection?: SqliteDb }).connection;
+        if (!db) {
+          throw new Error('raw: the transaction has no connection');
+        }
+        return sqliteRaw<R>(db, sql, params);
+      }
+      return sequelize
+        .query(dollarParams(sql), {
+          bind: [...params],
+          transaction: t,
+          type: QueryTypes.RAW,
+          raw: true,
+        })
+        .then(([rows]) => rows as R[]);
+    },
     async compact() {
       if (dialect === 'sqlite') {
         // Best effort: readers may keep the WAL from being truncated right now.
@@ -327,7 +453,7 @@ export function createSqliteBackend(opts: {
       logging: false,
       dialectOptions: { mode: sqlite3.OPEN_READWRITE | sqlite3.OPEN_CREATE },
     });
-    configureSqliteConnections(sequelize);
+    const { beginWrite } = configureSqliteConnections(sequelize);
     try {
       await sequelize.query('PRAGMA journal_mode=WAL');
       return await initialiseHandle({
@@ -337,6 +463,7 @@ export function createSqliteBackend(opts: {
         sequelize,
         now: opts.now,
         create,
+        beginWrite,
       });
     } catch (err) {
       await sequelize.close().catch(() => undefined);

@@ -13,8 +13,10 @@ import type { KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError } from './errors.ts';
 import { canonicalJson } from './hash-chain.ts';
 import { RECORD_ID_PATTERN } from './ids.ts';
+import { TABLES } from './models.ts';
 import type { FeedbackRow, InvocationRow, SealedTable } from './models.ts';
 import { openRecord, sealRecord } from './record-cipher.ts';
+import type { SealingKey } from './record-cipher.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type {
   FeedbackInput,
@@ -122,47 +124,104 @@ function parseJson(buf: Buffer, table: SealedTable, id: string): unknown {
   }
 }
 
+/**
+ * The primary DEK version each open handle last saw: the hook path seals under it without a
+ * SELECT first. It is only a hint: the write transaction checks it and a stale one costs a
+ * re-seal (rotation is rare).
+ */
+const primaryHint = new WeakMap<StoreHandle, number>();
+
+async function sealingKeyFor(h: StoreHandle, ctx: KeyContext): Promise<SealingKey> {
+  const hinted = primaryHint.get(h);
+  if (hinted !== undefined) {
+    try {
+      return { version: hinted, key: await getDek(h, ctx, hinted) };
+    } catch (err) {
+      if (!(err instanceof KeyUnavailableError)) {
+        throw err;
+      }
+      primaryHint.delete(h); // destroyed meanwhile: ask the store
+    }
+  }
+  const key = await primarySealingKey(h, ctx);
+  primaryHint.set(h, key.version);
+  return key;
+}
+
 async function saveInvocation(
   h: StoreHandle,
   ctx: KeyContext,
   v: ValidInvocation,
 ): Promise<InvocationSummary> {
   const plaintext = Buffer.from(v.secretJson, 'utf8');
+  const invocations = h.qualified(TABLES.invocations);
+  const cards = h.qualified(TABLES.invocationCards);
+  const deks = h.qualified(TABLES.deks);
   try {
     for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
-      const key = await primarySealingKey(h, ctx);
+      const key = await sealingKeyFor(h, ctx);
       const sealed = sealRecord(
         key,
         { tenant: h.tenant, table: 'invocations', recordId: v.id },
         plaintext,
       );
+      const row = {
+        id: v.id,
+        time: v.time,
+        service: v.service,
+        hook: v.hook,
+        hookInstance: v.hookInstance,
+        packId: v.pack.id,
+        packVersion: v.pack.version,
+        packHash: v.pack.hash,
+        cardUuids: JSON.stringify(v.cardUuids),
+        suggestionUuids: JSON.stringify(v.suggestionUuids),
+        keyVersion: key.version,
+        sealed,
+        createdAt: ctx.now().toISOString(),
+      };
+      // Raw statements: this is the hook path's write (see StoreHandle.raw).
       const saved = await h.writeTx(async (t) => {
-        if ((await primaryVersion(h, t)) !== key.version) {
+        const primary = await h.raw<{ version: number }>(
+          t,
+          `SELECT version FROM ${deks} WHERE status = 'primary'`,
+          [],
+        );
+        if (primary[0]?.version !== key.version) {
+          primaryHint.delete(h);
           return undefined; // rotated meanwhile: seal again under the new primary
         }
-        const row = {
-          id: v.id,
-          time: v.time,
-          service: v.service,
-          hook: v.hook,
-          hookInstance: v.hookInstance,
-          packId: v.pack.id,
-          packVersion: v.pack.version,
-          packHash: v.pack.hash,
-          cardUuids: JSON.stringify(v.cardUuids),
-          suggestionUuids: JSON.stringify(v.suggestionUuids),
-          keyVersion: key.version,
-          sealed,
-          createdAt: ctx.now().toISOString(),
-        };
         // Duplicates are refused by the unique id and the card-uuid primary key (one statement
         // each, instead of a SELECT before every insert on the hook path).
         try {
-          await h.models.Invocation.create(row, { transaction: t });
+          await h.raw(
+            t,
+            `INSERT INTO ${invocations} (id, time, service, hook, hook_instance, pack_id,
+               pack_version, pack_hash, card_uuids, suggestion_uuids, key_version, sealed,
+               created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+            [
+              row.id,
+              row.time,
+              row.service,
+              row.hook,
+              row.hookInstance,
+              row.packId,
+              row.packVersion,
+              row.packHash,
+              row.cardUuids,
+              row.suggestionUuids,
+              row.keyVersion,
+              row.sealed,
+              row.createdAt,
+            ],
+          );
           if (v.cardUuids.length > 0) {
-            await h.models.InvocationCard.bulkCreate(
-              v.cardUuids.map((cardUuid) => ({ cardUuid, invocationId: v.id })),
-              { transaction: t },
+            await h.raw(
+              t,
+              `INSERT INTO ${cards} (card_uuid, invocation_id) VALUES ${v.cardUuids
+                .map(() => '(?, ?)')
+                .join(', ')}`,
+              v.cardUuids.flatMap((cardUuid) => [cardUuid, v.id]),
             );
           }
         } catch (err) {
