@@ -7,8 +7,9 @@
  *
  * Never exported from `tenants/index.ts`: callers outside tenants/ use the verifiers.
  */
-import { decodeJwt, decodeProtectedHeader } from 'jose';
-import nodeJose from 'node-jose';
+import crypto from 'node:crypto';
+import { compactVerify, createLocalJWKSet, decodeJwt, decodeProtectedHeader } from 'jose';
+import type { JWK } from 'jose';
 import { AuthError } from './errors.ts';
 import type { AuthFailureReason, Jwks, JwksFetcher, TrustedIssuer } from './types.ts';
 
@@ -41,8 +42,12 @@ const MAX_KEYSTORE_CACHE = 1000;
 
 /** A decoded JOSE header or JWT claims set. */
 export type Claims = Record<string, unknown>;
-/** A node-jose key store holding only public EC/RSA keys with a `kid`. */
-export type KeyStore = nodeJose.JWK.KeyStore;
+/** The usable public EC/RSA keys (with a `kid`) of one JWK Set, ready to verify with. */
+export interface KeyStore {
+  readonly kids: ReadonlySet<string>;
+  /** jose's key selection for a JWS header (it imports each key once per `alg` and keeps it). */
+  readonly select: ReturnType<typeof createLocalJWKSet>;
+}
 /** What a verifier tells `onFailure` about a refused token (never the token itself). */
 export interface FailureInfo {
   iss?: string;
@@ -160,12 +165,13 @@ export function truncateInfo(value: string): string {
 }
 
 /**
- * Builds a node-jose key store from a JWK Set, keeping only public EC/RSA keys with a `kid`:
- * a set that (wrongly) publishes private or symmetric keys never makes them usable for
- * verification, and an unusable key is simply absent (a token naming it fails as unknown_kid).
+ * Builds a key store from a JWK Set, keeping only public EC/RSA keys with a `kid` that Node's
+ * crypto accepts: a set that (wrongly) publishes private or symmetric keys never makes them
+ * usable for verification, and an unusable key is simply absent (a token naming it fails as
+ * unknown_kid).
  */
-export async function toKeyStore(jwks: Jwks): Promise<KeyStore> {
-  const store = nodeJose.JWK.createKeyStore();
+export function toKeyStore(jwks: Jwks): Promise<KeyStore> {
+  const usable: JWK[] = [];
   for (const key of jwks.keys) {
     if ((key.kty !== 'EC' && key.kty !== 'RSA') || typeof key.kid !== 'string') {
       continue;
@@ -174,16 +180,20 @@ export async function toKeyStore(jwks: Jwks): Promise<KeyStore> {
       continue;
     }
     try {
-      await store.add(key);
+      crypto.createPublicKey({ key, format: 'jwk' });
+      usable.push(key);
     } catch {
       // An unusable key is simply not there; a token naming it fails as unknown_kid.
     }
   }
-  return store;
+  return Promise.resolve({
+    kids: new Set(usable.map((k) => k.kid ?? '')),
+    select: createLocalJWKSet({ keys: usable }),
+  });
 }
 
 function hasKid(store: KeyStore, kid: string): boolean {
-  return store.all({ kid }).length > 0;
+  return store.kids.has(kid);
 }
 
 /** The key stores of issuer registrations, cached; see {@link createIssuerKeys}. */
@@ -269,8 +279,9 @@ export function createIssuerKeys(opts: { fetcher: JwksFetcher }): IssuerKeys {
 }
 
 /**
- * Verifies the JWS with node-jose against `keystore` and the `alg` allowlist, requires the
- * key that verified it to be the header's `kid`, and parses the VERIFIED payload.
+ * Verifies the JWS with jose against `keystore` and the `alg` allowlist (the signature check
+ * runs in Node's WebCrypto, off the event loop), requires the header's `kid` to be the key
+ * that verified it, and parses the VERIFIED payload.
  * @returns the verified claims (a JSON object).
  * @throws AuthError `bad_signature` or `malformed` (payload not a JSON object).
  */
@@ -279,19 +290,23 @@ export async function verifySignature(
   keystore: KeyStore,
   opts: { algorithms: readonly string[]; kid: string },
 ): Promise<Claims> {
-  let verified: nodeJose.JWS.VerificationResult;
+  let payload: Uint8Array;
   try {
-    verified = await nodeJose.JWS.createVerify(keystore, {
+    const verified = await compactVerify(jwt, keystore.select, {
       algorithms: [...opts.algorithms],
-    }).verify(jwt);
-  } catch {
+    });
+    if (verified.protectedHeader.kid !== opts.kid) {
+      throw new AuthError('bad_signature', 'verified with an unexpected key');
+    }
+    payload = verified.payload;
+  } catch (err) {
+    if (err instanceof AuthError) {
+      throw err;
+    }
     throw new AuthError('bad_signature');
   }
-  if (verified.key.kid !== opts.kid) {
-    throw new AuthError('bad_signature', 'verified with an unexpected key');
-  }
   try {
-    const parsed: unknown = JSON.parse(verified.payload.toString('utf8'));
+    const parsed: unknown = JSON.parse(Buffer.from(payload).toString('utf8'));
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
       throw new Error('not an object');
     }
