@@ -3,7 +3,7 @@
  * It holds no PHI: tenants, issuers, FHIR server allowlists, subscriptions, the pack catalog,
  * admin token hashes and the control-plane audit log.
  */
-import { Sequelize, Transaction } from 'sequelize';
+import { QueryTypes, Sequelize, Transaction } from 'sequelize';
 import { createAdminTokenRepository } from './admin-token-repository.ts';
 import { createAuditRepository } from './audit-repository.ts';
 import { defineControlPlaneModels } from './control-plane-models.ts';
@@ -54,7 +54,21 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
     // SQLite allows one writer. Sequelize opens a connection per transaction for a file database
     // and shares one for ':memory:'; either way, concurrent write transactions from this process
     // would fail (BUSY, or nested BEGIN). So this process queues its writes.
-    const write = createWriteLock();
+    const locked = createWriteLock();
+    // Counts this process's writes; with SQLite's data_version (which changes when another
+    // connection or process commits) it tells readers whether a cached read is still current.
+    let localWrites = 0;
+    const write = <T>(fn: () => Promise<T>): Promise<T> =>
+      locked(fn).finally(() => {
+        localWrites += 1;
+      });
+    const generation = async (): Promise<string> => {
+      const before = localWrites;
+      const rows = await sequelize.query<{ data_version: number }>('PRAGMA data_version', {
+        type: QueryTypes.SELECT,
+      });
+      return `${String(rows[0]?.data_version)}:${String(before)}`;
+    };
     const writeTx: WriteTx = (fn) =>
       write(() => sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn));
     await sequelize.sync();
@@ -75,6 +89,7 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
       packExists: async (pack, version) =>
         (await models.Pack.count({ where: { id: pack, version } })) > 0,
       revokeTenantTokens: (tenantId, t) => adminTokens.revokeForTenant(tenantId, t),
+      generation,
     });
     const audit = createAuditRepository({ models, now, writeTx });
     return {

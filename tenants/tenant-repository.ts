@@ -94,6 +94,25 @@ export interface TenantRepositoryDeps {
    * absent, events are inserted into the audit table directly, through the same write queue.
    */
   recordAudit?: (event: AuditEvent) => Promise<unknown>;
+  /**
+   * Changes whenever the control plane may have changed (a write by this process or a commit
+   * by any other connection): `findByIssuer` answers from its cache while it stays the same.
+   * Without it, nothing is cached.
+   */
+  generation?: () => Promise<string>;
+}
+
+/** Issuers remembered by `findByIssuer` before the cache is dropped and rebuilt. */
+const MAX_ISSUER_CACHE = 10_000;
+
+function deepFreeze<T>(value: T): T {
+  if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const v of Object.values(value)) {
+      deepFreeze(v);
+    }
+  }
+  return value;
 }
 
 /** Creates the tenant repository over the given models. */
@@ -101,6 +120,22 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
   const { models, now } = deps;
   const { Tenant: TenantModel, TenantIssuer } = models;
   const immediate = deps.writeTx;
+  /** findByIssuer answers (frozen) of one control-plane generation. */
+  let issuerCache = { generation: '', byIssuer: new Map<string, readonly Tenant[]>() };
+
+  async function lookUpIssuer(iss: string): Promise<Tenant[]> {
+    const links = await TenantIssuer.findAll({ where: { iss }, raw: true });
+    if (links.length === 0) {
+      return [];
+    }
+    const ids = (links as unknown as Array<{ tenantId: string }>).map((l) => l.tenantId);
+    const rows = await TenantModel.findAll({
+      where: { id: { [Op.in]: ids } },
+      raw: true,
+      order: [['id', 'ASC']],
+    });
+    return (rows as unknown as TenantRow[]).map(toTenant);
+  }
 
   /** Inserts an audit row in `t` (residency changes are audited atomically with the change). */
   async function auditInTx(event: AuditEvent, t: Transaction): Promise<void> {
@@ -356,17 +391,27 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       if (typeof iss !== 'string' || iss.length === 0) {
         return [];
       }
-      const links = await TenantIssuer.findAll({ where: { iss }, raw: true });
-      if (links.length === 0) {
-        return [];
+      if (!deps.generation) {
+        return lookUpIssuer(iss);
       }
-      const ids = (links as unknown as Array<{ tenantId: string }>).map((l) => l.tenantId);
-      const rows = await TenantModel.findAll({
-        where: { id: { [Op.in]: ids } },
-        raw: true,
-        order: [['id', 'ASC']],
-      });
-      return (rows as unknown as TenantRow[]).map(toTenant);
+      // The hook path asks on every call: answer from memory while nothing has changed. The
+      // generation is read BEFORE the lookup, so a write committed meanwhile makes the entry
+      // stale at once rather than hiding behind it.
+      const generation = await deps.generation();
+      if (issuerCache.generation !== generation) {
+        issuerCache = { generation, byIssuer: new Map() };
+      }
+      const cache = issuerCache;
+      const hit = cache.byIssuer.get(iss);
+      if (hit) {
+        return [...hit];
+      }
+      const found = deepFreeze(await lookUpIssuer(iss));
+      if (cache.byIssuer.size >= MAX_ISSUER_CACHE) {
+        cache.byIssuer.clear();
+      }
+      cache.byIssuer.set(iss, found);
+      return [...found];
     },
 
     async remove(id) {

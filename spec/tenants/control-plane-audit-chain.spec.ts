@@ -17,7 +17,9 @@ function tamper(file: string, ...statements: string[]): Promise<void> {
         db.run(sql);
       }
     });
-    db.close((err) => { err ? reject(err) : resolve(); });
+    db.close((err) => {
+      err ? reject(err) : resolve();
+    });
   });
 }
 
@@ -31,7 +33,12 @@ describe('control-plane audit log: hash chain', () => {
     file = path.join(dir, 'control.sqlite');
     cp = await openControlPlane({ storage: file });
     for (let i = 1; i <= 6; i++) {
-      await cp.audit.record({ type: 'admin.test', outcome: 'success', actor: `op-${i}`, detail: { n: i } });
+      await cp.audit.record({
+        type: 'admin.test',
+        outcome: 'success',
+        actor: `op-${i}`,
+        detail: { n: i },
+      });
     }
     expect(await cp.audit.verify()).to.deep.equal({ ok: true, count: 6 });
     await cp.close();
@@ -53,14 +60,19 @@ describe('control-plane audit log: hash chain', () => {
     const again = await openControlPlane({ storage: file });
     try {
       let refused = 0;
-      for (const sql of ["UPDATE audit_events SET actor = 'x' WHERE seq = 2", 'DELETE FROM audit_events WHERE seq = 2']) {
+      for (const sql of [
+        "UPDATE audit_events SET actor = 'x' WHERE seq = 2",
+        'DELETE FROM audit_events WHERE seq = 2',
+      ]) {
         await new Promise<void>((resolve) => {
           const db = new sqlite3.Database(file);
           db.run(sql, (err) => {
             if (err) {
               refused++;
             }
-            db.close(() => { resolve(); });
+            db.close(() => {
+              resolve();
+            });
           });
         });
       }
@@ -71,7 +83,11 @@ describe('control-plane audit log: hash chain', () => {
   });
 
   const cases: Array<[string, string[], string]> = [
-    ['an edited event', ["UPDATE audit_events SET actor = 'someone-else' WHERE seq = 3"], 'hash_mismatch'],
+    [
+      'an edited event',
+      ["UPDATE audit_events SET actor = 'someone-else' WHERE seq = 3"],
+      'hash_mismatch',
+    ],
     ['a deleted event in the middle', ['DELETE FROM audit_events WHERE seq = 3'], 'seq_gap'],
     ['the deleted last event', ['DELETE FROM audit_events WHERE seq = 6'], 'anchor_mismatch'],
     [

@@ -165,6 +165,46 @@ describe('tenants/ control plane store', () => {
       expect(await cp.tenants.findByIssuer('https://unknown.example.org')).to.deep.equal([]);
     });
 
+    // findByIssuer answers the hook path from a cache: a change must show at once, whoever
+    // made it (this process, or another process such as the CLI writing the same file).
+    it('sees a suspension, an issuer change and a removal at once, from this or another process', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const iss = 'https://ehr-acme.example.org';
+      expect((await cp.tenants.findByIssuer(iss)).map((t) => t.status)).to.deep.equal(['active']);
+      const other = await openControlPlane({ storage: file, now: () => clock });
+      try {
+        await other.tenants.update('acme', { status: 'suspended' });
+        expect((await cp.tenants.findByIssuer(iss)).map((t) => t.status)).to.deep.equal([
+          'suspended',
+        ]);
+        await cp.tenants.update('acme', { status: 'active' });
+        expect((await cp.tenants.findByIssuer(iss)).map((t) => t.status)).to.deep.equal(['active']);
+        await other.tenants.update('acme', {
+          issuers: [{ iss: 'https://moved.example.org', jwks: issuer.publicJwks() }],
+        });
+        expect(await cp.tenants.findByIssuer(iss)).to.deep.equal([]);
+        expect(
+          (await cp.tenants.findByIssuer('https://moved.example.org')).map((t) => t.id),
+        ).to.deep.equal(['acme']);
+        await other.tenants.remove('acme');
+        expect(await cp.tenants.findByIssuer('https://moved.example.org')).to.deep.equal([]);
+      } finally {
+        await other.close();
+      }
+    });
+
+    it('hands out answers a caller cannot use to change what the next caller gets', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const iss = 'https://ehr-acme.example.org';
+      const first = await cp.tenants.findByIssuer(iss);
+      first.pop();
+      const again = await cp.tenants.findByIssuer(iss);
+      expect(again.map((t) => t.id)).to.deep.equal(['acme']);
+      expect(() => {
+        (again[0] as { status: string }).status = 'active-forever';
+      }).to.throw(TypeError);
+    });
+
     it('updates fields, re-indexes issuers and bumps updatedAt', async () => {
       await cp.tenants.create(tenantInput('acme'));
       clock = new Date('2025-02-01T00:00:00Z');
