@@ -394,6 +394,27 @@ describe('hooks: parseHookRequest bad requests name the field', () => {
     });
   }
 
+  it('refuses nesting deeper than 64 levels, naming the first level too deep', () => {
+    const nest = (levels: number): unknown => {
+      let v: unknown = 'leaf';
+      for (let i = 0; i < levels; i += 1) {
+        v = { a: v };
+      }
+      return v;
+    };
+    const tooDeep = { ...patientView(), extension: { x: nest(70) } };
+    expect(() => parseHookRequest(tooDeep, 'patient-view'))
+      .to.throw(HookRequestError)
+      .with.property('message')
+      .that.matches(/nesting deeper than 64 levels/);
+    expect(fieldOf(() => parseHookRequest(tooDeep, 'patient-view'))).to.equal(
+      `extension.x${'.a'.repeat(63)}`,
+    );
+    expect(() =>
+      parseHookRequest({ ...patientView(), extension: { x: nest(62) } }, 'patient-view'),
+    ).not.to.throw();
+  });
+
   it('treats an unknown service hook as a bug, not a bad request', () => {
     const body = { ...patientView(), hook: 'org.example.other' };
     expect(() => parseHookRequest(body, 'org.example.other' as HookName))
