@@ -5,7 +5,7 @@
  */
 import crypto from 'node:crypto';
 import { Op, UniqueConstraintError } from 'sequelize';
-import type { WhereOptions } from 'sequelize';
+import type { Transaction, WhereOptions } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit, auditHead, listAudit, verifyAudit } from './audit-chain.ts';
 import { dekVersions, getDek, primarySealingKey, primaryVersion } from './dek-ring.ts';
@@ -148,23 +148,159 @@ async function sealingKeyFor(h: StoreHandle, ctx: KeyContext): Promise<SealingKe
   return key;
 }
 
+/** An invocation row sealed and waiting for its batch. */
+interface PendingInvocation {
+  row: Omit<InvocationRow, 'seq'>;
+  cardUuids: readonly string[];
+  resolve: (outcome: 'saved' | 'stale') => void;
+  reject: (err: unknown) => void;
+}
+
+/** Most rows per batch: 13 parameters each stays far below every driver's limit. */
+const MAX_BATCH = 64;
+
+const INVOCATION_COLUMNS = `(id, time, service, hook, hook_instance, pack_id, pack_version,
+  pack_hash, card_uuids, suggestion_uuids, key_version, sealed, created_at)`;
+
+function invocationParams(row: Omit<InvocationRow, 'seq'>): unknown[] {
+  return [
+    row.id,
+    row.time,
+    row.service,
+    row.hook,
+    row.hookInstance,
+    row.packId,
+    row.packVersion,
+    row.packHash,
+    row.cardUuids,
+    row.suggestionUuids,
+    row.keyVersion,
+    row.sealed,
+    row.createdAt,
+  ];
+}
+
+/**
+ * Inserts `rows` in `t` after checking the primary DEK version: rows sealed under another
+ * version are left out and reported stale (their callers seal again). Raw
+ * statements, one multi-row INSERT per table (see StoreHandle.raw).
+ */
+async function insertInvocations(
+  h: StoreHandle,
+  t: Transaction,
+  rows: readonly PendingInvocation[],
+): Promise<Array<'saved' | 'stale'>> {
+  const primary = await h.raw<{ version: number }>(
+    t,
+    `SELECT version FROM ${h.qualified(TABLES.deks)} WHERE status = 'primary'`,
+    [],
+  );
+  const version = primary[0]?.version;
+  const fresh = rows.filter((p) => p.row.keyVersion === version);
+  if (fresh.length > 0) {
+    await h.raw(
+      t,
+      `INSERT INTO ${h.qualified(TABLES.invocations)} ${INVOCATION_COLUMNS} VALUES ${fresh
+        .map(() => '(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
+        .join(', ')}`,
+      fresh.flatMap((p) => invocationParams(p.row)),
+    );
+    const links = fresh.flatMap((p) => p.cardUuids.map((c) => [c, p.row.id]));
+    if (links.length > 0) {
+      await h.raw(
+        t,
+        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id) VALUES ${links
+          .map(() => '(?, ?)')
+          .join(', ')}`,
+        links.flat(),
+      );
+    }
+  }
+  return rows.map((p) => (p.row.keyVersion === version ? 'saved' : 'stale'));
+}
+
+/**
+ * Hook-path record writes of one open store, batched: rows that arrive while a batch is being
+ * written go together in the next one (one transaction, one multi-row INSERT per table, one
+ * COMMIT), so the cost per record stops growing with the statements' round trips. Every
+ * caller still waits for the COMMIT of its own row. A batch refused by a unique constraint is
+ * rolled back and its rows written one per transaction, so only the duplicate fails.
+ */
+function createInvocationBatcher(h: StoreHandle): (p: PendingInvocation) => void {
+  const pending: PendingInvocation[] = [];
+  let writing = false;
+
+  const settle = (
+    group: readonly PendingInvocation[],
+    outcomes: ReadonlyArray<'saved' | 'stale'>,
+  ): void => {
+    group.forEach((p, k) => {
+      p.resolve(outcomes[k] ?? 'stale');
+    });
+  };
+
+  async function writeOneByOne(group: readonly PendingInvocation[]): Promise<void> {
+    for (const p of group) {
+      try {
+        const [outcome] = await h.writeTx((t) => insertInvocations(h, t, [p]));
+        p.resolve(outcome ?? 'stale');
+      } catch (err) {
+        p.reject(
+          err instanceof UniqueConstraintError
+            ? new ConflictError(`invocation ${p.row.id} or one of its card uuids is already stored`)
+            : err,
+        );
+      }
+    }
+  }
+
+  async function drain(): Promise<void> {
+    writing = true;
+    while (pending.length > 0) {
+      const group = pending.splice(0, MAX_BATCH);
+      try {
+        settle(group, await h.writeTx((t) => insertInvocations(h, t, group)));
+      } catch (err) {
+        if (err instanceof UniqueConstraintError) {
+          await writeOneByOne(group);
+        } else {
+          group.forEach((p) => {
+            p.reject(err);
+          });
+        }
+      }
+    }
+    writing = false;
+  }
+
+  return (p) => {
+    pending.push(p);
+    if (!writing) {
+      void drain();
+    }
+  };
+}
+
+const batchers = new WeakMap<StoreHandle, (p: PendingInvocation) => void>();
+
+function batcherOf(h: StoreHandle): (p: PendingInvocation) => void {
+  let batcher = batchers.get(h);
+  if (!batcher) {
+    batcher = createInvocationBatcher(h);
+    batchers.set(h, batcher);
+  }
+  return batcher;
+}
+
 async function saveInvocation(
   h: StoreHandle,
   ctx: KeyContext,
   v: ValidInvocation,
 ): Promise<InvocationSummary> {
   const plaintext = Buffer.from(v.secretJson, 'utf8');
-  const invocations = h.qualified(TABLES.invocations);
-  const cards = h.qualified(TABLES.invocationCards);
-  const deks = h.qualified(TABLES.deks);
   try {
     for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
       const key = await sealingKeyFor(h, ctx);
-      const sealed = sealRecord(
-        key,
-        { tenant: h.tenant, table: 'invocations', recordId: v.id },
-        plaintext,
-      );
       const row = {
         id: v.id,
         time: v.time,
@@ -177,66 +313,20 @@ async function saveInvocation(
         cardUuids: JSON.stringify(v.cardUuids),
         suggestionUuids: JSON.stringify(v.suggestionUuids),
         keyVersion: key.version,
-        sealed,
+        sealed: sealRecord(
+          key,
+          { tenant: h.tenant, table: 'invocations', recordId: v.id },
+          plaintext,
+        ),
         createdAt: ctx.now().toISOString(),
       };
-      // Raw statements: this is the hook path's write (see StoreHandle.raw).
-      const saved = await h.writeTx(async (t) => {
-        const primary = await h.raw<{ version: number }>(
-          t,
-          `SELECT version FROM ${deks} WHERE status = 'primary'`,
-          [],
-        );
-        if (primary[0]?.version !== key.version) {
-          primaryHint.delete(h);
-          return undefined; // rotated meanwhile: seal again under the new primary
-        }
-        // Duplicates are refused by the unique id and the card-uuid primary key (one statement
-        // each, instead of a SELECT before every insert on the hook path).
-        try {
-          await h.raw(
-            t,
-            `INSERT INTO ${invocations} (id, time, service, hook, hook_instance, pack_id,
-               pack_version, pack_hash, card_uuids, suggestion_uuids, key_version, sealed,
-               created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-            [
-              row.id,
-              row.time,
-              row.service,
-              row.hook,
-              row.hookInstance,
-              row.packId,
-              row.packVersion,
-              row.packHash,
-              row.cardUuids,
-              row.suggestionUuids,
-              row.keyVersion,
-              row.sealed,
-              row.createdAt,
-            ],
-          );
-          if (v.cardUuids.length > 0) {
-            await h.raw(
-              t,
-              `INSERT INTO ${cards} (card_uuid, invocation_id) VALUES ${v.cardUuids
-                .map(() => '(?, ?)')
-                .join(', ')}`,
-              v.cardUuids.flatMap((cardUuid) => [cardUuid, v.id]),
-            );
-          }
-        } catch (err) {
-          if (err instanceof UniqueConstraintError) {
-            throw new ConflictError(
-              `invocation ${v.id} or one of its card uuids is already stored`,
-            );
-          }
-          throw err;
-        }
-        return toSummary({ ...row, seq: 0 });
+      const outcome = await new Promise<'saved' | 'stale'>((resolve, reject) => {
+        batcherOf(h)({ row, cardUuids: v.cardUuids, resolve, reject });
       });
-      if (saved) {
-        return saved;
+      if (outcome === 'saved') {
+        return toSummary({ ...row, seq: 0 });
       }
+      primaryHint.delete(h); // rotated meanwhile: seal again under the new primary
     }
     throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
   } finally {

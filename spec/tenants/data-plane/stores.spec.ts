@@ -113,6 +113,36 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
       expect(await s.listInvocations()).to.have.length(1);
     });
 
+    // Concurrent writes share batches (one transaction, one multi-row INSERT): a duplicate in a
+    // batch must fail alone, and every other caller must still get its own durable record.
+    it('writes concurrent records in batches where only a duplicate fails', async () => {
+      const s = env.stores.store('acme');
+      await s.saveInvocation(invocation('inv-0'));
+      const ids = Array.from({ length: 40 }, (_, i) => `inv-${String(i + 1)}`);
+      const outcomes = await Promise.allSettled([
+        ...ids.map((id) => s.saveInvocation(invocation(id, `PHI ${id}`))),
+        s.saveInvocation(invocation('inv-0')), // the same id again
+        s.saveInvocation(invocation('inv-dup', 'PHI', { cardUuids: ['card-inv-7'] })),
+        s.saveInvocation(invocation('inv-5')), // twice in the same burst
+      ]);
+      const failed = outcomes.flatMap((o, i) => (o.status === 'rejected' ? [i] : []));
+      expect(failed).to.have.length(3);
+      for (const i of failed) {
+        const o = outcomes[i];
+        expect(o?.status === 'rejected' ? o.reason : undefined).to.be.instanceOf(ConflictError);
+      }
+      // Of the two inv-5 writes, exactly one won; neither of the two clashing ones is stored.
+      expect(failed).to.include.members([40, 41]);
+      const stored = (await s.listInvocations({ limit: 1000 })).map((r) => r.id);
+      expect(stored).to.have.members(['inv-0', ...ids]);
+      for (const id of ['inv-1', 'inv-7', 'inv-40']) {
+        expect((await s.readInvocation(id)).secret).to.deep.equal(
+          invocation(id, `PHI ${id}`).secret,
+        );
+      }
+      expect(await s.findCard('card-inv-7')).to.equal('inv-7');
+    });
+
     it('reads a missing record as NotFoundError', async () => {
       expect(await rejection(env.stores.store('acme').readInvocation('nope'))).to.be.instanceOf(
         NotFoundError,
