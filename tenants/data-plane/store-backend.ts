@@ -203,6 +203,12 @@ const WRITER_UUID = 'cellcds-writer';
  */
 function configureSqliteConnections(sequelize: Sequelize): {
   beginWrite: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
+  /**
+   * Closes the writer connection, alone: SQLite checkpoints and removes the WAL only when the
+   * last connection closes, and two connections closing at the same moment can each see the
+   * other and both skip it (leaving the data in the -wal file).
+   */
+  closeWriter: () => Promise<void>;
 } {
   const cm = sequelize.connectionManager as unknown as {
     getConnection(opts?: { uuid?: string }): Promise<SqliteConnection>;
@@ -221,7 +227,7 @@ function configureSqliteConnections(sequelize: Sequelize): {
     if (!configured.has(db)) {
       await new Promise<void>((resolve, reject) => {
         db.exec(
-          'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000;',
+          'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-256;',
           (err) => {
             if (err) {
               reject(err);
@@ -267,6 +273,18 @@ function configureSqliteConnections(sequelize: Sequelize): {
   };
 
   return {
+    closeWriter: async () => {
+      const db = writer;
+      if (db) {
+        writer = undefined;
+        Reflect.deleteProperty(cm.connections, WRITER_UUID);
+        await new Promise<void>((resolve) => {
+          db.close(() => {
+            resolve();
+          });
+        });
+      }
+    },
     beginWrite: <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
       // Sequelize asks for the transaction's connection synchronously inside transaction().
       claimWriter = true;
@@ -313,6 +331,8 @@ interface HandleParts {
   create: boolean;
   /** SQLite: write transactions on the long-lived writer connection. */
   beginWrite?: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
+  /** SQLite: closes the writer connection (before the others). */
+  closeWriter?: () => Promise<void>;
 }
 
 async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
@@ -423,6 +443,7 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
       if (!closed) {
         closed = true;
         deks.clear();
+        await parts.closeWriter?.();
         await sequelize.close();
       }
     },
@@ -453,7 +474,7 @@ export function createSqliteBackend(opts: {
       logging: false,
       dialectOptions: { mode: sqlite3.OPEN_READWRITE | sqlite3.OPEN_CREATE },
     });
-    const { beginWrite } = configureSqliteConnections(sequelize);
+    const { beginWrite, closeWriter } = configureSqliteConnections(sequelize);
     try {
       await sequelize.query('PRAGMA journal_mode=WAL');
       return await initialiseHandle({
@@ -464,8 +485,10 @@ export function createSqliteBackend(opts: {
         now: opts.now,
         create,
         beginWrite,
+        closeWriter,
       });
     } catch (err) {
+      await closeWriter().catch(() => undefined);
       await sequelize.close().catch(() => undefined);
       throw err;
     }

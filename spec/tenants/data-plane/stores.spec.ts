@@ -457,6 +457,26 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
     }
   });
 
+  // Writes run on a long-lived writer connection next to the reader: closing both at once let
+  // each see the other and skip the final checkpoint, leaving the data in -wal files (a copy
+  // or backup of the .sqlite file alone then lacked it).
+  it('closes stores with their data in the store files, no WAL left behind', async () => {
+    if (backend === 'postgres') {
+      return;
+    }
+    const dir = path.join(env.dataDir, env.region);
+    let stores = env.stores;
+    for (let round = 0; round < 6; round += 1) {
+      for (const t of ['acme', 'beta', 'gamma']) {
+        await stores.store(t).saveInvocation(invocation(`${t}-${String(round)}`, t));
+      }
+      await stores.close();
+      expect(fs.readdirSync(dir).filter((f) => !f.endsWith('.sqlite'))).to.deep.equal([]);
+      stores = await env.reopen();
+    }
+    expect(await stores.store('beta').listInvocations()).to.have.length(6);
+  });
+
   it('keeps at most maxOpen handles (LRU) with 10 tenants, all usable', async () => {
     const stores = await env.reopen({ maxOpen: 3 });
     const tenants = Array.from({ length: 10 }, (_, i) => `lru-${i}`);
