@@ -54,6 +54,7 @@ export interface Evaluator {
     pack: CompiledPack,
     serviceId: string,
     input: EvaluationInput,
+    opts?: EvaluateOptions,
   ): Promise<EvaluationResult>;
   /**
    * Resolves once every worker (and the spare) has started, e.g. before serving traffic.
@@ -64,6 +65,15 @@ export interface Evaluator {
   close(): Promise<void>;
   /** Counters for metrics and tests. */
   stats(): EvaluatorStats;
+}
+
+export interface EvaluateOptions {
+  /**
+   * `JSON.stringify({ context: input.context, prefetch: input.prefetch })`, when the caller has
+   * it already (the hook path serializes it once, for the worker and for the invocation
+   * record). Must be exactly that text.
+   */
+  inputJson?: string;
 }
 
 export interface EvaluatorStats {
@@ -505,6 +515,7 @@ class PooledEvaluator implements Evaluator {
     pack: CompiledPack,
     serviceId: string,
     input: EvaluationInput,
+    opts: EvaluateOptions = {},
   ): Promise<EvaluationResult> {
     if (this.closed) {
       throw new Error('evaluator is closed');
@@ -520,7 +531,8 @@ class PooledEvaluator implements Evaluator {
       serialized = {
         hook: input.hook,
         hookInstance: input.hookInstance,
-        json: JSON.stringify({ context: input.context, prefetch: input.prefetch }),
+        json:
+          opts.inputJson ?? JSON.stringify({ context: input.context, prefetch: input.prefetch }),
         now: input.now.getTime(),
       };
     } catch {

@@ -8,7 +8,7 @@ export { validatePack } from './validate-pack.ts';
 export type { ValidatePackOptions } from './validate-pack.ts';
 export { compilePack } from './compile-pack.ts';
 export { createEvaluator, evaluateInline } from './evaluator.ts';
-export type { Evaluator, EvaluatorOptions, EvaluatorStats } from './evaluator.ts';
+export type { EvaluateOptions, Evaluator, EvaluatorOptions, EvaluatorStats } from './evaluator.ts';
 export { chooseVersion, canaryBucket } from './canary.ts';
 export { runPackTests, resolvePackFiles } from './pack-tests.ts';
 export type { PackTestResult } from './pack-tests.ts';

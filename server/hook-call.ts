@@ -37,13 +37,20 @@ export async function runHookCall(
   });
   const pack = await deps.directory.packForCall(resolved, request.hookInstance);
   const now = deps.now();
-  const result = await deps.evaluator.evaluate(pack, resolved.service.id, {
-    hook: request.hook,
-    hookInstance: request.hookInstance,
-    context: request.context,
-    prefetch,
-    now,
-  });
+  // Serialized once: the evaluation worker reads it, and the invocation record starts with it.
+  const inputJson = JSON.stringify({ context: request.context, prefetch });
+  const result = await deps.evaluator.evaluate(
+    pack,
+    resolved.service.id,
+    {
+      hook: request.hook,
+      hookInstance: request.hookInstance,
+      context: request.context,
+      prefetch,
+      now,
+    },
+    { inputJson },
+  );
   deps.metrics.ruleTrace(pack.id, result.trace);
   const cards = finalizeCards(result.cards);
   // Durable before the response: the inputs, cards and trace sealed under the tenant's current
@@ -58,7 +65,7 @@ export async function runHookCall(
     pack: { id: pack.id, version: pack.version, hash: pack.hash },
     cardUuids: cards.map((c) => c.uuid),
     suggestionUuids: cards.flatMap((c) => (c.suggestions ?? []).map((s) => s.uuid)),
-    secret: { context: request.context, prefetch, cards, trace: result.trace },
+    secretJson: `${inputJson.slice(0, -1)},"cards":${JSON.stringify(cards)},"trace":${JSON.stringify(result.trace)}}`,
   });
   return { cards, pack, result, invocationId };
 }

@@ -97,7 +97,21 @@ export interface InvocationSecret {
 }
 
 /** Input of `saveInvocation`. Everything but `secret` is stored in clear, so no PHI there. */
-export interface NewInvocation {
+export type NewInvocation = NewInvocationBase &
+  (
+    | { secret: InvocationSecret; secretJson?: never }
+    | {
+        /**
+         * The secret already serialized, for a caller that has the JSON text anyway (the hook
+         * path serializes context and prefetch once for the evaluator): a JSON object whose
+         * members are exactly `context`, `prefetch`, `cards` and `trace`, in that order.
+         */
+        secretJson: string;
+        secret?: never;
+      }
+  );
+
+interface NewInvocationBase {
   /** Unique per tenant: letters, digits, `._:-`, at most 128 characters. */
   id: string;
   time: string | Date;
@@ -107,7 +121,6 @@ export interface NewInvocation {
   pack: PackStamp;
   cardUuids: readonly string[];
   suggestionUuids: readonly string[];
-  secret: InvocationSecret;
 }
 
 /** Invocation metadata (clear columns, no PHI). */

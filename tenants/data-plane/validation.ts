@@ -64,6 +64,49 @@ export interface ValidInvocation {
 }
 
 /** @throws InvalidInputError naming the field. */
+const SECRET_JSON_START = '{"context":';
+
+/** The secret as JSON text: given by the caller (checked for its shape) or serialized here. */
+function serializedSecret(secret: unknown, given: unknown): string {
+  if (given !== undefined) {
+    if (secret !== undefined) {
+      throw new InvalidInputError('secret', 'give either secret or secretJson, not both');
+    }
+    if (
+      typeof given !== 'string' ||
+      !given.startsWith(SECRET_JSON_START) ||
+      !given.endsWith('}') ||
+      !given.includes('"prefetch":') ||
+      !given.includes('"cards":') ||
+      !given.includes('"trace":')
+    ) {
+      throw new InvalidInputError(
+        'secretJson',
+        'must be the JSON text of { context, prefetch, cards, trace }',
+      );
+    }
+    return given;
+  }
+  if (!isObject(secret)) {
+    throw new InvalidInputError('secret', 'must be { context, prefetch, cards, trace }');
+  }
+  let json: string | undefined;
+  try {
+    json = JSON.stringify({
+      context: secret.context ?? null,
+      prefetch: secret.prefetch ?? null,
+      cards: secret.cards ?? null,
+      trace: secret.trace ?? null,
+    });
+  } catch {
+    json = undefined;
+  }
+  if (json === undefined) {
+    throw new InvalidInputError('secret', 'must be JSON-serialisable');
+  }
+  return json;
+}
+
 export function validateInvocation(input: NewInvocation): ValidInvocation {
   const raw: unknown = input;
   if (!isObject(raw)) {
@@ -79,24 +122,7 @@ export function validateInvocation(input: NewInvocation): ValidInvocation {
       'must be a printable string of at most 256 characters',
     );
   }
-  const secret = raw.secret;
-  if (!isObject(secret)) {
-    throw new InvalidInputError('secret', 'must be { context, prefetch, cards, trace }');
-  }
-  let secretJson: string | undefined;
-  try {
-    secretJson = JSON.stringify({
-      context: secret.context ?? null,
-      prefetch: secret.prefetch ?? null,
-      cards: secret.cards ?? null,
-      trace: secret.trace ?? null,
-    });
-  } catch {
-    secretJson = undefined;
-  }
-  if (secretJson === undefined) {
-    throw new InvalidInputError('secret', 'must be JSON-serialisable');
-  }
+  const secretJson = serializedSecret(raw.secret, raw.secretJson);
   return {
     id: id(raw.id, 'id'),
     time: instant(raw.time, 'time'),

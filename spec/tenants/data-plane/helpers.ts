@@ -202,7 +202,9 @@ export function forEachBackend(title: string, body: (backend: BackendName) => vo
 export function invocation(
   id: string,
   marker = 'PHI',
-  extra: Partial<NewInvocation> = {},
+  extra: Partial<Omit<NewInvocation, 'secret' | 'secretJson'>> & {
+    secret?: NewInvocation['secret'];
+  } = {},
 ): NewInvocation {
   return {
     id,
