@@ -112,6 +112,9 @@ export async function buildDeps(
       ? { dataDir: region.storage.dataDir }
       : { postgresUrl: region.storage.postgresUrl }),
     keyProvider,
+    // Round-robin calls over more tenants than this reopen a store (and unwrap its DEK) each
+    // time: size it to the tenants a region serves actively (docs/operations.md).
+    maxOpen: config.maxOpenStores ?? (region.storage.kind === 'sqlite' ? 1024 : 64),
     onJobError: (job, err) => {
       log.error(
         {

@@ -47,6 +47,7 @@ const Schema = z
     CELLCDS_EVAL_BUDGET_MS: intFrom(10, 60000, 2000),
     CELLCDS_RULE_BUDGET_MS: intFrom(5, 60000, 500),
     CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
+    CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
     CELLCDS_REDIS_URL: z
       .string()
       .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
@@ -88,6 +89,11 @@ export interface Config {
   readonly redisUrl: string | undefined;
   /** The card viewer's SMART client id (id_token `aud`); unset = SMART app mode refuses calls. */
   readonly smartClientId: string | undefined;
+  /**
+   * Tenant stores a region keeps open (LRU); undefined = 1024 for SQLite regions (~0.8 MB of
+   * memory each), 64 for PostgreSQL regions (each open store holds its own small pool).
+   */
+  readonly maxOpenStores: number | undefined;
   /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */
   readonly regionsFile: string | undefined;
   /** Whether CELLCDS_REGION was given (else `npm start` runs one plane per configured region). */
@@ -174,6 +180,7 @@ export function loadConfig(
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,
     smartClientId: e.CELLCDS_SMART_CLIENT_ID,
+    maxOpenStores: e.CELLCDS_MAX_OPEN_STORES,
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:
       e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),
