@@ -125,7 +125,10 @@ export function spawnTs(
     stderr?: 'ignore' | 'pipe' | 'inherit';
   },
 ): ChildProcess {
-  return spawn(process.execPath, ['--import', 'tsx', script, ...args], {
+  const prof = process.env.BENCH_CPU_PROF;
+  const profArgs =
+    prof !== undefined && script.endsWith('cli.ts') ? ['--cpu-prof', `--cpu-prof-dir=${prof}`] : [];
+  return spawn(process.execPath, [...profArgs, '--import', 'tsx', script, ...args], {
     cwd: opts.cwd,
     env: { ...process.env, ...opts.env },
     stdio: ['ignore', opts.stdout ?? 'ignore', opts.stderr ?? 'pipe'],
