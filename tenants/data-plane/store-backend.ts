@@ -190,16 +190,32 @@ interface SqliteConnection extends SqliteDb {
 
 const WRITER_UUID = 'cellcds-writer';
 
+/** Runs SQL without results on a SQLite connection. */
+function execSql(db: SqliteDb, sql: string): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    db.exec(sql, (err) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve();
+      }
+    });
+  });
+}
+
 /**
- * Every SQLite connection Sequelize opens (the default one and one per transaction) gets the
- * durability and hygiene pragmas before first use. `synchronous` cannot be changed inside a
+ * Every SQLite connection Sequelize opens (the default one and one per read transaction) gets
+ * the durability and hygiene pragmas before first use. `synchronous` cannot be changed inside a
  * transaction, hence a connection hook rather than a statement in each transaction.
  *
- * Write transactions (`beginWrite`) run on one long-lived writer connection instead: Sequelize
- * opens a new SQLite connection for every transaction and closes it afterwards (file open,
- * pragmas, schema parse each time), which cost more than the write itself on the hook path.
- * Writes are serialized per store by the write queue, so one writer connection is enough; read
- * transactions keep their own connections and see committed data (WAL).
+ * Write transactions (`beginWrite`) run on one long-lived writer connection instead, with
+ * BEGIN IMMEDIATE and COMMIT issued on it directly: Sequelize opens a new SQLite connection for
+ * every transaction and closes it afterwards (file open, pragmas, schema parse each time), and
+ * each of its statements scans the SQL text and captures a stack. Writes are serialized per
+ * store by the write queue, so one writer connection is enough; read transactions keep their
+ * own connections and see committed data (WAL). Models work unchanged inside `fn`: the
+ * Transaction object handed to it is Sequelize's own, bound to the writer connection, and
+ * nested `sequelize.transaction({ transaction: t })` calls become SAVEPOINTs on it.
  */
 function configureSqliteConnections(sequelize: Sequelize): {
   beginWrite: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
@@ -212,94 +228,64 @@ function configureSqliteConnections(sequelize: Sequelize): {
 } {
   const cm = sequelize.connectionManager as unknown as {
     getConnection(opts?: { uuid?: string }): Promise<SqliteConnection>;
-    releaseConnection(conn: SqliteConnection, force?: boolean): void;
-    destroyConnection(conn: SqliteConnection): Promise<void>;
     connections: Record<string, SqliteConnection | undefined>;
   };
   const original = cm.getConnection.bind(cm);
-  const release = cm.releaseConnection.bind(cm);
-  const destroy = cm.destroyConnection.bind(cm);
   const configured = new WeakSet<object>();
-  let writer: SqliteConnection | undefined;
-  let claimWriter = false;
+  let writer: Promise<SqliteConnection> | undefined;
 
   const configure = async (db: SqliteConnection): Promise<SqliteConnection> => {
     if (!configured.has(db)) {
-      await new Promise<void>((resolve, reject) => {
-        db.exec(
-          'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-256;',
-          (err) => {
-            if (err) {
-              reject(err);
-            } else {
-              resolve();
-            }
-          },
-        );
-      });
+      await execSql(
+        db,
+        'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-256;',
+      );
       configured.add(db);
     }
     return db;
   };
-  const dropWriter = (db: SqliteConnection): void => {
-    if (writer === db) {
-      writer = undefined;
-      Reflect.deleteProperty(cm.connections, WRITER_UUID);
-      db.close();
-    }
-  };
+  cm.getConnection = async (opts?: { uuid?: string }) => configure(await original(opts));
 
-  cm.getConnection = async (opts?: { uuid?: string }) => {
-    if (claimWriter && opts?.uuid !== undefined && opts.uuid !== 'default') {
-      claimWriter = false;
-      // Registered under its own key, so Sequelize's close() closes it with the others.
-      writer ??= await configure(await original({ uuid: WRITER_UUID }));
-      return writer;
+  /** Forgets the writer (a new one is opened on next use) and closes it. */
+  const closeWriter = async (): Promise<void> => {
+    const current = writer;
+    writer = undefined;
+    const db = await current?.catch(() => undefined);
+    if (db) {
+      Reflect.deleteProperty(cm.connections, WRITER_UUID);
+      await new Promise<void>((resolve) => {
+        db.close(() => {
+          resolve();
+        });
+      });
     }
-    return configure(await original(opts));
-  };
-  cm.releaseConnection = (conn, force) => {
-    if (conn !== writer) {
-      release(conn, force);
-    }
-  };
-  cm.destroyConnection = async (conn) => {
-    // A failed COMMIT or ROLLBACK leaves the connection in an unknown state: start afresh.
-    if (conn === writer) {
-      dropWriter(conn);
-      return;
-    }
-    await destroy(conn);
   };
 
   return {
-    closeWriter: async () => {
-      const db = writer;
-      if (db) {
-        writer = undefined;
-        Reflect.deleteProperty(cm.connections, WRITER_UUID);
-        await new Promise<void>((resolve) => {
-          db.close(() => {
-            resolve();
-          });
-        });
-      }
-    },
-    beginWrite: <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
-      // Sequelize asks for the transaction's connection synchronously inside transaction().
-      claimWriter = true;
-      let run: Promise<T>;
+    closeWriter,
+    beginWrite: async <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
+      // Registered under its own key, so Sequelize's close() would close it with the others.
+      writer ??= original({ uuid: WRITER_UUID }).then(configure);
+      const db = await writer;
+      const t = new Transaction(sequelize, { type: Transaction.TYPES.IMMEDIATE });
+      (t as unknown as { connection: SqliteConnection }).connection = db;
+      await execSql(db, 'BEGIN IMMEDIATE');
+      let result: T;
       try {
-        run = sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, (t) => {
-          if ((t as unknown as { connection?: unknown }).connection !== writer) {
-            throw new Error('write transaction is not on the writer connection');
-          }
-          return fn(t);
-        });
-      } finally {
-        claimWriter = false;
+        result = await fn(t);
+      } catch (err) {
+        // A ROLLBACK that fails leaves the connection in an unknown state: start afresh.
+        await execSql(db, 'ROLLBACK').catch(closeWriter);
+        throw err;
       }
-      return run;
+      try {
+        await execSql(db, 'COMMIT');
+      } catch (err) {
+        await execSql(db, 'ROLLBACK').catch(() => undefined);
+        await closeWriter();
+        throw err;
+      }
+      return result;
     },
   };
 }
