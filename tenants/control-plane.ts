@@ -3,7 +3,7 @@
  * It holds no PHI: tenants, issuers, FHIR server allowlists, subscriptions, the pack catalog,
  * admin token hashes and the control-plane audit log.
  */
-import { QueryTypes, Sequelize, Transaction } from 'sequelize';
+import { Sequelize, Transaction } from 'sequelize';
 import { createAdminTokenRepository } from './admin-token-repository.ts';
 import { createAuditRepository } from './audit-repository.ts';
 import { defineControlPlaneModels } from './control-plane-models.ts';
@@ -62,12 +62,26 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
       locked(fn).finally(() => {
         localWrites += 1;
       });
+    // Straight on Sequelize's default connection: this runs on every hook call, and a
+    // Sequelize query scans its SQL and captures a stack.
+    const cm = sequelize.connectionManager as unknown as {
+      getConnection(): Promise<{
+        get(sql: string, cb: (err: Error | null, row?: { data_version?: number }) => void): void;
+      }>;
+    };
     const generation = async (): Promise<string> => {
       const before = localWrites;
-      const rows = await sequelize.query<{ data_version: number }>('PRAGMA data_version', {
-        type: QueryTypes.SELECT,
+      const db = await cm.getConnection();
+      const version = await new Promise<number | undefined>((resolve, reject) => {
+        db.get('PRAGMA data_version', (err, row) => {
+          if (err) {
+            reject(err);
+          } else {
+            resolve(row?.data_version);
+          }
+        });
       });
-      return `${String(rows[0]?.data_version)}:${String(before)}`;
+      return `${String(version)}:${String(before)}`;
     };
     const writeTx: WriteTx = (fn) =>
       write(() => sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn));
