@@ -26,6 +26,8 @@ export interface RotationResult {
   storePerSec?: number;
   rewrapPerSec?: number;
   rawPerSec?: number;
+  /** Raw AES-GCM records/s before and after the rewrap; `rawPerSec` is the faster. */
+  rawRuns?: number[];
   /** rewrap records/s ÷ raw AES-256-GCM records/s. */
   rewrapRatio?: number;
   /** From the end-to-end server: hook p99 at a fixed rate, idle vs during a rewrap. */
@@ -168,6 +170,9 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
         }),
       );
       const storePerSec = (opts.records * 1000) / (performance.now() - storeStarted);
+      // Raw AES-GCM is timed before and after the rewrap and the faster run counts: one second
+      // of the shared machine being busy must not make the yardstick slow and the ratio rosy.
+      const rawBefore = rawRewrapPerSec(plaintexts);
       opts.log('  rewrapping (emergency rotation: unthrottled)');
       const started = performance.now();
       const job = await store.keys.rotate({ emergency: true, actor: 'bench' });
@@ -182,7 +187,8 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
         };
       }
       const rewrapPerSec = done.done / rewrapSec;
-      const rawPerSec = rawRewrapPerSec(plaintexts);
+      const rawAfter = rawRewrapPerSec(plaintexts);
+      const rawPerSec = Math.max(rawBefore, rawAfter);
       return {
         available: true,
         records: opts.records,
@@ -190,6 +196,7 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
         recordKb: plaintexts.reduce((n, p) => n + p.length, 0) / plaintexts.length / 1024,
         rewrapPerSec,
         rawPerSec,
+        rawRuns: [rawBefore, rawAfter],
         rewrapRatio: rewrapPerSec / rawPerSec,
         hookReason,
       };
