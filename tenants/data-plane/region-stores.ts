@@ -87,6 +87,14 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 10_000) {
     throw new InvalidInputError('rewrap.batchSize', 'must be an integer from 1 to 10000');
   }
+  const scheduledBatchSize = opts.rewrap?.scheduledBatchSize ?? Math.min(50, batchSize);
+  if (
+    !Number.isInteger(scheduledBatchSize) ||
+    scheduledBatchSize < 1 ||
+    scheduledBatchSize > 10_000
+  ) {
+    throw new InvalidInputError('rewrap.scheduledBatchSize', 'must be an integer from 1 to 10000');
+  }
 
   const backend: StoreBackend =
     opts.dataDir !== undefined
@@ -287,7 +295,12 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
             async (h) => {
               const row = await h.models.Job.findByPk(id, { raw: true });
               runner.session ??= { startDone: row?.done ?? 0, startMs: performance.now() };
-              const r = await runRewrapBatch(h, keyCtx, id, batchSize);
+              const r = await runRewrapBatch(
+                h,
+                keyCtx,
+                id,
+                row?.emergency === 1 ? batchSize : scheduledBatchSize,
+              );
               if (r.destroyed.length > 0) {
                 await h.compact();
               }

@@ -307,6 +307,9 @@ async function updateSealed(
   );
 }
 
+/** Records re-sealed between two turns of the event loop. */
+const RESEAL_SLICE = 16;
+
 /** Outcome of one batch. */
 export interface BatchResult {
   /** The job is no longer running (done, failed, superseded, missing). */
@@ -320,8 +323,11 @@ export interface BatchResult {
 /**
  * Runs one batch of job `id`: re-seals up to `batchSize` records after the checkpoint that are
  * not under the primary version, advancing the checkpoint and `done` in the same transaction.
- * An emergency job destroys compromised versions as soon as nothing uses them; any job
- * destroys unused old versions when it ends.
+ * The batch is read and re-sealed BEFORE taking the store's write queue (hook-path writes wait
+ * for that queue, so it is held only to check that nothing moved and to write); the write
+ * transaction re-checks the job, the primary version and each row's key version, and re-plans
+ * if anything changed. An emergency job destroys compromised versions as soon as nothing uses
+ * them; any job destroys unused old versions when it ends.
  * @throws RecordOpenError if a record fails to open (tampered): the caller fails the job.
  */
 export async function runRewrapBatch(
@@ -336,22 +342,44 @@ export async function runRewrapBatch(
   }
   const table = job.checkpointTable as SealedTable;
   const primary = await primaryVersion(h);
-  const where = { seq: { [Op.gt]: job.checkpointSeq }, keyVersion: { [Op.ne]: primary } };
-  const preview = await modelOf(h, table).findAll({
-    where,
-    attributes: ['keyVersion'],
-    order: [['seq', 'ASC']],
-    limit: batchSize,
-    raw: true,
-  });
+  const rows = await h.readTx((t) =>
+    h.raw<{ seq: number; id: string; keyVersion: number; sealed: string }>(
+      t,
+      `SELECT seq, id, key_version AS "keyVersion", sealed FROM ${h.qualified(table)}
+       WHERE seq > ? AND key_version <> ? ORDER BY seq LIMIT ?`,
+      [job.checkpointSeq, primary, batchSize],
+    ),
+  );
   // Unwrap (and audit) the needed DEKs before taking the write queue.
   const keys = new Map<number, KeyObject>();
-  for (const v of new Set([primary, ...preview.map((r) => r.keyVersion)])) {
+  for (const v of new Set([primary, ...rows.map((r) => r.keyVersion)])) {
     keys.set(v, await getDek(h, ctx, v));
   }
   const primaryKey = keys.get(primary);
   if (!primaryKey) {
     throw new Error('primary DEK missing');
+  }
+  // Re-sealed in slices with a turn of the event loop between them: a batch is ~8 MB of
+  // ciphertext, and hook calls on this process must not wait behind it in one block.
+  const resealed: Array<{ seq: number; keyVersion: number; sealed: string }> = [];
+  for (const [i, row] of rows.entries()) {
+    if (i > 0 && i % RESEAL_SLICE === 0) {
+      await new Promise<void>((resolve) => {
+        setImmediate(resolve);
+      });
+    }
+    const addr = { tenant: h.tenant, table, recordId: row.id };
+    const oldKey = keys.get(row.keyVersion);
+    if (!oldKey) {
+      throw new Error('DEK missing');
+    }
+    const plaintext = openRecordWithKey(row.sealed, addr, {
+      version: row.keyVersion,
+      key: oldKey,
+    });
+    const sealed = sealRecord({ version: primary, key: primaryKey }, addr, plaintext);
+    plaintext.fill(0);
+    resealed.push({ seq: row.seq, keyVersion: row.keyVersion, sealed });
   }
   const result = await h.writeTx(async (t): Promise<BatchResult> => {
     const now = ctx.now();
@@ -367,19 +395,25 @@ export async function runRewrapBatch(
     ) {
       return { finished: false, moved: 0, destroyed: [] }; // moved on meanwhile: re-plan
     }
-    const rows = await modelOf(h, table).findAll({
-      where,
-      attributes: ['seq', 'id', 'keyVersion', 'sealed'],
-      order: [['seq', 'ASC']],
-      limit: batchSize,
-      transaction: t,
-      raw: true,
-    });
-    if (rows.some((r) => !keys.has(r.keyVersion))) {
+    // The rows still hold what was re-sealed (their key versions are unchanged), and no row
+    // of the range appeared since the read.
+    const current = await h.raw<{ seq: number; keyVersion: number }>(
+      t,
+      `SELECT seq, key_version AS "keyVersion" FROM ${h.qualified(table)}
+       WHERE seq > ? AND key_version <> ? ORDER BY seq LIMIT ?`,
+      [job.checkpointSeq, primary, batchSize],
+    );
+    if (
+      current.length !== resealed.length ||
+      current.some((r, i) => {
+        const was = resealed[i];
+        return was === undefined || r.seq !== was.seq || r.keyVersion !== was.keyVersion;
+      })
+    ) {
       return { finished: false, moved: 0, destroyed: [] };
     }
     const emergency = fresh.emergency === 1;
-    if (rows.length === 0) {
+    if (resealed.length === 0) {
       const nextTable = SEALED_TABLES[SEALED_TABLES.indexOf(table) + 1];
       if (nextTable !== undefined) {
         await h.models.Job.update(
@@ -405,25 +439,11 @@ export async function runRewrapBatch(
       );
       return { finished: true, moved: 0, destroyed };
     }
-    const resealed = rows.map((row) => {
-      const addr = { tenant: h.tenant, table, recordId: row.id };
-      const oldKey = keys.get(row.keyVersion);
-      if (!oldKey) {
-        throw new Error('DEK missing');
-      }
-      const plaintext = openRecordWithKey(row.sealed, addr, {
-        version: row.keyVersion,
-        key: oldKey,
-      });
-      const sealed = sealRecord({ version: primary, key: primaryKey }, addr, plaintext);
-      plaintext.fill(0);
-      return { seq: row.seq, sealed };
-    });
     await updateSealed(h, t, table, primary, resealed);
-    const last = rows[rows.length - 1];
+    const last = resealed[resealed.length - 1];
     await h.models.Job.update(
       {
-        done: fresh.done + rows.length,
+        done: fresh.done + resealed.length,
         checkpointSeq: last?.seq ?? fresh.checkpointSeq,
         updatedAt: at,
       },
@@ -433,7 +453,7 @@ export async function runRewrapBatch(
     const destroyed = emergency
       ? await destroyUnused(h, t, now, 'compromised', (r) => r.compromised === 1)
       : [];
-    return { finished: false, moved: rows.length, destroyed };
+    return { finished: false, moved: resealed.length, destroyed };
   });
   for (const v of result.destroyed) {
     h.deks.delete(v);

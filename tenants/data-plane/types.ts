@@ -363,8 +363,14 @@ export interface OpenRegionStoresOptions {
   pgPoolMax?: number;
   now?: () => Date;
   rewrap?: {
-    /** Records per batch (one transaction each). Default 200. */
+    /** Records per batch (one transaction each) of an emergency rotation. Default 200. */
     batchSize?: number;
+    /**
+     * Records per batch of a scheduled rotation. Default 50: hook-path writes to the store wait
+     * while a batch is written (~0.2 ms per 30 KiB record), so a scheduled rotation keeps its
+     * batches short; an emergency one favours speed.
+     */
+    scheduledBatchSize?: number;
     /** Pause between batches of a scheduled rotation. Default 50 ms. */
     throttleMs?: number;
     /** Pause between batches of an emergency rotation. Default 0. */

@@ -1,7 +1,7 @@
 import { expect } from 'chai';
-import { ConflictError, NotFoundError } from '../../../tenants/index.ts';
+import { ConflictError, InvalidInputError, NotFoundError } from '../../../tenants/index.ts';
 import type { JobInfo, RegionStores, TenantStore } from '../../../tenants/data-plane.ts';
-import { forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
+import { asInstance, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
 import type { Env } from './helpers.ts';
 
 async function seed(s: TenantStore, n: number, prefix = 'inv'): Promise<void> {
@@ -213,6 +213,34 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
       (e) => e.type === 'key.kek.rewrap',
     );
     expect(kekEvent).to.deep.include({ actor: 'op-2', detail: { deks: 1, kekVersion: 2 } });
+  });
+
+  // Hook-path writes wait while a batch is written: a scheduled rotation keeps its batches
+  // short (scheduledBatchSize), an emergency one uses batchSize.
+  it('moves scheduled rotations in scheduledBatchSize batches and emergencies in batchSize', async () => {
+    const stores = await env.reopen({
+      rewrap: {
+        batchSize: 20,
+        scheduledBatchSize: 7,
+        throttleMs: 60_000,
+        emergencyThrottleMs: 60_000,
+      },
+    });
+    const s = stores.store('acme');
+    await seed(s, 30);
+    const scheduled = await s.keys.rotate();
+    expect((await until(stores, scheduled.id, (j) => j.done > 0)).done).to.equal(7);
+    const emergency = await s.keys.rotate({ emergency: true });
+    const first = await until(stores, emergency.id, (j) => j.done > 0);
+    expect(first.done).to.equal(20);
+    for (const [rewrap, field] of [
+      [{ scheduledBatchSize: 0 }, 'rewrap.scheduledBatchSize'],
+      [{ scheduledBatchSize: 1.5 }, 'rewrap.scheduledBatchSize'],
+      [{ batchSize: 10_001 }, 'rewrap.batchSize'],
+    ] as const) {
+      const err = await rejection(env.reopen({ rewrap }));
+      expect(asInstance(err, InvalidInputError).field).to.equal(field);
+    }
   });
 
   it('resumes an interrupted DEK rewrap and an unfinished KEK rotation after a restart', async () => {
