@@ -219,7 +219,7 @@ export async function resolveOperator(
   }
   if (!principal) {
     deps.metrics.authFailure('unknown_token', 'admin');
-    await deps.controlPlane.audit.record({
+    await deps.failureAudit.record({
       type: 'admin.auth',
       outcome: 'failure',
       detail: {

@@ -16,6 +16,7 @@ import {
   openRegionStores,
 } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
+import { createFailureAuditor } from './failure-audit.ts';
 import type { Config } from './config.ts';
 import type { Deps } from './context.ts';
 import type { Logger } from './logger.ts';
@@ -137,6 +138,16 @@ export async function buildDeps(
         .flat()
         .filter((j) => j.status === 'running'),
   });
+  const failureAudit = createFailureAuditor({
+    audit: (event) => controlPlane.audit.record(event),
+    perSecond: config.authFailureAuditPerSecond,
+    onError: (err) => {
+      log.error(
+        { err: { message: err instanceof Error ? err.message : String(err) } },
+        'suppressed auth failures not audited',
+      );
+    },
+  });
   return {
     config,
     log,
@@ -151,8 +162,15 @@ export async function buildDeps(
     metrics,
     backupDir: region.backupDir,
     bootstrapTokenHash: bootstrap.hash,
+    failureAudit,
     now: () => new Date(),
     async close() {
+      await failureAudit.flush().catch((err: unknown) => {
+        log.error(
+          { err: { message: err instanceof Error ? err.message : String(err) } },
+          'suppressed auth failures not audited',
+        );
+      });
       await stores.close();
       await evaluator.close();
       await replayCache.close?.();

@@ -48,6 +48,7 @@ const Schema = z
     CELLCDS_RULE_BUDGET_MS: intFrom(5, 60000, 500),
     CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
     CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
+    CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
     CELLCDS_REDIS_URL: z
       .string()
       .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
@@ -94,6 +95,8 @@ export interface Config {
    * memory each), 64 for PostgreSQL regions (each open store holds its own small pool).
    */
   readonly maxOpenStores: number | undefined;
+  /** Refused credentials audited one by one per second; the rest are audited as counts. */
+  readonly authFailureAuditPerSecond: number;
   /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */
   readonly regionsFile: string | undefined;
   /** Whether CELLCDS_REGION was given (else `npm start` runs one plane per configured region). */
@@ -181,6 +184,7 @@ export function loadConfig(
     redisUrl: e.CELLCDS_REDIS_URL,
     smartClientId: e.CELLCDS_SMART_CLIENT_ID,
     maxOpenStores: e.CELLCDS_MAX_OPEN_STORES,
+    authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:
       e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),

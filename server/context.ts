@@ -14,6 +14,7 @@ import type {
   TokenVerifier,
 } from '../tenants/index.ts';
 import type { Config } from './config.ts';
+import type { FailureAuditor } from './failure-audit.ts';
 import { ServiceError } from './errors.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
@@ -38,6 +39,8 @@ export interface Deps {
   keyProvider: KeyProvider;
   /** Where this region's per-tenant backups are written. */
   backupDir: string;
+  /** Audits refused credentials within a budget per second (server/failure-audit.ts). */
+  failureAudit: FailureAuditor;
   /** sha256 of the bootstrap operator token (CELLCDS_ADMIN_TOKEN or the generated one). */
   bootstrapTokenHash?: Buffer;
   now(): Date;

@@ -230,14 +230,18 @@ const isRestore = (type: string) => type.startsWith('restore.') || type.includes
 
 function countBy(events: readonly EvidenceEvent[]): FailedAuthCounts {
   const byReason: Record<string, number> = {};
+  let total = 0;
   for (const e of events) {
     const reason = typeof e.detail?.reason === 'string' ? e.detail.reason : 'unknown';
-    byReason[reason] = (byReason[reason] ?? 0) + 1;
+    const count =
+      e.type.endsWith('.suppressed') && typeof e.detail?.count === 'number' ? e.detail.count : 1;
+    byReason[reason] = (byReason[reason] ?? 0) + count;
+    total += count;
   }
   const sorted = Object.fromEntries(
     Object.entries(byReason).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)),
   );
-  return { total: events.length, byReason: sorted };
+  return { total, byReason: sorted };
 }
 
 const byTime = (a: EvidenceEvent, b: EvidenceEvent) => (a.at < b.at ? -1 : a.at > b.at ? 1 : 0);
@@ -317,8 +321,14 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
     }
   }
 
-  const clientAuth = events.filter((e) => e.type === 'auth.failure');
-  const operatorAuth = events.filter((e) => e.type === 'admin.auth' && e.outcome === 'failure');
+  // Beyond the audit budget per second, refusals are audited as counts (`*.suppressed`).
+  const clientAuth = events.filter(
+    (e) => e.type === 'auth.failure' || e.type === 'auth.failure.suppressed',
+  );
+  const operatorAuth = events.filter(
+    (e) =>
+      (e.type === 'admin.auth' && e.outcome === 'failure') || e.type === 'admin.auth.suppressed',
+  );
 
   let auditChains: EvidenceReport['auditChains'] = null;
   if (opts.verifyChain) {
@@ -402,12 +412,13 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
         (e) =>
           e.type.startsWith('admin.') &&
           !e.type.startsWith('admin.token.') &&
-          e.type !== 'admin.auth',
+          e.type !== 'admin.auth' &&
+          e.type !== 'admin.auth.suppressed',
       ),
       residency: events.filter((e) => e.type.startsWith('residency.')),
     },
     failedAuth: {
-      total: clientAuth.length + operatorAuth.length,
+      total: countBy(clientAuth).total + countBy(operatorAuth).total,
       clients: countBy(clientAuth),
       operators: countBy(operatorAuth),
     },

@@ -8,7 +8,8 @@ import type { Deps } from './context.ts';
 import type { AuthSurface } from './metrics.ts';
 
 /**
- * Counts and audits a refused token (the reason only, never the token), then rethrows.
+ * Counts and audits a refused token (the reason only, never the token; within the audit budget
+ * per second, beyond it as counts), then rethrows.
  * Anything that is not an AuthError is rethrown untouched.
  */
 export async function recordAuthFailure(
@@ -19,7 +20,7 @@ export async function recordAuthFailure(
 ): Promise<never> {
   if (err instanceof AuthError) {
     deps.metrics.authFailure(err.reason, surface);
-    await deps.controlPlane.audit.record({
+    await deps.failureAudit.record({
       type: 'auth.failure',
       outcome: 'failure',
       detail: { reason: err.reason, ...where },

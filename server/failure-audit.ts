@@ -1,0 +1,110 @@
+/**
+ * Audits refused credentials (CDS client tokens, SMART id_tokens, operator tokens) within a
+ * budget per second. Each refusal would otherwise cost a durable control-plane write, so a
+ * flood of garbage tokens, which needs no credential at all, could make the service spend its
+ * disk and its write queue on them. The first `perSecond` refusals of each second are audited
+ * one by one, as before; the rest are counted by event type and reason and written as one
+ * `<type>.suppressed` event per type and reason (`{ reason, count, from, to }`) when the second
+ * is over. Metrics still count every refusal.
+ */
+import type { AuditEvent } from '../tenants/index.ts';
+
+/** A refusal to audit: a failure event whose detail names its reason. */
+export type FailureEvent = AuditEvent & {
+  detail: { reason: string } & Record<string, string | number | boolean>;
+};
+
+export interface FailureAuditor {
+  /** Audits `event`, or counts it when this second's budget is spent. */
+  record(event: FailureEvent): Promise<void>;
+  /** Writes the counts of suppressed refusals now (shutdown, tests). */
+  flush(): Promise<void>;
+}
+
+interface Suppressed {
+  type: string;
+  reason: string;
+  count: number;
+  from: number;
+  to: number;
+}
+
+export function createFailureAuditor(opts: {
+  audit: (event: AuditEvent) => Promise<unknown>;
+  /** Refusals audited one by one per second (the rest are counted). */
+  perSecond: number;
+  /** Reports a summary that could not be written (the counts are then lost). */
+  onError?: (err: unknown) => void;
+  now?: () => number;
+}): FailureAuditor {
+  const now = opts.now ?? Date.now;
+  let second = Number.NEGATIVE_INFINITY;
+  let audited = 0;
+  // Keyed by type and reason: both come from fixed sets (never from the request), so the map
+  // stays small whatever a client sends.
+  const suppressed = new Map<string, Suppressed>();
+  let timer: NodeJS.Timeout | undefined;
+
+  async function flush(): Promise<void> {
+    if (timer) {
+      clearTimeout(timer);
+      timer = undefined;
+    }
+    const pending = [...suppressed.values()];
+    suppressed.clear();
+    for (const s of pending) {
+      await opts.audit({
+        type: `${s.type}.suppressed`,
+        outcome: 'failure',
+        detail: {
+          reason: s.reason,
+          count: s.count,
+          from: new Date(s.from).toISOString(),
+          to: new Date(s.to).toISOString(),
+        },
+      });
+    }
+  }
+
+  return {
+    async record(event) {
+      const at = now();
+      const current = Math.floor(at / 1000);
+      if (current !== second) {
+        second = current;
+        audited = 0;
+        await flush();
+      }
+      if (audited < opts.perSecond) {
+        audited += 1;
+        await opts.audit(event);
+        return;
+      }
+      const key = `${event.type}\u0000${event.detail.reason}`;
+      const entry = suppressed.get(key);
+      if (entry) {
+        entry.count += 1;
+        entry.to = at;
+      } else {
+        suppressed.set(key, {
+          type: event.type,
+          reason: event.detail.reason,
+          count: 1,
+          from: at,
+          to: at,
+        });
+      }
+      if (!timer) {
+        timer = setTimeout(
+          () => {
+            timer = undefined;
+            flush().catch((err: unknown) => opts.onError?.(err));
+          },
+          1000 - (at % 1000) + 5,
+        );
+        timer.unref();
+      }
+    },
+    flush,
+  };
+}
