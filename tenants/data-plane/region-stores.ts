@@ -6,6 +6,7 @@
  * Handles are borrowed per operation (reference counted); only idle handles are evicted and
  * closed, so the bound can be exceeded briefly only by handles in use at the same time.
  */
+import type { KeyObject } from 'node:crypto';
 import { Op } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit } from './audit-chain.ts';
@@ -35,6 +36,11 @@ import type {
   RestoreResult,
   TenantStore,
 } from './types.ts';
+
+/** Tenants whose DEKs stay parked after their handle is evicted (see parkedDeks). */
+const PARKED_MAX = 10_000;
+/** How long parked DEKs are kept for a tenant that is not called again. */
+const PARKED_TTL_MS = 15 * 60_000;
 
 interface Slot {
   handle?: StoreHandle;
@@ -127,15 +133,52 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
 
   // ---- handle LRU --------------------------------------------------------------------------
 
+  /**
+   * The unwrapped DEKs of handles evicted from the LRU, so that reopening a store does not
+   * unwrap (and audit) its keys again: with more active tenants than open handles, every call
+   * would. Process memory only, like the handles' own caches; moved back into the handle when
+   * the store reopens; dropped after PARKED_TTL_MS, when the tenant is quiesced (deprovision,
+   * restore) and when the region closes.
+   */
+  const parkedDeks = new Map<string, { deks: Map<number, KeyObject>; at: number }>();
+
+  function park(h: StoreHandle): void {
+    parkedDeks.delete(h.tenant);
+    if (h.deks.size === 0) {
+      return;
+    }
+    if (parkedDeks.size >= PARKED_MAX) {
+      const oldest = parkedDeks.keys().next().value;
+      if (oldest !== undefined) {
+        parkedDeks.delete(oldest);
+      }
+    }
+    parkedDeks.set(h.tenant, { deks: new Map(h.deks), at: now().getTime() });
+  }
+
+  function unpark(h: StoreHandle): StoreHandle {
+    const parked = parkedDeks.get(h.tenant);
+    parkedDeks.delete(h.tenant);
+    if (parked && now().getTime() - parked.at <= PARKED_TTL_MS) {
+      for (const [version, key] of parked.deks) {
+        if (!h.deks.has(version)) {
+          h.deks.set(version, key);
+        }
+      }
+    }
+    return h;
+  }
+
   async function openHandle(tenant: string, provision: boolean): Promise<StoreHandle> {
     if (!provision) {
-      return backend.open(tenant, false);
+      return unpark(await backend.open(tenant, false));
     }
     if (!(await backend.exists(tenant))) {
       // Refuses a deprovisioned tenant before anything is created for it.
+      parkedDeks.delete(tenant);
       await provider.createTenantKey(tenant);
     }
-    const h = await backend.open(tenant, true);
+    const h = unpark(await backend.open(tenant, true));
     try {
       await ensureInitialDek(h, keyCtx);
     } catch (err) {
@@ -158,6 +201,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       }
       if (slot.refs === 0 && slot.handle) {
         slots.delete(tenant);
+        park(slot.handle);
         closeHandle(slot.handle);
       }
     }
@@ -237,6 +281,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       throw new ConflictError(`the store of tenant ${tenant} is being ${already}`);
     }
     blocked.set(tenant, reason);
+    parkedDeks.delete(tenant);
     const stops: Array<Promise<void>> = [];
     for (const runner of runners.values()) {
       if (runner.tenant === tenant) {
@@ -702,6 +747,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         return;
       }
       state.closed = true;
+      parkedDeks.clear();
       const all = [...runners.values(), ...(kekJob ? [kekJob.runner] : [])];
       for (const r of all) {
         r.stop = true;

@@ -493,6 +493,37 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
     expect(await stores.store('beta').listInvocations()).to.have.length(6);
   });
 
+  // An evicted handle parks its unwrapped DEKs: reopening the store must not unwrap (and
+  // audit) them again on every call, but a quiesced tenant (deprovisioned) keeps none.
+  it('reopens an evicted store without unwrapping its DEK again; a deprovision drops it', async () => {
+    const stores = await env.reopen({ maxOpen: 1 });
+    const unwraps = async (t: string) =>
+      (await stores.store(t).audit.list()).filter((e) => e.type === 'key.unwrap').length;
+    for (let round = 0; round < 3; round += 1) {
+      for (const t of ['park-a', 'park-b']) {
+        await stores.store(t).saveInvocation(invocation(`${t}-${String(round)}`, t));
+      }
+    }
+    // Created in this process: no unwrap at all (the new DEK is cached when it is made).
+    expect(await unwraps('park-a')).to.equal(0);
+    const fresh = await env.reopen({ maxOpen: 1 }); // another process: one unwrap each
+    for (let round = 0; round < 3; round += 1) {
+      for (const t of ['park-a', 'park-b']) {
+        expect((await fresh.store(t).readInvocation(`${t}-${String(round)}`)).id).to.equal(
+          `${t}-${String(round)}`,
+        );
+      }
+    }
+    const unwrapsIn = async (t: string) =>
+      (await fresh.store(t).audit.list()).filter((e) => e.type === 'key.unwrap').length;
+    expect(await unwrapsIn('park-a')).to.equal(1);
+    expect(await unwrapsIn('park-b')).to.equal(1);
+    await fresh.deprovisionTenant('park-b');
+    expect(await rejection(fresh.store('park-b').readInvocation('park-b-0'))).to.be.instanceOf(
+      Error,
+    );
+  });
+
   it('keeps at most maxOpen handles (LRU) with 10 tenants, all usable', async () => {
     const stores = await env.reopen({ maxOpen: 3 });
     const tenants = Array.from({ length: 10 }, (_, i) => `lru-${i}`);
