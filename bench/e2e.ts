@@ -44,6 +44,11 @@ export interface LoadFigures {
 export interface AlgResult {
   baseline: LoadFigures;
   cellcds: LoadFigures;
+  /**
+   * CPU time of the server process (all its threads) per call at full speed, ms: what a call
+   * costs, steadier than req/s on a shared machine.
+   */
+  cpuMsPerCall?: { baseline: number; cellcds: number };
   /** cellcds req/s ÷ baseline req/s. */
   ratio: number;
   /** cellcds at half its maximum rate (autocannon overallRate). */
@@ -130,7 +135,7 @@ export function buildCallSet(pack: CompiledPack, patients: readonly BenchPatient
 
 async function startBaseline(
   config: Omit<BaselineConfig, 'port'>,
-): Promise<{ url: string; stop(): Promise<void> }> {
+): Promise<{ url: string; pid: number | undefined; stop(): Promise<void> }> {
   const port = await freePort();
   const dir = tempDir('baseline');
   const file = path.join(dir, 'config.json');
@@ -146,6 +151,7 @@ async function startBaseline(
   }
   return {
     url,
+    pid: child.pid,
     stop: async () => {
       await stopChild(child);
       fs.rmSync(dir, { recursive: true, force: true });
@@ -208,7 +214,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
   ) as Record<BenchAlg, ClientKey>;
   const jwks = { keys: Object.values(keys).map((k) => k.publicJwk) };
   let server: CellcdsServer | undefined;
-  let baseline: { url: string; stop(): Promise<void> } | undefined;
+  let baseline: { url: string; pid: number | undefined; stop(): Promise<void> } | undefined;
   try {
     await prepareControlPlane(dataDir, opts.packRaw, [
       { id: E2E_TENANT, issuers: [{ iss: E2E_ISSUER, jwks }] },
@@ -244,6 +250,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
           reuseTokens: true,
         },
         opts.warmupSec,
+        baseline.pid,
       );
       opts.log(`  ${alg}: cellcds at full speed`);
       const cell = await measureMax(
@@ -255,6 +262,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
           reuseTokens: false,
         },
         opts.warmupSec,
+        server.pid,
       );
       const rate = Math.max(1, cell.rps / 2);
       opts.log(`  ${alg}: cellcds at ${Math.floor(rate)} req/s`);
@@ -271,6 +279,14 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
       algs[alg] = {
         baseline: figures(base),
         cellcds: figures(cell),
+        ...(base.serverCpuMsPerCall !== undefined && cell.serverCpuMsPerCall !== undefined
+          ? {
+              cpuMsPerCall: {
+                baseline: base.serverCpuMsPerCall,
+                cellcds: cell.serverCpuMsPerCall,
+              },
+            }
+          : {}),
         ratio: cell.rps / base.rps,
         half: { ...figures(half), rate: Math.floor(rate) },
       };

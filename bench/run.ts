@@ -214,6 +214,12 @@ function printTable(mode: Mode, r: Report): void {
         fmt(a.half.p99, 0),
       );
       row(`${alg} throughput ratio cellcds/baseline`, fmt(a.ratio, 2));
+      if (a.cpuMsPerCall) {
+        row(
+          `${alg} server CPU per call, all threads (ms)`,
+          `${fmt(a.cpuMsPerCall.baseline, 2)} / ${fmt(a.cpuMsPerCall.cellcds, 2)}`,
+        );
+      }
     }
   }
   if (r.tenants) {

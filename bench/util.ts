@@ -151,6 +151,24 @@ export async function stopChild(child: ChildProcess, graceMs = 5000): Promise<vo
   clearTimeout(timer);
 }
 
+/**
+ * CPU time (user + system, all threads) another process has used so far, in ms (Linux /proc;
+ * clock ticks of 10 ms), or NaN.
+ */
+export function processCpuMs(pid: number | undefined): number {
+  if (pid === undefined) {
+    return Number.NaN;
+  }
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return Number.NaN;
+  }
+}
+
 /** Resident set size of a process in MB (Linux /proc), or NaN. */
 export function rssMb(pid: number | undefined): number {
   if (pid === undefined) {
