@@ -38,6 +38,32 @@ function createWriteLock(): <T>(fn: () => Promise<T>) => Promise<T> {
   };
 }
 
+interface SqliteConnection {
+  exec(sql: string, cb: (err: Error | null) => void): void;
+  get(sql: string, cb: (err: Error | null, row?: { data_version?: number }) => void): void;
+}
+
+/**
+ * Creates the tables and indexes that are missing. Processes that open a new control plane at
+ * the same moment (one per region under `npm start`) race: Sequelize checks what exists, then
+ * creates, so the loser of a race sees "already exists" for what the other just made. The
+ * schema is then there: sync again, which creates nothing more.
+ */
+async function createSchema(sequelize: Sequelize): Promise<void> {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      await sequelize.sync();
+      return;
+    } catch (err) {
+      const message = err instanceof Error ? err.message : String(err);
+      if (attempt >= 5 || !/already exists/.test(message)) {
+        throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20 * attempt));
+    }
+  }
+}
+
 /**
  * Opens (creating if needed) the control-plane database. File databases use WAL mode.
  * @throws the driver's error if the file cannot be opened or the schema cannot be created.
@@ -45,6 +71,30 @@ function createWriteLock(): <T>(fn: () => Promise<T>) => Promise<T> {
 export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<ControlPlane> {
   const now = opts.now ?? (() => new Date());
   const sequelize = new Sequelize({ dialect: 'sqlite', storage: opts.storage, logging: false });
+  // Several processes share the file (one per region under `npm start`, the CLI): a writer that
+  // finds it locked waits for its turn instead of failing at once with SQLITE_BUSY. Set on
+  // every connection Sequelize opens (one per transaction).
+  const cm = sequelize.connectionManager as unknown as {
+    getConnection(opts?: unknown): Promise<SqliteConnection>;
+  };
+  const original = cm.getConnection.bind(cm);
+  const configured = new WeakSet<object>();
+  cm.getConnection = async (connectionOpts?: unknown) => {
+    const db = await original(connectionOpts);
+    if (!configured.has(db)) {
+      await new Promise<void>((resolve, reject) => {
+        db.exec('PRAGMA busy_timeout=5000;', (err) => {
+          if (err) {
+            reject(err);
+          } else {
+            resolve();
+          }
+        });
+      });
+      configured.add(db);
+    }
+    return db;
+  };
   try {
     await sequelize.authenticate();
     if (opts.storage !== ':memory:') {
@@ -64,11 +114,6 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
       });
     // Straight on Sequelize's default connection: this runs on every hook call, and a
     // Sequelize query scans its SQL and captures a stack.
-    const cm = sequelize.connectionManager as unknown as {
-      getConnection(): Promise<{
-        get(sql: string, cb: (err: Error | null, row?: { data_version?: number }) => void): void;
-      }>;
-    };
     const generation = async (): Promise<string> => {
       const before = localWrites;
       const db = await cm.getConnection();
@@ -85,7 +130,7 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
     };
     const writeTx: WriteTx = (fn) =>
       write(() => sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn));
-    await sequelize.sync();
+    await createSchema(sequelize);
     for (const sql of APPEND_ONLY_TRIGGERS) {
       await sequelize.query(sql);
     }

@@ -106,6 +106,31 @@ describe('tenants/ control plane store', () => {
     });
   }
 
+  // `npm start` with a region matrix runs one process per region on one control-plane file:
+  // they create the schema at the same moment and then write to it side by side.
+  it('lets several openers create a new file at once, then write to it side by side', async () => {
+    const file = path.join(dir, 'shared.sqlite');
+    const openers = await Promise.all(
+      Array.from({ length: 4 }, () => openControlPlane({ storage: file })),
+    );
+    try {
+      const results = await Promise.allSettled(
+        openers.flatMap((db, i) =>
+          Array.from({ length: 15 }, (_, k) =>
+            db.audit.record({ type: 'x.y', outcome: 'success', detail: { opener: i, k } }),
+          ),
+        ),
+      );
+      expect(results.filter((r) => r.status === 'rejected')).to.deep.equal([]);
+      const events = await openers[0]!.audit.list();
+      expect(events.map((e) => e.seq)).to.deep.equal(events.map((_, k) => k + 1));
+      expect(events).to.have.length(60);
+      expect((await openers[3]!.audit.verify()).ok).to.equal(true);
+    } finally {
+      await Promise.all(openers.map((db) => db.close()));
+    }
+  });
+
   describe('tenants', () => {
     it('creates, reads and lists tenants as plain objects', async () => {
       const created = await cp.tenants.create(tenantInput('acme'));
