@@ -4,6 +4,7 @@
  * admin token hashes and the control-plane audit log.
  */
 import { Sequelize, Transaction } from 'sequelize';
+import { querySql, withPragmas } from './sqlite-connections.ts';
 import { createAdminTokenRepository } from './admin-token-repository.ts';
 import { createAuditRepository } from './audit-repository.ts';
 import { defineControlPlaneModels } from './control-plane-models.ts';
@@ -38,11 +39,6 @@ function createWriteLock(): <T>(fn: () => Promise<T>) => Promise<T> {
   };
 }
 
-interface SqliteConnection {
-  exec(sql: string, cb: (err: Error | null) => void): void;
-  get(sql: string, cb: (err: Error | null, row?: { data_version?: number }) => void): void;
-}
-
 /**
  * Creates the tables and indexes that are missing. Processes that open a new control plane at
  * the same moment (one per region under `npm start`) race: Sequelize checks what exists, then
@@ -74,27 +70,7 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
   // Several processes share the file (one per region under `npm start`, the CLI): a writer that
   // finds it locked waits for its turn instead of failing at once with SQLITE_BUSY. Set on
   // every connection Sequelize opens (one per transaction).
-  const cm = sequelize.connectionManager as unknown as {
-    getConnection(opts?: unknown): Promise<SqliteConnection>;
-  };
-  const original = cm.getConnection.bind(cm);
-  const configured = new WeakSet<object>();
-  cm.getConnection = async (connectionOpts?: unknown) => {
-    const db = await original(connectionOpts);
-    if (!configured.has(db)) {
-      await new Promise<void>((resolve, reject) => {
-        db.exec('PRAGMA busy_timeout=5000;', (err) => {
-          if (err) {
-            reject(err);
-          } else {
-            resolve();
-          }
-        });
-      });
-      configured.add(db);
-    }
-    return db;
-  };
+  const connections = withPragmas(sequelize, 'PRAGMA busy_timeout=5000;');
   try {
     await sequelize.authenticate();
     if (opts.storage !== ':memory:') {
@@ -116,16 +92,11 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
     // Sequelize query scans its SQL and captures a stack.
     const generation = async (): Promise<string> => {
       const before = localWrites;
-      const db = await cm.getConnection();
-      const version = await new Promise<number | undefined>((resolve, reject) => {
-        db.get('PRAGMA data_version', (err, row) => {
-          if (err) {
-            reject(err);
-          } else {
-            resolve(row?.data_version);
-          }
-        });
-      });
+      const [row] = await querySql<{ data_version: number }>(
+        await connections.getConnection(),
+        'PRAGMA data_version',
+      );
+      const version = row?.data_version;
       return `${String(version)}:${String(before)}`;
     };
     const writeTx: WriteTx = (fn) =>

@@ -12,6 +12,8 @@ import path from 'node:path';
 import { QueryTypes, Sequelize, Transaction, UniqueConstraintError } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { ConflictError, NotFoundError } from '../errors.ts';
+import { execSql, querySql, withPragmas } from '../sqlite-connections.ts';
+import type { SqliteConnection } from '../sqlite-connections.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
 import { STORE_SCHEMA_VERSION, TABLES, defineTenantStoreModels } from './models.ts';
 import type { TenantStoreModels } from './models.ts';
@@ -76,29 +78,27 @@ export interface StoreBackend {
   ): Promise<StoreHandle>;
 }
 
-interface SqliteDb {
-  exec(sql: string, cb: (err: Error | null) => void): void;
-  all(sql: string, params: unknown[], cb: (err: Error | null, rows: unknown[]) => void): void;
-}
-
 /** A raw statement on a SQLite connection; constraint violations as UniqueConstraintError. */
-function sqliteRaw<R>(db: SqliteDb, sql: string, params: readonly unknown[]): Promise<R[]> {
-  return new Promise<R[]>((resolve, reject) => {
-    db.all(sql, [...params], (err, rows) => {
-      if (!err) {
-        resolve(rows as R[]);
-      } else if (
-        (err as Error & { code?: string }).code === 'SQLITE_CONSTRAINT' &&
-        /UNIQUE|PRIMARY KEY/.test(err.message)
-      ) {
-        reject(
-          new UniqueConstraintError({ message: err.message, parent: Object.assign(err, { sql }) }),
-        );
-      } else {
-        reject(err);
-      }
-    });
-  });
+async function sqliteRaw<R>(
+  db: SqliteConnection,
+  sql: string,
+  params: readonly unknown[],
+): Promise<R[]> {
+  try {
+    return await querySql<R>(db, sql, params);
+  } catch (err) {
+    if (
+      err instanceof Error &&
+      (err as Error & { code?: string }).code === 'SQLITE_CONSTRAINT' &&
+      /UNIQUE|PRIMARY KEY/.test(err.message)
+    ) {
+      throw new UniqueConstraintError({
+        message: err.message,
+        parent: Object.assign(err, { sql }),
+      });
+    }
+    throw err;
+  }
 }
 
 /** `?` placeholders as PostgreSQL's `$1, $2, ...` (our statements hold no literal `?`). */
@@ -184,24 +184,7 @@ function createGroupCommit(
     });
 }
 
-interface SqliteConnection extends SqliteDb {
-  close(cb?: (err: Error | null) => void): void;
-}
-
 const WRITER_UUID = 'cellcds-writer';
-
-/** Runs SQL without results on a SQLite connection. */
-function execSql(db: SqliteDb, sql: string): Promise<void> {
-  return new Promise<void>((resolve, reject) => {
-    db.exec(sql, (err) => {
-      if (err) {
-        reject(err);
-      } else {
-        resolve();
-      }
-    });
-  });
-}
 
 /**
  * Every SQLite connection Sequelize opens (the default one and one per read transaction) gets
@@ -226,25 +209,11 @@ function configureSqliteConnections(sequelize: Sequelize): {
    */
   closeWriter: () => Promise<void>;
 } {
-  const cm = sequelize.connectionManager as unknown as {
-    getConnection(opts?: { uuid?: string }): Promise<SqliteConnection>;
-    connections: Record<string, SqliteConnection | undefined>;
-  };
-  const original = cm.getConnection.bind(cm);
-  const configured = new WeakSet<object>();
+  const cm = withPragmas(
+    sequelize,
+    'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-256;',
+  );
   let writer: Promise<SqliteConnection> | undefined;
-
-  const configure = async (db: SqliteConnection): Promise<SqliteConnection> => {
-    if (!configured.has(db)) {
-      await execSql(
-        db,
-        'PRAGMA synchronous=FULL; PRAGMA secure_delete=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-256;',
-      );
-      configured.add(db);
-    }
-    return db;
-  };
-  cm.getConnection = async (opts?: { uuid?: string }) => configure(await original(opts));
 
   /** Forgets the writer (a new one is opened on next use) and closes it. */
   const closeWriter = async (): Promise<void> => {
@@ -265,7 +234,7 @@ function configureSqliteConnections(sequelize: Sequelize): {
     closeWriter,
     beginWrite: async <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
       // Registered under its own key, so Sequelize's close() would close it with the others.
-      writer ??= original({ uuid: WRITER_UUID }).then(configure);
+      writer ??= cm.getConnection({ uuid: WRITER_UUID });
       const db = await writer;
       const t = new Transaction(sequelize, { type: Transaction.TYPES.IMMEDIATE });
       (t as unknown as { connection: SqliteConnection }).connection = db;
@@ -402,7 +371,7 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
     qualified,
     raw<R>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]> {
       if (dialect === 'sqlite') {
-        const db = (t as unknown as { connection?: SqliteDb }).connection;
+        const db = (t as unknown as { connection?: SqliteConnection }).connection;
         if (!db) {
           throw new Error('raw: the transaction has no connection');
         }

@@ -63,7 +63,6 @@ export interface ValidInvocation {
   secretJson: string;
 }
 
-/** @throws InvalidInputError naming the field. */
 const SECRET_JSON_START = '{"context":';
 const SECRET_JSON_TRACE = ',"trace":';
 
@@ -109,6 +108,7 @@ function serializedSecret(secret: unknown, given: unknown): string {
   return json;
 }
 
+/** @throws InvalidInputError naming the field. */
 export function validateInvocation(input: NewInvocation): ValidInvocation {
   const raw: unknown = input;
   if (!isObject(raw)) {
