@@ -8,6 +8,7 @@ import {
   createJwksFetcher,
   createMemoryReplayCache,
   createTokenVerifier,
+  InvalidInputError,
   openControlPlane,
 } from '../../tenants/index.ts';
 import type { AuthFailureReason, ControlPlane, TokenVerifier } from '../../tenants/index.ts';
@@ -419,6 +420,36 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
         verifier.verify(bearer(await issuerA.sign({}, { alg: 'RS256' })), AUD),
       );
       expect(err.reason).to.equal('bad_alg');
+    });
+
+    // A published key that says what it is for is used only for that: a JWK declaring another
+    // `alg` than the header's, `use: enc` or other `key_ops` never verifies a signature. (Inline
+    // sets are checked at registration; a jwksUri set arrives unchecked.)
+    for (const [name, patch] of [
+      ['declares another alg than the header', { alg: 'ES256' }],
+      ['is published for encryption (use enc)', { use: 'enc' }],
+      ['allows only other operations (key_ops)', { key_ops: ['encrypt'] }],
+    ] as const) {
+      it(`a signature by a key that ${name} -> bad_signature`, async () => {
+        uriServer.setJwks({ keys: uriIssuer.publicJwks().keys.map((k) => ({ ...k, ...patch })) });
+        const err = await refusal(
+          verifier.verify(bearer(await uriIssuer.sign({ tenant: 'tenant-u' })), AUD),
+        );
+        expect(err.reason).to.equal('bad_signature');
+        expect(replay.size()).to.equal(0);
+      });
+    }
+
+    it('refuses to register an inline key published for encryption', async () => {
+      const keys = issuerB.publicJwks().keys.map((k) => ({ ...k, use: 'enc' }));
+      const err = await cp.tenants
+        .update('tenant-b', { issuers: [{ iss: issuerB.iss, jwks: { keys } }] })
+        .then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+      expect(err).to.be.instanceOf(InvalidInputError);
+      expect((err as InvalidInputError).field).to.equal('issuers[0].jwks.keys[0].use');
     });
 
     it('fails closed when the replay cache is full', async () => {
