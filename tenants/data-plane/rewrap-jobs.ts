@@ -307,6 +307,21 @@ async function updateSealed(
   );
 }
 
+/** The next rows of a batch: after the checkpoint, not under the primary version, in order. */
+function notUnderPrimary<R>(
+  h: StoreHandle,
+  t: Transaction,
+  batch: { table: SealedTable; after: number; primary: number; limit: number },
+  columns: string,
+): Promise<R[]> {
+  return h.raw<R>(
+    t,
+    `SELECT ${columns} FROM ${h.qualified(batch.table)}
+     WHERE seq > ? AND key_version <> ? ORDER BY seq LIMIT ?`,
+    [batch.after, batch.primary, batch.limit],
+  );
+}
+
 /** Records re-sealed between two turns of the event loop. */
 const RESEAL_SLICE = 16;
 
@@ -342,12 +357,13 @@ export async function runRewrapBatch(
   }
   const table = job.checkpointTable as SealedTable;
   const primary = await primaryVersion(h);
+  const batch = { table, after: job.checkpointSeq, primary, limit: batchSize };
   const rows = await h.readTx((t) =>
-    h.raw<{ seq: number; id: string; keyVersion: number; sealed: string }>(
+    notUnderPrimary<{ seq: number; id: string; keyVersion: number; sealed: string }>(
+      h,
       t,
-      `SELECT seq, id, key_version AS "keyVersion", sealed FROM ${h.qualified(table)}
-       WHERE seq > ? AND key_version <> ? ORDER BY seq LIMIT ?`,
-      [job.checkpointSeq, primary, batchSize],
+      batch,
+      'seq, id, key_version AS "keyVersion", sealed',
     ),
   );
   // Unwrap (and audit) the needed DEKs before taking the write queue.
@@ -397,11 +413,11 @@ export async function runRewrapBatch(
     }
     // The rows still hold what was re-sealed (their key versions are unchanged), and no row
     // of the range appeared since the read.
-    const current = await h.raw<{ seq: number; keyVersion: number }>(
+    const current = await notUnderPrimary<{ seq: number; keyVersion: number }>(
+      h,
       t,
-      `SELECT seq, key_version AS "keyVersion" FROM ${h.qualified(table)}
-       WHERE seq > ? AND key_version <> ? ORDER BY seq LIMIT ?`,
-      [job.checkpointSeq, primary, batchSize],
+      batch,
+      'seq, key_version AS "keyVersion"',
     );
     if (
       current.length !== resealed.length ||
