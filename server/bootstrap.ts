@@ -138,15 +138,16 @@ export async function buildDeps(
         .flat()
         .filter((j) => j.status === 'running'),
   });
+  const reportAuditError = (err: unknown): void => {
+    log.error(
+      { err: { message: err instanceof Error ? err.message : String(err) } },
+      'suppressed auth failures not audited',
+    );
+  };
   const failureAudit = createFailureAuditor({
     audit: (event) => controlPlane.audit.record(event),
     perSecond: config.authFailureAuditPerSecond,
-    onError: (err) => {
-      log.error(
-        { err: { message: err instanceof Error ? err.message : String(err) } },
-        'suppressed auth failures not audited',
-      );
-    },
+    onError: reportAuditError,
   });
   return {
     config,
@@ -165,12 +166,7 @@ export async function buildDeps(
     failureAudit,
     now: () => new Date(),
     async close() {
-      await failureAudit.flush().catch((err: unknown) => {
-        log.error(
-          { err: { message: err instanceof Error ? err.message : String(err) } },
-          'suppressed auth failures not audited',
-        );
-      });
+      await failureAudit.flush().catch(reportAuditError);
       await stores.close();
       await evaluator.close();
       await replayCache.close?.();

@@ -57,6 +57,12 @@ interface Runner {
   promise: Promise<void>;
 }
 
+function assertBatchSize(value: number, field: string): void {
+  if (!Number.isInteger(value) || value < 1 || value > 10_000) {
+    throw new InvalidInputError(field, 'must be an integer from 1 to 10000');
+  }
+}
+
 function safeMessage(err: unknown): string {
   if (err instanceof RecordOpenError || err instanceof KeyUnavailableError) {
     return err.message;
@@ -90,17 +96,9 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   const batchSize = opts.rewrap?.batchSize ?? 200;
   const throttleMs = opts.rewrap?.throttleMs ?? 50;
   const emergencyThrottleMs = opts.rewrap?.emergencyThrottleMs ?? 0;
-  if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 10_000) {
-    throw new InvalidInputError('rewrap.batchSize', 'must be an integer from 1 to 10000');
-  }
+  assertBatchSize(batchSize, 'rewrap.batchSize');
   const scheduledBatchSize = opts.rewrap?.scheduledBatchSize ?? Math.min(50, batchSize);
-  if (
-    !Number.isInteger(scheduledBatchSize) ||
-    scheduledBatchSize < 1 ||
-    scheduledBatchSize > 10_000
-  ) {
-    throw new InvalidInputError('rewrap.scheduledBatchSize', 'must be an integer from 1 to 10000');
-  }
+  assertBatchSize(scheduledBatchSize, 'rewrap.scheduledBatchSize');
 
   const backend: StoreBackend =
     opts.dataDir !== undefined
