@@ -10,6 +10,7 @@
 import fhirpath from 'fhirpath';
 import type { Model, UserInvocationTable } from 'fhirpath';
 import r4 from 'fhirpath/fhir-context/r4';
+import { findPatient } from '../rules/evaluate-core.ts';
 import type { EvaluationInput, RulePack } from '../rules/index.ts';
 
 type Json = Record<string, unknown>;
@@ -73,29 +74,6 @@ function inValueSetTable(sets: Map<string, VsIndex>): UserInvocationTable {
       arity: { 1: ['String'] },
     },
   };
-}
-
-function findPatient(prefetch: Json, patientId: unknown): unknown {
-  const values = Object.values(prefetch);
-  const direct = values.find((v) => isObj(v) && v.resourceType === 'Patient');
-  if (direct !== undefined) {
-    return direct;
-  }
-  for (const v of values) {
-    if (isObj(v) && v.resourceType === 'Bundle' && Array.isArray(v.entry)) {
-      for (const e of v.entry as unknown[]) {
-        const r = isObj(e) ? e.resource : undefined;
-        if (
-          isObj(r) &&
-          r.resourceType === 'Patient' &&
-          (patientId === undefined || r.id === patientId)
-        ) {
-          return r;
-        }
-      }
-    }
-  }
-  return undefined;
 }
 
 function findSelections(context: Json): unknown[] {
