@@ -2,9 +2,12 @@
  * The card viewer in a real browser (Debian's Chromium through playwright-core): the playground
  * over a Synthea patient, card rendering (indicator, suggestions, feedback, sanitised
  * markdown), and the SMART EHR launch end to end against a local authorization server and FHIR
- * server. Saves docs/img/playground.png and docs/img/smart-app.png.
+ * server. Screenshots the playground and the SMART app: into docs/img (which the README shows)
+ * with CELLCDS_UPDATE_DOC_IMAGES=1, else into a temporary folder, so that a test run leaves
+ * the working tree as it found it.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import type { Browser, Page } from 'playwright-core';
@@ -19,7 +22,10 @@ import type { UiApp } from '../helpers/ui-app.ts';
 const KYLA = 'Kyla_Zulauf_4ac88c8f-1b22-441b-9f8c-c7d7f9c3ddc5.json';
 const MAFALDA = 'Mafalda_Turcotte_80833fb2-95c1-4f5b-ab5e-26230287ee61.json';
 const CLIENT_ID = 'cellcds-card-viewer';
-const IMG_DIR = path.join(import.meta.dirname, '..', '..', 'docs', 'img');
+const UPDATE_DOC_IMAGES = process.env.CELLCDS_UPDATE_DOC_IMAGES === '1';
+const IMG_DIR = UPDATE_DOC_IMAGES
+  ? path.join(import.meta.dirname, '..', '..', 'docs', 'img')
+  : path.join(os.tmpdir(), `cellcds-screenshots-${String(process.pid)}`);
 
 /** A pack whose card text tries every way to run script in the viewer. */
 function hostilePack(): Record<string, unknown> {
@@ -148,6 +154,9 @@ describe('card viewer in Chromium', function () {
   after(async () => {
     for (const close of cleanup.reverse()) {
       await close();
+    }
+    if (!UPDATE_DOC_IMAGES) {
+      fs.rmSync(IMG_DIR, { recursive: true, force: true });
     }
   });
 
