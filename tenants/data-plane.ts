@@ -28,7 +28,15 @@ export type {
   ChainVerification,
   ChainVerifier,
 } from './data-plane/hash-chain.ts';
-export { sealRecord, openRecord, recordAad, generateDataKey } from './data-plane/record-cipher.ts';
+export {
+  sealRecord,
+  sealRecordBinary,
+  sealRecordAs,
+  openRecord,
+  recordAad,
+  generateDataKey,
+} from './data-plane/record-cipher.ts';
+export type { Envelope, EnvelopeForm } from './data-plane/record-cipher.ts';
 export type { RecordAddress, SealingKey } from './data-plane/record-cipher.ts';
 export { readBackupManifest } from './data-plane/backup.ts';
 export type { BackupManifest } from './data-plane/backup.ts';

@@ -41,6 +41,7 @@ import { assertTenantId } from './ids.ts';
 import { TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow } from './models.ts';
 import { openRecord } from './record-cipher.ts';
+import type { Envelope } from './record-cipher.ts';
 import type { KeyProvider, RegionStores, TenantAuditInput } from './types.ts';
 
 const STATE_FORMAT = 'cellcds-migration/1';
@@ -259,7 +260,7 @@ function stamp(d: Date): string {
 
 interface SealedRow {
   id: string;
-  sealed: string;
+  sealed: Envelope;
 }
 
 /** A snapshot opened for the rewrap and the verification (SQLite file or JSON dump). */

@@ -1,11 +1,12 @@
 /**
  * Sequelize models of a tenant store, defined once per Sequelize instance by a factory. The
  * same models run on SQLite (one file per tenant) and PostgreSQL (one schema per tenant).
- * PHI lives only in the `sealed` columns (AES-256-GCM envelopes); every other column is
- * metadata without PHI. JSON-valued columns are TEXT, parsed by the repositories.
+ * PHI lives only in the `sealed` columns (AES-256-GCM envelopes: BLOBs on SQLite, text on
+ * PostgreSQL; see record-cipher.ts); every other column is metadata without PHI. JSON-valued columns are TEXT, parsed by the repositories.
  */
 import { DataTypes } from 'sequelize';
 import type { Model, ModelStatic, Sequelize } from 'sequelize';
+import type { Envelope } from './record-cipher.ts';
 
 /** Bumped when the tables change; a store at this version skips `sync()` on open. */
 export const STORE_SCHEMA_VERSION = '1';
@@ -40,7 +41,7 @@ export interface InvocationRow {
   cardUuids: string;
   suggestionUuids: string;
   keyVersion: number;
-  sealed: string;
+  sealed: Envelope;
   createdAt: string;
 }
 
@@ -58,7 +59,7 @@ export interface FeedbackRow {
   outcome: string;
   receivedAt: string;
   keyVersion: number;
-  sealed: string;
+  sealed: Envelope;
 }
 
 export interface AuditEventRow {
@@ -183,6 +184,8 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       cardUuids: { type: DataTypes.TEXT, allowNull: false },
       suggestionUuids: { type: DataTypes.TEXT, allowNull: false },
       keyVersion: { type: DataTypes.INTEGER, allowNull: false },
+      // Declared TEXT on both backends; SQLite keeps a BLOB bound here as a BLOB (TEXT affinity
+      // converts numbers, never blobs), so binary envelopes need no schema change there.
       sealed: { type: DataTypes.TEXT, allowNull: false },
       createdAt: ts(),
     },

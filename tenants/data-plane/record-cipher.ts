@@ -1,9 +1,15 @@
 /**
  * Record encryption: AES-256-GCM (node:crypto), a random 96-bit IV per seal, a 128-bit tag,
  * and AAD `tenantId|table|recordId` so a sealed value copied to another tenant, table or
- * record fails to open. The envelope names its DEK version:
+ * record fails to open. The envelope names its DEK version, in one of two forms:
  *
- *     ccds1.<keyVersion>.<iv b64url>.<ciphertext b64url>.<tag b64url>
+ *     text:   ccds1.<keyVersion>.<iv b64url>.<ciphertext b64url>.<tag b64url>
+ *     binary: "ccds" 0x02 | keyVersion (uint32 BE) | iv (12) | ciphertext | tag (16)
+ *
+ * The binary form is what SQLite stores keep (a BLOB: a quarter smaller than base64 text and
+ * cheaper to write, read and rewrap); PostgreSQL keeps the text form in its TEXT column. Both
+ * open everywhere, so a store holding text envelopes from before keeps working, and a rewrap
+ * writes whichever form its store keeps.
  *
  * `openRecord` throws `RecordOpenError`; it never returns null or partial plaintext.
  */
@@ -15,6 +21,16 @@ const PREFIX = 'ccds1';
 const IV_BYTES = 12;
 const TAG_BYTES = 16;
 const B64URL = /^[A-Za-z0-9_-]*$/;
+/** "ccds" and the binary format's number. */
+const BINARY_MAGIC = Buffer.from([0x63, 0x63, 0x64, 0x73, 0x02]);
+const BINARY_HEADER = BINARY_MAGIC.length + 4 + IV_BYTES;
+const MAX_VERSION = 999_999_999;
+
+/** A sealed value as stored: the text form (a string) or the binary form (bytes). */
+export type Envelope = string | Uint8Array;
+
+/** Which envelope form a store keeps. */
+export type EnvelopeForm = 'text' | 'binary';
 
 /** Where a sealed value lives: bound into the AAD. No part may contain `|`. */
 export interface RecordAddress {
@@ -39,11 +55,25 @@ export function recordAad(addr: RecordAddress): string {
   return `${addr.tenant}|${addr.table}|${addr.recordId}`;
 }
 
-/** Seals `plaintext` under `key` for `addr`. */
-export function sealRecord(key: SealingKey, addr: RecordAddress, plaintext: Buffer): string {
-  const iv = crypto.randomBytes(IV_BYTES);
+/** @throws TypeError unless `version` is one an envelope can name (1 to 999999999). */
+function assertVersion(version: number): void {
+  if (!Number.isInteger(version) || version < 1 || version > MAX_VERSION) {
+    throw new TypeError('a DEK version is an integer from 1 to 999999999');
+  }
+}
+
+/** An AES-256-GCM cipher for `addr` under `key`, its AAD set. */
+function encrypt(key: SealingKey, addr: RecordAddress, iv: Buffer): crypto.CipherGCM {
   const cipher = crypto.createCipheriv('aes-256-gcm', key.key, iv, { authTagLength: TAG_BYTES });
   cipher.setAAD(Buffer.from(recordAad(addr), 'utf8'));
+  return cipher;
+}
+
+/** Seals `plaintext` under `key` for `addr`, in the text form. */
+export function sealRecord(key: SealingKey, addr: RecordAddress, plaintext: Buffer): string {
+  assertVersion(key.version);
+  const iv = crypto.randomBytes(IV_BYTES);
+  const cipher = encrypt(key, addr, iv);
   const ct = Buffer.concat([cipher.update(plaintext), cipher.final()]);
   const tag = cipher.getAuthTag();
   return [
@@ -55,11 +85,43 @@ export function sealRecord(key: SealingKey, addr: RecordAddress, plaintext: Buff
   ].join('.');
 }
 
+/** Seals `plaintext` under `key` for `addr`, in the binary form (one buffer, no copies). */
+export function sealRecordBinary(key: SealingKey, addr: RecordAddress, plaintext: Buffer): Buffer {
+  assertVersion(key.version);
+  const out = Buffer.allocUnsafe(BINARY_HEADER + plaintext.length + TAG_BYTES);
+  BINARY_MAGIC.copy(out, 0);
+  out.writeUInt32BE(key.version, BINARY_MAGIC.length);
+  const iv = out.subarray(BINARY_MAGIC.length + 4, BINARY_HEADER);
+  crypto.randomFillSync(iv);
+  const cipher = encrypt(key, addr, iv);
+  const body = cipher.update(plaintext);
+  body.copy(out, BINARY_HEADER);
+  const rest = cipher.final(); // empty for GCM; copied in case that ever changes
+  rest.copy(out, BINARY_HEADER + body.length);
+  if (body.length + rest.length !== plaintext.length) {
+    throw new Error('AES-GCM ciphertext length differs from the plaintext length');
+  }
+  cipher.getAuthTag().copy(out, BINARY_HEADER + plaintext.length);
+  return out;
+}
+
+/** Seals `plaintext` in the given form. */
+export function sealRecordAs(
+  form: EnvelopeForm,
+  key: SealingKey,
+  addr: RecordAddress,
+  plaintext: Buffer,
+): Envelope {
+  return form === 'binary'
+    ? sealRecordBinary(key, addr, plaintext)
+    : sealRecord(key, addr, plaintext);
+}
+
 /**
  * The DEK version an envelope names.
  * @throws RecordOpenError('malformed') if it is not a well-formed envelope.
  */
-export function envelopeVersion(envelope: string, addr: RecordAddress): number {
+export function envelopeVersion(envelope: Envelope, addr: RecordAddress): number {
   return parseEnvelope(envelope, addr).version;
 }
 
@@ -70,7 +132,32 @@ interface ParsedEnvelope {
   tag: Buffer;
 }
 
-function parseEnvelope(envelope: string, addr: RecordAddress): ParsedEnvelope {
+function parseEnvelope(envelope: Envelope, addr: RecordAddress): ParsedEnvelope {
+  return typeof envelope === 'string'
+    ? parseTextEnvelope(envelope, addr)
+    : parseBinaryEnvelope(envelope, addr);
+}
+
+function parseBinaryEnvelope(envelope: Uint8Array, addr: RecordAddress): ParsedEnvelope {
+  const buf = Buffer.from(envelope.buffer, envelope.byteOffset, envelope.byteLength);
+  const version =
+    buf.length >= BINARY_HEADER + TAG_BYTES ? buf.readUInt32BE(BINARY_MAGIC.length) : 0;
+  if (
+    version < 1 ||
+    version > MAX_VERSION ||
+    !buf.subarray(0, BINARY_MAGIC.length).equals(BINARY_MAGIC)
+  ) {
+    throw new RecordOpenError('malformed', addr.table, addr.recordId);
+  }
+  return {
+    version,
+    iv: buf.subarray(BINARY_MAGIC.length + 4, BINARY_HEADER),
+    ct: buf.subarray(BINARY_HEADER, buf.length - TAG_BYTES),
+    tag: buf.subarray(buf.length - TAG_BYTES),
+  };
+}
+
+function parseTextEnvelope(envelope: string, addr: RecordAddress): ParsedEnvelope {
   const malformed = () => new RecordOpenError('malformed', addr.table, addr.recordId);
   const parts = envelope.split('.');
   if (parts.length !== 5 || parts[0] !== PREFIX) {
@@ -99,7 +186,7 @@ function parseEnvelope(envelope: string, addr: RecordAddress): ParsedEnvelope {
  *   KeyUnavailableError is the cause).
  */
 export async function openRecord(
-  envelope: string,
+  envelope: Envelope,
   addr: RecordAddress,
   keyFor: (version: number) => Promise<KeyObject>,
 ): Promise<Buffer> {
@@ -117,7 +204,11 @@ export async function openRecord(
 }
 
 /** Synchronous variant when the caller already holds the key of the envelope's version. */
-export function openRecordWithKey(envelope: string, addr: RecordAddress, key: SealingKey): Buffer {
+export function openRecordWithKey(
+  envelope: Envelope,
+  addr: RecordAddress,
+  key: SealingKey,
+): Buffer {
   const env = parseEnvelope(envelope, addr);
   if (env.version !== key.version) {
     throw new RecordOpenError('key_unavailable', addr.table, addr.recordId);

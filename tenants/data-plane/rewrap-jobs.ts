@@ -16,7 +16,8 @@ import { dekAad, destroyDekInTx, getDek, primaryVersion } from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
 import { SEALED_TABLES } from './models.ts';
 import type { JobRow, RowModel, SealedTable } from './models.ts';
-import { generateDataKey, openRecordWithKey, sealRecord } from './record-cipher.ts';
+import { generateDataKey, openRecordWithKey, sealRecordAs } from './record-cipher.ts';
+import type { Envelope } from './record-cipher.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type { JobInfo, JobStatus } from './types.ts';
 
@@ -294,7 +295,7 @@ async function updateSealed(
   t: Transaction,
   table: SealedTable,
   version: number,
-  rows: Array<{ seq: number; sealed: string }>,
+  rows: Array<{ seq: number; sealed: Envelope }>,
 ): Promise<void> {
   // Bound parameters, not values spliced into the SQL text: a batch of 200 records is ~8 MB of
   // ciphertext that Sequelize's replacements escaped and SQLite then parsed as SQL.
@@ -359,7 +360,7 @@ export async function runRewrapBatch(
   const primary = await primaryVersion(h);
   const batch = { table, after: job.checkpointSeq, primary, limit: batchSize };
   const rows = await h.readTx((t) =>
-    notUnderPrimary<{ seq: number; id: string; keyVersion: number; sealed: string }>(
+    notUnderPrimary<{ seq: number; id: string; keyVersion: number; sealed: Envelope }>(
       h,
       t,
       batch,
@@ -377,7 +378,7 @@ export async function runRewrapBatch(
   }
   // Re-sealed in slices with a turn of the event loop between them: a batch is ~8 MB of
   // ciphertext, and hook calls on this process must not wait behind it in one block.
-  const resealed: Array<{ seq: number; keyVersion: number; sealed: string }> = [];
+  const resealed: Array<{ seq: number; keyVersion: number; sealed: Envelope }> = [];
   for (const [i, row] of rows.entries()) {
     if (i > 0 && i % RESEAL_SLICE === 0) {
       await new Promise<void>((resolve) => {
@@ -393,7 +394,12 @@ export async function runRewrapBatch(
       version: row.keyVersion,
       key: oldKey,
     });
-    const sealed = sealRecord({ version: primary, key: primaryKey }, addr, plaintext);
+    const sealed = sealRecordAs(
+      h.envelopeForm,
+      { version: primary, key: primaryKey },
+      addr,
+      plaintext,
+    );
     plaintext.fill(0);
     resealed.push({ seq: row.seq, keyVersion: row.keyVersion, sealed });
   }

@@ -17,6 +17,7 @@ import type { SqliteConnection } from '../sqlite-connections.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
 import { STORE_SCHEMA_VERSION, TABLES, defineTenantStoreModels } from './models.ts';
 import type { TenantStoreModels } from './models.ts';
+import type { EnvelopeForm } from './record-cipher.ts';
 
 export type Dialect = 'sqlite' | 'postgres';
 
@@ -25,6 +26,11 @@ export interface StoreHandle {
   readonly tenant: string;
   readonly region: string;
   readonly dialect: Dialect;
+  /**
+   * The envelope form new and rewrapped records are sealed in: binary (a BLOB) on SQLite, text
+   * on PostgreSQL (a TEXT column). Reads accept both.
+   */
+  readonly envelopeForm: EnvelopeForm;
   readonly sequelize: Sequelize;
   readonly models: TenantStoreModels;
   /** Plaintext DEKs by version: process memory only, never persisted or returned. */
@@ -357,6 +363,7 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
     tenant,
     region,
     dialect,
+    envelopeForm: dialect === 'sqlite' ? 'binary' : 'text',
     sequelize,
     models,
     deks,

@@ -15,8 +15,8 @@ import { canonicalJson } from './hash-chain.ts';
 import { RECORD_ID_PATTERN } from './ids.ts';
 import { TABLES } from './models.ts';
 import type { FeedbackRow, InvocationRow, SealedTable } from './models.ts';
-import { openRecord, sealRecord } from './record-cipher.ts';
-import type { SealingKey } from './record-cipher.ts';
+import { openRecord, sealRecordAs } from './record-cipher.ts';
+import type { Envelope, SealingKey } from './record-cipher.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type {
   FeedbackInput,
@@ -79,7 +79,7 @@ export function feedbackId(item: FeedbackInput): string {
  * unwrapping (a rewrap finished meanwhile), the row is read again: it is under a newer version.
  */
 async function openSealedRow<
-  R extends { seq: number; id: string; keyVersion: number; sealed: string },
+  R extends { seq: number; id: string; keyVersion: number; sealed: Envelope },
 >(
   h: StoreHandle,
   ctx: KeyContext,
@@ -313,7 +313,8 @@ async function saveInvocation(
         cardUuids: JSON.stringify(v.cardUuids),
         suggestionUuids: JSON.stringify(v.suggestionUuids),
         keyVersion: key.version,
-        sealed: sealRecord(
+        sealed: sealRecordAs(
+          h.envelopeForm,
           key,
           { tenant: h.tenant, table: 'invocations', recordId: v.id },
           plaintext,
@@ -413,14 +414,19 @@ async function saveFeedback(
   const ids = items.map(feedbackId);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
-    const sealedById = new Map<string, string>();
+    const sealedById = new Map<string, Envelope>();
     items.forEach((item, i) => {
       const fid = ids[i] ?? '';
       if (!sealedById.has(fid)) {
         const plaintext = Buffer.from(JSON.stringify(item), 'utf8');
         sealedById.set(
           fid,
-          sealRecord(key, { tenant: h.tenant, table: 'feedback', recordId: fid }, plaintext),
+          sealRecordAs(
+            h.envelopeForm,
+            key,
+            { tenant: h.tenant, table: 'feedback', recordId: fid },
+            plaintext,
+          ),
         );
         plaintext.fill(0);
       }

@@ -268,11 +268,46 @@ export async function rejection(promise: Promise<unknown>): Promise<Error> {
   throw new Error('expected a rejection');
 }
 
-/** Flips one byte of the ciphertext segment of a `ccds1.` envelope. */
-export function flipCiphertextByte(envelope: string, segment = 3, index = 0): string {
+/**
+ * The text form of a binary envelope: the same version, IV, ciphertext and tag re-encoded
+ * (no key needed), i.e. what a store wrote before it kept BLOBs.
+ */
+export function toTextEnvelope(binary: Uint8Array): string {
+  const buf = Buffer.from(binary);
+  return [
+    'ccds1',
+    String(buf.readUInt32BE(5)),
+    buf.subarray(9, 21).toString('base64url'),
+    buf.subarray(21, buf.length - 16).toString('base64url'),
+    buf.subarray(buf.length - 16).toString('base64url'),
+  ].join('.');
+}
+
+/**
+ * Flips one byte of a segment (2 iv, 3 ciphertext, 4 tag) of an envelope: the text form
+ * (`ccds1.` segments) or the binary form (the same parts at their offsets).
+ */
+export function flipCiphertextByte<E extends string | Uint8Array>(
+  envelope: E,
+  segment = 3,
+  index = 0,
+): E {
+  if (typeof envelope !== 'string') {
+    const buf = Buffer.from(envelope);
+    const header = 5 + 4 + 12;
+    const [start, end] =
+      segment === 2
+        ? [9, header]
+        : segment === 4
+          ? [buf.length - 16, buf.length]
+          : [header, buf.length - 16];
+    const at = start + (index % (end - start));
+    buf[at] = (buf[at] ?? 0) ^ 0x01;
+    return buf as unknown as E;
+  }
   const parts = envelope.split('.');
   const buf = Buffer.from(parts[segment] ?? '', 'base64url');
   buf[index % buf.length] = (buf[index % buf.length] ?? 0) ^ 0x01;
   parts[segment] = buf.toString('base64url');
-  return parts.join('.');
+  return parts.join('.') as E;
 }

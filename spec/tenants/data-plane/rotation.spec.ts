@@ -1,7 +1,14 @@
 import { expect } from 'chai';
 import { ConflictError, InvalidInputError, NotFoundError } from '../../../tenants/index.ts';
 import type { JobInfo, RegionStores, TenantStore } from '../../../tenants/data-plane.ts';
-import { asInstance, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
+import {
+  asInstance,
+  forEachBackend,
+  invocation,
+  makeEnv,
+  rejection,
+  toTextEnvelope,
+} from './helpers.ts';
 import type { Env } from './helpers.ts';
 
 async function seed(s: TenantStore, n: number, prefix = 'inv'): Promise<void> {
@@ -175,6 +182,66 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     ];
     await expectAllOpen(s, ids, 2);
     expect(reads).to.be.greaterThan(4);
+  });
+
+  it("keeps the store's envelope form; text envelopes from before open and are rewrapped into it", async () => {
+    const s = env.stores.store('acme');
+    await seed(s, 3);
+    await s.saveFeedback(
+      [{ card: 'card-inv-1', outcome: 'accepted', outcomeTimestamp: '2025-01-01T13:00:00Z' }],
+      { service: 'med-safety' },
+    );
+    const raw = await env.raw('acme');
+    const stored = async () =>
+      [
+        ...(await raw.query<{ id: string; sealed: string | Buffer }>(
+          `SELECT id, sealed FROM ${raw.t('invocations')} ORDER BY id`,
+        )),
+        ...(await raw.query<{ id: string; sealed: string | Buffer }>(
+          `SELECT id, sealed FROM ${raw.t('feedback')}`,
+        )),
+      ].map((r) => r.sealed);
+    const expectForm = (values: Array<string | Buffer>, version: number) => {
+      expect(values).to.have.length(4);
+      for (const v of values) {
+        if (backend === 'sqlite') {
+          // A BLOB: "ccds" 0x02, then the version.
+          expect(Buffer.isBuffer(v)).to.equal(true);
+          expect((v as Buffer).subarray(0, 5).toString('latin1')).to.equal('ccds\x02');
+          expect((v as Buffer).readUInt32BE(5)).to.equal(version);
+        } else {
+          expect(v)
+            .to.be.a('string')
+            .and.match(new RegExp(`^ccds1\\.${version}\\.`));
+        }
+      }
+    };
+    expectForm(await stored(), 1);
+    if (backend === 'sqlite') {
+      expect(
+        await raw.query<{ kind: string }>(
+          `SELECT DISTINCT typeof(sealed) AS kind FROM ${raw.t('invocations')}`,
+        ),
+      ).to.deep.equal([{ kind: 'blob' }]);
+      // A record as stores wrote it before binary envelopes: the same parts, base64url text.
+      const [first] = await raw.query<{ sealed: Buffer }>(
+        `SELECT sealed FROM ${raw.t('invocations')} WHERE id = 'inv-1'`,
+      );
+      await raw.exec(`UPDATE ${raw.t('invocations')} SET sealed = :sealed WHERE id = 'inv-1'`, {
+        sealed: toTextEnvelope(first!.sealed),
+      });
+      expect(typeof (await stored())[0]).to.equal('string');
+      expect((await s.readInvocation('inv-1')).secret).to.deep.equal(
+        invocation('inv-1', 'm1').secret,
+      );
+    }
+    const job = await s.keys.rotate();
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 4 });
+    expectForm(await stored(), 2);
+    await expectAllOpen(s, ['inv-1', 'inv-2', 'inv-3'], 2);
+    expect((await s.readInvocation('inv-1')).secret).to.deep.equal(
+      invocation('inv-1', 'm1').secret,
+    );
   });
 
   it('KEK rotation rewraps DEKs only: records untouched and still readable', async () => {

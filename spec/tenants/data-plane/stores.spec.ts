@@ -298,15 +298,19 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
       }
     });
 
-    const sealedOf = async (tenant: string, id: string): Promise<string> => {
+    const sealedOf = async (tenant: string, id: string): Promise<string | Buffer> => {
       const raw = await env.raw(tenant);
-      const rows = await raw.query<{ sealed: string }>(
+      const rows = await raw.query<{ sealed: string | Buffer }>(
         `SELECT sealed FROM ${raw.t('invocations')} WHERE id = :id`,
         { id },
       );
       return rows[0]!.sealed;
     };
-    const setSealed = async (tenant: string, id: string, sealed: string): Promise<void> => {
+    const setSealed = async (
+      tenant: string,
+      id: string,
+      sealed: string | Buffer,
+    ): Promise<void> => {
       const raw = await env.raw(tenant);
       await raw.exec(`UPDATE ${raw.t('invocations')} SET sealed = :sealed WHERE id = :id`, {
         sealed,
