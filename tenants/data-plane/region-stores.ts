@@ -23,7 +23,7 @@ import {
   rotateDek,
   runRewrapBatch,
 } from './rewrap-jobs.ts';
-import type { BatchResult, JobSession } from './rewrap-jobs.ts';
+import type { BatchResult, JobSession, PreparedBatch } from './rewrap-jobs.ts';
 import { createPostgresBackend, createSqliteBackend } from './store-backend.ts';
 import type { StoreBackend, StoreHandle } from './store-backend.ts';
 import { createTenantStore } from './tenant-store.ts';
@@ -54,6 +54,8 @@ interface Runner {
   stop: boolean;
   wake?: (() => void) | undefined;
   session?: JobSession;
+  /** The rewrap batch read ahead by the previous one (ciphertext only, no plaintext). */
+  next?: PreparedBatch | undefined;
   promise: Promise<void>;
 }
 
@@ -343,7 +345,9 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
                 keyCtx,
                 id,
                 row?.emergency === 1 ? batchSize : scheduledBatchSize,
+                runner.next,
               );
+              runner.next = r.next;
               if (r.destroyed.length > 0) {
                 await h.compact();
               }

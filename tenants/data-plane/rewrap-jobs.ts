@@ -334,40 +334,48 @@ export interface BatchResult {
   moved: number;
   /** Versions destroyed by this batch. */
   destroyed: number[];
+  /**
+   * The next batch, read and re-sealed while this one was written: pass it to the next
+   * `runRewrapBatch` of the same job. It is used only if the job and the primary version are
+   * still where it assumed, and re-checked row by row inside the write like any batch.
+   */
+  next?: PreparedBatch;
+}
+
+/** Where a batch reads: rows after `after` in `table` not under `primary`, `limit` of them. */
+interface BatchRange {
+  table: SealedTable;
+  after: number;
+  primary: number;
+  limit: number;
+}
+
+/** A batch read and re-sealed under the primary version, not yet written. */
+export interface PreparedBatch extends BatchRange {
+  job: string;
+  resealed: Array<{ seq: number; keyVersion: number; sealed: Envelope }>;
 }
 
 /**
- * Runs one batch of job `id`: re-seals up to `batchSize` records after the checkpoint that are
- * not under the primary version, advancing the checkpoint and `done` in the same transaction.
- * The batch is read and re-sealed BEFORE taking the store's write queue (hook-path writes wait
- * for that queue, so it is held only to check that nothing moved and to write); the write
- * transaction re-checks the job, the primary version and each row's key version, and re-plans
- * if anything changed. An emergency job destroys compromised versions as soon as nothing uses
- * them; any job destroys unused old versions when it ends.
- * @throws RecordOpenError if a record fails to open (tampered): the caller fails the job.
+ * Reads the rows of `range` and re-seals them under the primary version, outside the store's
+ * write queue (hook-path writes wait for that queue). Unwraps (and audits) the DEKs it needs.
+ * @throws RecordOpenError if a record fails to open (tampered).
  */
-export async function runRewrapBatch(
+async function prepareBatch(
   h: StoreHandle,
   ctx: KeyContext,
-  id: string,
-  batchSize: number,
-): Promise<BatchResult> {
-  const job = await h.models.Job.findByPk(id, { raw: true });
-  if (job?.status !== 'running') {
-    return { finished: true, moved: 0, destroyed: [] };
-  }
-  const table = job.checkpointTable as SealedTable;
-  const primary = await primaryVersion(h);
-  const batch = { table, after: job.checkpointSeq, primary, limit: batchSize };
+  job: string,
+  range: BatchRange,
+): Promise<PreparedBatch> {
+  const { table, primary } = range;
   const rows = await h.readTx((t) =>
     notUnderPrimary<{ seq: number; id: string; keyVersion: number; sealed: Envelope }>(
       h,
       t,
-      batch,
+      range,
       'seq, id, key_version AS "keyVersion", sealed',
     ),
   );
-  // Unwrap (and audit) the needed DEKs before taking the write queue.
   const keys = new Map<number, KeyObject>();
   for (const v of new Set([primary, ...rows.map((r) => r.keyVersion)])) {
     keys.set(v, await getDek(h, ctx, v));
@@ -376,9 +384,9 @@ export async function runRewrapBatch(
   if (!primaryKey) {
     throw new Error('primary DEK missing');
   }
-  // Re-sealed in slices with a turn of the event loop between them: a batch is ~8 MB of
+  // Re-sealed in slices with a turn of the event loop between them: a batch is megabytes of
   // ciphertext, and hook calls on this process must not wait behind it in one block.
-  const resealed: Array<{ seq: number; keyVersion: number; sealed: Envelope }> = [];
+  const resealed: PreparedBatch['resealed'] = [];
   for (const [i, row] of rows.entries()) {
     if (i > 0 && i % RESEAL_SLICE === 0) {
       await new Promise<void>((resolve) => {
@@ -403,6 +411,53 @@ export async function runRewrapBatch(
     plaintext.fill(0);
     resealed.push({ seq: row.seq, keyVersion: row.keyVersion, sealed });
   }
+  return { ...range, job, resealed };
+}
+
+function sameRange(a: BatchRange, b: BatchRange): boolean {
+  return (
+    a.table === b.table && a.after === b.after && a.primary === b.primary && a.limit === b.limit
+  );
+}
+
+/**
+ * Runs one batch of job `id`: re-seals up to `batchSize` records after the checkpoint that are
+ * not under the primary version, advancing the checkpoint and `done` in the same transaction.
+ * The batch is read and re-sealed BEFORE taking the store's write queue (or was, as the
+ * previous call's `next`), and a full batch's successor is read and re-sealed while this one
+ * is written (the write runs on SQLite's thread or PostgreSQL's server, the re-seal on this
+ * thread). The write transaction re-checks the job, the primary version and each row's key
+ * version, and re-plans if anything changed. An emergency job destroys compromised versions as
+ * soon as nothing uses them; any job destroys unused old versions when it ends.
+ * @throws RecordOpenError if a record fails to open (tampered): the caller fails the job.
+ */
+export async function runRewrapBatch(
+  h: StoreHandle,
+  ctx: KeyContext,
+  id: string,
+  batchSize: number,
+  prepared?: PreparedBatch,
+): Promise<BatchResult> {
+  const job = await h.models.Job.findByPk(id, { raw: true });
+  if (job?.status !== 'running') {
+    return { finished: true, moved: 0, destroyed: [] };
+  }
+  const table = job.checkpointTable as SealedTable;
+  const primary = await primaryVersion(h);
+  const batch: BatchRange = { table, after: job.checkpointSeq, primary, limit: batchSize };
+  const current =
+    prepared?.job === id && sameRange(prepared, batch)
+      ? prepared
+      : await prepareBatch(h, ctx, id, batch);
+  const { resealed } = current;
+  const last = resealed.at(-1);
+  // A full batch may have a successor: read and re-seal it while this one is written. Its
+  // failure (a tampered record) is not reported here: the next call prepares it again and
+  // fails the job then, with that batch's own error.
+  const ahead =
+    last !== undefined && resealed.length === batchSize
+      ? prepareBatch(h, ctx, id, { ...batch, after: last.seq }).catch(() => undefined)
+      : undefined;
   const result = await h.writeTx(async (t): Promise<BatchResult> => {
     const now = ctx.now();
     const at = now.toISOString();
@@ -462,7 +517,6 @@ export async function runRewrapBatch(
       return { finished: true, moved: 0, destroyed };
     }
     await updateSealed(h, t, table, primary, resealed);
-    const last = resealed[resealed.length - 1];
     await h.models.Job.update(
       {
         done: fresh.done + resealed.length,
@@ -480,7 +534,8 @@ export async function runRewrapBatch(
   for (const v of result.destroyed) {
     h.deks.delete(v);
   }
-  return result;
+  const next = await ahead;
+  return !result.finished && result.moved > 0 && next ? { ...result, next } : result;
 }
 
 /** A random suffix for staging names. */

@@ -1,8 +1,10 @@
 import { expect } from 'chai';
 import { ConflictError, InvalidInputError, NotFoundError } from '../../../tenants/index.ts';
+import { RecordOpenError } from '../../../tenants/data-plane.ts';
 import type { JobInfo, RegionStores, TenantStore } from '../../../tenants/data-plane.ts';
 import {
   asInstance,
+  flipCiphertextByte,
   forEachBackend,
   invocation,
   makeEnv,
@@ -284,6 +286,33 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
 
   // Hook-path writes wait while a batch is written: a scheduled rotation keeps its batches
   // short (scheduledBatchSize), an emergency one uses batchSize.
+  it('a tampered record fails the rewrap job at its batch (also when read ahead); nothing else is lost', async () => {
+    const stores = await env.reopen({ rewrap: { batchSize: 10, emergencyThrottleMs: 0 } });
+    const s = stores.store('acme');
+    await seed(s, 30);
+    const raw = await env.raw('acme');
+    const [row] = await raw.query<{ sealed: string | Buffer }>(
+      `SELECT sealed FROM ${raw.t('invocations')} WHERE id = 'inv-15'`,
+    );
+    await raw.exec(`UPDATE ${raw.t('invocations')} SET sealed = :sealed WHERE id = 'inv-15'`, {
+      sealed: flipCiphertextByte(row!.sealed, 3, 4),
+    });
+    const job = await s.keys.rotate({ emergency: true });
+    const failed = await stores.waitForJob(job.id);
+    // The first batch (inv-1..10) was written; the second, holding inv-15, failed the job
+    // whether it was first read ahead during the first batch's write or not.
+    expect(failed).to.include({ status: 'failed', done: 10, total: 30 });
+    expect(failed.error).to.be.a('string').and.not.include('m15');
+    await expectAllOpen(s, ['inv-1', 'inv-10'], 2);
+    await expectAllOpen(s, ['inv-11', 'inv-16', 'inv-30'], 1);
+    const err = await rejection(s.readInvocation('inv-15'));
+    expect(asInstance(err, RecordOpenError).reason).to.equal('authentication_failed');
+    // Version 1 still holds records: it is not destroyed.
+    const status = await s.keys.status();
+    expect(status.versions.find((v) => v.version === 1)).to.deep.include({ records: 20 });
+    expect(status.versions.find((v) => v.version === 1)?.status).to.not.equal('destroyed');
+  });
+
   it('moves scheduled rotations in scheduledBatchSize batches and emergencies in batchSize', async () => {
     const stores = await env.reopen({
       rewrap: {
