@@ -4,7 +4,7 @@
  * admin token hashes and the control-plane audit log.
  */
 import { Sequelize, Transaction } from 'sequelize';
-import { querySql, withPragmas } from './sqlite-connections.ts';
+import { keepStatements, querySql, releaseStatements, withPragmas } from './sqlite-connections.ts';
 import { createAdminTokenRepository } from './admin-token-repository.ts';
 import { createAuditRepository } from './audit-repository.ts';
 import { defineControlPlaneModels } from './control-plane-models.ts';
@@ -90,12 +90,12 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
       });
     // Straight on Sequelize's default connection: this runs on every hook call, and a
     // Sequelize query scans its SQL and captures a stack.
+    // The statement stays prepared on that connection: one thread-pool trip per call, not two.
     const generation = async (): Promise<string> => {
       const before = localWrites;
-      const [row] = await querySql<{ data_version: number }>(
-        await connections.getConnection(),
-        'PRAGMA data_version',
-      );
+      const db = await connections.getConnection();
+      keepStatements(db);
+      const [row] = await querySql<{ data_version: number }>(db, 'PRAGMA data_version');
       const version = row?.data_version;
       return `${String(version)}:${String(before)}`;
     };
@@ -132,7 +132,15 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
         list: () => adminTokens.list(),
       },
       audit,
-      close: () => sequelize.close(),
+      close: async () => {
+        // SQLite does not close a connection with prepared statements left open.
+        for (const db of Object.values(connections.connections)) {
+          if (db) {
+            await releaseStatements(db);
+          }
+        }
+        await sequelize.close();
+      },
     };
   } catch (err) {
     await sequelize.close().catch(() => undefined);

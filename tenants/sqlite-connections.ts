@@ -10,7 +10,127 @@ import type { Sequelize } from 'sequelize';
 export interface SqliteConnection {
   exec(sql: string, cb: (err: Error | null) => void): void;
   all(sql: string, params: unknown[], cb: (err: Error | null, rows: unknown[]) => void): void;
+  prepare(sql: string, cb: (err: Error | null) => void): SqliteStatement;
   close(cb?: (err: Error | null) => void): void;
+}
+
+/** A prepared sqlite3 Statement. */
+export interface SqliteStatement {
+  all(params: unknown[], cb: (err: Error | null, rows: unknown[]) => void): void;
+  finalize(cb?: (err: Error | null) => void): void;
+}
+
+/**
+ * What a connection keeps prepared, at most: statements, and their `?` parameters in all (a
+ * prepared statement's memory grows with them: ~1.8 KiB per row of a multi-row INSERT of
+ * invocation records, so 1,024 parameters are ~150 KiB per open store). Least recently used
+ * statements go first; a statement with more parameters than that is not kept.
+ */
+const KEPT_STATEMENTS = 32;
+const KEPT_PARAMETERS = 1024;
+
+interface Kept {
+  statement: Promise<SqliteStatement>;
+  params: number;
+}
+
+/** Connections that keep their statements prepared: SQL text -> statement, in LRU order. */
+const keptStatements = new WeakMap<SqliteConnection, Map<string, Kept>>();
+
+/** Our statements hold no literal `?`, so this counts their parameters. */
+function parameterCount(sql: string): number {
+  let n = 0;
+  for (let i = sql.indexOf('?'); i !== -1; i = sql.indexOf('?', i + 1)) {
+    n += 1;
+  }
+  return n;
+}
+
+function finalize(statement: Promise<SqliteStatement>): Promise<void> {
+  return statement.then(
+    (s) =>
+      new Promise<void>((resolve) => {
+        s.finalize(() => {
+          resolve();
+        });
+      }),
+    () => undefined, // never prepared: nothing to finalize
+  );
+}
+
+/**
+ * Makes {@link querySql} on `db` keep its statements prepared. `db.all(sql)` costs two trips
+ * through the thread pool (prepare, then bind and step; each waits for a free turn of the
+ * event loop to schedule the next), a kept statement one. For long-lived connections on hot
+ * paths only (a store's writer, the control plane's lookups): call {@link releaseStatements}
+ * before closing `db`, since SQLite does not close a connection with statements left open.
+ */
+export function keepStatements(db: SqliteConnection): void {
+  if (!keptStatements.has(db)) {
+    keptStatements.set(db, new Map());
+  }
+}
+
+/** Finalizes the statements `db` keeps and stops keeping them: before `db.close()`. */
+export async function releaseStatements(db: SqliteConnection): Promise<void> {
+  const kept = keptStatements.get(db);
+  keptStatements.delete(db);
+  if (kept) {
+    await Promise.all([...kept.values()].map((k) => finalize(k.statement)));
+  }
+}
+
+function prepare(db: SqliteConnection, sql: string): Promise<SqliteStatement> {
+  return new Promise<SqliteStatement>((resolve, reject) => {
+    const s = db.prepare(sql, (err) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve(s);
+      }
+    });
+  });
+}
+
+/**
+ * The kept statement for `sql` on `db`, prepared on first use (a statement that does not
+ * prepare rejects and is not kept), or undefined if `db` keeps none or `sql` is too large to.
+ */
+function keptStatement(db: SqliteConnection, sql: string): Promise<SqliteStatement> | undefined {
+  const kept = keptStatements.get(db);
+  if (!kept) {
+    return undefined;
+  }
+  const hit = kept.get(sql);
+  if (hit) {
+    kept.delete(sql); // most recently used last
+    kept.set(sql, hit);
+    return hit.statement;
+  }
+  const params = parameterCount(sql);
+  if (params > KEPT_PARAMETERS) {
+    return undefined;
+  }
+  const entry: Kept = { statement: prepare(db, sql), params };
+  entry.statement.catch(() => {
+    if (keptStatements.get(db)?.get(sql) === entry) {
+      keptStatements.get(db)?.delete(sql);
+    }
+  });
+  let total = params;
+  for (const k of kept.values()) {
+    total += k.params;
+  }
+  for (const [oldSql, old] of kept) {
+    if (kept.size < KEPT_STATEMENTS && total <= KEPT_PARAMETERS) {
+      break;
+    }
+    kept.delete(oldSql);
+    total -= old.params;
+    void finalize(old.statement);
+  }
+  kept.set(sql, entry);
+  return entry.statement;
 }
 
 /** Runs SQL without results on a connection. */
@@ -26,21 +146,32 @@ export function execSql(db: SqliteConnection, sql: string): Promise<void> {
   });
 }
 
-/** Runs one statement with `?` parameters on a connection and returns its rows. */
+/**
+ * Runs one statement with `?` parameters on a connection and returns its rows (on a statement
+ * kept prepared if `db` keeps them: {@link keepStatements}).
+ */
 export function querySql<R>(
   db: SqliteConnection,
   sql: string,
   params: readonly unknown[] = [],
 ): Promise<R[]> {
-  return new Promise<R[]>((resolve, reject) => {
-    db.all(sql, [...params], (err, rows) => {
-      if (err) {
-        reject(err);
+  const statement = keptStatement(db, sql);
+  const run = (target: SqliteStatement | SqliteConnection) =>
+    new Promise<R[]>((resolve, reject) => {
+      const done = (err: Error | null, rows: unknown[]) => {
+        if (err) {
+          reject(err);
+        } else {
+          resolve(rows as R[]);
+        }
+      };
+      if (target === db) {
+        db.all(sql, [...params], done);
       } else {
-        resolve(rows as R[]);
+        (target as SqliteStatement).all([...params], done);
       }
     });
-  });
+  return statement ? statement.then(run) : run(db);
 }
 
 /** The connection manager of a Sequelize SQLite instance, after {@link withPragmas}. */

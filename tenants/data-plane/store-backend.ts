@@ -12,7 +12,13 @@ import path from 'node:path';
 import { QueryTypes, Sequelize, Transaction, UniqueConstraintError } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { ConflictError, NotFoundError } from '../errors.ts';
-import { execSql, querySql, withPragmas } from '../sqlite-connections.ts';
+import {
+  execSql,
+  keepStatements,
+  querySql,
+  releaseStatements,
+  withPragmas,
+} from '../sqlite-connections.ts';
 import type { SqliteConnection } from '../sqlite-connections.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
 import { STORE_SCHEMA_VERSION, TABLES, defineTenantStoreModels } from './models.ts';
@@ -228,6 +234,7 @@ function configureSqliteConnections(sequelize: Sequelize): {
     const db = await current?.catch(() => undefined);
     if (db) {
       Reflect.deleteProperty(cm.connections, WRITER_UUID);
+      await releaseStatements(db);
       await new Promise<void>((resolve) => {
         db.close(() => {
           resolve();
@@ -240,7 +247,10 @@ function configureSqliteConnections(sequelize: Sequelize): {
     closeWriter,
     beginWrite: async <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
       // Registered under its own key, so Sequelize's close() would close it with the others.
-      writer ??= cm.getConnection({ uuid: WRITER_UUID });
+      writer ??= cm.getConnection({ uuid: WRITER_UUID }).then((db) => {
+        keepStatements(db); // the hook path's statements: one thread-pool trip each
+        return db;
+      });
       const db = await writer;
       const t = new Transaction(sequelize, { type: Transaction.TYPES.IMMEDIATE });
       (t as unknown as { connection: SqliteConnection }).connection = db;
