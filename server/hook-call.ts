@@ -22,12 +22,30 @@ export interface HookCallOutcome {
  * @throws PrefetchError (412) when required data cannot be obtained; errors of the store
  * (the call then fails: an answer is never given without its record).
  */
-export async function runHookCall(
+export function runHookCall(
   deps: Deps,
   tenant: Tenant,
   resolved: ResolvedService,
   request: HookRequest,
 ): Promise<HookCallOutcome> {
+  // Not an async function on purpose: the record's write is most of a call's wait, and V8
+  // keeps an async function's parameters and locals alive across every await. Awaiting the
+  // write here would keep `request` (the parsed context and prefetch, tens of KiB of objects)
+  // alive meanwhile, and every scavenge would copy it. evaluateAndSeal returns once the record
+  // is sealed and its write started; from then on only the write's bytes are held.
+  return evaluateAndSeal(deps, tenant, resolved, request).then(async ({ outcome, saved }) => {
+    await saved;
+    return outcome;
+  });
+}
+
+/** Prefetch, evaluation and cards; starts the record's write and returns its promise. */
+async function evaluateAndSeal(
+  deps: Deps,
+  tenant: Tenant,
+  resolved: ResolvedService,
+  request: HookRequest,
+): Promise<{ outcome: HookCallOutcome; saved: Promise<unknown> }> {
   const { prefetch } = await resolvePrefetch({
     templates: resolved.service.prefetch,
     request,
@@ -56,7 +74,7 @@ export async function runHookCall(
   // Durable before the response: the inputs, cards and trace sealed under the tenant's current
   // data key; ids and the pack stamp (id@version@hash) in clear, no PHI.
   const invocationId = crypto.randomUUID();
-  await deps.stores.store(tenant.id).saveInvocation({
+  const saved = deps.stores.store(tenant.id).saveInvocation({
     id: invocationId,
     time: now,
     service: resolved.service.id,
@@ -67,5 +85,8 @@ export async function runHookCall(
     suggestionUuids: cards.flatMap((c) => (c.suggestions ?? []).map((s) => s.uuid)),
     secretJson: `${inputJson.slice(0, -1)},"cards":${JSON.stringify(cards)},"trace":${JSON.stringify(result.trace)}}`,
   });
-  return { cards, pack, result, invocationId };
+  // Awaited by runHookCall right after this returns; marked handled so that a write failing
+  // before that (bad input) is not reported as an unhandled rejection meanwhile.
+  saved.catch(() => undefined);
+  return { outcome: { cards, pack, result, invocationId }, saved };
 }

@@ -295,44 +295,40 @@ function batcherOf(h: StoreHandle): (p: PendingInvocation) => void {
 async function saveInvocation(
   h: StoreHandle,
   ctx: KeyContext,
-  v: ValidInvocation,
+  v: Omit<ValidInvocation, 'secretJson'>,
+  plaintext: Buffer,
 ): Promise<InvocationSummary> {
-  const plaintext = Buffer.from(v.secretJson, 'utf8');
-  try {
-    for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
-      const key = await sealingKeyFor(h, ctx);
-      const row = {
-        id: v.id,
-        time: v.time,
-        service: v.service,
-        hook: v.hook,
-        hookInstance: v.hookInstance,
-        packId: v.pack.id,
-        packVersion: v.pack.version,
-        packHash: v.pack.hash,
-        cardUuids: JSON.stringify(v.cardUuids),
-        suggestionUuids: JSON.stringify(v.suggestionUuids),
-        keyVersion: key.version,
-        sealed: sealRecordAs(
-          h.envelopeForm,
-          key,
-          { tenant: h.tenant, table: 'invocations', recordId: v.id },
-          plaintext,
-        ),
-        createdAt: ctx.now().toISOString(),
-      };
-      const outcome = await new Promise<'saved' | 'stale'>((resolve, reject) => {
-        batcherOf(h)({ row, cardUuids: v.cardUuids, resolve, reject });
-      });
-      if (outcome === 'saved') {
-        return toSummary({ ...row, seq: 0 });
-      }
-      primaryHint.delete(h); // rotated meanwhile: seal again under the new primary
+  for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
+    const key = await sealingKeyFor(h, ctx);
+    const row = {
+      id: v.id,
+      time: v.time,
+      service: v.service,
+      hook: v.hook,
+      hookInstance: v.hookInstance,
+      packId: v.pack.id,
+      packVersion: v.pack.version,
+      packHash: v.pack.hash,
+      cardUuids: JSON.stringify(v.cardUuids),
+      suggestionUuids: JSON.stringify(v.suggestionUuids),
+      keyVersion: key.version,
+      sealed: sealRecordAs(
+        h.envelopeForm,
+        key,
+        { tenant: h.tenant, table: 'invocations', recordId: v.id },
+        plaintext,
+      ),
+      createdAt: ctx.now().toISOString(),
+    };
+    const outcome = await new Promise<'saved' | 'stale'>((resolve, reject) => {
+      batcherOf(h)({ row, cardUuids: v.cardUuids, resolve, reject });
+    });
+    if (outcome === 'saved') {
+      return toSummary({ ...row, seq: 0 });
     }
-    throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
-  } finally {
-    plaintext.fill(0);
+    primaryHint.delete(h); // rotated meanwhile: seal again under the new primary
   }
+  throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
 }
 
 async function readInvocation(
@@ -496,9 +492,22 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
     tenant,
     region: ctx.region,
 
-    async saveInvocation(input) {
-      const v = validateInvocation(input);
-      return ctx.use(tenant, (h) => saveInvocation(h, ctx, v));
+    saveInvocation(input) {
+      // Not async, on purpose: V8 keeps an async function's parameters and locals alive across
+      // its awaits, and the write is most of a hook call's wait. Past this point the secret is
+      // held only as bytes outside V8's heap, not as a string every scavenge would copy.
+      let meta: Omit<ValidInvocation, 'secretJson'>;
+      let plaintext: Buffer;
+      try {
+        const { secretJson, ...rest } = validateInvocation(input);
+        meta = rest;
+        plaintext = Buffer.from(secretJson, 'utf8');
+      } catch (err) {
+        return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+      }
+      return ctx
+        .use(tenant, (h) => saveInvocation(h, ctx, meta, plaintext))
+        .finally(() => plaintext.fill(0));
     },
 
     async listInvocations(query = {}) {
