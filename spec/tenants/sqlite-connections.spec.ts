@@ -16,10 +16,10 @@ function counted(db: sqlite3.Database): { db: SqliteConnection; prepares: () => 
   let n = 0;
   const prepare = db.prepare.bind(db);
   const conn = db as unknown as SqliteConnection;
-  conn.prepare = ((sql: string, cb: (err: Error | null) => void) => {
+  conn.prepare = (sql: string, cb: (err: Error | null) => void) => {
     n += 1;
     return prepare(sql, cb);
-  });
+  };
   return { db: conn, prepares: () => n };
 }
 
@@ -152,6 +152,28 @@ describe('tenants/ sqlite connections: statements kept prepared', () => {
     expect(conn.prepares()).to.equal(before + 1);
     await releaseStatements(conn.db);
     expect(await close(conn.db)).to.equal(null);
+  });
+
+  it('keeps at most 8,192 parameters across all connections: the least recently used go', async () => {
+    const others = Array.from({ length: 9 }, () => counted(new sqlite3.Database(':memory:')));
+    const all = [conn, ...others];
+    const select = `SELECT ${Array.from({ length: 1000 }, () => '?').join(' + ')} AS n`;
+    const ones = Array.from({ length: 1000 }, () => 1);
+    for (const c of all) {
+      keepStatements(c.db);
+      expect(await querySql(c.db, select, ones)).to.deep.equal([{ n: 1000 }]);
+    }
+    // 10 x 1,000 parameters: the first two connections' statements were finalized. (Checked
+    // most recent first: a statement prepared again evicts the least recently used one.)
+    for (const [i, c] of [...all.entries()].reverse()) {
+      const before = c.prepares();
+      await querySql(c.db, select, ones);
+      expect(c.prepares() - before, `connection ${String(i)}`).to.equal(i < 2 ? 1 : 0);
+    }
+    for (const c of all) {
+      await releaseStatements(c.db);
+      expect(await close(c.db)).to.equal(null);
+    }
   });
 
   it('without releaseStatements, SQLite refuses to close the connection (why stores release first)', async () => {
