@@ -154,8 +154,8 @@ describe('tenants/ sqlite connections: statements kept prepared', () => {
     expect(await close(conn.db)).to.equal(null);
   });
 
-  it('keeps at most 8,192 parameters across all connections: the least recently used go', async () => {
-    const others = Array.from({ length: 9 }, () => counted(new sqlite3.Database(':memory:')));
+  it('keeps at most 131,072 parameters across all connections: the least recently used go', async () => {
+    const others = Array.from({ length: 132 }, () => counted(new sqlite3.Database(':memory:')));
     const all = [conn, ...others];
     const select = `SELECT ${Array.from({ length: 1000 }, () => '?').join(' + ')} AS n`;
     const ones = Array.from({ length: 1000 }, () => 1);
@@ -163,7 +163,7 @@ describe('tenants/ sqlite connections: statements kept prepared', () => {
       keepStatements(c.db);
       expect(await querySql(c.db, select, ones)).to.deep.equal([{ n: 1000 }]);
     }
-    // 10 x 1,000 parameters: the first two connections' statements were finalized. (Checked
+    // 133 x 1,000 parameters: the first two connections' statements were finalized. (Checked
     // most recent first: a statement prepared again evicts the least recently used one.)
     for (const [i, c] of [...all.entries()].reverse()) {
       const before = c.prepares();
