@@ -329,6 +329,8 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
     (e) =>
       (e.type === 'admin.auth' && e.outcome === 'failure') || e.type === 'admin.auth.suppressed',
   );
+  const clientCounts = countBy(clientAuth);
+  const operatorCounts = countBy(operatorAuth);
 
   let auditChains: EvidenceReport['auditChains'] = null;
   if (opts.verifyChain) {
@@ -418,9 +420,9 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
       residency: events.filter((e) => e.type.startsWith('residency.')),
     },
     failedAuth: {
-      total: countBy(clientAuth).total + countBy(operatorAuth).total,
-      clients: countBy(clientAuth),
-      operators: countBy(operatorAuth),
+      total: clientCounts.total + operatorCounts.total,
+      clients: clientCounts,
+      operators: operatorCounts,
     },
     auditChains,
     backups,

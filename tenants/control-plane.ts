@@ -88,14 +88,14 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
       locked(fn).finally(() => {
         localWrites += 1;
       });
-    // Straight on Sequelize's default connection: this runs on every hook call, and a
-    // Sequelize query scans its SQL and captures a stack.
-    // The statement stays prepared on that connection: one thread-pool trip per call, not two.
+    // Straight on Sequelize's default connection, its statement kept prepared (one thread-pool
+    // trip, not two): this runs on every hook call, and a Sequelize query scans its SQL and
+    // captures a stack.
+    const lookupDb = await connections.getConnection();
+    keepStatements(lookupDb);
     const generation = async (): Promise<string> => {
       const before = localWrites;
-      const db = await connections.getConnection();
-      keepStatements(db);
-      const [row] = await querySql<{ data_version: number }>(db, 'PRAGMA data_version');
+      const [row] = await querySql<{ data_version: number }>(lookupDb, 'PRAGMA data_version');
       const version = row?.data_version;
       return `${String(version)}:${String(before)}`;
     };
@@ -134,11 +134,7 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
       audit,
       close: async () => {
         // SQLite does not close a connection with prepared statements left open.
-        for (const db of Object.values(connections.connections)) {
-          if (db) {
-            await releaseStatements(db);
-          }
-        }
+        await releaseStatements(lookupDb);
         await sequelize.close();
       },
     };

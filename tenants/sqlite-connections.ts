@@ -193,22 +193,22 @@ export function querySql<R>(
   params: readonly unknown[] = [],
 ): Promise<R[]> {
   const statement = keptStatement(db, sql);
-  const run = (target: SqliteStatement | SqliteConnection) =>
-    new Promise<R[]>((resolve, reject) => {
-      const done = (err: Error | null, rows: unknown[]) => {
-        if (err) {
-          reject(err);
-        } else {
-          resolve(rows as R[]);
-        }
-      };
-      if (target === db) {
-        db.all(sql, [...params], done);
+  return new Promise<R[]>((resolve, reject) => {
+    const done = (err: Error | null, rows: unknown[]) => {
+      if (err) {
+        reject(err);
       } else {
-        (target as SqliteStatement).all([...params], done);
+        resolve(rows as R[]);
       }
-    });
-  return statement ? statement.then(run) : run(db);
+    };
+    if (statement) {
+      statement.then((s) => {
+        s.all([...params], done);
+      }, reject);
+    } else {
+      db.all(sql, [...params], done);
+    }
+  });
 }
 
 /** The connection manager of a Sequelize SQLite instance, after {@link withPragmas}. */
