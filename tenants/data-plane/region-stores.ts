@@ -333,25 +333,25 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         if (isStopped(runner)) {
           return;
         }
-        let result: BatchResult & { emergency: boolean };
+        let result: BatchResult;
         try {
           result = await use(
             tenant,
             async (h) => {
-              const row = await h.models.Job.findByPk(id, { raw: true });
-              runner.session ??= { startDone: row?.done ?? 0, startMs: performance.now() };
+              const startMs = performance.now();
               const r = await runRewrapBatch(
                 h,
                 keyCtx,
                 id,
-                row?.emergency === 1 ? batchSize : scheduledBatchSize,
+                { emergency: batchSize, scheduled: scheduledBatchSize },
                 runner.next,
               );
+              runner.session ??= { startDone: r.job?.doneBefore ?? 0, startMs };
               runner.next = r.next;
               if (r.destroyed.length > 0) {
                 await h.compact();
               }
-              return { ...r, emergency: row?.emergency === 1 };
+              return r;
             },
             { provision: false },
           );
@@ -372,7 +372,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         if (result.finished) {
           return;
         }
-        await pause(runner, result.emergency ? emergencyThrottleMs : throttleMs);
+        await pause(runner, result.job?.emergency ? emergencyThrottleMs : throttleMs);
       }
     })().finally(() => {
       runners.delete(id);

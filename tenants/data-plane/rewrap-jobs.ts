@@ -340,6 +340,14 @@ export interface BatchResult {
    * still where it assumed, and re-checked row by row inside the write like any batch.
    */
   next?: PreparedBatch;
+  /** The job as this batch found it (absent if it was no longer running). */
+  job?: { emergency: boolean; doneBefore: number };
+}
+
+/** Records per batch: emergency rotations, and scheduled ones (shorter, hook calls come first). */
+export interface BatchSizes {
+  emergency: number;
+  scheduled: number;
 }
 
 /** Where a batch reads: rows after `after` in `table` not under `primary`, `limit` of them. */
@@ -435,13 +443,15 @@ export async function runRewrapBatch(
   h: StoreHandle,
   ctx: KeyContext,
   id: string,
-  batchSize: number,
+  sizes: BatchSizes,
   prepared?: PreparedBatch,
 ): Promise<BatchResult> {
   const job = await h.models.Job.findByPk(id, { raw: true });
   if (job?.status !== 'running') {
     return { finished: true, moved: 0, destroyed: [] };
   }
+  const found = { emergency: job.emergency === 1, doneBefore: job.done };
+  const batchSize = found.emergency ? sizes.emergency : sizes.scheduled;
   const table = job.checkpointTable as SealedTable;
   const primary = await primaryVersion(h);
   const batch: BatchRange = { table, after: job.checkpointSeq, primary, limit: batchSize };
@@ -474,15 +484,15 @@ export async function runRewrapBatch(
     }
     // The rows still hold what was re-sealed (their key versions are unchanged), and no row
     // of the range appeared since the read.
-    const current = await notUnderPrimary<{ seq: number; keyVersion: number }>(
+    const rowsNow = await notUnderPrimary<{ seq: number; keyVersion: number }>(
       h,
       t,
       batch,
       'seq, key_version AS "keyVersion"',
     );
     if (
-      current.length !== resealed.length ||
-      current.some((r, i) => {
+      rowsNow.length !== resealed.length ||
+      rowsNow.some((r, i) => {
         const was = resealed[i];
         return was === undefined || r.seq !== was.seq || r.keyVersion !== was.keyVersion;
       })
@@ -535,7 +545,9 @@ export async function runRewrapBatch(
     h.deks.delete(v);
   }
   const next = await ahead;
-  return !result.finished && result.moved > 0 && next ? { ...result, next } : result;
+  return !result.finished && result.moved > 0 && next
+    ? { ...result, job: found, next }
+    : { ...result, job: found };
 }
 
 /** A random suffix for staging names. */
