@@ -59,6 +59,15 @@ export interface StoreHandle {
    * Sequelize's UniqueConstraintError on both.
    */
   raw<R = unknown>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]>;
+  /**
+   * SQLite only (undefined on PostgreSQL): runs one statement on the store's writer
+   * connection, after this process's other writes to this store, in SQLite's autocommit mode:
+   * the statement is its own transaction (write lock taken when it starts, rolled back whole if
+   * it fails, durable when it settles). One trip through the thread pool where `writeTx` takes
+   * at least three (BEGIN IMMEDIATE, the statement, COMMIT). The writer connection carries the
+   * TEMP triggers of INVOCATION_CARD_LINKS_SQLITE. Constraint violations as for `raw`.
+   */
+  readonly writeStatement?: <R = unknown>(sql: string, params: readonly unknown[]) => Promise<R[]>;
   /** SQLite: checkpoint and truncate the WAL (drops old page images); PostgreSQL: no-op. */
   compact(): Promise<void>;
   close(): Promise<void>;
@@ -214,6 +223,8 @@ const WRITER_UUID = 'cellcds-writer';
  */
 function configureSqliteConnections(sequelize: Sequelize): {
   beginWrite: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
+  /** One statement on the writer connection in autocommit mode (StoreHandle.writeStatement). */
+  writeStatement: <R>(sql: string, params: readonly unknown[]) => Promise<R[]>;
   /**
    * Closes the writer connection, alone: SQLite checkpoints and removes the WAL only when the
    * last connection closes, and two connections closing at the same moment can each see the
@@ -243,15 +254,33 @@ function configureSqliteConnections(sequelize: Sequelize): {
     }
   };
 
+  const writerConnection = (): Promise<SqliteConnection> => {
+    // Registered under its own key, so Sequelize's close() would close it with the others.
+    writer ??= cm.getConnection({ uuid: WRITER_UUID }).then(async (db) => {
+      keepStatements(db); // the hook path's statements: one thread-pool trip each
+      await execSql(db, INVOCATION_CARD_LINKS_SQLITE);
+      return db;
+    });
+    return writer;
+  };
+
   return {
     closeWriter,
+    writeStatement: async <R>(sql: string, params: readonly unknown[]): Promise<R[]> => {
+      const db = await writerConnection();
+      try {
+        return await sqliteRaw<R>(db, sql, params);
+      } catch (err) {
+        if (!(err instanceof UniqueConstraintError)) {
+          // SQLite rolls a failed autocommit statement back; whatever else went wrong (I/O,
+          // a lock held past busy_timeout), the next write starts on a fresh connection.
+          await closeWriter().catch(() => undefined);
+        }
+        throw err;
+      }
+    },
     beginWrite: async <T>(fn: (t: Transaction) => Promise<T>): Promise<T> => {
-      // Registered under its own key, so Sequelize's close() would close it with the others.
-      writer ??= cm.getConnection({ uuid: WRITER_UUID }).then((db) => {
-        keepStatements(db); // the hook path's statements: one thread-pool trip each
-        return db;
-      });
-      const db = await writer;
+      const db = await writerConnection();
       const t = new Transaction(sequelize, { type: Transaction.TYPES.IMMEDIATE });
       (t as unknown as { connection: SqliteConnection }).connection = db;
       await execSql(db, 'BEGIN IMMEDIATE');
@@ -282,6 +311,20 @@ const APPEND_ONLY_SQLITE = [
    BEGIN SELECT RAISE(ABORT, 'audit chain is append-only'); END`,
 ];
 
+/**
+ * On each SQLite writer connection (TEMP: it lives in that connection only, so the store file,
+ * its backups, other connections and older cellcds versions never see it): an invocation row
+ * inserted there links its card uuids (`card_uuids`, a JSON array) in the same statement. The
+ * hook path's batch of records is then one INSERT, one thread-pool trip, and a duplicate card
+ * uuid still fails the whole statement (the links' primary key). The only INSERT into the
+ * invocations table on a SQLite writer is that batch (tenant-store.ts); PostgreSQL inserts the
+ * links itself.
+ */
+const INVOCATION_CARD_LINKS_SQLITE = `CREATE TEMP TRIGGER IF NOT EXISTS cellcds_invocation_card_links
+  AFTER INSERT ON main.${TABLES.invocations}
+  BEGIN INSERT INTO main.${TABLES.invocationCards} (card_uuid, invocation_id)
+    SELECT value, NEW.id FROM json_each(NEW.card_uuids); END`;
+
 function appendOnlyPostgres(schema: string): string[] {
   const q = `"${schema}"`;
   return [
@@ -302,6 +345,8 @@ interface HandleParts {
   create: boolean;
   /** SQLite: write transactions on the long-lived writer connection. */
   beginWrite?: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
+  /** SQLite: one autocommit statement on the writer connection. */
+  writeStatement?: <R>(sql: string, params: readonly unknown[]) => Promise<R[]>;
   /** SQLite: closes the writer connection (before the others). */
   closeWriter?: () => Promise<void>;
 }
@@ -369,6 +414,7 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
         ? sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn)
         : sequelize.transaction(fn);
   const writeTx = createGroupCommit(sequelize, (fn) => queue(() => begin(fn)));
+  const { writeStatement } = parts;
   return {
     tenant,
     region,
@@ -386,6 +432,12 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
             fn,
           ),
     qualified,
+    ...(writeStatement
+      ? {
+          writeStatement: <R>(sql: string, params: readonly unknown[]) =>
+            queue(() => writeStatement<R>(sql, params)),
+        }
+      : {}),
     raw<R>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]> {
       if (dialect === 'sqlite') {
         const db = (t as unknown as { connection?: SqliteConnection }).connection;
@@ -446,7 +498,7 @@ export function createSqliteBackend(opts: {
       logging: false,
       dialectOptions: { mode: sqlite3.OPEN_READWRITE | sqlite3.OPEN_CREATE },
     });
-    const { beginWrite, closeWriter } = configureSqliteConnections(sequelize);
+    const { beginWrite, writeStatement, closeWriter } = configureSqliteConnections(sequelize);
     try {
       await sequelize.query('PRAGMA journal_mode=WAL');
       return await initialiseHandle({
@@ -457,6 +509,7 @@ export function createSqliteBackend(opts: {
         now: opts.now,
         create,
         beginWrite,
+        writeStatement,
         closeWriter,
       });
     } catch (err) {

@@ -124,8 +124,9 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
       expect(await s.listInvocations()).to.have.length(1);
     });
 
-    // Concurrent writes share batches (one transaction, one multi-row INSERT): a duplicate in a
-    // batch must fail alone, and every other caller must still get its own durable record.
+    // Concurrent writes share batches (one statement on SQLite, one transaction with a
+    // multi-row INSERT per table on PostgreSQL): a duplicate in a batch must fail alone, and
+    // every other caller must still get its own durable record.
     it('writes concurrent records in batches where only a duplicate fails', async () => {
       const s = env.stores.store('acme');
       await s.saveInvocation(invocation('inv-0'));
@@ -152,6 +153,51 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
         );
       }
       expect(await s.findCard('card-inv-7')).to.equal('inv-7');
+    });
+
+    // SQLite writes a batch as one statement; a TEMP trigger on the writer connection links the
+    // card uuids. It must link every card (several per record, none for a record without
+    // cards), live on every new writer connection (after a restart too), and never be stored in
+    // the file, where backups, other connections or an older cellcds would meet it.
+    it('links every card uuid of a batch, also after a restart; the store file holds no such trigger', async () => {
+      const s = env.stores.store('acme');
+      await Promise.all([
+        s.saveInvocation(invocation('inv-1', 'PHI', { cardUuids: ['c-1a', 'c-1b', 'c-1c'] })),
+        s.saveInvocation(invocation('inv-2', 'PHI', { cardUuids: [] })),
+        s.saveInvocation(invocation('inv-3')),
+      ]);
+      await env.stores.close();
+      const fresh = await env.reopen();
+      const again = fresh.store('acme');
+      await again.saveInvocation(invocation('inv-4', 'PHI', { cardUuids: ['c-4a', 'c-4b'] }));
+      for (const [card, id] of [
+        ['c-1a', 'inv-1'],
+        ['c-1b', 'inv-1'],
+        ['c-1c', 'inv-1'],
+        ['card-inv-3', 'inv-3'],
+        ['c-4a', 'inv-4'],
+        ['c-4b', 'inv-4'],
+      ]) {
+        expect(await again.findCard(card ?? ''), card).to.equal(id);
+      }
+      const db = await env.raw('acme');
+      try {
+        const links = await db.query<{ n: number }>(
+          `SELECT COUNT(*) AS n FROM ${db.t('invocation_cards')}`,
+        );
+        expect(Number(links[0]?.n)).to.equal(6);
+        if (backend === 'sqlite') {
+          expect(
+            await db.query(`SELECT name FROM sqlite_master WHERE type = 'trigger'`),
+          ).to.have.deep.members([
+            { name: 'audit_events_no_update' },
+            { name: 'audit_events_no_delete' },
+          ]);
+        }
+      } finally {
+        await db.close();
+      }
+      await fresh.close();
     });
 
     it('stores a secret given as JSON text (the hook path) exactly like the object', async () => {
