@@ -13,6 +13,7 @@ import {
   openControlPlane,
 } from '../../tenants/index.ts';
 import type { ControlPlane, NewTenant } from '../../tenants/index.ts';
+import { coalesceReads } from '../../tenants/control-plane.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
 
 async function rejection(promise: Promise<unknown>): Promise<Error> {
@@ -213,6 +214,25 @@ describe('tenants/ control plane store', () => {
         ).to.deep.equal(['acme']);
         await other.tenants.remove('acme');
         expect(await cp.tenants.findByIssuer('https://moved.example.org')).to.deep.equal([]);
+      } finally {
+        await other.close();
+      }
+    });
+
+    // Lookups in flight share the data_version read (coalesceReads): one that starts after a
+    // commit of another process must still see it, however many were running before.
+    it("sees another process's suspension in every lookup started after it, under concurrency", async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      const iss = 'https://ehr-acme.example.org';
+      const other = await openControlPlane({ storage: file, now: () => clock });
+      try {
+        const before = Array.from({ length: 20 }, () => cp.tenants.findByIssuer(iss));
+        await other.tenants.update('acme', { status: 'suspended' });
+        const after = Array.from({ length: 20 }, () => cp.tenants.findByIssuer(iss));
+        await Promise.all(before);
+        for (const found of await Promise.all(after)) {
+          expect(found.map((t) => t.status)).to.deep.equal(['suspended']);
+        }
       } finally {
         await other.close();
       }
@@ -760,5 +780,71 @@ describe('tenants/ control plane store', () => {
       }
       expect((await cp.audit.list())[0]?.outcome).to.equal('success');
     });
+  });
+});
+
+describe('tenants/ control plane: coalesceReads', () => {
+  /** A read whose calls are counted and settled, oldest first, by the spec. */
+  function controlled(): {
+    read: () => Promise<number>;
+    calls: () => number;
+    settle: (value: number | Error) => void;
+  } {
+    const waiting: Array<{ resolve: (v: number) => void; reject: (e: Error) => void }> = [];
+    let calls = 0;
+    return {
+      read: () =>
+        new Promise<number>((resolve, reject) => {
+          calls += 1;
+          waiting.push({ resolve, reject });
+        }),
+      calls: () => calls,
+      settle: (value) => {
+        const oldest = waiting.shift();
+        if (!oldest) {
+          throw new Error('no read is waiting');
+        }
+        if (value instanceof Error) {
+          oldest.reject(value);
+        } else {
+          oldest.resolve(value);
+        }
+      },
+    };
+  }
+  const tick = () => new Promise((resolve) => setImmediate(resolve));
+
+  it('gives callers that arrive during a read the next read, shared, never the running one', async () => {
+    const c = controlled();
+    const get = coalesceReads(c.read);
+    const first = get();
+    const during = [get(), get(), get()];
+    expect(c.calls()).to.equal(1);
+    c.settle(1);
+    expect(await first).to.equal(1);
+    await tick();
+    expect(c.calls()).to.equal(2); // one more read for all three
+    const late = get(); // arrives while that second read runs
+    c.settle(2);
+    expect(await Promise.all(during)).to.deep.equal([2, 2, 2]);
+    await tick();
+    c.settle(3);
+    expect(await late).to.equal(3);
+    expect(c.calls()).to.equal(3);
+  });
+
+  it('rejects the callers of a failed read only; the next caller reads again', async () => {
+    const c = controlled();
+    const get = coalesceReads(c.read);
+    const first = get();
+    const during = get();
+    c.settle(new Error('disk'));
+    expect((await rejection(first)).message).to.equal('disk');
+    await tick();
+    c.settle(5);
+    expect(await during).to.equal(5);
+    const after = get();
+    c.settle(6);
+    expect(await after).to.equal(6);
   });
 });
