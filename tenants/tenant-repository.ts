@@ -414,6 +414,10 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       return [...found];
     },
 
+    peekIssuer(iss) {
+      return issuerCache.byIssuer.get(iss);
+    },
+
     async remove(id) {
       await immediate(async (t) => {
         await load(id, t);

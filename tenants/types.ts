@@ -241,6 +241,12 @@ export interface TenantRepository {
   setSubscriptions(id: string, subscriptions: Subscription[]): Promise<Tenant>;
   /** Every tenant (active or suspended) that registered this exact `iss`. */
   findByIssuer(iss: string): Promise<Tenant[]>;
+  /**
+   * What `findByIssuer(iss)` answered under the last control-plane generation it read, if it is
+   * still remembered: no I/O, possibly out of date. Only for work started ahead of
+   * `findByIssuer` and used once it returns the very same objects (nothing changed meanwhile).
+   */
+  peekIssuer?(iss: string): readonly Tenant[] | undefined;
   remove(id: string): Promise<void>;
 }
 

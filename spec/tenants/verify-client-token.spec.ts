@@ -478,6 +478,61 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
   });
 
   describe('jwksUri rotation and the unknown-kid refetch', () => {
+    // The signature is checked alongside the tenant lookup, against the registration the last
+    // lookup returned (checkAhead). A change committed meanwhile by another process (the CLI)
+    // must win: the next call is judged by the new registration only.
+    it('judges the next call by a registration another process just changed (keys, status)', async () => {
+      const issuer = await TestIssuer.create({
+        iss: 'https://ehr-r.example.org',
+        aud: AUD,
+        tenant: 'tenant-r',
+        now: clock,
+      });
+      const oldKid = issuer.kid();
+      const newKid = await issuer.addKey('ES384', 'rotated-r');
+      await cp.tenants.create({
+        id: 'tenant-r',
+        name: 'tenant-r',
+        region: 'eu-west',
+        issuers: [{ iss: issuer.iss, jwks: issuer.publicJwksOf([oldKid]) }],
+      });
+      const byOld = () => issuer.sign({}, { signingKid: oldKid });
+      const byNew = () => issuer.sign({}, { signingKid: newKid });
+      expect((await verifier.verify(bearer(await byOld()), AUD)).tenant.id).to.equal('tenant-r');
+      expect((await verifier.verify(bearer(await byOld()), AUD)).tenant.id).to.equal('tenant-r');
+      const other = await openControlPlane({ storage: path.join(dir, 'control.sqlite') });
+      try {
+        await other.tenants.update('tenant-r', {
+          issuers: [{ iss: issuer.iss, jwks: issuer.publicJwksOf([newKid]) }],
+        });
+        expect((await refusal(verifier.verify(bearer(await byOld()), AUD))).reason).to.equal(
+          'unknown_kid',
+        );
+        expect((await verifier.verify(bearer(await byNew()), AUD)).tenant.id).to.equal('tenant-r');
+        await other.tenants.update('tenant-r', { status: 'suspended' });
+        expect((await refusal(verifier.verify(bearer(await byNew()), AUD))).reason).to.equal(
+          'suspended',
+        );
+        await other.tenants.update('tenant-r', {
+          status: 'active',
+          issuers: [{ iss: issuer.iss, jwks: issuer.publicJwksOf([oldKid]) }],
+        });
+        const results = await Promise.allSettled(
+          [byOld(), byNew(), byOld(), byNew()].map(async (t) =>
+            verifier.verify(bearer(await t), AUD),
+          ),
+        );
+        expect(results.map((r) => r.status)).to.deep.equal([
+          'fulfilled',
+          'rejected',
+          'fulfilled',
+          'rejected',
+        ]);
+      } finally {
+        await other.close();
+      }
+    });
+
     it('refetches on an unknown kid at most once per cooldown, then picks up a rotated key', async () => {
       const base = uriServer.count('/u-keys');
       const fetches = (): number => uriServer.count('/u-keys') - base;
