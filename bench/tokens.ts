@@ -25,16 +25,36 @@ export function createClientKey(
   iss: string,
   kid = `${alg.toLowerCase()}-${crypto.randomUUID()}`,
 ): ClientKey {
+  // PEM straight from the key generation, and the JWK from a key object parsed from it: Node
+  // 20 can deadlock exporting a JWK from the key objects generateKeyPairSync returns (the
+  // export holds the key's mutex while allocating; a GC then finalizes the finished key
+  // generation job, whose destructor takes the same mutex). Seen once in the tenants section,
+  // which generates 1,000 keys (gdb: ExportJWKEcKey -> GC -> ~KeyGenJob -> mutex lock).
+  const publicKeyEncoding = { type: 'spki', format: 'pem' } as const;
+  const privateKeyEncoding = { type: 'pkcs8', format: 'pem' } as const;
   const { privateKey, publicKey } =
     alg === 'ES384'
-      ? crypto.generateKeyPairSync('ec', { namedCurve: 'P-384' })
-      : crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+      ? crypto.generateKeyPairSync('ec', {
+          namedCurve: 'P-384',
+          publicKeyEncoding,
+          privateKeyEncoding,
+        })
+      : crypto.generateKeyPairSync('rsa', {
+          modulusLength: 2048,
+          publicKeyEncoding,
+          privateKeyEncoding,
+        });
   return {
     alg,
     kid,
     iss,
-    privatePem: privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
-    publicJwk: { ...publicKey.export({ format: 'jwk' }), kid, alg, use: 'sig' },
+    privatePem: privateKey,
+    publicJwk: {
+      ...crypto.createPublicKey(publicKey).export({ format: 'jwk' }),
+      kid,
+      alg,
+      use: 'sig',
+    },
   };
 }
 
