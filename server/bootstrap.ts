@@ -87,7 +87,7 @@ export async function buildDeps(
   // against another replica: Redis when configured, else this process' memory.
   const replayCache = config.redisUrl
     ? createRedisReplayCache({ url: config.redisUrl })
-    : createMemoryReplayCache();
+    : createMemoryReplayCache({ maxEntries: config.replayCacheMaxEntries });
   const verifier = createTokenVerifier({
     controlPlane,
     replayCache,

@@ -49,6 +49,7 @@ const Schema = z
     CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
     CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
+    CELLCDS_REPLAY_CACHE_MAX_ENTRIES: intFrom(1000, 10_000_000, 100_000),
     CELLCDS_REDIS_URL: z
       .string()
       .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
@@ -97,6 +98,8 @@ export interface Config {
   readonly maxOpenStores: number | undefined;
   /** Refused credentials audited one by one per second; the rest are audited as counts. */
   readonly authFailureAuditPerSecond: number;
+  /** In-process JWT replay cache (no Redis): most unexpired `jti`s held; full means tokens are refused. */
+  readonly replayCacheMaxEntries: number;
   /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */
   readonly regionsFile: string | undefined;
   /** Whether CELLCDS_REGION was given (else `npm start` runs one plane per configured region). */
@@ -185,6 +188,7 @@ export function loadConfig(
     smartClientId: e.CELLCDS_SMART_CLIENT_ID,
     maxOpenStores: e.CELLCDS_MAX_OPEN_STORES,
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
+    replayCacheMaxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:
       e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),

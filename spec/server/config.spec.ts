@@ -12,6 +12,13 @@ describe('configuration', () => {
     expect(Object.isFrozen(c)).to.equal(true);
   });
 
+  it('sizes the in-process replay cache: 100,000 by default, or as set', () => {
+    expect(loadConfig({}).replayCacheMaxEntries).to.equal(100_000);
+    expect(
+      loadConfig({ CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '250000' }).replayCacheMaxEntries,
+    ).to.equal(250_000);
+  });
+
   it('normalises the public URL (no trailing slash)', () => {
     expect(loadConfig({ CELLCDS_PUBLIC_URL: 'https://cds.example.org/base/' }).publicUrl).to.equal(
       'https://cds.example.org/base',
@@ -37,6 +44,16 @@ describe('configuration', () => {
     ['an invalid region id', { CELLCDS_REGION: 'US East' }, /CELLCDS_REGION/],
     ['an unknown log level', { CELLCDS_LOG_LEVEL: 'loud' }, /CELLCDS_LOG_LEVEL/],
     ['a bad CORS origin', { CELLCDS_CORS_ORIGINS: 'not a url' }, /CELLCDS_CORS_ORIGINS/],
+    [
+      'a replay cache too small to be useful',
+      { CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '10' },
+      /CELLCDS_REPLAY_CACHE_MAX_ENTRIES/,
+    ],
+    [
+      'a replay cache size that is not a number',
+      { CELLCDS_REPLAY_CACHE_MAX_ENTRIES: 'lots' },
+      /CELLCDS_REPLAY_CACHE_MAX_ENTRIES/,
+    ],
   ];
   for (const [name, env, setting] of bad) {
     it(`stops the boot on ${name}, naming the setting`, () => {

@@ -54,6 +54,80 @@ describe('tenants/ createMemoryReplayCache', () => {
     expect(await cache.remember('iss', 'long', inSeconds(600))).to.equal(false);
   });
 
+  // Expired entries leave earliest first (a heap), whatever order their expiries came in.
+  it('drops expired entries in expiry order, not insertion order, to make room', async () => {
+    const cache = createMemoryReplayCache({ now, maxEntries: 3 });
+    await cache.remember('iss', 'late', inSeconds(600));
+    await cache.remember('iss', 'early', inSeconds(5));
+    await cache.remember('iss', 'middle', inSeconds(60));
+    nowMs += 10_000; // only 'early' expired
+    expect(await cache.remember('iss', 'new', inSeconds(60))).to.equal(true);
+    expect(await cache.remember('iss', 'late', inSeconds(600))).to.equal(false);
+    expect(await cache.remember('iss', 'middle', inSeconds(60))).to.equal(false);
+    expect(cache.size()).to.equal(3);
+  });
+
+  // A pair seen again after its expiry is remembered anew, until its new expiry only.
+  it('keeps a pair remembered again after its expiry until its new expiry', async () => {
+    const cache = createMemoryReplayCache({ now, maxEntries: 10 });
+    await cache.remember('iss', 'j', inSeconds(5));
+    nowMs += 6_000;
+    expect(await cache.remember('iss', 'j', inSeconds(120))).to.equal(true);
+    nowMs += 60_000; // past the first expiry, before the second
+    await cache.remember('iss', 'other', inSeconds(120));
+    expect(await cache.remember('iss', 'j', inSeconds(120))).to.equal(false);
+    nowMs += 61_000; // past the second
+    expect(await cache.remember('iss', 'j', inSeconds(120))).to.equal(true);
+  });
+
+  // Against a model that scans everything: same answers, same size, whatever the expiries, the
+  // clock steps and the capacity.
+  it('answers and prunes exactly like a full scan would (property)', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 8 }),
+        fc.array(
+          fc.record({
+            jti: fc.constantFrom('a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'),
+            life: fc.integer({ min: 1, max: 50 }),
+            step: fc.integer({ min: 0, max: 20 }),
+          }),
+          { maxLength: 80 },
+        ),
+        async (maxEntries, calls) => {
+          nowMs = Date.parse('2025-06-01T12:00:00Z');
+          const cache = createMemoryReplayCache({ now, maxEntries });
+          const model = new Map<string, number>();
+          for (const { jti, life, step } of calls) {
+            nowMs += step * 1000;
+            const exp = inSeconds(life);
+            const known = model.get(jti);
+            let expected: boolean | 'full';
+            if (known !== undefined && known * 1000 > nowMs) {
+              expected = false;
+            } else {
+              for (const [k, e] of model) {
+                if (e * 1000 <= nowMs) {
+                  model.delete(k);
+                }
+              }
+              expected = model.size >= maxEntries ? 'full' : true;
+              if (expected === true) {
+                model.set(jti, exp);
+              }
+            }
+            const got = await cache.remember('iss', jti, exp).catch((err: unknown) => {
+              expect(err).to.be.instanceOf(ReplayCacheFullError);
+              return 'full' as const;
+            });
+            expect(got).to.equal(expected);
+            expect(cache.size()).to.equal(model.size);
+          }
+        },
+      ),
+    );
+  });
+
   it('answers true exactly for the first sighting of each unexpired pair (property)', async () => {
     await fc.assert(
       fc.asyncProperty(
