@@ -14,9 +14,12 @@ import {
   createTokenVerifier,
   openControlPlane,
   openRegionStores,
+  RedisEvictsKeysError,
 } from '../tenants/index.ts';
+import type { ReplayCache } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
 import { createFailureAuditor } from './failure-audit.ts';
+import { ConfigError } from './config.ts';
 import type { Config } from './config.ts';
 import type { Deps } from './context.ts';
 import type { Logger } from './logger.ts';
@@ -62,6 +65,30 @@ export function readAdminToken(config: Config): string | undefined {
   return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').trim() : undefined;
 }
 
+/**
+ * The replicas' shared replay cache. A Redis that may evict keys (maxmemory-policy other than
+ * noeviction) stops the boot: it could forget a jti and let its token be replayed. A Redis
+ * that does not answer yet does not: tokens are refused until it does (fail closed), and its
+ * policy is read before the first token it remembers.
+ * @throws ConfigError naming CELLCDS_REDIS_URL when Redis may evict keys.
+ */
+async function sharedReplayCache(url: string, log: Logger): Promise<ReplayCache> {
+  const cache = createRedisReplayCache({ url });
+  try {
+    await cache.ready();
+  } catch (err) {
+    if (err instanceof RedisEvictsKeysError) {
+      await cache.close();
+      throw new ConfigError(`CELLCDS_REDIS_URL: ${err.message}`);
+    }
+    log.warn(
+      { err },
+      'the replay cache (Redis) does not answer: CDS client tokens are refused until it does',
+    );
+  }
+  return cache;
+}
+
 /** Opens everything the app needs. Call `close` on shutdown. */
 export async function buildDeps(
   config: Config,
@@ -75,6 +102,11 @@ export async function buildDeps(
   } = {},
 ): Promise<Deps & { close(): Promise<void> }> {
   ensureDataDir(config.dataDir);
+  // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
+  // against another replica: Redis when configured, else this process' memory.
+  const replayCache = config.redisUrl
+    ? await sharedReplayCache(config.redisUrl, log)
+    : createMemoryReplayCache({ maxEntries: config.replayCacheMaxEntries });
   const controlPlane = await openControlPlane({
     storage: path.join(config.dataDir, 'control.sqlite'),
   });
@@ -83,11 +115,6 @@ export async function buildDeps(
   // waiting for a worker to boot.
   await evaluator.ready();
   const bootstrap = ensureAdminToken(config);
-  // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
-  // against another replica: Redis when configured, else this process' memory.
-  const replayCache = config.redisUrl
-    ? createRedisReplayCache({ url: config.redisUrl })
-    : createMemoryReplayCache({ maxEntries: config.replayCacheMaxEntries });
   const verifier = createTokenVerifier({
     controlPlane,
     replayCache,

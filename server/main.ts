@@ -104,7 +104,17 @@ export async function runServe(overrides: Record<string, string> = {}): Promise<
     superviseRegions(matrix);
     return;
   }
-  const running = await serve(config);
+  let running: Awaited<ReturnType<typeof serve>>;
+  try {
+    running = await serve(config);
+  } catch (err) {
+    // What only shows once the service connects to its dependencies (an evicting Redis).
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`);
+      process.exit(2);
+    }
+    throw err;
+  }
   const stop = (): void => {
     running.close().then(
       () => process.exit(0),

@@ -1,5 +1,7 @@
 import { expect } from 'chai';
+import { Redis } from 'ioredis';
 import request from 'supertest';
+import { ConfigError } from '../../server/config.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import { tinyPack, warfarinNsaidRequest } from '../helpers/packs.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
@@ -50,5 +52,25 @@ describe('scale-out: replicas share the jti replay cache (Redis)', function () {
       .set('authorization', `Bearer ${await issuer.sign({ aud: url })}`)
       .send(warfarinNsaidRequest());
     expect(fresh.status).to.equal(200);
+  });
+
+  it('will not start on a Redis that may evict keys, naming the setting and the fix', async () => {
+    const admin = new Redis(redisUrl);
+    const reply = await admin.config('GET', 'maxmemory-policy');
+    try {
+      await admin.config('SET', 'maxmemory-policy', 'allkeys-lru');
+      const err = await buildTestApp({ CELLCDS_REDIS_URL: redisUrl }).then(
+        async (t) => {
+          await t.close();
+          return undefined;
+        },
+        (e: unknown) => e,
+      );
+      expect(err).to.be.instanceOf(ConfigError);
+      expect(String(err)).to.include('CELLCDS_REDIS_URL').and.to.include('noeviction');
+    } finally {
+      await admin.config('SET', 'maxmemory-policy', reply[1] ?? 'noeviction');
+      await admin.quit();
+    }
   });
 });

@@ -1,5 +1,6 @@
 import { expect } from 'chai';
-import { createRedisReplayCache } from '../../tenants/index.ts';
+import { Redis } from 'ioredis';
+import { createRedisReplayCache, RedisEvictsKeysError } from '../../tenants/index.ts';
 import type { ReplayCache } from '../../tenants/index.ts';
 
 const url = process.env.CELLCDS_TEST_REDIS_URL;
@@ -56,7 +57,66 @@ describe('Redis replay cache (scale-out)', function () {
       }
       expect(threw).to.equal(true);
     } finally {
-      await dead.close?.();
+      await dead.close();
     }
+  });
+
+  // A Redis that evicts keys could forget a jti before its token expires. The machine's Redis
+  // is switched to evicting policies for a moment (and back): every token is refused then.
+  describe('a Redis that may evict keys', () => {
+    let admin: Redis;
+    let original: string;
+    before(async () => {
+      admin = new Redis(url);
+      const reply = await admin.config('GET', 'maxmemory-policy');
+      original = reply[1] ?? 'noeviction';
+    });
+    afterEach(async () => {
+      await admin.config('SET', 'maxmemory-policy', original);
+    });
+    after(async () => {
+      await admin.quit();
+    });
+
+    for (const policy of ['allkeys-lru', 'volatile-ttl']) {
+      it(`refuses every token while maxmemory-policy is ${policy}, and says why`, async () => {
+        await admin.config('SET', 'maxmemory-policy', policy);
+        const cache = createRedisReplayCache({ url, prefix });
+        try {
+          const err = await cache.ready().then(
+            () => undefined,
+            (e: unknown) => e,
+          );
+          expect(err).to.be.instanceOf(RedisEvictsKeysError);
+          expect(String(err)).to.include(policy).and.to.include('noeviction');
+          const refused = await cache.remember('https://iss.example', `ev-${policy}`, exp()).then(
+            () => undefined,
+            (e: unknown) => e,
+          );
+          expect(refused).to.be.instanceOf(RedisEvictsKeysError);
+        } finally {
+          await cache.close();
+        }
+        // Nothing was stored meanwhile: once Redis keeps its keys, the same jti is new.
+        await admin.config('SET', 'maxmemory-policy', 'noeviction');
+        const fixed = createRedisReplayCache({ url, prefix });
+        try {
+          expect(await fixed.remember('https://iss.example', `ev-${policy}`, exp())).to.equal(true);
+        } finally {
+          await fixed.close();
+        }
+      });
+    }
+
+    it('accepts tokens once the policy is noeviction (read before the first token)', async () => {
+      await admin.config('SET', 'maxmemory-policy', 'noeviction');
+      const cache = createRedisReplayCache({ url, prefix });
+      try {
+        await cache.ready();
+        expect(await cache.remember('https://iss.example', 'after-fix', exp())).to.equal(true);
+      } finally {
+        await cache.close();
+      }
+    });
   });
 });
