@@ -83,16 +83,11 @@ export function coalesceReads<T>(read: () => Promise<T>): () => Promise<T> {
     if (!running) {
       return start();
     }
-    next ??= running.then(
-      () => {
-        next = undefined;
-        return start();
-      },
-      () => {
-        next = undefined;
-        return start();
-      },
-    );
+    const again = (): Promise<T> => {
+      next = undefined;
+      return start();
+    };
+    next ??= running.then(again, again);
     return next;
   };
 }

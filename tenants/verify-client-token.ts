@@ -89,7 +89,7 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
   const issuerKeys = createIssuerKeys({ fetcher: opts.jwks ?? createJwksFetcher({ now }) });
   const { controlPlane } = opts;
 
-  function resolveTenant(tenants: Tenant[], claim: unknown): Tenant {
+  function resolveTenant(tenants: readonly Tenant[], claim: unknown): Tenant {
     if (claim === undefined) {
       const [only] = tenants;
       if (tenants.length === 1 && only) {
@@ -102,6 +102,33 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
       throw new AuthError('bad_tenant');
     }
     return match;
+  }
+
+  /**
+   * Step 2 past the issuer lookup: the tenant the token names among the issuer's `candidates`,
+   * active, and its registration of `iss`. Sets `info.tenant` once the tenant is known.
+   */
+  function registrationOf(
+    candidates: readonly Tenant[],
+    iss: string,
+    tenantClaim: unknown,
+    info?: FailureInfo,
+  ): { tenant: Tenant; registration: TrustedIssuer } {
+    if (candidates.length === 0) {
+      throw new AuthError('unknown_issuer');
+    }
+    const tenant = resolveTenant(candidates, tenantClaim);
+    if (info) {
+      info.tenant = tenant.id;
+    }
+    if (tenant.status !== 'active') {
+      throw new AuthError('suspended');
+    }
+    const registration = tenant.issuers.find((i) => i.iss === iss);
+    if (!registration) {
+      throw new AuthError('unknown_issuer');
+    }
+    return { tenant, registration };
   }
 
   function checkAudience(claims: Claims, audience: string): void {
@@ -137,18 +164,14 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     check: (registration: TrustedIssuer) => Promise<Claims>,
   ): { registration: TrustedIssuer; claims: Promise<Claims> } | undefined {
     const known = controlPlane.tenants.peekIssuer?.(iss);
-    if (!known || known.length === 0) {
+    if (!known) {
       return undefined;
     }
-    let tenant: Tenant;
+    let registration: TrustedIssuer;
     try {
-      tenant = resolveTenant([...known], tenantClaim);
+      ({ registration } = registrationOf(known, iss, tenantClaim));
     } catch {
-      return undefined;
-    }
-    const registration = tenant.issuers.find((i) => i.iss === iss);
-    if (tenant.status !== 'active' || !registration) {
-      return undefined;
+      return undefined; // the lookup will refuse it (or, if it changed, judge it anew)
     }
     const claims = check(registration);
     claims.catch(() => undefined); // dropped unless confirmed (then awaited, and thrown)
@@ -179,19 +202,7 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     const ahead = checkAhead(iss, unverified.tenant, (registration) =>
       signatureOf(jwt, header, kid, registration),
     );
-    const candidates = await lookup;
-    if (candidates.length === 0) {
-      throw new AuthError('unknown_issuer');
-    }
-    const tenant = resolveTenant(candidates, unverified.tenant);
-    info.tenant = tenant.id;
-    if (tenant.status !== 'active') {
-      throw new AuthError('suspended');
-    }
-    const registration = tenant.issuers.find((i) => i.iss === iss);
-    if (!registration) {
-      throw new AuthError('unknown_issuer');
-    }
+    const { tenant, registration } = registrationOf(await lookup, iss, unverified.tenant, info);
 
     // From here on, only the verified payload is trusted.
     const claims = await (ahead?.registration === registration

@@ -265,8 +265,9 @@ async function insertInvocationsAutocommit(
  * Hook-path record writes of one open store, batched: rows that arrive while a batch is being
  * written go together in the next one (one statement on SQLite, one transaction with one
  * multi-row INSERT per table on PostgreSQL), so the cost per record stops growing with the
- * statements' round trips. Every caller still waits for the commit of its own row. A batch refused by a unique constraint is
- * rolled back and its rows written one per transaction, so only the duplicate fails.
+ * statements' round trips. Every caller still waits for the commit of its own row. A batch
+ * refused by a unique constraint is rolled back and its rows written one at a time, so only
+ * the duplicate fails.
  */
 function createInvocationBatcher(h: StoreHandle): (p: PendingInvocation) => void {
   const pending: PendingInvocation[] = [];
