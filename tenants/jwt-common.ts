@@ -11,7 +11,7 @@ import crypto from 'node:crypto';
 import { compactVerify, createLocalJWKSet, decodeJwt, decodeProtectedHeader } from 'jose';
 import type { JWK } from 'jose';
 import { AuthError } from './errors.ts';
-import type { AuthFailureReason, Jwks, JwksFetcher, TrustedIssuer } from './types.ts';
+import type { AuthFailureReason, Jwks, JwksFetcher, Tenant, TrustedIssuer } from './types.ts';
 
 /** Algorithms a verifier can ever be configured with: asymmetric signatures only. */
 export const ASYMMETRIC_ALGORITHMS: readonly string[] = [
@@ -157,6 +157,35 @@ export function unverifiedIssuer(payload: Claims): string {
     throw new AuthError('missing_claim', 'iss');
   }
   return iss;
+}
+
+/**
+ * After the issuer lookup: the tenant `choose` picks among the issuer's `candidates` (from the
+ * token's claims), which must be active, and its registration of `iss`. Sets `info.tenant`
+ * once the tenant is known (a later refusal is then reported for it).
+ * @throws AuthError `unknown_issuer`, `suspended`, or what `choose` throws.
+ */
+export function registrationOf(
+  candidates: readonly Tenant[],
+  iss: string,
+  choose: (candidates: readonly Tenant[]) => Tenant,
+  info?: FailureInfo,
+): { tenant: Tenant; registration: TrustedIssuer } {
+  if (candidates.length === 0) {
+    throw new AuthError('unknown_issuer');
+  }
+  const tenant = choose(candidates);
+  if (info) {
+    info.tenant = tenant.id;
+  }
+  if (tenant.status !== 'active') {
+    throw new AuthError('suspended');
+  }
+  const registration = tenant.issuers.find((i) => i.iss === iss);
+  if (!registration) {
+    throw new AuthError('unknown_issuer');
+  }
+  return { tenant, registration };
 }
 
 /** Caps an untrusted value before it goes to `onFailure` (and from there to logs). */

@@ -30,6 +30,7 @@ import {
   createIssuerKeys,
   decodeUnverified,
   parseBearer,
+  registrationOf,
   reportFailures,
   resolveAlgorithms,
   truncateInfo,
@@ -104,33 +105,6 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     return match;
   }
 
-  /**
-   * Step 2 past the issuer lookup: the tenant the token names among the issuer's `candidates`,
-   * active, and its registration of `iss`. Sets `info.tenant` once the tenant is known.
-   */
-  function registrationOf(
-    candidates: readonly Tenant[],
-    iss: string,
-    tenantClaim: unknown,
-    info?: FailureInfo,
-  ): { tenant: Tenant; registration: TrustedIssuer } {
-    if (candidates.length === 0) {
-      throw new AuthError('unknown_issuer');
-    }
-    const tenant = resolveTenant(candidates, tenantClaim);
-    if (info) {
-      info.tenant = tenant.id;
-    }
-    if (tenant.status !== 'active') {
-      throw new AuthError('suspended');
-    }
-    const registration = tenant.issuers.find((i) => i.iss === iss);
-    if (!registration) {
-      throw new AuthError('unknown_issuer');
-    }
-    return { tenant, registration };
-  }
-
   function checkAudience(claims: Claims, audience: string): void {
     // Exact comparison: no case folding, no trailing-slash leniency (CDS Hooks 2.0 §8.2).
     if (!audienceList(claims).includes(audience)) {
@@ -169,7 +143,7 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     }
     let registration: TrustedIssuer;
     try {
-      ({ registration } = registrationOf(known, iss, tenantClaim));
+      ({ registration } = registrationOf(known, iss, (c) => resolveTenant(c, tenantClaim)));
     } catch {
       return undefined; // the lookup will refuse it (or, if it changed, judge it anew)
     }
@@ -202,7 +176,12 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     const ahead = checkAhead(iss, unverified.tenant, (registration) =>
       signatureOf(jwt, header, kid, registration),
     );
-    const { tenant, registration } = registrationOf(await lookup, iss, unverified.tenant, info);
+    const { tenant, registration } = registrationOf(
+      await lookup,
+      iss,
+      (candidates) => resolveTenant(candidates, unverified.tenant),
+      info,
+    );
 
     // From here on, only the verified payload is trusted.
     const claims = await (ahead?.registration === registration

@@ -29,6 +29,7 @@ import {
   createIssuerKeys,
   decodeUnverified,
   parseBearer,
+  registrationOf,
   reportFailures,
   resolveAlgorithms,
   truncateInfo,
@@ -124,7 +125,7 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
   const { controlPlane } = opts;
 
   /** The one tenant of this issuer that allowlists the launch's FHIR server. */
-  function chooseTenant(candidates: Tenant[], context: IdTokenContext): Tenant {
+  function chooseTenant(candidates: readonly Tenant[], context: IdTokenContext): Tenant {
     const base =
       typeof context.fhirServer === 'string' ? normalizeBase(context.fhirServer) : undefined;
     if (base === undefined) {
@@ -175,19 +176,12 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
     });
     const iss = unverifiedIssuer(unverified);
     info.iss = truncateInfo(iss);
-    const candidates = await controlPlane.tenants.findByIssuer(iss);
-    if (candidates.length === 0) {
-      throw new AuthError('unknown_issuer');
-    }
-    const tenant = chooseTenant(candidates, context);
-    info.tenant = tenant.id;
-    if (tenant.status !== 'active') {
-      throw new AuthError('suspended');
-    }
-    const registration = tenant.issuers.find((i) => i.iss === iss);
-    if (!registration) {
-      throw new AuthError('unknown_issuer');
-    }
+    const { tenant, registration } = registrationOf(
+      await controlPlane.tenants.findByIssuer(iss),
+      iss,
+      (candidates) => chooseTenant(candidates, context),
+      info,
+    );
     // The header holds no jku (refused above), so only the registration's keys are used.
     const keystore = await issuerKeys.keysFor(registration, header, kid);
     const claims = await verifySignature(jwt, keystore, { algorithms, kid });
