@@ -79,6 +79,11 @@ export interface PackProgram {
   rules: CompiledRule[];
   rulesById: Map<string, CompiledRule>;
   valueSets: Map<string, ValueSetIndex>;
+  /**
+   * Every expression of the pack compiled on the fast path (none needs fhirpath.js by its
+   * form), so the pack may be evaluated in the calling thread under `runGuarded`.
+   */
+  allFast: boolean;
 }
 
 /** The scope of a pack's expressions: its let and value-set names. */
@@ -167,6 +172,8 @@ export function cardTextFields(card: unknown): CardTextField[] {
 class Compiler {
   readonly problems: PackProblem[] = [];
   readonly letRefs = new Set<string>();
+  /** No expression so far needed fhirpath.js by its form. */
+  allFast = true;
   private readonly table;
   private readonly scope: ExprScope;
   private readonly letNames: Set<string>;
@@ -204,12 +211,15 @@ class Compiler {
     }
     // The fast path (issue 6) where it can, fhirpath.js for the rest and as its fallback.
     const slow = compileExpression(source, this.table, raw);
-    return this.fastPath
-      ? withFallback(
-          compileFast(source, { raw, valueSets: this.valueSets, ast: analysis.ast }),
-          slow,
-        )
-      : slow;
+    if (!this.fastPath) {
+      this.allFast = false;
+      return slow;
+    }
+    const fast = compileFast(source, { raw, valueSets: this.valueSets, ast: analysis.ast });
+    if (!fast) {
+      this.allFast = false;
+    }
+    return withFallback(fast, slow);
   }
 
   text(source: string, path: string): CompiledText {
@@ -374,7 +384,15 @@ export function compileProgram(
   if (c.problems.length > 0) {
     throw new PackValidationError(c.problems);
   }
-  return { hash, pack, lets, rules, rulesById: new Map(rules.map((r) => [r.id, r])), valueSets };
+  return {
+    hash,
+    pack,
+    lets,
+    rules,
+    rulesById: new Map(rules.map((r) => [r.id, r])),
+    valueSets,
+    allFast: c.allFast,
+  };
 }
 
 /** A small LRU map. */

@@ -12,8 +12,15 @@ import type {
   PackProgram,
 } from './compile-pack.ts';
 import { collectionText, instantValues, safeErrorMessage, SafeEvalError } from './expression.ts';
-import { fastInstantValues } from './fast-path.ts';
+import { fastInstantValues, HandOff } from './fast-path.ts';
 import type { EvaluationInput, LetTraceEntry, RawCard, TraceEntry } from './types.ts';
+
+/** A guarded run's hand-off passes through every per-rule catch (see fast-path runGuarded). */
+function passHandOff(err: unknown): void {
+  if (err instanceof HandOff) {
+    throw err;
+  }
+}
 
 /** Card summaries must stay under this many characters (CDS Hooks 2.0). */
 export const SUMMARY_LIMIT = 140;
@@ -172,6 +179,7 @@ export function buildCard(
     try {
       return f();
     } catch (err) {
+      passHandOff(err);
       throw new SafeEvalError(`card.${name}: ${safeErrorMessage(err)}`);
     }
   };
@@ -322,6 +330,7 @@ class RuleRun {
       hooks.onLet?.({ name, status: 'ok', durationMs: performance.now() - t0 });
       return undefined;
     } catch (err) {
+      passHandOff(err);
       const msg = safeErrorMessage(err);
       this.letErrors.set(name, msg);
       hooks.onLet?.({ name, status: 'error', durationMs: performance.now() - t0, error: msg });
@@ -372,6 +381,7 @@ class RuleRun {
     try {
       result = rule.when(this.root, this.vars);
     } catch (err) {
+      passHandOff(err);
       this.done(rule, t0, 'error', false, undefined, `when: ${safeErrorMessage(err)}`);
       return;
     }
@@ -387,6 +397,7 @@ class RuleRun {
     try {
       card = buildCard(rule.id, rule.card, this.root, this.vars);
     } catch (err) {
+      passHandOff(err);
       this.done(rule, t0, 'error', true, undefined, safeErrorMessage(err));
       return;
     }

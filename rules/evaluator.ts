@@ -7,6 +7,10 @@
  * per-rule and a per-call deadline. When one passes, it terminates the worker (the pool
  * replaces it), marks the rule that was running `timeout`, and continues the remaining rules
  * in another worker while the call budget lasts; rules left when it runs out are `skipped`.
+ *
+ * With `inlineSliceMs`, a pack whose every expression is on the fast path is first run in the
+ * calling thread under a time slice (`runGuarded`: no fhirpath.js there, the clock read as the
+ * fast path works); a call that cannot finish that way goes to a worker from the start.
  * See rules/README.md.
  */
 import { readFileSync } from 'node:fs';
@@ -15,8 +19,10 @@ import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
+import type { PackProgram } from './compile-pack.ts';
 import { programFor } from './compile-pack.ts';
 import { runRules } from './evaluate-core.ts';
+import { HandOff, runGuarded } from './fast-path.ts';
 import type {
   Progress,
   RunMessage,
@@ -83,6 +89,10 @@ export interface EvaluatorStats {
   workersReplaced: number;
   /** Calls evaluated. */
   calls: number;
+  /** Calls evaluated in the calling thread under a time slice (`inlineSliceMs`). */
+  inline?: number;
+  /** Calls whose guarded run in the calling thread handed them to a worker. */
+  handedOff?: number;
 }
 
 export interface EvaluatorOptions {
@@ -98,6 +108,28 @@ export interface EvaluatorOptions {
   workers?: number;
   /** Heap limit of a worker (MB); a rule that exhausts it fails like a crashed worker. Default 512. */
   workerMemoryMb?: number;
+  /**
+   * With workers: a call of a pack whose every expression is on the fast path is first
+   * evaluated in the calling thread, under a slice of this many ms (the fast path reads the
+   * clock as it works and gives up past it; it never runs fhirpath.js there). A call that
+   * cannot finish that way (slice used up, an expression needing fhirpath.js at run time) is
+   * evaluated from the start in a worker, under the budgets above. 0 = always in a worker.
+   * Default 0.
+   */
+  inlineSliceMs?: number;
+}
+
+/** A pack stops being tried in the calling thread after this many hand-offs... */
+const INLINE_MIN_HANDOFFS = 10;
+/** ...if they are more than this share of its tries. */
+const INLINE_MAX_HANDOFF_SHARE = 0.05;
+
+/** How one pack fares in the calling thread. */
+interface InlineRecord {
+  /** Its program, or null: never in the calling thread (not all fast path, or handed off too often). */
+  program: PackProgram | null;
+  tries: number;
+  handOffs: number;
 }
 
 const WORKER_URL = new URL('./evaluator-worker.ts', import.meta.url);
@@ -501,14 +533,89 @@ class PooledEvaluator implements Evaluator {
   private readonly pool: WorkerPool;
   private closed = false;
   private calls = 0;
+  private inline = 0;
+  private handedOff = 0;
+  private readonly inlinePacks = new Map<string, InlineRecord>();
 
   constructor(
     private readonly callBudgetMs: number,
     private readonly ruleBudgetMs: number,
     workers: number,
     memoryMb: number,
+    private readonly inlineSliceMs: number,
   ) {
     this.pool = new WorkerPool(workers, memoryMb);
+  }
+
+  /** The pack's record for evaluation in the calling thread (created on first use). */
+  private inlineRecord(pack: CompiledPack): InlineRecord {
+    let rec = this.inlinePacks.get(pack.hash);
+    if (!rec) {
+      let program: PackProgram | null = null;
+      try {
+        const p = programFor(pack.hash, pack.pack);
+        program = p.allFast ? p : null;
+      } catch {
+        // Does not compile: the worker reports it, rule by rule.
+      }
+      rec = { program, tries: 0, handOffs: 0 };
+      // Bounded like the compiled-pack caches: an old pack's record is simply made again.
+      if (this.inlinePacks.size >= 256) {
+        this.inlinePacks.clear();
+      }
+      this.inlinePacks.set(pack.hash, rec);
+    }
+    return rec;
+  }
+
+  /**
+   * Evaluates a call in this thread under the slice, or returns undefined (nothing kept) if it
+   * must go to a worker. The rules see the caller's input objects: nothing in a fast-path run
+   * writes to them (spec/rules/evaluator.spec.ts checks). Cards are copied, as a worker's are.
+   */
+  private tryInline(
+    pack: CompiledPack,
+    serviceId: string,
+    input: EvaluationInput,
+    ruleIds: readonly string[],
+    started: number,
+  ): EvaluationResult | undefined {
+    const rec = this.inlineRecord(pack);
+    const program = rec.program;
+    if (!program) {
+      return undefined;
+    }
+    rec.tries++;
+    const call = new CallState(ruleIds);
+    try {
+      runGuarded(this.inlineSliceMs, () => {
+        runRules(program, input, call.ruleIds, {
+          onLet: (e) => {
+            call.addLet(e);
+          },
+          onRule: (e, card) => {
+            call.set(e, card);
+          },
+        });
+      });
+    } catch (err) {
+      if (!(err instanceof HandOff)) {
+        throw err;
+      }
+      rec.handOffs++;
+      this.handedOff++;
+      if (
+        rec.handOffs >= INLINE_MIN_HANDOFFS &&
+        rec.handOffs > rec.tries * INLINE_MAX_HANDOFF_SHARE
+      ) {
+        rec.program = null;
+      }
+      return undefined;
+    }
+    this.inline++;
+    const result = call.finish(pack, serviceId, started, 'call budget exhausted');
+    result.cards = structuredClone(result.cards);
+    return result;
   }
 
   async evaluate(
@@ -524,6 +631,12 @@ class PooledEvaluator implements Evaluator {
     const deadline = started + this.callBudgetMs;
     const call = new CallState(ruleIdsOf(pack, serviceId));
     this.calls++;
+    if (this.inlineSliceMs > 0) {
+      const done = this.tryInline(pack, serviceId, input, call.ruleIds, started);
+      if (done) {
+        return done;
+      }
+    }
     this.pool.noteUse(pack);
     // The input crosses to the worker as JSON text, serialized once per call.
     let serialized: SerializedInput;
@@ -765,6 +878,8 @@ class PooledEvaluator implements Evaluator {
     return {
       workersStarted: this.pool.started,
       workersReplaced: this.pool.replaced,
+      inline: this.inline,
+      handedOff: this.handedOff,
       calls: this.calls,
     };
   }
@@ -879,5 +994,15 @@ export function createEvaluator(opts: EvaluatorOptions = {}): Evaluator {
   if (workers === 0) {
     return new InlineEvaluator(callBudgetMs);
   }
-  return new PooledEvaluator(callBudgetMs, ruleBudgetMs, workers, opts.workerMemoryMb ?? 512);
+  const inlineSliceMs = opts.inlineSliceMs ?? 0;
+  if (!(inlineSliceMs >= 0) || !Number.isFinite(inlineSliceMs)) {
+    throw new RangeError('inlineSliceMs must be a finite number >= 0');
+  }
+  return new PooledEvaluator(
+    callBudgetMs,
+    ruleBudgetMs,
+    workers,
+    opts.workerMemoryMb ?? 512,
+    inlineSliceMs,
+  );
 }

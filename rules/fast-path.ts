@@ -148,6 +148,53 @@ function unsupported(): never {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Guarded runs in the calling thread (issue 6).
+
+/**
+ * Thrown out of a run under `runGuarded` when the call must be evaluated in a worker instead:
+ * an expression needs fhirpath.js (which cannot be interrupted), or the run used up its time
+ * slice. Nothing of the run is kept; the worker evaluates the call from the start.
+ */
+export class HandOff extends Error {}
+const HAND_OFF = new HandOff('evaluate this call in a worker');
+
+/** Items processed between two looks at the clock during a guarded run. */
+const FUEL_CHUNK = 4096;
+const guard = { active: false, deadline: 0, fuel: 0 };
+
+/**
+ * Runs `f` (an evaluation over fast-path programs) in the calling thread with a time slice:
+ * every loop of the fast path charges the items it processes, and every 4,096 items the clock
+ * is read; past `sliceMs` the run throws `HandOff`. Within the run, an expression the fast path
+ * cannot do throws `HandOff` instead of falling back to fhirpath.js. So the calling thread is
+ * never held longer than about the slice, whatever the pack or the input.
+ * @throws HandOff as above; whatever `f` throws otherwise.
+ */
+export function runGuarded<T>(sliceMs: number, f: () => T): T {
+  if (guard.active) {
+    throw new Error('runGuarded cannot be nested');
+  }
+  guard.active = true;
+  guard.deadline = performance.now() + sliceMs;
+  guard.fuel = FUEL_CHUNK;
+  try {
+    return f();
+  } finally {
+    guard.active = false;
+  }
+}
+
+/** Counts `n` items of work against the guarded run's slice (nothing outside one). */
+function charge(n: number): void {
+  if (guard.active && (guard.fuel -= n) < 0) {
+    if (performance.now() >= guard.deadline) {
+      throw HAND_OFF;
+    }
+    guard.fuel = FUEL_CHUNK;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-call state.
 
 const KIDS_KEY = Symbol('cellcds.childKey');
@@ -255,6 +302,7 @@ function variable(env: Env, name: string): Items {
     unsupported();
   }
   const value: unknown = call.vars[name];
+  charge(Array.isArray(value) ? value.length : 1);
   const processed = Array.isArray(value)
     ? value.map((i) => wrapVarItem(call, i))
     : wrapVarItem(call, value);
@@ -500,6 +548,7 @@ function childrenOf(res: Item, key: string): Items {
 
 /** engine.MemberInvocation */
 function member(input: Items, key: string, atRoot: number | undefined, env: Env): Items {
+  charge(input.length + 1);
   const { ResourceNode, TypeInfo, ctx } = internals();
   const result: Items = [];
   for (const item of input) {
@@ -593,6 +642,7 @@ function stringOf(item: Item): string | undefined {
 
 /** filtering.distinctFn, for collections of string-like items (else unsupported). */
 function distinctStrings(items: Items): Items {
+  charge(items.length);
   const seen = new Set<string>();
   const out: Items = [];
   for (const item of items) {
@@ -1340,6 +1390,7 @@ class FastCompiler {
         if (input.length === 0) {
           return [];
         }
+        charge(input.length);
         const { util } = internals();
         return [
           anyInValueSet(
@@ -1394,7 +1445,9 @@ class FastCompiler {
           const scope = new ItemScope(env);
           for (let i = 0; i < input.length; i++) {
             env.$index = i;
-            for (const v of scope.run(proj, input[i], i)) {
+            const vs = scope.run(proj, input[i], i);
+            charge(vs.length);
+            for (const v of vs) {
               out.push(v);
             }
           }
@@ -1422,12 +1475,19 @@ class FastCompiler {
       case 'ofType': {
         arity(1);
         const tt = new TypeTest(typeSpecifier(params[0] as AstNode), 'convertible');
-        return (input) => input.filter((v) => tt.test(v));
+        return (input) => {
+          charge(input.length);
+          return input.filter((v) => tt.test(v));
+        };
       }
       case 'combine': {
         arity(1);
         const other = this.param(params[0] as AstNode);
-        return (input, env) => input.concat(other(input, env));
+        return (input, env) => {
+          const out = input.concat(other(input, env));
+          charge(out.length);
+          return out;
+        };
       }
       case 'union': {
         arity(1);
@@ -1443,6 +1503,7 @@ class FastCompiler {
             return [];
           }
           const wanted = new Set<string>();
+          charge(coll2.length);
           for (const item of coll2) {
             const s = stringOf(item);
             if (s === undefined) {
@@ -1536,7 +1597,10 @@ class FastCompiler {
       }
       case 'sort': {
         if (n === 0) {
-          return (input) => input.slice().sort(compareValues);
+          return (input) => {
+            charge(input.length * Math.ceil(Math.log2(input.length + 1)));
+            return input.slice().sort(compareValues);
+          };
         }
         if (n !== 1) {
           throw new Refused('sort by several keys');
@@ -1551,6 +1615,7 @@ class FastCompiler {
           if (input.length < 2) {
             return input.slice();
           }
+          charge(input.length * Math.ceil(Math.log2(input.length + 1)));
           const decorated = input.map((item) => {
             const t = [item];
             const r = keyFn(t, { root: env.root, $this: t, $index: undefined, call: env.call });
@@ -1602,6 +1667,7 @@ class ItemScope {
   }
 
   run(f: Fn, x: Item, i: number): Items {
+    charge(1);
     const e = this.env;
     e.$index = i;
     let t: Items;
@@ -1760,17 +1826,26 @@ export function compileFast(
 
 /**
  * The fast path with fhirpath.js behind it: any evaluation the fast path cannot do (or that
- * throws) is done again by `slow`, whose result or error is the answer.
+ * throws) is done again by `slow`, whose result or error is the answer. Inside `runGuarded`,
+ * where fhirpath.js must not run, that throws `HandOff` instead.
  */
 export function withFallback(fast: CompiledFn | undefined, slow: CompiledFn): CompiledFn {
   if (!fast) {
-    return slow;
+    return (root, vars) => {
+      if (guard.active) {
+        throw HAND_OFF;
+      }
+      return slow(root, vars);
+    };
   }
   return (root, vars) => {
     let out: unknown[];
     try {
       out = fast(root, vars);
     } catch {
+      if (guard.active) {
+        throw HAND_OFF;
+      }
       fastPathStats.fallbacks++;
       return slow(root, vars);
     }

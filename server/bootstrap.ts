@@ -160,6 +160,7 @@ export async function buildDeps(
   }
   const metrics = new Metrics({
     region: region.id,
+    evaluations: () => evaluator.stats(),
     jobs: async () =>
       (await Promise.all((await stores.listTenants()).map((t) => stores.listJobs(t))))
         .flat()

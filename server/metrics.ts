@@ -50,6 +50,8 @@ export interface MetricsOptions {
    * with `jobProgress` when jobs report their own progress.
    */
   jobs?: () => Promise<readonly JobProgress[]>;
+  /** Read on each scrape: the evaluator's counters (where calls were evaluated). */
+  evaluations?: () => { calls: number; inline?: number; handedOff?: number };
 }
 
 const LABEL_VALUE = /^[A-Za-z0-9._:@/-]{1,128}$/;
@@ -123,6 +125,7 @@ export class Metrics {
   private readonly jobDone: Gauge<'kind'>;
   private readonly jobTotal: Gauge<'kind'>;
   private readonly jobsFinished: Counter<'kind' | 'status'>;
+  private readonly evaluationsSeen = { inline: 0, worker: 0, handed_off: 0 };
   private readonly services: BoundedLabel;
   private readonly packs: BoundedLabel;
   private readonly rules: BoundedLabel;
@@ -190,6 +193,30 @@ export class Metrics {
       labelNames: ['kind', 'status'],
       registers,
     });
+    const evaluations = opts.evaluations;
+    if (evaluations) {
+      const seen = this.evaluationsSeen;
+      new Counter({
+        name: 'cellcds_evaluations_total',
+        help: 'Hook evaluations by where they ran: inline (the calling thread, under a time slice) or worker; handed_off counts inline attempts that went on in a worker',
+        labelNames: ['where'],
+        registers,
+        collect() {
+          const s = evaluations();
+          const now = {
+            inline: s.inline ?? 0,
+            worker: s.calls - (s.inline ?? 0),
+            handed_off: s.handedOff ?? 0,
+          };
+          for (const where of ['inline', 'worker', 'handed_off'] as const) {
+            if (now[where] > seen[where]) {
+              this.inc({ where }, now[where] - seen[where]);
+              seen[where] = now[where];
+            }
+          }
+        },
+      });
+    }
     if (opts.defaultMetrics ?? true) {
       collectDefaultMetrics({ register: this.registry });
     }

@@ -42,6 +42,21 @@ const DRAFTS = [
   draft('1049221', 'Acetaminophen 325 MG / Oxycodone Hydrochloride 5 MG Oral Tablet'),
 ];
 
+/** Every call the specs make: each Synthea patient, each service, each draft set. */
+function* corpusCalls(pack: RulePack) {
+  for (const p of syntheaManifest()) {
+    const record = readPatientBundle(readJson(path.join(SYNTHEA_DIR, p.file)));
+    const now = new Date(`${p.last_encounter}T23:59:59Z`);
+    for (const service of pack.services) {
+      const draftSets = service.hook === 'patient-view' ? [[]] : DRAFTS.map((d) => [d]);
+      for (const draftOrders of draftSets) {
+        const request = buildRequestFromRecord({ service, record, draftOrders });
+        yield { file: p.file, service, draftOrders, request, now };
+      }
+    }
+  }
+}
+
 describe('differential: engine vs fhirpath.js on the shipped pack over all Synthea patients', function () {
   this.timeout(180_000);
   const pack = YAML.parse(fs.readFileSync(PACK_FILE, 'utf8')) as RulePack;
@@ -59,39 +74,76 @@ describe('differential: engine vs fhirpath.js on the shipped pack over all Synth
     let compared = 0;
     let firedTotal = 0;
     const mismatches: string[] = [];
-    for (const p of syntheaManifest()) {
-      const record = readPatientBundle(readJson(path.join(SYNTHEA_DIR, p.file)));
-      const now = new Date(`${p.last_encounter}T23:59:59Z`);
-      for (const service of pack.services) {
-        const draftSets = service.hook === 'patient-view' ? [[]] : DRAFTS.map((d) => [d]);
-        for (const draftOrders of draftSets) {
-          const request = buildRequestFromRecord({ service, record, draftOrders });
-          const expected = reference
-            .fired(service.id, request, reference.variables(request, now))
-            .sort();
-          const result = await evaluator.evaluate(compiled, service.id, {
-            hook: service.hook,
-            hookInstance: crypto.randomUUID(),
-            context: request.context,
-            prefetch: request.prefetch ?? {},
-            now,
-          });
-          const errors = result.trace.filter((t) => t.status === 'error' || t.status === 'timeout');
-          const actual = result.cards.map((c) => c.ruleId);
-          const actualSet = [...new Set(actual)].sort();
-          compared++;
-          firedTotal += expected.length;
-          if (errors.length > 0 || JSON.stringify(actualSet) !== JSON.stringify(expected)) {
-            mismatches.push(
-              `${p.file} ${service.id} ${JSON.stringify(draftOrders.map((d) => (d.medicationCodeableConcept as { text: string }).text))}: engine ${JSON.stringify(actualSet)} errors ${JSON.stringify(errors)} vs fhirpath.js ${JSON.stringify(expected)}`,
-            );
-          }
-        }
+    for (const { file, service, draftOrders, request, now } of corpusCalls(pack)) {
+      const expected = reference
+        .fired(service.id, request, reference.variables(request, now))
+        .sort();
+      const result = await evaluator.evaluate(compiled, service.id, {
+        hook: service.hook,
+        hookInstance: crypto.randomUUID(),
+        context: request.context,
+        prefetch: request.prefetch ?? {},
+        now,
+      });
+      const errors = result.trace.filter((t) => t.status === 'error' || t.status === 'timeout');
+      const actual = result.cards.map((c) => c.ruleId);
+      const actualSet = [...new Set(actual)].sort();
+      compared++;
+      firedTotal += expected.length;
+      if (errors.length > 0 || JSON.stringify(actualSet) !== JSON.stringify(expected)) {
+        mismatches.push(
+          `${file} ${service.id} ${JSON.stringify(draftOrders.map((d) => (d.medicationCodeableConcept as { text: string }).text))}: engine ${JSON.stringify(actualSet)} errors ${JSON.stringify(errors)} vs fhirpath.js ${JSON.stringify(expected)}`,
+        );
       }
     }
     expect(mismatches, mismatches.slice(0, 5).join('\n')).to.deep.equal([]);
     // The comparison is not vacuous: many rules fired across the corpus.
     expect(compared).to.equal(53 * (1 + 2 * DRAFTS.length));
     expect(firedTotal).to.be.greaterThan(40);
+  });
+
+  it('in the calling thread (inlineSliceMs): the same results as the workers, input untouched', async () => {
+    // A generous slice so that a slow machine does not hand calls off: here every call of the
+    // shipped pack must finish in the calling thread.
+    const inline = createEvaluator({ workers: 1, inlineSliceMs: 1000 });
+    const strip = (r: {
+      trace: Array<{ durationMs: number }>;
+      lets?: Array<{ durationMs: number }>;
+    }) =>
+      JSON.stringify({
+        ...r,
+        durationMs: 0,
+        trace: r.trace.map((t) => ({ ...t, durationMs: 0 })),
+        lets: r.lets?.map((l) => ({ ...l, durationMs: 0 })),
+      });
+    try {
+      let calls = 0;
+      const differences: string[] = [];
+      for (const { file, service, request, now } of corpusCalls(pack)) {
+        const input = {
+          hook: service.hook,
+          hookInstance: crypto.randomUUID(),
+          context: request.context,
+          prefetch: request.prefetch ?? {},
+          now,
+        };
+        const before = JSON.stringify(input);
+        const here = await inline.evaluate(compiled, service.id, input);
+        const there = await evaluator.evaluate(compiled, service.id, input);
+        calls++;
+        if (JSON.stringify(input) !== before) {
+          differences.push(`${file} ${service.id}: the input changed`);
+        }
+        if (strip(here) !== strip(there)) {
+          differences.push(`${file} ${service.id}: ${strip(here)} vs ${strip(there)}`);
+        }
+      }
+      expect(differences, differences.slice(0, 3).join('\n')).to.deep.equal([]);
+      const stats = inline.stats();
+      expect(stats.inline).to.equal(calls);
+      expect(stats.handedOff).to.equal(0);
+    } finally {
+      await inline.close();
+    }
   });
 });

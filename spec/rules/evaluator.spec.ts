@@ -8,6 +8,12 @@ const RXNORM = 'http://www.nlm.nih.gov/research/umls/rxnorm';
 /** A ten-item collection; nesting `select` over it multiplies: 10^7 items take many seconds. */
 const DIGITS = '(0|1|2|3|4|5|6|7|8|9)';
 const SLOW = `${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS}.select(${DIGITS})))))).count() > 0`;
+/**
+ * The same blow-up on the fast path: string literals (which it unions) and a `$this` at the
+ * bottom, so no level is a call constant it could compute once. 10^7 items: seconds.
+ */
+const STRINGS = "('0'|'1'|'2'|'3'|'4'|'5'|'6'|'7'|'8'|'9')";
+const SLOW_FAST = `${Array.from({ length: 7 }).reduce<string>((e) => `${STRINGS}.select(${e})`, '$this')}.count() > 0`;
 /** A planted patient name: it must never appear in an error message. */
 const PLANTED = 'Zebulon';
 
@@ -581,6 +587,122 @@ describe('rules: evaluator', function () {
     it('refuses nonsense budgets', () => {
       expect(() => createEvaluator({ callBudgetMs: 0 })).to.throw(RangeError);
       expect(() => createEvaluator({ workers: -1 })).to.throw(RangeError);
+      expect(() => createEvaluator({ inlineSliceMs: -1 })).to.throw(RangeError);
+      expect(() => createEvaluator({ inlineSliceMs: Number.NaN })).to.throw(RangeError);
+    });
+  });
+
+  describe('in the calling thread under a slice (inlineSliceMs, issue 6)', () => {
+    const without = (r: { trace: Array<{ durationMs: number }> }) =>
+      r.trace.map((t) => ({ ...t, durationMs: 0 }));
+
+    it('evaluates a pack wholly on the fast path in the calling thread, as a worker would', async () => {
+      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000 });
+      try {
+        const compiled = compilePack(
+          pack([
+            rule('a', '%selections.exists()', '{{ %selections.id }} {{ %now }}'),
+            rule('b', "%patient.gender = 'female'"),
+            rule('c', '%patient.exists().not()'),
+          ]),
+        );
+        const inp = input();
+        const before = JSON.stringify(inp);
+        const here = await ev.evaluate(compiled, 'svc', inp);
+        const there = await evaluator.evaluate(compiled, 'svc', input());
+        expect(here.cards).to.deep.equal(there.cards);
+        expect(without(here)).to.deep.equal(without(there));
+        expect(here.cards.map((c) => c.summary)).to.deep.equal([
+          'd1 2024-02-29T10:15:00.000Z',
+          'card of b',
+        ]);
+        expect(JSON.stringify(inp)).to.equal(before);
+        expect(ev.stats()).to.include({ calls: 1, inline: 1, handedOff: 0 });
+      } finally {
+        await ev.close();
+      }
+    });
+
+    it('hands a run past its slice to a worker, whose rule budget applies; the calling thread is held about the slice', async () => {
+      const ev = createEvaluator({
+        workers: 1,
+        inlineSliceMs: 20,
+        ruleBudgetMs: 300,
+        callBudgetMs: 5000,
+      });
+      try {
+        await ev.ready();
+        const compiled = compilePack(
+          pack([rule('before', '%selections.count() = 1'), rule('slow', SLOW_FAST)]),
+        );
+        const t0 = performance.now();
+        const pending = ev.evaluate(compiled, 'svc', input());
+        // evaluate() runs the guarded attempt before it first waits: this is how long the
+        // calling thread was held.
+        const heldMs = performance.now() - t0;
+        const result = await pending;
+        expect(heldMs).to.be.below(250);
+        expect(result.trace.map((t) => [t.ruleId, t.status])).to.deep.equal([
+          ['before', 'fired'],
+          ['slow', 'timeout'],
+        ]);
+        expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['before']);
+        expect(ev.stats()).to.include({ calls: 1, inline: 0, handedOff: 1, workersReplaced: 1 });
+      } finally {
+        await ev.close();
+      }
+    });
+
+    it('keeps a pack with an expression outside the fast path in the workers', async () => {
+      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000 });
+      try {
+        // matches() is not on the fast path: the pack is never tried in the calling thread.
+        const compiled = compilePack(pack([rule('m', "%patient.gender.matches('^fem')")]));
+        const result = await ev.evaluate(compiled, 'svc', input());
+        expect(result.trace.map((t) => t.status)).to.deep.equal(['fired']);
+        expect(ev.stats()).to.include({ calls: 1, inline: 0, handedOff: 0 });
+      } finally {
+        await ev.close();
+      }
+    });
+
+    it('hands off a call the fast path declines at run time (fhirpath.js never runs here), with the same result', async () => {
+      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000 });
+      try {
+        // Equality of two objects (names) is left to fhirpath.js at run time; it comes after
+        // a rule that has fired already, whose result is dropped with the attempt.
+        const compiled = compilePack(
+          pack([
+            rule('first', '%selections.exists()'),
+            rule('names', '%patient.name.first() = %patient.name.first()'),
+          ]),
+        );
+        const here = await ev.evaluate(compiled, 'svc', input());
+        const there = await evaluator.evaluate(compiled, 'svc', input());
+        expect(without(here)).to.deep.equal(without(there));
+        expect(here.cards).to.deep.equal(there.cards);
+        expect(here.trace.map((t) => t.status)).to.deep.equal(['fired', 'fired']);
+        expect(ev.stats()).to.include({ calls: 1, inline: 0, handedOff: 1 });
+      } finally {
+        await ev.close();
+      }
+    });
+
+    it('stops trying a pack in the calling thread once it keeps handing off', async () => {
+      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000 });
+      try {
+        const compiled = compilePack(
+          pack([rule('names', '%patient.name.first() = %patient.name.first()')]),
+        );
+        for (let i = 0; i < 25; i++) {
+          const r = await ev.evaluate(compiled, 'svc', input());
+          expect(r.trace.map((t) => t.status)).to.deep.equal(['fired']);
+        }
+        // Ten hand-offs in ten tries: the pack goes to the workers from then on.
+        expect(ev.stats()).to.include({ calls: 25, inline: 0, handedOff: 10 });
+      } finally {
+        await ev.close();
+      }
     });
   });
 });

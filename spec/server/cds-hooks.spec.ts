@@ -99,6 +99,24 @@ describe('CDS Hooks 2.0 endpoints (server)', () => {
     expect(uuids.size).to.equal(6);
   });
 
+  it('evaluates a pack wholly on the fast path in the calling thread, and says so in the metrics', async () => {
+    const token = await issuer.sign({ aud: svcUrl('tiny-order-sign') });
+    const res = await request(t.app)
+      .post('/cds-services/tiny-order-sign')
+      .set('authorization', `Bearer ${token}`)
+      .send(warfarinNsaidRequest());
+    expect(res.status).to.equal(200);
+    const metrics = await request(t.app).get('/metrics');
+    const count = (where: string) =>
+      Number(
+        new RegExp(`^cellcds_evaluations_total\\{[^}]*where="${where}"[^}]*\\} (\\d+)`, 'm').exec(
+          metrics.text,
+        )?.[1] ?? 0,
+      );
+    expect(count('inline')).to.be.at.least(1);
+    expect(count('handed_off')).to.equal(0);
+  });
+
   it('answers {"cards": []} when no rule fires', async () => {
     const body = warfarinNsaidRequest();
     (body.prefetch as Record<string, unknown>).meds = null; // null = no data

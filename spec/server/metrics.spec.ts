@@ -238,6 +238,29 @@ describe('server/ metrics', () => {
     expect(value(after, auth, { surface: 'admin', reason: 'unknown_token' })).to.equal(1);
   });
 
+  it('counts where evaluations ran (inline, worker, handed off) from the evaluator, on each scrape', async () => {
+    let stats = { calls: 0, inline: 0, handedOff: 0 };
+    const metrics = new Metrics({
+      region: 'us-east',
+      defaultMetrics: false,
+      evaluations: () => stats,
+    });
+    const name = 'cellcds_evaluations_total';
+    const first = parseExposition(await metrics.render());
+    expect(first.types.get(name)).to.equal('counter');
+    expect(value(first, name)).to.equal(0);
+    stats = { calls: 10, inline: 7, handedOff: 1 };
+    const second = parseExposition(await metrics.render());
+    expect(value(second, name, { where: 'inline' })).to.equal(7);
+    expect(value(second, name, { where: 'worker' })).to.equal(3);
+    expect(value(second, name, { where: 'handed_off' })).to.equal(1);
+    stats = { calls: 12, inline: 8, handedOff: 1 };
+    const third = parseExposition(await metrics.render());
+    expect(value(third, name, { where: 'inline' })).to.equal(8);
+    expect(value(third, name, { where: 'worker' })).to.equal(4);
+    expect(value(third, name, { where: 'handed_off' })).to.equal(1);
+  });
+
   it('sums rewrap job progress by kind, never by tenant, and counts a finished job once', async () => {
     const metrics = new Metrics({ region: 'eu-west', defaultMetrics: false });
     metrics.jobProgress({
