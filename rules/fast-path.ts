@@ -160,7 +160,12 @@ const HAND_OFF = new HandOff('evaluate this call in a worker');
 
 /** Items processed between two looks at the clock during a guarded run. */
 const FUEL_CHUNK = 4096;
-const guard = { active: false, deadline: 0, fuel: 0 };
+/** Inside `runGuarded`: fhirpath.js must not run. */
+let guarded = false;
+/** The guarded run's end (performance.now()). */
+let guardDeadline = 0;
+/** Items left before the next look at the clock; Infinity outside a guarded run (never runs out). */
+let fuel = Number.POSITIVE_INFINITY;
 
 /**
  * Runs `f` (an evaluation over fast-path programs) in the calling thread with a time slice:
@@ -171,27 +176,32 @@ const guard = { active: false, deadline: 0, fuel: 0 };
  * @throws HandOff as above; whatever `f` throws otherwise.
  */
 export function runGuarded<T>(sliceMs: number, f: () => T): T {
-  if (guard.active) {
+  if (guarded) {
     throw new Error('runGuarded cannot be nested');
   }
-  guard.active = true;
-  guard.deadline = performance.now() + sliceMs;
-  guard.fuel = FUEL_CHUNK;
+  guarded = true;
+  guardDeadline = performance.now() + sliceMs;
+  fuel = FUEL_CHUNK;
   try {
     return f();
   } finally {
-    guard.active = false;
+    guarded = false;
+    fuel = Number.POSITIVE_INFINITY;
   }
 }
 
-/** Counts `n` items of work against the guarded run's slice (nothing outside one). */
+/** Counts `n` items of work against the guarded run's slice (outside one, fuel is infinite). */
 function charge(n: number): void {
-  if (guard.active && (guard.fuel -= n) < 0) {
-    if (performance.now() >= guard.deadline) {
-      throw HAND_OFF;
-    }
-    guard.fuel = FUEL_CHUNK;
+  if ((fuel -= n) < 0) {
+    refuel();
   }
+}
+
+function refuel(): void {
+  if (performance.now() >= guardDeadline) {
+    throw HAND_OFF;
+  }
+  fuel = FUEL_CHUNK;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1832,7 +1842,7 @@ export function compileFast(
 export function withFallback(fast: CompiledFn | undefined, slow: CompiledFn): CompiledFn {
   if (!fast) {
     return (root, vars) => {
-      if (guard.active) {
+      if (guarded) {
         throw HAND_OFF;
       }
       return slow(root, vars);
@@ -1843,7 +1853,7 @@ export function withFallback(fast: CompiledFn | undefined, slow: CompiledFn): Co
     try {
       out = fast(root, vars);
     } catch {
-      if (guard.active) {
+      if (guarded) {
         throw HAND_OFF;
       }
       fastPathStats.fallbacks++;
