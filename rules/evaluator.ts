@@ -22,7 +22,7 @@ import { Worker } from 'node:worker_threads';
 import type { PackProgram } from './compile-pack.ts';
 import { programFor } from './compile-pack.ts';
 import { runRules } from './evaluate-core.ts';
-import { HandOff, runGuarded } from './fast-path.ts';
+import { runGuarded } from './fast-path.ts';
 import type {
   Progress,
   RunMessage,
@@ -598,10 +598,9 @@ class PooledEvaluator implements Evaluator {
           },
         });
       });
-    } catch (err) {
-      if (!(err instanceof HandOff)) {
-        throw err;
-      }
+    } catch {
+      // A HandOff, or anything else the run threw (a worker's run reports that as a failed
+      // call, rule by rule): either way the worker evaluates the call and has the last word.
       rec.handOffs++;
       this.handedOff++;
       if (
