@@ -37,8 +37,11 @@ const MAX_INFO_LENGTH = 256;
 const BEARER = /^Bearer ([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)$/;
 /** JWK members that only private or symmetric keys have. */
 const PRIVATE_JWK_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'k', 'oth'];
-/** Inline key sets remembered per verifier before the cache is dropped and rebuilt. */
-const MAX_KEYSTORE_CACHE = 1000;
+/**
+ * Inline key sets a verifier keeps (least recently used dropped first): at least every tenant
+ * of a large deployment (issue 6 benches 10,000), each a few KB.
+ */
+const MAX_INLINE_KEYSTORES = 10_000;
 
 /** A decoded JOSE header or JWT claims set. */
 export type Claims = Record<string, unknown>;
@@ -235,27 +238,43 @@ export interface IssuerKeys {
    * @throws AuthError `bad_jku`, `jwks_unavailable` or `unknown_kid`.
    */
   keysFor(registration: TrustedIssuer, header: Claims, kid: string): Promise<KeyStore>;
+  /** Counters for tests: inline key stores built so far, and kept now. */
+  stats(): { inlineBuilt: number; inlineKept: number };
 }
 
 /**
- * Creates one verifier's key-store cache: inline sets keyed by their JSON (bounded), fetched
- * sets by object identity (so they follow the fetcher's own cache).
+ * Creates one verifier's key-store cache: inline sets keyed by their JSON (least recently used
+ * dropped beyond `maxInlineStores`, default 10,000), fetched sets by object identity (so they
+ * follow the fetcher's own cache).
  */
-export function createIssuerKeys(opts: { fetcher: JwksFetcher }): IssuerKeys {
+export function createIssuerKeys(opts: {
+  fetcher: JwksFetcher;
+  maxInlineStores?: number;
+}): IssuerKeys {
   const { fetcher } = opts;
+  const maxInline = opts.maxInlineStores ?? MAX_INLINE_KEYSTORES;
+  // A Map iterates in insertion order: re-inserting on a hit keeps the least recent first.
   const inlineStores = new Map<string, Promise<KeyStore>>();
   const fetchedStores = new WeakMap<Jwks, Promise<KeyStore>>();
+  let inlineBuilt = 0;
 
   function inlineStore(jwks: Jwks): Promise<KeyStore> {
     const key = JSON.stringify(jwks);
     let store = inlineStores.get(key);
-    if (!store) {
-      if (inlineStores.size >= MAX_KEYSTORE_CACHE) {
-        inlineStores.clear();
-      }
+    if (store) {
+      inlineStores.delete(key);
+    } else {
       store = toKeyStore(jwks);
-      inlineStores.set(key, store);
+      inlineBuilt++;
+      while (inlineStores.size >= maxInline) {
+        const oldest = inlineStores.keys().next();
+        if (oldest.done === true) {
+          break;
+        }
+        inlineStores.delete(oldest.value);
+      }
     }
+    inlineStores.set(key, store);
     return store;
   }
 
@@ -275,6 +294,9 @@ export function createIssuerKeys(opts: { fetcher: JwksFetcher }): IssuerKeys {
   }
 
   return {
+    stats() {
+      return { inlineBuilt, inlineKept: inlineStores.size };
+    },
     async keysFor(registration, header, kid) {
       let url: string | undefined;
       if (header.jku !== undefined) {
