@@ -20,6 +20,8 @@ export interface OpenControlPlaneOptions {
   now?: () => Date;
   /** SQL logging is always off (statements would carry token hashes); kept for the contract. */
   logging?: false;
+  /** Issuers whose `findByIssuer` answers are kept (least recently used out first); default 10,000. */
+  maxIssuerCache?: number;
 }
 
 const APPEND_ONLY_TRIGGERS = [
@@ -153,6 +155,7 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
         (await models.Pack.count({ where: { id: pack, version } })) > 0,
       revokeTenantTokens: (tenantId, t) => adminTokens.revokeForTenant(tenantId, t),
       generation,
+      ...(opts.maxIssuerCache !== undefined ? { maxIssuerCache: opts.maxIssuerCache } : {}),
     });
     const audit = createAuditRepository({ models, now, writeTx });
     return {

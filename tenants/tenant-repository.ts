@@ -100,9 +100,15 @@ export interface TenantRepositoryDeps {
    * Without it, nothing is cached.
    */
   generation?: () => Promise<string>;
+  /** Issuers whose answers are kept (least recently used out first); default 10,000. */
+  maxIssuerCache?: number;
 }
 
-/** Issuers remembered by `findByIssuer` before the cache is dropped and rebuilt. */
+/**
+ * Issuers whose `findByIssuer` answers are kept per control-plane generation, least recently
+ * used out first (dropping them all at the bound made every call miss once more issuers than
+ * that were calling).
+ */
 const MAX_ISSUER_CACHE = 10_000;
 
 function deepFreeze<T>(value: T): T {
@@ -120,6 +126,7 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
   const { models, now } = deps;
   const { Tenant: TenantModel, TenantIssuer } = models;
   const immediate = deps.writeTx;
+  const maxIssuerCache = deps.maxIssuerCache ?? MAX_ISSUER_CACHE;
   /** findByIssuer answers (frozen) of one control-plane generation. */
   let issuerCache = { generation: '', byIssuer: new Map<string, readonly Tenant[]>() };
 
@@ -404,11 +411,18 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       const cache = issuerCache;
       const hit = cache.byIssuer.get(iss);
       if (hit) {
+        // A Map iterates in insertion order: re-inserting keeps the least recent first.
+        cache.byIssuer.delete(iss);
+        cache.byIssuer.set(iss, hit);
         return [...hit];
       }
       const found = deepFreeze(await lookUpIssuer(iss));
-      if (cache.byIssuer.size >= MAX_ISSUER_CACHE) {
-        cache.byIssuer.clear();
+      while (cache.byIssuer.size >= maxIssuerCache) {
+        const oldest = cache.byIssuer.keys().next();
+        if (oldest.done === true) {
+          break;
+        }
+        cache.byIssuer.delete(oldest.value);
       }
       cache.byIssuer.set(iss, found);
       return [...found];

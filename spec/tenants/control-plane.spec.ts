@@ -191,6 +191,32 @@ describe('tenants/ control plane store', () => {
       expect(await cp.tenants.findByIssuer('https://unknown.example.org')).to.deep.equal([]);
     });
 
+    it('keeps the most recently used issuers when more are calling than it keeps', async () => {
+      const small = await openControlPlane({
+        storage: ':memory:',
+        now: () => clock,
+        maxIssuerCache: 2,
+      });
+      try {
+        for (const id of ['acme', 'beta', 'gamma']) {
+          await small.tenants.create(tenantInput(id));
+        }
+        const find = async (id: string) =>
+          (await small.tenants.findByIssuer(`https://ehr-${id}.example.org`))[0];
+        const acme = await find('acme');
+        const beta = await find('beta');
+        // A cached answer is the very same (frozen) object; a fresh read is a new one.
+        expect(await find('acme')).to.equal(acme);
+        await find('gamma'); // full: beta, the least recently used, goes
+        expect(await find('acme')).to.equal(acme);
+        const betaAgain = await find('beta');
+        expect(betaAgain).to.not.equal(beta);
+        expect(betaAgain).to.deep.equal(beta);
+      } finally {
+        await small.close();
+      }
+    });
+
     // findByIssuer answers the hook path from a cache: a change must show at once, whoever
     // made it (this process, or another process such as the CLI writing the same file).
     it('sees a suspension, an issuer change and a removal at once, from this or another process', async () => {
