@@ -587,6 +587,7 @@ class PooledEvaluator implements Evaluator {
     }
     rec.tries++;
     const call = new CallState(ruleIds);
+    let result: EvaluationResult;
     try {
       runGuarded(this.inlineSliceMs, () => {
         runRules(program, input, call.ruleIds, {
@@ -598,9 +599,12 @@ class PooledEvaluator implements Evaluator {
           },
         });
       });
+      result = call.finish(pack, serviceId, started, 'call budget exhausted');
+      // Copied as a worker's message would copy them (and refused the same way).
+      result.cards = structuredClone(result.cards);
     } catch {
-      // A HandOff, or anything else the run threw (a worker's run reports that as a failed
-      // call, rule by rule): either way the worker evaluates the call and has the last word.
+      // A HandOff, or anything else thrown here (by the run, or copying a card that a worker
+      // could not post either): the worker evaluates the call and has the last word.
       rec.handOffs++;
       this.handedOff++;
       if (
@@ -612,8 +616,6 @@ class PooledEvaluator implements Evaluator {
       return undefined;
     }
     this.inline++;
-    const result = call.finish(pack, serviceId, started, 'call budget exhausted');
-    result.cards = structuredClone(result.cards);
     return result;
   }
 
