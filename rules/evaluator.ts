@@ -117,6 +117,11 @@ export interface EvaluatorOptions {
    * Default 0.
    */
   inlineSliceMs?: number;
+  /**
+   * A pack whose calls keep handing off is not tried in the calling thread for this long (ms),
+   * then tried again afresh. Default 60,000.
+   */
+  inlineRetryMs?: number;
 }
 
 /** A pack stops being tried in the calling thread after this many hand-offs... */
@@ -126,10 +131,12 @@ const INLINE_MAX_HANDOFF_SHARE = 0.05;
 
 /** How one pack fares in the calling thread. */
 interface InlineRecord {
-  /** Its program, or null: never in the calling thread (not all fast path, or handed off too often). */
+  /** Its program, or null: never in the calling thread (not all on the fast path, or no compile). */
   program: PackProgram | null;
   tries: number;
   handOffs: number;
+  /** performance.now() before which it is not tried (it handed off too often). */
+  pausedUntil: number;
 }
 
 const WORKER_URL = new URL('./evaluator-worker.ts', import.meta.url);
@@ -543,6 +550,7 @@ class PooledEvaluator implements Evaluator {
     workers: number,
     memoryMb: number,
     private readonly inlineSliceMs: number,
+    private readonly inlineRetryMs: number,
   ) {
     this.pool = new WorkerPool(workers, memoryMb);
   }
@@ -558,7 +566,7 @@ class PooledEvaluator implements Evaluator {
       } catch {
         // Does not compile: the worker reports it, rule by rule.
       }
-      rec = { program, tries: 0, handOffs: 0 };
+      rec = { program, tries: 0, handOffs: 0, pausedUntil: 0 };
       // Bounded like the compiled-pack caches: an old pack's record is simply made again.
       if (this.inlinePacks.size >= 256) {
         this.inlinePacks.clear();
@@ -582,7 +590,7 @@ class PooledEvaluator implements Evaluator {
   ): EvaluationResult | undefined {
     const rec = this.inlineRecord(pack);
     const program = rec.program;
-    if (!program) {
+    if (!program || started < rec.pausedUntil) {
       return undefined;
     }
     rec.tries++;
@@ -611,7 +619,11 @@ class PooledEvaluator implements Evaluator {
         rec.handOffs >= INLINE_MIN_HANDOFFS &&
         rec.handOffs > rec.tries * INLINE_MAX_HANDOFF_SHARE
       ) {
-        rec.program = null;
+        // Paused, not dropped: packs are shared by tenants, and one tenant's odd inputs should
+        // not keep every tenant's calls of the pack off the main thread for good.
+        rec.pausedUntil = performance.now() + this.inlineRetryMs;
+        rec.tries = 0;
+        rec.handOffs = 0;
       }
       return undefined;
     }
@@ -996,8 +1008,12 @@ export function createEvaluator(opts: EvaluatorOptions = {}): Evaluator {
     return new InlineEvaluator(callBudgetMs);
   }
   const inlineSliceMs = opts.inlineSliceMs ?? 0;
+  const inlineRetryMs = opts.inlineRetryMs ?? 60_000;
   if (!(inlineSliceMs >= 0) || !Number.isFinite(inlineSliceMs)) {
     throw new RangeError('inlineSliceMs must be a finite number >= 0');
+  }
+  if (!(inlineRetryMs >= 0) || !Number.isFinite(inlineRetryMs)) {
+    throw new RangeError('inlineRetryMs must be a finite number >= 0');
   }
   return new PooledEvaluator(
     callBudgetMs,
@@ -1005,5 +1021,6 @@ export function createEvaluator(opts: EvaluatorOptions = {}): Evaluator {
     workers,
     opts.workerMemoryMb ?? 512,
     inlineSliceMs,
+    inlineRetryMs,
   );
 }

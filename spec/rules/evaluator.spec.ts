@@ -589,6 +589,7 @@ describe('rules: evaluator', function () {
       expect(() => createEvaluator({ workers: -1 })).to.throw(RangeError);
       expect(() => createEvaluator({ inlineSliceMs: -1 })).to.throw(RangeError);
       expect(() => createEvaluator({ inlineSliceMs: Number.NaN })).to.throw(RangeError);
+      expect(() => createEvaluator({ inlineRetryMs: -5 })).to.throw(RangeError);
     });
   });
 
@@ -688,8 +689,8 @@ describe('rules: evaluator', function () {
       }
     });
 
-    it('stops trying a pack in the calling thread once it keeps handing off', async () => {
-      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000 });
+    it('pauses a pack that keeps handing off, then tries it again afresh', async () => {
+      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000, inlineRetryMs: 300 });
       try {
         const compiled = compilePack(
           pack([rule('names', '%patient.name.first() = %patient.name.first()')]),
@@ -698,8 +699,12 @@ describe('rules: evaluator', function () {
           const r = await ev.evaluate(compiled, 'svc', input());
           expect(r.trace.map((t) => t.status)).to.deep.equal(['fired']);
         }
-        // Ten hand-offs in ten tries: the pack goes to the workers from then on.
+        // Ten hand-offs in ten tries: the pack goes to the workers for the pause.
         expect(ev.stats()).to.include({ calls: 25, inline: 0, handedOff: 10 });
+        await new Promise((resolve) => setTimeout(resolve, 350));
+        await ev.evaluate(compiled, 'svc', input());
+        // Tried again after the pause (and handed off again: the input has not changed).
+        expect(ev.stats()).to.include({ calls: 26, inline: 0, handedOff: 11 });
       } finally {
         await ev.close();
       }
