@@ -11,6 +11,7 @@ import crypto from 'node:crypto';
 import { compactVerify, createLocalJWKSet, decodeJwt, decodeProtectedHeader } from 'jose';
 import type { JWK } from 'jose';
 import { AuthError } from './errors.ts';
+import { LruCache } from './lru-cache.ts';
 import type { AuthFailureReason, Jwks, JwksFetcher, Tenant, TrustedIssuer } from './types.ts';
 
 /** Algorithms a verifier can ever be configured with: asymmetric signatures only. */
@@ -252,29 +253,20 @@ export function createIssuerKeys(opts: {
   maxInlineStores?: number;
 }): IssuerKeys {
   const { fetcher } = opts;
-  const maxInline = opts.maxInlineStores ?? MAX_INLINE_KEYSTORES;
-  // A Map iterates in insertion order: re-inserting on a hit keeps the least recent first.
-  const inlineStores = new Map<string, Promise<KeyStore>>();
+  const inlineStores = new LruCache<Promise<KeyStore>>(
+    opts.maxInlineStores ?? MAX_INLINE_KEYSTORES,
+  );
   const fetchedStores = new WeakMap<Jwks, Promise<KeyStore>>();
   let inlineBuilt = 0;
 
   function inlineStore(jwks: Jwks): Promise<KeyStore> {
     const key = JSON.stringify(jwks);
     let store = inlineStores.get(key);
-    if (store) {
-      inlineStores.delete(key);
-    } else {
+    if (!store) {
       store = toKeyStore(jwks);
       inlineBuilt++;
-      while (inlineStores.size >= maxInline) {
-        const oldest = inlineStores.keys().next();
-        if (oldest.done === true) {
-          break;
-        }
-        inlineStores.delete(oldest.value);
-      }
+      inlineStores.set(key, store);
     }
-    inlineStores.set(key, store);
     return store;
   }
 

@@ -8,6 +8,7 @@ import type { Subscription } from '../rules/index.ts';
 import { appendAuditEvent } from './audit-repository.ts';
 import type { ControlPlaneModels, TenantRow, WriteTx } from './control-plane-models.ts';
 import { ConflictError, NotFoundError, ResidencyError } from './errors.ts';
+import { LruCache } from './lru-cache.ts';
 import {
   checkFailover,
   checkFailoverDeclaration,
@@ -128,7 +129,10 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
   const immediate = deps.writeTx;
   const maxIssuerCache = deps.maxIssuerCache ?? MAX_ISSUER_CACHE;
   /** findByIssuer answers (frozen) of one control-plane generation. */
-  let issuerCache = { generation: '', byIssuer: new Map<string, readonly Tenant[]>() };
+  let issuerCache = {
+    generation: '',
+    byIssuer: new LruCache<readonly Tenant[]>(maxIssuerCache),
+  };
 
   async function lookUpIssuer(iss: string): Promise<Tenant[]> {
     const links = await TenantIssuer.findAll({ where: { iss }, raw: true });
@@ -406,30 +410,20 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       // stale at once rather than hiding behind it.
       const generation = await deps.generation();
       if (issuerCache.generation !== generation) {
-        issuerCache = { generation, byIssuer: new Map() };
+        issuerCache = { generation, byIssuer: new LruCache(maxIssuerCache) };
       }
       const cache = issuerCache;
       const hit = cache.byIssuer.get(iss);
       if (hit) {
-        // A Map iterates in insertion order: re-inserting keeps the least recent first.
-        cache.byIssuer.delete(iss);
-        cache.byIssuer.set(iss, hit);
         return [...hit];
       }
       const found = deepFreeze(await lookUpIssuer(iss));
-      while (cache.byIssuer.size >= maxIssuerCache) {
-        const oldest = cache.byIssuer.keys().next();
-        if (oldest.done === true) {
-          break;
-        }
-        cache.byIssuer.delete(oldest.value);
-      }
       cache.byIssuer.set(iss, found);
       return [...found];
     },
 
     peekIssuer(iss) {
-      return issuerCache.byIssuer.get(iss);
+      return issuerCache.byIssuer.peek(iss);
     },
 
     async remove(id) {
