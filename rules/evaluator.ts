@@ -20,7 +20,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import type { PackProgram } from './compile-pack.ts';
-import { programFor } from './compile-pack.ts';
+import { LruCache, programFor } from './compile-pack.ts';
 import { runRules } from './evaluate-core.ts';
 import { runGuarded } from './fast-path.ts';
 import type {
@@ -542,7 +542,8 @@ class PooledEvaluator implements Evaluator {
   private calls = 0;
   private inline = 0;
   private handedOff = 0;
-  private readonly inlinePacks = new Map<string, InlineRecord>();
+  /** Per pack hash; bounded like the compiled-pack caches (a dropped record is made again). */
+  private readonly inlinePacks = new LruCache<InlineRecord>(256);
 
   constructor(
     private readonly callBudgetMs: number,
@@ -567,10 +568,6 @@ class PooledEvaluator implements Evaluator {
         // Does not compile: the worker reports it, rule by rule.
       }
       rec = { program, tries: 0, handOffs: 0, pausedUntil: 0 };
-      // Bounded like the compiled-pack caches: an old pack's record is simply made again.
-      if (this.inlinePacks.size >= 256) {
-        this.inlinePacks.clear();
-      }
       this.inlinePacks.set(pack.hash, rec);
     }
     return rec;
