@@ -86,6 +86,8 @@ export interface Config {
     readonly callBudgetMs: number;
     readonly ruleBudgetMs: number;
     readonly workers: number;
+    /** Main-thread slice for fast-path packs (ms); 0 = always in a worker. */
+    readonly inlineSliceMs: number;
   };
   readonly seedDemo: boolean;
   /** Shared replay cache for replicas (scale-out); unset = in-process cache. */

@@ -19,6 +19,11 @@ describe('configuration', () => {
     ).to.equal(250_000);
   });
 
+  it('sets the main-thread evaluation slice: 5 ms by default, 0 turns it off', () => {
+    expect(loadConfig({}).evaluation.inlineSliceMs).to.equal(5);
+    expect(loadConfig({ CELLCDS_EVAL_INLINE_MS: '0' }).evaluation.inlineSliceMs).to.equal(0);
+  });
+
   it('normalises the public URL (no trailing slash)', () => {
     expect(loadConfig({ CELLCDS_PUBLIC_URL: 'https://cds.example.org/base/' }).publicUrl).to.equal(
       'https://cds.example.org/base',
@@ -44,6 +49,12 @@ describe('configuration', () => {
     ['an invalid region id', { CELLCDS_REGION: 'US East' }, /CELLCDS_REGION/],
     ['an unknown log level', { CELLCDS_LOG_LEVEL: 'loud' }, /CELLCDS_LOG_LEVEL/],
     ['a bad CORS origin', { CELLCDS_CORS_ORIGINS: 'not a url' }, /CELLCDS_CORS_ORIGINS/],
+    ['a negative evaluation slice', { CELLCDS_EVAL_INLINE_MS: '-1' }, /CELLCDS_EVAL_INLINE_MS/],
+    [
+      'an evaluation slice over 100 ms',
+      { CELLCDS_EVAL_INLINE_MS: '500' },
+      /CELLCDS_EVAL_INLINE_MS/,
+    ],
     [
       'a replay cache too small to be useful',
       { CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '10' },
