@@ -1,13 +1,16 @@
 /**
  * Section 4, rotation: how fast the data plane's rewrap job moves a tenant's invocation
- * records to a new data key (records/s), against raw AES-256-GCM decrypt+encrypt of the same
- * plaintexts in the same process; and the hook p99 while a rewrap runs vs idle.
+ * records to a new DEK version (records/s), against raw AES-256-GCM decrypt+encrypt of the
+ * same plaintexts in the same process; and the hook p99 while a rewrap runs vs idle.
  *
- * The rewrap part drives the data-plane API (`openRegionStores`, a tenant store, an emergency
- * rotation: unthrottled, as fast as the job goes) in this process over records the size of
- * real order-sign invocations. The hook p99 part runs on the end-to-end server (e2e.ts), whose
- * tenant store holds every invocation of section 1: a scheduled rotation through the admin
- * API while order-sign calls arrive at a fixed rate.
+ * The rewrap part drives the data-plane API (`openRegionStores`, a tenant store) in this
+ * process over records the size of real order-sign invocations, with the jobs unthrottled (as
+ * fast as they go): first a scheduled rotation, which re-wraps each record's record key and
+ * leaves its ciphertext alone (the target's figure), then an emergency rotation, which opens
+ * and re-seals every record under a fresh record key (reported beside it, for context: that is
+ * the yardstick's work plus the store's reads and writes). The hook p99 part runs on the
+ * end-to-end server (e2e.ts), whose tenant store holds every invocation of section 1: a
+ * scheduled rotation through the admin API while order-sign calls arrive at a fixed rate.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -24,12 +27,17 @@ export interface RotationResult {
   recordKb?: number;
   /** Invocation records stored per second (one tenant, 16 writes in flight): context. */
   storePerSec?: number;
+  /** Scheduled rotation (record keys re-wrapped, ciphertexts untouched), records/s. */
   rewrapPerSec?: number;
+  /** Emergency rotation (every record opened and re-sealed), records/s: context. */
+  resealPerSec?: number;
   rawPerSec?: number;
-  /** Raw AES-GCM records/s before and after the rewrap; `rawPerSec` is the faster. */
+  /** Raw AES-GCM records/s before and after the rewraps; `rawPerSec` is the faster. */
   rawRuns?: number[];
-  /** rewrap records/s ÷ raw AES-256-GCM records/s. */
+  /** Scheduled rewrap records/s ÷ raw AES-256-GCM records/s (the target). */
   rewrapRatio?: number;
+  /** Emergency re-seal records/s ÷ raw AES-256-GCM records/s. */
+  resealRatio?: number;
   /** From the end-to-end server: hook p99 at a fixed rate, idle vs during a rewrap. */
   hookP99?: {
     rate: number;
@@ -137,10 +145,13 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
     });
     const region = 'local';
     const keyProvider = await dp.createLocalKeyProvider({ keyDir: path.join(dir, 'keys'), region });
+    // Unthrottled, and scheduled batches as large as emergency ones (200): records/s is what
+    // the job can do, not the pace the product's defaults hold it to next to hook calls.
     const stores = await dp.openRegionStores({
       region,
       dataDir: path.join(dir, 'data'),
       keyProvider,
+      rewrap: { batchSize: 200, scheduledBatchSize: 200, throttleMs: 0, emergencyThrottleMs: 0 },
     });
     try {
       const tenant = 'bench-rotation';
@@ -173,20 +184,25 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
       // Raw AES-GCM is timed before and after the rewrap and the faster run counts: one second
       // of the shared machine being busy must not make the yardstick slow and the ratio rosy.
       const rawBefore = rawRewrapPerSec(plaintexts);
-      opts.log('  rewrapping (emergency rotation: unthrottled)');
-      const started = performance.now();
-      const job = await store.keys.rotate({ emergency: true, actor: 'bench' });
-      const done = await stores.waitForJob(job.id);
-      const rewrapSec = (performance.now() - started) / 1000;
-      if (done.status !== 'done') {
-        return {
-          available: false,
-          reason: `the rewrap job ended ${done.status}${done.error ? `: ${done.error}` : ''}`,
-          records: opts.records,
-          hookReason,
-        };
+      const timed = async (emergency: boolean): Promise<number | string> => {
+        const started = performance.now();
+        const job = await store.keys.rotate({ emergency, actor: 'bench' });
+        const done = await stores.waitForJob(job.id);
+        const sec = (performance.now() - started) / 1000;
+        if (done.status !== 'done' || done.done !== opts.records) {
+          return `the ${emergency ? 'emergency' : 'scheduled'} rewrap job ended ${done.status} at ${done.done}/${done.total}${done.error ? `: ${done.error}` : ''}`;
+        }
+        return done.done / sec;
+      };
+      opts.log('  rewrapping (scheduled rotation: record keys re-wrapped, unthrottled)');
+      const rewrapPerSec = await timed(false);
+      opts.log('  re-sealing (emergency rotation: every record opened and sealed again)');
+      const resealPerSec = await timed(true);
+      for (const r of [rewrapPerSec, resealPerSec]) {
+        if (typeof r === 'string') {
+          return { available: false, reason: r, records: opts.records, hookReason };
+        }
       }
-      const rewrapPerSec = done.done / rewrapSec;
       const rawAfter = rawRewrapPerSec(plaintexts);
       const rawPerSec = Math.max(rawBefore, rawAfter);
       return {
@@ -194,10 +210,12 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
         records: opts.records,
         storePerSec,
         recordKb: plaintexts.reduce((n, p) => n + p.length, 0) / plaintexts.length / 1024,
-        rewrapPerSec,
+        rewrapPerSec: rewrapPerSec as number,
+        resealPerSec: resealPerSec as number,
         rawPerSec,
         rawRuns: [rawBefore, rawAfter],
-        rewrapRatio: rewrapPerSec / rawPerSec,
+        rewrapRatio: (rewrapPerSec as number) / rawPerSec,
+        resealRatio: (resealPerSec as number) / rawPerSec,
         hookReason,
       };
     } finally {

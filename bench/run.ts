@@ -139,6 +139,7 @@ function ratios(r: Report) {
     engineOverFloor: r.engine?.engineOverFloor,
     tenantSpread: r.tenants?.ratio,
     rewrapVsRawAesGcm: r.rotation?.available === true ? r.rotation.rewrapRatio : undefined,
+    emergencyResealVsRawAesGcm: r.rotation?.available === true ? r.rotation.resealRatio : undefined,
     hookP99DuringRewrapVsIdle: r.rotation?.hookP99
       ? r.rotation.hookP99.rewrapping / r.rotation.hookP99.idle
       : undefined,
@@ -255,9 +256,14 @@ function printTable(mode: Mode, r: Report): void {
         '1.0',
       );
       row(
-        'rewrap job (DEK rotation)',
+        'rewrap job (scheduled rotation: record keys)',
         fmt(t.rewrapPerSec ?? Number.NaN, 0),
         fmt(t.rewrapRatio ?? Number.NaN, 2),
+      );
+      row(
+        're-seal job (emergency rotation, context)',
+        fmt(t.resealPerSec ?? Number.NaN, 0),
+        fmt(t.resealRatio ?? Number.NaN, 2),
       );
     } else {
       lines.push(`  rewrap: not available yet (${t.reason})`);

@@ -32,6 +32,7 @@ export {
   sealRecord,
   sealRecordBinary,
   sealRecordAs,
+  sealLegacyRecord,
   openRecord,
   recordAad,
   generateDataKey,

@@ -78,10 +78,18 @@ const MODEL_TABLES: Array<[keyof TenantStoreModels, string]> = [
   ['Invocation', TABLES.invocations],
   ['InvocationCard', TABLES.invocationCards],
   ['Feedback', TABLES.feedback],
+  ['InvocationHead', TABLES.invocationHeads],
+  ['FeedbackHead', TABLES.feedbackHeads],
   ['AuditEvent', TABLES.auditEvents],
   ['AuditHead', TABLES.auditHead],
   ['Job', TABLES.jobs],
 ];
+
+/** Tables a dump from an older store may lack. */
+const OPTIONAL_TABLES: ReadonlySet<string> = new Set([
+  TABLES.invocationHeads,
+  TABLES.feedbackHeads,
+]);
 
 function sha256File(file: string): { sha256: string; bytes: number } {
   const data = fs.readFileSync(file);
@@ -432,7 +440,8 @@ async function stagePostgres(
       await h.models.Meta.destroy({ where: {}, transaction: t });
       await h.models.AuditHead.destroy({ where: {}, transaction: t });
       for (const [model, table] of MODEL_TABLES) {
-        const rows = tables[table];
+        // Dumps made before head tables existed have none (nothing was ever rewrapped by head).
+        const rows = OPTIONAL_TABLES.has(table) ? (tables[table] ?? []) : tables[table];
         if (!Array.isArray(rows)) {
           throw new BackupError('snapshot', `store.json has no table ${table}`);
         }

@@ -4,13 +4,12 @@
  * create, unwrap and destroy is an audit event in the tenant's chain.
  */
 import type { KeyObject } from 'node:crypto';
-import { QueryTypes } from 'sequelize';
 import type { Transaction } from 'sequelize';
 import { appendAudit, appendAuditInTx } from './audit-chain.ts';
 import { KeyUnavailableError } from './errors.ts';
-import { TABLES } from './models.ts';
 import type { DekRow } from './models.ts';
 import { generateDataKey } from './record-cipher.ts';
+import { usageByVersion } from './record-heads.ts';
 import type { SealingKey } from './record-cipher.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type { DekStatus, DekVersionInfo, KeyProvider } from './types.ts';
@@ -181,25 +180,11 @@ export async function destroyDekInTx(
   );
 }
 
-/** Records (invocations + feedback) per DEK version. */
-export async function dekUsage(h: StoreHandle, t?: Transaction): Promise<Map<number, number>> {
-  const usage = new Map<number, number>();
-  for (const table of [TABLES.invocations, TABLES.feedback]) {
-    const rows = await h.sequelize.query<{ v: number; n: number | string }>(
-      `SELECT key_version AS v, COUNT(*) AS n FROM ${h.qualified(table)} GROUP BY key_version`,
-      { type: QueryTypes.SELECT, ...(t ? { transaction: t } : {}) },
-    );
-    for (const r of rows) {
-      usage.set(r.v, (usage.get(r.v) ?? 0) + Number(r.n));
-    }
-  }
-  return usage;
-}
-
 /** All DEK versions with their record counts, ascending. */
 export async function dekVersions(h: StoreHandle): Promise<DekVersionInfo[]> {
   const rows = await h.models.Dek.findAll({ order: [['version', 'ASC']], raw: true });
-  const usage = await dekUsage(h);
+  // Current versions: a record whose head a scheduled rotation moved counts under its head's.
+  const usage = await h.readTx((t) => usageByVersion(h, t));
   return rows.map((r: DekRow) => ({
     version: r.version,
     status: r.status as DekStatus,

@@ -29,7 +29,7 @@ import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Op, Sequelize } from 'sequelize';
+import { QueryTypes, Sequelize } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { z } from 'zod';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
@@ -38,9 +38,9 @@ import type { BackupManifest } from './backup.ts';
 import { dekAad } from './dek-ring.ts';
 import { KeyUnavailableError } from './errors.ts';
 import { assertTenantId } from './ids.ts';
-import { TABLES, defineTenantStoreModels } from './models.ts';
+import { HEAD_TABLES, TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow } from './models.ts';
-import { openRecord } from './record-cipher.ts';
+import { openRecord, withHead } from './record-cipher.ts';
 import type { Envelope } from './record-cipher.ts';
 import type { KeyProvider, RegionStores, TenantAuditInput } from './types.ts';
 
@@ -263,6 +263,21 @@ interface SealedRow {
   sealed: Envelope;
 }
 
+/** The record's current envelope: its head row's head, if any, applied. */
+function applyHead(
+  row: SealedRow & { head: Envelope | null },
+  table: 'invocations' | 'feedback',
+): SealedRow {
+  return {
+    id: row.id,
+    sealed:
+      row.head === null
+        ? row.sealed
+        : // The address only names the record in an error: the staged copy has no tenant yet.
+          withHead(row.sealed, row.head, { tenant: 'staged', table, recordId: row.id }),
+  };
+}
+
 /** A snapshot opened for the rewrap and the verification (SQLite file or JSON dump). */
 interface StagedStore {
   meta(): Promise<Map<string, string>>;
@@ -308,22 +323,23 @@ async function openStagedSqlite(file: string): Promise<StagedStore> {
       await sequelize.query('VACUUM');
     },
     async eachSealed(table, fn) {
-      const model = table === 'invocations' ? models.Invocation : models.Feedback;
+      // Each record's current envelope: its head row's head applied (record-heads.ts). A copy
+      // of a store from before head tables has none.
+      const [hasHeads] = await sequelize.query<{ n: number }>(
+        `SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ?`,
+        { replacements: [HEAD_TABLES[table]], type: QueryTypes.SELECT },
+      );
+      const heads = (hasHeads?.n ?? 0) > 0;
       let after = 0;
       for (;;) {
-        const rows = await (
-          model as unknown as {
-            findAll(o: object): Promise<Array<SealedRow & { seq: number }>>;
-          }
-        ).findAll({
-          where: { seq: { [Op.gt]: after } },
-          order: [['seq', 'ASC']],
-          limit: 500,
-          attributes: ['seq', 'id', 'sealed'],
-          raw: true,
-        });
+        const rows = await sequelize.query<SealedRow & { seq: number; head: Envelope | null }>(
+          `SELECT r.seq, r.id, r.sealed, ${heads ? 'k.head' : 'NULL AS head'}
+           FROM "${table}" r ${heads ? `LEFT JOIN "${HEAD_TABLES[table]}" k ON k.seq = r.seq` : ''}
+           WHERE r.seq > ? ORDER BY r.seq LIMIT 500`,
+          { replacements: [after], type: QueryTypes.SELECT },
+        );
         for (const r of rows) {
-          await fn(r);
+          await fn(applyHead(r, table));
           after = r.seq;
         }
         if (rows.length < 500) {
@@ -374,10 +390,14 @@ function openStagedDump(file: string): StagedStore {
       return Promise.resolve();
     },
     async eachSealed(table, fn) {
-      for (const r of rows<SealedRow>(
+      // A dump from before head tables has none.
+      const heads = new Map(
+        rows<{ seq: number; head: Envelope }>(HEAD_TABLES[table]).map((k) => [k.seq, k.head]),
+      );
+      for (const r of rows<SealedRow & { seq: number }>(
         table === 'invocations' ? TABLES.invocations : TABLES.feedback,
       )) {
-        await fn(r);
+        await fn(applyHead({ ...r, head: heads.get(r.seq) ?? null }, table));
       }
     },
     close: () => Promise.resolve(),

@@ -8,8 +8,11 @@ import { DataTypes } from 'sequelize';
 import type { Model, ModelStatic, Sequelize } from 'sequelize';
 import type { Envelope } from './record-cipher.ts';
 
-/** Bumped when the tables change; a store at this version skips `sync()` on open. */
-export const STORE_SCHEMA_VERSION = '1';
+/**
+ * Bumped when the tables change; a store at this version skips `sync()` on open. 2: the head
+ * tables (`invocation_heads`, `feedback_heads`), created by `sync()` in older stores.
+ */
+export const STORE_SCHEMA_VERSION = '2';
 
 export interface MetaRow {
   key: string;
@@ -62,6 +65,20 @@ export interface FeedbackRow {
   sealed: Envelope;
 }
 
+/**
+ * A record's current head, kept apart from the record (see rewrap-jobs.ts): a scheduled DEK
+ * rotation re-wraps the record key in the head and writes it here, leaving the record's row
+ * (and its ciphertext) untouched. When a head row exists, its `keyVersion` is the DEK version
+ * the record is under, and its head replaces the one inside the record's envelope. Anything
+ * that rewrites a record's `sealed` deletes the record's head row in the same transaction.
+ */
+export interface RecordHeadRow {
+  /** The record's seq in its table. */
+  seq: number;
+  keyVersion: number;
+  head: Envelope;
+}
+
 export interface AuditEventRow {
   seq: number;
   at: string;
@@ -112,6 +129,8 @@ export interface TenantStoreModels {
   Invocation: ModelStatic<RowModel<InvocationRow, Creation<InvocationRow, 'seq'>>>;
   InvocationCard: ModelStatic<RowModel<InvocationCardRow>>;
   Feedback: ModelStatic<RowModel<FeedbackRow, Creation<FeedbackRow, 'seq'>>>;
+  InvocationHead: ModelStatic<RowModel<RecordHeadRow>>;
+  FeedbackHead: ModelStatic<RowModel<RecordHeadRow>>;
   AuditEvent: ModelStatic<RowModel<AuditEventRow>>;
   AuditHead: ModelStatic<RowModel<AuditHeadRow>>;
   Job: ModelStatic<RowModel<JobRow>>;
@@ -128,10 +147,18 @@ export const TABLES = {
   invocations: 'invocations',
   invocationCards: 'invocation_cards',
   feedback: 'feedback',
+  invocationHeads: 'invocation_heads',
+  feedbackHeads: 'feedback_heads',
   auditEvents: 'audit_events',
   auditHead: 'audit_head',
   jobs: 'jobs',
 } as const;
+
+/** The head table of each sealed table. */
+export const HEAD_TABLES: Readonly<Record<SealedTable, string>> = {
+  invocations: TABLES.invocationHeads,
+  feedback: TABLES.feedbackHeads,
+};
 
 /**
  * Defines the tenant-store models on `sequelize` (call once per instance). `schema` places the
@@ -222,6 +249,19 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       indexes: [{ fields: ['invocation_id'] }, { fields: ['key_version'] }],
     },
   );
+  const headModel = (name: string, tableName: string) =>
+    sequelize.define<RowModel<RecordHeadRow>>(
+      name,
+      {
+        seq: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: false },
+        keyVersion: { type: DataTypes.INTEGER, allowNull: false },
+        // TEXT like `sealed`: a BLOB on SQLite, the text form on PostgreSQL.
+        head: { type: DataTypes.TEXT, allowNull: false },
+      },
+      { ...common, tableName, indexes: [{ fields: ['key_version'] }] },
+    );
+  const InvocationHead = headModel('InvocationHead', TABLES.invocationHeads);
+  const FeedbackHead = headModel('FeedbackHead', TABLES.feedbackHeads);
   const AuditEvent = sequelize.define<RowModel<AuditEventRow>>(
     'AuditEvent',
     {
@@ -265,5 +305,16 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
     },
     { ...common, tableName: TABLES.jobs, indexes: [{ fields: ['status'] }] },
   );
-  return { Meta, Dek, Invocation, InvocationCard, Feedback, AuditEvent, AuditHead, Job };
+  return {
+    Meta,
+    Dek,
+    Invocation,
+    InvocationCard,
+    Feedback,
+    InvocationHead,
+    FeedbackHead,
+    AuditEvent,
+    AuditHead,
+    Job,
+  };
 }

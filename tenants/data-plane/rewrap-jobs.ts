@@ -1,23 +1,42 @@
 /**
  * DEK rotation and the rewrap job. Rotation makes a new DEK version primary at once (new
- * records use it immediately) and records a job row; the job then re-seals every record not
- * under the primary version, in batches. Each batch is one write transaction that updates the
- * records AND advances the job's checkpoint and `done` counter, so a crash at any point
- * resumes after the last committed batch and counts each record exactly once. Old versions
- * keep opening records until no record uses them; only then are they destroyed.
+ * records use it immediately) and records a job row; the job then moves every record not under
+ * the primary version to it, in batches. Each batch is one write transaction that writes the
+ * records' new heads or envelopes AND advances the job's checkpoint and `done` counter, so a
+ * crash at any point resumes after the last committed batch and counts each record exactly
+ * once. Old versions keep opening records until no record uses them; only then are they
+ * destroyed.
+ *
+ * How a record moves (record-cipher.ts has the envelope forms):
+ * - **Scheduled** rotation, record sealed under a record key: only its head changes. The record
+ *   key is unwrapped with the old DEK and wrapped with the primary one, and the new head is
+ *   written to the table's head table (record-heads.ts); the record's row and ciphertext are not
+ *   rewritten. The record's body is not read, so a scheduled rotation does not authenticate
+ *   it (every read does; an emergency rotation does).
+ * - **Emergency** rotation (the old key may be known to someone else, and with it the record
+ *   keys it wrapped), and any record from before record keys: the record is opened and sealed
+ *   again under a fresh record key, its row rewritten (which drops its head row).
  */
 import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
-import { Op } from 'sequelize';
-import type { CountOptions, FindOptions, Transaction } from 'sequelize';
+import type { Transaction } from 'sequelize';
 import { ConflictError } from '../errors.ts';
 import { appendAuditInTx } from './audit-chain.ts';
 import { dekAad, destroyDekInTx, getDek, primaryVersion } from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
-import { SEALED_TABLES } from './models.ts';
+import { HEAD_TABLES, SEALED_TABLES } from './models.ts';
 import type { JobRow, RowModel, SealedTable } from './models.ts';
-import { generateDataKey, openRecordWithKey, sealRecordAs } from './record-cipher.ts';
+import {
+  HEAD_READ_LENGTH,
+  envelopeHead,
+  generateDataKey,
+  openRecordWithKey,
+  rewrapHead,
+  sealRecordAs,
+  withHead,
+} from './record-cipher.ts';
 import type { Envelope } from './record-cipher.ts';
+import { CURRENT_VERSION, countNotUnder, isVersionUsed, withHeads } from './record-heads.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type { JobInfo, JobStatus } from './types.ts';
 
@@ -72,31 +91,6 @@ export function dekJobInfo(
     ...(row.finishedAt !== null ? { finishedAt: row.finishedAt } : {}),
     ...(row.error !== null ? { error: row.error } : {}),
   };
-}
-
-/** The operations the rewrap needs, common to both sealed tables. */
-interface SealedModel {
-  count(o: CountOptions): Promise<number>;
-  findAll(
-    o: FindOptions,
-  ): Promise<Array<{ seq: number; id: string; keyVersion: number; sealed: string }>>;
-}
-
-function modelOf(h: StoreHandle, table: SealedTable): SealedModel {
-  return (table === 'invocations'
-    ? h.models.Invocation
-    : h.models.Feedback) as unknown as SealedModel;
-}
-
-async function countNotUnder(h: StoreHandle, t: Transaction, version: number): Promise<number> {
-  let total = 0;
-  for (const table of SEALED_TABLES) {
-    total += await modelOf(h, table).count({
-      where: { keyVersion: { [Op.ne]: version } },
-      transaction: t,
-    });
-  }
-  return total;
 }
 
 /**
@@ -246,23 +240,6 @@ export async function failJob(
   });
 }
 
-/** Is any record sealed under `version`? (An index seek per table, not a count.) */
-async function isVersionUsed(h: StoreHandle, t: Transaction, version: number): Promise<boolean> {
-  for (const table of SEALED_TABLES) {
-    const hit = await modelOf(h, table).findAll({
-      where: { keyVersion: version },
-      attributes: ['seq'],
-      limit: 1,
-      transaction: t,
-      raw: true,
-    });
-    if (hit.length > 0) {
-      return true;
-    }
-  }
-  return false;
-}
-
 /** Destroys non-primary versions no record uses (`only`: restrict to these versions). */
 async function destroyUnused(
   h: StoreHandle,
@@ -288,14 +265,15 @@ async function destroyUnused(
 
 /**
  * Writes a batch of re-sealed values in one statement (`CASE seq WHEN ... END`), portable to
- * SQLite and PostgreSQL: one round trip per batch instead of one per record.
+ * SQLite and PostgreSQL: one round trip per batch instead of one per record. The store's
+ * trigger drops the rows' head rows in the same statement.
  */
 async function updateSealed(
   h: StoreHandle,
   t: Transaction,
   table: SealedTable,
   version: number,
-  rows: Array<{ seq: number; sealed: Envelope }>,
+  rows: ReadonlyArray<{ seq: number; sealed: Envelope }>,
 ): Promise<void> {
   // Bound parameters, not values spliced into the SQL text: a batch of 200 records is ~8 MB of
   // ciphertext that Sequelize's replacements escaped and SQLite then parsed as SQL.
@@ -308,6 +286,23 @@ async function updateSealed(
   );
 }
 
+/** Writes a batch of re-wrapped heads (insert or replace), one statement. */
+async function upsertHeads(
+  h: StoreHandle,
+  t: Transaction,
+  table: SealedTable,
+  version: number,
+  rows: ReadonlyArray<{ seq: number; head: Envelope }>,
+): Promise<void> {
+  await h.raw(
+    t,
+    `INSERT INTO ${h.qualified(HEAD_TABLES[table])} (seq, key_version, head)
+     VALUES ${rows.map(() => '(?, ?, ?)').join(', ')}
+     ON CONFLICT (seq) DO UPDATE SET key_version = excluded.key_version, head = excluded.head`,
+    rows.flatMap((r) => [r.seq, version, r.head]),
+  );
+}
+
 /** The next rows of a batch: after the checkpoint, not under the primary version, in order. */
 function notUnderPrimary<R>(
   h: StoreHandle,
@@ -317,14 +312,18 @@ function notUnderPrimary<R>(
 ): Promise<R[]> {
   return h.raw<R>(
     t,
-    `SELECT ${columns} FROM ${h.qualified(batch.table)}
-     WHERE seq > ? AND key_version <> ? ORDER BY seq LIMIT ?`,
+    `SELECT ${columns} FROM ${withHeads(h, batch.table)}
+     WHERE r.seq > ? AND ${CURRENT_VERSION} <> ? ORDER BY r.seq LIMIT ?`,
     [batch.after, batch.primary, batch.limit],
   );
 }
 
-/** Records re-sealed between two turns of the event loop. */
-const RESEAL_SLICE = 16;
+/**
+ * Work between two turns of the event loop: 16 re-sealed records (a batch is megabytes of
+ * ciphertext), or 256 re-wrapped heads.
+ */
+const SLICE_WORK = 256;
+const RESEAL_WORK = 16;
 
 /** Outcome of one batch. */
 export interface BatchResult {
@@ -358,32 +357,87 @@ interface BatchRange {
   limit: number;
 }
 
-/** A batch read and re-sealed under the primary version, not yet written. */
+/** A record moved to the primary version, not yet written: a new head, or a new envelope. */
+type Moved = { seq: number; keyVersion: number } & (
+  { head: Envelope; sealed?: undefined } | { sealed: Envelope; head?: undefined }
+);
+
+/** A batch read and moved to the primary version, not yet written. */
 export interface PreparedBatch extends BatchRange {
   job: string;
-  resealed: Array<{ seq: number; keyVersion: number; sealed: Envelope }>;
+  resealed: Moved[];
+}
+
+/** A row as a batch reads it: the whole envelope, or (scheduled) only its current head. */
+interface BatchRow {
+  seq: number;
+  id: string;
+  keyVersion: number;
+  /** The record's envelope (emergency, legacy), its first HEAD_READ_LENGTH bytes, or null. */
+  sealed: Envelope | null;
+  /** The record's head row's head, if it has one. */
+  head: Envelope | null;
 }
 
 /**
- * Reads the rows of `range` and re-seals them under the primary version, outside the store's
- * write queue (hook-path writes wait for that queue). Unwraps (and audits) the DEKs it needs.
- * @throws RecordOpenError if a record fails to open (tampered).
+ * Reads the rows of `range`: an emergency batch whole; a scheduled one only the heads, and the
+ * whole envelope of records from before record keys (they have no head to re-wrap).
+ */
+async function readBatch(
+  h: StoreHandle,
+  range: BatchRange,
+  emergency: boolean,
+): Promise<BatchRow[]> {
+  const version = `${CURRENT_VERSION} AS "keyVersion"`;
+  return h.readTx(async (t) => {
+    if (emergency) {
+      return notUnderPrimary<BatchRow>(h, t, range, `r.seq, r.id, ${version}, r.sealed, k.head`);
+    }
+    const rows = await notUnderPrimary<BatchRow>(
+      h,
+      t,
+      range,
+      `r.seq, r.id, ${version}, CASE WHEN k.head IS NULL
+         THEN substr(r.sealed, 1, ${String(HEAD_READ_LENGTH)}) END AS sealed, k.head`,
+    );
+    const legacy = rows.filter(
+      (r) =>
+        r.head === null &&
+        r.sealed !== null &&
+        envelopeHead(r.sealed, { tenant: h.tenant, table: range.table, recordId: r.id }) ===
+          undefined,
+    );
+    if (legacy.length > 0) {
+      const whole = await h.raw<{ seq: number; sealed: Envelope }>(
+        t,
+        `SELECT seq, sealed FROM ${h.qualified(range.table)}
+         WHERE seq IN (${legacy.map(() => '?').join(',')})`,
+        legacy.map((r) => r.seq),
+      );
+      const bySeq = new Map(whole.map((w) => [w.seq, w.sealed]));
+      for (const r of legacy) {
+        r.sealed = bySeq.get(r.seq) ?? null;
+      }
+    }
+    return rows;
+  });
+}
+
+/**
+ * Reads the rows of `range` and moves them to the primary version (new heads, or new
+ * envelopes), outside the store's write queue (hook-path writes wait for that queue). Unwraps
+ * (and audits) the DEKs it needs.
+ * @throws RecordOpenError if a record or head fails to open (tampered).
  */
 async function prepareBatch(
   h: StoreHandle,
   ctx: KeyContext,
   job: string,
   range: BatchRange,
+  emergency: boolean,
 ): Promise<PreparedBatch> {
   const { table, primary } = range;
-  const rows = await h.readTx((t) =>
-    notUnderPrimary<{ seq: number; id: string; keyVersion: number; sealed: Envelope }>(
-      h,
-      t,
-      range,
-      'seq, id, key_version AS "keyVersion", sealed',
-    ),
-  );
+  const rows = await readBatch(h, range, emergency);
   const keys = new Map<number, KeyObject>();
   for (const v of new Set([primary, ...rows.map((r) => r.keyVersion)])) {
     keys.set(v, await getDek(h, ctx, v));
@@ -392,32 +446,45 @@ async function prepareBatch(
   if (!primaryKey) {
     throw new Error('primary DEK missing');
   }
-  // Re-sealed in slices with a turn of the event loop between them: a batch is megabytes of
-  // ciphertext, and hook calls on this process must not wait behind it in one block.
-  const resealed: PreparedBatch['resealed'] = [];
-  for (const [i, row] of rows.entries()) {
-    if (i > 0 && i % RESEAL_SLICE === 0) {
+  const to = { version: primary, key: primaryKey };
+  // In slices with a turn of the event loop between them: hook calls on this process must not
+  // wait behind a whole batch in one block.
+  const resealed: Moved[] = [];
+  let work = 0;
+  for (const row of rows) {
+    if (work >= SLICE_WORK) {
+      work = 0;
       await new Promise<void>((resolve) => {
         setImmediate(resolve);
       });
     }
     const addr = { tenant: h.tenant, table, recordId: row.id };
     const oldKey = keys.get(row.keyVersion);
-    if (!oldKey) {
-      throw new Error('DEK missing');
+    if (!oldKey || (row.sealed === null && row.head === null)) {
+      throw new Error('DEK or record missing');
     }
-    const plaintext = openRecordWithKey(row.sealed, addr, {
-      version: row.keyVersion,
-      key: oldKey,
-    });
-    const sealed = sealRecordAs(
-      h.envelopeForm,
-      { version: primary, key: primaryKey },
-      addr,
-      plaintext,
-    );
+    const from = { version: row.keyVersion, key: oldKey };
+    const head = emergency
+      ? undefined
+      : (row.head ?? (row.sealed === null ? undefined : envelopeHead(row.sealed, addr)?.head));
+    if (head !== undefined) {
+      resealed.push({
+        seq: row.seq,
+        keyVersion: row.keyVersion,
+        head: rewrapHead(head, addr, from, to),
+      });
+      work += 1;
+      continue;
+    }
+    if (row.sealed === null) {
+      throw new Error('record missing');
+    }
+    const envelope = row.head === null ? row.sealed : withHead(row.sealed, row.head, addr);
+    const plaintext = openRecordWithKey(envelope, addr, from);
+    const sealed = sealRecordAs(h.envelopeForm, to, addr, plaintext);
     plaintext.fill(0);
     resealed.push({ seq: row.seq, keyVersion: row.keyVersion, sealed });
+    work += RESEAL_WORK;
   }
   return { ...range, job, resealed };
 }
@@ -458,7 +525,7 @@ export async function runRewrapBatch(
   const current =
     prepared?.job === id && sameRange(prepared, batch)
       ? prepared
-      : await prepareBatch(h, ctx, id, batch);
+      : await prepareBatch(h, ctx, id, batch, found.emergency);
   const { resealed } = current;
   const last = resealed.at(-1);
   // A full batch may have a successor: read and re-seal it while this one is written. Its
@@ -466,7 +533,9 @@ export async function runRewrapBatch(
   // fails the job then, with that batch's own error.
   const ahead =
     last !== undefined && resealed.length === batchSize
-      ? prepareBatch(h, ctx, id, { ...batch, after: last.seq }).catch(() => undefined)
+      ? prepareBatch(h, ctx, id, { ...batch, after: last.seq }, found.emergency).catch(
+          () => undefined,
+        )
       : undefined;
   const result = await h.writeTx(async (t): Promise<BatchResult> => {
     const now = ctx.now();
@@ -488,7 +557,7 @@ export async function runRewrapBatch(
       h,
       t,
       batch,
-      'seq, key_version AS "keyVersion"',
+      `r.seq, ${CURRENT_VERSION} AS "keyVersion"`,
     );
     if (
       rowsNow.length !== resealed.length ||
@@ -526,7 +595,16 @@ export async function runRewrapBatch(
       );
       return { finished: true, moved: 0, destroyed };
     }
-    await updateSealed(h, t, table, primary, resealed);
+    const heads = resealed.filter((r): r is Moved & { head: Envelope } => r.head !== undefined);
+    const envelopes = resealed.filter(
+      (r): r is Moved & { sealed: Envelope } => r.sealed !== undefined,
+    );
+    if (heads.length > 0) {
+      await upsertHeads(h, t, table, primary, heads);
+    }
+    if (envelopes.length > 0) {
+      await updateSealed(h, t, table, primary, envelopes);
+    }
     await h.models.Job.update(
       {
         done: fresh.done + resealed.length,

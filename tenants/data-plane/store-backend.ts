@@ -21,7 +21,13 @@ import {
 } from '../sqlite-connections.ts';
 import type { SqliteConnection } from '../sqlite-connections.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
-import { STORE_SCHEMA_VERSION, TABLES, defineTenantStoreModels } from './models.ts';
+import {
+  HEAD_TABLES,
+  SEALED_TABLES,
+  STORE_SCHEMA_VERSION,
+  TABLES,
+  defineTenantStoreModels,
+} from './models.ts';
 import type { TenantStoreModels } from './models.ts';
 import type { EnvelopeForm } from './record-cipher.ts';
 
@@ -304,11 +310,21 @@ function configureSqliteConnections(sequelize: Sequelize): {
   };
 }
 
-const APPEND_ONLY_SQLITE = [
+/**
+ * Triggers in the store itself (so backups, restores and every connection have them): the audit
+ * chain is append-only, and rewriting a record's `sealed` drops the record's head row (a head
+ * belongs to the ciphertext it was made for; see models.ts, RecordHeadRow).
+ */
+const STORE_TRIGGERS_SQLITE = [
   `CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON ${TABLES.auditEvents}
    BEGIN SELECT RAISE(ABORT, 'audit chain is append-only'); END`,
   `CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON ${TABLES.auditEvents}
    BEGIN SELECT RAISE(ABORT, 'audit chain is append-only'); END`,
+  ...SEALED_TABLES.map(
+    (table) => `CREATE TRIGGER IF NOT EXISTS ${table}_sealed_drops_head
+   AFTER UPDATE OF sealed ON ${table}
+   BEGIN DELETE FROM ${HEAD_TABLES[table]} WHERE seq = NEW.seq; END`,
+  ),
 ];
 
 /**
@@ -325,13 +341,25 @@ const INVOCATION_CARD_LINKS_SQLITE = `CREATE TEMP TRIGGER IF NOT EXISTS cellcds_
   BEGIN INSERT INTO main.${TABLES.invocationCards} (card_uuid, invocation_id)
     SELECT value, NEW.id FROM json_each(NEW.card_uuids); END`;
 
-function appendOnlyPostgres(schema: string): string[] {
+/** STORE_TRIGGERS_SQLITE for a PostgreSQL schema. */
+function storeTriggersPostgres(schema: string): string[] {
   const q = `"${schema}"`;
   return [
     `CREATE OR REPLACE FUNCTION ${q}.cellcds_append_only() RETURNS trigger LANGUAGE plpgsql AS
      $$ BEGIN RAISE EXCEPTION 'audit chain is append-only'; END $$`,
     `CREATE OR REPLACE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE
      ON ${q}.${TABLES.auditEvents} FOR EACH ROW EXECUTE FUNCTION ${q}.cellcds_append_only()`,
+    `CREATE OR REPLACE FUNCTION ${q}.cellcds_drop_head() RETURNS trigger LANGUAGE plpgsql AS
+     $$ BEGIN
+       EXECUTE format('DELETE FROM %I.%I WHERE seq = $1', TG_TABLE_SCHEMA, TG_ARGV[0])
+         USING NEW.seq;
+       RETURN NULL;
+     END $$`,
+    ...SEALED_TABLES.map(
+      (table) => `CREATE OR REPLACE TRIGGER ${table}_sealed_drops_head
+       AFTER UPDATE OF sealed ON ${q}.${table}
+       FOR EACH ROW EXECUTE FUNCTION ${q}.cellcds_drop_head('${HEAD_TABLES[table]}')`,
+    ),
   ];
 }
 
@@ -376,8 +404,8 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
     }
     await sequelize.sync();
     for (const sql of dialect === 'sqlite'
-      ? APPEND_ONLY_SQLITE
-      : appendOnlyPostgres(schema ?? '')) {
+      ? STORE_TRIGGERS_SQLITE
+      : storeTriggersPostgres(schema ?? '')) {
       await sequelize.query(sql);
     }
     await sequelize.transaction(async (t) => {

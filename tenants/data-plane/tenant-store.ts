@@ -17,6 +17,8 @@ import { TABLES } from './models.ts';
 import type { FeedbackRow, InvocationRow, SealedTable } from './models.ts';
 import { openRecord, sealRecordAs } from './record-cipher.ts';
 import type { Envelope, SealingKey } from './record-cipher.ts';
+import { currentVersions, readCurrentSealed } from './record-heads.ts';
+import type { CurrentSealed } from './record-heads.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type {
   FeedbackInput,
@@ -44,7 +46,8 @@ export interface RegionContext extends KeyContext {
 
 const MAX_RETRIES = 5;
 
-function toSummary(row: InvocationRow): InvocationSummary {
+/** `keyVersion`: the version the record is under now, if a head row says other than the row. */
+function toSummary(row: InvocationRow, keyVersion = row.keyVersion): InvocationSummary {
   return {
     id: row.id,
     time: row.time,
@@ -54,7 +57,7 @@ function toSummary(row: InvocationRow): InvocationSummary {
     pack: { id: row.packId, version: row.packVersion, hash: row.packHash },
     cardUuids: JSON.parse(row.cardUuids) as string[],
     suggestionUuids: JSON.parse(row.suggestionUuids) as string[],
-    keyVersion: row.keyVersion,
+    keyVersion,
   };
 }
 
@@ -75,26 +78,25 @@ export function feedbackId(item: FeedbackInput): string {
 }
 
 /**
- * Opens a sealed row. If the row's DEK version was destroyed between reading the row and
- * unwrapping (a rewrap finished meanwhile), the row is read again: it is under a newer version.
+ * Opens a record (its current envelope, record-heads.ts). If the record's DEK version was
+ * destroyed between reading it and unwrapping (a rewrap finished meanwhile), the record is read
+ * again: it is under a newer version. Returns the plaintext and the version that opened it.
  */
-async function openSealedRow<
-  R extends { seq: number; id: string; keyVersion: number; sealed: Envelope },
->(
+async function openCurrent(
   h: StoreHandle,
   ctx: KeyContext,
   table: SealedTable,
-  row: R,
-  reload: (seq: number) => Promise<R | null>,
-): Promise<Buffer> {
+  row: CurrentSealed,
+): Promise<{ plain: Buffer; keyVersion: number }> {
   let current = row;
   for (let attempt = 0; ; attempt += 1) {
     try {
-      return await openRecord(
+      const plain = await openRecord(
         current.sealed,
         { tenant: h.tenant, table, recordId: current.id },
         (v) => getDek(h, ctx, v),
       );
+      return { plain, keyVersion: current.keyVersion };
     } catch (err) {
       const retry =
         err instanceof RecordOpenError &&
@@ -105,7 +107,8 @@ async function openSealedRow<
       if (!retry) {
         throw err;
       }
-      const again = await reload(current.seq);
+      const seq = current.seq;
+      const [again] = await h.readTx((t) => readCurrentSealed(h, t, table, 'r.seq = ?', [seq]));
       if (!again || again.keyVersion === current.keyVersion) {
         throw err;
       }
@@ -385,7 +388,11 @@ async function readInvocation(
   id: string,
   actor: string | undefined,
 ): Promise<InvocationRecord> {
-  const row = await h.models.Invocation.findOne({ where: { id }, raw: true });
+  const row = await h.models.Invocation.findOne({
+    where: { id },
+    attributes: { exclude: ['sealed'] },
+    raw: true,
+  });
   if (!row) {
     throw new NotFoundError('invocation');
   }
@@ -404,31 +411,41 @@ async function readInvocation(
       ctx.now,
     );
   try {
-    const secret = parseJson(
-      await openSealedRow(h, ctx, 'invocations', row, (seq) =>
-        h.models.Invocation.findOne({ where: { seq }, raw: true }),
-      ),
-      'invocations',
-      row.id,
-    ) as InvocationSecret;
+    // The record and its feedback as they are now, heads applied, in one snapshot.
+    const [sealedRow, sealedFeedback] = await h.readTx(async (t) => [
+      await readCurrentSealed(h, t, 'invocations', 'r.seq = ?', [row.seq]),
+      await readCurrentSealed(h, t, 'feedback', 'r.invocation_id = ?', [id]),
+    ]);
+    const current = sealedRow[0];
+    if (!current) {
+      throw new NotFoundError('invocation');
+    }
+    const opened = await openCurrent(h, ctx, 'invocations', current);
+    const secret = parseJson(opened.plain, 'invocations', row.id) as InvocationSecret;
     const feedbackRows = await h.models.Feedback.findAll({
       where: { invocationId: id },
+      attributes: { exclude: ['sealed'] },
       order: [['seq', 'ASC']],
       raw: true,
     });
+    const sealedBySeq = new Map(sealedFeedback.map((f) => [f.seq, f]));
     const feedback: FeedbackRecord[] = [];
     for (const f of feedbackRows) {
-      const item = parseJson(
-        await openSealedRow(h, ctx, 'feedback', f, (seq) =>
-          h.models.Feedback.findOne({ where: { seq }, raw: true }),
+      const sealed = sealedBySeq.get(f.seq);
+      if (!sealed) {
+        continue; // stored after the snapshot above: not part of this read
+      }
+      const item = await openCurrent(h, ctx, 'feedback', sealed);
+      feedback.push(
+        toFeedbackRecord(
+          f,
+          parseJson(item.plain, 'feedback', f.id) as FeedbackInput,
+          item.keyVersion,
         ),
-        'feedback',
-        f.id,
-      ) as FeedbackInput;
-      feedback.push(toFeedbackRecord(f, item));
+      );
     }
     await audit('success', { feedback: feedback.length });
-    return { ...toSummary(row), secret, feedback };
+    return { ...toSummary(row, opened.keyVersion), secret, feedback };
   } catch (err) {
     const reason = err instanceof RecordOpenError ? err.reason : 'error';
     await audit('failure', { reason }).catch(() => undefined);
@@ -436,7 +453,11 @@ async function readInvocation(
   }
 }
 
-function toFeedbackRecord(row: FeedbackRow, item: FeedbackInput): FeedbackRecord {
+function toFeedbackRecord(
+  row: FeedbackRow,
+  item: FeedbackInput,
+  keyVersion = row.keyVersion,
+): FeedbackRecord {
   return {
     id: row.id,
     invocationId: row.invocationId,
@@ -444,7 +465,7 @@ function toFeedbackRecord(row: FeedbackRow, item: FeedbackInput): FeedbackRecord
     card: row.cardUuid,
     outcome: row.outcome as FeedbackRecord['outcome'],
     receivedAt: row.receivedAt,
-    keyVersion: row.keyVersion,
+    keyVersion,
     item,
   };
 }
@@ -575,8 +596,11 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
         if (q.hook !== undefined) {
           Object.assign(where, { hook: q.hook });
         }
+        // Metadata only (the sealed column stays on disk); the key version each record is
+        // under now, which a scheduled rotation keeps in the record's head row.
         const rows = await h.models.Invocation.findAll({
           where,
+          attributes: { exclude: ['sealed'] },
           order: [
             ['time', 'ASC'],
             ['seq', 'ASC'],
@@ -584,7 +608,15 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
           limit: q.limit,
           raw: true,
         });
-        return rows.map(toSummary);
+        const versions = await h.readTx((t) =>
+          currentVersions(
+            h,
+            t,
+            'invocations',
+            rows.map((r) => r.seq),
+          ),
+        );
+        return rows.map((r) => toSummary(r, versions.get(r.seq)));
       });
     },
 

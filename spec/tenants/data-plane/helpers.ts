@@ -11,10 +11,14 @@ import path from 'node:path';
 import { QueryTypes, Sequelize } from 'sequelize';
 import {
   createLocalKeyProvider,
+  openRecord,
   openRegionStores,
+  sealLegacyRecord,
   tenantSchemaName,
 } from '../../../tenants/data-plane.ts';
+import { dekAad } from '../../../tenants/data-plane/dek-ring.ts';
 import type {
+  EnvelopeForm,
   KeyProvider,
   NewInvocation,
   OpenRegionStoresOptions,
@@ -269,23 +273,45 @@ export async function rejection(promise: Promise<unknown>): Promise<Error> {
 }
 
 /**
- * The text form of a binary envelope: the same version, IV, ciphertext and tag re-encoded
- * (no key needed), i.e. what a store wrote before it kept BLOBs.
+ * Rewrites a stored record the way stores sealed records before record keys (directly under
+ * the DEK; `form`: text `ccds1.` or binary 0x02): what a store written by an older release
+ * holds. Unwraps the record's DEK through the key provider, as the store would.
  */
-export function toTextEnvelope(binary: Uint8Array): string {
-  const buf = Buffer.from(binary);
-  return [
-    'ccds1',
-    String(buf.readUInt32BE(5)),
-    buf.subarray(9, 21).toString('base64url'),
-    buf.subarray(21, buf.length - 16).toString('base64url'),
-    buf.subarray(buf.length - 16).toString('base64url'),
-  ].join('.');
+export async function rewriteAsLegacy(
+  env: Env,
+  tenant: string,
+  table: 'invocations' | 'feedback',
+  id: string,
+  form: EnvelopeForm,
+): Promise<void> {
+  const raw = await env.raw(tenant);
+  const [row] = await raw.query<{ sealed: string | Buffer; key_version: number }>(
+    `SELECT sealed, key_version FROM ${raw.t(table)} WHERE id = :id`,
+    { id },
+  );
+  if (!row) {
+    throw new Error(`no record ${id}`);
+  }
+  const [dek] = await raw.query<{ wrapped: string }>(
+    `SELECT wrapped FROM ${raw.t('dek_versions')} WHERE version = :v`,
+    { v: row.key_version },
+  );
+  const key = await env.provider.unwrapDek(
+    tenant,
+    dek!.wrapped,
+    dekAad(env.region, tenant, row.key_version),
+  );
+  const addr = { tenant, table, recordId: id };
+  const plain = await openRecord(row.sealed, addr, () => Promise.resolve(key));
+  await raw.exec(`UPDATE ${raw.t(table)} SET sealed = :sealed WHERE id = :id`, {
+    id,
+    sealed: sealLegacyRecord(form, { version: row.key_version, key }, addr, plain),
+  });
 }
 
 /**
- * Flips one byte of a segment (2 iv, 3 ciphertext, 4 tag) of an envelope: the text form
- * (`ccds1.` segments) or the binary form (the same parts at their offsets).
+ * Flips one byte of a segment (1 wrapped record key, 2 iv, 3 ciphertext, 4 tag) of an
+ * envelope, in any form: text (`ccds3.` or the older `ccds1.`) or binary (0x03 or 0x02).
  */
 export function flipCiphertextByte<E extends string | Uint8Array>(
   envelope: E,
@@ -294,20 +320,30 @@ export function flipCiphertextByte<E extends string | Uint8Array>(
 ): E {
   if (typeof envelope !== 'string') {
     const buf = Buffer.from(envelope);
-    const header = 5 + 4 + 12;
+    const wrap = buf[4] === 0x03 ? 60 : 0;
+    const header = 5 + 4 + wrap + 12;
     const [start, end] =
-      segment === 2
-        ? [9, header]
-        : segment === 4
-          ? [buf.length - 16, buf.length]
-          : [header, buf.length - 16];
+      segment === 1
+        ? [9, 9 + wrap]
+        : segment === 2
+          ? [9 + wrap, header]
+          : segment === 4
+            ? [buf.length - 16, buf.length]
+            : [header, buf.length - 16];
+    if (end <= start) {
+      throw new Error('this envelope has no such segment');
+    }
     const at = start + (index % (end - start));
     buf[at] = (buf[at] ?? 0) ^ 0x01;
     return buf as unknown as E;
   }
   const parts = envelope.split('.');
-  const buf = Buffer.from(parts[segment] ?? '', 'base64url');
+  const at = parts[0] === 'ccds3' ? segment + 1 : segment;
+  if (parts[0] !== 'ccds3' && segment === 1) {
+    throw new Error('this envelope has no such segment');
+  }
+  const buf = Buffer.from(parts[at] ?? '', 'base64url');
   buf[index % buf.length] = (buf[index % buf.length] ?? 0) ^ 0x01;
-  parts[segment] = buf.toString('base64url');
+  parts[at] = buf.toString('base64url');
   return parts.join('.') as E;
 }

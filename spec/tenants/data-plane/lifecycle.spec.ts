@@ -128,6 +128,32 @@ forEachBackend('tenants/ data plane: backup, restore, deprovision', (backend) =>
     expect((await s.saveInvocation(invocation('inv-6'))).keyVersion).to.equal(1);
   });
 
+  it('backs up and restores records a scheduled rotation moved (their head rows come along)', async () => {
+    const s = env.stores.store('acme');
+    const job = await s.keys.rotate();
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 7 });
+    const rotated = await env.stores.backupTenant('acme', env.backupDir);
+    await s.saveInvocation(invocation('inv-7'));
+    await env.stores.restoreTenant(rotated.path, { tenant: 'acme' });
+    const after = env.stores.store('acme');
+    expect((await after.listInvocations()).map((r) => [r.id, r.keyVersion])).to.deep.equal([
+      ['inv-after-backup', 2],
+      ['inv-1', 2],
+      ['inv-2', 2],
+      ['inv-3', 2],
+      ['inv-4', 2],
+      ['inv-5', 2],
+    ]);
+    const rec = await after.readInvocation('inv-1');
+    expect(rec).to.include({ keyVersion: 2 });
+    expect(rec.feedback.map((f) => f.keyVersion)).to.deep.equal([2]);
+    expect(rec.secret.trace).to.deep.equal([{ rule: 'r1', matched: 'PHI-trace' }]);
+    expect((await after.keys.status()).versions.map((v) => [v.version, v.status])).to.deep.equal([
+      [1, 'destroyed'],
+      [2, 'primary'],
+    ]);
+  });
+
   it('refuses a backup of another tenant or region, a bad checksum, or a forged manifest; nothing changes', async () => {
     const s = env.stores.store('acme');
     const other = await makeEnv(backend, { region: 'us-east' });

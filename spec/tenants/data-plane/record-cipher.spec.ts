@@ -7,10 +7,18 @@ import {
   generateDataKey,
   openRecord,
   recordAad,
+  sealLegacyRecord,
   sealRecord,
   sealRecordAs,
   sealRecordBinary,
 } from '../../../tenants/data-plane.ts';
+import {
+  BINARY_HEAD_BYTES,
+  HEAD_READ_LENGTH,
+  envelopeHead,
+  rewrapHead,
+  withHead,
+} from '../../../tenants/data-plane/record-cipher.ts';
 import type { Envelope, RecordAddress, SealingKey } from '../../../tenants/data-plane.ts';
 import { asInstance, flipCiphertextByte, rejection } from './helpers.ts';
 
@@ -36,7 +44,7 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
     await fc.assert(
       fc.asyncProperty(fc.uint8Array({ maxLength: 2048 }), async (bytes) => {
         const env = sealRecord(keyA, A, Buffer.from(bytes));
-        const iv = env.split('.')[2] ?? '';
+        const iv = env.split('.')[3] ?? '';
         expect(ivs.has(iv)).to.equal(false);
         ivs.add(iv);
         const back = await openRecord(env, A, lookup(keyA));
@@ -45,11 +53,13 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
     );
   });
 
-  it('names its key version, a 96-bit IV and a 128-bit tag in the envelope', () => {
+  it('names its key version, the wrapped record key, a 96-bit IV and a 128-bit tag in the envelope', () => {
     const env = sealRecord({ version: 7, key: keyA.key }, A, Buffer.from('x'));
-    const [prefix, version, iv, , tag] = env.split('.');
-    expect(prefix).to.equal('ccds1');
+    const [prefix, version, wrap, iv, , tag] = env.split('.');
+    expect(prefix).to.equal('ccds3');
     expect(version).to.equal('7');
+    // wrapIv (12) | record key (32) | wrapTag (16)
+    expect(Buffer.from(wrap ?? '', 'base64url')).to.have.length(60);
     expect(Buffer.from(iv ?? '', 'base64url')).to.have.length(12);
     expect(Buffer.from(tag ?? '', 'base64url')).to.have.length(16);
   });
@@ -57,7 +67,7 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
   it('fails loudly on any flipped byte of IV, ciphertext or tag (text and binary forms)', async () => {
     for (const seal of [sealRecord, sealRecordBinary]) {
       const env = seal(keyA, A, Buffer.from('{"patient":"PHI-MARKER"}'));
-      for (const segment of [2, 3, 4]) {
+      for (const segment of [1, 2, 3, 4]) {
         for (const index of [0, 5, 11]) {
           const err = await openError(flipCiphertextByte(env, segment, index), A, keyA);
           expect(err.reason).to.equal('authentication_failed');
@@ -99,6 +109,10 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
     'ccds1.0.AAAA.AAAA.AAAA',
     'ccds1.1.!!.AA.AA',
     'ccds1.1.AAAA.AAAA.AAAA',
+    'ccds3.1.AAAA.AAAA.AAAA',
+    `ccds3.1.${'A'.repeat(80)}.AAAA.AAAA.AAAA`,
+    `ccds3.1.${'A'.repeat(80)}.${'A'.repeat(16)}.AAAA`,
+    `ccds1.1.${'A'.repeat(80)}.${'A'.repeat(16)}.AAAA.${'A'.repeat(22)}`,
   ];
   for (const env of malformed) {
     it(`refuses a malformed envelope ${JSON.stringify(env)}`, async () => {
@@ -120,27 +134,27 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
   });
 
   describe('binary form (what SQLite stores keep)', () => {
-    it('round-trips any bytes (property), is 37 bytes longer than the plaintext', async () => {
+    it('round-trips any bytes (property), is 97 bytes longer than the plaintext', async () => {
       await fc.assert(
         fc.asyncProperty(fc.uint8Array({ maxLength: 2048 }), async (bytes) => {
           const env = sealRecordBinary(keyA, A, Buffer.from(bytes));
-          expect(env.length).to.equal(bytes.length + 5 + 4 + 12 + 16);
+          expect(env.length).to.equal(bytes.length + 5 + 4 + 60 + 12 + 16);
           const back = await openRecord(env, A, lookup(keyA));
           return back.equals(Buffer.from(bytes));
         }),
       );
     });
 
-    it('starts with "ccds" 0x02 and names its key version (uint32, big-endian)', () => {
+    it('starts with "ccds" 0x03 and names its key version (uint32, big-endian)', () => {
       const env = sealRecordBinary({ version: 258, key: keyA.key }, A, Buffer.from('x'));
-      expect(env.subarray(0, 5)).to.deep.equal(Buffer.from([0x63, 0x63, 0x64, 0x73, 0x02]));
+      expect(env.subarray(0, 5)).to.deep.equal(Buffer.from([0x63, 0x63, 0x64, 0x73, 0x03]));
       expect(env.readUInt32BE(5)).to.equal(258);
     });
 
     it('never repeats an IV', () => {
       const ivs = new Set<string>();
       for (let i = 0; i < 2000; i++) {
-        ivs.add(sealRecordBinary(keyA, A, Buffer.from('x')).subarray(9, 21).toString('hex'));
+        ivs.add(sealRecordBinary(keyA, A, Buffer.from('x')).subarray(69, 81).toString('hex'));
       }
       expect(ivs.size).to.equal(2000);
     });
@@ -160,8 +174,9 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
       ['shorter than header and tag', () => good().subarray(0, 36)],
       [
         'another format number',
-        () => Buffer.concat([Buffer.from('ccds'), Buffer.from([3]), good().subarray(5)]),
+        () => Buffer.concat([Buffer.from('ccds'), Buffer.from([4]), good().subarray(5)]),
       ],
+      ['a head alone', () => good().subarray(0, 69)],
       ['the text form as bytes', () => Buffer.from(sealRecord(keyA, A, Buffer.from('secret')))],
       [
         'version 0',
@@ -211,5 +226,136 @@ describe('tenants/ data plane: record cipher (AES-256-GCM)', () => {
         );
       }
     });
+  });
+  describe('record keys and heads (what a scheduled rotation moves)', () => {
+    const keyV2: SealingKey = { version: 2, key: generateDataKey() };
+    const both = (k1: SealingKey, k2: SealingKey) => (v: number) =>
+      v === k1.version
+        ? Promise.resolve(k1.key)
+        : v === k2.version
+          ? Promise.resolve(k2.key)
+          : Promise.reject(new KeyUnavailableError('dek_destroyed', 'no such version'));
+
+    it('seals every record under its own record key: same plaintext, different wrap and body', () => {
+      for (const seal of [sealRecord, sealRecordBinary]) {
+        const a = seal(keyA, A, Buffer.from('same'));
+        const b = seal(keyA, A, Buffer.from('same'));
+        const head = (e: Envelope) => envelopeHead(e, A)!.head;
+        expect(head(a)).to.not.deep.equal(head(b));
+        expect(typeof a === 'string' ? a.split('.')[4] : a.subarray(81)).to.not.deep.equal(
+          typeof b === 'string' ? b.split('.')[4] : b.subarray(81),
+        );
+      }
+    });
+
+    it('reads the head from the envelope or from its first HEAD_READ_LENGTH bytes alike', () => {
+      for (const seal of [sealRecord, sealRecordBinary]) {
+        const env = seal({ version: 123_456_789, key: keyA.key }, A, Buffer.from('x'.repeat(500)));
+        const whole = envelopeHead(env, A)!;
+        const prefix = envelopeHead(env.slice(0, HEAD_READ_LENGTH), A)!;
+        expect(whole.version).to.equal(123_456_789);
+        expect(prefix).to.deep.equal(whole);
+        expect(whole.head.length).to.equal(typeof env === 'string' ? 96 : BINARY_HEAD_BYTES);
+      }
+    });
+
+    it('has no head in the older forms (sealed directly under the DEK)', () => {
+      for (const form of ['text', 'binary'] as const) {
+        expect(envelopeHead(sealLegacyRecord(form, keyA, A, Buffer.from('x')), A)).to.equal(
+          undefined,
+        );
+      }
+    });
+
+    it('re-wraps a head to another DEK version: the body is untouched and opens only under the new version', async () => {
+      for (const seal of [sealRecord, sealRecordBinary]) {
+        const env = seal(keyA, A, Buffer.from('PHI-MARKER'));
+        const moved = rewrapHead(envelopeHead(env, A)!.head, A, keyA, keyV2);
+        expect(envelopeHead(moved, A)!.version).to.equal(2);
+        const next = withHead(env, moved, A);
+        expect(next.length).to.equal(env.length);
+        const body = (e: Envelope) =>
+          typeof e === 'string' ? e.split('.').slice(3) : e.subarray(69);
+        expect(body(next)).to.deep.equal(body(env));
+        expect((await openRecord(next, A, both(keyA, keyV2))).toString()).to.equal('PHI-MARKER');
+        // Under the old DEK with the new version's number: the wrap does not open.
+        expect((await openError(next, A, { version: 2, key: keyA.key })).reason).to.equal(
+          'authentication_failed',
+        );
+        // The old envelope still opens under the old version (until that version is destroyed).
+        expect((await openRecord(env, A, lookup(keyA))).toString()).to.equal('PHI-MARKER');
+      }
+    });
+
+    it('refuses to re-wrap with the wrong old key, version or record', () => {
+      const head = envelopeHead(sealRecordBinary(keyA, A, Buffer.from('x')), A)!.head;
+      const reason = (fn: () => unknown) => {
+        try {
+          fn();
+        } catch (err) {
+          return asInstance(err, RecordOpenError).reason;
+        }
+        throw new Error('expected a throw');
+      };
+      expect(reason(() => rewrapHead(head, A, keyB, keyV2))).to.equal('authentication_failed');
+      expect(reason(() => rewrapHead(head, A, { version: 5, key: keyA.key }, keyV2))).to.equal(
+        'key_unavailable',
+      );
+      expect(reason(() => rewrapHead(head, { ...A, recordId: 'inv-2' }, keyA, keyV2))).to.equal(
+        'authentication_failed',
+      );
+      expect(reason(() => rewrapHead(Buffer.from('ccds\x03'), A, keyA, keyV2))).to.equal(
+        'malformed',
+      );
+    });
+
+    it('a head moved to another record does not open it (the wrap is bound to the address)', async () => {
+      const B: RecordAddress = { ...A, recordId: 'inv-2' };
+      const a = sealRecordBinary(keyA, A, Buffer.from('a'));
+      const b = sealRecordBinary(keyA, B, Buffer.from('b'));
+      const swapped = withHead(b, envelopeHead(a, A)!.head, B);
+      expect((await openError(swapped, B, keyA)).reason).to.equal('authentication_failed');
+    });
+
+    it('withHead refuses a head of the other form, a legacy envelope, or a head with more after it', () => {
+      const bin = sealRecordBinary(keyA, A, Buffer.from('x'));
+      const text = sealRecord(keyA, A, Buffer.from('x'));
+      const malformedOf = (fn: () => unknown) => {
+        expect(fn).to.throw(RecordOpenError).with.property('reason', 'malformed');
+      };
+      malformedOf(() => withHead(bin, envelopeHead(text, A)!.head, A));
+      malformedOf(() => withHead(text, envelopeHead(bin, A)!.head, A));
+      malformedOf(() =>
+        withHead(
+          sealLegacyRecord('binary', keyA, A, Buffer.from('x')),
+          envelopeHead(bin, A)!.head,
+          A,
+        ),
+      );
+      malformedOf(() => withHead(text, `${envelopeHead(text, A)!.head as string}.AAAA`, A));
+    });
+  });
+
+  describe('older forms (sealed directly under the DEK, as stores wrote before record keys)', () => {
+    for (const form of ['text', 'binary'] as const) {
+      it(`${form}: round-trips, names its version, and fails on any flipped byte`, async () => {
+        const env = sealLegacyRecord(form, { version: 9, key: keyA.key }, A, Buffer.from('PHI'));
+        if (typeof env === 'string') {
+          expect(env).to.match(/^ccds1\.9\./);
+        } else {
+          expect(Buffer.from(env).subarray(0, 5).toString('latin1')).to.equal('ccds\x02');
+          expect(env).to.have.length(5 + 4 + 12 + 3 + 16);
+        }
+        const k9 = { version: 9, key: keyA.key };
+        expect((await openRecord(env, A, lookup(k9))).toString()).to.equal('PHI');
+        for (const segment of [2, 3, 4]) {
+          const err = await openError(flipCiphertextByte(env, segment, 1), A, k9);
+          expect(err.reason).to.equal('authentication_failed');
+        }
+        expect((await openError(env, { ...A, recordId: 'inv-9' }, k9)).reason).to.equal(
+          'authentication_failed',
+        );
+      });
+    }
   });
 });

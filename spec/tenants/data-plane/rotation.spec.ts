@@ -9,7 +9,7 @@ import {
   invocation,
   makeEnv,
   rejection,
-  toTextEnvelope,
+  rewriteAsLegacy,
 } from './helpers.ts';
 import type { Env } from './helpers.ts';
 
@@ -186,64 +186,220 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     expect(reads).to.be.greaterThan(4);
   });
 
-  it("keeps the store's envelope form; text envelopes from before open and are rewrapped into it", async () => {
+  /** The stored envelopes (invocations by id, then feedback) and the head rows, raw. */
+  async function storedState(tenant: string) {
+    const raw = await env.raw(tenant);
+    const sealed = [
+      ...(await raw.query<{ id: string; sealed: string | Buffer; key_version: number }>(
+        `SELECT id, sealed, key_version FROM ${raw.t('invocations')} ORDER BY id`,
+      )),
+      ...(await raw.query<{ id: string; sealed: string | Buffer; key_version: number }>(
+        `SELECT id, sealed, key_version FROM ${raw.t('feedback')}`,
+      )),
+    ];
+    const heads = [
+      ...(await raw.query<{ seq: number; key_version: number; head: string | Buffer }>(
+        `SELECT seq, key_version, head FROM ${raw.t('invocation_heads')} ORDER BY seq`,
+      )),
+      ...(await raw.query<{ seq: number; key_version: number; head: string | Buffer }>(
+        `SELECT seq, key_version, head FROM ${raw.t('feedback_heads')}`,
+      )),
+    ];
+    return { raw, sealed, heads };
+  }
+
+  /** A record-key envelope (or head) in the store's form, naming `version`. */
+  function expectRecordKeyForm(v: string | Buffer, version: number, head = false): void {
+    if (backend === 'sqlite') {
+      // A BLOB: "ccds" 0x03, then the version; a head is exactly 69 bytes.
+      expect(Buffer.isBuffer(v)).to.equal(true);
+      const b = v as Buffer;
+      expect(b.subarray(0, 5).toString('latin1')).to.equal('ccds\x03');
+      expect(b.readUInt32BE(5)).to.equal(version);
+      if (head) {
+        expect(b.length).to.equal(69);
+      }
+    } else {
+      expect(v)
+        .to.be.a('string')
+        .and.match(new RegExp(`^ccds3\\.${version}\\.[A-Za-z0-9_-]{80}${head ? '$' : '\\.'}`));
+    }
+  }
+
+  it('scheduled: re-wraps record keys only (rows and ciphertexts untouched); emergency re-seals', async () => {
     const s = env.stores.store('acme');
     await seed(s, 3);
     await s.saveFeedback(
       [{ card: 'card-inv-1', outcome: 'accepted', outcomeTimestamp: '2025-01-01T13:00:00Z' }],
       { service: 'med-safety' },
     );
-    const raw = await env.raw('acme');
-    const stored = async () =>
-      [
-        ...(await raw.query<{ id: string; sealed: string | Buffer }>(
-          `SELECT id, sealed FROM ${raw.t('invocations')} ORDER BY id`,
-        )),
-        ...(await raw.query<{ id: string; sealed: string | Buffer }>(
-          `SELECT id, sealed FROM ${raw.t('feedback')}`,
-        )),
-      ].map((r) => r.sealed);
-    const expectForm = (values: Array<string | Buffer>, version: number) => {
-      expect(values).to.have.length(4);
-      for (const v of values) {
-        if (backend === 'sqlite') {
-          // A BLOB: "ccds" 0x02, then the version.
-          expect(Buffer.isBuffer(v)).to.equal(true);
-          expect((v as Buffer).subarray(0, 5).toString('latin1')).to.equal('ccds\x02');
-          expect((v as Buffer).readUInt32BE(5)).to.equal(version);
-        } else {
-          expect(v)
-            .to.be.a('string')
-            .and.match(new RegExp(`^ccds1\\.${version}\\.`));
-        }
+    const before = await storedState('acme');
+    expect(before.sealed).to.have.length(4);
+    for (const r of before.sealed) {
+      expectRecordKeyForm(r.sealed, 1);
+    }
+    expect(before.heads).to.deep.equal([]);
+
+    for (const version of [2, 3]) {
+      const job = await s.keys.rotate();
+      expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 4 });
+      const after = await storedState('acme');
+      // The records' rows are byte for byte what they were: only the heads moved.
+      expect(after.sealed).to.deep.equal(before.sealed);
+      expect(after.heads).to.have.length(4);
+      for (const k of after.heads) {
+        expect(k.key_version).to.equal(version);
+        expectRecordKeyForm(k.head, version, true);
       }
-    };
-    expectForm(await stored(), 1);
+      await expectAllOpen(s, ['inv-1', 'inv-2', 'inv-3'], version);
+      const rec = await s.readInvocation('inv-1');
+      expect(rec.secret).to.deep.equal(invocation('inv-1', 'm1').secret);
+      expect(rec.feedback.map((f) => f.keyVersion)).to.deep.equal([version]);
+      expect((await s.listInvocations()).map((r) => r.keyVersion)).to.deep.equal([
+        version,
+        version,
+        version,
+      ]);
+      const status = await s.keys.status();
+      expect(status.versions.map((v) => [v.version, v.status, v.records])).to.deep.equal([
+        ...Array.from({ length: version - 1 }, (_, i) => [i + 1, 'destroyed', 0]),
+        [version, 'primary', 4],
+      ]);
+    }
+
+    // Emergency: every record opened and sealed again under a fresh record key; the rewritten
+    // rows' head rows are gone (the store's trigger).
+    const job = await s.keys.rotate({ emergency: true });
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 4 });
+    const resealed = await storedState('acme');
+    expect(resealed.heads).to.deep.equal([]);
+    for (const [i, r] of resealed.sealed.entries()) {
+      expect(r.key_version).to.equal(4);
+      expectRecordKeyForm(r.sealed, 4);
+      expect(r.sealed).to.not.deep.equal(before.sealed[i]!.sealed);
+    }
+    await expectAllOpen(s, ['inv-1', 'inv-2', 'inv-3'], 4);
+    expect((await s.readInvocation('inv-2')).secret).to.deep.equal(
+      invocation('inv-2', 'm2').secret,
+    );
+  });
+
+  it('records sealed before record keys (both older forms) open, and a rotation re-seals them in the store form', async () => {
+    const s = env.stores.store('acme');
+    await seed(s, 3);
+    await rewriteAsLegacy(env, 'acme', 'invocations', 'inv-1', 'text');
     if (backend === 'sqlite') {
-      expect(
-        await raw.query<{ kind: string }>(
-          `SELECT DISTINCT typeof(sealed) AS kind FROM ${raw.t('invocations')}`,
-        ),
-      ).to.deep.equal([{ kind: 'blob' }]);
-      // A record as stores wrote it before binary envelopes: the same parts, base64url text.
-      const [first] = await raw.query<{ sealed: Buffer }>(
-        `SELECT sealed FROM ${raw.t('invocations')} WHERE id = 'inv-1'`,
+      await rewriteAsLegacy(env, 'acme', 'invocations', 'inv-2', 'binary');
+    }
+    const raw = await env.raw('acme');
+    const sealedOf = async (id: string) =>
+      (
+        await raw.query<{ sealed: string | Buffer }>(
+          `SELECT sealed FROM ${raw.t('invocations')} WHERE id = :id`,
+          { id },
+        )
+      )[0]!.sealed;
+    expect(await sealedOf('inv-1'))
+      .to.be.a('string')
+      .and.match(/^ccds1\.1\./);
+    if (backend === 'sqlite') {
+      expect(((await sealedOf('inv-2')) as Buffer).subarray(0, 5).toString('latin1')).to.equal(
+        'ccds\x02',
       );
-      await raw.exec(`UPDATE ${raw.t('invocations')} SET sealed = :sealed WHERE id = 'inv-1'`, {
-        sealed: toTextEnvelope(first!.sealed),
-      });
-      expect(typeof (await stored())[0]).to.equal('string');
-      expect((await s.readInvocation('inv-1')).secret).to.deep.equal(
-        invocation('inv-1', 'm1').secret,
+    }
+    for (const id of ['inv-1', 'inv-2', 'inv-3']) {
+      expect((await s.readInvocation(id)).secret).to.deep.equal(
+        invocation(id, `m${id.slice(4)}`).secret,
       );
     }
     const job = await s.keys.rotate();
-    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 4 });
-    expectForm(await stored(), 2);
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 3 });
+    const after = await storedState('acme');
+    const legacy = backend === 'sqlite' ? ['inv-1', 'inv-2'] : ['inv-1'];
+    for (const r of after.sealed) {
+      // Older forms were re-sealed (row rewritten, under version 2); the other only re-wrapped.
+      expectRecordKeyForm(r.sealed, legacy.includes(r.id) ? 2 : 1);
+      expect(r.key_version).to.equal(legacy.includes(r.id) ? 2 : 1);
+    }
+    expect(after.heads).to.have.length(3 - legacy.length);
     await expectAllOpen(s, ['inv-1', 'inv-2', 'inv-3'], 2);
     expect((await s.readInvocation('inv-1')).secret).to.deep.equal(
       invocation('inv-1', 'm1').secret,
     );
+  });
+
+  it('a store from before head tables gets them when opened, and rotates like a new one', async () => {
+    const s = env.stores.store('acme');
+    await seed(s, 2);
+    const raw = await env.raw('acme');
+    for (const table of ['invocations', 'feedback']) {
+      await raw.exec(
+        backend === 'sqlite'
+          ? `DROP TRIGGER ${table}_sealed_drops_head`
+          : `DROP TRIGGER ${table}_sealed_drops_head ON ${raw.t(table)}`,
+      );
+    }
+    await raw.exec(`DROP TABLE ${raw.t('invocation_heads')}`);
+    await raw.exec(`DROP TABLE ${raw.t('feedback_heads')}`);
+    await raw.exec(`UPDATE ${raw.t('meta')} SET value = '1' WHERE key = 'schema'`);
+    const stores = await env.reopen();
+    const again = stores.store('acme');
+    expect((await again.readInvocation('inv-1')).keyVersion).to.equal(1);
+    const job = await again.keys.rotate();
+    expect(await stores.waitForJob(job.id)).to.include({ status: 'done', done: 2 });
+    await expectAllOpen(again, ['inv-1', 'inv-2'], 2);
+    expect((await storedState('acme')).heads).to.have.length(2);
+    const [schema] = await raw.query<{ value: string }>(
+      `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
+    );
+    expect(schema?.value).to.equal('2');
+  });
+
+  it('a head row is bound to its record: tampered or moved to another record, it fails closed', async () => {
+    const stores = await env.reopen({ rewrap: { batchSize: 10, emergencyThrottleMs: 0 } });
+    const s = stores.store('acme');
+    await seed(s, 3);
+    const first = await s.keys.rotate();
+    expect(await stores.waitForJob(first.id)).to.include({ status: 'done', done: 3 });
+    const { raw, heads } = await storedState('acme');
+    const [h1, h2] = heads;
+    // inv-2 given inv-1's head: the wrap's AAD names inv-1.
+    await raw.exec(`UPDATE ${raw.t('invocation_heads')} SET head = :head WHERE seq = :seq`, {
+      head: h1!.head,
+      seq: h2!.seq,
+    });
+    const moved = await rejection(s.readInvocation('inv-2'));
+    expect(asInstance(moved, RecordOpenError).reason).to.equal('authentication_failed');
+    // inv-3's wrapped record key with one bit flipped.
+    const [h3] = await raw.query<{ head: string | Buffer }>(
+      `SELECT head FROM ${raw.t('invocation_heads')} WHERE seq = :seq`,
+      { seq: heads[2]!.seq },
+    );
+    const flipped =
+      typeof h3!.head === 'string'
+        ? flipCiphertextByte(`${h3!.head}.AA.AA.AA`, 1, 3).split('.').slice(0, 3).join('.')
+        : (() => {
+            const b = Buffer.from(h3!.head);
+            b[30] = (b[30] ?? 0) ^ 0x01;
+            return b;
+          })();
+    await raw.exec(`UPDATE ${raw.t('invocation_heads')} SET head = :head WHERE seq = :seq`, {
+      head: flipped,
+      seq: heads[2]!.seq,
+    });
+    const tampered = await rejection(s.readInvocation('inv-3'));
+    expect(asInstance(tampered, RecordOpenError).reason).to.equal('authentication_failed');
+    expect((await s.readInvocation('inv-1')).keyVersion).to.equal(2);
+    // A scheduled rotation unwraps every head: the tampered ones fail the job, nothing is lost.
+    const second = await s.keys.rotate();
+    const failed = await stores.waitForJob(second.id);
+    expect(failed).to.include({ status: 'failed', done: 0 });
+    expect((await s.keys.status()).versions.map((v) => v.status)).to.deep.equal([
+      'destroyed',
+      'active',
+      'primary',
+    ]);
+    expect((await s.readInvocation('inv-1')).keyVersion).to.equal(2);
   });
 
   it('KEK rotation rewraps DEKs only: records untouched and still readable', async () => {

@@ -192,6 +192,8 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
           ).to.have.deep.members([
             { name: 'audit_events_no_update' },
             { name: 'audit_events_no_delete' },
+            { name: 'invocations_sealed_drops_head' },
+            { name: 'feedback_sealed_drops_head' },
           ]);
         }
       } finally {
