@@ -36,7 +36,7 @@ import {
   withHead,
 } from './record-cipher.ts';
 import type { Envelope } from './record-cipher.ts';
-import { CURRENT_VERSION, countNotUnder, isVersionUsed, withHeads } from './record-heads.ts';
+import { CURRENT_VERSION, countRecords, isVersionUsed, withHeads } from './record-heads.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type { JobInfo, JobStatus } from './types.ts';
 
@@ -165,7 +165,8 @@ export async function rotateDek(
         fromVersions: JSON.stringify(
           current.filter((r) => r.status !== 'destroyed').map((r) => r.version),
         ),
-        total: await countNotUnder(h, t, version),
+        // Every record: none can be under the version created just above.
+        total: await countRecords(h, t),
         done: 0,
         checkpointTable: SEALED_TABLES[0],
         checkpointSeq: 0,
