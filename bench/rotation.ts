@@ -8,7 +8,7 @@
  * fast as they go): first a scheduled rotation, which re-wraps each record's record key and
  * leaves its ciphertext alone (the target's figure), then an emergency rotation, which opens
  * and re-seals every record under a fresh record key (reported beside it, for context: that is
- * the yardstick's work plus the store's reads and writes). The hook p99 part runs on the
+ * the yardstick's work plus the store's reads and writes). Both in the default batch sizes. The hook p99 part runs on the
  * end-to-end server (e2e.ts), whose tenant store holds every invocation of section 1: a
  * scheduled rotation through the admin API while order-sign calls arrive at a fixed rate.
  */
@@ -145,13 +145,14 @@ export async function runRotationSection(opts: RotationOptions): Promise<Rotatio
     });
     const region = 'local';
     const keyProvider = await dp.createLocalKeyProvider({ keyDir: path.join(dir, 'keys'), region });
-    // Unthrottled, and scheduled batches as large as emergency ones (200): records/s is what
-    // the job can do, not the pace the product's defaults hold it to next to hook calls.
+    // Unthrottled (records/s is what the job can do, not the pace the product's defaults hold
+    // it to next to hook calls), in the default batches: 200 records for an emergency
+    // rotation, a budget of 50 re-seals (200 heads) for a scheduled one.
     const stores = await dp.openRegionStores({
       region,
       dataDir: path.join(dir, 'data'),
       keyProvider,
-      rewrap: { batchSize: 200, scheduledBatchSize: 200, throttleMs: 0, emergencyThrottleMs: 0 },
+      rewrap: { throttleMs: 0, emergencyThrottleMs: 0 },
     });
     try {
       const tenant = 'bench-rotation';

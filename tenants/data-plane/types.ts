@@ -366,9 +366,11 @@ export interface OpenRegionStoresOptions {
     /** Records per batch (one transaction each) of an emergency rotation. Default 200. */
     batchSize?: number;
     /**
-     * Records per batch of a scheduled rotation. Default 50: hook-path writes to the store wait
-     * while a batch is written (~0.2 ms per 30 KiB record), so a scheduled rotation keeps its
-     * batches short; an emergency one favours speed.
+     * Records re-sealed per batch of a scheduled rotation; a re-wrapped head counts a quarter
+     * (HEADS_PER_RESEAL), so a batch holds up to 4x as many heads. Default 50 (200 heads):
+     * hook-path writes to the store wait while a batch is written (~0.2 ms per 30 KiB record
+     * re-sealed, a fraction of that per head), so a scheduled rotation keeps its batches short;
+     * an emergency one favours speed.
      */
     scheduledBatchSize?: number;
     /** Pause between batches of a scheduled rotation. Default 50 ms. */

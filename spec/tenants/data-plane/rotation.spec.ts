@@ -51,7 +51,10 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
   });
 
   it('scheduled: new primary at once, old records readable, old version kept until unused', async () => {
-    const stores = await env.reopen({ rewrap: { batchSize: 10, throttleMs: 60 } });
+    // Batches of 8 heads (a budget of 2 re-seals), 60 ms apart: the job is seen mid-way.
+    const stores = await env.reopen({
+      rewrap: { batchSize: 10, scheduledBatchSize: 2, throttleMs: 60 },
+    });
     const s = stores.store('acme');
     await seed(s, 40);
     await s.saveFeedback(
@@ -469,7 +472,7 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     expect(status.versions.find((v) => v.version === 1)?.status).to.not.equal('destroyed');
   });
 
-  it('moves scheduled rotations in scheduledBatchSize batches and emergencies in batchSize', async () => {
+  it('moves scheduled rotations in scheduledBatchSize budgets (a head a quarter) and emergencies in batchSize', async () => {
     const stores = await env.reopen({
       rewrap: {
         batchSize: 20,
@@ -480,8 +483,12 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     });
     const s = stores.store('acme');
     await seed(s, 30);
+    for (const id of ['inv-1', 'inv-2', 'inv-3']) {
+      await rewriteAsLegacy(env, 'acme', 'invocations', id, 'text');
+    }
+    // A budget of 7 re-seals = 28 heads: 3 records re-sealed (12), then 16 heads.
     const scheduled = await s.keys.rotate();
-    expect((await until(stores, scheduled.id, (j) => j.done > 0)).done).to.equal(7);
+    expect((await until(stores, scheduled.id, (j) => j.done > 0)).done).to.equal(19);
     const emergency = await s.keys.rotate({ emergency: true });
     const first = await until(stores, emergency.id, (j) => j.done > 0);
     expect(first.done).to.equal(20);
@@ -493,6 +500,37 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
       const err = await rejection(env.reopen({ rewrap }));
       expect(asInstance(err, InvalidInputError).field).to.equal(field);
     }
+  });
+
+  it('a scheduled rotation over mixed records, its batches cut short by the budget, moves each exactly once', async () => {
+    const stores = await env.reopen({ rewrap: { scheduledBatchSize: 3, throttleMs: 0 } });
+    const s = stores.store('acme');
+    await seed(s, 30);
+    for (let i = 1; i <= 30; i += 3) {
+      await rewriteAsLegacy(env, 'acme', 'invocations', `inv-${i}`, 'text');
+    }
+    const job = await s.keys.rotate();
+    const done = await stores.waitForJob(job.id);
+    expect(done).to.include({ status: 'done', done: 30, total: 30 });
+    const { sealed, heads } = await storedState('acme');
+    const legacy = new Set(Array.from({ length: 10 }, (_, k) => `inv-${3 * k + 1}`));
+    for (const r of sealed) {
+      expect(r.key_version, r.id).to.equal(legacy.has(r.id) ? 2 : 1);
+    }
+    expect(heads).to.have.length(20);
+    expect(heads.every((k) => k.key_version === 2)).to.equal(true);
+    await expectAllOpen(
+      s,
+      Array.from({ length: 30 }, (_, i) => `inv-${i + 1}`),
+      2,
+    );
+    const rewrap = (await s.audit.list()).filter((e) => e.type === 'key.rewrap');
+    expect(rewrap.map((e) => e.detail)).to.deep.include({
+      job: job.id,
+      done: 30,
+      total: 30,
+      destroyed: '1',
+    });
   });
 
   it('resumes an interrupted DEK rewrap and an unfinished KEK rotation after a restart', async () => {
