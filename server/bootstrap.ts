@@ -143,6 +143,7 @@ export async function buildDeps(
     // Round-robin calls over more tenants than this reopen a store (and unwrap its DEK) each
     // time: size it to the tenants a region serves actively (docs/operations.md).
     maxOpen: config.maxOpenStores ?? (region.storage.kind === 'sqlite' ? 1024 : 64),
+    rewrap: config.rewrap,
     onJobError: (job, err) => {
       log.error(
         {

@@ -49,6 +49,9 @@ const Schema = z
     CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
     CELLCDS_EVAL_INLINE_MS: intFrom(0, 100, 5),
     CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
+    CELLCDS_REWRAP_BATCH: intFrom(1, 10_000, 200),
+    CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
+    CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
     CELLCDS_REPLAY_CACHE_MAX_ENTRIES: intFrom(1000, 10_000_000, 100_000),
     CELLCDS_REDIS_URL: z
@@ -99,6 +102,16 @@ export interface Config {
    * memory each), 64 for PostgreSQL regions (each open store holds its own small pool).
    */
   readonly maxOpenStores: number | undefined;
+  /**
+   * DEK rotation jobs (tenants/DATA-PLANE.md, "Rotation"): records per emergency batch; a
+   * scheduled batch's budget in records re-sealed (a re-wrapped head counts a quarter); the
+   * pause between scheduled batches.
+   */
+  readonly rewrap: {
+    readonly batchSize: number;
+    readonly scheduledBatchSize: number;
+    readonly throttleMs: number;
+  };
   /** Refused credentials audited one by one per second; the rest are audited as counts. */
   readonly authFailureAuditPerSecond: number;
   /** In-process JWT replay cache (no Redis): most unexpired `jti`s held; full means tokens are refused. */
@@ -191,6 +204,11 @@ export function loadConfig(
     redisUrl: e.CELLCDS_REDIS_URL,
     smartClientId: e.CELLCDS_SMART_CLIENT_ID,
     maxOpenStores: e.CELLCDS_MAX_OPEN_STORES,
+    rewrap: Object.freeze({
+      batchSize: e.CELLCDS_REWRAP_BATCH,
+      scheduledBatchSize: e.CELLCDS_REWRAP_SCHEDULED_BATCH,
+      throttleMs: e.CELLCDS_REWRAP_THROTTLE_MS,
+    }),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
     replayCacheMaxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
     regionExplicit: present.CELLCDS_REGION !== undefined,

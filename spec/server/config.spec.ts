@@ -24,6 +24,21 @@ describe('configuration', () => {
     expect(loadConfig({ CELLCDS_EVAL_INLINE_MS: '0' }).evaluation.inlineSliceMs).to.equal(0);
   });
 
+  it('paces DEK rotations: 200 per emergency batch, a budget of 50 re-seals, 50 ms apart; or as set', () => {
+    expect(loadConfig({}).rewrap).to.deep.equal({
+      batchSize: 200,
+      scheduledBatchSize: 50,
+      throttleMs: 50,
+    });
+    expect(
+      loadConfig({
+        CELLCDS_REWRAP_BATCH: '500',
+        CELLCDS_REWRAP_SCHEDULED_BATCH: '10',
+        CELLCDS_REWRAP_THROTTLE_MS: '0',
+      }).rewrap,
+    ).to.deep.equal({ batchSize: 500, scheduledBatchSize: 10, throttleMs: 0 });
+  });
+
   it('normalises the public URL (no trailing slash)', () => {
     expect(loadConfig({ CELLCDS_PUBLIC_URL: 'https://cds.example.org/base/' }).publicUrl).to.equal(
       'https://cds.example.org/base',
@@ -55,6 +70,13 @@ describe('configuration', () => {
       { CELLCDS_EVAL_INLINE_MS: '500' },
       /CELLCDS_EVAL_INLINE_MS/,
     ],
+    ['an empty rewrap batch', { CELLCDS_REWRAP_BATCH: '0' }, /CELLCDS_REWRAP_BATCH/],
+    [
+      'a scheduled rewrap batch over 10,000',
+      { CELLCDS_REWRAP_SCHEDULED_BATCH: '20000' },
+      /CELLCDS_REWRAP_SCHEDULED_BATCH/,
+    ],
+    ['a negative rewrap pause', { CELLCDS_REWRAP_THROTTLE_MS: '-5' }, /CELLCDS_REWRAP_THROTTLE_MS/],
     [
       'a replay cache too small to be useful',
       { CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '10' },
