@@ -116,13 +116,16 @@ function gcmInto(
   cipher.getAuthTag().copy(out, at + plaintext.length);
 }
 
-/** Wraps `recordKey` under the DEK `key` for `addr`: wrapIv | wrapped | wrapTag (60 bytes). */
-function wrapRecordKey(key: SealingKey, addr: RecordAddress, recordKey: Buffer): Buffer {
-  const wrap = Buffer.allocUnsafe(WRAP_BYTES);
-  const iv = wrap.subarray(0, IV_BYTES);
+/**
+ * Writes a binary head into `out` at 0: magic, `key.version`, and `recordKey` wrapped under the
+ * DEK `key` for `addr` (wrapIv | wrapped | wrapTag).
+ */
+function writeHead(out: Buffer, key: SealingKey, addr: RecordAddress, recordKey: Buffer): void {
+  MAGIC.copy(out, 0);
+  out.writeUInt32BE(key.version, MAGIC.length);
+  const iv = out.subarray(MAGIC.length + 4, MAGIC.length + 4 + IV_BYTES);
   crypto.randomFillSync(iv);
-  gcmInto(key.key, iv, wrapAad(addr, key.version), recordKey, wrap, IV_BYTES);
-  return wrap;
+  gcmInto(key.key, iv, wrapAad(addr, key.version), recordKey, out, MAGIC.length + 4 + IV_BYTES);
 }
 
 /**
@@ -174,9 +177,7 @@ export function sealRecordBinary(key: SealingKey, addr: RecordAddress, plaintext
   const recordKey = crypto.randomBytes(RECORD_KEY_BYTES);
   try {
     const out = Buffer.allocUnsafe(BINARY_HEADER + plaintext.length + TAG_BYTES);
-    MAGIC.copy(out, 0);
-    out.writeUInt32BE(key.version, MAGIC.length);
-    wrapRecordKey(key, addr, recordKey).copy(out, MAGIC.length + 4);
+    writeHead(out, key, addr, recordKey);
     const iv = out.subarray(BINARY_HEAD_BYTES, BINARY_HEADER);
     crypto.randomFillSync(iv);
     gcmInto(recordKey, iv, Buffer.from(recordAad(addr), 'utf8'), plaintext, out, BINARY_HEADER);
@@ -393,6 +394,8 @@ export interface EnvelopeHead {
   version: number;
   /** The head as stored: the first 69 bytes (binary) or `ccds3.<v>.<wrap>` (text). */
   head: Envelope;
+  /** The wrapped record key (wrapIv | wrapped | wrapTag). */
+  wrap: Buffer;
 }
 
 /**
@@ -406,19 +409,12 @@ export function envelopeHead(prefix: Envelope, addr: RecordAddress): EnvelopeHea
     if (!prefix.startsWith(`${PREFIX}.`)) {
       return undefined;
     }
-    const parts = prefix.split('.');
-    const [, v, wrap] = parts;
-    if (
-      parts.length < 3 ||
-      v === undefined ||
-      wrap === undefined ||
-      !VERSION_TEXT.test(v) ||
-      !B64URL.test(wrap) ||
-      Buffer.from(wrap, 'base64url').length !== WRAP_BYTES
-    ) {
+    const [, v, wrap] = prefix.split('.');
+    const bytes = wrap !== undefined && B64URL.test(wrap) ? Buffer.from(wrap, 'base64url') : null;
+    if (v === undefined || !VERSION_TEXT.test(v) || bytes?.length !== WRAP_BYTES) {
       throw malformed(addr);
     }
-    return { version: Number(v), head: `${PREFIX}.${v}.${wrap}` };
+    return { version: Number(v), head: `${PREFIX}.${v}.${wrap ?? ''}`, wrap: bytes };
   }
   const buf = asBuffer(prefix);
   if (!buf.subarray(0, MAGIC.length).equals(MAGIC)) {
@@ -428,7 +424,8 @@ export function envelopeHead(prefix: Envelope, addr: RecordAddress): EnvelopeHea
   if (version === 0) {
     throw malformed(addr);
   }
-  return { version, head: Buffer.from(buf.subarray(0, BINARY_HEAD_BYTES)) };
+  const head = Buffer.from(buf.subarray(0, BINARY_HEAD_BYTES));
+  return { version, head, wrap: head.subarray(MAGIC.length + 4) };
 }
 
 /**
@@ -451,21 +448,13 @@ export function rewrapHead(
   if (parsed.version !== from.version) {
     throw new RecordOpenError('key_unavailable', addr.table, addr.recordId);
   }
-  const oldWrap =
-    typeof parsed.head === 'string'
-      ? Buffer.from(parsed.head.split('.')[2] ?? '', 'base64url')
-      : asBuffer(parsed.head).subarray(MAGIC.length + 4, BINARY_HEAD_BYTES);
-  const recordKey = unwrapRecordKey(from.key, from.version, addr, oldWrap);
+  const recordKey = unwrapRecordKey(from.key, from.version, addr, parsed.wrap);
   try {
-    const wrap = wrapRecordKey(to, addr, recordKey);
-    if (typeof head === 'string') {
-      return `${PREFIX}.${String(to.version)}.${wrap.toString('base64url')}`;
-    }
     const out = Buffer.allocUnsafe(BINARY_HEAD_BYTES);
-    MAGIC.copy(out, 0);
-    out.writeUInt32BE(to.version, MAGIC.length);
-    wrap.copy(out, MAGIC.length + 4);
-    return out;
+    writeHead(out, to, addr, recordKey);
+    return typeof head === 'string'
+      ? `${PREFIX}.${String(to.version)}.${out.subarray(MAGIC.length + 4).toString('base64url')}`
+      : out;
   } finally {
     recordKey.fill(0);
   }

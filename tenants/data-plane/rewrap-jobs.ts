@@ -480,8 +480,8 @@ async function prepareBatch(
     }
     const addr = { tenant: h.tenant, table, recordId: row.id };
     const oldKey = keys.get(row.keyVersion);
-    if (!oldKey || (row.sealed === null && row.head === null)) {
-      throw new Error('DEK or record missing');
+    if (!oldKey) {
+      throw new Error('DEK missing');
     }
     const from = { version: row.keyVersion, key: oldKey };
     const head = emergency
@@ -551,8 +551,7 @@ export async function runRewrapBatch(
   const table = job.checkpointTable as SealedTable;
   const primary = await primaryVersion(h);
   const batch: BatchRange = { table, after: job.checkpointSeq, primary, limit };
-  const prepare = (range: BatchRange) =>
-    prepareBatch(h, ctx, id, range, found.emergency, budget);
+  const prepare = (range: BatchRange) => prepareBatch(h, ctx, id, range, found.emergency, budget);
   const current =
     prepared?.job === id && sameRange(prepared, batch) ? prepared : await prepare(batch);
   const { resealed } = current;
