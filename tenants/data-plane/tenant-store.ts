@@ -412,28 +412,29 @@ async function readInvocation(
     );
   try {
     // The record and its feedback as they are now, heads applied, in one snapshot.
-    const [sealedRow, sealedFeedback] = await h.readTx(async (t) => [
-      await readCurrentSealed(h, t, 'invocations', 'r.seq = ?', [row.seq]),
-      await readCurrentSealed(h, t, 'feedback', 'r.invocation_id = ?', [id]),
-    ]);
+    const { sealedRow, feedbackRows, sealedFeedback } = await h.readTx(async (t) => ({
+      sealedRow: await readCurrentSealed(h, t, 'invocations', 'r.seq = ?', [row.seq]),
+      feedbackRows: await h.models.Feedback.findAll({
+        where: { invocationId: id },
+        attributes: { exclude: ['sealed'] },
+        order: [['seq', 'ASC']],
+        raw: true,
+        transaction: t,
+      }),
+      sealedFeedback: await readCurrentSealed(h, t, 'feedback', 'r.invocation_id = ?', [id]),
+    }));
     const current = sealedRow[0];
     if (!current) {
       throw new NotFoundError('invocation');
     }
     const opened = await openCurrent(h, ctx, 'invocations', current);
     const secret = parseJson(opened.plain, 'invocations', row.id) as InvocationSecret;
-    const feedbackRows = await h.models.Feedback.findAll({
-      where: { invocationId: id },
-      attributes: { exclude: ['sealed'] },
-      order: [['seq', 'ASC']],
-      raw: true,
-    });
     const sealedBySeq = new Map(sealedFeedback.map((f) => [f.seq, f]));
     const feedback: FeedbackRecord[] = [];
     for (const f of feedbackRows) {
       const sealed = sealedBySeq.get(f.seq);
       if (!sealed) {
-        continue; // stored after the snapshot above: not part of this read
+        throw new Error('a feedback row without its sealed part in the same snapshot');
       }
       const item = await openCurrent(h, ctx, 'feedback', sealed);
       feedback.push(
@@ -598,24 +599,21 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
         }
         // Metadata only (the sealed column stays on disk); the key version each record is
         // under now, which a scheduled rotation keeps in the record's head row.
-        const rows = await h.models.Invocation.findAll({
-          where,
-          attributes: { exclude: ['sealed'] },
-          order: [
-            ['time', 'ASC'],
-            ['seq', 'ASC'],
-          ],
-          limit: q.limit,
-          raw: true,
+        const { rows, versions } = await h.readTx(async (t) => {
+          const found = await h.models.Invocation.findAll({
+            where,
+            attributes: { exclude: ['sealed'] },
+            order: [
+              ['time', 'ASC'],
+              ['seq', 'ASC'],
+            ],
+            limit: q.limit,
+            raw: true,
+            transaction: t,
+          });
+          const seqs = found.map((r) => r.seq);
+          return { rows: found, versions: await currentVersions(h, t, 'invocations', seqs) };
         });
-        const versions = await h.readTx((t) =>
-          currentVersions(
-            h,
-            t,
-            'invocations',
-            rows.map((r) => r.seq),
-          ),
-        );
         return rows.map((r) => toSummary(r, versions.get(r.seq)));
       });
     },
