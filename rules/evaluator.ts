@@ -595,14 +595,7 @@ class PooledEvaluator implements Evaluator {
     let result: EvaluationResult;
     try {
       runGuarded(this.inlineSliceMs, () => {
-        runRules(program, input, call.ruleIds, {
-          onLet: (e) => {
-            call.addLet(e);
-          },
-          onRule: (e, card) => {
-            call.set(e, card);
-          },
-        });
+        runInto(call, program, input);
       });
       result = call.finish(pack, serviceId, started, 'call budget exhausted');
       // Copied as a worker's message would copy them (and refused the same way).
@@ -895,6 +888,32 @@ class PooledEvaluator implements Evaluator {
   }
 }
 
+/** Runs the call's rules of `program` over `input` in this thread, recording into `call`. */
+function runInto(
+  call: CallState,
+  program: PackProgram,
+  input: EvaluationInput,
+  shouldStop?: () => boolean,
+): void {
+  runRules(program, input, call.ruleIds, {
+    onLet: (e) => {
+      call.addLet(e);
+    },
+    onRule: (e, card) => {
+      call.set(e, card);
+    },
+    ...(shouldStop ? { shouldStop } : {}),
+  });
+}
+
+/** @throws RangeError unless `value` is a finite number >= 0. */
+function nonNegative(name: string, value: number): number {
+  if (!(value >= 0) || !Number.isFinite(value)) {
+    throw new RangeError(`${name} must be a finite number >= 0`);
+  }
+  return value;
+}
+
 class InlineEvaluator implements Evaluator {
   private closed = false;
   private calls = 0;
@@ -921,15 +940,7 @@ class InlineEvaluator implements Evaluator {
     try {
       const program = programFor(pack.hash, pack.pack);
       // Same isolation as a worker: the rules see a private copy of the input.
-      runRules(program, structuredClone(input), call.ruleIds, {
-        onLet: (e) => {
-          call.addLet(e);
-        },
-        onRule: (e, card) => {
-          call.set(e, card);
-        },
-        shouldStop: () => performance.now() >= deadline,
-      });
+      runInto(call, program, structuredClone(input), () => performance.now() >= deadline);
     } catch {
       for (const id of call.remaining()) {
         call.set({
@@ -1004,14 +1015,8 @@ export function createEvaluator(opts: EvaluatorOptions = {}): Evaluator {
   if (workers === 0) {
     return new InlineEvaluator(callBudgetMs);
   }
-  const inlineSliceMs = opts.inlineSliceMs ?? 0;
-  const inlineRetryMs = opts.inlineRetryMs ?? 60_000;
-  if (!(inlineSliceMs >= 0) || !Number.isFinite(inlineSliceMs)) {
-    throw new RangeError('inlineSliceMs must be a finite number >= 0');
-  }
-  if (!(inlineRetryMs >= 0) || !Number.isFinite(inlineRetryMs)) {
-    throw new RangeError('inlineRetryMs must be a finite number >= 0');
-  }
+  const inlineSliceMs = nonNegative('inlineSliceMs', opts.inlineSliceMs ?? 0);
+  const inlineRetryMs = nonNegative('inlineRetryMs', opts.inlineRetryMs ?? 60_000);
   return new PooledEvaluator(
     callBudgetMs,
     ruleBudgetMs,
