@@ -358,6 +358,45 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     expect(schema?.value).to.equal('2');
   });
 
+  it("a head row copied from another table or another tenant's store fails closed", async () => {
+    const s = env.stores.store('acme');
+    await seed(s, 1);
+    await s.saveFeedback(
+      [{ card: 'card-inv-1', outcome: 'accepted', outcomeTimestamp: '2025-01-01T13:00:00Z' }],
+      { service: 'med-safety' },
+    );
+    const beta = env.stores.store('beta');
+    await seed(beta, 1);
+    for (const store of [s, beta]) {
+      const job = await store.keys.rotate();
+      expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done' });
+    }
+    const acme = await env.raw('acme');
+    const headOf = async (raw: typeof acme, table: string) =>
+      (
+        await raw.query<{ seq: number; head: string | Buffer }>(
+          `SELECT seq, head FROM ${raw.t(table)} ORDER BY seq`,
+        )
+      )[0]!;
+    const own = await headOf(acme, 'invocation_heads');
+    const ownFeedback = await headOf(acme, 'feedback_heads');
+    const betaHead = await headOf(await env.raw('beta'), 'invocation_heads');
+    // Same seq, same DEK version number, another tenant's wrap: refused.
+    expect(betaHead.seq).to.equal(own.seq);
+    const put = (table: string, seq: number, head: string | Buffer) =>
+      acme.exec(`UPDATE ${acme.t(table)} SET head = :head WHERE seq = :seq`, { head, seq });
+    await put('invocation_heads', own.seq, betaHead.head);
+    const crossTenant = await rejection(s.readInvocation('inv-1'));
+    expect(asInstance(crossTenant, RecordOpenError).reason).to.equal('authentication_failed');
+    await put('invocation_heads', own.seq, own.head);
+    expect((await s.readInvocation('inv-1')).feedback).to.have.length(1);
+    // The invocation's head given to the feedback row of the same seq: the wrap names its table.
+    expect(ownFeedback.seq).to.equal(own.seq);
+    await put('feedback_heads', ownFeedback.seq, own.head);
+    const crossTable = await rejection(s.readInvocation('inv-1'));
+    expect(asInstance(crossTable, RecordOpenError).reason).to.equal('authentication_failed');
+  });
+
   it('a head row is bound to its record: tampered or moved to another record, it fails closed', async () => {
     const stores = await env.reopen({ rewrap: { batchSize: 10, emergencyThrottleMs: 0 } });
     const s = stores.store('acme');
