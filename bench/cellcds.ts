@@ -116,6 +116,10 @@ export async function startCellcds(
       CELLCDS_REGION: BENCH_REGION,
       CELLCDS_SEED_DEMO: 'false',
       CELLCDS_LOG_LEVEL: 'info',
+      // Node or V8 flags for the server only (experiments: BENCH_SERVER_NODE_OPTIONS).
+      ...(process.env.BENCH_SERVER_NODE_OPTIONS
+        ? { NODE_OPTIONS: process.env.BENCH_SERVER_NODE_OPTIONS }
+        : {}),
       ...env,
     },
   });

@@ -49,6 +49,15 @@ export interface AlgResult {
    * costs, steadier than req/s on a shared machine.
    */
   cpuMsPerCall?: { baseline: number; cellcds: number };
+  /**
+   * The server's main thread per call at full speed, ms: both servers run their HTTP and
+   * JavaScript work on it, so it bounds their rate when the machine has CPU to spare.
+   */
+  mainThreadMsPerCall?: { baseline: number; cellcds: number };
+  /** The machine's idle share (0-1) while the full-speed run's clock ran. */
+  machineIdle?: { baseline: number; cellcds: number };
+  /** The load client's own CPU per call at full speed, ms (it shares the machine). */
+  clientMsPerCall?: { baseline: number; cellcds: number };
   /** cellcds req/s ÷ baseline req/s. */
   ratio: number;
   /** cellcds at half its maximum rate (autocannon overallRate). */
@@ -279,11 +288,20 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
       algs[alg] = {
         baseline: figures(base),
         cellcds: figures(cell),
-        ...(base.serverCpuMsPerCall !== undefined && cell.serverCpuMsPerCall !== undefined
+        ...(Number.isFinite(base.cpu.serverMsPerCall) && Number.isFinite(cell.cpu.serverMsPerCall)
           ? {
               cpuMsPerCall: {
-                baseline: base.serverCpuMsPerCall,
-                cellcds: cell.serverCpuMsPerCall,
+                baseline: base.cpu.serverMsPerCall,
+                cellcds: cell.cpu.serverMsPerCall,
+              },
+              mainThreadMsPerCall: {
+                baseline: base.cpu.serverMainMsPerCall,
+                cellcds: cell.cpu.serverMainMsPerCall,
+              },
+              machineIdle: { baseline: base.cpu.machineIdle, cellcds: cell.cpu.machineIdle },
+              clientMsPerCall: {
+                baseline: base.cpu.clientMsPerCall,
+                cellcds: cell.cpu.clientMsPerCall,
               },
             }
           : {}),

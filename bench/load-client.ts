@@ -12,6 +12,7 @@ import { Worker } from 'node:worker_threads';
 import autocannon from 'autocannon';
 import type { ClientKey } from './tokens.ts';
 import { signTokens } from './tokens.ts';
+import { machineIdle, processCpuMs, threadCpuMs } from './util.ts';
 
 /** What the parent asks for. */
 export interface LoadConfig {
@@ -31,7 +32,26 @@ export interface LoadConfig {
   tokens: number;
   /** Cycle through the tokens when they run out (only for a server that keeps no replay cache). */
   reuseTokens: boolean;
+  /** The server's process id: its CPU over the run is read from /proc (Linux). */
+  serverPid?: number;
   resultFile: string;
+}
+
+/**
+ * Where the CPU went while the clock ran (between autocannon's start and its end, so token
+ * signing and process start-up are left out). Linux /proc; NaN elsewhere.
+ */
+export interface CpuWindow {
+  /** The machine's idle share over the run (0-1, all cores). */
+  machineIdle: number;
+  /** This load client's CPU per call, ms. */
+  clientMsPerCall: number;
+  /** The server's CPU per call over all its threads, ms. */
+  serverMsPerCall: number;
+  /** The server's main thread (JavaScript's event loop) per call, ms. */
+  serverMainMsPerCall: number;
+  /** The server's CPU per call by thread (name:tid; "main" is the main thread), ms. */
+  serverThreads: Record<string, number>;
 }
 
 /** What the child reports. */
@@ -53,6 +73,7 @@ export interface LoadResult {
   exhausted: boolean;
   durationSec: number;
   signMs: number;
+  cpu: CpuWindow;
 }
 
 const SIGN_WORKER = `
@@ -138,6 +159,38 @@ function summariesOf(body: Buffer | string | undefined): string[] | undefined {
   }
 }
 
+interface CpuSnapshot {
+  machine: { idle: number; total: number };
+  clientMs: number;
+  serverMs: number;
+  threads: Map<string, number>;
+}
+
+function cpuSnapshot(serverPid: number | undefined): CpuSnapshot {
+  const own = process.cpuUsage();
+  return {
+    machine: machineIdle(),
+    clientMs: (own.user + own.system) / 1000,
+    serverMs: processCpuMs(serverPid),
+    threads: threadCpuMs(serverPid),
+  };
+}
+
+function cpuWindow(a: CpuSnapshot, b: CpuSnapshot, calls: number): CpuWindow {
+  const per = (ms: number): number => (calls > 0 ? ms / calls : Number.NaN);
+  const serverThreads: Record<string, number> = {};
+  for (const [name, ms] of b.threads) {
+    serverThreads[name] = per(ms - (a.threads.get(name) ?? 0));
+  }
+  return {
+    machineIdle: (b.machine.idle - a.machine.idle) / (b.machine.total - a.machine.total),
+    clientMsPerCall: per(b.clientMs - a.clientMs),
+    serverMsPerCall: per(b.serverMs - a.serverMs),
+    serverMainMsPerCall: serverThreads.main ?? Number.NaN,
+    serverThreads,
+  };
+}
+
 async function main(): Promise<void> {
   const file = process.argv[2];
   if (!file) {
@@ -155,6 +208,7 @@ async function main(): Promise<void> {
   let mismatches = 0;
   let firstMismatch: string | undefined;
   const url = new URL(config.url);
+  const cpuBefore = cpuSnapshot(config.serverPid);
   const instance = autocannon({
     url: url.origin,
     connections: config.connections,
@@ -200,6 +254,7 @@ async function main(): Promise<void> {
     instance.on('done', resolve);
     instance.on('error', reject);
   });
+  const cpu = cpuWindow(cpuBefore, cpuSnapshot(config.serverPid), result.requests.total);
   const out: LoadResult = {
     rps: result.requests.average,
     total: result.requests.total,
@@ -215,6 +270,7 @@ async function main(): Promise<void> {
     exhausted,
     durationSec: result.duration,
     signMs,
+    cpu,
   };
   fs.writeFileSync(config.resultFile, JSON.stringify(out));
 }

@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { LoadConfig, LoadResult } from './load-client.ts';
-import { BenchFailure, captureStderr, processCpuMs, ROOT_DIR, spawnTs, tempDir } from './util.ts';
+import { BenchFailure, captureStderr, ROOT_DIR, spawnTs, tempDir } from './util.ts';
 
 export type { LoadResult };
 
@@ -52,7 +52,7 @@ export async function measureMax(
   spec: Omit<LoadSpec, 'tokens'>,
   warmupSec: number,
   serverPid?: number,
-): Promise<LoadResult & { serverCpuMsPerCall?: number }> {
+): Promise<LoadResult> {
   // Without a warm-up, guess generously (smoke runs are short).
   let rate = 500;
   if (warmupSec > 0) {
@@ -71,13 +71,17 @@ export async function measureMax(
     const tokens = spec.reuseTokens
       ? Math.min(4000, Math.ceil(rate * spec.durationSec) + 100)
       : Math.ceil(rate * 1.5 * spec.durationSec + 200 + spec.connections * 2);
-    // The server's CPU over the run (it idles while the load client starts and signs).
-    const cpuBefore = processCpuMs(serverPid);
-    const r = await runLoad({ ...spec, tokens });
-    const cpu = processCpuMs(serverPid) - cpuBefore;
+    // The server's CPU is read by the load client over the clock's window.
+    const r = await runLoad({ ...spec, tokens, ...(serverPid !== undefined ? { serverPid } : {}) });
     if (!r.exhausted) {
       assertClean(label, r);
-      return Number.isFinite(cpu) && r.total > 0 ? { ...r, serverCpuMsPerCall: cpu / r.total } : r;
+      if (process.env.BENCH_THREADS) {
+        const parts = Object.entries(r.cpu.serverThreads)
+          .filter(([, ms]) => ms >= 0.01)
+          .map(([name, ms]) => `${name} ${ms.toFixed(2)}`);
+        process.stderr.write(`  [threads] ${label}, server ms per call: ${parts.join(', ')}\n`);
+      }
+      return r;
     }
     rate = Math.max(rate * 2, r.rps * 1.5);
   }

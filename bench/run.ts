@@ -5,7 +5,8 @@
  * figure (ratios first). Exits non-zero if any answer is wrong (cellcds vs the expected cards,
  * the engine vs fhirpath.js) or a section cannot run; a missed target is reported, not fatal.
  *
- * Options: --quick | --smoke, --sections=engine,e2e,tenants,rotation (default all).
+ * Options: --quick | --smoke, --sections=engine,e2e,tenants,rotation (default all),
+ * --algs=ES384,RS384 (the end-to-end section's client algorithms; default both).
  */
 import os from 'node:os';
 import type { EngineResult } from './engine.ts';
@@ -18,6 +19,7 @@ import { runRotationSection } from './rotation.ts';
 import type { TenantsResult } from './tenants.ts';
 import { runTenantsSection } from './tenants.ts';
 import type { BenchAlg } from './tokens.ts';
+import { BENCH_ALGS } from './tokens.ts';
 import { BenchFailure, fmt } from './util.ts';
 
 type Mode = 'full' | 'quick' | 'smoke';
@@ -83,9 +85,10 @@ const TARGETS = {
   rewrapRatio: 0.3,
 };
 
-function parseArgs(argv: string[]): { mode: Mode; sections: Section[] } {
+function parseArgs(argv: string[]): { mode: Mode; sections: Section[]; algs?: BenchAlg[] } {
   let mode: Mode = 'full';
   let sections: Section[] = [...SECTIONS];
+  let algs: BenchAlg[] | undefined;
   for (const arg of argv) {
     if (arg === '--quick') {
       mode = 'quick';
@@ -100,11 +103,28 @@ function parseArgs(argv: string[]): { mode: Mode; sections: Section[] } {
         );
       }
       sections = wanted as Section[];
+    } else if (arg.startsWith('--algs=')) {
+      const wanted = arg
+        .slice('--algs='.length)
+        .split(',')
+        .filter((a) => a !== '');
+      if (wanted.length === 0) {
+        throw new BenchFailure(`--algs needs at least one of ${BENCH_ALGS.join(', ')}`);
+      }
+      const bad = wanted.filter((a) => !(BENCH_ALGS as readonly string[]).includes(a));
+      if (bad.length > 0) {
+        throw new BenchFailure(
+          `unknown algorithm(s): ${bad.join(', ')} (known: ${BENCH_ALGS.join(', ')})`,
+        );
+      }
+      algs = wanted as BenchAlg[];
     } else {
-      throw new BenchFailure(`unknown option ${arg} (use --quick, --smoke, --sections=...)`);
+      throw new BenchFailure(
+        `unknown option ${arg} (use --quick, --smoke, --sections=..., --algs=...)`,
+      );
     }
   }
-  return { mode, sections };
+  return { mode, sections, ...(algs ? { algs } : {}) };
 }
 
 interface Report {
@@ -221,6 +241,18 @@ function printTable(mode: Mode, r: Report): void {
           `${fmt(a.cpuMsPerCall.baseline, 2)} / ${fmt(a.cpuMsPerCall.cellcds, 2)}`,
         );
       }
+      if (a.mainThreadMsPerCall) {
+        row(
+          `${alg} server main thread per call (ms)`,
+          `${fmt(a.mainThreadMsPerCall.baseline, 2)} / ${fmt(a.mainThreadMsPerCall.cellcds, 2)}`,
+        );
+      }
+      if (a.machineIdle) {
+        row(
+          `${alg} machine idle at full speed`,
+          `${fmt(a.machineIdle.baseline * 100, 0)} % / ${fmt(a.machineIdle.cellcds * 100, 0)} %`,
+        );
+      }
     }
   }
   if (r.tenants) {
@@ -313,7 +345,7 @@ function printTable(mode: Mode, r: Report): void {
 
 async function main(): Promise<void> {
   const started = performance.now();
-  const { mode, sections } = parseArgs(process.argv.slice(2));
+  const { mode, sections, algs } = parseArgs(process.argv.slice(2));
   const s = SETTINGS[mode];
   const { raw, compiled } = loadShippedPack();
   const report: Report = {};
@@ -338,7 +370,7 @@ async function main(): Promise<void> {
     log('1. end to end');
     report.e2e = await runE2eSection({
       ...loadOpts,
-      algs: s.algs,
+      algs: algs ?? s.algs,
       rotationProbe: sections.includes('rotation'),
     });
   }

@@ -6,7 +6,9 @@
 import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 
-export type BenchAlg = 'ES384' | 'RS384';
+/** The client signature algorithms the end-to-end section runs. */
+export const BENCH_ALGS = ['ES384', 'RS384'] as const;
+export type BenchAlg = (typeof BENCH_ALGS)[number];
 
 /** A signing key as the load client receives it (PEM, so it crosses a process boundary). */
 export interface ClientKey {

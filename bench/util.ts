@@ -169,6 +169,50 @@ export function processCpuMs(pid: number | undefined): number {
   }
 }
 
+/**
+ * CPU time (user + system, in ms) of another process's threads, summed by thread name (Linux
+ * /proc/<pid>/task/<tid>/comm: "node" is the main thread, "libuv-worker" the thread pool, "V8
+ * DefaultWorke" V8's helpers), or an empty map.
+ */
+export function threadCpuMs(pid: number | undefined): Map<string, number> {
+  const out = new Map<string, number>();
+  if (pid === undefined) {
+    return out;
+  }
+  let tids: string[];
+  try {
+    tids = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const tid of tids) {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      const name =
+        tid === String(pid)
+          ? 'main'
+          : `${stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))}:${tid}`;
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      out.set(name, (out.get(name) ?? 0) + (Number(fields[11]) + Number(fields[12])) * 10);
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return out;
+}
+
+/** The machine's idle and total CPU time so far (Linux /proc/stat, clock ticks). */
+export function machineIdle(): { idle: number; total: number } {
+  try {
+    // The first line: "cpu  user nice system idle iowait irq softirq steal ...".
+    const first = /^cpu\s+(.*)$/m.exec(fs.readFileSync('/proc/stat', 'utf8'))?.[1] ?? '';
+    const cpu = first.trim().split(/\s+/).map(Number);
+    return { idle: (cpu[3] ?? 0) + (cpu[4] ?? 0), total: cpu.reduce((a, b) => a + b, 0) };
+  } catch {
+    return { idle: Number.NaN, total: Number.NaN };
+  }
+}
+
 /** Resident set size of a process in MB (Linux /proc), or NaN. */
 export function rssMb(pid: number | undefined): number {
   if (pid === undefined) {

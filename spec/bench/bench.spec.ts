@@ -46,6 +46,9 @@ describe('bench: npm run bench -- --smoke', function () {
     expect(report.ratios.tenantSpread).to.be.a('number');
     expect(report.engine.calls).to.equal(4);
     expect(report.e2e.algs.ES384.cellcds.rps).to.be.greaterThan(0);
+    // Where the CPU went while the clock ran: read from /proc (this suite runs on Linux).
+    expect(report.e2e.algs.ES384.mainThreadMsPerCall.cellcds).to.be.a('number');
+    expect(report.e2e.algs.ES384.machineIdle.baseline).to.be.within(0, 1);
     expect(report.tenants.spread).to.be.greaterThan(1);
     expect(report.rotation).to.have.property('available');
     // Exactly one JSON line: the table comes before it.
@@ -56,5 +59,11 @@ describe('bench: npm run bench -- --smoke', function () {
     const { code, stderr } = await runBench(['--nonsense']);
     expect(code).to.equal(1);
     expect(stderr).to.contain('unknown option');
+  });
+
+  it('refuses an unknown client algorithm with a non-zero exit', async () => {
+    const { code, stderr } = await runBench(['--smoke', '--algs=HS256']);
+    expect(code).to.equal(1);
+    expect(stderr).to.contain('unknown algorithm(s): HS256');
   });
 });
