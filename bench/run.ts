@@ -271,6 +271,16 @@ function printTable(mode: Mode, r: Report): void {
       fmt(t.spreadRun.rssMb, 0),
     );
     row('throughput ratio spread/one', fmt(t.ratio, 2));
+    // The server's CPU per call, all threads / main thread: one tenant, then spread.
+    for (const [name, run] of [
+      ['one tenant', t.single],
+      ['spread', t.spreadRun],
+    ] as const) {
+      row(
+        `${name}: server CPU/call, all / main ms`,
+        `${fmt(run.cpuMsPerCall, 2)} / ${fmt(run.mainThreadMsPerCall, 2)}`,
+      );
+    }
   }
   if (r.rotation) {
     const t = r.rotation;

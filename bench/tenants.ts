@@ -10,6 +10,7 @@ import type { BenchTenant } from './cellcds.ts';
 import { prepareControlPlane, serviceUrl, startCellcds } from './cellcds.ts';
 import { buildCallSet, probe } from './e2e.ts';
 import type { BenchPatient } from './fixtures.ts';
+import type { LoadResult } from './load.ts';
 import { measureMax } from './load.ts';
 import type { ClientKey } from './tokens.ts';
 import { createClientKey, signTokens } from './tokens.ts';
@@ -22,10 +23,20 @@ export interface TenantsResult {
   /** The first call of every called tenant (store and keys created), in s. */
   firstCallsSec: number;
   rssIdleMb: number;
-  single: { rps: number; p50: number; p99: number; rssMb: number };
-  spreadRun: { rps: number; p50: number; p99: number; rssMb: number };
+  /** cpuMsPerCall: the server's CPU per call over all its threads, and its main thread's (ms). */
+  single: TenantRun;
+  spreadRun: TenantRun;
   /** spread req/s ÷ single-tenant req/s. */
   ratio: number;
+}
+
+export interface TenantRun {
+  rps: number;
+  p50: number;
+  p99: number;
+  rssMb: number;
+  cpuMsPerCall: number;
+  mainThreadMsPerCall: number;
 }
 
 export interface TenantsOptions {
@@ -39,6 +50,15 @@ export interface TenantsOptions {
   warmupSec: number;
   log: (line: string) => void;
 }
+
+const run = (r: LoadResult, rssMb: number): TenantRun => ({
+  rps: r.rps,
+  p50: r.p50,
+  p99: r.p99,
+  rssMb,
+  cpuMsPerCall: r.cpu.serverMsPerCall,
+  mainThreadMsPerCall: r.cpu.serverMainMsPerCall,
+});
 
 const tenantId = (i: number) => `t${String(i).padStart(5, '0')}`;
 const issuerOf = (i: number) => `https://ehr-${String(i)}.bench.cellcds.example`;
@@ -126,6 +146,7 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         'tenants: one tenant',
         { ...common, signers: [{ key: first, tenant: tenantId(0) }] },
         opts.warmupSec,
+        server.pid,
       );
       const singleRss = server.rssMb();
       opts.log(`  calls spread over ${opts.spread} tenants`);
@@ -133,6 +154,7 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         `tenants: spread over ${opts.spread}`,
         { ...common, signers: used.map((key, i) => ({ key, tenant: tenantId(i) })) },
         opts.warmupSec,
+        server.pid,
       );
       const spreadRss = server.rssMb();
       return {
@@ -141,8 +163,8 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         registerSec: registerMs / 1000,
         firstCallsSec,
         rssIdleMb,
-        single: { rps: single.rps, p50: single.p50, p99: single.p99, rssMb: singleRss },
-        spreadRun: { rps: spread.rps, p50: spread.p50, p99: spread.p99, rssMb: spreadRss },
+        single: run(single, singleRss),
+        spreadRun: run(spread, spreadRss),
         ratio: spread.rps / single.rps,
       };
     } finally {
