@@ -72,8 +72,12 @@ export function readAdminToken(config: Config): string | undefined {
  * policy is read before the first token it remembers.
  * @throws ConfigError naming CELLCDS_REDIS_URL when Redis may evict keys.
  */
-async function sharedReplayCache(url: string, log: Logger): Promise<ReplayCache> {
-  const cache = createRedisReplayCache({ url });
+async function sharedReplayCache(
+  url: string,
+  maxPerIssuer: number,
+  log: Logger,
+): Promise<ReplayCache> {
+  const cache = createRedisReplayCache({ url, maxPerIssuer });
   try {
     await cache.ready();
   } catch (err) {
@@ -105,8 +109,11 @@ export async function buildDeps(
   // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
   // against another replica: Redis when configured, else this process' memory.
   const replayCache = config.redisUrl
-    ? await sharedReplayCache(config.redisUrl, log)
-    : createMemoryReplayCache({ maxEntries: config.replayCacheMaxEntries });
+    ? await sharedReplayCache(config.redisUrl, config.replayCacheMaxPerIssuer, log)
+    : createMemoryReplayCache({
+        maxEntries: config.replayCacheMaxEntries,
+        maxPerIssuer: config.replayCacheMaxPerIssuer,
+      });
   const controlPlane = await openControlPlane({
     storage: path.join(config.dataDir, 'control.sqlite'),
   });

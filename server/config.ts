@@ -5,7 +5,11 @@
  */
 import path from 'node:path';
 import { z } from 'zod';
-import { ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS } from '../tenants/index.ts';
+import {
+  ASYMMETRIC_ALGORITHMS,
+  DEFAULT_ALGORITHMS,
+  DEFAULT_REPLAY_MAX_PER_ISSUER,
+} from '../tenants/index.ts';
 
 const intFrom = (min: number, max: number, dflt: number) =>
   z.coerce.number().int().min(min).max(max).default(dflt);
@@ -54,6 +58,7 @@ const Schema = z
     CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
     CELLCDS_REPLAY_CACHE_MAX_ENTRIES: intFrom(1000, 10_000_000, 100_000),
+    CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: z.coerce.number().int().min(1).max(10_000_000).optional(),
     CELLCDS_REDIS_URL: z
       .string()
       .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL')
@@ -116,6 +121,11 @@ export interface Config {
   readonly authFailureAuditPerSecond: number;
   /** In-process JWT replay cache (no Redis): most unexpired `jti`s held; full means tokens are refused. */
   readonly replayCacheMaxEntries: number;
+  /**
+   * Most unexpired `jti`s one issuer may hold (memory or Redis), so one tenant's EHR cannot fill
+   * the cache and lock every tenant out. Default 25,000, or the max entries if smaller.
+   */
+  readonly replayCacheMaxPerIssuer: number;
   /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */
   readonly regionsFile: string | undefined;
   /** Whether CELLCDS_REGION was given (else `npm start` runs one plane per configured region). */
@@ -146,6 +156,27 @@ function parsePublicUrl(raw: string, setting: string): string {
     throw new ConfigError(`config: ${setting} must not carry a query, fragment or credentials`);
   }
   return url.toString().replace(/\/+$/, '');
+}
+
+/**
+ * One issuer's share of the replay cache. Without Redis it cannot exceed the whole cache.
+ * @throws ConfigError naming both settings when it would.
+ */
+function replayPerIssuer(e: z.infer<typeof Schema>): number {
+  const maxEntries = e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES;
+  const perIssuer = e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER;
+  if (perIssuer === undefined) {
+    // The whole-cache size applies only to the in-process cache.
+    return e.CELLCDS_REDIS_URL
+      ? DEFAULT_REPLAY_MAX_PER_ISSUER
+      : Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
+  }
+  if (!e.CELLCDS_REDIS_URL && perIssuer > maxEntries) {
+    throw new ConfigError(
+      `config: CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER (${perIssuer}) exceeds CELLCDS_REPLAY_CACHE_MAX_ENTRIES (${maxEntries}): one issuer's share cannot be larger than the whole cache`,
+    );
+  }
+  return perIssuer;
 }
 
 /**
@@ -211,6 +242,7 @@ export function loadConfig(
     }),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
     replayCacheMaxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
+    replayCacheMaxPerIssuer: replayPerIssuer(e),
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:
       e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),

@@ -23,6 +23,8 @@ export async function recordAuthFailure(
     await deps.failureAudit.record({
       type: 'auth.failure',
       outcome: 'failure',
+      // A tenant only when the token's signature proved it (replay_quota).
+      ...(err.tenant !== undefined ? { tenant: err.tenant } : {}),
       detail: { reason: err.reason, ...where },
     });
   }

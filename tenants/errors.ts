@@ -3,7 +3,15 @@ import type { AuthFailureReason, ResidencyProblem } from './types.ts';
 /** A CDS client token was refused. HTTP: 401 `invalid_token`, body says no more. */
 export class AuthError extends Error {
   readonly reason: AuthFailureReason;
-  constructor(reason: AuthFailureReason, detail?: string) {
+  /**
+   * @param tenant only for a refusal after the signature was verified (`replay_quota`): the
+   *   tenant the token proved it speaks for, so the refusal is audited in that tenant's trail.
+   */
+  constructor(
+    reason: AuthFailureReason,
+    detail?: string,
+    readonly tenant?: string,
+  ) {
     super(detail ? `${reason}: ${detail}` : reason);
     this.name = new.target.name;
     this.reason = reason;
@@ -64,6 +72,17 @@ export class JwksFetchError extends Error {
 export class ReplayCacheFullError extends Error {
   constructor() {
     super('replay cache is full');
+    this.name = new.target.name;
+  }
+}
+
+/**
+ * The token's issuer already holds its share of the replay cache (unexpired entries up to
+ * `maxPerIssuer`); its token is refused (fail closed), and other issuers are not affected.
+ */
+export class ReplayIssuerQuotaError extends Error {
+  constructor(readonly maxPerIssuer: number) {
+    super(`the issuer holds its share of the replay cache (${maxPerIssuer} unexpired tokens)`);
     this.name = new.target.name;
   }
 }

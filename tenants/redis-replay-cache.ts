@@ -1,8 +1,13 @@
 /**
  * Replay cache shared by every replica (scale-out): `(iss, jti)` pairs in Redis, each kept
- * until the token's expiry. One atomic `SET key 1 NX PXAT exp` per token: the first replica
- * to see a jti wins, every later use (on any replica) is a replay. If Redis cannot answer,
+ * until the token's expiry. One atomic script per token: the first replica to see a jti sets
+ * its key (`PXAT exp`), every later use (on any replica) is a replay. If Redis cannot answer,
  * `remember` rejects and the verifier refuses the token (fail closed).
+ *
+ * Each issuer holds at most `maxPerIssuer` unexpired pairs, counted in a sorted set of its own
+ * (member: the pair's key, score: its expiry), so one tenant's EHR cannot fill Redis's memory
+ * and get every tenant's tokens refused. The pair's key is the same as before the count existed
+ * (`prefix` + sha256 of the pair): replicas of either version refuse each other's replays.
  *
  * A Redis that evicts keys under memory pressure (any `maxmemory-policy` but `noeviction`; our
  * keys carry a TTL, so even the `volatile-*` policies take them) would forget a jti before
@@ -12,6 +17,8 @@
  */
 import crypto from 'node:crypto';
 import { Redis } from 'ioredis';
+import { ReplayIssuerQuotaError } from './errors.ts';
+import { DEFAULT_REPLAY_MAX_PER_ISSUER } from './replay-cache.ts';
 import type { ReplayCache } from './types.ts';
 
 export interface RedisReplayCacheOptions {
@@ -21,6 +28,8 @@ export interface RedisReplayCacheOptions {
   prefix?: string;
   /** Per-command timeout (default 1000 ms). */
   commandTimeoutMs?: number;
+  /** Most unexpired pairs one issuer may hold (default 25 000). */
+  maxPerIssuer?: number;
   now?: () => Date;
 }
 
@@ -37,12 +46,33 @@ export class RedisEvictsKeysError extends Error {
 /** How long a read of the eviction policy is trusted. */
 const POLICY_CHECK_MS = 60_000;
 
+/**
+ * KEYS[1] the pair's key, KEYS[2] the issuer's sorted set; ARGV: expiry (ms since the epoch),
+ * now (ms), the issuer's share. Returns 0 for a replay, -1 when the issuer holds its share, 1
+ * when the pair is new (then remembered until its expiry and counted until then).
+ */
+const REMEMBER_SCRIPT = `
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local exp = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('SET', KEYS[1], '1', 'PXAT', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
+if redis.call('PTTL', KEYS[2]) < exp - now then redis.call('PEXPIREAT', KEYS[2], ARGV[1]) end
+return 1
+`;
+
 /** Creates a Redis-backed ReplayCache. Call `close()` on shutdown. */
 export function createRedisReplayCache(
   opts: RedisReplayCacheOptions,
 ): ReplayCache & { ready(): Promise<void>; close(): Promise<void> } {
   const prefix = opts.prefix ?? 'cellcds:jti:';
   const now = opts.now ?? (() => new Date());
+  const maxPerIssuer = opts.maxPerIssuer ?? DEFAULT_REPLAY_MAX_PER_ISSUER;
+  if (!Number.isInteger(maxPerIssuer) || maxPerIssuer < 1) {
+    throw new RangeError('maxPerIssuer must be a positive integer');
+  }
   const redis = new Redis(opts.url, {
     // Commands wait for the connection, bounded by commandTimeout: a down Redis refuses fast.
     maxRetriesPerRequest: 1,
@@ -77,16 +107,25 @@ export function createRedisReplayCache(
     ready: keepsKeys,
     async remember(iss, jti, expSeconds) {
       await keepsKeys();
-      // Hash the pair: keys have a bounded length whatever the token carries.
-      const key =
-        prefix +
-        crypto
-          .createHash('sha256')
-          .update(JSON.stringify([iss, jti]))
-          .digest('hex');
-      const expiresAt = Math.max(expSeconds * 1000, now().getTime() + 1000);
-      const result = await redis.set(key, '1', 'PXAT', expiresAt, 'NX');
-      return result === 'OK';
+      // Hash the pair and the issuer: keys have a bounded length whatever the token carries.
+      const sha256 = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
+      const key = prefix + sha256(JSON.stringify([iss, jti]));
+      const issuerKey = `${prefix}iss:${sha256(iss)}`;
+      const at = now().getTime();
+      const expiresAt = Math.max(expSeconds * 1000, at + 1000);
+      const result = await redis.eval(
+        REMEMBER_SCRIPT,
+        2,
+        key,
+        issuerKey,
+        expiresAt,
+        at,
+        maxPerIssuer,
+      );
+      if (result === -1) {
+        throw new ReplayIssuerQuotaError(maxPerIssuer);
+      }
+      return result === 1;
     },
     async close() {
       await redis.quit().catch(() => undefined);

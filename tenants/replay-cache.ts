@@ -2,28 +2,38 @@
  * In-memory replay cache for one process (embedded mode). Scale-out uses a shared cache
  * (Redis) behind the same `ReplayCache` interface.
  */
-import { ReplayCacheFullError } from './errors.ts';
+import { ReplayCacheFullError, ReplayIssuerQuotaError } from './errors.ts';
 import type { ReplayCache } from './types.ts';
 
 export interface MemoryReplayCacheOptions {
   now?: () => Date;
   /** Most `(iss, jti)` pairs held at once (default 100 000). */
   maxEntries?: number;
+  /**
+   * Most pairs one issuer may hold at once (default: 25 000, or `maxEntries` if smaller), so
+   * one tenant's EHR cannot fill the cache and get every tenant's tokens refused.
+   */
+  maxPerIssuer?: number;
 }
 
-/** A binary min-heap of (expiry, key), so expired entries are found without a scan. */
+/** The default share of one issuer (a quarter of the default capacity). */
+export const DEFAULT_REPLAY_MAX_PER_ISSUER = 25_000;
+
+/** A binary min-heap of (expiry, key, issuer), so expired entries are found without a scan. */
 class ExpiryHeap {
   private readonly exp: number[] = [];
   private readonly key: string[] = [];
+  private readonly iss: string[] = [];
 
   /** The earliest expiry, or Infinity when empty. */
   peek(): number {
     return this.exp[0] ?? Number.POSITIVE_INFINITY;
   }
 
-  push(exp: number, key: string): void {
+  push(exp: number, key: string, iss: string): void {
     this.exp.push(exp);
     this.key.push(key);
+    this.iss.push(iss);
     let i = this.exp.length - 1;
     while (i > 0) {
       const parent = (i - 1) >> 1;
@@ -35,18 +45,20 @@ class ExpiryHeap {
     }
   }
 
-  /** Removes the earliest (expiry, key). @throws RangeError when empty. */
-  pop(): [number, string] {
-    const top: [number, string] | undefined =
-      this.exp.length > 0 ? [this.exp[0] ?? 0, this.key[0] ?? ''] : undefined;
+  /** Removes the earliest (expiry, key, issuer). @throws RangeError when empty. */
+  pop(): [number, string, string] {
+    const top: [number, string, string] | undefined =
+      this.exp.length > 0 ? [this.exp[0] ?? 0, this.key[0] ?? '', this.iss[0] ?? ''] : undefined;
     if (!top) {
       throw new RangeError('the heap is empty');
     }
     const lastExp = this.exp.pop() ?? 0;
     const lastKey = this.key.pop() ?? '';
+    const lastIss = this.iss.pop() ?? '';
     if (this.exp.length > 0) {
       this.exp[0] = lastExp;
       this.key[0] = lastKey;
+      this.iss[0] = lastIss;
       let i = 0;
       for (;;) {
         const l = 2 * i + 1;
@@ -71,6 +83,7 @@ class ExpiryHeap {
   clear(): void {
     this.exp.length = 0;
     this.key.length = 0;
+    this.iss.length = 0;
   }
 
   private swap(a: number, b: number): void {
@@ -80,6 +93,9 @@ class ExpiryHeap {
     const k = this.key[a] ?? '';
     this.key[a] = this.key[b] ?? '';
     this.key[b] = k;
+    const i = this.iss[a] ?? '';
+    this.iss[a] = this.iss[b] ?? '';
+    this.iss[b] = i;
   }
 }
 
@@ -90,7 +106,12 @@ class ExpiryHeap {
  * refuses new ones (throws) rather than forgetting any: forgetting would let a captured token
  * be replayed. Size it for the peak rate of calls times the longest token lifetime plus the
  * leeway (`CELLCDS_REPLAY_CACHE_MAX_ENTRIES`); replicas share Redis instead.
- * @throws ReplayCacheFullError from `remember` when full (the verifier then refuses the token).
+ *
+ * Each issuer holds at most `maxPerIssuer` unexpired entries: an issuer at its share gets its
+ * own tokens refused, while the others go on (without it, one tenant's EHR minting tokens fast,
+ * or with long lifetimes, would fill the cache and lock every tenant out).
+ * @throws ReplayIssuerQuotaError from `remember` when the issuer holds its share, and
+ * ReplayCacheFullError when the whole cache is full (the verifier then refuses the token).
  */
 export function createMemoryReplayCache(
   opts: MemoryReplayCacheOptions = {},
@@ -100,8 +121,14 @@ export function createMemoryReplayCache(
   if (!Number.isInteger(maxEntries) || maxEntries < 1) {
     throw new RangeError('maxEntries must be a positive integer');
   }
+  const maxPerIssuer = opts.maxPerIssuer ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
+  if (!Number.isInteger(maxPerIssuer) || maxPerIssuer < 1) {
+    throw new RangeError('maxPerIssuer must be a positive integer');
+  }
   /** key -> expiry in ms since the epoch */
   const entries = new Map<string, number>();
+  /** issuer -> its unexpired entries (issuers with none are not kept) */
+  const perIssuer = new Map<string, number>();
   /**
    * The expiry of every entry, with its key. A pair is set again only once its entry expired,
    * and prune() runs first, so each entry has one node; the check below is a second guard.
@@ -110,9 +137,15 @@ export function createMemoryReplayCache(
 
   function prune(at: number): void {
     while (expiries.peek() <= at) {
-      const [exp, key] = expiries.pop();
+      const [exp, key, iss] = expiries.pop();
       if (entries.get(key) === exp) {
         entries.delete(key);
+        const held = (perIssuer.get(iss) ?? 1) - 1;
+        if (held > 0) {
+          perIssuer.set(iss, held);
+        } else {
+          perIssuer.delete(iss);
+        }
       }
     }
   }
@@ -126,12 +159,18 @@ export function createMemoryReplayCache(
         return Promise.resolve(false);
       }
       prune(at);
-      if (entries.size >= maxEntries && !entries.has(key)) {
+      // An expired pair was pruned above: the key is new here, and counts against both limits.
+      if (entries.size >= maxEntries) {
         return Promise.reject(new ReplayCacheFullError());
+      }
+      const held = perIssuer.get(iss) ?? 0;
+      if (held >= maxPerIssuer) {
+        return Promise.reject(new ReplayIssuerQuotaError(maxPerIssuer));
       }
       const exp = expSeconds * 1000;
       entries.set(key, exp);
-      expiries.push(exp, key);
+      perIssuer.set(iss, held + 1);
+      expiries.push(exp, key, iss);
       return Promise.resolve(true);
     },
     size() {
@@ -139,6 +178,7 @@ export function createMemoryReplayCache(
     },
     close() {
       entries.clear();
+      perIssuer.clear();
       expiries.clear();
       return Promise.resolve();
     },

@@ -123,7 +123,9 @@ export type AuthFailureReason =
   /** `nbf` is in the future (beyond the leeway). */
   | 'not_yet_valid'
   /** The replay cache could not record the jti (full, or its backend is down): fail closed. */
-  | 'replay_unavailable';
+  | 'replay_unavailable'
+  /** The token's issuer holds its share of the replay cache; other issuers go on. */
+  | 'replay_quota';
 
 /** Remembers `(iss, jti)` until the token's `exp`; shared across replicas in scale-out (Redis). */
 export interface ReplayCache {

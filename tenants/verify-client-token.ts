@@ -14,14 +14,15 @@
  *     alongside step 2's lookup when that lookup is answered from memory (see checkAhead); its
  *     result counts only if the lookup then returns the very same registration.
  *  5. Claims, from the VERIFIED payload: `aud` (exact), `exp`, `iat`, `nbf`, lifetime, `jti`.
- *  6. Replay: `(iss, jti)` remembered until `exp + leeway`; a repeat is refused.
+ *  6. Replay: `(iss, jti)` remembered until `exp + leeway`; a repeat is refused, and so is a
+ *     token whose issuer already holds its share of the replay cache (`replay_quota`).
  *
  * Any failure throws AuthError(reason) and calls `onFailure`; no replay-cache entry is
  * consumed by a token that fails before step 6. Messages never contain the token. The JWT
  * mechanics shared with the id_token verifier (bearer parsing, key stores, signature, times)
  * live in `jwt-common.ts`; this file keeps the CDS client policy.
  */
-import { AuthError } from './errors.ts';
+import { AuthError, ReplayIssuerQuotaError } from './errors.ts';
 import { createJwksFetcher } from './jwks-fetcher.ts';
 import {
   audienceList,
@@ -204,8 +205,12 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     let isFirstUse: boolean;
     try {
       isFirstUse = await replayCache.remember(iss, jti, exp + leeway);
-    } catch {
-      throw new AuthError('replay_unavailable');
+    } catch (err) {
+      // An issuer at its share is refused alone (audited and counted as replay_quota); a full
+      // cache or a Redis that cannot answer refuses everyone (replay_unavailable).
+      throw err instanceof ReplayIssuerQuotaError
+        ? new AuthError('replay_quota', err.message, tenant.id)
+        : new AuthError('replay_unavailable');
     }
     if (!isFirstUse) {
       throw new AuthError('replayed');

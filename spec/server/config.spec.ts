@@ -19,6 +19,40 @@ describe('configuration', () => {
     ).to.equal(250_000);
   });
 
+  it("sizes one issuer's share of the replay cache: 25,000, at most the cache, or as set", () => {
+    expect(loadConfig({}).replayCacheMaxPerIssuer).to.equal(25_000);
+    expect(
+      loadConfig({ CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000' }).replayCacheMaxPerIssuer,
+    ).to.equal(5000);
+    expect(
+      loadConfig({ CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '100000' }).replayCacheMaxPerIssuer,
+    ).to.equal(100_000);
+    expect(() =>
+      loadConfig({
+        CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
+        CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '6000',
+      }),
+    ).to.throw(ConfigError, /CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER \(6000\) exceeds/);
+    // With Redis there is no whole-cache size: the share alone bounds each issuer.
+    expect(
+      loadConfig({
+        CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379',
+        CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
+      }).replayCacheMaxPerIssuer,
+    ).to.equal(25_000);
+    expect(
+      loadConfig({
+        CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379',
+        CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
+        CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '6000',
+      }).replayCacheMaxPerIssuer,
+    ).to.equal(6000);
+    expect(() => loadConfig({ CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '0' })).to.throw(
+      ConfigError,
+      /CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER/,
+    );
+  });
+
   it('sets the main-thread evaluation slice: 5 ms by default, 0 turns it off', () => {
     expect(loadConfig({}).evaluation.inlineSliceMs).to.equal(5);
     expect(loadConfig({ CELLCDS_EVAL_INLINE_MS: '0' }).evaluation.inlineSliceMs).to.equal(0);

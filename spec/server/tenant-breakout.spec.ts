@@ -138,4 +138,48 @@ describe('tenant break-out', () => {
     expect(resB.status).to.equal(200);
     expect((await op(request(t.app).post('/admin/tenants/tenant-a/resume'))).status).to.equal(200);
   });
+
+  // One tenant's EHR minting tokens fast (or long-lived) fills only its own share of the replay
+  // cache: its next token is refused (fail closed, audited in its trail), the others go on.
+  describe('the replay cache, shared by every tenant', () => {
+    let r: TestApp;
+    let ra: TestIssuer;
+    let rb: TestIssuer;
+    before(async () => {
+      r = await buildTestApp({ CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '3' });
+      expect((await r.uploadPack(tinyPack('alpha'))).status).to.equal(201);
+      expect((await r.uploadPack(tinyPack('beta'))).status).to.equal(201);
+      ra = await r.addTenant('tenant-a', { subscriptions: [{ pack: 'alpha', version: '1.0.0' }] });
+      rb = await r.addTenant('tenant-b', { subscriptions: [{ pack: 'beta', version: '1.0.0' }] });
+    });
+    after(async () => r.close());
+
+    const call = async (issuer: TestIssuer, service: string) =>
+      request(r.app)
+        .post(`/cds-services/${service}`)
+        .set(
+          'authorization',
+          `Bearer ${await issuer.sign({ aud: `${PUBLIC_URL}/cds-services/${service}`, exp: Math.floor(Date.now() / 1000) + 3000 })}`,
+        )
+        .send(warfarinNsaidRequest());
+
+    it("refuses A's tokens beyond its share, and never B's", async () => {
+      for (let i = 0; i < 3; i++) {
+        expect((await call(ra, 'alpha-order-sign')).status).to.equal(200);
+      }
+      const refused = await call(ra, 'alpha-order-sign');
+      expect(refused.status).to.equal(401);
+      expect(refused.body).to.deep.equal({ error: 'invalid_token', message: 'invalid token' });
+      for (let i = 0; i < 3; i++) {
+        expect((await call(rb, 'beta-order-sign')).status).to.equal(200);
+      }
+      const events = await r.deps.controlPlane.audit.list({ type: 'auth.failure' });
+      const quota = events.filter((e) => e.detail?.reason === 'replay_quota');
+      expect(quota.map((e) => e.tenant)).to.deep.equal(['tenant-a']);
+      const metrics = await request(r.app).get('/metrics');
+      expect(metrics.text).to.match(
+        /^cellcds_auth_failures_total\{[^}]*reason="replay_quota"[^}]*\} 1$/m,
+      );
+    });
+  });
 });

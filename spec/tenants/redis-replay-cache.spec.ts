@@ -1,6 +1,10 @@
 import { expect } from 'chai';
 import { Redis } from 'ioredis';
-import { createRedisReplayCache, RedisEvictsKeysError } from '../../tenants/index.ts';
+import {
+  createRedisReplayCache,
+  RedisEvictsKeysError,
+  ReplayIssuerQuotaError,
+} from '../../tenants/index.ts';
 import type { ReplayCache } from '../../tenants/index.ts';
 
 const url = process.env.CELLCDS_TEST_REDIS_URL;
@@ -40,6 +44,56 @@ describe('Redis replay cache (scale-out)', function () {
     expect(await a.remember('https://iss.example', 'short', soon)).to.equal(true);
     await new Promise((r) => setTimeout(r, 2100));
     expect(await b.remember('https://iss.example', 'short', exp())).to.equal(true);
+  });
+
+  // One tenant's EHR must not fill Redis and lock out the others: a share per issuer, counted
+  // across replicas, given back as its tokens expire.
+  it('refuses an issuer at its share on every replica, while other issuers go on', async () => {
+    const x = createRedisReplayCache({ url, prefix, maxPerIssuer: 3 });
+    const y = createRedisReplayCache({ url, prefix, maxPerIssuer: 3 });
+    try {
+      const greedy = 'https://greedy.example';
+      const soon = Math.floor(Date.now() / 1000) + 2;
+      expect(await x.remember(greedy, 'g1', soon)).to.equal(true);
+      expect(await y.remember(greedy, 'g2', exp())).to.equal(true);
+      expect(await x.remember(greedy, 'g3', exp())).to.equal(true);
+      const refused = await y.remember(greedy, 'g4', exp()).then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      expect(refused).to.be.instanceOf(ReplayIssuerQuotaError);
+      // Its tokens stay replays; another issuer is not affected.
+      expect(await x.remember(greedy, 'g2', exp())).to.equal(false);
+      for (const j of ['o1', 'o2', 'o3']) {
+        expect(await y.remember('https://other.example', j, exp())).to.equal(true);
+      }
+      // g1 expires: its place in the share is given back.
+      await new Promise((r) => setTimeout(r, 3100));
+      expect(await y.remember(greedy, 'g4', exp())).to.equal(true);
+      expect(await x.remember(greedy, 'g5', exp()).catch((e: unknown) => e)).to.be.instanceOf(
+        ReplayIssuerQuotaError,
+      );
+    } finally {
+      await x.close();
+      await y.close();
+    }
+  });
+
+  it("keeps the issuer's count no longer than its last token", async () => {
+    const admin = new Redis(url);
+    try {
+      const iss = 'https://ttl.example';
+      const far = Math.floor(Date.now() / 1000) + 600;
+      expect(await a.remember(iss, 'late', far)).to.equal(true);
+      expect(await a.remember(iss, 'early', far - 500)).to.equal(true);
+      const keys = await admin.keys(`${prefix}iss:*`);
+      const ttls = await Promise.all(keys.map((k) => admin.pttl(k)));
+      // Every count key expires, and the longest lives as long as its latest token (~600 s).
+      expect(ttls.every((t) => t > 0)).to.equal(true);
+      expect(Math.max(...ttls)).to.be.within(590_000, 600_000);
+    } finally {
+      await admin.quit();
+    }
   });
 
   it('fails closed when Redis cannot answer', async () => {

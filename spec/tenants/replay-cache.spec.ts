@@ -1,6 +1,10 @@
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { ReplayCacheFullError, createMemoryReplayCache } from '../../tenants/index.ts';
+import {
+  ReplayCacheFullError,
+  ReplayIssuerQuotaError,
+  createMemoryReplayCache,
+} from '../../tenants/index.ts';
 
 describe('tenants/ createMemoryReplayCache', () => {
   let nowMs: number;
@@ -44,6 +48,64 @@ describe('tenants/ createMemoryReplayCache', () => {
     expect(cache.size()).to.equal(3);
   });
 
+  // One tenant's EHR minting tokens fast (or with long lifetimes) must not lock out the others.
+  it('refuses an issuer at its share while other issuers go on', async () => {
+    const cache = createMemoryReplayCache({ now, maxEntries: 10, maxPerIssuer: 3 });
+    for (const j of ['1', '2', '3']) {
+      expect(await cache.remember('https://greedy', j, inSeconds(3600))).to.equal(true);
+    }
+    const refused = await cache.remember('https://greedy', '4', inSeconds(60)).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    expect(refused).to.be.instanceOf(ReplayIssuerQuotaError);
+    expect((refused as ReplayIssuerQuotaError).maxPerIssuer).to.equal(3);
+    // Its remembered tokens are still replays (never forgotten), the others' tokens still pass.
+    expect(await cache.remember('https://greedy', '2', inSeconds(3600))).to.equal(false);
+    for (const j of ['1', '2', '3']) {
+      expect(await cache.remember('https://other', j, inSeconds(60))).to.equal(true);
+    }
+    expect(cache.size()).to.equal(6);
+  });
+
+  it('gives an issuer its share back as its entries expire', async () => {
+    const cache = createMemoryReplayCache({ now, maxEntries: 10, maxPerIssuer: 2 });
+    await cache.remember('iss', 'short', inSeconds(5));
+    await cache.remember('iss', 'long', inSeconds(600));
+    expect(
+      await cache.remember('iss', 'x', inSeconds(60)).catch((e: unknown) => e),
+    ).to.be.instanceOf(ReplayIssuerQuotaError);
+    nowMs += 10_000;
+    expect(await cache.remember('iss', 'x', inSeconds(60))).to.equal(true);
+    expect(await cache.remember('iss', 'long', inSeconds(600))).to.equal(false);
+  });
+
+  it('shares at most 25,000 entries per issuer by default, or the whole cache if smaller', async () => {
+    const small = createMemoryReplayCache({ now, maxEntries: 2 });
+    await small.remember('iss', '1', inSeconds(60));
+    await small.remember('iss', '2', inSeconds(60));
+    // Full (the issuer's default share is the whole cache): the cache-full refusal.
+    expect(
+      await small.remember('iss', '3', inSeconds(60)).catch((e: unknown) => e),
+    ).to.be.instanceOf(ReplayCacheFullError);
+    const big = createMemoryReplayCache({ now, maxEntries: 30_000 });
+    for (let i = 0; i < 25_000; i++) {
+      await big.remember('iss', String(i), inSeconds(60));
+    }
+    expect(
+      await big.remember('iss', 'one more', inSeconds(60)).catch((e: unknown) => e),
+    ).to.be.instanceOf(ReplayIssuerQuotaError);
+    expect(await big.remember('other', 'one more', inSeconds(60))).to.equal(true);
+  });
+
+  it('refuses a share that is not a positive integer', () => {
+    expect(() => createMemoryReplayCache({ maxPerIssuer: 0 })).to.throw(RangeError, /maxPerIssuer/);
+    expect(() => createMemoryReplayCache({ maxPerIssuer: 1.5 })).to.throw(
+      RangeError,
+      /maxPerIssuer/,
+    );
+  });
+
   it('prunes expired entries to make room', async () => {
     const cache = createMemoryReplayCache({ now, maxEntries: 2 });
     await cache.remember('iss', 'short', inSeconds(5));
@@ -80,29 +142,33 @@ describe('tenants/ createMemoryReplayCache', () => {
     expect(await cache.remember('iss', 'j', inSeconds(120))).to.equal(true);
   });
 
-  // Against a model that scans everything: same answers, same size, whatever the expiries, the
-  // clock steps and the capacity.
+  // Against a model that scans everything: same answers, same size, whatever the issuers, the
+  // expiries, the clock steps, the capacity and the issuers' share.
   it('answers and prunes exactly like a full scan would (property)', async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.integer({ min: 1, max: 8 }),
+        fc.integer({ min: 1, max: 8 }),
         fc.array(
           fc.record({
+            iss: fc.constantFrom('a', 'b', 'c'),
             jti: fc.constantFrom('a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'),
             life: fc.integer({ min: 1, max: 50 }),
             step: fc.integer({ min: 0, max: 20 }),
           }),
           { maxLength: 80 },
         ),
-        async (maxEntries, calls) => {
+        async (maxEntries, maxPerIssuer, calls) => {
           nowMs = Date.parse('2025-06-01T12:00:00Z');
-          const cache = createMemoryReplayCache({ now, maxEntries });
+          const cache = createMemoryReplayCache({ now, maxEntries, maxPerIssuer });
+          /** "iss jti" -> expiry (s) */
           const model = new Map<string, number>();
-          for (const { jti, life, step } of calls) {
+          for (const { iss, jti, life, step } of calls) {
             nowMs += step * 1000;
             const exp = inSeconds(life);
-            const known = model.get(jti);
-            let expected: boolean | 'full';
+            const key = `${iss} ${jti}`;
+            const known = model.get(key);
+            let expected: boolean | 'full' | 'quota';
             if (known !== undefined && known * 1000 > nowMs) {
               expected = false;
             } else {
@@ -111,14 +177,18 @@ describe('tenants/ createMemoryReplayCache', () => {
                   model.delete(k);
                 }
               }
-              expected = model.size >= maxEntries ? 'full' : true;
+              const held = [...model.keys()].filter((k) => k.startsWith(`${iss} `)).length;
+              expected = model.size >= maxEntries ? 'full' : held >= maxPerIssuer ? 'quota' : true;
               if (expected === true) {
-                model.set(jti, exp);
+                model.set(key, exp);
               }
             }
-            const got = await cache.remember('iss', jti, exp).catch((err: unknown) => {
-              expect(err).to.be.instanceOf(ReplayCacheFullError);
-              return 'full' as const;
+            const got = await cache.remember(iss, jti, exp).catch((err: unknown) => {
+              if (err instanceof ReplayCacheFullError) {
+                return 'full' as const;
+              }
+              expect(err).to.be.instanceOf(ReplayIssuerQuotaError);
+              return 'quota' as const;
             });
             expect(got).to.equal(expected);
             expect(cache.size()).to.equal(model.size);

@@ -460,6 +460,21 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       expect(err.reason).to.equal('replay_unavailable');
     });
 
+    it('refuses an issuer at its share of the replay cache (replay_quota), not the others', async () => {
+      replay = createMemoryReplayCache({ now: clock, maxEntries: 100, maxPerIssuer: 2 });
+      verifier = buildVerifier();
+      await verifier.verify(bearer(await issuerA.sign()), AUD);
+      await verifier.verify(bearer(await issuerA.sign()), AUD);
+      const err = await refusal(verifier.verify(bearer(await issuerA.sign()), AUD));
+      expect(err.reason).to.equal('replay_quota');
+      expect(failures.at(-1)).to.deep.equal({
+        reason: 'replay_quota',
+        info: { iss: issuerA.iss, tenant: 'tenant-a' },
+      });
+      const ok = await verifier.verify(bearer(await issuerB.sign({ tenant: 'tenant-b' })), AUD);
+      expect(ok.tenant.id).to.equal('tenant-b');
+    });
+
     it('reports the issuer and tenant (never the token) to onFailure', async () => {
       const jwt = await issuerA.sign({ aud: OTHER_SERVICE });
       await refusal(verifier.verify(bearer(jwt), AUD));
