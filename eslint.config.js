@@ -44,7 +44,14 @@ function boundaryPatterns(folder) {
 
 export default tseslint.config(
   {
-    ignores: ['node_modules/**', 'var/**', 'docs/**', 'spec/fixtures/**', '**/*.mjs', 'eslint.config.js'],
+    ignores: [
+      'node_modules/**',
+      'var/**',
+      'docs/**',
+      'spec/fixtures/**',
+      '**/*.mjs',
+      'eslint.config.js',
+    ],
   },
   ...tseslint.configs.strictTypeChecked,
   {
@@ -57,8 +64,14 @@ export default tseslint.config(
       '@typescript-eslint/switch-exhaustiveness-check': 'error',
       '@typescript-eslint/consistent-type-imports': 'error',
       '@typescript-eslint/no-explicit-any': 'error',
-      '@typescript-eslint/restrict-template-expressions': ['error', { allowNumber: true, allowBoolean: true }],
-      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
+      '@typescript-eslint/restrict-template-expressions': [
+        'error',
+        { allowNumber: true, allowBoolean: true },
+      ],
+      '@typescript-eslint/no-unused-vars': [
+        'error',
+        { argsIgnorePattern: '^_', varsIgnorePattern: '^_' },
+      ],
       eqeqeq: 'error',
       curly: 'error',
       'no-restricted-properties': [

@@ -19,11 +19,9 @@ const FHIR_DATETIME =
   /^\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01])(T([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,9})?)?(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))?)?)?)?$/;
 
 const id = (what: string) =>
-  z
-    .string()
-    .regex(ID_PATTERN, {
-      error: `invalid ${what} id (lowercase letters, digits and -, 2 to 64 characters)`,
-    });
+  z.string().regex(ID_PATTERN, {
+    error: `invalid ${what} id (lowercase letters, digits and -, 2 to 64 characters)`,
+  });
 const text = z.string().min(1, { error: 'must not be empty' });
 const hook = z.enum(PACK_HOOKS, { error: `must be one of ${PACK_HOOKS.join(', ')}` });
 const name = z.string().regex(NAME_PATTERN, {

@@ -5,7 +5,11 @@
 const RXNORM = 'http://www.nlm.nih.gov/research/umls/rxnorm';
 
 /** A pack with one order-sign and one patient-view service. */
-export function tinyPack(id = 'tiny', version = '1.0.0', summary = 'Warfarin with an NSAID draft'): Record<string, unknown> {
+export function tinyPack(
+  id = 'tiny',
+  version = '1.0.0',
+  summary = 'Warfarin with an NSAID draft',
+): Record<string, unknown> {
   return {
     id,
     version,
@@ -29,25 +33,41 @@ export function tinyPack(id = 'tiny', version = '1.0.0', summary = 'Warfarin wit
       },
     ],
     valueSets: {
-      nsaids: { codes: [{ system: RXNORM, code: '310965' }, { system: RXNORM, code: '834022' }] },
+      nsaids: {
+        codes: [
+          { system: RXNORM, code: '310965' },
+          { system: RXNORM, code: '834022' },
+        ],
+      },
       warfarin: { codes: [{ system: RXNORM, code: '855332' }] },
     },
     rules: [
       {
         id: 'warfarin-nsaid',
         service: `${id}-order-sign`,
-        when:
-          "%draftOrders.entry.resource.ofType(MedicationRequest).medication.ofType(CodeableConcept).coding.where(inValueSet('nsaids')).exists() and %prefetch.meds.entry.resource.ofType(MedicationRequest).medication.ofType(CodeableConcept).coding.where(inValueSet('warfarin')).exists()",
+        when: "%draftOrders.entry.resource.ofType(MedicationRequest).medication.ofType(CodeableConcept).coding.where(inValueSet('nsaids')).exists() and %prefetch.meds.entry.resource.ofType(MedicationRequest).medication.ofType(CodeableConcept).coding.where(inValueSet('warfarin')).exists()",
         card: {
           summary,
           detail: 'Consider **acetaminophen** instead.',
           indicator: 'warning',
           source: { label: 'cellcds specs', url: 'https://example.org/specs' },
-          overrideReasons: [{ system: 'http://example.org/override', code: 'benefit', display: 'Benefit outweighs risk' }],
+          overrideReasons: [
+            {
+              system: 'http://example.org/override',
+              code: 'benefit',
+              display: 'Benefit outweighs risk',
+            },
+          ],
           suggestions: [
             {
               label: 'Cancel the NSAID order',
-              actions: [{ type: 'delete', description: 'Remove the draft NSAID', resourceId: 'MedicationRequest/draft-1' }],
+              actions: [
+                {
+                  type: 'delete',
+                  description: 'Remove the draft NSAID',
+                  resourceId: 'MedicationRequest/draft-1',
+                },
+              ],
             },
           ],
         },
@@ -56,7 +76,11 @@ export function tinyPack(id = 'tiny', version = '1.0.0', summary = 'Warfarin wit
         id: 'hello',
         service: `${id}-patient-view`,
         when: '%patient.exists()',
-        card: { summary: 'Hello from the tiny pack', indicator: 'info', source: { label: 'cellcds specs' } },
+        card: {
+          summary: 'Hello from the tiny pack',
+          indicator: 'info',
+          source: { label: 'cellcds specs' },
+        },
       },
     ],
   };
@@ -81,7 +105,11 @@ export function warfarinNsaidRequest(hookInstance?: string): Record<string, unkn
               status: 'draft',
               intent: 'order',
               subject: { reference: 'Patient/pat-1' },
-              medicationCodeableConcept: { coding: [{ system: RXNORM, code: '310965', display: 'Ibuprofen 200 MG Oral Tablet' }] },
+              medicationCodeableConcept: {
+                coding: [
+                  { system: RXNORM, code: '310965', display: 'Ibuprofen 200 MG Oral Tablet' },
+                ],
+              },
             },
           },
         ],
@@ -99,7 +127,11 @@ export function warfarinNsaidRequest(hookInstance?: string): Record<string, unkn
               status: 'active',
               intent: 'order',
               subject: { reference: 'Patient/pat-1' },
-              medicationCodeableConcept: { coding: [{ system: RXNORM, code: '855332', display: 'Warfarin Sodium 5 MG Oral Tablet' }] },
+              medicationCodeableConcept: {
+                coding: [
+                  { system: RXNORM, code: '855332', display: 'Warfarin Sodium 5 MG Oral Tablet' },
+                ],
+              },
             },
           },
         ],

@@ -29,7 +29,14 @@ export interface TestApp {
   /** Upload a pack (raw object) as the operator. */
   uploadPack(raw: unknown): Promise<request.Response>;
   /** Create a tenant with its own issuer, subscribed to the given packs. */
-  addTenant(id: string, opts?: { subscriptions?: Array<{ pack: string; version: string }>; fhirServers?: string[]; issuer?: TestIssuer }): Promise<TestIssuer>;
+  addTenant(
+    id: string,
+    opts?: {
+      subscriptions?: Array<{ pack: string; version: string }>;
+      fhirServers?: string[];
+      issuer?: TestIssuer;
+    },
+  ): Promise<TestIssuer>;
   close(): Promise<void>;
 }
 
@@ -52,7 +59,10 @@ export async function buildTestApp(env: Record<string, string> = {}): Promise<Te
     ...env,
   });
   const logLines: string[] = [];
-  const log = createLogger({ level: 'info', destination: { write: (line: string) => void logLines.push(line) } });
+  const log = createLogger({
+    level: 'info',
+    destination: { write: (line: string) => void logLines.push(line) },
+  });
   const deps = await buildDeps(config, log);
   const app = createApp(deps);
   const t: TestApp = {
@@ -62,9 +72,13 @@ export async function buildTestApp(env: Record<string, string> = {}): Promise<Te
     adminToken,
     logLines,
     uploadPack: (raw) =>
-      request(app).post('/admin/rule-packs').set('authorization', `Bearer ${adminToken}`).send(raw as object),
+      request(app)
+        .post('/admin/rule-packs')
+        .set('authorization', `Bearer ${adminToken}`)
+        .send(raw as object),
     async addTenant(id, opts = {}) {
-      const issuer = opts.issuer ?? (await TestIssuer.create({ iss: `https://ehr-${id}.test.example` }));
+      const issuer =
+        opts.issuer ?? (await TestIssuer.create({ iss: `https://ehr-${id}.test.example` }));
       const res = await request(app)
         .post('/admin/tenants')
         .set('authorization', `Bearer ${adminToken}`)
