@@ -1,4 +1,8 @@
 // @ts-check
+// ESLint's config, kept out of the top level (the product's folders only): `npm run lint` passes
+// it with `--config`, so `files` and `ignores` are relative to the working directory, the
+// package root. Editors: point ESLint's overrideConfigFile here (README, "Tests").
+import path from 'node:path';
 import tseslint from 'typescript-eslint';
 
 const folders = ['server', 'hooks', 'rules', 'fhir-profiles', 'tenants'];
@@ -50,13 +54,16 @@ export default tseslint.config(
       'docs/**',
       'spec/fixtures/**',
       '**/*.mjs',
-      'eslint.config.js',
+      '.ci/eslint.config.js',
     ],
   },
   ...tseslint.configs.strictTypeChecked,
   {
     languageOptions: {
-      parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname },
+      parserOptions: {
+        projectService: true,
+        tsconfigRootDir: path.resolve(import.meta.dirname, '..'),
+      },
     },
     rules: {
       '@typescript-eslint/no-floating-promises': 'error',
