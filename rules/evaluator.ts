@@ -80,6 +80,12 @@ export interface EvaluateOptions {
    * record). Must be exactly that text.
    */
   inputJson?: string;
+  /**
+   * Who the call is for (the hook path passes the tenant id). How a pack fares in the calling
+   * thread (its tries, hand-offs and pause) is kept per scope and pack, so one tenant whose
+   * inputs keep handing off pauses the main-thread runs of its own calls only.
+   */
+  scope?: string;
 }
 
 export interface EvaluatorStats {
@@ -542,8 +548,11 @@ class PooledEvaluator implements Evaluator {
   private calls = 0;
   private inline = 0;
   private handedOff = 0;
-  /** Per pack hash; bounded like the compiled-pack caches (a dropped record is made again). */
-  private readonly inlinePacks = new LruCache<InlineRecord>(256);
+  /**
+   * Per scope (tenant) and pack hash: a few numbers each (the program is shared, from the
+   * compiled-pack cache). Bounded; a dropped record is made again, afresh.
+   */
+  private readonly inlinePacks = new LruCache<InlineRecord>(10_000);
 
   constructor(
     private readonly callBudgetMs: number,
@@ -556,9 +565,10 @@ class PooledEvaluator implements Evaluator {
     this.pool = new WorkerPool(workers, memoryMb);
   }
 
-  /** The pack's record for evaluation in the calling thread (created on first use). */
-  private inlineRecord(pack: CompiledPack): InlineRecord {
-    let rec = this.inlinePacks.get(pack.hash);
+  /** The scope's record of the pack in the calling thread (created on first use). */
+  private inlineRecord(pack: CompiledPack, scope: string): InlineRecord {
+    const key = `${scope}\u0000${pack.hash}`;
+    let rec = this.inlinePacks.get(key);
     if (!rec) {
       let program: PackProgram | null = null;
       try {
@@ -568,7 +578,7 @@ class PooledEvaluator implements Evaluator {
         // Does not compile: the worker reports it, rule by rule.
       }
       rec = { program, tries: 0, handOffs: 0, pausedUntil: 0 };
-      this.inlinePacks.set(pack.hash, rec);
+      this.inlinePacks.set(key, rec);
     }
     return rec;
   }
@@ -584,8 +594,9 @@ class PooledEvaluator implements Evaluator {
     input: EvaluationInput,
     ruleIds: readonly string[],
     started: number,
+    scope: string,
   ): EvaluationResult | undefined {
-    const rec = this.inlineRecord(pack);
+    const rec = this.inlineRecord(pack, scope);
     const program = rec.program;
     if (!program || started < rec.pausedUntil) {
       return undefined;
@@ -609,8 +620,8 @@ class PooledEvaluator implements Evaluator {
         rec.handOffs >= INLINE_MIN_HANDOFFS &&
         rec.handOffs > rec.tries * INLINE_MAX_HANDOFF_SHARE
       ) {
-        // Paused, not dropped: packs are shared by tenants, and one tenant's odd inputs should
-        // not keep every tenant's calls of the pack off the main thread for good.
+        // Paused, not dropped, and for this scope only: packs are shared by tenants, and one
+        // tenant's odd inputs should not keep any other tenant's calls off the main thread.
         rec.pausedUntil = performance.now() + this.inlineRetryMs;
         rec.tries = 0;
         rec.handOffs = 0;
@@ -635,7 +646,7 @@ class PooledEvaluator implements Evaluator {
     const call = new CallState(ruleIdsOf(pack, serviceId));
     this.calls++;
     if (this.inlineSliceMs > 0) {
-      const done = this.tryInline(pack, serviceId, input, call.ruleIds, started);
+      const done = this.tryInline(pack, serviceId, input, call.ruleIds, started, opts.scope ?? '');
       if (done) {
         return done;
       }

@@ -67,7 +67,7 @@ async function evaluateAndSeal(
       prefetch,
       now,
     },
-    { inputJson },
+    { inputJson, scope: tenant.id },
   );
   deps.metrics.ruleTrace(pack.id, result.trace);
   const cards = finalizeCards(result.cards);

@@ -709,5 +709,34 @@ describe('rules: evaluator', function () {
         await ev.close();
       }
     });
+
+    // Packs are shared by tenants: one tenant whose inputs keep handing off must not take the
+    // pack off the main thread for the others.
+    it("pauses a pack for the scope (tenant) whose calls hand off, not for another's", async () => {
+      const ev = createEvaluator({ workers: 1, inlineSliceMs: 1000, inlineRetryMs: 60_000 });
+      try {
+        const compiled = compilePack(
+          pack([rule('names', '%patient.name.first() = %patient.name.first()')]),
+        );
+        // Object equality (names) is left to fhirpath.js: tenant A's calls hand off.
+        for (let i = 0; i < 10; i++) {
+          await ev.evaluate(compiled, 'svc', input(), { scope: 'tenant-a' });
+        }
+        expect(ev.stats()).to.include({ calls: 10, inline: 0, handedOff: 10 });
+        // A patient without names: nothing to compare, the fast path answers in this thread.
+        const nameless = input();
+        const patient = { ...(nameless.prefetch.patient as Record<string, unknown>) };
+        delete patient.name;
+        nameless.prefetch = { ...nameless.prefetch, patient };
+        const b = await ev.evaluate(compiled, 'svc', nameless, { scope: 'tenant-b' });
+        expect(ev.stats()).to.include({ calls: 11, inline: 1, handedOff: 10 });
+        // Tenant A is paused: its call goes straight to a worker, not tried (no hand-off).
+        const a = await ev.evaluate(compiled, 'svc', nameless, { scope: 'tenant-a' });
+        expect(ev.stats()).to.include({ calls: 12, inline: 1, handedOff: 10 });
+        expect(without(a)).to.deep.equal(without(b));
+      } finally {
+        await ev.close();
+      }
+    });
   });
 });
