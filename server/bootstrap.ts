@@ -74,10 +74,10 @@ export function readAdminToken(config: Config): string | undefined {
  */
 async function sharedReplayCache(
   url: string,
-  maxPerIssuer: number,
+  size: { maxEntries: number; maxPerIssuer: number },
   log: Logger,
 ): Promise<ReplayCache> {
-  const cache = createRedisReplayCache({ url, maxPerIssuer });
+  const cache = createRedisReplayCache({ url, ...size });
   try {
     await cache.ready();
   } catch (err) {
@@ -109,7 +109,11 @@ export async function buildDeps(
   // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
   // against another replica: Redis when configured, else this process' memory.
   const replayCache = config.redisUrl
-    ? await sharedReplayCache(config.redisUrl, config.replayCacheMaxPerIssuer, log)
+    ? await sharedReplayCache(
+        config.redisUrl,
+        { maxEntries: config.replayCacheMaxEntries, maxPerIssuer: config.replayCacheMaxPerIssuer },
+        log,
+      )
     : createMemoryReplayCache({
         maxEntries: config.replayCacheMaxEntries,
         maxPerIssuer: config.replayCacheMaxPerIssuer,

@@ -8,6 +8,7 @@ import { z } from 'zod';
 import {
   ASYMMETRIC_ALGORITHMS,
   DEFAULT_ALGORITHMS,
+  DEFAULT_REDIS_REPLAY_MAX_ENTRIES,
   DEFAULT_REPLAY_MAX_PER_ISSUER,
 } from '../tenants/index.ts';
 
@@ -57,7 +58,7 @@ const Schema = z
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
     CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
-    CELLCDS_REPLAY_CACHE_MAX_ENTRIES: intFrom(1000, 10_000_000, 100_000),
+    CELLCDS_REPLAY_CACHE_MAX_ENTRIES: z.coerce.number().int().min(1000).max(100_000_000).optional(),
     CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: z.coerce.number().int().min(1).max(10_000_000).optional(),
     CELLCDS_REDIS_URL: z
       .string()
@@ -119,11 +120,15 @@ export interface Config {
   };
   /** Refused credentials audited one by one per second; the rest are audited as counts. */
   readonly authFailureAuditPerSecond: number;
-  /** In-process JWT replay cache (no Redis): most unexpired `jti`s held; full means tokens are refused. */
+  /**
+   * The JWT replay cache's size: most unexpired `jti`s held (in this process, or in Redis for all
+   * replicas); full means tokens are refused. Default 100,000 in process, 1,000,000 in Redis.
+   */
   readonly replayCacheMaxEntries: number;
   /**
-   * Most unexpired `jti`s one issuer may hold (memory or Redis), so one tenant's EHR cannot fill
-   * the cache and lock every tenant out. Default 25,000, or the max entries if smaller.
+   * One issuer's share of the replay cache: an issuer holding this many unexpired `jti`s may not
+   * take the cache's last share of places, kept for the others. Default 25,000, or the max entries
+   * if smaller.
    */
   readonly replayCacheMaxPerIssuer: number;
   /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */
@@ -159,24 +164,24 @@ function parsePublicUrl(raw: string, setting: string): string {
 }
 
 /**
- * One issuer's share of the replay cache. Without Redis it cannot exceed the whole cache.
+ * The replay cache's size and one issuer's share. The share cannot exceed the cache.
  * @throws ConfigError naming both settings when it would.
  */
-function replayPerIssuer(e: z.infer<typeof Schema>): number {
-  const maxEntries = e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES;
-  const perIssuer = e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER;
-  if (perIssuer === undefined) {
-    // The whole-cache size applies only to the in-process cache.
-    return e.CELLCDS_REDIS_URL
-      ? DEFAULT_REPLAY_MAX_PER_ISSUER
-      : Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
-  }
-  if (!e.CELLCDS_REDIS_URL && perIssuer > maxEntries) {
+function replayCacheSize(e: z.infer<typeof Schema>): {
+  replayCacheMaxEntries: number;
+  replayCacheMaxPerIssuer: number;
+} {
+  const maxEntries =
+    e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES ??
+    (e.CELLCDS_REDIS_URL ? DEFAULT_REDIS_REPLAY_MAX_ENTRIES : 100_000);
+  const perIssuer =
+    e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
+  if (perIssuer > maxEntries) {
     throw new ConfigError(
       `config: CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER (${perIssuer}) exceeds CELLCDS_REPLAY_CACHE_MAX_ENTRIES (${maxEntries}): one issuer's share cannot be larger than the whole cache`,
     );
   }
-  return perIssuer;
+  return { replayCacheMaxEntries: maxEntries, replayCacheMaxPerIssuer: perIssuer };
 }
 
 /**
@@ -241,8 +246,7 @@ export function loadConfig(
       throttleMs: e.CELLCDS_REWRAP_THROTTLE_MS,
     }),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
-    replayCacheMaxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
-    replayCacheMaxPerIssuer: replayPerIssuer(e),
+    ...replayCacheSize(e),
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:
       e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),

@@ -77,12 +77,15 @@ export class ReplayCacheFullError extends Error {
 }
 
 /**
- * The token's issuer already holds its share of the replay cache (unexpired entries up to
- * `maxPerIssuer`); its token is refused (fail closed), and other issuers are not affected.
+ * The token's issuer holds its share of the replay cache (`maxPerIssuer` unexpired entries) or
+ * more, and the cache's last share of places is kept for issuers under theirs: its token is
+ * refused (fail closed), and those issuers are not affected.
  */
 export class ReplayIssuerQuotaError extends Error {
   constructor(readonly maxPerIssuer: number) {
-    super(`the issuer holds its share of the replay cache (${maxPerIssuer} unexpired tokens)`);
+    super(
+      `the issuer holds its share of the replay cache (${maxPerIssuer} unexpired tokens) or more, and the cache is nearly full`,
+    );
     this.name = new.target.name;
   }
 }

@@ -4,10 +4,13 @@
  * its key (`PXAT exp`), every later use (on any replica) is a replay. If Redis cannot answer,
  * `remember` rejects and the verifier refuses the token (fail closed).
  *
- * Each issuer holds at most `maxPerIssuer` unexpired pairs, counted in a sorted set of its own
- * (member: the pair's key, score: its expiry), so one tenant's EHR cannot fill Redis's memory
- * and get every tenant's tokens refused. The pair's key is the same as before the count existed
- * (`prefix` + sha256 of the pair): replicas of either version refuse each other's replays.
+ * The cache holds at most `maxEntries` unexpired pairs, and an issuer holding its share
+ * (`maxPerIssuer`) or more may not take the last share of places (as in the in-process cache),
+ * so one tenant's EHR cannot fill the cache, or Redis's memory, and lock every tenant out. Pairs
+ * are counted in sorted sets (member: the pair's hash, score: its expiry), one per issuer and
+ * one for the whole cache, in the same atomic script that sets the pair's key. That key is the
+ * same as before the counts existed (`prefix` + sha256 of the pair): replicas of either version
+ * refuse each other's replays.
  *
  * A Redis that evicts keys under memory pressure (any `maxmemory-policy` but `noeviction`; our
  * keys carry a TTL, so even the `volatile-*` policies take them) would forget a jti before
@@ -17,7 +20,7 @@
  */
 import crypto from 'node:crypto';
 import { Redis } from 'ioredis';
-import { ReplayIssuerQuotaError } from './errors.ts';
+import { ReplayCacheFullError, ReplayIssuerQuotaError } from './errors.ts';
 import { DEFAULT_REPLAY_MAX_PER_ISSUER } from './replay-cache.ts';
 import type { ReplayCache } from './types.ts';
 
@@ -28,7 +31,12 @@ export interface RedisReplayCacheOptions {
   prefix?: string;
   /** Per-command timeout (default 1000 ms). */
   commandTimeoutMs?: number;
-  /** Most unexpired pairs one issuer may hold (default 25 000). */
+  /** Most unexpired pairs in the whole cache, every replica's (default 1 000 000). */
+  maxEntries?: number;
+  /**
+   * One issuer's share (default 25 000): beyond it an issuer may not take the cache's last
+   * `maxPerIssuer` places, kept for issuers under their share.
+   */
   maxPerIssuer?: number;
   now?: () => Date;
 }
@@ -43,23 +51,35 @@ export class RedisEvictsKeysError extends Error {
   }
 }
 
+/** The shared cache's default size: ~3,000 calls/s with 5-minute tokens; ~480 bytes of Redis each. */
+export const DEFAULT_REDIS_REPLAY_MAX_ENTRIES = 1_000_000;
+
 /** How long a read of the eviction policy is trusted. */
 const POLICY_CHECK_MS = 60_000;
 
 /**
- * KEYS[1] the pair's key, KEYS[2] the issuer's sorted set; ARGV: expiry (ms since the epoch),
- * now (ms), the issuer's share. Returns 0 for a replay, -1 when the issuer holds its share, 1
- * when the pair is new (then remembered until its expiry and counted until then).
+ * KEYS: the pair's key, the issuer's sorted set, the whole cache's sorted set. ARGV: expiry (ms
+ * since the epoch), now (ms), the issuer's share, the whole cache's size, the pair's hash (the
+ * sets' member). Returns 0 for a replay; -2 when the cache is full; -1 when the issuer holds its
+ * share or more and only the last share of places is free; 1 when the pair is new (then kept
+ * until its expiry, and counted until then).
  */
 const REMEMBER_SCRIPT = `
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local exp = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
+local share = tonumber(ARGV[3])
+local size = tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local total = redis.call('ZCARD', KEYS[3])
+if total >= size then return -2 end
+if total >= size - share and redis.call('ZCARD', KEYS[2]) >= share then return -1 end
 redis.call('SET', KEYS[1], '1', 'PXAT', ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
-if redis.call('PTTL', KEYS[2]) < exp - now then redis.call('PEXPIREAT', KEYS[2], ARGV[1]) end
+for i = 2, 3 do
+  redis.call('ZADD', KEYS[i], ARGV[1], ARGV[5])
+  if redis.call('PTTL', KEYS[i]) < exp - now then redis.call('PEXPIREAT', KEYS[i], ARGV[1]) end
+end
 return 1
 `;
 
@@ -69,9 +89,15 @@ export function createRedisReplayCache(
 ): ReplayCache & { ready(): Promise<void>; close(): Promise<void> } {
   const prefix = opts.prefix ?? 'cellcds:jti:';
   const now = opts.now ?? (() => new Date());
-  const maxPerIssuer = opts.maxPerIssuer ?? DEFAULT_REPLAY_MAX_PER_ISSUER;
-  if (!Number.isInteger(maxPerIssuer) || maxPerIssuer < 1) {
-    throw new RangeError('maxPerIssuer must be a positive integer');
+  const maxEntries = opts.maxEntries ?? DEFAULT_REDIS_REPLAY_MAX_ENTRIES;
+  const maxPerIssuer = opts.maxPerIssuer ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
+  for (const [name, n] of [
+    ['maxEntries', maxEntries],
+    ['maxPerIssuer', maxPerIssuer],
+  ] as const) {
+    if (!Number.isInteger(n) || n < 1) {
+      throw new RangeError(`${name} must be a positive integer`);
+    }
   }
   const redis = new Redis(opts.url, {
     // Commands wait for the connection, bounded by commandTimeout: a down Redis refuses fast.
@@ -109,19 +135,27 @@ export function createRedisReplayCache(
       await keepsKeys();
       // Hash the pair and the issuer: keys have a bounded length whatever the token carries.
       const sha256 = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
-      const key = prefix + sha256(JSON.stringify([iss, jti]));
+      const pair = sha256(JSON.stringify([iss, jti]));
+      const key = prefix + pair;
       const issuerKey = `${prefix}iss:${sha256(iss)}`;
       const at = now().getTime();
       const expiresAt = Math.max(expSeconds * 1000, at + 1000);
       const result = await redis.eval(
         REMEMBER_SCRIPT,
-        2,
+        3,
         key,
         issuerKey,
+        `${prefix}all`,
         expiresAt,
         at,
         maxPerIssuer,
+        maxEntries,
+        // 128 bits of the pair's hash name it in the counts (a collision would only undercount).
+        pair.slice(0, 32),
       );
+      if (result === -2) {
+        throw new ReplayCacheFullError();
+      }
       if (result === -1) {
         throw new ReplayIssuerQuotaError(maxPerIssuer);
       }

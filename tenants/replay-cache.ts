@@ -10,13 +10,14 @@ export interface MemoryReplayCacheOptions {
   /** Most `(iss, jti)` pairs held at once (default 100 000). */
   maxEntries?: number;
   /**
-   * Most pairs one issuer may hold at once (default: 25 000, or `maxEntries` if smaller), so
-   * one tenant's EHR cannot fill the cache and get every tenant's tokens refused.
+   * One issuer's share (default: 25 000, or `maxEntries` if smaller). Beyond it an issuer may
+   * still use free room, but never the last `maxPerIssuer` places: those stay for issuers under
+   * their share, so one tenant's EHR cannot fill the cache and get every tenant refused.
    */
   maxPerIssuer?: number;
 }
 
-/** The default share of one issuer (a quarter of the default capacity). */
+/** The default share of one issuer (a quarter of the in-process cache's default capacity). */
 export const DEFAULT_REPLAY_MAX_PER_ISSUER = 25_000;
 
 /** A binary min-heap of (expiry, key, issuer), so expired entries are found without a scan. */
@@ -107,10 +108,13 @@ class ExpiryHeap {
  * be replayed. Size it for the peak rate of calls times the longest token lifetime plus the
  * leeway (`CELLCDS_REPLAY_CACHE_MAX_ENTRIES`); replicas share Redis instead.
  *
- * Each issuer holds at most `maxPerIssuer` unexpired entries: an issuer at its share gets its
- * own tokens refused, while the others go on (without it, one tenant's EHR minting tokens fast,
- * or with long lifetimes, would fill the cache and lock every tenant out).
- * @throws ReplayIssuerQuotaError from `remember` when the issuer holds its share, and
+ * Each issuer has a share, `maxPerIssuer`. An issuer holding its share or more may go on only
+ * while more than `maxPerIssuer` places are free: the last ones are kept for issuers under
+ * their share. So a busy tenant alone uses the cache as before (all but one share of it), and
+ * an issuer minting tokens fast or with long lifetimes, alone or with others, cannot lock out
+ * the tenants that hold less: while it is refused, they still have a share's room.
+ * @throws ReplayIssuerQuotaError from `remember` when the issuer holds its share and only the
+ * last share of places is free, and
  * ReplayCacheFullError when the whole cache is full (the verifier then refuses the token).
  */
 export function createMemoryReplayCache(
@@ -164,7 +168,7 @@ export function createMemoryReplayCache(
         return Promise.reject(new ReplayCacheFullError());
       }
       const held = perIssuer.get(iss) ?? 0;
-      if (held >= maxPerIssuer) {
+      if (held >= maxPerIssuer && entries.size >= maxEntries - maxPerIssuer) {
         return Promise.reject(new ReplayIssuerQuotaError(maxPerIssuer));
       }
       const exp = expSeconds * 1000;

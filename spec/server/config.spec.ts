@@ -12,41 +12,38 @@ describe('configuration', () => {
     expect(Object.isFrozen(c)).to.equal(true);
   });
 
-  it('sizes the in-process replay cache: 100,000 by default, or as set', () => {
+  it('sizes the replay cache: 100,000 in process, 1,000,000 in Redis by default, or as set', () => {
     expect(loadConfig({}).replayCacheMaxEntries).to.equal(100_000);
     expect(
       loadConfig({ CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '250000' }).replayCacheMaxEntries,
     ).to.equal(250_000);
+    const redis = { CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379' };
+    expect(loadConfig(redis).replayCacheMaxEntries).to.equal(1_000_000);
+    expect(
+      loadConfig({ ...redis, CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000' }).replayCacheMaxEntries,
+    ).to.equal(5000);
   });
 
   it("sizes one issuer's share of the replay cache: 25,000, at most the cache, or as set", () => {
     expect(loadConfig({}).replayCacheMaxPerIssuer).to.equal(25_000);
+    expect(
+      loadConfig({ CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379' }).replayCacheMaxPerIssuer,
+    ).to.equal(25_000);
     expect(
       loadConfig({ CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000' }).replayCacheMaxPerIssuer,
     ).to.equal(5000);
     expect(
       loadConfig({ CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '100000' }).replayCacheMaxPerIssuer,
     ).to.equal(100_000);
-    expect(() =>
-      loadConfig({
-        CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
-        CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '6000',
-      }),
-    ).to.throw(ConfigError, /CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER \(6000\) exceeds/);
-    // With Redis there is no whole-cache size: the share alone bounds each issuer.
-    expect(
-      loadConfig({
-        CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379',
-        CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
-      }).replayCacheMaxPerIssuer,
-    ).to.equal(25_000);
-    expect(
-      loadConfig({
-        CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379',
-        CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
-        CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '6000',
-      }).replayCacheMaxPerIssuer,
-    ).to.equal(6000);
+    for (const redis of [{}, { CELLCDS_REDIS_URL: 'redis://127.0.0.1:6379' }]) {
+      expect(() =>
+        loadConfig({
+          ...redis,
+          CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '5000',
+          CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '6000',
+        }),
+      ).to.throw(ConfigError, /CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER \(6000\) exceeds/);
+    }
     expect(() => loadConfig({ CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: '0' })).to.throw(
       ConfigError,
       /CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER/,

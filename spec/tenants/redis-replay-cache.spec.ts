@@ -3,6 +3,7 @@ import { Redis } from 'ioredis';
 import {
   createRedisReplayCache,
   RedisEvictsKeysError,
+  ReplayCacheFullError,
   ReplayIssuerQuotaError,
 } from '../../tenants/index.ts';
 import type { ReplayCache } from '../../tenants/index.ts';
@@ -46,32 +47,37 @@ describe('Redis replay cache (scale-out)', function () {
     expect(await b.remember('https://iss.example', 'short', exp())).to.equal(true);
   });
 
-  // One tenant's EHR must not fill Redis and lock out the others: a share per issuer, counted
-  // across replicas, given back as its tokens expire.
-  it('refuses an issuer at its share on every replica, while other issuers go on', async () => {
-    const x = createRedisReplayCache({ url, prefix, maxPerIssuer: 3 });
-    const y = createRedisReplayCache({ url, prefix, maxPerIssuer: 3 });
+  // One tenant's EHR must not fill the shared cache and lock out the others: a busy issuer may
+  // not take the last share of places, counted across replicas, given back as tokens expire.
+  it('keeps the last share for issuers under theirs, on every replica', async () => {
+    const own = `${prefix}share:`;
+    const x = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
+    const y = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
     try {
       const greedy = 'https://greedy.example';
       const soon = Math.floor(Date.now() / 1000) + 2;
       expect(await x.remember(greedy, 'g1', soon)).to.equal(true);
       expect(await y.remember(greedy, 'g2', exp())).to.equal(true);
       expect(await x.remember(greedy, 'g3', exp())).to.equal(true);
-      const refused = await y.remember(greedy, 'g4', exp()).then(
+      expect(await y.remember(greedy, 'g4', exp())).to.equal(true);
+      const refused = await x.remember(greedy, 'g5', exp()).then(
         () => undefined,
         (err: unknown) => err,
       );
       expect(refused).to.be.instanceOf(ReplayIssuerQuotaError);
-      // Its tokens stay replays; another issuer is not affected.
+      // Its tokens stay replays; the last two places are the others'.
       expect(await x.remember(greedy, 'g2', exp())).to.equal(false);
-      for (const j of ['o1', 'o2', 'o3']) {
-        expect(await y.remember('https://other.example', j, exp())).to.equal(true);
-      }
-      // g1 expires: its place in the share is given back.
+      expect(await y.remember('https://other.example', 'o1', exp())).to.equal(true);
+      expect(await x.remember('https://third.example', 'o1', exp())).to.equal(true);
+      // Full: everyone is refused.
+      expect(
+        await y.remember('https://fourth.example', 'o1', exp()).catch((e: unknown) => e),
+      ).to.be.instanceOf(ReplayCacheFullError);
+      // g1 expires: its place is given back (to an issuer under its share).
       await new Promise((r) => setTimeout(r, 3100));
-      expect(await y.remember(greedy, 'g4', exp())).to.equal(true);
-      expect(await x.remember(greedy, 'g5', exp()).catch((e: unknown) => e)).to.be.instanceOf(
-        ReplayIssuerQuotaError,
+      expect(await y.remember('https://fourth.example', 'o1', exp())).to.equal(true);
+      expect(await x.remember(greedy, 'g6', exp()).catch((e: unknown) => e)).to.be.instanceOf(
+        ReplayCacheFullError,
       );
     } finally {
       await x.close();
@@ -86,9 +92,10 @@ describe('Redis replay cache (scale-out)', function () {
       const far = Math.floor(Date.now() / 1000) + 600;
       expect(await a.remember(iss, 'late', far)).to.equal(true);
       expect(await a.remember(iss, 'early', far - 500)).to.equal(true);
-      const keys = await admin.keys(`${prefix}iss:*`);
+      const keys = [...(await admin.keys(`${prefix}iss:*`)), `${prefix}all`];
       const ttls = await Promise.all(keys.map((k) => admin.pttl(k)));
-      // Every count key expires, and the longest lives as long as its latest token (~600 s).
+      // Every count key (each issuer's, the whole cache's) expires, the longest with its latest
+      // token (~600 s).
       expect(ttls.every((t) => t > 0)).to.equal(true);
       expect(Math.max(...ttls)).to.be.within(590_000, 600_000);
     } finally {

@@ -49,27 +49,50 @@ describe('tenants/ createMemoryReplayCache', () => {
   });
 
   // One tenant's EHR minting tokens fast (or with long lifetimes) must not lock out the others.
-  it('refuses an issuer at its share while other issuers go on', async () => {
+  it('lets a busy issuer use all but the last share of the cache, kept for the others', async () => {
     const cache = createMemoryReplayCache({ now, maxEntries: 10, maxPerIssuer: 3 });
-    for (const j of ['1', '2', '3']) {
-      expect(await cache.remember('https://greedy', j, inSeconds(3600))).to.equal(true);
+    // Alone, a busy issuer goes past its share while more than a share of places is free.
+    for (let i = 1; i <= 7; i++) {
+      expect(await cache.remember('https://greedy', String(i), inSeconds(3600))).to.equal(true);
     }
-    const refused = await cache.remember('https://greedy', '4', inSeconds(60)).then(
+    const refused = await cache.remember('https://greedy', '8', inSeconds(60)).then(
       () => undefined,
       (err: unknown) => err,
     );
     expect(refused).to.be.instanceOf(ReplayIssuerQuotaError);
     expect((refused as ReplayIssuerQuotaError).maxPerIssuer).to.equal(3);
-    // Its remembered tokens are still replays (never forgotten), the others' tokens still pass.
+    // Its remembered tokens are still replays (never forgotten); the last share is the others'.
     expect(await cache.remember('https://greedy', '2', inSeconds(3600))).to.equal(false);
-    for (const j of ['1', '2', '3']) {
-      expect(await cache.remember('https://other', j, inSeconds(60))).to.equal(true);
-    }
-    expect(cache.size()).to.equal(6);
+    expect(await cache.remember('https://other', 'a', inSeconds(60))).to.equal(true);
+    expect(await cache.remember('https://third', 'a', inSeconds(60))).to.equal(true);
+    expect(await cache.remember('https://other', 'b', inSeconds(60))).to.equal(true);
+    expect(cache.size()).to.equal(10);
+    // Full: now everyone is refused (the cache never forgets an unexpired token).
+    expect(
+      await cache.remember('https://fourth', 'a', inSeconds(60)).catch((e: unknown) => e),
+    ).to.be.instanceOf(ReplayCacheFullError);
   });
 
-  it('gives an issuer its share back as its entries expire', async () => {
-    const cache = createMemoryReplayCache({ now, maxEntries: 10, maxPerIssuer: 2 });
+  it('holds the last share for issuers under theirs, however many issuers are busy', async () => {
+    const cache = createMemoryReplayCache({ now, maxEntries: 12, maxPerIssuer: 4 });
+    // Two busy issuers fill 8 places between them (4 each, their share): the last 4 are kept.
+    for (const iss of ['https://busy-1', 'https://busy-2']) {
+      for (let i = 0; i < 4; i++) {
+        expect(await cache.remember(iss, String(i), inSeconds(60))).to.equal(true);
+      }
+    }
+    for (const iss of ['https://busy-1', 'https://busy-2']) {
+      expect(
+        await cache.remember(iss, 'more', inSeconds(60)).catch((e: unknown) => e),
+      ).to.be.instanceOf(ReplayIssuerQuotaError);
+    }
+    for (let i = 0; i < 4; i++) {
+      expect(await cache.remember(`https://light-${i}`, 'a', inSeconds(60))).to.equal(true);
+    }
+  });
+
+  it('gives an issuer its room back as entries expire', async () => {
+    const cache = createMemoryReplayCache({ now, maxEntries: 4, maxPerIssuer: 2 });
     await cache.remember('iss', 'short', inSeconds(5));
     await cache.remember('iss', 'long', inSeconds(600));
     expect(
@@ -80,7 +103,7 @@ describe('tenants/ createMemoryReplayCache', () => {
     expect(await cache.remember('iss', 'long', inSeconds(600))).to.equal(false);
   });
 
-  it('shares at most 25,000 entries per issuer by default, or the whole cache if smaller', async () => {
+  it('gives each issuer a share of 25,000 by default, or the whole cache if smaller', async () => {
     const small = createMemoryReplayCache({ now, maxEntries: 2 });
     await small.remember('iss', '1', inSeconds(60));
     await small.remember('iss', '2', inSeconds(60));
@@ -88,6 +111,7 @@ describe('tenants/ createMemoryReplayCache', () => {
     expect(
       await small.remember('iss', '3', inSeconds(60)).catch((e: unknown) => e),
     ).to.be.instanceOf(ReplayCacheFullError);
+    // 30,000 places, a share of 25,000: a busy issuer stops at 25,000, the others go on.
     const big = createMemoryReplayCache({ now, maxEntries: 30_000 });
     for (let i = 0; i < 25_000; i++) {
       await big.remember('iss', String(i), inSeconds(60));
@@ -178,7 +202,12 @@ describe('tenants/ createMemoryReplayCache', () => {
                 }
               }
               const held = [...model.keys()].filter((k) => k.startsWith(`${iss} `)).length;
-              expected = model.size >= maxEntries ? 'full' : held >= maxPerIssuer ? 'quota' : true;
+              expected =
+                model.size >= maxEntries
+                  ? 'full'
+                  : held >= maxPerIssuer && model.size >= maxEntries - maxPerIssuer
+                    ? 'quota'
+                    : true;
               if (expected === true) {
                 model.set(key, exp);
               }
