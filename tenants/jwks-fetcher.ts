@@ -143,6 +143,13 @@ export function createJwksFetcher(opts: JwksFetcherOptions = {}): JwksFetcher {
   }
 
   return {
+    peek(url) {
+      const entry = cache.get(url);
+      const cached = entry?.jwks;
+      return entry && cached !== undefined && now().getTime() - entry.fetchedAt < cacheMs
+        ? cached
+        : undefined;
+    },
     get(url, getOpts = {}) {
       const problem = keyUrlProblem(url);
       if (problem) {

@@ -230,15 +230,31 @@ function hasKid(store: KeyStore, kid: string): boolean {
 }
 
 /** The key stores of issuer registrations, cached; see {@link createIssuerKeys}. */
+/** `keysFor(..., { cachedOnly: true })` would have had to fetch: not a verdict on the token. */
+export class KeysNotCachedError extends Error {
+  constructor() {
+    super('key set not cached');
+    this.name = new.target.name;
+  }
+}
+
 export interface IssuerKeys {
   /**
    * The key store to verify a token of `registration` whose header names `kid`: the header's
    * `jku` only when the registration allowlists it, else the inline `jwks`, else `jwksUri`.
    * An unknown `kid` on a URL-backed set triggers one forced refetch (the fetcher's cooldown
    * bounds how often); an inline set is never refetched.
+   * `cachedOnly` (the check ahead of the issuer lookup, on a registration that may just have
+   * been replaced): no request at all; a URL-backed set the fetcher does not hold fresh, or one
+   * without `kid` (which would refetch), throws KeysNotCachedError instead.
    * @throws AuthError `bad_jku`, `jwks_unavailable` or `unknown_kid`.
    */
-  keysFor(registration: TrustedIssuer, header: Claims, kid: string): Promise<KeyStore>;
+  keysFor(
+    registration: TrustedIssuer,
+    header: Claims,
+    kid: string,
+    opts?: { cachedOnly?: boolean },
+  ): Promise<KeyStore>;
   /** Counters for tests: inline key stores built so far, and kept now. */
   stats(): { inlineBuilt: number; inlineKept: number };
 }
@@ -277,6 +293,10 @@ export function createIssuerKeys(opts: {
     } catch {
       throw new AuthError('jwks_unavailable');
     }
+    return storeOf(jwks);
+  }
+
+  function storeOf(jwks: Jwks): Promise<KeyStore> {
     let store = fetchedStores.get(jwks);
     if (!store) {
       store = toKeyStore(jwks);
@@ -289,7 +309,7 @@ export function createIssuerKeys(opts: {
     stats() {
       return { inlineBuilt, inlineKept: inlineStores.size };
     },
-    async keysFor(registration, header, kid) {
+    async keysFor(registration, header, kid, keysOpts = {}) {
       let url: string | undefined;
       if (header.jku !== undefined) {
         if (typeof header.jku !== 'string' || !(registration.jku ?? []).includes(header.jku)) {
@@ -307,6 +327,14 @@ export function createIssuerKeys(opts: {
       }
       if (url === undefined) {
         throw new AuthError('jwks_unavailable');
+      }
+      if (keysOpts.cachedOnly === true) {
+        const cached = fetcher.peek?.(url);
+        const store = cached === undefined ? undefined : await storeOf(cached);
+        if (!store || !hasKid(store, kid)) {
+          throw new KeysNotCachedError();
+        }
+        return store;
       }
       let store = await fetchStore(url, false);
       if (!hasKid(store, kid)) {

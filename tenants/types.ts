@@ -293,6 +293,8 @@ export interface JwksFetcher {
    * is younger than the cooldown, in which case the cached set is returned.
    */
   get(url: string, opts?: { forceRefresh?: boolean }): Promise<Jwks>;
+  /** The cached set if still fresh, without any request (else undefined). */
+  peek?(url: string): Jwks | undefined;
 }
 
 /** Verifies CDS client JWTs: see `createTokenVerifier`. */

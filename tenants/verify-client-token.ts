@@ -29,6 +29,7 @@ import {
   checkHeader,
   checkTimes,
   createIssuerKeys,
+  KeysNotCachedError,
   decodeUnverified,
   parseBearer,
   registrationOf,
@@ -113,14 +114,18 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     }
   }
 
-  /** Keys of `registration` (which may fetch), then the signature against them. */
+  /**
+   * Keys of `registration` (which may fetch, unless `cachedOnly`), then the signature against
+   * them.
+   */
   async function signatureOf(
     jwt: string,
     header: Claims,
     kid: string,
     registration: TrustedIssuer,
+    cachedOnly = false,
   ): Promise<Claims> {
-    const keystore = await issuerKeys.keysFor(registration, header, kid);
+    const keystore = await issuerKeys.keysFor(registration, header, kid, { cachedOnly });
     return verifySignature(jwt, keystore, { algorithms, kid });
   }
 
@@ -131,7 +136,10 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
    * waited ~4 ms under load, about as long as the signature check), so the two overlap. The
    * result is used only when the lookup returns the very same registration object, i.e. the
    * control plane did not change meanwhile: the check then ran on exactly the inputs it would
-   * run on now. Otherwise it is dropped (a failure too) and the check runs again.
+   * run on now. Otherwise it is dropped (a failure too) and the check runs again. It makes no
+   * request: the remembered registration may just have been replaced (a key set URL or `jku`
+   * the tenant no longer trusts), so it uses only key sets already cached, and a set that is
+   * not (or an unknown `kid`, KeysNotCachedError) leaves the check to the confirmed registration.
    */
   function checkAhead(
     iss: string,
@@ -175,7 +183,7 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     }
     const lookup = controlPlane.tenants.findByIssuer(iss);
     const ahead = checkAhead(iss, unverified.tenant, (registration) =>
-      signatureOf(jwt, header, kid, registration),
+      signatureOf(jwt, header, kid, registration, true),
     );
     const { tenant, registration } = registrationOf(
       await lookup,
@@ -184,10 +192,17 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
       info,
     );
 
-    // From here on, only the verified payload is trusted.
+    // From here on, only the verified payload is trusted. A check ahead that would have had to
+    // fetch is no verdict: the confirmed registration's check runs (and fetches) instead.
+    const full = () => signatureOf(jwt, header, kid, registration);
     const claims = await (ahead?.registration === registration
-      ? ahead.claims
-      : signatureOf(jwt, header, kid, registration));
+      ? ahead.claims.catch((err: unknown) => {
+          if (err instanceof KeysNotCachedError) {
+            return full();
+          }
+          throw err;
+        })
+      : full());
     if (claims.iss !== iss || claims.tenant !== unverified.tenant) {
       throw new AuthError('bad_signature', 'verified claims differ from the decoded ones');
     }

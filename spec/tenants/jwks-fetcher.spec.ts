@@ -39,6 +39,17 @@ describe('tenants/ createJwksFetcher', () => {
     expect(server.count()).to.equal(2);
   });
 
+  it('peeks at a fresh cached set without a request, and at nothing else', async () => {
+    const f = createJwksFetcher({ now, cacheSeconds: 300 });
+    expect(f.peek?.(server.url())).to.equal(undefined);
+    expect(server.count()).to.equal(0);
+    await f.get(server.url());
+    expect(f.peek?.(server.url())).to.deep.equal(JWKS);
+    nowMs += 301_000;
+    expect(f.peek?.(server.url())).to.equal(undefined);
+    expect(server.count()).to.equal(1);
+  });
+
   it('honours forceRefresh only outside the cooldown', async () => {
     const f = createJwksFetcher({ now, minRefetchSeconds: 30 });
     await f.get(server.url());

@@ -494,18 +494,22 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
   });
 
   describe('jwksUri rotation and the unknown-kid refetch', () => {
+    /** The EHR of `tenant-<x>`, with a second key to rotate to. */
+    async function issuerWithTwoKeys(x: string) {
+      const issuer = await TestIssuer.create({
+        iss: `https://ehr-${x}.example.org`,
+        aud: AUD,
+        tenant: `tenant-${x}`,
+        now: clock,
+      });
+      return { issuer, oldKid: issuer.kid(), newKid: await issuer.addKey('ES384', `rotated-${x}`) };
+    }
+
     // The signature is checked alongside the tenant lookup, against the registration the last
     // lookup returned (checkAhead). A change committed meanwhile by another process (the CLI)
     // must win: the next call is judged by the new registration only.
     it('judges the next call by a registration another process just changed (keys, status)', async () => {
-      const issuer = await TestIssuer.create({
-        iss: 'https://ehr-r.example.org',
-        aud: AUD,
-        tenant: 'tenant-r',
-        now: clock,
-      });
-      const oldKid = issuer.kid();
-      const newKid = await issuer.addKey('ES384', 'rotated-r');
+      const { issuer, oldKid, newKid } = await issuerWithTwoKeys('r');
       await cp.tenants.create({
         id: 'tenant-r',
         name: 'tenant-r',
@@ -547,6 +551,63 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       } finally {
         await other.close();
       }
+    });
+
+    // The check ahead runs on the registration the last lookup returned, which another process
+    // may just have replaced (say, a key set URL the tenant no longer trusts): it must not make
+    // a request on that registration's behalf.
+    it('never fetches the key set URL of a registration another process just replaced', async () => {
+      const { issuer, oldKid, newKid } = await issuerWithTwoKeys('m');
+      const oldServer = await startJwksServer(issuer.publicJwksOf([oldKid]));
+      const newServer = await startJwksServer(issuer.publicJwksOf([newKid]));
+      try {
+        await cp.tenants.create({
+          id: 'tenant-m',
+          name: 'tenant-m',
+          region: 'eu-west',
+          issuers: [{ iss: issuer.iss, jwksUri: oldServer.url('/keys') }],
+        });
+        for (let i = 0; i < 2; i++) {
+          const ok = await verifier.verify(
+            bearer(await issuer.sign({}, { signingKid: oldKid })),
+            AUD,
+          );
+          expect(ok.tenant.id).to.equal('tenant-m');
+        }
+        expect(oldServer.count()).to.equal(1);
+        const other = await openControlPlane({ storage: path.join(dir, 'control.sqlite') });
+        try {
+          await other.tenants.update('tenant-m', {
+            issuers: [{ iss: issuer.iss, jwksUri: newServer.url('/keys') }],
+          });
+        } finally {
+          await other.close();
+        }
+        // Past the refetch cooldown: an unknown kid at the old URL would have refetched it.
+        nowMs += 31_000;
+        const ok = await verifier.verify(
+          bearer(await issuer.sign({}, { signingKid: newKid })),
+          AUD,
+        );
+        expect(ok.tenant.id).to.equal('tenant-m');
+        expect(oldServer.count()).to.equal(1);
+        expect(newServer.count()).to.equal(1);
+      } finally {
+        await oldServer.close();
+        await newServer.close();
+      }
+    });
+
+    it('verifies a call whose key set expired from the cache since the last lookup (one fetch)', async () => {
+      const base = uriServer.count('/u-keys');
+      const signU = () => uriIssuer.sign({ tenant: 'tenant-u' });
+      await verifier.verify(bearer(await signU()), AUD);
+      await verifier.verify(bearer(await signU()), AUD);
+      expect(uriServer.count('/u-keys') - base).to.equal(1);
+      // The cached set is stale (300 s): the check ahead does not fetch, the confirmed one does.
+      nowMs += 301_000;
+      expect((await verifier.verify(bearer(await signU()), AUD)).tenant.id).to.equal('tenant-u');
+      expect(uriServer.count('/u-keys') - base).to.equal(2);
     });
 
     it('refetches on an unknown kid at most once per cooldown, then picks up a rotated key', async () => {
