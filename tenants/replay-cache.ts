@@ -110,7 +110,7 @@ class ExpiryHeap {
  *
  * Each issuer has a share, `maxPerIssuer`. An issuer holding its share or more may go on only
  * while more than `maxPerIssuer` places are free: the last ones are kept for issuers under
- * their share. So a busy tenant alone uses the cache as before (all but one share of it), and
+ * their share. So a busy tenant alone may use all but one share of the cache, and
  * an issuer minting tokens fast or with long lifetimes, alone or with others, cannot lock out
  * the tenants that hold less: while it is refused, they still have a share's room.
  * @throws ReplayIssuerQuotaError from `remember` when the issuer holds its share and only the
