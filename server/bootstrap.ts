@@ -80,6 +80,11 @@ async function sharedReplayCache(
   const cache = createRedisReplayCache({ url, ...size });
   try {
     await cache.ready();
+    if (!(await cache.durability()).aof) {
+      log.warn(
+        'the replay cache (Redis) runs without AOF (appendonly no): a Redis restart forgets the jti of every token still valid, which could then be replayed until it expires (docs/operations.md, Scale-out)',
+      );
+    }
   } catch (err) {
     if (err instanceof RedisEvictsKeysError) {
       await cache.close();

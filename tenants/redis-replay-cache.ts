@@ -84,9 +84,11 @@ return 1
 `;
 
 /** Creates a Redis-backed ReplayCache. Call `close()` on shutdown. */
-export function createRedisReplayCache(
-  opts: RedisReplayCacheOptions,
-): ReplayCache & { ready(): Promise<void>; close(): Promise<void> } {
+export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCache & {
+  ready(): Promise<void>;
+  durability(): Promise<{ aof: boolean }>;
+  close(): Promise<void>;
+} {
   const prefix = opts.prefix ?? 'cellcds:jti:';
   const now = opts.now ?? (() => new Date());
   const maxEntries = opts.maxEntries ?? DEFAULT_REDIS_REPLAY_MAX_ENTRIES;
@@ -131,6 +133,14 @@ export function createRedisReplayCache(
 
   return {
     ready: keepsKeys,
+    /**
+     * Whether Redis logs every write (AOF). Without it a restart forgets the jtis of tokens
+     * still valid, which could then be replayed until they expire (RDB snapshots lag).
+     */
+    async durability() {
+      const info = await redis.info('persistence');
+      return { aof: /^aof_enabled:1\b/m.test(info) };
+    },
     async remember(iss, jti, expSeconds) {
       await keepsKeys();
       // Hash the pair and the issuer: keys have a bounded length whatever the token carries.

@@ -54,6 +54,20 @@ describe('scale-out: replicas share the jti replay cache (Redis)', function () {
     expect(fresh.status).to.equal(200);
   });
 
+  it('warns at boot when Redis would forget jtis on a restart (no AOF), and only then', async () => {
+    const admin = new Redis(redisUrl);
+    try {
+      const aof = (await admin.config('GET', 'appendonly'))[1] === 'yes';
+      const warned = one.logLines.some((line) => {
+        const entry = JSON.parse(line) as { level?: string; msg?: string };
+        return entry.level === 'warn' && /without AOF/.test(entry.msg ?? '');
+      });
+      expect(warned).to.equal(!aof);
+    } finally {
+      await admin.quit();
+    }
+  });
+
   it('will not start on a Redis that may evict keys, naming the setting and the fix', async () => {
     const admin = new Redis(redisUrl);
     const reply = await admin.config('GET', 'maxmemory-policy');
