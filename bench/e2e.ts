@@ -42,7 +42,13 @@ export interface LoadFigures {
 }
 
 export interface AlgResult {
+  /** The baseline at full speed, before cellcds' run. */
   baseline: LoadFigures;
+  /**
+   * The baseline again, right after cellcds' run: the ratio divides by the mean of the two, so
+   * a machine that got busier or quieter meanwhile moves both sides alike (A-B-A).
+   */
+  baselineAfter?: LoadFigures;
   cellcds: LoadFigures;
   /**
    * CPU time of the server process (all its threads) per call at full speed, ms: what a call
@@ -58,7 +64,7 @@ export interface AlgResult {
   machineIdle?: { baseline: number; cellcds: number };
   /** The load client's own CPU per call at full speed, ms (it shares the machine). */
   clientMsPerCall?: { baseline: number; cellcds: number };
-  /** cellcds req/s ÷ baseline req/s. */
+  /** cellcds req/s ÷ the baseline's req/s (the mean of its runs before and after cellcds'). */
   ratio: number;
   /** cellcds at half its maximum rate (autocannon overallRate). */
   half: LoadFigures & { rate: number };
@@ -249,18 +255,21 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
         signers: [{ key, tenant: E2E_TENANT }],
         aud,
       };
+      const baselineUrl = baseline.url;
+      const baselineRun = (label: string) =>
+        measureMax(
+          label,
+          {
+            ...common,
+            url: `${baselineUrl}/cds-services/${calls.serviceId}`,
+            expected: calls.bodies.map(() => null),
+            reuseTokens: true,
+          },
+          opts.warmupSec,
+          baseline?.pid,
+        );
       opts.log(`  ${alg}: baseline at full speed`);
-      const base = await measureMax(
-        `baseline ${alg}`,
-        {
-          ...common,
-          url: `${baseline.url}/cds-services/${calls.serviceId}`,
-          expected: calls.bodies.map(() => null),
-          reuseTokens: true,
-        },
-        opts.warmupSec,
-        baseline.pid,
-      );
+      const base = await baselineRun(`baseline ${alg}`);
       opts.log(`  ${alg}: cellcds at full speed`);
       const cell = await measureMax(
         `cellcds ${alg}`,
@@ -273,6 +282,8 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
         opts.warmupSec,
         server.pid,
       );
+      opts.log(`  ${alg}: baseline at full speed again`);
+      const baseAfter = await baselineRun(`baseline ${alg} (after cellcds)`);
       const rate = Math.max(1, cell.rps / 2);
       opts.log(`  ${alg}: cellcds at ${Math.floor(rate)} req/s`);
       const half = await measureAtRate(
@@ -287,6 +298,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
       );
       algs[alg] = {
         baseline: figures(base),
+        baselineAfter: figures(baseAfter),
         cellcds: figures(cell),
         ...(Number.isFinite(base.cpu.serverMsPerCall) && Number.isFinite(cell.cpu.serverMsPerCall)
           ? {
@@ -305,7 +317,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
               },
             }
           : {}),
-        ratio: cell.rps / base.rps,
+        ratio: cell.rps / ((base.rps + baseAfter.rps) / 2),
         half: { ...figures(half), rate: Math.floor(rate) },
       };
     }

@@ -26,7 +26,9 @@ export interface TenantsResult {
   /** cpuMsPerCall: the server's CPU per call over all its threads, and its main thread's (ms). */
   single: TenantRun;
   spreadRun: TenantRun;
-  /** spread req/s ÷ single-tenant req/s. */
+  /** One tenant again after the spread run: the ratio divides by the mean of both (A-B-A). */
+  singleAfter?: TenantRun;
+  /** spread req/s ÷ single-tenant req/s (the mean of the runs before and after it). */
   ratio: number;
 }
 
@@ -141,13 +143,15 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         aud,
         reuseTokens: false,
       };
+      const oneTenant = (label: string) =>
+        measureMax(
+          label,
+          { ...common, signers: [{ key: first, tenant: tenantId(0) }] },
+          opts.warmupSec,
+          server.pid,
+        );
       opts.log('  all calls on one tenant');
-      const single = await measureMax(
-        'tenants: one tenant',
-        { ...common, signers: [{ key: first, tenant: tenantId(0) }] },
-        opts.warmupSec,
-        server.pid,
-      );
+      const single = await oneTenant('tenants: one tenant');
       const singleRss = server.rssMb();
       opts.log(`  calls spread over ${opts.spread} tenants`);
       const spread = await measureMax(
@@ -157,6 +161,8 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         server.pid,
       );
       const spreadRss = server.rssMb();
+      opts.log('  all calls on one tenant again');
+      const singleAfter = await oneTenant('tenants: one tenant again');
       return {
         tenants: opts.tenants,
         spread: opts.spread,
@@ -165,7 +171,8 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         rssIdleMb,
         single: run(single, singleRss),
         spreadRun: run(spread, spreadRss),
-        ratio: spread.rps / single.rps,
+        singleAfter: run(singleAfter, server.rssMb()),
+        ratio: spread.rps / ((single.rps + singleAfter.rps) / 2),
       };
     } finally {
       await server.stop();

@@ -46,6 +46,14 @@ describe('bench: npm run bench -- --smoke', function () {
     expect(report.ratios.tenantSpread).to.be.a('number');
     expect(report.engine.calls).to.equal(4);
     expect(report.e2e.algs.ES384.cellcds.rps).to.be.greaterThan(0);
+    // A-B-A: the baseline runs again after cellcds, the ratio divides by the mean of both.
+    const es = report.e2e.algs.ES384;
+    expect(es.baselineAfter.rps).to.be.greaterThan(0);
+    expect(es.ratio).to.be.closeTo(
+      es.cellcds.rps / ((es.baseline.rps + es.baselineAfter.rps) / 2),
+      1e-9,
+    );
+    expect(report.tenants.singleAfter.rps).to.be.greaterThan(0);
     // Where the CPU went while the clock ran: read from /proc (this suite runs on Linux).
     expect(report.e2e.algs.ES384.mainThreadMsPerCall.cellcds).to.be.a('number');
     expect(report.e2e.algs.ES384.machineIdle.baseline).to.be.within(0, 1);
