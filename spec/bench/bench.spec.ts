@@ -47,7 +47,12 @@ describe('bench: npm run bench -- --smoke', function () {
     expect(report.engine.calls).to.equal(4);
     expect(report.e2e.algs.ES384.cellcds.rps).to.be.greaterThan(0);
     // A-B-A: the baseline runs again after cellcds, the ratio divides by the mean of both.
-    const es = report.e2e.algs.ES384;
+    const es = report.e2e.algs.ES384 as {
+      ratio: number;
+      cellcds: { rps: number };
+      baseline: { rps: number };
+      baselineAfter: { rps: number };
+    };
     expect(es.baselineAfter.rps).to.be.greaterThan(0);
     expect(es.ratio).to.be.closeTo(
       es.cellcds.rps / ((es.baseline.rps + es.baselineAfter.rps) / 2),
