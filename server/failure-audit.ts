@@ -44,26 +44,34 @@ export function createFailureAuditor(opts: {
   // stays small whatever a client sends.
   const suppressed = new Map<string, Suppressed>();
   let timer: NodeJS.Timeout | undefined;
+  /** The flushes' writes, one after another: a flush returns once every earlier one is written. */
+  let writing: Promise<void> = Promise.resolve();
 
-  async function flush(): Promise<void> {
+  function flush(): Promise<void> {
     if (timer) {
       clearTimeout(timer);
       timer = undefined;
     }
     const pending = [...suppressed.values()];
     suppressed.clear();
-    for (const s of pending) {
-      await opts.audit({
-        type: `${s.type}.suppressed`,
-        outcome: 'failure',
-        detail: {
-          reason: s.reason,
-          count: s.count,
-          from: new Date(s.from).toISOString(),
-          to: new Date(s.to).toISOString(),
-        },
-      });
-    }
+    // Chained after the writes already under way (the timer's flush, a new second's): a caller
+    // of flush() (shutdown) then knows every count taken so far is written, or sees its error.
+    const done = writing.then(async () => {
+      for (const s of pending) {
+        await opts.audit({
+          type: `${s.type}.suppressed`,
+          outcome: 'failure',
+          detail: {
+            reason: s.reason,
+            count: s.count,
+            from: new Date(s.from).toISOString(),
+            to: new Date(s.to).toISOString(),
+          },
+        });
+      }
+    });
+    writing = done.catch(() => undefined);
+    return done;
   }
 
   return {
