@@ -8,8 +8,9 @@ import { z } from 'zod';
 import {
   ASYMMETRIC_ALGORITHMS,
   DEFAULT_ALGORITHMS,
+  DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
   DEFAULT_REDIS_REPLAY_MAX_ENTRIES,
-  DEFAULT_REPLAY_MAX_PER_ISSUER,
+  replayCacheSize,
 } from '../tenants/index.ts';
 
 const intFrom = (min: number, max: number, dflt: number) =>
@@ -167,15 +168,17 @@ function parsePublicUrl(raw: string, setting: string): string {
  * The replay cache's size and one issuer's share. The share cannot exceed the cache.
  * @throws ConfigError naming both settings when it would.
  */
-function replayCacheSize(e: z.infer<typeof Schema>): {
+function replayCacheConfig(e: z.infer<typeof Schema>): {
   replayCacheMaxEntries: number;
   replayCacheMaxPerIssuer: number;
 } {
-  const maxEntries =
-    e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES ??
-    (e.CELLCDS_REDIS_URL ? DEFAULT_REDIS_REPLAY_MAX_ENTRIES : 100_000);
-  const perIssuer =
-    e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
+  const { maxEntries, maxPerIssuer: perIssuer } = replayCacheSize(
+    {
+      maxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
+      maxPerIssuer: e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER,
+    },
+    e.CELLCDS_REDIS_URL ? DEFAULT_REDIS_REPLAY_MAX_ENTRIES : DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
+  );
   if (perIssuer > maxEntries) {
     throw new ConfigError(
       `config: CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER (${perIssuer}) exceeds CELLCDS_REPLAY_CACHE_MAX_ENTRIES (${maxEntries}): one issuer's share cannot be larger than the whole cache`,
@@ -246,7 +249,7 @@ export function loadConfig(
       throttleMs: e.CELLCDS_REWRAP_THROTTLE_MS,
     }),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
-    ...replayCacheSize(e),
+    ...replayCacheConfig(e),
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:
       e.CELLCDS_REGIONS_FILE === undefined ? undefined : path.resolve(e.CELLCDS_REGIONS_FILE),

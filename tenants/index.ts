@@ -10,7 +10,11 @@ export {
   DEFAULT_ALGORITHMS,
 } from './verify-client-token.ts';
 export type { TokenVerifierOptions } from './verify-client-token.ts';
-export { createMemoryReplayCache, DEFAULT_REPLAY_MAX_PER_ISSUER } from './replay-cache.ts';
+export {
+  createMemoryReplayCache,
+  DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
+  replayCacheSize,
+} from './replay-cache.ts';
 export type { MemoryReplayCacheOptions } from './replay-cache.ts';
 export { createJwksFetcher } from './jwks-fetcher.ts';
 export type { JwksFetcherOptions } from './jwks-fetcher.ts';

@@ -21,7 +21,7 @@
 import crypto from 'node:crypto';
 import { Redis } from 'ioredis';
 import { ReplayCacheFullError, ReplayIssuerQuotaError } from './errors.ts';
-import { DEFAULT_REPLAY_MAX_PER_ISSUER } from './replay-cache.ts';
+import { replayCacheSize } from './replay-cache.ts';
 import type { ReplayCache } from './types.ts';
 
 export interface RedisReplayCacheOptions {
@@ -83,6 +83,15 @@ end
 return 1
 `;
 
+/** The name REMEMBER_SCRIPT is defined under on the client (`defineCommand`). */
+const REMEMBER_COMMAND = 'cellcdsRememberJti';
+/** KEYS then ARGV, as REMEMBER_SCRIPT reads them. */
+type RememberScript = (...keysThenArgs: (string | number)[]) => Promise<unknown>;
+
+function sha256(text: string): string {
+  return crypto.createHash('sha256').update(text).digest('hex');
+}
+
 /** Creates a Redis-backed ReplayCache. Call `close()` on shutdown. */
 export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCache & {
   ready(): Promise<void>;
@@ -91,16 +100,7 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
 } {
   const prefix = opts.prefix ?? 'cellcds:jti:';
   const now = opts.now ?? (() => new Date());
-  const maxEntries = opts.maxEntries ?? DEFAULT_REDIS_REPLAY_MAX_ENTRIES;
-  const maxPerIssuer = opts.maxPerIssuer ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
-  for (const [name, n] of [
-    ['maxEntries', maxEntries],
-    ['maxPerIssuer', maxPerIssuer],
-  ] as const) {
-    if (!Number.isInteger(n) || n < 1) {
-      throw new RangeError(`${name} must be a positive integer`);
-    }
-  }
+  const { maxEntries, maxPerIssuer } = replayCacheSize(opts, DEFAULT_REDIS_REPLAY_MAX_ENTRIES);
   const redis = new Redis(opts.url, {
     // Commands wait for the connection, bounded by commandTimeout: a down Redis refuses fast.
     maxRetriesPerRequest: 1,
@@ -108,6 +108,11 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
   });
   // Connection errors surface as rejected commands; keep them out of the process' error path.
   redis.on('error', () => undefined);
+  // Sent by its SHA (EVALSHA), the script's text only when Redis does not hold it yet.
+  redis.defineCommand(REMEMBER_COMMAND, { numberOfKeys: 3, lua: REMEMBER_SCRIPT });
+  const rememberScript = (redis as unknown as Record<typeof REMEMBER_COMMAND, RememberScript>)[
+    REMEMBER_COMMAND
+  ].bind(redis);
 
   let policy: { checkedAt: number; check: Promise<void> } | undefined;
   /** Resolves if Redis keeps every key until its TTL; shared by concurrent callers. */
@@ -144,15 +149,12 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
     async remember(iss, jti, expSeconds) {
       await keepsKeys();
       // Hash the pair and the issuer: keys have a bounded length whatever the token carries.
-      const sha256 = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
       const pair = sha256(JSON.stringify([iss, jti]));
       const key = prefix + pair;
       const issuerKey = `${prefix}iss:${sha256(iss)}`;
       const at = now().getTime();
       const expiresAt = Math.max(expSeconds * 1000, at + 1000);
-      const result = await redis.eval(
-        REMEMBER_SCRIPT,
-        3,
+      const result = await rememberScript(
         key,
         issuerKey,
         `${prefix}all`,

@@ -17,8 +17,33 @@ export interface MemoryReplayCacheOptions {
   maxPerIssuer?: number;
 }
 
-/** The default share of one issuer (a quarter of the in-process cache's default capacity). */
+/** The in-process cache's default size. */
+export const DEFAULT_MEMORY_REPLAY_MAX_ENTRIES = 100_000;
+
+/** The default share of one issuer (a quarter of the in-process cache's default size). */
 export const DEFAULT_REPLAY_MAX_PER_ISSUER = 25_000;
+
+/**
+ * A replay cache's size and one issuer's share, defaults applied (the share: 25,000, or the
+ * whole cache if smaller). Shared by the in-process and the Redis cache and the configuration.
+ * @throws RangeError if either is not a positive integer.
+ */
+export function replayCacheSize(
+  opts: { maxEntries?: number | undefined; maxPerIssuer?: number | undefined },
+  defaultMaxEntries: number,
+): { maxEntries: number; maxPerIssuer: number } {
+  const maxEntries = opts.maxEntries ?? defaultMaxEntries;
+  const maxPerIssuer = opts.maxPerIssuer ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
+  for (const [name, n] of [
+    ['maxEntries', maxEntries],
+    ['maxPerIssuer', maxPerIssuer],
+  ] as const) {
+    if (!Number.isInteger(n) || n < 1) {
+      throw new RangeError(`${name} must be a positive integer`);
+    }
+  }
+  return { maxEntries, maxPerIssuer };
+}
 
 /** A binary min-heap of (expiry, key, issuer), so expired entries are found without a scan. */
 class ExpiryHeap {
@@ -121,14 +146,7 @@ export function createMemoryReplayCache(
   opts: MemoryReplayCacheOptions = {},
 ): ReplayCache & { size(): number } {
   const now = opts.now ?? (() => new Date());
-  const maxEntries = opts.maxEntries ?? 100_000;
-  if (!Number.isInteger(maxEntries) || maxEntries < 1) {
-    throw new RangeError('maxEntries must be a positive integer');
-  }
-  const maxPerIssuer = opts.maxPerIssuer ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
-  if (!Number.isInteger(maxPerIssuer) || maxPerIssuer < 1) {
-    throw new RangeError('maxPerIssuer must be a positive integer');
-  }
+  const { maxEntries, maxPerIssuer } = replayCacheSize(opts, DEFAULT_MEMORY_REPLAY_MAX_ENTRIES);
   /** key -> expiry in ms since the epoch */
   const entries = new Map<string, number>();
   /** issuer -> its unexpired entries (issuers with none are not kept) */

@@ -124,7 +124,7 @@ export type AuthFailureReason =
   | 'not_yet_valid'
   /** The replay cache could not record the jti (full, or its backend is down): fail closed. */
   | 'replay_unavailable'
-  /** The token's issuer holds its share of the replay cache; other issuers go on. */
+  /** The replay cache is nearly full and the token's issuer holds its share; the others go on. */
   | 'replay_quota';
 
 /** Remembers `(iss, jti)` until the token's `exp`; shared across replicas in scale-out (Redis). */
