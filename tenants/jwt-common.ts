@@ -229,7 +229,6 @@ function hasKid(store: KeyStore, kid: string): boolean {
   return store.kids.has(kid);
 }
 
-/** The key stores of issuer registrations, cached; see {@link createIssuerKeys}. */
 /** `keysFor(..., { cachedOnly: true })` would have had to fetch: not a verdict on the token. */
 export class KeysNotCachedError extends Error {
   constructor() {
@@ -238,6 +237,7 @@ export class KeysNotCachedError extends Error {
   }
 }
 
+/** The key stores of issuer registrations, cached; see {@link createIssuerKeys}. */
 export interface IssuerKeys {
   /**
    * The key store to verify a token of `registration` whose header names `kid`: the header's
@@ -329,7 +329,7 @@ export function createIssuerKeys(opts: {
         throw new AuthError('jwks_unavailable');
       }
       if (keysOpts.cachedOnly === true) {
-        const cached = fetcher.peek?.(url);
+        const cached = fetcher.peek(url);
         const store = cached === undefined ? undefined : await storeOf(cached);
         if (!store || !hasKid(store, kid)) {
           throw new KeysNotCachedError();

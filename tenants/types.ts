@@ -294,7 +294,7 @@ export interface JwksFetcher {
    */
   get(url: string, opts?: { forceRefresh?: boolean }): Promise<Jwks>;
   /** The cached set if still fresh, without any request (else undefined). */
-  peek?(url: string): Jwks | undefined;
+  peek(url: string): Jwks | undefined;
 }
 
 /** Verifies CDS client JWTs: see `createTokenVerifier`. */

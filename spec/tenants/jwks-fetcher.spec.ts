@@ -41,12 +41,12 @@ describe('tenants/ createJwksFetcher', () => {
 
   it('peeks at a fresh cached set without a request, and at nothing else', async () => {
     const f = createJwksFetcher({ now, cacheSeconds: 300 });
-    expect(f.peek?.(server.url())).to.equal(undefined);
+    expect(f.peek(server.url())).to.equal(undefined);
     expect(server.count()).to.equal(0);
     await f.get(server.url());
-    expect(f.peek?.(server.url())).to.deep.equal(JWKS);
+    expect(f.peek(server.url())).to.deep.equal(JWKS);
     nowMs += 301_000;
-    expect(f.peek?.(server.url())).to.equal(undefined);
+    expect(f.peek(server.url())).to.equal(undefined);
     expect(server.count()).to.equal(1);
   });
 
