@@ -255,7 +255,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
         signers: [{ key, tenant: E2E_TENANT }],
         aud,
       };
-      const baselineUrl = baseline.url;
+      const { url: baselineUrl, pid: baselinePid } = baseline;
       const baselineRun = (label: string) =>
         measureMax(
           label,
@@ -266,7 +266,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
             reuseTokens: true,
           },
           opts.warmupSec,
-          baseline?.pid,
+          baselinePid,
         );
       opts.log(`  ${alg}: baseline at full speed`);
       const base = await baselineRun(`baseline ${alg}`);

@@ -23,7 +23,6 @@ export interface TenantsResult {
   /** The first call of every called tenant (store and keys created), in s. */
   firstCallsSec: number;
   rssIdleMb: number;
-  /** cpuMsPerCall: the server's CPU per call over all its threads, and its main thread's (ms). */
   single: TenantRun;
   spreadRun: TenantRun;
   /** One tenant again after the spread run: the ratio divides by the mean of both (A-B-A). */
@@ -32,12 +31,16 @@ export interface TenantsResult {
   ratio: number;
 }
 
+/** One full-speed run of the tenants section. */
 export interface TenantRun {
   rps: number;
   p50: number;
   p99: number;
+  /** The server's resident memory after the run. */
   rssMb: number;
+  /** The server's CPU per call over all its threads, ms. */
   cpuMsPerCall: number;
+  /** The server's main thread per call, ms. */
   mainThreadMsPerCall: number;
 }
 

@@ -160,19 +160,24 @@ export function processCpuMs(pid: number | undefined): number {
     return Number.NaN;
   }
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) * 10;
+    return statCpuMs(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
   } catch {
     return Number.NaN;
   }
 }
 
+/** utime + stime of a /proc `stat` line (a process's or a thread's), in ms (10 ms ticks). */
+function statCpuMs(stat: string): number {
+  // Fields after the command name (which may hold spaces) start after the last ')'.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
+
 /**
- * CPU time (user + system, in ms) of another process's threads, summed by thread name (Linux
- * /proc/<pid>/task/<tid>/comm: "node" is the main thread, "libuv-worker" the thread pool, "V8
- * DefaultWorke" V8's helpers), or an empty map.
+ * CPU time (user + system, in ms) of each of another process's threads, keyed `main` for the
+ * main thread and `<name>:<tid>` for the others (Linux /proc/<pid>/task/<tid>/stat; under
+ * Node 20 every other thread is named `node`: V8's helpers, libuv's pool, the evaluation
+ * workers), or an empty map.
  */
 export function threadCpuMs(pid: number | undefined): Map<string, number> {
   const out = new Map<string, number>();
@@ -192,8 +197,7 @@ export function threadCpuMs(pid: number | undefined): Map<string, number> {
         tid === String(pid)
           ? 'main'
           : `${stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))}:${tid}`;
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      out.set(name, (out.get(name) ?? 0) + (Number(fields[11]) + Number(fields[12])) * 10);
+      out.set(name, statCpuMs(stat));
     } catch {
       // The thread ended meanwhile.
     }
