@@ -105,6 +105,11 @@ async function onVersionChange() {
     const detail = await api(
       `/playground/api/packs/${encodeURIComponent(id)}/versions/${encodeURIComponent(version)}`,
     );
+    if ($('pack').value !== id || $('version').value !== version) {
+      // The user chose another pack or version while this one loaded: its answer is stale
+      // (answers can arrive out of order), and the newer choice fills the list.
+      return;
+    }
     state.services = detail.services;
     const previous = $('service').value;
     fillSelect(

@@ -222,6 +222,35 @@ describe('card viewer in Chromium', function () {
     await page.close();
   });
 
+  it("keeps the chosen pack's services when an earlier pack's answer arrives late", async () => {
+    const page = await newPage();
+    // Every other pack's version detail is answered after the user has chosen another pack
+    // (answers can arrive out of order under load: a CI run saw it).
+    let late = 0;
+    await page.route(/\/playground\/api\/packs\/[^/]+\/versions\//, async (route) => {
+      if (!route.request().url().includes('/packs/medication-safety/')) {
+        late++;
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+      }
+      await route.continue();
+    });
+    await openPlayground(page);
+    await choose(page, 'medication-safety', 'medication-safety-order-sign', KYLA);
+    await page.waitForTimeout(2000);
+    expect(late).to.be.greaterThan(0);
+    expect(await page.locator('#pack').inputValue()).to.equal('medication-safety');
+    expect(await page.locator('#service').inputValue()).to.equal('medication-safety-order-sign');
+    const options = page.locator('#service option');
+    const services: string[] = [];
+    for (let k = 0; k < (await options.count()); k++) {
+      services.push((await options.nth(k).getAttribute('value')) ?? '');
+    }
+    expect(services).to.include('medication-safety-order-sign');
+    expect(services.every((s) => s.startsWith('medication-safety-'))).to.equal(true);
+    expect(pageErrors).to.deep.equal([]);
+    await page.close();
+  });
+
   it('posts feedback when a suggestion is clicked, honouring at-most-one', async () => {
     const page = await newPage();
     await openPlayground(page);
