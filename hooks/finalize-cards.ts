@@ -46,21 +46,42 @@ function stripNulls(value: unknown): unknown {
 }
 
 function stripValue(value: unknown, nullsOnly: boolean): unknown {
-  const drop = (v: unknown): boolean => (nullsOnly ? v === null || v === undefined : isEmpty(v));
+  // Plain loops, no closures: runs on every card of every call (see docs/performance.md).
   if (Array.isArray(value)) {
-    return value.map((item: unknown) => stripValue(item, nullsOnly)).filter((item) => !drop(item));
-  }
-  if (isPlainObject(value)) {
-    const entries: Array<[string, unknown]> = [];
-    for (const [key, member] of Object.entries(value)) {
-      const stripped = stripValue(member, nullsOnly);
-      if (!drop(stripped)) {
-        entries.push([key, stripped]);
+    const out: unknown[] = [];
+    for (const item of value as unknown[]) {
+      const stripped = stripValue(item, nullsOnly);
+      if (!dropped(stripped, nullsOnly)) {
+        out.push(stripped);
       }
     }
-    return Object.fromEntries(entries);
+    return out;
+  }
+  if (isPlainObject(value)) {
+    const out: Record<string, unknown> = {};
+    for (const key of Object.keys(value)) {
+      const stripped = stripValue(value[key], nullsOnly);
+      if (!dropped(stripped, nullsOnly)) {
+        if (key === '__proto__') {
+          // A member, as Object.fromEntries would make it, never the copy's prototype.
+          Object.defineProperty(out, key, {
+            value: stripped,
+            enumerable: true,
+            writable: true,
+            configurable: true,
+          });
+        } else {
+          out[key] = stripped;
+        }
+      }
+    }
+    return out;
   }
   return value;
+}
+
+function dropped(value: unknown, nullsOnly: boolean): boolean {
+  return nullsOnly ? value === null || value === undefined : isEmpty(value);
 }
 
 function isAbsoluteHttpUrl(value: string): boolean {

@@ -64,6 +64,43 @@ describe('hooks: stripEmpty', () => {
       }),
     );
   });
+
+  it('equals a plain entries/fromEntries walk, key order included (property)', () => {
+    const reference = (v: unknown): unknown => {
+      const empty = (x: unknown) =>
+        x === null ||
+        x === undefined ||
+        x === '' ||
+        (Array.isArray(x) && x.length === 0) ||
+        (typeof x === 'object' && !Array.isArray(x) && Object.keys(x).length === 0);
+      if (Array.isArray(v)) {
+        return v.map(reference).filter((x) => !empty(x));
+      }
+      if (typeof v === 'object' && v !== null) {
+        return Object.fromEntries(
+          Object.entries(v)
+            .map(([k, x]) => [k, reference(x)] as const)
+            .filter(([, x]) => !empty(x)),
+        );
+      }
+      return v;
+    };
+    fc.assert(
+      fc.property(fc.jsonValue(), (value) => {
+        const stripped = stripEmpty(value);
+        expect(JSON.stringify(stripped)).to.equal(JSON.stringify(reference(value)));
+      }),
+    );
+  });
+
+  it('copies a "__proto__" member as a member, never as the prototype', () => {
+    const value = JSON.parse('{"a":{"__proto__":{"polluted":true},"b":1}}') as unknown;
+    const stripped = stripEmpty(value) as { a: Record<string, unknown> };
+    expect(Object.getPrototypeOf(stripped.a)).to.equal(Object.prototype);
+    expect(Object.keys(stripped.a)).to.deep.equal(['__proto__', 'b']);
+    expect(JSON.stringify(stripped)).to.equal('{"a":{"__proto__":{"polluted":true},"b":1}}');
+    expect(({} as Record<string, unknown>).polluted).to.equal(undefined);
+  });
 });
 
 describe('hooks: finalizeCards', () => {
