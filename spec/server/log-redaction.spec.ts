@@ -1,7 +1,14 @@
 import crypto from 'node:crypto';
 import { expect } from 'chai';
 import request from 'supertest';
-import { createLogger, sanitizeForLog, scrubText, serializeError } from '../../server/logger.ts';
+import fc from 'fast-check';
+import {
+  createLogger,
+  sanitizeForLog,
+  scrubSecrets,
+  scrubText,
+  serializeError,
+} from '../../server/logger.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import { patientViewRequest, tinyPack, warfarinNsaidRequest } from '../helpers/packs.ts';
 import type { TestIssuer } from '../helpers/test-issuer.ts';
@@ -261,6 +268,30 @@ describe('server/ log redaction', () => {
         '{"context":"[redacted]","n":1}',
       );
       expect(serializeError('not an error')).to.deep.equal({ type: 'string' });
+    });
+
+    it('scrubs exactly what the patterns alone would: the literal pre-check skips no match (property)', () => {
+      // The patterns as they were before each got a literal that every match contains.
+      const patterns = [
+        /eyJ[A-Za-z0-9_-]{2,}(?:\.[A-Za-z0-9_-]*){1,4}/g,
+        /\b(?:Bearer|Basic|DPoP)\s+[A-Za-z0-9._~+/=-]+/gi,
+        /\bccds_[A-Za-z0-9_-]{8,}/g,
+        /[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}/g,
+      ];
+      const unfiltered = (text: string) =>
+        patterns.reduce((out, re) => out.replace(re, '[redacted]'), text);
+      const piece = fc.oneof(
+        fc.constantFrom(JWT, EMAIL, OPERATOR_TOKEN, 'Bearer abc.def', 'eyJ', '@', 'ccds_', '.org'),
+        fc.string({ unit: fc.constantFrom('a', 'Z', '0', '.', '_', '-', '@', ' ', 'e', 'y', 'J') }),
+      );
+      fc.assert(
+        fc.property(fc.array(piece, { maxLength: 8 }), (pieces) => {
+          const text = pieces.join('');
+          expect(scrubSecrets(text)).to.equal(unfiltered(text));
+        }),
+        { numRuns: 2000 },
+      );
+      expect(scrubSecrets(`a${'f'.repeat(64)}b`)).to.equal(`a${'f'.repeat(64)}b`);
     });
   });
 
