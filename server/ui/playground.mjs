@@ -28,6 +28,8 @@ const state = {
   patients: [],
   services: [],
   lastService: undefined,
+  /** Bumped by every catalog load: only the latest one may fill the form. */
+  catalogLoad: 0,
 };
 
 function api(url, options = {}) {
@@ -58,11 +60,15 @@ function fillSelect(select, options, selected) {
 async function loadCatalog() {
   const status = $('token-status');
   setStatus(status, 'Loading packs and patients…');
+  const load = ++state.catalogLoad;
   try {
     const [{ packs }, { patients }] = await Promise.all([
       api('/playground/api/packs'),
       api('/playground/api/patients'),
     ]);
+    if (load !== state.catalogLoad) {
+      return; // another token was submitted meanwhile: its load decides
+    }
     state.packs = packs;
     state.patients = patients;
     fillSelect(
@@ -80,7 +86,9 @@ async function loadCatalog() {
     onPackChange();
     onFixtureChange();
   } catch (err) {
-    setStatus(status, explain(err), true);
+    if (load === state.catalogLoad) {
+      setStatus(status, explain(err), true);
+    }
   }
 }
 

@@ -251,6 +251,30 @@ describe('card viewer in Chromium', function () {
     await page.close();
   });
 
+  it("shows the last submitted token's outcome when an earlier token's catalog arrives late", async () => {
+    const page = await newPage();
+    let first = true;
+    await page.route(/\/playground\/api\/packs$/, async (route) => {
+      if (first) {
+        first = false;
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+      }
+      await route.continue();
+    });
+    await page.goto(`${u.base}/playground`);
+    await page.getByLabel('Operator token').fill(ruleAuthor);
+    await page.getByRole('button', { name: 'Use token' }).click();
+    await page.getByLabel('Operator token').fill('ccds_op_NotARealToken0123456789');
+    await page.getByRole('button', { name: 'Use token' }).click();
+    const status = page.locator('#token-status');
+    await page.locator('#token-status', { hasText: 'refused' }).waitFor();
+    await page.waitForTimeout(2000);
+    expect(first).to.equal(false);
+    expect(await status.textContent()).to.include('The token was refused');
+    expect(pageErrors).to.deep.equal([]);
+    await page.close();
+  });
+
   it('posts feedback when a suggestion is clicked, honouring at-most-one', async () => {
     const page = await newPage();
     await openPlayground(page);
