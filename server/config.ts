@@ -165,26 +165,29 @@ function parsePublicUrl(raw: string, setting: string): string {
 }
 
 /**
- * The replay cache's size and one issuer's share. The share cannot exceed the cache.
- * @throws ConfigError naming both settings when it would.
+ * The replay cache's size and one issuer's share, checked as the caches check them.
+ * @throws ConfigError naming both settings when the share exceeds the cache.
  */
 function replayCacheConfig(e: z.infer<typeof Schema>): {
   replayCacheMaxEntries: number;
   replayCacheMaxPerIssuer: number;
 } {
-  const { maxEntries, maxPerIssuer: perIssuer } = replayCacheSize(
-    {
-      maxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
-      maxPerIssuer: e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER,
-    },
-    e.CELLCDS_REDIS_URL ? DEFAULT_REDIS_REPLAY_MAX_ENTRIES : DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
-  );
-  if (perIssuer > maxEntries) {
-    throw new ConfigError(
-      `config: CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER (${perIssuer}) exceeds CELLCDS_REPLAY_CACHE_MAX_ENTRIES (${maxEntries}): one issuer's share cannot be larger than the whole cache`,
+  try {
+    const { maxEntries, maxPerIssuer } = replayCacheSize(
+      {
+        maxEntries: e.CELLCDS_REPLAY_CACHE_MAX_ENTRIES,
+        maxPerIssuer: e.CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER,
+      },
+      e.CELLCDS_REDIS_URL ? DEFAULT_REDIS_REPLAY_MAX_ENTRIES : DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
+      {
+        maxEntries: 'CELLCDS_REPLAY_CACHE_MAX_ENTRIES',
+        maxPerIssuer: 'CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER',
+      },
     );
+    return { replayCacheMaxEntries: maxEntries, replayCacheMaxPerIssuer: maxPerIssuer };
+  } catch (err) {
+    throw new ConfigError(`config: ${err instanceof Error ? err.message : String(err)}`);
   }
-  return { replayCacheMaxEntries: maxEntries, replayCacheMaxPerIssuer: perIssuer };
 }
 
 /**

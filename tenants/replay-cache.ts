@@ -26,21 +26,31 @@ export const DEFAULT_REPLAY_MAX_PER_ISSUER = 25_000;
 /**
  * A replay cache's size and one issuer's share, defaults applied (the share: 25,000, or the
  * whole cache if smaller). Shared by the in-process and the Redis cache and the configuration.
- * @throws RangeError if either is not a positive integer.
+ * @throws RangeError if either is not a positive integer, or the share exceeds the cache.
  */
 export function replayCacheSize(
   opts: { maxEntries?: number | undefined; maxPerIssuer?: number | undefined },
   defaultMaxEntries: number,
+  /** How errors name the two settings (the configuration names its environment variables). */
+  names: { maxEntries: string; maxPerIssuer: string } = {
+    maxEntries: 'maxEntries',
+    maxPerIssuer: 'maxPerIssuer',
+  },
 ): { maxEntries: number; maxPerIssuer: number } {
   const maxEntries = opts.maxEntries ?? defaultMaxEntries;
   const maxPerIssuer = opts.maxPerIssuer ?? Math.min(DEFAULT_REPLAY_MAX_PER_ISSUER, maxEntries);
   for (const [name, n] of [
-    ['maxEntries', maxEntries],
-    ['maxPerIssuer', maxPerIssuer],
+    [names.maxEntries, maxEntries],
+    [names.maxPerIssuer, maxPerIssuer],
   ] as const) {
     if (!Number.isInteger(n) || n < 1) {
       throw new RangeError(`${name} must be a positive integer`);
     }
+  }
+  if (maxPerIssuer > maxEntries) {
+    throw new RangeError(
+      `${names.maxPerIssuer} (${String(maxPerIssuer)}) exceeds ${names.maxEntries} (${String(maxEntries)}): one issuer's share cannot be larger than the whole cache`,
+    );
   }
   return { maxEntries, maxPerIssuer };
 }

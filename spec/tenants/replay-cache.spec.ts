@@ -130,6 +130,14 @@ describe('tenants/ createMemoryReplayCache', () => {
     );
   });
 
+  it('refuses a share larger than the whole cache (the default share is clamped to it)', () => {
+    expect(() => createMemoryReplayCache({ maxEntries: 10, maxPerIssuer: 11 })).to.throw(
+      RangeError,
+      /maxPerIssuer \(11\) exceeds maxEntries \(10\)/,
+    );
+    expect(() => createMemoryReplayCache({ maxEntries: 10 })).not.to.throw();
+  });
+
   it('prunes expired entries to make room', async () => {
     const cache = createMemoryReplayCache({ now, maxEntries: 2 });
     await cache.remember('iss', 'short', inSeconds(5));
@@ -171,8 +179,10 @@ describe('tenants/ createMemoryReplayCache', () => {
   it('answers and prunes exactly like a full scan would (property)', async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.integer({ min: 1, max: 8 }),
-        fc.integer({ min: 1, max: 8 }),
+        // A share up to the whole cache (a larger one is refused: spec above).
+        fc
+          .integer({ min: 1, max: 8 })
+          .chain((size) => fc.tuple(fc.constant(size), fc.integer({ min: 1, max: size }))),
         fc.array(
           fc.record({
             iss: fc.constantFrom('a', 'b', 'c'),
@@ -182,7 +192,7 @@ describe('tenants/ createMemoryReplayCache', () => {
           }),
           { maxLength: 80 },
         ),
-        async (maxEntries, maxPerIssuer, calls) => {
+        async ([maxEntries, maxPerIssuer], calls) => {
           nowMs = Date.parse('2025-06-01T12:00:00Z');
           const cache = createMemoryReplayCache({ now, maxEntries, maxPerIssuer });
           /** "iss jti" -> expiry (s) */
