@@ -28,8 +28,6 @@ const state = {
   patients: [],
   services: [],
   lastService: undefined,
-  /** Bumped by every catalog load: only the latest one may fill the form. */
-  catalogLoad: 0,
 };
 
 function api(url, options = {}) {
@@ -60,14 +58,16 @@ function fillSelect(select, options, selected) {
 async function loadCatalog() {
   const status = $('token-status');
   setStatus(status, 'Loading packs and patients…');
-  const load = ++state.catalogLoad;
+  // Stale once another token is submitted (its load then decides), as onVersionChange's
+  // answer is once another pack or version is chosen.
+  const token = state.token;
   try {
     const [{ packs }, { patients }] = await Promise.all([
       api('/playground/api/packs'),
       api('/playground/api/patients'),
     ]);
-    if (load !== state.catalogLoad) {
-      return; // another token was submitted meanwhile: its load decides
+    if (token !== state.token) {
+      return;
     }
     state.packs = packs;
     state.patients = patients;
@@ -86,7 +86,7 @@ async function loadCatalog() {
     onPackChange();
     onFixtureChange();
   } catch (err) {
-    if (load === state.catalogLoad) {
+    if (token === state.token) {
       setStatus(status, explain(err), true);
     }
   }
