@@ -22,6 +22,7 @@ import { RuleByRuleFhirpath } from './reference.ts';
 import type { BenchAlg, ClientKey } from './tokens.ts';
 import { createClientKey, signTokens } from './tokens.ts';
 import {
+  abaRatio,
   BenchFailure,
   captureStderr,
   freePort,
@@ -48,7 +49,7 @@ export interface AlgResult {
    * The baseline again, right after cellcds' run: the ratio divides by the mean of the two, so
    * a machine that got busier or quieter meanwhile moves both sides alike (A-B-A).
    */
-  baselineAfter?: LoadFigures;
+  baselineAfter: LoadFigures;
   cellcds: LoadFigures;
   /**
    * CPU time of the server process (all its threads) per call at full speed, ms: what a call
@@ -317,7 +318,7 @@ export async function runE2eSection(opts: E2eOptions): Promise<E2eResult> {
               },
             }
           : {}),
-        ratio: cell.rps / ((base.rps + baseAfter.rps) / 2),
+        ratio: abaRatio(cell.rps, base.rps, baseAfter.rps),
         half: { ...figures(half), rate: Math.floor(rate) },
       };
     }

@@ -228,14 +228,12 @@ function printTable(mode: Mode, r: Report): void {
         fmt(a.baseline.p99, 0),
       );
       row(`${alg} cellcds`, fmt(a.cellcds.rps, 0), fmt(a.cellcds.p50, 0), fmt(a.cellcds.p99, 0));
-      if (a.baselineAfter) {
-        row(
-          `${alg} baseline again, after cellcds`,
-          fmt(a.baselineAfter.rps, 0),
-          fmt(a.baselineAfter.p50, 0),
-          fmt(a.baselineAfter.p99, 0),
-        );
-      }
+      row(
+        `${alg} baseline again, after cellcds`,
+        fmt(a.baselineAfter.rps, 0),
+        fmt(a.baselineAfter.p50, 0),
+        fmt(a.baselineAfter.p99, 0),
+      );
       row(
         `${alg} cellcds at half its max (${a.half.rate}/s)`,
         fmt(a.half.rps, 0),
@@ -278,14 +276,12 @@ function printTable(mode: Mode, r: Report): void {
       fmt(t.spreadRun.p99, 0),
       fmt(t.spreadRun.rssMb, 0),
     );
-    if (t.singleAfter) {
-      row(
-        'one tenant again',
-        fmt(t.singleAfter.rps, 0),
-        fmt(t.singleAfter.p99, 0),
-        fmt(t.singleAfter.rssMb, 0),
-      );
-    }
+    row(
+      'one tenant again',
+      fmt(t.singleAfter.rps, 0),
+      fmt(t.singleAfter.p99, 0),
+      fmt(t.singleAfter.rssMb, 0),
+    );
     row('throughput ratio spread/one', fmt(t.ratio, 2));
     // The server's CPU per call, all threads / main thread: one tenant, then spread.
     for (const [name, run] of [

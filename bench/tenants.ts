@@ -14,7 +14,7 @@ import type { LoadResult } from './load.ts';
 import { measureMax } from './load.ts';
 import type { ClientKey } from './tokens.ts';
 import { createClientKey, signTokens } from './tokens.ts';
-import { BenchFailure, tempDir } from './util.ts';
+import { abaRatio, BenchFailure, tempDir } from './util.ts';
 
 export interface TenantsResult {
   tenants: number;
@@ -26,7 +26,7 @@ export interface TenantsResult {
   single: TenantRun;
   spreadRun: TenantRun;
   /** One tenant again after the spread run: the ratio divides by the mean of both (A-B-A). */
-  singleAfter?: TenantRun;
+  singleAfter: TenantRun;
   /** spread req/s ÷ single-tenant req/s (the mean of the runs before and after it). */
   ratio: number;
 }
@@ -175,7 +175,7 @@ export async function runTenantsSection(opts: TenantsOptions): Promise<TenantsRe
         single: run(single, singleRss),
         spreadRun: run(spread, spreadRss),
         singleAfter: run(singleAfter, server.rssMb()),
-        ratio: spread.rps / ((single.rps + singleAfter.rps) / 2),
+        ratio: abaRatio(spread.rps, single.rps, singleAfter.rps),
       };
     } finally {
       await server.stop();

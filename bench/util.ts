@@ -205,12 +205,21 @@ export function threadCpuMs(pid: number | undefined): Map<string, number> {
   return out;
 }
 
+/**
+ * A throughput ratio measured A-B-A: `measured` over the mean of its reference run before and
+ * after it, so a machine that got busier or quieter meanwhile moves both sides alike.
+ */
+export function abaRatio(measured: number, before: number, after: number): number {
+  return measured / ((before + after) / 2);
+}
+
 /** The machine's idle and total CPU time so far (Linux /proc/stat, clock ticks). */
 export function machineIdle(): { idle: number; total: number } {
   try {
-    // The first line: "cpu  user nice system idle iowait irq softirq steal ...".
+    // The first line: "cpu  user nice system idle iowait irq softirq steal guest guest_nice";
+    // guest time is already counted in user and nice, so the total is the first eight.
     const first = /^cpu\s+(.*)$/m.exec(fs.readFileSync('/proc/stat', 'utf8'))?.[1] ?? '';
-    const cpu = first.trim().split(/\s+/).map(Number);
+    const cpu = first.trim().split(/\s+/).slice(0, 8).map(Number);
     return { idle: (cpu[3] ?? 0) + (cpu[4] ?? 0), total: cpu.reduce((a, b) => a + b, 0) };
   } catch {
     return { idle: Number.NaN, total: Number.NaN };
