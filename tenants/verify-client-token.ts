@@ -14,7 +14,7 @@
  *     alongside step 2's lookup when that lookup is answered from memory (see checkAhead); its
  *     result counts only if the lookup then returns the very same registration.
  *  5. Claims, from the VERIFIED payload: `aud` (exact), `exp`, `iat`, `nbf`, lifetime, `jti`.
- *  6. Replay: `(iss, jti)` remembered until `exp + leeway`; a repeat is refused, and so is a
+ *  6. Replay: `(iss, jti)` remembered until `ceil(exp + leeway)`; a repeat is refused, and so is a
  *     token whose issuer already holds its share of the replay cache (`replay_quota`).
  *
  * Any failure throws AuthError(reason) and calls `onFailure`; no replay-cache entry is
@@ -216,10 +216,12 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
       throw new AuthError('malformed', 'jti must be a short non-empty string');
     }
 
-    // Remember until exp + leeway: the token is accepted that long, so it must stay unreplayable.
+    // Remember as long as the token is accepted, so it stays unreplayable: checkTimes compares
+    // whole seconds (now rounded down), so a fractional exp (allowed by RFC 7519) is accepted
+    // until ceil(exp + leeway), not exp + leeway.
     let isFirstUse: boolean;
     try {
-      isFirstUse = await replayCache.remember(iss, jti, exp + leeway);
+      isFirstUse = await replayCache.remember(iss, jti, Math.ceil(exp + leeway));
     } catch (err) {
       // An issuer at its share is refused alone (audited and counted as replay_quota); a full
       // cache or a Redis that cannot answer refuses everyone (replay_unavailable).

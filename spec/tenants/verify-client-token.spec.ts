@@ -405,6 +405,19 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       expect((await refusal(verifier.verify(bearer(jwt), AUD))).reason).to.equal('expired');
     });
 
+    it('a replay of a token with a fractional exp, up to the last second it is accepted', async () => {
+      // RFC 7519 allows a fractional NumericDate; the time check compares whole seconds, so the
+      // token is accepted until ceil(exp + leeway) and its jti must be kept that long too.
+      const jwt = await issuerA.sign({ exp: nowS() + 10.2 });
+      await verifier.verify(bearer(jwt), AUD);
+      nowMs += (10.2 + 60 + 0.5) * 1000; // past exp + leeway, before its next whole second
+      for (let i = 0; i < 3; i++) {
+        expect((await refusal(verifier.verify(bearer(jwt), AUD))).reason).to.equal('replayed');
+      }
+      nowMs += 1000;
+      expect((await refusal(verifier.verify(bearer(jwt), AUD))).reason).to.equal('expired');
+    });
+
     it('the same jti from the same issuer even for another audience', async () => {
       const jti = 'fixed-jti-1';
       await verifier.verify(bearer(await issuerA.sign({ jti, aud: [AUD, OTHER_SERVICE] })), AUD);
