@@ -8,7 +8,7 @@
  * followed only below the same base and at most `maxPages` pages per key; the access token
  * goes only into the `Authorization` header, never into an error, a log or the result.
  */
-import { renderPrefetchTemplate } from '../rules/index.ts';
+import { renderPrefetchTemplateOrGap } from '../rules/index.ts';
 import { PrefetchError } from './errors.ts';
 import { isUnderFhirBase, normalizeFhirBaseUrl } from './fhir-base-url.ts';
 import type {
@@ -16,6 +16,7 @@ import type {
   PrefetchFetchOptions,
   PrefetchObserver,
   PrefetchResult,
+  PrefetchSource,
 } from './types.ts';
 import { isJsonObject } from './validation.ts';
 
@@ -42,7 +43,7 @@ interface Connection {
 }
 
 type Plan =
-  | { key: string; kind: 'value'; value: unknown }
+  | { key: string; kind: 'value'; value: unknown; source: 'sent' | 'not-applicable' }
   | { key: string; kind: 'fetch'; url: URL; connection: Connection }
   | {
       key: string;
@@ -91,7 +92,10 @@ function notify(observer: PrefetchObserver | undefined, outcome: FetchOutcome, k
  *
  * Per template key: a value sent by the EHR is used (`null` is kept: no data); an
  * OperationOutcome value is a failure and is refetched when possible; a searchset Bundle
- * with a `next` link has its further pages fetched. A missing key has its template rendered
+ * with a `next` link has its further pages fetched. A missing (or OperationOutcome) key whose
+ * template has a token that is not in this call's context at all (`{{context.encounterId}}`
+ * without an encounter; a user token for another kind of user) is `null`, source
+ * `not-applicable`: the query does not apply. Any other missing key has its template rendered
  * from the context and is fetched as `GET {fhirServer}/{url}` with
  * `Authorization: Bearer {access_token}` and `Accept: application/fhir+json`, only when both
  * `fhirServer` and `fhirAuthorization` were sent and `fhirServer` (normalised) is one of
@@ -99,7 +103,7 @@ function notify(observer: PrefetchObserver | undefined, outcome: FetchOutcome, k
  * Pages of one key are merged into one searchset Bundle; when more than `maxPages` pages
  * exist, the first `maxPages` are kept and the merged Bundle keeps the remaining `next` link.
  * @throws PrefetchError (HTTP 412, `operationOutcome` as body) with reason `missing` (no
- *   fhirServer / fhirAuthorization, or a template token without a value), `not-allowed`
+ *   fhirServer / fhirAuthorization, or a token whose value cannot go into a URL), `not-allowed`
  *   (server or `next` link outside the allowlist), `timeout`, `too-large`, `failed` (network,
  *   HTTP error, redirect, not JSON) or `operation-outcome`.
  */
@@ -126,12 +130,12 @@ export async function resolvePrefetch(opts: ResolvePrefetchOptions): Promise<Pre
   // 2. Run the fetches in parallel; the first failure aborts the others.
   const group = new AbortController();
   const fetchImpl = opts.fetchImpl ?? fetch;
-  let settled: Array<[string, unknown, 'sent' | 'fetched']>;
+  let settled: Array<[string, unknown, PrefetchSource]>;
   try {
     settled = await Promise.all(
-      plans.map(async (plan): Promise<[string, unknown, 'sent' | 'fetched']> => {
+      plans.map(async (plan): Promise<[string, unknown, PrefetchSource]> => {
         if (plan.kind === 'value') {
-          return [plan.key, plan.value, 'sent'];
+          return [plan.key, plan.value, plan.source];
         }
         try {
           const value =
@@ -201,21 +205,27 @@ function planKey(
         connection,
       };
     } else {
-      return { key, kind: 'value', value: value ?? null };
+      return { key, kind: 'value', value: value ?? null, source: 'sent' };
     }
   }
-  const connection = connect(key, failure, opts);
-  const relative = renderPrefetchTemplate(template, opts.request.context);
-  if (relative === undefined) {
+  const rendered = renderPrefetchTemplateOrGap(template, opts.request.context);
+  if ('gap' in rendered) {
+    if (rendered.gap === 'absent') {
+      // The query does not apply to this call (e.g. `Encounter/{{context.encounterId}}` when
+      // the chart was opened outside an encounter, or a PractitionerRole token for a
+      // Practitioner user): the EHR could not run it either, and there is no data for it.
+      return { key, kind: 'value', value: null, source: 'not-applicable' };
+    }
     throw new PrefetchError(
       key,
       failure,
-      `prefetch '${key}': a template token has no value in this context`,
+      `prefetch '${key}': a template token has no usable value in this context`,
     );
   }
+  const connection = connect(key, failure, opts);
   let url: URL;
   try {
-    url = new URL(`${connection.base}/${relative.replace(/^\/+/, '')}`);
+    url = new URL(`${connection.base}/${rendered.url.replace(/^\/+/, '')}`);
   } catch {
     throw new PrefetchError(
       key,

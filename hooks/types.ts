@@ -78,9 +78,16 @@ export interface PrefetchObserver {
   onFetch?(outcome: 'ok' | 'error' | 'timeout' | 'refused', key: string): void;
 }
 
+/**
+ * Where a prefetch value came from: `sent` by the EHR, `fetched` from its FHIR server by us, or
+ * `not-applicable`: `null`, because a token of the template is not in this call's context (an
+ * optional field such as `encounterId` not sent, or a user token for another kind of user).
+ */
+export type PrefetchSource = 'sent' | 'fetched' | 'not-applicable';
+
 export interface PrefetchResult {
   /** key -> resource or null, exactly the data the rules will see. */
   prefetch: Record<string, unknown>;
-  /** Which keys were sent by the EHR and which were fetched. */
-  sources: Record<string, 'sent' | 'fetched'>;
+  /** Where each key's value came from. */
+  sources: Record<string, PrefetchSource>;
 }

@@ -201,30 +201,48 @@ function encodeUserId(value: string): string | undefined {
   return `${encodeURIComponent(ref[1])}/${encodeURIComponent(ref[2])}`;
 }
 
-function tokenValue(token: Token, context: Record<string, unknown>): string | undefined {
+/**
+ * A token's value in a context: the URL-encoded text, `absent` when the context does not have
+ * it (an optional field not sent, or a user token for another kind of user), or `unusable`
+ * when it is there but cannot go into a URL (empty, `.`/`..`, an object, a malformed userId).
+ */
+function tokenValue(
+  token: Token,
+  context: Record<string, unknown>,
+): { value: string } | 'absent' | 'unusable' {
   if (token.kind === 'user') {
     const userId = Object.hasOwn(context, 'userId') ? context.userId : undefined;
-    const ref = typeof userId === 'string' ? USER_REF_RE.exec(userId) : null;
-    if (ref?.[1] !== token.resourceType || !ref[2] || ref[2] === '.' || ref[2] === '..') {
-      return undefined;
+    if (userId === undefined || userId === null) {
+      return 'absent';
     }
-    return encodeURIComponent(ref[2]);
+    const ref = typeof userId === 'string' ? USER_REF_RE.exec(userId) : null;
+    if (!ref?.[1] || !ref[2] || ref[2] === '.' || ref[2] === '..') {
+      return 'unusable';
+    }
+    return ref[1] === token.resourceType ? { value: encodeURIComponent(ref[2]) } : 'absent';
   }
   // Own properties only: `{{context.constructor}}` must not reach Object.prototype.
   const value = Object.hasOwn(context, token.field) ? context[token.field] : undefined;
+  if (value === undefined || value === null) {
+    return 'absent';
+  }
   if (typeof value === 'number' || typeof value === 'boolean') {
-    return String(value);
+    return { value: String(value) };
   }
   if (typeof value !== 'string' || value === '' || value === '.' || value === '..') {
-    return undefined;
+    return 'unusable';
   }
-  return token.field === 'userId' ? encodeUserId(value) : encodeURIComponent(value);
+  const encoded = token.field === 'userId' ? encodeUserId(value) : encodeURIComponent(value);
+  return encoded === undefined ? 'unusable' : { value: encoded };
 }
+
+/** A rendered template, or why it could not be rendered (see {@link renderPrefetchTemplateOrGap}). */
+export type RenderedPrefetch = { url: string } | { gap: 'absent' | 'unusable' };
 
 /**
  * Fills a template's tokens from the hook context (root primitive fields only) and
  * `context.userId` (`Practitioner/123` -> userPractitionerId = 123). Values are URL-encoded.
- * @returns the relative URL, or undefined if a token has no value in this context.
+ * @returns the relative URL, or undefined if a token has no usable value in this context.
  * @throws PackValidationError (path `prefetch`) if the template itself is invalid
  *   (see {@link checkPrefetchTemplate}); packs are validated at load, so this means a bug.
  */
@@ -232,21 +250,42 @@ export function renderPrefetchTemplate(
   template: string,
   context: Record<string, unknown>,
 ): string | undefined {
+  const rendered = renderPrefetchTemplateOrGap(template, context);
+  return 'url' in rendered ? rendered.url : undefined;
+}
+
+/**
+ * {@link renderPrefetchTemplate}, telling why a template could not be filled: `absent` when a
+ * token's value is not in this context at all (an optional field such as `encounterId` not
+ * sent, or `{{userPractitionerRoleId}}` while the user is a Practitioner): the query does not
+ * apply to this call, so there is no data for it; `unusable` when a value is there but cannot
+ * be put into a URL (takes precedence over `absent`).
+ * @throws PackValidationError as renderPrefetchTemplate does.
+ */
+export function renderPrefetchTemplateOrGap(
+  template: string,
+  context: Record<string, unknown>,
+): RenderedPrefetch {
   const parts = parseTemplate(template);
   if (typeof parts === 'string') {
     throw new PackValidationError([{ path: 'prefetch', message: parts }]);
   }
   let url = '';
+  let absent = false;
   for (const part of parts) {
     if (typeof part === 'string') {
       url += part;
       continue;
     }
     const value = tokenValue(part, context);
-    if (value === undefined) {
-      return undefined;
+    if (value === 'unusable') {
+      return { gap: 'unusable' };
     }
-    url += value;
+    if (value === 'absent') {
+      absent = true;
+      continue;
+    }
+    url += value.value;
   }
-  return url;
+  return absent ? { gap: 'absent' } : { url };
 }

@@ -298,10 +298,58 @@ describe('hooks: resolvePrefetch against a local FHIR server (Synthea data)', ()
     expect(fhir.requests).to.have.length(0);
   });
 
-  it('fails as missing when a template token has no value, before any request', async () => {
-    const templates = { ...TEMPLATES, encounter: 'Encounter/{{context.encounterId}}' };
-    const e = await expectPrefetchError(resolvePrefetch(options({ templates })), 'missing');
-    expect(e.key).to.equal('encounter');
+  // CDS Hooks 2.0: encounterId is optional in patient-view and order-sign, and the spec's own
+  // example template `PractitionerRole?_id={{userPractitionerRoleId}}` has no value for a
+  // Practitioner user. Such a query does not apply to the call: no data (null), not a 412.
+  it('gives null (not-applicable) for a template whose token is not in the context, without a request', async () => {
+    const templates = {
+      ...TEMPLATES,
+      encounter: 'Encounter/{{context.encounterId}}',
+      role: 'PractitionerRole?_id={{userPractitionerRoleId}}',
+    };
+    const result = await resolvePrefetch(options({ templates }));
+    expect(result.prefetch['encounter']).to.equal(null);
+    expect(result.prefetch['role']).to.equal(null);
+    expect(result.sources).to.include({ encounter: 'not-applicable', role: 'not-applicable' });
+    expect(result.sources['patient']).to.equal('fetched');
+    expect(fhir.requests.map((r) => r.url).join(' ')).to.not.match(/Encounter|PractitionerRole/);
+  });
+
+  it('gives null (not-applicable) for such a template even with no fhirServer, or an OperationOutcome sent', async () => {
+    const templates = { encounter: 'Encounter/{{context.encounterId}}' };
+    const noServer = hookRequest(fhir, { fhirServer: undefined, fhirAuthorization: undefined });
+    const a = await resolvePrefetch(options({ templates, request: noServer }));
+    expect(a.prefetch).to.deep.equal({ encounter: null });
+    const outcome = {
+      resourceType: 'OperationOutcome',
+      issue: [{ severity: 'error', code: 'not-found' }],
+    };
+    const withOutcome = hookRequest(fhir, { prefetch: { encounter: outcome } });
+    const b = await resolvePrefetch(options({ templates, request: withOutcome }));
+    expect(b.prefetch).to.deep.equal({ encounter: null });
+    expect(fhir.requests).to.have.length(0);
+  });
+
+  it('keeps what the EHR sent for such a key', async () => {
+    const templates = { encounter: 'Encounter/{{context.encounterId}}' };
+    const encounter = { resourceType: 'Encounter', id: 'e1', status: 'finished' };
+    const request = hookRequest(fhir, { prefetch: { encounter } });
+    const result = await resolvePrefetch(options({ templates, request }));
+    expect(result.prefetch['encounter']).to.deep.equal(encounter);
+    expect(result.sources['encounter']).to.equal('sent');
+  });
+
+  it('fails as missing when a token is in the context but cannot go into a URL, before any request', async () => {
+    const templates = { ...TEMPLATES, user: 'PractitionerRole?_id={{userPractitionerRoleId}}' };
+    const request = hookRequest(fhir);
+    // A userId that cannot be a reference (parseHookRequest would refuse it; the resolver must
+    // not rely on that).
+    request.context['userId'] = 'PractitionerRole/..';
+    const e = await expectPrefetchError(
+      resolvePrefetch(options({ templates, request })),
+      'missing',
+    );
+    expect(e.key).to.equal('user');
     expect(fhir.requests).to.have.length(0);
   });
 

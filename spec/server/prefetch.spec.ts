@@ -106,6 +106,33 @@ describe('prefetch through the service (HTTP)', function () {
     }
   });
 
+  it('answers a call without an encounter when the service also asks for the encounter (null, no request, no 412)', async () => {
+    // encounterId is optional in patient-view: a chart opened outside an encounter.
+    const pack = structuredClone(shippedPackRaw()) as {
+      version: string;
+      services: Array<{ id: string; prefetch: Record<string, string> }>;
+    };
+    pack.version = '1.0.1-encounter';
+    const service = pack.services.find((s) => s.id === 'medication-safety-patient-view');
+    service!.prefetch['encounter'] = 'Encounter/{{context.encounterId}}';
+    const up = await t.uploadPack(pack);
+    expect(up.status, JSON.stringify(up.body)).to.equal(201);
+    const other = await t.addTenant('hosp-encounter', {
+      subscriptions: [{ pack: 'medication-safety', version: '1.0.1-encounter' }],
+      fhirServers: [fhir.baseUrl],
+    });
+    fhir.requests.length = 0;
+    const res = await request(t.app)
+      .post('/cds-services/medication-safety-patient-view')
+      .set('authorization', `Bearer ${await other.sign({ aud: url })}`)
+      .send(body(fhir.baseUrl));
+    expect(res.status, JSON.stringify(res.body)).to.equal(200);
+    expect(res.body.cards.map((c: { summary: string }) => c.summary).join(' ')).to.match(
+      /[Ww]arfarin/,
+    );
+    expect(fhir.requests.some((r) => r.url.includes('/Encounter'))).to.equal(false);
+  });
+
   it('never writes the access token or patient data to the log', () => {
     const log = t.logLines.join('\n');
     expect(log).to.not.include('access-token-1234567890-secret');
