@@ -39,6 +39,7 @@ export function createApp(deps: Deps): Express {
     stores: deps.stores,
     evaluator: deps.evaluator,
     backupDir: deps.backupDir,
+    regions: deps.matrix.regions,
   });
   app.use(
     '/admin',

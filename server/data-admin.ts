@@ -8,7 +8,16 @@ import path from 'node:path';
 import { finalizeCards } from '../hooks/index.ts';
 import { compilePack } from '../rules/index.ts';
 import type { Evaluator } from '../rules/index.ts';
-import { authorize, ConflictError, InvalidInputError, NotFoundError } from '../tenants/index.ts';
+import {
+  authorize,
+  ConflictError,
+  InvalidInputError,
+  mayBackupTo,
+  mayServe,
+  NotFoundError,
+  RegionMismatchError,
+  ResidencyError,
+} from '../tenants/index.ts';
 import { actorOf } from './admin-service.ts';
 import type {
   AuditEvent,
@@ -21,8 +30,10 @@ import type {
   JobInfo,
   KeyStatus,
   Principal,
+  RegionInfo,
   RegionStores,
   RestoreResult,
+  Tenant,
 } from '../tenants/index.ts';
 
 export interface DataAdminDeps {
@@ -30,6 +41,18 @@ export interface DataAdminDeps {
   stores: RegionStores;
   evaluator: Evaluator;
   backupDir: string;
+  /** The region matrix (which region may serve which tenant, failovers). */
+  regions: readonly RegionInfo[];
+}
+
+/** A deprovisioning's outcome in this region; `registryRemoved` once the tenant is gone. */
+export interface DeprovisionOutcome extends DeprovisionResult {
+  /**
+   * True when this was the home region's plane and the tenant left the registry. False on a
+   * standby's plane: that region's data is shredded, the tenant stays registered until its
+   * home region's plane deletes it.
+   */
+  registryRemoved: boolean;
 }
 
 export interface ReplayResult {
@@ -64,9 +87,29 @@ export class DataAdmin {
     await this.deps.controlPlane.audit.record({ ...event, actor: actorOf(principal) });
   }
 
-  /** The tenant must exist in the registry (so a typo is a 404, not a new empty store). */
-  private async tenant(id: string): Promise<void> {
-    await this.deps.controlPlane.tenants.get(id);
+  /**
+   * The tenant must exist in the registry (so a typo is a 404, not a new empty store), and this
+   * region must be one that may hold its data: one that may serve it (home, declared failover),
+   * or one that still holds a store of it (a former failover standby, until it is shredded).
+   * Anywhere else nothing is opened or created: the refusal is audited
+   * (`residency.misdirected`) and thrown as RegionMismatchError (421).
+   */
+  private async tenant(principal: Principal, id: string, action: string): Promise<Tenant> {
+    const tenant = await this.deps.controlPlane.tenants.get(id);
+    const region = this.deps.stores.region;
+    if (
+      mayServe(tenant, region, this.deps.regions) ||
+      (await this.deps.stores.listTenants()).includes(id)
+    ) {
+      return tenant;
+    }
+    await this.audit(principal, {
+      type: 'residency.misdirected',
+      outcome: 'failure',
+      tenant: id,
+      detail: { region, action },
+    });
+    throw new RegionMismatchError(region);
   }
 
   async listInvocations(
@@ -75,7 +118,7 @@ export class DataAdmin {
     query: { from?: string; to?: string; hook?: string; limit?: number },
   ): Promise<InvocationSummary[]> {
     authorize(principal, 'records:read', tenantId);
-    await this.tenant(tenantId);
+    await this.tenant(principal, tenantId, 'records.list');
     for (const k of ['from', 'to'] as const) {
       const v = query[k];
       if (v !== undefined && Number.isNaN(Date.parse(v))) {
@@ -98,7 +141,7 @@ export class DataAdmin {
     id: string,
   ): Promise<InvocationRecord> {
     authorize(principal, 'records:read', tenantId);
-    await this.tenant(tenantId);
+    await this.tenant(principal, tenantId, 'records.read');
     const record = await this.deps.stores
       .store(tenantId)
       .readInvocation(id, { actor: actorOf(principal) });
@@ -156,7 +199,7 @@ export class DataAdmin {
 
   async keyStatus(principal: Principal, tenantId: string): Promise<KeyStatus> {
     authorize(principal, 'tenant:read', tenantId);
-    await this.tenant(tenantId);
+    await this.tenant(principal, tenantId, 'keys.status');
     return this.deps.stores.store(tenantId).keys.status();
   }
 
@@ -167,7 +210,7 @@ export class DataAdmin {
     emergency: boolean,
   ): Promise<JobInfo> {
     authorize(principal, 'tenant:update', tenantId);
-    await this.tenant(tenantId);
+    await this.tenant(principal, tenantId, 'key.rotate');
     const job = await this.deps.stores
       .store(tenantId)
       .keys.rotate({ emergency, actor: actorOf(principal) });
@@ -204,10 +247,32 @@ export class DataAdmin {
     return job;
   }
 
-  /** Crypto-shreds the tenant (keys first, then the store), then removes it from the registry. */
-  async deprovision(principal: Principal, tenantId: string): Promise<DeprovisionResult> {
+  /**
+   * Crypto-shreds the tenant in this region (keys first, then the store). On its home region's
+   * plane, then removes it from the registry, but only once no failover standby may still hold
+   * its data: every region it ever failed over to must have been shredded first (a DELETE on
+   * that region's plane, audited `tenant.shred.region`), else 409 naming them. On a standby's
+   * plane: shreds that region's data and keeps the registry entry. Refused (409) while a
+   * failover is declared, and on a plane of a region holding none of the tenant's data.
+   */
+  async deprovision(principal: Principal, tenantId: string): Promise<DeprovisionOutcome> {
     authorize(principal, 'tenant:delete', tenantId);
-    await this.tenant(tenantId);
+    const tenant = await this.deps.controlPlane.tenants.get(tenantId);
+    const region = this.deps.stores.region;
+    if (tenant.failover) {
+      throw new ConflictError(
+        `tenant ${tenantId} has a failover to ${tenant.failover.region} declared: clear it first`,
+      );
+    }
+    if (region !== tenant.region) {
+      return this.shredStandby(principal, tenant, region);
+    }
+    const pending = await this.standbysNotShredded(tenant);
+    if (pending.length > 0) {
+      throw new ConflictError(
+        `tenant ${tenantId} failed over to ${pending.join(', ')}, which may still hold its data: delete it on that region's plane first, then here`,
+      );
+    }
     const result = await this.deps.stores.deprovisionTenant(tenantId);
     await this.deps.controlPlane.tenants.remove(tenantId);
     await this.audit(principal, {
@@ -215,17 +280,98 @@ export class DataAdmin {
       outcome: 'success',
       tenant: tenantId,
       detail: {
+        region,
         tenantKeyDestroyed: result.tenantKeyDestroyed,
         dekVersionsDestroyed: result.dekVersionsDestroyed,
         storeDeleted: result.storeDeleted,
       },
     });
-    return result;
+    return { ...result, registryRemoved: true };
+  }
+
+  /** A DELETE on the plane of a region that is not the tenant's home. */
+  private async shredStandby(
+    principal: Principal,
+    tenant: Tenant,
+    region: string,
+  ): Promise<DeprovisionOutcome> {
+    const holds = (await this.deps.stores.listTenants()).includes(tenant.id);
+    const declared = (await this.failoverRegions(tenant.id)).has(region);
+    if (!holds && !declared) {
+      throw new ConflictError(
+        `region ${region} holds no data of tenant ${tenant.id}: delete it on its home region's plane (${tenant.region})`,
+      );
+    }
+    const result = await this.deps.stores.deprovisionTenant(tenant.id);
+    await this.audit(principal, {
+      type: 'tenant.shred.region',
+      outcome: 'success',
+      tenant: tenant.id,
+      detail: {
+        region,
+        tenantKeyDestroyed: result.tenantKeyDestroyed,
+        dekVersionsDestroyed: result.dekVersionsDestroyed,
+        storeDeleted: result.storeDeleted,
+      },
+    });
+    return { ...result, registryRemoved: false };
+  }
+
+  /** Every region the tenant was ever declared to fail over to, with the last declaration's seq. */
+  private async failoverRegions(tenantId: string): Promise<Map<string, number>> {
+    const declared = new Map<string, number>();
+    const events = await this.deps.controlPlane.audit.list({
+      tenant: tenantId,
+      type: 'residency.failover.declared',
+    });
+    for (const event of events) {
+      const target = event.detail?.['target'];
+      if (typeof target === 'string') {
+        declared.set(target, event.seq);
+      }
+    }
+    return declared;
+  }
+
+  /** Failover regions (not the home) with no `tenant.shred.region` since their last declaration. */
+  private async standbysNotShredded(tenant: Tenant): Promise<string[]> {
+    const declared = await this.failoverRegions(tenant.id);
+    const shredded = new Map<string, number>();
+    for (const event of await this.deps.controlPlane.audit.list({
+      tenant: tenant.id,
+      type: 'tenant.shred.region',
+    })) {
+      const region = event.detail?.['region'];
+      if (typeof region === 'string') {
+        shredded.set(region, event.seq);
+      }
+    }
+    return [...declared]
+      .filter(([region, seq]) => region !== tenant.region && (shredded.get(region) ?? -1) < seq)
+      .map(([region]) => region)
+      .sort();
   }
 
   async backup(principal: Principal, tenantId: string): Promise<BackupResult> {
     authorize(principal, 'tenant:update', tenantId);
-    await this.tenant(tenantId);
+    const tenant = await this.tenant(principal, tenantId, 'backup');
+    const region = this.deps.stores.region;
+    // A backup lands in this plane's backupDir, in this region: the policy must allow that.
+    if (!mayBackupTo(tenant, region)) {
+      await this.audit(principal, {
+        type: 'residency.refused',
+        outcome: 'failure',
+        tenant: tenantId,
+        detail: { region, action: 'backup' },
+      });
+      throw new ResidencyError([
+        {
+          path: 'residency.backupRegions',
+          reason: 'not_backup_region',
+          message: `backups of this tenant may not be written in region ${region}`,
+        },
+      ]);
+    }
     const result = await this.deps.stores.backupTenant(tenantId, this.deps.backupDir);
     await this.audit(principal, {
       type: 'backup.create',
@@ -269,7 +415,7 @@ export class DataAdmin {
 
   async verifyAudit(principal: Principal, tenantId: string): Promise<ChainVerification> {
     authorize(principal, 'audit:read', tenantId);
-    await this.tenant(tenantId);
+    await this.tenant(principal, tenantId, 'audit.verify');
     const result = await this.deps.stores.store(tenantId).audit.verify();
     await this.audit(principal, {
       type: 'audit.verify',

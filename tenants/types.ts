@@ -356,7 +356,8 @@ export type ResidencyReason =
   | 'dr_other_jurisdiction'
   | 'dr_not_listed'
   | 'failover_active'
-  | 'failover_not_allowed';
+  | 'failover_not_allowed'
+  | 'not_backup_region';
 
 /** One problem with a placement; `path` names the field (`residency.backupRegions[1]`). */
 export interface ResidencyProblem {

@@ -193,6 +193,133 @@ describe('regions and data residency (two jurisdictions, one plane per region)',
     ]);
   });
 
+  // Admin data routes open a tenant's store: only where the tenant's data may be.
+  it('answers 421 to admin data routes on a plane that may not serve the tenant and holds none of its data, creating nothing', async () => {
+    const us = planes['us-east'];
+    const asOp = (r: request.Test) => r.set('authorization', `Bearer ${us.adminToken}`);
+    const before = (await us.deps.controlPlane.audit.list({ tenant: 'eu-hospital' })).length;
+    // The tenant's own auditor (records:read is not the operator's) on the wrong plane.
+    const issued = await asOp(request(us.app).post('/admin/tokens')).send({
+      role: 'auditor',
+      tenant: 'eu-hospital',
+    });
+    expect(issued.status, JSON.stringify(issued.body)).to.equal(201);
+    const records = await request(us.app)
+      .get('/admin/tenants/eu-hospital/invocations')
+      .set('authorization', `Bearer ${issued.body.token as string}`);
+    expect(records.status, JSON.stringify(records.body)).to.equal(421);
+    for (const r of [
+      request(us.app).get('/admin/tenants/eu-hospital/keys'),
+      request(us.app).post('/admin/tenants/eu-hospital/keys/rotate'),
+      request(us.app).post('/admin/tenants/eu-hospital/backups'),
+      request(us.app).get('/admin/tenants/eu-hospital/audit/verify'),
+    ]) {
+      const res = await asOp(r);
+      expect(res.status, JSON.stringify(res.body)).to.equal(421);
+    }
+    const files = [
+      ...filesUnder(path.join(root, 'data', 'us-east')),
+      ...filesUnder(path.join(root, 'keys', 'us-east')),
+      ...filesUnder(path.join(root, 'backups', 'us-east')),
+    ];
+    expect(files.filter((f) => f.includes('eu-hospital'))).to.deep.equal([]);
+    expect(await us.deps.stores.listTenants()).to.not.include('eu-hospital');
+    const events = (await us.deps.controlPlane.audit.list({ tenant: 'eu-hospital' })).slice(before);
+    expect(events.filter((e) => e.type === 'residency.misdirected').length).to.be.greaterThan(0);
+  });
+
+  it("refuses a backup in a region the tenant's policy does not allow for backups (422, audited), and writes nothing", async () => {
+    const op = planes['eu-west'];
+    const asOp = (r: request.Test) => r.set('authorization', `Bearer ${op.adminToken}`);
+    const policy = (backupRegions: string[]) => ({
+      residency: { processingRegions: ['eu-west'], backupRegions, dr: { mode: 'jurisdiction' } },
+    });
+    const patched = await asOp(request(op.app).patch('/admin/tenants/eu-hospital')).send(
+      policy(['eu-central']),
+    );
+    expect(patched.status, JSON.stringify(patched.body)).to.equal(200);
+    try {
+      const res = await asOp(request(op.app).post('/admin/tenants/eu-hospital/backups'));
+      expect(res.status, JSON.stringify(res.body)).to.equal(422);
+      expect(JSON.stringify(res.body)).to.include('residency.backupRegions');
+      const backups = filesUnder(path.join(root, 'backups', 'eu-west'));
+      expect(backups.filter((f) => f.includes('eu-hospital'))).to.deep.equal([]);
+      const refused = await op.deps.controlPlane.audit.list({
+        tenant: 'eu-hospital',
+        type: 'residency.refused',
+      });
+      expect(refused.some((e) => e.detail?.['action'] === 'backup')).to.equal(true);
+    } finally {
+      const back = await asOp(request(op.app).patch('/admin/tenants/eu-hospital')).send(
+        policy(['eu-west']),
+      );
+      expect(back.status).to.equal(200);
+    }
+    expect(
+      (await asOp(request(op.app).post('/admin/tenants/eu-hospital/backups'))).status,
+    ).to.equal(201);
+  });
+
+  it('deletes a tenant only from its home plane, and only once every failover standby holding its data is shredded', async () => {
+    const home = planes['eu-west'];
+    const central = planes['eu-central'];
+    const us = planes['us-east'];
+    const del = (plane: TestApp) =>
+      request(plane.app)
+        .delete('/admin/tenants/eu-hospital')
+        .set('authorization', `Bearer ${plane.adminToken}`);
+    const registered = async () =>
+      (await home.deps.controlPlane.tenants.list()).some((t) => t.id === 'eu-hospital');
+    // The failover spec above left records in eu-central (a standby that served calls).
+    expect(await central.deps.stores.listTenants()).to.include('eu-hospital');
+
+    // A plane of a region holding none of its data: refused, nothing removed.
+    const wrong = await del(us);
+    expect(wrong.status, JSON.stringify(wrong.body)).to.equal(409);
+    expect(JSON.stringify(wrong.body)).to.include('eu-west');
+    expect(await registered()).to.equal(true);
+
+    // While a failover is declared: refused everywhere.
+    const asHome = (r: request.Test) => r.set('authorization', `Bearer ${home.adminToken}`);
+    const declared = await asHome(
+      request(home.app).post('/admin/tenants/eu-hospital/failover'),
+    ).send({ region: 'eu-central' });
+    expect(declared.status).to.equal(200);
+    expect((await del(home)).status).to.equal(409);
+    expect((await del(central)).status).to.equal(409);
+    expect(
+      (await asHome(request(home.app).delete('/admin/tenants/eu-hospital/failover'))).status,
+    ).to.equal(200);
+
+    // The home plane first: refused, naming the standby that may still hold data.
+    const early = await del(home);
+    expect(early.status, JSON.stringify(early.body)).to.equal(409);
+    expect(JSON.stringify(early.body)).to.include('eu-central');
+    expect(await registered()).to.equal(true);
+    expect(await home.deps.stores.listTenants()).to.include('eu-hospital');
+
+    // The standby's plane shreds its region's data and keeps the registry entry.
+    const standby = await del(central);
+    expect(standby.status, JSON.stringify(standby.body)).to.equal(200);
+    expect(standby.body).to.include({ registryRemoved: false, storeDeleted: true });
+    expect(await central.deps.stores.listTenants()).to.not.include('eu-hospital');
+    expect(
+      filesUnder(path.join(root, 'data', 'eu-central')).filter((f) => f.includes('eu-hospital')),
+    ).to.deep.equal([]);
+    expect(await registered()).to.equal(true);
+
+    // Then the home plane: shredded there too, and gone from the registry.
+    const done = await del(home);
+    expect(done.status, JSON.stringify(done.body)).to.equal(200);
+    expect(done.body).to.include({ registryRemoved: true, storeDeleted: true });
+    expect(await registered()).to.equal(false);
+    expect(await home.deps.stores.listTenants()).to.not.include('eu-hospital');
+    const types = (await home.deps.controlPlane.audit.list({ tenant: 'eu-hospital' })).map(
+      (e) => e.type,
+    );
+    expect(types).to.include.members(['tenant.shred.region', 'tenant.deprovision']);
+  });
+
   it('reports readiness per plane', async () => {
     const res = await request(planes['eu-west'].app).get('/readyz');
     expect(res.status).to.equal(200);
