@@ -93,7 +93,11 @@ function isAbsoluteHttpUrl(value: string): boolean {
   }
 }
 
-/** Throws on a card that breaks CDS Hooks 2.0: that is a bug upstream (pack validation). */
+/**
+ * Throws on a card that breaks CDS Hooks 2.0: that is a bug upstream. Static fields are checked
+ * at pack load, interpolated ones by the engine (`buildCard` fails just that rule); this is the
+ * backstop.
+ */
 function assertCard(card: Card, index: number): void {
   const where = `card[${index}]`;
   const fail = (message: string): never => {
@@ -161,7 +165,8 @@ function assertCard(card: Card, index: number): void {
  * @param newUuid uuid source; defaults to crypto.randomUUID.
  * @throws Error if a card breaks the 2.0 rules (summary missing or 140+ characters, bad
  *   indicator, no source.label, override reason without display, bad link or action): a bug
- *   upstream, since packs are validated at load.
+ *   upstream, since packs are validated at load and the engine refuses, per rule, a required
+ *   field that interpolation left empty or invalid (rules/evaluate-core.ts `buildCard`).
  */
 export function finalizeCards(raw: RawCard[], newUuid: () => string = randomUUID): Card[] {
   return raw.map((rawCard, index) => {

@@ -25,6 +25,32 @@ function passHandOff(err: unknown): void {
 /** Card summaries must stay under this many characters (CDS Hooks 2.0). */
 export const SUMMARY_LIMIT = 140;
 
+/**
+ * Refuses a required card field that interpolation left empty: `finalizeCards` strips `""` as
+ * absent and would then reject the whole call's cards (CDS Hooks 2.0 requires summary, link
+ * and suggestion labels, action descriptions). The message names the field, never its value
+ * (values come from patient data).
+ */
+function required(text: string, name: string, why = 'required'): string {
+  if (text === '') {
+    throw new SafeEvalError(`card.${name}: empty after interpolation (${why})`);
+  }
+  return text;
+}
+
+/**
+ * Link urls must be absolute http(s) URLs (CDS Hooks 2.0): the same test as `finalizeCards`'s,
+ * so the two never disagree (a scheme is case-insensitive, `new URL` trims spaces).
+ */
+function isAbsoluteHttpUrl(text: string): boolean {
+  try {
+    const url = new URL(text);
+    return url.protocol === 'https:' || url.protocol === 'http:';
+  } catch {
+    return false;
+  }
+}
+
 /** Callbacks of a run, in the order things happen. */
 export interface RunHooks {
   /** Rule `index` of `ruleIds` is about to run (its lets first, then `when` and its card). */
@@ -168,7 +194,14 @@ function renderValue(v: CompiledValue, root: unknown, vars: Record<string, unkno
   }
 }
 
-/** Interpolates a rule's card. @throws Error (PHI-free) naming the failing field. */
+/**
+ * Interpolates a rule's card. A required field left empty (summary, link label, suggestion
+ * label, action description, a delete's resourceId), a link url that is not an absolute http(s)
+ * URL, or a summary of 140+ characters fails the rule here, so the call's other cards survive;
+ * `finalizeCards`'s checks are only the backstop for bugs. Optional fields (detail, appContext)
+ * may come out empty: stripping drops them.
+ * @throws SafeEvalError (PHI-free) naming the failing field, never its value.
+ */
 export function buildCard(
   ruleId: string,
   card: CompiledCard,
@@ -184,7 +217,10 @@ export function buildCard(
     }
   };
   const t = card.template;
-  const summary = field('summary', () => renderText(card.summary, root, vars));
+  const summary = required(
+    field('summary', () => renderText(card.summary, root, vars)),
+    'summary',
+  );
   if (summary.length >= SUMMARY_LIMIT) {
     throw new SafeEvalError(
       `card.summary: ${summary.length} characters after interpolation (must be under ${SUMMARY_LIMIT})`,
@@ -204,11 +240,15 @@ export function buildCard(
     const links = t.links;
     out.links = card.links.map((l, i) => {
       const type = links[i]?.type ?? 'absolute';
-      const link: NonNullable<RawCard['links']>[number] = {
-        label: field(`links[${i}].label`, () => renderText(l.label, root, vars)),
-        url: field(`links[${i}].url`, () => renderText(l.url, root, vars)),
-        type,
-      };
+      const label = field(`links[${i}].label`, () => renderText(l.label, root, vars));
+      const url = field(`links[${i}].url`, () => renderText(l.url, root, vars));
+      required(label, `links[${i}].label`);
+      if (!isAbsoluteHttpUrl(url)) {
+        throw new SafeEvalError(
+          `card.links[${i}].url: not an absolute http(s) URL after interpolation`,
+        );
+      }
+      const link: NonNullable<RawCard['links']>[number] = { label, url, type };
       if (l.appContext) {
         const a = l.appContext;
         link.appContext = field(`links[${i}].appContext`, () => renderText(a, root, vars));
@@ -226,7 +266,10 @@ export function buildCard(
     const sugs = t.suggestions;
     out.suggestions = card.suggestions.map((s, i) => {
       const sug: NonNullable<RawCard['suggestions']>[number] = {
-        label: field(`suggestions[${i}].label`, () => renderText(s.label, root, vars)),
+        label: required(
+          field(`suggestions[${i}].label`, () => renderText(s.label, root, vars)),
+          `suggestions[${i}].label`,
+        ),
       };
       const rec = sugs[i]?.isRecommended;
       if (rec !== undefined) {
@@ -237,7 +280,10 @@ export function buildCard(
           const p = `suggestions[${i}].actions[${j}]`;
           const act: NonNullable<NonNullable<RawCard['suggestions']>[number]['actions']>[number] = {
             type: a.type,
-            description: field(`${p}.description`, () => renderText(a.description, root, vars)),
+            description: required(
+              field(`${p}.description`, () => renderText(a.description, root, vars)),
+              `${p}.description`,
+            ),
           };
           if (a.resource) {
             const res = a.resource;
@@ -249,6 +295,11 @@ export function buildCard(
           if (a.resourceId) {
             const rid = a.resourceId;
             act.resourceId = field(`${p}.resourceId`, () => renderText(rid, root, vars));
+            // A delete names its target by resourceId (CDS Hooks 2.0, cds-resp-2; required at
+            // pack load): stripping an empty one would send a delete of nothing in particular.
+            if (a.type === 'delete') {
+              required(act.resourceId, `${p}.resourceId`, 'required for delete');
+            }
           }
           return act;
         });

@@ -1,7 +1,15 @@
 import { expect } from 'chai';
 import { Worker } from 'node:worker_threads';
 import { compilePack, createEvaluator, UnknownServiceError } from '../../rules/index.ts';
-import type { EvaluationInput, Evaluator, PackRule, RulePack } from '../../rules/index.ts';
+import type {
+  ActionTemplate,
+  CardTemplate,
+  EvaluationInput,
+  Evaluator,
+  LinkTemplate,
+  PackRule,
+  RulePack,
+} from '../../rules/index.ts';
 import { workerBootstrapCode } from '../../rules/evaluator.ts';
 
 const RXNORM = 'http://www.nlm.nih.gov/research/umls/rxnorm';
@@ -498,6 +506,118 @@ describe('rules: evaluator', function () {
         error: 'card.summary: 142 characters after interpolation (must be under 140)',
       });
       expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['short']);
+    });
+
+    describe('a required field that interpolation leaves empty or invalid', () => {
+      // `%patient.name.text` is absent in input(): it interpolates to "". The patient's given
+      // names (PLANTED) and family name are the PHI an error must never carry.
+      const EMPTY = '{{ %patient.name.text }}';
+      const card = (patch: Partial<CardTemplate>): CardTemplate => ({
+        summary: 'Check this patient',
+        indicator: 'warning',
+        source: { label: 'specs' },
+        ...patch,
+      });
+      const link = (label: string, url: string): LinkTemplate => ({ label, url, type: 'absolute' });
+      const suggestion = (label: string, actions?: ActionTemplate[]): Partial<CardTemplate> => ({
+        suggestions: [{ label, ...(actions ? { actions } : {}) }],
+      });
+      const cases: Array<[string, CardTemplate, string]> = [
+        ['summary', card({ summary: EMPTY }), 'card.summary: empty after interpolation (required)'],
+        [
+          'link label',
+          card({ links: [link('Chart', 'https://ehr.example.org'), link(EMPTY, 'https://x.org')] }),
+          'card.links[1].label: empty after interpolation (required)',
+        ],
+        [
+          'link url with an empty host',
+          card({ links: [link('Chart', `https://${EMPTY}`)] }),
+          'card.links[0].url: not an absolute http(s) URL after interpolation',
+        ],
+        [
+          'link url made invalid by patient data',
+          card({ links: [link('Chart', 'https://{{ %patient.name.given }}/{{ %patient.id }}')] }),
+          'card.links[0].url: not an absolute http(s) URL after interpolation',
+        ],
+        [
+          'suggestion label',
+          card(suggestion(EMPTY)),
+          'card.suggestions[0].label: empty after interpolation (required)',
+        ],
+        [
+          'action description',
+          card(
+            suggestion('Stop it', [
+              { type: 'delete', description: EMPTY, resourceId: 'MedicationRequest/d1' },
+            ]),
+          ),
+          'card.suggestions[0].actions[0].description: empty after interpolation (required)',
+        ],
+        [
+          'delete resourceId',
+          card(
+            suggestion('Stop it', [
+              { type: 'delete', description: 'Cancel', resourceId: 'MedicationRequest/d1' },
+              { type: 'delete', description: 'Cancel', resourceId: EMPTY },
+            ]),
+          ),
+          'card.suggestions[0].actions[1].resourceId: empty after interpolation (required for delete)',
+        ],
+      ];
+      for (const [name, template, error] of cases) {
+        it(`an empty or invalid ${name} is an error naming the field, and other rules keep their cards`, async () => {
+          const compiled = compilePack(
+            pack([{ id: 'bad', service: 'svc', when: 'true', card: template }, rule('ok', 'true')]),
+          );
+          const result = await evaluator.evaluate(compiled, 'svc', input());
+          expect(result.trace[0]).to.include({
+            ruleId: 'bad',
+            status: 'error',
+            fired: true,
+            error,
+          });
+          expect(result.trace[1]).to.include({ ruleId: 'ok', status: 'fired' });
+          expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+          const trace = JSON.stringify(result.trace);
+          expect(trace).to.not.contain(PLANTED).and.to.not.contain('Xylo');
+        });
+      }
+
+      it('keeps a card whose optional detail, appContext or create resourceId is empty', async () => {
+        const compiled = compilePack(
+          pack([
+            {
+              id: 'optional',
+              service: 'svc',
+              when: 'true',
+              card: card({
+                detail: EMPTY,
+                links: [
+                  {
+                    label: 'App',
+                    url: 'https://app.example.org',
+                    type: 'smart',
+                    appContext: EMPTY,
+                  },
+                ],
+                ...suggestion('Order', [
+                  {
+                    type: 'create',
+                    description: 'Create',
+                    resourceId: EMPTY,
+                    resource: { resourceType: 'Task', status: 'draft', intent: 'order' },
+                  },
+                ]),
+              }),
+            },
+          ]),
+        );
+        const result = await evaluator.evaluate(compiled, 'svc', input());
+        expect(result.trace[0]).to.include({ status: 'fired' });
+        expect(result.cards).to.have.length(1);
+        expect(result.cards[0]?.detail).to.equal('');
+        expect(result.cards[0]?.links?.[0]?.appContext).to.equal('');
+      });
     });
 
     it('an interpolation of a complex element is an error, named by field', async () => {

@@ -1,0 +1,109 @@
+import { expect } from 'chai';
+import request from 'supertest';
+import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
+import { patientViewRequest } from '../helpers/packs.ts';
+import type { TestIssuer } from '../helpers/test-issuer.ts';
+
+/** A patient name planted in the calls: it must reach neither an error nor a log line. */
+const PLANTED = 'Planted Quillfeather';
+const SERVICE = 'family-link-patient-view';
+
+/**
+ * A pack whose first rule's link label is `{{%patient.name.family}}`: valid at upload, empty
+ * for a patient who has only `name.text`. Its second rule's card is static.
+ */
+function familyLinkPack(): Record<string, unknown> {
+  return {
+    id: 'family-link',
+    version: '1.0.0',
+    title: 'Family link pack',
+    publisher: 'cellcds specs',
+    description: 'A link label interpolated from patient data.',
+    services: [
+      {
+        id: SERVICE,
+        hook: 'patient-view',
+        description: 'Links to the family chart.',
+        prefetch: { patient: 'Patient/{{context.patientId}}' },
+      },
+    ],
+    rules: [
+      {
+        id: 'family-chart',
+        service: SERVICE,
+        when: '%patient.exists()',
+        card: {
+          summary: 'Family chart available',
+          indicator: 'info',
+          source: { label: 'cellcds specs' },
+          links: [
+            {
+              label: '{{%patient.name.family}}',
+              url: 'https://chart.example.org/family',
+              type: 'absolute',
+            },
+          ],
+        },
+      },
+      {
+        id: 'hello',
+        service: SERVICE,
+        when: '%patient.exists()',
+        card: {
+          summary: 'Hello from the family pack',
+          indicator: 'info',
+          source: { label: 'cellcds specs' },
+        },
+      },
+    ],
+  };
+}
+
+describe('hook call: a card field that interpolation leaves empty (HTTP)', () => {
+  let t: TestApp;
+  let issuer: TestIssuer;
+
+  before(async () => {
+    t = await buildTestApp();
+    const upload = await t.uploadPack(familyLinkPack());
+    expect(upload.status, JSON.stringify(upload.body)).to.equal(201);
+    issuer = await t.addTenant('tenant-family', {
+      subscriptions: [{ pack: 'family-link', version: '1.0.0' }],
+    });
+  });
+  after(async () => t.close());
+
+  async function call(body: Record<string, unknown>): Promise<request.Response> {
+    const token = await issuer.sign({ aud: `${PUBLIC_URL}/cds-services/${SERVICE}` });
+    return request(t.app)
+      .post(`/cds-services/${SERVICE}`)
+      .set('authorization', `Bearer ${token}`)
+      .send(body);
+  }
+
+  it('answers 200 with the other rule card, not 500, when a link label comes out empty', async () => {
+    t.logLines.length = 0;
+    const res = await call(patientViewRequest(PLANTED)); // name.text only, no name.family
+    expect(res.status, JSON.stringify(res.body)).to.equal(200);
+    expect(res.body.cards.map((c: { summary: string }) => c.summary)).to.deep.equal([
+      'Hello from the family pack',
+    ]);
+    const hookCall = t.logLines
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .find((l) => l.msg === 'hook call');
+    expect(hookCall).to.include({ cardCount: 1, ruleErrors: 1 });
+    expect(t.logLines.join('\n')).to.not.contain('Planted').and.to.not.contain('Quillfeather');
+  });
+
+  it('answers both cards when the interpolated label has a value', async () => {
+    const body = patientViewRequest(PLANTED);
+    const prefetch = body.prefetch as { patient: { name: unknown } };
+    prefetch.patient.name = [{ family: 'Quillfeather', given: ['Planted'] }];
+    const res = await call(body);
+    expect(res.status, JSON.stringify(res.body)).to.equal(200);
+    expect(res.body.cards).to.have.length(2);
+    expect(res.body.cards[0].links).to.deep.equal([
+      { label: 'Quillfeather', url: 'https://chart.example.org/family', type: 'absolute' },
+    ]);
+  });
+});
