@@ -12,6 +12,7 @@ import type { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
 import { adminCtxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
+import { auditRefusal } from './guards.ts';
 
 const PACK_UPLOAD_LIMIT = 32 * 1024 * 1024;
 const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text/x-yaml'];
@@ -219,14 +220,20 @@ export async function resolveOperator(
   }
   if (!principal) {
     deps.metrics.authFailure('unknown_token', 'admin');
-    await deps.failureAudit.record({
-      type: 'admin.auth',
-      outcome: 'failure',
-      detail: {
-        reason: 'unknown token',
-        ...(opts.endpoint === undefined ? {} : { endpoint: opts.endpoint }),
+    // A failed audit write is logged and counted; the token is refused all the same (401).
+    await auditRefusal(
+      deps,
+      '',
+      {
+        type: 'admin.auth',
+        outcome: 'failure',
+        detail: {
+          reason: 'unknown token',
+          ...(opts.endpoint === undefined ? {} : { endpoint: opts.endpoint }),
+        },
       },
-    });
+      (event) => deps.failureAudit.record(event),
+    );
     throw new AdminAuthError('unknown or revoked admin token');
   }
   return principal;

@@ -12,7 +12,7 @@ import {
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
-import { assertServedHere, recordAuthFailure } from './guards.ts';
+import { assertServedHere, recordAuthFailure, serviceEndpoint } from './guards.ts';
 import { runHookCall } from './hook-call.ts';
 import { hookOutcomeForStatus } from './metrics.ts';
 import type { HookEndpoint } from './metrics.ts';
@@ -27,7 +27,11 @@ export function cdsRouter(deps: Deps): Router {
   router.get(
     '/',
     observe(deps, 'discovery'),
-    authenticate(deps, () => '/cds-services'),
+    authenticate(
+      deps,
+      () => '/cds-services',
+      () => ({ endpoint: '/cds-services' }),
+    ),
     async (_req, res) => {
       const { tenant } = ctxOf(res);
       const services = [...(await deps.directory.services(tenant)).values()].map((r) =>
@@ -42,7 +46,11 @@ export function cdsRouter(deps: Deps): Router {
     observe(deps, 'call'),
     requireJson,
     json,
-    authenticate(deps, (req) => `/cds-services/${paramOf(req, 'id')}`),
+    authenticate(
+      deps,
+      (req) => `/cds-services/${paramOf(req, 'id')}`,
+      (req) => serviceEndpoint(paramOf(req, 'id'), ''),
+    ),
     async (req, res) => {
       const started = performance.now();
       const ctx = ctxOf(res);
@@ -85,7 +93,11 @@ export function cdsRouter(deps: Deps): Router {
     observe(deps, 'feedback'),
     requireJson,
     json,
-    authenticate(deps, (req) => `/cds-services/${paramOf(req, 'id')}/feedback`),
+    authenticate(
+      deps,
+      (req) => `/cds-services/${paramOf(req, 'id')}/feedback`,
+      (req) => serviceEndpoint(paramOf(req, 'id'), '/feedback'),
+    ),
     async (req, res) => {
       const ctx = ctxOf(res);
       const resolved = await deps.directory.service(ctx.tenant, paramOf(req, 'id'));
@@ -142,15 +154,20 @@ const requireJson: RequestHandler = (req, _res, next) => {
 
 /**
  * Verifies the CDS client JWT; `aud` must be the exact URL of this endpoint under the
- * public base URL. Sets the request context.
+ * public base URL. Sets the request context. A refusal is audited under `auditedOf`'s endpoint,
+ * not the path: the path is the client's text, of any length.
  */
-function authenticate(deps: Deps, endpointOf: (req: Request) => string): RequestHandler {
+function authenticate(
+  deps: Deps,
+  endpointOf: (req: Request) => string,
+  auditedOf: (req: Request) => { endpoint: string; idLength?: number },
+): RequestHandler {
   return async (req: Request, res: Response, next) => {
     // The canonical endpoint URL, built from the route (not the raw path), so `aud` is
     // compared with exactly one string per endpoint.
     const audience = `${deps.region.publicUrl}${endpointOf(req)}`;
     const requestId = requestIdOf(res);
-    const where = { endpoint: endpointOf(req), requestId };
+    const where = { ...auditedOf(req), requestId };
     const identity = await deps.verifier
       .verify(req.headers.authorization, audience)
       .catch((err: unknown) => recordAuthFailure(deps, err, 'cds', where));

@@ -407,7 +407,9 @@ export class DataAdmin {
         type: 'restore.tenant',
         outcome: 'failure',
         ...(tenantId !== undefined ? { tenant: tenantId } : {}),
-        detail: { backup: path.basename(target) },
+        // The operator's text: bounded, so the audit store takes it and the original error
+        // is the one thrown.
+        detail: { backup: path.basename(target).slice(0, 200) },
       });
       throw err;
     }

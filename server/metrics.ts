@@ -121,6 +121,7 @@ export class Metrics {
   private readonly ruleFailures: Counter<'pack' | 'rule' | 'outcome'>;
   private readonly prefetchFetches: Counter<'outcome'>;
   private readonly authFailures: Counter<'surface' | 'reason'>;
+  private readonly auditWriteFailures: Counter<'event'>;
   private readonly jobsRunning: Gauge<'kind'>;
   private readonly jobDone: Gauge<'kind'>;
   private readonly jobTotal: Gauge<'kind'>;
@@ -167,6 +168,12 @@ export class Metrics {
       name: 'cellcds_auth_failures_total',
       help: 'Refused credentials by surface and reason',
       labelNames: ['surface', 'reason'],
+      registers,
+    });
+    this.auditWriteFailures = new Counter({
+      name: 'cellcds_audit_write_failures_total',
+      help: 'Audit events of refused requests that could not be written (the request was refused all the same; see the log line "refusal not audited")',
+      labelNames: ['event'],
       registers,
     });
     this.jobsRunning = new Gauge({
@@ -285,6 +292,13 @@ export class Metrics {
     this.authFailures.inc({
       surface: oneOf(surface, ['cds', 'admin', 'app'], 'cds'),
       reason: this.reasons.value(reason.replace(/\s+/g, '_')),
+    });
+  }
+
+  /** Counts an audit event of a refusal that could not be written (`event`: its type). */
+  auditWriteFailure(event: string): void {
+    this.auditWriteFailures.inc({
+      event: oneOf(event, ['auth.failure', 'residency.misdirected', 'admin.auth'], 'other'),
     });
   }
 
