@@ -20,6 +20,11 @@ const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text
 export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): Router {
   const router = express.Router();
   const json = express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] });
+  // Answers carry one-time tokens and decrypted records: no cache may keep them (refusals too).
+  router.use((_req, res, next) => {
+    res.setHeader('Cache-Control', 'no-store');
+    next();
+  });
   router.use(authenticateAdmin(deps));
 
   router.post('/tenants', json, async (req, res) => {

@@ -24,6 +24,7 @@ import {
   assertSafeJsonKeys,
   finalizeCards,
   isHookName,
+  normalizeFhirBaseUrl,
   parseFeedbackRequest,
   parseHookRequest,
 } from '../hooks/index.ts';
@@ -140,6 +141,28 @@ function send(res: Response, file: StaticFile, csp?: string): void {
     res.setHeader('Content-Security-Policy', csp);
   }
   res.send(file.body);
+}
+
+/** The launch page's answer to an `iss` no tenant allowlists (a static text, no echo). */
+const UNKNOWN_ISS_PAGE: StaticFile = {
+  type: 'text/html; charset=utf-8',
+  body: Buffer.from(
+    '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cellcds: launch refused</title></head>' +
+      '<body><p>This launch names a FHIR server (iss) that no cellcds tenant has registered, so it was not started. ' +
+      "Open the app from your EHR, or ask your administrator to register the EHR's FHIR server.</p></body></html>",
+  ),
+};
+
+/** Whether `iss` (a launch's query value) is a FHIR base that some active tenant allowlists. */
+async function launchIssuerKnown(deps: Deps, iss: unknown): Promise<boolean> {
+  const base = typeof iss === 'string' ? normalizeFhirBaseUrl(iss) : undefined;
+  if (base === undefined) {
+    return false;
+  }
+  const tenants = await deps.controlPlane.tenants.list();
+  return tenants.some(
+    (t) => t.status === 'active' && t.fhirServers.some((s) => normalizeFhirBaseUrl(s) === base),
+  );
 }
 
 function noStore(res: Response): void {
@@ -700,7 +723,16 @@ export function uiRouter(deps: Deps, opts: UiRouterOptions = {}): Router {
   router.get('/app/', (_req, res) => {
     send(res, pages.app, CSP_APP);
   });
-  router.get('/app/launch', (_req, res) => {
+  router.get('/app/launch', async (req, res) => {
+    // The launch sends the browser to the authorization server that `iss` names (fhirclient
+    // reads its .well-known/smart-configuration): only an EHR FHIR server some active tenant
+    // allowlists may be that, else a link to this host could open any sign-in page (phishing).
+    // No iss at all: the page itself says the launch needs one.
+    if (req.query['iss'] !== undefined && !(await launchIssuerKnown(deps, req.query['iss']))) {
+      res.status(400);
+      send(res, UNKNOWN_ISS_PAGE, CSP_APP);
+      return;
+    }
     send(res, pages.launch, CSP_APP);
   });
   router.use('/app/api', appApi(deps, opts));

@@ -196,6 +196,11 @@ describe('admin API', () => {
         label: 'spec',
       });
       expect(issued.status).to.equal(201);
+      // The one-time token (and every admin answer, refusals too) must not be cached anywhere.
+      expect(issued.headers['cache-control']).to.equal('no-store');
+      expect((await request(t.app).get('/admin/tenants')).headers['cache-control']).to.equal(
+        'no-store',
+      );
       const token = issued.body.token as string;
       expect(
         (await request(t.app).get('/admin/tenants').set('authorization', `Bearer ${token}`)).status,

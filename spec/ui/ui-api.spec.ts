@@ -463,6 +463,33 @@ describe('card viewer: SMART app API fails closed', () => {
     );
   };
 
+  it('serves the launch page only for an iss some tenant allowlists (no open redirect to any sign-in page)', async () => {
+    const launch = (iss: string) =>
+      request(u.handler).get(`/app/launch?iss=${encodeURIComponent(iss)}&launch=abc`);
+    const known = await launch(fhir.baseUrl);
+    expect(known.status).to.equal(200);
+    expect(known.text).to.include('launch.mjs');
+    // Trailing slash: the same base in normal form.
+    expect((await launch(`${fhir.baseUrl}/`)).status).to.equal(200);
+    for (const iss of [
+      'https://evil.example/fhir',
+      `${fhir.baseUrl}-evil`,
+      'javascript:alert(1)',
+      'not a url',
+    ]) {
+      const res = await launch(iss);
+      expect(res.status, iss).to.equal(400);
+      expect(res.text, iss).to.not.include('launch.mjs');
+      expect(res.text, iss).to.not.include(iss); // no echo
+      expect(String(res.headers['content-security-policy'])).to.include("script-src 'self'");
+    }
+    // Repeated iss parameters are not a string: refused too.
+    expect(
+      (await request(u.handler).get(`/app/launch?iss=${encodeURIComponent(fhir.baseUrl)}&iss=x`))
+        .status,
+    ).to.equal(400);
+  });
+
   it('runs the tenant patient-view services with prefetch fetched by the access token', async () => {
     const before = fhir.requests.length;
     const res = await call(u, `Bearer ${await ehr.sign(goodClaims())}`);
