@@ -10,7 +10,9 @@ import { fileURLToPath } from 'node:url';
 import YAML from 'yaml';
 import {
   buildRequestFromRecord,
+  compilePack,
   createEvaluator,
+  evaluateInline,
   PackValidationError,
   parsePackText,
   readPatientBundle,
@@ -174,11 +176,14 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
         'Kyla_Zulauf',
         'Mafalda_Turcotte',
       ]);
-      // RULES.md R4: metformin with eGFR < 45 (Evelyn_McCullough died before her last encounter).
+      // RULES.md R4: metformin with eGFR 30-45 (reassess) and < 30 (contraindicated: critical)
+      // (Evelyn_McCullough died before her last encounter).
       expect(firedBy.get('metformin-low-egfr-review')?.sort()).to.deep.equal([
         'Clarine_OKeefe',
-        'Coleman_Ortiz',
         'Isaiah_Schaden',
+      ]);
+      expect(firedBy.get('metformin-active-egfr-below-30')?.sort()).to.deep.equal([
+        'Coleman_Ortiz',
         'Parker_Casper',
         'Tristan_Gleason',
       ]);
@@ -244,6 +249,63 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
         throw err;
       } finally {
         await evaluator.close();
+      }
+    });
+
+    // An eGFR dated by day only next to one with a time on the same day: a plain sort() of
+    // the two throws ("incomparable"), which failed the let and every metformin/NSAID card.
+    it('takes the latest eGFR across mixed date precisions (critical card kept)', () => {
+      const compiled = compilePack(loadPack());
+      const obs = (id: string, effectiveDateTime: string, value: number) => ({
+        resource: {
+          resourceType: 'Observation',
+          id,
+          status: 'final',
+          code: { coding: [{ system: 'http://loinc.org', code: '33914-3' }] },
+          subject: { reference: 'Patient/p' },
+          effectiveDateTime,
+          valueQuantity: { value, unit: 'mL/min/{1.73_m2}' },
+        },
+      });
+      const metformin = {
+        resourceType: 'MedicationRequest',
+        id: 'd1',
+        status: 'draft',
+        intent: 'order',
+        subject: { reference: 'Patient/p' },
+        medicationCodeableConcept: { coding: [{ system: RXNORM, code: '861007' }] },
+      };
+      const run = (first: string, second: string) =>
+        evaluateInline(compiled, 'medication-safety-order-sign', {
+          hook: 'order-sign',
+          hookInstance: 'd1577c69-dfbe-44ad-ba6d-3e05e953b2ea',
+          now: new Date('2021-03-10T12:00:00Z'),
+          context: {
+            patientId: 'p',
+            userId: 'Practitioner/u',
+            draftOrders: {
+              resourceType: 'Bundle',
+              type: 'collection',
+              entry: [{ resource: metformin }],
+            },
+          },
+          prefetch: {
+            patient: { resourceType: 'Patient', id: 'p', birthDate: '1950-01-01' },
+            labs: {
+              resourceType: 'Bundle',
+              type: 'searchset',
+              entry: [obs('a', first, 22), obs('b', second, 35)],
+            },
+          },
+        }).trace.find((t) => t.ruleId === 'metformin-egfr-below-30');
+      // The day-only value sorts at its day's first instant: 08:00Z that day is later.
+      for (const [first, second] of [
+        ['2021-03-01T08:00:00Z', '2021-02-01T08:00:00Z'],
+        ['2021-03-01T08:00:00Z', '2021-03-01'],
+        ['2021-03-01T08:00:00+01:00', '2021-02-28'],
+      ] as const) {
+        const trace = run(first, second);
+        expect(trace?.status, `${first} & ${second}: ${trace?.error ?? ''}`).to.equal('fired');
       }
     });
   });
