@@ -41,7 +41,9 @@ export function toServiceError(err: unknown): ServiceError {
     });
   }
   if (err instanceof ForbiddenError) {
-    return new ServiceError(403, 'forbidden', 'forbidden', { detail: err.message, cause: err });
+    // The policy's own words (a role and an action, e.g. "role platform-operator may not
+    // records:read"): tells the caller which token it needs, names no data.
+    return new ServiceError(403, 'forbidden', err.message, { detail: err.message, cause: err });
   }
   if (err instanceof NotFoundError) {
     return new ServiceError(404, 'not_found', err.message, { cause: err });

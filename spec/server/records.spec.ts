@@ -85,9 +85,15 @@ describe('invocation records, feedback, keys and backups through the API', funct
   });
 
   it("refuses decrypted content to a platform operator (403) and to another tenant's admin", async () => {
-    expect(
-      (await op(request(t.app).get(`/admin/tenants/tenant-a/invocations/${invocationId}`))).status,
-    ).to.equal(403);
+    const refused = await op(
+      request(t.app).get(`/admin/tenants/tenant-a/invocations/${invocationId}`),
+    );
+    expect(refused.status).to.equal(403);
+    // Says which permission the token lacks, so the operator knows to ask the tenant.
+    expect(refused.body).to.deep.equal({
+      error: 'forbidden',
+      message: 'role platform-operator may not records:read',
+    });
     expect(
       (await op(request(t.app).post(`/admin/tenants/tenant-a/invocations/${invocationId}/replay`)))
         .status,
