@@ -12,15 +12,30 @@
  * (`ccds.aad`). Destroying the tenant key (crypto-shredding) makes every wrap of that tenant,
  * including those in old backups, impossible to unwrap even with every KEK.
  *
- * Writes are read-modify-write under an exclusive lock file and replace the keyring atomically
- * (temp file, fsync, rename, fsync of the folder). Another process's changes are picked up by
- * checking the file's identity before each use.
+ * Writes are read-modify-write under an OS lock and replace the keyring atomically (temp file,
+ * fsync, rename, fsync of the folder). Another process's changes are picked up by checking the
+ * file's identity before each use.
+ *
+ * The lock is an exclusive SQLite transaction on `<file>.mutex`, an empty database that is never
+ * written or deleted: SQLite takes a POSIX record lock (Windows: LockFileEx), which the kernel
+ * drops when its holder dies, however it dies, and which excludes connections of the same process
+ * too. Node has no `flock`/`fcntl` of its own; sqlite3 is already a dependency of the data plane.
+ * A lock *file* (O_EXCL + the holder's pid) cannot tell a crashed holder from a live one for sure
+ * (pid reuse, e.g. a restarted container's pid 1, or a holder in another PID namespace), and
+ * without a compare-and-delete two processes can both "reclaim" it. Never open `<file>.mutex`
+ * with `fs` in a process that uses the keyring: closing any descriptor of a file drops that
+ * process's record locks on it.
+ *
+ * Every write happens under the lock, so whoever holds it may remove what a crashed writer left
+ * (`<file>.tmp-*`: a full copy of every key; `<file>.lock` of older versions): at start and on
+ * every locked mutation, so a crypto-shred also removes temp copies of the shredded key.
  */
 import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import nodeJose from 'node-jose';
+import sqlite3 from 'sqlite3';
 import { z } from 'zod';
 import { KeyUnavailableError } from './errors.ts';
 import { assertRegionId, assertTenantId, sleep } from './ids.ts';
@@ -29,6 +44,7 @@ import type { KeyProvider, KeyProviderHealth, KeyProviderInfo, WrappedDek } from
 const FORMAT = 'cellcds-keyring/1';
 const KDF_INFO = 'cellcds/dek-wrap/1';
 const LOCK_TIMEOUT_MS = 10_000;
+const LOCK_POLL_MS = 20;
 const B64URL_256 = /^[A-Za-z0-9_-]{43}$/;
 
 const jwkSchema = z.strictObject({
@@ -110,13 +126,45 @@ function fsyncDir(dir: string): void {
   }
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
+function openLockDb(lockFile: string): Promise<sqlite3.Database> {
+  return new Promise((resolve, reject) => {
+    const db = new sqlite3.Database(
+      lockFile,
+      sqlite3.OPEN_READWRITE | sqlite3.OPEN_CREATE,
+      (err: Error | null) => {
+        if (err) {
+          reject(err);
+        } else {
+          resolve(db);
+        }
+      },
+    );
+  });
+}
+
+function execLockDb(db: sqlite3.Database, sql: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    db.exec(sql, (err: Error | null) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve();
+      }
+    });
+  });
+}
+
+/** Closing the connection rolls back its (empty) transaction, which releases the lock. */
+function closeLockDb(db: sqlite3.Database): Promise<void> {
+  return new Promise((resolve, reject) => {
+    db.close((err: Error | null) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve();
+      }
+    });
+  });
 }
 
 interface ProtectedHeader {
@@ -163,7 +211,10 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
   const now = opts.now ?? (() => new Date());
   const keyDir = path.resolve(opts.keyDir);
   const file = keyringPath(keyDir, region);
-  const lockFile = `${file}.lock`;
+  const lockFile = `${file}.mutex`;
+  /** What a crashed writer may leave: its temp file, or an older version's lock file. */
+  const isLeftover = (name: string) =>
+    name.startsWith(`${path.basename(file)}.tmp-`) || name === `${path.basename(file)}.lock`;
   let cache: { ring: Keyring; id: string } | undefined;
   /** Derived wrapping keys: `tenant|keyId|kekVersion` -> node-jose key. */
   const wrapKeys = new Map<string, nodeJose.JWK.Key>();
@@ -213,57 +264,121 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
 
   function writeRing(ring: Keyring): void {
     const tmp = `${file}.tmp-${process.pid}-${crypto.randomBytes(6).toString('hex')}`;
-    const fd = fs.openSync(tmp, 'wx', 0o600);
     try {
-      fs.writeFileSync(fd, `${JSON.stringify(ring, null, 2)}\n`);
-      fs.fsyncSync(fd);
+      const fd = fs.openSync(tmp, 'wx', 0o600);
+      try {
+        fs.writeFileSync(fd, `${JSON.stringify(ring, null, 2)}\n`);
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      fs.renameSync(tmp, file);
+    } catch (err) {
+      // It holds every key: never leave it behind. (Not zeroed first: the keyring's own earlier
+      // versions, freed by each rename, leave the same bytes in free blocks.) If even this
+      // fails, the next holder of the lock removes it.
+      try {
+        fs.rmSync(tmp, { force: true });
+      } catch {
+        // Reported below with the write error.
+      }
+      throw providerError('cannot write the keyring', err);
     } finally {
-      fs.closeSync(fd);
+      cache = undefined;
     }
-    fs.renameSync(tmp, file);
-    fsyncDir(keyDir);
-    cache = undefined;
+    try {
+      fsyncDir(keyDir);
+    } catch (err) {
+      throw providerError('cannot sync the keyring folder', err);
+    }
   }
 
-  async function withFileLock<T>(fn: () => Promise<T>): Promise<T> {
+  function leftovers(): string[] {
+    try {
+      return fs.readdirSync(keyDir).filter(isLeftover);
+    } catch (err) {
+      throw providerError('cannot list the keyring folder', err);
+    }
+  }
+
+  /** Only with the lock held: then no live writer owns a temp file. */
+  function removeLeftovers(): void {
+    const names = leftovers();
+    if (names.length === 0) {
+      return;
+    }
+    try {
+      for (const name of names) {
+        fs.rmSync(path.join(keyDir, name), { force: true });
+      }
+      fsyncDir(keyDir);
+    } catch (err) {
+      // Fail closed: a temp copy that stays would outlive a crypto-shred.
+      throw providerError('cannot remove a temp file left by a crashed write', err);
+    }
+  }
+
+  /** Takes the OS lock (SQLite EXCLUSIVE transaction on `lockFile`), polling up to 10 s. */
+  async function acquireLock(): Promise<sqlite3.Database> {
+    let db: sqlite3.Database;
+    try {
+      db = await openLockDb(lockFile);
+    } catch (err) {
+      throw providerError('cannot open the lock file', err);
+    }
+    // SQLite creates it with 0644; it is empty, but keep the folder's files private. chmod
+    // takes no descriptor (closing one would drop this process's locks on the file).
+    try {
+      if ((fs.statSync(lockFile).mode & 0o077) !== 0) {
+        fs.chmodSync(lockFile, 0o600);
+      }
+    } catch (err) {
+      await closeLockDb(db).catch(() => undefined);
+      throw providerError('cannot secure the lock file', err);
+    }
+    // Poll here rather than in SQLite's busy handler, which would sleep on a libuv thread.
+    db.configure('busyTimeout', 0);
     const deadline = Date.now() + LOCK_TIMEOUT_MS;
     for (;;) {
       try {
-        const fd = fs.openSync(lockFile, 'wx', 0o600);
-        fs.writeSync(fd, String(process.pid));
-        fs.closeSync(fd);
-        break;
+        // journal_mode OFF: nothing is written, so no -journal file may outlive a crash.
+        await execLockDb(db, 'PRAGMA journal_mode = OFF; BEGIN EXCLUSIVE');
+        return db;
       } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
-          throw providerError('cannot create lock file', err);
+        const busy = (err as { code?: unknown }).code === 'SQLITE_BUSY';
+        if (!busy || Date.now() > deadline) {
+          await closeLockDb(db).catch(() => undefined);
+          throw busy
+            ? providerError('keyring is locked by another process')
+            : providerError('cannot lock the keyring', err);
         }
-        let holder = NaN;
-        try {
-          holder = Number(fs.readFileSync(lockFile, 'utf8'));
-        } catch {
-          // The holder just released it: retry.
-        }
-        if (Number.isInteger(holder) && holder > 0 && !isAlive(holder)) {
-          fs.rmSync(lockFile, { force: true });
-          continue;
-        }
-        if (Date.now() > deadline) {
-          throw providerError('keyring is locked by another process');
-        }
-        await sleep(20);
+        await sleep(LOCK_POLL_MS);
       }
-    }
-    try {
-      return await fn();
-    } finally {
-      fs.rmSync(lockFile, { force: true });
     }
   }
 
-  /** Serialises this process's mutations, then locks the file against other processes. */
+  async function withKeyringLock<T>(fn: () => Promise<T>): Promise<T> {
+    const db = await acquireLock();
+    let result: T;
+    try {
+      removeLeftovers();
+      result = await fn();
+    } catch (err) {
+      await closeLockDb(db).catch(() => undefined);
+      throw err;
+    }
+    try {
+      await closeLockDb(db);
+    } catch (err) {
+      throw providerError('cannot release the lock', err);
+    }
+    return result;
+  }
+
+  /** Serialises this process's mutations, then takes the keyring lock against other processes. */
   function mutate<T>(fn: (ring: Keyring) => Promise<T> | T): Promise<T> {
     const run = queue.then(() =>
-      withFileLock(async () => {
+      withKeyringLock(async () => {
         cache = undefined;
         const ring = normalise(structuredClone(readRing()));
         const result = await fn(ring);
@@ -277,11 +392,12 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
 
   async function initialise(): Promise<void> {
     fs.mkdirSync(keyDir, { recursive: true, mode: 0o700 });
-    if (fs.existsSync(file)) {
+    if (fs.existsSync(file) && leftovers().length === 0) {
       readRing();
       return;
     }
-    await withFileLock(async () => {
+    // Creates the keyring, or removes what a crashed writer left (under the lock).
+    await withKeyringLock(async () => {
       if (fs.existsSync(file)) {
         return;
       }
