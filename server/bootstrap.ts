@@ -170,6 +170,12 @@ export async function buildDeps(
         'key job failed',
       );
     },
+    onAbandonedRestores: (files) => {
+      log.warn(
+        { files },
+        'removed the staged copies of restores killed before their commit: run those restores again',
+      );
+    },
   });
   // Rotations interrupted by a crash or restart go on from their checkpoints.
   if (opts.resumeJobs !== false) {

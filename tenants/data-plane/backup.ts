@@ -6,17 +6,26 @@
  * a JSON dump of the schema's rows read in one REPEATABLE READ transaction.
  *
  * Restore validates the manifest and checksums, refuses another region, tenant or dialect,
- * checks the snapshot's own tenant/region and DEKs, stages the store next to the live one and
- * swaps it in (SQLite: rename; PostgreSQL: rename schema in one transaction).
+ * stages the store next to the live one, and checks the staged copy itself before anything live
+ * changes: its own tenant/region and DEKs, its audit hash chain end to end, and that the
+ * manifest's counts, audit head and DEK versions are the snapshot's. Then it swaps the copy in
+ * (SQLite: one atomic rename over the live file; PostgreSQL: schema rename in one transaction).
+ *
+ * The manifest is not authenticated: whoever can rewrite a backup folder can still truncate the
+ * snapshot consistently (chain cut at an event, records deleted) and rewrite the manifest to
+ * match. These checks stop a snapshot that its manifest does not describe and a chain that was
+ * edited in place; a MAC over the manifest under a provider-held key would stop the rest.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QueryTypes, Sequelize } from 'sequelize';
-import type { Transaction } from 'sequelize';
+import { QueryTypes, Sequelize, Transaction } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { z } from 'zod';
+import { ConflictError } from '../errors.ts';
+import { verifyAudit } from './audit-chain.ts';
 import { BackupError } from './errors.ts';
+import type { ChainVerification } from './hash-chain.ts';
 import { assertRegionId, assertTenantId } from './ids.ts';
 import { TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow, TenantStoreModels } from './models.ts';
@@ -140,6 +149,17 @@ async function factsOf(models: TenantStoreModels, t?: Transaction): Promise<Snap
 
 /** Reads facts from a SQLite snapshot file opened read-only. */
 async function sqliteSnapshotFacts(file: string): Promise<SnapshotFacts> {
+  return (await inspectSqliteSnapshot(file)).facts;
+}
+
+/**
+ * Reads facts from a SQLite snapshot file opened read-only (no journal, no side files) and, with
+ * `tenant`, verifies its audit chain with the store's own verifier.
+ */
+async function inspectSqliteSnapshot(
+  file: string,
+  tenant?: string,
+): Promise<{ facts: SnapshotFacts; chain?: ChainVerification }> {
   const sequelize = new Sequelize({
     dialect: 'sqlite',
     storage: file,
@@ -147,7 +167,19 @@ async function sqliteSnapshotFacts(file: string): Promise<SnapshotFacts> {
     dialectOptions: { mode: sqlite3.OPEN_READONLY },
   });
   try {
-    return await factsOf(defineTenantStoreModels(sequelize));
+    const models = defineTenantStoreModels(sequelize);
+    const facts = await factsOf(models);
+    if (tenant === undefined) {
+      return { facts };
+    }
+    // verifyAudit reads a handle's tenant, models and read transactions only; a read-only view
+    // of the snapshot is enough (a full handle would open it for writing, in WAL mode).
+    const view: Pick<StoreHandle, 'tenant' | 'models' | 'readTx'> = {
+      tenant,
+      models,
+      readTx: (fn) => sequelize.transaction({ type: Transaction.TYPES.DEFERRED }, fn),
+    };
+    return { facts, chain: await verifyAudit(view as StoreHandle) };
   } finally {
     await sequelize.close();
   }
@@ -331,13 +363,166 @@ function checkDeks(folder: string, m: BackupManifest, facts: SnapshotFacts): voi
   }
 }
 
+/**
+ * Checks what the manifest cannot vouch for by itself, on the staged copy: its audit chain
+ * verifies end to end (links, hashes, `seq` continuity, head anchor), and the manifest's counts,
+ * audit head and DEK versions are the snapshot's own (a snapshot cut short, with its checksums
+ * recomputed, no longer matches the manifest that was written with it).
+ * @throws BackupError('audit_chain' | 'manifest_mismatch').
+ */
+function checkSnapshot(m: BackupManifest, facts: SnapshotFacts, chain: ChainVerification): void {
+  if (!chain.ok || chain.count !== facts.counts.auditEvents) {
+    throw new BackupError(
+      'audit_chain',
+      `the snapshot's audit chain does not verify (${chain.problem ?? 'count'} at seq ${String(
+        chain.firstBadSeq ?? chain.count,
+      )})`,
+    );
+  }
+  const diffs: string[] = [];
+  for (const key of ['invocations', 'feedback', 'auditEvents'] as const) {
+    if (m.counts[key] !== facts.counts[key]) {
+      diffs.push(
+        `${key} ${String(m.counts[key])} in the manifest, ${String(facts.counts[key])} in the snapshot`,
+      );
+    }
+  }
+  if (m.auditHead.seq !== facts.auditHead.seq) {
+    diffs.push(
+      `audit head seq ${String(m.auditHead.seq)} in the manifest, ${String(facts.auditHead.seq)} in the snapshot`,
+    );
+  } else if (m.auditHead.hash !== facts.auditHead.hash) {
+    diffs.push('audit head hash differs');
+  }
+  const versions = (rows: Array<Pick<DekRow, 'version' | 'status' | 'kekVersion'>>) =>
+    JSON.stringify(
+      rows
+        .map((r) => [r.version, r.status, r.kekVersion])
+        .sort((a, b) => Number(a[0]) - Number(b[0])),
+    );
+  if (versions(m.dekVersions) !== versions(facts.deks)) {
+    diffs.push('DEK versions differ');
+  }
+  if (diffs.length > 0) {
+    throw new BackupError(
+      'manifest_mismatch',
+      `the manifest does not describe the snapshot: ${diffs.join('; ')}`,
+    );
+  }
+}
+
 /** A staged, validated store ready to be swapped in. */
 export interface StagedRestore {
+  /**
+   * The backup's manifest, checked against the staged copy: its counts are those of the store
+   * that `commit` puts in place.
+   */
   manifest: BackupManifest;
-  /** Replaces the live store with the staged one (the caller closed the live handle). */
+  /**
+   * Replaces the live store with the staged one (the caller closed the live handle). SQLite: a
+   * crash at any point leaves either the old store, whole, or the restored one (never none).
+   * @throws ConflictError if another process holds the live SQLite store open.
+   */
   commit(): Promise<void>;
   /** Removes the staged copy. */
   discard(): Promise<void>;
+}
+
+const STAGED_PATTERN = /^\.([a-z0-9-]+)\.restore-[A-Za-z0-9]+\.sqlite(?:-wal|-shm|-journal)?$/;
+
+function removeSqliteFiles(file: string): void {
+  for (const suffix of ['', '-wal', '-shm', '-journal']) {
+    fs.rmSync(`${file}${suffix}`, { force: true });
+  }
+}
+
+/**
+ * Removes the staged copies (`.<tenant>.restore-<id>.sqlite`) that restores killed before
+ * their commit left in a SQLite region's folder, of `tenant` or of every tenant. Such a restore
+ * never happened (the swap is one rename): the tenant still has its old store, or none if it
+ * had none, and the restore must be run again. Call it when nothing restores in the region (at
+ * start-up) or with the tenant quiesced. PostgreSQL: nothing to do (the swap is one
+ * transaction; an abandoned `_r<id>` staging schema is not listed as a store).
+ * @returns the names of the removed files (ids only; log them).
+ */
+export function removeAbandonedRestores(backend: StoreBackend, tenant?: string): string[] {
+  if (backend.dialect !== 'sqlite') {
+    return [];
+  }
+  if (tenant !== undefined) {
+    assertTenantId(tenant);
+  }
+  // The region's folder, named through any valid tenant id.
+  const dir = path.dirname(backend.filePath(tenant ?? 'x'));
+  const removed: string[] = [];
+  for (const name of fs.readdirSync(dir)) {
+    const hit = STAGED_PATTERN.exec(name);
+    if (hit && (tenant === undefined || hit[1] === tenant)) {
+      fs.rmSync(path.join(dir, name), { force: true });
+      removed.push(name);
+    }
+  }
+  if (removed.length > 0) {
+    fsyncPath(dir);
+  }
+  return removed;
+}
+
+function sqliteCall(db: sqlite3.Database, sql: string): Promise<Array<Record<string, unknown>>> {
+  return new Promise((resolve, reject) => {
+    db.all(sql, (err: Error | null, rows: Array<Record<string, unknown>>) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve(rows);
+      }
+    });
+  });
+}
+
+/**
+ * Folds the live store's WAL into its main file and lets SQLite delete it, so that the file
+ * alone is the old store: a crash before the swap's rename then leaves it whole. A live store
+ * SQLite cannot read (the reason to restore, perhaps) has nothing to keep; its WAL is removed
+ * by the caller all the same, so it is never applied to the restored file.
+ * @throws ConflictError if another connection keeps the WAL from being checkpointed.
+ */
+async function checkpointLive(file: string, tenant: string): Promise<void> {
+  if (!fs.existsSync(file)) {
+    return;
+  }
+  const db = await new Promise<sqlite3.Database>((resolve, reject) => {
+    const d = new sqlite3.Database(file, sqlite3.OPEN_READWRITE, (err) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve(d);
+      }
+    });
+  }).catch(() => undefined);
+  if (!db) {
+    return;
+  }
+  let busy = false;
+  try {
+    // Waits like the store's own connections (an evicted handle may still be closing).
+    await sqliteCall(db, 'PRAGMA synchronous=FULL');
+    await sqliteCall(db, 'PRAGMA busy_timeout=5000');
+    const [row] = await sqliteCall(db, 'PRAGMA wal_checkpoint(TRUNCATE)');
+    busy = row?.busy !== undefined && row.busy !== 0;
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    busy = code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED';
+  } finally {
+    await new Promise<void>((resolve) => {
+      db.close(() => {
+        resolve();
+      });
+    });
+  }
+  if (busy) {
+    throw new ConflictError(`the store of tenant ${tenant} is in use by another process`);
+  }
 }
 
 /**
@@ -368,33 +553,74 @@ export async function stageRestore(
     );
   }
   if (backend.dialect === 'sqlite') {
-    const snapshot = path.join(folder, 'store.sqlite');
-    const facts = await sqliteSnapshotFacts(snapshot).catch((err: unknown) => {
-      throw new BackupError('snapshot', 'store.sqlite is not a tenant store', err);
-    });
-    checkDeks(folder, m, facts);
-    const live = backend.filePath(m.tenant);
-    const staged = path.join(
-      path.dirname(live),
-      `.${m.tenant}.restore-${opts.stagingSuffix}.sqlite`,
-    );
-    fs.copyFileSync(snapshot, staged, fs.constants.COPYFILE_EXCL);
-    fs.chmodSync(staged, 0o600);
-    fsyncPath(staged);
-    return {
-      manifest: m,
-      async commit() {
-        await backend.remove(m.tenant);
-        fs.renameSync(staged, live);
-        fsyncPath(path.dirname(live));
-      },
-      discard() {
-        fs.rmSync(staged, { force: true });
-        return Promise.resolve();
-      },
-    };
+    return stageSqlite(backend, folder, m, opts.stagingSuffix);
   }
   return stagePostgres(backend, folder, m, opts.stagingSuffix);
+}
+
+async function stageSqlite(
+  backend: StoreBackend,
+  folder: string,
+  m: BackupManifest,
+  suffix: string,
+): Promise<StagedRestore> {
+  const snapshot = path.join(folder, 'store.sqlite');
+  const live = backend.filePath(m.tenant);
+  const dir = path.dirname(live);
+  const staged = path.join(dir, `.${m.tenant}.restore-${suffix}.sqlite`);
+  try {
+    fs.copyFileSync(snapshot, staged, fs.constants.COPYFILE_EXCL);
+  } catch (err) {
+    throw new BackupError('snapshot', 'store.sqlite could not be staged', err);
+  }
+  let facts: SnapshotFacts;
+  try {
+    fs.chmodSync(staged, 0o600);
+    fsyncPath(staged);
+    // Everything below reads the staged copy, the bytes the swap puts in place.
+    const expected = m.files.find((f) => f.name === 'store.sqlite');
+    const actual = sha256File(staged);
+    if (actual.sha256 !== expected?.sha256 || actual.bytes !== expected.bytes) {
+      throw new BackupError('checksum', 'store.sqlite changed while it was staged');
+    }
+    const inspected = await inspectSqliteSnapshot(staged, m.tenant).catch((err: unknown) => {
+      throw new BackupError('snapshot', 'store.sqlite is not a tenant store', err);
+    });
+    facts = inspected.facts;
+    checkDeks(folder, m, facts);
+    checkSnapshot(m, facts, inspected.chain ?? { ok: false, count: 0 });
+  } catch (err) {
+    removeSqliteFiles(staged);
+    throw err;
+  }
+  return {
+    manifest: { ...m, counts: facts.counts },
+    async commit() {
+      // 1. The old store alone in its file (its WAL folded in): whole if we die before 4.
+      await checkpointLive(live, m.tenant);
+      // 2. The old store's side files go before the new file arrives: a WAL or rollback journal
+      //    left beside the restored file would be replayed into it by the next open.
+      for (const suffix of ['-wal', '-shm', '-journal']) {
+        fs.rmSync(`${live}${suffix}`, { force: true });
+      }
+      // 3. Those removals are durable before the rename can be.
+      fsyncPath(dir);
+      // 4. One atomic rename replaces the old file (rename(2)): old store or restored, never none.
+      fs.renameSync(staged, live);
+      fsyncPath(dir);
+      // 5. Copies staged by restores of this tenant that died before their rename. Best effort:
+      //    the restore is done, and a failure here must not report it as failed.
+      try {
+        removeAbandonedRestores(backend, m.tenant);
+      } catch {
+        // Left for the next restore of this tenant (or a start-up sweep).
+      }
+    },
+    discard() {
+      removeSqliteFiles(staged);
+      return Promise.resolve();
+    },
+  };
 }
 
 async function stagePostgres(
@@ -435,6 +661,7 @@ async function stagePostgres(
   const admin = backend.admin();
   await admin.query(`DROP SCHEMA IF EXISTS "${staging}" CASCADE`);
   const h = await backend.openAt({ schema: staging }, m.tenant, true);
+  let facts: SnapshotFacts;
   try {
     await h.sequelize.transaction(async (t) => {
       await h.models.Meta.destroy({ where: {}, transaction: t });
@@ -460,7 +687,9 @@ async function stagePostgres(
         );
       }
     });
-    checkDeks(folder, m, await factsOf(h.models));
+    facts = await factsOf(h.models);
+    checkDeks(folder, m, facts);
+    checkSnapshot(m, facts, await verifyAudit(h));
   } catch (err) {
     await h.close();
     await admin.query(`DROP SCHEMA IF EXISTS "${staging}" CASCADE`);
@@ -470,7 +699,7 @@ async function stagePostgres(
   }
   await h.close();
   return {
-    manifest: m,
+    manifest: { ...m, counts: facts.counts },
     async commit() {
       await admin.transaction(async (t) => {
         await admin.query(`DROP SCHEMA IF EXISTS "${live}" CASCADE`, { transaction: t });

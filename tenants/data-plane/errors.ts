@@ -55,11 +55,21 @@ export class RecordOpenError extends Error {
 
 /** Why a backup was refused. */
 export type BackupErrorReason =
-  'manifest' | 'checksum' | 'wrong_region' | 'wrong_tenant' | 'wrong_dialect' | 'snapshot';
+  | 'manifest'
+  | 'checksum'
+  | 'wrong_region'
+  | 'wrong_tenant'
+  | 'wrong_dialect'
+  | 'snapshot'
+  /** The snapshot's audit hash chain does not verify (edited, deleted or reordered events). */
+  | 'audit_chain'
+  /** The manifest's counts, audit head or DEK versions are not the snapshot's. */
+  | 'manifest_mismatch';
 
 /**
  * A backup could not be written, or a backup was refused at restore (bad manifest or checksum,
- * another region or tenant, another storage dialect). Nothing was restored.
+ * another region or tenant, another storage dialect, a snapshot whose audit chain does not
+ * verify or that its manifest does not describe). Nothing was restored.
  * Suggested HTTP: 422 `unprocessable` (400 for `manifest`).
  */
 export class BackupError extends Error {

@@ -10,7 +10,7 @@ import type { KeyObject } from 'node:crypto';
 import { Op } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit } from './audit-chain.ts';
-import { stageRestore, writeBackup } from './backup.ts';
+import { removeAbandonedRestores, stageRestore, writeBackup } from './backup.ts';
 import { ensureInitialDek, getDek, primaryVersion, rewrapDeksToPrimaryKek } from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError } from './errors.ts';
@@ -119,6 +119,11 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       await backend.close().catch(() => undefined);
       throw err;
     }
+  }
+  // A restore killed before its commit (one rename) never happened; its staged copy goes.
+  const abandoned = removeAbandonedRestores(backend);
+  if (abandoned.length > 0) {
+    opts.onAbandonedRestores?.(abandoned);
   }
 
   const keyCtx: KeyContext = { provider, now };
@@ -642,6 +647,9 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
           await backend.remove(tenantId);
           storeDeleted = true;
         }
+        // Staged copies of killed restores: ciphertext under the destroyed key, but the
+        // region's folder must hold nothing of the tenant.
+        removeAbandonedRestores(backend, tenantId);
         return { tenant: tenantId, region, tenantKeyDestroyed, dekVersionsDestroyed, storeDeleted };
       } finally {
         blocked.delete(tenantId);

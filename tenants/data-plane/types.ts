@@ -380,6 +380,11 @@ export interface OpenRegionStoresOptions {
   };
   /** Called when a background job fails (safe error). */
   onJobError?: (job: JobInfo, err: unknown) => void;
+  /**
+   * Called at open with the staged restore copies (`.<tenant>.restore-<id>.sqlite`) that
+   * restores killed before their commit left, and that were removed (file names: ids only).
+   */
+  onAbandonedRestores?: (files: string[]) => void;
 }
 
 /** All tenant stores of one region, a bounded LRU of open handles, jobs and lifecycle. */
