@@ -7,11 +7,12 @@ import type { KeyObject } from 'node:crypto';
 import type { Transaction } from 'sequelize';
 import { appendAudit, appendAuditInTx } from './audit-chain.ts';
 import { KeyUnavailableError } from './errors.ts';
+import { TABLES } from './models.ts';
 import type { DekRow } from './models.ts';
 import { generateDataKey } from './record-cipher.ts';
 import { usageByVersion } from './record-heads.ts';
 import type { SealingKey } from './record-cipher.ts';
-import type { StoreHandle } from './store-backend.ts';
+import type { PrimaryDek, StoreHandle } from './store-backend.ts';
 import type { DekStatus, DekVersionInfo, KeyProvider } from './types.ts';
 
 /** What DEK operations need from the region. */
@@ -26,6 +27,52 @@ export function dekAad(region: string, tenant: string, version: number): string 
 }
 
 const pendingUnwraps = new WeakMap<StoreHandle, Map<number, Promise<KeyObject>>>();
+
+/**
+ * Which DEK row each plaintext key came from: the row's `created_at` (see PrimaryDek). A
+ * version number alone does not name a key: numbers start again at 1 after a deprovision +
+ * re-provision, and a restore + rotation makes another key under a number another process may
+ * still hold in its cache (or parked, region-stores.ts). Kept beside the key object, so it
+ * travels with it wherever the key is cached.
+ */
+const dekIdentity = new WeakMap<KeyObject, string>();
+
+/** A DEK ready for sealing, with the identity of the row it came from. */
+export interface IdentifiedKey extends SealingKey {
+  /** `created_at` of the DEK row the key was unwrapped from (or created as). */
+  createdAt: string;
+}
+
+/** Caches a DEK that was just created (it is the row's key by construction). */
+export function rememberDek(h: StoreHandle, version: number, key: KeyObject, createdAt: string) {
+  dekIdentity.set(key, createdAt);
+  h.deks.set(version, key);
+}
+
+/** Drops `key` from the handle's cache if it is still the one cached for `version`. */
+export function forgetDek(h: StoreHandle, version: number, key: KeyObject): void {
+  if (h.deks.get(version) === key) {
+    h.deks.delete(version);
+  }
+}
+
+/**
+ * Drops the cached `key` of `version` if it is not the key of the store's current row of that
+ * version (another one under a reused number, or a version destroyed meanwhile). Returns true
+ * if it was dropped: a record that failed to open with it may open with the row's own key.
+ */
+export async function dropIfStale(
+  h: StoreHandle,
+  version: number,
+  key: KeyObject,
+): Promise<boolean> {
+  const row = await h.models.Dek.findByPk(version, { raw: true });
+  if (row && row.wrapped !== null && row.createdAt === dekIdentity.get(key)) {
+    return false;
+  }
+  forgetDek(h, version, key);
+  return true;
+}
 
 /**
  * Gives a store with no DEK its provider key (if missing) and DEK version 1 (primary).
@@ -44,7 +91,7 @@ export async function ensureInitialDek(
   const wrapped = await ctx.provider.wrapDek(h.tenant, dek, dekAad(h.region, h.tenant, 1));
   const created = await h.writeTx(async (t) => {
     if ((await h.models.Dek.count({ transaction: t })) > 0) {
-      return false;
+      return undefined;
     }
     const at = ctx.now();
     await h.models.Dek.create(
@@ -70,18 +117,18 @@ export async function ensureInitialDek(
       },
       at,
     );
-    return true;
+    return at.toISOString();
   });
   if (created) {
-    h.deks.set(1, dek);
+    rememberDek(h, 1, dek, created);
   }
 }
 
 /**
- * The primary DEK version.
+ * The primary DEK version's row (number and identity), unlocked: a write checks it again.
  * @throws KeyUnavailableError('dek_destroyed') if the store has none (all destroyed).
  */
-export async function primaryVersion(h: StoreHandle, t?: Transaction): Promise<number> {
+export async function primaryDek(h: StoreHandle, t?: Transaction): Promise<PrimaryDek> {
   const row = await h.models.Dek.findOne({
     where: { status: 'primary' },
     raw: true,
@@ -90,7 +137,38 @@ export async function primaryVersion(h: StoreHandle, t?: Transaction): Promise<n
   if (!row) {
     throw new KeyUnavailableError('dek_destroyed', `tenant ${h.tenant} has no primary DEK`);
   }
-  return row.version;
+  return { version: row.version, createdAt: row.createdAt };
+}
+
+/**
+ * The primary DEK version.
+ * @throws KeyUnavailableError('dek_destroyed') if the store has none (all destroyed).
+ */
+export async function primaryVersion(h: StoreHandle, t?: Transaction): Promise<number> {
+  return (await primaryDek(h, t)).version;
+}
+
+/** Does `key` (sealed under `version`) belong to the primary row `locked`? */
+export function isKeyOf(
+  locked: PrimaryDek | undefined,
+  key: { version: number; createdAt: string },
+): boolean {
+  return locked?.version === key.version && locked.createdAt === key.createdAt;
+}
+
+/**
+ * PostgreSQL: locks the primary DEK row FOR UPDATE, the first lock of a transaction that
+ * changes DEK rows (WriteOptions: the primary row first, then anything else). Waits for every
+ * write that checked the primary version (FOR SHARE) to commit. SQLite: the write lock does it.
+ */
+export async function lockPrimaryForUpdate(h: StoreHandle, t: Transaction): Promise<void> {
+  if (h.dialect === 'postgres') {
+    await h.raw(
+      t,
+      `SELECT version FROM ${h.qualified(TABLES.deks)} WHERE status = 'primary' FOR UPDATE`,
+      [],
+    );
+  }
 }
 
 /**
@@ -147,14 +225,45 @@ async function unwrapVersion(h: StoreHandle, ctx: KeyContext, version: number): 
     },
     ctx.now,
   );
-  h.deks.set(version, key);
+  rememberDek(h, version, key, row.createdAt);
   return key;
 }
 
-/** The primary DEK, ready for sealing. */
-export async function primarySealingKey(h: StoreHandle, ctx: KeyContext): Promise<SealingKey> {
-  const version = await primaryVersion(h);
-  return { version, key: await getDek(h, ctx, version) };
+/**
+ * The key of the DEK row `row` names: the cached one if it came from that row, else the cached
+ * one is dropped and the row's key unwrapped. The result's `createdAt` is the identity of the
+ * key returned (the store's row may have changed again meanwhile: the write checks it).
+ * @throws KeyUnavailableError as getDek.
+ */
+export async function dekOfRow(
+  h: StoreHandle,
+  ctx: KeyContext,
+  row: PrimaryDek,
+): Promise<IdentifiedKey> {
+  const cached = h.deks.get(row.version);
+  if (cached && dekIdentity.get(cached) === row.createdAt) {
+    return { version: row.version, key: cached, createdAt: row.createdAt };
+  }
+  if (cached) {
+    forgetDek(h, row.version, cached); // another key under the same number: never seal with it
+  }
+  return identified(h, ctx, row.version);
+}
+
+/** The DEK of `version` (cached or unwrapped) with the identity of the row it came from. */
+export async function identified(
+  h: StoreHandle,
+  ctx: KeyContext,
+  version: number,
+): Promise<IdentifiedKey> {
+  const key = await getDek(h, ctx, version);
+  // Every key cached comes with its identity (rememberDek); '' matches no row.
+  return { version, key, createdAt: dekIdentity.get(key) ?? '' };
+}
+
+/** The primary DEK, ready for sealing: the key of the store's primary row, not just its number. */
+export async function primarySealingKey(h: StoreHandle, ctx: KeyContext): Promise<IdentifiedKey> {
+  return dekOfRow(h, ctx, await primaryDek(h));
 }
 
 /**
@@ -207,37 +316,41 @@ export async function rewrapDeksToPrimaryKek(
   actor?: string,
 ): Promise<number> {
   const primaryKek = (await ctx.provider.describe()).primaryKekVersion;
-  return h.writeTx(async (t) => {
-    const rows = await h.models.Dek.findAll({ transaction: t, raw: true });
-    let n = 0;
-    for (const row of rows) {
-      if (row.wrapped === null || row.kekVersion === primaryKek) {
-        continue;
+  return h.writeTx(
+    async (t) => {
+      await lockPrimaryForUpdate(h, t); // lock order: the primary row first (WriteOptions)
+      const rows = await h.models.Dek.findAll({ transaction: t, raw: true });
+      let n = 0;
+      for (const row of rows) {
+        if (row.wrapped === null || row.kekVersion === primaryKek) {
+          continue;
+        }
+        const next = await ctx.provider.rewrapDek(
+          h.tenant,
+          row.wrapped,
+          dekAad(h.region, h.tenant, row.version),
+        );
+        await h.models.Dek.update(
+          { wrapped: next.wrapped, kekVersion: next.kekVersion },
+          { where: { version: row.version }, transaction: t },
+        );
+        n += 1;
       }
-      const next = await ctx.provider.rewrapDek(
-        h.tenant,
-        row.wrapped,
-        dekAad(h.region, h.tenant, row.version),
-      );
-      await h.models.Dek.update(
-        { wrapped: next.wrapped, kekVersion: next.kekVersion },
-        { where: { version: row.version }, transaction: t },
-      );
-      n += 1;
-    }
-    if (n > 0) {
-      await appendAuditInTx(
-        h,
-        t,
-        {
-          type: 'key.kek.rewrap',
-          outcome: 'success',
-          ...(actor !== undefined ? { actor } : {}),
-          detail: { deks: n, kekVersion: primaryKek },
-        },
-        ctx.now(),
-      );
-    }
-    return n;
-  });
+      if (n > 0) {
+        await appendAuditInTx(
+          h,
+          t,
+          {
+            type: 'key.kek.rewrap',
+            outcome: 'success',
+            ...(actor !== undefined ? { actor } : {}),
+            detail: { deks: n, kekVersion: primaryKek },
+          },
+          ctx.now(),
+        );
+      }
+      return n;
+    },
+    { alone: true },
+  );
 }

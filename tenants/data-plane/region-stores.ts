@@ -11,7 +11,13 @@ import { Op } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit } from './audit-chain.ts';
 import { removeAbandonedRestores, stageRestore, writeBackup } from './backup.ts';
-import { ensureInitialDek, getDek, primaryVersion, rewrapDeksToPrimaryKek } from './dek-ring.ts';
+import {
+  ensureInitialDek,
+  getDek,
+  lockPrimaryForUpdate,
+  primaryVersion,
+  rewrapDeksToPrimaryKek,
+} from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError } from './errors.ts';
 import { assertRegionId, assertTenantId, sleep } from './ids.ts';
@@ -618,22 +624,28 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
           try {
             const h = await backend.open(tenantId, false);
             try {
-              dekVersionsDestroyed = await h.writeTx(async (t) => {
-                const live = await h.models.Dek.count({
-                  where: { status: { [Op.ne]: 'destroyed' } },
-                  transaction: t,
-                });
-                await h.models.Dek.update(
-                  {
-                    status: 'destroyed',
-                    wrapped: null,
-                    kekVersion: null,
-                    destroyedAt: now().toISOString(),
-                  },
-                  { where: {}, transaction: t },
-                );
-                return live;
-              });
+              // The primary row first, like a rotation (lock order: tenants/DATA-PLANE.md), so
+              // it cannot deadlock with another replica's write or rewrap batch.
+              dekVersionsDestroyed = await h.writeTx(
+                async (t) => {
+                  await lockPrimaryForUpdate(h, t);
+                  const live = await h.models.Dek.count({
+                    where: { status: { [Op.ne]: 'destroyed' } },
+                    transaction: t,
+                  });
+                  await h.models.Dek.update(
+                    {
+                      status: 'destroyed',
+                      wrapped: null,
+                      kekVersion: null,
+                      destroyedAt: now().toISOString(),
+                    },
+                    { where: {}, transaction: t },
+                  );
+                  return live;
+                },
+                { alone: true },
+              );
               await h.compact();
             } finally {
               await h.close();

@@ -19,11 +19,23 @@
  */
 import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
+import { UniqueConstraintError } from 'sequelize';
 import type { Transaction } from 'sequelize';
 import { ConflictError } from '../errors.ts';
 import { appendAuditInTx } from './audit-chain.ts';
-import { dekAad, destroyDekInTx, getDek, primaryVersion } from './dek-ring.ts';
+import {
+  dekAad,
+  dekOfRow,
+  destroyDekInTx,
+  dropIfStale,
+  getDek,
+  isKeyOf,
+  lockPrimaryForUpdate,
+  primaryDek,
+  rememberDek,
+} from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
+import { RecordOpenError } from './errors.ts';
 import { HEAD_TABLES, SEALED_TABLES } from './models.ts';
 import type { JobRow, RowModel, SealedTable } from './models.ts';
 import {
@@ -93,125 +105,150 @@ export function dekJobInfo(
   };
 }
 
+/** Attempts of a rotation that keeps losing races with rotations of other processes. */
+const ROTATE_ATTEMPTS = 8;
+
 /**
- * Creates a new primary DEK version and the job row that moves old records to it.
- * @throws ConflictError for a scheduled rotation while a job runs.
+ * Creates a new primary DEK version and the job row that moves old records to it. Its
+ * transaction runs alone and first locks the primary DEK row (PostgreSQL FOR UPDATE): it waits
+ * for every write that checked the old primary to commit, and a concurrent rotation (another
+ * replica) waits for it, then sees the new rows and takes the next number.
+ * @throws ConflictError for a scheduled rotation while a job runs, or when concurrent
+ *   rotations kept taking the version this one prepared.
  */
 export async function rotateDek(
   h: StoreHandle,
   ctx: KeyContext,
   opts: { emergency: boolean; actor?: string },
 ): Promise<JobRow> {
-  for (;;) {
+  for (let attempt = 0; attempt < ROTATE_ATTEMPTS; attempt += 1) {
     const rows = await h.models.Dek.findAll({ raw: true });
     const version = Math.max(0, ...rows.map((r) => r.version)) + 1;
     const dek: KeyObject = generateDataKey();
     const wrapped = await ctx.provider.wrapDek(h.tenant, dek, dekAad(h.region, h.tenant, version));
-    const job = await h.writeTx(async (t) => {
-      const current = await h.models.Dek.findAll({
-        transaction: t,
-        raw: true,
-        lock: t.LOCK.UPDATE,
+    let job: JobRow | undefined;
+    try {
+      job = await h.writeTx((t) => createVersion(h, ctx, t, opts, version, wrapped), {
+        alone: true,
       });
-      if (Math.max(0, ...current.map((r) => r.version)) + 1 !== version) {
-        return undefined; // another rotation won the race: redo with the next number
+    } catch (err) {
+      // A rotation of another process that committed the same version or job number first
+      // (possible only without a primary row to lock): take the next number.
+      if (!(err instanceof UniqueConstraintError)) {
+        throw err;
       }
-      const running = await h.models.Job.findOne({
-        where: { status: 'running' },
-        transaction: t,
-        raw: true,
-      });
-      if (running && !opts.emergency) {
-        throw new ConflictError(`rewrap job ${running.id} is still running`);
-      }
-      const at = ctx.now().toISOString();
-      if (running) {
-        await h.models.Job.update(
-          { status: 'superseded', finishedAt: at, updatedAt: at },
-          { where: { id: running.id }, transaction: t },
-        );
-      }
-      const previous = current.find((r) => r.status === 'primary');
-      if (previous) {
-        await h.models.Dek.update(
-          opts.emergency
-            ? { status: 'retired', compromised: 1, retiredAt: at }
-            : { status: 'active' },
-          { where: { version: previous.version }, transaction: t },
-        );
-      }
-      await h.models.Dek.create(
-        {
-          version,
-          status: 'primary',
-          wrapped: wrapped.wrapped,
-          kekVersion: wrapped.kekVersion,
-          compromised: 0,
-          createdAt: at,
-          retiredAt: null,
-          destroyedAt: null,
-        },
-        { transaction: t },
-      );
-      const n =
-        ((await h.models.Job.max<number | null, RowModel<JobRow>>('n', { transaction: t })) ?? 0) +
-        1;
-      const row: JobRow = {
-        id: dekJobId(h.tenant, n),
-        n,
-        kind: 'dek-rewrap',
-        status: 'running',
-        emergency: opts.emergency ? 1 : 0,
-        fromVersions: JSON.stringify(
-          current.filter((r) => r.status !== 'destroyed').map((r) => r.version),
-        ),
-        // Every record: none can be under the version created just above.
-        total: await countRecords(h, t),
-        done: 0,
-        checkpointTable: SEALED_TABLES[0],
-        checkpointSeq: 0,
-        startedAt: at,
-        updatedAt: at,
-        finishedAt: null,
-        error: null,
-      };
-      await h.models.Job.create(row, { transaction: t });
-      const now = ctx.now();
-      await appendAuditInTx(
-        h,
-        t,
-        {
-          type: 'key.create',
-          outcome: 'success',
-          detail: { version, kekVersion: wrapped.kekVersion },
-        },
-        now,
-      );
-      await appendAuditInTx(
-        h,
-        t,
-        {
-          type: 'key.rotate',
-          outcome: 'success',
-          ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
-          detail: {
-            from: previous?.version ?? 0,
-            to: version,
-            emergency: opts.emergency,
-            job: row.id,
-            records: row.total,
-            ...(running ? { superseded: running.id } : {}),
-          },
-        },
-        now,
-      );
-      return row;
-    });
+    }
     if (job) {
-      h.deks.set(version, dek);
+      rememberDek(h, version, dek, job.startedAt); // the new row's created_at (createVersion)
       return job;
     }
   }
+  throw new ConflictError('concurrent key rotations kept changing the DEK versions; try again');
+}
+
+/** The rotation's transaction: undefined if `version` is no longer the next one. */
+async function createVersion(
+  h: StoreHandle,
+  ctx: KeyContext,
+  t: Transaction,
+  opts: { emergency: boolean; actor?: string },
+  version: number,
+  wrapped: { wrapped: string; kekVersion: number },
+): Promise<JobRow | undefined> {
+  await lockPrimaryForUpdate(h, t);
+  // Read after the lock, in a statement of its own: on PostgreSQL (READ COMMITTED) it sees
+  // what a concurrent rotation committed while this one waited.
+  const current = await h.models.Dek.findAll({ transaction: t, raw: true });
+  if (Math.max(0, ...current.map((r) => r.version)) + 1 !== version) {
+    return undefined; // another rotation won the race: redo with the next number
+  }
+  const running = await h.models.Job.findOne({
+    where: { status: 'running' },
+    transaction: t,
+    raw: true,
+  });
+  if (running && !opts.emergency) {
+    throw new ConflictError(`rewrap job ${running.id} is still running`);
+  }
+  const at = ctx.now().toISOString();
+  if (running) {
+    await h.models.Job.update(
+      { status: 'superseded', finishedAt: at, updatedAt: at },
+      { where: { id: running.id }, transaction: t },
+    );
+  }
+  const previous = current.find((r) => r.status === 'primary');
+  if (previous) {
+    await h.models.Dek.update(
+      opts.emergency ? { status: 'retired', compromised: 1, retiredAt: at } : { status: 'active' },
+      { where: { version: previous.version }, transaction: t },
+    );
+  }
+  await h.models.Dek.create(
+    {
+      version,
+      status: 'primary',
+      wrapped: wrapped.wrapped,
+      kekVersion: wrapped.kekVersion,
+      compromised: 0,
+      createdAt: at,
+      retiredAt: null,
+      destroyedAt: null,
+    },
+    { transaction: t },
+  );
+  const n =
+    ((await h.models.Job.max<number | null, RowModel<JobRow>>('n', { transaction: t })) ?? 0) + 1;
+  const row: JobRow = {
+    id: dekJobId(h.tenant, n),
+    n,
+    kind: 'dek-rewrap',
+    status: 'running',
+    emergency: opts.emergency ? 1 : 0,
+    fromVersions: JSON.stringify(
+      current.filter((r) => r.status !== 'destroyed').map((r) => r.version),
+    ),
+    // Every record: none can be under the version created just above.
+    total: await countRecords(h, t),
+    done: 0,
+    checkpointTable: SEALED_TABLES[0],
+    checkpointSeq: 0,
+    startedAt: at,
+    updatedAt: at,
+    finishedAt: null,
+    error: null,
+  };
+  await h.models.Job.create(row, { transaction: t });
+  const now = ctx.now();
+  await appendAuditInTx(
+    h,
+    t,
+    {
+      type: 'key.create',
+      outcome: 'success',
+      detail: { version, kekVersion: wrapped.kekVersion },
+    },
+    now,
+  );
+  await appendAuditInTx(
+    h,
+    t,
+    {
+      type: 'key.rotate',
+      outcome: 'success',
+      ...(opts.actor !== undefined ? { actor: opts.actor } : {}),
+      detail: {
+        from: previous?.version ?? 0,
+        to: version,
+        emergency: opts.emergency,
+        job: row.id,
+        records: row.total,
+        ...(running ? { superseded: running.id } : {}),
+      },
+    },
+    now,
+  );
+  return row;
 }
 
 /** Marks a job failed (safe message). */
@@ -342,6 +379,8 @@ export interface BatchResult {
   next?: PreparedBatch;
   /** The job as this batch found it (absent if it was no longer running). */
   job?: { emergency: boolean; doneBefore: number };
+  /** The batch was moved to a key that is not the locked primary row's: planned again. */
+  stale?: boolean;
 }
 
 /**
@@ -366,6 +405,8 @@ interface BatchRange {
   table: SealedTable;
   after: number;
   primary: number;
+  /** The primary row's `created_at` as the batch was planned (PrimaryDek). */
+  primaryCreatedAt: string;
   limit: number;
 }
 
@@ -377,6 +418,8 @@ type Moved = { seq: number; keyVersion: number } & (
 /** A batch read and moved to the primary version, not yet written. */
 export interface PreparedBatch extends BatchRange {
   job: string;
+  /** The identity of the primary key the batch was moved to (checked by the write). */
+  sealedUnder: string;
   /** The first rows of the range, as many as the batch's budget allowed. */
   resealed: Moved[];
   /** More rows may follow: the range was read to its limit, or the budget ended the batch. */
@@ -441,7 +484,9 @@ async function readBatch(
 /**
  * Reads the rows of `range` and moves them to the primary version (new heads, or new
  * envelopes), outside the store's write queue (hook-path writes wait for that queue). Unwraps
- * (and audits) the DEKs it needs.
+ * (and audits) the DEKs it needs. A record that fails to open with a cached key that is not its
+ * version's current row's (another key under a reused version number) is tried once more with
+ * the row's own key.
  * @throws RecordOpenError if a record or head fails to open (tampered).
  */
 async function prepareBatch(
@@ -452,17 +497,45 @@ async function prepareBatch(
   emergency: boolean,
   budget: number,
 ): Promise<PreparedBatch> {
-  const { table, primary } = range;
   const rows = await readBatch(h, range, emergency);
   const keys = new Map<number, KeyObject>();
-  for (const v of new Set([primary, ...rows.map((r) => r.keyVersion)])) {
-    keys.set(v, await getDek(h, ctx, v));
+  try {
+    return await moveBatch(h, ctx, job, range, rows, keys, emergency, budget);
+  } catch (err) {
+    if (!(err instanceof RecordOpenError) || err.reason !== 'authentication_failed') {
+      throw err;
+    }
+    let dropped = false;
+    for (const [v, key] of keys) {
+      dropped = (await dropIfStale(h, v, key)) || dropped;
+    }
+    if (!dropped) {
+      throw err;
+    }
+    return moveBatch(h, ctx, job, range, rows, new Map(), emergency, budget);
   }
-  const primaryKey = keys.get(primary);
-  if (!primaryKey) {
-    throw new Error('primary DEK missing');
+}
+
+/** prepareBatch's work on rows read: `keys` collects the DEKs used. */
+async function moveBatch(
+  h: StoreHandle,
+  ctx: KeyContext,
+  job: string,
+  range: BatchRange,
+  rows: readonly BatchRow[],
+  keys: Map<number, KeyObject>,
+  emergency: boolean,
+  budget: number,
+): Promise<PreparedBatch> {
+  const { table, primary } = range;
+  // The primary's key must be the primary row's own, not a cached key of the same number.
+  const to = await dekOfRow(h, ctx, { version: primary, createdAt: range.primaryCreatedAt });
+  keys.set(primary, to.key);
+  for (const v of new Set(rows.map((r) => r.keyVersion))) {
+    if (!keys.has(v)) {
+      keys.set(v, await getDek(h, ctx, v));
+    }
   }
-  const to = { version: primary, key: primaryKey };
   // In slices with a turn of the event loop between them: hook calls on this process must not
   // wait behind a whole batch in one block.
   const resealed: Moved[] = [];
@@ -512,12 +585,22 @@ async function prepareBatch(
     resealed.push({ seq: row.seq, keyVersion: row.keyVersion, sealed });
     work += RESEAL_WORK;
   }
-  return { ...range, job, resealed, full: truncated || rows.length === range.limit };
+  return {
+    ...range,
+    job,
+    sealedUnder: to.createdAt,
+    resealed,
+    full: truncated || rows.length === range.limit,
+  };
 }
 
 function sameRange(a: BatchRange, b: BatchRange): boolean {
   return (
-    a.table === b.table && a.after === b.after && a.primary === b.primary && a.limit === b.limit
+    a.table === b.table &&
+    a.after === b.after &&
+    a.primary === b.primary &&
+    a.primaryCreatedAt === b.primaryCreatedAt &&
+    a.limit === b.limit
   );
 }
 
@@ -549,8 +632,15 @@ export async function runRewrapBatch(
   const budget = found.emergency ? Infinity : sizes.scheduled * HEADS_PER_RESEAL;
   const limit = found.emergency ? sizes.emergency : budget;
   const table = job.checkpointTable as SealedTable;
-  const primary = await primaryVersion(h);
-  const batch: BatchRange = { table, after: job.checkpointSeq, primary, limit };
+  const primaryRow = await primaryDek(h);
+  const primary = primaryRow.version;
+  const batch: BatchRange = {
+    table,
+    after: job.checkpointSeq,
+    primary,
+    primaryCreatedAt: primaryRow.createdAt,
+    limit,
+  };
   const prepare = (range: BatchRange) => prepareBatch(h, ctx, id, range, found.emergency, budget);
   const current =
     prepared?.job === id && sameRange(prepared, batch) ? prepared : await prepare(batch);
@@ -563,91 +653,112 @@ export async function runRewrapBatch(
     last !== undefined && current.full
       ? prepare({ ...batch, after: last.seq }).catch(() => undefined)
       : undefined;
-  const result = await h.writeTx(async (t): Promise<BatchResult> => {
-    const now = ctx.now();
-    const at = now.toISOString();
-    const fresh = await h.models.Job.findByPk(id, { transaction: t, raw: true });
-    if (fresh?.status !== 'running') {
-      return { finished: true, moved: 0, destroyed: [] };
-    }
-    if (
-      fresh.checkpointTable !== job.checkpointTable ||
-      fresh.checkpointSeq !== job.checkpointSeq ||
-      (await primaryVersion(h, t)) !== primary
-    ) {
-      return { finished: false, moved: 0, destroyed: [] }; // moved on meanwhile: re-plan
-    }
-    // The rows still hold what was prepared (their key versions are unchanged), and no row
-    // of the range appeared before them since the read. (A batch the budget cut short is
-    // compared over its own rows: the ones after them are the next batch's.)
-    const rowsNow = await notUnderPrimary<{ seq: number; keyVersion: number }>(
-      h,
-      t,
-      resealed.length > 0 ? { ...batch, limit: resealed.length } : batch,
-      `r.seq, ${CURRENT_VERSION} AS "keyVersion"`,
-    );
-    if (
-      rowsNow.length !== resealed.length ||
-      rowsNow.some((r, i) => {
-        const was = resealed[i];
-        return was === undefined || r.seq !== was.seq || r.keyVersion !== was.keyVersion;
-      })
-    ) {
-      return { finished: false, moved: 0, destroyed: [] };
-    }
-    const emergency = fresh.emergency === 1;
-    if (resealed.length === 0) {
-      const nextTable = SEALED_TABLES[SEALED_TABLES.indexOf(table) + 1];
-      if (nextTable !== undefined) {
-        await h.models.Job.update(
-          { checkpointTable: nextTable, checkpointSeq: 0, updatedAt: at },
-          { where: { id }, transaction: t },
-        );
-        return { finished: false, moved: 0, destroyed: [] };
+  // The primary row is locked for the transaction (WriteOptions.primary): a rotation by another
+  // process waits for this batch, so nothing it moves to `primary` lands under a version that
+  // stopped being primary (and was then destroyed) while the batch was in flight.
+  const result = await h.writeTx(
+    async (t): Promise<BatchResult> => {
+      const now = ctx.now();
+      const at = now.toISOString();
+      const fresh = await h.models.Job.findByPk(id, { transaction: t, raw: true });
+      if (fresh?.status !== 'running') {
+        return { finished: true, moved: 0, destroyed: [] };
       }
-      const destroyed = await destroyUnused(h, t, now, emergency ? 'compromised' : 'rewrapped');
-      await h.models.Job.update(
-        { status: 'done', updatedAt: at, finishedAt: at },
-        { where: { id }, transaction: t },
-      );
-      await appendAuditInTx(
+      if (!isKeyOf(h.lockedPrimary(t), { version: primary, createdAt: current.sealedUnder })) {
+        return { finished: false, moved: 0, destroyed: [], stale: true }; // re-plan
+      }
+      if (
+        fresh.checkpointTable !== job.checkpointTable ||
+        fresh.checkpointSeq !== job.checkpointSeq
+      ) {
+        return { finished: false, moved: 0, destroyed: [] }; // moved on meanwhile: re-plan
+      }
+      // The rows still hold what was prepared (their key versions are unchanged), and no row
+      // of the range appeared before them since the read. (A batch the budget cut short is
+      // compared over its own rows: the ones after them are the next batch's.)
+      const rowsNow = await notUnderPrimary<{ seq: number; keyVersion: number }>(
         h,
         t,
-        {
-          type: 'key.rewrap',
-          outcome: 'success',
-          detail: { job: id, done: fresh.done, total: fresh.total, destroyed: destroyed.join(',') },
-        },
-        now,
+        resealed.length > 0 ? { ...batch, limit: resealed.length } : batch,
+        `r.seq, ${CURRENT_VERSION} AS "keyVersion"`,
       );
-      return { finished: true, moved: 0, destroyed };
-    }
-    const heads = resealed.filter((r): r is Moved & { head: Envelope } => r.head !== undefined);
-    const envelopes = resealed.filter(
-      (r): r is Moved & { sealed: Envelope } => r.sealed !== undefined,
-    );
-    if (heads.length > 0) {
-      await upsertHeads(h, t, table, primary, heads);
-    }
-    if (envelopes.length > 0) {
-      await updateSealed(h, t, table, primary, envelopes);
-    }
-    await h.models.Job.update(
-      {
-        done: fresh.done + resealed.length,
-        checkpointSeq: last?.seq ?? fresh.checkpointSeq,
-        updatedAt: at,
-      },
-      { where: { id }, transaction: t },
-    );
-    // Emergency: a compromised version goes as soon as no record uses it, mid-job.
-    const destroyed = emergency
-      ? await destroyUnused(h, t, now, 'compromised', (r) => r.compromised === 1)
-      : [];
-    return { finished: false, moved: resealed.length, destroyed };
-  });
+      if (
+        rowsNow.length !== resealed.length ||
+        rowsNow.some((r, i) => {
+          const was = resealed[i];
+          return was === undefined || r.seq !== was.seq || r.keyVersion !== was.keyVersion;
+        })
+      ) {
+        return { finished: false, moved: 0, destroyed: [] };
+      }
+      const emergency = fresh.emergency === 1;
+      if (resealed.length === 0) {
+        const nextTable = SEALED_TABLES[SEALED_TABLES.indexOf(table) + 1];
+        if (nextTable !== undefined) {
+          await h.models.Job.update(
+            { checkpointTable: nextTable, checkpointSeq: 0, updatedAt: at },
+            { where: { id }, transaction: t },
+          );
+          return { finished: false, moved: 0, destroyed: [] };
+        }
+        const destroyed = await destroyUnused(h, t, now, emergency ? 'compromised' : 'rewrapped');
+        await h.models.Job.update(
+          { status: 'done', updatedAt: at, finishedAt: at },
+          { where: { id }, transaction: t },
+        );
+        await appendAuditInTx(
+          h,
+          t,
+          {
+            type: 'key.rewrap',
+            outcome: 'success',
+            detail: {
+              job: id,
+              done: fresh.done,
+              total: fresh.total,
+              destroyed: destroyed.join(','),
+            },
+          },
+          now,
+        );
+        return { finished: true, moved: 0, destroyed };
+      }
+      const heads = resealed.filter((r): r is Moved & { head: Envelope } => r.head !== undefined);
+      const envelopes = resealed.filter(
+        (r): r is Moved & { sealed: Envelope } => r.sealed !== undefined,
+      );
+      if (heads.length > 0) {
+        await upsertHeads(h, t, table, primary, heads);
+      }
+      if (envelopes.length > 0) {
+        await updateSealed(h, t, table, primary, envelopes);
+      }
+      await h.models.Job.update(
+        {
+          done: fresh.done + resealed.length,
+          checkpointSeq: last?.seq ?? fresh.checkpointSeq,
+          updatedAt: at,
+        },
+        { where: { id }, transaction: t },
+      );
+      // Emergency: a compromised version goes as soon as no record uses it, mid-job.
+      const destroyed = emergency
+        ? await destroyUnused(h, t, now, 'compromised', (r) => r.compromised === 1)
+        : [];
+      return { finished: false, moved: resealed.length, destroyed };
+    },
+    { primary: true },
+  );
   for (const v of result.destroyed) {
     h.deks.delete(v);
+  }
+  if (result.stale === true) {
+    // Sealed under a key that is not the primary row's: if it is a stale key of a reused
+    // version number, it must never seal again (the next plan unwraps the row's own).
+    const used = h.deks.get(primary);
+    if (used) {
+      await dropIfStale(h, primary, used);
+    }
   }
   const next = await ahead;
   return !result.finished && result.moved > 0 && next

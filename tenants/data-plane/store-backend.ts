@@ -33,6 +33,38 @@ import type { EnvelopeForm } from './record-cipher.ts';
 
 export type Dialect = 'sqlite' | 'postgres';
 
+/**
+ * The primary DEK version's row, as a write checks it: the number and the row's `created_at`,
+ * which tells a version apart from an earlier one of the same number (numbers start again at 1
+ * after a deprovision + re-provision, and a restore + rotation creates another key under a
+ * number a process may have cached). Set once when the version is created; a KEK rewrap keeps
+ * it, a backup restores it with the row.
+ */
+export interface PrimaryDek {
+  version: number;
+  createdAt: string;
+}
+
+/** How `writeTx` runs `fn`. */
+export interface WriteOptions {
+  /**
+   * `fn` checks the primary DEK with `lockedPrimary(t)`. The primary row is read once at the
+   * start of the (group's) transaction, before any other statement of it, and on PostgreSQL
+   * locked `FOR SHARE` until COMMIT: a rotation (which locks that row `FOR UPDATE` first) waits
+   * for this transaction, so nothing this transaction seals under the version it checked can
+   * commit after the version stopped being primary (and the rewrap job then destroyed it while
+   * the write was in flight). Lock order in every transaction: the primary DEK row first, then
+   * anything else (the audit head, records), so no two transactions wait for each other.
+   */
+  primary?: boolean;
+  /**
+   * `fn` locks or changes DEK rows (a rotation, a KEK rewrap): it runs in a transaction of its
+   * own, never after other writes of a group (which may hold the audit head while the primary
+   * row's lock waits for another replica that waits for that head).
+   */
+  alone?: boolean;
+}
+
 /** An open tenant store. */
 export interface StoreHandle {
   readonly tenant: string;
@@ -52,7 +84,13 @@ export interface StoreHandle {
    * (possibly sharing one COMMIT with writes queued meanwhile; see createGroupCommit). Settles
    * after the commit. Never call it from inside `fn` (it would wait for itself).
    */
-  writeTx<T>(fn: (t: Transaction) => Promise<T>): Promise<T>;
+  writeTx<T>(fn: (t: Transaction) => Promise<T>, opts?: WriteOptions): Promise<T>;
+  /**
+   * The primary DEK row read at the start of `t`'s write transaction (held `FOR SHARE` on
+   * PostgreSQL, under SQLite's write lock), or undefined if the store has none. Only for a
+   * `writeTx` run with `{ primary: true }`. @throws Error otherwise (a bug, not a state).
+   */
+  lockedPrimary(t: Transaction): PrimaryDek | undefined;
   /** Runs `fn` in a read transaction that sees one consistent snapshot. */
   readTx<T>(fn: (t: Transaction) => Promise<T>): Promise<T>;
   /** `"table"` or `"schema"."table"` for raw statements. */
@@ -149,35 +187,64 @@ interface PendingWrite {
   fn: (t: Transaction) => Promise<unknown>;
   resolve: (value: unknown) => void;
   reject: (err: unknown) => void;
+  primary: boolean;
+  alone: boolean;
+}
+
+/** The next group: one `alone` write, or up to MAX_GROUP others in queue order. */
+function nextGroup(pending: PendingWrite[]): PendingWrite[] {
+  if (pending[0]?.alone === true) {
+    return pending.splice(0, 1);
+  }
+  let n = 0;
+  while (n < pending.length && n < MAX_GROUP && pending[n]?.alone === false) {
+    n += 1;
+  }
+  return pending.splice(0, n);
 }
 
 /**
  * Group commit: writes queued while a transaction runs are committed together in the next
  * one, each inside its own SAVEPOINT (a failing write rolls back alone and rejects only its
  * caller). Every caller's promise settles only after the shared COMMIT, so "resolved" still
- * means durable; under load one fsync serves many hook calls instead of one each.
+ * means durable; under load one fsync serves many hook calls instead of one each. If a write
+ * of the group checks the primary DEK (WriteOptions.primary), its row is read (and locked)
+ * first, once for the group; `alone` writes get a transaction of their own.
  */
 function createGroupCommit(
   sequelize: Sequelize,
   run: (fn: (t: Transaction) => Promise<void>) => Promise<void>,
-): <T>(fn: (t: Transaction) => Promise<T>) => Promise<T> {
+  readPrimary: (t: Transaction) => Promise<PrimaryDek | undefined>,
+  primaries: WeakMap<Transaction, PrimaryDek | null>,
+): <T>(fn: (t: Transaction) => Promise<T>, opts?: WriteOptions) => Promise<T> {
   const pending: PendingWrite[] = [];
   let draining = false;
 
   async function drain(): Promise<void> {
     draining = true;
     while (pending.length > 0) {
-      const group = pending.splice(0, MAX_GROUP);
+      const group = nextGroup(pending);
       const outcomes: Array<{ ok: true; value: unknown } | { ok: false; error: unknown }> = [];
       try {
         await run(async (t) => {
+          const primary = group.some((job) => job.primary)
+            ? ((await readPrimary(t)) ?? null)
+            : undefined;
+          if (primary !== undefined) {
+            primaries.set(t, primary);
+          }
           if (group.length === 1 && group[0]) {
             outcomes.push({ ok: true, value: await group[0].fn(t) });
             return;
           }
           for (const job of group) {
             try {
-              const value = await sequelize.transaction({ transaction: t }, (sp) => job.fn(sp));
+              const value = await sequelize.transaction({ transaction: t }, (sp) => {
+                if (primary !== undefined) {
+                  primaries.set(sp, primary);
+                }
+                return job.fn(sp);
+              });
               outcomes.push({ ok: true, value });
             } catch (error) {
               outcomes.push({ ok: false, error });
@@ -202,9 +269,15 @@ function createGroupCommit(
     draining = false;
   }
 
-  return <T>(fn: (t: Transaction) => Promise<T>): Promise<T> =>
+  return <T>(fn: (t: Transaction) => Promise<T>, opts: WriteOptions = {}): Promise<T> =>
     new Promise<T>((resolve, reject) => {
-      pending.push({ fn, resolve: resolve as (v: unknown) => void, reject });
+      pending.push({
+        fn,
+        resolve: resolve as (v: unknown) => void,
+        reject,
+        primary: opts.primary === true,
+        alone: opts.alone === true,
+      });
       if (!draining) {
         void drain();
       }
@@ -441,7 +514,42 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
       : dialect === 'sqlite'
         ? sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn)
         : sequelize.transaction(fn);
-  const writeTx = createGroupCommit(sequelize, (fn) => queue(() => begin(fn)));
+  const raw = <R>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]> => {
+    if (dialect === 'sqlite') {
+      const db = (t as unknown as { connection?: SqliteConnection }).connection;
+      if (!db) {
+        throw new Error('raw: the transaction has no connection');
+      }
+      return sqliteRaw<R>(db, sql, params);
+    }
+    return sequelize
+      .query(dollarParams(sql), {
+        bind: [...params],
+        transaction: t,
+        type: QueryTypes.RAW,
+        raw: true,
+      })
+      .then(([rows]) => rows as R[]);
+  };
+  // PostgreSQL: FOR SHARE. If a rotation holds the row, this waits for its COMMIT and then
+  // finds no primary (READ COMMITTED re-checks the row, which is no longer primary, and the new
+  // one is not in this statement's snapshot): the writes of the group see "stale" and seal again.
+  const readPrimary = async (t: Transaction): Promise<PrimaryDek | undefined> => {
+    const [row] = await raw<PrimaryDek>(
+      t,
+      `SELECT version, created_at AS "createdAt" FROM ${qualified(TABLES.deks)}
+       WHERE status = 'primary'${dialect === 'postgres' ? ' FOR SHARE' : ''}`,
+      [],
+    );
+    return row ? { version: row.version, createdAt: row.createdAt } : undefined;
+  };
+  const primaries = new WeakMap<Transaction, PrimaryDek | null>();
+  const writeTx = createGroupCommit(
+    sequelize,
+    (fn) => queue(() => begin(fn)),
+    readPrimary,
+    primaries,
+  );
   const { writeStatement } = parts;
   return {
     tenant,
@@ -452,6 +560,13 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
     models,
     deks,
     writeTx,
+    lockedPrimary(t) {
+      const primary = primaries.get(t);
+      if (primary === undefined) {
+        throw new Error('lockedPrimary: the write was not queued with { primary: true }');
+      }
+      return primary ?? undefined;
+    },
     readTx: (fn) =>
       dialect === 'sqlite'
         ? sequelize.transaction({ type: Transaction.TYPES.DEFERRED }, fn)
@@ -466,23 +581,7 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
             queue(() => writeStatement<R>(sql, params)),
         }
       : {}),
-    raw<R>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]> {
-      if (dialect === 'sqlite') {
-        const db = (t as unknown as { connection?: SqliteConnection }).connection;
-        if (!db) {
-          throw new Error('raw: the transaction has no connection');
-        }
-        return sqliteRaw<R>(db, sql, params);
-      }
-      return sequelize
-        .query(dollarParams(sql), {
-          bind: [...params],
-          transaction: t,
-          type: QueryTypes.RAW,
-          raw: true,
-        })
-        .then(([rows]) => rows as R[]);
-    },
+    raw,
     async compact() {
       if (dialect === 'sqlite') {
         // Best effort: readers may keep the WAL from being truncated right now.

@@ -4,22 +4,30 @@
  * of the call, so a facade stays valid across handle evictions.
  */
 import crypto from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
 import { Op, UniqueConstraintError } from 'sequelize';
 import type { Transaction, WhereOptions } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit, auditHead, listAudit, verifyAudit } from './audit-chain.ts';
-import { dekVersions, getDek, primarySealingKey, primaryVersion } from './dek-ring.ts';
-import type { KeyContext } from './dek-ring.ts';
+import {
+  dekVersions,
+  dropIfStale,
+  getDek,
+  identified,
+  isKeyOf,
+  primarySealingKey,
+} from './dek-ring.ts';
+import type { IdentifiedKey, KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError } from './errors.ts';
 import { canonicalJson } from './hash-chain.ts';
 import { RECORD_ID_PATTERN } from './ids.ts';
 import { TABLES } from './models.ts';
 import type { FeedbackRow, InvocationRow, SealedTable } from './models.ts';
 import { openRecord, sealRecordAs } from './record-cipher.ts';
-import type { Envelope, SealingKey } from './record-cipher.ts';
+import type { Envelope } from './record-cipher.ts';
 import { currentVersions, readCurrentSealed } from './record-heads.ts';
 import type { CurrentSealed } from './record-heads.ts';
-import type { StoreHandle } from './store-backend.ts';
+import type { PrimaryDek, StoreHandle } from './store-backend.ts';
 import type {
   FeedbackInput,
   FeedbackRecord,
@@ -80,7 +88,10 @@ export function feedbackId(item: FeedbackInput): string {
 /**
  * Opens a record (its current envelope, record-heads.ts). If the record's DEK version was
  * destroyed between reading it and unwrapping (a rewrap finished meanwhile), the record is read
- * again: it is under a newer version. Returns the plaintext and the version that opened it.
+ * again: it is under a newer version. If it fails authentication with a cached key that is not
+ * the key of its version's current row (another process re-created that version number: a
+ * deprovision + re-provision, a restore + rotation), the stale key is dropped and the record
+ * opened once more with the row's own. Returns the plaintext and the version that opened it.
  */
 async function openCurrent(
   h: StoreHandle,
@@ -89,15 +100,32 @@ async function openCurrent(
   row: CurrentSealed,
 ): Promise<{ plain: Buffer; keyVersion: number }> {
   let current = row;
+  let checkedCache = false;
   for (let attempt = 0; ; attempt += 1) {
+    let used: { version: number; key: KeyObject } | undefined;
     try {
       const plain = await openRecord(
         current.sealed,
         { tenant: h.tenant, table, recordId: current.id },
-        (v) => getDek(h, ctx, v),
+        async (v) => {
+          const key = await getDek(h, ctx, v);
+          used = { version: v, key };
+          return key;
+        },
       );
       return { plain, keyVersion: current.keyVersion };
     } catch (err) {
+      if (
+        err instanceof RecordOpenError &&
+        err.reason === 'authentication_failed' &&
+        used &&
+        !checkedCache
+      ) {
+        checkedCache = true; // one SELECT, and an unwrap only if the cached key was stale
+        if (await dropIfStale(h, used.version, used.key)) {
+          continue;
+        }
+      }
       const retry =
         err instanceof RecordOpenError &&
         err.reason === 'key_unavailable' &&
@@ -129,16 +157,18 @@ function parseJson(buf: Buffer, table: SealedTable, id: string): unknown {
 
 /**
  * The primary DEK version each open handle last saw: the hook path seals under it without a
- * SELECT first. It is only a hint: the write transaction checks it and a stale one costs a
- * re-seal (rotation is rare).
+ * SELECT first. It is only a hint: the write checks the version AND the identity of the key
+ * used (the DEK row's created_at, dek-ring.ts), and a stale one costs a re-seal under a key
+ * read from the primary row again (primarySealingKey drops a cached key of the same number
+ * that is not that row's). Rotation is rare.
  */
 const primaryHint = new WeakMap<StoreHandle, number>();
 
-async function sealingKeyFor(h: StoreHandle, ctx: KeyContext): Promise<SealingKey> {
+async function sealingKeyFor(h: StoreHandle, ctx: KeyContext): Promise<IdentifiedKey> {
   const hinted = primaryHint.get(h);
   if (hinted !== undefined) {
     try {
-      return { version: hinted, key: await getDek(h, ctx, hinted) };
+      return await identified(h, ctx, hinted);
     } catch (err) {
       if (!(err instanceof KeyUnavailableError)) {
         throw err;
@@ -154,12 +184,17 @@ async function sealingKeyFor(h: StoreHandle, ctx: KeyContext): Promise<SealingKe
 /** An invocation row sealed and waiting for its batch. */
 interface PendingInvocation {
   row: Omit<InvocationRow, 'seq'>;
+  /** The identity (DEK row created_at) of the key `row` is sealed with. */
+  keyCreatedAt: string;
   cardUuids: readonly string[];
   resolve: (outcome: 'saved' | 'stale') => void;
   reject: (err: unknown) => void;
 }
 
-/** Most rows per batch: 13 parameters each stays far below every driver's limit. */
+/**
+ * Most rows per batch: 14 parameters each (SQLite: the 13 columns and the key's identity)
+ * stays far below every driver's limit and within a kept statement's budget (1,024).
+ */
 const MAX_BATCH = 64;
 
 /** In the order of invocationParams. */
@@ -180,8 +215,14 @@ const INVOCATION_COLUMN_NAMES = [
 ] as const;
 const INVOCATION_COLUMNS = `(${INVOCATION_COLUMN_NAMES.join(', ')})`;
 const INVOCATION_PLACEHOLDERS = `(${INVOCATION_COLUMN_NAMES.map(() => '?').join(', ')})`;
-/** SQLite names the columns of `VALUES` column1, column2, ... */
+/**
+ * SQLite names the columns of `VALUES` column1, column2, ...: the 13 columns, then the identity
+ * of the key the row is sealed with (not inserted, compared with the primary row's).
+ */
+const VALUES_COLUMNS = INVOCATION_COLUMN_NAMES.map((_, i) => `column${String(i + 1)}`).join(', ');
 const VALUES_KEY_VERSION = `column${String(INVOCATION_COLUMN_NAMES.indexOf('key_version') + 1)}`;
+const VALUES_KEY_CREATED_AT = `column${String(INVOCATION_COLUMN_NAMES.length + 1)}`;
+const VALUES_PLACEHOLDERS = `(${[...INVOCATION_COLUMN_NAMES, 'identity'].map(() => '?').join(', ')})`;
 
 function invocationParams(row: Omit<InvocationRow, 'seq'>): unknown[] {
   return [
@@ -201,23 +242,26 @@ function invocationParams(row: Omit<InvocationRow, 'seq'>): unknown[] {
   ];
 }
 
+/** Is `p` sealed with the key of the primary row `locked`? */
+function isSealedUnder(locked: PrimaryDek | undefined, p: PendingInvocation): boolean {
+  return isKeyOf(locked, { version: p.row.keyVersion, createdAt: p.keyCreatedAt });
+}
+
 /**
- * PostgreSQL: inserts `rows` in `t` after checking the primary DEK version: rows sealed under
- * another version are left out and reported stale (their callers seal again). Raw statements,
- * one multi-row INSERT per table (see StoreHandle.raw).
+ * PostgreSQL: inserts `rows` in `t` after checking the primary DEK row (number and identity),
+ * read and locked FOR SHARE at the start of the transaction (writeTx `{ primary: true }`, one
+ * SELECT per transaction): rows sealed under another version or another key of that number
+ * are left out and reported stale (their callers seal again), and a rotation by another
+ * replica waits for this COMMIT. Raw statements, one multi-row INSERT per table
+ * (see StoreHandle.raw).
  */
 async function insertInvocations(
   h: StoreHandle,
   t: Transaction,
   rows: readonly PendingInvocation[],
 ): Promise<Array<'saved' | 'stale'>> {
-  const primary = await h.raw<{ version: number }>(
-    t,
-    `SELECT version FROM ${h.qualified(TABLES.deks)} WHERE status = 'primary'`,
-    [],
-  );
-  const version = primary[0]?.version;
-  const fresh = rows.filter((p) => p.row.keyVersion === version);
+  const locked = h.lockedPrimary(t);
+  const fresh = rows.filter((p) => isSealedUnder(locked, p));
   if (fresh.length > 0) {
     await h.raw(
       t,
@@ -237,15 +281,17 @@ async function insertInvocations(
       );
     }
   }
-  return rows.map((p) => (p.row.keyVersion === version ? 'saved' : 'stale'));
+  return rows.map((p) => (isSealedUnder(locked, p) ? 'saved' : 'stale'));
 }
 
 /**
  * SQLite: the batch as one autocommit statement on the store's writer (StoreHandle.
  * writeStatement), one thread-pool trip instead of five (BEGIN, the primary version, two
  * INSERTs, COMMIT; each trip waits for a free thread and then for the event loop, 2.5-3 ms
- * apiece under load). Rows sealed under the primary DEK version are inserted, the writer's TEMP
- * trigger links their card uuids, RETURNING names them; the others are reported stale.
+ * apiece under load). Rows sealed with the primary DEK row's key (its version and identity)
+ * are inserted, the writer's TEMP trigger links their card uuids, RETURNING names them; the
+ * others are reported stale. One statement is atomic under SQLite's single-writer lock (in
+ * every process on the file): no rotation can commit between the check and the insert.
  */
 async function insertInvocationsAutocommit(
   h: StoreHandle,
@@ -254,11 +300,11 @@ async function insertInvocationsAutocommit(
 ): Promise<Array<'saved' | 'stale'>> {
   const stored = await write<{ id: string }>(
     `INSERT INTO ${h.qualified(TABLES.invocations)} ${INVOCATION_COLUMNS}
-     SELECT * FROM (VALUES ${rows.map(() => INVOCATION_PLACEHOLDERS).join(', ')})
-     WHERE ${VALUES_KEY_VERSION} = (SELECT version FROM ${h.qualified(TABLES.deks)}
-       WHERE status = 'primary')
+     SELECT ${VALUES_COLUMNS} FROM (VALUES ${rows.map(() => VALUES_PLACEHOLDERS).join(', ')})
+     WHERE (${VALUES_KEY_VERSION}, ${VALUES_KEY_CREATED_AT}) = (SELECT version, created_at
+       FROM ${h.qualified(TABLES.deks)} WHERE status = 'primary')
      RETURNING id`,
-    rows.flatMap((p) => invocationParams(p.row)),
+    rows.flatMap((p) => [...invocationParams(p.row), p.keyCreatedAt]),
   );
   const saved = new Set(stored.map((r) => r.id));
   return rows.map((p) => (saved.has(p.row.id) ? 'saved' : 'stale'));
@@ -279,7 +325,7 @@ function createInvocationBatcher(h: StoreHandle): (p: PendingInvocation) => void
   const write = (group: readonly PendingInvocation[]): Promise<Array<'saved' | 'stale'>> =>
     writeStatement
       ? insertInvocationsAutocommit(h, writeStatement, group)
-      : h.writeTx((t) => insertInvocations(h, t, group));
+      : h.writeTx((t) => insertInvocations(h, t, group), { primary: true });
 
   const settle = (
     group: readonly PendingInvocation[],
@@ -372,12 +418,14 @@ async function saveInvocation(
       createdAt: ctx.now().toISOString(),
     };
     const outcome = await new Promise<'saved' | 'stale'>((resolve, reject) => {
-      batcherOf(h)({ row, cardUuids: v.cardUuids, resolve, reject });
+      batcherOf(h)({ row, keyCreatedAt: key.createdAt, cardUuids: v.cardUuids, resolve, reject });
     });
     if (outcome === 'saved') {
       return toSummary({ ...row, seq: 0 });
     }
-    primaryHint.delete(h); // rotated meanwhile: seal again under the new primary
+    // Rotated meanwhile, or the key was another of the same version number: seal again under
+    // the key of the primary row, read again (primarySealingKey drops a stale cached key).
+    primaryHint.delete(h);
   }
   throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
 }
@@ -497,58 +545,64 @@ async function saveFeedback(
         plaintext.fill(0);
       }
     });
-    const result = await h.writeTx(async (t) => {
-      if ((await primaryVersion(h, t)) !== key.version) {
-        return undefined;
-      }
-      const invocationOf = new Map<string, string>();
-      for (const card of new Set(items.map((i) => i.card))) {
-        const link = await h.models.InvocationCard.findByPk(card, { transaction: t, raw: true });
-        const inv = link
-          ? await h.models.Invocation.findOne({
-              where: { id: link.invocationId },
-              attributes: ['id', 'service'],
-              transaction: t,
-              raw: true,
-            })
-          : null;
-        // A card this tenant was never sent, or sent by another service: refuse the batch.
-        if (!inv || inv.service !== service) {
-          throw new NotFoundError('card');
+    // The primary row is locked for the transaction (WriteOptions.primary): a rotation by
+    // another process waits for this COMMIT. Another version, or another key of this number
+    // (primarySealingKey re-reads it on the next attempt): seal again.
+    const result = await h.writeTx(
+      async (t) => {
+        if (!isKeyOf(h.lockedPrimary(t), key)) {
+          return undefined;
         }
-        invocationOf.set(card, inv.id);
-      }
-      let stored = 0;
-      let duplicates = 0;
-      const seen = new Set<string>();
-      const receivedAt = ctx.now().toISOString();
-      for (const [i, item] of items.entries()) {
-        const fid = ids[i] ?? '';
-        if (
-          seen.has(fid) ||
-          (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) > 0
-        ) {
-          duplicates += 1;
-          continue;
+        const invocationOf = new Map<string, string>();
+        for (const card of new Set(items.map((i) => i.card))) {
+          const link = await h.models.InvocationCard.findByPk(card, { transaction: t, raw: true });
+          const inv = link
+            ? await h.models.Invocation.findOne({
+                where: { id: link.invocationId },
+                attributes: ['id', 'service'],
+                transaction: t,
+                raw: true,
+              })
+            : null;
+          // A card this tenant was never sent, or sent by another service: refuse the batch.
+          if (!inv || inv.service !== service) {
+            throw new NotFoundError('card');
+          }
+          invocationOf.set(card, inv.id);
         }
-        seen.add(fid);
-        await h.models.Feedback.create(
-          {
-            id: fid,
-            invocationId: invocationOf.get(item.card) ?? '',
-            cardUuid: item.card,
-            service,
-            outcome: item.outcome,
-            receivedAt,
-            keyVersion: key.version,
-            sealed: sealedById.get(fid) ?? '',
-          },
-          { transaction: t },
-        );
-        stored += 1;
-      }
-      return { stored, duplicates, ids };
-    });
+        let stored = 0;
+        let duplicates = 0;
+        const seen = new Set<string>();
+        const receivedAt = ctx.now().toISOString();
+        for (const [i, item] of items.entries()) {
+          const fid = ids[i] ?? '';
+          if (
+            seen.has(fid) ||
+            (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) > 0
+          ) {
+            duplicates += 1;
+            continue;
+          }
+          seen.add(fid);
+          await h.models.Feedback.create(
+            {
+              id: fid,
+              invocationId: invocationOf.get(item.card) ?? '',
+              cardUuid: item.card,
+              service,
+              outcome: item.outcome,
+              receivedAt,
+              keyVersion: key.version,
+              sealed: sealedById.get(fid) ?? '',
+            },
+            { transaction: t },
+          );
+          stored += 1;
+        }
+        return { stored, duplicates, ids };
+      },
+      { primary: true },
+    );
     if (result) {
       return result;
     }
