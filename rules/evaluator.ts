@@ -67,6 +67,12 @@ export interface Evaluator {
    * @throws Error if workers keep failing to start.
    */
   ready(): Promise<void>;
+  /**
+   * Compiles `pack` ahead in every started worker and the spare, without evaluating anything
+   * (e.g. right after an upload or a subscription change), so that its first calls do not pay
+   * the compilation out of their budget.
+   */
+  warm(pack: CompiledPack): void;
   /** Stops the workers. Calls in flight finish with their remaining rules `skipped`. */
   close(): Promise<void>;
   /** Counters for metrics and tests. */
@@ -326,6 +332,16 @@ class WorkerPool {
     slot.hashes.add(pack.hash);
     const msg: WarmMessage = { type: 'warm', hash: pack.hash, pack: pack.pack };
     slot.worker.postMessage(msg);
+  }
+
+  /** Compiles `pack` ahead in every started worker and the spare (see Evaluator.warm). */
+  warmAll(pack: CompiledPack): void {
+    this.noteUse(pack);
+    for (const slot of [...this.active, ...(this.spare ? [this.spare] : [])]) {
+      if (slot.ready) {
+        this.warm(slot, pack);
+      }
+    }
   }
 
   /** Notes a pack in use; the spare compiles it ahead so that a takeover does not have to. */
@@ -883,6 +899,12 @@ class PooledEvaluator implements Evaluator {
     return this.pool.whenReady();
   }
 
+  warm(pack: CompiledPack): void {
+    if (!this.closed) {
+      this.pool.warmAll(pack);
+    }
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     await this.pool.close();
@@ -968,6 +990,11 @@ class InlineEvaluator implements Evaluator {
 
   ready(): Promise<void> {
     return this.closed ? Promise.reject(new Error('evaluator is closed')) : Promise.resolve();
+  }
+
+  /** Nothing to compile ahead: the calling thread compiles on first use. */
+  warm(): void {
+    // No workers.
   }
 
   close(): Promise<void> {

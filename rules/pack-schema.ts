@@ -28,10 +28,29 @@ const name = z.string().regex(NAME_PATTERN, {
   error: 'invalid name (a letter, then letters, digits or _, at most 64 characters)',
 });
 const dateTime = z.string().regex(FHIR_DATETIME, { error: 'must be a FHIR date or dateTime' });
+
+/** Most embedded tests a pack may carry: an upload runs them all before answering. */
+export const MAX_PACK_TESTS = 100;
+
+/** Why a test's `now` with a time but no offset is refused (also used where tests run). */
+export const NOW_OFFSET_MESSAGE =
+  'a time needs an offset (Z or +hh:mm), e.g. 2021-03-01T23:00:00Z; or give a date only';
+
+/**
+ * True for a dateTime with a time of day but no offset (`2021-03-01T23:00`). `Date` reads such
+ * a text in the host's time zone, so the instant (and `%today`) would depend on the server;
+ * FHIR too requires an offset whenever a time is given. A date alone (`2021-03-01`) is read
+ * as midnight UTC by `Date` on every host, so it stays allowed.
+ */
+export function lacksOffset(value: string): boolean {
+  return value.includes('T') && !/(Z|[+-]\d\d:\d\d)$/.test(value);
+}
+
 const instant = z
   .string()
   .regex(FHIR_DATETIME, { error: 'must be an ISO 8601 date or dateTime' })
-  .refine((v) => !Number.isNaN(Date.parse(v)), { error: 'must be an ISO 8601 date or dateTime' });
+  .refine((v) => !Number.isNaN(Date.parse(v)), { error: 'must be an ISO 8601 date or dateTime' })
+  .refine((v) => !lacksOffset(v), { error: NOW_OFFSET_MESSAGE });
 const resourceObject = z
   .record(z.string(), z.unknown())
   .refine((r) => typeof r.resourceType === 'string', {
@@ -152,7 +171,12 @@ export const PackSchema = z.strictObject({
   valueSets: z.record(name, valueSet).optional(),
   let: z.record(name, text).optional(),
   rules: z.array(rule).min(1, { error: 'a pack needs at least one rule' }),
-  tests: z.array(test).optional(),
+  tests: z
+    .array(test)
+    .max(MAX_PACK_TESTS, {
+      error: `at most ${MAX_PACK_TESTS} tests per pack (split the pack, or keep the tests that matter)`,
+    })
+    .optional(),
 });
 
 /** Formats a path: `rules[2].card.links[0]`, with odd keys quoted (`prefetch["a b"]`). */

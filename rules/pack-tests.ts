@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { PackValidationError } from './errors.ts';
 import type { Evaluator } from './evaluator.ts';
+import { lacksOffset, NOW_OFFSET_MESSAGE } from './pack-schema.ts';
 import { buildRequestFromRecord, readPatientBundle } from './patient-bundle.ts';
 import { isPlanDefinition } from './plan-definition.ts';
 import type {
@@ -26,6 +27,23 @@ export interface PackTestResult {
   failures: string[];
   trace: TraceEntry[];
   cards: RawCard[];
+  /** True when the test was not run (an earlier one ran out of budget, or time ran out). */
+  notRun?: boolean;
+}
+
+/** Limits of {@link runPackTests}; without them every test runs (the local tools). */
+export interface RunPackTestsOptions {
+  /**
+   * Stop at the first test whose evaluation ran out of budget (a rule or let timed out, the
+   * call budget ran out, or a worker had to be replaced): that test fails, naming the rule,
+   * and the tests after it are not run. For uploads: a pack whose own test overruns is refused
+   * anyway, and each further overrun would cost another worker and up to the call budget.
+   */
+  stopOnBudget?: boolean;
+  /** Time for all the tests (ms): a test is not started once it is spent. */
+  totalMs?: number;
+  /** The clock `totalMs` is measured with (ms). Default `performance.now`. */
+  clock?: () => number;
 }
 
 type Json = Record<string, unknown>;
@@ -163,29 +181,53 @@ function checkExpectations(test: PackTest, trace: readonly TraceEntry[]): string
   return failures;
 }
 
+const OVER_BUDGET: ReadonlySet<TraceEntry['status']> = new Set(['timeout', 'skipped']);
+
+const failed = (name: string, failures: string[], notRun = false): PackTestResult => ({
+  name,
+  passed: false,
+  failures,
+  trace: [],
+  cards: [],
+  ...(notRun ? { notRun: true } : {}),
+});
+
 /**
  * Runs a pack's inline tests (call resolvePackFiles first for file-based ones; a test still
- * file-based fails). A test's `now` pins %now; otherwise the current time is used. A rule
- * expected to fire must have status `fired`; one expected not to fire must be `not-fired`
- * (an error or timeout fails the test either way).
+ * file-based fails). A test's `now` pins %now (a time must carry an offset, else the test
+ * fails: see `lacksOffset`); otherwise the current time is used. A rule expected to fire must
+ * have status `fired`; one expected not to fire must be `not-fired` (an error or timeout fails
+ * the test either way). `opts` bound the run (uploads); tests left are `notRun` and failed.
  */
 export async function runPackTests(
   compiled: CompiledPack,
   evaluator: Evaluator,
+  opts: RunPackTestsOptions = {},
 ): Promise<PackTestResult[]> {
+  const clock = opts.clock ?? (() => performance.now());
+  const started = clock();
   const results: PackTestResult[] = [];
+  let stopped: string | undefined;
   for (const test of compiled.pack.tests ?? []) {
-    const request = test.request;
-    if (!request) {
-      results.push({
-        name: test.name,
-        passed: false,
-        failures: ['resolve test files before running (requestFile / patientBundle)'],
-        trace: [],
-        cards: [],
-      });
+    if (stopped === undefined && opts.totalMs !== undefined && clock() - started >= opts.totalMs) {
+      stopped = `not run: the tests of one pack may take at most ${opts.totalMs / 1000} s in all`;
+    }
+    if (stopped !== undefined) {
+      results.push(failed(test.name, [stopped], true));
       continue;
     }
+    const request = test.request;
+    if (!request) {
+      results.push(
+        failed(test.name, ['resolve test files before running (requestFile / patientBundle)']),
+      );
+      continue;
+    }
+    if (test.now !== undefined && lacksOffset(test.now)) {
+      results.push(failed(test.name, [`now: ${NOW_OFFSET_MESSAGE}`]));
+      continue;
+    }
+    const replacedBefore = evaluator.stats().workersReplaced;
     const result = await evaluator.evaluate(compiled, test.service, {
       hook: request.hook,
       hookInstance: request.hookInstance ?? testHookInstance(compiled.hash, test.name),
@@ -194,6 +236,27 @@ export async function runPackTests(
       now: test.now !== undefined ? new Date(test.now) : new Date(),
     });
     const failures = checkExpectations(test, result.trace);
+    if (opts.stopOnBudget === true) {
+      const overBudget =
+        evaluator.stats().workersReplaced > replacedBefore ||
+        result.trace.some((t) => OVER_BUDGET.has(t.status)) ||
+        (result.lets ?? []).some((l) => l.status === 'timeout');
+      if (overBudget) {
+        // Name every rule that did not complete, including those no expectation mentions.
+        for (const t of result.trace) {
+          if (
+            (OVER_BUDGET.has(t.status) || t.status === 'error') &&
+            !failures.some((f) => f.startsWith(`expected rule ${t.ruleId} `))
+          ) {
+            failures.push(`rule ${t.ruleId}: ${t.status}${t.error ? ` (${t.error})` : ''}`);
+          }
+        }
+        if (failures.length === 0) {
+          failures.push('the evaluation ran out of its time budget');
+        }
+        stopped = 'not run: an earlier test ran out of its time budget';
+      }
+    }
     results.push({
       name: test.name,
       passed: failures.length === 0,

@@ -2,8 +2,20 @@
  * Admin operations, shared by the admin API and the CLI (the CLI calls these same functions
  * with a local operator principal). Each one authorizes, acts, and writes an audit event.
  */
-import { PackValidationError, validatePack } from '../rules/index.ts';
-import type { Evaluator, Subscription } from '../rules/index.ts';
+import {
+  createEvaluator,
+  PackValidationError,
+  runPackTests,
+  validatePack,
+} from '../rules/index.ts';
+import type {
+  CompiledPack,
+  Evaluator,
+  EvaluatorOptions,
+  PackProblem,
+  RulePack,
+  Subscription,
+} from '../rules/index.ts';
 import {
   authorize,
   authorizeTokenIssue,
@@ -19,20 +31,48 @@ import type {
   Role,
   Tenant,
 } from '../tenants/index.ts';
+import { ServiceError } from './errors.ts';
+import { canaryProblems } from './service-directory.ts';
 
 /** How a principal is named in audit events and `uploadedBy` (no secret: the token id). */
 export const actorOf = (p: Principal): string => `${p.role}:${p.tokenId}`;
 
 export interface AdminServiceDeps {
   controlPlane: ControlPlane;
+  /**
+   * The live evaluator (hook calls). An upload's embedded tests never run on it: see
+   * `uploadTests`.
+   */
   evaluator: Evaluator;
   /** The region matrix: placements and failovers are checked against it (422 when forbidden). */
   regions?: readonly RegionInfo[];
+  /** Limits of an upload's embedded tests (default total time: {@link UPLOAD_TEST_DEFAULTS}). */
+  uploadTests?: UploadTestLimits;
 }
+
+/**
+ * How an upload's embedded tests run. They run on an evaluator of their own (one worker and
+ * its spare, started for the upload and closed after it; one upload's tests at a time), so
+ * a pack whose tests overrun never takes or replaces the live pool's workers. The tests stop
+ * at the first one that runs out of budget; the number of tests is capped by the pack schema
+ * (100).
+ */
+export interface UploadTestLimits {
+  /** Time for all the tests of one upload (ms), worker start not included. */
+  totalMs?: number;
+  /** Budgets of the tests' evaluator; keep them equal to the live ones (the tests prove the pack). */
+  evaluator?: Pick<EvaluatorOptions, 'callBudgetMs' | 'ruleBudgetMs' | 'workerMemoryMb'>;
+}
+
+/** 20 s for all the tests of one upload: the shipped pack's 38 take about 3 s (tsx, loaded host). */
+export const UPLOAD_TEST_DEFAULTS = Object.freeze({ totalMs: 20_000 });
 
 const ROLES: readonly Role[] = ['platform-operator', 'tenant-admin', 'rule-author', 'auditor'];
 
 export class AdminService {
+  /** The upload tests running now: the next upload's wait for it (one evaluator at a time). */
+  private uploadTestsQueue: Promise<unknown> = Promise.resolve();
+
   constructor(private readonly deps: AdminServiceDeps) {}
 
   private async audit(principal: Principal, event: Omit<AuditEvent, 'actor'>): Promise<void> {
@@ -138,6 +178,7 @@ export class AdminService {
     if (!Array.isArray(input)) {
       throw new InvalidInputError('(body)', 'must be an array of {"pack","version","canary"?}');
     }
+    await this.checkCanaries(input);
     const tenant = await this.deps.controlPlane.tenants.setSubscriptions(
       id,
       input as Subscription[],
@@ -156,6 +197,65 @@ export class AdminService {
       },
     });
     return tenant;
+  }
+
+  /**
+   * Refuses a canary that cannot stand in for its pinned version: a service of both with
+   * another hook or other prefetch templates (see `canaryProblems`). Checked on the pair as
+   * subscribed, so a new pinned version is checked against its canary too. Entries that are
+   * malformed or name a version not in the catalog are left to the subscription validation.
+   * @throws ServiceError 422 `unprocessable` with `problems` naming each service.
+   */
+  private async checkCanaries(input: unknown[]): Promise<void> {
+    // Each stored version is read at most once, however long the list.
+    const cache = new Map<string, Promise<RulePack | undefined>>();
+    const stored = (pack: string, version: string): Promise<RulePack | undefined> => {
+      const key = `${pack}@${version}`;
+      let p = cache.get(key);
+      if (!p) {
+        p = this.deps.controlPlane.packs.get(pack, version).then(
+          (s) => s.pack,
+          (err: unknown) => {
+            if (err instanceof NotFoundError) {
+              return undefined;
+            }
+            throw err;
+          },
+        );
+        cache.set(key, p);
+      }
+      return p;
+    };
+    const problems: PackProblem[] = [];
+    for (const [i, entry] of input.entries()) {
+      if (!isRecord(entry) || !isRecord(entry.canary)) {
+        continue;
+      }
+      const { pack, version } = entry;
+      const canaryVersion = entry.canary.version;
+      if (
+        typeof pack !== 'string' ||
+        typeof version !== 'string' ||
+        typeof canaryVersion !== 'string' ||
+        canaryVersion === version
+      ) {
+        continue;
+      }
+      const pinned = await stored(pack, version);
+      const canary = await stored(pack, canaryVersion);
+      if (pinned && canary) {
+        for (const message of canaryProblems(pinned, canary)) {
+          problems.push({ path: `subscriptions[${i}].canary.version`, message });
+        }
+      }
+    }
+    const first = problems[0];
+    if (first) {
+      const more = problems.length > 1 ? ` (and ${problems.length - 1} more)` : '';
+      throw new ServiceError(422, 'unprocessable', `${first.path}: ${first.message}${more}`, {
+        body: { problems },
+      });
+    }
   }
 
   async issueToken(
@@ -218,9 +318,13 @@ export class AdminService {
   }
 
   /**
-   * Validates (schema, FHIRPath, embedded tests) and stores a pack version.
+   * Validates (schema, FHIRPath, embedded tests) and stores a pack version. The tests run on
+   * an evaluator of their own, under {@link UploadTestLimits}; validation and compilation
+   * still run synchronously in this thread.
    * @returns `created` for a new version, `unchanged` for an identical re-upload.
-   * @throws PackValidationError (422), ConflictError (409) for different content under a stored version.
+   * @throws PackValidationError (422; a failed or not-run test is a problem), ConflictError
+   *   (409) for different content under a stored version, ServiceError 503 if the tests'
+   *   evaluator cannot start.
    */
   async uploadPack(
     principal: Principal,
@@ -229,7 +333,8 @@ export class AdminService {
     authorize(principal, 'pack:upload');
     let compiled;
     try {
-      compiled = await validatePack(raw, { runTests: true, evaluator: this.deps.evaluator });
+      compiled = await validatePack(raw, { runTests: false });
+      await this.runUploadTests(compiled);
     } catch (err) {
       if (err instanceof PackValidationError) {
         await this.audit(principal, {
@@ -252,7 +357,52 @@ export class AdminService {
       outcome: 'success',
       detail: { pack: compiled.id, version: compiled.version, hash: compiled.hash, status },
     });
+    // The tests ran on an evaluator of their own: compile the pack ahead in the live workers,
+    // so that its first hook calls do not pay for it out of their budget.
+    this.deps.evaluator.warm(compiled);
     return { id: compiled.id, version: compiled.version, hash: compiled.hash, status };
+  }
+
+  /**
+   * Runs a validated pack's embedded tests under {@link UploadTestLimits}, one upload at a time.
+   * @throws PackValidationError listing each failed or not-run test (`tests[3]: ...`);
+   *   ServiceError 503 if the tests' evaluator cannot start.
+   */
+  private runUploadTests(compiled: CompiledPack): Promise<void> {
+    if ((compiled.pack.tests?.length ?? 0) === 0) {
+      return Promise.resolve();
+    }
+    const run = this.uploadTestsQueue.then(() => this.runUploadTestsNow(compiled));
+    this.uploadTestsQueue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async runUploadTestsNow(compiled: CompiledPack): Promise<void> {
+    const limits = this.deps.uploadTests ?? {};
+    const evaluator = createEvaluator({ ...limits.evaluator, workers: 1, inlineSliceMs: 0 });
+    let problems: PackProblem[];
+    try {
+      try {
+        await evaluator.ready();
+      } catch (err) {
+        throw new ServiceError(503, 'unavailable', 'the pack tests cannot run now; try again', {
+          detail: 'upload test evaluator did not start',
+          cause: err,
+        });
+      }
+      const results = await runPackTests(compiled, evaluator, {
+        stopOnBudget: true,
+        totalMs: limits.totalMs ?? UPLOAD_TEST_DEFAULTS.totalMs,
+      });
+      problems = results.flatMap((r, i) =>
+        r.failures.map((message) => ({ path: `tests[${i}]`, message })),
+      );
+    } finally {
+      await evaluator.close();
+    }
+    if (problems.length > 0) {
+      throw new PackValidationError(problems);
+    }
   }
 
   async listPacks(principal: Principal): Promise<unknown[]> {
@@ -286,6 +436,10 @@ export class AdminService {
     authorize(principal, 'audit:read', query.tenant);
     return this.deps.controlPlane.audit.list(query);
   }
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
 function objectOf(value: unknown, field: string): Record<string, unknown> {

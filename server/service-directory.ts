@@ -4,7 +4,7 @@
  * life of the process.
  */
 import { chooseVersion, compilePack } from '../rules/index.ts';
-import type { CompiledPack, PackService, Subscription } from '../rules/index.ts';
+import type { CompiledPack, PackService, RulePack, Subscription } from '../rules/index.ts';
 import type { ControlPlane, Tenant } from '../tenants/index.ts';
 import { ServiceError } from './errors.ts';
 
@@ -13,6 +13,51 @@ export interface ResolvedService {
   /** The service as the pinned version defines it (what discovery lists). */
   service: PackService;
   pinned: CompiledPack;
+}
+
+/**
+ * How `canary`'s service differs from `pinned`'s of the same id in a way that matters to a
+ * call, or undefined if it may stand in for it. A call is parsed for the pinned service's hook
+ * and its prefetch is resolved with the pinned service's templates (before the version is
+ * chosen), so a canary serving another hook, or reading other prefetch keys or templates,
+ * would see a request it was not written for (e.g. its rules reading a key never fetched
+ * silently never fire).
+ */
+export function serviceMismatch(pinned: PackService, canary: PackService): string | undefined {
+  if (canary.hook !== pinned.hook) {
+    return `hook ${canary.hook}, not ${pinned.hook}`;
+  }
+  const want = pinned.prefetch ?? {};
+  const got = canary.prefetch ?? {};
+  for (const key of Object.keys(want)) {
+    if (!Object.hasOwn(got, key)) {
+      return `no prefetch '${key}'`;
+    }
+    if (got[key] !== want[key]) {
+      return `another template for prefetch '${key}'`;
+    }
+  }
+  const extra = Object.keys(got).find((key) => !Object.hasOwn(want, key));
+  return extra === undefined ? undefined : `one more prefetch '${extra}'`;
+}
+
+/**
+ * Why `canary` cannot be the canary of `pinned` (two versions of one pack): one text per
+ * service of `pinned` that `canary` serves differently (see {@link serviceMismatch}). Services
+ * the canary lacks are not listed: their calls stay on the pinned version.
+ */
+export function canaryProblems(pinned: RulePack, canary: RulePack): string[] {
+  const out: string[] = [];
+  for (const service of pinned.services) {
+    const other = canary.services.find((s) => s.id === service.id);
+    const why = other === undefined ? undefined : serviceMismatch(service, other);
+    if (why !== undefined) {
+      out.push(
+        `service '${service.id}' of ${canary.id}@${canary.version} differs from ${pinned.id}@${pinned.version}: ${why} (a canary must keep each service's hook and prefetch templates)`,
+      );
+    }
+  }
+  return out;
 }
 
 export class ServiceDirectory {
@@ -57,8 +102,10 @@ export class ServiceDirectory {
 
   /**
    * The pack version this hook call is evaluated with: the pinned one, or the canary for a
-   * stated share of hookInstances. A canary version without this service falls back to the
-   * pinned version.
+   * stated share of hookInstances. A canary version without this service, or whose service
+   * has another hook or other prefetch templates (see {@link serviceMismatch}; refused when
+   * subscribing, so only a subscription stored before that check gets here), falls back to
+   * the pinned version.
    */
   async packForCall(resolved: ResolvedService, hookInstance: string): Promise<CompiledPack> {
     const version = chooseVersion(resolved.subscription, hookInstance);
@@ -66,7 +113,8 @@ export class ServiceDirectory {
       return resolved.pinned;
     }
     const canary = await this.pack(resolved.subscription.pack, version);
-    return canary.pack.services.some((s) => s.id === resolved.service.id)
+    const service = canary.pack.services.find((s) => s.id === resolved.service.id);
+    return service !== undefined && serviceMismatch(resolved.service, service) === undefined
       ? canary
       : resolved.pinned;
   }
