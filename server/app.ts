@@ -19,8 +19,9 @@ export function createApp(deps: Deps): Express {
   app.set('case sensitive routing', true);
   app.use(assignRequestId);
   app.use('/cds-services', cors(deps));
-  // Liveness: the process answers. Readiness: the control plane and this region's key
-  // provider answer (a plane that cannot unwrap keys must not take traffic).
+  // Liveness: the process answers. Readiness: the control plane, this region's key provider
+  // and its data plane answer (a plane that cannot unwrap keys, or reach the database its
+  // tenants' stores live in, must not take traffic).
   app.get('/healthz', (_req, res) => {
     res.json({ status: 'ok' });
   });
@@ -73,6 +74,7 @@ async function readiness(deps: Deps): Promise<{
   region: string;
   controlPlane: 'ok' | 'down';
   keyProvider: 'ok' | 'down';
+  dataPlane: 'ok' | 'down';
 }> {
   const controlPlane = await deps.controlPlane.tenants.list().then(
     () => 'ok' as const,
@@ -82,11 +84,18 @@ async function readiness(deps: Deps): Promise<{
     (h) => (h.ok ? ('ok' as const) : ('down' as const)),
     () => 'down' as const,
   );
+  // PostgreSQL: SELECT 1 on the region's connection (bounded by the pool's acquire and
+  // statement timeouts); SQLite: the region's data folder is writable.
+  const dataPlane = await deps.stores.ping().then(
+    (p) => (p.ok ? ('ok' as const) : ('down' as const)),
+    () => 'down' as const,
+  );
   return {
-    ready: controlPlane === 'ok' && keyProvider === 'ok',
+    ready: controlPlane === 'ok' && keyProvider === 'ok' && dataPlane === 'ok',
     region: deps.region.id,
     controlPlane,
     keyProvider,
+    dataPlane,
   };
 }
 

@@ -160,6 +160,10 @@ export async function buildDeps(
     // time: size it to the tenants a region serves actively (docs/operations.md).
     maxOpen: config.maxOpenStores ?? (region.storage.kind === 'sqlite' ? 1024 : 64),
     rewrap: config.rewrap,
+    // Bounded waits on PostgreSQL: a stalled or saturated database fails calls with 503 within
+    // about these times instead of hanging them (docs/operations.md, Scale-out).
+    pgStatementTimeoutMs: config.pg.statementTimeoutMs,
+    pgAcquireTimeoutMs: config.pg.acquireTimeoutMs,
     onJobError: (job, err) => {
       log.error(
         {
@@ -168,6 +172,16 @@ export async function buildDeps(
           err: { message: err instanceof Error ? err.message : String(err) },
         },
         'key job failed',
+      );
+    },
+    onResumeError: (tenant, err) => {
+      // The scan goes on; stores the database could not serve are tried again later.
+      log.error(
+        {
+          tenant,
+          err: { type: err instanceof Error ? err.name : typeof err },
+        },
+        'pending key jobs of a store could not be resumed (retried if the database was unavailable)',
       );
     },
     onAbandonedRestores: (files) => {
@@ -184,10 +198,8 @@ export async function buildDeps(
   const metrics = new Metrics({
     region: region.id,
     evaluations: () => evaluator.stats(),
-    jobs: async () =>
-      (await Promise.all((await stores.listTenants()).map((t) => stores.listJobs(t))))
-        .flat()
-        .filter((j) => j.status === 'running'),
+    // The jobs this process runs: listing every tenant's would open every store per scrape.
+    jobs: () => stores.runningJobs(),
   });
   const reportAuditError = (err: unknown): void => {
     log.error(

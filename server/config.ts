@@ -58,6 +58,8 @@ const Schema = z
     CELLCDS_REWRAP_BATCH: intFrom(1, 10_000, 200),
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
     CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
+    CELLCDS_PG_STATEMENT_TIMEOUT_MS: intFrom(0, 600_000, 5000),
+    CELLCDS_PG_ACQUIRE_TIMEOUT_MS: intFrom(100, 600_000, 5000),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
     CELLCDS_REPLAY_CACHE_MAX_ENTRIES: z.coerce.number().int().min(1000).max(100_000_000).optional(),
     CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: z.coerce.number().int().min(1).max(10_000_000).optional(),
@@ -118,6 +120,17 @@ export interface Config {
     readonly batchSize: number;
     readonly scheduledBatchSize: number;
     readonly throttleMs: number;
+  };
+  /**
+   * PostgreSQL regions (tenant stores): `statementTimeoutMs` is each statement's
+   * `statement_timeout` (the client also gives up on a reply 1 s later; 0 = no limit), from
+   * CELLCDS_PG_STATEMENT_TIMEOUT_MS (default 5000); `acquireTimeoutMs` is the longest a call waits
+   * for a pooled connection, opening one included, from CELLCDS_PG_ACQUIRE_TIMEOUT_MS (default
+   * 5000). A call past either fails with 503 `unavailable` instead of hanging past its budget.
+   */
+  readonly pg: {
+    readonly statementTimeoutMs: number;
+    readonly acquireTimeoutMs: number;
   };
   /** Refused credentials audited one by one per second; the rest are audited as counts. */
   readonly authFailureAuditPerSecond: number;
@@ -250,6 +263,10 @@ export function loadConfig(
       batchSize: e.CELLCDS_REWRAP_BATCH,
       scheduledBatchSize: e.CELLCDS_REWRAP_SCHEDULED_BATCH,
       throttleMs: e.CELLCDS_REWRAP_THROTTLE_MS,
+    }),
+    pg: Object.freeze({
+      statementTimeoutMs: e.CELLCDS_PG_STATEMENT_TIMEOUT_MS,
+      acquireTimeoutMs: e.CELLCDS_PG_ACQUIRE_TIMEOUT_MS,
     }),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
     ...replayCacheConfig(e),

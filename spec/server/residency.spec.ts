@@ -328,6 +328,7 @@ describe('regions and data residency (two jurisdictions, one plane per region)',
       region: 'eu-west',
       controlPlane: 'ok',
       keyProvider: 'ok',
+      dataPlane: 'ok',
     });
   });
 });

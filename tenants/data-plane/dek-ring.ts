@@ -4,6 +4,7 @@
  * create, unwrap and destroy is an audit event in the tenant's chain.
  */
 import type { KeyObject } from 'node:crypto';
+import { UniqueConstraintError } from 'sequelize';
 import type { Transaction } from 'sequelize';
 import { appendAudit, appendAuditInTx } from './audit-chain.ts';
 import { KeyUnavailableError } from './errors.ts';
@@ -89,7 +90,7 @@ export async function ensureInitialDek(
   await ctx.provider.createTenantKey(h.tenant, opts);
   const dek = generateDataKey();
   const wrapped = await ctx.provider.wrapDek(h.tenant, dek, dekAad(h.region, h.tenant, 1));
-  const created = await h.writeTx(async (t) => {
+  const create = h.writeTx(async (t) => {
     if ((await h.models.Dek.count({ transaction: t })) > 0) {
       return undefined;
     }
@@ -119,6 +120,18 @@ export async function ensureInitialDek(
     );
     return at.toISOString();
   });
+  let created: string | undefined;
+  try {
+    created = await create;
+  } catch (err) {
+    // Another replica inserted v1 between this one's count and its insert (PostgreSQL, READ
+    // COMMITTED): theirs stands, this one's key is dropped unused, and v1 is unwrapped from the
+    // store when first needed.
+    if (err instanceof UniqueConstraintError && (await h.models.Dek.count()) > 0) {
+      return;
+    }
+    throw err;
+  }
   if (created) {
     rememberDek(h, 1, dek, created);
   }

@@ -30,8 +30,13 @@ import {
   runRewrapBatch,
 } from './rewrap-jobs.ts';
 import type { BatchResult, JobSession, PreparedBatch } from './rewrap-jobs.ts';
-import { createPostgresBackend, createSqliteBackend } from './store-backend.ts';
+import {
+  createPostgresBackend,
+  createSqliteBackend,
+  isStoreUnavailableError,
+} from './store-backend.ts';
 import type { StoreBackend, StoreHandle } from './store-backend.ts';
+import type { JobRow } from './models.ts';
 import { createTenantStore } from './tenant-store.ts';
 import type { RegionContext } from './tenant-store.ts';
 import type {
@@ -107,6 +112,10 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   assertBatchSize(batchSize, 'rewrap.batchSize');
   const scheduledBatchSize = opts.rewrap?.scheduledBatchSize ?? Math.min(50, batchSize);
   assertBatchSize(scheduledBatchSize, 'rewrap.scheduledBatchSize');
+  const resumeRetryMs = opts.resumeRetryMs ?? 30_000;
+  if (!Number.isInteger(resumeRetryMs) || resumeRetryMs < 1) {
+    throw new InvalidInputError('resumeRetryMs', 'must be a positive integer');
+  }
 
   const backend: StoreBackend =
     opts.dataDir !== undefined
@@ -116,6 +125,8 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
           region,
           schemaPrefix: opts.schemaPrefix ?? 'cellcds_t_',
           poolMax: opts.pgPoolMax ?? 2,
+          statementTimeoutMs: opts.pgStatementTimeoutMs ?? 5_000,
+          acquireTimeoutMs: opts.pgAcquireTimeoutMs ?? 60_000,
           now,
         });
   if (backend.dialect === 'postgres') {
@@ -141,6 +152,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   const state = { closed: false };
   /** Read through a function: the flags change from other async paths. */
   const isStopped = (runner: Runner): boolean => runner.stop || state.closed;
+  const isRegionClosed = (): boolean => state.closed;
 
   // ---- handle LRU --------------------------------------------------------------------------
 
@@ -370,6 +382,12 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
           if (isStopped(runner) || blocked.has(tenant)) {
             return; // interrupted: the job stays `running` in the store and resumes later
           }
+          if (isStoreUnavailableError(err)) {
+            // The database could not serve the batch (connections, timeouts): not the job's
+            // fault. It stays `running` in the store and is started again by the retry.
+            retryLater(tenant, err);
+            return;
+          }
           const message = safeMessage(err);
           await use(tenant, (h) => failJob(h, keyCtx, id, message), { provision: false }).catch(
             () => undefined,
@@ -501,6 +519,100 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     };
   }
 
+  // ---- resuming jobs ------------------------------------------------------------------------
+
+  /** Tenants whose pending jobs could not be read or run (database unavailable): tried again. */
+  const retryTenants = new Set<string>();
+  const retry: { all: boolean; timer?: NodeJS.Timeout | undefined } = { all: false };
+
+  function scheduleRetry(): void {
+    if (state.closed || retry.timer !== undefined) {
+      return;
+    }
+    retry.timer = setTimeout(() => {
+      retry.timer = undefined;
+      const only = retry.all ? undefined : [...retryTenants];
+      void resumeJobs(only);
+    }, resumeRetryMs);
+    retry.timer.unref();
+  }
+
+  function retryLater(tenant: string | undefined, err: unknown): void {
+    if (tenant === undefined) {
+      retry.all = true;
+    } else {
+      retryTenants.add(tenant);
+    }
+    opts.onResumeError?.(tenant, err);
+    scheduleRetry();
+  }
+
+  /**
+   * The tenant's `running` jobs. A store opened only for this is closed again at once unless it
+   * has one: the scan visits every store of the region, and each open PostgreSQL store keeps a
+   * pooled connection (two replicas booting with 140 tenants went past max_connections).
+   */
+  async function pendingJobRows(tenant: string): Promise<JobRow[]> {
+    const wasOpen = slots.has(tenant);
+    const rows = await use(
+      tenant,
+      (h) => h.models.Job.findAll({ where: { status: 'running' }, raw: true }),
+      { provision: false },
+    );
+    const slot = slots.get(tenant);
+    if (!wasOpen && rows.length === 0 && slot?.refs === 0 && slot.handle) {
+      slots.delete(tenant);
+      park(slot.handle);
+      await slot.handle.close().catch(() => undefined);
+    }
+    return rows;
+  }
+
+  /** Starts the pending jobs of `only` (default: every store of the region). Never rejects. */
+  async function resumeJobs(only?: readonly string[]): Promise<JobInfo[]> {
+    const started: JobInfo[] = [];
+    if (state.closed) {
+      return started;
+    }
+    let tenants: readonly string[];
+    if (only === undefined) {
+      try {
+        tenants = await backend.list();
+        retry.all = false;
+      } catch (err) {
+        retryLater(undefined, err);
+        return started;
+      }
+    } else {
+      tenants = only;
+    }
+    for (const tenant of tenants) {
+      retryTenants.delete(tenant);
+      if (blocked.has(tenant) || isRegionClosed()) {
+        continue;
+      }
+      let rows: JobRow[];
+      try {
+        rows = await pendingJobRows(tenant);
+      } catch (err) {
+        if (err instanceof NotFoundError) {
+          continue; // deprovisioned meanwhile
+        }
+        if (isStoreUnavailableError(err)) {
+          retryLater(tenant, err);
+        } else {
+          opts.onResumeError?.(tenant, err); // e.g. a store of another tenant: not retried
+        }
+        continue;
+      }
+      for (const row of rows) {
+        startDekJob(tenant, row.id);
+        started.push(dekJobInfo(row, region, tenant, runners.get(row.id)?.session));
+      }
+    }
+    return started;
+  }
+
   const ctx: RegionContext = {
     region,
     provider,
@@ -578,21 +690,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     },
 
     async resumePendingJobs() {
-      const started: JobInfo[] = [];
-      for (const tenant of await backend.list()) {
-        if (blocked.has(tenant)) {
-          continue;
-        }
-        const rows = await use(
-          tenant,
-          (h) => h.models.Job.findAll({ where: { status: 'running' }, raw: true }),
-          { provision: false },
-        );
-        for (const row of rows) {
-          startDekJob(tenant, row.id);
-          started.push(dekJobInfo(row, region, tenant, runners.get(row.id)?.session));
-        }
-      }
+      const started = await resumeJobs();
       const described = await provider.describe();
       if (
         kekJob?.info.status !== 'running' &&
@@ -754,6 +852,16 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       };
     },
 
+    ping: () => backend.ping(),
+
+    async runningJobs() {
+      const dek = await Promise.all(
+        [...runners.keys()].map((id) => findJob(id).catch(() => undefined)),
+      );
+      const all = [...dek, ...(kekJob?.info.status === 'running' ? [kekInfo(kekJob)] : [])];
+      return all.filter((j): j is JobInfo => j?.status === 'running');
+    },
+
     stats() {
       return {
         region,
@@ -769,6 +877,8 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         return;
       }
       state.closed = true;
+      clearTimeout(retry.timer);
+      retry.timer = undefined;
       parkedDeks.clear();
       const all = [...runners.values(), ...(kekJob ? [kekJob.runner] : [])];
       for (const r of all) {

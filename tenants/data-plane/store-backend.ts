@@ -9,7 +9,16 @@ import crypto from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QueryTypes, Sequelize, Transaction, UniqueConstraintError } from 'sequelize';
+import {
+  ConnectionError,
+  DatabaseError,
+  QueryTypes,
+  Sequelize,
+  TimeoutError,
+  Transaction,
+  UniqueConstraintError,
+} from 'sequelize';
+import type { SyncOptions } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { ConflictError, NotFoundError } from '../errors.ts';
 import {
@@ -128,6 +137,8 @@ export interface StoreBackend {
   open(tenant: string, create: boolean): Promise<StoreHandle>;
   /** Deletes the store (files incl. WAL/SHM, or the schema). */
   remove(tenant: string): Promise<void>;
+  /** Whether the storage answers (RegionStores.ping). Never rejects. */
+  ping(): Promise<{ ok: boolean; error?: string }>;
   close(): Promise<void>;
   /** SQLite only: the store file. */
   filePath(tenant: string): string;
@@ -141,6 +152,68 @@ export interface StoreBackend {
     tenant: string,
     create: boolean,
   ): Promise<StoreHandle>;
+}
+
+/** The driver error under a Sequelize error (`parent`), or the error itself. */
+function driverError(err: unknown): { code?: unknown; message?: unknown } | undefined {
+  if (typeof err !== 'object' || err === null) {
+    return undefined;
+  }
+  const parent = (err as { parent?: unknown }).parent;
+  return typeof parent === 'object' && parent !== null ? parent : err;
+}
+
+/**
+ * Whether `err` says a store's table does not exist (PostgreSQL 42P01 undefined_table; SQLite
+ * "no such table"): a schema or file without a store in it. Anything else (a refused
+ * connection, a timeout, `too many clients`) is not "no store" and must not be read as one.
+ */
+export function isMissingTableError(err: unknown): boolean {
+  const d = driverError(err);
+  if (d?.code === '42P01') {
+    return true;
+  }
+  // sqlite3 reports this one only in its message (code SQLITE_ERROR, as for any bad statement).
+  return d?.code === 'SQLITE_ERROR' && typeof d.message === 'string'
+    ? d.message.includes('no such table')
+    : false;
+}
+
+/** PostgreSQL SQLSTATEs of a server that cannot serve now (connections, shutdown, timeouts). */
+const PG_UNAVAILABLE = new Set([
+  '53300', // too_many_connections
+  '53400', // configuration_limit_exceeded
+  '57014', // query_canceled: statement_timeout
+  '57P01', // admin_shutdown
+  '57P02', // crash_shutdown
+  '57P03', // cannot_connect_now
+  '55P03', // lock_not_available: lock_timeout
+]);
+
+/**
+ * Whether `err` means the store's database could not serve the call right now (connection
+ * refused, lost or not acquired in time; too many clients; a statement or lock timeout; SQLite
+ * busy past busy_timeout) rather than that the call or the data is wrong. Such a failure is
+ * retryable: a job is not failed for it, and the HTTP edge answers 503.
+ */
+export function isStoreUnavailableError(err: unknown): boolean {
+  if (err instanceof ConnectionError || err instanceof TimeoutError) {
+    return true;
+  }
+  const d = driverError(err);
+  if (typeof d?.code === 'string' && (PG_UNAVAILABLE.has(d.code) || d.code.startsWith('08'))) {
+    return true;
+  }
+  if (err instanceof DatabaseError && d !== undefined && d.code === undefined) {
+    // node-postgres reports a connection lost mid-query, and its own read timeout, without a
+    // code (Sequelize marks the connection invalid for the latter).
+    const m = typeof d.message === 'string' ? d.message : '';
+    return m === 'Query read timeout' || m.startsWith('Connection terminated');
+  }
+  return (
+    typeof d?.code === 'string' &&
+    ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(d.code)
+  );
 }
 
 /** A raw statement on a SQLite connection; constraint violations as UniqueConstraintError. */
@@ -450,6 +523,12 @@ interface HandleParts {
   writeStatement?: <R>(sql: string, params: readonly unknown[]) => Promise<R[]>;
   /** SQLite: closes the writer connection (before the others). */
   closeWriter?: () => Promise<void>;
+  /**
+   * PostgreSQL: runs the store's creation or upgrade in one transaction holding the schema's
+   * creation lock (replicas creating the same store at once take turns; the later ones find it
+   * made).
+   */
+  lockedSetUp?: <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
 }
 
 async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
@@ -458,31 +537,47 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
   const qualified = (table: string) => (schema ? `"${schema}"."${table}"` : `"${table}"`);
   const queue = createQueue();
 
-  const readMeta = async (): Promise<Map<string, string> | undefined> => {
-    try {
-      const rows = await sequelize.query<{ key: string; value: string }>(
+  const readMeta = async (t?: Transaction): Promise<Map<string, string> | undefined> => {
+    const select = (tx?: Transaction) =>
+      sequelize.query<{ key: string; value: string }>(
         `SELECT key, value FROM ${qualified(TABLES.meta)}`,
-        { type: QueryTypes.SELECT },
+        { type: QueryTypes.SELECT, ...(tx ? { transaction: tx } : {}) },
       );
+    try {
+      // Inside a PostgreSQL transaction, in a SAVEPOINT: a missing table must not abort it.
+      const rows = t ? await sequelize.transaction({ transaction: t }, select) : await select();
       return new Map(rows.map((r) => [r.key, r.value]));
-    } catch {
-      return undefined;
+    } catch (err) {
+      // Only "no meta table" means "no store here": any other failure (a refused connection,
+      // `too many clients`, a timeout) is the caller's error, never a NotFoundError.
+      if (isMissingTableError(err)) {
+        return undefined;
+      }
+      throw err;
     }
   };
 
-  let meta = await readMeta();
-  if (meta?.get('schema') !== STORE_SCHEMA_VERSION) {
-    if (!parts.create && meta === undefined) {
+  /** Creates or upgrades the store's tables, triggers and meta (in `t` if given). */
+  const setUp = async (t: Transaction | undefined): Promise<Map<string, string> | undefined> => {
+    const current = await readMeta(t);
+    if (current?.get('schema') === STORE_SCHEMA_VERSION) {
+      return current; // another replica created or upgraded it while this one waited
+    }
+    if (!parts.create && current === undefined) {
       throw new NotFoundError(`store of tenant ${tenant}`);
     }
-    await sequelize.sync();
+    const inTx = t ? { transaction: t } : {};
+    // Model.sync hands its options to every statement it runs (tableExists, CREATE TABLE,
+    // indexes), so the tables are created in `t`; SyncOptions does not declare it.
+    const syncOpts: SyncOptions & { transaction?: Transaction } = inTx;
+    await sequelize.sync(syncOpts);
     for (const sql of dialect === 'sqlite'
       ? STORE_TRIGGERS_SQLITE
       : storeTriggersPostgres(schema ?? '')) {
-      await sequelize.query(sql);
+      await sequelize.query(sql, inTx);
     }
-    await sequelize.transaction(async (t) => {
-      const existing = await models.Meta.findAll({ transaction: t, raw: true });
+    const writeMeta = async (tx: Transaction): Promise<void> => {
+      const existing = await models.Meta.findAll({ transaction: tx, raw: true });
       const have = new Set(existing.map((r) => r.key));
       const wanted: Array<[string, string]> = [
         ['tenant', tenant],
@@ -491,15 +586,28 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
       ];
       for (const [key, value] of wanted) {
         if (!have.has(key)) {
-          await models.Meta.create({ key, value }, { transaction: t });
+          await models.Meta.create({ key, value }, { transaction: tx });
         }
       }
-      if ((await models.AuditHead.count({ transaction: t })) === 0) {
-        await models.AuditHead.create({ id: 1, seq: 0, hash: GENESIS_HASH }, { transaction: t });
+      if ((await models.AuditHead.count({ transaction: tx })) === 0) {
+        await models.AuditHead.create({ id: 1, seq: 0, hash: GENESIS_HASH }, { transaction: tx });
       }
-      await models.Meta.upsert({ key: 'schema', value: STORE_SCHEMA_VERSION }, { transaction: t });
-    });
-    meta = await readMeta();
+      await models.Meta.upsert({ key: 'schema', value: STORE_SCHEMA_VERSION }, { transaction: tx });
+    };
+    if (t) {
+      await writeMeta(t);
+    } else {
+      await sequelize.transaction(writeMeta);
+    }
+    return readMeta(t);
+  };
+
+  let meta = await readMeta();
+  if (meta?.get('schema') !== STORE_SCHEMA_VERSION) {
+    if (!parts.create && meta === undefined) {
+      throw new NotFoundError(`store of tenant ${tenant}`);
+    }
+    meta = parts.lockedSetUp ? await parts.lockedSetUp(setUp) : await setUp(undefined);
   }
   // A store file or schema renamed or copied to another tenant or region is refused.
   if (meta?.get('tenant') !== tenant || meta.get('region') !== region) {
@@ -677,6 +785,18 @@ export function createSqliteBackend(opts: {
       }
       return Promise.resolve();
     },
+    async ping() {
+      try {
+        await fs.promises.access(dir, fs.constants.W_OK);
+        return { ok: true };
+      } catch (err) {
+        const code = (err as { code?: unknown }).code;
+        return {
+          ok: false,
+          error: `data folder not writable (${typeof code === 'string' ? code : 'error'})`,
+        };
+      }
+    },
     close: () => Promise.resolve(),
     filePath,
     schemaName() {
@@ -711,15 +831,44 @@ export function createPostgresBackend(opts: {
   region: string;
   schemaPrefix: string;
   poolMax: number;
+  /** `statement_timeout` (0: none); the client waits for a reply 1 s longer. */
+  statementTimeoutMs: number;
+  /** Waiting for a pooled connection, opening one included. */
+  acquireTimeoutMs: number;
   now: () => Date;
 }): StoreBackend {
   if (!SCHEMA_PREFIX_PATTERN.test(opts.schemaPrefix)) {
     throw new TypeError('schemaPrefix must be lower-case letters, digits and _');
   }
+  for (const [name, v] of [
+    ['statementTimeoutMs', opts.statementTimeoutMs],
+    ['acquireTimeoutMs', opts.acquireTimeoutMs],
+  ] as const) {
+    if (!Number.isInteger(v) || v < (name === 'acquireTimeoutMs' ? 1 : 0)) {
+      throw new TypeError(`${name} must be a non-negative integer`);
+    }
+  }
+  // Every call is bounded: a server that refuses, a pool that is exhausted, a statement that
+  // waits on a lock or a network that stopped answering fails within about these times
+  // (isStoreUnavailableError; 503 at the HTTP edge) instead of hanging past the hook's budget.
+  const dialectOptions = {
+    connectionTimeoutMillis: opts.acquireTimeoutMs,
+    keepAlive: true,
+    ...(opts.statementTimeoutMs > 0
+      ? {
+          statement_timeout: opts.statementTimeoutMs,
+          // node-postgres gives up on the reply 1 s later (the server may never have seen the
+          // statement); Sequelize then drops that connection from the pool.
+          query_timeout: opts.statementTimeoutMs + 1_000,
+        }
+      : {}),
+  };
+  const poolTimeouts = { acquire: opts.acquireTimeoutMs };
   const admin = new Sequelize(opts.url, {
     dialect: 'postgres',
     logging: false,
-    pool: { max: 1, min: 0, idle: 5_000 },
+    dialectOptions,
+    pool: { max: 1, min: 0, idle: 5_000, ...poolTimeouts },
   });
   const schemaName = (tenant: string) => tenantSchemaName(opts.schemaPrefix, tenant);
 
@@ -732,16 +881,14 @@ export function createPostgresBackend(opts: {
   }
 
   async function openSchema(schema: string, tenant: string, create: boolean): Promise<StoreHandle> {
-    if (!(await schemaExists(schema))) {
-      if (!create) {
-        throw new NotFoundError(`store of tenant ${tenant}`);
-      }
-      await admin.query(`CREATE SCHEMA IF NOT EXISTS "${schema}"`);
+    if (!create && !(await schemaExists(schema))) {
+      throw new NotFoundError(`store of tenant ${tenant}`);
     }
     const sequelize = new Sequelize(opts.url, {
       dialect: 'postgres',
       logging: false,
-      pool: { max: opts.poolMax, min: 0, idle: 10_000 },
+      dialectOptions,
+      pool: { max: opts.poolMax, min: 0, idle: 10_000, ...poolTimeouts },
     });
     try {
       return await initialiseHandle({
@@ -752,6 +899,23 @@ export function createPostgresBackend(opts: {
         schema,
         now: opts.now,
         create,
+        // Replicas creating (or upgrading) the same store at once: `CREATE SCHEMA IF NOT
+        // EXISTS` and `CREATE TABLE IF NOT EXISTS` race in PostgreSQL (unique violations in
+        // its catalog). One transaction-scoped advisory lock per schema serializes them, and
+        // the schema, tables, triggers and meta commit together: a store is never seen half
+        // made. The lock is taken on the store's own connection, before anything else.
+        lockedSetUp: (fn) =>
+          sequelize.transaction(async (t) => {
+            await sequelize.query('SELECT pg_advisory_xact_lock(hashtext(:key))', {
+              transaction: t,
+              type: QueryTypes.SELECT,
+              replacements: { key: `cellcds.store.${schema}` },
+            });
+            if (create) {
+              await sequelize.query(`CREATE SCHEMA IF NOT EXISTS "${schema}"`, { transaction: t });
+            }
+            return fn(t);
+          }),
       });
     } catch (err) {
       await sequelize.close().catch(() => undefined);
@@ -799,6 +963,15 @@ export function createPostgresBackend(opts: {
     },
     async remove(tenant) {
       await admin.query(`DROP SCHEMA IF EXISTS "${schemaName(tenant)}" CASCADE`);
+    },
+    async ping() {
+      try {
+        await admin.query('SELECT 1', { type: QueryTypes.SELECT });
+        return { ok: true };
+      } catch (err) {
+        // The class only: a driver message may quote the host or the statement.
+        return { ok: false, error: err instanceof Error ? err.name : 'error' };
+      }
     },
     close: () => admin.close(),
     filePath() {

@@ -361,6 +361,19 @@ export interface OpenRegionStoresOptions {
   maxOpen?: number;
   /** PostgreSQL connections per open store. Default 2. */
   pgPoolMax?: number;
+  /**
+   * PostgreSQL: the longest a statement may run (`statement_timeout`; the client also gives up
+   * on a reply after this + 1 s, for a network that stopped answering). 0 = no limit.
+   * Default 5000 ms.
+   */
+  pgStatementTimeoutMs?: number;
+  /**
+   * PostgreSQL: the longest a call waits for a pooled connection, including opening one (and
+   * its place in the queue for one). Default 60000 ms (Sequelize's); the server passes
+   * CELLCDS_PG_ACQUIRE_TIMEOUT_MS (5000): its calls have a budget of their own, batch jobs and
+   * tools may queue more.
+   */
+  pgAcquireTimeoutMs?: number;
   now?: () => Date;
   rewrap?: {
     /** Records per batch (one transaction each) of an emergency rotation. Default 200. */
@@ -380,6 +393,15 @@ export interface OpenRegionStoresOptions {
   };
   /** Called when a background job fails (safe error). */
   onJobError?: (job: JobInfo, err: unknown) => void;
+  /**
+   * Called when `resumePendingJobs` (or its retry) cannot read a tenant's jobs or start one
+   * (`tenant` undefined: the list of stores itself). The scan goes on with the other tenants;
+   * stores the database could not serve (a connection refused or timed out) are tried again
+   * every `resumeRetryMs`.
+   */
+  onResumeError?: (tenant: string | undefined, err: unknown) => void;
+  /** Pause before pending jobs whose store could not be reached are tried again. Default 30 s. */
+  resumeRetryMs?: number;
   /**
    * Called at open with the staged restore copies (`.<tenant>.restore-<id>.sqlite`) that
    * restores killed before their commit left, and that were removed (file names: ids only).
@@ -405,8 +427,23 @@ export interface RegionStores {
   listJobs(tenantId: string): Promise<JobInfo[]>;
   /** Resolves when the job stops running (done, failed, superseded). @throws NotFoundError. */
   waitForJob(id: string): Promise<JobInfo>;
-  /** Restarts every job left running (crash, restart) and an unfinished KEK rotation. */
+  /**
+   * Restarts every job left running (crash, restart) and an unfinished KEK rotation. Opens one
+   * store at a time and closes it again unless it has a pending job. Never rejects for one
+   * tenant: a store that cannot be read is reported (`onResumeError`) and, if the database could
+   * not serve it, tried again later.
+   */
   resumePendingJobs(): Promise<JobInfo[]>;
+  /**
+   * Whether the region's storage answers: PostgreSQL `SELECT 1` on the region connection;
+   * SQLite, the region's folder is writable. Never rejects.
+   */
+  ping(): Promise<{ ok: boolean; error?: string }>;
+  /**
+   * The jobs this process runs now (DEK rewraps and a KEK rewrap), without opening any other
+   * store (for metrics: listing every tenant's jobs would open every store).
+   */
+  runningJobs(): Promise<JobInfo[]>;
   /** Rotates the region's KEK and starts the job that rewraps every tenant's DEKs. */
   rotateKek(opts?: { actor?: string }): Promise<JobInfo>;
   /**
