@@ -46,6 +46,10 @@ export function lacksOffset(value: string): boolean {
   return value.includes('T') && !/(Z|[+-]\d\d:\d\d)$/.test(value);
 }
 
+/** Why a test whose `expect` lists no rule id (in `fire` or `notFire`) is refused. */
+export const EXPECT_NAMES_NO_RULE_MESSAGE =
+  'names no rule; list the rules that must fire under fire and those that must not under notFire (e.g. notFire: [my-rule])';
+
 const instant = z
   .string()
   .regex(FHIR_DATETIME, { error: 'must be an ISO 8601 date or dateTime' })
@@ -149,10 +153,16 @@ const test = z.strictObject({
   requestFile: text.optional(),
   patientBundle: text.optional(),
   draftOrders: z.array(resourceObject).optional(),
-  expect: z.strictObject({
-    fire: z.array(z.string()).optional(),
-    notFire: z.array(z.string()).optional(),
-  }),
+  expect: z
+    .strictObject({
+      fire: z.array(z.string()).optional(),
+      notFire: z.array(z.string()).optional(),
+    })
+    // fire/notFire check only the rules they list: an expect naming none checks nothing, so
+    // a test meant as "no card" (`fire: []`) would pass whatever the rules do.
+    .refine((e) => (e.fire?.length ?? 0) + (e.notFire?.length ?? 0) > 0, {
+      error: EXPECT_NAMES_NO_RULE_MESSAGE,
+    }),
 });
 
 /** The native pack schema. */

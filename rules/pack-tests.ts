@@ -57,13 +57,19 @@ function readJsonFile(baseDir: string, file: string): unknown {
   return JSON.parse(text) as unknown;
 }
 
-function errorCode(err: unknown): string {
+/**
+ * Why a test file cannot be used. A missing file names the path looked for: a path written
+ * relative to the checkout (`spec/fixtures/...`) is resolved from the pack file's folder.
+ */
+function errorCode(err: unknown, baseDir: string, file: string): string {
   if (err instanceof SyntaxError) {
     return 'not valid JSON';
   }
   const code = (err as { code?: unknown } | null)?.code;
   if (typeof code === 'string') {
-    return code === 'ENOENT' ? 'file not found' : code;
+    return code === 'ENOENT'
+      ? `file not found (looked for ${path.resolve(baseDir, file)}; paths are relative to the pack file's folder)`
+      : code;
   }
   return err instanceof Error ? (err.message.split('\n')[0] ?? 'unreadable') : 'unreadable';
 }
@@ -107,7 +113,7 @@ export function resolvePackFiles(raw: unknown, baseDir: string): unknown {
       } catch (err) {
         problems.push({
           path: `tests[${i}].requestFile`,
-          message: `cannot use ${t.requestFile}: ${errorCode(err)}`,
+          message: `cannot use ${t.requestFile}: ${errorCode(err, baseDir, t.requestFile)}`,
         });
       }
     } else if (typeof t.patientBundle === 'string') {
@@ -140,7 +146,7 @@ export function resolvePackFiles(raw: unknown, baseDir: string): unknown {
         } else {
           problems.push({
             path: `tests[${i}].patientBundle`,
-            message: `cannot use ${t.patientBundle}: ${errorCode(err)}`,
+            message: `cannot use ${t.patientBundle}: ${errorCode(err, baseDir, t.patientBundle)}`,
           });
         }
       }

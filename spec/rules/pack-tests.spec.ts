@@ -85,7 +85,7 @@ describe('rules: embedded pack tests', function () {
         expect((err as PackValidationError).problems).to.deep.equal([
           {
             path: 'tests[2].requestFile',
-            message: 'cannot use requests/nope.json: file not found',
+            message: `cannot use requests/nope.json: file not found (looked for ${path.join(PACKS, 'requests/nope.json')}; paths are relative to the pack file's folder)`,
           },
           { path: 'tests[3].patientBundle', message: 'cannot use full-pack.yaml: not valid JSON' },
         ]);

@@ -442,8 +442,10 @@ async function problemsOf(
 
 describe('rules: validatePack', () => {
   let evaluator: Evaluator;
-  before(() => {
+  before(async () => {
     evaluator = createEvaluator({ workers: 1 });
+    // A worker starting on a loaded machine would otherwise eat the first test's call budget.
+    await evaluator.ready();
   });
   after(async () => {
     await evaluator.close();
@@ -575,7 +577,10 @@ describe('rules: validatePack', () => {
     raw.tests![2]!.requestFile = 'requests/missing.json';
     const problems = await problemsOf(raw, { baseDir: PACKS, evaluator });
     expect(problems).to.deep.equal([
-      { path: 'tests[2].requestFile', message: 'cannot use requests/missing.json: file not found' },
+      {
+        path: 'tests[2].requestFile',
+        message: `cannot use requests/missing.json: file not found (looked for ${path.join(PACKS, 'requests/missing.json')}; paths are relative to the pack file's folder)`,
+      },
     ]);
   });
 });
