@@ -8,13 +8,17 @@ import {
   analyzeExpression,
   buildFunctionTable,
   compileExpression,
+  EXPRESSION_LIMITS,
+  expressionSize,
   formatIssue,
   hasInterpolation,
   indexValueSets,
+  itemText,
   parseTemplate,
+  SafeEvalError,
 } from './expression.ts';
 import type { CompiledFn, ExprScope, ValueSetIndex } from './expression.ts';
-import { compileFast, withFallback } from './fast-path.ts';
+import { chargeText, compileFast, SubtreeKeys, withFallback } from './fast-path.ts';
 import { packHash } from './pack-format.ts';
 import type {
   ActionType,
@@ -24,6 +28,80 @@ import type {
   PackRule,
   RulePack,
 } from './types.ts';
+
+/**
+ * The longest text an interpolated card field may have after interpolation (detail, labels,
+ * urls, appContext, action descriptions and resourceIds, a resource's string leaves; a leaf that
+ * is one `{{ }}` keeping its typed value is measured as JSON). Longer fails the rule with a
+ * trace error naming the field. (The summary's own limit, 140, is checked by the engine.)
+ */
+export const CARD_TEXT_LIMIT = 16_384;
+
+const TEXT_TOO_LONG = `longer than ${CARD_TEXT_LIMIT} characters after interpolation`;
+
+/**
+ * The text of a template's parts, refused past `CARD_TEXT_LIMIT` before it is built (each
+ * interpolation's items are measured first: a collection of big strings is never joined).
+ */
+function renderBounded(
+  parts: ReadonlyArray<string | CompiledFn>,
+  root: unknown,
+  vars: Record<string, unknown>,
+): string {
+  let out = '';
+  for (const part of parts) {
+    if (typeof part === 'string') {
+      if (out.length + part.length > CARD_TEXT_LIMIT) {
+        throw new SafeEvalError(TEXT_TOO_LONG);
+      }
+      out += part;
+      continue;
+    }
+    const items = part(root, vars);
+    const texts: string[] = new Array<string>(items.length);
+    let length = out.length;
+    for (let i = 0; i < items.length; i++) {
+      const t = itemText(items[i]);
+      length += t.length + (i > 0 ? 2 : 0);
+      if (length > CARD_TEXT_LIMIT) {
+        throw new SafeEvalError(TEXT_TOO_LONG);
+      }
+      texts[i] = t;
+    }
+    out += texts.join(', ');
+  }
+  chargeText(out.length);
+  return out;
+}
+
+/** Whether JSON-like values would take more than `limit` characters as JSON (a bounded walk). */
+function jsonLongerThan(values: readonly unknown[], limit: number): boolean {
+  let size = 0;
+  const stack: unknown[] = [...values];
+  while (stack.length > 0) {
+    const v = stack.pop();
+    if (typeof v === 'string') {
+      size += v.length + 2;
+    } else if (Array.isArray(v)) {
+      size += 2 + v.length;
+      for (const x of v) {
+        stack.push(x);
+      }
+    } else if (typeof v === 'object' && v !== null) {
+      size += 2;
+      for (const [k, x] of Object.entries(v)) {
+        size += k.length + 4;
+        stack.push(x);
+      }
+    } else {
+      size += 8;
+    }
+    if (size > limit) {
+      return true;
+    }
+  }
+  return false;
+}
 
 /** A compiled template string: literal text and compiled `{{ }}` interpolations. */
 export interface CompiledText {
@@ -178,6 +256,10 @@ class Compiler {
   private readonly scope: ExprScope;
   private readonly letNames: Set<string>;
   private readonly valueSets: Map<string, ValueSetIndex>;
+  /** Shared by the pack's expressions: their common call-constant subtrees are computed once. */
+  private readonly keys = new SubtreeKeys();
+  /** Characters of the pack's expressions so far (`EXPRESSION_LIMITS.packChars`). */
+  private chars = 0;
 
   constructor(
     pack: RulePack,
@@ -197,6 +279,14 @@ class Compiler {
     raw = false,
     base?: { line: number; column: number },
   ): CompiledFn {
+    const before = this.chars;
+    this.chars += expressionSize(source).size;
+    if (this.chars > EXPRESSION_LIMITS.packChars) {
+      if (before <= EXPRESSION_LIMITS.packChars) {
+        this.problems.push({ path, message: PACK_CHARS_MESSAGE });
+      }
+      return () => [];
+    }
     const analysis = analyzeExpression(source, this.scope);
     for (const v of analysis.variables) {
       if (this.letNames.has(v)) {
@@ -215,7 +305,12 @@ class Compiler {
       this.allFast = false;
       return slow;
     }
-    const fast = compileFast(source, { raw, valueSets: this.valueSets, ast: analysis.ast });
+    const fast = compileFast(source, {
+      raw,
+      valueSets: this.valueSets,
+      ast: analysis.ast,
+      keys: this.keys,
+    });
     if (!fast) {
       this.allFast = false;
     }
@@ -236,8 +331,20 @@ class Compiler {
         ? p.text
         : this.expr(p.expr, path, false, { line: p.line, column: p.column }),
     );
+    // One part that renders the whole text under CARD_TEXT_LIMIT (the engine joins parts
+    // without a limit); a lone interpolation keeps its typed value, under the same limit.
+    const text: CompiledText = { parts: [(root, vars) => [renderBounded(parts, root, vars)]] };
     const only = parts.length === 1 ? parts[0] : undefined;
-    return typeof only === 'function' ? { parts, whole: only } : { parts };
+    if (typeof only === 'function') {
+      text.whole = (root, vars) => {
+        const items = only(root, vars);
+        if (jsonLongerThan(items, CARD_TEXT_LIMIT)) {
+          throw new SafeEvalError(TEXT_TOO_LONG);
+        }
+        return items;
+      };
+    }
+    return text;
   }
 
   value(v: unknown, path: string): CompiledValue {
@@ -321,6 +428,9 @@ function compileRule(c: Compiler, rule: PackRule, index: number): CompiledRule {
   const card = c.card(rule.card, `${base}.card`);
   return { id: rule.id, service: rule.service, when, card, lets: c.takeLetRefs() };
 }
+
+/** The problem of a pack whose expressions together are over `EXPRESSION_LIMITS.packChars`. */
+export const PACK_CHARS_MESSAGE = `the pack's expressions exceed ${EXPRESSION_LIMITS.packChars} characters in total (a number literal counts as ${EXPRESSION_LIMITS.numberWeight}); split the pack`;
 
 /** Finds a cycle among lets, as `a -> b -> a`, or undefined. */
 export function findLetCycle(deps: ReadonlyMap<string, readonly string[]>): string[] | undefined {

@@ -105,6 +105,11 @@ export interface EvaluatorStats {
   inline?: number;
   /** Calls whose guarded run in the calling thread handed them to a worker. */
   handedOff?: number;
+  /**
+   * Packs whose compilation in a worker outlasted a call (the worker was stopped before it
+   * began the call's rules): they are no longer compiled ahead in spare or idle workers.
+   */
+  compileOverruns?: number;
 }
 
 export interface EvaluatorOptions {
@@ -227,8 +232,14 @@ class WorkerPool {
   private readyWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
   /** Packs used lately, compiled ahead in each new spare. */
   private readonly recent = new Map<string, CompiledPack>();
+  /**
+   * Packs whose compilation outlasted a call: never compiled ahead, so that no spare (which
+   * takes over from a stopped worker) or idle worker is kept busy compiling one.
+   */
+  private readonly slowCompiles = new LruCache<true>(256);
   started = 0;
   replaced = 0;
+  compileOverruns = 0;
 
   constructor(
     private readonly size: number,
@@ -326,7 +337,7 @@ class WorkerPool {
   }
 
   private warm(slot: Slot, pack: CompiledPack): void {
-    if (slot.hashes.has(pack.hash)) {
+    if (slot.hashes.has(pack.hash) || this.slowCompiles.get(pack.hash) !== undefined) {
       return;
     }
     slot.hashes.add(pack.hash);
@@ -344,9 +355,21 @@ class WorkerPool {
     }
   }
 
+  /**
+   * Notes that a pack's compilation outlasted a call: it is no longer compiled ahead (its
+   * compilation counted against that call's budget, as every compilation in a worker does).
+   */
+  noteSlowCompile(hash: string): void {
+    if (this.slowCompiles.get(hash) === undefined) {
+      this.compileOverruns++;
+    }
+    this.slowCompiles.set(hash, true);
+    this.recent.delete(hash);
+  }
+
   /** Notes a pack in use; the spare compiles it ahead so that a takeover does not have to. */
   noteUse(pack: CompiledPack): void {
-    if (this.recent.has(pack.hash)) {
+    if (this.recent.has(pack.hash) || this.slowCompiles.get(pack.hash) !== undefined) {
       return;
     }
     this.recent.set(pack.hash, pack);
@@ -737,6 +760,8 @@ class PooledEvaluator implements Evaluator {
     const letNames = Object.keys(pack.pack.let ?? {});
     return new Promise((resolve) => {
       let timer: NodeJS.Timeout | undefined;
+      /** This attempt sent the pack: the worker compiles it before the call's first step. */
+      let sentPack = false;
       const settle = (outcome: AttemptOutcome) => {
         clearTimeout(timer);
         slot.onMessage = undefined;
@@ -800,6 +825,9 @@ class PooledEvaluator implements Evaluator {
               ? 'call budget exhausted'
               : `exceeded the rule budget of ${ruleBudget} ms`,
           });
+        } else if (!begun && sentPack) {
+          // Still compiling the pack when the call ran out.
+          this.pool.noteSlowCompile(pack.hash);
         }
         settle('stopped');
       };
@@ -834,6 +862,7 @@ class PooledEvaluator implements Evaluator {
         }
         switch (msg.type) {
           case 'need-pack':
+            sentPack = true;
             slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, true));
             return;
           case 'batch':
@@ -862,6 +891,7 @@ class PooledEvaluator implements Evaluator {
         }
       };
       const withPack = !slot.hashes.has(pack.hash);
+      sentPack = withPack;
       slot.hashes.add(pack.hash);
       slot.worker.postMessage(this.runMessage(callId, pack, input, ruleIds, call, withPack));
       arm(Math.min(deadlineEpoch, epochMs() + ruleBudget));
@@ -916,6 +946,7 @@ class PooledEvaluator implements Evaluator {
       workersReplaced: this.pool.replaced,
       inline: this.inline,
       handedOff: this.handedOff,
+      compileOverruns: this.pool.compileOverruns,
       calls: this.calls,
     };
   }

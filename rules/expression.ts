@@ -65,6 +65,28 @@ const SYSTEM_TYPES = new Set([
   'Quantity',
 ]);
 
+/**
+ * Limits on one FHIRPath expression (a let, a `when`, one `{{ }}`) and on a pack's expressions
+ * together. Far above real rules (the shipped pack's expressions: size 7,401 in all, the
+ * largest 570, 4 brackets and 23 levels deep), they bound what compiling a pack costs in every
+ * thread that evaluates it (the main thread for validation and the fast path, each worker):
+ * fhirpath.js's parser is quadratic in bracket nesting, recursive in depth, and ~50 times
+ * slower on a number literal than on any other token.
+ * - `chars`: the size of one expression: its characters, a number literal counting as
+ *   `numberWeight`;
+ * - `nesting`: brackets (`( [ {`) open at once, checked before parsing;
+ * - `depth`: levels of the parse tree (a chain of `.step`s, of `and`/`or`/`|` operands, nests
+ *   one level per item);
+ * - `packChars`: the size of all the expressions of a pack together.
+ */
+export const EXPRESSION_LIMITS = Object.freeze({
+  chars: 8192,
+  numberWeight: 64,
+  nesting: 64,
+  depth: 256,
+  packChars: 65_536,
+});
+
 /** A problem inside one expression; line and column are 1-based within the expression. */
 export interface ExprIssue {
   message: string;
@@ -344,24 +366,145 @@ function walkChildren(node: AstNode, st: WalkState): void {
   }
 }
 
+function isDigit(c: number): boolean {
+  return c >= 48 && c <= 57;
+}
+
+function isWordChar(c: number): boolean {
+  return isDigit(c) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c === 95;
+}
+
 /**
- * Statically checks one FHIRPath expression: syntax (with the parser's position), unknown
- * functions, unknown `%variables`, unknown type names and `inValueSet` arguments.
- * Never throws.
+ * The size of an expression against `EXPRESSION_LIMITS` (its characters, a number literal
+ * counting as `numberWeight`) and its deepest bracket nesting (`(`, `[`, `{`), outside string
+ * literals, delimited identifiers, date literals and comments: a linear scan, run before the
+ * parser (whose cost grows with the square of the nesting).
+ */
+export function expressionSize(expr: string): { size: number; nesting: number } {
+  let depth = 0;
+  let max = 0;
+  let numbers = 0;
+  for (let i = 0; i < expr.length; i++) {
+    const c = expr.charCodeAt(i);
+    if (isDigit(c)) {
+      // A number literal (`12`, `1.5`), not the digits of an identifier (`item2`).
+      const prev = i > 0 ? expr.charCodeAt(i - 1) : 32;
+      if (!isWordChar(prev) && prev !== 46) {
+        numbers++;
+      }
+      while (i + 1 < expr.length && isWordChar(expr.charCodeAt(i + 1))) {
+        i++;
+      }
+    } else if (c === 64) {
+      // @2020-01-01T10:00:00.000+01:00, @T10:00
+      while (i + 1 < expr.length && /[0-9T:.+\-Z]/.test(expr.charAt(i + 1))) {
+        i++;
+      }
+    } else if (isWordChar(c)) {
+      while (i + 1 < expr.length && isWordChar(expr.charCodeAt(i + 1))) {
+        i++;
+      }
+    } else if (c === 39 || c === 96) {
+      // '...' or `...`, with backslash escapes.
+      for (i++; i < expr.length && expr.charCodeAt(i) !== c; i++) {
+        if (expr.charCodeAt(i) === 92) {
+          i++;
+        }
+      }
+    } else if (c === 47 && expr.charCodeAt(i + 1) === 47) {
+      const end = expr.indexOf('\n', i);
+      i = end < 0 ? expr.length : end;
+    } else if (c === 47 && expr.charCodeAt(i + 1) === 42) {
+      const end = expr.indexOf('*/', i + 2);
+      i = end < 0 ? expr.length : end + 1;
+    } else if (c === 40 || c === 91 || c === 123) {
+      depth++;
+      if (depth > max) {
+        max = depth;
+      }
+    } else if ((c === 41 || c === 93 || c === 125) && depth > 0) {
+      depth--;
+    }
+  }
+  return { size: expr.length + numbers * (EXPRESSION_LIMITS.numberWeight - 1), nesting: max };
+}
+
+/** Whether a parse tree is more than `limit` levels deep (an explicit stack: no recursion). */
+function deeperThan(root: AstNode, limit: number): boolean {
+  const nodes: AstNode[] = [root];
+  const depths: number[] = [1];
+  while (nodes.length > 0) {
+    const node = nodes.pop() as AstNode;
+    const depth = depths.pop() as number;
+    if (depth > limit) {
+      return true;
+    }
+    for (const c of node.children ?? []) {
+      nodes.push(c);
+      depths.push(depth + 1);
+    }
+  }
+  return false;
+}
+
+const TOO_DEEP = `expression nests too deeply (more than ${EXPRESSION_LIMITS.depth} levels); move parts of it into lets`;
+
+/** The limits of one expression that are checked before parsing it. */
+function limitIssue(expr: string): ExprIssue | undefined {
+  if (expr.length > EXPRESSION_LIMITS.chars) {
+    return {
+      message: `expression is ${expr.length} characters long (limit ${EXPRESSION_LIMITS.chars}); move parts of it into lets`,
+    };
+  }
+  const { size, nesting } = expressionSize(expr);
+  if (size > EXPRESSION_LIMITS.chars) {
+    return {
+      message: `expression is too large: ${size} characters, counting each number literal as ${EXPRESSION_LIMITS.numberWeight} (limit ${EXPRESSION_LIMITS.chars}); move parts of it into lets`,
+    };
+  }
+  if (nesting > EXPRESSION_LIMITS.nesting) {
+    return {
+      message: `expression nests more than ${EXPRESSION_LIMITS.nesting} brackets deep; move parts of it into lets`,
+    };
+  }
+  return undefined;
+}
+
+/**
+ * Statically checks one FHIRPath expression: its size (`EXPRESSION_LIMITS`), syntax (with the
+ * parser's position), unknown functions, unknown `%variables`, unknown type names and
+ * `inValueSet` arguments. Never throws.
  */
 export function analyzeExpression(expr: string, scope: ExprScope): ExprAnalysis {
   const variables = new Set<string>();
   if (expr.trim() === '') {
     return { issues: [{ message: 'empty expression' }], variables };
   }
+  const limit = limitIssue(expr);
+  if (limit) {
+    return { issues: [limit], variables };
+  }
   let ast: AstNode;
   try {
     ast = fhirpath.parse(expr) as AstNode;
   } catch (err) {
+    if (err instanceof RangeError) {
+      return { issues: [{ message: TOO_DEEP }], variables };
+    }
     return { issues: parseIssues(err), variables };
   }
+  if (deeperThan(ast, EXPRESSION_LIMITS.depth)) {
+    return { issues: [{ message: TOO_DEEP }], variables };
+  }
   const st: WalkState = { issues: [], variables, defined: new Set(), scope };
-  walk(ast, st);
+  try {
+    walk(ast, st);
+  } catch (err) {
+    if (!(err instanceof RangeError)) {
+      throw err;
+    }
+    return { issues: [{ message: TOO_DEEP }], variables };
+  }
   // defineVariable names are only known once the whole expression was walked.
   st.issues = st.issues.filter((i) => {
     const m = /^unknown variable '%(.+)'$/.exec(i.message);
@@ -692,20 +835,220 @@ export class SafeEvalError extends Error {
   }
 }
 
+/** fhirpath.js messages with no value in them, kept as they are. */
+const FIXED_MESSAGES: ReadonlySet<string> = new Set([
+  'Join requires a collection of strings.',
+  "Decode 'hex' requires an even number of characters.",
+  'matches/matchesFull flags must only contain i and/or m',
+  'Unary - can only be applied to an individual number or Quantity.',
+  'Unary + can only be applied to an individual number or Quantity.',
+  'Infix invoke should have arity 2',
+  'Cannot sort incomparable values',
+  'Expected single',
+  'Cannot substract a date/time based value from a quantity',
+  'Cannot convert a FHIR.Quantity that has a comparator',
+  'Expected a ResourceNode.',
+  "%factory.create(type) doesn't support system types.",
+  'The valueset does not have a single code system.',
+  'No terminology server could satisfy the request.',
+  'The terminology request could not be built.',
+  '%questionnaire is needed but not specified.',
+  'Option "terminologyUrl" is not specified.',
+  'Option "fhirServerUrl" is not specified.',
+  'The weight()/ordinal() function is not supported for the current model.',
+  'Evaluation of the expression was aborted before it started.',
+  // thrown as plain strings (not Errors) by fhirpath.js
+  'Invalid comparison of a DateTime with something else',
+  'Invalid comparison of a time with something else',
+]);
+
+/** What a collection was expected to be, in fhirpath.js's "Unexpected collection" messages. */
+const EXPECTED_KINDS: ReadonlySet<string> = new Set([
+  'singleton of type Boolean',
+  'singleton of type Integer',
+  'singleton of type String',
+  'singleton of type Decimal',
+  'singleton of type Extension',
+  'singleton of type Coding',
+  'singleton of type Resource',
+  'number',
+  'a number',
+  'a number or a Quantity',
+  'a Decimal, Date, DateTime, or Time',
+  'value of type Coding',
+]);
+
+/** The type words of fhirpath.js's "Expected <type>, but got" messages. */
+const EXPECTED_TYPES: ReadonlySet<string> = new Set([
+  'boolean',
+  'integer',
+  'string',
+  'decimal',
+  'a number',
+  'a number or a Quantity',
+  'a Decimal, Date, DateTime, or Time',
+]);
+
+/** The operations of fhirpath.js's "<operation> is not implemented for <type>" messages. */
+const UNIMPLEMENTED =
+  /^(equals\(\)|equivalentTo\(\)|toNumber\(\)|Comparison|Addition|Subtraction|Negation|Multiplication|Division|abs\(\)|ceiling\(\)|floor\(\)|round\(\)|lowBoundary\(\)|highBoundary\(\)|truncate\(\)|divToInt\(\)|mod\(\)|exp\(\)|ln\(\)|log\(\)|power\(\)|sqrt\(\)) (?:is )?not implemented for /;
+
 /**
- * A PHI-free description of a runtime failure. fhirpath.js messages may quote data
- * (`Expected singleton ..., got [...]`), so the message is cut before the first quote,
- * bracket, brace, colon or comma.
+ * A fixed, value-free text for a fhirpath.js message of a known shape (each `new Error(` of
+ * fhirpath.js 5.2.2: spec/rules/engine-limits.spec.ts lists them), or undefined. Only the
+ * message's code-written part decides the text; the values fhirpath.js puts in (data of the
+ * call, quoted or not) never reach it.
+ */
+function knownMessage(msg: string): string | undefined {
+  if (FIXED_MESSAGES.has(msg)) {
+    return msg;
+  }
+  const head = msg.slice(0, 120);
+  const unary = /^(Unary [+-] can only be applied to a number or Quantity\.) \(at \d+:\d+\)$/.exec(
+    msg,
+  );
+  if (unary?.[1] !== undefined) {
+    return unary[1];
+  }
+  const singleton =
+    /^Expected singleton on (left|right) side of '?(contains|in|is|as)'?, got /.exec(head);
+  if (singleton) {
+    return `Expected singleton on ${singleton[1] ?? ''} side of ${singleton[2] ?? ''}`;
+  }
+  if (/^Unexpected (?:empty )?(?:collection|value)/.test(head)) {
+    // The code-written tail follows the value: "...; expected singleton of type Boolean".
+    const cut = msg.lastIndexOf('; expected ');
+    const kind = cut >= 0 ? msg.slice(cut + '; expected '.length) : '';
+    return EXPECTED_KINDS.has(kind)
+      ? `Unexpected collection; expected ${kind}`
+      : 'Unexpected collection; expected a single item';
+  }
+  const expected = /^Expected ([A-Za-z ,]{1,40}?), but got/.exec(head);
+  if (expected?.[1] !== undefined) {
+    return EXPECTED_TYPES.has(expected[1]) ? `Expected ${expected[1]}` : 'Unexpected value type';
+  }
+  if (head.startsWith('Cannot convert ')) {
+    if (msg.endsWith(' to a number')) {
+      return 'Cannot convert a value to a number';
+    }
+    if (/ to (?:a )?[Dd]ecimal$/.test(msg.slice(-12))) {
+      return 'Cannot convert a value to a decimal';
+    }
+    return undefined;
+  }
+  if (head.startsWith('Cannot [')) {
+    // math.js: "Cannot " + toJSON(xs) + " - " + toJSON(ys)
+    return 'Cannot apply an arithmetic operator to these operands';
+  }
+  const invalid = /^Invalid (decimal value|date literal|date-time literal|time literal): /.exec(
+    head,
+  );
+  if (invalid?.[1] !== undefined) {
+    return `Invalid ${invalid[1]}`;
+  }
+  const unimplemented = UNIMPLEMENTED.exec(head);
+  if (unimplemented?.[1] !== undefined) {
+    return `${unimplemented[1]} is not implemented for this type`;
+  }
+  if (
+    /^(Addition|Subtraction|Negation|Multiplication|Division|abs\(\)|ceiling\(\)) for /.test(head)
+  ) {
+    return `${head.slice(0, head.indexOf(' for '))} is not implemented for this type`;
+  }
+  const prefixes: Array<[string, string]> = [
+    ['Cannot sort by non-primitive type: ', 'Cannot sort by non-primitive type'],
+    ['Not implemented: ', 'Not implemented'],
+    ['Not impl ', 'Not implemented'],
+    [
+      'Attempting to access an undefined environment variable: ',
+      'Attempting to access an undefined environment variable',
+    ],
+    ['Expected TypeSpecifier node, got ', 'Expected TypeSpecifier node'],
+    ['Expected identifier node, got ', 'Expected identifier node'],
+    ['Expected "FHIR.Extension", got ', 'Expected an Extension'],
+    ['Expected "FHIR.CodeableConcept", got ', 'Expected a CodeableConcept'],
+    ['Do not know how to alias ', 'Do not know how to alias an operator'],
+    ['Instance selector', 'Instance selector error'],
+    [
+      'For date/time arithmetic, the unit of the quantity must be one of the following time-based units: ',
+      'For date/time arithmetic, the unit of the quantity must be a time-based unit',
+    ],
+    ['Unsupported unit for +. ', 'Unsupported unit for date/time arithmetic'],
+    ['Environment Variable %', 'Variable already defined'],
+    ['Variable %', 'Variable already defined'],
+    ['Not supported type ', 'Not supported type'],
+    ['The asynchronous function ', 'Asynchronous functions are not allowed'],
+    ['The "signal" option ', 'The "signal" option is only supported for asynchronous functions'],
+    [
+      'The "httpHeaders" option ',
+      'The "httpHeaders" option is only supported for asynchronous functions',
+    ],
+    ['Passing a signal to compile() ', 'Passing a signal to compile() is not allowed'],
+  ];
+  for (const [prefix, text] of prefixes) {
+    if (head.startsWith(prefix)) {
+      return text;
+    }
+  }
+  if (msg.endsWith(' expects no params')) {
+    return 'A function expects no params';
+  }
+  if (head.startsWith('No ') && msg.endsWith(' evaluator ')) {
+    return 'No evaluator for an expression node';
+  }
+  if (/cannot be resolved to a valid type identifier(?: \(at \d+:\d+\))?$/.test(msg.slice(-70))) {
+    return 'A type cannot be resolved to a valid type identifier';
+  }
+  return undefined;
+}
+
+/**
+ * A PHI-free description of a runtime failure. fhirpath.js puts values into its messages,
+ * quoted or not (`Cannot convert Okafor-Smith to a number`), so no part of a message is ever
+ * passed on as such: a message of a known shape becomes a fixed text (its code-written part),
+ * the engine's own `SafeEvalError`s keep theirs, and anything else is a fixed text naming only
+ * the error's class.
  */
 export function safeErrorMessage(err: unknown): string {
   if (err instanceof SafeEvalError) {
     return err.message;
   }
-  const msg = err instanceof Error ? err.message : '';
-  if (err instanceof RangeError && /call stack/i.test(msg)) {
-    return 'expression recursed too deeply';
+  if (typeof err === 'string') {
+    // fhirpath.js throws some messages as plain strings (`util.raiseError`, date comparisons).
+    if (FIXED_MESSAGES.has(err)) {
+      return err;
+    }
+    const raised =
+      /^(?:[A-Za-z]+: )?(Expected singleton input|The input collection contains multiple items)$/.exec(
+        err,
+      );
+    return raised?.[1] ?? 'expression failed at run time';
   }
-  const cut = msg.search(/["'`[{:,\n]/);
-  const head = (cut >= 0 ? msg.slice(0, cut) : msg).trim().slice(0, 120);
-  return head === '' ? 'expression failed at run time' : head;
+  if (!(err instanceof Error)) {
+    return 'expression failed at run time';
+  }
+  const msg = err.message;
+  if (err instanceof RangeError) {
+    if (/call stack/i.test(msg)) {
+      return 'expression recursed too deeply';
+    }
+    if (msg === 'Invalid string length') {
+      return 'a string grew too long';
+    }
+    if (msg === 'Invalid array length') {
+      return 'a collection grew too long';
+    }
+  }
+  const sortPrefix = 'Sort expression evaluation error: ';
+  if (msg.startsWith(sortPrefix)) {
+    const inner = knownMessage(msg.slice(sortPrefix.length));
+    return inner === undefined ? 'Sort expression evaluation error' : `${sortPrefix}${inner}`;
+  }
+  const known = knownMessage(msg);
+  if (known !== undefined) {
+    return known.slice(0, 120);
+  }
+  return err instanceof TypeError
+    ? 'expression failed at run time (TypeError)'
+    : 'expression failed at run time';
 }

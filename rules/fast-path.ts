@@ -30,7 +30,7 @@
  */
 import fhirpath from 'fhirpath';
 import type { CompiledFn, ValueSetIndex } from './expression.ts';
-import { anyInValueSet, R4_MODEL } from './expression.ts';
+import { anyInValueSet, R4_MODEL, SafeEvalError } from './expression.ts';
 
 /* eslint-disable @typescript-eslint/no-unsafe-call, @typescript-eslint/no-unsafe-member-access, @typescript-eslint/no-unsafe-assignment, @typescript-eslint/no-unsafe-return, @typescript-eslint/no-explicit-any --
  * fhirpath.js's internal classes (ResourceNode, TypeInfo, FP_*) have no TypeScript types; they
@@ -160,6 +160,36 @@ function unsupported(): never {
   throw UNSUPPORTED;
 }
 
+/**
+ * The longest string an expression may build or return (characters). A longer one is a rule
+ * error, on the fast path and on fhirpath.js alike (`withFallback`): building it is never left
+ * to fhirpath.js, and a string built by doubling (`%s + %s`, 27 times: 134 million characters)
+ * stops at the first step past the limit.
+ */
+export const STRING_LIMIT = 65_536;
+
+/** A string past `STRING_LIMIT`: a rule error (PHI-free), never a fallback to fhirpath.js. */
+class StringLimitError extends SafeEvalError {}
+const STRING_TOO_LONG = new StringLimitError(
+  `a string would be longer than ${STRING_LIMIT} characters`,
+);
+
+/** Refuses a string longer than `STRING_LIMIT`. */
+function checkLength(length: number): void {
+  if (length > STRING_LIMIT) {
+    throw STRING_TOO_LONG;
+  }
+}
+
+/** Refuses a result that holds a string longer than `STRING_LIMIT`. */
+function checkResultStrings(items: readonly unknown[]): void {
+  for (const v of items) {
+    if (typeof v === 'string' && v.length > STRING_LIMIT) {
+      throw STRING_TOO_LONG;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Guarded runs in the calling thread (issue 6).
 
@@ -210,6 +240,16 @@ function charge(n: number): void {
   }
 }
 
+/**
+ * Counts work over `length` characters of a string (reading, comparing, hashing, copying it):
+ * one item per 64 characters, so a 64 KiB string costs what 1,024 items do.
+ */
+export function chargeText(length: number): void {
+  if ((fuel -= length >>> 6) < 0) {
+    refuel();
+  }
+}
+
 function refuel(): void {
   if (performance.now() >= guardDeadline) {
     throw HAND_OFF;
@@ -229,7 +269,7 @@ interface CallCache {
   processed: Map<string, Items>;
   wrappers: Map<object, Item>;
   roots: Map<unknown, Items>;
-  memo: Map<string, MemoEntry>;
+  memo: Map<SubtreeKey, MemoEntry>;
 }
 
 /** A call-constant subtree's value, and the `$index` its macros left behind (fhirpath.js leaks it). */
@@ -673,6 +713,7 @@ function distinctStrings(items: Items): Items {
     if (s === undefined) {
       unsupported();
     }
+    chargeText(s.length);
     if (!seen.has(s)) {
       seen.add(s);
       out.push(item);
@@ -697,6 +738,9 @@ function equalSingletons(a: Items, b: Items): boolean {
   const tb = typeof bv;
   if ((ta !== 'string' && ta !== 'boolean') || (tb !== 'string' && tb !== 'boolean')) {
     unsupported();
+  }
+  if (ta === 'string' && tb === 'string') {
+    chargeText((av as string).length);
   }
   if (av !== bv) {
     return false;
@@ -759,6 +803,9 @@ function compare(a: Items, b: Items, op: '<' | '>' | '<=' | '>='): Items {
       case '>=':
         return [exchanged ? c <= 0 : c >= 0];
     }
+  }
+  if (typeof a0 === 'string') {
+    chargeText(a0.length);
   }
   switch (op) {
     case '<':
@@ -859,6 +906,9 @@ function plusMinus(xs: Items, ys: Items, op: '+' | '-'): Items {
   }
   if (op === '+') {
     if (typeof x === 'string' && typeof y === 'string') {
+      const length = x.length + y.length;
+      checkLength(length);
+      chargeText(length);
       return [x + y];
     }
     if (x instanceof FP_Type) {
@@ -919,6 +969,9 @@ function compareValues(a: Item, b: Item): number {
   if (ta === 'object' || ta === 'function' || tb === 'object' || tb === 'function') {
     unsupported();
   }
+  if (ta === 'string') {
+    chargeText((a0 as string).length);
+  }
   if (a0 === b0) {
     return 0;
   }
@@ -968,18 +1021,44 @@ function identifierVal(str: string): string {
     : str;
 }
 
-/** A structural key of a subtree (positions left out): equal keys, equal values in a call. */
-function keyOf(node: AstNode): string {
-  const parts = [
-    node.type,
-    node.text ?? '',
-    String(node.atRoot ?? ''),
-    node.delimitedText ?? '',
-    node.value ?? '',
-    node.unit ?? '',
-    node.direction ?? '',
-  ];
-  return `${parts.join('\u0001')}(${(node.children ?? []).map(keyOf).join(',')})`;
+/** The identity of a subtree's structure: one object per distinct structure (see SubtreeKeys). */
+interface SubtreeKey {
+  readonly id: number;
+}
+
+/**
+ * Structural keys of subtrees (positions left out): two subtrees with the same key have the
+ * same value in a call. Each distinct structure is interned once, and a node's key is built
+ * from its own fields and its children's ids, so keying every node of an expression is linear
+ * in its size (a key spelling out the whole subtree, rebuilt per node, made compiling a
+ * 1,000-step chain take minutes). Keys are objects, compared by identity: keys of different
+ * `SubtreeKeys` never collide. One instance serves all the expressions of a pack, so they share
+ * their call-constant subtrees.
+ */
+export class SubtreeKeys {
+  private readonly interned = new Map<string, SubtreeKey>();
+  private readonly ofNode = new WeakMap<AstNode, SubtreeKey>();
+
+  keyOf(node: AstNode): SubtreeKey {
+    let key = this.ofNode.get(node);
+    if (key) {
+      return key;
+    }
+    let childIds = '';
+    for (const c of node.children ?? []) {
+      childIds += `${this.keyOf(c).id},`;
+    }
+    const local = `${node.type}\u0001${node.text ?? ''}\u0001${String(node.atRoot ?? '')}\u0001${
+      node.delimitedText ?? ''
+    }\u0001${node.value ?? ''}\u0001${node.unit ?? ''}\u0001${node.direction ?? ''}(${childIds})`;
+    key = this.interned.get(local);
+    if (!key) {
+      key = { id: this.interned.size };
+      this.interned.set(local, key);
+    }
+    this.ofNode.set(node, key);
+    return key;
+  }
 }
 
 /** The pinned time functions of the pack's function table, and the variable each reads. */
@@ -991,9 +1070,25 @@ const TIME_FUNCTIONS: ReadonlyMap<string, string> = new Map([
 
 interface CompileOptions {
   valueSets: ReadonlyMap<string, ValueSetIndex>;
+  keys: SubtreeKeys;
 }
 
+type Safety = Readonly<{ safe: boolean; single: boolean }>;
+const NOT_SAFE: Safety = { safe: false, single: false };
+const SAFE_SINGLE: Safety = { safe: true, single: true };
+const SAFE_MANY: Safety = { safe: true, single: false };
+
+/**
+ * Compiles one expression. Every analysis of a subtree (call-constant, safe, the variables it
+ * reads, its key) is memoized per node, so compiling is linear in the expression's size: a
+ * left-nested chain asked each level about its whole head, and a right-nested `and` asked
+ * about its right side twice per level (exponential).
+ */
 class FastCompiler {
+  private readonly constantMemo = new Map<AstNode, boolean>();
+  private readonly safetyMemo = new Map<AstNode, Safety>();
+  private readonly variablesMemo = new Map<AstNode, ReadonlySet<string>>();
+
   constructor(private readonly opts: CompileOptions) {}
 
   /**
@@ -1001,6 +1096,15 @@ class FastCompiler {
    * (not on the focus, `$this`, `$index` or the root): such a subtree is computed once per call.
    */
   isCallConstant(node: AstNode): boolean {
+    let r = this.constantMemo.get(node);
+    if (r === undefined) {
+      r = this.callConstant(node);
+      this.constantMemo.set(node, r);
+    }
+    return r;
+  }
+
+  private callConstant(node: AstNode): boolean {
     switch (node.type) {
       case 'EntireExpression':
       case 'TermExpression':
@@ -1064,11 +1168,44 @@ class FastCompiler {
    * (Comparisons, arithmetic, `not()` of a collection, unions... can throw: not included.)
    */
   isSafeSingle(node: AstNode): boolean {
-    return this.safety(node).safe && this.safety(node).single;
+    const s = this.safety(node);
+    return s.safe && s.single;
   }
 
-  private safety(node: AstNode): { safe: boolean; single: boolean } {
-    const no = { safe: false, single: false };
+  private safety(node: AstNode): Safety {
+    let r = this.safetyMemo.get(node);
+    if (r === undefined) {
+      r = this.computeSafety(node);
+      this.safetyMemo.set(node, r);
+    }
+    return r;
+  }
+
+  /** The `%variables` a subtree reads. */
+  variablesOf(node: AstNode): ReadonlySet<string> {
+    let r = this.variablesMemo.get(node);
+    if (r === undefined) {
+      const out = new Set<string>();
+      if (node.type === 'ExternalConstantTerm') {
+        out.add(
+          node.delimitedText !== undefined
+            ? stringLiteralVal(node.delimitedText)
+            : (node.text ?? ''),
+        );
+      }
+      for (const c of node.children ?? []) {
+        for (const v of this.variablesOf(c)) {
+          out.add(v);
+        }
+      }
+      r = out;
+      this.variablesMemo.set(node, r);
+    }
+    return r;
+  }
+
+  private computeSafety(node: AstNode): Safety {
+    const no = NOT_SAFE;
     switch (node.type) {
       case 'EntireExpression':
       case 'TermExpression':
@@ -1076,18 +1213,16 @@ class FastCompiler {
       case 'ParenthesizedTerm':
         return node.children?.length === 1 ? this.safety(childAt(node, 0)) : no;
       case 'LiteralTerm':
-        return node.children?.length === 1
-          ? this.safety(childAt(node, 0))
-          : { safe: true, single: true };
+        return node.children?.length === 1 ? this.safety(childAt(node, 0)) : SAFE_SINGLE;
       case 'StringLiteral':
       case 'BooleanLiteral':
       case 'NumberLiteral':
       case 'NullLiteral':
-        return { safe: true, single: true };
+        return SAFE_SINGLE;
       case 'ExternalConstantTerm':
       case 'ThisInvocation':
       case 'MemberInvocation':
-        return { safe: true, single: false };
+        return SAFE_MANY;
       case 'InvocationExpression': {
         const [head, ...steps] = node.children ?? [];
         if (!head) {
@@ -1110,16 +1245,14 @@ class FastCompiler {
         const literal = (n: AstNode | undefined) =>
           n !== undefined && (literalString(n) !== undefined || literalBoolean(n));
         const sides = [a, b].map((n) => (n ? this.safety(n).safe : false));
-        return sides.every(Boolean) && (literal(a) || literal(b))
-          ? { safe: true, single: true }
-          : no;
+        return sides.every(Boolean) && (literal(a) || literal(b)) ? SAFE_SINGLE : no;
       }
       case 'AndExpression':
       case 'OrExpression':
       case 'ImpliesExpression':
         return (node.children ?? []).length === 2 &&
           (node.children ?? []).every((c) => this.isSafeSingle(c))
-          ? { safe: true, single: true }
+          ? SAFE_SINGLE
           : no;
       default:
         return no;
@@ -1127,10 +1260,10 @@ class FastCompiler {
   }
 
   /** A chain step after a safe value (`single`: that value has at most one item). */
-  private stepSafety(step: AstNode, single: boolean): { safe: boolean; single: boolean } {
-    const no = { safe: false, single: false };
+  private stepSafety(step: AstNode, single: boolean): Safety {
+    const no = NOT_SAFE;
     if (step.type === 'MemberInvocation') {
-      return { safe: true, single: false };
+      return SAFE_MANY;
     }
     if (step.type !== 'FunctionInvocation') {
       return no;
@@ -1140,30 +1273,30 @@ class FastCompiler {
     const safeParams = params.every((p) => this.safety(p).safe);
     switch (name) {
       case 'exists':
-        return params.length <= 1 && safeParams ? { safe: true, single: true } : no;
+        return params.length <= 1 && safeParams ? SAFE_SINGLE : no;
       case 'empty':
       case 'count':
-        return params.length === 0 ? { safe: true, single: true } : no;
+        return params.length === 0 ? SAFE_SINGLE : no;
       case 'first':
       case 'last':
-        return params.length === 0 ? { safe: true, single: true } : no;
+        return params.length === 0 ? SAFE_SINGLE : no;
       case 'where':
       case 'ofType':
         return params.length === 1 && (name === 'ofType' || safeParams)
           ? { safe: true, single }
           : no;
       case 'select':
-        return params.length === 1 && safeParams ? { safe: true, single: false } : no;
+        return params.length === 1 && safeParams ? SAFE_MANY : no;
       case 'inValueSet': {
         const p = params[0];
         const lit = p ? literalString(p) : undefined;
         return params.length === 1 && lit !== undefined && this.opts.valueSets.has(lit)
-          ? { safe: true, single: true }
+          ? SAFE_SINGLE
           : no;
       }
       case 'not':
         // misc.singleton throws on more than one item; on one item it never does.
-        return params.length === 0 && single ? { safe: true, single: true } : no;
+        return params.length === 0 && single ? SAFE_SINGLE : no;
       default:
         return no;
     }
@@ -1195,7 +1328,7 @@ class FastCompiler {
       node.type !== 'InvocationTerm' &&
       this.isCallConstant(node)
     ) {
-      const key = keyOf(node);
+      const key = this.opts.keys.keyOf(node);
       return (input, env) => {
         const memo = env.call.memo;
         const hit = memo.get(key);
@@ -1307,6 +1440,9 @@ class FastCompiler {
           if (i.length === 0) {
             return [];
           }
+          if (typeof i[0] === 'string') {
+            chargeText(i[0].length);
+          }
           const n = parseInt(i[0] as string);
           return Number.isFinite(n) && c.length > n && n >= 0 ? [c[n]] : [];
         };
@@ -1366,7 +1502,7 @@ class FastCompiler {
               : false
           : undefined;
         // An undefined variable is the one thing that makes a "safe" subtree throw.
-        const needs = [...variablesOf(right)].filter((v) => v !== 'ucum');
+        const needs = [...this.variablesOf(right)].filter((v) => v !== 'ucum');
         return (input, env) => {
           const a = boolParam(l(input, env));
           if (a === decisive && needs.every((v) => v in env.call.vars)) {
@@ -1415,12 +1551,15 @@ class FastCompiler {
         }
         charge(input.length);
         const { util } = internals();
-        return [
-          anyInValueSet(
-            input.map((i) => util.valData(i) as unknown),
-            vs,
-          ),
-        ];
+        const values: unknown[] = new Array<unknown>(input.length);
+        for (let i = 0; i < input.length; i++) {
+          const v: unknown = util.valData(input[i]);
+          if (typeof v === 'string') {
+            chargeText(v.length);
+          }
+          values[i] = v;
+        }
+        return [anyInValueSet(values, vs)];
       };
     }
     const timeVar = TIME_FUNCTIONS.get(name);
@@ -1532,6 +1671,7 @@ class FastCompiler {
             if (s === undefined) {
               unsupported();
             }
+            chargeText(s.length);
             wanted.add(s);
           }
           return distinctStrings(input).filter((item) => wanted.has(stringOf(item) as string));
@@ -1588,7 +1728,11 @@ class FastCompiler {
             return [];
           }
           const v = internals().util.valDataConverted(input[0]);
-          return arraify(v?.toString());
+          const text: unknown = v?.toString();
+          if (typeof text === 'string') {
+            chargeText(text.length);
+          }
+          return arraify(text);
         };
       case 'substring': {
         arity(1, 2);
@@ -1600,6 +1744,7 @@ class FastCompiler {
           if (isEmptyValue(str) || isEmptyValue(start)) {
             return [];
           }
+          chargeText((str as string).length);
           const st = Number(start);
           if (st < 0 || st >= (str as string).length) {
             return [];
@@ -1745,19 +1890,6 @@ function where(input: Items, cond: Fn, env: Env): Items {
   return out;
 }
 
-/** The `%variables` a subtree reads. */
-function variablesOf(node: AstNode, out = new Set<string>()): Set<string> {
-  if (node.type === 'ExternalConstantTerm') {
-    out.add(
-      node.delimitedText !== undefined ? stringLiteralVal(node.delimitedText) : (node.text ?? ''),
-    );
-  }
-  for (const c of node.children ?? []) {
-    variablesOf(c, out);
-  }
-  return out;
-}
-
 /** Whether a parameter is exactly one boolean literal. */
 function literalBoolean(node: AstNode): boolean {
   let n: AstNode | undefined = node;
@@ -1812,6 +1944,9 @@ function rawResult(items: Items): unknown[] {
   const out: unknown[] = [];
   for (const n of items) {
     if (n instanceof ResourceNode || (n !== null && n !== undefined)) {
+      if (typeof n === 'string') {
+        checkLength(n.length);
+      }
       out.push(n);
     }
   }
@@ -1833,6 +1968,9 @@ function resolvedResult(items: Items): unknown[] {
         // fhirpath.js would tag a returned element with hidden path data: leave it to it.
         unsupported();
       }
+      if (typeof n === 'string') {
+        checkLength(n.length);
+      }
       out.push(n);
     }
   }
@@ -1841,12 +1979,19 @@ function resolvedResult(items: Items): unknown[] {
 
 /**
  * Compiles an expression for the fast path, or returns undefined if it is outside the subset
- * (or the fast path is unavailable). `ast`: fhirpath.js's parse of `expr`, if already at hand. The returned function throws when an evaluation needs
- * fhirpath.js (use `withFallback`).
+ * (or the fast path is unavailable). `ast`: fhirpath.js's parse of `expr`, if already at hand.
+ * `keys`: shared by the expressions of a pack (they then share call-constant subtrees in a
+ * call); by default the expression's own. The returned function throws when an evaluation
+ * needs fhirpath.js (use `withFallback`).
  */
 export function compileFast(
   expr: string,
-  opts: { raw: boolean; valueSets: ReadonlyMap<string, ValueSetIndex>; ast?: unknown },
+  opts: {
+    raw: boolean;
+    valueSets: ReadonlyMap<string, ValueSetIndex>;
+    ast?: unknown;
+    keys?: SubtreeKeys;
+  },
 ): CompiledFn | undefined {
   if (!I) {
     return undefined;
@@ -1854,7 +1999,10 @@ export function compileFast(
   let fn: Fn;
   try {
     const ast = (opts.ast ?? fhirpath.parse(expr)) as AstNode;
-    fn = new FastCompiler({ valueSets: opts.valueSets }).compile(ast);
+    fn = new FastCompiler({
+      valueSets: opts.valueSets,
+      keys: opts.keys ?? new SubtreeKeys(),
+    }).compile(ast);
   } catch {
     fastPathStats.refused++;
     return undefined;
@@ -1868,10 +2016,21 @@ export function compileFast(
   };
 }
 
+/** fhirpath.js's evaluation, whose result may not hold a string past `STRING_LIMIT`. */
+function slowChecked(slow: CompiledFn, root: unknown, vars: Record<string, unknown>): unknown[] {
+  const out = slow(root, vars);
+  checkResultStrings(out);
+  return out;
+}
+
 /**
  * The fast path with fhirpath.js behind it: any evaluation the fast path cannot do (or that
  * throws) is done again by `slow`, whose result or error is the answer. Inside `runGuarded`,
- * where fhirpath.js must not run, that throws `HandOff` instead.
+ * where fhirpath.js must not run, that throws `HandOff` instead. A string past `STRING_LIMIT`
+ * is an error on both: the fast path stops as it would build one (fhirpath.js does not get to
+ * build it), and a fhirpath.js result holding one is refused.
+ * @throws HandOff inside `runGuarded`; SafeEvalError for a string past the limit; whatever
+ *   fhirpath.js throws otherwise.
  */
 export function withFallback(fast: CompiledFn | undefined, slow: CompiledFn): CompiledFn {
   if (!fast) {
@@ -1879,19 +2038,22 @@ export function withFallback(fast: CompiledFn | undefined, slow: CompiledFn): Co
       if (guarded) {
         throw HAND_OFF;
       }
-      return slow(root, vars);
+      return slowChecked(slow, root, vars);
     };
   }
   return (root, vars) => {
     let out: unknown[];
     try {
       out = fast(root, vars);
-    } catch {
+    } catch (err) {
       if (guarded) {
         throw HAND_OFF;
       }
+      if (err instanceof StringLimitError) {
+        throw err;
+      }
       fastPathStats.fallbacks++;
-      return slow(root, vars);
+      return slowChecked(slow, root, vars);
     }
     fastPathStats.fast++;
     return out;

@@ -4,12 +4,21 @@
  * Collects every problem before failing.
  */
 import { validateFhirResource } from '../fhir-profiles/index.ts';
-import { cardTextFields, compilePack, findLetCycle, packScope } from './compile-pack.ts';
+import {
+  CARD_TEXT_LIMIT,
+  cardTextFields,
+  compilePack,
+  findLetCycle,
+  PACK_CHARS_MESSAGE,
+  packScope,
+} from './compile-pack.ts';
 import { PackValidationError } from './errors.ts';
 import { createEvaluator } from './evaluator.ts';
 import type { Evaluator } from './evaluator.ts';
 import {
   analyzeExpression,
+  EXPRESSION_LIMITS,
+  expressionSize,
   formatIssue,
   hasInterpolation,
   parseTemplate,
@@ -108,6 +117,8 @@ class PackChecker {
   private readonly serviceIds: Set<string>;
   private readonly rules: Json[];
   private readonly scope: ExprScope;
+  /** Characters of the pack's expressions so far. */
+  private chars = 0;
 
   constructor(private readonly raw: Json) {
     this.services = arr(raw.services).filter(isObj);
@@ -125,8 +136,28 @@ class PackChecker {
     this.problems.push({ path, message });
   }
 
+  /**
+   * Counts an expression against the pack's budget (`EXPRESSION_LIMITS.packChars`): every
+   * thread that evaluates the pack compiles all of it. The expression that crosses the budget
+   * is named.
+   */
+  private withinPackBudget(source: string, path: string): boolean {
+    const before = this.chars;
+    this.chars += expressionSize(source).size;
+    if (this.chars <= EXPRESSION_LIMITS.packChars) {
+      return true;
+    }
+    if (before <= EXPRESSION_LIMITS.packChars) {
+      this.add(path, PACK_CHARS_MESSAGE);
+    }
+    return false;
+  }
+
   private expression(source: unknown, path: string): void {
     if (typeof source !== 'string' || source.trim() === '') {
+      return;
+    }
+    if (!this.withinPackBudget(source, path)) {
       return;
     }
     for (const issue of analyzeExpression(source, this.scope).issues) {
@@ -145,6 +176,9 @@ class PackChecker {
     }
     for (const part of parsed.parts) {
       if (part.kind === 'expr') {
+        if (!this.withinPackBudget(part.expr, path)) {
+          return;
+        }
         for (const issue of analyzeExpression(part.expr, this.scope).issues) {
           this.add(path, formatIssue(issue, { line: part.line, column: part.column }));
         }
@@ -246,6 +280,17 @@ class PackChecker {
   private checkCard(card: Json, base: string): void {
     for (const field of cardTextFields(card)) {
       this.template(field.text, `${base}.${field.path}`);
+      if (field.path !== 'summary' && hasInterpolation(field.text)) {
+        // Interpolated fields are cut off at run time past CARD_TEXT_LIMIT (a rule error).
+        const parsed = parseTemplate(field.text);
+        const fixed = parsed.ok ? staticText(parsed.parts).length : 0;
+        if (fixed > CARD_TEXT_LIMIT) {
+          this.add(
+            `${base}.${field.path}`,
+            `must be at most ${CARD_TEXT_LIMIT} characters after interpolation (static text is ${fixed})`,
+          );
+        }
+      }
     }
     if (typeof card.summary === 'string') {
       const parsed = parseTemplate(card.summary);
@@ -263,7 +308,15 @@ class PackChecker {
         this.add(`${base}.source.label`, 'must not be empty');
       }
       for (const f of ['url', 'icon'] as const) {
-        if (typeof source[f] === 'string' && !isAbsoluteHttpUrl(source[f])) {
+        const value = source[f];
+        if (typeof value !== 'string') {
+          continue;
+        }
+        // The source is copied into the card as it is: never interpolated, so its raw text is
+        // what the EHR gets (and what finalizeCards checks).
+        if (hasInterpolation(value)) {
+          this.add(`${base}.source.${f}`, 'is not interpolated: {{ }} is not allowed here');
+        } else if (!isAbsoluteHttpUrl(value)) {
           this.add(`${base}.source.${f}`, 'must be an absolute http(s) URL');
         }
       }
