@@ -4,7 +4,6 @@
  * with a correlation id; the cause goes to the (redacted) log, never to the client.
  */
 import type { ErrorRequestHandler, RequestHandler } from 'express';
-import { ConnectionError, DatabaseError, TimeoutError } from 'sequelize';
 import { HookRequestError, PrefetchError } from '../hooks/index.ts';
 import { PackValidationError, UnknownServiceError } from '../rules/index.ts';
 import {
@@ -16,6 +15,7 @@ import {
   ConflictError,
   ForbiddenError,
   InvalidInputError,
+  isStoreUnavailableError,
   NotFoundError,
   RegionMismatchError,
   ResidencyError,
@@ -111,7 +111,7 @@ export function toServiceError(err: unknown): ServiceError {
   if (err instanceof BackupError) {
     return new ServiceError(422, 'unprocessable', err.message, { detail: err.reason, cause: err });
   }
-  if (isDatabaseUnavailable(err)) {
+  if (err instanceof Error && isStoreUnavailableError(err)) {
     // Retryable: the region's database refused, lost or did not hand out a connection in
     // time, or a statement or lock wait hit its timeout. The class only, in the log detail
     // (a driver message can name the host).
@@ -136,33 +136,6 @@ export function toServiceError(err: unknown): ServiceError {
     });
   }
   return new ServiceError(500, 'internal', 'internal error', { cause: err });
-}
-
-/** PostgreSQL SQLSTATEs of a server that cannot serve now (as the data plane retries them). */
-const PG_UNAVAILABLE = new Set(['53300', '53400', '57014', '57P01', '57P02', '57P03', '55P03']);
-
-/**
- * A database failure that is not the request's fault: Sequelize's connection errors (refused,
- * lost, pool acquire timeout), its TimeoutError (SQLite busy), or a PostgreSQL error of
- * PG_UNAVAILABLE or class 08 (connection exception). Matched on classes and codes, not text.
- */
-function isDatabaseUnavailable(err: unknown): err is Error {
-  if (err instanceof ConnectionError || err instanceof TimeoutError) {
-    return true;
-  }
-  if (!(err instanceof DatabaseError)) {
-    return false;
-  }
-  const code = (err.parent as { code?: unknown }).code;
-  if (typeof code === 'string') {
-    return PG_UNAVAILABLE.has(code) || code.startsWith('08');
-  }
-  // node-postgres's own read timeout (query_timeout) carries no code; Sequelize drops that
-  // connection. A connection lost mid-query ("Connection terminated") likewise.
-  return (
-    err.parent.message === 'Query read timeout' ||
-    err.parent.message.startsWith('Connection terminated')
-  );
 }
 
 function isBodyParserError(err: unknown): err is Error & { type: string; status: number } {

@@ -41,7 +41,7 @@ export type { Envelope, EnvelopeForm } from './data-plane/record-cipher.ts';
 export type { RecordAddress, SealingKey } from './data-plane/record-cipher.ts';
 export { readBackupManifest } from './data-plane/backup.ts';
 export type { BackupManifest } from './data-plane/backup.ts';
-export { tenantSchemaName } from './data-plane/store-backend.ts';
+export { isStoreUnavailableError, tenantSchemaName } from './data-plane/store-backend.ts';
 export { feedbackId } from './data-plane/tenant-store.ts';
 export { migrateTenant, migrationStatePath, readMigrationState } from './data-plane/migration.ts';
 export type {
