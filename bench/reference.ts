@@ -346,7 +346,8 @@ export function handWrittenRules(pack: RulePack): HandWritten {
         (m) => m.status === 'active' && conceptIn(m.medicationCodeableConcept, metformin),
       );
       const e = onMetformin ? latestEgfr(prefetch) : undefined;
-      if (e && e.value < 45) {
+      // 30 to < 45 (below 30 is the pack's critical metformin-active-egfr-below-30 since 1.1.0).
+      if (e && e.value >= 30 && e.value < 45) {
         out.set('metformin-low-egfr-review', `Review metformin: latest eGFR is ${egfrText(e)}`);
       }
       return out;
