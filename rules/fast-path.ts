@@ -1699,8 +1699,9 @@ class FastCompiler {
       }
       case 'lowBoundary':
       case 'highBoundary': {
-        // Without a precision only: fhirpath.js's own function, through a compiled expression
-        // (its date/time boundary and time-zone rules, exactly), ~6 us a value.
+        // Without a precision only. A date/time value: its own method, as fhirpath.js's
+        // boundary() calls it (its boundary and time-zone rules, exactly). Anything else
+        // (decimals, a null boundary): fhirpath.js's function through a compiled expression.
         arity(0);
         const boundary = boundaryOf(name);
         return (input) => {
@@ -1709,6 +1710,18 @@ class FastCompiler {
           }
           if (input.length > 1) {
             unsupported();
+          }
+          const { util, FP_Date, FP_DateTime, FP_Time } = internals();
+          const value: unknown = util.valDataConverted(input[0]);
+          if (
+            value instanceof FP_DateTime ||
+            value instanceof FP_Date ||
+            value instanceof FP_Time
+          ) {
+            const out: unknown = (value as Record<string, () => unknown>)[name]?.();
+            if (out !== null && out !== undefined) {
+              return [out];
+            }
           }
           try {
             return boundary(input);
