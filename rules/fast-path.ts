@@ -928,6 +928,40 @@ function plusMinus(xs: Items, ys: Items, op: '+' | '-'): Items {
   return arraify(getDecimal(x).minus(y));
 }
 
+/** A FHIR dateTime with seconds and a zone; group 1: its fraction of a second, if any. */
+const ZONED_SECONDS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,3})?(?:Z|[+-]\d{2}:\d{2})$/;
+
+/**
+ * Whether every key is a FHIR dateTime (as the model types it) with seconds, a zone and the
+ * same number of fraction digits: then their low boundaries order them as they order
+ * themselves, and tie where they tie.
+ */
+function sameDateTimeShape(keys: ReadonlyArray<{ key: Item }>): boolean {
+  const { util, FP_DateTime } = internals();
+  let fraction: number | undefined;
+  for (const { key } of keys) {
+    if (key === null || key === undefined) {
+      return false;
+    }
+    const value: unknown = util.valDataConverted(key);
+    if (!(value instanceof FP_DateTime)) {
+      return false;
+    }
+    const text = String((value as { asStr?: unknown }).asStr);
+    const m = ZONED_SECONDS.exec(text);
+    if (!m) {
+      return false;
+    }
+    const digits = m[1]?.length ?? 0;
+    if (fraction === undefined) {
+      fraction = digits;
+    } else if (fraction !== digits) {
+      return false;
+    }
+  }
+  return true;
+}
+
 /** filtering.sort's compareValues. */
 function compareValues(a: Item, b: Item): number {
   if ((a === null || a === undefined) && (b === null || b === undefined)) {
@@ -1300,6 +1334,22 @@ class FastCompiler {
       default:
         return no;
     }
+  }
+
+  /** `x` of a key `x.lowBoundary()` (no precision), compiled; else undefined. */
+  lowBoundaryBase(node: AstNode): Fn | undefined {
+    const [inner, last] = node.children ?? [];
+    if (
+      node.type !== 'InvocationExpression' ||
+      node.children?.length !== 2 ||
+      inner === undefined ||
+      last?.type !== 'FunctionInvocation' ||
+      this.functionName(last) !== 'lowBoundary' ||
+      this.params(last).length !== 0
+    ) {
+      return undefined;
+    }
+    return this.compile(inner);
   }
 
   functionName(node: AstNode): string {
@@ -1812,20 +1862,29 @@ class FastCompiler {
           throw new Refused('sort argument');
         }
         const desc = arg.direction === 'desc';
-        const keyFn = this.compile(childAt(arg, 0));
+        const keyNode = childAt(arg, 0);
+        const keyFn = this.compile(keyNode);
+        const bareFn = this.lowBoundaryBase(keyNode);
         return (input, env) => {
           if (input.length < 2) {
             return input.slice();
           }
           charge(input.length * Math.ceil(Math.log2(input.length + 1)));
-          const decorated = input.map((item) => {
-            const t = [item];
-            const r = keyFn(t, { root: env.root, $this: t, $index: undefined, call: env.call });
-            if (r.length > 1) {
-              unsupported();
-            }
-            return { item, key: r.length === 0 ? null : r[0] };
-          });
+          const keysBy = (fn: Fn) =>
+            input.map((item) => {
+              const t = [item];
+              const r = fn(t, { root: env.root, $this: t, $index: undefined, call: env.call });
+              if (r.length > 1) {
+                unsupported();
+              }
+              return { item, key: r.length === 0 ? null : r[0] };
+            });
+          // `sort(x.lowBoundary())` where every x is a date-time of one and the same precision
+          // with a zone: the boundaries (x padded to milliseconds) order the items exactly as
+          // the values themselves do, equal where they are equal, so the values are the keys
+          // (building each boundary costs more than the sort). Otherwise the boundaries.
+          const bare = bareFn ? keysBy(bareFn) : undefined;
+          const decorated = bare && sameDateTimeShape(bare) ? bare : keysBy(keyFn);
           decorated.sort((x, y) => {
             const c = compareValues(x.key, y.key);
             return desc ? -c : c;

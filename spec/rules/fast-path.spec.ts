@@ -526,6 +526,11 @@ const EDGE_EXPRESSIONS: Array<[string, boolean]> = [
   ['%medications.medication.ofType(CodeableConcept).select(text | coding.display).first()', false],
   ['%observations.sort(effective.ofType(dateTime)).first().id', false],
   ['%observations.sort(effective.ofType(dateTime).lowBoundary()).last().id', false],
+  ['%observations.sort(effective.ofType(dateTime).lowBoundary() desc).select(id)', false],
+  [
+    '%observations.where(effective.ofType(dateTime).toString().length() = 25).sort(effective.ofType(dateTime).lowBoundary()).select(id)',
+    false,
+  ],
   ['%observations.first().effective.ofType(dateTime).lowBoundary()', true],
   ['%observations.first().effective.ofType(dateTime).highBoundary()', true],
   ['%observations.effective.ofType(dateTime).lowBoundary()', true],
