@@ -3,6 +3,7 @@
  * fresh uuids, a selectionBehavior whenever there are suggestions, and no null/empty fields.
  */
 import { randomUUID } from 'node:crypto';
+import { isAbsoluteHttpUrl } from '../rules/index.ts';
 import type { RawCard } from '../rules/index.ts';
 import type { Card } from './types.ts';
 import { isJsonObject } from './validation.ts';
@@ -82,15 +83,6 @@ function stripValue(value: unknown, nullsOnly: boolean): unknown {
 
 function dropped(value: unknown, nullsOnly: boolean): boolean {
   return nullsOnly ? value === null || value === undefined : isEmpty(value);
-}
-
-function isAbsoluteHttpUrl(value: string): boolean {
-  try {
-    const url = new URL(value);
-    return url.protocol === 'https:' || url.protocol === 'http:';
-  } catch {
-    return false;
-  }
 }
 
 /**

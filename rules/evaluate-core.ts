@@ -39,10 +39,11 @@ function required(text: string, name: string, why = 'required'): string {
 }
 
 /**
- * Link urls must be absolute http(s) URLs (CDS Hooks 2.0): the same test as `finalizeCards`'s,
- * so the two never disagree (a scheme is case-insensitive, `new URL` trims spaces).
+ * Card urls must be absolute http(s) URLs (CDS Hooks 2.0). One test for the engine and
+ * `finalizeCards` (hooks/), so the two never disagree (a scheme is case-insensitive, `new URL`
+ * trims spaces).
  */
-function isAbsoluteHttpUrl(text: string): boolean {
+export function isAbsoluteHttpUrl(text: string): boolean {
   try {
     const url = new URL(text);
     return url.protocol === 'https:' || url.protocol === 'http:';

@@ -1336,8 +1336,8 @@ class FastCompiler {
     }
   }
 
-  /** `x` of a key `x.lowBoundary()` (no precision), compiled; else undefined. */
-  lowBoundaryBase(node: AstNode): Fn | undefined {
+  /** `x` and `.lowBoundary()` of a key `x.lowBoundary()` (no precision), compiled; else undefined. */
+  lowBoundaryBase(node: AstNode): { base: Fn; step: Fn } | undefined {
     const [inner, last] = node.children ?? [];
     if (
       node.type !== 'InvocationExpression' ||
@@ -1349,7 +1349,7 @@ class FastCompiler {
     ) {
       return undefined;
     }
-    return this.compile(inner);
+    return { base: this.compile(inner), step: this.compile(last) };
   }
 
   functionName(node: AstNode): string {
@@ -1883,8 +1883,28 @@ class FastCompiler {
           // with a zone: the boundaries (x padded to milliseconds) order the items exactly as
           // the values themselves do, equal where they are equal, so the values are the keys
           // (building each boundary costs more than the sort). Otherwise the boundaries.
-          const bare = bareFn ? keysBy(bareFn) : undefined;
-          const decorated = bare && sameDateTimeShape(bare) ? bare : keysBy(keyFn);
+          let decorated;
+          if (!bareFn) {
+            decorated = keysBy(keyFn);
+          } else {
+            // x once per item; its boundary only where the shapes differ.
+            const bare = keysBy(bareFn.base);
+            decorated = sameDateTimeShape(bare)
+              ? bare
+              : bare.map(({ item, key }) => {
+                  const t = key === null ? [] : [key];
+                  const r = bareFn.step(t, {
+                    root: env.root,
+                    $this: t,
+                    $index: undefined,
+                    call: env.call,
+                  });
+                  if (r.length > 1) {
+                    unsupported();
+                  }
+                  return { item, key: r.length === 0 ? null : r[0] };
+                });
+          }
           decorated.sort((x, y) => {
             const c = compareValues(x.key, y.key);
             return desc ? -c : c;

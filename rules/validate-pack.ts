@@ -13,6 +13,7 @@ import {
   packScope,
 } from './compile-pack.ts';
 import { PackValidationError } from './errors.ts';
+import { isAbsoluteHttpUrl } from './evaluate-core.ts';
 import { createEvaluator } from './evaluator.ts';
 import type { Evaluator } from './evaluator.ts';
 import {
@@ -82,15 +83,9 @@ function forbiddenKeyProblems(value: unknown, path: string, out: PackProblem[], 
   }
 }
 
-function isAbsoluteHttpUrl(text: string): boolean {
-  // Interpolations may fill in parts of a URL; the static skeleton must still be absolute.
-  const skeleton = text.replace(/\{\{[\s\S]*?\}\}/g, 'x');
-  try {
-    const u = new URL(skeleton);
-    return (u.protocol === 'https:' || u.protocol === 'http:') && u.hostname !== '';
-  } catch {
-    return false;
-  }
+/** Interpolations may fill in parts of a URL; the static skeleton must still be absolute. */
+function isAbsoluteSkeleton(text: string): boolean {
+  return isAbsoluteHttpUrl(text.replace(/\{\{[\s\S]*?\}\}/g, 'x'));
 }
 
 function duplicates(
@@ -316,7 +311,7 @@ class PackChecker {
         // what the EHR gets (and what finalizeCards checks).
         if (hasInterpolation(value)) {
           this.add(`${base}.source.${f}`, 'is not interpolated: {{ }} is not allowed here');
-        } else if (!isAbsoluteHttpUrl(value)) {
+        } else if (!isAbsoluteSkeleton(value)) {
           this.add(`${base}.source.${f}`, 'must be an absolute http(s) URL');
         }
       }
@@ -326,7 +321,7 @@ class PackChecker {
         return;
       }
       const p = `${base}.links[${i}]`;
-      if (typeof l.url === 'string' && l.url !== '' && !isAbsoluteHttpUrl(l.url)) {
+      if (typeof l.url === 'string' && l.url !== '' && !isAbsoluteSkeleton(l.url)) {
         this.add(`${p}.url`, 'must be an absolute http(s) URL');
       }
       if (l.appContext !== undefined && l.type === 'absolute') {

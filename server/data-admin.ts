@@ -296,8 +296,7 @@ export class DataAdmin {
     region: string,
   ): Promise<DeprovisionOutcome> {
     const holds = (await this.deps.stores.listTenants()).includes(tenant.id);
-    const declared = (await this.failoverRegions(tenant.id)).has(region);
-    if (!holds && !declared) {
+    if (!holds && !(await this.failoverRegions(tenant.id)).has(region)) {
       throw new ConflictError(
         `region ${region} holds no data of tenant ${tenant.id}: delete it on its home region's plane (${tenant.region})`,
       );

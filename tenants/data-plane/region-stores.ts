@@ -211,10 +211,12 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     return h;
   }
 
-  function closeHandle(h: StoreHandle): void {
+  /** Closes an evicted handle; the region's close waits for it (closingHandles). */
+  function closeHandle(h: StoreHandle): Promise<void> {
     const p = h.close().catch(() => undefined);
     closingHandles.add(p);
     void p.finally(() => closingHandles.delete(p));
+    return p;
   }
 
   function evictIdle(): void {
@@ -225,7 +227,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       if (slot.refs === 0 && slot.handle) {
         slots.delete(tenant);
         park(slot.handle);
-        closeHandle(slot.handle);
+        void closeHandle(slot.handle);
       }
     }
   }
@@ -563,7 +565,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     if (!wasOpen && rows.length === 0 && slot?.refs === 0 && slot.handle) {
       slots.delete(tenant);
       park(slot.handle);
-      await slot.handle.close().catch(() => undefined);
+      await closeHandle(slot.handle);
     }
     return rows;
   }

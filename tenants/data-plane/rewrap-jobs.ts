@@ -752,14 +752,6 @@ export async function runRewrapBatch(
   for (const v of result.destroyed) {
     h.deks.delete(v);
   }
-  if (result.stale === true) {
-    // Sealed under a key that is not the primary row's: if it is a stale key of a reused
-    // version number, it must never seal again (the next plan unwraps the row's own).
-    const used = h.deks.get(primary);
-    if (used) {
-      await dropIfStale(h, primary, used);
-    }
-  }
   const next = await ahead;
   return !result.finished && result.moved > 0 && next
     ? { ...result, job: found, next }
