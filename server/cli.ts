@@ -198,6 +198,19 @@ async function packEval(
   if (!service) {
     throw new CliError(`no service in ${compiled.id} for hook ${request.hook}; pass --service`, 2);
   }
+  // A key the request lacks reaches the rules as no data at all, which reads like "the
+  // patient has none": say so, since the server would have fetched it from the FHIR server.
+  const declared = Object.keys(
+    compiled.pack.services.find((s) => s.id === service)?.prefetch ?? {},
+  );
+  const given = request.prefetch ?? {};
+  const missing = declared.filter((key) => !Object.hasOwn(given, key));
+  if (missing.length > 0) {
+    process.stderr.write(
+      `warning: the request has no prefetch for ${missing.map((k) => `'${k}'`).join(', ')} of service ${service}: ` +
+        'rules reading it see no data (a server would fetch it from the EHR FHIR server)\n',
+    );
+  }
   const evaluator = createEvaluator();
   try {
     // Worker start-up must not eat into the call's evaluation budget.

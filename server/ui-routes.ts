@@ -153,16 +153,31 @@ const UNKNOWN_ISS_PAGE: StaticFile = {
   ),
 };
 
+/**
+ * The normalized FHIR bases of each set `activeFhirServers` answered: the page is
+ * unauthenticated, so a launch costs a lookup, not a pass over every tenant.
+ */
+const launchBases = new WeakMap<readonly string[], Set<string>>();
+
 /** Whether `iss` (a launch's query value) is a FHIR base that some active tenant allowlists. */
 async function launchIssuerKnown(deps: Deps, iss: unknown): Promise<boolean> {
   const base = typeof iss === 'string' ? normalizeFhirBaseUrl(iss) : undefined;
   if (base === undefined) {
     return false;
   }
-  const tenants = await deps.controlPlane.tenants.list();
-  return tenants.some(
-    (t) => t.status === 'active' && t.fhirServers.some((s) => normalizeFhirBaseUrl(s) === base),
-  );
+  const servers = await deps.controlPlane.tenants.activeFhirServers();
+  let bases = launchBases.get(servers);
+  if (!bases) {
+    bases = new Set();
+    for (const url of servers) {
+      const normalized = normalizeFhirBaseUrl(url);
+      if (normalized !== undefined) {
+        bases.add(normalized);
+      }
+    }
+    launchBases.set(servers, bases);
+  }
+  return bases.has(base);
 }
 
 function noStore(res: Response): void {

@@ -134,6 +134,24 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     byIssuer: new LruCache<readonly Tenant[]>(maxIssuerCache),
   };
 
+  /** activeFhirServers' answer of one control-plane generation. */
+  let fhirServersCache: { generation: string; servers: readonly string[] } | undefined;
+
+  async function readActiveFhirServers(): Promise<readonly string[]> {
+    const rows = await TenantModel.findAll({
+      where: { status: 'active' },
+      attributes: ['fhirServers'],
+      raw: true,
+    });
+    const servers = new Set<string>();
+    for (const row of rows as unknown as Array<Pick<TenantRow, 'fhirServers'>>) {
+      for (const url of JSON.parse(row.fhirServers) as string[]) {
+        servers.add(url);
+      }
+    }
+    return Object.freeze([...servers]);
+  }
+
   async function lookUpIssuer(iss: string): Promise<Tenant[]> {
     const links = await TenantIssuer.findAll({ where: { iss }, raw: true });
     if (links.length === 0) {
@@ -420,6 +438,18 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       const found = deepFreeze(await lookUpIssuer(iss));
       cache.byIssuer.set(iss, found);
       return [...found];
+    },
+
+    async activeFhirServers() {
+      if (!deps.generation) {
+        return readActiveFhirServers();
+      }
+      // Read before the lookup (as findByIssuer): a write committed meanwhile makes it stale.
+      const generation = await deps.generation();
+      if (fhirServersCache?.generation !== generation) {
+        fhirServersCache = { generation, servers: await readActiveFhirServers() };
+      }
+      return fhirServersCache.servers;
     },
 
     peekIssuer(iss) {

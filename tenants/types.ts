@@ -249,6 +249,12 @@ export interface TenantRepository {
    * `findByIssuer` and used once it returns the very same objects (nothing changed meanwhile).
    */
   peekIssuer?(iss: string): readonly Tenant[] | undefined;
+  /**
+   * The FHIR server URLs (as registered, each once) that active tenants allowlist. The same
+   * frozen array is answered while the control plane does not change, so a caller may derive
+   * and keep something per answer (the SMART launch page checks every unauthenticated `iss`).
+   */
+  activeFhirServers(): Promise<readonly string[]>;
   remove(id: string): Promise<void>;
 }
 

@@ -117,6 +117,35 @@ describe('cellcds CLI', function () {
     expect(out.trace.length).to.be.greaterThan(0);
   });
 
+  it('pack eval: names the service prefetch keys the request lacks (the rules see no data there)', () => {
+    // The PDDI IG's request carries its own keys (item2, item6), not the service's.
+    const ig = JSON.parse(
+      fs.readFileSync(
+        'spec/fixtures/pddi-cds/requests/warfarin-nsaids-order-sign-no-coordination.json',
+        'utf8',
+      ),
+    ) as { prefetch: Record<string, unknown> };
+    const evalWith = (prefetch: Record<string, unknown>) => {
+      const file = path.join(work, 'prefetch-request.json');
+      fs.writeFileSync(file, JSON.stringify({ ...ig, prefetch }));
+      return run(['pack', 'eval', PACK, '--request', file, '--now', '2020-03-15T12:00:00Z']);
+    };
+    const partial = evalWith({ medications: ig.prefetch['item2'], patient: null });
+    expect(partial.status, partial.stderr).to.equal(0);
+    expect(partial.stderr).to.include(
+      "warning: the request has no prefetch for 'conditions', 'labs', 'allergies' of service medication-safety-order-sign",
+    );
+    const whole = evalWith({
+      medications: ig.prefetch['item2'],
+      patient: null,
+      conditions: null,
+      labs: null,
+      allergies: null,
+    });
+    expect(whole.status, whole.stderr).to.equal(0);
+    expect(whole.stderr).to.not.include('warning');
+  });
+
   it('pack eval/validate: a missing file is a usage error (exit 2)', () => {
     expect(run(['pack', 'validate', 'no/such/pack.yaml']).status).to.equal(2);
   });

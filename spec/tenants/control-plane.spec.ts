@@ -276,6 +276,35 @@ describe('tenants/ control plane store', () => {
       }).to.throw(TypeError);
     });
 
+    // The SMART launch page asks on every unauthenticated request: one frozen answer per
+    // control-plane generation, and a change by any process shows at once.
+    it('answers the active tenants’ FHIR servers from memory until the control plane changes', async () => {
+      await cp.tenants.create(tenantInput('acme'));
+      await cp.tenants.create(
+        tenantInput('beta', {
+          fhirServers: ['https://fhir.example.org/r4', 'https://b.example.org'],
+        }),
+      );
+      const first = await cp.tenants.activeFhirServers();
+      expect([...first].sort()).to.deep.equal([
+        'https://b.example.org',
+        'https://fhir.example.org/r4',
+      ]);
+      expect(Object.isFrozen(first)).to.equal(true);
+      expect(await cp.tenants.activeFhirServers()).to.equal(first); // same answer, no read
+      const other = await openControlPlane({ storage: file, now: () => clock });
+      try {
+        await other.tenants.update('beta', { status: 'suspended' });
+        expect(await cp.tenants.activeFhirServers()).to.deep.equal(['https://fhir.example.org/r4']);
+        await cp.tenants.update('acme', { fhirServers: ['https://a.example.org/fhir'] });
+        expect(await cp.tenants.activeFhirServers()).to.deep.equal(['https://a.example.org/fhir']);
+        await other.tenants.remove('acme');
+        expect(await cp.tenants.activeFhirServers()).to.deep.equal([]);
+      } finally {
+        await other.close();
+      }
+    });
+
     it('updates fields, re-indexes issuers and bumps updatedAt', async () => {
       await cp.tenants.create(tenantInput('acme'));
       clock = new Date('2025-02-01T00:00:00Z');

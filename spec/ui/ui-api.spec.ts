@@ -488,6 +488,14 @@ describe('card viewer: SMART app API fails closed', () => {
       (await request(u.handler).get(`/app/launch?iss=${encodeURIComponent(fhir.baseUrl)}&iss=x`))
         .status,
     ).to.equal(400);
+    // The answer is kept per control-plane generation: a suspension refuses the next launch.
+    await u.t.deps.controlPlane.tenants.update('hospital-a', { status: 'suspended' });
+    try {
+      expect((await launch(fhir.baseUrl)).status).to.equal(400);
+    } finally {
+      await u.t.deps.controlPlane.tenants.update('hospital-a', { status: 'active' });
+    }
+    expect((await launch(fhir.baseUrl)).status).to.equal(200);
   });
 
   it('runs the tenant patient-view services with prefetch fetched by the access token', async () => {
