@@ -140,9 +140,9 @@ export interface Config {
    */
   readonly replayCacheMaxEntries: number;
   /**
-   * One issuer's share of the replay cache: an issuer holding this many unexpired `jti`s may not
-   * take the cache's last share of places, kept for the others. Default 25,000, or the max entries
-   * if smaller.
+   * One `(tenant, iss)` pair's share of the replay cache: a tenant's issuer holding this many
+   * unexpired `jti`s may not take the cache's last share of places, kept for the others (other
+   * tenants of the same issuer too). Default 25,000, or the max entries if smaller.
    */
   readonly replayCacheMaxPerIssuer: number;
   /** Region matrix file (YAML/JSON); undefined = one embedded region `local`. */

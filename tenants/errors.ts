@@ -77,14 +77,15 @@ export class ReplayCacheFullError extends Error {
 }
 
 /**
- * The token's issuer holds its share of the replay cache (`maxPerIssuer` unexpired entries) or
- * more, and the cache's last share of places is kept for issuers under theirs: its token is
- * refused (fail closed), and those issuers are not affected.
+ * The token's issuer holds, for the token's tenant, its share of the replay cache
+ * (`maxPerIssuer` unexpired entries per `(tenant, iss)`) or more, and the cache's last share of
+ * places is kept for the pairs under theirs: its token is refused (fail closed), and the others
+ * (other tenants of the same issuer too) are not affected.
  */
 export class ReplayIssuerQuotaError extends Error {
   constructor(readonly maxPerIssuer: number) {
     super(
-      `the issuer holds its share of the replay cache (${maxPerIssuer} unexpired tokens) or more, and the cache is nearly full`,
+      `the issuer holds its share of the replay cache for this tenant (${maxPerIssuer} unexpired tokens) or more, and the cache is nearly full`,
     );
     this.name = new.target.name;
   }

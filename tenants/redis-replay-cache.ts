@@ -1,16 +1,34 @@
 /**
- * Replay cache shared by every replica (scale-out): `(iss, jti)` pairs in Redis, each kept
- * until the token's expiry. One atomic script per token: the first replica to see a jti sets
- * its key (`PXAT exp`), every later use (on any replica) is a replay. If Redis cannot answer,
- * `remember` rejects and the verifier refuses the token (fail closed).
+ * Replay cache shared by every replica (scale-out): `(tenant, iss, jti)` entries in Redis, each
+ * kept until the token's expiry. One atomic script per token: the first replica to see a jti
+ * for a tenant sets its key (`PXAT exp`), every later use (on any replica) is a replay. Tenants
+ * whose EHRs use the same issuer have their own jti space. If Redis cannot answer, `remember`
+ * rejects and the verifier refuses the token (fail closed).
  *
- * The cache holds at most `maxEntries` unexpired pairs, and an issuer holding its share
+ * The cache holds at most `maxEntries` unexpired entries, and a `(tenant, iss)` holding its share
  * (`maxPerIssuer`) or more may not take the last share of places (as in the in-process cache),
- * so one tenant's EHR cannot fill the cache, or Redis's memory, and lock every tenant out. Pairs
- * are counted in sorted sets (member: the pair's hash, score: its expiry), one per issuer and
- * one for the whole cache, in the same atomic script that sets the pair's key. That key is the
- * same as before the counts existed (`prefix` + sha256 of the pair): replicas of either version
- * refuse each other's replays.
+ * so one tenant's EHR cannot fill the cache, or Redis's memory, and lock every tenant out, those
+ * on the same issuer included. Entries are counted in sorted sets (member: the entry's hash,
+ * score: its expiry), one per `(tenant, iss)` and one for the whole cache, in the same atomic
+ * script that sets the entry's key.
+ *
+ * Keys (`prefix` is `cellcds:jti:` unless set):
+ * - `<prefix>v2:<sha256(JSON ["v2", tenant, iss, jti])>`: the entry ("v2" keeps it apart from
+ *   the previous version's keys, whatever the strings);
+ * - `<prefix>v2:share:<sha256(JSON ["v2", tenant, iss])>`: the `(tenant, iss)` count;
+ * - `<prefix>all`: the whole cache's count, shared with the previous version (so the size holds
+ *   while both run).
+ *
+ * Rolling upgrade: the previous version keyed entries by `(iss, jti)` alone, `<prefix>` +
+ * sha256(JSON `[iss, jti]`), value `1` (counted in `<prefix>iss:<sha256(iss)>` and `<prefix>all`).
+ * While its replicas run beside these, the script also reads that key: present with any other
+ * value than this version's mark, the jti counts as seen (for every tenant of the issuer: the
+ * old key names none). And it sets that key to the mark (`v2`, until the latest expiry of the
+ * tenants that used the jti), which old replicas, checking only that the key exists, read as
+ * seen. So a token used on a replica of either version is a replay on every other. Old keys
+ * expire with their tokens (at most `CELLCDS_JWT_MAX_LIFETIME_SECONDS` + the leeway after the
+ * last old replica stopped), so both steps (`LEGACY` below) can be removed in a later release,
+ * once no replica older than this one can run beside it.
  *
  * A Redis that evicts keys under memory pressure (any `maxmemory-policy` but `noeviction`; our
  * keys carry a TTL, so even the `volatile-*` policies take them) would forget a jti before
@@ -31,11 +49,11 @@ export interface RedisReplayCacheOptions {
   prefix?: string;
   /** Per-command timeout (default 1000 ms). */
   commandTimeoutMs?: number;
-  /** Most unexpired pairs in the whole cache, every replica's (default 1 000 000). */
+  /** Most unexpired entries in the whole cache, every replica's (default 1 000 000). */
   maxEntries?: number;
   /**
-   * One issuer's share (default 25 000): beyond it an issuer may not take the cache's last
-   * `maxPerIssuer` places, kept for issuers under their share.
+   * One `(tenant, iss)` pair's share (default 25 000): beyond it a tenant's issuer may not take
+   * the cache's last `maxPerIssuer` places, kept for the pairs under their share.
    */
   maxPerIssuer?: number;
   now?: () => Date;
@@ -57,26 +75,40 @@ export const DEFAULT_REDIS_REPLAY_MAX_ENTRIES = 1_000_000;
 /** How long a read of the eviction policy is trusted. */
 const POLICY_CHECK_MS = 60_000;
 
+/** The value this version sets under the previous version's key of `(iss, jti)` (it set `1`). */
+const LEGACY_MARK = 'v2';
+
 /**
- * KEYS: the pair's key, the issuer's sorted set, the whole cache's sorted set. ARGV: expiry (ms
- * since the epoch), now (ms), the issuer's share, the whole cache's size, the pair's hash (the
- * sets' member). Returns 0 for a replay; -2 when the cache is full; -1 when the issuer holds its
- * share or more and only the last share of places is free; 1 when the pair is new (then kept
- * until its expiry, and counted until then).
+ * KEYS: the entry's key, the previous version's key of `(iss, jti)` (LEGACY), the `(tenant,
+ * iss)` sorted set, the whole cache's sorted set. ARGV: expiry (ms since the epoch), now (ms),
+ * the pair's share, the whole cache's size, the entry's hash (the sets' member), LEGACY_MARK.
+ * Returns 0 for a replay (this version's entry exists, or the previous version's key with
+ * anything but the mark); -2 when the cache is full; -1 when the `(tenant, iss)` holds its share
+ * or more and only the last share of places is free; 1 when the entry is new (then kept until its
+ * expiry, and counted until then).
+ *
+ * LEGACY: the two steps on KEYS[2] serve rolling upgrades from the version that keyed entries by
+ * `(iss, jti)` alone. Remove them (and KEYS[2]) in a later release: old keys expire with their
+ * tokens, and no replica of that version may run beside the release that removes them.
  */
 const REMEMBER_SCRIPT = `
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local legacy = redis.call('GET', KEYS[2])
+if legacy and legacy ~= ARGV[6] then return 0 end
 local exp = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local share = tonumber(ARGV[3])
 local size = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local total = redis.call('ZCARD', KEYS[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local total = redis.call('ZCARD', KEYS[4])
 if total >= size then return -2 end
-if total >= size - share and redis.call('ZCARD', KEYS[2]) >= share then return -1 end
+if total >= size - share and redis.call('ZCARD', KEYS[3]) >= share then return -1 end
 redis.call('SET', KEYS[1], '1', 'PXAT', ARGV[1])
-for i = 2, 3 do
+if not legacy or redis.call('PTTL', KEYS[2]) < exp - now then
+  redis.call('SET', KEYS[2], ARGV[6], 'PXAT', ARGV[1])
+end
+for i = 3, 4 do
   redis.call('ZADD', KEYS[i], ARGV[1], ARGV[5])
   if redis.call('PTTL', KEYS[i]) < exp - now then redis.call('PEXPIREAT', KEYS[i], ARGV[1]) end
 end
@@ -109,7 +141,7 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
   // Connection errors surface as rejected commands; keep them out of the process' error path.
   redis.on('error', () => undefined);
   // Sent by its SHA (EVALSHA), the script's text only when Redis does not hold it yet.
-  redis.defineCommand(REMEMBER_COMMAND, { numberOfKeys: 3, lua: REMEMBER_SCRIPT });
+  redis.defineCommand(REMEMBER_COMMAND, { numberOfKeys: 4, lua: REMEMBER_SCRIPT });
   const rememberScript = (redis as unknown as Record<typeof REMEMBER_COMMAND, RememberScript>)[
     REMEMBER_COMMAND
   ].bind(redis);
@@ -146,24 +178,26 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
       const info = await redis.info('persistence');
       return { aof: /^aof_enabled:1\b/m.test(info) };
     },
-    async remember(iss, jti, expSeconds) {
+    async remember(tenant, iss, jti, expSeconds) {
       await keepsKeys();
-      // Hash the pair and the issuer: keys have a bounded length whatever the token carries.
-      const pair = sha256(JSON.stringify([iss, jti]));
-      const key = prefix + pair;
-      const issuerKey = `${prefix}iss:${sha256(iss)}`;
+      // Hashed JSON arrays: keys have a bounded length whatever the token carries, and no two
+      // triples (or a triple and an old pair, thanks to the tag) share a key.
+      const entry = sha256(JSON.stringify(['v2', tenant, iss, jti]));
       const at = now().getTime();
       const expiresAt = Math.max(expSeconds * 1000, at + 1000);
       const result = await rememberScript(
-        key,
-        issuerKey,
+        `${prefix}v2:${entry}`,
+        // LEGACY: the previous version's key of (iss, jti); see REMEMBER_SCRIPT.
+        prefix + sha256(JSON.stringify([iss, jti])),
+        `${prefix}v2:share:${sha256(JSON.stringify(['v2', tenant, iss]))}`,
         `${prefix}all`,
         expiresAt,
         at,
         maxPerIssuer,
         maxEntries,
-        // 128 bits of the pair's hash name it in the counts (a collision would only undercount).
-        pair.slice(0, 32),
+        // 128 bits of the entry's hash name it in the counts (a collision would only undercount).
+        entry.slice(0, 32),
+        LEGACY_MARK,
       );
       if (result === -2) {
         throw new ReplayCacheFullError();

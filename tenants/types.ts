@@ -124,13 +124,24 @@ export type AuthFailureReason =
   | 'not_yet_valid'
   /** The replay cache could not record the jti (full, or its backend is down): fail closed. */
   | 'replay_unavailable'
-  /** The replay cache is nearly full and the token's issuer holds its share; the others go on. */
+  /**
+   * The replay cache is nearly full and the token's issuer holds its share for the token's
+   * tenant; the others (other tenants of the same issuer too) go on.
+   */
   | 'replay_quota';
 
-/** Remembers `(iss, jti)` until the token's `exp`; shared across replicas in scale-out (Redis). */
+/**
+ * Remembers `(tenant, iss, jti)` until the token's `exp`; shared across replicas in scale-out
+ * (Redis). Tenants whose EHRs use the same issuer have their own jti space and their own share.
+ */
 export interface ReplayCache {
-  /** Stores the pair and returns true if it was not seen before; false if it is a replay. */
-  remember(iss: string, jti: string, expSeconds: number): Promise<boolean>;
+  /**
+   * Stores the entry and returns true if it was not seen before; false if it is a replay.
+   * `tenant` is the id of the tenant the token's signature proved.
+   * @throws ReplayIssuerQuotaError when the `(tenant, iss)` holds its share and the cache is
+   * nearly full; another error when the cache is full or cannot answer.
+   */
+  remember(tenant: string, iss: string, jti: string, expSeconds: number): Promise<boolean>;
   close?(): Promise<void>;
 }
 

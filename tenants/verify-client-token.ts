@@ -14,8 +14,10 @@
  *     alongside step 2's lookup when that lookup is answered from memory (see checkAhead); its
  *     result counts only if the lookup then returns the very same registration.
  *  5. Claims, from the VERIFIED payload: `aud` (exact), `exp`, `iat`, `nbf`, lifetime, `jti`.
- *  6. Replay: `(iss, jti)` remembered until `ceil(exp + leeway)`; a repeat is refused, and so is a
- *     token whose issuer already holds its share of the replay cache (`replay_quota`).
+ *  6. Replay: `(tenant, iss, jti)` remembered until `ceil(exp + leeway)`; a repeat is refused, and
+ *     so is a token whose `(tenant, iss)` already holds its share of the replay cache
+ *     (`replay_quota`). Keyed by the verified tenant: tenants whose EHRs use the same issuer
+ *     neither spend each other's jtis nor each other's share.
  *
  * Any failure throws AuthError(reason) and calls `onFailure`; no replay-cache entry is
  * consumed by a token that fails before step 6. Messages never contain the token. The JWT
@@ -221,9 +223,9 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     // until ceil(exp + leeway), not exp + leeway.
     let isFirstUse: boolean;
     try {
-      isFirstUse = await replayCache.remember(iss, jti, Math.ceil(exp + leeway));
+      isFirstUse = await replayCache.remember(tenant.id, iss, jti, Math.ceil(exp + leeway));
     } catch (err) {
-      // An issuer at its share is refused alone (audited and counted as replay_quota); a full
+      // A tenant's issuer at its share is refused alone (audited and counted as replay_quota); a full
       // cache or a Redis that cannot answer refuses everyone (replay_unavailable).
       throw err instanceof ReplayIssuerQuotaError
         ? new AuthError('replay_quota', err.message, tenant.id)

@@ -1,3 +1,4 @@
+import crypto from 'node:crypto';
 import { expect } from 'chai';
 import { Redis } from 'ioredis';
 import {
@@ -7,6 +8,7 @@ import {
   ReplayIssuerQuotaError,
 } from '../../tenants/index.ts';
 import type { ReplayCache } from '../../tenants/index.ts';
+import { oldPairKey, rememberAsOldReplica } from '../helpers/old-replay-replica.ts';
 
 const url = process.env.CELLCDS_TEST_REDIS_URL;
 
@@ -30,21 +32,113 @@ describe('Redis replay cache (scale-out)', function () {
   const exp = () => Math.floor(Date.now() / 1000) + 300;
 
   it('accepts a jti once, across replicas', async () => {
-    expect(await a.remember('https://iss.example', 'jti-1', exp())).to.equal(true);
-    expect(await b.remember('https://iss.example', 'jti-1', exp())).to.equal(false);
-    expect(await a.remember('https://iss.example', 'jti-1', exp())).to.equal(false);
+    expect(await a.remember('t', 'https://iss.example', 'jti-1', exp())).to.equal(true);
+    expect(await b.remember('t', 'https://iss.example', 'jti-1', exp())).to.equal(false);
+    expect(await a.remember('t', 'https://iss.example', 'jti-1', exp())).to.equal(false);
   });
 
   it('keeps issuers apart', async () => {
-    expect(await a.remember('https://one.example', 'same', exp())).to.equal(true);
-    expect(await a.remember('https://two.example', 'same', exp())).to.equal(true);
+    expect(await a.remember('t', 'https://one.example', 'same', exp())).to.equal(true);
+    expect(await a.remember('t', 'https://two.example', 'same', exp())).to.equal(true);
+  });
+
+  // Tenants whose EHRs use the same issuer: a jti used for one is not a replay for the other.
+  it('keeps tenants of one issuer apart, across replicas', async () => {
+    const iss = 'https://shared.example';
+    expect(await a.remember('tenant-a', iss, 'same', exp())).to.equal(true);
+    expect(await b.remember('tenant-b', iss, 'same', exp())).to.equal(true);
+    expect(await b.remember('tenant-a', iss, 'same', exp())).to.equal(false);
+    expect(await a.remember('tenant-b', iss, 'same', exp())).to.equal(false);
+  });
+
+  it('does not confuse (tenant, iss, jti) triples that concatenate alike', async () => {
+    expect(await a.remember('t|https://x.example', 'j', 'k', exp())).to.equal(true);
+    expect(await a.remember('t', 'https://x.example|j', 'k', exp())).to.equal(true);
+  });
+
+  // One tenant's EHR at its share must not get another tenant on the same issuer refused.
+  it('gives each tenant of an issuer its own share, on every replica', async () => {
+    const own = `${prefix}tenant-share:`;
+    const x = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
+    const y = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
+    try {
+      const iss = 'https://shared.example';
+      for (const [cache, jti] of [
+        [x, 'g1'],
+        [y, 'g2'],
+        [x, 'g3'],
+        [y, 'g4'],
+      ] as const) {
+        expect(await cache.remember('busy', iss, jti, exp())).to.equal(true);
+      }
+      expect(await x.remember('busy', iss, 'g5', exp()).catch((e: unknown) => e)).to.be.instanceOf(
+        ReplayIssuerQuotaError,
+      );
+      expect(await y.remember('quiet', iss, 'q1', exp())).to.equal(true);
+      expect(await x.remember('quiet', iss, 'q2', exp())).to.equal(true);
+    } finally {
+      await x.close();
+      await y.close();
+    }
+  });
+
+  // Rolling upgrade: replicas of the previous version record (iss, jti) under the old key
+  // shape, and check only that key.
+  describe('beside replicas of the previous version (old key shape)', () => {
+    let admin: Redis;
+    before(() => {
+      admin = new Redis(url);
+    });
+    after(async () => {
+      await admin.quit();
+    });
+
+    it('refuses a jti an old replica recorded, for every tenant of the issuer', async () => {
+      const iss = 'https://upgrade.example';
+      expect(await rememberAsOldReplica(admin, prefix, iss, 'old-1', exp())).to.equal(1);
+      expect(await a.remember('tenant-a', iss, 'old-1', exp())).to.equal(false);
+      expect(await b.remember('tenant-b', iss, 'old-1', exp())).to.equal(false);
+      expect(await a.remember('tenant-a', iss, 'new-1', exp())).to.equal(true);
+    });
+
+    it('marks the old key of a jti it accepted, which old replicas read as seen', async () => {
+      const iss = 'https://upgrade.example';
+      expect(await a.remember('tenant-a', iss, 'new-2', exp())).to.equal(true);
+      expect(await admin.get(oldPairKey(prefix, iss, 'new-2'))).to.equal('v2');
+      expect(await rememberAsOldReplica(admin, prefix, iss, 'new-2', exp())).to.equal(0);
+      // The mark is not a use of the jti for the issuer's other tenants on this version.
+      expect(await b.remember('tenant-b', iss, 'new-2', exp())).to.equal(true);
+    });
+
+    it('keeps the mark until the latest expiry of the tenants that used the jti', async () => {
+      const iss = 'https://upgrade.example';
+      const far = Math.floor(Date.now() / 1000) + 900;
+      expect(await a.remember('tenant-a', iss, 'new-3', far - 600)).to.equal(true);
+      expect(await b.remember('tenant-b', iss, 'new-3', far)).to.equal(true);
+      expect(await a.remember('tenant-c', iss, 'new-3', far - 700)).to.equal(true);
+      expect(await admin.pttl(oldPairKey(prefix, iss, 'new-3'))).to.be.within(890_000, 900_000);
+    });
+
+    // The shapes docs/operations.md documents: a tagged triple, never the old pair's shape.
+    it('keeps its entries under `v2:` keys of a tagged triple, apart from the old keys', async () => {
+      const iss = 'https://shape.example';
+      const sha256 = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
+      expect(await a.remember('tenant-a', iss, 'j', exp())).to.equal(true);
+      const entry = `${prefix}v2:${sha256(JSON.stringify(['v2', 'tenant-a', iss, 'j']))}`;
+      expect(await admin.get(entry)).to.equal('1');
+      expect(await admin.pttl(entry)).to.be.within(290_000, 300_000);
+      const share = `${prefix}v2:share:${sha256(JSON.stringify(['v2', 'tenant-a', iss]))}`;
+      expect(await admin.zcard(share)).to.equal(1);
+      // The old pair's key holds only the mark, never an entry.
+      expect(await admin.get(oldPairKey(prefix, iss, 'j'))).to.equal('v2');
+    });
   });
 
   it('forgets a pair after its expiry', async () => {
     const soon = Math.floor(Date.now() / 1000) + 1;
-    expect(await a.remember('https://iss.example', 'short', soon)).to.equal(true);
+    expect(await a.remember('t', 'https://iss.example', 'short', soon)).to.equal(true);
     await new Promise((r) => setTimeout(r, 2100));
-    expect(await b.remember('https://iss.example', 'short', exp())).to.equal(true);
+    expect(await b.remember('t', 'https://iss.example', 'short', exp())).to.equal(true);
   });
 
   // One tenant's EHR must not fill the shared cache and lock out the others: a busy issuer may
@@ -56,27 +150,27 @@ describe('Redis replay cache (scale-out)', function () {
     try {
       const greedy = 'https://greedy.example';
       const soon = Math.floor(Date.now() / 1000) + 2;
-      expect(await x.remember(greedy, 'g1', soon)).to.equal(true);
-      expect(await y.remember(greedy, 'g2', exp())).to.equal(true);
-      expect(await x.remember(greedy, 'g3', exp())).to.equal(true);
-      expect(await y.remember(greedy, 'g4', exp())).to.equal(true);
-      const refused = await x.remember(greedy, 'g5', exp()).then(
+      expect(await x.remember('t', greedy, 'g1', soon)).to.equal(true);
+      expect(await y.remember('t', greedy, 'g2', exp())).to.equal(true);
+      expect(await x.remember('t', greedy, 'g3', exp())).to.equal(true);
+      expect(await y.remember('t', greedy, 'g4', exp())).to.equal(true);
+      const refused = await x.remember('t', greedy, 'g5', exp()).then(
         () => undefined,
         (err: unknown) => err,
       );
       expect(refused).to.be.instanceOf(ReplayIssuerQuotaError);
       // Its tokens stay replays; the last two places are the others'.
-      expect(await x.remember(greedy, 'g2', exp())).to.equal(false);
-      expect(await y.remember('https://other.example', 'o1', exp())).to.equal(true);
-      expect(await x.remember('https://third.example', 'o1', exp())).to.equal(true);
+      expect(await x.remember('t', greedy, 'g2', exp())).to.equal(false);
+      expect(await y.remember('t', 'https://other.example', 'o1', exp())).to.equal(true);
+      expect(await x.remember('t', 'https://third.example', 'o1', exp())).to.equal(true);
       // Full: everyone is refused.
       expect(
-        await y.remember('https://fourth.example', 'o1', exp()).catch((e: unknown) => e),
+        await y.remember('t', 'https://fourth.example', 'o1', exp()).catch((e: unknown) => e),
       ).to.be.instanceOf(ReplayCacheFullError);
       // g1 expires: its place is given back (to an issuer under its share).
       await new Promise((r) => setTimeout(r, 3100));
-      expect(await y.remember('https://fourth.example', 'o1', exp())).to.equal(true);
-      expect(await x.remember(greedy, 'g6', exp()).catch((e: unknown) => e)).to.be.instanceOf(
+      expect(await y.remember('t', 'https://fourth.example', 'o1', exp())).to.equal(true);
+      expect(await x.remember('t', greedy, 'g6', exp()).catch((e: unknown) => e)).to.be.instanceOf(
         ReplayCacheFullError,
       );
     } finally {
@@ -90,12 +184,12 @@ describe('Redis replay cache (scale-out)', function () {
     try {
       const iss = 'https://ttl.example';
       const far = Math.floor(Date.now() / 1000) + 600;
-      expect(await a.remember(iss, 'late', far)).to.equal(true);
-      expect(await a.remember(iss, 'early', far - 500)).to.equal(true);
-      const keys = [...(await admin.keys(`${prefix}iss:*`)), `${prefix}all`];
+      expect(await a.remember('t', iss, 'late', far)).to.equal(true);
+      expect(await a.remember('t', iss, 'early', far - 500)).to.equal(true);
+      const keys = [...(await admin.keys(`${prefix}v2:share:*`)), `${prefix}all`];
       const ttls = await Promise.all(keys.map((k) => admin.pttl(k)));
-      // Every count key (each issuer's, the whole cache's) expires, the longest with its latest
-      // token (~600 s).
+      // Every count key (each (tenant, issuer)'s, the whole cache's) expires, the longest with
+      // its latest token (~600 s).
       expect(ttls.every((t) => t > 0)).to.equal(true);
       expect(Math.max(...ttls)).to.be.within(590_000, 600_000);
     } finally {
@@ -112,7 +206,7 @@ describe('Redis replay cache (scale-out)', function () {
     try {
       let threw = false;
       try {
-        await dead.remember('https://iss.example', 'x', exp());
+        await dead.remember('t', 'https://iss.example', 'x', exp());
       } catch {
         threw = true;
       }
@@ -150,10 +244,12 @@ describe('Redis replay cache (scale-out)', function () {
           );
           expect(err).to.be.instanceOf(RedisEvictsKeysError);
           expect(String(err)).to.include(policy).and.to.include('noeviction');
-          const refused = await cache.remember('https://iss.example', `ev-${policy}`, exp()).then(
-            () => undefined,
-            (e: unknown) => e,
-          );
+          const refused = await cache
+            .remember('t', 'https://iss.example', `ev-${policy}`, exp())
+            .then(
+              () => undefined,
+              (e: unknown) => e,
+            );
           expect(refused).to.be.instanceOf(RedisEvictsKeysError);
         } finally {
           await cache.close();
@@ -162,7 +258,9 @@ describe('Redis replay cache (scale-out)', function () {
         await admin.config('SET', 'maxmemory-policy', 'noeviction');
         const fixed = createRedisReplayCache({ url, prefix });
         try {
-          expect(await fixed.remember('https://iss.example', `ev-${policy}`, exp())).to.equal(true);
+          expect(await fixed.remember('t', 'https://iss.example', `ev-${policy}`, exp())).to.equal(
+            true,
+          );
         } finally {
           await fixed.close();
         }
@@ -174,7 +272,7 @@ describe('Redis replay cache (scale-out)', function () {
       const cache = createRedisReplayCache({ url, prefix });
       try {
         await cache.ready();
-        expect(await cache.remember('https://iss.example', 'after-fix', exp())).to.equal(true);
+        expect(await cache.remember('t', 'https://iss.example', 'after-fix', exp())).to.equal(true);
       } finally {
         await cache.close();
       }

@@ -177,6 +177,16 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       expect(id.tenant.id).to.equal('tenant-d');
     });
 
+    // The replay cache is keyed by the verified tenant: one tenant's use of a jti is not a
+    // replay of another tenant's token from the same EHR.
+    it('the same jti once for each tenant of a shared issuer', async () => {
+      const jti = 'shared-jti-1';
+      const c = await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-c', jti })), AUD);
+      const d = await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-d', jti })), AUD);
+      expect([c.tenant.id, d.tenant.id]).to.deep.equal(['tenant-c', 'tenant-d']);
+      expect(replay.size()).to.equal(2);
+    });
+
     it('exp within the 60 s leeway, iat up to 60 s ahead, a lifetime of exactly 1 hour', async () => {
       const t = nowS();
       await verifier.verify(bearer(await issuerA.sign({ iat: t - 100, exp: t - 30 })), AUD);
@@ -387,6 +397,16 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       expect(jkuServer.count('/evil-keys')).to.equal(0);
     });
 
+    it("a replayed jti within one tenant of a shared issuer, not the other tenant's", async () => {
+      const jti = 'shared-jti-2';
+      await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-c', jti })), AUD);
+      const err = await refusal(
+        verifier.verify(bearer(await shared.sign({ tenant: 'tenant-c', jti })), AUD),
+      );
+      expect(err.reason).to.equal('replayed');
+      await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-d', jti })), AUD);
+    });
+
     it('a replayed jti (the second use), leaving the cache as it was', async () => {
       const jwt = await issuerA.sign();
       await verifier.verify(bearer(jwt), AUD);
@@ -487,6 +507,23 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       });
       const ok = await verifier.verify(bearer(await issuerB.sign({ tenant: 'tenant-b' })), AUD);
       expect(ok.tenant.id).to.equal('tenant-b');
+    });
+
+    // The share is per (tenant, issuer): a tenant at its share does not use up the share of
+    // another tenant whose EHR uses the same issuer.
+    it("refuses a tenant at its share (replay_quota), not the shared issuer's other tenant", async () => {
+      replay = createMemoryReplayCache({ now: clock, maxEntries: 4, maxPerIssuer: 2 });
+      verifier = buildVerifier();
+      for (let i = 0; i < 2; i++) {
+        await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-c' })), AUD);
+      }
+      const err = await refusal(
+        verifier.verify(bearer(await shared.sign({ tenant: 'tenant-c' })), AUD),
+      );
+      expect(err.reason).to.equal('replay_quota');
+      expect(err.tenant).to.equal('tenant-c');
+      const ok = await verifier.verify(bearer(await shared.sign({ tenant: 'tenant-d' })), AUD);
+      expect(ok.tenant.id).to.equal('tenant-d');
     });
 
     it('reports the issuer and tenant (never the token) to onFailure', async () => {
