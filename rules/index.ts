@@ -7,6 +7,11 @@ export { parsePackText, packHash, packToJson, packToYaml, canonicalJson } from '
 export { validatePack } from './validate-pack.ts';
 export { ID_PATTERN } from './pack-schema.ts';
 export { isAbsoluteHttpUrl } from './evaluate-core.ts';
+export {
+  answerCards,
+  incompleteEvaluationCard,
+  INCOMPLETE_EVALUATION_RULE_ID,
+} from './incomplete-evaluation.ts';
 export type { ValidatePackOptions } from './validate-pack.ts';
 export { compilePack } from './compile-pack.ts';
 export { createEvaluator, evaluateInline } from './evaluator.ts';

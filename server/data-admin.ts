@@ -6,7 +6,7 @@
  */
 import path from 'node:path';
 import { finalizeCards } from '../hooks/index.ts';
-import { compilePack } from '../rules/index.ts';
+import { answerCards, compilePack } from '../rules/index.ts';
 import type { Evaluator } from '../rules/index.ts';
 import {
   authorize,
@@ -171,14 +171,15 @@ export class DataAdmin {
       prefetch: Record<string, unknown>;
       cards: unknown[];
     };
-    const result = await this.deps.evaluator.evaluate(compilePack(stored.pack), record.service, {
+    const compiled = compilePack(stored.pack);
+    const result = await this.deps.evaluator.evaluate(compiled, record.service, {
       hook: record.hook,
       hookInstance: record.hookInstance,
       context: secret.context,
       prefetch: secret.prefetch,
       now: new Date(record.time),
     });
-    const cards = finalizeCards(result.cards);
+    const cards = finalizeCards(answerCards(compiled, result));
     const matches =
       JSON.stringify(withoutUuids(cards)) === JSON.stringify(withoutUuids(secret.cards));
     await this.audit(principal, {

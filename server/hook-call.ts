@@ -6,6 +6,7 @@
 import crypto from 'node:crypto';
 import { finalizeCards, resolvePrefetch } from '../hooks/index.ts';
 import type { Card, HookRequest } from '../hooks/index.ts';
+import { answerCards } from '../rules/index.ts';
 import type { CompiledPack, EvaluationResult } from '../rules/index.ts';
 import type { Tenant } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
@@ -70,7 +71,8 @@ async function evaluateAndSeal(
     { inputJson, scope: tenant.id },
   );
   deps.metrics.ruleTrace(pack.id, result.trace);
-  const cards = finalizeCards(result.cards);
+  // Rules that did not complete gave no card; the clinician must not read that as "no issue".
+  const cards = finalizeCards(answerCards(pack, result));
   // Durable before the response: the inputs, cards and trace sealed under the tenant's current
   // data key; ids and the pack stamp (id@version@hash) in clear, no PHI.
   const invocationId = crypto.randomUUID();

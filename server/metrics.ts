@@ -109,6 +109,7 @@ const HOOK_OUTCOMES: readonly HookOutcome[] = [
   'error',
 ];
 const FETCH_OUTCOMES: readonly PrefetchFetchOutcome[] = ['ok', 'error', 'timeout', 'refused'];
+const RULE_FAILURE_OUTCOMES = ['error', 'timeout', 'skipped'] as const;
 const JOB_KINDS = ['dek-rewrap', 'kek-rewrap', 'migration', 'other'] as const;
 const JOB_END_STATES = ['done', 'failed', 'superseded', 'other'] as const;
 const FINISHED_MEMORY = 1000;
@@ -154,7 +155,7 @@ export class Metrics {
     });
     this.ruleFailures = new Counter({
       name: 'cellcds_rule_failures_total',
-      help: 'Rule evaluations that errored or ran out of time, by pack and rule id',
+      help: 'Rule evaluations that errored, ran out of time or were skipped (call budget spent), by pack and rule id',
       labelNames: ['pack', 'rule', 'outcome'],
       registers,
     });
@@ -255,20 +256,27 @@ export class Metrics {
     );
   }
 
-  /** Counts one rule that errored or timed out (pack and rule ids from the catalog). */
-  ruleOutcome(pack: string, ruleId: string, outcome: 'error' | 'timeout'): void {
+  /**
+   * Counts one rule that errored, timed out or was skipped when its call's budget ran out (pack
+   * and rule ids from the catalog).
+   */
+  ruleOutcome(pack: string, ruleId: string, outcome: 'error' | 'timeout' | 'skipped'): void {
     this.ruleFailures.inc({
       pack: this.packs.value(pack),
       rule: this.rules.value(ruleId),
-      outcome: oneOf(outcome, ['error', 'timeout'], 'error'),
+      outcome: oneOf(outcome, RULE_FAILURE_OUTCOMES, 'error'),
     });
   }
 
-  /** Counts the failed entries of an evaluation trace (`status` error or timeout). */
+  /** Counts the entries of an evaluation trace that did not complete (error, timeout, skipped). */
   ruleTrace(pack: string, trace: readonly { ruleId: string; status: string }[]): void {
     for (const entry of trace) {
-      if (entry.status === 'error' || entry.status === 'timeout') {
-        this.ruleOutcome(pack, entry.ruleId, entry.status);
+      if ((RULE_FAILURE_OUTCOMES as readonly string[]).includes(entry.status)) {
+        this.ruleOutcome(
+          pack,
+          entry.ruleId,
+          entry.status as (typeof RULE_FAILURE_OUTCOMES)[number],
+        );
       }
     }
   }

@@ -29,7 +29,7 @@ import {
   parseHookRequest,
 } from '../hooks/index.ts';
 import type { FeedbackItem } from '../hooks/index.ts';
-import { buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
+import { answerCards, buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
 import { AuthError, authorize, createIdTokenVerifier } from '../tenants/index.ts';
 import type { AppIdentity, IdTokenContext, IdTokenVerifier, Principal } from '../tenants/index.ts';
@@ -442,7 +442,7 @@ function playgroundApi(deps: Deps, opts: UiRouterOptions): Router {
       prefetch: built.prefetch ?? {},
       now,
     });
-    const cards = finalizeCards(result.cards);
+    const cards = finalizeCards(answerCards(compiled, result));
     const rules = compiled.pack.rules.filter((r) => r.service === service.id);
     await deps.controlPlane.audit.record({
       type: 'playground.evaluate',

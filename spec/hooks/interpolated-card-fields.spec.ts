@@ -87,11 +87,17 @@ describe('hook call: a card field that interpolation leaves empty (HTTP)', () =>
     expect(res.status, JSON.stringify(res.body)).to.equal(200);
     expect(res.body.cards.map((c: { summary: string }) => c.summary)).to.deep.equal([
       'Hello from the family pack',
+      // The failed rule gave no card: the answer says a check did not run (no patient data).
+      '1 of 2 checks could not run: no card from them does not mean no issue',
     ]);
+    const incomplete = res.body.cards[1] as { indicator: string; detail: string };
+    expect(incomplete.indicator).to.equal('info');
+    expect(incomplete.detail).to.contain('- family-chart (failed)');
+    expect(incomplete.detail).to.not.contain('Quillfeather');
     const hookCall = t.logLines
       .map((l) => JSON.parse(l) as Record<string, unknown>)
       .find((l) => l.msg === 'hook call');
-    expect(hookCall).to.include({ cardCount: 1, ruleErrors: 1 });
+    expect(hookCall).to.include({ cardCount: 2, ruleErrors: 1 });
     expect(t.logLines.join('\n')).to.not.contain('Planted').and.to.not.contain('Quillfeather');
   });
 

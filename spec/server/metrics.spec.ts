@@ -179,6 +179,7 @@ describe('server/ metrics', () => {
       { ruleId: 'warfarin-nsaid', status: 'timeout' },
       { ruleId: 'qt-prolongation', status: 'ok' },
       { ruleId: 'duplicate-therapy', status: 'error' },
+      { ruleId: 'opioid-benzo', status: 'skipped' },
     ]);
     const observer = metrics.prefetchObserver();
     observer.onFetch?.('ok', 'patient');
@@ -214,7 +215,11 @@ describe('server/ metrics', () => {
     ).to.equal(1);
 
     const rules = 'cellcds_rule_failures_total';
-    expect(value(after, rules)).to.equal(3);
+    expect(value(after, rules)).to.equal(4);
+    // Skipped (the call's budget was spent before it started): no card from it either.
+    expect(
+      value(after, rules, { pack: 'med-safety', rule: 'opioid-benzo', outcome: 'skipped' }),
+    ).to.equal(1);
     expect(
       value(after, rules, { pack: 'med-safety', rule: 'warfarin-nsaid', outcome: 'error' }),
     ).to.equal(1);
