@@ -152,7 +152,16 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
         body: { field: 'tenant' },
       });
     }
-    res.json(await data.restore(principalOf(res), body.backup, body.tenant));
+    if (body.allowUnauthenticated !== undefined && typeof body.allowUnauthenticated !== 'boolean') {
+      throw new ServiceError(400, 'invalid_request', 'allowUnauthenticated: must be a boolean', {
+        body: { field: 'allowUnauthenticated' },
+      });
+    }
+    res.json(
+      await data.restore(principalOf(res), body.backup, body.tenant, {
+        allowUnauthenticated: body.allowUnauthenticated === true,
+      }),
+    );
   });
   router.get('/tenants/:id/audit/verify', async (req, res) => {
     res.json(await data.verifyAudit(principalOf(res), param(req, 'id')));

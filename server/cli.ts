@@ -885,20 +885,30 @@ export function buildProgram(): Command {
       "backup folder (relative to the region's backup folder, or absolute inside it)",
     )
     .option('--tenant <id>', 'refuse unless the backup is of this tenant')
+    .option(
+      '--allow-unauthenticated',
+      'also restore a backup whose manifest cannot be authenticated (format 1, or a crypto-shredded tenant); audited',
+    )
     .option('--url <base>')
     .option('--token <token>')
     .description('validate a backup and restore that one tenant (refuses another region or tenant)')
-    .action(async (backup: string, o: ServerOpts & { tenant?: string }) => {
-      out(
-        expectStatus(
-          await adminCall(o, 'POST', '/admin/restores', {
-            backup,
-            ...(o.tenant ? { tenant: o.tenant } : {}),
-          }),
-          200,
-        ),
-      );
-    });
+    .action(
+      async (
+        backup: string,
+        o: ServerOpts & { tenant?: string; allowUnauthenticated?: boolean },
+      ) => {
+        out(
+          expectStatus(
+            await adminCall(o, 'POST', '/admin/restores', {
+              backup,
+              ...(o.tenant ? { tenant: o.tenant } : {}),
+              ...(o.allowUnauthenticated === true ? { allowUnauthenticated: true } : {}),
+            }),
+            200,
+          ),
+        );
+      },
+    );
   tenant
     .command('failover')
     .argument('<id>')

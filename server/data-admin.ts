@@ -10,6 +10,7 @@ import { answerCards, compilePack } from '../rules/index.ts';
 import type { Evaluator } from '../rules/index.ts';
 import {
   authorize,
+  BackupError,
   ConflictError,
   InvalidInputError,
   mayBackupTo,
@@ -382,8 +383,18 @@ export class DataAdmin {
     return result;
   }
 
-  /** Restores one tenant from a backup folder inside this region's backup directory. */
-  async restore(principal: Principal, backup: string, tenantId?: string): Promise<RestoreResult> {
+  /**
+   * Restores one tenant from a backup folder inside this region's backup directory. A backup
+   * whose manifest cannot be authenticated (format 1, or a crypto-shredded tenant's) restores
+   * only with `allowUnauthenticated`, recorded in the audit event and the result.
+   */
+  async restore(
+    principal: Principal,
+    backup: string,
+    tenantId?: string,
+    opts: { allowUnauthenticated?: boolean } = {},
+  ): Promise<RestoreResult> {
+    const allowUnauthenticated = opts.allowUnauthenticated === true;
     authorize(principal, 'tenant:update', tenantId);
     const root = path.resolve(this.deps.backupDir);
     const target = path.resolve(root, backup);
@@ -394,12 +405,18 @@ export class DataAdmin {
       const result = await this.deps.stores.restoreTenant(target, {
         region: this.deps.stores.region,
         ...(tenantId !== undefined ? { tenant: tenantId } : {}),
+        allowUnauthenticated,
       });
       await this.audit(principal, {
         type: 'restore.tenant',
         outcome: 'success',
         tenant: result.tenant,
-        detail: { backupCreatedAt: result.backupCreatedAt, keyAvailable: result.keyAvailable },
+        detail: {
+          backupCreatedAt: result.backupCreatedAt,
+          keyAvailable: result.keyAvailable,
+          authenticated: result.authenticated,
+          ...(allowUnauthenticated ? { allowUnauthenticated } : {}),
+        },
       });
       return result;
     } catch (err) {
@@ -408,8 +425,12 @@ export class DataAdmin {
         outcome: 'failure',
         ...(tenantId !== undefined ? { tenant: tenantId } : {}),
         // The operator's text: bounded, so the audit store takes it and the original error
-        // is the one thrown.
-        detail: { backup: path.basename(target).slice(0, 200) },
+        // is the one thrown. The refusal's reason is a closed set of codes.
+        detail: {
+          backup: path.basename(target).slice(0, 200),
+          ...(err instanceof BackupError ? { reason: err.reason } : {}),
+          ...(allowUnauthenticated ? { allowUnauthenticated } : {}),
+        },
       });
       throw err;
     }

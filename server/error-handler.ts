@@ -109,7 +109,12 @@ export function toServiceError(err: unknown): ServiceError {
     });
   }
   if (err instanceof BackupError) {
-    return new ServiceError(422, 'unprocessable', err.message, { detail: err.reason, cause: err });
+    // The reason is a closed set of codes (e.g. `manifest_signature`), for scripts to act on.
+    return new ServiceError(422, 'unprocessable', err.message, {
+      detail: err.reason,
+      body: { reason: err.reason },
+      cause: err,
+    });
   }
   if (err instanceof Error && isStoreUnavailableError(err)) {
     // Retryable: the region's database refused, lost or did not hand out a connection in

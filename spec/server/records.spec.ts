@@ -274,13 +274,22 @@ describe('invocation records, feedback, keys and backups through the API', funct
       .set('authorization', `Bearer ${await b.sign({ aud: url('tiny-order-sign') })}`)
       .send(warfarinNsaidRequest());
     expect(resB.status).to.equal(200);
+    // The old backup's manifest cannot be authenticated any more (its MAC key was wrapped
+    // under the destroyed tenant key): refused unless asked for without authentication.
+    const refused = await op(request(t.app).post('/admin/restores')).send({
+      backup: path.relative(t.deps.backupDir, backup.body.path as string),
+      tenant: 'tenant-a',
+    });
+    expect(refused.status, JSON.stringify(refused.body)).to.equal(422);
+    expect(refused.body).to.include({ error: 'unprocessable', reason: 'key_unavailable' });
     // Restoring the old backup gives a store whose records do not open.
     const restore = await op(request(t.app).post('/admin/restores')).send({
       backup: path.relative(t.deps.backupDir, backup.body.path as string),
       tenant: 'tenant-a',
+      allowUnauthenticated: true,
     });
     expect(restore.status, JSON.stringify(restore.body)).to.equal(200);
-    expect(restore.body.keyAvailable).to.equal(false);
+    expect(restore.body).to.include({ keyAvailable: false, authenticated: false });
     const store = t.deps.stores.store('tenant-a');
     const [first] = await store.listInvocations({});
     expect(first).to.not.equal(undefined);

@@ -5,16 +5,22 @@
  * sha256 and size of every file). SQLite snapshots use `VACUUM INTO`; PostgreSQL snapshots are
  * a JSON dump of the schema's rows read in one REPEATABLE READ transaction.
  *
- * Restore validates the manifest and checksums, refuses another region, tenant or dialect,
- * stages the store next to the live one, and checks the staged copy itself before anything live
- * changes: its own tenant/region and DEKs, its audit hash chain end to end, and that the
- * manifest's counts, audit head and DEK versions are the snapshot's. Then it swaps the copy in
- * (SQLite: one atomic rename over the live file; PostgreSQL: schema rename in one transaction).
+ * The manifest (format 2) is authenticated: a fresh random 256-bit key, wrapped by the region's
+ * key provider for the tenant (AAD `cellcds-backup-mac/2|tenant|region|backupId`) and stored in
+ * the manifest, keys an HMAC-SHA256 over the canonical JSON of the whole manifest but its `mac`
+ * (so over every file's sha256 too). Whoever can rewrite a backup folder but cannot use the
+ * provider cannot make a manifest that verifies: not for a snapshot cut short, nor for another
+ * tenant or region. A genuine older backup of the same tenant still verifies (point-in-time
+ * restore); the result carries its time.
  *
- * The manifest is not authenticated: whoever can rewrite a backup folder can still truncate the
- * snapshot consistently (chain cut at an event, records deleted) and rewrite the manifest to
- * match. These checks stop a snapshot that its manifest does not describe and a chain that was
- * edited in place; a MAC over the manifest under a provider-held key would stop the rest.
+ * Restore validates the manifest's shape and checksums, refuses another region, tenant or
+ * dialect, verifies the MAC (before anything is staged), stages the store next to the live one,
+ * and checks the staged copy itself before anything live changes: its own tenant/region and
+ * DEKs, its audit hash chain end to end, and that the manifest's counts, audit head and DEK
+ * versions are the snapshot's. Then it swaps the copy in (SQLite: one atomic rename over the
+ * live file; PostgreSQL: schema rename in one transaction). A manifest with no MAC (format 1,
+ * from earlier releases) or whose MAC key no longer unwraps because the tenant's key was
+ * destroyed is restored only with `allowUnauthenticated`.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -24,20 +30,26 @@ import sqlite3 from 'sqlite3';
 import { z } from 'zod';
 import { ConflictError } from '../errors.ts';
 import { verifyAudit } from './audit-chain.ts';
-import { BackupError } from './errors.ts';
+import { BackupError, KeyUnavailableError } from './errors.ts';
+import { canonicalJson } from './hash-chain.ts';
 import type { ChainVerification } from './hash-chain.ts';
 import { assertRegionId, assertTenantId } from './ids.ts';
 import { TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow, TenantStoreModels } from './models.ts';
 import type { StoreBackend, StoreHandle } from './store-backend.ts';
-import type { BackupResult } from './types.ts';
+import type { BackupResult, KeyProvider } from './types.ts';
 
 const MANIFEST = 'manifest.json';
 const DEKS = 'deks.json';
-const FORMAT = 'cellcds-tenant-backup/1';
+/** Manifests written before they were authenticated (no MAC). */
+const FORMAT_V1 = 'cellcds-tenant-backup/1';
+const FORMAT = 'cellcds-tenant-backup/2';
+/** Purpose prefix of the MAC key's wrap AAD: a DEK's wrap never opens as a MAC key's. */
+const MAC_PURPOSE = 'cellcds-backup-mac/2';
 const DUMP_FORMAT = 'cellcds-store-dump/1';
 const MAX_MANIFEST_BYTES = 1024 * 1024;
 const HEX64 = /^[0-9a-f]{64}$/;
+const BACKUP_ID = /^[0-9a-f]{32}$/;
 
 const countsSchema = z.strictObject({
   invocations: z.number().int().min(0),
@@ -45,8 +57,7 @@ const countsSchema = z.strictObject({
   auditEvents: z.number().int().min(0),
 });
 
-const manifestSchema = z.strictObject({
-  format: z.literal(FORMAT),
+const manifestBody = {
   tenant: z.string(),
   region: z.string(),
   dialect: z.enum(['sqlite', 'postgres']),
@@ -69,10 +80,150 @@ const manifestSchema = z.strictObject({
       kekVersion: z.number().int().nullable(),
     }),
   ),
-});
+};
 
-/** The manifest of a backup folder. */
+const manifestSchema = z.discriminatedUnion('format', [
+  z.strictObject({ format: z.literal(FORMAT_V1), ...manifestBody }),
+  z.strictObject({
+    format: z.literal(FORMAT),
+    /** Random id of this backup, bound into the MAC key's wrap. */
+    backupId: z.string().regex(BACKUP_ID),
+    ...manifestBody,
+    /** The MAC key as the provider wrapped it (opaque) and the KEK version it names. */
+    macKey: z
+      .strictObject({
+        wrapped: z.string().min(1).max(16_384),
+        kekVersion: z.number().int().min(1),
+      })
+      .optional(),
+    /** HMAC-SHA256 (hex) over the canonical JSON of every other member. */
+    mac: z.string().regex(HEX64).optional(),
+  }),
+]);
+
+/**
+ * The manifest of a backup folder: format 2 (authenticated; `macKey` and `mac` are optional in
+ * the type only so that a stripped one is reported as unauthenticated, not as malformed) or
+ * format 1 (written by earlier releases, no MAC).
+ */
 export type BackupManifest = z.infer<typeof manifestSchema>;
+
+/** What `signBackupManifest` authenticates: everything but the format, id and MAC. */
+export type UnsignedManifest = Omit<
+  Extract<BackupManifest, { format: typeof FORMAT }>,
+  'format' | 'backupId' | 'macKey' | 'mac'
+>;
+
+/** The AAD that binds a backup's MAC key wrap to its purpose, tenant, region and backup. */
+function macAad(tenant: string, region: string, backupId: string): string {
+  return `${MAC_PURPOSE}|${tenant}|${region}|${backupId}`;
+}
+
+/** HMAC-SHA256 over the canonical JSON of the manifest without its `mac`. */
+function manifestMac(key: crypto.KeyObject, m: BackupManifest): Buffer {
+  const covered: Record<string, unknown> = { ...m };
+  delete covered.mac;
+  return crypto.createHmac('sha256', key).update(canonicalJson(covered), 'utf8').digest();
+}
+
+/**
+ * Authenticates a manifest for the region of `provider`: a fresh random 256-bit key (node:crypto)
+ * is wrapped by the provider for the manifest's tenant, with an AAD naming the purpose, tenant,
+ * region and a fresh backup id, and keys an HMAC-SHA256 over the canonical JSON of the whole
+ * manifest but its `mac` (files' sha256 included). The plaintext key never leaves this call.
+ * @throws KeyUnavailableError (no tenant key, provider down).
+ */
+export async function signBackupManifest(
+  provider: KeyProvider,
+  body: UnsignedManifest,
+): Promise<BackupManifest> {
+  const backupId = crypto.randomBytes(16).toString('hex');
+  const key = crypto.generateKeySync('hmac', { length: 256 });
+  const wrapped = await provider.wrapDek(
+    body.tenant,
+    key,
+    macAad(body.tenant, body.region, backupId),
+  );
+  const unsigned: BackupManifest = {
+    format: FORMAT,
+    backupId,
+    ...body,
+    macKey: { wrapped: wrapped.wrapped, kekVersion: wrapped.kekVersion },
+  };
+  return { ...unsigned, mac: manifestMac(key, unsigned).toString('hex') };
+}
+
+/**
+ * Checks a manifest's MAC with the key the region's provider unwraps for its tenant (with the
+ * AAD its tenant, region and backup id give), compared in constant time. A manifest with no MAC,
+ * or whose MAC key cannot be unwrapped because the tenant's key was destroyed or its KEK is gone,
+ * cannot be authenticated: refused unless `allowUnauthenticated`. A MAC that does not verify,
+ * or a MAC key that does not unwrap for this tenant, region and backup, is always refused.
+ * @returns whether the manifest was authenticated (false only with `allowUnauthenticated`).
+ * @throws BackupError('manifest_signature' | 'unauthenticated' | 'key_unavailable'),
+ *   KeyUnavailableError('provider') (retry later).
+ */
+export async function authenticateBackupManifest(
+  provider: KeyProvider,
+  m: BackupManifest,
+  opts: { allowUnauthenticated?: boolean } = {},
+): Promise<boolean> {
+  const allow = opts.allowUnauthenticated === true;
+  if (m.format === FORMAT_V1 || m.macKey === undefined || m.mac === undefined) {
+    if (allow) {
+      return false;
+    }
+    throw new BackupError(
+      'unauthenticated',
+      m.format === FORMAT_V1
+        ? 'the manifest is format 1 (written before backups were authenticated) and carries no MAC; restore it with allowUnauthenticated only if nobody else could write the backup folder'
+        : 'the manifest carries no MAC (this release always writes one: it was removed); restore it with allowUnauthenticated only if nobody else could write the backup folder',
+    );
+  }
+  let key: crypto.KeyObject;
+  try {
+    key = await provider.unwrapDek(
+      m.tenant,
+      m.macKey.wrapped,
+      macAad(m.tenant, m.region, m.backupId),
+    );
+  } catch (err) {
+    if (!(err instanceof KeyUnavailableError)) {
+      throw err;
+    }
+    if (err.reason === 'provider') {
+      throw err; // the provider is down: retryable, nothing was decided
+    }
+    if (err.reason === 'tenant_key_destroyed' || err.reason === 'unknown_kek') {
+      // Nobody can check this MAC any more (crypto-shredded tenant, destroyed KEK). The
+      // tenant's records would not open either; the operator may still want its audit trail.
+      if (allow) {
+        return false;
+      }
+      throw new BackupError(
+        'key_unavailable',
+        `the manifest's MAC cannot be checked: its key does not unwrap (${err.reason}: the tenant's key was destroyed, or the KEK that wrapped it is gone); restore it with allowUnauthenticated only if nobody else could write the backup folder`,
+        err,
+      );
+    }
+    // A wrap that does not open under this tenant's key with this manifest's tenant, region and
+    // backup id: one of them (or the wrap) was changed.
+    throw new BackupError(
+      'manifest_signature',
+      `the manifest's MAC key does not unwrap for tenant ${m.tenant} in region ${m.region}: the manifest was altered`,
+      err,
+    );
+  }
+  const expected = manifestMac(key, m);
+  const given = Buffer.from(m.mac, 'hex');
+  if (given.length !== expected.length || !crypto.timingSafeEqual(expected, given)) {
+    throw new BackupError(
+      'manifest_signature',
+      'the manifest MAC does not verify: the manifest or a file it checksums was altered',
+    );
+  }
+  return true;
+}
 
 /** The wrapped DEKs of a backup (as stored; no plaintext). */
 interface DeksFile {
@@ -193,13 +344,16 @@ function stamp(d: Date): string {
 }
 
 /**
- * Writes a backup of the open store `h` into a new folder under `backupDir` (0700; files 0600).
- * @throws BackupError('snapshot') if the snapshot cannot be written.
+ * Writes a backup of the open store `h` into a new folder under `backupDir` (0700; files 0600),
+ * its manifest authenticated under a MAC key `provider` wraps for the tenant (format 2).
+ * @throws BackupError('snapshot') if the snapshot cannot be written, KeyUnavailableError if
+ *   the provider cannot wrap the MAC key (nothing is left behind).
  */
 export async function writeBackup(
   h: StoreHandle,
   backupDir: string,
   now: () => Date,
+  provider: KeyProvider,
 ): Promise<BackupResult> {
   const createdAt = now();
   const root = path.resolve(backupDir);
@@ -245,8 +399,7 @@ export async function writeBackup(
     }
     const deks: DeksFile = { tenant: h.tenant, region: h.region, deks: facts.deks };
     writeFileDurable(path.join(folder, DEKS), `${JSON.stringify(deks, null, 2)}\n`);
-    const manifest: BackupManifest = {
-      format: FORMAT,
+    const manifest = await signBackupManifest(provider, {
       tenant: h.tenant,
       region: h.region,
       dialect: h.dialect,
@@ -262,7 +415,7 @@ export async function writeBackup(
         status: d.status,
         kekVersion: d.kekVersion,
       })),
-    };
+    });
     writeFileDurable(path.join(folder, MANIFEST), `${JSON.stringify(manifest, null, 2)}\n`);
     fsyncPath(folder);
     fsyncPath(root);
@@ -275,14 +428,15 @@ export async function writeBackup(
     };
   } catch (err) {
     fs.rmSync(folder, { recursive: true, force: true });
-    throw err instanceof BackupError
+    throw err instanceof BackupError || err instanceof KeyUnavailableError
       ? err
       : new BackupError('snapshot', `backup of ${h.tenant} failed`, err);
   }
 }
 
 /**
- * Reads and checks a backup folder: manifest shape, file set, sizes and sha256.
+ * Reads and checks a backup folder: manifest shape, file set, sizes and sha256. It does not
+ * authenticate the manifest: `authenticateBackupManifest` does (restore calls both).
  * @throws BackupError('manifest' | 'checksum').
  */
 export function readBackupManifest(backupPath: string): BackupManifest {
@@ -329,11 +483,35 @@ export function readBackupManifest(backupPath: string): BackupManifest {
   return m;
 }
 
+/**
+ * Reads one file of the backup and checks it against the manifest's sha256 and size again: the
+ * bytes restore uses are the bytes the (authenticated) manifest describes, even if the file was
+ * replaced after `readBackupManifest` checked it.
+ * @throws BackupError('checksum').
+ */
+function readChecked(folder: string, m: BackupManifest, name: string): Buffer {
+  const expected = m.files.find((f) => f.name === name);
+  let data: Buffer;
+  try {
+    data = fs.readFileSync(path.join(folder, name));
+  } catch (err) {
+    throw new BackupError('checksum', `${name} is missing`, err);
+  }
+  const sha256 = crypto.createHash('sha256').update(data).digest('hex');
+  if (expected?.sha256 !== sha256 || expected.bytes !== data.length) {
+    throw new BackupError('checksum', `${name} changed after it was checked`);
+  }
+  return data;
+}
+
 function checkDeks(folder: string, m: BackupManifest, facts: SnapshotFacts): void {
   let deks: DeksFile;
   try {
-    deks = JSON.parse(fs.readFileSync(path.join(folder, DEKS), 'utf8')) as DeksFile;
+    deks = JSON.parse(readChecked(folder, m, DEKS).toString('utf8')) as DeksFile;
   } catch (err) {
+    if (err instanceof BackupError) {
+      throw err;
+    }
     throw new BackupError('snapshot', `${DEKS} is not JSON`, err);
   }
   const norm = (rows: DekRow[]) =>
@@ -418,6 +596,8 @@ export interface StagedRestore {
    * that `commit` puts in place.
    */
   manifest: BackupManifest;
+  /** Whether the manifest's MAC verified (false only with `allowUnauthenticated`). */
+  authenticated: boolean;
   /**
    * Replaces the live store with the staged one (the caller closed the live handle). SQLite: a
    * crash at any point leaves either the old store, whole, or the restored one (never none).
@@ -526,14 +706,23 @@ async function checkpointLive(file: string, tenant: string): Promise<void> {
 }
 
 /**
- * Validates `backupPath` for `region` (and `tenant`, if given) and stages it beside the live
- * store. Nothing live changes until `commit`.
- * @throws BackupError (manifest, checksum, wrong_region, wrong_tenant, wrong_dialect, snapshot).
+ * Validates `backupPath` for `region` (and `tenant`, if given), authenticates its manifest with
+ * `keyProvider` (the region's) before anything is staged, and stages it beside the live store.
+ * Nothing live changes until `commit`.
+ * @throws BackupError (manifest, checksum, wrong_region, wrong_tenant, wrong_dialect,
+ *   manifest_signature, unauthenticated, key_unavailable, snapshot, audit_chain,
+ *   manifest_mismatch), KeyUnavailableError('provider').
  */
 export async function stageRestore(
   backend: StoreBackend,
   backupPath: string,
-  opts: { region: string; tenant?: string; stagingSuffix: string },
+  opts: {
+    region: string;
+    tenant?: string;
+    stagingSuffix: string;
+    keyProvider: KeyProvider;
+    allowUnauthenticated?: boolean;
+  },
 ): Promise<StagedRestore> {
   const folder = path.resolve(backupPath);
   const m = readBackupManifest(folder);
@@ -552,10 +741,15 @@ export async function stageRestore(
       `the backup is a ${m.dialect} snapshot; this region uses ${backend.dialect}`,
     );
   }
-  if (backend.dialect === 'sqlite') {
-    return stageSqlite(backend, folder, m, opts.stagingSuffix);
-  }
-  return stagePostgres(backend, folder, m, opts.stagingSuffix);
+  // Before anything is staged: a manifest that does not verify never reaches the database.
+  const authenticated = await authenticateBackupManifest(opts.keyProvider, m, {
+    allowUnauthenticated: opts.allowUnauthenticated === true,
+  });
+  const staged =
+    backend.dialect === 'sqlite'
+      ? await stageSqlite(backend, folder, m, opts.stagingSuffix)
+      : await stagePostgres(backend, folder, m, opts.stagingSuffix);
+  return { ...staged, authenticated };
 }
 
 async function stageSqlite(
@@ -563,7 +757,7 @@ async function stageSqlite(
   folder: string,
   m: BackupManifest,
   suffix: string,
-): Promise<StagedRestore> {
+): Promise<Omit<StagedRestore, 'authenticated'>> {
   const snapshot = path.join(folder, 'store.sqlite');
   const live = backend.filePath(m.tenant);
   const dir = path.dirname(live);
@@ -628,7 +822,7 @@ async function stagePostgres(
   folder: string,
   m: BackupManifest,
   suffix: string,
-): Promise<StagedRestore> {
+): Promise<Omit<StagedRestore, 'authenticated'>> {
   let dump: {
     format?: unknown;
     tenant?: unknown;
@@ -636,8 +830,11 @@ async function stagePostgres(
     tables?: Record<string, unknown>;
   };
   try {
-    dump = JSON.parse(fs.readFileSync(path.join(folder, 'store.json'), 'utf8')) as typeof dump;
+    dump = JSON.parse(readChecked(folder, m, 'store.json').toString('utf8')) as typeof dump;
   } catch (err) {
+    if (err instanceof BackupError) {
+      throw err;
+    }
     throw new BackupError('snapshot', 'store.json is not JSON', err);
   }
   if (dump.format !== DUMP_FORMAT || !dump.tables) {

@@ -64,12 +64,30 @@ export type BackupErrorReason =
   /** The snapshot's audit hash chain does not verify (edited, deleted or reordered events). */
   | 'audit_chain'
   /** The manifest's counts, audit head or DEK versions are not the snapshot's. */
-  | 'manifest_mismatch';
+  | 'manifest_mismatch'
+  /**
+   * The manifest's MAC does not verify, or its MAC key does not unwrap for the tenant and region
+   * the manifest names: the manifest (or a file it checksums) was altered after the backup.
+   * Never overridden by `allowUnauthenticated`.
+   */
+  | 'manifest_signature'
+  /**
+   * The manifest carries no MAC (format 1, written before manifests were authenticated, or a
+   * format-2 manifest stripped of it). Restored only with `allowUnauthenticated`.
+   */
+  | 'unauthenticated'
+  /**
+   * The manifest's MAC key cannot be unwrapped: the tenant's provider key was destroyed
+   * (crypto-shredded; its records would not open either) or the KEK that wrapped it is gone,
+   * so the MAC cannot be checked. Restored (unauthenticated) only with `allowUnauthenticated`.
+   */
+  | 'key_unavailable';
 
 /**
  * A backup could not be written, or a backup was refused at restore (bad manifest or checksum,
- * another region or tenant, another storage dialect, a snapshot whose audit chain does not
- * verify or that its manifest does not describe). Nothing was restored.
+ * a manifest whose MAC does not verify or that has none, another region or tenant, another
+ * storage dialect, a snapshot whose audit chain does not verify or that its manifest does not
+ * describe). Nothing was restored.
  * Suggested HTTP: 422 `unprocessable` (400 for `manifest`).
  */
 export class BackupError extends Error {

@@ -7,9 +7,11 @@
  *   started   -> frozen     `migration.started` in A's chain, then a consistent snapshot of A's
  *                           store (the backup code: ciphertext + A-wrapped DEKs), and a
  *                           fingerprint of A (audit head, record count)
- *   frozen    -> rewrapped  B gets the tenant key; every DEK version is unwrapped by A's provider
- *                           and wrapped by B's (plaintext only in memory); the staged copy's
- *                           `meta.region` and DEK AADs name B. Records stay byte for byte: their
+ *   frozen    -> rewrapped  the snapshot's manifest MAC is verified with A's provider; B gets the
+ *                           tenant key; every DEK version is unwrapped by A's provider and
+ *                           wrapped by B's (plaintext only in memory); the staged copy's
+ *                           `meta.region` and DEK AADs name B, its manifest is authenticated
+ *                           under a MAC key B's provider wraps. Records stay byte for byte: their
  *                           AAD is `tenant|table|recordId`, not the region.
  *   rewrapped -> copied     every record of the staged copy opens with B's keys (counted), the
  *                           copy is restored into B (checksummed swap), `migration.rewrapped`
@@ -33,10 +35,10 @@ import { QueryTypes, Sequelize } from 'sequelize';
 import sqlite3 from 'sqlite3';
 import { z } from 'zod';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
-import { readBackupManifest } from './backup.ts';
+import { authenticateBackupManifest, readBackupManifest, signBackupManifest } from './backup.ts';
 import type { BackupManifest } from './backup.ts';
 import { dekAad } from './dek-ring.ts';
-import { KeyUnavailableError } from './errors.ts';
+import { BackupError, KeyUnavailableError } from './errors.ts';
 import { assertTenantId } from './ids.ts';
 import { HEAD_TABLES, TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow } from './models.ts';
@@ -600,6 +602,17 @@ export async function migrateTenant(opts: MigrateTenantOptions): Promise<Migrati
   if (s.phase === 'frozen') {
     const snapshot = s.snapshot ?? '';
     const manifest = readBackupManifest(snapshot);
+    // The snapshot may have waited in the work folder (a stop, a crash): only the one this
+    // migration wrote, authenticated under the source region's key, is carried over. One with
+    // no MAC (taken by an older release before an upgrade) is simply taken again.
+    try {
+      await authenticateBackupManifest(source.keyProvider, manifest);
+    } catch (err) {
+      if (err instanceof BackupError && err.reason === 'unauthenticated') {
+        return restart('the snapshot carries no MAC (format 1)');
+      }
+      throw err;
+    }
     await target.keyProvider.createTenantKey(tenant, { recreate: true });
     const stagedDir = path.join(workDir, 'target');
     eraseDir(stagedDir);
@@ -644,19 +657,25 @@ export async function migrateTenant(opts: MigrateTenantOptions): Promise<Migrati
       path.join(stagedDir, 'deks.json'),
       `${JSON.stringify({ tenant, region: to, deks: rewrapped }, null, 2)}\n`,
     );
-    const stagedManifest: BackupManifest = {
-      ...manifest,
+    // A manifest of the target region, authenticated under a MAC key the target's provider
+    // wraps (the source's MAC key is bound to the source region: the restore would refuse it).
+    const stagedManifest = await signBackupManifest(target.keyProvider, {
+      tenant,
       region: to,
+      dialect: manifest.dialect,
+      createdAt: manifest.createdAt,
       files: [storeName, 'deks.json'].map((name) => ({
         name,
         ...sha256File(path.join(stagedDir, name)),
       })) as BackupManifest['files'],
+      counts: manifest.counts,
+      auditHead: manifest.auditHead,
       dekVersions: rewrapped.map((d) => ({
         version: d.version,
         status: d.status,
         kekVersion: d.kekVersion,
       })),
-    };
+    });
     writeFileDurable(
       path.join(stagedDir, 'manifest.json'),
       `${JSON.stringify(stagedManifest, null, 2)}\n`,
@@ -715,7 +734,15 @@ export async function migrateTenant(opts: MigrateTenantOptions): Promise<Migrati
         `the staged copy holds ${verified} records, the snapshot ${expected}`,
       );
     }
-    const restored = await target.stores.restoreTenant(stagedDir, { region: to, tenant });
+    const restored = await target.stores
+      .restoreTenant(stagedDir, { region: to, tenant })
+      .catch((err: unknown) => {
+        // Staged by an older release (no MAC): nothing was restored; stage it again.
+        if (err instanceof BackupError && err.reason === 'unauthenticated') {
+          return restart('the staged copy carries no MAC (format 1)');
+        }
+        throw err;
+      });
     if (!restored.keyAvailable) {
       throw new KeyUnavailableError('tenant_key_destroyed', `tenant ${tenant} has no key in ${to}`);
     }

@@ -10,9 +10,11 @@ import type { Envelope } from './record-cipher.ts';
 
 /**
  * Bumped when the tables change; a store at this version skips `sync()` on open. 2: the head
- * tables (`invocation_heads`, `feedback_heads`), created by `sync()` in older stores.
+ * tables (`invocation_heads`, `feedback_heads`), created by `sync()` in older stores. 3: the
+ * job lease columns (`jobs.lease_owner`, `jobs.lease_until`), added to older stores by
+ * `ALTER TABLE` (sync() creates missing tables only; see ADDED_COLUMNS).
  */
-export const STORE_SCHEMA_VERSION = '2';
+export const STORE_SCHEMA_VERSION = '3';
 
 export interface MetaRow {
   key: string;
@@ -113,6 +115,13 @@ export interface JobRow {
   updatedAt: string;
   finishedAt: string | null;
   error: string | null;
+  /**
+   * The RegionStores instance running the job (`hostname:pid:random`, job-lease.ts), while it
+   * runs; null when no one holds it (a job of an older version, released, or stopped).
+   */
+  leaseOwner: string | null;
+  /** ISO instant (the database's clock) until which the owner holds the job, or null. */
+  leaseUntil: string | null;
 }
 
 type Creation<T, Optional extends keyof T = never> = Omit<T, Optional> & Partial<Pick<T, Optional>>;
@@ -159,6 +168,16 @@ export const HEAD_TABLES: Readonly<Record<SealedTable, string>> = {
   invocations: TABLES.invocationHeads,
   feedback: TABLES.feedbackHeads,
 };
+
+/**
+ * Columns added to a table after it first shipped: opening an older store adds the missing ones
+ * (`sync()` creates missing tables, never columns). Nullable, so rows written by older versions
+ * (and older backups restored) stay valid. Schema 3: the job lease (job-lease.ts).
+ */
+export const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; type: string }> = [
+  { table: TABLES.jobs, column: 'lease_owner', type: 'VARCHAR(200)' },
+  { table: TABLES.jobs, column: 'lease_until', type: 'VARCHAR(32)' },
+];
 
 /**
  * Defines the tenant-store models on `sequelize` (call once per instance). `schema` places the
@@ -302,6 +321,8 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       updatedAt: ts(),
       finishedAt: tsNull(),
       error: { type: DataTypes.STRING(500), allowNull: true },
+      leaseOwner: { type: DataTypes.STRING(200), allowNull: true },
+      leaseUntil: tsNull(),
     },
     { ...common, tableName: TABLES.jobs, indexes: [{ fields: ['status'] }] },
   );

@@ -22,6 +22,17 @@ import type { KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError } from './errors.ts';
 import { assertRegionId, assertTenantId, sleep } from './ids.ts';
 import {
+  DEFAULT_JOB_LEASE_MS,
+  assertJobLeaseMs,
+  createJobOwnerId,
+  leaseHolder,
+  readJob,
+  readRunningJobs,
+  releaseJobLease,
+  renewJobLease,
+} from './job-lease.ts';
+import type { JobLease, JobRead } from './job-lease.ts';
+import {
   dekJobInfo,
   failJob,
   parseDekJobId,
@@ -116,6 +127,13 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   if (!Number.isInteger(resumeRetryMs) || resumeRetryMs < 1) {
     throw new InvalidInputError('resumeRetryMs', 'must be a positive integer');
   }
+  const jobLeaseMs = opts.jobLeaseMs ?? DEFAULT_JOB_LEASE_MS;
+  assertJobLeaseMs(jobLeaseMs);
+  // One owner id per instance: a restarted process is another owner, and waits for (or finds
+  // released) the leases of the one before it.
+  const lease: JobLease = { owner: createJobOwnerId(), ms: jobLeaseMs };
+  /** A watcher wakes this long after a lease's end, so it finds the lease expired. */
+  const watchMarginMs = Math.min(1_000, Math.max(20, Math.round(jobLeaseMs / 20)));
 
   const backend: StoreBackend =
     opts.dataDir !== undefined
@@ -148,6 +166,8 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   const closingHandles = new Set<Promise<void>>();
   const blocked = new Map<string, string>();
   const runners = new Map<string, Runner>();
+  /** Running DEK jobs another replica holds: a timer each, to take them over if it stops. */
+  const watchers = new Map<string, { tenant: string; timer: NodeJS.Timeout }>();
   let kekJob: { info: JobInfo; runner: Runner } | undefined;
   const state = { closed: false };
   /** Read through a function: the flags change from other async paths. */
@@ -307,6 +327,11 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     }
     blocked.set(tenant, reason);
     parkedDeks.delete(tenant);
+    for (const [id, w] of watchers) {
+      if (w.tenant === tenant) {
+        unwatch(id);
+      }
+    }
     const stops: Array<Promise<void>> = [];
     for (const runner of runners.values()) {
       if (runner.tenant === tenant) {
@@ -348,7 +373,95 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     runner.wake = undefined;
   }
 
+  function unwatch(id: string): void {
+    const w = watchers.get(id);
+    if (w) {
+      clearTimeout(w.timer);
+      watchers.delete(id);
+    }
+  }
+
+  /**
+   * Another replica holds job `id`'s lease, which ends in `waitMs` unless renewed: look again
+   * then, and take the job over if it was not renewed (its owner stopped or died).
+   */
+  function watchJob(tenant: string, id: string, waitMs: number): void {
+    unwatch(id);
+    if (state.closed || blocked.has(tenant)) {
+      return;
+    }
+    const timer = setTimeout(
+      () => {
+        watchers.delete(id);
+        startDekJob(tenant, id);
+      },
+      Math.max(0, waitMs) + watchMarginMs,
+    );
+    timer.unref();
+    watchers.set(id, { tenant, timer });
+  }
+
+  /**
+   * Runs (or watches) a running job that was read with the database's clock: runs it here if
+   * no live replica holds its lease (none, an expired one, or this instance's), else watches.
+   */
+  function adoptJob(tenant: string, read: JobRead): void {
+    const { job } = read;
+    if (job.status !== 'running' || runners.has(job.id) || state.closed) {
+      return;
+    }
+    const holder = leaseHolder(job, lease.owner, read.nowMs);
+    if (holder.kind !== 'held') {
+      startDekJob(tenant, job.id);
+    } else if (!watchers.has(job.id)) {
+      watchJob(tenant, job.id, holder.waitMs);
+    }
+  }
+
+  /**
+   * Pauses `ms` between two batches of a job this runner holds, renewing the lease at least
+   * every half lease so that a throttle longer than the lease never loses it while this
+   * process lives. False: the runner must stop (job ended, lease lost: then watched).
+   */
+  async function pauseHoldingLease(
+    runner: Runner,
+    tenant: string,
+    id: string,
+    ms: number,
+  ): Promise<boolean> {
+    const slice = Math.max(1, Math.floor(jobLeaseMs / 2));
+    let left = ms;
+    while (left > 0 && !isStopped(runner)) {
+      const step = Math.min(left, slice);
+      await pause(runner, step);
+      left -= step;
+      if (left <= 0 || isStopped(runner)) {
+        break;
+      }
+      let claim: Awaited<ReturnType<typeof renewJobLease>>;
+      try {
+        claim = await use(tenant, (h) => renewJobLease(h, id, lease, now), { provision: false });
+      } catch (err) {
+        // Not the job's fault: it stays `running`; the retry (or, once this lease expired,
+        // another replica) runs it again.
+        if (!isStopped(runner) && !blocked.has(tenant)) {
+          retryLater(tenant, err);
+        }
+        return false;
+      }
+      if ('finished' in claim) {
+        return false;
+      }
+      if (claim.held) {
+        watchJob(tenant, id, claim.waitMs);
+        return false;
+      }
+    }
+    return true;
+  }
+
   function startDekJob(tenant: string, id: string): void {
+    unwatch(id);
     if (runners.has(id) || state.closed) {
       return;
     }
@@ -369,8 +482,12 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
                 keyCtx,
                 id,
                 { emergency: batchSize, scheduled: scheduledBatchSize },
+                lease,
                 runner.next,
               );
+              if (r.leased) {
+                return r;
+              }
               runner.session ??= { startDone: r.job?.doneBefore ?? 0, startMs };
               runner.next = r.next;
               if (r.destroyed.length > 0) {
@@ -380,30 +497,39 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
             },
             { provision: false },
           );
+          if (result.leased) {
+            // Another replica runs it: this one stops and looks again when that lease ends.
+            watchJob(tenant, id, result.leased.waitMs);
+            return;
+          }
+          if (result.finished) {
+            return;
+          }
+          const ms = result.job?.emergency ? emergencyThrottleMs : throttleMs;
+          if (!(await pauseHoldingLease(runner, tenant, id, ms))) {
+            return;
+          }
         } catch (err) {
           if (isStopped(runner) || blocked.has(tenant)) {
             return; // interrupted: the job stays `running` in the store and resumes later
           }
           if (isStoreUnavailableError(err)) {
             // The database could not serve the batch (connections, timeouts): not the job's
-            // fault. It stays `running` in the store and is started again by the retry.
+            // fault. It stays `running` in the store and is started again by the retry (or,
+            // its lease expired, by another replica).
             retryLater(tenant, err);
             return;
           }
           const message = safeMessage(err);
-          await use(tenant, (h) => failJob(h, keyCtx, id, message), { provision: false }).catch(
-            () => undefined,
-          );
-          const info = await findJob(id).catch(() => undefined);
+          const failed = await use(tenant, (h) => failJob(h, keyCtx, id, message, lease), {
+            provision: false,
+          }).catch(() => false);
+          const info = failed ? await findJob(id).catch(() => undefined) : undefined;
           if (info) {
             opts.onJobError?.(info, err);
           }
           return;
         }
-        if (result.finished) {
-          return;
-        }
-        await pause(runner, result.job?.emergency ? emergencyThrottleMs : throttleMs);
       }
     })().finally(() => {
       runners.delete(id);
@@ -486,10 +612,13 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       if (!(await backend.exists(dek.tenant))) {
         return undefined;
       }
-      const row = await use(dek.tenant, (h) => h.models.Job.findByPk(id, { raw: true }), {
-        provision: false,
-      });
-      return row ? dekJobInfo(row, region, dek.tenant, runners.get(id)?.session) : undefined;
+      const read = await use(dek.tenant, (h) => readJob(h, id), { provision: false });
+      if (!read) {
+        return undefined;
+      }
+      // A job left by a replica that stopped (its lease expired, or none) goes on here.
+      adoptJob(dek.tenant, read);
+      return dekJobInfo(read.job, region, dek.tenant, runners.get(id)?.session);
     }
     const kek = /^kek\.([a-z0-9-]+)\.([1-9][0-9]{0,8})$/.exec(id);
     if (kek?.[1] !== region || kek[2] === undefined) {
@@ -621,7 +750,22 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     now,
     use,
     async rotateDek(tenant, rotateOpts) {
-      const row = await use(tenant, (h) => rotateDek(h, keyCtx, rotateOpts));
+      let row: JobRow;
+      try {
+        row = await use(tenant, (h) => rotateDek(h, keyCtx, { ...rotateOpts, lease }));
+      } catch (err) {
+        if (err instanceof ConflictError) {
+          // Refused while a job runs: if the replica running it stopped, it goes on here.
+          await use(tenant, (h) => readRunningJobs(h), { provision: false })
+            .then((reads) => {
+              for (const read of reads) {
+                adoptJob(tenant, read);
+              }
+            })
+            .catch(() => undefined);
+        }
+        throw err;
+      }
       startDekJob(tenant, row.id);
       return dekJobInfo(row, region, tenant, runners.get(row.id)?.session);
     },
@@ -631,6 +775,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
 
   return {
     region,
+    jobOwner: lease.owner,
 
     store(tenantId) {
       assertTenantId(tenantId);
@@ -675,20 +820,32 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     },
 
     async waitForJob(id) {
-      const first = await findJob(id);
-      if (!first) {
+      // findJob resumes a job left running by a crash or restart here, or watches the replica
+      // that holds it.
+      let info = await findJob(id);
+      if (!info) {
         throw new NotFoundError('job');
       }
       const dek = parseDekJobId(id);
       if (dek) {
-        if (first.status === 'running' && !runners.has(id)) {
-          startDekJob(dek.tenant, id); // left running by a crash or restart: resume it here
+        const pollMs = Math.min(1_000, Math.max(10, Math.round(jobLeaseMs / 4)));
+        while (info.status === 'running' && !state.closed) {
+          const runner = runners.get(id);
+          if (runner) {
+            await runner.promise;
+          } else if (watchers.has(id)) {
+            await sleep(pollMs); // another replica runs it
+          } else {
+            break; // stopped here (closing, database unavailable): still running
+          }
+          info = (await findJob(id)) ?? info;
         }
-        await runners.get(id)?.promise;
-      } else if (kekJob?.info.id === id) {
+        return info;
+      }
+      if (kekJob?.info.id === id) {
         await kekJob.runner.promise;
       }
-      return (await findJob(id)) ?? first;
+      return (await findJob(id)) ?? info;
     },
 
     async resumePendingJobs() {
@@ -776,7 +933,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       return use(
         tenantId,
         async (h) => {
-          const result = await writeBackup(h, backupDir, now);
+          const result = await writeBackup(h, backupDir, now, provider);
           await appendAudit(
             h,
             {
@@ -800,6 +957,8 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         region: restoreOpts.region ?? region,
         ...(restoreOpts.tenant !== undefined ? { tenant: restoreOpts.tenant } : {}),
         stagingSuffix: randomSuffix(),
+        keyProvider: provider,
+        allowUnauthenticated: restoreOpts.allowUnauthenticated === true,
       });
       const tenant = staged.manifest.tenant;
       try {
@@ -824,7 +983,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
             {
               type: 'backup.restored',
               outcome: 'success',
-              detail: { createdAt: staged.manifest.createdAt },
+              detail: { createdAt: staged.manifest.createdAt, authenticated: staged.authenticated },
             },
             now,
           );
@@ -851,6 +1010,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         backupCreatedAt: staged.manifest.createdAt,
         counts: staged.manifest.counts,
         keyAvailable,
+        authenticated: staged.authenticated,
       };
     },
 
@@ -882,12 +1042,26 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       clearTimeout(retry.timer);
       retry.timer = undefined;
       parkedDeks.clear();
+      for (const id of [...watchers.keys()]) {
+        unwatch(id);
+      }
+      const held = [...runners.entries()].flatMap(([id, r]) =>
+        r.tenant !== undefined ? [{ id, tenant: r.tenant }] : [],
+      );
       const all = [...runners.values(), ...(kekJob ? [kekJob.runner] : [])];
       for (const r of all) {
         r.stop = true;
         r.wake?.();
       }
       await Promise.all(all.map((r) => r.promise));
+      // Hand the jobs over now rather than when their leases expire (a restart or another
+      // replica resumes them at once). Best effort: a lease not released just expires.
+      for (const { id, tenant } of held) {
+        const h = await slots.get(tenant)?.opening.catch(() => undefined);
+        if (h) {
+          await releaseJobLease(h, id, lease.owner).catch(() => undefined);
+        }
+      }
       for (const [tenant, slot] of [...slots]) {
         slots.delete(tenant);
         const h = await slot.opening.catch(() => undefined);

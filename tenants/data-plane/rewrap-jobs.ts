@@ -36,6 +36,8 @@ import {
 } from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
 import { RecordOpenError } from './errors.ts';
+import { NO_LEASE, claimLeaseInTx, leaseHolder, newJobLease, readJob } from './job-lease.ts';
+import type { JobLease } from './job-lease.ts';
 import { HEAD_TABLES, SEALED_TABLES } from './models.ts';
 import type { JobRow, RowModel, SealedTable } from './models.ts';
 import {
@@ -102,7 +104,17 @@ export function dekJobInfo(
     updatedAt: row.updatedAt,
     ...(row.finishedAt !== null ? { finishedAt: row.finishedAt } : {}),
     ...(row.error !== null ? { error: row.error } : {}),
+    ...(row.status === 'running' && row.leaseOwner !== null
+      ? { leaseOwner: row.leaseOwner, leaseExpiresAt: row.leaseUntil ?? '' }
+      : {}),
   };
+}
+
+/** How a rotation runs; `lease`: the new job is held by its creator from the start. */
+interface RotateOptions {
+  emergency: boolean;
+  actor?: string;
+  lease: JobLease;
 }
 
 /** Attempts of a rotation that keeps losing races with rotations of other processes. */
@@ -119,7 +131,7 @@ const ROTATE_ATTEMPTS = 8;
 export async function rotateDek(
   h: StoreHandle,
   ctx: KeyContext,
-  opts: { emergency: boolean; actor?: string },
+  opts: RotateOptions,
 ): Promise<JobRow> {
   for (let attempt = 0; attempt < ROTATE_ATTEMPTS; attempt += 1) {
     const rows = await h.models.Dek.findAll({ raw: true });
@@ -151,7 +163,7 @@ async function createVersion(
   h: StoreHandle,
   ctx: KeyContext,
   t: Transaction,
-  opts: { emergency: boolean; actor?: string },
+  opts: RotateOptions,
   version: number,
   wrapped: { wrapped: string; kekVersion: number },
 ): Promise<JobRow | undefined> {
@@ -173,7 +185,7 @@ async function createVersion(
   const at = ctx.now().toISOString();
   if (running) {
     await h.models.Job.update(
-      { status: 'superseded', finishedAt: at, updatedAt: at },
+      { status: 'superseded', finishedAt: at, updatedAt: at, ...NO_LEASE },
       { where: { id: running.id }, transaction: t },
     );
   }
@@ -217,6 +229,8 @@ async function createVersion(
     updatedAt: at,
     finishedAt: null,
     error: null,
+    // Held by this process from the start: no other replica starts it before its first batch.
+    ...(await newJobLease(h, t, opts.lease)),
   };
   await h.models.Job.create(row, { transaction: t });
   const now = ctx.now();
@@ -251,31 +265,53 @@ async function createVersion(
   return row;
 }
 
-/** Marks a job failed (safe message). */
+/**
+ * Marks a running job failed (safe message) and clears its lease, unless another owner holds
+ * the lease (that replica runs the job and meets the same failure itself). Returns whether it
+ * was failed here.
+ */
 export async function failJob(
   h: StoreHandle,
   ctx: KeyContext,
   id: string,
   message: string,
-): Promise<void> {
-  await h.writeTx(async (t) => {
-    const at = ctx.now();
-    await h.models.Job.update(
-      {
-        status: 'failed',
-        error: message.slice(0, 500),
-        updatedAt: at.toISOString(),
-        finishedAt: at.toISOString(),
-      },
-      { where: { id, status: 'running' }, transaction: t },
-    );
-    await appendAuditInTx(
-      h,
-      t,
-      { type: 'key.rewrap', outcome: 'failure', detail: { job: id, error: message.slice(0, 200) } },
-      at,
-    );
-  });
+  lease: JobLease,
+): Promise<boolean> {
+  // Lock order: the job row, then the audit head (job-lease.ts).
+  return h.writeTx(
+    async (t) => {
+      const read = await readJob(h, id, t);
+      if (
+        read?.job.status !== 'running' ||
+        leaseHolder(read.job, lease.owner, read.nowMs).kind === 'held'
+      ) {
+        return false;
+      }
+      const at = ctx.now();
+      await h.models.Job.update(
+        {
+          status: 'failed',
+          error: message.slice(0, 500),
+          updatedAt: at.toISOString(),
+          finishedAt: at.toISOString(),
+          ...NO_LEASE,
+        },
+        { where: { id, status: 'running' }, transaction: t },
+      );
+      await appendAuditInTx(
+        h,
+        t,
+        {
+          type: 'key.rewrap',
+          outcome: 'failure',
+          detail: { job: id, error: message.slice(0, 200) },
+        },
+        at,
+      );
+      return true;
+    },
+    { alone: true },
+  );
 }
 
 /** Destroys non-primary versions no record uses (`only`: restrict to these versions). */
@@ -381,6 +417,11 @@ export interface BatchResult {
   job?: { emergency: boolean; doneBefore: number };
   /** The batch was moved to a key that is not the locked primary row's: planned again. */
   stale?: boolean;
+  /**
+   * Another owner holds the job's lease (it runs the job): this batch did nothing. Its lease
+   * expires in `waitMs` (the database's clock) unless that owner renews it.
+   */
+  leased?: { owner: string; until: string; waitMs: number };
 }
 
 /**
@@ -613,6 +654,12 @@ function sameRange(a: BatchRange, b: BatchRange): boolean {
  * thread). The write transaction re-checks the job, the primary version and each row's key
  * version, and re-plans if anything changed. An emergency job destroys compromised versions as
  * soon as nothing uses them; any job destroys unused old versions when it ends.
+ *
+ * Only the holder of the job's lease runs batches (job-lease.ts): the transaction claims or
+ * renews it after the primary row's lock (the job row is locked next, then the audit head). If
+ * another owner's lease is still valid, the batch does nothing and reports it (`leased`; also
+ * checked before anything is read, so a replica watching the job does no work). An expired lease
+ * is taken over (audited) and the job goes on from its checkpoint. The job's end clears it.
  * @throws RecordOpenError if a record fails to open (tampered): the caller fails the job.
  */
 export async function runRewrapBatch(
@@ -620,11 +667,18 @@ export async function runRewrapBatch(
   ctx: KeyContext,
   id: string,
   sizes: BatchSizes,
+  lease: JobLease,
   prepared?: PreparedBatch,
 ): Promise<BatchResult> {
-  const job = await h.models.Job.findByPk(id, { raw: true });
-  if (job?.status !== 'running') {
+  const read = await readJob(h, id);
+  if (read?.job.status !== 'running') {
     return { finished: true, moved: 0, destroyed: [] };
+  }
+  const { job } = read;
+  const holder = leaseHolder(job, lease.owner, read.nowMs);
+  if (holder.kind === 'held') {
+    const { owner, until, waitMs } = holder;
+    return { finished: false, moved: 0, destroyed: [], leased: { owner, until, waitMs } };
   }
   const found = { emergency: job.emergency === 1, doneBefore: job.done };
   // Emergency: `emergency` records, all re-sealed. Scheduled: a budget of `scheduled`
@@ -660,9 +714,16 @@ export async function runRewrapBatch(
     async (t): Promise<BatchResult> => {
       const now = ctx.now();
       const at = now.toISOString();
-      const fresh = await h.models.Job.findByPk(id, { transaction: t, raw: true });
-      if (fresh?.status !== 'running') {
+      // After the primary row (read first by writeTx): the job row, locked on PostgreSQL.
+      const freshRead = await readJob(h, id, t);
+      if (freshRead?.job.status !== 'running') {
         return { finished: true, moved: 0, destroyed: [] };
+      }
+      const fresh = freshRead.job;
+      const claim = await claimLeaseInTx(h, t, freshRead, lease, now);
+      if (claim.held) {
+        const { owner, until, waitMs } = claim;
+        return { finished: false, moved: 0, destroyed: [], leased: { owner, until, waitMs } };
       }
       if (!isKeyOf(h.lockedPrimary(t), { version: primary, createdAt: current.sealedUnder })) {
         return { finished: false, moved: 0, destroyed: [], stale: true }; // re-plan
@@ -703,7 +764,7 @@ export async function runRewrapBatch(
         }
         const destroyed = await destroyUnused(h, t, now, emergency ? 'compromised' : 'rewrapped');
         await h.models.Job.update(
-          { status: 'done', updatedAt: at, finishedAt: at },
+          { status: 'done', updatedAt: at, finishedAt: at, ...NO_LEASE },
           { where: { id }, transaction: t },
         );
         await appendAuditInTx(
@@ -747,7 +808,10 @@ export async function runRewrapBatch(
         : [];
       return { finished: false, moved: resealed.length, destroyed };
     },
-    { primary: true },
+    // Alone: in a group, an earlier write could hold the audit head before this one locks the
+    // job row, against the lock order (primary row, job row, audit head) another replica's
+    // claim follows.
+    { primary: true, alone: true },
   );
   for (const v of result.destroyed) {
     h.deks.delete(v);

@@ -31,6 +31,7 @@ import {
 import type { SqliteConnection } from '../sqlite-connections.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
 import {
+  ADDED_COLUMNS,
   HEAD_TABLES,
   SEALED_TABLES,
   STORE_SCHEMA_VERSION,
@@ -594,10 +595,35 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
       }
       await models.Meta.upsert({ key: 'schema', value: STORE_SCHEMA_VERSION }, { transaction: tx });
     };
+    // Columns that tables of an older store lack (sync() creates tables, never columns).
+    // PostgreSQL: in the creation lock's transaction. SQLite has no ADD COLUMN IF NOT EXISTS:
+    // the columns are read first, in the same IMMEDIATE transaction as the ALTER, so two
+    // processes opening an older file at once take turns and the second finds them added.
+    const addColumns = async (tx: Transaction): Promise<void> => {
+      for (const { table, column, type } of ADDED_COLUMNS) {
+        if (dialect === 'sqlite') {
+          const have = await sequelize.query<{ name: string }>(
+            `SELECT name FROM pragma_table_info('${table}')`,
+            { type: QueryTypes.SELECT, transaction: tx },
+          );
+          if (have.some((c) => c.name === column)) {
+            continue;
+          }
+        }
+        await sequelize.query(
+          `ALTER TABLE ${qualified(table)} ADD COLUMN${dialect === 'postgres' ? ' IF NOT EXISTS' : ''} "${column}" ${type}`,
+          { transaction: tx },
+        );
+      }
+    };
+    const upgrade = async (tx: Transaction): Promise<void> => {
+      await addColumns(tx);
+      await writeMeta(tx);
+    };
     if (t) {
-      await writeMeta(t);
+      await upgrade(t);
     } else {
-      await sequelize.transaction(writeMeta);
+      await sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, upgrade);
     }
     return readMeta(t);
   };

@@ -246,7 +246,8 @@ export interface TenantKeys {
    * job is throttled and old versions are destroyed when it ends with no record under them.
    * Emergency: the old primary is marked compromised (`retired`), the job runs unthrottled and
    * destroys it as soon as no record uses it; a running job is superseded.
-   * @throws ConflictError for a scheduled rotation while a rewrap job runs.
+   * @throws ConflictError for a scheduled rotation while a rewrap job runs (if no live replica
+   *   holds that job's lease, it is taken over and runs here).
    */
   rotate(opts?: { emergency?: boolean; actor?: string }): Promise<JobInfo>;
 }
@@ -309,6 +310,13 @@ export interface JobInfo {
   finishedAt?: string;
   /** Safe text (ids and reasons only). */
   error?: string;
+  /**
+   * A running DEK job: the replica that holds its lease and runs it (`RegionStores.jobOwner`,
+   * `hostname:pid:random`), and when that lease ends unless renewed (ISO, the database's clock).
+   * Absent when no replica holds it (it resumes on the next one that reads or resumes it).
+   */
+  leaseOwner?: string;
+  leaseExpiresAt?: string;
 }
 
 export interface BackupResult {
@@ -323,10 +331,35 @@ export interface BackupResult {
 export interface RestoreResult {
   tenant: string;
   region: string;
+  /**
+   * When the backup was taken: a restore puts the store back as it was then (an older genuine
+   * backup of the tenant restores too: that is point-in-time restore).
+   */
   backupCreatedAt: string;
   counts: { invocations: number; feedback: number; auditEvents: number };
   /** False when the provider holds no key for the tenant: records will not open. */
   keyAvailable: boolean;
+  /**
+   * True when the manifest's MAC verified under the key the region's provider wrapped for the
+   * tenant; false only for a restore run with `allowUnauthenticated` (a format-1 manifest, or
+   * a tenant whose key was destroyed).
+   */
+  authenticated: boolean;
+}
+
+/** Options of `RegionStores.restoreTenant`. */
+export interface RestoreOptions {
+  /** Refuse unless the region is this one (default: the stores' region). */
+  region?: string;
+  /** Refuse unless the backup is of this tenant. */
+  tenant?: string;
+  /**
+   * Restore a backup whose manifest cannot be authenticated: a format-1 manifest (written
+   * before manifests carried a MAC) or one whose MAC key no longer unwraps because the tenant's
+   * key was destroyed. Recorded in `backup.restored` and in the result. A MAC that does not
+   * verify is refused all the same. Default false.
+   */
+  allowUnauthenticated?: boolean;
 }
 
 export interface DeprovisionResult {
@@ -391,6 +424,12 @@ export interface OpenRegionStoresOptions {
     /** Pause between batches of an emergency rotation. Default 0. */
     emergencyThrottleMs?: number;
   };
+  /**
+   * How long a running DEK job's lease holds without renewal (ms, 100..3600000; default
+   * 60000). Every batch renews it, and a pause between batches longer than half of it renews
+   * it in between; another replica takes the job over only after it expired.
+   */
+  jobLeaseMs?: number;
   /** Called when a background job fails (safe error). */
   onJobError?: (job: JobInfo, err: unknown) => void;
   /**
@@ -412,6 +451,8 @@ export interface OpenRegionStoresOptions {
 /** All tenant stores of one region, a bounded LRU of open handles, jobs and lifecycle. */
 export interface RegionStores {
   readonly region: string;
+  /** This instance's job owner id (`hostname:pid:random`): the lease owner of jobs it runs. */
+  readonly jobOwner: string;
   /** The tenant's store facade (opened lazily, per operation). @throws InvalidInputError. */
   store(tenantId: string): TenantStore;
   /**
@@ -421,17 +462,27 @@ export interface RegionStores {
   provisionTenant(tenantId: string): Promise<void>;
   /** Tenants with a store in this region. */
   listTenants(): Promise<string[]>;
-  /** A job by id (any tenant of this region, or a KEK job), or undefined. */
+  /**
+   * A job by id (any tenant of this region, or a KEK job), or undefined. A running DEK job that
+   * no live replica holds (no lease, or an expired one) is taken over and runs here; one that
+   * another replica holds is watched.
+   */
   findJob(id: string): Promise<JobInfo | undefined>;
   /** The tenant's jobs, newest first. */
   listJobs(tenantId: string): Promise<JobInfo[]>;
-  /** Resolves when the job stops running (done, failed, superseded). @throws NotFoundError. */
+  /**
+   * Resolves when the job stops running (done, failed, superseded), wherever it runs: a DEK job
+   * another replica holds is watched (and taken over if its lease expires). Also resolves,
+   * still `running`, if this process stops running it (closing, database unavailable).
+   * @throws NotFoundError.
+   */
   waitForJob(id: string): Promise<JobInfo>;
   /**
    * Restarts every job left running (crash, restart) and an unfinished KEK rotation. Opens one
    * store at a time and closes it again unless it has a pending job. Never rejects for one
    * tenant: a store that cannot be read is reported (`onResumeError`) and, if the database could
-   * not serve it, tried again later.
+   * not serve it, tried again later. A DEK job whose lease another replica holds is watched,
+   * not run: it is taken over when that lease expires without renewal.
    */
   resumePendingJobs(): Promise<JobInfo[]>;
   /**
@@ -453,19 +504,23 @@ export interface RegionStores {
   deprovisionTenant(tenantId: string): Promise<DeprovisionResult>;
   /**
    * Writes a consistent snapshot (ciphertext as stored), its wrapped DEKs and a manifest with
-   * sha256 checksums into a new folder under `backupDir`. @throws NotFoundError (no store),
-   * BackupError.
+   * sha256 checksums into a new folder under `backupDir`, the manifest authenticated by an
+   * HMAC-SHA256 under a fresh key the provider wraps for the tenant (format 2).
+   * @throws NotFoundError (no store), BackupError, KeyUnavailableError.
    */
   backupTenant(tenantId: string, backupDir: string): Promise<BackupResult>;
   /**
-   * Validates a backup folder and replaces that one tenant's store with it.
-   * @throws BackupError (manifest, checksum, wrong_region, wrong_tenant, wrong_dialect).
+   * Validates a backup folder (its manifest's MAC first, before anything is staged) and
+   * replaces that one tenant's store with it.
+   * @throws BackupError (manifest, checksum, manifest_signature, unauthenticated,
+   *   key_unavailable, wrong_region, wrong_tenant, wrong_dialect, snapshot, audit_chain,
+   *   manifest_mismatch), KeyUnavailableError('provider').
    */
-  restoreTenant(
-    backupPath: string,
-    opts?: { region?: string; tenant?: string },
-  ): Promise<RestoreResult>;
+  restoreTenant(backupPath: string, opts?: RestoreOptions): Promise<RestoreResult>;
   stats(): RegionStoresStats;
-  /** Stops job runners after their current batch and closes every handle. */
+  /**
+   * Stops job runners after their current batch, releases their leases (another replica may
+   * take the jobs over at once) and closes every handle.
+   */
   close(): Promise<void>;
 }

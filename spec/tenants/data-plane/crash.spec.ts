@@ -141,6 +141,8 @@ forEachBackend('tenants/ data plane: crash safety (SIGKILL)', (backend) => {
         tenant: 'acme',
         jobId: job.id,
         batchSize: 25,
+        // The next worker resumes once the killed one's lease has expired (job-lease.ts).
+        jobLeaseMs: 500,
       });
       const line = await w.waitFor(progressAtLeast(killAt));
       w.child.kill('SIGKILL');
@@ -153,6 +155,7 @@ forEachBackend('tenants/ data plane: crash safety (SIGKILL)', (backend) => {
       tenant: 'acme',
       jobId: job.id,
       batchSize: 25,
+      jobLeaseMs: 500,
     });
     const final = await last.waitFor((l) => l.startsWith('final '));
     expect((await last.exited).code, last.stderr()).to.equal(0);

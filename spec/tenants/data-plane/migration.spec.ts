@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { expect } from 'chai';
 import { ConflictError, InvalidInputError, NotFoundError } from '../../../tenants/errors.ts';
 import {
+  BackupError,
   KeyUnavailableError,
   keyringPath,
   migrateTenant,
@@ -359,6 +360,64 @@ forEachBackend('tenant migration between regions', (backend) => {
     p.ids.push('inv-4');
     await expectOnlyInTarget(p);
   });
+
+  const waiting: Array<['frozen' | 'rewrapped', 'snapshot' | 'staged']> = [
+    ['frozen', 'snapshot'],
+    ['rewrapped', 'staged'],
+  ];
+  for (const [stop, folder] of waiting) {
+    it(`refuses the ${folder} copy's manifest altered while stopped after ${stop} (manifest_signature), and takes one with no MAC again`, async () => {
+      const home = homeRecorder();
+      const first = await p.open();
+      const run = () =>
+        migrateTenant({
+          tenant: TENANT,
+          ...first,
+          stateDir: p.stateDir,
+          commit: (x) => home.commit(x),
+        });
+      await rejection(
+        migrateTenant({
+          tenant: TENANT,
+          ...first,
+          stateDir: p.stateDir,
+          commit: (x) => home.commit(x),
+          onProgress: (x) => {
+            if (x.phase === stop) {
+              throw new Error('stop');
+            }
+          },
+        }),
+      );
+      const state = readMigrationState(p.stateDir, TENANT) as Record<string, unknown> | undefined;
+      const file = path.join(String(state?.[folder]), 'manifest.json');
+      const genuine = JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+      expect(genuine.format).to.equal('cellcds-tenant-backup/2');
+      // Altered (its time, nothing else): refused, nothing moves.
+      const altered = structuredClone(genuine);
+      (altered.createdAt as string) = '2031-01-01T00:00:00.000Z';
+      fs.writeFileSync(file, JSON.stringify(altered));
+      const err = asInstance(await rejection(run()), BackupError);
+      expect(err.reason).to.equal('manifest_signature');
+      expect(readMigrationState(p.stateDir, TENANT)?.phase).to.equal(stop);
+      expect(home.commits).to.equal(0);
+      // No MAC at all (as an older release wrote it): the migration starts over from a new one.
+      const v1 = structuredClone(genuine);
+      v1.format = 'cellcds-tenant-backup/1';
+      delete v1.backupId;
+      delete v1.macKey;
+      delete v1.mac;
+      fs.writeFileSync(file, JSON.stringify(v1));
+      const restarted = await rejection(run());
+      expect(restarted).to.be.instanceOf(ConflictError);
+      expect(restarted.message).to.include('carries no MAC');
+      expect(readMigrationState(p.stateDir, TENANT)?.phase).to.equal('started');
+      expect(await run()).to.include({ phase: 'done', verifiedRecords: 4 });
+      expect(home.commits).to.equal(1);
+      await closeRegions(first.source, first.target);
+      await expectOnlyInTarget(p);
+    });
+  }
 
   it('refuses bad requests before anything moves', async () => {
     const { source, target } = await p.open();

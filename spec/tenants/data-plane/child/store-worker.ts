@@ -1,8 +1,9 @@
 /**
  * A child process for the crash specs (spawned with `node --import tsx`). Modes:
  * - `save`: saves one invocation, prints `ack <id>`, then idles until killed.
- * - `rewrap`: resumes pending jobs, prints `progress <done> <total> <status>` as the job
- *   advances, and `final <json>` when it stops running.
+ * - `rewrap`: prints `owner <jobOwner>`, resumes pending jobs, prints
+ *   `progress <done> <total> <status>` as the job advances, and `final <json>` when it stops
+ *   running.
  */
 import { createLocalKeyProvider, openRegionStores } from '../../../../tenants/data-plane.ts';
 import { invocation } from '../helpers.ts';
@@ -15,7 +16,9 @@ interface WorkerArgs {
   id?: string;
   jobId?: string;
   batchSize?: number;
+  scheduledBatchSize?: number;
   throttleMs?: number;
+  jobLeaseMs?: number;
 }
 
 const args = JSON.parse(process.argv[2] ?? '{}') as WorkerArgs;
@@ -26,7 +29,14 @@ const stores = await openRegionStores({
   ...(args.env.dataDir !== undefined
     ? { dataDir: args.env.dataDir }
     : { postgresUrl: args.env.postgresUrl ?? '', schemaPrefix: args.env.schemaPrefix ?? '' }),
-  rewrap: { batchSize: args.batchSize ?? 25, throttleMs: args.throttleMs ?? 0 },
+  rewrap: {
+    batchSize: args.batchSize ?? 25,
+    throttleMs: args.throttleMs ?? 0,
+    ...(args.scheduledBatchSize !== undefined
+      ? { scheduledBatchSize: args.scheduledBatchSize }
+      : {}),
+  },
+  ...(args.jobLeaseMs !== undefined ? { jobLeaseMs: args.jobLeaseMs } : {}),
 });
 
 if (args.mode === 'save') {
@@ -35,6 +45,7 @@ if (args.mode === 'save') {
   process.stdout.write(`ack ${id}\n`);
   setInterval(() => undefined, 1000);
 } else {
+  process.stdout.write(`owner ${stores.jobOwner}\n`);
   const resumed = await stores.resumePendingJobs();
   process.stdout.write(`resumed ${resumed.map((j) => j.id).join(',')}\n`);
   const jobId = args.jobId ?? '';
