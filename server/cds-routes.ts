@@ -71,15 +71,21 @@ export function cdsRouter(deps: Deps): Router {
         resolved,
         parseHookRequest(takeBody(req), resolved.service.hook),
       );
-      ctx.log.info(
+      const ruleErrors = result.trace.filter(
+        (t) => t.status === 'error' || t.status === 'timeout',
+      ).length;
+      const rulesSkipped = result.trace.filter((t) => t.status === 'skipped').length;
+      // Warn when checks did not all run: the EHR got an info card saying so (rules/README.md).
+      const level = ruleErrors + rulesSkipped > 0 ? 'warn' : 'info';
+      ctx.log[level](
         {
           service: resolved.service.id,
           hook: resolved.service.hook,
           pack: `${pack.id}@${pack.version}`,
           packHash: pack.hash,
           cardCount: cards.length,
-          ruleErrors: result.trace.filter((t) => t.status === 'error' || t.status === 'timeout')
-            .length,
+          ruleErrors,
+          rulesSkipped,
           ms: Math.round(performance.now() - started),
         },
         'hook call',

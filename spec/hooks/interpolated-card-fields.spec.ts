@@ -97,7 +97,7 @@ describe('hook call: a card field that interpolation leaves empty (HTTP)', () =>
     const hookCall = t.logLines
       .map((l) => JSON.parse(l) as Record<string, unknown>)
       .find((l) => l.msg === 'hook call');
-    expect(hookCall).to.include({ cardCount: 2, ruleErrors: 1 });
+    expect(hookCall).to.include({ cardCount: 2, ruleErrors: 1, rulesSkipped: 0, level: 'warn' });
     expect(t.logLines.join('\n')).to.not.contain('Planted').and.to.not.contain('Quillfeather');
   });
 
