@@ -33,6 +33,8 @@ export async function serve(config: Config): Promise<{ server: Server; close(): 
       }),
     });
   }
+  // Compile the subscribed packs in the workers now, not out of the first calls' budgets.
+  const warmed = await deps.directory.warmSubscribedPacks(deps.evaluator);
   const app = createApp(deps);
   const server = await new Promise<Server>((resolve, reject) => {
     const s = app.listen(config.port, () => {
@@ -40,7 +42,10 @@ export async function serve(config: Config): Promise<{ server: Server; close(): 
     });
     s.once('error', reject);
   });
-  log.info({ port: config.port, publicUrl: config.publicUrl, seeded }, 'listening');
+  log.info(
+    { port: config.port, publicUrl: config.publicUrl, seeded, warmedPacks: warmed },
+    'listening',
+  );
   printBanner(config, seeded);
   return {
     server,

@@ -4,7 +4,13 @@
  * life of the process.
  */
 import { chooseVersion, compilePack } from '../rules/index.ts';
-import type { CompiledPack, PackService, RulePack, Subscription } from '../rules/index.ts';
+import type {
+  CompiledPack,
+  Evaluator,
+  PackService,
+  RulePack,
+  Subscription,
+} from '../rules/index.ts';
 import type { ControlPlane, Tenant } from '../tenants/index.ts';
 import { ServiceError } from './errors.ts';
 
@@ -75,6 +81,38 @@ export class ServiceDirectory {
       p.catch(() => this.compiled.delete(key));
     }
     return p;
+  }
+
+  /**
+   * Compiles every pack version an active tenant is subscribed to (pinned and canary) here and
+   * in the evaluation workers, ahead of the first calls: a worker compiling a pack when a call
+   * arrives spends the call's budget on it (on a busy host the first calls after a restart came
+   * back with their rules skipped). A version that fails to load is left to the first call,
+   * which reports it. Returns the versions warmed.
+   */
+  async warmSubscribedPacks(evaluator: Pick<Evaluator, 'warm'>): Promise<string[]> {
+    const wanted = new Set<string>();
+    for (const tenant of await this.controlPlane.tenants.list()) {
+      if (tenant.status !== 'active') {
+        continue;
+      }
+      for (const s of tenant.subscriptions) {
+        wanted.add(JSON.stringify([s.pack, s.version]));
+        if (s.canary) {
+          wanted.add(JSON.stringify([s.pack, s.canary.version]));
+        }
+      }
+    }
+    const warmed: string[] = [];
+    for (const key of wanted) {
+      const [id = '', version = ''] = JSON.parse(key) as string[];
+      const compiled = await this.pack(id, version).catch(() => undefined);
+      if (compiled) {
+        evaluator.warm(compiled);
+        warmed.push(`${id}@${version}`);
+      }
+    }
+    return warmed;
   }
 
   /** All services of a tenant's subscriptions, by service id (pinned versions). */
