@@ -19,3 +19,31 @@ export class UnknownServiceError extends Error {
     this.serviceId = serviceId;
   }
 }
+
+/** Which limit of a pack's validation worker was hit. */
+export type PackCheckLimit = 'time' | 'memory';
+
+/**
+ * A pack's validation, run in a worker of its own, overran a limit: its wall-clock time or its
+ * heap. The pack is refused like an invalid one (HTTP: 422), with one problem at `(pack)` that
+ * names the limit, e.g. `validating the pack took more than 20 s ...`.
+ */
+export class PackLimitError extends PackValidationError {
+  readonly limit: PackCheckLimit;
+  constructor(limit: PackCheckLimit, message: string) {
+    super([{ path: '(pack)', message }]);
+    this.message = `rule pack refused: its validation exceeded the ${limit} limit`;
+    this.limit = limit;
+  }
+}
+
+/**
+ * A pack could not be validated for a reason of the server's, not the pack's (its validation
+ * worker did not start, or stopped without an answer). HTTP: 503, try again.
+ */
+export class PackCheckUnavailableError extends Error {
+  constructor(message: string, opts: { cause?: unknown } = {}) {
+    super(message, { cause: opts.cause });
+    this.name = new.target.name;
+  }
+}

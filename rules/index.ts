@@ -13,6 +13,8 @@ export {
   INCOMPLETE_EVALUATION_RULE_ID,
 } from './incomplete-evaluation.ts';
 export type { ValidatePackOptions } from './validate-pack.ts';
+export { PACK_CHECK_DEFAULTS, validatePackInWorker } from './pack-check.ts';
+export type { PackCheckInput, PackCheckOptions } from './pack-check.ts';
 export { compilePack } from './compile-pack.ts';
 export { createEvaluator, evaluateInline } from './evaluator.ts';
 export type { EvaluateOptions, Evaluator, EvaluatorOptions, EvaluatorStats } from './evaluator.ts';

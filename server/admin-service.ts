@@ -4,14 +4,17 @@
  */
 import {
   createEvaluator,
+  PackCheckUnavailableError,
   PackValidationError,
   runPackTests,
-  validatePack,
+  validatePackInWorker,
 } from '../rules/index.ts';
 import type {
   CompiledPack,
   Evaluator,
   EvaluatorOptions,
+  PackCheckInput,
+  PackCheckOptions,
   PackProblem,
   RulePack,
   Subscription,
@@ -48,6 +51,11 @@ export interface AdminServiceDeps {
   regions?: readonly RegionInfo[];
   /** Limits of an upload's embedded tests (default total time: {@link UPLOAD_TEST_DEFAULTS}). */
   uploadTests?: UploadTestLimits;
+  /**
+   * Limits of an upload's validation worker (wall-clock time, heap, start); default
+   * `PACK_CHECK_DEFAULTS` (20 s, 512 MB, 60 s). The server passes `config.packCheck`.
+   */
+  packCheck?: PackCheckOptions;
 }
 
 /**
@@ -64,6 +72,14 @@ export interface UploadTestLimits {
   evaluator?: Pick<EvaluatorOptions, 'callBudgetMs' | 'ruleBudgetMs' | 'workerMemoryMb'>;
 }
 
+/** What an upload answers: `created` for a new version, `unchanged` for an identical re-upload. */
+export interface UploadedPack {
+  id: string;
+  version: string;
+  hash: string;
+  status: 'created' | 'unchanged';
+}
+
 /** 20 s for all the tests of one upload: the shipped pack's 38 take about 3 s (tsx, loaded host). */
 export const UPLOAD_TEST_DEFAULTS = Object.freeze({ totalMs: 20_000 });
 
@@ -72,6 +88,8 @@ const ROLES: readonly Role[] = ['platform-operator', 'tenant-admin', 'rule-autho
 export class AdminService {
   /** The upload tests running now: the next upload's wait for it (one evaluator at a time). */
   private uploadTestsQueue: Promise<unknown> = Promise.resolve();
+  /** The upload validation running now: the next one waits for it (one worker at a time). */
+  private packCheckQueue: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly deps: AdminServiceDeps) {}
 
@@ -318,22 +336,37 @@ export class AdminService {
   }
 
   /**
-   * Validates (schema, FHIRPath, embedded tests) and stores a pack version. The tests run on
-   * an evaluator of their own, under {@link UploadTestLimits}; validation and compilation
-   * still run synchronously in this thread.
+   * Validates (schema, FHIRPath, embedded tests) and stores a pack version. Validation and
+   * compilation run in a one-off worker thread under `packCheck` limits (this thread's event
+   * loop, which serves the hook calls, stays free), one upload at a time; the tests then run on
+   * an evaluator of their own, under {@link UploadTestLimits}.
    * @returns `created` for a new version, `unchanged` for an identical re-upload.
-   * @throws PackValidationError (422; a failed or not-run test is a problem), ConflictError
-   *   (409) for different content under a stored version, ServiceError 503 if the tests'
+   * @throws PackValidationError (422; a failed or not-run test is a problem; a PackLimitError
+   *   when validation overran its time or heap limit), ConflictError (409) for different
+   *   content under a stored version, ServiceError 503 if the validation worker or the tests'
    *   evaluator cannot start.
    */
-  async uploadPack(
+  uploadPack(principal: Principal, raw: unknown): Promise<UploadedPack> {
+    return this.upload(principal, { raw });
+  }
+
+  /**
+   * {@link uploadPack} for the pack's text as uploaded (JSON or YAML): the text is parsed in
+   * the validation worker too (a syntax error is a 422 problem at `(document)`).
+   */
+  uploadPackText(
     principal: Principal,
-    raw: unknown,
-  ): Promise<{ id: string; version: string; hash: string; status: 'created' | 'unchanged' }> {
+    text: string,
+    format: 'json' | 'yaml',
+  ): Promise<UploadedPack> {
+    return this.upload(principal, { text, format });
+  }
+
+  private async upload(principal: Principal, input: PackCheckInput): Promise<UploadedPack> {
     authorize(principal, 'pack:upload');
     let compiled;
     try {
-      compiled = await validatePack(raw, { runTests: false });
+      compiled = await this.checkPack(input);
       await this.runUploadTests(compiled);
     } catch (err) {
       if (err instanceof PackValidationError) {
@@ -361,6 +394,34 @@ export class AdminService {
     // so that its first hook calls do not pay for it out of their budget.
     this.deps.evaluator.warm(compiled);
     return { id: compiled.id, version: compiled.version, hash: compiled.hash, status };
+  }
+
+  /**
+   * Validates and compiles an uploaded pack in a worker thread of its own (see
+   * `validatePackInWorker`), one upload at a time: the same answer as `validatePack` without
+   * tests, or a PackLimitError naming the limit it overran.
+   * @throws PackValidationError (422); ServiceError 503 if the worker cannot start.
+   */
+  private checkPack(input: PackCheckInput): Promise<CompiledPack> {
+    const limits = this.deps.packCheck ?? {};
+    const run = this.packCheckQueue.then(() =>
+      validatePackInWorker(input, limits).catch((err: unknown) => {
+        if (err instanceof PackCheckUnavailableError) {
+          throw new ServiceError(
+            503,
+            'unavailable',
+            'the pack cannot be validated now; try again',
+            {
+              detail: err.message,
+              cause: err,
+            },
+          );
+        }
+        throw err;
+      }),
+    );
+    this.packCheckQueue = run.catch(() => undefined);
+    return run;
   }
 
   /**

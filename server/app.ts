@@ -50,6 +50,7 @@ export function createApp(deps: Deps): Express {
         controlPlane: deps.controlPlane,
         evaluator: deps.evaluator,
         regions: deps.matrix.regions,
+        packCheck: deps.config.packCheck,
       }),
       dataAdmin,
     ),

@@ -54,6 +54,8 @@ const Schema = z
     CELLCDS_RULE_BUDGET_MS: intFrom(5, 60000, 500),
     CELLCDS_EVAL_WORKERS: intFrom(1, 64, 2),
     CELLCDS_EVAL_INLINE_MS: intFrom(0, 100, 5),
+    CELLCDS_PACK_CHECK_TIMEOUT_MS: intFrom(100, 600_000, 20_000),
+    CELLCDS_PACK_CHECK_MEMORY_MB: intFrom(16, 16_384, 512),
     CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
     CELLCDS_REWRAP_BATCH: intFrom(1, 10_000, 200),
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
@@ -100,6 +102,14 @@ export interface Config {
     readonly workers: number;
     /** Main-thread slice for fast-path packs (ms); 0 = always in a worker. */
     readonly inlineSliceMs: number;
+  };
+  /**
+   * A pack upload's validation worker (rules/pack-check.ts): its wall-clock time (ms, worker
+   * start not included) and heap (MB); past either the upload is refused with 422 naming it.
+   */
+  readonly packCheck: {
+    readonly timeoutMs: number;
+    readonly memoryMb: number;
   };
   readonly seedDemo: boolean;
   /** Shared replay cache for replicas (scale-out); unset = in-process cache. */
@@ -254,6 +264,10 @@ export function loadConfig(
       ruleBudgetMs: e.CELLCDS_RULE_BUDGET_MS,
       workers: e.CELLCDS_EVAL_WORKERS,
       inlineSliceMs: e.CELLCDS_EVAL_INLINE_MS,
+    }),
+    packCheck: Object.freeze({
+      timeoutMs: e.CELLCDS_PACK_CHECK_TIMEOUT_MS,
+      memoryMb: e.CELLCDS_PACK_CHECK_MEMORY_MB,
     }),
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,

@@ -30,6 +30,7 @@ export async function serve(config: Config): Promise<{ server: Server; close(): 
         controlPlane: deps.controlPlane,
         evaluator: deps.evaluator,
         regions: deps.matrix.regions,
+        packCheck: config.packCheck,
       }),
     });
   }

@@ -55,6 +55,14 @@ describe('configuration', () => {
     expect(loadConfig({ CELLCDS_EVAL_INLINE_MS: '0' }).evaluation.inlineSliceMs).to.equal(0);
   });
 
+  it("bounds a pack upload's validation worker: 20 s and 512 MB by default, or as set", () => {
+    expect(loadConfig({}).packCheck).to.deep.equal({ timeoutMs: 20_000, memoryMb: 512 });
+    expect(
+      loadConfig({ CELLCDS_PACK_CHECK_TIMEOUT_MS: '5000', CELLCDS_PACK_CHECK_MEMORY_MB: '256' })
+        .packCheck,
+    ).to.deep.equal({ timeoutMs: 5000, memoryMb: 256 });
+  });
+
   it('paces DEK rotations: 200 per emergency batch, a budget of 50 re-seals, 50 ms apart; or as set', () => {
     expect(loadConfig({}).rewrap).to.deep.equal({
       batchSize: 200,
@@ -100,6 +108,16 @@ describe('configuration', () => {
       'an evaluation slice over 100 ms',
       { CELLCDS_EVAL_INLINE_MS: '500' },
       /CELLCDS_EVAL_INLINE_MS/,
+    ],
+    [
+      'a pack validation time under 100 ms',
+      { CELLCDS_PACK_CHECK_TIMEOUT_MS: '50' },
+      /CELLCDS_PACK_CHECK_TIMEOUT_MS/,
+    ],
+    [
+      'a pack validation heap under 16 MB',
+      { CELLCDS_PACK_CHECK_MEMORY_MB: '8' },
+      /CELLCDS_PACK_CHECK_MEMORY_MB/,
     ],
     ['an empty rewrap batch', { CELLCDS_REWRAP_BATCH: '0' }, /CELLCDS_REWRAP_BATCH/],
     [
