@@ -8,7 +8,7 @@ import { AdminService } from './admin-service.ts';
 import { cdsRouter } from './cds-routes.ts';
 import { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
-import { errorHandler, notFoundHandler } from './error-handler.ts';
+import { errorHandler, notFoundHandler, recordRoutePattern } from './error-handler.ts';
 import { uiRouter } from './ui-routes.ts';
 
 export function createApp(deps: Deps): Express {
@@ -18,15 +18,18 @@ export function createApp(deps: Deps): Express {
   app.set('strict routing', true);
   app.set('case sensitive routing', true);
   app.use(assignRequestId);
+  app.use(recordRoutePattern);
   app.use('/cds-services', cors(deps));
   // Liveness: the process answers. Readiness: the control plane, this region's key provider
-  // and its data plane answer (a plane that cannot unwrap keys, or reach the database its
-  // tenants' stores live in, must not take traffic).
+  // and its data plane answer, and Redis when it holds the replay cache (a plane that cannot
+  // unwrap keys, or reach the database its tenants' stores live in, must not take traffic);
+  // a process shutting down is not ready. A part down is named with a reason (`reasons`).
   app.get('/healthz', (_req, res) => {
     res.json({ status: 'ok' });
   });
+  const readiness = readinessProbe(deps);
   app.get('/readyz', async (_req, res) => {
-    const checks = await readiness(deps);
+    const checks = await readiness();
     res.status(checks.ready ? 200 : 503).json(checks);
   });
   // Prometheus text; no tenant labels, so it is safe to scrape from any region.
@@ -70,33 +73,99 @@ export function createApp(deps: Deps): Express {
   return app;
 }
 
-async function readiness(deps: Deps): Promise<{
-  ready: boolean;
-  region: string;
-  controlPlane: 'ok' | 'down';
-  keyProvider: 'ok' | 'down';
-  dataPlane: 'ok' | 'down';
-}> {
-  const controlPlane = await deps.controlPlane.tenants.list().then(
-    () => 'ok' as const,
-    () => 'down' as const,
-  );
-  const keyProvider = await deps.keyProvider.health().then(
-    (h) => (h.ok ? ('ok' as const) : ('down' as const)),
-    () => 'down' as const,
-  );
-  // PostgreSQL: SELECT 1 on the region's connection (bounded by the pool's acquire and
-  // statement timeouts); SQLite: the region's data folder is writable.
-  const dataPlane = await deps.stores.ping().then(
-    (p) => (p.ok ? ('ok' as const) : ('down' as const)),
-    () => 'down' as const,
-  );
-  return {
-    ready: controlPlane === 'ok' && keyProvider === 'ok' && dataPlane === 'ok',
-    region: deps.region.id,
-    controlPlane,
-    keyProvider,
-    dataPlane,
+/** A part of `/readyz`: the control plane, this region's key provider and data plane, Redis. */
+type ReadyPart = 'controlPlane' | 'keyProvider' | 'dataPlane' | 'replayCache';
+
+/** Why a part is down: a short code and a message naming no secret, host or PHI. */
+interface DownReason {
+  code: string;
+  message: string;
+}
+
+/** A driver or system error code, if it is a short upper-case one (e.g. SQLITE_CANTOPEN). */
+function errorCode(err: unknown): string {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && /^[A-Z][A-Z0-9_]{0,40}$/.test(code) ? code : 'error';
+}
+
+/**
+ * The readiness probe. Each part is a cheap check (no table scan: a load balancer polls it
+ * several times a second): the control plane's `SELECT 1`, the key provider's round trip, the
+ * data plane's `SELECT 1` or write probe, Redis's PING and eviction policy. A part that goes down
+ * or comes back is logged once (warn, info) and `cellcds_ready{part}` follows it.
+ */
+function readinessProbe(deps: Deps): () => Promise<Record<string, unknown> & { ready: boolean }> {
+  const last = new Map<ReadyPart, boolean>();
+  const note = (part: ReadyPart, down: DownReason | undefined): void => {
+    const up = down === undefined;
+    deps.metrics.readiness(part, up);
+    const before = last.get(part);
+    last.set(part, up);
+    if (before === up || (before === undefined && up)) {
+      return;
+    }
+    if (up) {
+      deps.log.info({ part }, 'readiness: part is back up');
+    } else {
+      deps.log.warn({ part, code: down.code, reason: down.message }, 'readiness: part is down');
+    }
+  };
+  return async () => {
+    if (deps.lifecycle?.shuttingDown) {
+      return { ready: false, shuttingDown: true, region: deps.region.id };
+    }
+    const checks: Array<Promise<[ReadyPart, DownReason | undefined]>> = [
+      deps.controlPlane.ping().then(
+        () => ['controlPlane', undefined],
+        (err: unknown) => [
+          'controlPlane',
+          { code: errorCode(err), message: 'the control-plane database does not answer' },
+        ],
+      ),
+      deps.keyProvider.health().then(
+        (h) => [
+          'keyProvider',
+          h.ok ? undefined : { code: 'unusable', message: h.detail ?? 'keys cannot be unwrapped' },
+        ],
+        () => ['keyProvider', { code: 'error', message: 'the key provider failed its check' }],
+      ),
+      // PostgreSQL: SELECT 1 on the region's connection (bounded by the pool's acquire and
+      // statement timeouts); SQLite: a small file written and fsynced in the region's folder.
+      deps.stores.ping().then(
+        (p) => [
+          'dataPlane',
+          p.ok
+            ? undefined
+            : { code: p.code ?? 'error', message: p.error ?? 'the data plane does not answer' },
+        ],
+        () => ['dataPlane', { code: 'error', message: 'the data plane failed its check' }],
+      ),
+    ];
+    if (deps.replayCacheHealth) {
+      checks.push(
+        deps.replayCacheHealth().then(
+          (h) => ['replayCache', h.ok ? undefined : { code: h.code, message: h.message }],
+          () => ['replayCache', { code: 'error', message: 'the replay cache failed its check' }],
+        ),
+      );
+    }
+    const body: Record<string, unknown> & { ready: boolean } = {
+      ready: true,
+      region: deps.region.id,
+    };
+    const reasons: Partial<Record<ReadyPart, DownReason>> = {};
+    for (const [part, down] of await Promise.all(checks)) {
+      note(part, down);
+      body[part] = down ? 'down' : 'ok';
+      if (down) {
+        body.ready = false;
+        reasons[part] = down;
+      }
+    }
+    if (!body.ready) {
+      body.reasons = reasons;
+    }
+    return body;
   };
 }
 

@@ -16,8 +16,9 @@ import {
   openRegionStores,
   RedisEvictsKeysError,
 } from '../tenants/index.ts';
-import type { ReplayCache } from '../tenants/index.ts';
+import type { JobInfo, ReplayBackendState, ReplayCache } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
+import { asBootError, bootStep } from './boot-failure.ts';
 import { createFailureAuditor } from './failure-audit.ts';
 import { ConfigError } from './config.ts';
 import type { Config } from './config.ts';
@@ -76,8 +77,8 @@ async function sharedReplayCache(
   url: string,
   size: { maxEntries: number; maxPerIssuer: number },
   log: Logger,
-): Promise<ReplayCache> {
-  const cache = createRedisReplayCache({ url, ...size });
+): Promise<ReturnType<typeof createRedisReplayCache>> {
+  const cache = createRedisReplayCache({ url, ...size, onStateChange: replayStateLogger(log) });
   try {
     await cache.ready();
     if (!(await cache.durability()).aof) {
@@ -98,6 +99,88 @@ async function sharedReplayCache(
   return cache;
 }
 
+/**
+ * Logs the replay cache backend's changes, once each (tokens refused meanwhile log only their
+ * own `request refused` info lines): warn when Redis stops answering or may evict keys (CDS
+ * client tokens get 503 until it is fixed), info when it is back. The first state seen at boot
+ * logs nothing here (the boot check logs a Redis that does not answer, and refuses one that
+ * evicts).
+ */
+export function replayStateLogger(
+  log: Logger,
+): (state: ReplayBackendState, previous: ReplayBackendState | undefined) => void {
+  return (state, previous) => {
+    if (previous === undefined) {
+      return;
+    }
+    if (state === 'down') {
+      log.warn(
+        { replayCache: state, previous },
+        'the replay cache (Redis) does not answer: CDS client tokens are refused with 503 until it does',
+      );
+    } else if (state === 'evicting') {
+      log.warn(
+        { replayCache: state, previous },
+        'the replay cache (Redis) may evict keys (maxmemory-policy is not noeviction): CDS client tokens are refused with 503 until it is',
+      );
+    } else {
+      log.info(
+        { replayCache: state, previous },
+        'the replay cache (Redis) is back: tokens accepted',
+      );
+    }
+  };
+}
+
+/**
+ * Key jobs' lifecycle: logs (info) each job this process starts, resumes (after a restart, or
+ * taken over from a replica whose lease expired) and ends (done, failed with its safe error,
+ * superseded), with the job id, tenant id, kind and progress, and counts each end once in
+ * `cellcds_rewrap_jobs_finished_total` once metrics exist (a job resumed at boot may end
+ * before). No PHI: ids, counts and the job's safe error only.
+ */
+export function jobObserver(log: Logger): {
+  onJobStart: (job: JobInfo, how: 'started' | 'resumed') => void;
+  onJobEnd: (job: JobInfo) => void;
+  attach: (metrics: Metrics) => void;
+} {
+  let target: Metrics | undefined;
+  const pending: JobInfo[] = [];
+  const fields = (job: JobInfo) => ({
+    jobId: job.id,
+    ...(job.tenant !== undefined ? { tenant: job.tenant } : {}),
+    kind: job.kind,
+    done: job.done,
+    total: job.total,
+  });
+  return {
+    onJobStart(job, how) {
+      log.info({ ...fields(job), emergency: job.emergency }, `key job ${how}`);
+    },
+    onJobEnd(job) {
+      log.info(
+        {
+          ...fields(job),
+          status: job.status,
+          ...(job.error !== undefined ? { error: job.error } : {}),
+        },
+        'key job ended',
+      );
+      if (target) {
+        target.jobProgress(job);
+      } else {
+        pending.push(job);
+      }
+    },
+    attach(metrics) {
+      target = metrics;
+      for (const job of pending.splice(0)) {
+        metrics.jobProgress(job);
+      }
+    },
+  };
+}
+
 /** Opens everything the app needs. Call `close` on shutdown. */
 export async function buildDeps(
   config: Config,
@@ -113,19 +196,22 @@ export async function buildDeps(
   ensureDataDir(config.dataDir);
   // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
   // against another replica: Redis when configured, else this process' memory.
-  const replayCache = config.redisUrl
+  const sharedCache = config.redisUrl
     ? await sharedReplayCache(
         config.redisUrl,
         { maxEntries: config.replayCacheMaxEntries, maxPerIssuer: config.replayCacheMaxPerIssuer },
         log,
       )
-    : createMemoryReplayCache({
-        maxEntries: config.replayCacheMaxEntries,
-        maxPerIssuer: config.replayCacheMaxPerIssuer,
-      });
-  const controlPlane = await openControlPlane({
-    storage: path.join(config.dataDir, 'control.sqlite'),
-  });
+    : undefined;
+  const replayCache: ReplayCache =
+    sharedCache ??
+    createMemoryReplayCache({
+      maxEntries: config.replayCacheMaxEntries,
+      maxPerIssuer: config.replayCacheMaxPerIssuer,
+    });
+  const controlPlane = await bootStep('control plane', 'CELLCDS_DATA_DIR (control.sqlite)', () =>
+    openControlPlane({ storage: path.join(config.dataDir, 'control.sqlite') }),
+  );
   const evaluator = createEvaluator(config.evaluation);
   // Start the evaluation workers before serving, so the first calls' budgets are not spent
   // waiting for a worker to boot.
@@ -146,10 +232,18 @@ export async function buildDeps(
   });
   // This plane serves exactly one region: it opens that region's stores and keys, no other.
   const region = selectRegion(matrix, config.region);
-  const keyProvider = await createLocalKeyProvider({
-    keyDir: region.keyProvider.dir,
-    region: region.id,
-  });
+  const keyProvider = await bootStep(
+    `key provider (keyring ${region.keyProvider.dir})`,
+    config.regionsFile ? 'CELLCDS_REGIONS_FILE keyProvider.dir' : 'CELLCDS_DATA_DIR (keys/)',
+    () => createLocalKeyProvider({ keyDir: region.keyProvider.dir, region: region.id }),
+  );
+  const dataPlaneSetting =
+    region.storage.kind === 'postgres'
+      ? 'CELLCDS_REGIONS_FILE storage.postgresUrl'
+      : config.regionsFile
+        ? 'CELLCDS_REGIONS_FILE storage.dataDir'
+        : 'CELLCDS_DATA_DIR';
+  const jobs = jobObserver(log);
   const stores = await openRegionStores({
     region: region.id,
     ...(region.storage.kind === 'sqlite'
@@ -164,6 +258,8 @@ export async function buildDeps(
     // about these times instead of hanging them (docs/operations.md, Scale-out).
     pgStatementTimeoutMs: config.pg.statementTimeoutMs,
     pgAcquireTimeoutMs: config.pg.acquireTimeoutMs,
+    onJobStart: jobs.onJobStart,
+    onJobEnd: jobs.onJobEnd,
     onJobError: (job, err) => {
       log.error(
         {
@@ -190,10 +286,14 @@ export async function buildDeps(
         'removed the staged copies of restores killed before their commit: run those restores again',
       );
     },
+  }).catch((err: unknown) => {
+    throw asBootError(`region ${region.id} data plane`, dataPlaneSetting, err);
   });
   // Rotations interrupted by a crash or restart go on from their checkpoints.
   if (opts.resumeJobs !== false) {
-    await stores.resumePendingJobs();
+    await bootStep(`region ${region.id} data plane`, dataPlaneSetting, () =>
+      stores.resumePendingJobs(),
+    );
   }
   const metrics = new Metrics({
     region: region.id,
@@ -201,6 +301,7 @@ export async function buildDeps(
     // The jobs this process runs: listing every tenant's would open every store per scrape.
     jobs: () => stores.runningJobs(),
   });
+  jobs.attach(metrics);
   const reportAuditError = (err: unknown): void => {
     log.error(
       { err: { message: err instanceof Error ? err.message : String(err) } },
@@ -227,6 +328,8 @@ export async function buildDeps(
     backupDir: region.backupDir,
     bootstrapTokenHash: bootstrap.hash,
     failureAudit,
+    // Readiness (/readyz `replayCache`): only a shared (Redis) cache can be down.
+    ...(sharedCache ? { replayCacheHealth: () => sharedCache.health() } : {}),
     now: () => new Date(),
     async close() {
       await failureAudit.flush().catch(reportAuditError);

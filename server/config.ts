@@ -63,6 +63,7 @@ const Schema = z
     CELLCDS_PG_STATEMENT_TIMEOUT_MS: intFrom(0, 600_000, 5000),
     CELLCDS_PG_ACQUIRE_TIMEOUT_MS: intFrom(100, 600_000, 5000),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
+    CELLCDS_SHUTDOWN_GRACE_MS: intFrom(0, 600_000, 20_000),
     CELLCDS_REPLAY_CACHE_MAX_ENTRIES: z.coerce.number().int().min(1000).max(100_000_000).optional(),
     CELLCDS_REPLAY_CACHE_MAX_PER_ISSUER: z.coerce.number().int().min(1).max(10_000_000).optional(),
     CELLCDS_REDIS_URL: z
@@ -144,6 +145,11 @@ export interface Config {
   };
   /** Refused credentials audited one by one per second; the rest are audited as counts. */
   readonly authFailureAuditPerSecond: number;
+  /**
+   * On SIGTERM/SIGINT, how long calls in flight (and keep-alive connections) may take before
+   * every connection is closed (ms).
+   */
+  readonly shutdownGraceMs: number;
   /**
    * The JWT replay cache's size: most unexpired `jti`s held (in this process, or in Redis for all
    * replicas); full means tokens are refused. Default 100,000 in process, 1,000,000 in Redis.
@@ -283,6 +289,7 @@ export function loadConfig(
       acquireTimeoutMs: e.CELLCDS_PG_ACQUIRE_TIMEOUT_MS,
     }),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
+    shutdownGraceMs: e.CELLCDS_SHUTDOWN_GRACE_MS,
     ...replayCacheConfig(e),
     regionExplicit: present.CELLCDS_REGION !== undefined,
     regionsFile:

@@ -10,6 +10,7 @@ import type {
   KeyProvider,
   Principal,
   RegionStores,
+  ReplayCacheHealth,
   Tenant,
   TokenVerifier,
 } from '../tenants/index.ts';
@@ -43,6 +44,10 @@ export interface Deps {
   failureAudit: FailureAuditor;
   /** sha256 of the bootstrap operator token (CELLCDS_ADMIN_TOKEN or the generated one). */
   bootstrapTokenHash?: Buffer;
+  /** The shared replay cache's health (Redis configured only): a `/readyz` part. */
+  replayCacheHealth?: () => Promise<ReplayCacheHealth>;
+  /** Set by the serve path on SIGTERM/SIGINT: `/readyz` then answers 503 `shuttingDown`. */
+  lifecycle?: { shuttingDown: boolean };
   now(): Date;
 }
 

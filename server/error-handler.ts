@@ -19,14 +19,26 @@ import {
   NotFoundError,
   RegionMismatchError,
   ResidencyError,
+  RETRYABLE_AUTH_FAILURES,
 } from '../tenants/index.ts';
 import { ServiceError } from './errors.ts';
 import type { Logger } from './logger.ts';
+
+/** Retry-After of a token refused because the replay cache's backend cannot be trusted. */
+export const AUTH_RETRY_AFTER_SECONDS = 5;
 
 /** Maps any thrown value to a ServiceError (or passes one through). */
 export function toServiceError(err: unknown): ServiceError {
   if (err instanceof ServiceError) {
     return err;
+  }
+  if (err instanceof AuthError && RETRYABLE_AUTH_FAILURES.has(err.reason)) {
+    // The replay cache's backend is down or may evict keys: the token may be valid, so the
+    // client is told to retry (503 + Retry-After), not that its token is bad. Still refused.
+    return new ServiceError(503, 'unavailable', 'service unavailable, retry later', {
+      detail: err.reason,
+      cause: err,
+    });
   }
   if (err instanceof AuthError) {
     // Never tell the client why: the reason goes to the audit log and metrics.
@@ -165,17 +177,23 @@ export function errorHandler(log: Logger): ErrorRequestHandler {
       requestId,
       tenant,
       method: req.method,
-      route: routeOf(req),
+      route: routeOf(req, res),
       status: se.status,
       code: se.code,
     };
-    if (se.status >= 500) {
+    if (err instanceof AuthError && se.status === 503) {
+      // A refused token (the backend's state is logged once per change, not per request).
+      log.info({ ...logFields, reason: se.detail }, 'request refused');
+    } else if (se.status >= 500) {
       log.error({ ...logFields, err: redactableError(err) }, 'request failed');
     } else {
       log.info({ ...logFields, reason: se.detail }, 'request refused');
     }
     if (se.status === 401) {
       res.setHeader('WWW-Authenticate', 'Bearer');
+    }
+    if (err instanceof AuthError && se.status === 503) {
+      res.setHeader('Retry-After', String(AUTH_RETRY_AFTER_SECONDS));
     }
     if (err instanceof PrefetchError) {
       // CDS Hooks: 412 with an OperationOutcome body (3.0 makes this a SHOULD; harmless in 2.0).
@@ -198,7 +216,42 @@ function redactableError(err: unknown): Record<string, unknown> {
   return { type: typeof err };
 }
 
-function routeOf(req: { baseUrl: string; route?: { path?: unknown } }): string {
+/** Where {@link recordRoutePattern} keeps the request's full route pattern. */
+interface RouteLocals {
+  routePattern?: string;
+}
+
+/**
+ * Keeps the full route pattern (mount prefix + route path, e.g. `/cds-services/:id`) in
+ * `res.locals` as a router matches it. The error handler runs at the app's level, where Express
+ * has restored `req.baseUrl` (to `''`) on the way out of the mounted router: on its own it would
+ * log `/:id` for every hook call. Install it first, before the routers.
+ */
+export const recordRoutePattern: RequestHandler = (req, res, next) => {
+  let route: unknown = (req as { route?: unknown }).route;
+  Object.defineProperty(req, 'route', {
+    configurable: true,
+    enumerable: true,
+    get: () => route,
+    set: (value: unknown) => {
+      route = value;
+      const p = (value as { path?: unknown } | undefined)?.path;
+      if (typeof p === 'string') {
+        (res.locals as RouteLocals).routePattern = `${req.baseUrl}${p}`;
+      }
+    },
+  });
+  next();
+};
+
+function routeOf(
+  req: { baseUrl: string; route?: { path?: unknown } },
+  res: { locals: unknown },
+): string {
+  const recorded = (res.locals as RouteLocals).routePattern;
+  if (recorded !== undefined) {
+    return recorded;
+  }
   const p = req.route?.path;
   return `${req.baseUrl}${typeof p === 'string' ? p : ''}`;
 }

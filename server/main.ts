@@ -3,7 +3,7 @@
  * that wires real resources together.
  */
 import { spawn } from 'node:child_process';
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { childEnv } from './config.ts';
 import { createApp } from './app.ts';
@@ -12,13 +12,17 @@ import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
 import { AdminService } from './admin-service.ts';
 import { seedDemo } from './demo.ts';
+import { asBootError, reportBootFailure } from './boot-failure.ts';
 import { createLogger } from './logger.ts';
+import type { Logger } from './logger.ts';
 import { loadRegionMatrix } from './regions.ts';
 import type { RegionMatrix } from './regions.ts';
 
 /** Starts the service; resolves once it listens. */
-export async function serve(config: Config): Promise<{ server: Server; close(): Promise<void> }> {
-  const log = createLogger({ level: config.logLevel, base: { region: config.region } });
+export async function serve(
+  config: Config,
+  log: Logger = createLogger({ level: config.logLevel, base: { region: config.region } }),
+): Promise<{ server: Server; close(): Promise<void> }> {
   const deps = await buildDeps(config, log);
   let seeded = false;
   if (config.seedDemo) {
@@ -32,11 +36,15 @@ export async function serve(config: Config): Promise<{ server: Server; close(): 
         regions: deps.matrix.regions,
         packCheck: config.packCheck,
       }),
+    }).catch((err: unknown) => {
+      // An invalid shipped pack: reportBootFailure prints its problems.
+      throw asBootError('demo pack', 'CELLCDS_SEED_DEMO (rules/packs/medication-safety)', err);
     });
   }
   // Compile the subscribed packs in the workers now, not out of the first calls' budgets.
   const warmed = await deps.directory.warmSubscribedPacks(deps.evaluator);
-  const app = createApp(deps);
+  const lifecycle = { shuttingDown: false };
+  const app = createApp({ ...deps, lifecycle });
   const server = await new Promise<Server>((resolve, reject) => {
     const s = app.listen(config.port, () => {
       resolve(s);
@@ -48,17 +56,66 @@ export async function serve(config: Config): Promise<{ server: Server; close(): 
     'listening',
   );
   printBanner(config, seeded);
+  const inFlight = trackResponses(server, lifecycle);
   return {
     server,
     async close() {
-      await new Promise<void>((resolve) =>
-        server.close(() => {
-          resolve();
-        }),
-      );
+      await drain(server, inFlight, lifecycle, log, config.shutdownGraceMs);
       await deps.close();
+      log.info('stopped');
     },
   };
+}
+
+/**
+ * The responses not finished yet. While shutting down, every response (those in flight, and
+ * new calls on keep-alive connections) carries `Connection: close`, so clients move on.
+ */
+function trackResponses(server: Server, lifecycle: { shuttingDown: boolean }): Set<ServerResponse> {
+  const open = new Set<ServerResponse>();
+  server.on('request', (_req: IncomingMessage, res: ServerResponse) => {
+    if (lifecycle.shuttingDown) {
+      res.setHeader('Connection', 'close');
+    }
+    open.add(res);
+    res.once('close', () => open.delete(res));
+  });
+  return open;
+}
+
+/**
+ * Graceful stop (SIGTERM/SIGINT): `/readyz` answers 503 `shuttingDown`, the listener stops
+ * accepting connections, idle keep-alive connections close at once and busy ones after their
+ * answer (`Connection: close`); calls still running after `graceMs` are cut off. Resolves once
+ * every connection is closed. Calls that answered wrote their records first (as always).
+ */
+async function drain(
+  server: Server,
+  inFlight: Set<ServerResponse>,
+  lifecycle: { shuttingDown: boolean },
+  log: Logger,
+  graceMs: number,
+): Promise<void> {
+  lifecycle.shuttingDown = true;
+  log.info({ inFlight: inFlight.size, graceMs }, 'shutting down');
+  for (const res of inFlight) {
+    if (!res.headersSent) {
+      res.setHeader('Connection', 'close');
+    }
+  }
+  const closed = new Promise<void>((resolve) => {
+    server.close(() => {
+      resolve();
+    });
+  });
+  server.closeIdleConnections();
+  const deadline = setTimeout(() => {
+    log.warn({ inFlight: inFlight.size }, 'shutdown grace period over: closing every connection');
+    server.closeAllConnections();
+  }, graceMs);
+  deadline.unref();
+  await closed;
+  clearTimeout(deadline);
 }
 
 function printBanner(config: Config, seeded: boolean): void {
@@ -107,24 +164,37 @@ export async function runServe(overrides: Record<string, string> = {}): Promise<
       }
       throw err;
     }
-    superviseRegions(matrix);
+    superviseRegions(matrix, config.shutdownGraceMs);
     return;
   }
+  const log = createLogger({ level: config.logLevel, base: { region: config.region } });
   let running: Awaited<ReturnType<typeof serve>>;
   try {
-    running = await serve(config);
+    running = await serve(config, log);
   } catch (err) {
     // What only shows once the service connects to its dependencies (an evicting Redis).
     if (err instanceof ConfigError) {
+      log.fatal({ component: 'configuration', err }, 'boot failed');
       process.stderr.write(`${err.message}\n`);
       process.exit(2);
     }
-    throw err;
+    // A component that did not start: a fatal JSON line naming it and the setting to check,
+    // and the line for humans on stderr; exit 1 as before.
+    reportBootFailure(log, err);
+    process.exit(1);
   }
+  let stopping = false;
   const stop = (): void => {
+    if (stopping) {
+      return;
+    }
+    stopping = true;
     running.close().then(
       () => process.exit(0),
-      () => process.exit(1),
+      (err: unknown) => {
+        log.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
     );
   };
   process.once('SIGTERM', stop);
@@ -137,7 +207,7 @@ export async function runServe(overrides: Record<string, string> = {}): Promise<
  * memory. If any plane exits, the others are stopped and this process exits non-zero: a
  * half-running deployment fails loudly instead of silently serving fewer regions.
  */
-function superviseRegions(matrix: RegionMatrix): void {
+function superviseRegions(matrix: RegionMatrix, graceMs: number): void {
   const cli = fileURLToPath(new URL('./cli.ts', import.meta.url));
   const children = matrix.regions.map((region) => {
     const url = new URL(region.publicUrl);
@@ -161,7 +231,8 @@ function superviseRegions(matrix: RegionMatrix): void {
     for (const { child } of children) {
       child.kill('SIGTERM');
     }
-    setTimeout(() => process.exit(code), 5000).unref();
+    // Each plane drains for up to its grace period (CELLCDS_SHUTDOWN_GRACE_MS) before it exits.
+    setTimeout(() => process.exit(code), graceMs + 5000).unref();
     void Promise.all(children.map(({ child }) => new Promise((r) => child.once('exit', r)))).then(
       () => {
         process.exit(code);

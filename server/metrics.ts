@@ -310,6 +310,25 @@ export class Metrics {
     });
   }
 
+  private readyGauge: Gauge<'part'> | undefined;
+
+  /**
+   * One readiness part's state as `/readyz` last saw it (`cellcds_ready{part}`: 1 up, 0 down).
+   * `part` is one of `/readyz`'s parts (controlPlane, keyProvider, dataPlane, replayCache).
+   */
+  readiness(part: string, up: boolean): void {
+    this.readyGauge ??= new Gauge({
+      name: 'cellcds_ready',
+      help: 'Whether a part of this plane was ready at the last /readyz probe (1) or down (0)',
+      labelNames: ['part'],
+      registers: [this.registry],
+    });
+    this.readyGauge.set(
+      { part: oneOf(part, ['controlPlane', 'keyProvider', 'dataPlane', 'replayCache'], 'other') },
+      up ? 1 : 0,
+    );
+  }
+
   /**
    * Reports a rewrap (or migration) job's progress. Gauges sum the running jobs by kind; a job
    * that stopped (`status` other than `running`) is counted once in the finished counter.

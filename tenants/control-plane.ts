@@ -168,6 +168,10 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
         list: () => adminTokens.list(),
       },
       audit,
+      // Readiness: one kept statement on the lookup connection, never a table read.
+      ping: async () => {
+        await querySql(lookupDb, 'SELECT 1');
+      },
       close: async () => {
         // SQLite does not close a connection with prepared statements left open.
         await releaseStatements(lookupDb);

@@ -1,6 +1,19 @@
-import type { AuthFailureReason, ResidencyProblem } from './types.ts';
+import type { AuthFailureReason, ReplayBackendState, ResidencyProblem } from './types.ts';
 
-/** A CDS client token was refused. HTTP: 401 `invalid_token`, body says no more. */
+/**
+ * Refusals that say nothing about the token: the replay cache's backend does not answer or may
+ * evict keys, so the token could not be remembered. HTTP: 503 with Retry-After (clients retry
+ * on 5xx), still audited and counted as auth failures.
+ */
+export const RETRYABLE_AUTH_FAILURES: ReadonlySet<AuthFailureReason> = new Set<AuthFailureReason>([
+  'replay_backend_down',
+  'replay_policy_evicts',
+]);
+
+/**
+ * A CDS client token was refused. HTTP: 401 `invalid_token`, body says no more; 503
+ * `unavailable` for the reasons in {@link RETRYABLE_AUTH_FAILURES}.
+ */
 export class AuthError extends Error {
   readonly reason: AuthFailureReason;
   /**
@@ -68,10 +81,29 @@ export class JwksFetchError extends Error {
   }
 }
 
-/** The in-memory replay cache is full of unexpired entries; the token is refused (fail closed). */
+/**
+ * The replay cache (in memory, or Redis's count, or Redis's own memory under `noeviction`) is
+ * full of unexpired entries; the token is refused (fail closed). Size the cache.
+ */
 export class ReplayCacheFullError extends Error {
   constructor() {
     super('replay cache is full');
+    this.name = new.target.name;
+  }
+}
+
+/**
+ * The replay cache's backend cannot be trusted with a jti right now (`state`: `down` or
+ * `evicting`): the token is refused (fail closed) though it may be valid. HTTP: 503, retryable,
+ * unlike a full cache (`ReplayCacheFullError`).
+ */
+export class ReplayBackendError extends Error {
+  constructor(
+    readonly state: Exclude<ReplayBackendState, 'up'>,
+    message: string,
+    cause?: unknown,
+  ) {
+    super(message, cause === undefined ? undefined : { cause });
     this.name = new.target.name;
   }
 }

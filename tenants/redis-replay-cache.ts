@@ -35,12 +35,18 @@
  * its token expires, and the token could be replayed. So the policy is read (`INFO memory`,
  * which managed Redis services allow where `CONFIG` is disabled) before the first token and
  * again every minute; while it is not `noeviction`, every token is refused.
+ *
+ * Failures are typed for the verifier: a Redis that does not answer (connection refused or lost,
+ * command timeout) rejects with `ReplayBackendError` `down`, one that may evict with
+ * `RedisEvictsKeysError` (a `ReplayBackendError` `evicting`), a full cache (the count, or
+ * Redis's own `OOM` under `noeviction`) with `ReplayCacheFullError`. `state()` tells, without
+ * I/O, what the last command or policy read found; `onStateChange` is called on each change.
  */
 import crypto from 'node:crypto';
 import { Redis } from 'ioredis';
-import { ReplayCacheFullError, ReplayIssuerQuotaError } from './errors.ts';
+import { ReplayBackendError, ReplayCacheFullError, ReplayIssuerQuotaError } from './errors.ts';
 import { replayCacheSize } from './replay-cache.ts';
-import type { ReplayCache } from './types.ts';
+import type { ReplayBackendState, ReplayCache } from './types.ts';
 
 export interface RedisReplayCacheOptions {
   /** e.g. `redis://127.0.0.1:6379` */
@@ -56,23 +62,34 @@ export interface RedisReplayCacheOptions {
    * the cache's last `maxPerIssuer` places, kept for the pairs under their share.
    */
   maxPerIssuer?: number;
+  /** How long a read of the eviction policy is trusted (default 60 000 ms). */
+  policyCheckMs?: number;
+  /**
+   * Called when `state()` changes (`previous` undefined: the first answer or failure since
+   * creation), e.g. to log once per transition rather than per refused token. Must not throw.
+   */
+  onStateChange?: (state: ReplayBackendState, previous: ReplayBackendState | undefined) => void;
   now?: () => Date;
 }
 
 /** The Redis behind the replay cache may evict keys: a jti could be forgotten and replayed. */
-export class RedisEvictsKeysError extends Error {
+export class RedisEvictsKeysError extends ReplayBackendError {
   constructor(readonly policy: string) {
     super(
+      'evicting',
       `Redis maxmemory-policy is ${policy}: it may evict replay-cache keys before their tokens expire; set it to noeviction`,
     );
     this.name = 'RedisEvictsKeysError';
   }
 }
 
+/** What a readiness probe learns of the replay cache: a short code and message when down. */
+export type ReplayCacheHealth = { ok: true } | { ok: false; code: string; message: string };
+
 /** The shared cache's default size: ~3,000 calls/s with 5-minute tokens; ~480 bytes of Redis each. */
 export const DEFAULT_REDIS_REPLAY_MAX_ENTRIES = 1_000_000;
 
-/** How long a read of the eviction policy is trusted. */
+/** How long a read of the eviction policy is trusted, unless set. */
 const POLICY_CHECK_MS = 60_000;
 
 /** The value this version sets under the previous version's key of `(iss, jti)` (it set `1`). */
@@ -127,6 +144,8 @@ function sha256(text: string): string {
 /** Creates a Redis-backed ReplayCache. Call `close()` on shutdown. */
 export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCache & {
   ready(): Promise<void>;
+  state(): ReplayBackendState;
+  health(): Promise<ReplayCacheHealth>;
   durability(): Promise<{ aof: boolean }>;
   close(): Promise<void>;
 } {
@@ -146,16 +165,60 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
     REMEMBER_COMMAND
   ].bind(redis);
 
+  const policyCheckMs = opts.policyCheckMs ?? POLICY_CHECK_MS;
+  let current: ReplayBackendState | undefined;
+  const setState = (next: ReplayBackendState): void => {
+    if (next !== current) {
+      const previous = current;
+      current = next;
+      try {
+        opts.onStateChange?.(next, previous);
+      } catch {
+        // A listener's fault must not change a token's verdict.
+      }
+    }
+  };
+  /**
+   * Runs one Redis call: its failure becomes a typed error (a Redis that does not answer:
+   * `ReplayBackendError` `down`; Redis's memory full under noeviction: `ReplayCacheFullError`)
+   * and its outcome updates `state()`.
+   */
+  const call = async <T>(command: () => Promise<T>): Promise<T> => {
+    let result: T;
+    try {
+      result = await command();
+    } catch (err) {
+      if (err instanceof ReplayBackendError) {
+        setState(err.state);
+        throw err;
+      }
+      if (err instanceof Error && /^OOM\b/.test(err.message)) {
+        // Redis answered: its memory is full (noeviction refuses writes). A cache to size.
+        setState('up');
+        throw new ReplayCacheFullError();
+      }
+      setState('down');
+      throw new ReplayBackendError(
+        'down',
+        `Redis does not answer: ${err instanceof Error ? err.name : typeof err}`,
+        err,
+      );
+    }
+    return result;
+  };
+
   let policy: { checkedAt: number; check: Promise<void> } | undefined;
   /** Resolves if Redis keeps every key until its TTL; shared by concurrent callers. */
   const keepsKeys = (): Promise<void> => {
     const at = performance.now();
-    if (!policy || at - policy.checkedAt > POLICY_CHECK_MS) {
-      const check = redis.info('memory').then((info) => {
+    if (!policy || at - policy.checkedAt > policyCheckMs) {
+      const check = call(async () => {
+        const info = await redis.info('memory');
         const found = /^maxmemory_policy:(\S+)/m.exec(info)?.[1] ?? 'unknown';
         if (found !== 'noeviction') {
           throw new RedisEvictsKeysError(found);
         }
+        setState('up');
       });
       policy = { checkedAt: at, check };
       // A failed read (Redis down) is not trusted for a minute: the next token reads again.
@@ -170,6 +233,30 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
 
   return {
     ready: keepsKeys,
+    state: () => current ?? 'down',
+    /**
+     * For readiness probes: a PING (bounded by the command timeout) and the eviction policy
+     * (read at most once a minute, as for tokens). Never rejects.
+     */
+    async health() {
+      try {
+        await redis.ping();
+      } catch {
+        return { ok: false, code: 'unreachable', message: 'Redis does not answer' };
+      }
+      try {
+        await keepsKeys();
+        return { ok: true };
+      } catch (err) {
+        return err instanceof RedisEvictsKeysError
+          ? {
+              ok: false,
+              code: 'evicts_keys',
+              message: `Redis maxmemory-policy is ${err.policy}, not noeviction`,
+            }
+          : { ok: false, code: 'unreachable', message: 'Redis does not answer' };
+      }
+    },
     /**
      * Whether Redis logs every write (AOF). Without it a restart forgets the jtis of tokens
      * still valid, which could then be replayed until they expire (RDB snapshots lag).
@@ -185,20 +272,23 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
       const entry = sha256(JSON.stringify(['v2', tenant, iss, jti]));
       const at = now().getTime();
       const expiresAt = Math.max(expSeconds * 1000, at + 1000);
-      const result = await rememberScript(
-        `${prefix}v2:${entry}`,
-        // LEGACY: the previous version's key of (iss, jti); see REMEMBER_SCRIPT.
-        prefix + sha256(JSON.stringify([iss, jti])),
-        `${prefix}v2:share:${sha256(JSON.stringify(['v2', tenant, iss]))}`,
-        `${prefix}all`,
-        expiresAt,
-        at,
-        maxPerIssuer,
-        maxEntries,
-        // 128 bits of the entry's hash name it in the counts (a collision would only undercount).
-        entry.slice(0, 32),
-        LEGACY_MARK,
+      const result = await call(() =>
+        rememberScript(
+          `${prefix}v2:${entry}`,
+          // LEGACY: the previous version's key of (iss, jti); see REMEMBER_SCRIPT.
+          prefix + sha256(JSON.stringify([iss, jti])),
+          `${prefix}v2:share:${sha256(JSON.stringify(['v2', tenant, iss]))}`,
+          `${prefix}all`,
+          expiresAt,
+          at,
+          maxPerIssuer,
+          maxEntries,
+          // 128 bits of the entry's hash name it in the counts (a collision would only undercount).
+          entry.slice(0, 32),
+          LEGACY_MARK,
+        ),
       );
+      setState('up');
       if (result === -2) {
         throw new ReplayCacheFullError();
       }

@@ -229,6 +229,8 @@ export function createMemoryReplayCache(
     size() {
       return entries.size;
     },
+    /** In process: nothing to be down. */
+    state: () => 'up',
     close() {
       entries.clear();
       shares.clear();

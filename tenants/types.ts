@@ -122,13 +122,33 @@ export type AuthFailureReason =
   | 'jwks_unavailable'
   /** `nbf` is in the future (beyond the leeway). */
   | 'not_yet_valid'
-  /** The replay cache could not record the jti (full, or its backend is down): fail closed. */
+  /**
+   * The replay cache is full of unexpired entries (its size, or Redis's memory under
+   * `noeviction`): fail closed, 401. Size the cache (docs/operations.md).
+   */
   | 'replay_unavailable'
+  /**
+   * The replay cache's backend (Redis) does not answer (refused, lost, timed out): fail closed,
+   * but 503 with Retry-After, since the token may be valid.
+   */
+  | 'replay_backend_down'
+  /**
+   * The replay cache's backend (Redis) may evict keys (`maxmemory-policy` not `noeviction`), so
+   * a jti could be forgotten: fail closed, 503 with Retry-After. Fix the policy.
+   */
+  | 'replay_policy_evicts'
   /**
    * The replay cache is nearly full and the token's issuer holds its share for the token's
    * tenant; the others (other tenants of the same issuer too) go on.
    */
   | 'replay_quota';
+
+/**
+ * What the replay cache's backend (Redis, in scale-out) is doing: `up` answers and keeps every
+ * key until its expiry; `down` does not answer (connection refused or lost, command timeout);
+ * `evicting` answers but may evict keys under memory pressure (a jti could be forgotten).
+ */
+export type ReplayBackendState = 'up' | 'down' | 'evicting';
 
 /**
  * Remembers `(tenant, iss, jti)` until the token's `exp`; shared across replicas in scale-out
@@ -139,9 +159,17 @@ export interface ReplayCache {
    * Stores the entry and returns true if it was not seen before; false if it is a replay.
    * `tenant` is the id of the tenant the token's signature proved.
    * @throws ReplayIssuerQuotaError when the `(tenant, iss)` holds its share and the cache is
-   * nearly full; another error when the cache is full or cannot answer.
+   * nearly full; ReplayCacheFullError when the cache is full; ReplayBackendError when its
+   * backend does not answer (`down`) or may evict keys (`evicting`); any other error is taken
+   * as a backend that does not answer.
    */
   remember(tenant: string, iss: string, jti: string, expSeconds: number): Promise<boolean>;
+  /**
+   * The backend's state as the last commands and policy reads found it: cheap (no I/O), never
+   * throws; for readiness and gauges. `down` until the backend first answered. The in-process
+   * cache is always `up`.
+   */
+  state?(): ReplayBackendState;
   close?(): Promise<void>;
 }
 
@@ -300,6 +328,11 @@ export interface ControlPlane {
   packs: PackRepository;
   adminTokens: AdminTokenRepository;
   audit: AuditRepository;
+  /**
+   * A cheap liveness read of the control-plane database (`SELECT 1` on a kept connection), for
+   * readiness probes: never a table scan. Rejects when the database cannot answer.
+   */
+  ping(): Promise<void>;
   close(): Promise<void>;
 }
 

@@ -24,7 +24,12 @@
  * mechanics shared with the id_token verifier (bearer parsing, key stores, signature, times)
  * live in `jwt-common.ts`; this file keeps the CDS client policy.
  */
-import { AuthError, ReplayIssuerQuotaError } from './errors.ts';
+import {
+  AuthError,
+  ReplayBackendError,
+  ReplayCacheFullError,
+  ReplayIssuerQuotaError,
+} from './errors.ts';
 import { createJwksFetcher } from './jwks-fetcher.ts';
 import {
   audienceList,
@@ -226,10 +231,9 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
       isFirstUse = await replayCache.remember(tenant.id, iss, jti, Math.ceil(exp + leeway));
     } catch (err) {
       // A tenant's issuer at its share is refused alone (audited and counted as replay_quota); a full
-      // cache or a Redis that cannot answer refuses everyone (replay_unavailable).
-      throw err instanceof ReplayIssuerQuotaError
-        ? new AuthError('replay_quota', err.message, tenant.id)
-        : new AuthError('replay_unavailable');
+      // cache refuses everyone (replay_unavailable); so does a backend that does not answer or
+      // may evict keys, with its own reason (answered 503: the token may be valid, retry).
+      throw replayRefusal(err, tenant.id);
     }
     if (!isFirstUse) {
       throw new AuthError('replayed');
@@ -242,4 +246,19 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
       return reportFailures((info) => run(authorization, audience, info), opts.onFailure);
     },
   };
+}
+
+/** The AuthError of a token the replay cache could not remember (`err`: what it threw). */
+function replayRefusal(err: unknown, tenant: string): AuthError {
+  if (err instanceof ReplayIssuerQuotaError) {
+    return new AuthError('replay_quota', err.message, tenant);
+  }
+  if (err instanceof ReplayCacheFullError) {
+    return new AuthError('replay_unavailable');
+  }
+  if (err instanceof ReplayBackendError && err.state === 'evicting') {
+    return new AuthError('replay_policy_evicts');
+  }
+  // A ReplayBackendError `down`, or anything else a cache threw: its backend did not answer.
+  return new AuthError('replay_backend_down');
 }

@@ -4,6 +4,7 @@ import { Redis } from 'ioredis';
 import {
   createRedisReplayCache,
   RedisEvictsKeysError,
+  ReplayBackendError,
   ReplayCacheFullError,
   ReplayIssuerQuotaError,
 } from '../../tenants/index.ts';
@@ -207,10 +208,14 @@ describe('Redis replay cache (scale-out)', function () {
       let threw = false;
       try {
         await dead.remember('t', 'https://iss.example', 'x', exp());
-      } catch {
+      } catch (err) {
         threw = true;
+        // Typed for the verifier: a backend that does not answer (503), not a full cache.
+        expect(err).to.be.instanceOf(ReplayBackendError);
+        expect((err as ReplayBackendError).state).to.equal('down');
       }
       expect(threw).to.equal(true);
+      expect(dead.state()).to.equal('down');
     } finally {
       await dead.close();
     }
@@ -251,6 +256,7 @@ describe('Redis replay cache (scale-out)', function () {
               (e: unknown) => e,
             );
           expect(refused).to.be.instanceOf(RedisEvictsKeysError);
+          expect(cache.state()).to.equal('evicting');
         } finally {
           await cache.close();
         }

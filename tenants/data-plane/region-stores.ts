@@ -460,12 +460,54 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     return true;
   }
 
-  function startDekJob(tenant: string, id: string): void {
+  /** Reports a job's start or end (`onJobStart`, `onJobEnd`): a listener's fault is ignored. */
+  function tell(report: () => void): void {
+    try {
+      report();
+    } catch {
+      // The job goes on whatever a listener does.
+    }
+  }
+
+  /** Reports the end of DEK job `id` as the store has it (nothing if still running or gone). */
+  async function reportDekEnd(tenant: string, id: string): Promise<void> {
+    if (!opts.onJobEnd) {
+      return;
+    }
+    const read = await use(tenant, (h) => readJob(h, id), { provision: false }).catch(
+      () => undefined,
+    );
+    if (read && read.job.status !== 'running') {
+      const info = dekJobInfo(read.job, region, tenant);
+      tell(() => opts.onJobEnd?.(info));
+    }
+  }
+
+  /** Reports DEK job `id` resumed here, at `doneBefore` records of its total. */
+  async function reportDekResumed(tenant: string, id: string, doneBefore: number): Promise<void> {
+    if (!opts.onJobStart) {
+      return;
+    }
+    const read = await use(tenant, (h) => readJob(h, id), { provision: false }).catch(
+      () => undefined,
+    );
+    if (read) {
+      const info = { ...dekJobInfo(read.job, region, tenant), done: doneBefore };
+      tell(() => opts.onJobStart?.(info, 'resumed'));
+    }
+  }
+
+  /**
+   * Runs DEK job `id` here. `how`: `started` when the rotation was just asked here (reported by
+   * the caller), else `resumed` (reported once a first batch here holds the lease).
+   */
+  function startDekJob(tenant: string, id: string, how: 'started' | 'resumed' = 'resumed'): void {
     unwatch(id);
     if (runners.has(id) || state.closed) {
       return;
     }
     const runner: Runner = { tenant, stop: false, promise: Promise.resolve() };
+    let announced = how === 'started';
     runner.promise = (async () => {
       for (;;) {
         if (isStopped(runner)) {
@@ -502,8 +544,12 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
             watchJob(tenant, id, result.leased.waitMs);
             return;
           }
+          if (!announced && result.job) {
+            announced = true;
+            await reportDekResumed(tenant, id, result.job.doneBefore);
+          }
           if (result.finished) {
-            return;
+            return; // done, or superseded: reported below
           }
           const ms = result.job?.emergency ? emergencyThrottleMs : throttleMs;
           if (!(await pauseHoldingLease(runner, tenant, id, ms))) {
@@ -526,14 +572,24 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
           }).catch(() => false);
           const info = failed ? await findJob(id).catch(() => undefined) : undefined;
           if (info) {
+            announced = true; // failed here: its end is reported below
             opts.onJobError?.(info, err);
           }
           return;
         }
       }
-    })().finally(() => {
-      runners.delete(id);
-    });
+    })()
+      .then(async () => {
+        // However the runner stopped (last batch, superseded by a newer rotation, failed, lease
+        // renewal finding it ended), a job it ran that no longer runs has ended: report it once.
+        // One interrupted (closing, database unavailable) still runs and resumes later.
+        if (announced && !state.closed && !blocked.has(tenant)) {
+          await reportDekEnd(tenant, id);
+        }
+      })
+      .finally(() => {
+        runners.delete(id);
+      });
     runners.set(id, runner);
   }
 
@@ -554,7 +610,11 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     return out;
   }
 
-  function startKekJob(primary: number, actor?: string): JobInfo {
+  function startKekJob(
+    primary: number,
+    actor?: string,
+    how: 'started' | 'resumed' = 'started',
+  ): JobInfo {
     const at = now().toISOString();
     const info: JobInfo = {
       id: kekJobId(primary),
@@ -578,6 +638,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       try {
         const tenants = await backend.list();
         info.total = tenants.length;
+        tell(() => opts.onJobStart?.({ ...info }, how));
         for (const tenant of tenants) {
           if (isStopped(runner)) {
             return; // the provider still says `retiring`: resumePendingJobs restarts it
@@ -594,11 +655,13 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         info.status = 'done';
         info.finishedAt = now().toISOString();
         info.updatedAt = info.finishedAt;
+        tell(() => opts.onJobEnd?.({ ...info }));
       } catch (err) {
         info.status = 'failed';
         info.error = safeMessage(err);
         info.updatedAt = now().toISOString();
         opts.onJobError?.({ ...info }, err);
+        tell(() => opts.onJobEnd?.({ ...info }));
       }
     })();
     const job = { info, runner };
@@ -766,7 +829,9 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         }
         throw err;
       }
-      startDekJob(tenant, row.id);
+      const info = dekJobInfo(row, region, tenant);
+      tell(() => opts.onJobStart?.(info, 'started'));
+      startDekJob(tenant, row.id, 'started');
       return dekJobInfo(row, region, tenant, runners.get(row.id)?.session);
     },
   };
@@ -855,7 +920,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         kekJob?.info.status !== 'running' &&
         described.keks.some((k) => k.status === 'retiring')
       ) {
-        started.push(startKekJob(described.primaryKekVersion));
+        started.push(startKekJob(described.primaryKekVersion, undefined, 'resumed'));
       }
       return started;
     },

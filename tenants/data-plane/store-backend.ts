@@ -139,7 +139,7 @@ export interface StoreBackend {
   /** Deletes the store (files incl. WAL/SHM, or the schema). */
   remove(tenant: string): Promise<void>;
   /** Whether the storage answers (RegionStores.ping). Never rejects. */
-  ping(): Promise<{ ok: boolean; error?: string }>;
+  ping(): Promise<{ ok: boolean; error?: string; code?: string }>;
   close(): Promise<void>;
   /** SQLite only: the store file. */
   filePath(tenant: string): string;
@@ -213,8 +213,46 @@ export function isStoreUnavailableError(err: unknown): boolean {
   }
   return (
     typeof d?.code === 'string' &&
-    ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(d.code)
+    (['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(d.code) ||
+      STORAGE_FAILURE.test(d.code))
   );
+}
+
+/**
+ * The storage under a SQLite store cannot take writes now: the disk or a quota is full, the
+ * file system is read-only, or the OS failed an I/O (SQLITE_IOERR_* extended codes included).
+ * Retryable once an operator frees space or remounts: 503 at the HTTP edge, not 500.
+ */
+const STORAGE_FAILURE =
+  /^(SQLITE_FULL|SQLITE_IOERR(_\w+)?|SQLITE_READONLY(_\w+)?|ENOSPC|EROFS|EDQUOT)$/;
+
+/** How long a successful write probe of a SQLite region's folder is trusted (ms). */
+const WRITE_PROBE_MS = 2000;
+
+/**
+ * Readiness of a SQLite region's folder: creates, writes, fsyncs and removes a small file, so a
+ * full disk or a read-only mount is seen (a permission check alone is not enough). A dot name
+ * that no tenant id, store or staged restore can have.
+ */
+async function writeProbe(dir: string): Promise<{ ok: boolean; error?: string; code?: string }> {
+  const file = path.join(
+    dir,
+    `.ready-probe-${String(process.pid)}-${crypto.randomBytes(4).toString('hex')}`,
+  );
+  let handle: fs.promises.FileHandle | undefined;
+  try {
+    handle = await fs.promises.open(file, 'wx', 0o600);
+    await handle.writeFile(Buffer.alloc(4096, 0x2e));
+    await handle.sync();
+    return { ok: true };
+  } catch (err) {
+    const raw = (err as { code?: unknown }).code;
+    const code = typeof raw === 'string' && /^E[A-Z]+$/.test(raw) ? raw : 'error';
+    return { ok: false, code, error: `data folder not writable (${code})` };
+  } finally {
+    await handle?.close().catch(() => undefined);
+    await fs.promises.rm(file, { force: true }).catch(() => undefined);
+  }
 }
 
 /** A raw statement on a SQLite connection; constraint violations as UniqueConstraintError. */
@@ -744,6 +782,7 @@ export function createSqliteBackend(opts: {
   const dir = path.join(path.resolve(opts.dataDir), opts.region);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const filePath = (tenant: string) => path.join(dir, `${tenant}.sqlite`);
+  let lastProbeOk: number | undefined;
 
   async function openFile(file: string, tenant: string, create: boolean): Promise<StoreHandle> {
     if (!fs.existsSync(file)) {
@@ -812,16 +851,14 @@ export function createSqliteBackend(opts: {
       return Promise.resolve();
     },
     async ping() {
-      try {
-        await fs.promises.access(dir, fs.constants.W_OK);
+      // A success is trusted for WRITE_PROBE_MS (probes stay cheap); a failure is probed again.
+      const at = performance.now();
+      if (lastProbeOk !== undefined && at - lastProbeOk < WRITE_PROBE_MS) {
         return { ok: true };
-      } catch (err) {
-        const code = (err as { code?: unknown }).code;
-        return {
-          ok: false,
-          error: `data folder not writable (${typeof code === 'string' ? code : 'error'})`,
-        };
       }
+      const result = await writeProbe(dir);
+      lastProbeOk = result.ok ? at : undefined;
+      return result;
     },
     close: () => Promise.resolve(),
     filePath,
@@ -996,7 +1033,8 @@ export function createPostgresBackend(opts: {
         return { ok: true };
       } catch (err) {
         // The class only: a driver message may quote the host or the statement.
-        return { ok: false, error: err instanceof Error ? err.name : 'error' };
+        const name = err instanceof Error ? err.name : 'error';
+        return { ok: false, code: name, error: `database does not answer (${name})` };
       }
     },
     close: () => admin.close(),

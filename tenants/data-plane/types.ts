@@ -433,6 +433,19 @@ export interface OpenRegionStoresOptions {
   /** Called when a background job fails (safe error). */
   onJobError?: (job: JobInfo, err: unknown) => void;
   /**
+   * Called when this process starts a job (`started`: a rotation asked here) or resumes one
+   * (`resumed`: left running by a restart or crash here, or taken over from a replica whose
+   * lease expired), with its progress then (`done` of `total`). A DEK job is reported resumed
+   * once its first batch here holds the lease. Must not throw.
+   */
+  onJobStart?: (job: JobInfo, how: 'started' | 'resumed') => void;
+  /**
+   * Called once when a job this process ran stops: `done`, `failed` (with its safe `error`)
+   * or `superseded` (a newer rotation of the tenant replaced it). Not called for a job
+   * interrupted by `close()` (it stays `running` and resumes later). Must not throw.
+   */
+  onJobEnd?: (job: JobInfo) => void;
+  /**
    * Called when `resumePendingJobs` (or its retry) cannot read a tenant's jobs or start one
    * (`tenant` undefined: the list of stores itself). The scan goes on with the other tenants;
    * stores the database could not serve (a connection refused or timed out) are tried again
@@ -487,9 +500,11 @@ export interface RegionStores {
   resumePendingJobs(): Promise<JobInfo[]>;
   /**
    * Whether the region's storage answers: PostgreSQL `SELECT 1` on the region connection;
-   * SQLite, the region's folder is writable. Never rejects.
+   * SQLite, a small file is created, fsynced and removed in the region's folder (a success is
+   * trusted for 2 s). Never rejects; when down, `code` is short (e.g. `ENOSPC`, `EROFS`, a
+   * driver error class) and `error` a message naming no host or path.
    */
-  ping(): Promise<{ ok: boolean; error?: string }>;
+  ping(): Promise<{ ok: boolean; error?: string; code?: string }>;
   /**
    * The jobs this process runs now (DEK rewraps and a KEK rewrap), without opening any other
    * store (for metrics: listing every tenant's jobs would open every store).
