@@ -17,7 +17,7 @@ import {
 import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
 import { openControlPlane, ResidencyError } from '../tenants/index.ts';
 import type { Principal, Tenant } from '../tenants/index.ts';
-import { AdminService } from './admin-service.ts';
+import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
 import { buildDeps, readAdminToken } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
@@ -110,7 +110,8 @@ async function loadAndValidate(
     throw new CliError(`${file}: no such file`, 2);
   }
   const raw = readPackFile(file);
-  const evaluator = createEvaluator();
+  // The tests' call budget as the server's upload tests have it (compiling counts in the first).
+  const evaluator = createEvaluator({ callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs });
   try {
     await evaluator.ready();
     const compiled = await validatePack(raw, { runTests, evaluator, baseDir: path.dirname(file) });
@@ -153,7 +154,7 @@ async function packTest(file: string): Promise<void> {
     }
     throw err;
   }
-  const evaluator = createEvaluator();
+  const evaluator = createEvaluator({ callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs });
   try {
     await evaluator.ready();
     const results = await runPackTests(compiled, evaluator);
