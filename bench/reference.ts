@@ -274,31 +274,68 @@ export function handWrittenRules(pack: RulePack): HandWritten {
   const warfarin = vs('warfarin');
   const metformin = vs('metformin');
   const egfr = vs('egfr');
+  const perMinute = vs('egfrUnitsPerMinute');
+  const perSecond = vs('egfrUnitsPerSecond');
+  const RESULT = new Set(['final', 'amended', 'corrected', 'preliminary']);
+  // The instant a result is dated by (effective dateTime, Period start or instant, else issued).
+  const datedBy = (o: Json): string | undefined => {
+    const period = isObj(o.effectivePeriod) ? o.effectivePeriod.start : undefined;
+    for (const v of [o.effectiveDateTime, period, o.effectiveInstant, o.issued]) {
+      if (typeof v === 'string') {
+        return v;
+      }
+    }
+    return undefined;
+  };
+  // The latest eGFR result whatever its value; at that instant, the lowest Quantity in mL/min
+  // (mL/s x 60; a "<" comparator just under its value). Synthea reports no eGFR as text, so
+  // text results are not read here.
   const latestEgfr = (prefetch: Json) => {
-    let best: { value: number; unit: string; at: string; t: number } | undefined;
+    let at = Number.NEGATIVE_INFINITY;
+    let atResults: Array<{ o: Json; when: string }> = [];
     for (const o of [...entries(prefetch.labs), ...entries(prefetch.item6)]) {
       if (
         o.resourceType !== 'Observation' ||
-        o.status === 'entered-in-error' ||
-        o.status === 'cancelled'
+        !RESULT.has(String(o.status)) ||
+        !conceptIn(o.code, egfr)
       ) {
         continue;
       }
-      const q = o.valueQuantity;
-      if (!conceptIn(o.code, egfr) || !isObj(q) || typeof q.value !== 'number') {
+      const when = datedBy(o);
+      const t = when === undefined ? Number.NaN : Date.parse(when);
+      if (when === undefined || Number.isNaN(t)) {
         continue;
       }
-      const at = typeof o.effectiveDateTime === 'string' ? o.effectiveDateTime : '';
-      const t = Date.parse(at);
-      // Latest by effective time; on a tie the later one in Bundle order (a stable sort's last).
-      if (!best || t >= best.t) {
-        best = { value: q.value, unit: typeof q.unit === 'string' ? q.unit : '', at, t };
+      if (t > at) {
+        at = t;
+        atResults = [{ o, when }];
+      } else if (t === at) {
+        atResults.push({ o, when });
       }
     }
-    return best;
+    let best: { mlPerMin: number; text: string; at: string } | undefined;
+    for (const { o, when } of atResults) {
+      const q = o.valueQuantity;
+      if (!isObj(q) || typeof q.value !== 'number') {
+        continue;
+      }
+      const unit = typeof q.code === 'string' ? q.code : typeof q.unit === 'string' ? q.unit : '';
+      const factor = perMinute.codes.has(unit) ? 1 : perSecond.codes.has(unit) ? 60 : 0;
+      if (factor === 0) {
+        continue;
+      }
+      const comparator = typeof q.comparator === 'string' ? q.comparator : '';
+      const mlPerMin = q.value * factor - (comparator === '<' ? 1e-9 : 0);
+      if (!best || mlPerMin < best.mlPerMin) {
+        // The value cut (not rounded) after one decimal: 29.95 is shown as 29.9.
+        const shown = /^\d*(\.\d)?/.exec(String(q.value))?.[0] ?? String(q.value);
+        const text = `${comparator}${shown} ${typeof q.unit === 'string' ? q.unit : unit}`;
+        best = { mlPerMin, text, at: when };
+      }
+    }
+    return best && { value: best.mlPerMin, text: best.text, at: best.at };
   };
-  const egfrText = (e: { value: number; unit: string; at: string }) =>
-    `${String(Math.round(e.value * 10) / 10)} ${e.unit} on ${e.at.slice(0, 10)}`;
+  const egfrText = (e: { text: string; at: string }) => `${e.text} on ${e.at.slice(0, 10)}`;
   const meds = (prefetch: Json) =>
     [...entries(prefetch.medications), ...entries(prefetch.item2)].filter(
       (r) => r.resourceType === 'MedicationRequest',
@@ -322,9 +359,14 @@ export function handWrittenRules(pack: RulePack): HandWritten {
           (m) =>
             conceptIn(m.medicationCodeableConcept, warfarin) &&
             (m.status === 'active' ||
-              (typeof m.authoredOn === 'string' && Date.parse(m.authoredOn) >= now - 100 * DAY_MS)),
+              (typeof m.authoredOn === 'string' &&
+                Date.parse(m.authoredOn) >= now - 100 * DAY_MS &&
+                m.status !== 'entered-in-error' &&
+                m.status !== 'cancelled' &&
+                m.status !== 'draft')),
         );
-        if (onWarfarin) {
+        // A draft without an id gets warfarin-nsaid-draft-without-id instead (no delete action).
+        if (onWarfarin && typeof nsaidDraft.id === 'string') {
           out.set('warfarin-nsaid', `Warfarin + ${name}: increased risk of bleeding`);
         }
         const e = latestEgfr(prefetch);

@@ -307,10 +307,13 @@ function clean(o: Json): Json {
 const medArb = fc
   .record({
     id: fc.constantFrom('m1', 'm2', 'm3', 'm4'),
-    status: maybe(fc.constantFrom('active', 'completed', 'stopped', 'draft', 'entered-in-error')),
+    status: maybe(
+      fc.constantFrom('active', 'completed', 'stopped', 'draft', 'entered-in-error', 'cancelled'),
+    ),
     authoredOn: maybe(dateTimeArb),
     concept: maybe(conceptArb([RXNORM])),
-    ref: fc.boolean(),
+    // A medicationReference to a Medication resource, or to one the request contains ('#med1').
+    ref: fc.constantFrom('none', 'none', 'resource', 'contained'),
     statusExt: fc.boolean(),
   })
   .map(({ id, status, authoredOn, concept, ref, statusExt }) =>
@@ -321,8 +324,17 @@ const medArb = fc
       _status: statusExt ? { extension: [{ url: 'http://x', valueString: 'y' }] } : undefined,
       intent: 'order',
       authoredOn,
-      medicationCodeableConcept: ref ? undefined : concept,
-      medicationReference: ref ? { reference: 'Medication/1' } : undefined,
+      contained:
+        ref === 'contained'
+          ? [clean({ resourceType: 'Medication', id: 'med1', code: concept })]
+          : undefined,
+      medicationCodeableConcept: ref === 'none' ? concept : undefined,
+      medicationReference:
+        ref === 'resource'
+          ? { reference: 'Medication/1' }
+          : ref === 'contained'
+            ? { reference: '#med1' }
+            : undefined,
       subject: { reference: 'Patient/p1' },
     }),
   );
@@ -330,7 +342,17 @@ const medArb = fc
 const obsArb = fc
   .record({
     id: fc.constantFrom('o1', 'o2', 'o3', 'o4', 'o5'),
-    status: maybe(fc.constantFrom('final', 'amended', 'entered-in-error', 'cancelled')),
+    status: maybe(
+      fc.constantFrom(
+        'final',
+        'amended',
+        'corrected',
+        'preliminary',
+        'registered',
+        'entered-in-error',
+        'cancelled',
+      ),
+    ),
     code: conceptArb([LOINC]),
     value: fc.oneof(
       fc
@@ -338,20 +360,51 @@ const obsArb = fc
           value: fc.oneof(
             fc.integer({ min: 0, max: 200 }),
             fc.double({ min: 0, max: 200, noNaN: true, noDefaultInfinity: true }),
+            fc.constantFrom(0.5, 0.75, 29.95, 30, 45),
           ),
-          unit: fc.constantFrom('mL/min/{1.73_m2}', 'mL/min', '%'),
+          unit: fc.constantFrom('mL/min/{1.73_m2}', 'mL/min', 'mL/s/{1.73_m2}', 'mL/min/m2', '%'),
+          ucum: fc.boolean(),
+          comparator: maybe(fc.constantFrom('<', '<=', '>', '>=')),
         })
-        .map((q) => ({ valueQuantity: q })),
-      fc.constant({ valueString: 'positive' }),
+        .map(({ value, unit, ucum, comparator }) => ({
+          // With a UCUM code, the code is what the pack reads; the text unit may differ.
+          valueQuantity: clean({
+            value,
+            comparator,
+            unit: ucum ? 'mL/min/1.73m2' : unit,
+            system: ucum ? 'http://unitsofmeasure.org' : undefined,
+            code: ucum ? unit : undefined,
+          }),
+        })),
+      fc
+        .constantFrom(
+          'positive',
+          '<15',
+          '>60',
+          '< 30',
+          '>=90',
+          '<=45.5',
+          '29.95',
+          '7',
+          '<',
+          '1234',
+          '.5',
+          '30.',
+          '15|2',
+        )
+        .map((v) => ({ valueString: v })),
       fc.constant({}),
     ),
     effective: fc.oneof(
       dateTimeArb.map((d) => ({ effectiveDateTime: d })),
       fc.constant({ effectivePeriod: { start: '2019-01-01' } }),
+      dateTimeArb.map((d) => ({ effectivePeriod: { start: d } })),
+      dateTimeArb.map((d) => ({ effectiveInstant: d })),
       fc.constant({}),
     ),
+    issued: maybe(dateTimeArb),
   })
-  .map(({ id, status, code, value, effective }) =>
+  .map(({ id, status, code, value, effective, issued }) =>
     clean({
       resourceType: 'Observation',
       id,
@@ -359,6 +412,7 @@ const obsArb = fc
       code,
       ...value,
       ...effective,
+      issued,
       subject: { reference: 'Patient/p1' },
     }),
   );
@@ -370,6 +424,7 @@ const conditionArb = fc
   .record({
     id: fc.constantFrom('c1', 'c2', 'c3'),
     clinicalStatus: maybe(statusConcept(['active', 'resolved', 'inactive'])),
+    verificationStatus: maybe(statusConcept(['confirmed', 'refuted', 'entered-in-error'])),
     code: conceptArb([SCT]),
   })
   .map((r) => clean({ resourceType: 'Condition', ...r, subject: { reference: 'Patient/p1' } }));

@@ -1,7 +1,9 @@
 /**
  * The shipped medication-safety pack, checked with fhirpath.js directly (independently of the
  * rules engine): every `let` and `when` over the requests of the pack's own tests, and two
- * whole-corpus sweeps over the 53 Synthea patients compared with plain TypeScript oracles.
+ * whole-corpus sweeps over the 53 Synthea patients compared with plain TypeScript oracles; then
+ * through the engine, the card texts and the fixes of the 1.2.0 clinical review
+ * (spec/fixtures/packs/medication-safety/).
  */
 import { expect } from 'chai';
 import fs from 'node:fs';
@@ -29,6 +31,8 @@ const PACK_DIR = path.resolve(
   '../../rules/packs/medication-safety',
 );
 const RXNORM = 'http://www.nlm.nih.gov/research/umls/rxnorm';
+const REVIEW_DIR = path.resolve(PACK_DIR, '../../../spec/fixtures/packs/medication-safety');
+const EGFR_LOINC = new Set(['33914-3', '62238-1', '98979-8', '48642-3', '48643-1', '50044-7']);
 
 /** The pack, read as a rule author's file: YAML. */
 function loadPack(): RulePack {
@@ -49,13 +53,95 @@ function requestOf(pack: RulePack, test: PackTest): PackTestRequest {
   );
 }
 
-function draftsHaveIds(request: PackTestRequest): boolean {
-  const drafts = request.context.draftOrders;
-  const entries =
-    isObject(drafts) && Array.isArray(drafts.entry) ? (drafts.entry as unknown[]) : [];
-  return entries.every(
-    (e) => isObject(e) && isObject(e.resource) && typeof e.resource.id === 'string',
-  );
+/** The resources of a prefetch (searchset Bundles, or single resources), of every key. */
+function prefetchResources(request: PackTestRequest): Json[] {
+  const out: Json[] = [];
+  for (const value of Object.values(request.prefetch ?? {})) {
+    if (isObject(value) && value.resourceType === 'Bundle' && Array.isArray(value.entry)) {
+      for (const e of value.entry as unknown[]) {
+        if (isObject(e) && isObject(e.resource)) {
+          out.push(e.resource);
+        }
+      }
+    } else if (isObject(value)) {
+      out.push(value);
+    }
+  }
+  return out;
+}
+
+function codesOf(concept: unknown): string[] {
+  return isObject(concept) && Array.isArray(concept.coding)
+    ? (concept.coding as unknown[]).flatMap((c) =>
+        isObject(c) && typeof c.code === 'string' ? [c.code] : [],
+      )
+    : [];
+}
+
+/** The instant a result is dated by: effective dateTime, Period start or instant, else issued. */
+function resultTime(o: Json): number | undefined {
+  const period = isObject(o.effectivePeriod) ? o.effectivePeriod.start : undefined;
+  for (const v of [o.effectiveDateTime, period, o.effectiveInstant, o.issued]) {
+    if (typeof v === 'string') {
+      const t = Date.parse(v);
+      return Number.isNaN(t) ? undefined : t;
+    }
+  }
+  return undefined;
+}
+
+/** An eGFR result in mL/min/1.73 m2: a Quantity in mL/min or mL/s, or a text like "<15". */
+function egfrMlPerMin(o: Json): number | undefined {
+  const q = o.valueQuantity;
+  if (isObject(q) && typeof q.value === 'number') {
+    const unit = typeof q.code === 'string' ? q.code : q.unit;
+    // "<X" is just under X; "<=", ">" and ">=" are read at X (none changes a "< 30" test).
+    const v = q.comparator === '<' ? q.value - 1e-9 : q.value;
+    if (typeof unit === 'string' && /^mL\/min(\/(\{1\.73_?m2\}|1\.73\.?m2))?$/.test(unit)) {
+      return v;
+    }
+    if (typeof unit === 'string' && /^mL\/s(\/(\{1\.73_?m2\}|1\.73\.?m2))?$/.test(unit)) {
+      return v * 60;
+    }
+    return undefined;
+  }
+  const m =
+    typeof o.valueString === 'string'
+      ? /^(<=|>=|<|>)? ?(\d{1,3}(\.\d{1,2})?)$/.exec(o.valueString)
+      : null;
+  return m ? Number(m[2]) - (m[1] === '<' ? 1e-9 : 0) : undefined;
+}
+
+/**
+ * RULES.md R4, written here without the pack's FHIRPath: the eGFR results that count (final,
+ * amended, corrected, preliminary) and are dated; the latest of them, whatever their value;
+ * at that instant, the lowest value that can be read (undefined if none can: no older value
+ * is used instead).
+ */
+function latestEgfrOracle(resources: Json[]): number | undefined {
+  const results = resources
+    .filter(
+      (r) =>
+        r.resourceType === 'Observation' &&
+        ['final', 'amended', 'corrected', 'preliminary'].includes(String(r.status)) &&
+        codesOf(r.code).some((c) => EGFR_LOINC.has(c)),
+    )
+    .map((r) => ({ r, t: resultTime(r) }))
+    .filter((x): x is { r: Json; t: number } => x.t !== undefined);
+  if (results.length === 0) {
+    return undefined;
+  }
+  const latest = Math.max(...results.map((x) => x.t));
+  const values = results
+    .filter((x) => x.t === latest)
+    .map((x) => egfrMlPerMin(x.r))
+    .filter((v): v is number => v !== undefined);
+  return values.length === 0 ? undefined : Math.min(...values);
+}
+
+/** A request of spec/fixtures/packs/medication-safety/. */
+function reviewRequest(name: string): PackTestRequest {
+  return readJson(path.join(REVIEW_DIR, `${name}.json`)) as PackTestRequest;
 }
 
 function draft(code: string, display: string): Json {
@@ -135,13 +221,10 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
             expect(exprs.render(s.label, request, vars)).not.to.equal('');
             for (const a of s.actions ?? []) {
               if (a.resourceId !== undefined) {
+                // A delete names the draft by id, always (CDS Hooks 2.0 resourceId Type/id): a
+                // draft sent without an id gets warfarin-nsaid-draft-without-id instead.
                 const resourceId = exprs.render(a.resourceId, request, vars);
-                if (draftsHaveIds(request)) {
-                  expect(resourceId).to.match(/^MedicationRequest\/\S+$/);
-                } else {
-                  // Known limitation (pack README): a draft sent without an id cannot be named.
-                  expect(resourceId).to.equal('MedicationRequest/');
-                }
+                expect(resourceId, `${rule.id} ${s.label}`).to.match(/^MedicationRequest\/\S+$/);
               }
             }
           }
@@ -207,21 +290,12 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
         const warfarin = meds.some(
           (r) =>
             code(r) === '855332' &&
-            (r.status === 'active' || Date.parse(String(r.authoredOn)) >= hundredDaysAgo),
+            (r.status === 'active' ||
+              (Date.parse(String(r.authoredOn)) >= hundredDaysAgo &&
+                !['entered-in-error', 'cancelled', 'draft'].includes(String(r.status)))),
         );
-        const egfrs = record.resources
-          .filter(
-            (r) =>
-              r.resourceType === 'Observation' &&
-              JSON.stringify(r.code).includes('"33914-3"') &&
-              isObject(r.valueQuantity),
-          )
-          .sort(
-            (a, b) =>
-              Date.parse(String(a.effectiveDateTime)) - Date.parse(String(b.effectiveDateTime)),
-          );
-        const latest = egfrs.at(-1);
-        const ckd = latest !== undefined && Number((latest.valueQuantity as Json).value) < 30;
+        const latest = latestEgfrOracle(record.resources);
+        const ckd = latest !== undefined && latest < 30;
         expect(fired.includes('warfarin-nsaid'), `${p.file} warfarin-nsaid`).to.equal(warfarin);
         expect(fired.includes('nsaid-severe-ckd'), `${p.file} nsaid-severe-ckd`).to.equal(ckd);
         warfarinCount += warfarin ? 1 : 0;
@@ -308,5 +382,234 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
         expect(trace?.status, `${first} & ${second}: ${trace?.error ?? ''}`).to.equal('fired');
       }
     });
+  });
+
+  describe('the 1.2.0 clinical review (spec/fixtures/packs/medication-safety)', () => {
+    const compiled = compilePack(loadPack());
+    const evaluate = (request: PackTestRequest, now = '2020-03-15T12:00:00Z') => {
+      const service = compiled.pack.services.find((s) => s.hook === request.hook)!;
+      return evaluateInline(compiled, service.id, {
+        hook: request.hook,
+        hookInstance: request.hookInstance ?? 'd1577c69-dfbe-44ad-ba6d-3e05e953b2ea',
+        context: request.context,
+        prefetch: request.prefetch ?? {},
+        now: new Date(now),
+      });
+    };
+    const summaryOf = (request: PackTestRequest, ruleId: string) =>
+      evaluate(request).cards.find((c) => c.ruleId === ruleId)?.summary;
+    const egfrFixtures = fs
+      .readdirSync(REVIEW_DIR)
+      .filter((f) => f.startsWith('egfr-') || f.startsWith('metformin-'))
+      .map((f) => f.replace(/\.json$/, ''));
+
+    it('fires the metformin eGFR cards exactly as a TypeScript oracle of RULES.md R4 says', () => {
+      expect(egfrFixtures.length).to.be.greaterThan(15);
+      for (const name of egfrFixtures) {
+        const request = reviewRequest(name);
+        const result = evaluate(request);
+        const errors = result.trace.filter((t) => t.status !== 'fired' && t.status !== 'not-fired');
+        expect(errors, name).to.deep.equal([]);
+        const fired = result.trace.filter((t) => t.fired).map((t) => t.ruleId);
+        const egfr = latestEgfrOracle(prefetchResources(request));
+        const below30 =
+          request.hook === 'order-sign'
+            ? 'metformin-egfr-below-30'
+            : 'metformin-active-egfr-below-30';
+        const from30 =
+          request.hook === 'order-sign' ? 'metformin-egfr-30-45' : 'metformin-low-egfr-review';
+        expect(fired.includes(below30), `${name}: ${below30} (oracle ${egfr})`).to.equal(
+          egfr !== undefined && egfr < 30,
+        );
+        expect(fired.includes(from30), `${name}: ${from30} (oracle ${egfr})`).to.equal(
+          egfr !== undefined && egfr >= 30 && egfr < 45,
+        );
+      }
+    });
+
+    // 1.1.0: "latest eGFR is 30" for 29.95 on the "< 30" card; "latest eGFR is " (blank) for
+    // a result dated by effectiveInstant; no card at all for "<15".
+    const summaries: Array<[string, string, string]> = [
+      [
+        'egfr-29.95',
+        'metformin-egfr-below-30',
+        'Metformin is contraindicated: latest eGFR is 29.9 mL/min/{1.73_m2} on 2020-03-01',
+      ],
+      [
+        'egfr-only-dated-by-instant',
+        'metformin-egfr-below-30',
+        'Metformin is contraindicated: latest eGFR is 20 mL/min/{1.73_m2} on 2020-03-01',
+      ],
+      [
+        'egfr-latest-text-lt15',
+        'metformin-egfr-below-30',
+        'Metformin is contraindicated: latest eGFR is <15 on 2020-03-01',
+      ],
+      [
+        'egfr-latest-below-30-quantity',
+        'metformin-egfr-below-30',
+        'Metformin is contraindicated: latest eGFR is <30 mL/min/{1.73_m2} on 2020-03-01',
+      ],
+      [
+        'egfr-same-instant-pair-a',
+        'metformin-egfr-below-30',
+        'Metformin is contraindicated: latest eGFR is 28 mL/min/{1.73_m2} on 2020-03-01',
+      ],
+      [
+        'egfr-mL-s-36',
+        'metformin-egfr-30-45',
+        'Starting metformin is not recommended: latest eGFR is 0.6 mL/s/{1.73_m2} on 2020-03-01',
+      ],
+      [
+        'egfr-exactly-30',
+        'metformin-egfr-30-45',
+        'Starting metformin is not recommended: latest eGFR is 30 mL/min/{1.73_m2} on 2020-03-01',
+      ],
+    ];
+    for (const [name, ruleId, summary] of summaries) {
+      it(`shows the latest eGFR as reported, never blank or rounded across a threshold: ${name}`, () => {
+        expect(summaryOf(reviewRequest(name), ruleId)).to.equal(summary);
+      });
+    }
+
+    it('words the 30-45 metformin order card by whether metformin is already active', () => {
+      expect(summaryOf(reviewRequest('metformin-new-egfr-40'), 'metformin-egfr-30-45')).to.equal(
+        'Starting metformin is not recommended: latest eGFR is 40 mL/min/{1.73_m2} on 2020-03-01',
+      );
+      expect(summaryOf(reviewRequest('metformin-active-egfr-40'), 'metformin-egfr-30-45')).to.equal(
+        'Reassess continuing metformin: latest eGFR is 40 mL/min/{1.73_m2} on 2020-03-01',
+      );
+    });
+
+    it('suggests acetaminophen at a dose whose schedule stays under 2 g a day (PDDI IG: APAP < 2 g/day)', () => {
+      const withId = evaluate(reviewRequest('ppi-cancelled'));
+      const withoutId = evaluate(
+        readJson(
+          path.resolve(
+            PACK_DIR,
+            '../../../spec/fixtures/pddi-cds/requests/warfarin-nsaids-order-sign-no-coordination.json',
+          ),
+        ) as PackTestRequest,
+      );
+      const cards = [...withId.cards, ...withoutId.cards].filter((c) => c.suggestions);
+      expect(cards.map((c) => c.ruleId).sort()).to.deep.equal([
+        'warfarin-nsaid',
+        'warfarin-nsaid-draft-without-id',
+      ]);
+      for (const card of cards) {
+        for (const s of card.suggestions ?? []) {
+          const create = s.actions?.find((a) => a.type === 'create');
+          const dosage = create?.resource?.dosageInstruction as Array<{ text: string }>;
+          const text = dosage[0]!.text;
+          const m =
+            /^(\d+) mg .* every (\d+) hours as needed, at most \d+ tablets? \(([\d,]+) mg\) in 24 hours: acetaminophen under 2 g per day/.exec(
+              text,
+            );
+          expect(m, text).to.not.equal(null);
+          const [dose, hours, max] = [
+            Number(m![1]),
+            Number(m![2]),
+            Number(m![3]!.replace(',', '')),
+          ];
+          expect((dose * 24) / hours, text).to.be.at.most(max);
+          expect(max, text).to.be.below(2000);
+        }
+      }
+    });
+
+    it('deletes the NSAID draft by its id, and offers no delete for a draft without one', () => {
+      const withId = evaluate(reviewRequest('ppi-cancelled')).cards.find(
+        (c) => c.ruleId === 'warfarin-nsaid',
+      );
+      const deletes = withId?.suggestions
+        ?.flatMap((s) => s.actions ?? [])
+        .filter((a) => a.type === 'delete');
+      expect(deletes?.map((a) => a.resourceId)).to.deep.equal([
+        'MedicationRequest/d-ibu',
+        'MedicationRequest/d-ibu',
+      ]);
+      // The PDDI IG order-sign request's draft has no id (1.1.0: resourceId 'MedicationRequest/').
+      const request = readJson(
+        path.resolve(
+          PACK_DIR,
+          '../../../spec/fixtures/pddi-cds/requests/warfarin-nsaids-order-sign-no-coordination.json',
+        ),
+      ) as PackTestRequest;
+      const cards = evaluate(request).cards;
+      expect(cards.map((c) => c.ruleId)).to.not.include('warfarin-nsaid');
+      const card = cards.find((c) => c.ruleId === 'warfarin-nsaid-draft-without-id');
+      expect(card?.summary).to.equal(
+        'Warfarin + Ketorolac Tromethamine 10 MG Oral Tablet: increased risk of bleeding',
+      );
+      const actions = card?.suggestions?.flatMap((s) => s.actions ?? []) ?? [];
+      expect(actions.map((a) => a.type)).to.deep.equal(['create', 'create']);
+    });
+
+    it('reads a draft coded by a medicationReference to a contained Medication', () => {
+      // 1.1.0: no card at all (only medicationCodeableConcept was read).
+      for (const name of [
+        'draft-contained-medication',
+        'draft-contained-medication-order-select',
+      ]) {
+        const cards = evaluate(reviewRequest(name)).cards;
+        expect(
+          cards.map((c) => c.summary),
+          name,
+        ).to.include('Warfarin + Ibuprofen 200 MG Oral Tablet: increased risk of bleeding');
+      }
+    });
+
+    // PDDI IG DigoxinCyclosporineCDSLogic "Get Card 2 Indicator" (1.1.0: one info card, on the
+    // existence of any level).
+    const digoxinCards: Array<[string, string, string]> = [
+      [
+        'digoxin-new-cyclosporine-no-level',
+        'digoxin-cyclosporine-no-level-new-cyclosporine',
+        'critical',
+      ],
+      [
+        'digoxin-new-cyclosporine-level-2.4',
+        'digoxin-cyclosporine-no-level-new-cyclosporine',
+        'critical',
+      ],
+      [
+        'digoxin-new-cyclosporine-normal-then-high',
+        'digoxin-cyclosporine-no-level-new-cyclosporine',
+        'critical',
+      ],
+      [
+        'digoxin-new-cyclosporine-level-0.7',
+        'digoxin-cyclosporine-normal-level-new-cyclosporine',
+        'warning',
+      ],
+      ['digoxin-ordered-on-cyclosporine-no-level', 'digoxin-cyclosporine-no-level', 'warning'],
+    ];
+    for (const [name, ruleId, indicator] of digoxinCards) {
+      it(`gives the digoxin level card of the PDDI IG: ${name} -> ${ruleId} (${indicator})`, () => {
+        const cards = evaluate(reviewRequest(name), '2020-04-01T12:00:00Z').cards;
+        const levelCards = cards.filter((c) => c.ruleId !== 'digoxin-cyclosporine');
+        expect(levelCards.map((c) => [c.ruleId, c.indicator])).to.deep.equal([[ruleId, indicator]]);
+      });
+    }
+
+    // AgeInYears() > 65 (PDDI IG): whole years, so the card starts on the 66th birthday.
+    const ages: Array<[string, boolean]> = [
+      ['1955-03-15', false], // 65 today
+      ['1955-01-10', false], // 65 and 2 months
+      ['1954-03-16', false], // 65 and 364 days
+      ['1954-03-15', true], // 66 today
+      ['1940-01-01', true],
+    ];
+    for (const [birthDate, fires] of ages) {
+      it(`gives the age card on 2020-03-15 to a patient born ${birthDate}: ${fires}`, () => {
+        const request = structuredClone(reviewRequest('age-exactly-65'));
+        (request.prefetch!.patient as Json).birthDate = birthDate;
+        const fired = evaluate(request)
+          .trace.filter((t) => t.fired)
+          .map((t) => t.ruleId);
+        expect(fired).to.include('warfarin-nsaid');
+        expect(fired.includes('warfarin-nsaid-gi-bleed-risk')).to.equal(fires);
+      });
+    }
   });
 });
