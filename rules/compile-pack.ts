@@ -554,7 +554,8 @@ export function programFor(hash: string, pack: RulePack): PackProgram {
   return program;
 }
 
-function deepFreeze<T>(value: T): T {
+/** Freezes `value` and everything reachable from it (a compiled pack is shared, never changed). */
+export function deepFreeze<T>(value: T): T {
   if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
     Object.freeze(value);
     for (const v of Object.values(value)) {

@@ -6,6 +6,7 @@
  * { runTests: false })`'s: the same validated pack, or the same problems.
  */
 import { Worker } from 'node:worker_threads';
+import { deepFreeze } from './compile-pack.ts';
 import { PackCheckUnavailableError, PackLimitError, PackValidationError } from './errors.ts';
 import type { PackCheckLimit } from './errors.ts';
 import { workerBootstrapCode } from './evaluator.ts';
@@ -55,16 +56,6 @@ export function packLimitMessage(limit: PackCheckLimit, value: number): string {
   return limit === 'time'
     ? `validating the pack took more than ${value / 1000} s, the server's limit for one pack; split the pack or simplify its expressions`
     : `validating the pack needed more than ${value} MB of memory, the server's limit for one pack; split the pack`;
-}
-
-function deepFreeze<T>(value: T): T {
-  if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
-    Object.freeze(value);
-    for (const v of Object.values(value)) {
-      deepFreeze(v);
-    }
-  }
-  return value;
 }
 
 /**
