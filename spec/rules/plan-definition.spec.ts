@@ -60,7 +60,7 @@ describe('rules/plan-definition', () => {
 
     it('maps the metadata, the identifier to the pack id, and one service per hook', () => {
       expect(pack.id).to.equal('plandefinition-example');
-      expect(pack.version).to.equal('1.0.0');
+      expect(pack.version).to.equal('1.0.1');
       expect(pack.title).to.equal('Example pack authored as a PlanDefinition');
       expect(pack.publisher).to.equal('cellcds clinical content');
       expect(pack.effectivePeriod).to.deep.equal({ start: '2025-01-01' });
@@ -132,6 +132,15 @@ describe('rules/plan-definition', () => {
         reference: "{{ 'Patient/' + %context.patientId }}",
       });
       expect(create!.resource!.resourceType).to.equal('MedicationRequest');
+      // The same dose as the shipped medication-safety pack's 325 mg suggestion: under 2 g a day
+      // while on warfarin (the card's own advice); it once said 650 mg every 6 hours (2.6 g).
+      expect(create!.resource!.dosageInstruction).to.deep.equal([
+        {
+          text:
+            '650 mg (2 tablets) by mouth every 8 hours as needed, at most 6 tablets (1,950 mg) ' +
+            'in 24 hours: acetaminophen under 2 g per day while taking warfarin',
+        },
+      ]);
     });
 
     it('fires on Synthea patients as its rules say (fhirpath.js directly)', () => {
