@@ -9,13 +9,14 @@ import {
   parseFeedbackRequest,
   parseHookRequest,
 } from '../hooks/index.ts';
+import { AuthError, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
 import { assertServedHere, recordAuthFailure, serviceEndpoint } from './guards.ts';
 import { runHookCall } from './hook-call.ts';
 import { hookOutcomeForStatus } from './metrics.ts';
-import type { HookEndpoint } from './metrics.ts';
+import type { HookEndpoint, HookOutcome } from './metrics.ts';
 
 const JSON_TYPES = ['application/json', 'application/*+json'];
 
@@ -133,15 +134,20 @@ function paramOf(req: Request, name: string): string {
   return v ?? '';
 }
 
-/** Hook latency by endpoint, service and outcome (no tenant label: bounded, region-safe). */
+/**
+ * Hook latency by endpoint, service and outcome (no tenant label: bounded, region-safe). The
+ * outcome follows the status, unless a step named it (`unavailable`: refused because the replay
+ * cache's backend is down or may evict keys, apart from `error`, the server's own faults).
+ */
 function observe(deps: Deps, endpoint: HookEndpoint): RequestHandler {
   return (_req, res, next) => {
     const started = performance.now();
     res.on('finish', () => {
+      const locals = res.locals as { service?: string; hookOutcome?: HookOutcome };
       deps.metrics.observeHook(
         endpoint,
-        (res.locals as { service?: string }).service,
-        hookOutcomeForStatus(res.statusCode),
+        locals.service,
+        locals.hookOutcome ?? hookOutcomeForStatus(res.statusCode),
         (performance.now() - started) / 1000,
       );
     });
@@ -176,7 +182,13 @@ function authenticate(
     const where = { ...auditedOf(req), requestId };
     const identity = await deps.verifier
       .verify(req.headers.authorization, audience)
-      .catch((err: unknown) => recordAuthFailure(deps, err, 'cds', where));
+      .catch((err: unknown) => {
+        if (err instanceof AuthError && RETRYABLE_AUTH_FAILURES.has(err.reason)) {
+          // A 503 the replay cache's backend caused (Redis down or evicting), not a fault of ours.
+          (res.locals as { hookOutcome?: HookOutcome }).hookOutcome = 'unavailable';
+        }
+        return recordAuthFailure(deps, err, 'cds', where);
+      });
     await assertServedHere(deps, identity.tenant, where);
     (res.locals as { ctx?: unknown }).ctx = {
       requestId,

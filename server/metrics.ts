@@ -13,9 +13,18 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { PrefetchObserver } from '../hooks/index.ts';
 
-/** How a CDS Hooks request ended. */
+/**
+ * How a CDS Hooks request ended. `unavailable`: refused with 503 because the replay cache's
+ * backend (Redis) is down or may evict keys; `error`: any other 5xx.
+ */
 export type HookOutcome =
-  'ok' | 'client_error' | 'prefetch_failed' | 'unauthorized' | 'misdirected' | 'error';
+  | 'ok'
+  | 'client_error'
+  | 'prefetch_failed'
+  | 'unauthorized'
+  | 'misdirected'
+  | 'unavailable'
+  | 'error';
 
 /** Which CDS Hooks endpoint was called. */
 export type HookEndpoint = 'discovery' | 'call' | 'feedback';
@@ -106,6 +115,7 @@ const HOOK_OUTCOMES: readonly HookOutcome[] = [
   'prefetch_failed',
   'unauthorized',
   'misdirected',
+  'unavailable',
   'error',
 ];
 const FETCH_OUTCOMES: readonly PrefetchFetchOutcome[] = ['ok', 'error', 'timeout', 'refused'];

@@ -34,13 +34,22 @@
  * keys carry a TTL, so even the `volatile-*` policies take them) would forget a jti before
  * its token expires, and the token could be replayed. So the policy is read (`INFO memory`,
  * which managed Redis services allow where `CONFIG` is disabled) before the first token and
- * again every minute; while it is not `noeviction`, every token is refused.
+ * again every minute (every 5 s while it is not, so a fix is seen soon); while it is not
+ * `noeviction`, every token is refused.
  *
  * Failures are typed for the verifier: a Redis that does not answer (connection refused or lost,
  * command timeout) rejects with `ReplayBackendError` `down`, one that may evict with
  * `RedisEvictsKeysError` (a `ReplayBackendError` `evicting`), a full cache (the count, or
- * Redis's own `OOM` under `noeviction`) with `ReplayCacheFullError`. `state()` tells, without
- * I/O, what the last command or policy read found; `onStateChange` is called on each change.
+ * Redis's own `OOM` under `noeviction`) with `ReplayCacheFullError`.
+ *
+ * One state for tokens and readiness: `state()` tells, without I/O, what the last Redis command
+ * found (a token's script, a policy read, or the readiness probe's PING: all go through one path),
+ * `onStateChange` is called on each change (so each is logged once, whoever saw it first), and
+ * `health()` (for `/readyz`) answers what `state()` says after its PING. While the state is
+ * `down` and the client is not connected, commands are refused at once rather than each waiting
+ * the command timeout for a connection: the client reconnects by itself (ioredis's retry
+ * strategy, attempts up to ~5 s apart) and the next token after that is served. Before the first
+ * answer (at boot) commands wait for the connection, within the command timeout.
  */
 import crypto from 'node:crypto';
 import { Redis } from 'ioredis';
@@ -64,6 +73,11 @@ export interface RedisReplayCacheOptions {
   maxPerIssuer?: number;
   /** How long a read of the eviction policy is trusted (default 60 000 ms). */
   policyCheckMs?: number;
+  /**
+   * How long a read that found an evicting policy is trusted (default 5 000 ms, at most
+   * `policyCheckMs`): every token is refused meanwhile, so a fixed policy is seen soon.
+   */
+  evictingRecheckMs?: number;
   /**
    * Called when `state()` changes (`previous` undefined: the first answer or failure since
    * creation), e.g. to log once per transition rather than per refused token. Must not throw.
@@ -91,6 +105,8 @@ export const DEFAULT_REDIS_REPLAY_MAX_ENTRIES = 1_000_000;
 
 /** How long a read of the eviction policy is trusted, unless set. */
 const POLICY_CHECK_MS = 60_000;
+/** How long a read that found an evicting policy is trusted, unless set. */
+const EVICTING_RECHECK_MS = 5_000;
 
 /** The value this version sets under the previous version's key of `(iss, jti)` (it set `1`). */
 const LEGACY_MARK = 'v2';
@@ -137,6 +153,22 @@ const REMEMBER_COMMAND = 'cellcdsRememberJti';
 /** KEYS then ARGV, as REMEMBER_SCRIPT reads them. */
 type RememberScript = (...keysThenArgs: (string | number)[]) => Promise<unknown>;
 
+/** What `health()` answers for a state (`policy`: the evicting policy the last read found). */
+function healthOf(state: ReplayBackendState, policy: string | undefined): ReplayCacheHealth {
+  switch (state) {
+    case 'up':
+      return { ok: true };
+    case 'evicting':
+      return {
+        ok: false,
+        code: 'evicts_keys',
+        message: `Redis maxmemory-policy is ${policy ?? 'unknown'}, not noeviction`,
+      };
+    case 'down':
+      return { ok: false, code: 'unreachable', message: 'Redis does not answer' };
+  }
+}
+
 function sha256(text: string): string {
   return crypto.createHash('sha256').update(text).digest('hex');
 }
@@ -153,7 +185,8 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
   const now = opts.now ?? (() => new Date());
   const { maxEntries, maxPerIssuer } = replayCacheSize(opts, DEFAULT_REDIS_REPLAY_MAX_ENTRIES);
   const redis = new Redis(opts.url, {
-    // Commands wait for the connection, bounded by commandTimeout: a down Redis refuses fast.
+    // Commands wait for the connection, bounded by commandTimeout (once `down` and not
+    // connected, `call` refuses them at once instead).
     maxRetriesPerRequest: 1,
     commandTimeout: opts.commandTimeoutMs ?? 1000,
   });
@@ -166,7 +199,10 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
   ].bind(redis);
 
   const policyCheckMs = opts.policyCheckMs ?? POLICY_CHECK_MS;
+  const evictingRecheckMs = Math.min(opts.evictingRecheckMs ?? EVICTING_RECHECK_MS, policyCheckMs);
   let current: ReplayBackendState | undefined;
+  /** The policy the last read found, if it may evict keys (then Redis answering is `evicting`). */
+  let evictingPolicy: string | undefined;
   const setState = (next: ReplayBackendState): void => {
     if (next !== current) {
       const previous = current;
@@ -178,12 +214,25 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
       }
     }
   };
+  /** Redis answered a command: `up`, unless the last policy read found it may evict keys. */
+  const answered = (): void => {
+    setState(evictingPolicy === undefined ? 'up' : 'evicting');
+  };
   /**
-   * Runs one Redis call: its failure becomes a typed error (a Redis that does not answer:
-   * `ReplayBackendError` `down`; Redis's memory full under noeviction: `ReplayCacheFullError`)
-   * and its outcome updates `state()`.
+   * Runs one Redis call (a token's script, the policy read, the readiness PING): its failure
+   * becomes a typed error (a Redis that does not answer: `ReplayBackendError` `down`; Redis's
+   * memory full under noeviction: `ReplayCacheFullError`) and its outcome updates `state()`.
+   * While the state is `down` and the client is not connected, it refuses at once: waiting for a
+   * connection the client is still retrying would hold each call for the command timeout. Before
+   * the first answer (state unset: the connection is still being opened at boot) it waits.
    */
   const call = async <T>(command: () => Promise<T>): Promise<T> => {
+    if (current === 'down' && redis.status !== 'ready') {
+      throw new ReplayBackendError(
+        'down',
+        `Redis does not answer: not connected (${redis.status})`,
+      );
+    }
     let result: T;
     try {
       result = await command();
@@ -194,7 +243,7 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
       }
       if (err instanceof Error && /^OOM\b/.test(err.message)) {
         // Redis answered: its memory is full (noeviction refuses writes). A cache to size.
-        setState('up');
+        answered();
         throw new ReplayCacheFullError();
       }
       setState('down');
@@ -204,6 +253,7 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
         err,
       );
     }
+    answered();
     return result;
   };
 
@@ -211,14 +261,16 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
   /** Resolves if Redis keeps every key until its TTL; shared by concurrent callers. */
   const keepsKeys = (): Promise<void> => {
     const at = performance.now();
-    if (!policy || at - policy.checkedAt > policyCheckMs) {
+    // An evicting verdict refuses every token: it is read again sooner, so a fix shows soon.
+    const trusted = evictingPolicy === undefined ? policyCheckMs : evictingRecheckMs;
+    if (!policy || at - policy.checkedAt > trusted) {
       const check = call(async () => {
         const info = await redis.info('memory');
         const found = /^maxmemory_policy:(\S+)/m.exec(info)?.[1] ?? 'unknown';
-        if (found !== 'noeviction') {
-          throw new RedisEvictsKeysError(found);
+        evictingPolicy = found === 'noeviction' ? undefined : found;
+        if (evictingPolicy !== undefined) {
+          throw new RedisEvictsKeysError(evictingPolicy);
         }
-        setState('up');
       });
       policy = { checkedAt: at, check };
       // A failed read (Redis down) is not trusted for a minute: the next token reads again.
@@ -235,34 +287,27 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
     ready: keepsKeys,
     state: () => current ?? 'down',
     /**
-     * For readiness probes: a PING (bounded by the command timeout) and the eviction policy
-     * (read at most once a minute, as for tokens). Never rejects.
+     * For readiness probes, the state tokens see: the eviction policy (read at most once a
+     * minute, as for tokens; a cached `evicting` verdict is the answer, as it is for tokens) then
+     * a PING (bounded by the command timeout; at once while Redis is down and the client not
+     * connected), both through `call`, so the probe moves `state()` as tokens do, and the answer
+     * is what `state()` then says. Never rejects.
      */
     async health() {
       try {
-        await redis.ping();
-      } catch {
-        return { ok: false, code: 'unreachable', message: 'Redis does not answer' };
-      }
-      try {
         await keepsKeys();
-        return { ok: true };
-      } catch (err) {
-        return err instanceof RedisEvictsKeysError
-          ? {
-              ok: false,
-              code: 'evicts_keys',
-              message: `Redis maxmemory-policy is ${err.policy}, not noeviction`,
-            }
-          : { ok: false, code: 'unreachable', message: 'Redis does not answer' };
+        await call(() => redis.ping());
+      } catch {
+        // Recorded in the state by `call` (or by the policy read the verdict comes from).
       }
+      return healthOf(current ?? 'down', evictingPolicy);
     },
     /**
      * Whether Redis logs every write (AOF). Without it a restart forgets the jtis of tokens
      * still valid, which could then be replayed until they expire (RDB snapshots lag).
      */
     async durability() {
-      const info = await redis.info('persistence');
+      const info = await call(() => redis.info('persistence'));
       return { aof: /^aof_enabled:1\b/m.test(info) };
     },
     async remember(tenant, iss, jti, expSeconds) {
@@ -288,7 +333,6 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
           LEGACY_MARK,
         ),
       );
-      setState('up');
       if (result === -2) {
         throw new ReplayCacheFullError();
       }

@@ -8,8 +8,10 @@ import {
   ReplayCacheFullError,
   ReplayIssuerQuotaError,
 } from '../../tenants/index.ts';
-import type { ReplayCache } from '../../tenants/index.ts';
+import type { ReplayBackendState, ReplayCache } from '../../tenants/index.ts';
 import { oldPairKey, rememberAsOldReplica } from '../helpers/old-replay-replica.ts';
+import { startTcpProxy } from './data-plane/tcp-proxy.ts';
+import type { TcpProxy } from './data-plane/tcp-proxy.ts';
 
 const url = process.env.CELLCDS_TEST_REDIS_URL;
 
@@ -273,6 +275,27 @@ describe('Redis replay cache (scale-out)', function () {
       });
     }
 
+    it('accepts tokens again soon after the policy is fixed, without a restart', async () => {
+      await admin.config('SET', 'maxmemory-policy', 'allkeys-lru');
+      // The default minute for a good policy: only the evicting verdict is read again sooner.
+      const cache = createRedisReplayCache({ url, prefix, evictingRecheckMs: 200 });
+      try {
+        const refused = await cache.ready().then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+        expect(refused).to.be.instanceOf(RedisEvictsKeysError);
+        await admin.config('SET', 'maxmemory-policy', 'noeviction');
+        await new Promise((resolve) => setTimeout(resolve, 400));
+        expect(await cache.remember('t', 'https://iss.example', 'fixed-soon', exp())).to.equal(
+          true,
+        );
+        expect(cache.state()).to.equal('up');
+      } finally {
+        await cache.close();
+      }
+    });
+
     it('accepts tokens once the policy is noeviction (read before the first token)', async () => {
       await admin.config('SET', 'maxmemory-policy', 'noeviction');
       const cache = createRedisReplayCache({ url, prefix });
@@ -283,5 +306,135 @@ describe('Redis replay cache (scale-out)', function () {
         await cache.close();
       }
     });
+  });
+});
+
+/**
+ * One state for tokens and readiness, and no second-long wait per token while Redis is down.
+ * The machine's Redis behind a throwaway TCP proxy (spec/tenants/data-plane/tcp-proxy.ts) that
+ * stops forwarding (a silent network), or closes every connection and refuses new ones (Redis
+ * unreachable); Redis itself is never touched.
+ */
+describe('Redis replay cache while Redis does not answer (real Redis behind a TCP proxy)', function () {
+  if (!url) {
+    it('needs CELLCDS_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379)');
+    return;
+  }
+  this.timeout(60_000);
+  const prefix = `cellcds-spec-outage:${process.pid}:${Date.now()}:`;
+  const exp = () => Math.floor(Date.now() / 1000) + 300;
+  let proxy: TcpProxy;
+  let cache: ReturnType<typeof createRedisReplayCache>;
+  let changes: Array<[ReplayBackendState, ReplayBackendState | undefined]>;
+  let n = 0;
+  const remember = () => cache.remember('t', 'https://iss.example', `jti-${String(++n)}`, exp());
+  const refusal = (p: Promise<unknown>) =>
+    p.then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+
+  beforeEach(async () => {
+    proxy = await startTcpProxy(url);
+    changes = [];
+    cache = createRedisReplayCache({
+      url: proxy.url,
+      prefix,
+      commandTimeoutMs: 1000,
+      onStateChange: (state, previous) => changes.push([state, previous]),
+    });
+  });
+  afterEach(async () => {
+    proxy.resume();
+    proxy.maxConns = Number.POSITIVE_INFINITY;
+    await cache.close();
+    await proxy.close();
+  });
+  after(async () => {
+    const admin = new Redis(url);
+    try {
+      const keys = await admin.keys(`${prefix}*`);
+      if (keys.length > 0) {
+        await admin.del(...keys);
+      }
+    } finally {
+      await admin.quit();
+    }
+  });
+
+  it('moves state() with the readiness PING, and answers health() as state() says', async () => {
+    expect(await cache.health()).to.deep.equal({ ok: true });
+    expect(cache.state()).to.equal('up');
+    // The network stops answering (connection still open): no token is involved.
+    proxy.stall();
+    expect(await cache.health()).to.deep.equal({
+      ok: false,
+      code: 'unreachable',
+      message: 'Redis does not answer',
+    });
+    expect(cache.state()).to.equal('down');
+    const refused = await refusal(remember());
+    expect(refused).to.be.instanceOf(ReplayBackendError);
+    expect((refused as ReplayBackendError).state).to.equal('down');
+    expect(await cache.health()).to.include({ ok: false, code: 'unreachable' });
+    // Back: the PING alone brings the state back up, before any token.
+    proxy.resume();
+    expect(await cache.health()).to.deep.equal({ ok: true });
+    expect(cache.state()).to.equal('up');
+    expect(await remember()).to.equal(true);
+    // One change each way, whoever (PING or token) saw it first.
+    expect(changes).to.deep.equal([
+      ['up', undefined],
+      ['down', 'up'],
+      ['up', 'down'],
+    ]);
+  });
+
+  it('refuses at once while Redis is down and unreachable, and accepts again once it reconnects', async () => {
+    expect(await remember()).to.equal(true);
+    // Unreachable: every connection closed, new ones refused.
+    proxy.maxConns = 0;
+    proxy.dropAll();
+    const first = await refusal(remember());
+    expect(first).to.be.instanceOf(ReplayBackendError);
+    expect(cache.state()).to.equal('down');
+    // Later tokens do not wait for the command timeout (1000 ms) each.
+    for (let i = 0; i < 5; i++) {
+      const started = performance.now();
+      const err = await refusal(remember());
+      const ms = performance.now() - started;
+      expect(err).to.be.instanceOf(ReplayBackendError);
+      expect((err as ReplayBackendError).state).to.equal('down');
+      expect(ms, `refusal ${String(i)} took ${ms.toFixed(0)} ms`).to.be.below(300);
+    }
+    // Nor does the readiness probe, and it agrees.
+    const started = performance.now();
+    expect(await cache.health()).to.include({ ok: false, code: 'unreachable' });
+    expect(performance.now() - started).to.be.below(300);
+    expect(changes.filter(([s]) => s === 'down')).to.have.length(1);
+    // Reachable again: ioredis reconnects by itself (its retry strategy, up to ~5 s apart) and
+    // tokens are accepted, no restart.
+    proxy.maxConns = Number.POSITIVE_INFINITY;
+    const deadline = Date.now() + 15_000;
+    let accepted = false;
+    while (!accepted && Date.now() < deadline) {
+      accepted = await remember().catch(() => false);
+      if (!accepted) {
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    expect(accepted).to.equal(true);
+    expect(cache.state()).to.equal('up');
+    expect(changes).to.deep.equal([
+      ['up', undefined],
+      ['down', 'up'],
+      ['up', 'down'],
+    ]);
+  });
+
+  it('waits for the connection on the first command (no refusal while it is being opened)', async () => {
+    // A fresh client: its connection is still being opened when the first token comes.
+    expect(await remember()).to.equal(true);
+    expect(changes).to.deep.equal([['up', undefined]]);
   });
 });
