@@ -16,7 +16,7 @@ import {
   openRegionStores,
   RedisEvictsKeysError,
 } from '../tenants/index.ts';
-import type { JobInfo, ReplayBackendState, ReplayCache } from '../tenants/index.ts';
+import type { ControlPlane, JobInfo, ReplayBackendState, ReplayCache } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
 import { asBootError, bootStep } from './boot-failure.ts';
 import { createFailureAuditor } from './failure-audit.ts';
@@ -55,6 +55,32 @@ export function ensureAdminToken(config: Config): {
   const token = `ccds_op_${crypto.randomBytes(32).toString('base64url')}`;
   fs.writeFileSync(file, `${token}\n`, { mode: 0o600, flag: 'wx' });
   return { hash: hashToken(token), source: 'generated', file };
+}
+
+/**
+ * Opens the configured control plane: the PostgreSQL schema of CELLCDS_CONTROL_PLANE_URL (shared
+ * by replicas on any host), else `<data>/control.sqlite`. A failure names the setting, never the
+ * URL (it may carry a password).
+ * @throws BootError naming CELLCDS_CONTROL_PLANE_URL or CELLCDS_DATA_DIR.
+ */
+export function openConfiguredControlPlane(config: Config): Promise<ControlPlane> {
+  const cp = config.controlPlane;
+  if (cp.kind === 'postgres') {
+    return bootStep(
+      `control plane (PostgreSQL schema ${cp.schema})`,
+      'CELLCDS_CONTROL_PLANE_URL',
+      () =>
+        openControlPlane({
+          postgresUrl: cp.url,
+          schema: cp.schema,
+          statementTimeoutMs: config.pg.statementTimeoutMs,
+          acquireTimeoutMs: config.pg.acquireTimeoutMs,
+        }),
+    );
+  }
+  return bootStep('control plane', 'CELLCDS_DATA_DIR (control.sqlite)', () =>
+    openControlPlane({ storage: cp.file }),
+  );
 }
 
 /** Reads the operator token for CLI calls to a running server (env, then the data dir). */
@@ -209,9 +235,7 @@ export async function buildDeps(
       maxEntries: config.replayCacheMaxEntries,
       maxPerIssuer: config.replayCacheMaxPerIssuer,
     });
-  const controlPlane = await bootStep('control plane', 'CELLCDS_DATA_DIR (control.sqlite)', () =>
-    openControlPlane({ storage: path.join(config.dataDir, 'control.sqlite') }),
-  );
+  const controlPlane = await openConfiguredControlPlane(config);
   const evaluator = createEvaluator(config.evaluation);
   // Start the evaluation workers before serving, so the first calls' budgets are not spent
   // waiting for a worker to boot.

@@ -15,10 +15,10 @@ import {
   validatePack,
 } from '../rules/index.ts';
 import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
-import { openControlPlane, ResidencyError } from '../tenants/index.ts';
+import { ResidencyError } from '../tenants/index.ts';
 import type { Principal, Tenant } from '../tenants/index.ts';
 import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
-import { buildDeps, readAdminToken } from './bootstrap.ts';
+import { buildDeps, openConfiguredControlPlane, readAdminToken } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
 import { daysBetween, shiftDates } from './date-shift.ts';
@@ -500,9 +500,7 @@ export function buildProgram(): Command {
     .action(async (o: { tenant: string; to: string; stateDir?: string; json?: boolean }) => {
       const cfg = config();
       const matrix = regionMatrix(cfg);
-      const controlPlane = await openControlPlane({
-        storage: path.join(cfg.dataDir, 'control.sqlite'),
-      });
+      const controlPlane = await openConfiguredControlPlane(cfg);
       try {
         const r = await runMigration({
           controlPlane,

@@ -7,7 +7,9 @@ import path from 'node:path';
 import { z } from 'zod';
 import {
   ASYMMETRIC_ALGORITHMS,
+  CONTROL_PLANE_SCHEMA_PATTERN,
   DEFAULT_ALGORITHMS,
+  DEFAULT_CONTROL_PLANE_SCHEMA,
   DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
   DEFAULT_REDIS_REPLAY_MAX_ENTRIES,
   replayCacheSize,
@@ -15,6 +17,15 @@ import {
 
 const intFrom = (min: number, max: number, dflt: number) =>
   z.coerce.number().int().min(min).max(max).default(dflt);
+
+function isPostgresUrl(value: string): boolean {
+  try {
+    const url = new URL(value);
+    return (url.protocol === 'postgres:' || url.protocol === 'postgresql:') && url.host !== '';
+  } catch {
+    return false;
+  }
+}
 
 const Schema = z
   .object({
@@ -62,6 +73,18 @@ const Schema = z
     CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
     CELLCDS_PG_STATEMENT_TIMEOUT_MS: intFrom(0, 600_000, 5000),
     CELLCDS_PG_ACQUIRE_TIMEOUT_MS: intFrom(100, 600_000, 5000),
+    // The message never quotes the value: the URL may carry a password.
+    CELLCDS_CONTROL_PLANE_URL: z
+      .string()
+      .refine(isPostgresUrl, 'must be a postgres:// or postgresql:// URL')
+      .optional(),
+    CELLCDS_CONTROL_PLANE_SCHEMA: z
+      .string()
+      .regex(
+        CONTROL_PLANE_SCHEMA_PATTERN,
+        'must be a PostgreSQL schema name: lower-case letters, digits and _ (at most 63)',
+      )
+      .default(DEFAULT_CONTROL_PLANE_SCHEMA),
     CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND: intFrom(1, 100_000, 100),
     CELLCDS_SHUTDOWN_GRACE_MS: intFrom(0, 600_000, 20_000),
     CELLCDS_REPLAY_CACHE_MAX_ENTRIES: z.coerce.number().int().min(1000).max(100_000_000).optional(),
@@ -132,6 +155,15 @@ export interface Config {
     readonly scheduledBatchSize: number;
     readonly throttleMs: number;
   };
+  /**
+   * The control plane (tenants, issuers, packs, admin token hashes, audit log): a PostgreSQL
+   * schema shared by replicas on any host when CELLCDS_CONTROL_PLANE_URL is set (schema
+   * CELLCDS_CONTROL_PLANE_SCHEMA, default cellcds_control; bounded by `pg`), else the SQLite
+   * file `<dataDir>/control.sqlite` shared by the processes of one host.
+   */
+  readonly controlPlane:
+    | { readonly kind: 'sqlite'; readonly file: string }
+    | { readonly kind: 'postgres'; readonly url: string; readonly schema: string };
   /**
    * PostgreSQL regions (tenant stores): `statementTimeoutMs` is each statement's
    * `statement_timeout` (the client also gives up on a reply 1 s later; 0 = no limit), from
@@ -288,6 +320,18 @@ export function loadConfig(
       statementTimeoutMs: e.CELLCDS_PG_STATEMENT_TIMEOUT_MS,
       acquireTimeoutMs: e.CELLCDS_PG_ACQUIRE_TIMEOUT_MS,
     }),
+    controlPlane: Object.freeze(
+      e.CELLCDS_CONTROL_PLANE_URL === undefined
+        ? {
+            kind: 'sqlite' as const,
+            file: path.join(path.resolve(e.CELLCDS_DATA_DIR), 'control.sqlite'),
+          }
+        : {
+            kind: 'postgres' as const,
+            url: e.CELLCDS_CONTROL_PLANE_URL,
+            schema: e.CELLCDS_CONTROL_PLANE_SCHEMA,
+          },
+    ),
     authFailureAuditPerSecond: e.CELLCDS_AUTH_FAILURE_AUDIT_PER_SECOND,
     shutdownGraceMs: e.CELLCDS_SHUTDOWN_GRACE_MS,
     ...replayCacheConfig(e),

@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import { Op } from 'sequelize';
 import type { Transaction } from 'sequelize';
-import type { AdminTokenRow, ControlPlaneModels, WriteLock } from './control-plane-models.ts';
+import type { AdminTokenRow, ControlPlaneModels, WriteTx } from './control-plane-models.ts';
 import { InvalidInputError, NotFoundError } from './errors.ts';
 import type { AdminTokenInfo, AdminTokenRepository, Principal, Role } from './types.ts';
 
@@ -35,8 +35,9 @@ function toInfo(row: AdminTokenRow): AdminTokenInfo {
 export interface AdminTokenRepositoryDeps {
   models: ControlPlaneModels;
   now: () => Date;
-  write: WriteLock;
-  tenantExists: (id: string) => Promise<boolean>;
+  writeTx: WriteTx;
+  /** Whether the tenant exists, read in the write transaction `t`. */
+  tenantExists: (id: string, t: Transaction) => Promise<boolean>;
 }
 
 /** Creates the admin token repository. */
@@ -53,12 +54,12 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
         throw new InvalidInputError('role', `must be one of ${ROLES.join(', ')}`);
       }
       const tenant = raw.tenant;
-      if ((TENANT_ROLES as readonly string[]).includes(role)) {
-        if (typeof tenant !== 'string' || !(await deps.tenantExists(tenant))) {
-          throw new InvalidInputError(
-            'tenant',
-            `is required for ${role} and must be an existing tenant`,
-          );
+      const isTenantRole = (TENANT_ROLES as readonly string[]).includes(role);
+      const refuseTenant = () =>
+        new InvalidInputError('tenant', `is required for ${role} and must be an existing tenant`);
+      if (isTenantRole) {
+        if (typeof tenant !== 'string') {
+          throw refuseTenant();
         }
       } else if (tenant !== undefined) {
         throw new InvalidInputError('tenant', `must not be set for ${role}`);
@@ -69,17 +70,25 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
       }
       const token = ADMIN_TOKEN_PREFIX + crypto.randomBytes(32).toString('base64url');
       const id = `tok_${crypto.randomBytes(12).toString('hex')}`;
-      await deps.write(() =>
-        AdminToken.create({
-          id,
-          role,
-          tenantId: typeof tenant === 'string' ? tenant : null,
-          label: typeof label === 'string' ? label : null,
-          tokenHash: hashAdminToken(token),
-          createdAt: deps.now().toISOString(),
-          revokedAt: null,
-        }),
-      );
+      // The tenant is checked in the write transaction: a replica removing it at the same time
+      // either runs first (refused here) or after (and revokes this token with the tenant's).
+      await deps.writeTx(async (t) => {
+        if (isTenantRole && !(await deps.tenantExists(tenant as string, t))) {
+          throw refuseTenant();
+        }
+        await AdminToken.create(
+          {
+            id,
+            role,
+            tenantId: typeof tenant === 'string' ? tenant : null,
+            label: typeof label === 'string' ? label : null,
+            tokenHash: hashAdminToken(token),
+            createdAt: deps.now().toISOString(),
+            revokedAt: null,
+          },
+          { transaction: t },
+        );
+      });
       return { id, token };
     },
 
@@ -116,10 +125,10 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
       if (!row) {
         throw new NotFoundError('admin token');
       }
-      await deps.write(() =>
+      await deps.writeTx((t) =>
         AdminToken.update(
           { revokedAt: deps.now().toISOString() },
-          { where: { id, revokedAt: { [Op.is]: null } } },
+          { where: { id, revokedAt: { [Op.is]: null } }, transaction: t },
         ),
       );
     },

@@ -2,11 +2,15 @@
  * Sequelize models of the control plane, defined once per Sequelize instance by a factory.
  * Rows hold no PHI: tenant registrations, the pack catalog, admin token hashes, audit events.
  * JSON-valued columns are TEXT parsed by the repositories (explicit, portable to PostgreSQL).
+ * The same models run on SQLite (one file) and PostgreSQL (one schema; control-plane-postgres.ts).
  */
 import { DataTypes } from 'sequelize';
 import type { Model, ModelStatic, Sequelize, Transaction } from 'sequelize';
 
-/** Runs `fn` in an IMMEDIATE transaction, after this process's other writes (one writer). */
+/**
+ * Runs `fn` in a write transaction, after this process's other writes: SQLite IMMEDIATE (one
+ * writer), PostgreSQL holding the control plane's advisory lock (one writer across replicas).
+ */
 export type WriteTx = <T>(fn: (t: Transaction) => Promise<T>) => Promise<T>;
 
 /** Runs a single-statement write after this process's other writes. */
@@ -84,14 +88,30 @@ export interface ControlPlaneModels {
   AuditHead: ModelStatic<Model<AuditHeadRow, AuditHeadRow>>;
 }
 
-const common = { timestamps: false, underscored: true, freezeTableName: true } as const;
-
-/** Defines the control-plane models on `sequelize` (call once per instance). */
-export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneModels {
+/**
+ * Defines the control-plane models on `sequelize` (call once per instance). `schema` places the
+ * tables in a PostgreSQL schema; SQLite passes undefined.
+ */
+export function defineControlPlaneModels(
+  sequelize: Sequelize,
+  schema?: string,
+): ControlPlaneModels {
+  const common = {
+    timestamps: false,
+    underscored: true,
+    freezeTableName: true,
+    ...(schema !== undefined ? { schema } : {}),
+  } as const;
+  // Keys and instants compare and sort byte-wise, as SQLite's BINARY collation does: on
+  // PostgreSQL the database's collation (say en_US) would order `a-c` after `ab` and make
+  // list orders and `at` ranges depend on how the server was initialised.
+  const isPostgres = sequelize.getDialect() === 'postgres';
+  const key = (n: number) =>
+    isPostgres ? `VARCHAR(${String(n)}) COLLATE "C"` : DataTypes.STRING(n);
   const Tenant = sequelize.define<Model<TenantRow, TenantRow>>(
     'Tenant',
     {
-      id: { type: DataTypes.STRING(63), primaryKey: true },
+      id: { type: key(63), primaryKey: true },
       name: { type: DataTypes.STRING(200), allowNull: false },
       region: { type: DataTypes.STRING(63), allowNull: false },
       status: { type: DataTypes.STRING(16), allowNull: false },
@@ -100,14 +120,18 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
       subscriptions: { type: DataTypes.TEXT, allowNull: false },
       residency: { type: DataTypes.TEXT, allowNull: true },
       failover: { type: DataTypes.TEXT, allowNull: true },
-      createdAt: { type: DataTypes.STRING(32), allowNull: false },
-      updatedAt: { type: DataTypes.STRING(32), allowNull: false },
+      createdAt: { type: key(32), allowNull: false },
+      updatedAt: { type: key(32), allowNull: false },
     },
     { ...common, tableName: 'tenants' },
   );
   // `sync()` creates missing tables but never alters existing ones: a control plane created
   // before issue 5 gets the residency columns here (nullable, so old rows mean "default").
+  // PostgreSQL control planes came later and were created with them.
   Tenant.addHook('afterSync', async () => {
+    if (isPostgres) {
+      return;
+    }
     const qi = sequelize.getQueryInterface();
     const columns = await qi.describeTable('tenants');
     for (const column of ['residency', 'failover']) {
@@ -119,9 +143,9 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
   const TenantIssuer = sequelize.define<Model<TenantIssuerRow, TenantIssuerRow>>(
     'TenantIssuer',
     {
-      iss: { type: DataTypes.STRING(2048), primaryKey: true },
+      iss: { type: key(2048), primaryKey: true },
       tenantId: {
-        type: DataTypes.STRING(63),
+        type: key(63),
         primaryKey: true,
         references: { model: 'tenants', key: 'id' },
         onDelete: 'CASCADE',
@@ -132,11 +156,11 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
   const Pack = sequelize.define<Model<PackRow, PackRow>>(
     'Pack',
     {
-      id: { type: DataTypes.STRING(128), primaryKey: true },
-      version: { type: DataTypes.STRING(64), primaryKey: true },
+      id: { type: key(128), primaryKey: true },
+      version: { type: key(64), primaryKey: true },
       hash: { type: DataTypes.STRING(64), allowNull: false },
       pack: { type: DataTypes.TEXT, allowNull: false },
-      uploadedAt: { type: DataTypes.STRING(32), allowNull: false },
+      uploadedAt: { type: key(32), allowNull: false },
       uploadedBy: { type: DataTypes.STRING(200), allowNull: true },
     },
     { ...common, tableName: 'packs' },
@@ -144,12 +168,12 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
   const AdminToken = sequelize.define<Model<AdminTokenRow, AdminTokenRow>>(
     'AdminToken',
     {
-      id: { type: DataTypes.STRING(64), primaryKey: true },
+      id: { type: key(64), primaryKey: true },
       role: { type: DataTypes.STRING(32), allowNull: false },
-      tenantId: { type: DataTypes.STRING(63), allowNull: true },
+      tenantId: { type: key(63), allowNull: true },
       label: { type: DataTypes.STRING(200), allowNull: true },
       tokenHash: { type: DataTypes.STRING(64), allowNull: false, unique: true },
-      createdAt: { type: DataTypes.STRING(32), allowNull: false },
+      createdAt: { type: key(32), allowNull: false },
       revokedAt: { type: DataTypes.STRING(32), allowNull: true },
     },
     { ...common, tableName: 'admin_tokens' },
@@ -158,10 +182,10 @@ export function defineControlPlaneModels(sequelize: Sequelize): ControlPlaneMode
     'Audit',
     {
       seq: { type: DataTypes.INTEGER, primaryKey: true, autoIncrement: true },
-      at: { type: DataTypes.STRING(32), allowNull: false },
+      at: { type: key(32), allowNull: false },
       type: { type: DataTypes.STRING(100), allowNull: false },
       outcome: { type: DataTypes.STRING(16), allowNull: false },
-      tenant: { type: DataTypes.STRING(63), allowNull: true },
+      tenant: { type: key(63), allowNull: true },
       actor: { type: DataTypes.STRING(200), allowNull: true },
       detail: { type: DataTypes.TEXT, allowNull: true },
       prevHash: { type: DataTypes.STRING(64), allowNull: false },

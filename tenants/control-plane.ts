@@ -1,21 +1,23 @@
 /**
- * Opens the control-plane database (SQLite through Sequelize) and wires its repositories.
- * It holds no PHI: tenants, issuers, FHIR server allowlists, subscriptions, the pack catalog,
- * admin token hashes and the control-plane audit log.
+ * Opens the control-plane database (SQLite, or PostgreSQL shared by replicas, through
+ * Sequelize) and wires its repositories. It holds no PHI: tenants, issuers, FHIR server
+ * allowlists, subscriptions, the pack catalog, admin token hashes and the control-plane audit
+ * log. PostgreSQL's pieces live in control-plane-postgres.ts.
  */
 import { Sequelize, Transaction } from 'sequelize';
 import { keepStatements, querySql, releaseStatements, withPragmas } from './sqlite-connections.ts';
 import { createAdminTokenRepository } from './admin-token-repository.ts';
 import { createAuditRepository } from './audit-repository.ts';
 import { defineControlPlaneModels } from './control-plane-models.ts';
+import { InvalidInputError } from './errors.ts';
+import { openPostgresEngine } from './control-plane-postgres.ts';
+import type { PostgresControlPlaneOptions } from './control-plane-postgres.ts';
 import { createPackRepository } from './pack-repository.ts';
 import { createTenantRepository } from './tenant-repository.ts';
-import type { WriteTx } from './control-plane-models.ts';
+import type { ControlPlaneModels, WriteTx } from './control-plane-models.ts';
 import type { ControlPlane } from './types.ts';
 
-export interface OpenControlPlaneOptions {
-  /** SQLite file path, or ':memory:'. */
-  storage: string;
+interface CommonOptions {
   /** Clock for createdAt/updatedAt/audit times (tests inject it). */
   now?: () => Date;
   /** SQL logging is always off (statements would carry token hashes); kept for the contract. */
@@ -23,6 +25,20 @@ export interface OpenControlPlaneOptions {
   /** Issuers whose `findByIssuer` answers are kept (least recently used out first); default 10,000. */
   maxIssuerCache?: number;
 }
+
+/** A SQLite control plane: one file shared by the processes of one host. */
+export interface SqliteControlPlaneOptions extends CommonOptions {
+  /** SQLite file path, or ':memory:'. */
+  storage: string;
+  postgresUrl?: undefined;
+}
+
+/** A PostgreSQL control plane: one schema shared by every replica. */
+export interface PostgresOpenOptions extends CommonOptions, PostgresControlPlaneOptions {
+  storage?: undefined;
+}
+
+export type OpenControlPlaneOptions = SqliteControlPlaneOptions | PostgresOpenOptions;
 
 const APPEND_ONLY_TRIGGERS = [
   `CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
@@ -94,12 +110,72 @@ export function coalesceReads<T>(read: () => Promise<T>): () => Promise<T> {
   };
 }
 
+/** What a backend gives the repositories. */
+interface Engine {
+  models: ControlPlaneModels;
+  writeTx: WriteTx;
+  generation: () => Promise<string>;
+  ping: () => Promise<void>;
+  close: () => Promise<void>;
+}
+
+/** Wires the repositories onto a backend's models, write transactions and generation. */
+function wireControlPlane(engine: Engine, opts: CommonOptions): ControlPlane {
+  const now = opts.now ?? (() => new Date());
+  const { models, writeTx, generation } = engine;
+  const packs = createPackRepository({ writeTx, models, now });
+  const adminTokens = createAdminTokenRepository({
+    models,
+    now,
+    writeTx,
+    tenantExists: async (id, t) =>
+      (await models.Tenant.count({ where: { id }, transaction: t })) > 0,
+  });
+  const tenants = createTenantRepository({
+    writeTx,
+    models,
+    now,
+    packExists: async (pack, version) =>
+      (await models.Pack.count({ where: { id: pack, version } })) > 0,
+    revokeTenantTokens: (tenantId, t) => adminTokens.revokeForTenant(tenantId, t),
+    generation,
+    ...(opts.maxIssuerCache !== undefined ? { maxIssuerCache: opts.maxIssuerCache } : {}),
+  });
+  const audit = createAuditRepository({ models, now, writeTx });
+  return {
+    tenants,
+    packs,
+    adminTokens: {
+      issue: (input) => adminTokens.issue(input),
+      authenticate: (token) => adminTokens.authenticate(token),
+      revoke: (id) => adminTokens.revoke(id),
+      list: () => adminTokens.list(),
+    },
+    audit,
+    ping: engine.ping,
+    close: engine.close,
+  };
+}
+
 /**
- * Opens (creating if needed) the control-plane database. File databases use WAL mode.
- * @throws the driver's error if the file cannot be opened or the schema cannot be created.
+ * Opens (creating if needed) the control-plane database: a SQLite file (`storage`; file
+ * databases use WAL mode) or a PostgreSQL schema (`postgresUrl`, `schema`).
+ * @throws InvalidInputError for a bad PostgreSQL URL or schema name; the driver's error if the
+ *   database cannot be opened or the schema cannot be created.
  */
 export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<ControlPlane> {
-  const now = opts.now ?? (() => new Date());
+  const raw = opts as { storage?: unknown; postgresUrl?: unknown };
+  if ((raw.storage === undefined) === (raw.postgresUrl === undefined)) {
+    throw new InvalidInputError('storage', 'give exactly one of storage and postgresUrl');
+  }
+  if (opts.postgresUrl !== undefined) {
+    const engine = await openPostgresEngine(opts);
+    return wireControlPlane({ ...engine, generation: coalesceReads(engine.readGeneration) }, opts);
+  }
+  return openSqliteControlPlane(opts);
+}
+
+async function openSqliteControlPlane(opts: SqliteControlPlaneOptions): Promise<ControlPlane> {
   const sequelize = new Sequelize({ dialect: 'sqlite', storage: opts.storage, logging: false });
   // Several processes share the file (one per region under `npm start`, the CLI): a writer that
   // finds it locked waits for its turn instead of failing at once with SQLITE_BUSY. Set on
@@ -140,44 +216,23 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
     for (const sql of APPEND_ONLY_TRIGGERS) {
       await sequelize.query(sql);
     }
-    const packs = createPackRepository({ writeTx, models, now });
-    const adminTokens = createAdminTokenRepository({
-      models,
-      now,
-      write,
-      tenantExists: async (id) => (await models.Tenant.count({ where: { id } })) > 0,
-    });
-    const tenants = createTenantRepository({
-      writeTx,
-      models,
-      now,
-      packExists: async (pack, version) =>
-        (await models.Pack.count({ where: { id: pack, version } })) > 0,
-      revokeTenantTokens: (tenantId, t) => adminTokens.revokeForTenant(tenantId, t),
-      generation,
-      ...(opts.maxIssuerCache !== undefined ? { maxIssuerCache: opts.maxIssuerCache } : {}),
-    });
-    const audit = createAuditRepository({ models, now, writeTx });
-    return {
-      tenants,
-      packs,
-      adminTokens: {
-        issue: (input) => adminTokens.issue(input),
-        authenticate: (token) => adminTokens.authenticate(token),
-        revoke: (id) => adminTokens.revoke(id),
-        list: () => adminTokens.list(),
+    return wireControlPlane(
+      {
+        models,
+        writeTx,
+        generation,
+        // Readiness: one kept statement on the lookup connection, never a table read.
+        ping: async () => {
+          await querySql(lookupDb, 'SELECT 1');
+        },
+        close: async () => {
+          // SQLite does not close a connection with prepared statements left open.
+          await releaseStatements(lookupDb);
+          await sequelize.close();
+        },
       },
-      audit,
-      // Readiness: one kept statement on the lookup connection, never a table read.
-      ping: async () => {
-        await querySql(lookupDb, 'SELECT 1');
-      },
-      close: async () => {
-        // SQLite does not close a connection with prepared statements left open.
-        await releaseStatements(lookupDb);
-        await sequelize.close();
-      },
-    };
+      opts,
+    );
   } catch (err) {
     await sequelize.close().catch(() => undefined);
     throw err;

@@ -1,7 +1,15 @@
 export type * from './types.ts';
 export * from './errors.ts';
 export { openControlPlane } from './control-plane.ts';
-export type { OpenControlPlaneOptions } from './control-plane.ts';
+export type {
+  OpenControlPlaneOptions,
+  PostgresOpenOptions,
+  SqliteControlPlaneOptions,
+} from './control-plane.ts';
+export {
+  CONTROL_PLANE_SCHEMA_PATTERN,
+  DEFAULT_CONTROL_PLANE_SCHEMA,
+} from './control-plane-postgres.ts';
 export { ADMIN_TOKEN_PREFIX, hashAdminToken } from './admin-token-repository.ts';
 export { authorize, authorizeTokenIssue } from './authorize.ts';
 export {
