@@ -77,6 +77,19 @@ export interface Evaluator {
   close(): Promise<void>;
   /** Counters for metrics and tests. */
   stats(): EvaluatorStats;
+  /**
+   * The budgets this evaluator applies (as created), e.g. so that an upload's tests can hold a
+   * pack to the live evaluator's budgets.
+   */
+  budgets(): EvaluatorBudgets;
+}
+
+/** The time budgets of an evaluator (ms). */
+export interface EvaluatorBudgets {
+  /** Budget of one call, from `evaluate()` to its result. */
+  callBudgetMs: number;
+  /** Budget of one rule (and of one `let`). */
+  ruleBudgetMs: number;
 }
 
 export interface EvaluateOptions {
@@ -99,6 +112,17 @@ export interface EvaluatorStats {
   workersStarted: number;
   /** Workers terminated because a rule overran its budget or the worker failed. */
   workersReplaced: number;
+  /**
+   * Workers that exited on their own (crashed, ran out of heap, failed to start), not stopped
+   * by the pool or by `close()`. One that died during a call is in `workersReplaced` too.
+   */
+  workersCrashed?: number;
+  /** Workers serving calls (the pool's size; the spare not counted). */
+  workers?: number;
+  /** Of those, the ones running a call now. */
+  busyWorkers?: number;
+  /** Calls waiting for a free worker now. */
+  queuedCalls?: number;
   /** Calls evaluated. */
   calls: number;
   /** Calls evaluated in the calling thread under a time slice (`inlineSliceMs`). */
@@ -239,6 +263,7 @@ class WorkerPool {
   private readonly slowCompiles = new LruCache<true>(256);
   started = 0;
   replaced = 0;
+  crashed = 0;
   compileOverruns = 0;
 
   constructor(
@@ -321,6 +346,10 @@ class WorkerPool {
     worker.on('error', () => undefined);
     worker.on('exit', () => {
       const wasReady = slot.ready;
+      // Still in the pool: it was not stopped by discard() (which forgets it first) or close().
+      if (!this.closed && (this.active.has(slot) || this.spare === slot)) {
+        this.crashed++;
+      }
       this.forget(slot);
       slot.onExit?.();
       if (!wasReady && !this.closed) {
@@ -469,6 +498,17 @@ class WorkerPool {
         this.waiters.push(waiter);
       }
     });
+  }
+
+  /** Workers serving calls, the ones running a call now, and calls waiting for one. */
+  load(): { workers: number; busy: number; queued: number } {
+    let busy = 0;
+    for (const slot of this.active) {
+      if (slot.ready && !this.idle.includes(slot)) {
+        busy++;
+      }
+    }
+    return { workers: this.size, busy, queued: this.waiters.length };
   }
 
   release(slot: Slot): void {
@@ -941,14 +981,23 @@ class PooledEvaluator implements Evaluator {
   }
 
   stats(): EvaluatorStats {
+    const load = this.pool.load();
     return {
       workersStarted: this.pool.started,
       workersReplaced: this.pool.replaced,
+      workersCrashed: this.pool.crashed,
+      workers: load.workers,
+      busyWorkers: load.busy,
+      queuedCalls: load.queued,
       inline: this.inline,
       handedOff: this.handedOff,
       compileOverruns: this.pool.compileOverruns,
       calls: this.calls,
     };
+  }
+
+  budgets(): EvaluatorBudgets {
+    return { callBudgetMs: this.callBudgetMs, ruleBudgetMs: this.ruleBudgetMs };
   }
 }
 
@@ -982,7 +1031,10 @@ class InlineEvaluator implements Evaluator {
   private closed = false;
   private calls = 0;
 
-  constructor(private readonly callBudgetMs: number) {}
+  constructor(
+    private readonly callBudgetMs: number,
+    private readonly ruleBudgetMs: number,
+  ) {}
 
   evaluate(
     pack: CompiledPack,
@@ -1036,6 +1088,11 @@ class InlineEvaluator implements Evaluator {
   stats(): EvaluatorStats {
     return { workersStarted: 0, workersReplaced: 0, calls: this.calls };
   }
+
+  /** The rule budget is not enforced here (no preemption); it is reported as created. */
+  budgets(): EvaluatorBudgets {
+    return { callBudgetMs: this.callBudgetMs, ruleBudgetMs: this.ruleBudgetMs };
+  }
 }
 
 /**
@@ -1082,7 +1139,7 @@ export function createEvaluator(opts: EvaluatorOptions = {}): Evaluator {
     throw new RangeError('workers must be a non-negative integer');
   }
   if (workers === 0) {
-    return new InlineEvaluator(callBudgetMs);
+    return new InlineEvaluator(callBudgetMs, ruleBudgetMs);
   }
   const inlineSliceMs = nonNegative('inlineSliceMs', opts.inlineSliceMs ?? 0);
   const inlineRetryMs = nonNegative('inlineRetryMs', opts.inlineRetryMs ?? 60_000);

@@ -17,7 +17,13 @@ export { PACK_CHECK_DEFAULTS, validatePackInWorker } from './pack-check.ts';
 export type { PackCheckInput, PackCheckOptions } from './pack-check.ts';
 export { compilePack } from './compile-pack.ts';
 export { createEvaluator, evaluateInline } from './evaluator.ts';
-export type { EvaluateOptions, Evaluator, EvaluatorOptions, EvaluatorStats } from './evaluator.ts';
+export type {
+  EvaluateOptions,
+  Evaluator,
+  EvaluatorBudgets,
+  EvaluatorOptions,
+  EvaluatorStats,
+} from './evaluator.ts';
 export { chooseVersion, canaryBucket } from './canary.ts';
-export { runPackTests, resolvePackFiles } from './pack-tests.ts';
-export type { PackTestResult } from './pack-tests.ts';
+export { evaluationMsOf, LIVE_BUDGET_RUNS, runPackTests, resolvePackFiles } from './pack-tests.ts';
+export type { PackTestResult, RunPackTestsOptions } from './pack-tests.ts';

@@ -41,6 +41,11 @@ export interface ValidatePackOptions {
   runTests?: boolean;
   /** Evaluator for the tests; default a temporary one (1 worker, closed afterwards). */
   evaluator?: Evaluator;
+  /**
+   * The live call budget (ms) the tests' evaluation is held to once they pass (see
+   * `RunPackTestsOptions.liveCallBudgetMs`): a test over it is a problem. Default: not checked.
+   */
+  liveCallBudgetMs?: number;
 }
 
 type Json = Record<string, unknown>;
@@ -502,7 +507,11 @@ export async function validatePack(
   if (opts.runTests !== false && (compiled.pack.tests?.length ?? 0) > 0) {
     const evaluator = opts.evaluator ?? createEvaluator({ workers: 1 });
     try {
-      const results = await runPackTests(compiled, evaluator);
+      const results = await runPackTests(
+        compiled,
+        evaluator,
+        opts.liveCallBudgetMs !== undefined ? { liveCallBudgetMs: opts.liveCallBudgetMs } : {},
+      );
       results.forEach((r, i) => {
         for (const f of r.failures) {
           problems.push({ path: `tests[${i}]`, message: f });

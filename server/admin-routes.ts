@@ -11,6 +11,7 @@ import express, {
 } from 'express';
 import { AdminAuthError } from '../tenants/index.ts';
 import type { Principal } from '../tenants/index.ts';
+import { adminActionLog } from './admin-action-log.ts';
 import type { AdminService } from './admin-service.ts';
 import type { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
@@ -35,9 +36,16 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     next();
   });
   router.use(authenticateAdmin(deps));
+  // One `admin action` line per state-changing call (server/admin-action-log.ts).
+  const actions = adminActionLog(deps.log);
+  const act = actions.mark;
+  const done = actions.done;
+  const bodyField = (name: string) => (req: Request) =>
+    ((req.body ?? {}) as Record<string, unknown>)[name];
 
-  router.post('/tenants', json, async (req, res) => {
+  router.post('/tenants', act('admin.tenant.create', bodyField('id')), json, async (req, res) => {
     res.status(201).json(await admin.createTenant(principalOf(res), bodyOf(req)));
+    done(res);
   });
   router.get('/tenants', async (_req, res) => {
     res.json({ tenants: await admin.listTenants(principalOf(res)) });
@@ -45,36 +53,64 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   router.get('/tenants/:id', async (req, res) => {
     res.json(await admin.getTenant(principalOf(res), param(req, 'id')));
   });
-  router.patch('/tenants/:id', json, async (req, res) => {
+  router.patch('/tenants/:id', act('admin.tenant.update'), json, async (req, res) => {
     res.json(await admin.updateTenant(principalOf(res), param(req, 'id'), bodyOf(req)));
+    done(res);
   });
-  router.post('/tenants/:id/suspend', async (req, res) => {
+  router.post('/tenants/:id/suspend', act('admin.tenant.suspend'), async (req, res) => {
     res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'suspended'));
+    done(res);
   });
-  router.post('/tenants/:id/resume', async (req, res) => {
+  router.post('/tenants/:id/resume', act('admin.tenant.resume'), async (req, res) => {
     res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'active'));
+    done(res);
   });
-  router.post('/tenants/:id/failover', json, async (req, res) => {
-    const body = (req.body ?? {}) as Record<string, unknown>;
-    res.json(await admin.declareFailover(principalOf(res), param(req, 'id'), body.region));
-  });
-  router.delete('/tenants/:id/failover', async (req, res) => {
+  router.post(
+    '/tenants/:id/failover',
+    act('residency.failover.declared'),
+    json,
+    async (req, res) => {
+      const body = (req.body ?? {}) as Record<string, unknown>;
+      const tenant = await admin.declareFailover(principalOf(res), param(req, 'id'), body.region);
+      res.json(tenant);
+      done(res, tenant.failover ? { region: tenant.failover.region } : {});
+    },
+  );
+  router.delete('/tenants/:id/failover', act('residency.failover.cleared'), async (req, res) => {
     res.json(await admin.clearFailover(principalOf(res), param(req, 'id')));
+    done(res);
   });
-  router.put('/tenants/:id/subscriptions', json, async (req, res) => {
-    res.json(await admin.setSubscriptions(principalOf(res), param(req, 'id'), bodyOf(req)));
-  });
+  router.put(
+    '/tenants/:id/subscriptions',
+    act('admin.tenant.subscriptions'),
+    json,
+    async (req, res) => {
+      res.json(await admin.setSubscriptions(principalOf(res), param(req, 'id'), bodyOf(req)));
+      done(res);
+    },
+  );
 
-  router.post('/tokens', json, async (req, res) => {
-    res.status(201).json(await admin.issueToken(principalOf(res), bodyOf(req)));
+  router.post('/tokens', act('admin.token.issue', bodyField('tenant')), json, async (req, res) => {
+    const issued = await admin.issueToken(principalOf(res), bodyOf(req));
+    res.status(201).json(issued);
+    done(res, { tokenId: issued.id, tokenRole: issued.role });
   });
   router.get('/tokens', async (_req, res) => {
     res.json({ tokens: await admin.listTokens(principalOf(res)) });
   });
-  router.delete('/tokens/:id', async (req, res) => {
-    await admin.revokeToken(principalOf(res), param(req, 'id'));
-    res.status(204).end();
-  });
+  router.delete(
+    '/tokens/:id',
+    act('admin.token.revoke', () => undefined),
+    async (req, res) => {
+      const info = await admin.revokeToken(principalOf(res), param(req, 'id'));
+      res.status(204).end();
+      // The target tenant is the revoked token's (read by the service).
+      done(res, {
+        tokenId: info.id,
+        ...(info.tenant !== undefined ? { tenant: info.tenant } : {}),
+      });
+    },
+  );
 
   const packBody = express.text({
     limit: PACK_UPLOAD_LIMIT,
@@ -94,18 +130,27 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
         : err,
     );
   };
-  router.post('/rule-packs', packBody, async (req, res) => {
-    if (!req.is([...YAML_TYPES, 'application/json', 'application/*+json'])) {
-      throw unsupportedMediaType('application/json or application/yaml');
-    }
-    const text = typeof req.body === 'string' ? req.body : '';
-    // Parsed in the validation worker, with the rest (a large YAML takes seconds to parse).
-    const format = req.is(YAML_TYPES) ? 'yaml' : 'json';
-    const result = await admin.uploadPackText(principalOf(res), text, format);
-    res
-      .status(result.status === 'created' ? 201 : 200)
-      .json({ id: result.id, version: result.version, hash: result.hash });
-  });
+  router.post(
+    '/rule-packs',
+    act('admin.pack.upload', () => undefined),
+    packBody,
+    async (req, res) => {
+      if (!req.is([...YAML_TYPES, 'application/json', 'application/*+json'])) {
+        throw unsupportedMediaType('application/json or application/yaml');
+      }
+      const text = typeof req.body === 'string' ? req.body : '';
+      // Parsed in the validation worker, with the rest (a large YAML takes seconds to parse).
+      const format = req.is(YAML_TYPES) ? 'yaml' : 'json';
+      const result = await admin.uploadPackText(principalOf(res), text, format);
+      res.status(result.status === 'created' ? 201 : 200).json({
+        id: result.id,
+        version: result.version,
+        hash: result.hash,
+        ...(result.warnings ? { warnings: result.warnings } : {}),
+      });
+      done(res, { pack: result.id, version: result.version, packStatus: result.status });
+    },
+  );
   router.use('/rule-packs', packTooLarge);
   router.get('/rule-packs', async (_req, res) => {
     res.json({ packs: await admin.listPacks(principalOf(res)) });
@@ -140,32 +185,40 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   router.get('/tenants/:id/keys', async (req, res) => {
     res.json(await data.keyStatus(principalOf(res), param(req, 'id')));
   });
-  router.post('/tenants/:id/keys/rotate', json, async (req, res) => {
+  router.post('/tenants/:id/keys/rotate', act('key.rotate'), json, async (req, res) => {
     const body = (req.body ?? {}) as Record<string, unknown>;
     if (body.emergency !== undefined && typeof body.emergency !== 'boolean') {
       throw new ServiceError(400, 'invalid_request', 'emergency: must be a boolean', {
         body: { field: 'emergency' },
       });
     }
-    res
-      .status(202)
-      .json(
-        await data.rotateTenantKey(principalOf(res), param(req, 'id'), body.emergency === true),
-      );
+    const emergency = body.emergency === true;
+    const job = await data.rotateTenantKey(principalOf(res), param(req, 'id'), emergency);
+    res.status(202).json(job);
+    done(res, { job: job.id, emergency });
   });
-  router.post('/regions/:region/kek/rotate', async (req, res) => {
-    res.status(202).json(await data.rotateKek(principalOf(res), param(req, 'region')));
-  });
+  router.post(
+    '/regions/:region/kek/rotate',
+    act('key.kek.rotate', () => undefined),
+    async (req, res) => {
+      const job = await data.rotateKek(principalOf(res), param(req, 'region'));
+      res.status(202).json(job);
+      done(res, { job: job.id });
+    },
+  );
   router.get('/jobs/:jobId', async (req, res) => {
     res.json(await data.job(principalOf(res), param(req, 'jobId')));
   });
-  router.delete('/tenants/:id', async (req, res) => {
-    res.json(await data.deprovision(principalOf(res), param(req, 'id')));
+  router.delete('/tenants/:id', act('tenant.deprovision'), async (req, res) => {
+    const result = await data.deprovision(principalOf(res), param(req, 'id'));
+    res.json(result);
+    done(res, { registryRemoved: result.registryRemoved });
   });
-  router.post('/tenants/:id/backups', async (req, res) => {
+  router.post('/tenants/:id/backups', act('backup.create'), async (req, res) => {
     res.status(201).json(await data.backup(principalOf(res), param(req, 'id')));
+    done(res);
   });
-  router.post('/restores', json, async (req, res) => {
+  router.post('/restores', act('restore.tenant', bodyField('tenant')), json, async (req, res) => {
     const body = (req.body ?? {}) as Record<string, unknown>;
     if (typeof body.backup !== 'string' || body.backup === '') {
       throw new ServiceError(400, 'invalid_request', 'backup: the backup folder is required', {
@@ -182,11 +235,11 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
         body: { field: 'allowUnauthenticated' },
       });
     }
-    res.json(
-      await data.restore(principalOf(res), body.backup, body.tenant, {
-        allowUnauthenticated: body.allowUnauthenticated === true,
-      }),
-    );
+    const result = await data.restore(principalOf(res), body.backup, body.tenant, {
+      allowUnauthenticated: body.allowUnauthenticated === true,
+    });
+    res.json(result);
+    done(res, { tenant: result.tenant });
   });
   router.get('/tenants/:id/audit/verify', async (req, res) => {
     res.json(await data.verifyAudit(principalOf(res), param(req, 'id')));
@@ -206,6 +259,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.json({ events: await admin.listAudit(principalOf(res), query) });
   });
 
+  router.use(actions.errors);
   return router;
 }
 

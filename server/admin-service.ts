@@ -69,8 +69,16 @@ export interface UploadTestLimits {
   /** Time for all the tests of one upload (ms), worker start not included. */
   totalMs?: number;
   /**
+   * The live call budget the tests' evaluation is held to once they pass (see
+   * `runPackTests`' `liveCallBudgetMs`): default the live evaluator's (`deps.evaluator`, built
+   * from CELLCDS_EVAL_BUDGET_MS), so a pack whose rules together overrun it is refused (422)
+   * instead of having rules skipped on every live call.
+   */
+  liveCallBudgetMs?: number;
+  /**
    * Budgets of the tests' evaluator. The rule budget (and heap) should stay the live ones: the
-   * tests prove each rule runs within them. The call budget defaults to
+   * tests prove each rule runs within them (the rule budget defaults to the live evaluator's,
+   * `deps.evaluator.budgets()`). The call budget defaults to
    * `UPLOAD_TEST_DEFAULTS.callBudgetMs`, above the live 2 s: the tests' fresh worker compiles
    * the pack inside its first call, which the live workers do ahead (warm), and on a busy host
    * that alone outlasted 2 s and refused a correct pack.
@@ -84,6 +92,8 @@ export interface UploadedPack {
   version: string;
   hash: string;
   status: 'created' | 'unchanged';
+  /** E.g. a test that takes more than half the live call budget (not a reason to refuse). */
+  warnings?: string[];
 }
 
 /**
@@ -329,7 +339,8 @@ export class AdminService {
     return principal.tenant === undefined ? all : all.filter((t) => t.tenant === principal.tenant);
   }
 
-  async revokeToken(principal: Principal, id: string): Promise<void> {
+  /** Revokes a token; returns its id and tenant (for the caller's log line). */
+  async revokeToken(principal: Principal, id: string): Promise<{ id: string; tenant?: string }> {
     const info = (await this.deps.controlPlane.adminTokens.list()).find((t) => t.id === id);
     if (!info) {
       throw new NotFoundError('token');
@@ -342,6 +353,7 @@ export class AdminService {
       ...(info.tenant !== undefined ? { tenant: info.tenant } : {}),
       detail: { tokenId: id },
     });
+    return { id, ...(info.tenant !== undefined ? { tenant: info.tenant } : {}) };
   }
 
   /**
@@ -374,9 +386,10 @@ export class AdminService {
   private async upload(principal: Principal, input: PackCheckInput): Promise<UploadedPack> {
     authorize(principal, 'pack:upload');
     let compiled;
+    let warnings: string[];
     try {
       compiled = await this.checkPack(input);
-      await this.runUploadTests(compiled);
+      warnings = await this.runUploadTests(compiled);
     } catch (err) {
       if (err instanceof PackValidationError) {
         await this.audit(principal, {
@@ -402,7 +415,13 @@ export class AdminService {
     // The tests ran on an evaluator of their own: compile the pack ahead in the live workers,
     // so that its first hook calls do not pay for it out of their budget.
     this.deps.evaluator.warm(compiled);
-    return { id: compiled.id, version: compiled.version, hash: compiled.hash, status };
+    return {
+      id: compiled.id,
+      version: compiled.version,
+      hash: compiled.hash,
+      status,
+      ...(warnings.length > 0 ? { warnings } : {}),
+    };
   }
 
   /**
@@ -434,28 +453,33 @@ export class AdminService {
   }
 
   /**
-   * Runs a validated pack's embedded tests under {@link UploadTestLimits}, one upload at a time.
-   * @throws PackValidationError listing each failed or not-run test (`tests[3]: ...`);
-   *   ServiceError 503 if the tests' evaluator cannot start.
+   * Runs a validated pack's embedded tests under {@link UploadTestLimits}, one upload at a time,
+   * then holds each test's evaluation to the live call budget.
+   * @returns warnings (`tests[3]: ...`), e.g. a test over half the live call budget.
+   * @throws PackValidationError listing each failed or not-run test (`tests[3]: ...`), or the
+   *   first test over the live call budget; ServiceError 503 if the tests' evaluator cannot start.
    */
-  private runUploadTests(compiled: CompiledPack): Promise<void> {
+  private runUploadTests(compiled: CompiledPack): Promise<string[]> {
     if ((compiled.pack.tests?.length ?? 0) === 0) {
-      return Promise.resolve();
+      return Promise.resolve([]);
     }
     const run = this.uploadTestsQueue.then(() => this.runUploadTestsNow(compiled));
     this.uploadTestsQueue = run.catch(() => undefined);
     return run;
   }
 
-  private async runUploadTestsNow(compiled: CompiledPack): Promise<void> {
+  private async runUploadTestsNow(compiled: CompiledPack): Promise<string[]> {
     const limits = this.deps.uploadTests ?? {};
+    const live = this.deps.evaluator.budgets();
     const evaluator = createEvaluator({
       callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs,
+      ruleBudgetMs: live.ruleBudgetMs,
       ...limits.evaluator,
       workers: 1,
       inlineSliceMs: 0,
     });
     let problems: PackProblem[];
+    let warnings: string[];
     try {
       try {
         await evaluator.ready();
@@ -468,16 +492,19 @@ export class AdminService {
       const results = await runPackTests(compiled, evaluator, {
         stopOnBudget: true,
         totalMs: limits.totalMs ?? UPLOAD_TEST_DEFAULTS.totalMs,
+        liveCallBudgetMs: limits.liveCallBudgetMs ?? live.callBudgetMs,
       });
       problems = results.flatMap((r, i) =>
         r.failures.map((message) => ({ path: `tests[${i}]`, message })),
       );
+      warnings = results.flatMap((r, i) => (r.warnings ?? []).map((w) => `tests[${i}]: ${w}`));
     } finally {
       await evaluator.close();
     }
     if (problems.length > 0) {
       throw new PackValidationError(problems);
     }
+    return warnings;
   }
 
   async listPacks(principal: Principal): Promise<unknown[]> {

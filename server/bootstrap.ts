@@ -268,6 +268,8 @@ export async function buildDeps(
         ? 'CELLCDS_REGIONS_FILE storage.dataDir'
         : 'CELLCDS_DATA_DIR';
   const jobs = jobObserver(log);
+  // Store write latency goes to the metrics made below (no record is written before them).
+  const storeMetrics: { target?: Metrics } = {};
   const stores = await openRegionStores({
     region: region.id,
     ...(region.storage.kind === 'sqlite'
@@ -278,12 +280,17 @@ export async function buildDeps(
     // time: size it to the tenants a region serves actively (docs/operations.md).
     maxOpen: config.maxOpenStores ?? (region.storage.kind === 'sqlite' ? 1024 : 64),
     rewrap: config.rewrap,
+    // A job left by a replica that stopped is taken over once its lease expires.
+    jobLeaseMs: config.jobLeaseMs,
     // Bounded waits on PostgreSQL: a stalled or saturated database fails calls with 503 within
     // about these times instead of hanging them (docs/operations.md, Scale-out).
     pgStatementTimeoutMs: config.pg.statementTimeoutMs,
     pgAcquireTimeoutMs: config.pg.acquireTimeoutMs,
     onJobStart: jobs.onJobStart,
     onJobEnd: jobs.onJobEnd,
+    onRecordWrite: (record, seconds) => {
+      storeMetrics.target?.storeWrite(record, seconds);
+    },
     onJobError: (job, err) => {
       log.error(
         {
@@ -322,10 +329,14 @@ export async function buildDeps(
   const metrics = new Metrics({
     region: region.id,
     evaluations: () => evaluator.stats(),
+    // Read on each scrape: nothing is added to the hook path.
+    workerPool: () => evaluator.stats(),
+    openStores: () => stores.stats().open,
     // The jobs this process runs: listing every tenant's would open every store per scrape.
     jobs: () => stores.runningJobs(),
   });
   jobs.attach(metrics);
+  storeMetrics.target = metrics;
   const reportAuditError = (err: unknown): void => {
     log.error(
       { err: { message: err instanceof Error ? err.message : String(err) } },

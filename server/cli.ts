@@ -114,7 +114,13 @@ async function loadAndValidate(
   const evaluator = createEvaluator({ callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs });
   try {
     await evaluator.ready();
-    const compiled = await validatePack(raw, { runTests, evaluator, baseDir: path.dirname(file) });
+    const compiled = await validatePack(raw, {
+      runTests,
+      evaluator,
+      baseDir: path.dirname(file),
+      // Passing tests are then held to the live call budget, as an upload's are.
+      ...(runTests ? { liveCallBudgetMs: config().evaluation.callBudgetMs } : {}),
+    });
     return { compiled, raw };
   } finally {
     await evaluator.close();
@@ -157,7 +163,10 @@ async function packTest(file: string): Promise<void> {
   const evaluator = createEvaluator({ callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs });
   try {
     await evaluator.ready();
-    const results = await runPackTests(compiled, evaluator);
+    // Passing tests are then held to the live call budget (CELLCDS_EVAL_BUDGET_MS), as an upload's are.
+    const results = await runPackTests(compiled, evaluator, {
+      liveCallBudgetMs: config().evaluation.callBudgetMs,
+    });
     const width = Math.max(4, ...results.map((r) => r.name.length));
     out(`${'test'.padEnd(width)}  result`);
     for (const r of results) {
@@ -172,6 +181,9 @@ async function packTest(file: string): Promise<void> {
           );
         }
       }
+    }
+    for (const w of results.flatMap((r) => r.warnings ?? [])) {
+      process.stderr.write(`warning: ${w}\n`);
     }
     const failed = results.filter((r) => !r.passed).length;
     out(`${results.length - failed} passed, ${failed} failed`);
@@ -325,6 +337,9 @@ async function packPush(file: string, opts: ServerOpts): Promise<void> {
     out(
       `${res.status === 201 ? 'uploaded' : 'unchanged'} ${String(body.id)}@${String(body.version)} sha256:${String(body.hash)}`,
     );
+    for (const w of Array.isArray(body.warnings) ? body.warnings : []) {
+      process.stderr.write(`warning: ${String(w)}\n`);
+    }
     return;
   }
   if (res.status === 422 && Array.isArray(body.problems)) {

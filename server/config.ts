@@ -71,6 +71,7 @@ const Schema = z
     CELLCDS_REWRAP_BATCH: intFrom(1, 10_000, 200),
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
     CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
+    CELLCDS_JOB_LEASE_MS: intFrom(5_000, 3_600_000, 60_000),
     CELLCDS_PG_STATEMENT_TIMEOUT_MS: intFrom(0, 600_000, 5000),
     CELLCDS_PG_ACQUIRE_TIMEOUT_MS: intFrom(100, 600_000, 5000),
     // The message never quotes the value: the URL may carry a password.
@@ -155,6 +156,12 @@ export interface Config {
     readonly scheduledBatchSize: number;
     readonly throttleMs: number;
   };
+  /**
+   * How long a running DEK rewrap job's owner lease holds without renewal (ms), from
+   * CELLCDS_JOB_LEASE_MS (default 60000): another replica takes a job over only after its
+   * owner's lease expired (tenants/DATA-PLANE.md, "Job owner and lease").
+   */
+  readonly jobLeaseMs: number;
   /**
    * The control plane (tenants, issuers, packs, admin token hashes, audit log): a PostgreSQL
    * schema shared by replicas on any host when CELLCDS_CONTROL_PLANE_URL is set (schema
@@ -316,6 +323,7 @@ export function loadConfig(
       scheduledBatchSize: e.CELLCDS_REWRAP_SCHEDULED_BATCH,
       throttleMs: e.CELLCDS_REWRAP_THROTTLE_MS,
     }),
+    jobLeaseMs: e.CELLCDS_JOB_LEASE_MS,
     pg: Object.freeze({
       statementTimeoutMs: e.CELLCDS_PG_STATEMENT_TIMEOUT_MS,
       acquireTimeoutMs: e.CELLCDS_PG_ACQUIRE_TIMEOUT_MS,

@@ -61,10 +61,31 @@ export interface MetricsOptions {
   jobs?: () => Promise<readonly JobProgress[]>;
   /** Read on each scrape: the evaluator's counters (where calls were evaluated). */
   evaluations?: () => { calls: number; inline?: number; handedOff?: number };
+  /**
+   * Read on each scrape (nothing on the hook path): the evaluation worker pool's load and its
+   * workers' ends (rules/ `EvaluatorStats`).
+   */
+  workerPool?: () => WorkerPoolLoad;
+  /** Read on each scrape: the tenant stores this region holds open (tenants/ `stats().open`). */
+  openStores?: () => number;
 }
+
+/** The worker pool fields metrics read (rules/ `EvaluatorStats` is a superset). */
+export interface WorkerPoolLoad {
+  workers?: number;
+  busyWorkers?: number;
+  queuedCalls?: number;
+  workersReplaced: number;
+  workersCrashed?: number;
+}
+
+/** Which kind of record a store write committed. */
+export type StoreRecordKind = 'invocation' | 'feedback';
 
 const LABEL_VALUE = /^[A-Za-z0-9._:@/-]{1,128}$/;
 const HOOK_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10];
+/** A store write: ~1-3 ms when idle (group commit), tens of ms under load or a rotation batch. */
+const STORE_WRITE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 
 /** Maps an HTTP status of a CDS Hooks response to its outcome label. */
 export function hookOutcomeForStatus(status: number): HookOutcome {
@@ -137,6 +158,7 @@ export class Metrics {
   private readonly jobDone: Gauge<'kind'>;
   private readonly jobTotal: Gauge<'kind'>;
   private readonly jobsFinished: Counter<'kind' | 'status'>;
+  private readonly storeWriteSeconds: Histogram<'record'>;
   private readonly evaluationsSeen = { inline: 0, worker: 0, handed_off: 0 };
   private readonly services: BoundedLabel;
   private readonly packs: BoundedLabel;
@@ -235,9 +257,108 @@ export class Metrics {
         },
       });
     }
+    this.storeWriteSeconds = new Histogram({
+      name: 'cellcds_store_write_duration_seconds',
+      help: "Time from a record's write request to its durable commit in the tenant's store, by record kind (per region, never per tenant)",
+      labelNames: ['record'],
+      buckets: STORE_WRITE_BUCKETS,
+      registers,
+    });
+    this.registerWorkerPool(opts.workerPool);
+    const openStores = opts.openStores;
+    if (openStores) {
+      new Gauge({
+        name: 'cellcds_tenant_stores_open',
+        help: 'Tenant stores this region holds open now (bounded by CELLCDS_MAX_OPEN_STORES, but for stores in use)',
+        registers,
+        collect() {
+          this.set(openStores());
+        },
+      });
+    }
     if (opts.defaultMetrics ?? true) {
       collectDefaultMetrics({ register: this.registry });
     }
+  }
+
+  /**
+   * The evaluation worker pool, read on each scrape: gauges of its size, busy workers and calls
+   * waiting for a worker; counters of workers replaced (stopped by the pool: a rule overran its
+   * budget, or the worker died during a call) and of workers that crashed (exited on their own).
+   */
+  private registerWorkerPool(source: (() => WorkerPoolLoad) | undefined): void {
+    if (!source) {
+      return;
+    }
+    const registers = [this.registry];
+    new Gauge({
+      name: 'cellcds_eval_workers',
+      help: 'Evaluation worker threads serving calls (CELLCDS_EVAL_WORKERS; the idle spare not counted)',
+      registers,
+      collect() {
+        this.set(source().workers ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'cellcds_eval_workers_busy',
+      help: 'Evaluation workers running a call now',
+      registers,
+      collect() {
+        this.set(source().busyWorkers ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'cellcds_eval_queue_depth',
+      help: 'Hook calls waiting for a free evaluation worker now',
+      registers,
+      collect() {
+        this.set(source().queuedCalls ?? 0);
+      },
+    });
+    const counted = { replaced: 0, crashed: 0 };
+    const counter = (
+      key: keyof typeof counted,
+      name: string,
+      help: string,
+      read: (l: WorkerPoolLoad) => number,
+    ) => {
+      new Counter({
+        name,
+        help,
+        registers,
+        collect() {
+          const now = read(source());
+          if (now > counted[key]) {
+            this.inc(now - counted[key]);
+            counted[key] = now;
+          }
+        },
+      });
+    };
+    counter(
+      'replaced',
+      'cellcds_eval_workers_replaced_total',
+      'Evaluation workers stopped and replaced by the spare: a rule overran its budget, or the worker died during a call',
+      (l) => l.workersReplaced,
+    );
+    counter(
+      'crashed',
+      'cellcds_eval_workers_crashed_total',
+      'Evaluation workers that exited on their own (crashed, out of heap, failed to start); restarted by the pool',
+      (l) => l.workersCrashed ?? 0,
+    );
+  }
+
+  /**
+   * Records one committed store write: `seconds` from the write's request (the store call) to
+   * its durable commit. Labelled by record kind only: the region is the registry's label, and
+   * a tenant never is.
+   */
+  storeWrite(record: StoreRecordKind, seconds: number): void {
+    this.storeWriteSeconds.observe(
+      { record: oneOf(record, ['invocation', 'feedback'], 'invocation') },
+      Number.isFinite(seconds) && seconds >= 0 ? seconds : 0,
+    );
   }
 
   /** The Content-Type of `render()`'s text. */

@@ -78,6 +78,12 @@ describe('configuration', () => {
     ).to.deep.equal({ batchSize: 500, scheduledBatchSize: 10, throttleMs: 0 });
   });
 
+  it("sets a rewrap job's owner lease: 60 s by default, or as set", () => {
+    expect(loadConfig({}).jobLeaseMs).to.equal(60_000);
+    expect(loadConfig({ CELLCDS_JOB_LEASE_MS: '5000' }).jobLeaseMs).to.equal(5_000);
+    expect(loadConfig({ CELLCDS_JOB_LEASE_MS: '3600000' }).jobLeaseMs).to.equal(3_600_000);
+  });
+
   it('normalises the public URL (no trailing slash)', () => {
     expect(loadConfig({ CELLCDS_PUBLIC_URL: 'https://cds.example.org/base/' }).publicUrl).to.equal(
       'https://cds.example.org/base',
@@ -126,6 +132,13 @@ describe('configuration', () => {
       /CELLCDS_REWRAP_SCHEDULED_BATCH/,
     ],
     ['a negative rewrap pause', { CELLCDS_REWRAP_THROTTLE_MS: '-5' }, /CELLCDS_REWRAP_THROTTLE_MS/],
+    ['a job lease under 5 s', { CELLCDS_JOB_LEASE_MS: '4999' }, /CELLCDS_JOB_LEASE_MS/],
+    ['a job lease over an hour', { CELLCDS_JOB_LEASE_MS: '3600001' }, /CELLCDS_JOB_LEASE_MS/],
+    [
+      'a job lease that is not an integer',
+      { CELLCDS_JOB_LEASE_MS: '1.5e4x' },
+      /CELLCDS_JOB_LEASE_MS/,
+    ],
     [
       'a replay cache too small to be useful',
       { CELLCDS_REPLAY_CACHE_MAX_ENTRIES: '10' },

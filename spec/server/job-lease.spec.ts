@@ -66,6 +66,24 @@ describe('admin API: the owner and lease of a rewrap job', function () {
     }
   });
 
+  it('CELLCDS_JOB_LEASE_MS is the lease this plane holds on the jobs it runs', async () => {
+    await appWithRecords({
+      CELLCDS_JOB_LEASE_MS: '3600000',
+      CELLCDS_REWRAP_SCHEDULED_BATCH: '2',
+      CELLCDS_REWRAP_THROTTLE_MS: '60000',
+    });
+    const before = Date.now();
+    const rot = await op(request(t.app).post('/admin/tenants/tenant-a/keys/rotate')).send({});
+    expect(rot.status).to.equal(202);
+    const got = await op(request(t.app).get(`/admin/jobs/${rot.body.id as string}`));
+    expect(got.body).to.include({ status: 'running', leaseOwner: t.deps.stores.jobOwner });
+    // An hour from the rotation, not the default minute.
+    expect(Date.parse(got.body.leaseExpiresAt as string) - before).to.be.within(
+      3_600_000 - 5_000,
+      3_600_000 + 60_000,
+    );
+  });
+
   it('a job left by a replica that is gone runs here after a refused rotation (409) or a job read', async () => {
     await appWithRecords();
     const region = t.deps.stores.region;

@@ -807,11 +807,21 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     return started;
   }
 
+  const onRecordWrite = opts.onRecordWrite;
   const ctx: RegionContext = {
     region,
     provider,
     now,
     use,
+    ...(onRecordWrite
+      ? {
+          recordWritten: (record: 'invocation' | 'feedback', seconds: number) => {
+            tell(() => {
+              onRecordWrite(record, seconds);
+            });
+          },
+        }
+      : {}),
     async rotateDek(tenant, rotateOpts) {
       let row: JobRow;
       try {

@@ -50,6 +50,8 @@ export interface RegionContext extends KeyContext {
     opts?: { provision?: boolean },
   ): Promise<T>;
   rotateDek(tenant: string, opts: { emergency: boolean; actor?: string }): Promise<JobInfo>;
+  /** Told each committed record write's seconds from the call to the commit (never throws). */
+  recordWritten?: (record: 'invocation' | 'feedback', seconds: number) => void;
 }
 
 const MAX_RETRIES = 5;
@@ -629,8 +631,13 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
       } catch (err) {
         return Promise.reject(err instanceof Error ? err : new Error(String(err)));
       }
+      const started = performance.now();
       return ctx
         .use(tenant, (h) => saveInvocation(h, ctx, meta, plaintext))
+        .then((summary) => {
+          ctx.recordWritten?.('invocation', (performance.now() - started) / 1000);
+          return summary;
+        })
         .finally(() => plaintext.fill(0));
     },
 
@@ -691,7 +698,10 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
 
     async saveFeedback(items, opts) {
       const valid = validateFeedback(items, opts.service);
-      return ctx.use(tenant, (h) => saveFeedback(h, ctx, valid, opts.service));
+      const started = performance.now();
+      const result = await ctx.use(tenant, (h) => saveFeedback(h, ctx, valid, opts.service));
+      ctx.recordWritten?.('feedback', (performance.now() - started) / 1000);
+      return result;
     },
 
     audit: {

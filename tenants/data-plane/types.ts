@@ -433,6 +433,12 @@ export interface OpenRegionStoresOptions {
   /** Called when a background job fails (safe error). */
   onJobError?: (job: JobInfo, err: unknown) => void;
   /**
+   * Called after each committed record write (an invocation record, or a feedback batch) with
+   * the seconds from the store call to its durable commit (metrics). No tenant, no record: the
+   * region is the caller's. Must be cheap and must not throw (a fault is ignored).
+   */
+  onRecordWrite?: (record: 'invocation' | 'feedback', seconds: number) => void;
+  /**
    * Called when this process starts a job (`started`: a rotation asked here) or resumes one
    * (`resumed`: left running by a restart or crash here, or taken over from a replica whose
    * lease expired), with its progress then (`done` of `total`). A DEK job is reported resumed
