@@ -72,10 +72,15 @@ export function cdsRouter(deps: Deps): Router {
         resolved,
         parseHookRequest(takeBody(req), resolved.service.hook),
       );
-      const ruleErrors = result.trace.filter(
-        (t) => t.status === 'error' || t.status === 'timeout',
-      ).length;
-      const rulesSkipped = result.trace.filter((t) => t.status === 'skipped').length;
+      let ruleErrors = 0;
+      let rulesSkipped = 0;
+      for (const t of result.trace) {
+        if (t.status === 'error' || t.status === 'timeout') {
+          ruleErrors += 1;
+        } else if (t.status === 'skipped') {
+          rulesSkipped += 1;
+        }
+      }
       // Warn when checks did not all run: the EHR got an info card saying so (rules/README.md).
       const level = ruleErrors + rulesSkipped > 0 ? 'warn' : 'info';
       ctx.log[level](
