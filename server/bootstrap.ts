@@ -288,6 +288,19 @@ export async function buildDeps(
     pgAcquireTimeoutMs: config.pg.acquireTimeoutMs,
     onJobStart: jobs.onJobStart,
     onJobEnd: jobs.onJobEnd,
+    // A DEK version at its soft wrap limit (rotated automatically) or hard limit (writes
+    // refused until a rotation): tenant id, version and counts only.
+    onWrapLimit: (event) => {
+      const level = event.outcome === 'rotation_started' ? 'warn' : 'error';
+      log[level](
+        { ...event },
+        event.outcome === 'rotation_started'
+          ? 'DEK version reached its soft wrap limit: rotation started'
+          : event.outcome === 'rotation_failed'
+            ? 'DEK version reached its soft wrap limit: rotation could not start (retried)'
+            : 'DEK version at its hard wrap limit: write refused (rotate the tenant keys)',
+      );
+    },
     onRecordWrite: (record, seconds) => {
       storeMetrics.target?.storeWrite(record, seconds);
     },

@@ -102,6 +102,14 @@ export function toServiceError(err: unknown): ServiceError {
       cause: err,
     });
   }
+  if (err instanceof KeyUnavailableError && err.reason === 'wrap_limit') {
+    // The tenant's DEK reached its hard wrap limit and no rotation has replaced it yet: the
+    // write is refused (fail closed) and retryable once the rotation made a new version.
+    return new ServiceError(503, 'unavailable', 'tenant data key exhausted, retry later', {
+      detail: 'key: wrap_limit',
+      cause: err,
+    });
+  }
   if (err instanceof KeyUnavailableError) {
     // The region's key provider is down: retryable. Any other key failure is a server fault.
     return err.reason === 'provider'

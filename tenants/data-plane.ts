@@ -7,7 +7,14 @@ export type * from './data-plane/types.ts';
 export { openRegionStores } from './data-plane/region-stores.ts';
 export { createLocalKeyProvider, keyringPath } from './data-plane/local-keyring.ts';
 export type { LocalKeyProviderOptions } from './data-plane/local-keyring.ts';
-export { KeyUnavailableError, RecordOpenError, BackupError } from './data-plane/errors.ts';
+export {
+  KeyUnavailableError,
+  RecordOpenError,
+  BackupError,
+  WrapLimitError,
+} from './data-plane/errors.ts';
+export { DEFAULT_WRAP_LIMITS } from './data-plane/wrap-limit.ts';
+export type { WrapLimits, WrapLimitEvent } from './data-plane/wrap-limit.ts';
 export type {
   KeyUnavailableReason,
   RecordOpenReason,

@@ -36,6 +36,7 @@ import type { ChainVerification } from './hash-chain.ts';
 import { assertRegionId, assertTenantId } from './ids.ts';
 import { TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow, TenantStoreModels } from './models.ts';
+import { wrapCountFloorSql } from './store-backend.ts';
 import type { StoreBackend, StoreHandle } from './store-backend.ts';
 import type { BackupResult, KeyProvider } from './types.ts';
 
@@ -875,6 +876,18 @@ async function stagePostgres(
         for (let i = 0; i < rows.length; i += 500) {
           await target.bulkCreate(rows.slice(i, i + 500), { transaction: t, validate: false });
         }
+      }
+      // Loading the records ran the store's wrap-counting triggers (store-backend.ts): put
+      // each version's count back to the snapshot's, or, in a dump from before the counts
+      // (schema 4), to the lower bound an upgrade sets.
+      const deks = h.qualified(TABLES.deks);
+      for (const row of tables[TABLES.deks] as Array<{ version: number; wrapCount?: unknown }>) {
+        await h.sequelize.query(
+          `UPDATE ${deks} SET wrap_count = GREATEST($1::bigint,
+             ${wrapCountFloorSql((table) => h.qualified(table), '$2::integer')})
+           WHERE version = $2::integer`,
+          { bind: [Number(row.wrapCount ?? 0), row.version], transaction: t },
+        );
       }
       for (const table of [TABLES.invocations, TABLES.feedback]) {
         await h.sequelize.query(

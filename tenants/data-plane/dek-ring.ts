@@ -15,11 +15,14 @@ import { usageByVersion } from './record-heads.ts';
 import type { SealingKey } from './record-cipher.ts';
 import type { PrimaryDek, StoreHandle } from './store-backend.ts';
 import type { DekStatus, DekVersionInfo, KeyProvider } from './types.ts';
+import type { WrapLimits } from './wrap-limit.ts';
 
 /** What DEK operations need from the region. */
 export interface KeyContext {
   provider: KeyProvider;
   now: () => Date;
+  /** The wrap limits of DEK versions (wrap-limit.ts); DEFAULT_WRAP_LIMITS if absent. */
+  wrapLimits?: WrapLimits;
 }
 
 /** The AAD bound into a wrapped DEK: region, tenant and version. */
@@ -105,6 +108,7 @@ export async function ensureInitialDek(
         createdAt: at.toISOString(),
         retiredAt: null,
         destroyedAt: null,
+        wrapCount: 0,
       },
       { transaction: t },
     );
@@ -150,7 +154,7 @@ export async function primaryDek(h: StoreHandle, t?: Transaction): Promise<Prima
   if (!row) {
     throw new KeyUnavailableError('dek_destroyed', `tenant ${h.tenant} has no primary DEK`);
   }
-  return { version: row.version, createdAt: row.createdAt };
+  return { version: row.version, createdAt: row.createdAt, wrapCount: Number(row.wrapCount) };
 }
 
 /**
@@ -172,7 +176,7 @@ export function isKeyOf(
 /**
  * PostgreSQL: locks the primary DEK row FOR UPDATE, the first lock of a transaction that
  * changes DEK rows (WriteOptions: the primary row first, then anything else). Waits for every
- * write that checked the primary version (FOR SHARE) to commit. SQLite: the write lock does it.
+ * write that checked the primary version (FOR NO KEY UPDATE) to commit. SQLite: the write lock does it.
  */
 export async function lockPrimaryForUpdate(h: StoreHandle, t: Transaction): Promise<void> {
   if (h.dialect === 'postgres') {
@@ -316,6 +320,7 @@ export async function dekVersions(h: StoreHandle): Promise<DekVersionInfo[]> {
     ...(r.retiredAt !== null ? { retiredAt: r.retiredAt } : {}),
     ...(r.destroyedAt !== null ? { destroyedAt: r.destroyedAt } : {}),
     records: usage.get(r.version) ?? 0,
+    wraps: Number(r.wrapCount),
   }));
 }
 

@@ -17,7 +17,12 @@ export type KeyUnavailableReason =
   /** The wrapped DEK failed authentication (tampered, another tenant's, another version's). */
   | 'unwrap_failed'
   /** The key provider itself failed (unreadable keyring, bad permissions, HSM down). */
-  | 'provider';
+  | 'provider'
+  /**
+   * The DEK version reached its hard wrap limit (AES-GCM invocation limit, wrap-limit.ts): the
+   * write is refused until a rotation gives the tenant a new primary version (`WrapLimitError`).
+   */
+  | 'wrap_limit';
 
 /**
  * A key needed for this operation cannot be used. Fail closed: nothing is read or written.
@@ -29,6 +34,26 @@ export class KeyUnavailableError extends Error {
     super(`key unavailable (${reason}): ${detail}`, { cause });
     this.name = new.target.name;
     this.reason = reason;
+  }
+}
+
+/**
+ * A write would pass the hard wrap limit of a DEK version (wrap-limit.ts): refused, nothing
+ * written. Retryable once the tenant's automatic (or an operator's) rotation made a new primary
+ * version. Suggested HTTP: 503 `unavailable`, like `provider`.
+ */
+export class WrapLimitError extends KeyUnavailableError {
+  readonly version: number;
+  /** The version's wrap count when the write was refused. */
+  readonly wraps: number;
+  constructor(tenant: string, version: number, wraps: number, hard: number) {
+    super(
+      'wrap_limit',
+      `DEK version ${String(version)} of tenant ${tenant} has made ${String(wraps)} of its ` +
+        `${String(hard)} allowed encryptions; rotate the tenant's keys`,
+    );
+    this.version = version;
+    this.wraps = wraps;
   }
 }
 

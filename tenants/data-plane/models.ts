@@ -12,9 +12,11 @@ import type { Envelope } from './record-cipher.ts';
  * Bumped when the tables change; a store at this version skips `sync()` on open. 2: the head
  * tables (`invocation_heads`, `feedback_heads`), created by `sync()` in older stores. 3: the
  * job lease columns (`jobs.lease_owner`, `jobs.lease_until`), added to older stores by
- * `ALTER TABLE` (sync() creates missing tables only; see ADDED_COLUMNS).
+ * `ALTER TABLE` (sync() creates missing tables only; see ADDED_COLUMNS). 4: the DEK wrap count
+ * (`dek_versions.wrap_count`, wrap-limit.ts), added the same way and set to a lower bound from
+ * the records and heads the store holds.
  */
-export const STORE_SCHEMA_VERSION = '3';
+export const STORE_SCHEMA_VERSION = '4';
 
 export interface MetaRow {
   key: string;
@@ -31,6 +33,12 @@ export interface DekRow {
   createdAt: string;
   retiredAt: string | null;
   destroyedAt: string | null;
+  /**
+   * AES-GCM encryptions made under this version (record keys wrapped, legacy records sealed),
+   * counted by the store's triggers in the writing statement (wrap-limit.ts). PostgreSQL's
+   * driver returns a BIGINT as a string: read it with Number().
+   */
+  wrapCount: number | string;
 }
 
 export interface InvocationRow {
@@ -172,11 +180,15 @@ export const HEAD_TABLES: Readonly<Record<SealedTable, string>> = {
 /**
  * Columns added to a table after it first shipped: opening an older store adds the missing ones
  * (`sync()` creates missing tables, never columns). Nullable, so rows written by older versions
- * (and older backups restored) stay valid. Schema 3: the job lease (job-lease.ts).
+ * (and older backups restored) stay valid. Schema 3: the job lease (job-lease.ts). Schema 4: the
+ * DEK wrap count (not null, default 0).
  */
 export const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; type: string }> = [
   { table: TABLES.jobs, column: 'lease_owner', type: 'VARCHAR(200)' },
   { table: TABLES.jobs, column: 'lease_until', type: 'VARCHAR(32)' },
+  // Schema 4: NOT NULL with a default, so existing rows read 0 until the upgrade sets them to
+  // the lower bound the store can tell (store-backend.ts, WRAP_COUNT_FLOOR).
+  { table: TABLES.deks, column: 'wrap_count', type: 'BIGINT NOT NULL DEFAULT 0' },
 ];
 
 /**
@@ -212,6 +224,7 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       createdAt: ts(),
       retiredAt: tsNull(),
       destroyedAt: tsNull(),
+      wrapCount: { type: DataTypes.BIGINT, allowNull: false, defaultValue: 0 },
     },
     { ...common, tableName: TABLES.deks },
   );

@@ -50,6 +50,7 @@ import type { StoreBackend, StoreHandle } from './store-backend.ts';
 import type { JobRow } from './models.ts';
 import { createTenantStore } from './tenant-store.ts';
 import type { RegionContext } from './tenant-store.ts';
+import { createWrapLimitWatch, resolveWrapLimits } from './wrap-limit.ts';
 import type {
   DeprovisionResult,
   JobInfo,
@@ -161,7 +162,8 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     opts.onAbandonedRestores?.(abandoned);
   }
 
-  const keyCtx: KeyContext = { provider, now };
+  const wrapLimits = resolveWrapLimits(opts.wrapLimits);
+  const keyCtx: KeyContext = { provider, now, wrapLimits };
   const slots = new Map<string, Slot>();
   const closingHandles = new Set<Promise<void>>();
   const blocked = new Map<string, string>();
@@ -808,11 +810,36 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   }
 
   const onRecordWrite = opts.onRecordWrite;
+  // The soft wrap limit's rotation (wrap-limit.ts): scheduled, by `system`, once per version.
+  const wrapWatch = createWrapLimitWatch({
+    limits: wrapLimits,
+    rotate: (tenant, version) =>
+      ctx.rotateDek(tenant, {
+        emergency: false,
+        actor: 'system',
+        reason: 'wrap_limit',
+        onlyIfPrimary: version,
+      }),
+    tell: (event) => {
+      tell(() => opts.onWrapLimit?.(event));
+    },
+  });
   const ctx: RegionContext = {
     region,
     provider,
     now,
+    wrapLimits,
     use,
+    wrapsCommitted: (tenant, version, count) => {
+      if (!state.closed) {
+        wrapWatch.committed(tenant, version, count);
+      }
+    },
+    wrapsRefused: (tenant, err) => {
+      if (!state.closed) {
+        wrapWatch.refused(tenant, err.version, err.wraps);
+      }
+    },
     ...(onRecordWrite
       ? {
           recordWritten: (record: 'invocation' | 'feedback', seconds: number) => {
@@ -1114,6 +1141,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         return;
       }
       state.closed = true;
+      await wrapWatch.idle();
       clearTimeout(retry.timer);
       retry.timer = undefined;
       parkedDeks.clear();

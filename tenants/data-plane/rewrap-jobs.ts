@@ -51,6 +51,7 @@ import {
 } from './record-cipher.ts';
 import type { Envelope } from './record-cipher.ts';
 import { CURRENT_VERSION, countRecords, isVersionUsed, withHeads } from './record-heads.ts';
+import { DEFAULT_WRAP_LIMITS, reserveWraps } from './wrap-limit.ts';
 import type { StoreHandle } from './store-backend.ts';
 import type { JobInfo, JobStatus } from './types.ts';
 
@@ -115,6 +116,10 @@ interface RotateOptions {
   emergency: boolean;
   actor?: string;
   lease: JobLease;
+  /** Why, if not asked by someone: `wrap_limit` (the soft wrap limit, wrap-limit.ts). */
+  reason?: 'wrap_limit';
+  /** Refuse (ConflictError) unless this version is still primary (an automatic rotation). */
+  onlyIfPrimary?: number;
 }
 
 /** Attempts of a rotation that keeps losing races with rotations of other processes. */
@@ -182,6 +187,10 @@ async function createVersion(
   if (running && !opts.emergency) {
     throw new ConflictError(`rewrap job ${running.id} is still running`);
   }
+  const previous = current.find((r) => r.status === 'primary');
+  if (opts.onlyIfPrimary !== undefined && previous?.version !== opts.onlyIfPrimary) {
+    throw new ConflictError(`DEK version ${String(opts.onlyIfPrimary)} is no longer primary`);
+  }
   const at = ctx.now().toISOString();
   if (running) {
     await h.models.Job.update(
@@ -189,7 +198,6 @@ async function createVersion(
       { where: { id: running.id }, transaction: t },
     );
   }
-  const previous = current.find((r) => r.status === 'primary');
   if (previous) {
     await h.models.Dek.update(
       opts.emergency ? { status: 'retired', compromised: 1, retiredAt: at } : { status: 'active' },
@@ -206,6 +214,7 @@ async function createVersion(
       createdAt: at,
       retiredAt: null,
       destroyedAt: null,
+      wrapCount: 0,
     },
     { transaction: t },
   );
@@ -258,6 +267,9 @@ async function createVersion(
         job: row.id,
         records: row.total,
         ...(running ? { superseded: running.id } : {}),
+        ...(opts.reason !== undefined
+          ? { reason: opts.reason, wraps: Number(previous?.wrapCount ?? 0) }
+          : {}),
       },
     },
     now,
@@ -788,6 +800,9 @@ export async function runRewrapBatch(
       const envelopes = resealed.filter(
         (r): r is Moved & { sealed: Envelope } => r.sealed !== undefined,
       );
+      // Each moved record is one more encryption under the primary version: a job that
+      // would pass its hard limit fails (WrapLimitError) rather than over-use the key.
+      reserveWraps(h, ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS, t, resealed.length);
       if (heads.length > 0) {
         await upsertHeads(h, t, table, primary, heads);
       }

@@ -53,6 +53,11 @@ export type Dialect = 'sqlite' | 'postgres';
 export interface PrimaryDek {
   version: number;
   createdAt: string;
+  /**
+   * The version's wrap count as the transaction read it (wrap-limit.ts). Only rows read by a
+   * write transaction (`lockedPrimary`) carry it.
+   */
+  wrapCount?: number;
 }
 
 /** How `writeTx` runs `fn`. */
@@ -60,7 +65,9 @@ export interface WriteOptions {
   /**
    * `fn` checks the primary DEK with `lockedPrimary(t)`. The primary row is read once at the
    * start of the (group's) transaction, before any other statement of it, and on PostgreSQL
-   * locked `FOR SHARE` until COMMIT: a rotation (which locks that row `FOR UPDATE` first) waits
+   * locked `FOR NO KEY UPDATE` until COMMIT (the write's triggers add to the row's wrap count,
+   * so writes of several replicas take turns on it; a shared lock that each then upgraded would
+   * deadlock): a rotation (which locks that row `FOR UPDATE` first) waits
    * for this transaction, so nothing this transaction seals under the version it checked can
    * commit after the version stopped being primary (and the rewrap job then destroyed it while
    * the write was in flight). Lock order in every transaction: the primary DEK row first, then
@@ -96,8 +103,8 @@ export interface StoreHandle {
    */
   writeTx<T>(fn: (t: Transaction) => Promise<T>, opts?: WriteOptions): Promise<T>;
   /**
-   * The primary DEK row read at the start of `t`'s write transaction (held `FOR SHARE` on
-   * PostgreSQL, under SQLite's write lock), or undefined if the store has none. Only for a
+   * The primary DEK row read at the start of `t`'s write transaction (held `FOR NO KEY UPDATE`
+   * on PostgreSQL, under SQLite's write lock), or undefined if the store has none. Only for a
    * `writeTx` run with `{ primary: true }`. @throws Error otherwise (a bug, not a state).
    */
   lockedPrimary(t: Transaction): PrimaryDek | undefined;
@@ -496,9 +503,44 @@ function configureSqliteConnections(sequelize: Sequelize): {
 }
 
 /**
+ * Every statement that writes a new encryption under a DEK version: a record sealed (its record
+ * key wrapped, or a legacy record sealed directly), a record re-sealed (emergency rotation), a
+ * head written or rewritten (scheduled rotation). Each adds 1 to the version's `wrap_count` in
+ * the same statement (wrap-limit.ts), whichever path or process wrote it.
+ */
+const WRAP_COUNTING: ReadonlyArray<{ table: string; event: string; name: string }> = [
+  ...SEALED_TABLES.flatMap((table) => [
+    { table, event: 'INSERT', name: `${table}_counts_wrap` },
+    { table, event: 'UPDATE OF sealed', name: `${table}_reseal_counts_wrap` },
+  ]),
+  ...SEALED_TABLES.flatMap((table) => [
+    { table: HEAD_TABLES[table], event: 'INSERT', name: `${HEAD_TABLES[table]}_counts_wrap` },
+    {
+      table: HEAD_TABLES[table],
+      event: 'UPDATE OF head',
+      name: `${HEAD_TABLES[table]}_rewrap_counts_wrap`,
+    },
+  ]),
+];
+
+/**
+ * The wraps a store can tell were made under version `?` (bound once): its records whose own
+ * row is under it (each was sealed under it once) plus the heads under it (each was wrapped
+ * under it once). A lower bound: wraps of records since deleted, of heads since replaced, and
+ * of writes by older cellcds versions are not known. Set when a store is upgraded to schema 4
+ * and after a PostgreSQL restore (whose loading would otherwise count its rows again).
+ */
+export function wrapCountFloorSql(qualified: (table: string) => string, version: string): string {
+  return [...SEALED_TABLES, ...SEALED_TABLES.map((t) => HEAD_TABLES[t])]
+    .map((table) => `(SELECT count(*) FROM ${qualified(table)} WHERE key_version = ${version})`)
+    .join(' + ');
+}
+
+/**
  * Triggers in the store itself (so backups, restores and every connection have them): the audit
- * chain is append-only, and rewriting a record's `sealed` drops the record's head row (a head
- * belongs to the ciphertext it was made for; see models.ts, RecordHeadRow).
+ * chain is append-only, rewriting a record's `sealed` drops the record's head row (a head
+ * belongs to the ciphertext it was made for; see models.ts, RecordHeadRow), and every new
+ * encryption under a DEK version counts in its row (WRAP_COUNTING).
  */
 const STORE_TRIGGERS_SQLITE = [
   `CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON ${TABLES.auditEvents}
@@ -509,6 +551,12 @@ const STORE_TRIGGERS_SQLITE = [
     (table) => `CREATE TRIGGER IF NOT EXISTS ${table}_sealed_drops_head
    AFTER UPDATE OF sealed ON ${table}
    BEGIN DELETE FROM ${HEAD_TABLES[table]} WHERE seq = NEW.seq; END`,
+  ),
+  ...WRAP_COUNTING.map(
+    ({ table, event, name }) => `CREATE TRIGGER IF NOT EXISTS ${name}
+   AFTER ${event} ON ${table}
+   BEGIN UPDATE ${TABLES.deks} SET wrap_count = wrap_count + 1
+     WHERE version = NEW.key_version; END`,
   ),
 ];
 
@@ -544,6 +592,19 @@ function storeTriggersPostgres(schema: string): string[] {
       (table) => `CREATE OR REPLACE TRIGGER ${table}_sealed_drops_head
        AFTER UPDATE OF sealed ON ${q}.${table}
        FOR EACH ROW EXECUTE FUNCTION ${q}.cellcds_drop_head('${HEAD_TABLES[table]}')`,
+    ),
+    // The schema is the trigger's own (TG_TABLE_SCHEMA), never a name spliced in here: a
+    // restore renames its staging schema to the live one.
+    `CREATE OR REPLACE FUNCTION ${q}.cellcds_count_wrap() RETURNS trigger LANGUAGE plpgsql AS
+     $$ BEGIN
+       EXECUTE format('UPDATE %I.%I SET wrap_count = wrap_count + 1 WHERE version = $1',
+         TG_TABLE_SCHEMA, '${TABLES.deks}') USING NEW.key_version;
+       RETURN NULL;
+     END $$`,
+    ...WRAP_COUNTING.map(
+      ({ table, event, name }) => `CREATE OR REPLACE TRIGGER ${name}
+       AFTER ${event} ON ${q}.${table}
+       FOR EACH ROW EXECUTE FUNCTION ${q}.cellcds_count_wrap()`,
     ),
   ];
 }
@@ -654,8 +715,22 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
         );
       }
     };
+    // Schema 4: the wrap counts of a store that had none start at what the store can tell (a
+    // lower bound; GREATEST/max: an upgrade run again, e.g. after an older replica rewrote the
+    // schema number, never lowers a count).
+    const floorWrapCounts = async (tx: Transaction): Promise<void> => {
+      const d = qualified(TABLES.deks);
+      await sequelize.query(
+        `UPDATE ${d} SET wrap_count = ${dialect === 'postgres' ? 'GREATEST' : 'max'}(wrap_count,
+           ${wrapCountFloorSql(qualified, `${d}.version`)})`,
+        { transaction: tx },
+      );
+    };
     const upgrade = async (tx: Transaction): Promise<void> => {
       await addColumns(tx);
+      if (current?.get('schema') !== undefined) {
+        await floorWrapCounts(tx);
+      }
       await writeMeta(tx);
     };
     if (t) {
@@ -703,17 +778,21 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
       })
       .then(([rows]) => rows as R[]);
   };
-  // PostgreSQL: FOR SHARE. If a rotation holds the row, this waits for its COMMIT and then
-  // finds no primary (READ COMMITTED re-checks the row, which is no longer primary, and the new
-  // one is not in this statement's snapshot): the writes of the group see "stale" and seal again.
+  // PostgreSQL: FOR NO KEY UPDATE (the group's triggers add to the row's wrap count). If a
+  // rotation holds the row, this waits for its COMMIT and then finds no primary (READ COMMITTED
+  // re-checks the row, which is no longer primary, and the new one is not in this statement's
+  // snapshot): the writes of the group see "stale" and seal again.
   const readPrimary = async (t: Transaction): Promise<PrimaryDek | undefined> => {
-    const [row] = await raw<PrimaryDek>(
+    const [row] = await raw<{ version: number; createdAt: string; wrapCount: number | string }>(
       t,
-      `SELECT version, created_at AS "createdAt" FROM ${qualified(TABLES.deks)}
-       WHERE status = 'primary'${dialect === 'postgres' ? ' FOR SHARE' : ''}`,
+      `SELECT version, created_at AS "createdAt", wrap_count AS "wrapCount"
+       FROM ${qualified(TABLES.deks)}
+       WHERE status = 'primary'${dialect === 'postgres' ? ' FOR NO KEY UPDATE' : ''}`,
       [],
     );
-    return row ? { version: row.version, createdAt: row.createdAt } : undefined;
+    return row
+      ? { version: row.version, createdAt: row.createdAt, wrapCount: Number(row.wrapCount) }
+      : undefined;
   };
   const primaries = new WeakMap<Transaction, PrimaryDek | null>();
   const writeTx = createGroupCommit(

@@ -15,10 +15,11 @@ import {
   getDek,
   identified,
   isKeyOf,
+  primaryDek,
   primarySealingKey,
 } from './dek-ring.ts';
 import type { IdentifiedKey, KeyContext } from './dek-ring.ts';
-import { KeyUnavailableError, RecordOpenError } from './errors.ts';
+import { KeyUnavailableError, RecordOpenError, WrapLimitError } from './errors.ts';
 import { canonicalJson } from './hash-chain.ts';
 import { RECORD_ID_PATTERN } from './ids.ts';
 import { TABLES } from './models.ts';
@@ -39,6 +40,8 @@ import type {
 } from './types.ts';
 import { instant, validateFeedback, validateInvocation, validateQuery } from './validation.ts';
 import type { ValidInvocation } from './validation.ts';
+import { DEFAULT_WRAP_LIMITS, reserveWraps } from './wrap-limit.ts';
+import type { WrapLimits } from './wrap-limit.ts';
 
 /** What a facade needs from its region. */
 export interface RegionContext extends KeyContext {
@@ -49,7 +52,21 @@ export interface RegionContext extends KeyContext {
     fn: (h: StoreHandle) => Promise<T>,
     opts?: { provision?: boolean },
   ): Promise<T>;
-  rotateDek(tenant: string, opts: { emergency: boolean; actor?: string }): Promise<JobInfo>;
+  rotateDek(
+    tenant: string,
+    opts: {
+      emergency: boolean;
+      actor?: string;
+      /** Recorded in `key.rotate` (`wrap_limit`: started at the soft wrap limit). */
+      reason?: 'wrap_limit';
+      /** Refuse (ConflictError) unless this version is still the primary one. */
+      onlyIfPrimary?: number;
+    },
+  ): Promise<JobInfo>;
+  /** After a committed write that sealed under `version`, its wrap count (wrap-limit.ts). */
+  wrapsCommitted?: (tenant: string, version: number, count: number) => void;
+  /** A write was refused at the hard wrap limit. */
+  wrapsRefused?: (tenant: string, err: WrapLimitError) => void;
   /** Told each committed record write's seconds from the call to the commit (never throws). */
   recordWritten?: (record: 'invocation' | 'feedback', seconds: number) => void;
 }
@@ -189,9 +206,17 @@ interface PendingInvocation {
   /** The identity (DEK row created_at) of the key `row` is sealed with. */
   keyCreatedAt: string;
   cardUuids: readonly string[];
-  resolve: (outcome: 'saved' | 'stale') => void;
+  resolve: (outcome: Written) => void;
   reject: (err: unknown) => void;
 }
+
+/**
+ * A row's batch outcome: `saved` with the primary version's wrap count after the batch (or a
+ * lower value: SQLite reads it per row), or `stale` (sealed under a key that is not the primary
+ * row's, or, SQLite, refused because the batch would pass the hard wrap limit).
+ */
+type Written = { outcome: 'saved'; wraps: number } | { outcome: 'stale'; batch: number };
+const STALE: Written = { outcome: 'stale', batch: 1 };
 
 /**
  * Most rows per batch: 14 parameters each (SQLite: the 13 columns and the key's identity)
@@ -251,7 +276,7 @@ function isSealedUnder(locked: PrimaryDek | undefined, p: PendingInvocation): bo
 
 /**
  * PostgreSQL: inserts `rows` in `t` after checking the primary DEK row (number and identity),
- * read and locked FOR SHARE at the start of the transaction (writeTx `{ primary: true }`, one
+ * read and locked FOR NO KEY UPDATE at the start of the transaction (writeTx `{ primary: true }`, one
  * SELECT per transaction): rows sealed under another version or another key of that number
  * are left out and reported stale (their callers seal again), and a rotation by another
  * replica waits for this COMMIT. Raw statements, one multi-row INSERT per table
@@ -259,12 +284,16 @@ function isSealedUnder(locked: PrimaryDek | undefined, p: PendingInvocation): bo
  */
 async function insertInvocations(
   h: StoreHandle,
+  limits: WrapLimits,
   t: Transaction,
   rows: readonly PendingInvocation[],
-): Promise<Array<'saved' | 'stale'>> {
+): Promise<Written[]> {
   const locked = h.lockedPrimary(t);
   const fresh = rows.filter((p) => isSealedUnder(locked, p));
+  let wraps = 0;
   if (fresh.length > 0) {
+    // The primary row is locked: the count read with it is exact (wrap-limit.ts).
+    wraps = reserveWraps(h, limits, t, fresh.length)?.count ?? 0;
     await h.raw(
       t,
       `INSERT INTO ${h.qualified(TABLES.invocations)} ${INVOCATION_COLUMNS} VALUES ${fresh
@@ -283,7 +312,7 @@ async function insertInvocations(
       );
     }
   }
-  return rows.map((p) => (isSealedUnder(locked, p) ? 'saved' : 'stale'));
+  return rows.map((p) => (isSealedUnder(locked, p) ? { outcome: 'saved', wraps } : STALE));
 }
 
 /**
@@ -297,19 +326,30 @@ async function insertInvocations(
  */
 async function insertInvocationsAutocommit(
   h: StoreHandle,
+  limits: WrapLimits,
   write: NonNullable<StoreHandle['writeStatement']>,
   rows: readonly PendingInvocation[],
-): Promise<Array<'saved' | 'stale'>> {
-  const stored = await write<{ id: string }>(
+): Promise<Written[]> {
+  // The primary row must also have room for the batch below the hard wrap limit (else the
+  // rows come back stale and saveInvocation finds why). The store's trigger counts each row;
+  // RETURNING reads the count before the row's own increment, hence + 1.
+  const deks = h.qualified(TABLES.deks);
+  const stored = await write<{ id: string; wraps: number | string }>(
     `INSERT INTO ${h.qualified(TABLES.invocations)} ${INVOCATION_COLUMNS}
      SELECT ${VALUES_COLUMNS} FROM (VALUES ${rows.map(() => VALUES_PLACEHOLDERS).join(', ')})
      WHERE (${VALUES_KEY_VERSION}, ${VALUES_KEY_CREATED_AT}) = (SELECT version, created_at
-       FROM ${h.qualified(TABLES.deks)} WHERE status = 'primary')
-     RETURNING id`,
-    rows.flatMap((p) => [...invocationParams(p.row), p.keyCreatedAt]),
+       FROM ${deks} WHERE status = 'primary' AND wrap_count + ? <= ?)
+     RETURNING id, (SELECT wrap_count FROM ${deks} WHERE version = key_version) + 1 AS wraps`,
+    [
+      ...rows.flatMap((p) => [...invocationParams(p.row), p.keyCreatedAt]),
+      rows.length,
+      limits.hard,
+    ],
   );
+  const wraps = Math.max(0, ...stored.map((r) => Number(r.wraps)));
   const saved = new Set(stored.map((r) => r.id));
-  return rows.map((p) => (saved.has(p.row.id) ? 'saved' : 'stale'));
+  const stale: Written = { outcome: 'stale', batch: rows.length };
+  return rows.map((p): Written => (saved.has(p.row.id) ? { outcome: 'saved', wraps } : stale));
 }
 
 /**
@@ -320,21 +360,21 @@ async function insertInvocationsAutocommit(
  * refused by a unique constraint is rolled back and its rows written one at a time, so only
  * the duplicate fails.
  */
-function createInvocationBatcher(h: StoreHandle): (p: PendingInvocation) => void {
+function createInvocationBatcher(
+  h: StoreHandle,
+  limits: WrapLimits,
+): (p: PendingInvocation) => void {
   const pending: PendingInvocation[] = [];
   let writing = false;
   const { writeStatement } = h;
-  const write = (group: readonly PendingInvocation[]): Promise<Array<'saved' | 'stale'>> =>
+  const write = (group: readonly PendingInvocation[]): Promise<Written[]> =>
     writeStatement
-      ? insertInvocationsAutocommit(h, writeStatement, group)
-      : h.writeTx((t) => insertInvocations(h, t, group), { primary: true });
+      ? insertInvocationsAutocommit(h, limits, writeStatement, group)
+      : h.writeTx((t) => insertInvocations(h, limits, t, group), { primary: true });
 
-  const settle = (
-    group: readonly PendingInvocation[],
-    outcomes: ReadonlyArray<'saved' | 'stale'>,
-  ): void => {
+  const settle = (group: readonly PendingInvocation[], outcomes: readonly Written[]): void => {
     group.forEach((p, k) => {
-      p.resolve(outcomes[k] ?? 'stale');
+      p.resolve(outcomes[k] ?? STALE);
     });
   };
 
@@ -342,7 +382,7 @@ function createInvocationBatcher(h: StoreHandle): (p: PendingInvocation) => void
     for (const p of group) {
       try {
         const [outcome] = await write([p]);
-        p.resolve(outcome ?? 'stale');
+        p.resolve(outcome ?? STALE);
       } catch (err) {
         p.reject(
           err instanceof UniqueConstraintError
@@ -382,10 +422,10 @@ function createInvocationBatcher(h: StoreHandle): (p: PendingInvocation) => void
 
 const batchers = new WeakMap<StoreHandle, (p: PendingInvocation) => void>();
 
-function batcherOf(h: StoreHandle): (p: PendingInvocation) => void {
+function batcherOf(h: StoreHandle, limits: WrapLimits): (p: PendingInvocation) => void {
   let batcher = batchers.get(h);
   if (!batcher) {
-    batcher = createInvocationBatcher(h);
+    batcher = createInvocationBatcher(h, limits);
     batchers.set(h, batcher);
   }
   return batcher;
@@ -393,10 +433,11 @@ function batcherOf(h: StoreHandle): (p: PendingInvocation) => void {
 
 async function saveInvocation(
   h: StoreHandle,
-  ctx: KeyContext,
+  ctx: RegionContext,
   v: Omit<ValidInvocation, 'secretJson'>,
   plaintext: Buffer,
 ): Promise<InvocationSummary> {
+  const limits = ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS;
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await sealingKeyFor(h, ctx);
     const row = {
@@ -419,15 +460,35 @@ async function saveInvocation(
       ),
       createdAt: ctx.now().toISOString(),
     };
-    const outcome = await new Promise<'saved' | 'stale'>((resolve, reject) => {
-      batcherOf(h)({ row, keyCreatedAt: key.createdAt, cardUuids: v.cardUuids, resolve, reject });
+    const written = await new Promise<Written>((resolve, reject) => {
+      batcherOf(
+        h,
+        limits,
+      )({
+        row,
+        keyCreatedAt: key.createdAt,
+        cardUuids: v.cardUuids,
+        resolve,
+        reject,
+      });
     });
-    if (outcome === 'saved') {
+    if (written.outcome === 'saved') {
+      ctx.wrapsCommitted?.(h.tenant, key.version, written.wraps);
       return toSummary({ ...row, seq: 0 });
     }
     // Rotated meanwhile, or the key was another of the same version number: seal again under
     // the key of the primary row, read again (primarySealingKey drops a stale cached key).
+    // SQLite also answers stale when the primary has no room left for the batch below its
+    // hard wrap limit: sealed under the primary's own key, yet refused. A batch that would
+    // pass the limit is refused whole (PostgreSQL: reserveWraps throws for it).
     primaryHint.delete(h);
+    if (h.writeStatement) {
+      const primary = await primaryDek(h);
+      const count = primary.wrapCount ?? 0;
+      if (isKeyOf(primary, key) && count + written.batch > limits.hard) {
+        throw new WrapLimitError(h.tenant, primary.version, count, limits.hard);
+      }
+    }
   }
   throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
 }
@@ -523,10 +584,11 @@ function toFeedbackRecord(
 
 async function saveFeedback(
   h: StoreHandle,
-  ctx: KeyContext,
+  ctx: RegionContext,
   items: FeedbackInput[],
   service: string,
 ): Promise<{ stored: number; duplicates: number; ids: string[] }> {
+  const limits = ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS;
   const ids = items.map(feedbackId);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
@@ -574,6 +636,7 @@ async function saveFeedback(
         }
         let stored = 0;
         let duplicates = 0;
+        let wraps = 0;
         const seen = new Set<string>();
         const receivedAt = ctx.now().toISOString();
         for (const [i, item] of items.entries()) {
@@ -586,6 +649,7 @@ async function saveFeedback(
             continue;
           }
           seen.add(fid);
+          wraps = reserveWraps(h, limits, t, 1)?.count ?? wraps;
           await h.models.Feedback.create(
             {
               id: fid,
@@ -601,12 +665,15 @@ async function saveFeedback(
           );
           stored += 1;
         }
-        return { stored, duplicates, ids };
+        return { stored, duplicates, ids, wraps };
       },
       { primary: true },
     );
     if (result) {
-      return result;
+      if (result.stored > 0) {
+        ctx.wrapsCommitted?.(h.tenant, key.version, result.wraps);
+      }
+      return { stored: result.stored, duplicates: result.duplicates, ids: result.ids };
     }
   }
   throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
@@ -614,6 +681,13 @@ async function saveFeedback(
 
 /** Creates the facade of `tenant` over the region context. */
 export function createTenantStore(ctx: RegionContext, tenant: string): TenantStore {
+  /** A write refused at the hard wrap limit is reported (and the rotation tried again). */
+  const refusedAtWrapLimit = (err: unknown): unknown => {
+    if (err instanceof WrapLimitError) {
+      ctx.wrapsRefused?.(tenant, err);
+    }
+    return err;
+  };
   return {
     tenant,
     region: ctx.region,
@@ -637,6 +711,9 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
         .then((summary) => {
           ctx.recordWritten?.('invocation', (performance.now() - started) / 1000);
           return summary;
+        })
+        .catch((err: unknown) => {
+          throw refusedAtWrapLimit(err);
         })
         .finally(() => plaintext.fill(0));
     },
@@ -699,7 +776,11 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
     async saveFeedback(items, opts) {
       const valid = validateFeedback(items, opts.service);
       const started = performance.now();
-      const result = await ctx.use(tenant, (h) => saveFeedback(h, ctx, valid, opts.service));
+      const result = await ctx
+        .use(tenant, (h) => saveFeedback(h, ctx, valid, opts.service))
+        .catch((err: unknown) => {
+          throw refusedAtWrapLimit(err);
+        });
       ctx.recordWritten?.('feedback', (performance.now() - started) / 1000);
       return result;
     },
@@ -721,6 +802,7 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
             tenant,
             primary: versions.find((v) => v.status === 'primary')?.version ?? 0,
             versions,
+            wrapLimits: { ...(ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS) },
             ...(running !== undefined ? { runningJob: running } : {}),
           };
         }),

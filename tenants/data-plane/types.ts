@@ -5,6 +5,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { AuditEvent } from '../types.ts';
 import type { ChainHead, ChainVerification } from './hash-chain.ts';
+import type { WrapLimitEvent } from './wrap-limit.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Key provider (region master key = KEK). An HSM/KMS implements the same interface: every
@@ -229,12 +230,24 @@ export interface DekVersionInfo {
   destroyedAt?: string;
   /** Records (invocations + feedback) sealed under this version now. */
   records: number;
+  /**
+   * AES-GCM encryptions made under this version so far (records sealed, record keys re-wrapped
+   * or re-sealed by rotations), kept in the store. For a version that existed before the store
+   * counted them (schema 4), a lower bound: its records and heads at the upgrade, not those
+   * since deleted.
+   */
+  wraps: number;
 }
 
 export interface KeyStatus {
   tenant: string;
   primary: number;
   versions: DekVersionInfo[];
+  /**
+   * The wrap limits of a version: at `soft` the primary is rotated automatically, at `hard`
+   * writes under it are refused (`KeyUnavailableError('wrap_limit')`, HTTP 503).
+   */
+  wrapLimits: { soft: number; hard: number };
   /** The running rewrap job, if any. */
   runningJob?: string;
 }
@@ -451,6 +464,18 @@ export interface OpenRegionStoresOptions {
    * interrupted by `close()` (it stays `running` and resumes later). Must not throw.
    */
   onJobEnd?: (job: JobInfo) => void;
+  /**
+   * Wrap (AES-GCM invocation) limits of each DEK version (tenants/data-plane/wrap-limit.ts):
+   * at `soft` (default 2^31) the primary is rotated automatically (scheduled, actor `system`,
+   * reason `wrap_limit`); a write that would pass `hard` (default 2^32 - 2^20) is refused.
+   */
+  wrapLimits?: { soft?: number; hard?: number };
+  /**
+   * Called when a version reaches its soft limit (a rotation started, or failed to start and is
+   * tried again by a later write after 30 s) and when a write is refused at the hard limit.
+   * Tenant id, version, counts, job id, a safe error: no PHI. Must not throw.
+   */
+  onWrapLimit?: (event: WrapLimitEvent) => void;
   /**
    * Called when `resumePendingJobs` (or its retry) cannot read a tenant's jobs or start one
    * (`tenant` undefined: the list of stores itself). The scan goes on with the other tenants;

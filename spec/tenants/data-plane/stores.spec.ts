@@ -194,6 +194,17 @@ forEachBackend('tenants/ data plane: tenant store', (backend) => {
             { name: 'audit_events_no_delete' },
             { name: 'invocations_sealed_drops_head' },
             { name: 'feedback_sealed_drops_head' },
+            // The DEK wrap counters (wrap-limit.ts), in the store on purpose.
+            ...[
+              'invocations',
+              'invocations_reseal',
+              'feedback',
+              'feedback_reseal',
+              'invocation_heads',
+              'invocation_heads_rewrap',
+              'feedback_heads',
+              'feedback_heads_rewrap',
+            ].map((t) => ({ name: `${t}_counts_wrap` })),
           ]);
         }
       } finally {

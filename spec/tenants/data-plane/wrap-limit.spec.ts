@@ -1,0 +1,278 @@
+/**
+ * The AES-GCM invocation limit of a DEK version, enforced (wrap-limit.ts): every encryption
+ * under a version is counted in its row (record sealed, head re-wrapped, record re-sealed), an
+ * upgraded store starts from a lower bound, the soft limit rotates the tenant's keys once
+ * (audited, actor `system`, reason `wrap_limit`), and the hard limit refuses writes and stops a
+ * rewrap job that would pass it. Real stores, both backends, tiny limits.
+ */
+import { expect } from 'chai';
+import { InvalidInputError } from '../../../tenants/index.ts';
+import { KeyUnavailableError, WrapLimitError } from '../../../tenants/data-plane.ts';
+import type {
+  FeedbackInput,
+  KeyProvider,
+  RegionStores,
+  TenantStore,
+  WrapLimitEvent,
+} from '../../../tenants/data-plane.ts';
+import { asInstance, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
+import type { Env } from './helpers.ts';
+
+const fb = (card: string, minute: number): FeedbackInput => ({
+  card,
+  outcome: 'overridden',
+  outcomeTimestamp: `2025-01-01T12:${String(minute).padStart(2, '0')}:00Z`,
+});
+
+async function wraps(s: TenantStore): Promise<Record<number, number>> {
+  const status = await s.keys.status();
+  return Object.fromEntries(status.versions.map((v) => [v.version, v.wraps]));
+}
+
+async function save(s: TenantStore, from: number, n: number): Promise<void> {
+  for (let i = from; i < from + n; i += 1) {
+    await s.saveInvocation(invocation(`inv-${String(i)}`));
+  }
+}
+
+/** Waits until `s`'s primary version is `version` (an automatic rotation runs after a write). */
+async function primaryBecomes(s: TenantStore, version: number): Promise<void> {
+  for (let i = 0; i < 200; i += 1) {
+    if ((await s.keys.status()).primary === version) {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`primary never became ${String(version)}`);
+}
+
+/** The provider, refusing to wrap new DEKs (an HSM/KMS that is down for writes). */
+function refusingWraps(provider: KeyProvider): KeyProvider {
+  return {
+    ...provider,
+    wrapDek: () => Promise.reject(new KeyUnavailableError('provider', 'the provider is down')),
+  };
+}
+
+forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
+  let env: Env;
+  afterEach(async () => {
+    await env.close();
+  });
+
+  it('counts every wrap per version: single and batched writes, feedback, a scheduled rewrap; kept across a reopen', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 1);
+    expect(await wraps(s)).to.deep.equal({ 1: 1 });
+    // Written together: group-committed in batches.
+    await Promise.all(
+      Array.from({ length: 12 }, (_, i) => s.saveInvocation(invocation(`inv-${String(i + 2)}`))),
+    );
+    expect(await wraps(s)).to.deep.equal({ 1: 13 });
+    await s.saveFeedback([fb('card-inv-1', 1), fb('card-inv-2', 2), fb('card-inv-2', 2)], {
+      service: 'med-safety',
+    });
+    expect(await wraps(s)).to.deep.equal({ 1: 15 }); // the repeat is stored once
+    const job = await s.keys.rotate({ actor: 'op-1' });
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 15 });
+    // Every record key re-wrapped once under v2; v1's count stays (destroyed, not reset).
+    expect(await wraps(s)).to.deep.equal({ 1: 15, 2: 15 });
+    await save(s, 20, 2);
+    expect(await wraps(s)).to.deep.equal({ 1: 15, 2: 17 });
+    const again = await env.reopen();
+    expect(await wraps(again.store('acme'))).to.deep.equal({ 1: 15, 2: 17 });
+    const status = await again.store('acme').keys.status();
+    expect(status.wrapLimits).to.deep.equal({ soft: 2 ** 31, hard: 2 ** 32 - 2 ** 20 });
+  });
+
+  it('an emergency rotation counts each re-sealed record under the new version', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 4);
+    const job = await s.keys.rotate({ emergency: true });
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done', done: 4 });
+    expect(await wraps(s)).to.deep.equal({ 1: 4, 2: 4 });
+  });
+
+  it('a backup restores with its wrap counts, not counted again by the restore', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 3);
+    const job = await s.keys.rotate();
+    await env.stores.waitForJob(job.id);
+    await save(s, 4, 1);
+    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 4 });
+    const backup = await env.stores.backupTenant('acme', env.backupDir);
+    await save(s, 5, 2);
+    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 6 });
+    await env.stores.restoreTenant(backup.path, { tenant: 'acme' });
+    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 4 });
+    await save(s, 5, 1);
+    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 5 });
+  });
+
+  it('a store at schema 3 gets the wrap count when opened, set from its records and heads', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 3);
+    await s.saveFeedback([fb('card-inv-1', 1)], { service: 'med-safety' });
+    const job = await s.keys.rotate();
+    await env.stores.waitForJob(job.id); // 4 heads under v2; the rows still say v1
+    await save(s, 4, 2);
+    expect(await wraps(s)).to.deep.equal({ 1: 4, 2: 6 });
+    await env.stores.close();
+    // What schema 3 left: no column, no counting triggers.
+    const raw = await env.raw('acme');
+    for (const [table, name] of [
+      ['invocations', 'invocations_counts_wrap'],
+      ['invocations', 'invocations_reseal_counts_wrap'],
+      ['feedback', 'feedback_counts_wrap'],
+      ['feedback', 'feedback_reseal_counts_wrap'],
+      ['invocation_heads', 'invocation_heads_counts_wrap'],
+      ['invocation_heads', 'invocation_heads_rewrap_counts_wrap'],
+      ['feedback_heads', 'feedback_heads_counts_wrap'],
+      ['feedback_heads', 'feedback_heads_rewrap_counts_wrap'],
+    ] as const) {
+      await raw.exec(
+        backend === 'sqlite' ? `DROP TRIGGER ${name}` : `DROP TRIGGER ${name} ON ${raw.t(table)}`,
+      );
+    }
+    await raw.exec(`ALTER TABLE ${raw.t('dek_versions')} DROP COLUMN wrap_count`);
+    await raw.exec(`UPDATE ${raw.t('meta')} SET value = '3' WHERE key = 'schema'`);
+    // Writes the older version made of records since deleted would not be known: a lower bound.
+    const stores = await env.reopen();
+    const again = stores.store('acme');
+    // v1: the 3 + 1 rows sealed under it; v2: the 2 rows sealed under it + the 4 heads.
+    expect(await wraps(again)).to.deep.equal({ 1: 4, 2: 6 });
+    const [schema] = await raw.query<{ value: string }>(
+      `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
+    );
+    expect(schema?.value).to.equal('4');
+    await save(again, 10, 1);
+    expect(await wraps(again)).to.deep.equal({ 1: 4, 2: 7 });
+  });
+
+  it('at the soft limit the store rotates once by itself (audited, actor system, reason wrap_limit) and writes go on under the new version', async function () {
+    this.timeout(30_000);
+    const events: WrapLimitEvent[] = [];
+    env = await makeEnv(backend, {
+      stores: { wrapLimits: { soft: 5, hard: 100 }, onWrapLimit: (e) => events.push(e) },
+    });
+    const s = env.stores.store('acme');
+    await save(s, 1, 4);
+    expect((await s.keys.status()).primary).to.equal(1);
+    // The 5th wrap and two more in flight with it: one rotation.
+    await Promise.all(['inv-5', 'inv-6', 'inv-7'].map((id) => s.saveInvocation(invocation(id))));
+    await primaryBecomes(s, 2);
+    const status = await s.keys.status();
+    expect(status.wrapLimits).to.deep.equal({ soft: 5, hard: 100 });
+    // Told once the rotation is made (the job may already be done by then).
+    for (let i = 0; i < 200 && events.length === 0; i += 1) {
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const jobId = events[0]?.job ?? '';
+    expect(jobId).to.match(/^rewrap\.acme\./);
+    expect(await env.stores.waitForJob(jobId)).to.include({ status: 'done' });
+    const rotations = (await s.audit.list()).filter((e) => e.type === 'key.rotate');
+    expect(rotations).to.have.length(1);
+    expect(rotations[0]).to.deep.include({ actor: 'system', outcome: 'success' });
+    expect(rotations[0]?.detail).to.deep.include({ from: 1, to: 2, reason: 'wrap_limit' });
+    expect(Number(rotations[0]?.detail?.wraps)).to.be.within(5, 7);
+    expect(events.map((e) => e.outcome)).to.deep.equal(['rotation_started']);
+    expect(events[0]).to.include({ tenant: 'acme', version: 1 });
+    // Every record is wrapped once under v2 (re-wrapped by the job, or written under it).
+    expect((await wraps(s))[2]).to.equal(7);
+    await save(s, 8, 1);
+    expect((await s.readInvocation('inv-8')).keyVersion).to.equal(2);
+  });
+
+  it('when no rotation can start, the hard limit refuses writes with WrapLimitError and stores nothing', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    await env.stores.provisionTenant('acme');
+    await env.stores.close();
+    const events: WrapLimitEvent[] = [];
+    const stores: RegionStores = await env.reopen({
+      keyProvider: refusingWraps(env.provider),
+      wrapLimits: { soft: 5, hard: 8 },
+      onWrapLimit: (e) => events.push(e),
+    });
+    const s = stores.store('acme');
+    await save(s, 1, 7);
+    // Written together, the batch that would pass 8 is refused (no write passes the limit).
+    const results = await Promise.allSettled([
+      s.saveInvocation(invocation('inv-8')),
+      s.saveInvocation(invocation('inv-9')),
+    ]);
+    expect(results.filter((r) => r.status === 'fulfilled').length).to.be.at.most(1);
+    for (const r of results) {
+      if (r.status === 'rejected') {
+        expect(asInstance(r.reason as Error, WrapLimitError).reason).to.equal('wrap_limit');
+      }
+    }
+    const count = (await wraps(s))[1] ?? 0;
+    expect(count).to.be.at.most(8);
+    await save(s, 10, 8 - count);
+    expect(await wraps(s)).to.deep.equal({ 1: 8 });
+    const err = await rejection(s.saveInvocation(invocation('inv-30')));
+    const refused = asInstance(err, WrapLimitError);
+    expect(refused).to.be.instanceOf(KeyUnavailableError);
+    expect(refused.reason).to.equal('wrap_limit');
+    expect(refused).to.include({ version: 1, wraps: 8 });
+    expect(refused.message).to.match(/DEK version 1 of tenant acme has made 8 of its 8/);
+    const fbErr = await rejection(s.saveFeedback([fb('card-inv-1', 1)], { service: 'med-safety' }));
+    expect(asInstance(fbErr, WrapLimitError).reason).to.equal('wrap_limit');
+    // Nothing written past the limit; what was written still opens.
+    expect(await s.listInvocations({ limit: 100 })).to.have.length(8);
+    expect((await s.readInvocation('inv-1')).keyVersion).to.equal(1);
+    expect(await wraps(s)).to.deep.equal({ 1: 8 });
+    expect((await s.keys.status()).primary).to.equal(1);
+    expect((await s.audit.list()).filter((e) => e.type === 'key.rotate')).to.have.length(0);
+    // The rotation was tried once (the retry waits 30 s), each refusal reported.
+    expect(events.filter((e) => e.outcome === 'rotation_failed')).to.have.length(1);
+    expect(events.filter((e) => e.outcome === 'refused').length).to.be.at.least(2);
+    expect(events.find((e) => e.outcome === 'rotation_failed')?.error).to.match(/provider/);
+  });
+
+  it('a rewrap job whose target version would pass the hard limit fails with a clear error', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s0 = env.stores.store('acme');
+    await save(s0, 1, 6);
+    await env.stores.close();
+    const stores = await env.reopen({ wrapLimits: { soft: 3, hard: 4 } });
+    const s = stores.store('acme');
+    const job = await s.keys.rotate({ actor: 'op-1' });
+    const done = await stores.waitForJob(job.id);
+    expect(done.status).to.equal('failed');
+    expect(done.error).to.match(/wrap_limit.*DEK version 2 of tenant acme has made 0 of its 4/);
+    // Nothing moved, nothing destroyed: every record still opens under v1.
+    expect(await wraps(s)).to.deep.equal({ 1: 6, 2: 0 });
+    expect((await s.readInvocation('inv-6')).keyVersion).to.equal(1);
+    const failure = (await s.audit.list()).find(
+      (e) => e.type === 'key.rewrap' && e.outcome === 'failure',
+    );
+    expect(failure?.detail).to.deep.include({ job: job.id });
+  });
+
+  it('refuses bad wrap limits', async () => {
+    env = await makeEnv(backend);
+    for (const wrapLimits of [
+      { soft: 8, hard: 8 },
+      { soft: 0, hard: 8 },
+      { soft: 1.5, hard: 8 },
+      { hard: 2 ** 32 + 1 },
+      { soft: 2 ** 32 - 1 },
+    ]) {
+      const err = await rejection(env.reopen({ wrapLimits }));
+      expect(asInstance(err, InvalidInputError).field, JSON.stringify(wrapLimits)).to.match(
+        /^wrapLimits\./,
+      );
+    }
+  });
+});
