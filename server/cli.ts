@@ -650,6 +650,7 @@ export function buildProgram(): Command {
     .option('--jwks-uri <url>', 'JWK Set URL')
     .option('--jku <url>', 'allowlisted jku value (repeatable)', collect)
     .option('--fhir-server <url>', 'allowed FHIR server base URL (repeatable)', collect)
+    .option('--smart-client-id <id>', "the card viewer's client_id at this tenant's EHR")
     .action(
       async (o: {
         id: string;
@@ -660,6 +661,7 @@ export function buildProgram(): Command {
         jwksUri?: string;
         jku?: string[];
         fhirServer?: string[];
+        smartClientId?: string;
       }) => {
         const issuer: Record<string, unknown> = { iss: o.iss };
         if (o.jwksFile) {
@@ -678,6 +680,7 @@ export function buildProgram(): Command {
             region: o.region ?? config().region,
             issuers: [issuer],
             fhirServers: o.fhirServer ?? [],
+            ...(o.smartClientId === undefined ? {} : { smart: { clientId: o.smartClientId } }),
           }),
         );
         out(t);

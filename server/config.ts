@@ -139,7 +139,10 @@ export interface Config {
   readonly seedDemo: boolean;
   /** Shared replay cache for replicas (scale-out); unset = in-process cache. */
   readonly redisUrl: string | undefined;
-  /** The card viewer's SMART client id (id_token `aud`); unset = SMART app mode refuses calls. */
+  /**
+   * The card viewer's default SMART client id (id_token `aud`), for tenants without their own
+   * `smart.clientId`; unset = only tenants with their own client id can use the viewer.
+   */
   readonly smartClientId: string | undefined;
   /**
    * Tenant stores a region keeps open (LRU); undefined = 1024 for SQLite regions (~0.8 MB of

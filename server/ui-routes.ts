@@ -32,7 +32,13 @@ import type { FeedbackItem } from '../hooks/index.ts';
 import { answerCards, buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
 import { AuthError, authorize, createIdTokenVerifier } from '../tenants/index.ts';
-import type { AppIdentity, IdTokenContext, IdTokenVerifier, Principal } from '../tenants/index.ts';
+import type {
+  AppIdentity,
+  IdTokenContext,
+  IdTokenVerifier,
+  Principal,
+  SmartLaunchTarget,
+} from '../tenants/index.ts';
 import { resolveOperator } from './admin-routes.ts';
 import type { Deps } from './context.ts';
 import { requestIdOf } from './context.ts';
@@ -44,8 +50,9 @@ import { badRequest, notFound, ServiceError, unsupportedMediaType } from './erro
 /** Options of {@link uiRouter}. */
 export interface UiRouterOptions {
   /**
-   * The viewer's OAuth client id at the EHR authorization servers (one for the deployment).
-   * Unset: the SMART app API refuses every call (401) and the launch page says so.
+   * The viewer's default OAuth client id (CELLCDS_SMART_CLIENT_ID), for tenants that registered
+   * no `smart.clientId` of their own. Unset: only tenants with their own client id can launch;
+   * for the others the launch page says so and the SMART app API refuses every call (401).
    */
   smartClientId?: string;
   /** Scopes the viewer asks for (default {@link DEFAULT_SMART_SCOPE}). */
@@ -143,41 +150,89 @@ function send(res: Response, file: StaticFile, csp?: string): void {
   res.send(file.body);
 }
 
-/** The launch page's answer to an `iss` no tenant allowlists (a static text, no echo). */
-const UNKNOWN_ISS_PAGE: StaticFile = {
-  type: 'text/html; charset=utf-8',
-  body: Buffer.from(
-    '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cellcds: launch refused</title></head>' +
-      '<body><p>This launch names a FHIR server (iss) that no cellcds tenant has registered, so it was not started. ' +
-      "Open the app from your EHR, or ask your administrator to register the EHR's FHIR server.</p></body></html>",
+/** A static refusal page of the launch (no echo of the request). */
+function refusalPage(text: string): StaticFile {
+  return {
+    type: 'text/html; charset=utf-8',
+    body: Buffer.from(
+      '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cellcds: launch refused</title></head>' +
+        `<body><p>${text}</p></body></html>`,
+    ),
+  };
+}
+
+/** The launch page's answers when no launch can start (static texts, no echo). */
+const REFUSAL_PAGES = {
+  unknown_iss: refusalPage(
+    'This launch names a FHIR server (iss) that no cellcds tenant has registered, so it was not started. ' +
+      "Open the app from your EHR, or ask your administrator to register the EHR's FHIR server.",
   ),
-};
+  ambiguous: refusalPage(
+    'Several organisations registered this FHIR server with different SMART client ids, so this launch ' +
+      'cannot tell which one it is for. Ask your administrator to add <code>?tenant=&lt;id&gt;</code> to the ' +
+      "launch URL registered in your organisation's EHR.",
+  ),
+  unconfigured: refusalPage(
+    'The card viewer is not registered for your organisation: cellcds has no SMART client id for it, ' +
+      "so this launch was not started. Ask your administrator to set the client id your EHR assigned on the tenant's " +
+      'registration (smart.clientId).',
+  ),
+} as const;
+
+/** Which tenant a launch is for and which client id it must use, or why it cannot start. */
+type LaunchResolution =
+  { kind: 'ok'; clientId: string; tenant?: string } | { kind: keyof typeof REFUSAL_PAGES };
 
 /**
- * The normalized FHIR bases of each set `activeFhirServers` answered: the page is
+ * Launch targets of each answer of `smartLaunchTargets`, by normalized FHIR base: the page is
  * unauthenticated, so a launch costs a lookup, not a pass over every tenant.
  */
-const launchBases = new WeakMap<readonly string[], Set<string>>();
+const launchIndexes = new WeakMap<readonly SmartLaunchTarget[], Map<string, SmartLaunchTarget[]>>();
 
-/** Whether `iss` (a launch's query value) is a FHIR base that some active tenant allowlists. */
-async function launchIssuerKnown(deps: Deps, iss: unknown): Promise<boolean> {
+/**
+ * Resolves a launch from its query: `iss` (the EHR's FHIR base) must be allowlisted by an
+ * active tenant (and by the `tenant` hint's, when one is given). The client id is that
+ * tenant's own, else `defaultClientId`. Several tenants without a hint resolve only if they
+ * would all use the same client id (the API call then chooses the tenant, as before).
+ */
+async function resolveLaunch(
+  deps: Deps,
+  defaultClientId: string | undefined,
+  iss: unknown,
+  hint: unknown,
+): Promise<LaunchResolution> {
   const base = typeof iss === 'string' ? normalizeFhirBaseUrl(iss) : undefined;
-  if (base === undefined) {
-    return false;
+  if (base === undefined || (hint !== undefined && typeof hint !== 'string')) {
+    return { kind: 'unknown_iss' };
   }
-  const servers = await deps.controlPlane.tenants.activeFhirServers();
-  let bases = launchBases.get(servers);
-  if (!bases) {
-    bases = new Set();
-    for (const url of servers) {
-      const normalized = normalizeFhirBaseUrl(url);
-      if (normalized !== undefined) {
-        bases.add(normalized);
+  const targets = await deps.controlPlane.tenants.smartLaunchTargets();
+  let index = launchIndexes.get(targets);
+  if (!index) {
+    index = new Map();
+    for (const target of targets) {
+      for (const url of new Set(target.fhirServers.map(normalizeFhirBaseUrl))) {
+        if (url !== undefined) {
+          index.set(url, [...(index.get(url) ?? []), target]);
+        }
       }
     }
-    launchBases.set(servers, bases);
+    launchIndexes.set(targets, index);
   }
-  return bases.has(base);
+  const all = index.get(base) ?? [];
+  const matching = hint === undefined ? all : all.filter((t) => t.tenant === hint);
+  const [first] = matching;
+  if (first === undefined) {
+    return { kind: 'unknown_iss' };
+  }
+  const ids = new Set(matching.map((t) => t.clientId ?? defaultClientId));
+  const [clientId] = ids;
+  if (ids.size > 1) {
+    return { kind: 'ambiguous' };
+  }
+  if (clientId === undefined || clientId === '') {
+    return { kind: 'unconfigured' };
+  }
+  return { kind: 'ok', clientId, ...(matching.length === 1 ? { tenant: first.tenant } : {}) };
 }
 
 function noStore(res: Response): void {
@@ -548,26 +603,23 @@ function authContextOf(body: unknown): IdTokenContext {
   };
 }
 
-/** A verifier that refuses everything: SMART app mode is not configured (fail closed). */
-const UNCONFIGURED: IdTokenVerifier = {
-  verify: () => Promise.reject(new AuthError('bad_aud', 'no SMART client id is configured')),
-};
-
 function appApi(deps: Deps, opts: UiRouterOptions): Router {
   const router = express.Router({ strict: true, caseSensitive: true });
   const json = express.json({ limit: APP_BODY_LIMIT, type: JSON_TYPES, strict: true });
-  const clientId = opts.smartClientId;
+  const clientId = opts.smartClientId === '' ? undefined : opts.smartClientId;
+  const scope = opts.smartScope ?? DEFAULT_SMART_SCOPE;
+  // `aud` must be the client id of the tenant the token speaks for: its own, else the default.
+  // With neither, that tenant's every call is refused (fail closed).
   const verifier =
     opts.idTokenVerifier ??
-    (clientId === undefined || clientId === ''
-      ? UNCONFIGURED
-      : createIdTokenVerifier({
-          controlPlane: deps.controlPlane,
-          clientIds: [clientId],
-          algorithms: [...deps.config.jwtAlgorithms],
-          maxLifetimeSeconds: deps.config.jwtMaxLifetimeSeconds,
-          now: () => deps.now(),
-        }));
+    createIdTokenVerifier({
+      controlPlane: deps.controlPlane,
+      clientIds: clientId === undefined ? [] : [clientId],
+      allowNoDefault: true,
+      algorithms: [...deps.config.jwtAlgorithms],
+      maxLifetimeSeconds: deps.config.jwtMaxLifetimeSeconds,
+      now: () => deps.now(),
+    });
 
   async function authenticate(
     req: Request,
@@ -593,12 +645,37 @@ function appApi(deps: Deps, opts: UiRouterOptions): Router {
     next();
   });
 
-  router.get('/config', (_req, res) => {
-    res.json(
-      clientId === undefined || clientId === ''
-        ? { configured: false }
-        : { configured: true, clientId, scope: opts.smartScope ?? DEFAULT_SMART_SCOPE },
-    );
+  // With `iss` (and the optional `tenant` hint) of a launch: the client id of that launch's
+  // tenant. Without: the deployment's default, as before per-tenant client ids.
+  router.get('/config', async (req, res) => {
+    const { iss, tenant } = req.query;
+    if (iss === undefined) {
+      res.json(
+        clientId === undefined ? { configured: false } : { configured: true, clientId, scope },
+      );
+      return;
+    }
+    const launch = await resolveLaunch(deps, clientId, iss, tenant);
+    switch (launch.kind) {
+      case 'ok':
+        res.json({
+          configured: true,
+          clientId: launch.clientId,
+          scope,
+          ...(launch.tenant === undefined ? {} : { tenant: launch.tenant }),
+        });
+        return;
+      case 'unconfigured':
+        res.json({ configured: false });
+        return;
+      case 'unknown_iss':
+        throw badRequest('iss: no active tenant registers this FHIR server', 'iss');
+      case 'ambiguous':
+        throw badRequest(
+          'tenant: several tenants register this FHIR server with different client ids; the launch must name the tenant',
+          'tenant',
+        );
+    }
   });
 
   router.post('/patient-view', requireJson, json, async (req, res) => {
@@ -738,15 +815,25 @@ export function uiRouter(deps: Deps, opts: UiRouterOptions = {}): Router {
   router.get('/app/', (_req, res) => {
     send(res, pages.app, CSP_APP);
   });
+  const defaultClientId = opts.smartClientId === '' ? undefined : opts.smartClientId;
   router.get('/app/launch', async (req, res) => {
     // The launch sends the browser to the authorization server that `iss` names (fhirclient
     // reads its .well-known/smart-configuration): only an EHR FHIR server some active tenant
     // allowlists may be that, else a link to this host could open any sign-in page (phishing).
+    // That tenant must have a client id (its own or the default) and be the only candidate.
     // No iss at all: the page itself says the launch needs one.
-    if (req.query['iss'] !== undefined && !(await launchIssuerKnown(deps, req.query['iss']))) {
-      res.status(400);
-      send(res, UNKNOWN_ISS_PAGE, CSP_APP);
-      return;
+    if (req.query['iss'] !== undefined) {
+      const launch = await resolveLaunch(
+        deps,
+        defaultClientId,
+        req.query['iss'],
+        req.query['tenant'],
+      );
+      if (launch.kind !== 'ok') {
+        res.status(400);
+        send(res, REFUSAL_PAGES[launch.kind], CSP_APP);
+        return;
+      }
     }
     send(res, pages.launch, CSP_APP);
   });

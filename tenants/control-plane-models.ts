@@ -28,6 +28,8 @@ export interface TenantRow {
   residency: string | null;
   /** JSON of the ActiveFailover, or null. */
   failover: string | null;
+  /** JSON of the TenantSmart registration, or null (the deployment's default client id). */
+  smart: string | null;
   createdAt: string;
   updatedAt: string;
 }
@@ -120,23 +122,34 @@ export function defineControlPlaneModels(
       subscriptions: { type: DataTypes.TEXT, allowNull: false },
       residency: { type: DataTypes.TEXT, allowNull: true },
       failover: { type: DataTypes.TEXT, allowNull: true },
+      smart: { type: DataTypes.TEXT, allowNull: true },
       createdAt: { type: key(32), allowNull: false },
       updatedAt: { type: key(32), allowNull: false },
     },
     { ...common, tableName: 'tenants' },
   );
   // `sync()` creates missing tables but never alters existing ones: a control plane created
-  // before issue 5 gets the residency columns here (nullable, so old rows mean "default").
-  // PostgreSQL control planes came later and were created with them.
-  Tenant.addHook('afterSync', async () => {
-    if (isPostgres) {
-      return;
-    }
+  // before issue 5 gets the residency columns here, and one created before per-tenant SMART
+  // client ids gets `smart` (nullable, so old rows mean "default"). PostgreSQL control planes
+  // came after issue 5 but before `smart`; their sync runs in the setup transaction (under its
+  // advisory lock), so the check and the ALTER run in it too.
+  Tenant.addHook('afterSync', async (options) => {
     const qi = sequelize.getQueryInterface();
-    const columns = await qi.describeTable('tenants');
-    for (const column of ['residency', 'failover']) {
+    // The PostgreSQL setup passes its transaction to sync (see control-plane-postgres.ts).
+    const transaction = (options as { transaction?: Transaction | null }).transaction ?? undefined;
+    const table = schema !== undefined ? { tableName: 'tenants', schema } : 'tenants';
+    const columns = await qi.describeTable('tenants', {
+      ...(schema !== undefined ? { schema } : {}),
+      ...(transaction ? { transaction } : {}),
+    });
+    for (const column of isPostgres ? ['smart'] : ['residency', 'failover', 'smart']) {
       if (!Object.hasOwn(columns, column)) {
-        await qi.addColumn('tenants', column, { type: DataTypes.TEXT, allowNull: true });
+        await qi.addColumn(
+          table,
+          column,
+          { type: DataTypes.TEXT, allowNull: true },
+          transaction ? { transaction } : {},
+        );
       }
     }
   });

@@ -26,9 +26,11 @@ import type {
   AuditEvent,
   ResidencyPolicyInput,
   ResidencyProblem,
+  SmartLaunchTarget,
   Tenant,
   TenantPatch,
   TenantRepository,
+  TenantSmart,
   TenantStatus,
   TrustedIssuer,
 } from './types.ts';
@@ -37,6 +39,7 @@ function toTenant(row: TenantRow): Tenant {
   // Older rows (and rows read before the columns were added) carry no residency columns.
   const residency = row.residency ?? null;
   const failover = row.failover ?? null;
+  const smart = row.smart ?? null;
   return {
     id: row.id,
     name: row.name,
@@ -47,6 +50,7 @@ function toTenant(row: TenantRow): Tenant {
     subscriptions: JSON.parse(row.subscriptions) as Subscription[],
     ...(residency !== null ? { residency: JSON.parse(residency) as ResidencyPolicyInput } : {}),
     ...(failover !== null ? { failover: JSON.parse(failover) as ActiveFailover } : {}),
+    ...(smart !== null ? { smart: JSON.parse(smart) as TenantSmart } : {}),
     createdAt: row.createdAt,
     updatedAt: row.updatedAt,
   };
@@ -152,6 +156,29 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     return Object.freeze([...servers]);
   }
 
+  /** smartLaunchTargets' answer of one control-plane generation. */
+  let launchTargetsCache: { generation: string; targets: readonly SmartLaunchTarget[] } | undefined;
+
+  async function readSmartLaunchTargets(): Promise<readonly SmartLaunchTarget[]> {
+    const rows = await TenantModel.findAll({
+      where: { status: 'active' },
+      attributes: ['id', 'fhirServers', 'smart'],
+      raw: true,
+      order: [['id', 'ASC']],
+    });
+    const targets = (rows as unknown as Array<Pick<TenantRow, 'id' | 'fhirServers' | 'smart'>>).map(
+      (row): SmartLaunchTarget => {
+        const smart = row.smart === null ? undefined : (JSON.parse(row.smart) as TenantSmart);
+        return {
+          tenant: row.id,
+          fhirServers: JSON.parse(row.fhirServers) as string[],
+          ...(smart === undefined ? {} : { clientId: smart.clientId }),
+        };
+      },
+    );
+    return deepFreeze(targets);
+  }
+
   async function lookUpIssuer(iss: string): Promise<Tenant[]> {
     const links = await TenantIssuer.findAll({ where: { iss }, raw: true });
     if (links.length === 0) {
@@ -222,6 +249,7 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         subscriptions: '[]',
         residency: tenant.residency ? JSON.stringify(tenant.residency) : null,
         failover: null,
+        smart: tenant.smart ? JSON.stringify(tenant.smart) : null,
         createdAt: at,
         updatedAt: at,
       };
@@ -296,6 +324,9 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
             : {}),
           ...(valid.residency !== undefined
             ? { residency: valid.residency === null ? null : JSON.stringify(valid.residency) }
+            : {}),
+          ...(valid.smart !== undefined
+            ? { smart: valid.smart === null ? null : JSON.stringify(valid.smart) }
             : {}),
           updatedAt: now().toISOString(),
         };
@@ -450,6 +481,18 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         fhirServersCache = { generation, servers: await readActiveFhirServers() };
       }
       return fhirServersCache.servers;
+    },
+
+    async smartLaunchTargets() {
+      if (!deps.generation) {
+        return readSmartLaunchTargets();
+      }
+      // Read before the lookup (as findByIssuer): a write committed meanwhile makes it stale.
+      const generation = await deps.generation();
+      if (launchTargetsCache?.generation !== generation) {
+        launchTargetsCache = { generation, targets: await readSmartLaunchTargets() };
+      }
+      return launchTargetsCache.targets;
     },
 
     peekIssuer(iss) {

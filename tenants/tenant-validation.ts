@@ -13,6 +13,7 @@ import type {
   NewTenant,
   ResidencyPolicyInput,
   TenantPatch,
+  TenantSmart,
   TenantStatus,
   TrustedIssuer,
 } from './types.ts';
@@ -40,6 +41,12 @@ const MAX_ISSUERS = 50;
 const MAX_LIST = 100;
 const MAX_NAME = 200;
 const MAX_REGIONS = 32;
+/**
+ * An OAuth client_id (RFC 6749 §A.1 allows any VSCHAR): visible ASCII without spaces, so it
+ * travels unchanged through the authorization URL, JSON and logs. EHRs assign UUIDs, opaque
+ * strings or URLs; 255 characters is well above any of them.
+ */
+const SMART_CLIENT_ID_PATTERN = /^[\x21-\x7e]{1,255}$/;
 
 type Json = Record<string, unknown>;
 
@@ -174,6 +181,23 @@ function validateFhirServers(value: unknown): string[] {
   });
 }
 
+/**
+ * Validates a tenant's SMART registration (`{ clientId }`).
+ * @throws InvalidInputError naming the field (`smart.clientId`).
+ */
+export function validateTenantSmart(value: unknown, field = 'smart'): TenantSmart {
+  const raw = requireObject(value, field);
+  rejectUnknown(raw, ['clientId'], field);
+  const clientId = raw.clientId;
+  if (typeof clientId !== 'string' || !SMART_CLIENT_ID_PATTERN.test(clientId)) {
+    throw new InvalidInputError(
+      `${field}.clientId`,
+      'must be 1 to 255 visible ASCII characters (no spaces): the client_id your EHR assigned',
+    );
+  }
+  return { clientId };
+}
+
 /** Checks one registered JWK: public, asymmetric, signing, with a kid, importable. */
 async function validatePublicJwk(value: unknown, field: string): Promise<Json> {
   const key = requireObject(value, field);
@@ -296,7 +320,7 @@ export async function validateNewTenant(
   input: unknown,
 ): Promise<NewTenant & { fhirServers: string[] }> {
   const raw = requireObject(input, '(body)');
-  rejectUnknown(raw, ['id', 'name', 'region', 'issuers', 'fhirServers', 'residency'], '');
+  rejectUnknown(raw, ['id', 'name', 'region', 'issuers', 'fhirServers', 'residency', 'smart'], '');
   return {
     id: validateTenantId(raw.id),
     name: validateName(raw.name),
@@ -304,6 +328,7 @@ export async function validateNewTenant(
     issuers: await validateIssuers(raw.issuers),
     fhirServers: raw.fhirServers === undefined ? [] : validateFhirServers(raw.fhirServers),
     ...(raw.residency !== undefined ? { residency: validateResidencyPolicy(raw.residency) } : {}),
+    ...(raw.smart !== undefined ? { smart: validateTenantSmart(raw.smart) } : {}),
   };
 }
 
@@ -313,7 +338,7 @@ export async function validateNewTenant(
  */
 export async function validateTenantPatch(input: unknown): Promise<TenantPatch> {
   const raw = requireObject(input, '(body)');
-  rejectUnknown(raw, ['name', 'status', 'issuers', 'fhirServers', 'residency'], '');
+  rejectUnknown(raw, ['name', 'status', 'issuers', 'fhirServers', 'residency', 'smart'], '');
   const patch: TenantPatch = {};
   if (raw.name !== undefined) {
     patch.name = validateName(raw.name);
@@ -329,6 +354,9 @@ export async function validateTenantPatch(input: unknown): Promise<TenantPatch> 
   }
   if (raw.residency !== undefined) {
     patch.residency = raw.residency === null ? null : validateResidencyPolicy(raw.residency);
+  }
+  if (raw.smart !== undefined) {
+    patch.smart = raw.smart === null ? null : validateTenantSmart(raw.smart);
   }
   return patch;
 }

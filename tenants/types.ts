@@ -39,6 +39,11 @@ export interface Tenant {
   residency?: ResidencyPolicyInput;
   /** A declared failover: while set, this standby region may serve the tenant too. */
   failover?: ActiveFailover;
+  /**
+   * The SMART card viewer's registration at this tenant's EHR. Absent: the deployment's
+   * default client id (CELLCDS_SMART_CLIENT_ID) applies, if set.
+   */
+  smart?: TenantSmart;
   createdAt: string;
   updatedAt: string;
 }
@@ -50,6 +55,25 @@ export interface NewTenant {
   issuers: TrustedIssuer[];
   fhirServers?: string[];
   residency?: ResidencyPolicyInput;
+  smart?: TenantSmart;
+}
+
+/** How the SMART card viewer is registered at a tenant's EHR. */
+export interface TenantSmart {
+  /**
+   * The OAuth `client_id` the tenant's EHR assigned to the viewer: sent in the authorization
+   * request of the tenant's launches, and the only `aud` its id_tokens may carry.
+   */
+  clientId: string;
+}
+
+/** An active tenant's SMART launch registration, as the unauthenticated launch page needs it. */
+export interface SmartLaunchTarget {
+  tenant: string;
+  /** FHIR server base URLs as registered. */
+  fhirServers: readonly string[];
+  /** The tenant's own client id; absent means the deployment's default. */
+  clientId?: string;
 }
 
 export interface TenantPatch {
@@ -59,6 +83,8 @@ export interface TenantPatch {
   fhirServers?: string[];
   /** A new residency policy; `null` resets it to the default. */
   residency?: ResidencyPolicyInput | null;
+  /** A new SMART registration; `null` removes it (the default client id applies again). */
+  smart?: TenantSmart | null;
 }
 
 export type Role = 'platform-operator' | 'tenant-admin' | 'rule-author' | 'auditor';
@@ -294,6 +320,12 @@ export interface TenantRepository {
    * and keep something per answer (the SMART launch page checks every unauthenticated `iss`).
    */
   activeFhirServers(): Promise<readonly string[]>;
+  /**
+   * Every active tenant's FHIR servers and SMART client id, for the launch page (which must
+   * pick the launching tenant's client id without a pass over every tenant per request). The
+   * same frozen array is answered while the control plane does not change.
+   */
+  smartLaunchTargets(): Promise<readonly SmartLaunchTarget[]>;
   remove(id: string): Promise<void>;
 }
 

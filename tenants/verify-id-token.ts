@@ -11,8 +11,9 @@
  *     optional `tenant` hint) allowlists the launch's FHIR server; that tenant is active.
  *  4. Signature checked with node-jose against that tenant's registration of `iss` (inline
  *     `jwks` or `jwksUri`, one refetch on an unknown `kid`).
- *  5. Verified claims: `iss` equal; `aud` names the viewer's client id (and `azp`, when
- *     present or when `aud` names several parties, is that client id); `exp`, `iat`, `nbf`
+ *  5. Verified claims: `iss` equal; `aud` names the client id of that tenant's launch (its
+ *     registered `smart.clientId`, else the deployment's default; and `azp`, when present or
+ *     when `aud` names several parties, is that client id); `exp`, `iat`, `nbf`
  *     with leeway; `exp - iat` at most the max lifetime; `sub` present.
  *
  * There is no replay cache: the id_token is the session credential of one launch and is
@@ -42,8 +43,16 @@ import type { AuthFailureReason, ControlPlane, JwksFetcher, Tenant } from './typ
 /** Options of {@link createIdTokenVerifier}. */
 export interface IdTokenVerifierOptions {
   controlPlane: ControlPlane;
-  /** The viewer's OAuth client id(s) at the EHRs' authorization servers; `aud` must name one. */
+  /**
+   * The viewer's default OAuth client id(s), for tenants that registered no `smart.clientId`;
+   * `aud` must name one. A tenant with its own client id accepts only that one.
+   */
   clientIds: readonly string[];
+  /**
+   * Allow an empty `clientIds` (no deployment default): then only tenants with their own
+   * client id can be launched, and every id_token for another tenant is refused.
+   */
+  allowNoDefault?: boolean;
   /** Allowed `alg` values (default ES384, RS384, ES256, RS256); `none` and HMAC are refused. */
   algorithms?: string[];
   /** Largest `exp - iat` accepted (default 3600 s). */
@@ -72,7 +81,7 @@ export interface AppIdentity {
   sub: string;
   /** The `fhirUser` claim (a FHIR resource URL), when present. */
   fhirUser?: string;
-  /** The client id `aud` named. */
+  /** The client id `aud` named (the tenant's own, or the default). */
   clientId: string;
   /** `exp` claim, seconds since the epoch. */
   exp: number;
@@ -115,7 +124,7 @@ function shortString(value: unknown): value is string {
 export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVerifier {
   const algorithms = resolveAlgorithms(opts.algorithms, 'id_token verifier');
   const clientIds = opts.clientIds.filter((c) => c.length > 0);
-  if (clientIds.length === 0) {
+  if (clientIds.length === 0 && opts.allowNoDefault !== true) {
     throw new Error('id_token verifier: at least one client id is required');
   }
   const maxLifetime = opts.maxLifetimeSeconds ?? 3600;
@@ -146,9 +155,22 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
     return only;
   }
 
-  function checkAudience(claims: Claims): string {
+  /**
+   * The client id of this tenant's launches: its own registration wins over the default, so an
+   * id_token minted for another tenant's (or the default) client id is refused.
+   */
+  function expectedClientIds(tenant: Tenant): readonly string[] {
+    const own = tenant.smart?.clientId;
+    return own !== undefined && own.length > 0 ? [own] : clientIds;
+  }
+
+  function checkAudience(claims: Claims, tenant: Tenant): string {
+    const expected = expectedClientIds(tenant);
+    if (expected.length === 0) {
+      throw new AuthError('bad_aud', 'no SMART client id is configured for this tenant');
+    }
     const list = audienceList(claims);
-    const clientId = clientIds.find((c) => list.includes(c));
+    const clientId = expected.find((c) => list.includes(c));
     if (clientId === undefined) {
       throw new AuthError('bad_aud');
     }
@@ -188,7 +210,7 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
     if (claims.iss !== iss) {
       throw new AuthError('bad_signature', 'verified claims differ from the decoded ones');
     }
-    const clientId = checkAudience(claims);
+    const clientId = checkAudience(claims, tenant);
     const exp = checkTimes(claims, { now: now(), leeway, maxLifetime });
     if (!shortString(claims.sub)) {
       throw new AuthError('missing_claim', 'sub');

@@ -5,7 +5,7 @@
 import { callJson } from '/ui/api.mjs';
 import { h, renderCards } from '/ui/cards.mjs';
 
-const TENANT_KEY = 'cellcds.app.tenant';
+const LAUNCH_KEY = 'cellcds.app.launch';
 const status = document.getElementById('app-status');
 
 function setStatus(text, isError = false) {
@@ -41,6 +41,20 @@ async function showPatient(client) {
   }
 }
 
+/** The launch this tab started (launch.mjs), or null. */
+function launchBinding() {
+  try {
+    const value = JSON.parse(sessionStorage.getItem(LAUNCH_KEY) ?? 'null');
+    return value && typeof value.clientId === 'string' && typeof value.iss === 'string'
+      ? value
+      : null;
+  } catch {
+    return null;
+  }
+}
+
+const trimSlash = (url) => String(url ?? '').replace(/\/+$/, '');
+
 function explain(err) {
   if (err.status === 401) {
     return 'cellcds refused this launch: your EHR sign-in could not be verified for a registered organisation. Relaunch the app from the EHR; if it persists, contact your administrator.';
@@ -54,6 +68,21 @@ async function main() {
     client = await window.FHIR.oauth2.ready();
   } catch (err) {
     setStatus(`Open this app from your EHR (${err.message})`, true);
+    return;
+  }
+  // The callback must complete the launch this tab started: the same FHIR server and the
+  // client id cellcds chose for its tenant. cellcds checks the id_token's aud against that
+  // tenant's client id anyway; this stops a swapped session before any call.
+  const binding = launchBinding();
+  if (
+    !binding ||
+    binding.clientId !== client.state.clientId ||
+    trimSlash(binding.iss) !== trimSlash(client.state.serverUrl)
+  ) {
+    setStatus(
+      'This sign-in does not match the launch started in this tab. Relaunch the app from your EHR.',
+      true,
+    );
     return;
   }
   const token = client.state.tokenResponse ?? {};
@@ -70,7 +99,7 @@ async function main() {
     return;
   }
   void showPatient(client);
-  const tenant = sessionStorage.getItem(TENANT_KEY) ?? undefined;
+  const tenant = binding.tenant ?? undefined;
   const fhirServer = client.state.serverUrl;
   const encounterId = client.encounter.id ?? undefined;
   const common = { fhirServer, ...(tenant ? { tenant } : {}) };

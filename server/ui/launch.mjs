@@ -3,7 +3,9 @@
 // redirects. Anything else (no iss/launch, a "fhirServiceUrl" open-server launch) is refused
 // here, and cellcds would refuse it anyway: its API needs the EHR-signed id_token.
 const status = document.getElementById('launch-status');
-const TENANT_KEY = 'cellcds.app.tenant';
+// What this launch was started with: the tenant cellcds resolved and the client id it chose.
+// app.mjs checks it against fhirclient's state at the callback (same tab, sessionStorage).
+const LAUNCH_KEY = 'cellcds.app.launch';
 
 function fail(text) {
   status.textContent = text;
@@ -18,26 +20,33 @@ async function launch() {
     fail('Open this app from your EHR: the launch needs the "iss" and "launch" parameters.');
     return;
   }
+  const tenant = params.get('tenant');
+  sessionStorage.removeItem(LAUNCH_KEY);
+  // The client id is the launching tenant's (registered per health system), chosen by cellcds
+  // from the launch's iss (and tenant hint): never from the URL.
+  const query = new URLSearchParams({ iss, ...(tenant ? { tenant } : {}) });
   let config;
   try {
-    const res = await fetch('/app/api/config', { credentials: 'omit', cache: 'no-store' });
+    const res = await fetch(`/app/api/config?${query}`, { credentials: 'omit', cache: 'no-store' });
     config = await res.json();
+    if (!res.ok) {
+      fail(`This launch cannot start: ${config.message ?? `HTTP ${res.status}`}`);
+      return;
+    }
   } catch {
     fail('cellcds could not be reached.');
     return;
   }
   if (!config.configured) {
     fail(
-      'The SMART card viewer is not configured on this cellcds (no client id). Ask your administrator.',
+      'The SMART card viewer is not registered for your organisation on this cellcds (no client id). Ask your administrator.',
     );
     return;
   }
-  const tenant = params.get('tenant');
-  if (tenant) {
-    sessionStorage.setItem(TENANT_KEY, tenant);
-  } else {
-    sessionStorage.removeItem(TENANT_KEY);
-  }
+  sessionStorage.setItem(
+    LAUNCH_KEY,
+    JSON.stringify({ iss, clientId: config.clientId, tenant: config.tenant ?? tenant ?? null }),
+  );
   try {
     await window.FHIR.oauth2.authorize({
       clientId: config.clientId,
