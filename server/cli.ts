@@ -15,7 +15,15 @@ import {
   validatePack,
 } from '../rules/index.ts';
 import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
-import { ResidencyError } from '../tenants/index.ts';
+import {
+  ControlPlaneCopyError,
+  copyControlPlane,
+  CONTROL_PLANE_SCHEMA_PATTERN,
+  COPIED_TABLES,
+  DEFAULT_CONTROL_PLANE_SCHEMA,
+  InvalidInputError,
+  ResidencyError,
+} from '../tenants/index.ts';
 import type { Principal, Tenant } from '../tenants/index.ts';
 import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
 import { buildDeps, openConfiguredControlPlane, readAdminToken } from './bootstrap.ts';
@@ -542,6 +550,89 @@ export function buildProgram(): Command {
         throw err;
       } finally {
         await controlPlane.close();
+      }
+    });
+
+  // control-plane copy (docs/operations.md, "Scale-out"): SQLite -> PostgreSQL, once.
+  program
+    .command('control-plane')
+    .description('the control-plane database')
+    .command('copy')
+    .description(
+      'copy the SQLite control plane into an empty PostgreSQL schema in one transaction, verified and audited (stop the servers first)',
+    )
+    .option(
+      '--to <url>',
+      'postgres:// URL (default CELLCDS_CONTROL_PLANE_URL; prefer it: a URL here shows in ps and shell history)',
+    )
+    .option(
+      '--schema <name>',
+      `target schema (default CELLCDS_CONTROL_PLANE_SCHEMA, else ${DEFAULT_CONTROL_PLANE_SCHEMA})`,
+    )
+    .option('--from <file>', 'source SQLite file (default $CELLCDS_DATA_DIR/control.sqlite)')
+    .option('--json', 'print the result as JSON')
+    .action(async (o: { to?: string; schema?: string; from?: string; json?: boolean }) => {
+      const cfg = config();
+      const configured = cfg.controlPlane.kind === 'postgres' ? cfg.controlPlane : undefined;
+      const url = o.to ?? configured?.url;
+      if (url === undefined) {
+        throw new CliError(
+          'no target: set CELLCDS_CONTROL_PLANE_URL (or pass --to postgres://...)',
+          2,
+        );
+      }
+      const schema = o.schema ?? configured?.schema ?? DEFAULT_CONTROL_PLANE_SCHEMA;
+      if (!CONTROL_PLANE_SCHEMA_PATTERN.test(schema)) {
+        throw new CliError(
+          '--schema: lower-case letters, digits and _, not starting with a digit (at most 63)',
+          2,
+        );
+      }
+      const from = path.resolve(o.from ?? path.join(cfg.dataDir, 'control.sqlite'));
+      try {
+        const r = await copyControlPlane({
+          from,
+          postgresUrl: url,
+          schema,
+          statementTimeoutMs: cfg.pg.statementTimeoutMs,
+          acquireTimeoutMs: cfg.pg.acquireTimeoutMs,
+          actor: 'cli',
+          onProgress: (p) => {
+            if (!o.json) {
+              const rows = p.table ? ` ${p.table} ${String(p.done)}/${String(p.total)}` : '';
+              process.stderr.write(`control-plane copy: ${p.phase}${rows}\n`);
+            }
+          },
+        });
+        const next = `set CELLCDS_CONTROL_PLANE_URL (and CELLCDS_CONTROL_PLANE_SCHEMA=${r.schema}) on every replica and the CLI, then start them; ${from} is left untouched as the fallback (changes made there from now on are not copied)`;
+        if (o.json) {
+          out({ ...r, source: from, next });
+          return;
+        }
+        out(`copied ${from} into PostgreSQL schema ${r.schema} (one transaction, verified):`);
+        for (const table of COPIED_TABLES) {
+          out(`  ${table.padEnd(16)} ${String(r.counts[table])}`);
+        }
+        out(
+          `  audit head       seq ${String(r.sourceHead.seq)} ${r.sourceHead.hash} (as in the source)`,
+        );
+        out(
+          `  then             seq ${String(r.targetHead.seq)} ${r.targetHead.hash} (control-plane.copied)`,
+        );
+        out(`next: ${next}`);
+      } catch (err) {
+        if (err instanceof ControlPlaneCopyError) {
+          throw new CliError(err.message, 1);
+        }
+        if (err instanceof InvalidInputError) {
+          throw new CliError(
+            err.field === 'postgresUrl'
+              ? 'the target must be a postgres:// or postgresql:// URL (--to or CELLCDS_CONTROL_PLANE_URL)'
+              : err.message,
+            2,
+          );
+        }
+        throw err;
       }
     });
 

@@ -49,7 +49,7 @@ function optionalString(value: unknown, field: string, max: number): string | nu
 type EventColumns = Omit<AuditRow, 'seq' | 'at' | 'prevHash' | 'hash'>;
 
 /** What a chain link hashes: the event as stored (time included), canonical JSON. */
-function chainedEvent(
+export function chainedEvent(
   row: Pick<AuditRow, 'at' | 'type' | 'outcome' | 'tenant' | 'actor' | 'detail'>,
 ): unknown {
   return {

@@ -10,6 +10,14 @@ export {
   CONTROL_PLANE_SCHEMA_PATTERN,
   DEFAULT_CONTROL_PLANE_SCHEMA,
 } from './control-plane-postgres.ts';
+export { COPIED_TABLES, ControlPlaneCopyError, copyControlPlane } from './control-plane-copy.ts';
+export type {
+  ControlPlaneCopyRefusal,
+  CopiedTable,
+  CopyControlPlaneOptions,
+  CopyControlPlaneResult,
+  CopyProgress,
+} from './control-plane-copy.ts';
 export { ADMIN_TOKEN_PREFIX, hashAdminToken } from './admin-token-repository.ts';
 export { authorize, authorizeTokenIssue } from './authorize.ts';
 export {
