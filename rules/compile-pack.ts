@@ -19,7 +19,7 @@ import {
 } from './expression.ts';
 import type { CompiledFn, ExprScope, ValueSetIndex } from './expression.ts';
 import { chargeText, compileFast, SubtreeKeys, withFallback } from './fast-path.ts';
-import { packHash } from './pack-format.ts';
+import { packHash, packHashSteps } from './pack-format.ts';
 import type {
   ActionType,
   CardTemplate,
@@ -475,10 +475,29 @@ export function compileProgram(
   hash: string,
   opts: { fastPath?: boolean } = {},
 ): PackProgram {
+  const steps = programSteps(pack, hash, opts.fastPath ?? true);
+  for (;;) {
+    const step = steps.next();
+    if (step.done === true) {
+      return step.value;
+    }
+  }
+}
+
+/**
+ * compileProgram one let or rule at a time: it yields after each, so that a caller can spread
+ * a big pack's compilation over several turns of the event loop (see compilePackInSlices).
+ */
+function* programSteps(
+  pack: RulePack,
+  hash: string,
+  fastPath: boolean,
+): Generator<undefined, PackProgram, undefined> {
   const valueSets = indexValueSets(pack.valueSets);
-  const c = new Compiler(pack, valueSets, opts.fastPath ?? true);
+  const c = new Compiler(pack, valueSets, fastPath);
   const lets = new Map<string, CompiledLet>();
   for (const [name, source] of Object.entries(pack.let ?? {})) {
+    yield;
     c.takeLetRefs();
     const fn = c.expr(source, `let.${name}`, true);
     lets.set(name, { name, fn, deps: c.takeLetRefs() });
@@ -490,7 +509,11 @@ export function compileProgram(
       message: `lets form a cycle: ${cycle.join(' -> ')}`,
     });
   }
-  const rules = pack.rules.map((r, i) => compileRule(c, r, i));
+  const rules: CompiledRule[] = [];
+  for (const [i, r] of pack.rules.entries()) {
+    yield;
+    rules.push(compileRule(c, r, i));
+  }
   if (c.problems.length > 0) {
     throw new PackValidationError(c.problems);
   }
@@ -549,9 +572,102 @@ export function programFor(hash: string, pack: RulePack): PackProgram {
   let program = programs.get(hash);
   if (!program) {
     program = compileProgram(pack, hash);
+    compileCounts.blocking++;
     programs.set(hash, program);
   }
   return program;
+}
+
+/** Programs compiled in this thread so far: in one block (programFor) and in slices. */
+const compileCounts = { blocking: 0, sliced: 0 };
+
+/**
+ * How many programs this thread compiled in one block (`programFor`, `compilePack`) and in
+ * slices (`compilePackInSlices`, `programInSlices`), for metrics and tests.
+ */
+export function threadCompileCounts(): { blocking: number; sliced: number } {
+  return { ...compileCounts };
+}
+
+/**
+ * How long a sliced compilation holds the thread before it lets the event loop run (ms). One
+ * step (a let, a rule, a test of the pack when hashing) can take longer; the shipped pack's
+ * largest are well under this.
+ */
+export const COMPILE_SLICE_MS = 4;
+
+/** Runs `steps` to its end, letting the event loop run (setImmediate) every `sliceMs`. */
+async function runInSlices<T>(
+  steps: Generator<undefined, T, undefined>,
+  sliceMs: number,
+): Promise<T> {
+  let sliceEnd = performance.now() + sliceMs;
+  for (;;) {
+    const step = steps.next();
+    if (step.done === true) {
+      return step.value;
+    }
+    if (performance.now() >= sliceEnd) {
+      await new Promise<void>((resolve) => {
+        setImmediate(resolve);
+      });
+      sliceEnd = performance.now() + sliceMs;
+    }
+  }
+}
+
+/** Freezes a pack like deepFreeze, yielding after each item of its top-level arrays. */
+function* freezeSteps(pack: RulePack): Generator<undefined, RulePack, undefined> {
+  for (const value of Object.values(pack as unknown as Record<string, unknown>)) {
+    if (Array.isArray(value)) {
+      for (const item of value) {
+        deepFreeze(item);
+        yield;
+      }
+    }
+    deepFreeze(value);
+    yield;
+  }
+  return deepFreeze(pack);
+}
+
+/** Sliced compilations running, by pack hash (callers of one hash share it). */
+const slicedPrograms = new Map<string, Promise<PackProgram>>();
+
+/** Sliced compilations running now (e.g. to bound how many are started off calls' paths). */
+export function programsCompilingInSlices(): number {
+  return slicedPrograms.size;
+}
+
+/**
+ * {@link programFor} without holding the thread: the expressions are compiled a let or a rule
+ * at a time, letting the event loop run every `sliceMs`, so that the calls in flight keep being
+ * served while a big pack compiles. Cached like programFor's; one compilation per hash at a time.
+ * @throws PackValidationError if the pack does not compile.
+ */
+export function programInSlices(
+  hash: string,
+  pack: RulePack,
+  sliceMs = COMPILE_SLICE_MS,
+): Promise<PackProgram> {
+  const cached = programs.get(hash);
+  if (cached) {
+    return Promise.resolve(cached);
+  }
+  let running = slicedPrograms.get(hash);
+  if (!running) {
+    running = runInSlices(programSteps(pack, hash, true), sliceMs)
+      .then((program) => {
+        compileCounts.sliced++;
+        programs.set(hash, program);
+        return program;
+      })
+      .finally(() => {
+        slicedPrograms.delete(hash);
+      });
+    slicedPrograms.set(hash, running);
+  }
+  return running;
 }
 
 /** Freezes `value` and everything reachable from it (a compiled pack is shared, never changed). */
@@ -584,6 +700,37 @@ export function compilePack(pack: RulePack): CompiledPack {
     version: copy.version,
     hash,
     pack: copy,
+  });
+  compiledPacks.set(hash, compiled);
+  return compiled;
+}
+
+/**
+ * {@link compilePack} without holding the thread (see programInSlices): hashing, freezing and
+ * compiling go a piece at a time, letting the event loop run every `sliceMs`. It takes `pack`
+ * over (frozen in place, not copied): for a pack just parsed, e.g. read from the catalog.
+ * @throws PackValidationError if an expression does not compile.
+ */
+export async function compilePackInSlices(
+  pack: RulePack,
+  sliceMs = COMPILE_SLICE_MS,
+): Promise<CompiledPack> {
+  const hash = await runInSlices(packHashSteps(pack), sliceMs);
+  const cached = compiledPacks.get(hash);
+  if (cached) {
+    return cached;
+  }
+  const frozen = await runInSlices(freezeSteps(pack), sliceMs);
+  await programInSlices(hash, frozen, sliceMs);
+  const again = compiledPacks.get(hash);
+  if (again) {
+    return again;
+  }
+  const compiled: CompiledPack = Object.freeze({
+    id: frozen.id,
+    version: frozen.version,
+    hash,
+    pack: frozen,
   });
   compiledPacks.set(hash, compiled);
   return compiled;

@@ -20,7 +20,13 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import type { PackProgram } from './compile-pack.ts';
-import { LruCache, programFor } from './compile-pack.ts';
+import {
+  cachedProgram,
+  LruCache,
+  programFor,
+  programInSlices,
+  programsCompilingInSlices,
+} from './compile-pack.ts';
 import { runRules } from './evaluate-core.ts';
 import { runGuarded } from './fast-path.ts';
 import type {
@@ -134,6 +140,11 @@ export interface EvaluatorStats {
    * began the call's rules): they are no longer compiled ahead in spare or idle workers.
    */
   compileOverruns?: number;
+  /**
+   * Packs a call found not compiled in the calling thread (the call went to a worker) and that
+   * were then compiled there in slices, off the calls' path, for the calls after it.
+   */
+  compiledAside?: number;
 }
 
 export interface EvaluatorOptions {
@@ -164,6 +175,9 @@ export interface EvaluatorOptions {
    */
   inlineRetryMs?: number;
 }
+
+/** At most this many packs compile in slices in the calling thread at once (compileAside). */
+const MAX_COMPILES_ASIDE = 2;
 
 /** A pack stops being tried in the calling thread after this many hand-offs... */
 const INLINE_MIN_HANDOFFS = 10;
@@ -632,6 +646,10 @@ class PooledEvaluator implements Evaluator {
    * compiled-pack cache). Bounded; a dropped record is made again, afresh.
    */
   private readonly inlinePacks = new LruCache<InlineRecord>(10_000);
+  /** Packs (hashes) that failed to compile in this thread: never run here. */
+  private readonly uncompilable = new LruCache<true>(256);
+  /** Packs compiled in this thread off a call's path (see compileAside). */
+  private compiledAside = 0;
 
   constructor(
     private readonly callBudgetMs: number,
@@ -644,22 +662,49 @@ class PooledEvaluator implements Evaluator {
     this.pool = new WorkerPool(workers, memoryMb);
   }
 
-  /** The scope's record of the pack in the calling thread (created on first use). */
-  private inlineRecord(pack: CompiledPack, scope: string): InlineRecord {
+  /**
+   * The scope's record of the pack in the calling thread (created on first use), or undefined
+   * while this thread has not compiled the pack: the call then goes to a worker, and the pack
+   * is compiled here in slices, off the call's path (see compileAside).
+   */
+  private inlineRecord(pack: CompiledPack, scope: string): InlineRecord | undefined {
     const key = `${scope}\u0000${pack.hash}`;
     let rec = this.inlinePacks.get(key);
     if (!rec) {
       let program: PackProgram | null = null;
-      try {
-        const p = programFor(pack.hash, pack.pack);
+      if (this.uncompilable.get(pack.hash) === undefined) {
+        const p = cachedProgram(pack.hash);
+        if (!p) {
+          this.compileAside(pack);
+          return undefined;
+        }
         program = p.allFast ? p : null;
-      } catch {
-        // Does not compile: the worker reports it, rule by rule.
       }
+      // Else it does not compile: the worker reports it, rule by rule.
       rec = { program, tries: 0, handOffs: 0, pausedUntil: 0 };
       this.inlinePacks.set(key, rec);
     }
     return rec;
+  }
+
+  /**
+   * Compiles a pack in this thread in slices (letting the event loop run between them), for
+   * the calls after this one. A big pack takes this thread 0.1-0.5 s to compile: in one block,
+   * every call in flight would wait that long. A few at a time (more: the calls go to workers
+   * meanwhile, and ask again later); a pack that does not compile is not tried again.
+   */
+  private compileAside(pack: CompiledPack): void {
+    if (this.closed || programsCompilingInSlices() >= MAX_COMPILES_ASIDE) {
+      return;
+    }
+    programInSlices(pack.hash, pack.pack).then(
+      () => {
+        this.compiledAside++;
+      },
+      () => {
+        this.uncompilable.set(pack.hash, true);
+      },
+    );
   }
 
   /**
@@ -676,8 +721,8 @@ class PooledEvaluator implements Evaluator {
     scope: string,
   ): EvaluationResult | undefined {
     const rec = this.inlineRecord(pack, scope);
-    const program = rec.program;
-    if (!program || started < rec.pausedUntil) {
+    const program = rec?.program;
+    if (!rec || !program || started < rec.pausedUntil) {
       return undefined;
     }
     rec.tries++;
@@ -992,6 +1037,7 @@ class PooledEvaluator implements Evaluator {
       inline: this.inline,
       handedOff: this.handedOff,
       compileOverruns: this.pool.compileOverruns,
+      compiledAside: this.compiledAside,
       calls: this.calls,
     };
   }

@@ -111,6 +111,44 @@ export function packHash(pack: RulePack): string {
   return createHash('sha256').update(canonicalJson(pack), 'utf8').digest('hex');
 }
 
+/**
+ * {@link packHash} one piece at a time: it yields after each top-level field, and after each
+ * item of a top-level array (rules, tests, value sets), so that a caller can spread hashing a
+ * big pack over several turns of the event loop. The same digest as `packHash`.
+ */
+export function* packHashSteps(pack: RulePack): Generator<undefined, string, undefined> {
+  const hash = createHash('sha256');
+  const fields = pack as unknown as Record<string, unknown>;
+  hash.update('{', 'utf8');
+  let first = true;
+  for (const key of Object.keys(fields).sort()) {
+    const value = fields[key];
+    if (Array.isArray(value)) {
+      hash.update(`${first ? '' : ','}${JSON.stringify(key)}:[`, 'utf8');
+      for (const [i, item] of value.entries()) {
+        // JSON.stringify writes null for an array item it cannot represent.
+        hash.update(
+          `${i > 0 ? ',' : ''}${(canonicalJson(item) as string | undefined) ?? 'null'}`,
+          'utf8',
+        );
+        yield;
+      }
+      hash.update(']', 'utf8');
+    } else {
+      // undefined for a field JSON.stringify leaves out (undefined, a function).
+      const text = canonicalJson(value) as string | undefined;
+      if (text === undefined) {
+        continue;
+      }
+      hash.update(`${first ? '' : ','}${JSON.stringify(key)}:${text}`, 'utf8');
+      yield;
+    }
+    first = false;
+  }
+  hash.update('}', 'utf8');
+  return hash.digest('hex');
+}
+
 /** The pack as pretty-printed JSON (keys in authoring order). */
 export function packToJson(pack: RulePack): string {
   return `${JSON.stringify(pack, null, 2)}\n`;

@@ -247,7 +247,13 @@ export async function buildDeps(
     algorithms: [...config.jwtAlgorithms],
     maxLifetimeSeconds: config.jwtMaxLifetimeSeconds,
   });
-  const directory = new ServiceDirectory(controlPlane);
+  // Each version loaded is compiled ahead in the workers too (its first calls go there while
+  // this thread compiles it in slices, or when they hand off).
+  const directory = new ServiceDirectory(controlPlane, {
+    warm: (pack) => {
+      evaluator.warm(pack);
+    },
+  });
   // The region's data plane: its key provider (local keyring outside the tenant stores) and
   // one encrypted store per tenant under <data>/<region>/.
   const matrix = loadRegionMatrix(config.regionsFile, {

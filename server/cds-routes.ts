@@ -87,7 +87,10 @@ export function cdsRouter(deps: Deps): Router {
         {
           service: resolved.service.id,
           hook: resolved.service.hook,
-          pack: `${pack.id}@${pack.version}`,
+          // Id and version apart: `id@1.3.0-rc.beta1` is e-mail shaped, and the log's
+          // e-mail scrubber would censor the whole identity.
+          pack: pack.id,
+          packVersion: pack.version,
           packHash: pack.hash,
           cardCount: cards.length,
           ruleErrors,

@@ -51,8 +51,16 @@ export async function serve(
     });
     s.once('error', reject);
   });
+  // The versions subscribed from now on (here or on another replica): in the background.
+  const stopWatching = deps.directory.watchSubscriptions(deps.evaluator, log);
   log.info(
-    { port: config.port, publicUrl: config.publicUrl, seeded, warmedPacks: warmed },
+    {
+      port: config.port,
+      publicUrl: config.publicUrl,
+      seeded,
+      // `id version`, not `id@version`: an `id@1.3.0-rc.beta1` is e-mail shaped, so censored.
+      warmedPacks: warmed.map((v) => v.replace('@', ' ')),
+    },
     'listening',
   );
   printBanner(config, seeded);
@@ -60,6 +68,7 @@ export async function serve(
   return {
     server,
     async close() {
+      stopWatching();
       await drain(server, inFlight, lifecycle, log, config.shutdownGraceMs);
       await deps.close();
       log.info('stopped');

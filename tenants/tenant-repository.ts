@@ -156,6 +156,31 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     return Object.freeze([...servers]);
   }
 
+  /** subscribedVersions' answer of one control-plane generation. */
+  let versionsCache:
+    { generation: string; versions: readonly (readonly [string, string])[] } | undefined;
+
+  async function readSubscribedVersions(): Promise<readonly (readonly [string, string])[]> {
+    const rows = await TenantModel.findAll({
+      where: { status: 'active' },
+      attributes: ['subscriptions'],
+      raw: true,
+    });
+    const wanted = new Map<string, readonly [string, string]>();
+    const add = (pack: string, version: string) => {
+      wanted.set(JSON.stringify([pack, version]), Object.freeze([pack, version] as const));
+    };
+    for (const row of rows as unknown as Array<Pick<TenantRow, 'subscriptions'>>) {
+      for (const s of JSON.parse(row.subscriptions) as Subscription[]) {
+        add(s.pack, s.version);
+        if (s.canary) {
+          add(s.pack, s.canary.version);
+        }
+      }
+    }
+    return Object.freeze([...wanted.values()]);
+  }
+
   /** smartLaunchTargets' answer of one control-plane generation. */
   let launchTargetsCache: { generation: string; targets: readonly SmartLaunchTarget[] } | undefined;
 
@@ -481,6 +506,18 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         fhirServersCache = { generation, servers: await readActiveFhirServers() };
       }
       return fhirServersCache.servers;
+    },
+
+    async subscribedVersions() {
+      if (!deps.generation) {
+        return readSubscribedVersions();
+      }
+      // Read before the lookup (as findByIssuer): a write committed meanwhile makes it stale.
+      const generation = await deps.generation();
+      if (versionsCache?.generation !== generation) {
+        versionsCache = { generation, versions: await readSubscribedVersions() };
+      }
+      return versionsCache.versions;
     },
 
     async smartLaunchTargets() {

@@ -321,6 +321,12 @@ export interface TenantRepository {
    */
   activeFhirServers(): Promise<readonly string[]>;
   /**
+   * The `[pack, version]` pairs active tenants subscribe to (pinned and canary), each once. The
+   * same frozen array is answered while the control plane does not change: a replica polling it
+   * for versions to warm reads the generation, not every tenant.
+   */
+  subscribedVersions(): Promise<readonly (readonly [string, string])[]>;
+  /**
    * Every active tenant's FHIR servers and SMART client id, for the launch page (which must
    * pick the launching tenant's client id without a pass over every tenant per request). The
    * same frozen array is answered while the control plane does not change.

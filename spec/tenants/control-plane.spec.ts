@@ -534,6 +534,30 @@ describe('tenants/ control plane store', () => {
         expect((await cp.tenants.setSubscriptions('acme', [])).subscriptions).to.deep.equal([]);
       });
 
+      // Replicas poll it every few seconds for versions to warm (server/service-directory.ts):
+      // one frozen answer per control-plane generation, and a change by any process shows.
+      it('answers the subscribed versions from memory until the control plane changes', async () => {
+        await cp.tenants.setSubscriptions('acme', [{ pack: 'med-safety', version: '1.0.0' }]);
+        const first = await cp.tenants.subscribedVersions();
+        expect(first).to.deep.equal([['med-safety', '1.0.0']]);
+        expect(Object.isFrozen(first)).to.equal(true);
+        expect(await cp.tenants.subscribedVersions()).to.equal(first); // same answer, no read
+        const other = await openControlPlane({ storage: file, now: () => clock });
+        try {
+          await other.tenants.setSubscriptions('acme', [
+            { pack: 'med-safety', version: '1.0.0', canary: { version: '1.1.0', percent: 10 } },
+          ]);
+          expect(await cp.tenants.subscribedVersions()).to.deep.equal([
+            ['med-safety', '1.0.0'],
+            ['med-safety', '1.1.0'],
+          ]);
+          await other.tenants.update('acme', { status: 'suspended' });
+          expect(await cp.tenants.subscribedVersions()).to.deep.equal([]);
+        } finally {
+          await other.close();
+        }
+      });
+
       const bad: Array<[string, unknown, string]> = [
         ['an unknown pack', [{ pack: 'nope', version: '1.0.0' }], 'subscriptions[0].version'],
         [
