@@ -110,6 +110,18 @@ const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 // ---------------------------------------------------------------------------- pack commands
 
+/**
+ * The tests' budgets as the server's upload tests have them: the upload call budget (compiling
+ * counts in the first call) and the configured live rule budget (CELLCDS_RULE_BUDGET_MS), so
+ * `pack test` says what an upload will.
+ */
+function uploadTestBudgets(): { callBudgetMs: number; ruleBudgetMs: number } {
+  return {
+    callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs,
+    ruleBudgetMs: config().evaluation.ruleBudgetMs,
+  };
+}
+
 async function loadAndValidate(
   file: string,
   runTests: boolean,
@@ -118,8 +130,9 @@ async function loadAndValidate(
     throw new CliError(`${file}: no such file`, 2);
   }
   const raw = readPackFile(file);
-  // The tests' call budget as the server's upload tests have it (compiling counts in the first).
-  const evaluator = createEvaluator({ callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs });
+  const evaluator = createEvaluator(
+    runTests ? uploadTestBudgets() : { callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs },
+  );
   try {
     await evaluator.ready();
     const compiled = await validatePack(raw, {
@@ -168,7 +181,7 @@ async function packTest(file: string): Promise<void> {
     }
     throw err;
   }
-  const evaluator = createEvaluator({ callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs });
+  const evaluator = createEvaluator(uploadTestBudgets());
   try {
     await evaluator.ready();
     // Passing tests are then held to the live call budget (CELLCDS_EVAL_BUDGET_MS), as an upload's are.

@@ -8,6 +8,7 @@ import { createApp } from '../../server/app.ts';
 import { buildDeps } from '../../server/bootstrap.ts';
 import { loadConfig } from '../../server/config.ts';
 import { createLogger } from '../../server/logger.ts';
+import { slowPack } from '../helpers/slow-pack.ts';
 
 const PACK_DIR = path.resolve('rules/packs/medication-safety');
 const PACK = path.join(PACK_DIR, 'pack.yaml');
@@ -94,6 +95,27 @@ describe('cellcds CLI', function () {
     } finally {
       fs.rmSync(failing, { force: true });
     }
+  });
+
+  it('pack test / validate: run the tests under CELLCDS_RULE_BUDGET_MS, as an upload does', () => {
+    // One ~50 ms rule: within the default 500 ms per rule, over a 10 ms one (the upload's
+    // verdict with that live rule budget: spec/server/upload-live-budget.spec.ts).
+    const file = path.join(work, 'slow-rule.json');
+    fs.writeFileSync(file, JSON.stringify(slowPack(1, 1, 'slow-rule')));
+    const ok = run(['pack', 'test', file]);
+    expect(ok.status, ok.stdout + ok.stderr).to.equal(0);
+    expect(ok.stdout).to.include('1 passed, 0 failed');
+
+    const tight = { CELLCDS_RULE_BUDGET_MS: '10' };
+    const r = run(['pack', 'test', file], tight);
+    expect(r.status, r.stdout + r.stderr).to.equal(1);
+    expect(r.stdout).to.match(/case 1\s+FAIL/);
+    expect(r.stdout).to.match(/trace slow-1: timeout/);
+    expect(r.stdout).to.include('0 passed, 1 failed');
+
+    const v = run(['pack', 'validate', file], tight);
+    expect(v.status, v.stdout + v.stderr).to.equal(1);
+    expect(v.stderr).to.match(/tests\[0\]: .*slow-1.*timeout/);
   });
 
   it('pack eval: prints the cards for a request file', () => {
