@@ -30,7 +30,7 @@ export const SUBSCRIPTION_WATCH_MS = 5000;
 /** At most this many new versions are loaded per look: a flood of changes waits its turn. */
 const WATCH_MAX_PER_PASS = 2;
 /** A version that failed to load in the background is not tried again for this long (ms). */
-const WATCH_RETRY_MS = 300_000;
+export const WATCH_RETRY_MS = 300_000;
 
 export interface ResolvedService {
   subscription: Subscription;
@@ -82,6 +82,15 @@ export function canaryProblems(pinned: RulePack, canary: RulePack): string[] {
     }
   }
   return out;
+}
+
+/**
+ * An error as the watcher logs it: its name only (its message may quote a pack row). An
+ * object, as the logger's `error` serializer reads it (a bare string would log as
+ * `{"type":"string"}`).
+ */
+function errorName(err: unknown): { type: string } {
+  return { type: err instanceof Error ? err.name : 'unknown' };
 }
 
 export class ServiceDirectory {
@@ -148,12 +157,14 @@ export class ServiceDirectory {
    * canary), so that their first calls find them compiled here and in the workers. Every
    * `intervalMs` it lists the subscribed versions and loads at most a couple it has not loaded
    * yet, one at a time; one look at a time. Logs `pack warmed in background` or `background
-   * pack warm failed` (pack id and version, never call data). Returns a function that stops it.
+   * pack warm failed` (pack id and version, never call data; the error's name only). A version
+   * that failed is not tried again for `retryMs`. Returns a function that stops it.
    */
   watchSubscriptions(
     evaluator: Pick<Evaluator, 'warm'>,
     log: Logger,
     intervalMs = SUBSCRIPTION_WATCH_MS,
+    retryMs = WATCH_RETRY_MS,
   ): () => void {
     const failedAt = new Map<string, number>();
     let running = false;
@@ -162,9 +173,7 @@ export class ServiceDirectory {
       const now = Date.now();
       const fresh = (await this.subscribedVersions()).filter(([id, version]) => {
         const failed = failedAt.get(`${id}@${version}`);
-        return (
-          !this.isLoaded(id, version) && (failed === undefined || now - failed > WATCH_RETRY_MS)
-        );
+        return !this.isLoaded(id, version) && (failed === undefined || now - failed > retryMs);
       });
       for (const [id, version] of fresh.slice(0, WATCH_MAX_PER_PASS)) {
         if (stopped) {
@@ -183,10 +192,7 @@ export class ServiceDirectory {
           );
         } catch (err) {
           failedAt.set(pack, Date.now());
-          log.warn(
-            { ...named, error: err instanceof Error ? err.name : 'unknown' },
-            'background pack warm failed',
-          );
+          log.warn({ ...named, error: errorName(err) }, 'background pack warm failed');
         }
       }
       // Bounded: only versions still subscribed are remembered.
@@ -202,7 +208,7 @@ export class ServiceDirectory {
       look()
         .catch((err: unknown) => {
           log.warn(
-            { error: err instanceof Error ? err.name : 'unknown' },
+            { error: errorName(err) },
             'background pack warm failed: cannot list the subscriptions',
           );
         })
