@@ -586,15 +586,14 @@ export function buildProgram(): Command {
     .option('--json', 'print the result as JSON')
     .action(async (o: { to?: string; schema?: string; from?: string; json?: boolean }) => {
       const cfg = config();
-      const configured = cfg.controlPlane.kind === 'postgres' ? cfg.controlPlane : undefined;
-      const url = o.to ?? configured?.url;
+      const url = o.to ?? (cfg.controlPlane.kind === 'postgres' ? cfg.controlPlane.url : undefined);
       if (url === undefined) {
         throw new CliError(
           'no target: set CELLCDS_CONTROL_PLANE_URL (or pass --to postgres://...)',
           2,
         );
       }
-      const schema = o.schema ?? configured?.schema ?? DEFAULT_CONTROL_PLANE_SCHEMA;
+      const schema = o.schema ?? cfg.controlPlane.schema;
       if (!CONTROL_PLANE_SCHEMA_PATTERN.test(schema)) {
         throw new CliError(
           '--schema: lower-case letters, digits and _, not starting with a digit (at most 63)',

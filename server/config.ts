@@ -12,20 +12,12 @@ import {
   DEFAULT_CONTROL_PLANE_SCHEMA,
   DEFAULT_MEMORY_REPLAY_MAX_ENTRIES,
   DEFAULT_REDIS_REPLAY_MAX_ENTRIES,
+  isPostgresUrl,
   replayCacheSize,
 } from '../tenants/index.ts';
 
 const intFrom = (min: number, max: number, dflt: number) =>
   z.coerce.number().int().min(min).max(max).default(dflt);
-
-function isPostgresUrl(value: string): boolean {
-  try {
-    const url = new URL(value);
-    return (url.protocol === 'postgres:' || url.protocol === 'postgresql:') && url.host !== '';
-  } catch {
-    return false;
-  }
-}
 
 const Schema = z
   .object({
@@ -169,10 +161,11 @@ export interface Config {
    * The control plane (tenants, issuers, packs, admin token hashes, audit log): a PostgreSQL
    * schema shared by replicas on any host when CELLCDS_CONTROL_PLANE_URL is set (schema
    * CELLCDS_CONTROL_PLANE_SCHEMA, default cellcds_control; bounded by `pg`), else the SQLite
-   * file `<dataDir>/control.sqlite` shared by the processes of one host.
+   * file `<dataDir>/control.sqlite` shared by the processes of one host (its `schema` is then the
+   * one `cellcds control-plane copy` fills when given `--to URL` alone).
    */
   readonly controlPlane:
-    | { readonly kind: 'sqlite'; readonly file: string }
+    | { readonly kind: 'sqlite'; readonly file: string; readonly schema: string }
     | { readonly kind: 'postgres'; readonly url: string; readonly schema: string };
   /**
    * PostgreSQL regions (tenant stores): `statementTimeoutMs` is each statement's
@@ -336,6 +329,7 @@ export function loadConfig(
         ? {
             kind: 'sqlite' as const,
             file: path.join(path.resolve(e.CELLCDS_DATA_DIR), 'control.sqlite'),
+            schema: e.CELLCDS_CONTROL_PLANE_SCHEMA,
           }
         : {
             kind: 'postgres' as const,

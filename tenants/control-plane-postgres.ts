@@ -40,7 +40,8 @@ export interface PostgresEngine {
   close: () => Promise<void>;
 }
 
-function isPostgresUrl(value: string): boolean {
+/** A postgres:// or postgresql:// URL naming a host. */
+export function isPostgresUrl(value: string): boolean {
   try {
     const url = new URL(value);
     return (url.protocol === 'postgres:' || url.protocol === 'postgresql:') && url.host !== '';

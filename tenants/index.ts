@@ -9,6 +9,7 @@ export type {
 export {
   CONTROL_PLANE_SCHEMA_PATTERN,
   DEFAULT_CONTROL_PLANE_SCHEMA,
+  isPostgresUrl,
 } from './control-plane-postgres.ts';
 export { COPIED_TABLES, ControlPlaneCopyError, copyControlPlane } from './control-plane-copy.ts';
 export type {

@@ -350,6 +350,17 @@ describe('control-plane copy: SQLite -> PostgreSQL', function () {
       expect(await count(schema, 'tenants')).to.equal(2);
     });
 
+    it('--to URL alone copies into CELLCDS_CONTROL_PLANE_SCHEMA (the schema the replicas will be given)', async () => {
+      const schema = schemaNamed('to');
+      const r = await runCliAsync(
+        ['control-plane', 'copy', '--to', pgUrl, '--json'],
+        env({ CELLCDS_CONTROL_PLANE_SCHEMA: schema }),
+      );
+      expect(r.status, r.stderr).to.equal(0);
+      expect((JSON.parse(r.stdout) as { schema: string }).schema).to.equal(schema);
+      expect(await count(schema, 'tenants')).to.equal(2);
+    });
+
     it('refuses a non-empty target (exit 1), without printing the URL or its password', async () => {
       const schema = schemas.find((s) => s.endsWith('_cli')) ?? '';
       const secretUrl = new URL(pgUrl);

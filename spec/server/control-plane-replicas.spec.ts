@@ -182,7 +182,11 @@ describe('configuration: CELLCDS_CONTROL_PLANE_URL', function () {
 
   it('is unset by default: the SQLite file in the data directory', () => {
     const c = loadConfig({ CELLCDS_DATA_DIR: '/srv/cellcds' });
-    expect(c.controlPlane).to.deep.equal({ kind: 'sqlite', file: '/srv/cellcds/control.sqlite' });
+    expect(c.controlPlane).to.deep.equal({
+      kind: 'sqlite',
+      file: '/srv/cellcds/control.sqlite',
+      schema: 'cellcds_control',
+    });
   });
 
   it('takes a postgres:// or postgresql:// URL and a schema (default cellcds_control)', () => {
