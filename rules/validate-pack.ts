@@ -46,6 +46,11 @@ export interface ValidatePackOptions {
    * `RunPackTestsOptions.liveCallBudgetMs`): a test over it is a problem. Default: not checked.
    */
   liveCallBudgetMs?: number;
+  /**
+   * Called with each warning of the passing tests (`tests[3]: test 'x' takes 300 ms ...`, a
+   * test over half the live call budget), as an upload returns them. Default: dropped.
+   */
+  onWarning?: (warning: string) => void;
 }
 
 type Json = Record<string, unknown>;
@@ -517,6 +522,13 @@ export async function validatePack(
           problems.push({ path: `tests[${i}]`, message: f });
         }
       });
+      if (problems.length === 0 && opts.onWarning) {
+        results.forEach((r, i) => {
+          for (const w of r.warnings ?? []) {
+            opts.onWarning?.(`tests[${i}]: ${w}`);
+          }
+        });
+      }
     } finally {
       if (!opts.evaluator) {
         await evaluator.close();

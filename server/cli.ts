@@ -139,8 +139,14 @@ async function loadAndValidate(
       runTests,
       evaluator,
       baseDir: path.dirname(file),
-      // Passing tests are then held to the live call budget, as an upload's are.
-      ...(runTests ? { liveCallBudgetMs: config().evaluation.callBudgetMs } : {}),
+      // Passing tests are then held to the live call budget, as an upload's are; a test over
+      // half of it is a warning, as in an upload's answer.
+      ...(runTests
+        ? {
+            liveCallBudgetMs: config().evaluation.callBudgetMs,
+            onWarning: (w: string) => process.stderr.write(`warning: ${w}\n`),
+          }
+        : {}),
     });
     return { compiled, raw };
   } finally {

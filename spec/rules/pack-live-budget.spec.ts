@@ -129,6 +129,21 @@ describe('rules: embedded pack tests against the live call budget', function () 
       ]);
     });
 
+    it('validatePack hands the warnings to onWarning with the test path (pack validate prints them)', async () => {
+      const warnings: string[] = [];
+      const raw = slowPack(3, 2);
+      await validatePack(raw, {
+        evaluator: new ScriptedEvaluator([[0.1, 100, 100, 20]]),
+        liveCallBudgetMs: 300,
+        onWarning: (w) => warnings.push(w),
+      });
+      expect(warnings).to.have.length(2);
+      expect(warnings[0]).to.match(
+        /^tests\[0\]: test 'case 1' takes 220 ms to evaluate .*over half the live call budget of 300 ms\./,
+      );
+      expect(warnings[1]).to.match(/^tests\[1\]: test 'case 2' takes 220 ms/);
+    });
+
     it('measures nothing when a test failed (the pack is refused anyway)', async () => {
       const ev = new ScriptedEvaluator([[0.1, 900, 900, 900]]);
       const failing = compilePack({
