@@ -66,7 +66,10 @@ export interface IdTokenVerifierOptions {
   onFailure?: (reason: AuthFailureReason, info: { iss?: string; tenant?: string }) => void;
 }
 
-/** What the caller states about the launch; used to choose the tenant, never trusted alone. */
+/**
+ * What the caller states about the launch: it chooses among the issuer's tenants, and the token
+ * must then prove the choice (its client id, else its fhirUser; `checkTenantProven`).
+ */
 export interface IdTokenContext {
   /** The FHIR server of the launch (SMART `iss` launch parameter). */
   fhirServer: string;
@@ -109,6 +112,15 @@ function normalizeBase(value: string): string | undefined {
     return undefined;
   }
   return `${url.protocol}//${url.host}${url.pathname.replace(/\/+$/, '')}`;
+}
+
+/**
+ * The FHIR base of an absolute `fhirUser` (`<base>/Practitioner/123` → normal form of `<base>`),
+ * or undefined for a relative reference or anything else.
+ */
+function fhirUserBase(value: string): string | undefined {
+  const m = /^(.+)\/[A-Z][A-Za-z]{1,63}\/[A-Za-z0-9\-.]{1,64}$/.exec(value);
+  return m?.[1] === undefined ? undefined : normalizeBase(m[1]);
 }
 
 function shortString(value: unknown): value is string {
@@ -164,6 +176,42 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
     return own !== undefined && own.length > 0 ? [own] : clientIds;
   }
 
+  /**
+   * The token, not the caller, must say which tenant it is for: the hint and the FHIR server
+   * only choose among the issuer's tenants. When no other tenant of this issuer accepts the
+   * client id `aud` named, that client id proves it. Otherwise (tenants sharing an issuer and a
+   * client id: a vendor-hosted authorization server with one app registration) `fhirUser` must
+   * be an absolute URL on the launch's FHIR server, and no such other tenant may allowlist that
+   * server: else a clinician of one health system could act as another's.
+   */
+  function checkTenantProven(
+    candidates: readonly Tenant[],
+    tenant: Tenant,
+    clientId: string,
+    fhirUser: unknown,
+    context: IdTokenContext,
+  ): void {
+    const rivals = candidates.filter(
+      (t) => t.id !== tenant.id && expectedClientIds(t).includes(clientId),
+    );
+    if (rivals.length === 0) {
+      return;
+    }
+    const base = normalizeBase(context.fhirServer);
+    if (rivals.some((t) => t.fhirServers.some((s) => normalizeBase(s) === base))) {
+      throw new AuthError(
+        'bad_tenant',
+        'several tenants of this issuer accept this client id on this FHIR server: give each its own SMART client id',
+      );
+    }
+    if (typeof fhirUser !== 'string' || fhirUserBase(fhirUser) !== base) {
+      throw new AuthError(
+        'bad_tenant',
+        "several tenants of this issuer accept this client id: the token's fhirUser must be on the launch's FHIR server",
+      );
+    }
+  }
+
   function checkAudience(claims: Claims, tenant: Tenant): string {
     const expected = expectedClientIds(tenant);
     if (expected.length === 0) {
@@ -198,8 +246,9 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
     });
     const iss = unverifiedIssuer(unverified);
     info.iss = truncateInfo(iss);
+    const candidates = await controlPlane.tenants.findByIssuer(iss);
     const { tenant, registration } = registrationOf(
-      await controlPlane.tenants.findByIssuer(iss),
+      candidates,
       iss,
       (candidates) => chooseTenant(candidates, context),
       info,
@@ -219,6 +268,7 @@ export function createIdTokenVerifier(opts: IdTokenVerifierOptions): IdTokenVeri
     if (fhirUser !== undefined && !shortString(fhirUser)) {
       throw new AuthError('malformed', 'fhirUser must be a short string');
     }
+    checkTenantProven(candidates, tenant, clientId, fhirUser, context);
     return {
       tenant,
       iss,

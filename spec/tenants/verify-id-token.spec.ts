@@ -104,17 +104,70 @@ describe('tenants/ createIdTokenVerifier (SMART launch id_tokens)', () => {
   it('picks the one tenant of a shared issuer that allowlists the FHIR server', async () => {
     const jwt = await hostedAuth.sign(claims());
     expect((await verify(jwt, { fhirServer: FHIR_A })).tenant.id).to.equal('hospital-a');
-    expect((await verify(jwt, { fhirServer: `${FHIR_B}/` })).tenant.id).to.equal('hospital-b');
+    const jwtB = await hostedAuth.sign(claims({ fhirUser: `${FHIR_B}/Practitioner/p2` }));
+    expect((await verify(jwtB, { fhirServer: `${FHIR_B}/` })).tenant.id).to.equal('hospital-b');
     const id = await verify(jwt, { fhirServer: FHIR_A });
     expect(id).to.deep.include({ iss: hostedAuth.iss, sub: 'user-1', clientId: CLIENT });
     expect(id.fhirUser).to.equal(`${FHIR_A}/Practitioner/p1`);
   });
 
+  it("tenants sharing an issuer and a client id: the token's fhirUser, not the caller, says which", async () => {
+    // hospital-a and hospital-b both accept CLIENT from the same authorization server: the
+    // caller's fhirServer (or hint) alone must not let a clinician of one act as the other.
+    const ofA = await hostedAuth.sign(claims());
+    expect(await reasonOf(verify(ofA, { fhirServer: FHIR_B }))).to.equal('bad_tenant');
+    expect(await reasonOf(verify(ofA, { fhirServer: FHIR_B, tenant: 'hospital-b' }))).to.equal(
+      'bad_tenant',
+    );
+    for (const fhirUser of [
+      undefined,
+      'Practitioner/p1',
+      `${FHIR_B}x/Practitioner/p1`,
+      `${FHIR_B}/Practitioner`,
+      `${FHIR_A}/Practitioner/p1`,
+    ]) {
+      const jwt = await hostedAuth.sign(claims({ fhirUser }));
+      expect(await reasonOf(verify(jwt, { fhirServer: FHIR_B })), String(fhirUser)).to.equal(
+        'bad_tenant',
+      );
+    }
+    expect(failures.every((f) => f.reason === 'bad_tenant' && f.tenant === 'hospital-b')).to.equal(
+      true,
+    );
+    // With a client id of its own, hospital-b's tokens name it and A's default no longer fits B.
+    await cp.tenants.update('hospital-b', { smart: { clientId: 'client-b' } });
+    expect(await reasonOf(verify(ofA, { fhirServer: FHIR_B }))).to.equal('bad_aud');
+    // client-b proves hospital-b without a fhirUser (no other tenant accepts it).
+    const forB = await hostedAuth.sign(claims({ aud: 'client-b', fhirUser: undefined }));
+    expect((await verify(forB, { fhirServer: FHIR_B })).tenant.id).to.equal('hospital-b');
+  });
+
   it('needs a tenant hint when several tenants allow the same FHIR server, and honours it', async () => {
-    const jwt = await hostedAuth.sign(claims());
+    // shared-1 and shared-2 list the same FHIR server: only client ids of their own tell them
+    // apart (the hint chooses which; the token's aud must agree).
+    await cp.tenants.update('shared-1', { smart: { clientId: 'client-1' } });
+    await cp.tenants.update('shared-2', { smart: { clientId: 'client-2' } });
+    const jwt = await hostedAuth.sign(claims({ aud: 'client-2' }));
     expect(await reasonOf(verify(jwt, { fhirServer: FHIR_SHARED }))).to.equal('bad_tenant');
     expect((await verify(jwt, { fhirServer: FHIR_SHARED, tenant: 'shared-2' })).tenant.id).to.equal(
       'shared-2',
+    );
+    expect(await reasonOf(verify(jwt, { fhirServer: FHIR_SHARED, tenant: 'shared-1' }))).to.equal(
+      'bad_aud',
+    );
+  });
+
+  it('refuses tenants sharing an issuer, a client id and a FHIR server: nothing in the token tells them apart', async () => {
+    const fhirUser = `${FHIR_SHARED}/Practitioner/p1`;
+    const jwt = await hostedAuth.sign(claims({ fhirUser }));
+    for (const tenant of ['shared-1', 'shared-2']) {
+      expect(await reasonOf(verify(jwt, { fhirServer: FHIR_SHARED, tenant }))).to.equal(
+        'bad_tenant',
+      );
+    }
+    await cp.tenants.update('shared-2', { smart: { clientId: 'client-2' } });
+    expect((await verify(jwt, { fhirServer: FHIR_SHARED, tenant: 'shared-1' })).tenant.id).to.equal(
+      'shared-1',
     );
   });
 
