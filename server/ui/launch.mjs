@@ -1,7 +1,7 @@
 // SMART App Launch, EHR launch only: the EHR opens /app/launch?iss=<FHIR base>&launch=<id>.
 // fhirclient discovers the authorization server, makes the PKCE challenge (required) and
-// redirects. Anything else (no iss/launch, a "fhirServiceUrl" open-server launch) is refused
-// here, and cellcds would refuse it anyway: its API needs the EHR-signed id_token.
+// redirects. Anything else (no iss/launch, a "fhirServiceUrl" open-server launch, a
+// "clientId" in the link) is refused here, and cellcds would refuse it anyway: its API needs the EHR-signed id_token.
 const status = document.getElementById('launch-status');
 // What this launch was started with: the tenant cellcds resolved and the client id it chose.
 // app.mjs checks it against fhirclient's state at the callback (same tab, sessionStorage).
@@ -12,8 +12,18 @@ function fail(text) {
   status.classList.add('error');
 }
 
+// fhirclient lets these URL parameters override the options it is given (the client id
+// cellcds chose, an open-server launch, the patient): a launch link carrying any is refused.
+const OVERRIDES = ['clientId', 'fhirServiceUrl', 'patientId', 'encounterId'];
+
 async function launch() {
   const params = new URLSearchParams(window.location.search);
+  if (OVERRIDES.some((name) => params.has(name))) {
+    fail(
+      `Open this app from your EHR: this link carries ${OVERRIDES.filter((n) => params.has(n)).join(', ')}, which the card viewer does not take from a link.`,
+    );
+    return;
+  }
   const iss = params.get('iss');
   const launchId = params.get('launch');
   if (!iss || !launchId) {

@@ -485,6 +485,16 @@ describe('card viewer in Chromium', function () {
     await page.close();
   });
 
+  it("refuses a launch link that carries a clientId (fhirclient would let it override the tenant's)", async () => {
+    const page = await newPage();
+    const before = smart.authorizeRequests.length;
+    await page.goto(smart.launchUrl(`${u.base}/app/launch`, { clientId: 'evil-client' }));
+    await page.locator('#launch-status.error').waitFor();
+    expect(await page.locator('#launch-status').textContent()).to.include('carries clientId');
+    expect(smart.authorizeRequests.length).to.equal(before);
+    await page.close();
+  });
+
   it('refuses to start a launch without iss and launch parameters', async () => {
     const page = await newPage();
     const before = smart.authorizeRequests.length;
