@@ -25,6 +25,12 @@ import { auditRefusal } from './guards.ts';
  * worker's default limits take in YAML too (~14 s, < 512 MB). Larger: 413 naming it.
  */
 const PACK_UPLOAD_LIMIT = 4 * 1024 * 1024;
+/**
+ * Pack uploads a process takes at once (body read, check, tests): each can hold a worker for
+ * tens of seconds and a few MB, so more wait in the client (503 + Retry-After), not in memory.
+ */
+export const MAX_PACK_UPLOADS_IN_FLIGHT = 2;
+const PACK_UPLOAD_RETRY_AFTER_SECONDS = 10;
 const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text/x-yaml'];
 
 export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): Router {
@@ -130,9 +136,36 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
         : err,
     );
   };
+  let uploadsInFlight = 0;
+  // Before the body is read: a refused upload costs no memory.
+  const uploadSlot: RequestHandler = (_req, res, next) => {
+    if (uploadsInFlight >= MAX_PACK_UPLOADS_IN_FLIGHT) {
+      next(
+        new ServiceError(
+          503,
+          'unavailable',
+          `${MAX_PACK_UPLOADS_IN_FLIGHT} pack uploads are already being checked on this server; try again shortly`,
+          { detail: 'pack uploads busy', retryAfterSeconds: PACK_UPLOAD_RETRY_AFTER_SECONDS },
+        ),
+      );
+      return;
+    }
+    uploadsInFlight += 1;
+    let released = false;
+    const release = (): void => {
+      if (!released) {
+        released = true;
+        uploadsInFlight -= 1;
+      }
+    };
+    res.on('finish', release);
+    res.on('close', release);
+    next();
+  };
   router.post(
     '/rule-packs',
     act('admin.pack.upload', () => undefined),
+    uploadSlot,
     packBody,
     async (req, res) => {
       if (!req.is([...YAML_TYPES, 'application/json', 'application/*+json'])) {

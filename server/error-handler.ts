@@ -192,6 +192,8 @@ export function errorHandler(log: Logger): ErrorRequestHandler {
     if (err instanceof AuthError && se.status === 503) {
       // A refused token (the backend's state is logged once per change, not per request).
       log.info({ ...logFields, reason: se.detail }, 'request refused');
+    } else if (se.retryAfterSeconds !== undefined) {
+      log.warn({ ...logFields, reason: se.detail }, 'request refused: busy');
     } else if (se.status >= 500) {
       log.error({ ...logFields, err: redactableError(err) }, 'request failed');
     } else {
@@ -202,6 +204,8 @@ export function errorHandler(log: Logger): ErrorRequestHandler {
     }
     if (err instanceof AuthError && se.status === 503) {
       res.setHeader('Retry-After', String(AUTH_RETRY_AFTER_SECONDS));
+    } else if (se.retryAfterSeconds !== undefined) {
+      res.setHeader('Retry-After', String(se.retryAfterSeconds));
     }
     if (err instanceof PrefetchError) {
       // CDS Hooks: 412 with an OperationOutcome body (3.0 makes this a SHOULD; harmless in 2.0).

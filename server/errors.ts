@@ -24,11 +24,21 @@ export class ServiceError extends Error {
   readonly detail: string | undefined;
   /** Extra JSON for the client (safe: field names, problem lists). */
   readonly body: Record<string, unknown> | undefined;
+  /**
+   * Sent as Retry-After: the refusal is expected and temporary (the server is busy), logged as a
+   * warning rather than a failure.
+   */
+  readonly retryAfterSeconds: number | undefined;
   constructor(
     status: number,
     code: ErrorCode,
     message: string,
-    opts: { detail?: string; body?: Record<string, unknown>; cause?: unknown } = {},
+    opts: {
+      detail?: string;
+      body?: Record<string, unknown>;
+      cause?: unknown;
+      retryAfterSeconds?: number;
+    } = {},
   ) {
     super(message, { cause: opts.cause });
     this.name = new.target.name;
@@ -36,6 +46,7 @@ export class ServiceError extends Error {
     this.code = code;
     this.detail = opts.detail;
     this.body = opts.body;
+    this.retryAfterSeconds = opts.retryAfterSeconds;
   }
 }
 
