@@ -3,8 +3,7 @@
  * "Scale-out"). What SQLite gets from its single writer and `PRAGMA data_version`, this module
  * builds from a transaction-scoped advisory lock and a generation counter kept by triggers.
  */
-import { QueryTypes, Sequelize } from 'sequelize';
-import type { Transaction } from 'sequelize';
+import { QueryTypes, Sequelize, Transaction } from 'sequelize';
 import { defineControlPlaneModels } from './control-plane-models.ts';
 import type { ControlPlaneModels, WriteTx } from './control-plane-models.ts';
 import { InvalidInputError } from './errors.ts';
@@ -21,6 +20,36 @@ export interface PostgresControlPlaneOptions {
   acquireTimeoutMs?: number;
   /** Pooled connections of this process; default 10. */
   poolMax?: number;
+  /**
+   * Each connection's `idle_in_transaction_session_timeout` in ms (0: none); default
+   * `idleInTransactionTimeoutFor(statementTimeoutMs)`. A replica cut off in the middle of a write
+   * (its host gone, the network silent) would otherwise hold the write lock until TCP keepalive
+   * notices, about two hours by default, and every other replica's writes would fail meanwhile.
+   */
+  idleInTransactionTimeoutMs?: number;
+}
+
+/**
+ * The default `idle_in_transaction_session_timeout` of cellcds's PostgreSQL connections (control
+ * plane and tenant stores): twice the statement timeout, at least 10 s. PostgreSQL ends a session
+ * that stays that long inside a transaction without running a statement, releasing its locks
+ * (the advisory write lock, row locks); cellcds's transactions never wait that long between
+ * statements (no network call is made inside one). A URL parameter of the same name overrides it.
+ */
+export function idleInTransactionTimeoutFor(statementTimeoutMs: number): number {
+  return Math.max(2 * statementTimeoutMs, 10_000);
+}
+
+/**
+ * The control plane's schema is missing its generation row (deleted by hand): the caches of
+ * `findByIssuer` and the FHIR allowlist could not tell a change, so lookups are refused until
+ * it is back (503 at the HTTP edge, as a database that cannot serve; a restart recreates it).
+ */
+export class ControlPlaneUnavailableError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ControlPlaneUnavailableError';
+  }
 }
 
 /** The schema used when none is given. */
@@ -65,7 +94,11 @@ function schemaObjects(schema: string): string[] {
   return [
     `CREATE TABLE IF NOT EXISTS ${q}.control_generation (
        id INTEGER PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)`,
-    `INSERT INTO ${q}.control_generation (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING`,
+    // Seeded from the clock: a row deleted by hand and recreated here never repeats a value a
+    // replica cached its lookups under.
+    `INSERT INTO ${q}.control_generation (id, value)
+       VALUES (1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+       ON CONFLICT (id) DO NOTHING`,
     `CREATE OR REPLACE FUNCTION ${q}.cellcds_append_only() RETURNS trigger LANGUAGE plpgsql AS
      $$ BEGIN RAISE EXCEPTION 'audit_events is append-only'; END $$`,
     `CREATE OR REPLACE TRIGGER audit_events_no_update BEFORE UPDATE ON ${q}.audit_events
@@ -108,6 +141,8 @@ export async function openPostgresEngine(
   }
   const statementTimeoutMs = opts.statementTimeoutMs ?? 5_000;
   const acquireTimeoutMs = opts.acquireTimeoutMs ?? 5_000;
+  const idleInTransactionMs =
+    opts.idleInTransactionTimeoutMs ?? idleInTransactionTimeoutFor(statementTimeoutMs);
   // Every call is bounded, as the data plane's are (store-backend.ts): a stalled database fails
   // a lookup within about these times instead of hanging the hook call.
   const sequelize = new Sequelize(opts.postgresUrl, {
@@ -119,9 +154,20 @@ export async function openPostgresEngine(
       ...(statementTimeoutMs > 0
         ? { statement_timeout: statementTimeoutMs, query_timeout: statementTimeoutMs + 1_000 }
         : {}),
+      // A session silent inside a transaction (its replica cut off mid-write) is ended by the
+      // server, and its advisory write lock released, instead of after TCP keepalive (~2 h).
+      ...(idleInTransactionMs > 0
+        ? { idle_in_transaction_session_timeout: idleInTransactionMs }
+        : {}),
     },
     pool: { max: opts.poolMax ?? 10, min: 0, idle: 10_000, acquire: acquireTimeoutMs },
   });
+  // Lock, then check, then write: the checks must see every commit made before the lock was
+  // granted, which READ COMMITTED gives (each statement takes a new snapshot) and REPEATABLE READ
+  // or SERIALIZABLE do not (one snapshot, possibly from before the lock). Forced, whatever the
+  // database's or role's default_transaction_isolation.
+  const lockedTx = <T>(fn: (t: Transaction) => Promise<T>): Promise<T> =>
+    sequelize.transaction({ isolationLevel: Transaction.ISOLATION_LEVELS.READ_COMMITTED }, fn);
   const lock = (key: string, t: Transaction) =>
     sequelize.query('SELECT pg_advisory_xact_lock(hashtext(:key))', {
       transaction: t,
@@ -133,7 +179,7 @@ export async function openPostgresEngine(
     // Replicas starting at once on an empty database: CREATE SCHEMA / TABLE IF NOT EXISTS race
     // in PostgreSQL's catalog (unique violations). One advisory lock serializes them, and the
     // schema, tables, indexes and triggers commit together: nobody sees a half-made schema.
-    await sequelize.transaction(async (t) => {
+    await lockedTx(async (t) => {
       await lock(`cellcds.control.setup.${schema}`, t);
       await sequelize.query(`CREATE SCHEMA IF NOT EXISTS "${schema}"`, { transaction: t });
       // Model.sync hands its options to every statement it runs, so the tables are made in `t`.
@@ -151,7 +197,7 @@ export async function openPostgresEngine(
       // version stored? audit head?) and READ COMMITTED reads after the lock see every commit
       // made before it, so the checks hold and the audit chain never forks.
       const write = () =>
-        sequelize.transaction(async (t) => {
+        lockedTx(async (t) => {
           await lock(writeKey, t);
           return fn(t);
         });
@@ -168,7 +214,13 @@ export async function openPostgresEngine(
         const [row] = await sequelize.query<{ value: string }>(generationSql, {
           type: QueryTypes.SELECT,
         });
-        return `pg:${String(row?.value)}`;
+        if (row === undefined) {
+          // A constant would never move again: every cached lookup would be served forever.
+          throw new ControlPlaneUnavailableError(
+            `the control plane's generation row is missing (schema ${schema}); restart a replica to recreate it`,
+          );
+        }
+        return `pg:${row.value}`;
       },
       async ping() {
         await sequelize.query('SELECT 1', { type: QueryTypes.SELECT });

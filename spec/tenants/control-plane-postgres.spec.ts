@@ -6,16 +6,24 @@
  */
 import crypto from 'node:crypto';
 import { expect } from 'chai';
-import { QueryTypes, Sequelize } from 'sequelize';
+import { DatabaseError, QueryTypes, Sequelize } from 'sequelize';
 import type { RulePack } from '../../rules/index.ts';
+import { toServiceError } from '../../server/error-handler.ts';
+import {
+  ControlPlaneUnavailableError,
+  openPostgresEngine,
+} from '../../tenants/control-plane-postgres.ts';
+import type { PostgresEngine } from '../../tenants/control-plane-postgres.ts';
 import {
   ConflictError,
   InvalidInputError,
+  isStoreUnavailableError,
   NotFoundError,
   openControlPlane,
 } from '../../tenants/index.ts';
 import type { ControlPlane, NewTenant } from '../../tenants/index.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
+import { startTcpProxy } from './data-plane/tcp-proxy.ts';
 
 const PG_URL = process.env.CELLCDS_TEST_PG_URL;
 const RUN_ID = crypto.randomBytes(4).toString('hex');
@@ -42,6 +50,28 @@ function pack(id: string, version: string, title = 'A pack'): RulePack {
 }
 
 const hashOf = (p: RulePack) => crypto.createHash('sha256').update(JSON.stringify(p)).digest('hex');
+
+/** `url` with every session's default isolation REPEATABLE READ (as ALTER ROLE ... SET could). */
+function repeatableReadUrl(url: string): string {
+  const u = new URL(url);
+  u.searchParams.set('options', '-c default_transaction_isolation=repeatable\\ read');
+  return u.toString();
+}
+
+describe('tenants/ isStoreUnavailableError: node-postgres on a dead connection', () => {
+  it('reads "not queryable" (a restart between two statements) as unavailable: 503', () => {
+    for (const message of [
+      'Client has encountered a connection error and is not queryable',
+      'Client was closed and is not queryable',
+    ]) {
+      const err = new DatabaseError(new Error(message) as never);
+      expect(isStoreUnavailableError(err), message).to.equal(true);
+      expect(toServiceError(err).status, message).to.equal(503);
+    }
+    const other = new DatabaseError(new Error('syntax error at or near "x"') as never);
+    expect(isStoreUnavailableError(other)).to.equal(false);
+  });
+});
 
 (PG_URL ? describe : describe.skip)('tenants/ control plane on PostgreSQL', function () {
   const url = PG_URL ?? '';
@@ -378,6 +408,176 @@ const hashOf = (p: RulePack) => crypto.createHash('sha256').update(JSON.stringif
         ),
       );
       expect(await replicas[0]!.audit.verify()).to.deep.equal({ ok: true, count: 4 });
+    });
+  });
+
+  describe('failures', () => {
+    const engines: PostgresEngine[] = [];
+    afterEach(async () => {
+      await Promise.all(engines.splice(0).map((e) => e.close().catch(() => undefined)));
+    });
+
+    it('a replica cut off mid-write loses the write lock within its idle timeout', async () => {
+      const b = await open();
+      await b.tenants.create(tenantInput('acme'));
+      const proxy = await startTcpProxy(url);
+      let release = (): void => undefined;
+      try {
+        const a = await openPostgresEngine({
+          postgresUrl: proxy.url,
+          schema,
+          statementTimeoutMs: 1000,
+          idleInTransactionTimeoutMs: 2000,
+        });
+        engines.push(a);
+        // A takes the write lock, then its network goes silent (a host gone, a partition).
+        let entered = (): void => undefined;
+        const inside = new Promise<void>((resolve) => {
+          entered = resolve;
+        });
+        const stuck = a
+          .writeTx(async () => {
+            entered();
+            await new Promise<void>((resolve) => {
+              release = resolve;
+            });
+          })
+          .catch(() => undefined);
+        await inside;
+        proxy.stall();
+        // B's writes (a suspension) wait for the lock; without the timeout they would fail on
+        // statement_timeout until TCP keepalive ended A's session (about two hours).
+        const started = Date.now();
+        let suspended = false;
+        while (!suspended && Date.now() - started < 9000) {
+          suspended = await b.tenants.update('acme', { status: 'suspended' }).then(
+            () => true,
+            () => false,
+          );
+        }
+        expect(suspended).to.equal(true);
+        expect(Date.now() - started).to.be.below(6000);
+        proxy.dropAll();
+        proxy.resume();
+        release();
+        await stuck;
+      } finally {
+        release();
+        await proxy.close();
+      }
+    });
+
+    it('sets idle_in_transaction_session_timeout: twice the statement timeout, at least 10 s', async () => {
+      for (const [statementTimeoutMs, expected] of [
+        [5000, '10s'],
+        [8000, '16s'],
+      ] as const) {
+        const e = await openPostgresEngine({ postgresUrl: url, schema, statementTimeoutMs });
+        engines.push(e);
+        const [row] = await e.sequelize.query<{ v: string }>('SELECT current_setting($1) AS v', {
+          type: QueryTypes.SELECT,
+          bind: ['idle_in_transaction_session_timeout'],
+        });
+        expect(row?.v, String(statementTimeoutMs)).to.equal(expected);
+      }
+    });
+
+    it('writes under READ COMMITTED when the session default is REPEATABLE READ', async () => {
+      const rr = repeatableReadUrl(url);
+      const e = await openPostgresEngine({ postgresUrl: rr, schema });
+      engines.push(e);
+      const [dflt] = await e.sequelize.query<{ v: string }>(
+        "SELECT current_setting('transaction_isolation') AS v",
+        {
+          type: QueryTypes.SELECT,
+        },
+      );
+      expect(dflt?.v).to.equal('repeatable read');
+      const inWrite = await e.writeTx(async (t) => {
+        const [row] = await e.sequelize.query<{ v: string }>(
+          "SELECT current_setting('transaction_isolation') AS v",
+          {
+            type: QueryTypes.SELECT,
+            transaction: t,
+          },
+        );
+        return row?.v;
+      });
+      expect(inWrite).to.equal('read committed');
+      // Replicas appending at once: each append reads the head after the lock.
+      const replicas = [
+        await openControlPlane({ postgresUrl: rr, schema }),
+        await openControlPlane({ postgresUrl: rr, schema }),
+      ];
+      opened.push(...replicas);
+      const results = await Promise.allSettled(
+        replicas.flatMap((cp, r) =>
+          Array.from({ length: 10 }, (_, k) =>
+            cp.audit.record({ type: 'x.y', outcome: 'success', detail: { r, k } }),
+          ),
+        ),
+      );
+      expect(results.filter((r) => r.status === 'rejected')).to.deep.equal([]);
+      expect(await replicas[0]!.audit.verify()).to.deep.equal({ ok: true, count: 20 });
+      // A tenant-admin token issued while another replica removes the tenant (both queued
+      // behind a third session holding the lock): refused, or revoked with the tenant.
+      const [a, b] = replicas as [ControlPlane, ControlPlane];
+      await a.tenants.create(tenantInput('acme'));
+      const { removing, issuing } = await root.transaction(async (t) => {
+        await root.query('SELECT pg_advisory_xact_lock(hashtext(:k))', {
+          replacements: { k: `cellcds.control.write.${schema}` },
+          transaction: t,
+        });
+        const removing = a.tenants.remove('acme');
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        const issuing = b.adminTokens.issue({ role: 'tenant-admin', tenant: 'acme' });
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        return { removing, issuing };
+      });
+      await removing;
+      const issued = await issuing.then(
+        (v) => v,
+        (err: unknown) => err,
+      );
+      expect(issued).to.be.instanceOf(InvalidInputError);
+    });
+
+    it('refuses lookups (503) while the generation row is missing, instead of caching forever', async () => {
+      const a = await open();
+      const b = await open();
+      await a.tenants.create(tenantInput('acme'));
+      const iss = 'https://ehr-acme.example.org';
+      expect((await b.tenants.findByIssuer(iss)).map((t) => t.status)).to.deep.equal(['active']);
+      await root.query(`DELETE FROM "${schema}".control_generation`);
+      const err = await rejection(b.tenants.findByIssuer(iss));
+      expect(err).to.be.instanceOf(ControlPlaneUnavailableError);
+      expect(toServiceError(err).status).to.equal(503);
+      await a.tenants.update('acme', { status: 'suspended' });
+      expect(toServiceError(await rejection(b.tenants.activeFhirServers())).status).to.equal(503);
+      // A replica starting recreates it; the others see the change made meanwhile.
+      await open();
+      expect((await b.tenants.findByIssuer(iss)).map((t) => t.status)).to.deep.equal(['suspended']);
+    });
+
+    it('answers 503 when PostgreSQL ends the session in the middle of a write', async () => {
+      const e = await openPostgresEngine({ postgresUrl: url, schema });
+      engines.push(e);
+      const err = await rejection(
+        e.writeTx(async (t) => {
+          const [me] = await e.sequelize.query<{ pid: number }>('SELECT pg_backend_pid() AS pid', {
+            type: QueryTypes.SELECT,
+            transaction: t,
+          });
+          await root.query('SELECT pg_terminate_backend(:pid)', {
+            replacements: { pid: me?.pid },
+            type: QueryTypes.SELECT,
+          });
+          await new Promise((resolve) => setTimeout(resolve, 200));
+          await e.sequelize.query('SELECT 1', { type: QueryTypes.SELECT, transaction: t });
+        }),
+      );
+      expect(err.message).to.match(/not queryable|terminat/);
+      expect(toServiceError(err).status, err.message).to.equal(503);
     });
   });
 

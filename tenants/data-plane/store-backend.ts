@@ -20,6 +20,10 @@ import {
 } from 'sequelize';
 import type { SyncOptions } from 'sequelize';
 import sqlite3 from 'sqlite3';
+import {
+  ControlPlaneUnavailableError,
+  idleInTransactionTimeoutFor,
+} from '../control-plane-postgres.ts';
 import { ConflictError, NotFoundError } from '../errors.ts';
 import {
   execSql,
@@ -187,6 +191,16 @@ export function isMissingTableError(err: unknown): boolean {
     : false;
 }
 
+/** Isolation of PostgreSQL write transactions (lock, then read what is committed). */
+const READ_COMMITTED = Transaction.ISOLATION_LEVELS.READ_COMMITTED;
+
+/**
+ * node-postgres refusing a query on a client whose connection already failed or was closed (the
+ * server restarted, or terminated the session, between two statements of a transaction).
+ */
+const PG_NOT_QUERYABLE =
+  /^Client (has encountered a connection error|was closed) and is not queryable$/;
+
 /** PostgreSQL SQLSTATEs of a server that cannot serve now (connections, shutdown, timeouts). */
 const PG_UNAVAILABLE = new Set([
   '53300', // too_many_connections
@@ -205,7 +219,11 @@ const PG_UNAVAILABLE = new Set([
  * retryable: a job is not failed for it, and the HTTP edge answers 503.
  */
 export function isStoreUnavailableError(err: unknown): boolean {
-  if (err instanceof ConnectionError || err instanceof TimeoutError) {
+  if (
+    err instanceof ConnectionError ||
+    err instanceof TimeoutError ||
+    err instanceof ControlPlaneUnavailableError
+  ) {
     return true;
   }
   const d = driverError(err);
@@ -216,7 +234,11 @@ export function isStoreUnavailableError(err: unknown): boolean {
     // node-postgres reports a connection lost mid-query, and its own read timeout, without a
     // code (Sequelize marks the connection invalid for the latter).
     const m = typeof d.message === 'string' ? d.message : '';
-    return m === 'Query read timeout' || m.startsWith('Connection terminated');
+    return (
+      m === 'Query read timeout' ||
+      m.startsWith('Connection terminated') ||
+      PG_NOT_QUERYABLE.test(m)
+    );
   }
   return (
     typeof d?.code === 'string' &&
@@ -760,7 +782,10 @@ async function initialiseHandle(parts: HandleParts): Promise<StoreHandle> {
       ? parts.beginWrite(fn)
       : dialect === 'sqlite'
         ? sequelize.transaction({ type: Transaction.TYPES.IMMEDIATE }, fn)
-        : sequelize.transaction(fn);
+        : // Lock, then read (the primary DEK row FOR NO KEY UPDATE, a job row, the audit head):
+          // READ COMMITTED, whatever the database's default_transaction_isolation, so a row
+          // another replica committed meanwhile is read, not a serialization failure (40001).
+          sequelize.transaction({ isolationLevel: READ_COMMITTED }, fn);
   const raw = <R>(t: Transaction, sql: string, params: readonly unknown[]): Promise<R[]> => {
     if (dialect === 'sqlite') {
       const db = (t as unknown as { connection?: SqliteConnection }).connection;
@@ -1004,6 +1029,10 @@ export function createPostgresBackend(opts: {
           query_timeout: opts.statementTimeoutMs + 1_000,
         }
       : {}),
+    // A session silent inside a transaction (its replica cut off mid-write) is ended by the
+    // server and its row locks released (the primary DEK's, a job's), instead of blocking the
+    // other replicas' writes to the store until TCP keepalive notices (~2 h).
+    idle_in_transaction_session_timeout: idleInTransactionTimeoutFor(opts.statementTimeoutMs),
   };
   const poolTimeouts = { acquire: opts.acquireTimeoutMs };
   const admin = new Sequelize(opts.url, {
@@ -1047,7 +1076,7 @@ export function createPostgresBackend(opts: {
         // the schema, tables, triggers and meta commit together: a store is never seen half
         // made. The lock is taken on the store's own connection, before anything else.
         lockedSetUp: (fn) =>
-          sequelize.transaction(async (t) => {
+          sequelize.transaction({ isolationLevel: READ_COMMITTED }, async (t) => {
             await sequelize.query('SELECT pg_advisory_xact_lock(hashtext(:key))', {
               transaction: t,
               type: QueryTypes.SELECT,

@@ -293,5 +293,62 @@ if (PG_URL) {
         expect((await a.store('acme').readInvocation(id)).keyVersion, id).to.equal(4);
       }
     });
+    it('store sessions end when idle in a transaction past 10 s; writes run at READ COMMITTED', async () => {
+      // A replica cut off mid-write must not hold the primary DEK row (every write of the
+      // store waits on it) until TCP keepalive notices: the server ends the session.
+      const schema = tenantSchemaName(env.schemaPrefix, 'acme');
+      await env.stores.store('acme').saveInvocation(invocation('inv-0'));
+      await raw.exec(`CREATE TABLE "${schema}".spec_seen (idle text, iso text)`);
+      await raw.exec(
+        `CREATE OR REPLACE FUNCTION "${schema}".spec_seen() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN
+           INSERT INTO "${schema}".spec_seen VALUES (
+             current_setting('idle_in_transaction_session_timeout'),
+             current_setting('transaction_isolation'));
+           RETURN NULL;
+         END $$`,
+      );
+      await raw.exec(
+        `CREATE TRIGGER spec_seen AFTER INSERT ON ${raw.t('invocations')}
+         FOR EACH STATEMENT EXECUTE FUNCTION "${schema}".spec_seen()`,
+      );
+      const u = new URL(PG_URL ?? '');
+      u.searchParams.set('options', '-c default_transaction_isolation=repeatable\\ read');
+      const keyProvider = await createLocalKeyProvider({ keyDir: env.keyDir, region: env.region });
+      const b = await env.reopen({ keyProvider, postgresUrl: u.toString() });
+      await b.store('acme').saveInvocation(invocation('inv-1'));
+      expect(await raw.query(`SELECT idle, iso FROM "${schema}".spec_seen`)).to.deep.equal([
+        { idle: '10s', iso: 'read committed' },
+      ]);
+    });
+
+    it('a replica whose sessions default to REPEATABLE READ writes while the other rotates', async () => {
+      // ALTER ROLE ... SET default_transaction_isolation (here the URL's options): write
+      // transactions lock, then read the primary DEK row; only READ COMMITTED reads the row
+      // another replica committed meanwhile (else 40001, "could not serialize access").
+      const u = new URL(PG_URL ?? '');
+      u.searchParams.set('options', '-c default_transaction_isolation=repeatable\\ read');
+      const keyProvider = await createLocalKeyProvider({ keyDir: env.keyDir, region: env.region });
+      const a = env.stores;
+      const b = await env.reopen({ keyProvider, postgresUrl: u.toString() });
+      await a.store('acme').saveInvocation(invocation('inv-0'));
+      await b.store('acme').saveInvocation(invocation('inv-00'));
+      const acked: string[] = [];
+      for (let round = 1; round <= 3; round += 1) {
+        const writes = Array.from({ length: 16 }, async (_, i) => {
+          const id = `inv-${String(round)}${String(i).padStart(2, '0')}`;
+          await b.store('acme').saveInvocation(invocation(id));
+          acked.push(id);
+        });
+        await sleep(2 * round);
+        const job = await a.store('acme').keys.rotate();
+        await Promise.all(writes);
+        expect((await a.waitForJob(job.id)).status).to.equal('done');
+      }
+      expect(acked).to.have.length(48);
+      for (const id of acked) {
+        expect((await a.store('acme').readInvocation(id)).keyVersion, id).to.equal(4);
+      }
+    });
   });
 }
