@@ -18,7 +18,9 @@
  * and checks the staged copy itself before anything live changes: its own tenant/region and
  * DEKs, its audit hash chain end to end, and that the manifest's counts, audit head and DEK
  * versions are the snapshot's. Then it swaps the copy in (SQLite: one atomic rename over the
- * live file; PostgreSQL: schema rename in one transaction). A manifest with no MAC (format 1,
+ * live file; PostgreSQL: schema rename in one transaction), keeping the live store's wrap count
+ * of each DEK version that is the same key when higher, and refusing (`dek_compromised`) a DEK
+ * version an emergency rotation has marked compromised since (reconcileDeks). A manifest with no MAC (format 1,
  * from earlier releases) or whose MAC key no longer unwraps because the tenant's key was
  * destroyed is restored only with `allowUnauthenticated`.
  */
@@ -34,7 +36,7 @@ import { BackupError, KeyUnavailableError } from './errors.ts';
 import { canonicalJson } from './hash-chain.ts';
 import type { ChainVerification } from './hash-chain.ts';
 import { assertRegionId, assertTenantId } from './ids.ts';
-import { TABLES, defineTenantStoreModels } from './models.ts';
+import { ADDED_COLUMNS, TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow, TenantStoreModels } from './models.ts';
 import { wrapCountFloorSql } from './store-backend.ts';
 import type { StoreBackend, StoreHandle } from './store-backend.ts';
@@ -661,16 +663,63 @@ function sqliteCall(db: sqlite3.Database, sql: string): Promise<Array<Record<str
   });
 }
 
+/** A DEK row of the live store, as a restore reconciles the snapshot's with it. */
+interface LiveDek {
+  version: number;
+  createdAt: string;
+  status: string;
+  /** Marked compromised by an emergency rotation. */
+  compromised: boolean;
+  /** Undefined: the live store has no counts (schema 3, never opened by this release). */
+  wrapCount?: number;
+}
+
+/**
+ * What a restore keeps of the live store's DEK versions (the same key: same number and
+ * `created_at`, which a KEK rewrap keeps and a re-provision changes). Each keeps the higher of
+ * the snapshot's count and the live one, destroyed versions included (a destroyed row keeps its
+ * final count), so restoring a backup never lowers the count of a key (restoring one backup
+ * again and again would otherwise give its keys unbounded encryptions). A version a scheduled
+ * rotation destroyed since comes back with the backup's records under it (point-in-time
+ * restore); one an emergency rotation marked compromised never does: the restore is refused.
+ * @returns the live counts to raise the snapshot's versions to (version → count).
+ * @throws BackupError('dek_compromised').
+ */
+function reconcileDeks(
+  tenant: string,
+  snapshot: ReadonlyArray<{ version: number; createdAt: string; status: string }>,
+  live: readonly LiveDek[],
+): Map<number, number> {
+  const raise = new Map<number, number>();
+  for (const s of snapshot) {
+    const l = live.find((d) => d.version === s.version && d.createdAt === s.createdAt);
+    if (l === undefined) {
+      continue;
+    }
+    if (l.compromised && s.status !== 'destroyed') {
+      throw new BackupError(
+        'dek_compromised',
+        `the backup holds DEK version ${String(s.version)} of tenant ${tenant}, which an emergency rotation has marked compromised since: restoring it would bring that key back; restore a backup taken after that rotation finished`,
+      );
+    }
+    if (l.wrapCount !== undefined) {
+      raise.set(s.version, l.wrapCount);
+    }
+  }
+  return raise;
+}
+
 /**
  * Folds the live store's WAL into its main file and lets SQLite delete it, so that the file
  * alone is the old store: a crash before the swap's rename then leaves it whole. A live store
  * SQLite cannot read (the reason to restore, perhaps) has nothing to keep; its WAL is removed
  * by the caller all the same, so it is never applied to the restored file.
+ * @returns the live store's DEK rows (none if there is no live store or it cannot be read).
  * @throws ConflictError if another connection keeps the WAL from being checkpointed.
  */
-async function checkpointLive(file: string, tenant: string): Promise<void> {
+async function checkpointLive(file: string, tenant: string): Promise<LiveDek[]> {
   if (!fs.existsSync(file)) {
-    return;
+    return [];
   }
   const db = await new Promise<sqlite3.Database>((resolve, reject) => {
     const d = new sqlite3.Database(file, sqlite3.OPEN_READWRITE, (err) => {
@@ -682,15 +731,17 @@ async function checkpointLive(file: string, tenant: string): Promise<void> {
     });
   }).catch(() => undefined);
   if (!db) {
-    return;
+    return [];
   }
   let busy = false;
+  let deks: LiveDek[] = [];
   try {
     // Waits like the store's own connections (an evicted handle may still be closing).
     await sqliteCall(db, 'PRAGMA synchronous=FULL');
     await sqliteCall(db, 'PRAGMA busy_timeout=5000');
     const [row] = await sqliteCall(db, 'PRAGMA wal_checkpoint(TRUNCATE)');
     busy = row?.busy !== undefined && row.busy !== 0;
+    deks = await readLiveDeksSqlite(db);
   } catch (err) {
     const code = (err as { code?: unknown }).code;
     busy = code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED';
@@ -704,6 +755,80 @@ async function checkpointLive(file: string, tenant: string): Promise<void> {
   if (busy) {
     throw new ConflictError(`the store of tenant ${tenant} is in use by another process`);
   }
+  return deks;
+}
+
+/** The DEK rows of a SQLite store (a store SQLite cannot read has none to keep). */
+async function readLiveDeksSqlite(db: sqlite3.Database): Promise<LiveDek[]> {
+  const columns = await sqliteCall(db, `SELECT name FROM pragma_table_info('${TABLES.deks}')`);
+  const counted = columns.some((c) => c.name === 'wrap_count');
+  const rows = await sqliteCall(
+    db,
+    `SELECT version, created_at AS createdAt, status, compromised${counted ? ', wrap_count AS wrapCount' : ''}
+     FROM ${TABLES.deks}`,
+  ).catch(() => []);
+  return rows.map((r) => ({
+    version: Number(r.version),
+    createdAt: String(r.createdAt),
+    status: String(r.status),
+    compromised: Number(r.compromised) === 1,
+    ...(counted ? { wrapCount: Number(r.wrapCount) } : {}),
+  }));
+}
+
+/**
+ * Raises the wrap counts of the staged SQLite copy to the live store's (reconcileDeks), before
+ * the swap puts it in place: nothing serves from it yet.
+ */
+async function raiseStagedCounts(staged: string, raise: ReadonlyMap<number, number>) {
+  if (raise.size === 0) {
+    return;
+  }
+  const db = await new Promise<sqlite3.Database>((resolve, reject) => {
+    const d = new sqlite3.Database(staged, sqlite3.OPEN_READWRITE, (err) => {
+      if (err) {
+        reject(err);
+      } else {
+        resolve(d);
+      }
+    });
+  });
+  try {
+    await sqliteCall(db, 'PRAGMA synchronous=FULL');
+    await sqliteCall(db, 'BEGIN IMMEDIATE');
+    // A snapshot from before the counts (schema 3): the column first; the upgrade when the
+    // store opens raises each count to the lower bound it sets.
+    const columns = await sqliteCall(db, `SELECT name FROM pragma_table_info('${TABLES.deks}')`);
+    const added = ADDED_COLUMNS.find((c) => c.table === TABLES.deks && c.column === 'wrap_count');
+    if (!columns.some((c) => c.name === 'wrap_count') && added) {
+      await sqliteCall(db, `ALTER TABLE ${TABLES.deks} ADD COLUMN "wrap_count" ${added.type}`);
+    }
+    for (const [version, count] of raise) {
+      await sqliteCall(
+        db,
+        `UPDATE ${TABLES.deks} SET wrap_count = max(wrap_count, ${String(Math.trunc(count))})
+         WHERE version = ${String(Math.trunc(version))}`,
+      );
+    }
+    await sqliteCall(db, 'COMMIT');
+    // The copy alone in its file before the rename (a WAL left beside it would not follow it).
+    await sqliteCall(db, 'PRAGMA wal_checkpoint(TRUNCATE)');
+  } finally {
+    await new Promise<void>((resolve) => {
+      db.close(() => {
+        resolve();
+      });
+    });
+  }
+  for (const suffix of ['-wal', '-journal']) {
+    if (fs.existsSync(`${staged}${suffix}`) && fs.statSync(`${staged}${suffix}`).size > 0) {
+      throw new Error(`the staged copy kept a ${suffix} file`);
+    }
+  }
+  for (const suffix of ['-wal', '-shm', '-journal']) {
+    fs.rmSync(`${staged}${suffix}`, { force: true });
+  }
+  fsyncPath(staged);
 }
 
 /**
@@ -792,7 +917,10 @@ async function stageSqlite(
     manifest: { ...m, counts: facts.counts },
     async commit() {
       // 1. The old store alone in its file (its WAL folded in): whole if we die before 4.
-      await checkpointLive(live, m.tenant);
+      const liveDeks = await checkpointLive(live, m.tenant);
+      // 1b. The live store's keys: none compromised comes back, no count goes down (the caller
+      //     quiesced the tenant: the live counts are final).
+      await raiseStagedCounts(staged, reconcileDeks(m.tenant, facts.deks, liveDeks));
       // 2. The old store's side files go before the new file arrives: a WAL or rollback journal
       //    left beside the restored file would be replayed into it by the next open.
       for (const suffix of ['-wal', '-shm', '-journal']) {
@@ -912,6 +1040,8 @@ async function stagePostgres(
     manifest: { ...m, counts: facts.counts },
     async commit() {
       await admin.transaction(async (t) => {
+        // The live store's keys: none compromised comes back, no count goes down.
+        await reconcilePostgres(admin, t, { live, staging }, m.tenant, facts.deks);
         await admin.query(`DROP SCHEMA IF EXISTS "${live}" CASCADE`, { transaction: t });
         await admin.query(`ALTER SCHEMA "${staging}" RENAME TO "${live}"`, { transaction: t });
       });
@@ -920,4 +1050,65 @@ async function stagePostgres(
       await admin.query(`DROP SCHEMA IF EXISTS "${staging}" CASCADE`);
     },
   };
+}
+
+/**
+ * PostgreSQL: in the swap's transaction, before the live schema is dropped, reconciles the
+ * staged copy's DEK versions with the live store's (reconcileDeks). The live DEK table is
+ * locked EXCLUSIVE first: every write (of any replica) locks its primary row and its triggers
+ * add to it, so the counts read after the lock are final until the swap commits.
+ * @throws BackupError('dek_compromised').
+ */
+async function reconcilePostgres(
+  admin: Sequelize,
+  t: Transaction,
+  schemas: { live: string; staging: string },
+  tenant: string,
+  snapshot: readonly DekRow[],
+): Promise<void> {
+  const liveDeks = `"${schemas.live}"."${TABLES.deks}"`;
+  const [exists] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
+    bind: [liveDeks],
+    type: QueryTypes.SELECT,
+    transaction: t,
+  });
+  if (exists?.ok !== true) {
+    return; // no live store (never provisioned here, or deprovisioned)
+  }
+  await admin.query(`LOCK TABLE ${liveDeks} IN EXCLUSIVE MODE`, { transaction: t });
+  const columns = await admin.query<{ name: string }>(
+    `SELECT column_name AS name FROM information_schema.columns
+     WHERE table_schema = $1 AND table_name = $2 AND column_name = 'wrap_count'`,
+    { bind: [schemas.live, TABLES.deks], type: QueryTypes.SELECT, transaction: t },
+  );
+  const counted = columns.length > 0;
+  const rows = await admin.query<{
+    version: number;
+    createdAt: string;
+    status: string;
+    compromised: number;
+    wrapCount?: string | number;
+  }>(
+    `SELECT version, created_at AS "createdAt", status, compromised${counted ? ', wrap_count AS "wrapCount"' : ''}
+     FROM ${liveDeks}`,
+    { type: QueryTypes.SELECT, transaction: t },
+  );
+  const raise = reconcileDeks(
+    tenant,
+    snapshot,
+    rows.map((r) => ({
+      version: r.version,
+      createdAt: r.createdAt,
+      status: r.status,
+      compromised: r.compromised === 1,
+      ...(r.wrapCount !== undefined ? { wrapCount: Number(r.wrapCount) } : {}),
+    })),
+  );
+  for (const [version, count] of raise) {
+    await admin.query(
+      `UPDATE "${schemas.staging}"."${TABLES.deks}" SET wrap_count = GREATEST(wrap_count, $1::bigint)
+       WHERE version = $2::integer`,
+      { bind: [count, version], transaction: t },
+    );
+  }
 }

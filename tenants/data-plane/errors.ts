@@ -46,7 +46,9 @@ export class WrapLimitError extends KeyUnavailableError {
   readonly version: number;
   /** The version's wrap count when the write was refused. */
   readonly wraps: number;
-  constructor(tenant: string, version: number, wraps: number, hard: number) {
+  /** The version's DEK row `created_at` (which key of that number), when the store read it. */
+  readonly createdAt: string | undefined;
+  constructor(tenant: string, version: number, wraps: number, hard: number, createdAt?: string) {
     super(
       'wrap_limit',
       `DEK version ${String(version)} of tenant ${tenant} has made ${String(wraps)} of its ` +
@@ -54,6 +56,7 @@ export class WrapLimitError extends KeyUnavailableError {
     );
     this.version = version;
     this.wraps = wraps;
+    this.createdAt = createdAt;
   }
 }
 
@@ -106,7 +109,13 @@ export type BackupErrorReason =
    * (crypto-shredded; its records would not open either) or the KEK that wrapped it is gone,
    * so the MAC cannot be checked. Restored (unauthenticated) only with `allowUnauthenticated`.
    */
-  | 'key_unavailable';
+  | 'key_unavailable'
+  /**
+   * The backup holds a DEK version (same number and `created_at`) that an emergency rotation
+   * has marked compromised since: restoring it would bring that key back. Never overridden;
+   * restore a backup taken after that rotation finished.
+   */
+  | 'dek_compromised';
 
 /**
  * A backup could not be written, or a backup was refused at restore (bad manifest or checksum,

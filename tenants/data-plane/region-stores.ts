@@ -810,7 +810,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   }
 
   const onRecordWrite = opts.onRecordWrite;
-  // The soft wrap limit's rotation (wrap-limit.ts): scheduled, by `system`, once per version.
+  // The soft wrap limit's rotation (wrap-limit.ts): scheduled, by `system`, once per key.
   const wrapWatch = createWrapLimitWatch({
     limits: wrapLimits,
     rotate: (tenant, version) =>
@@ -830,14 +830,21 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     now,
     wrapLimits,
     use,
-    wrapsCommitted: (tenant, version, count) => {
+    wrapsCommitted: (tenant, key, count) => {
       if (!state.closed) {
-        wrapWatch.committed(tenant, version, count);
+        wrapWatch.committed(tenant, key, count);
       }
     },
     wrapsRefused: (tenant, err) => {
       if (!state.closed) {
-        wrapWatch.refused(tenant, err.version, err.wraps);
+        wrapWatch.refused(
+          tenant,
+          {
+            version: err.version,
+            ...(err.createdAt !== undefined ? { createdAt: err.createdAt } : {}),
+          },
+          err.wraps,
+        );
       }
     },
     ...(onRecordWrite

@@ -63,8 +63,15 @@ export interface RegionContext extends KeyContext {
       onlyIfPrimary?: number;
     },
   ): Promise<JobInfo>;
-  /** After a committed write that sealed under `version`, its wrap count (wrap-limit.ts). */
-  wrapsCommitted?: (tenant: string, version: number, count: number) => void;
+  /**
+   * After a committed write that sealed under `key` (its number and DEK row `created_at`), its
+   * wrap count (wrap-limit.ts).
+   */
+  wrapsCommitted?: (
+    tenant: string,
+    key: { version: number; createdAt: string },
+    count: number,
+  ) => void;
   /** A write was refused at the hard wrap limit. */
   wrapsRefused?: (tenant: string, err: WrapLimitError) => void;
   /** Told each committed record write's seconds from the call to the commit (never throws). */
@@ -431,6 +438,49 @@ function batcherOf(h: StoreHandle, limits: WrapLimits): (p: PendingInvocation) =
   return batcher;
 }
 
+/**
+ * The key a write of this store last found at its hard wrap limit (number and identity). Later
+ * writes sealed under that key read the primary row first (one SELECT): still that key, still
+ * without room, they are refused before sealing, so a refused write makes no encryption under
+ * the exhausted DEK. Never trusted alone: the primary row says whether it still is.
+ */
+const exhausted = new WeakMap<StoreHandle, PrimaryDek>();
+
+/** Remembers the key of a write refused at the hard wrap limit. */
+function noteExhausted(h: StoreHandle, err: unknown): void {
+  if (err instanceof WrapLimitError && err.createdAt !== undefined) {
+    exhausted.set(h, { version: err.version, createdAt: err.createdAt });
+  }
+}
+
+/**
+ * Before sealing `n` records under `key`: if it is the key found exhausted, checks the primary
+ * row. @returns true if the primary changed meanwhile (seal under the new one instead).
+ * @throws WrapLimitError if the key is still the primary one and has no room for `n`.
+ */
+async function refuseIfExhausted(
+  h: StoreHandle,
+  key: IdentifiedKey,
+  n: number,
+  limits: WrapLimits,
+): Promise<boolean> {
+  if (!isKeyOf(exhausted.get(h), key)) {
+    return false;
+  }
+  const primary = await primaryDek(h);
+  if (isKeyOf(primary, key)) {
+    const count = primary.wrapCount ?? 0;
+    if (count + n > limits.hard) {
+      throw new WrapLimitError(h.tenant, primary.version, count, limits.hard, primary.createdAt);
+    }
+    exhausted.delete(h); // room for this write (a smaller batch): the write checks again
+    return false;
+  }
+  exhausted.delete(h);
+  primaryHint.delete(h);
+  return true;
+}
+
 async function saveInvocation(
   h: StoreHandle,
   ctx: RegionContext,
@@ -440,6 +490,9 @@ async function saveInvocation(
   const limits = ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS;
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await sealingKeyFor(h, ctx);
+    if (await refuseIfExhausted(h, key, 1, limits)) {
+      continue;
+    }
     const row = {
       id: v.id,
       time: v.time,
@@ -473,7 +526,11 @@ async function saveInvocation(
       });
     });
     if (written.outcome === 'saved') {
-      ctx.wrapsCommitted?.(h.tenant, key.version, written.wraps);
+      ctx.wrapsCommitted?.(
+        h.tenant,
+        { version: key.version, createdAt: key.createdAt },
+        written.wraps,
+      );
       return toSummary({ ...row, seq: 0 });
     }
     // Rotated meanwhile, or the key was another of the same version number: seal again under
@@ -486,7 +543,7 @@ async function saveInvocation(
       const primary = await primaryDek(h);
       const count = primary.wrapCount ?? 0;
       if (isKeyOf(primary, key) && count + written.batch > limits.hard) {
-        throw new WrapLimitError(h.tenant, primary.version, count, limits.hard);
+        throw new WrapLimitError(h.tenant, primary.version, count, limits.hard, primary.createdAt);
       }
     }
   }
@@ -592,6 +649,9 @@ async function saveFeedback(
   const ids = items.map(feedbackId);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
+    if (await refuseIfExhausted(h, key, 1, limits)) {
+      continue;
+    }
     const sealedById = new Map<string, Envelope>();
     items.forEach((item, i) => {
       const fid = ids[i] ?? '';
@@ -671,7 +731,11 @@ async function saveFeedback(
     );
     if (result) {
       if (result.stored > 0) {
-        ctx.wrapsCommitted?.(h.tenant, key.version, result.wraps);
+        ctx.wrapsCommitted?.(
+          h.tenant,
+          { version: key.version, createdAt: key.createdAt },
+          result.wraps,
+        );
       }
       return { stored: result.stored, duplicates: result.duplicates, ids: result.ids };
     }
@@ -707,7 +771,12 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
       }
       const started = performance.now();
       return ctx
-        .use(tenant, (h) => saveInvocation(h, ctx, meta, plaintext))
+        .use(tenant, (h) =>
+          saveInvocation(h, ctx, meta, plaintext).catch((err: unknown) => {
+            noteExhausted(h, err);
+            throw err;
+          }),
+        )
         .then((summary) => {
           ctx.recordWritten?.('invocation', (performance.now() - started) / 1000);
           return summary;
@@ -777,7 +846,12 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
       const valid = validateFeedback(items, opts.service);
       const started = performance.now();
       const result = await ctx
-        .use(tenant, (h) => saveFeedback(h, ctx, valid, opts.service))
+        .use(tenant, (h) =>
+          saveFeedback(h, ctx, valid, opts.service).catch((err: unknown) => {
+            noteExhausted(h, err);
+            throw err;
+          }),
+        )
         .catch((err: unknown) => {
           throw refusedAtWrapLimit(err);
         });

@@ -16,7 +16,7 @@
 import type { Transaction } from 'sequelize';
 import { ConflictError, InvalidInputError } from '../errors.ts';
 import { KeyUnavailableError, WrapLimitError } from './errors.ts';
-import type { StoreHandle } from './store-backend.ts';
+import type { PrimaryDek, StoreHandle } from './store-backend.ts';
 
 /** Wrap counts at which a version is rotated (soft) and refuses writes (hard). */
 export interface WrapLimits {
@@ -46,13 +46,21 @@ export function resolveWrapLimits(opts?: Partial<WrapLimits>): WrapLimits {
   return { soft, hard };
 }
 
-/** Wraps already reserved in a write transaction (its group's other writes). */
-const reserved = new WeakMap<Transaction, number>();
+/**
+ * Wraps already reserved under a locked primary row: by the earlier writes of its transaction,
+ * which on a group commit are several callers' writes, each in a SAVEPOINT of its own, all
+ * sharing the one row object read at the start (store-backend.ts, createGroupCommit). Keyed by
+ * that object, not by the SAVEPOINT's Transaction, so every write of the group counts the ones
+ * before it. A write whose SAVEPOINT rolls back keeps its reservation until the COMMIT: the
+ * group may refuse a write it had room for, never pass the limit.
+ */
+const reserved = new WeakMap<PrimaryDek, number>();
 
 /**
  * In a `writeTx` run with `{ primary: true }`, before writing `n` rows sealed under the locked
- * primary version: checks they stay within the hard limit (counting the group's earlier writes
- * in `t`) and returns the version's count after them. The store's triggers do the counting.
+ * primary version: checks they stay within the hard limit (counting the earlier writes of the
+ * transaction's group) and returns the version's count after them. The store's triggers do the
+ * counting.
  * @throws WrapLimitError (a KeyUnavailableError, reason `wrap_limit`) if they would pass the
  *   hard limit.
  */
@@ -66,11 +74,11 @@ export function reserveWraps(
   if (locked === undefined) {
     return undefined;
   }
-  const before = (locked.wrapCount ?? 0) + (reserved.get(t) ?? 0);
+  const before = (locked.wrapCount ?? 0) + (reserved.get(locked) ?? 0);
   if (n > 0 && before + n > limits.hard) {
-    throw new WrapLimitError(h.tenant, locked.version, before, limits.hard);
+    throw new WrapLimitError(h.tenant, locked.version, before, limits.hard, locked.createdAt);
   }
-  reserved.set(t, (reserved.get(t) ?? 0) + n);
+  reserved.set(locked, (reserved.get(locked) ?? 0) + n);
   return { version: locked.version, count: before + n };
 }
 
@@ -89,14 +97,29 @@ export interface WrapLimitEvent {
   error?: string;
 }
 
-/** Pause before a soft-limit rotation that failed (provider down) is tried again. */
+/**
+ * Pause before a soft-limit rotation is tried again for the same key: after a failure (provider
+ * down), and after a success too (a key that is primary at its soft limit again, say brought
+ * back by a restore taken before a rotation that had not destroyed it yet, is rotated again).
+ */
 const RETRY_MS = 30_000;
 
 /**
- * Starts the soft limit's rotation of a tenant once: `committed(tenant, version, count)` after
- * each committed write that sealed under `version`. At most one attempt per tenant is in flight;
- * a failed one is tried again by a write after RETRY_MS. `rotate` must refuse (ConflictError)
- * if `version` is no longer primary, so replicas that cross the limit together rotate once.
+ * A DEK version as the watch tells keys apart: number and `created_at` (numbers start again at
+ * 1 after a deprovision + re-provision). `createdAt` undefined: whichever key has the number.
+ */
+export interface WatchedKey {
+  version: number;
+  createdAt?: string;
+}
+
+/**
+ * Starts the soft limit's rotation of a tenant: `committed(tenant, key, count)` after each
+ * committed write that sealed under `key`. At most one attempt per tenant is in flight; after
+ * an attempt, the same key (number and `created_at`) is tried again by a write after RETRY_MS
+ * (another key at once: a re-provisioned tenant's new v1). `rotate` must refuse
+ * (ConflictError) if `version` is no longer primary, so replicas that cross the limit together
+ * rotate once.
  */
 export function createWrapLimitWatch(opts: {
   limits: WrapLimits;
@@ -104,26 +127,40 @@ export function createWrapLimitWatch(opts: {
   tell: (event: WrapLimitEvent) => void;
   nowMs?: () => number;
 }): {
-  committed(tenant: string, version: number, count: number): void;
-  refused(tenant: string, version: number, count: number): void;
+  committed(tenant: string, key: WatchedKey, count: number): void;
+  refused(tenant: string, key: WatchedKey, count: number): void;
   /** Resolves when no rotation it started is in flight (tests, close). */
   idle(): Promise<void>;
 } {
   const nowMs = opts.nowMs ?? (() => Date.now());
-  const state = new Map<string, { version: number; retryAt?: number; inFlight?: Promise<void> }>();
+  interface Attempt {
+    version: number;
+    createdAt?: string;
+    retryAt?: number;
+    inFlight?: Promise<void>;
+  }
+  const state = new Map<string, Attempt>();
+  const sameKey = (s: Attempt, key: WatchedKey): boolean =>
+    s.version === key.version &&
+    (s.createdAt === undefined || key.createdAt === undefined || s.createdAt === key.createdAt);
   return {
-    committed(tenant, version, count) {
+    committed(tenant, key, count) {
       if (count < opts.limits.soft) {
         return;
       }
       const s = state.get(tenant);
       if (
-        s?.version === version &&
-        (s.inFlight !== undefined || s.retryAt === undefined || nowMs() < s.retryAt)
+        s !== undefined &&
+        sameKey(s, key) &&
+        (s.inFlight !== undefined || (s.retryAt !== undefined && nowMs() < s.retryAt))
       ) {
-        return; // started (or starting) for this version, or failed and pausing
+        return; // started (or starting) for this key, or tried and pausing
       }
-      const entry: { version: number; retryAt?: number; inFlight?: Promise<void> } = { version };
+      const { version } = key;
+      const entry: Attempt = {
+        version,
+        ...(key.createdAt !== undefined ? { createdAt: key.createdAt } : {}),
+      };
       state.set(tenant, entry);
       entry.inFlight = opts
         .rotate(tenant, version)
@@ -131,7 +168,6 @@ export function createWrapLimitWatch(opts: {
           opts.tell({ tenant, version, wraps: count, outcome: 'rotation_started', job: job.id });
         })
         .catch((err: unknown) => {
-          entry.retryAt = nowMs() + RETRY_MS;
           opts.tell({
             tenant,
             version,
@@ -141,13 +177,15 @@ export function createWrapLimitWatch(opts: {
           });
         })
         .finally(() => {
+          entry.retryAt = nowMs() + RETRY_MS;
           delete entry.inFlight;
         });
     },
-    refused(tenant, version, count) {
-      opts.tell({ tenant, version, wraps: count, outcome: 'refused' });
-      // The rotation failed before (or never started here): try again, after its pause.
-      this.committed(tenant, version, Math.max(count, opts.limits.soft));
+    refused(tenant, key, count) {
+      opts.tell({ tenant, version: key.version, wraps: count, outcome: 'refused' });
+      // The rotation failed before, or never started here, or the key is primary at its limit
+      // again (a restore): try again, after its pause.
+      this.committed(tenant, key, Math.max(count, opts.limits.soft));
     },
     async idle() {
       await Promise.all([...state.values()].map((s) => s.inFlight ?? Promise.resolve()));

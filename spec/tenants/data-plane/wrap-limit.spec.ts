@@ -5,9 +5,10 @@
  * (audited, actor `system`, reason `wrap_limit`), and the hard limit refuses writes and stops a
  * rewrap job that would pass it. Real stores, both backends, tiny limits.
  */
+import crypto from 'node:crypto';
 import { expect } from 'chai';
 import { InvalidInputError } from '../../../tenants/index.ts';
-import { KeyUnavailableError, WrapLimitError } from '../../../tenants/data-plane.ts';
+import { BackupError, KeyUnavailableError, WrapLimitError } from '../../../tenants/data-plane.ts';
 import type {
   FeedbackInput,
   KeyProvider,
@@ -15,6 +16,7 @@ import type {
   TenantStore,
   WrapLimitEvent,
 } from '../../../tenants/data-plane.ts';
+import { createWrapLimitWatch } from '../../../tenants/data-plane/wrap-limit.ts';
 import { asInstance, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
 import type { Env } from './helpers.ts';
 
@@ -97,7 +99,7 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     expect(await wraps(s)).to.deep.equal({ 1: 4, 2: 4 });
   });
 
-  it('a backup restores with its wrap counts, not counted again by the restore', async function () {
+  it('a backup restores with its wrap counts, not counted again by the restore, and never below the live count of the same key', async function () {
     this.timeout(30_000);
     env = await makeEnv(backend);
     const s = env.stores.store('acme');
@@ -110,9 +112,129 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     await save(s, 5, 2);
     expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 6 });
     await env.stores.restoreTenant(backup.path, { tenant: 'acme' });
-    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 4 });
+    // v2 made 6 encryptions, whatever the snapshot says: the restore keeps the live count.
+    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 6 });
     await save(s, 5, 1);
-    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 5 });
+    expect(await wraps(s)).to.deep.equal({ 1: 3, 2: 7 });
+  });
+
+  it('restoring one backup again and again never gives a key more encryptions than its limit', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    await save(env.stores.store('acme'), 1, 2);
+    const backup = await env.stores.backupTenant('acme', env.backupDir);
+    await env.stores.close();
+    // No rotation can start: only the count stands between the key and the hard limit.
+    const stores = await env.reopen({
+      keyProvider: refusingWraps(env.provider),
+      wrapLimits: { soft: 5, hard: 8 },
+    });
+    const s = stores.store('acme');
+    let written = 2;
+    for (let round = 0; round < 3; round += 1) {
+      for (let i = 0; i < 4; i += 1) {
+        try {
+          await s.saveInvocation(invocation(`inv-${String(round)}-${String(i)}`));
+          written += 1;
+        } catch (err) {
+          expect(asInstance(err as Error, WrapLimitError).reason).to.equal('wrap_limit');
+        }
+      }
+      await stores.restoreTenant(backup.path, { tenant: 'acme' });
+    }
+    // Every encryption under v1 counted across the restores: no more than the hard limit.
+    expect(written).to.equal(8);
+    expect(await wraps(s)).to.deep.equal({ 1: 8 });
+  });
+
+  it('a restore that would bring back a DEK version an emergency rotation marked compromised is refused, the live store unchanged', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 2);
+    const backup = await env.stores.backupTenant('acme', env.backupDir);
+    const job = await s.keys.rotate({ emergency: true });
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done' });
+    await save(s, 3, 1);
+    const before = await s.keys.status();
+    expect(before.versions.find((v) => v.version === 1)?.status).to.equal('destroyed');
+    const err = await rejection(env.stores.restoreTenant(backup.path, { tenant: 'acme' }));
+    const refused = asInstance(err, BackupError);
+    expect(refused.reason).to.equal('dek_compromised');
+    expect(refused.message).to.match(/DEK version 1 .*compromised/);
+    // Nothing restored: the live store still serves, under v2, with its records and counts.
+    const after = await s.keys.status();
+    expect(after.primary).to.equal(2);
+    expect(after.versions).to.deep.equal(before.versions);
+    expect((await s.readInvocation('inv-3')).keyVersion).to.equal(2);
+    expect((await s.readInvocation('inv-1')).id).to.equal('inv-1');
+    await save(s, 4, 1);
+    expect((await wraps(s))[2]).to.equal(4);
+  });
+
+  it('a restore from before a scheduled rotation brings its DEK version back with the live final count (point in time)', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 2);
+    const backup = await env.stores.backupTenant('acme', env.backupDir);
+    await save(s, 3, 2); // v1: 4 wraps, the backup says 2
+    const job = await s.keys.rotate();
+    expect(await env.stores.waitForJob(job.id)).to.include({ status: 'done' });
+    expect((await s.keys.status()).versions.find((v) => v.version === 1)?.status).to.equal(
+      'destroyed',
+    );
+    await env.stores.restoreTenant(backup.path, { tenant: 'acme' });
+    const restored = await s.keys.status();
+    expect(restored.primary).to.equal(1);
+    expect(await wraps(s)).to.deep.equal({ 1: 4 });
+    expect((await s.readInvocation('inv-1')).keyVersion).to.equal(1);
+    await save(s, 5, 1);
+    expect(await wraps(s)).to.deep.equal({ 1: 5 });
+  });
+
+  it('feedback writes committed together in one group count each other against the hard limit', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    await env.stores.provisionTenant('acme');
+    await env.stores.close();
+    const stores = await env.reopen({
+      keyProvider: refusingWraps(env.provider),
+      wrapLimits: { soft: 5, hard: 10 },
+    });
+    const s = stores.store('acme');
+    await save(s, 1, 8);
+    // Issued together: all but the first wait for its commit and share the next one.
+    const results = await Promise.allSettled(
+      Array.from({ length: 8 }, (_, i) =>
+        s.saveFeedback([fb(`card-inv-${String(i + 1)}`, i)], { service: 'med-safety' }),
+      ),
+    );
+    for (const r of results) {
+      if (r.status === 'rejected') {
+        expect(asInstance(r.reason as Error, WrapLimitError).reason).to.equal('wrap_limit');
+      }
+    }
+    expect(results.filter((r) => r.status === 'fulfilled')).to.have.length(2);
+    expect(await wraps(s)).to.deep.equal({ 1: 10 });
+  });
+
+  it('a re-provisioned tenant is rotated at the soft limit again (the watch knows its v1 is another key)', async function () {
+    this.timeout(30_000);
+    const events: WrapLimitEvent[] = [];
+    env = await makeEnv(backend, {
+      stores: { wrapLimits: { soft: 3, hard: 100 }, onWrapLimit: (e) => events.push(e) },
+    });
+    let s = env.stores.store('acme');
+    await save(s, 1, 3);
+    await primaryBecomes(s, 2);
+    await env.stores.deprovisionTenant('acme');
+    await env.stores.provisionTenant('acme');
+    s = env.stores.store('acme');
+    expect((await s.keys.status()).primary).to.equal(1);
+    await save(s, 10, 3);
+    await primaryBecomes(s, 2);
+    expect(events.filter((e) => e.outcome === 'rotation_started')).to.have.length(2);
   });
 
   it('a store at schema 3 gets the wrap count when opened, set from its records and heads', async function () {
@@ -239,6 +361,45 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     expect(events.find((e) => e.outcome === 'rotation_failed')?.error).to.match(/provider/);
   });
 
+  it('a write refused at the hard limit encrypts nothing under the exhausted DEK', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    await env.stores.provisionTenant('acme');
+    await env.stores.close();
+    const stores = await env.reopen({
+      keyProvider: refusingWraps(env.provider),
+      wrapLimits: { soft: 3, hard: 4 },
+    });
+    const s = stores.store('acme');
+    await save(s, 1, 4);
+    expect(await wraps(s)).to.deep.equal({ 1: 4 });
+    // Encryptions under a DEK (a KeyObject; a record's own key is a Buffer).
+    let underDek = 0;
+    const createCipheriv = crypto.createCipheriv;
+    const counting = (...args: Parameters<typeof crypto.createCipheriv>) => {
+      if (!Buffer.isBuffer(args[1])) {
+        underDek += 1;
+      }
+      return createCipheriv(...args);
+    };
+    (crypto as { createCipheriv: unknown }).createCipheriv = counting;
+    try {
+      for (let i = 10; i < 15; i += 1) {
+        const err = await rejection(s.saveInvocation(invocation(`inv-${String(i)}`)));
+        expect(asInstance(err, WrapLimitError).reason).to.equal('wrap_limit');
+      }
+      const fbErr = await rejection(
+        s.saveFeedback([fb('card-inv-1', 1), fb('card-inv-2', 2)], { service: 'med-safety' }),
+      );
+      expect(asInstance(fbErr, WrapLimitError).reason).to.equal('wrap_limit');
+    } finally {
+      (crypto as { createCipheriv: unknown }).createCipheriv = createCipheriv;
+    }
+    // At most the first refusal sealed (it found the limit); the others were refused before.
+    expect(underDek).to.be.at.most(1);
+    expect(await wraps(s)).to.deep.equal({ 1: 4 });
+  });
+
   it('a rewrap job whose target version would pass the hard limit fails with a clear error', async function () {
     this.timeout(30_000);
     env = await makeEnv(backend);
@@ -274,5 +435,39 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
         /^wrapLimits\./,
       );
     }
+  });
+});
+
+describe('data plane: the soft wrap limit watch', () => {
+  it('rotates a key again after the pause when it is primary at its limit again, and another key of the same number at once', async () => {
+    let now = 0;
+    const rotated: number[] = [];
+    const events: WrapLimitEvent[] = [];
+    const watch = createWrapLimitWatch({
+      limits: { soft: 5, hard: 10 },
+      rotate: (_tenant, version) => {
+        rotated.push(version);
+        return Promise.resolve({ id: `job-${String(rotated.length)}` });
+      },
+      tell: (e) => events.push(e),
+      nowMs: () => now,
+    });
+    const v1 = { version: 1, createdAt: '2026-01-01T00:00:00.000Z' };
+    watch.committed('acme', v1, 5);
+    await watch.idle();
+    watch.committed('acme', v1, 6); // in flight with the first: no second rotation
+    watch.refused('acme', v1, 10);
+    await watch.idle();
+    expect(rotated).to.deep.equal([1]);
+    // The same key still (or again: a restore) at its limit after the pause: rotated again.
+    now = 30_001;
+    watch.refused('acme', v1, 10);
+    await watch.idle();
+    expect(rotated).to.deep.equal([1, 1]);
+    // A re-provisioned tenant's v1 is another key: rotated at once.
+    watch.committed('acme', { version: 1, createdAt: '2026-02-01T00:00:00.000Z' }, 5);
+    await watch.idle();
+    expect(rotated).to.deep.equal([1, 1, 1]);
+    expect(events.filter((e) => e.outcome === 'rotation_started')).to.have.length(3);
   });
 });
