@@ -12,6 +12,7 @@ import { cachedProgram, programFor } from './compile-pack.ts';
 import type { PackProgram } from './compile-pack.ts';
 import { runRules } from './evaluate-core.ts';
 import type { MainMessage, RunMessage, WorkerMessage } from './evaluator-protocol.ts';
+import type { WarmedMessage } from './evaluator.ts';
 import {
   PHASE_DONE,
   PHASE_IDLE,
@@ -42,7 +43,7 @@ for (const level of ['log', 'info', 'warn', 'error', 'debug', 'trace'] as const)
   console[level] = () => undefined;
 }
 
-function post(msg: WorkerMessage): void {
+function post(msg: WorkerMessage | WarmedMessage): void {
   port?.postMessage(msg);
 }
 
@@ -140,6 +141,8 @@ port.on('message', (msg: MainMessage) => {
     } catch {
       // reported when the pack is run
     }
+    // The pool takes no call to this worker until then (see WorkerPool.pumpWarm).
+    post({ type: 'warmed', hash: msg.hash });
     return;
   }
   handle(msg);

@@ -74,9 +74,11 @@ export interface Evaluator {
    */
   ready(): Promise<void>;
   /**
-   * Compiles `pack` ahead in every started worker and the spare, without evaluating anything
+   * Compiles `pack` ahead in the spare and every started worker, without evaluating anything
    * (e.g. right after an upload or a subscription change), so that its first calls do not pay
-   * the compilation out of their budget.
+   * the compilation out of their budget. In the background, one worker at a time (the spare
+   * first): a serving worker compiling it takes no call meanwhile (it counts as busy), so calls
+   * go to the others and never wait behind a compilation while another worker is free.
    */
   warm(pack: CompiledPack): void;
   /** Stops the workers. Calls in flight finish with their remaining rules `skipped`. */
@@ -145,6 +147,18 @@ export interface EvaluatorStats {
    * were then compiled there in slices, off the calls' path, for the calls after it.
    */
   compiledAside?: number;
+  /** Workers (the spare included) compiling a pack ahead now (`warm`): 0 or 1. */
+  warmingWorkers?: number;
+  /** Packs still to be compiled ahead in a worker that lacks them (`warm`). */
+  warmsPending?: number;
+  /** Compilations ahead done in workers so far (one per worker and pack). */
+  warmed?: number;
+}
+
+/** Worker -> main: a `warm` is done (compiled, or it does not compile: reported when run). */
+export interface WarmedMessage {
+  type: 'warmed';
+  hash: string;
 }
 
 export interface EvaluatorOptions {
@@ -175,6 +189,9 @@ export interface EvaluatorOptions {
    */
   inlineRetryMs?: number;
 }
+
+/** At most this many packs wait to be compiled ahead in the workers (the oldest is dropped). */
+const MAX_WARMS_PENDING = 64;
 
 /** At most this many packs compile in slices in the calling thread at once (compileAside). */
 const MAX_COMPILES_ASIDE = 2;
@@ -245,6 +262,8 @@ interface Slot {
   ready: boolean;
   /** Pack hashes this worker has been sent. */
   hashes: Set<string>;
+  /** The pack this worker is compiling ahead (`warm`): it takes no call until it is done. */
+  warming?: string;
   onMessage?: (msg: WorkerMessage) => void;
   onExit?: () => void;
 }
@@ -275,10 +294,18 @@ class WorkerPool {
    * takes over from a stopped worker) or idle worker is kept busy compiling one.
    */
   private readonly slowCompiles = new LruCache<true>(256);
+  /**
+   * Packs to compile ahead, oldest first: in the spare, and (`all`) in every serving worker
+   * that lacks them. A pack leaves once no ready worker lacks it (see pumpWarm).
+   */
+  private readonly warmQueue = new Map<string, { pack: CompiledPack; all: boolean }>();
+  /** The worker compiling a pack ahead now: one at a time. */
+  private warmingSlot: Slot | undefined;
   started = 0;
   replaced = 0;
   crashed = 0;
   compileOverruns = 0;
+  warmed = 0;
 
   constructor(
     private readonly size: number,
@@ -341,17 +368,21 @@ class WorkerPool {
     worker.unref();
     this.started++;
     const slot: Slot = { worker, progress: progressView(shared), ready: false, hashes: new Set() };
-    worker.on('message', (msg: WorkerMessage) => {
+    worker.on('message', (msg: WorkerMessage | WarmedMessage) => {
       if (msg.type === 'ready') {
         slot.ready = true;
         this.failedStarts = 0;
         if (this.spare === slot) {
           for (const p of this.recent.values()) {
-            this.warm(slot, p);
+            this.queueWarm(p, false);
           }
         }
         this.offer(slot);
         this.checkReady();
+        return;
+      }
+      if (msg.type === 'warmed') {
+        this.warmDone(slot);
         return;
       }
       slot.onMessage?.(msg);
@@ -366,6 +397,7 @@ class WorkerPool {
       }
       this.forget(slot);
       slot.onExit?.();
+      this.pumpWarm();
       if (!wasReady && !this.closed) {
         this.failedStarts++;
         if (this.failedStarts >= 3) {
@@ -379,23 +411,95 @@ class WorkerPool {
     return slot;
   }
 
-  private warm(slot: Slot, pack: CompiledPack): void {
-    if (slot.hashes.has(pack.hash) || this.slowCompiles.get(pack.hash) !== undefined) {
+  /** Queues `pack` to be compiled ahead in the spare and (`all`) in every serving worker. */
+  private queueWarm(pack: CompiledPack, all: boolean): void {
+    if (this.closed || this.slowCompiles.get(pack.hash) !== undefined) {
       return;
     }
+    const queued = this.warmQueue.get(pack.hash);
+    this.warmQueue.set(pack.hash, { pack, all: all || queued?.all === true });
+    while (this.warmQueue.size > MAX_WARMS_PENDING) {
+      const oldest = this.warmQueue.keys().next();
+      if (oldest.done === true) {
+        break;
+      }
+      this.warmQueue.delete(oldest.value);
+    }
+    this.pumpWarm();
+  }
+
+  /**
+   * Starts the next compilation ahead, unless one is running (one worker at a time): in the
+   * spare if it lacks the pack (it serves no call), else in an idle serving worker that lacks
+   * it, taken out of `idle` until it is done (so it counts as busy and calls go to the others).
+   * A worker running a call is warmed once it is idle with no call waiting (offer() calls this
+   * again), and only while another ready serving worker is left for the calls (unless the pool
+   * has a single worker).
+   */
+  private pumpWarm(): void {
+    if (this.closed || this.warmingSlot) {
+      return;
+    }
+    for (const [hash, { pack, all }] of this.warmQueue) {
+      if (this.slowCompiles.get(hash) !== undefined) {
+        this.warmQueue.delete(hash);
+        continue;
+      }
+      const lacks = (s: Slot | undefined): s is Slot =>
+        s !== undefined && s.ready && !s.hashes.has(hash);
+      const spare = this.spare;
+      if (lacks(spare)) {
+        this.startWarm(spare, pack);
+        return;
+      }
+      const serving = all ? [...this.active].filter(lacks) : [];
+      if (serving.length === 0) {
+        this.warmQueue.delete(hash);
+        continue;
+      }
+      const slot = this.idle.find((s) => serving.includes(s));
+      const othersServe =
+        this.size === 1 || [...this.active].some((s) => s !== slot && s.ready && !s.warming);
+      if (slot && othersServe) {
+        this.idle.splice(this.idle.indexOf(slot), 1);
+        this.startWarm(slot, pack);
+        return;
+      }
+      // Its workers are running calls: it waits, and the next pack may find one idle.
+    }
+  }
+
+  private startWarm(slot: Slot, pack: CompiledPack): void {
     slot.hashes.add(pack.hash);
+    slot.warming = pack.hash;
+    this.warmingSlot = slot;
     const msg: WarmMessage = { type: 'warm', hash: pack.hash, pack: pack.pack };
     slot.worker.postMessage(msg);
   }
 
-  /** Compiles `pack` ahead in every started worker and the spare (see Evaluator.warm). */
+  /** A worker finished compiling a pack ahead: it serves calls again; the next warm starts. */
+  private warmDone(slot: Slot): void {
+    if (slot.warming === undefined) {
+      return;
+    }
+    slot.warming = undefined;
+    if (this.warmingSlot === slot) {
+      this.warmingSlot = undefined;
+    }
+    this.warmed++;
+    this.offer(slot);
+    this.pumpWarm();
+  }
+
+  /** Compiles `pack` ahead in the spare and every started worker (see Evaluator.warm). */
   warmAll(pack: CompiledPack): void {
     this.noteUse(pack);
-    for (const slot of [...this.active, ...(this.spare ? [this.spare] : [])]) {
-      if (slot.ready) {
-        this.warm(slot, pack);
-      }
-    }
+    this.queueWarm(pack, true);
+  }
+
+  /** Workers compiling a pack ahead now (0 or 1) and packs still to be compiled ahead. */
+  warming(): { workers: number; pending: number } {
+    return { workers: this.warmingSlot ? 1 : 0, pending: this.warmQueue.size };
   }
 
   /**
@@ -408,6 +512,7 @@ class WorkerPool {
     }
     this.slowCompiles.set(hash, true);
     this.recent.delete(hash);
+    this.warmQueue.delete(hash);
   }
 
   /** Notes a pack in use; the spare compiles it ahead so that a takeover does not have to. */
@@ -424,7 +529,7 @@ class WorkerPool {
       this.recent.delete(oldest.value);
     }
     if (this.spare?.ready === true) {
-      this.warm(this.spare, pack);
+      this.queueWarm(pack, false);
     }
   }
 
@@ -459,6 +564,10 @@ class WorkerPool {
 
   private forget(slot: Slot): void {
     slot.ready = false;
+    slot.warming = undefined;
+    if (this.warmingSlot === slot) {
+      this.warmingSlot = undefined;
+    }
     this.active.delete(slot);
     if (this.spare === slot) {
       this.spare = undefined;
@@ -470,7 +579,8 @@ class WorkerPool {
   }
 
   private offer(slot: Slot): void {
-    if (this.closed || !slot.ready || !this.active.has(slot)) {
+    // A worker compiling a pack ahead is offered once it is done (warmDone).
+    if (this.closed || !slot.ready || !this.active.has(slot) || slot.warming !== undefined) {
       return;
     }
     const waiter = this.waiters.shift();
@@ -479,6 +589,7 @@ class WorkerPool {
       waiter.resolve(slot);
     } else {
       this.idle.push(slot);
+      this.pumpWarm();
     }
   }
 
@@ -539,10 +650,13 @@ class WorkerPool {
     this.forget(slot);
     void slot.worker.terminate();
     this.maintain();
+    this.pumpWarm();
   }
 
   async close(): Promise<void> {
     this.closed = true;
+    this.warmQueue.clear();
+    this.warmingSlot = undefined;
     clearTimeout(this.retryTimer);
     for (const w of this.readyWaiters.splice(0)) {
       w.reject(new Error('evaluator is closed'));
@@ -1027,6 +1141,7 @@ class PooledEvaluator implements Evaluator {
 
   stats(): EvaluatorStats {
     const load = this.pool.load();
+    const warming = this.pool.warming();
     return {
       workersStarted: this.pool.started,
       workersReplaced: this.pool.replaced,
@@ -1038,6 +1153,9 @@ class PooledEvaluator implements Evaluator {
       handedOff: this.handedOff,
       compileOverruns: this.pool.compileOverruns,
       compiledAside: this.compiledAside,
+      warmingWorkers: warming.workers,
+      warmsPending: warming.pending,
+      warmed: this.pool.warmed,
       calls: this.calls,
     };
   }
