@@ -68,8 +68,11 @@ export async function serve(
   return {
     server,
     async close() {
-      stopWatching();
+      // No look starts now; one in flight (reading the control plane, compiling a version)
+      // ends before the dependencies it uses close.
+      const watching = stopWatching();
       await drain(server, inFlight, lifecycle, log, config.shutdownGraceMs);
+      await watching;
       await deps.close();
       log.info('stopped');
     },

@@ -158,17 +158,23 @@ export class ServiceDirectory {
    * `intervalMs` it lists the subscribed versions and loads at most a couple it has not loaded
    * yet, one at a time; one look at a time. Logs `pack warmed in background` or `background
    * pack warm failed` (pack id and version, never call data; the error's name only). A version
-   * that failed is not tried again for `retryMs`. Returns a function that stops it.
+   * that failed is not tried again for `retryMs`. Returns a function that stops it: no look
+   * starts after it, and a look in flight stops at its next step (it warms and logs nothing
+   * more); the function's promise resolves once that look is over (it never rejects), so
+   * that a shutdown can wait for it before closing what the look reads.
    */
   watchSubscriptions(
     evaluator: Pick<Evaluator, 'warm'>,
     log: Logger,
     intervalMs = SUBSCRIPTION_WATCH_MS,
     retryMs = WATCH_RETRY_MS,
-  ): () => void {
+  ): () => Promise<void> {
     const failedAt = new Map<string, number>();
-    let running = false;
+    /** The look in flight, if any: one at a time. */
+    let running: Promise<void> | undefined;
     let stopped = false;
+    /** Read afresh after each wait (a function: the compiler would keep its value narrowed). */
+    const isStopped = () => stopped;
     const look = async (): Promise<void> => {
       const now = Date.now();
       const fresh = (await this.subscribedVersions()).filter(([id, version]) => {
@@ -176,7 +182,8 @@ export class ServiceDirectory {
         return !this.isLoaded(id, version) && (failed === undefined || now - failed > retryMs);
       });
       for (const [id, version] of fresh.slice(0, WATCH_MAX_PER_PASS)) {
-        if (stopped) {
+        // Checked after every wait: stop() may have come meanwhile.
+        if (isStopped()) {
           return;
         }
         const pack = `${id}@${version}`;
@@ -184,13 +191,20 @@ export class ServiceDirectory {
         const named = { pack: id, packVersion: version };
         const started = performance.now();
         try {
-          evaluator.warm(await this.pack(id, version));
+          const compiled = await this.pack(id, version);
+          if (isStopped()) {
+            return;
+          }
+          evaluator.warm(compiled);
           failedAt.delete(pack);
           log.info(
             { ...named, ms: Math.round(performance.now() - started) },
             'pack warmed in background',
           );
         } catch (err) {
+          if (isStopped()) {
+            return;
+          }
           failedAt.set(pack, Date.now());
           log.warn({ ...named, error: errorName(err) }, 'background pack warm failed');
         }
@@ -204,22 +218,24 @@ export class ServiceDirectory {
       if (running || stopped) {
         return;
       }
-      running = true;
-      look()
+      running = look()
         .catch((err: unknown) => {
-          log.warn(
-            { error: errorName(err) },
-            'background pack warm failed: cannot list the subscriptions',
-          );
+          if (!stopped) {
+            log.warn(
+              { error: errorName(err) },
+              'background pack warm failed: cannot list the subscriptions',
+            );
+          }
         })
         .finally(() => {
-          running = false;
+          running = undefined;
         });
     }, intervalMs);
     timer.unref();
     return () => {
       stopped = true;
       clearInterval(timer);
+      return running ?? Promise.resolve();
     };
   }
 

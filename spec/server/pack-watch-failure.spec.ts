@@ -112,7 +112,7 @@ describe('background pack watcher: a subscribed version that fails to load', fun
       // The other subscribed version was warmed all the same.
       expect(w.seen.warmed).to.include(`${GOOD}@1.0.0`);
     } finally {
-      w.stop();
+      await w.stop();
     }
   });
 
@@ -126,7 +126,7 @@ describe('background pack watcher: a subscribed version that fails to load', fun
       await until('its failure logged', () => w.failures().length >= 2);
       expect(w.failures()).to.have.length(w.seen.badReads.length);
     } finally {
-      w.stop();
+      await w.stop();
     }
   });
 });

@@ -146,7 +146,7 @@ describe('a pack version subscribed on another replica (PostgreSQL)', function (
       expect(line).to.include({ pack: 'medication-safety', packVersion: version });
       expect(line.ms).to.be.a('number');
     } finally {
-      stop();
+      await stop();
     }
     // The first call finds it compiled: nothing compiled on its path.
     const before = threadCompileCounts();
