@@ -16,7 +16,13 @@ import {
   openRegionStores,
   RedisEvictsKeysError,
 } from '../tenants/index.ts';
-import type { ControlPlane, JobInfo, ReplayBackendState, ReplayCache } from '../tenants/index.ts';
+import type {
+  ControlPlane,
+  JobInfo,
+  ReplayBackendState,
+  ReplayCache,
+  WrapLimitEvent,
+} from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
 import { asBootError, bootStep } from './boot-failure.ts';
 import { createFailureAuditor } from './failure-audit.ts';
@@ -29,6 +35,26 @@ import { loadRegionMatrix, selectRegion } from './regions.ts';
 import { ServiceDirectory } from './service-directory.ts';
 
 export const ADMIN_TOKEN_FILE = 'admin-token';
+
+/**
+ * How a wrap-limit event is logged: a rotation another process is running is expected (replicas
+ * crossing the soft limit together rotate once), not a failure.
+ */
+const WRAP_LIMIT_LOG: Record<
+  WrapLimitEvent['outcome'],
+  readonly ['info' | 'warn' | 'error', string]
+> = {
+  rotation_started: ['warn', 'DEK version reached its soft wrap limit: rotation started'],
+  rotation_running: [
+    'info',
+    'DEK version reached its soft wrap limit: a rotation is already running or done (retried if not)',
+  ],
+  rotation_failed: [
+    'error',
+    'DEK version reached its soft wrap limit: rotation could not start (retried)',
+  ],
+  refused: ['error', 'DEK version at its hard wrap limit: write refused (rotate the tenant keys)'],
+};
 
 /** Creates the data directory (0700) if needed. */
 export function ensureDataDir(dataDir: string): void {
@@ -297,15 +323,8 @@ export async function buildDeps(
     // A DEK version at its soft wrap limit (rotated automatically) or hard limit (writes
     // refused until a rotation): tenant id, version and counts only.
     onWrapLimit: (event) => {
-      const level = event.outcome === 'rotation_started' ? 'warn' : 'error';
-      log[level](
-        { ...event },
-        event.outcome === 'rotation_started'
-          ? 'DEK version reached its soft wrap limit: rotation started'
-          : event.outcome === 'rotation_failed'
-            ? 'DEK version reached its soft wrap limit: rotation could not start (retried)'
-            : 'DEK version at its hard wrap limit: write refused (rotate the tenant keys)',
-      );
+      const [level, msg] = WRAP_LIMIT_LOG[event.outcome];
+      log[level]({ ...event }, msg);
     },
     onRecordWrite: (record, seconds) => {
       storeMetrics.target?.storeWrite(record, seconds);

@@ -88,11 +88,14 @@ export interface WrapLimitEvent {
   version: number;
   wraps: number;
   /**
-   * `rotation_started`: the soft limit started a rotation (`job`). `rotation_failed`: it could
-   * not (`error`, a safe message; tried again after a pause). `refused`: a write was refused at
-   * the hard limit.
+   * `rotation_started`: the soft limit started a rotation (`job`). `rotation_running`: it did
+   * not, because that version is no longer primary or a key job is running (a rotation another
+   * process started: replicas crossing the limit together rotate once; `error` names ids only).
+   * `rotation_failed`: it could not for another reason (`error`, a safe message). Either is
+   * tried again after a pause while writes still find the key at the limit. `refused`: a write
+   * was refused at the hard limit.
    */
-  outcome: 'rotation_started' | 'rotation_failed' | 'refused';
+  outcome: 'rotation_started' | 'rotation_running' | 'rotation_failed' | 'refused';
   job?: string;
   error?: string;
 }
@@ -172,7 +175,7 @@ export function createWrapLimitWatch(opts: {
             tenant,
             version,
             wraps: count,
-            outcome: 'rotation_failed',
+            outcome: err instanceof ConflictError ? 'rotation_running' : 'rotation_failed',
             error: err instanceof KeyUnavailableError ? err.message : safeName(err),
           });
         })

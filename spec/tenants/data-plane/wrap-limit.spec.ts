@@ -7,7 +7,7 @@
  */
 import crypto from 'node:crypto';
 import { expect } from 'chai';
-import { InvalidInputError } from '../../../tenants/index.ts';
+import { ConflictError, InvalidInputError } from '../../../tenants/index.ts';
 import { BackupError, KeyUnavailableError, WrapLimitError } from '../../../tenants/data-plane.ts';
 import type {
   FeedbackInput,
@@ -439,6 +439,20 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
 });
 
 describe('data plane: the soft wrap limit watch', () => {
+  it('tells a rotation refused because another is running or done (ConflictError) as rotation_running, not rotation_failed', async () => {
+    const events: WrapLimitEvent[] = [];
+    const watch = createWrapLimitWatch({
+      limits: { soft: 5, hard: 10 },
+      rotate: () => Promise.reject(new ConflictError('a rewrap job is still running: job-7')),
+      tell: (e) => events.push(e),
+    });
+    watch.committed('acme', { version: 1, createdAt: '2026-01-01T00:00:00.000Z' }, 5);
+    await watch.idle();
+    expect(events.map((e) => [e.outcome, e.error])).to.deep.equal([
+      ['rotation_running', 'a rewrap job is still running: job-7'],
+    ]);
+  });
+
   it('rotates a key again after the pause when it is primary at its limit again, and another key of the same number at once', async () => {
     let now = 0;
     const rotated: number[] = [];
