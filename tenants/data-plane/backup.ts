@@ -18,9 +18,11 @@
  * and checks the staged copy itself before anything live changes: its own tenant/region and
  * DEKs, its audit hash chain end to end, and that the manifest's counts, audit head and DEK
  * versions are the snapshot's. Then it swaps the copy in (SQLite: one atomic rename over the
- * live file; PostgreSQL: schema rename in one transaction), keeping the live store's wrap count
- * of each DEK version that is the same key when higher, and refusing (`dek_compromised`) a DEK
- * version an emergency rotation has marked compromised since (reconcileDeks). A manifest with no MAC (format 1,
+ * live file; PostgreSQL: schema rename in one transaction), keeping the highest wrap count known
+ * of each DEK version that is the same key, and refusing (`dek_compromised`) a DEK version an
+ * emergency rotation has marked compromised since, checked against the live store's DEK rows and
+ * its `dek_history` (reconcileDeks), which each restore writes into the copy it puts in place so
+ * that it survives restores in any order. A manifest with no MAC (format 1,
  * from earlier releases) or whose MAC key no longer unwraps because the tenant's key was
  * destroyed is restored only with `allowUnauthenticated`.
  */
@@ -36,7 +38,7 @@ import { BackupError, KeyUnavailableError } from './errors.ts';
 import { canonicalJson } from './hash-chain.ts';
 import type { ChainVerification } from './hash-chain.ts';
 import { assertRegionId, assertTenantId } from './ids.ts';
-import { ADDED_COLUMNS, TABLES, defineTenantStoreModels } from './models.ts';
+import { ADDED_COLUMNS, DEK_HISTORY_COLUMNS, TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow, TenantStoreModels } from './models.ts';
 import { wrapCountFloorSql } from './store-backend.ts';
 import type { StoreBackend, StoreHandle } from './store-backend.ts';
@@ -387,6 +389,18 @@ export async function writeBackup(
           };
           tables[table] = await m.findAll({ transaction: t, raw: true });
         }
+        // The key history a restore left (not a model: only restored stores have one).
+        const history = h.qualified(TABLES.dekHistory);
+        const [has] = await h.sequelize.query<{ ok: boolean }>(
+          'SELECT to_regclass($1) IS NOT NULL AS ok',
+          { bind: [history], type: QueryTypes.SELECT, transaction: t },
+        );
+        if (has?.ok === true) {
+          tables[TABLES.dekHistory] = await h.sequelize.query(`${HISTORY_SELECT} FROM ${history}`, {
+            type: QueryTypes.SELECT,
+            transaction: t,
+          });
+        }
         return { tables, facts: await factsOf(h.models, t) };
       });
       facts = dump.facts;
@@ -651,9 +665,13 @@ export function removeAbandonedRestores(backend: StoreBackend, tenant?: string):
   return removed;
 }
 
-function sqliteCall(db: sqlite3.Database, sql: string): Promise<Array<Record<string, unknown>>> {
+function sqliteCall(
+  db: sqlite3.Database,
+  sql: string,
+  params: unknown[] = [],
+): Promise<Array<Record<string, unknown>>> {
   return new Promise((resolve, reject) => {
-    db.all(sql, (err: Error | null, rows: Array<Record<string, unknown>>) => {
+    db.all(sql, params, (err: Error | null, rows: Array<Record<string, unknown>>) => {
       if (err) {
         reject(err);
       } else {
@@ -663,36 +681,109 @@ function sqliteCall(db: sqlite3.Database, sql: string): Promise<Array<Record<str
   });
 }
 
-/** A DEK row of the live store, as a restore reconciles the snapshot's with it. */
-interface LiveDek {
+/**
+ * What a store knows of one DEK version (a key: its number and `created_at`): a row of its DEK
+ * table or of its `dek_history` (models.ts), as a restore reconciles the snapshot's keys with it.
+ */
+interface KnownDek {
   version: number;
   createdAt: string;
-  status: string;
+  /** The highest count seen; undefined: none known (schema 3, or a count that is not a number). */
+  wrapCount?: number;
   /** Marked compromised by an emergency rotation. */
   compromised: boolean;
-  /** Undefined: the live store has no counts (schema 3, never opened by this release). */
-  wrapCount?: number;
+  destroyed: boolean;
+  destroyedAt: string | null;
 }
 
+/** A wrap count as stored (a BIGINT may come back as a string): undefined unless a safe integer ≥ 0. */
+function countOf(v: unknown): number | undefined {
+  const n = typeof v === 'number' ? v : typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : NaN;
+  return Number.isSafeInteger(n) && n >= 0 ? n : undefined;
+}
+
+/** A DEK row (live, or the snapshot's) as what the store knows of that key. */
+function knownOfRow(r: Record<string, unknown>): KnownDek | undefined {
+  const version = Number(r.version);
+  if (!Number.isSafeInteger(version) || typeof r.createdAt !== 'string') {
+    return undefined;
+  }
+  const wrapCount = countOf(r.wrapCount);
+  return {
+    version,
+    createdAt: r.createdAt,
+    ...(wrapCount !== undefined ? { wrapCount } : {}),
+    compromised: Number(r.compromised) === 1,
+    destroyed: r.status === 'destroyed' || Number(r.destroyed) === 1,
+    destroyedAt: typeof r.destroyedAt === 'string' ? r.destroyedAt : null,
+  };
+}
+
+function knownOfRows(rows: ReadonlyArray<Record<string, unknown>>): KnownDek[] {
+  return rows.flatMap((r) => knownOfRow(r) ?? []);
+}
+
+/** The union of what several stores know: highest count, compromised and destroyed sticky. */
+function mergeKnown(...lists: ReadonlyArray<readonly KnownDek[]>): KnownDek[] {
+  const byKey = new Map<string, KnownDek>();
+  for (const d of lists.flat()) {
+    const id = `${String(d.version)}|${d.createdAt}`;
+    const had = byKey.get(id);
+    if (!had) {
+      byKey.set(id, { ...d });
+      continue;
+    }
+    const counts = [had.wrapCount, d.wrapCount].filter((c): c is number => c !== undefined);
+    byKey.set(id, {
+      version: d.version,
+      createdAt: d.createdAt,
+      ...(counts.length > 0 ? { wrapCount: Math.max(...counts) } : {}),
+      compromised: had.compromised || d.compromised,
+      destroyed: had.destroyed || d.destroyed,
+      destroyedAt: had.destroyedAt ?? d.destroyedAt,
+    });
+  }
+  return [...byKey.values()].sort(
+    (a, b) => a.version - b.version || a.createdAt.localeCompare(b.createdAt),
+  );
+}
+
+/** The `dek_history` rows to write (parameters of one INSERT each). */
+function historyParams(known: readonly KnownDek[]): unknown[][] {
+  return known.map((d) => [
+    d.version,
+    d.createdAt,
+    d.wrapCount ?? 0,
+    d.compromised ? 1 : 0,
+    d.destroyed ? 1 : 0,
+    d.destroyedAt,
+  ]);
+}
+
+const HISTORY_SELECT = `SELECT version, created_at AS "createdAt", wrap_count AS "wrapCount",
+  compromised, destroyed, destroyed_at AS "destroyedAt"`;
+
 /**
- * What a restore keeps of the live store's DEK versions (the same key: same number and
- * `created_at`, which a KEK rewrap keeps and a re-provision changes). Each keeps the higher of
- * the snapshot's count and the live one, destroyed versions included (a destroyed row keeps its
- * final count), so restoring a backup never lowers the count of a key (restoring one backup
- * again and again would otherwise give its keys unbounded encryptions). A version a scheduled
- * rotation destroyed since comes back with the backup's records under it (point-in-time
- * restore); one an emergency rotation marked compromised never does: the restore is refused.
- * @returns the live counts to raise the snapshot's versions to (version → count).
+ * What a restore keeps of the keys the live store knows (the same key: same number and
+ * `created_at`, which a KEK rewrap keeps and a re-provision changes): its DEK rows and its
+ * `dek_history`, which holds what earlier restores erased (a version made after the backup that
+ * an earlier restore put in place). Each of the snapshot's versions keeps the highest count known,
+ * destroyed versions included (a destroyed row keeps its final count), so restoring backups, in
+ * any order, never lowers the count of a key (restoring one backup again and again would
+ * otherwise give its keys unbounded encryptions). A version a scheduled rotation destroyed since
+ * comes back with the backup's records under it (point-in-time restore); one an emergency
+ * rotation marked compromised never does: the restore is refused.
+ * @returns the counts to raise the snapshot's versions to (version → count).
  * @throws BackupError('dek_compromised').
  */
 function reconcileDeks(
   tenant: string,
   snapshot: ReadonlyArray<{ version: number; createdAt: string; status: string }>,
-  live: readonly LiveDek[],
+  known: readonly KnownDek[],
 ): Map<number, number> {
   const raise = new Map<number, number>();
   for (const s of snapshot) {
-    const l = live.find((d) => d.version === s.version && d.createdAt === s.createdAt);
+    const l = known.find((d) => d.version === s.version && d.createdAt === s.createdAt);
     if (l === undefined) {
       continue;
     }
@@ -714,10 +805,11 @@ function reconcileDeks(
  * alone is the old store: a crash before the swap's rename then leaves it whole. A live store
  * SQLite cannot read (the reason to restore, perhaps) has nothing to keep; its WAL is removed
  * by the caller all the same, so it is never applied to the restored file.
- * @returns the live store's DEK rows (none if there is no live store or it cannot be read).
+ * @returns what the live store knows of its keys: DEK rows and history (none if there is no
+ *   live store or it cannot be read).
  * @throws ConflictError if another connection keeps the WAL from being checkpointed.
  */
-async function checkpointLive(file: string, tenant: string): Promise<LiveDek[]> {
+async function checkpointLive(file: string, tenant: string): Promise<KnownDek[]> {
   if (!fs.existsSync(file)) {
     return [];
   }
@@ -734,14 +826,14 @@ async function checkpointLive(file: string, tenant: string): Promise<LiveDek[]> 
     return [];
   }
   let busy = false;
-  let deks: LiveDek[] = [];
+  let deks: KnownDek[] = [];
   try {
     // Waits like the store's own connections (an evicted handle may still be closing).
     await sqliteCall(db, 'PRAGMA synchronous=FULL');
     await sqliteCall(db, 'PRAGMA busy_timeout=5000');
     const [row] = await sqliteCall(db, 'PRAGMA wal_checkpoint(TRUNCATE)');
     busy = row?.busy !== undefined && row.busy !== 0;
-    deks = await readLiveDeksSqlite(db);
+    deks = await readKnownDeksSqlite(db);
   } catch (err) {
     const code = (err as { code?: unknown }).code;
     busy = code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED';
@@ -758,32 +850,51 @@ async function checkpointLive(file: string, tenant: string): Promise<LiveDek[]> 
   return deks;
 }
 
-/** The DEK rows of a SQLite store (a store SQLite cannot read has none to keep). */
-async function readLiveDeksSqlite(db: sqlite3.Database): Promise<LiveDek[]> {
+/** Whether a SQLite database has `table`. */
+async function sqliteHasTable(db: sqlite3.Database, table: string): Promise<boolean> {
+  const rows = await sqliteCall(
+    db,
+    `SELECT 1 AS ok FROM sqlite_master WHERE type = 'table' AND name = ?`,
+    [table],
+  );
+  return rows.length > 0;
+}
+
+/** What a SQLite store knows of its keys: its DEK rows, then its history (if it has one). */
+async function readKnownDeksSqlite(db: sqlite3.Database): Promise<KnownDek[]> {
   const columns = await sqliteCall(db, `SELECT name FROM pragma_table_info('${TABLES.deks}')`);
   const counted = columns.some((c) => c.name === 'wrap_count');
   const rows = await sqliteCall(
     db,
-    `SELECT version, created_at AS createdAt, status, compromised${counted ? ', wrap_count AS wrapCount' : ''}
+    `SELECT version, created_at AS createdAt, status, compromised, destroyed_at AS destroyedAt${counted ? ', wrap_count AS wrapCount' : ''}
      FROM ${TABLES.deks}`,
   ).catch(() => []);
-  return rows.map((r) => ({
-    version: Number(r.version),
-    createdAt: String(r.createdAt),
-    status: String(r.status),
-    compromised: Number(r.compromised) === 1,
-    ...(counted ? { wrapCount: Number(r.wrapCount) } : {}),
-  }));
+  return mergeKnown(knownOfRows(rows), await readHistorySqlite(db));
+}
+
+/** The `dek_history` rows of a SQLite store (none if it has no such table, or it is unreadable). */
+async function readHistorySqlite(db: sqlite3.Database): Promise<KnownDek[]> {
+  if (!(await sqliteHasTable(db, TABLES.dekHistory).catch(() => false))) {
+    return [];
+  }
+  const rows = await sqliteCall(db, `${HISTORY_SELECT} FROM ${TABLES.dekHistory}`).catch(() => []);
+  return knownOfRows(rows);
 }
 
 /**
- * Raises the wrap counts of the staged SQLite copy to the live store's (reconcileDeks), before
- * the swap puts it in place: nothing serves from it yet.
+ * Reconciles the staged SQLite copy with what the live store knows of its keys (`live`: DEK rows
+ * and history), before the swap puts it in place (nothing serves from it yet): refuses a
+ * compromised key (reconcileDeks), raises the copy's wrap counts, and writes into its
+ * `dek_history` (created if the snapshot predates it) the union of the live store's knowledge,
+ * the copy's own history and the copy's DEK rows.
+ * @throws BackupError('dek_compromised') (nothing changed).
  */
-async function raiseStagedCounts(staged: string, raise: ReadonlyMap<number, number>) {
-  if (raise.size === 0) {
-    return;
-  }
+async function reconcileStagedSqlite(
+  staged: string,
+  tenant: string,
+  snapshot: readonly DekRow[],
+  live: readonly KnownDek[],
+): Promise<void> {
   const db = await new Promise<sqlite3.Database>((resolve, reject) => {
     const d = new sqlite3.Database(staged, sqlite3.OPEN_READWRITE, (err) => {
       if (err) {
@@ -796,21 +907,47 @@ async function raiseStagedCounts(staged: string, raise: ReadonlyMap<number, numb
   try {
     await sqliteCall(db, 'PRAGMA synchronous=FULL');
     await sqliteCall(db, 'BEGIN IMMEDIATE');
-    // A snapshot from before the counts (schema 3): the column first; the upgrade when the
-    // store opens raises each count to the lower bound it sets.
-    const columns = await sqliteCall(db, `SELECT name FROM pragma_table_info('${TABLES.deks}')`);
-    const added = ADDED_COLUMNS.find((c) => c.table === TABLES.deks && c.column === 'wrap_count');
-    if (!columns.some((c) => c.name === 'wrap_count') && added) {
-      await sqliteCall(db, `ALTER TABLE ${TABLES.deks} ADD COLUMN "wrap_count" ${added.type}`);
-    }
-    for (const [version, count] of raise) {
+    try {
+      const known = mergeKnown(live, await readHistorySqlite(db));
+      const raise = reconcileDeks(tenant, snapshot, known);
+      // A snapshot from before the counts (schema 3): the column first; the upgrade when the
+      // store opens raises each count to the lower bound it sets.
+      const columns = await sqliteCall(db, `SELECT name FROM pragma_table_info('${TABLES.deks}')`);
+      const added = ADDED_COLUMNS.find((c) => c.table === TABLES.deks && c.column === 'wrap_count');
+      if (!columns.some((c) => c.name === 'wrap_count') && added) {
+        await sqliteCall(db, `ALTER TABLE ${TABLES.deks} ADD COLUMN "wrap_count" ${added.type}`);
+      }
+      for (const [version, count] of raise) {
+        await sqliteCall(
+          db,
+          `UPDATE ${TABLES.deks} SET wrap_count = max(wrap_count, ?) WHERE version = ?`,
+          [count, version],
+        );
+      }
+      // A snapshot from before the history: the table first.
       await sqliteCall(
         db,
-        `UPDATE ${TABLES.deks} SET wrap_count = max(wrap_count, ${String(Math.trunc(count))})
-         WHERE version = ${String(Math.trunc(version))}`,
+        `CREATE TABLE IF NOT EXISTS ${TABLES.dekHistory} ${DEK_HISTORY_COLUMNS}`,
       );
+      await sqliteCall(db, `DELETE FROM ${TABLES.dekHistory}`);
+      const history = mergeKnown(
+        known,
+        knownOfRows(snapshot as unknown as Array<Record<string, unknown>>),
+      );
+      for (const params of historyParams(history)) {
+        await sqliteCall(
+          db,
+          `INSERT INTO ${TABLES.dekHistory}
+           (version, created_at, wrap_count, compromised, destroyed, destroyed_at)
+           VALUES (?, ?, ?, ?, ?, ?)`,
+          params,
+        );
+      }
+      await sqliteCall(db, 'COMMIT');
+    } catch (err) {
+      await sqliteCall(db, 'ROLLBACK').catch(() => undefined);
+      throw err;
     }
-    await sqliteCall(db, 'COMMIT');
     // The copy alone in its file before the rename (a WAL left beside it would not follow it).
     await sqliteCall(db, 'PRAGMA wal_checkpoint(TRUNCATE)');
   } finally {
@@ -918,9 +1055,10 @@ async function stageSqlite(
     async commit() {
       // 1. The old store alone in its file (its WAL folded in): whole if we die before 4.
       const liveDeks = await checkpointLive(live, m.tenant);
-      // 1b. The live store's keys: none compromised comes back, no count goes down (the caller
-      //     quiesced the tenant: the live counts are final).
-      await raiseStagedCounts(staged, reconcileDeks(m.tenant, facts.deks, liveDeks));
+      // 1b. The keys the live store knows (rows and history): none compromised comes back, no
+      //     count goes down (the caller quiesced the tenant: the live counts are final), and
+      //     the copy keeps that knowledge for the next restore.
+      await reconcileStagedSqlite(staged, m.tenant, facts.deks, liveDeks);
       // 2. The old store's side files go before the new file arrives: a WAL or rollback journal
       //    left beside the restored file would be replayed into it by the next open.
       for (const suffix of ['-wal', '-shm', '-journal']) {
@@ -1017,6 +1155,26 @@ async function stagePostgres(
           { bind: [Number(row.wrapCount ?? 0), row.version], transaction: t },
         );
       }
+      // The key history of a store restored before this backup (dumps without one have none;
+      // the swap writes it in any case).
+      const history = tables[TABLES.dekHistory];
+      if (history !== undefined) {
+        if (!Array.isArray(history)) {
+          throw new BackupError('snapshot', `store.json has a malformed ${TABLES.dekHistory}`);
+        }
+        const qh = h.qualified(TABLES.dekHistory);
+        await h.sequelize.query(`CREATE TABLE IF NOT EXISTS ${qh} ${DEK_HISTORY_COLUMNS}`, {
+          transaction: t,
+        });
+        for (const bind of historyParams(knownOfRows(history as Array<Record<string, unknown>>))) {
+          await h.sequelize.query(
+            `INSERT INTO ${qh} (version, created_at, wrap_count, compromised, destroyed, destroyed_at)
+             VALUES ($1::integer, $2, $3::bigint, $4::integer, $5::integer, $6)
+             ON CONFLICT (version, created_at) DO NOTHING`,
+            { bind, transaction: t },
+          );
+        }
+      }
       for (const table of [TABLES.invocations, TABLES.feedback]) {
         await h.sequelize.query(
           `SELECT setval(pg_get_serial_sequence('${h.qualified(table)}', 'seq'),
@@ -1054,7 +1212,9 @@ async function stagePostgres(
 
 /**
  * PostgreSQL: in the swap's transaction, before the live schema is dropped, reconciles the
- * staged copy's DEK versions with the live store's (reconcileDeks). The live DEK table is
+ * staged copy with what the live store knows of its keys, its DEK rows and its `dek_history`
+ * (reconcileDeks), and writes into the copy's `dek_history` (created if the dump predates it)
+ * the union of that, the copy's own history and the copy's DEK rows. The live DEK table is
  * locked EXCLUSIVE first: every write (of any replica) locks its primary row and its triggers
  * add to it, so the counts read after the lock are final until the swap commits.
  * @throws BackupError('dek_compromised').
@@ -1066,49 +1226,63 @@ async function reconcilePostgres(
   tenant: string,
   snapshot: readonly DekRow[],
 ): Promise<void> {
-  const liveDeks = `"${schemas.live}"."${TABLES.deks}"`;
-  const [exists] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
-    bind: [liveDeks],
-    type: QueryTypes.SELECT,
-    transaction: t,
-  });
-  if (exists?.ok !== true) {
-    return; // no live store (never provisioned here, or deprovisioned)
+  const q = (schema: string, table: string) => `"${schema}"."${table}"`;
+  const exists = async (name: string) => {
+    const [row] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
+      bind: [name],
+      type: QueryTypes.SELECT,
+      transaction: t,
+    });
+    return row?.ok === true;
+  };
+  const readHistory = async (schema: string): Promise<KnownDek[]> =>
+    (await exists(q(schema, TABLES.dekHistory)))
+      ? knownOfRows(
+          await admin.query<Record<string, unknown>>(
+            `${HISTORY_SELECT} FROM ${q(schema, TABLES.dekHistory)}`,
+            { type: QueryTypes.SELECT, transaction: t },
+          ),
+        )
+      : [];
+  let live: KnownDek[] = [];
+  const liveDeks = q(schemas.live, TABLES.deks);
+  // No live store: never provisioned here, or deprovisioned (nothing of it to keep).
+  if (await exists(liveDeks)) {
+    await admin.query(`LOCK TABLE ${liveDeks} IN EXCLUSIVE MODE`, { transaction: t });
+    const columns = await admin.query<{ name: string }>(
+      `SELECT column_name AS name FROM information_schema.columns
+       WHERE table_schema = $1 AND table_name = $2 AND column_name = 'wrap_count'`,
+      { bind: [schemas.live, TABLES.deks], type: QueryTypes.SELECT, transaction: t },
+    );
+    const counted = columns.length > 0;
+    const rows = await admin.query<Record<string, unknown>>(
+      `SELECT version, created_at AS "createdAt", status, compromised,
+              destroyed_at AS "destroyedAt"${counted ? ', wrap_count AS "wrapCount"' : ''}
+       FROM ${liveDeks}`,
+      { type: QueryTypes.SELECT, transaction: t },
+    );
+    live = mergeKnown(knownOfRows(rows), await readHistory(schemas.live));
   }
-  await admin.query(`LOCK TABLE ${liveDeks} IN EXCLUSIVE MODE`, { transaction: t });
-  const columns = await admin.query<{ name: string }>(
-    `SELECT column_name AS name FROM information_schema.columns
-     WHERE table_schema = $1 AND table_name = $2 AND column_name = 'wrap_count'`,
-    { bind: [schemas.live, TABLES.deks], type: QueryTypes.SELECT, transaction: t },
-  );
-  const counted = columns.length > 0;
-  const rows = await admin.query<{
-    version: number;
-    createdAt: string;
-    status: string;
-    compromised: number;
-    wrapCount?: string | number;
-  }>(
-    `SELECT version, created_at AS "createdAt", status, compromised${counted ? ', wrap_count AS "wrapCount"' : ''}
-     FROM ${liveDeks}`,
-    { type: QueryTypes.SELECT, transaction: t },
-  );
-  const raise = reconcileDeks(
-    tenant,
-    snapshot,
-    rows.map((r) => ({
-      version: r.version,
-      createdAt: r.createdAt,
-      status: r.status,
-      compromised: r.compromised === 1,
-      ...(r.wrapCount !== undefined ? { wrapCount: Number(r.wrapCount) } : {}),
-    })),
-  );
+  const known = mergeKnown(live, await readHistory(schemas.staging));
+  const raise = reconcileDeks(tenant, snapshot, known);
   for (const [version, count] of raise) {
     await admin.query(
-      `UPDATE "${schemas.staging}"."${TABLES.deks}" SET wrap_count = GREATEST(wrap_count, $1::bigint)
+      `UPDATE ${q(schemas.staging, TABLES.deks)} SET wrap_count = GREATEST(wrap_count, $1::bigint)
        WHERE version = $2::integer`,
       { bind: [count, version], transaction: t },
+    );
+  }
+  const history = q(schemas.staging, TABLES.dekHistory);
+  await admin.query(`CREATE TABLE IF NOT EXISTS ${history} ${DEK_HISTORY_COLUMNS}`, {
+    transaction: t,
+  });
+  await admin.query(`DELETE FROM ${history}`, { transaction: t });
+  const all = mergeKnown(known, knownOfRows(snapshot as unknown as Array<Record<string, unknown>>));
+  for (const bind of historyParams(all)) {
+    await admin.query(
+      `INSERT INTO ${history} (version, created_at, wrap_count, compromised, destroyed, destroyed_at)
+       VALUES ($1::integer, $2, $3::bigint, $4::integer, $5::integer, $6)`,
+      { bind, transaction: t },
     );
   }
 }

@@ -169,7 +169,40 @@ export const TABLES = {
   auditEvents: 'audit_events',
   auditHead: 'audit_head',
   jobs: 'jobs',
+  dekHistory: 'dek_history',
 } as const;
+
+/**
+ * A row of `dek_history`: what the store has known of one DEK version (a key: its number and
+ * `created_at`), kept across restores. A restore puts a copy of an older store in place, which
+ * knows nothing of the versions made after it (nor of their counts or compromise); each restore
+ * writes into the copy it puts in place the union of the live store's history, the live DEK rows
+ * and the copy's own (highest count, compromised and destroyed sticky), and checks the copy's
+ * keys against that union (backup.ts, reconcileDeks). Not a model: created by restores only, with
+ * the same statement on both backends (DEK_HISTORY_COLUMNS); a store never restored has none.
+ */
+export interface DekHistoryRow {
+  version: number;
+  /** The version's `created_at`, compared as a string (its identity with `version`). */
+  createdAt: string;
+  /** The highest wrap count seen for the key. */
+  wrapCount: number;
+  /** 0/1: an emergency rotation marked it compromised. */
+  compromised: number;
+  /** 0/1: seen destroyed. */
+  destroyed: number;
+  destroyedAt: string | null;
+}
+
+/** The columns of `dek_history` (CREATE TABLE on SQLite and PostgreSQL alike). */
+export const DEK_HISTORY_COLUMNS = `(
+  version INTEGER NOT NULL,
+  created_at VARCHAR(32) NOT NULL,
+  wrap_count BIGINT NOT NULL DEFAULT 0,
+  compromised INTEGER NOT NULL DEFAULT 0,
+  destroyed INTEGER NOT NULL DEFAULT 0,
+  destroyed_at VARCHAR(32),
+  PRIMARY KEY (version, created_at))`;
 
 /** The head table of each sealed table. */
 export const HEAD_TABLES: Readonly<Record<SealedTable, string>> = {

@@ -453,9 +453,17 @@ function noteExhausted(h: StoreHandle, err: unknown): void {
   }
 }
 
+/** Whether `key` is the key a write of this store last found at its hard wrap limit. */
+function isExhaustedKey(h: StoreHandle, key: IdentifiedKey): boolean {
+  return isKeyOf(exhausted.get(h), key);
+}
+
 /**
- * Before sealing `n` records under `key`: if it is the key found exhausted, checks the primary
- * row. @returns true if the primary changed meanwhile (seal under the new one instead).
+ * Before sealing `n` records under `key` (the wraps the call needs): if it is the key found
+ * exhausted, checks the primary row. A call that seals nothing (n = 0: a retry made only of
+ * duplicates) is never refused here. Room for `n` does not clear the mark: the key is still
+ * near its limit, and a larger call after this one checks again.
+ * @returns true if the primary changed meanwhile (seal under the new one instead).
  * @throws WrapLimitError if the key is still the primary one and has no room for `n`.
  */
 async function refuseIfExhausted(
@@ -464,7 +472,7 @@ async function refuseIfExhausted(
   n: number,
   limits: WrapLimits,
 ): Promise<boolean> {
-  if (!isKeyOf(exhausted.get(h), key)) {
+  if (!isExhaustedKey(h, key) || n === 0) {
     return false;
   }
   const primary = await primaryDek(h);
@@ -473,8 +481,7 @@ async function refuseIfExhausted(
     if (count + n > limits.hard) {
       throw new WrapLimitError(h.tenant, primary.version, count, limits.hard, primary.createdAt);
     }
-    exhausted.delete(h); // room for this write (a smaller batch): the write checks again
-    return false;
+    return false; // room for this write: it checks again when it writes
   }
   exhausted.delete(h);
   primaryHint.delete(h);
@@ -649,13 +656,25 @@ async function saveFeedback(
   const ids = items.map(feedbackId);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
-    if (await refuseIfExhausted(h, key, 1, limits)) {
+    // Under the key found exhausted, only the items not stored yet are sealed, and the check
+    // asks room for them all (a retry made only of duplicates needs none).
+    let fresh: Set<string> | undefined;
+    if (isExhaustedKey(h, key)) {
+      const stored = await h.models.Feedback.findAll({
+        where: { id: [...new Set(ids)] },
+        attributes: ['id'],
+        raw: true,
+      });
+      const have = new Set(stored.map((r) => r.id));
+      fresh = new Set(ids.filter((fid) => !have.has(fid)));
+    }
+    if (await refuseIfExhausted(h, key, fresh?.size ?? new Set(ids).size, limits)) {
       continue;
     }
     const sealedById = new Map<string, Envelope>();
     items.forEach((item, i) => {
       const fid = ids[i] ?? '';
-      if (!sealedById.has(fid)) {
+      if (!sealedById.has(fid) && (fresh === undefined || fresh.has(fid))) {
         const plaintext = Buffer.from(JSON.stringify(item), 'utf8');
         sealedById.set(
           fid,
@@ -676,6 +695,16 @@ async function saveFeedback(
       async (t) => {
         if (!isKeyOf(h.lockedPrimary(t), key)) {
           return undefined;
+        }
+        // Items left unsealed as stored when looked up, gone since: seal again (nothing
+        // written yet).
+        for (const fid of fresh === undefined ? [] : new Set(ids)) {
+          if (
+            !sealedById.has(fid) &&
+            (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) === 0
+          ) {
+            return undefined;
+          }
         }
         const invocationOf = new Map<string, string>();
         for (const card of new Set(items.map((i) => i.card))) {

@@ -6,9 +6,16 @@
  * rewrap job that would pass it. Real stores, both backends, tiny limits.
  */
 import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { expect } from 'chai';
 import { ConflictError, InvalidInputError } from '../../../tenants/index.ts';
-import { BackupError, KeyUnavailableError, WrapLimitError } from '../../../tenants/data-plane.ts';
+import {
+  BackupError,
+  KeyUnavailableError,
+  WrapLimitError,
+  tenantSchemaName,
+} from '../../../tenants/data-plane.ts';
 import type {
   FeedbackInput,
   KeyProvider,
@@ -399,6 +406,190 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     expect(underDek).to.be.at.most(1);
     expect(await wraps(s)).to.deep.equal({ 1: 4 });
   });
+
+  it('restoring a backup from before a version, then one holding it, keeps its highest count (the key history survives restores)', async function () {
+    this.timeout(60_000);
+    env = await makeEnv(backend);
+    await env.stores.provisionTenant('acme');
+    await env.stores.close();
+    let down = false;
+    const provider = env.provider;
+    const stores = await env.reopen({
+      wrapLimits: { soft: 11, hard: 12 },
+      keyProvider: {
+        ...provider,
+        wrapDek: (...args: Parameters<KeyProvider['wrapDek']>) =>
+          down
+            ? Promise.reject(new KeyUnavailableError('provider', 'the provider is down'))
+            : provider.wrapDek(...args),
+      },
+    });
+    const s = stores.store('acme');
+    await save(s, 1, 2);
+    const b0 = await stores.backupTenant('acme', env.backupDir); // v1 only
+    const job = await s.keys.rotate();
+    await stores.waitForJob(job.id);
+    await save(s, 3, 2);
+    const b1 = await stores.backupTenant('acme', env.backupDir); // v2 at 4
+    // No rotation can start any more: v2 runs up to its hard limit.
+    down = true;
+    const err = await rejection(save(s, 5, 20));
+    expect(asInstance(err, WrapLimitError).reason).to.equal('wrap_limit');
+    expect((await wraps(s))[2]).to.equal(12);
+    for (let round = 0; round < 2; round += 1) {
+      // b0 knows nothing of v2; b1 holds it at 4. The live history keeps its 12 across both.
+      await stores.restoreTenant(b0.path, { tenant: 'acme' });
+      await stores.restoreTenant(b1.path, { tenant: 'acme' });
+      expect((await wraps(s))[2]).to.equal(12);
+      const refused = await rejection(s.saveInvocation(invocation(`inv-r${String(round)}`)));
+      expect(asInstance(refused, WrapLimitError).reason).to.equal('wrap_limit');
+    }
+  });
+
+  it('a version an emergency rotation marked compromised does not come back through a restore of a backup from before it first', async function () {
+    this.timeout(60_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 2);
+    const b0 = await env.stores.backupTenant('acme', env.backupDir); // v1 only
+    const j1 = await s.keys.rotate();
+    await env.stores.waitForJob(j1.id);
+    await save(s, 3, 2);
+    const b1 = await env.stores.backupTenant('acme', env.backupDir); // v2 primary
+    const j2 = await s.keys.rotate({ emergency: true });
+    expect(await env.stores.waitForJob(j2.id)).to.include({ status: 'done' });
+    // b0 holds no compromised key: restored. It knows nothing of v2; the history does.
+    await env.stores.restoreTenant(b0.path, { tenant: 'acme' });
+    const before = await s.keys.status();
+    const err = await rejection(env.stores.restoreTenant(b1.path, { tenant: 'acme' }));
+    const refused = asInstance(err, BackupError);
+    expect(refused.reason).to.equal('dek_compromised');
+    expect(refused.message).to.match(/DEK version 2 .*compromised/);
+    expect((await s.keys.status()).versions).to.deep.equal(before.versions);
+    // A backup of the restored store carries the history: a lost store restored from it
+    // still refuses the compromised key.
+    const b2 = await env.stores.backupTenant('acme', env.backupDir);
+    await env.stores.close();
+    const raw = await env.raw('acme');
+    if (backend === 'sqlite') {
+      await raw.close();
+      for (const suffix of ['', '-wal', '-shm']) {
+        fs.rmSync(`${path.join(env.dataDir, env.region, 'acme.sqlite')}${suffix}`, { force: true });
+      }
+    } else {
+      await raw.exec(`DROP SCHEMA "${tenantSchemaName(env.schemaPrefix, 'acme')}" CASCADE`);
+      await raw.close();
+    }
+    const stores = await env.reopen();
+    await stores.restoreTenant(b2.path, { tenant: 'acme' });
+    const again = await rejection(stores.restoreTenant(b1.path, { tenant: 'acme' }));
+    expect(asInstance(again, BackupError).reason).to.equal('dek_compromised');
+    expect((await stores.store('acme').readInvocation('inv-1')).keyVersion).to.equal(1);
+  });
+
+  it('a feedback batch with no room for all its new items is refused before sealing, once the key is known exhausted; one that fits still passes', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    await env.stores.provisionTenant('acme');
+    await env.stores.close();
+    const stores = await env.reopen({
+      keyProvider: refusingWraps(env.provider),
+      wrapLimits: { soft: 3, hard: 5 },
+    });
+    const s = stores.store('acme');
+    await save(s, 1, 4);
+    let underDek = 0;
+    const createCipheriv = crypto.createCipheriv;
+    (crypto as { createCipheriv: unknown }).createCipheriv = (
+      ...args: Parameters<typeof crypto.createCipheriv>
+    ) => {
+      if (!Buffer.isBuffer(args[1])) {
+        underDek += 1;
+      }
+      return createCipheriv(...args);
+    };
+    const sealed: number[] = [];
+    const batch = async (minute: number) => {
+      const from = underDek;
+      const err = await rejection(
+        s.saveFeedback([fb('card-inv-1', minute), fb('card-inv-2', minute)], {
+          service: 'med-safety',
+        }),
+      );
+      expect(asInstance(err, WrapLimitError).reason).to.equal('wrap_limit');
+      sealed.push(underDek - from);
+    };
+    try {
+      for (let i = 0; i < 3; i += 1) {
+        await batch(i); // 2 new items, room for 1
+      }
+      // Room for one: stored, and the key stays known as near its limit.
+      expect(await s.saveFeedback([fb('card-inv-1', 30)], { service: 'med-safety' })).to.include({
+        stored: 1,
+      });
+      await batch(40);
+    } finally {
+      (crypto as { createCipheriv: unknown }).createCipheriv = createCipheriv;
+    }
+    // Only the first refusal sealed (it found the limit); the others were refused before.
+    expect(sealed.slice(1)).to.deep.equal([0, 0, 0]);
+    expect(await wraps(s)).to.deep.equal({ 1: 5 });
+  });
+
+  it('a retried feedback call made only of duplicates is answered at the hard limit, sealing nothing', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    await env.stores.provisionTenant('acme');
+    await env.stores.close();
+    const stores = await env.reopen({
+      keyProvider: refusingWraps(env.provider),
+      wrapLimits: { soft: 3, hard: 5 },
+    });
+    const s = stores.store('acme');
+    await save(s, 1, 4);
+    const first = await s.saveFeedback([fb('card-inv-1', 1)], { service: 'med-safety' });
+    expect(await wraps(s)).to.deep.equal({ 1: 5 });
+    // A write refused at the limit: the store now knows the key exhausted.
+    const err = await rejection(s.saveInvocation(invocation('inv-50')));
+    expect(asInstance(err, WrapLimitError).reason).to.equal('wrap_limit');
+    let underDek = 0;
+    const createCipheriv = crypto.createCipheriv;
+    (crypto as { createCipheriv: unknown }).createCipheriv = (
+      ...args: Parameters<typeof crypto.createCipheriv>
+    ) => {
+      if (!Buffer.isBuffer(args[1])) {
+        underDek += 1;
+      }
+      return createCipheriv(...args);
+    };
+    try {
+      const retry = await s.saveFeedback([fb('card-inv-1', 1), fb('card-inv-1', 1)], {
+        service: 'med-safety',
+      });
+      expect(retry).to.deep.equal({ stored: 0, duplicates: 2, ids: [...first.ids, ...first.ids] });
+    } finally {
+      (crypto as { createCipheriv: unknown }).createCipheriv = createCipheriv;
+    }
+    expect(underDek).to.equal(0);
+    expect(await wraps(s)).to.deep.equal({ 1: 5 });
+  });
+
+  // SQLite only: a PostgreSQL BIGINT column holds numbers only.
+  if (backend === 'sqlite') {
+    it('a restore repairs a store whose wrap count is not a number (SQLite)', async function () {
+      this.timeout(30_000);
+      env = await makeEnv(backend);
+      await save(env.stores.store('acme'), 1, 1);
+      const backup = await env.stores.backupTenant('acme', env.backupDir);
+      await env.stores.close();
+      const raw = await env.raw('acme');
+      await raw.exec(`UPDATE ${raw.t('dek_versions')} SET wrap_count = 'x'`);
+      await raw.close();
+      const stores = await env.reopen();
+      await stores.restoreTenant(backup.path, { tenant: 'acme' });
+      expect(await wraps(stores.store('acme'))).to.deep.equal({ 1: 1 });
+    });
+  }
 
   it('a rewrap job whose target version would pass the hard limit fails with a clear error', async function () {
     this.timeout(30_000);
