@@ -15,12 +15,14 @@ import {
   openControlPlane,
   openRegionStores,
   RedisEvictsKeysError,
+  RedisVersionError,
 } from '../tenants/index.ts';
 import type {
   ControlPlane,
   JobInfo,
   ReplayBackendState,
   ReplayCache,
+  ReplayTrustEvent,
   WrapLimitEvent,
 } from '../tenants/index.ts';
 import { hashToken } from './admin-routes.ts';
@@ -128,18 +130,25 @@ export function readAdminToken(config: Config): string | undefined {
 async function sharedReplayCache(
   url: string,
   size: { maxEntries: number; maxPerIssuer: number },
+  maxTokenLifetimeSeconds: number,
   log: Logger,
 ): Promise<ReturnType<typeof createRedisReplayCache>> {
-  const cache = createRedisReplayCache({ url, ...size, onStateChange: replayStateLogger(log) });
+  const cache = createRedisReplayCache({
+    url,
+    ...size,
+    maxTokenLifetimeSeconds,
+    onStateChange: replayStateLogger(log),
+    onTrustEvent: replayTrustLogger(log),
+  });
   try {
     await cache.ready();
     if (!(await cache.durability()).aof) {
       log.warn(
-        'the replay cache (Redis) runs without AOF (appendonly no): a Redis restart forgets the jti of every token still valid, which could then be replayed until it expires (docs/operations.md, Scale-out)',
+        'the replay cache (Redis) runs without AOF (appendonly no): a Redis restart forgets the jti of every token still valid (tokens issued before it are then refused with 503 for a token lifetime) and the cache counts (docs/operations.md, Scale-out)',
       );
     }
   } catch (err) {
-    if (err instanceof RedisEvictsKeysError) {
+    if (err instanceof RedisEvictsKeysError || err instanceof RedisVersionError) {
       await cache.close();
       throw new ConfigError(`CELLCDS_REDIS_URL: ${err.message}`);
     }
@@ -149,6 +158,38 @@ async function sharedReplayCache(
     );
   }
   return cache;
+}
+
+/**
+ * Logs, once each, what gets CDS client tokens refused (503) though Redis answers: Redis may have
+ * lost jtis (restarted, failed over, evicted keys: tokens issued before are refused until their
+ * lifetime is over), its clock is apart from ours by more than the leeway (every token refused);
+ * info when the clocks agree again.
+ */
+export function replayTrustLogger(log: Logger): (event: ReplayTrustEvent) => void {
+  return (event) => {
+    if (event.kind === 'reset') {
+      log.warn(
+        {
+          replayCache: 'reset',
+          cause: event.cause,
+          since: event.since.toISOString(),
+          until: event.until.toISOString(),
+        },
+        'the replay cache (Redis) may have lost jtis (restarted, failed over or evicted keys): CDS client tokens issued before `since` are refused with 503 (replay_backend_reset) until `until`',
+      );
+    } else if (event.kind === 'clock_skew') {
+      log.warn(
+        { replayCache: 'clock_skew', skewMs: event.skewMs },
+        "the replay cache (Redis)'s clock and this replica's differ by more than the JWT leeway: CDS client tokens are refused with 503 (replay_clock_skew) until they agree; fix NTP",
+      );
+    } else {
+      log.info(
+        { replayCache: 'clock_ok', skewMs: event.skewMs },
+        "the replay cache (Redis)'s clock and this replica's agree again: tokens accepted",
+      );
+    }
+  };
 }
 
 /**
@@ -252,6 +293,7 @@ export async function buildDeps(
     ? await sharedReplayCache(
         config.redisUrl,
         { maxEntries: config.replayCacheMaxEntries, maxPerIssuer: config.replayCacheMaxPerIssuer },
+        config.jwtMaxLifetimeSeconds,
         log,
       )
     : undefined;

@@ -24,7 +24,7 @@ import {
 import { ServiceError } from './errors.ts';
 import type { Logger } from './logger.ts';
 
-/** Retry-After of a token refused because the replay cache's backend cannot be trusted. */
+/** Retry-After of a token refused because the replay cache's backend cannot be trusted or is full. */
 export const AUTH_RETRY_AFTER_SECONDS = 5;
 
 /** Maps any thrown value to a ServiceError (or passes one through). */
@@ -33,8 +33,9 @@ export function toServiceError(err: unknown): ServiceError {
     return err;
   }
   if (err instanceof AuthError && RETRYABLE_AUTH_FAILURES.has(err.reason)) {
-    // The replay cache's backend is down or may evict keys: the token may be valid, so the
-    // client is told to retry (503 + Retry-After), not that its token is bad. Still refused.
+    // The replay cache's backend is down or may evict keys, or the whole cache is full: the
+    // token may be valid, so the client is told to retry (503 + Retry-After, with a new token),
+    // not that its token is bad. Still refused.
     return new ServiceError(503, 'unavailable', 'service unavailable, retry later', {
       detail: err.reason,
       cause: err,

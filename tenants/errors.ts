@@ -7,7 +7,10 @@ import type { AuthFailureReason, ReplayBackendState, ResidencyProblem } from './
  */
 export const RETRYABLE_AUTH_FAILURES: ReadonlySet<AuthFailureReason> = new Set<AuthFailureReason>([
   'replay_backend_down',
+  'replay_backend_reset',
+  'replay_clock_skew',
   'replay_policy_evicts',
+  'replay_unavailable',
 ]);
 
 /**

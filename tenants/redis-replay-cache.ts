@@ -32,10 +32,23 @@
  *
  * A Redis that evicts keys under memory pressure (any `maxmemory-policy` but `noeviction`; our
  * keys carry a TTL, so even the `volatile-*` policies take them) would forget a jti before
- * its token expires, and the token could be replayed. So the policy is read (`INFO memory`,
- * which managed Redis services allow where `CONFIG` is disabled) before the first token and
- * again every minute (every 5 s while it is not, so a fix is seen soon); while it is not
- * `noeviction`, every token is refused.
+ * its token expires, and the token could be replayed. So the policy is read (`INFO`, which
+ * managed Redis services allow where `CONFIG` is disabled) before the first token, again every
+ * 5 s and after each reconnect; while it is not `noeviction`, every token is refused.
+ *
+ * The same read takes Redis's `run_id`, `uptime_in_seconds`, `evicted_keys` and `TIME`. A new
+ * run_id (restart, failover), evicted_keys grown since the last read, or, on first sight, a Redis
+ * started less than a token's lifetime + 2 leeways ago: Redis may have lost jtis, so tokens issued
+ * (`iat`) before then + the leeway are refused (`RedisHistoryLostError`) for a token's lifetime +
+ * 2 leeways. A Redis clock more than the leeway apart from ours gets every token refused
+ * (`RedisClockSkewError`): entries expire on Redis's clock, `exp` is judged on ours (the verifier
+ * keeps entries one leeway longer for the skew within it). Both are `ReplayBackendError`s `down`
+ * that leave `state()` alone (Redis answers), reported once each through `onTrustEvent`.
+ *
+ * REMEMBER_SCRIPT is declared (`#!lua`, Redis 7) without `allow-oom`: over `maxmemory` under
+ * `noeviction`, Redis refuses it whole, before any write (`OOM`, a full cache), where an
+ * undeclared script would have its writes let through. Redis older than 7.0 is refused
+ * (`RedisVersionError`).
  *
  * Failures are typed for the verifier: a Redis that does not answer (connection refused or lost,
  * command timeout) rejects with `ReplayBackendError` `down`, one that may evict with
@@ -79,6 +92,19 @@ export interface RedisReplayCacheOptions {
    */
   evictingRecheckMs?: number;
   /**
+   * The longest token lifetime the verifier accepts (default 3600 s,
+   * `CELLCDS_JWT_MAX_LIFETIME_SECONDS`): how long jtis Redis may have lost still matter.
+   */
+  maxTokenLifetimeSeconds?: number;
+  /** The verifier's clock leeway (default 60 s, as the verifier's). */
+  leewaySeconds?: number;
+  /**
+   * Called once per event that gets tokens refused for a while (Redis restarted or failed over,
+   * evicted keys, its clock and ours apart by more than the leeway) and when the clocks agree
+   * again, e.g. to log each once. Must not throw.
+   */
+  onTrustEvent?: (event: ReplayTrustEvent) => void;
+  /**
    * Called when `state()` changes (`previous` undefined: the first answer or failure since
    * creation), e.g. to log once per transition rather than per refused token. Must not throw.
    */
@@ -97,14 +123,71 @@ export class RedisEvictsKeysError extends ReplayBackendError {
   }
 }
 
+/**
+ * Something that makes the cache refuse tokens though Redis answers: Redis may have lost the jtis
+ * of tokens issued before `since` (`restarted`: a new Redis, restarted or failed over, seen at
+ * `since`; `started_recently`: Redis started at `since`, less than the longest token lifetime
+ * before this process first read it; `evicted`: Redis evicted keys, seen at `since`), so those
+ * tokens are refused until `until`; or Redis's clock and this process's are `skewMs` apart
+ * (Redis's minus ours), more than the leeway (`clock_skew`), or back within it (`clock_ok`).
+ */
+export type ReplayTrustEvent =
+  | {
+      kind: 'reset';
+      cause: 'restarted' | 'started_recently' | 'evicted';
+      since: Date;
+      until: Date;
+    }
+  | { kind: 'clock_skew'; skewMs: number }
+  | { kind: 'clock_ok'; skewMs: number };
+
+/**
+ * Redis may have lost the jti of this token (it restarted, failed over or evicted keys since the
+ * token was issued): refused like a Redis that does not answer (503, retry with a new token).
+ */
+export class RedisHistoryLostError extends ReplayBackendError {
+  constructor(
+    readonly why: 'restarted' | 'started_recently' | 'evicted',
+    readonly since: Date,
+  ) {
+    super(
+      'down',
+      `replay_backend_reset: Redis may have lost the jtis of tokens issued before ${since.toISOString()} (${why}); tokens issued before then are refused until their lifetime is over`,
+    );
+    this.name = 'RedisHistoryLostError';
+  }
+}
+
+/**
+ * Redis's clock (on which entries expire) and this process's (on which `exp` is judged) differ by
+ * more than the leeway: an entry could expire while its token is still accepted here.
+ */
+export class RedisClockSkewError extends ReplayBackendError {
+  constructor(readonly skewMs: number) {
+    super(
+      'down',
+      `replay_clock_skew: Redis's clock is ${String(skewMs)} ms ${skewMs > 0 ? 'ahead of' : 'behind'} this process's, more than the leeway`,
+    );
+    this.name = 'RedisClockSkewError';
+  }
+}
+
+/** Redis is older than 7.0: REMEMBER_SCRIPT's flags (`#!lua`, denied when out of memory) need 7. */
+export class RedisVersionError extends ReplayBackendError {
+  constructor(readonly version: string) {
+    super('down', `Redis ${version} is too old for the replay cache: it needs Redis 7.0 or later`);
+    this.name = 'RedisVersionError';
+  }
+}
+
 /** What a readiness probe learns of the replay cache: a short code and message when down. */
 export type ReplayCacheHealth = { ok: true } | { ok: false; code: string; message: string };
 
 /** The shared cache's default size: ~3,000 calls/s with 5-minute tokens; ~480 bytes of Redis each. */
 export const DEFAULT_REDIS_REPLAY_MAX_ENTRIES = 1_000_000;
 
-/** How long a read of the eviction policy is trusted, unless set. */
-const POLICY_CHECK_MS = 60_000;
+/** How long a read of the eviction policy (and of Redis's identity, evictions, clock) is trusted, unless set. */
+const POLICY_CHECK_MS = 5_000;
 /** How long a read that found an evicting policy is trusted, unless set. */
 const EVICTING_RECHECK_MS = 5_000;
 
@@ -124,7 +207,7 @@ const LEGACY_MARK = 'v2';
  * `(iss, jti)` alone. Remove them (and KEYS[2]) in a later release: old keys expire with their
  * tokens, and no replica of that version may run beside the release that removes them.
  */
-const REMEMBER_SCRIPT = `
+const REMEMBER_SCRIPT = `#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local legacy = redis.call('GET', KEYS[2])
 if legacy and legacy ~= ARGV[6] then return 0 end
@@ -169,12 +252,30 @@ function healthOf(state: ReplayBackendState, policy: string | undefined): Replay
   }
 }
 
+/** A field of an INFO reply (`name:value` lines). */
+function infoField(info: string, name: string): string | undefined {
+  return new RegExp(`^${name}:(\\S+)`, 'm').exec(info)?.[1];
+}
+
 function sha256(text: string): string {
   return crypto.createHash('sha256').update(text).digest('hex');
 }
 
 /** Creates a Redis-backed ReplayCache. Call `close()` on shutdown. */
 export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCache & {
+  /**
+   * As `ReplayCache.remember`, and, given the token's `iat` (seconds), refuses (with
+   * `RedisHistoryLostError`) a token issued before Redis may have lost jtis, and every token
+   * (`RedisClockSkewError`) while Redis's clock and this process's differ by more than the leeway.
+   * Without `iat`, every token is refused while Redis may have lost jtis.
+   */
+  remember(
+    tenant: string,
+    iss: string,
+    jti: string,
+    expSeconds: number,
+    iatSeconds?: number,
+  ): Promise<boolean>;
   ready(): Promise<void>;
   state(): ReplayBackendState;
   health(): Promise<ReplayCacheHealth>;
@@ -198,9 +299,93 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
     REMEMBER_COMMAND
   ].bind(redis);
 
+  const leewayMs = (opts.leewaySeconds ?? 60) * 1000;
+  /** How long a loss of jtis matters: a token issued before it is accepted no longer than this. */
+  const lostWindowMs = (opts.maxTokenLifetimeSeconds ?? 3600) * 1000 + 2 * leewayMs;
+  const trustEvent = (event: ReplayTrustEvent): void => {
+    try {
+      opts.onTrustEvent?.(event);
+    } catch {
+      // A listener's fault must not change a token's verdict.
+    }
+  };
+  /** The Redis last read (its run_id) and its evicted_keys then. */
+  let seen: { runId: string; evicted: number } | undefined;
+  /** Redis may have lost the jtis of tokens issued before `since` (ms, our clock). */
+  let lost: { since: number; why: 'restarted' | 'started_recently' | 'evicted' } | undefined;
+  /** Redis's clock minus ours at the last read, when more than the leeway apart. */
+  let clockSkewMs: number | undefined;
+  const loses = (since: number, why: 'restarted' | 'started_recently' | 'evicted'): void => {
+    if (!lost || since >= lost.since) {
+      lost = { since, why };
+      trustEvent({
+        kind: 'reset',
+        cause: why,
+        since: new Date(since),
+        until: new Date(since + lostWindowMs),
+      });
+    }
+  };
+  /**
+   * What one read of INFO and TIME tells: a Redis too old; a new Redis (another run_id: restarted
+   * or failed over) or, on first sight, one started less than a token's lifetime ago, or one that
+   * evicted keys since the last read: jtis may be lost; its clock apart from ours.
+   */
+  const observe = (info: string, time: unknown[], before: number, after: number): void => {
+    const version = infoField(info, 'redis_version') ?? 'unknown';
+    if (!(Number(version.split('.')[0]) >= 7)) {
+      throw new RedisVersionError(version);
+    }
+    const runId = infoField(info, 'run_id') ?? '';
+    const evicted = Number(infoField(info, 'evicted_keys') ?? 0);
+    if (seen === undefined) {
+      const started = after - Number(infoField(info, 'uptime_in_seconds') ?? 0) * 1000;
+      if (after - started < lostWindowMs) {
+        loses(started, 'started_recently');
+      }
+    } else if (seen.runId !== runId) {
+      // Restarted, or another Redis (failover: its replica may lack the last writes): when it
+      // changed is not known, only that it was before now.
+      loses(after, 'restarted');
+    } else if (evicted > seen.evicted) {
+      loses(after, 'evicted');
+    }
+    seen = { runId, evicted };
+    const redisMs = Number(time[0]) * 1000 + Math.floor(Number(time[1]) / 1000);
+    const skewMs = Math.round(redisMs - (before + after) / 2);
+    const skewed = Math.abs(skewMs) > leewayMs + (after - before) / 2;
+    if (skewed !== (clockSkewMs !== undefined)) {
+      trustEvent({ kind: skewed ? 'clock_skew' : 'clock_ok', skewMs });
+    }
+    clockSkewMs = skewed ? skewMs : undefined;
+  };
+  /** Refuses a token while Redis's clock is apart from ours or it may have lost its jti. */
+  const trusted = (iatSeconds: number | undefined): void => {
+    if (clockSkewMs !== undefined) {
+      throw new RedisClockSkewError(clockSkewMs);
+    }
+    if (lost) {
+      if (now().getTime() >= lost.since + lostWindowMs) {
+        lost = undefined;
+      } else if (iatSeconds === undefined || iatSeconds * 1000 < lost.since + leewayMs) {
+        throw new RedisHistoryLostError(lost.why, new Date(lost.since));
+      }
+    }
+  };
+
   const policyCheckMs = opts.policyCheckMs ?? POLICY_CHECK_MS;
   const evictingRecheckMs = Math.min(opts.evictingRecheckMs ?? EVICTING_RECHECK_MS, policyCheckMs);
   let current: ReplayBackendState | undefined;
+  let policy: { checkedAt: number; check: Promise<void> } | undefined;
+  /**
+   * Connections since the first: after a reconnect, Redis is read again before the next token
+   * (it may be another Redis, restarted or failed over, that lost jtis).
+   */
+  let connections = 0;
+  redis.on('ready', () => {
+    connections += 1;
+    policy = undefined;
+  });
   /** The policy the last read found, if it may evict keys (then Redis answering is `evicting`). */
   let evictingPolicy: string | undefined;
   const setState = (next: ReplayBackendState): void => {
@@ -257,23 +442,25 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
     return result;
   };
 
-  let policy: { checkedAt: number; check: Promise<void> } | undefined;
   /** Resolves if Redis keeps every key until its TTL; shared by concurrent callers. */
   const keepsKeys = (): Promise<void> => {
     const at = performance.now();
     // An evicting verdict refuses every token: it is read again sooner, so a fix shows soon.
-    const trusted = evictingPolicy === undefined ? policyCheckMs : evictingRecheckMs;
-    if (!policy || at - policy.checkedAt > trusted) {
+    const trustedFor = evictingPolicy === undefined ? policyCheckMs : evictingRecheckMs;
+    if (!policy || at - policy.checkedAt > trustedFor) {
       const check = call(async () => {
-        const info = await redis.info('memory');
-        const found = /^maxmemory_policy:(\S+)/m.exec(info)?.[1] ?? 'unknown';
+        const before = now().getTime();
+        // The default sections (server, memory, stats...) in one reply, and Redis's clock.
+        const [info, time] = await Promise.all([redis.info(), redis.time()]);
+        observe(info, time, before, now().getTime());
+        const found = infoField(info, 'maxmemory_policy') ?? 'unknown';
         evictingPolicy = found === 'noeviction' ? undefined : found;
         if (evictingPolicy !== undefined) {
           throw new RedisEvictsKeysError(evictingPolicy);
         }
       });
       policy = { checkedAt: at, check };
-      // A failed read (Redis down) is not trusted for a minute: the next token reads again.
+      // A failed read (Redis down) is not trusted: the next token reads again.
       check.catch((err: unknown) => {
         if (policy?.check === check && !(err instanceof RedisEvictsKeysError)) {
           policy = undefined;
@@ -300,6 +487,14 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
       } catch {
         // Recorded in the state by `call` (or by the policy read the verdict comes from).
       }
+      if (current === 'up' && clockSkewMs !== undefined) {
+        // Every token is refused here (RedisClockSkewError): out of rotation until fixed.
+        return {
+          ok: false,
+          code: 'clock_skew',
+          message: `Redis's clock and this process's are ${String(clockSkewMs)} ms apart, more than the leeway`,
+        };
+      }
       return healthOf(current ?? 'down', evictingPolicy);
     },
     /**
@@ -310,8 +505,10 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
       const info = await call(() => redis.info('persistence'));
       return { aof: /^aof_enabled:1\b/m.test(info) };
     },
-    async remember(tenant, iss, jti, expSeconds) {
+    async remember(tenant, iss, jti, expSeconds, iatSeconds?: number) {
       await keepsKeys();
+      trusted(iatSeconds);
+      const connection = connections;
       // Hashed JSON arrays: keys have a bounded length whatever the token carries, and no two
       // triples (or a triple and an old pair, thanks to the tag) share a key.
       const entry = sha256(JSON.stringify(['v2', tenant, iss, jti]));
@@ -333,6 +530,11 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
           LEGACY_MARK,
         ),
       );
+      if (connections !== connection) {
+        // Reconnected meanwhile: the script may have run on a new Redis, read before trusting it.
+        await keepsKeys();
+        trusted(iatSeconds);
+      }
       if (result === -2) {
         throw new ReplayCacheFullError();
       }

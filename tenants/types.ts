@@ -150,7 +150,8 @@ export type AuthFailureReason =
   | 'not_yet_valid'
   /**
    * The replay cache is full of unexpired entries (its size, or Redis's memory under
-   * `noeviction`): fail closed, 401. Size the cache (docs/operations.md).
+   * `noeviction`): fail closed, but 503 with Retry-After (a full cache says nothing about the
+   * token). Size the cache (docs/operations.md).
    */
   | 'replay_unavailable'
   /**
@@ -158,6 +159,16 @@ export type AuthFailureReason =
    * but 503 with Retry-After, since the token may be valid.
    */
   | 'replay_backend_down'
+  /**
+   * Redis may have lost this token's jti (it restarted, failed over or evicted keys since the
+   * token was issued): fail closed, 503 with Retry-After (a new token passes).
+   */
+  | 'replay_backend_reset'
+  /**
+   * Redis's clock (entries expire on it) and this process's differ by more than the leeway:
+   * fail closed, 503 with Retry-After, until they agree. Fix NTP.
+   */
+  | 'replay_clock_skew'
   /**
    * The replay cache's backend (Redis) may evict keys (`maxmemory-policy` not `noeviction`), so
    * a jti could be forgotten: fail closed, 503 with Retry-After. Fix the policy.

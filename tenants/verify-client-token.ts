@@ -14,7 +14,8 @@
  *     alongside step 2's lookup when that lookup is answered from memory (see checkAhead); its
  *     result counts only if the lookup then returns the very same registration.
  *  5. Claims, from the VERIFIED payload: `aud` (exact), `exp`, `iat`, `nbf`, lifetime, `jti`.
- *  6. Replay: `(tenant, iss, jti)` remembered until `ceil(exp + leeway)`; a repeat is refused, and
+ *  6. Replay: `(tenant, iss, jti)` remembered until `ceil(exp + 2 x leeway)` (one leeway for
+ *     `exp`, one for the cache's clock, e.g. Redis's, against ours); a repeat is refused, and
  *     so is a token whose `(tenant, iss)` already holds its share of the replay cache
  *     (`replay_quota`). Keyed by the verified tenant: tenants whose EHRs use the same issuer
  *     neither spend each other's jtis nor each other's share.
@@ -47,6 +48,7 @@ import {
   verifySignature,
 } from './jwt-common.ts';
 import type { Claims, FailureInfo } from './jwt-common.ts';
+import { RedisClockSkewError, RedisHistoryLostError } from './redis-replay-cache.ts';
 import { createMemoryReplayCache } from './replay-cache.ts';
 import { TENANT_ID_PATTERN } from './tenant-validation.ts';
 import type {
@@ -80,6 +82,17 @@ export interface TokenVerifierOptions {
 }
 
 const MAX_JTI_LENGTH = 256;
+
+/** A replay cache told the token's `iat` too (the Redis cache reads it; others ignore it). */
+type TimedReplayCache = {
+  remember(
+    tenant: string,
+    iss: string,
+    jti: string,
+    expSeconds: number,
+    iatSeconds?: number,
+  ): Promise<boolean>;
+};
 
 /**
  * Creates the CDS client token verifier.
@@ -225,10 +238,19 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
 
     // Remember as long as the token is accepted, so it stays unreplayable: checkTimes compares
     // whole seconds (now rounded down), so a fractional exp (allowed by RFC 7519) is accepted
-    // until ceil(exp + leeway), not exp + leeway.
+    // until ceil(exp + leeway), not exp + leeway; and one more leeway, as the cache's clock
+    // (Redis's, on which its entries expire) may be up to a leeway ahead of ours (the Redis cache
+    // refuses tokens beyond). The token's iat lets a cache that may have lost jtis (a Redis
+    // restarted or evicting) refuse the tokens issued before.
     let isFirstUse: boolean;
     try {
-      isFirstUse = await replayCache.remember(tenant.id, iss, jti, Math.ceil(exp + leeway));
+      isFirstUse = await (replayCache as TimedReplayCache).remember(
+        tenant.id,
+        iss,
+        jti,
+        Math.ceil(exp + 2 * leeway),
+        typeof claims.iat === 'number' ? claims.iat : undefined,
+      );
     } catch (err) {
       // A tenant's issuer at its share is refused alone (audited and counted as replay_quota); a full
       // cache refuses everyone (replay_unavailable); so does a backend that does not answer or
@@ -259,6 +281,16 @@ function replayRefusal(err: unknown, tenant: string): AuthError {
   if (err instanceof ReplayBackendError && err.state === 'evicting') {
     return new AuthError('replay_policy_evicts');
   }
-  // A ReplayBackendError `down`, or anything else a cache threw: its backend did not answer.
+  if (err instanceof RedisHistoryLostError) {
+    // Answering, but it may have lost this token's jti (restarted, failed over, evicted).
+    return new AuthError('replay_backend_reset', err.message);
+  }
+  if (err instanceof RedisClockSkewError) {
+    return new AuthError('replay_clock_skew', err.message);
+  }
+  if (err instanceof ReplayBackendError) {
+    return new AuthError('replay_backend_down', err.message);
+  }
+  // Anything else a cache threw: its backend did not answer.
   return new AuthError('replay_backend_down');
 }

@@ -15,6 +15,13 @@ import type { TcpProxy } from './data-plane/tcp-proxy.ts';
 
 const url = process.env.CELLCDS_TEST_REDIS_URL;
 
+/**
+ * These specs call `remember` without a token's `iat`: on a Redis started less than a token's
+ * lifetime + 2 leeways ago (it may have lost jtis) that is refused, so the caches here assume
+ * 1-s tokens and a 1-s leeway (redis-replay-reset.spec.ts covers a young Redis).
+ */
+const anyRedis = { maxTokenLifetimeSeconds: 1, leewaySeconds: 1 };
+
 /** The scale-out replay cache against the real Redis on this machine (.ci/run sets the URL). */
 describe('Redis replay cache (scale-out)', function () {
   if (!url) {
@@ -25,8 +32,8 @@ describe('Redis replay cache (scale-out)', function () {
   let a: ReplayCache;
   let b: ReplayCache;
   before(() => {
-    a = createRedisReplayCache({ url, prefix });
-    b = createRedisReplayCache({ url, prefix });
+    a = createRedisReplayCache({ ...anyRedis, url, prefix });
+    b = createRedisReplayCache({ ...anyRedis, url, prefix });
   });
   after(async () => {
     await a.close?.();
@@ -62,8 +69,20 @@ describe('Redis replay cache (scale-out)', function () {
   // One tenant's EHR at its share must not get another tenant on the same issuer refused.
   it('gives each tenant of an issuer its own share, on every replica', async () => {
     const own = `${prefix}tenant-share:`;
-    const x = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
-    const y = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
+    const x = createRedisReplayCache({
+      ...anyRedis,
+      url,
+      prefix: own,
+      maxEntries: 6,
+      maxPerIssuer: 2,
+    });
+    const y = createRedisReplayCache({
+      ...anyRedis,
+      url,
+      prefix: own,
+      maxEntries: 6,
+      maxPerIssuer: 2,
+    });
     try {
       const iss = 'https://shared.example';
       for (const [cache, jti] of [
@@ -148,8 +167,20 @@ describe('Redis replay cache (scale-out)', function () {
   // not take the last share of places, counted across replicas, given back as tokens expire.
   it('keeps the last share for issuers under theirs, on every replica', async () => {
     const own = `${prefix}share:`;
-    const x = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
-    const y = createRedisReplayCache({ url, prefix: own, maxEntries: 6, maxPerIssuer: 2 });
+    const x = createRedisReplayCache({
+      ...anyRedis,
+      url,
+      prefix: own,
+      maxEntries: 6,
+      maxPerIssuer: 2,
+    });
+    const y = createRedisReplayCache({
+      ...anyRedis,
+      url,
+      prefix: own,
+      maxEntries: 6,
+      maxPerIssuer: 2,
+    });
     try {
       const greedy = 'https://greedy.example';
       const soon = Math.floor(Date.now() / 1000) + 2;
@@ -243,7 +274,7 @@ describe('Redis replay cache (scale-out)', function () {
     for (const policy of ['allkeys-lru', 'volatile-ttl']) {
       it(`refuses every token while maxmemory-policy is ${policy}, and says why`, async () => {
         await admin.config('SET', 'maxmemory-policy', policy);
-        const cache = createRedisReplayCache({ url, prefix });
+        const cache = createRedisReplayCache({ ...anyRedis, url, prefix });
         try {
           const err = await cache.ready().then(
             () => undefined,
@@ -264,7 +295,7 @@ describe('Redis replay cache (scale-out)', function () {
         }
         // Nothing was stored meanwhile: once Redis keeps its keys, the same jti is new.
         await admin.config('SET', 'maxmemory-policy', 'noeviction');
-        const fixed = createRedisReplayCache({ url, prefix });
+        const fixed = createRedisReplayCache({ ...anyRedis, url, prefix });
         try {
           expect(await fixed.remember('t', 'https://iss.example', `ev-${policy}`, exp())).to.equal(
             true,
@@ -278,7 +309,7 @@ describe('Redis replay cache (scale-out)', function () {
     it('accepts tokens again soon after the policy is fixed, without a restart', async () => {
       await admin.config('SET', 'maxmemory-policy', 'allkeys-lru');
       // The default minute for a good policy: only the evicting verdict is read again sooner.
-      const cache = createRedisReplayCache({ url, prefix, evictingRecheckMs: 200 });
+      const cache = createRedisReplayCache({ ...anyRedis, url, prefix, evictingRecheckMs: 200 });
       try {
         const refused = await cache.ready().then(
           () => undefined,
@@ -298,7 +329,7 @@ describe('Redis replay cache (scale-out)', function () {
 
     it('accepts tokens once the policy is noeviction (read before the first token)', async () => {
       await admin.config('SET', 'maxmemory-policy', 'noeviction');
-      const cache = createRedisReplayCache({ url, prefix });
+      const cache = createRedisReplayCache({ ...anyRedis, url, prefix });
       try {
         await cache.ready();
         expect(await cache.remember('t', 'https://iss.example', 'after-fix', exp())).to.equal(true);
@@ -338,6 +369,7 @@ describe('Redis replay cache while Redis does not answer (real Redis behind a TC
     proxy = await startTcpProxy(url);
     changes = [];
     cache = createRedisReplayCache({
+      ...anyRedis,
       url: proxy.url,
       prefix,
       commandTimeoutMs: 1000,

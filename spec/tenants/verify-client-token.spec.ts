@@ -10,6 +10,8 @@ import {
   createTokenVerifier,
   InvalidInputError,
   openControlPlane,
+  RedisClockSkewError,
+  RedisHistoryLostError,
 } from '../../tenants/index.ts';
 import type { AuthFailureReason, ControlPlane, TokenVerifier } from '../../tenants/index.ts';
 import { startJwksServer, TestIssuer } from '../helpers/test-issuer.ts';
@@ -436,6 +438,37 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       }
       nowMs += 1000;
       expect((await refusal(verifier.verify(bearer(jwt), AUD))).reason).to.equal('expired');
+    });
+
+    it("keeps the jti one leeway more (the cache's clock, e.g. Redis's, may be ahead of ours) and tells the cache the token's iat", async () => {
+      const calls: unknown[][] = [];
+      verifier = buildVerifier({
+        replayCache: {
+          remember: (...args: unknown[]) => {
+            calls.push(args);
+            return Promise.resolve(true);
+          },
+        },
+      });
+      const iat = nowS() - 5;
+      await verifier.verify(bearer(await issuerA.sign({ iat, exp: nowS() + 10.2 })), AUD);
+      expect(calls).to.deep.equal([
+        ['tenant-a', issuerA.iss, calls[0]?.[2], Math.ceil(nowS() + 10.2 + 2 * 60), iat],
+      ]);
+    });
+
+    it('refuses with replay_backend_reset / replay_clock_skew (503) a token the cache may have lost track of (Redis reset, clock skew)', async () => {
+      for (const err of [
+        new RedisHistoryLostError('restarted', new Date(nowMs)),
+        new RedisClockSkewError(90_000),
+      ]) {
+        verifier = buildVerifier({ replayCache: { remember: () => Promise.reject(err) } });
+        const refused = await refusal(verifier.verify(bearer(await issuerA.sign()), AUD));
+        const reason =
+          err instanceof RedisClockSkewError ? 'replay_clock_skew' : 'replay_backend_reset';
+        expect(refused.reason).to.equal(reason);
+        expect(refused.message).to.include(reason);
+      }
     });
 
     it('the same jti from the same issuer even for another audience', async () => {
