@@ -269,13 +269,7 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
    * (`RedisClockSkewError`) while Redis's clock and this process's differ by more than the leeway.
    * Without `iat`, every token is refused while Redis may have lost jtis.
    */
-  remember(
-    tenant: string,
-    iss: string,
-    jti: string,
-    expSeconds: number,
-    iatSeconds?: number,
-  ): Promise<boolean>;
+  remember: ReplayCache['remember'];
   ready(): Promise<void>;
   state(): ReplayBackendState;
   health(): Promise<ReplayCacheHealth>;

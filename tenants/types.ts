@@ -198,9 +198,17 @@ export interface ReplayCache {
    * @throws ReplayIssuerQuotaError when the `(tenant, iss)` holds its share and the cache is
    * nearly full; ReplayCacheFullError when the cache is full; ReplayBackendError when its
    * backend does not answer (`down`) or may evict keys (`evicting`); any other error is taken
-   * as a backend that does not answer.
+   * as a backend that does not answer. `iatSeconds` (the token's `iat`) lets a cache whose
+   * backend may have lost entries (a Redis restarted or evicting) refuse the tokens issued
+   * before; the in-process cache ignores it.
    */
-  remember(tenant: string, iss: string, jti: string, expSeconds: number): Promise<boolean>;
+  remember(
+    tenant: string,
+    iss: string,
+    jti: string,
+    expSeconds: number,
+    iatSeconds?: number,
+  ): Promise<boolean>;
   /**
    * The backend's state as the last commands and policy reads found it: cheap (no I/O), never
    * throws; for readiness and gauges. `down` until the backend first answered. The in-process

@@ -83,17 +83,6 @@ export interface TokenVerifierOptions {
 
 const MAX_JTI_LENGTH = 256;
 
-/** A replay cache told the token's `iat` too (the Redis cache reads it; others ignore it). */
-type TimedReplayCache = {
-  remember(
-    tenant: string,
-    iss: string,
-    jti: string,
-    expSeconds: number,
-    iatSeconds?: number,
-  ): Promise<boolean>;
-};
-
 /**
  * Creates the CDS client token verifier.
  * @throws Error at creation if `algorithms` contains anything but asymmetric signature algorithms.
@@ -244,7 +233,7 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     // restarted or evicting) refuse the tokens issued before.
     let isFirstUse: boolean;
     try {
-      isFirstUse = await (replayCache as TimedReplayCache).remember(
+      isFirstUse = await replayCache.remember(
         tenant.id,
         iss,
         jti,

@@ -1,5 +1,3 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import { expect } from 'chai';
 import { Redis } from 'ioredis';
@@ -11,57 +9,14 @@ import {
 } from '../../tenants/index.ts';
 import type { ReplayTrustEvent } from '../../tenants/index.ts';
 import { freePort } from '../helpers/processes.ts';
+import {
+  hasRedisServer,
+  startRedis,
+  stopRedis,
+  type ChildProcess,
+} from '../helpers/redis-server.ts';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function hasRedisServer(): boolean {
-  try {
-    execFileSync('redis-server', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** A private redis-server on `port` (no persistence), resolved once it answers PING. */
-async function startRedis(port: number): Promise<ChildProcess> {
-  const child = spawn(
-    'redis-server',
-    ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
-    { stdio: 'ignore' },
-  );
-  const probe = new Redis({
-    port,
-    host: '127.0.0.1',
-    lazyConnect: true,
-    retryStrategy: () => null,
-  });
-  probe.on('error', () => undefined);
-  try {
-    for (let i = 0; i < 100; i++) {
-      try {
-        await probe.connect();
-        await probe.ping();
-        return child;
-      } catch {
-        await sleep(50);
-      }
-    }
-  } finally {
-    probe.disconnect();
-  }
-  child.kill('SIGKILL');
-  throw new Error(`redis-server on port ${String(port)} did not answer`);
-}
-
-async function stopRedis(child: ChildProcess | undefined): Promise<void> {
-  if (!child || child.exitCode !== null || child.signalCode !== null) {
-    return;
-  }
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill('SIGKILL');
-  await exited;
-}
 
 /** What a call settled with: its value, or the error it threw. */
 const settle = (p: Promise<unknown>): Promise<unknown> =>
