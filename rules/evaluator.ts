@@ -260,6 +260,11 @@ interface Slot {
   /** What the worker is running (shared memory it writes; see evaluator-protocol.ts). */
   progress: Progress;
   ready: boolean;
+  /**
+   * It started (posted `ready`) once: its exit is not a failed start, even after forget()
+   * cleared `ready` (a worker replaced for overrunning a budget).
+   */
+  started?: boolean;
   /** Pack hashes this worker has been sent. */
   hashes: Set<string>;
   /** The pack this worker is compiling ahead (`warm`): it takes no call until it is done. */
@@ -371,6 +376,7 @@ class WorkerPool {
     worker.on('message', (msg: WorkerMessage | WarmedMessage) => {
       if (msg.type === 'ready') {
         slot.ready = true;
+        slot.started = true;
         this.failedStarts = 0;
         if (this.spare === slot) {
           for (const p of this.recent.values()) {
@@ -390,10 +396,16 @@ class WorkerPool {
     // Errors surface through 'exit'; without a listener an uncaught worker error would throw here.
     worker.on('error', () => undefined);
     worker.on('exit', () => {
-      const wasReady = slot.ready;
+      // A worker that once started is no failed start, whether it crashed or was replaced.
+      const wasReady = slot.started === true;
       // Still in the pool: it was not stopped by discard() (which forgets it first) or close().
       if (!this.closed && (this.active.has(slot) || this.spare === slot)) {
         this.crashed++;
+      }
+      if (slot.warming !== undefined && !this.closed) {
+        // It died compiling a pack ahead (out of memory, say): never warm that pack again, or
+        // each new worker would crash on it in turn.
+        this.noteSlowCompile(slot.warming);
       }
       this.forget(slot);
       slot.onExit?.();

@@ -168,3 +168,63 @@ describe('compiling a pack ahead in the evaluation workers (warm)', function () 
     }
   });
 });
+
+describe('evaluator worker pool: replaced and crashed workers', function () {
+  this.timeout(60_000);
+
+  it('workers replaced for overrunning a rule budget are not failed starts: ready() still resolves', async () => {
+    // Three rules of ~50 ms under a 20 ms rule budget: three replacements in one call. They
+    // used to count as three failed starts, after which ready() rejected every waiter.
+    const ev = createEvaluator({
+      workers: 2,
+      callBudgetMs: 5000,
+      ruleBudgetMs: 20,
+      inlineSliceMs: 0,
+    });
+    try {
+      await ev.ready();
+      const result = await ev.evaluate(compilePack(slowPack(3, 1, 'replaced-3')), 'svc', input());
+      expect(
+        result.trace.filter((t) => t.ruleId.startsWith('slow-')).map((t) => t.status),
+      ).to.deep.equal(['timeout', 'timeout', 'timeout']);
+      expect(ev.stats().workersReplaced).to.be.at.least(3);
+      await ev.ready();
+      const after = await ev.evaluate(
+        compilePack(slowPack(0, 1, 'after-replaced')),
+        'svc',
+        input(),
+      );
+      expect(after.trace.every((t) => ran(t.status))).to.equal(true);
+    } finally {
+      await ev.close();
+    }
+  });
+
+  it('a pack whose compilation ahead kills its worker (out of memory) is not warmed again', async () => {
+    const ev = createEvaluator({
+      workers: 2,
+      callBudgetMs: 2000,
+      inlineSliceMs: 0,
+      workerMemoryMb: 24,
+    });
+    try {
+      await ev.ready();
+      const small = compilePack(slowPack(0, 1, 'oom-small'));
+      await ev.evaluate(small, 'svc', input());
+      ev.warm(compilePack(bigPack('oom-big')));
+      await until(
+        'the warm to end',
+        () => (ev.stats().warmsPending ?? 0) === 0 && (ev.stats().warmingWorkers ?? 0) === 0,
+      );
+      const crashed = ev.stats().workersCrashed;
+      await new Promise((r) => setTimeout(r, 3000));
+      // Calls of the other pack are answered all along, and no worker dies on it again.
+      const r = await ev.evaluate(small, 'svc', input());
+      expect(r.trace.every((t) => ran(t.status))).to.equal(true);
+      expect(ev.stats().workersCrashed).to.equal(crashed);
+      expect(crashed).to.be.at.most(1);
+    } finally {
+      await ev.close();
+    }
+  });
+});
