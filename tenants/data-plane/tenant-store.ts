@@ -656,25 +656,23 @@ async function saveFeedback(
   const ids = items.map(feedbackId);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
-    // Under the key found exhausted, only the items not stored yet are sealed, and the check
-    // asks room for them all (a retry made only of duplicates needs none).
-    let fresh: Set<string> | undefined;
-    if (isExhaustedKey(h, key)) {
-      const stored = await h.models.Feedback.findAll({
-        where: { id: [...new Set(ids)] },
-        attributes: ['id'],
-        raw: true,
-      });
-      const have = new Set(stored.map((r) => r.id));
-      fresh = new Set(ids.filter((fid) => !have.has(fid)));
-    }
-    if (await refuseIfExhausted(h, key, fresh?.size ?? new Set(ids).size, limits)) {
+    // Only the items not stored yet are sealed (each sealing is an encryption under the DEK,
+    // counted only when its row is written), and the check under a key found exhausted asks
+    // room for them all (a retry made only of duplicates needs none).
+    const stored = await h.models.Feedback.findAll({
+      where: { id: [...new Set(ids)] },
+      attributes: ['id'],
+      raw: true,
+    });
+    const have = new Set(stored.map((r) => r.id));
+    const fresh = new Set(ids.filter((fid) => !have.has(fid)));
+    if (await refuseIfExhausted(h, key, fresh.size, limits)) {
       continue;
     }
     const sealedById = new Map<string, Envelope>();
     items.forEach((item, i) => {
       const fid = ids[i] ?? '';
-      if (!sealedById.has(fid) && (fresh === undefined || fresh.has(fid))) {
+      if (!sealedById.has(fid) && fresh.has(fid)) {
         const plaintext = Buffer.from(JSON.stringify(item), 'utf8');
         sealedById.set(
           fid,
@@ -698,7 +696,7 @@ async function saveFeedback(
         }
         // Items left unsealed as stored when looked up, gone since: seal again (nothing
         // written yet).
-        for (const fid of fresh === undefined ? [] : new Set(ids)) {
+        for (const fid of have) {
           if (
             !sealedById.has(fid) &&
             (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) === 0

@@ -33,6 +33,29 @@ const fb = (card: string, minute: number): FeedbackInput => ({
   outcomeTimestamp: `2025-01-01T12:${String(minute).padStart(2, '0')}:00Z`,
 });
 
+/**
+ * Counts AES-GCM encryptions under a DEK (a KeyObject; a record's own key is a Buffer) until
+ * `stop()`.
+ */
+function watchDekEncryptions(): { count: number; stop: () => void } {
+  const original = crypto.createCipheriv;
+  const watch = {
+    count: 0,
+    stop: () => {
+      (crypto as { createCipheriv: unknown }).createCipheriv = original;
+    },
+  };
+  (crypto as { createCipheriv: unknown }).createCipheriv = (
+    ...args: Parameters<typeof crypto.createCipheriv>
+  ) => {
+    if (!Buffer.isBuffer(args[1])) {
+      watch.count += 1;
+    }
+    return original(...args);
+  };
+  return watch;
+}
+
 async function wraps(s: TenantStore): Promise<Record<number, number>> {
   const status = await s.keys.status();
   return Object.fromEntries(status.versions.map((v) => [v.version, v.wraps]));
@@ -380,16 +403,7 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     const s = stores.store('acme');
     await save(s, 1, 4);
     expect(await wraps(s)).to.deep.equal({ 1: 4 });
-    // Encryptions under a DEK (a KeyObject; a record's own key is a Buffer).
-    let underDek = 0;
-    const createCipheriv = crypto.createCipheriv;
-    const counting = (...args: Parameters<typeof crypto.createCipheriv>) => {
-      if (!Buffer.isBuffer(args[1])) {
-        underDek += 1;
-      }
-      return createCipheriv(...args);
-    };
-    (crypto as { createCipheriv: unknown }).createCipheriv = counting;
+    const dek = watchDekEncryptions();
     try {
       for (let i = 10; i < 15; i += 1) {
         const err = await rejection(s.saveInvocation(invocation(`inv-${String(i)}`)));
@@ -400,10 +414,10 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
       );
       expect(asInstance(fbErr, WrapLimitError).reason).to.equal('wrap_limit');
     } finally {
-      (crypto as { createCipheriv: unknown }).createCipheriv = createCipheriv;
+      dek.stop();
     }
     // At most the first refusal sealed (it found the limit); the others were refused before.
-    expect(underDek).to.be.at.most(1);
+    expect(dek.count).to.be.at.most(1);
     expect(await wraps(s)).to.deep.equal({ 1: 4 });
   });
 
@@ -498,26 +512,17 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     });
     const s = stores.store('acme');
     await save(s, 1, 4);
-    let underDek = 0;
-    const createCipheriv = crypto.createCipheriv;
-    (crypto as { createCipheriv: unknown }).createCipheriv = (
-      ...args: Parameters<typeof crypto.createCipheriv>
-    ) => {
-      if (!Buffer.isBuffer(args[1])) {
-        underDek += 1;
-      }
-      return createCipheriv(...args);
-    };
+    const dek = watchDekEncryptions();
     const sealed: number[] = [];
     const batch = async (minute: number) => {
-      const from = underDek;
+      const from = dek.count;
       const err = await rejection(
         s.saveFeedback([fb('card-inv-1', minute), fb('card-inv-2', minute)], {
           service: 'med-safety',
         }),
       );
       expect(asInstance(err, WrapLimitError).reason).to.equal('wrap_limit');
-      sealed.push(underDek - from);
+      sealed.push(dek.count - from);
     };
     try {
       for (let i = 0; i < 3; i += 1) {
@@ -529,7 +534,7 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
       });
       await batch(40);
     } finally {
-      (crypto as { createCipheriv: unknown }).createCipheriv = createCipheriv;
+      dek.stop();
     }
     // Only the first refusal sealed (it found the limit); the others were refused before.
     expect(sealed.slice(1)).to.deep.equal([0, 0, 0]);
@@ -552,26 +557,40 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     // A write refused at the limit: the store now knows the key exhausted.
     const err = await rejection(s.saveInvocation(invocation('inv-50')));
     expect(asInstance(err, WrapLimitError).reason).to.equal('wrap_limit');
-    let underDek = 0;
-    const createCipheriv = crypto.createCipheriv;
-    (crypto as { createCipheriv: unknown }).createCipheriv = (
-      ...args: Parameters<typeof crypto.createCipheriv>
-    ) => {
-      if (!Buffer.isBuffer(args[1])) {
-        underDek += 1;
-      }
-      return createCipheriv(...args);
-    };
+    const dek = watchDekEncryptions();
     try {
       const retry = await s.saveFeedback([fb('card-inv-1', 1), fb('card-inv-1', 1)], {
         service: 'med-safety',
       });
       expect(retry).to.deep.equal({ stored: 0, duplicates: 2, ids: [...first.ids, ...first.ids] });
     } finally {
-      (crypto as { createCipheriv: unknown }).createCipheriv = createCipheriv;
+      dek.stop();
     }
-    expect(underDek).to.equal(0);
+    expect(dek.count).to.equal(0);
     expect(await wraps(s)).to.deep.equal({ 1: 5 });
+  });
+
+  it('retried feedback items already stored are not sealed again (every encryption under a DEK is counted)', async function () {
+    this.timeout(30_000);
+    env = await makeEnv(backend);
+    const s = env.stores.store('acme');
+    await save(s, 1, 1);
+    await s.saveFeedback([fb('card-inv-1', 1)], { service: 'med-safety' });
+    const before = await wraps(s);
+    const dek = watchDekEncryptions();
+    try {
+      for (let i = 0; i < 3; i += 1) {
+        const r = await s.saveFeedback(
+          Array.from({ length: 5 }, () => fb('card-inv-1', 1)),
+          { service: 'med-safety' },
+        );
+        expect(r).to.include({ stored: 0, duplicates: 5 });
+      }
+    } finally {
+      dek.stop();
+    }
+    expect(dek.count).to.equal(0);
+    expect(await wraps(s)).to.deep.equal(before);
   });
 
   // SQLite only: a PostgreSQL BIGINT column holds numbers only.
