@@ -466,7 +466,13 @@ class WorkerPool {
       }
       const serving = all ? [...this.active].filter(lacks) : [];
       if (serving.length === 0) {
-        this.warmQueue.delete(hash);
+        // A worker still starting that lacks it (a replacement, the spare moved into service
+        // before it was ready) gets it once ready (offer() pumps again): keep it queued.
+        const starting = (s: Slot | undefined) =>
+          s !== undefined && !s.ready && !s.hashes.has(hash);
+        if (!starting(spare) && !(all && [...this.active].some(starting))) {
+          this.warmQueue.delete(hash);
+        }
         continue;
       }
       const slot = this.idle.find((s) => serving.includes(s));

@@ -200,6 +200,19 @@ describe('evaluator worker pool: replaced and crashed workers', function () {
     }
   });
 
+  it('a pack warmed while workers are still starting reaches every worker once they are ready', async () => {
+    const ev = createEvaluator({ workers: 2, callBudgetMs: 5000, inlineSliceMs: 0 });
+    try {
+      ev.warm(compilePack(bigPack('warm-early', 50, 1000))); // before ready(): nothing started yet
+      await ev.ready();
+      // The spare and both serving workers: it used to be dropped when no worker was ready.
+      await until('three workers warmed', () => ev.stats().warmed === 3);
+      expect(ev.stats().warmsPending).to.equal(0);
+    } finally {
+      await ev.close();
+    }
+  });
+
   it('a pack whose compilation ahead kills its worker (out of memory) is not warmed again', async () => {
     const ev = createEvaluator({
       workers: 2,
