@@ -15,6 +15,7 @@ import {
   openControlPlane,
   openRegionStores,
   RedisEvictsKeysError,
+  RedisUnsupportedError,
   RedisVersionError,
 } from '../tenants/index.ts';
 import type {
@@ -125,7 +126,8 @@ export function readAdminToken(config: Config): string | undefined {
  * noeviction) stops the boot: it could forget a jti and let its token be replayed. A Redis
  * that does not answer yet does not: tokens are refused until it does (fail closed), and its
  * policy is read before the first token it remembers.
- * @throws ConfigError naming CELLCDS_REDIS_URL when Redis may evict keys.
+ * @throws ConfigError naming CELLCDS_REDIS_URL when Redis may evict keys, is older than 7.0, or
+ *   refuses or lacks what the cache reads (INFO, TIME, INFO fields).
  */
 async function sharedReplayCache(
   url: string,
@@ -148,7 +150,11 @@ async function sharedReplayCache(
       );
     }
   } catch (err) {
-    if (err instanceof RedisEvictsKeysError || err instanceof RedisVersionError) {
+    if (
+      err instanceof RedisEvictsKeysError ||
+      err instanceof RedisVersionError ||
+      err instanceof RedisUnsupportedError
+    ) {
       await cache.close();
       throw new ConfigError(`CELLCDS_REDIS_URL: ${err.message}`);
     }
@@ -163,8 +169,9 @@ async function sharedReplayCache(
 /**
  * Logs, once each, what gets CDS client tokens refused (503) though Redis answers: Redis may have
  * lost jtis (restarted, failed over, evicted keys: tokens issued before are refused until their
- * lifetime is over), its clock is apart from ours by more than the leeway (every token refused);
- * info when the clocks agree again.
+ * lifetime is over), its clock is ahead of ours by more than the leeway (every token refused),
+ * it refuses or lacks a command or INFO field the cache needs (every token refused); info when the
+ * clocks agree again.
  */
 export function replayTrustLogger(log: Logger): (event: ReplayTrustEvent) => void {
   return (event) => {
@@ -176,12 +183,17 @@ export function replayTrustLogger(log: Logger): (event: ReplayTrustEvent) => voi
           since: event.since.toISOString(),
           until: event.until.toISOString(),
         },
-        'the replay cache (Redis) may have lost jtis (restarted, failed over or evicted keys): CDS client tokens issued before `since` are refused with 503 (replay_backend_reset) until `until`',
+        'the replay cache (Redis) may have lost jtis (restarted, failed over, flushed or evicted keys): CDS client tokens issued before `since` are refused with 503 (replay_backend_reset) until `until`',
+      );
+    } else if (event.kind === 'unsupported') {
+      log.warn(
+        { replayCache: 'unsupported' },
+        `the replay cache (Redis) lacks what it needs: CDS client tokens are refused with 503 (replay_backend_down) until fixed: ${event.message}`,
       );
     } else if (event.kind === 'clock_skew') {
       log.warn(
         { replayCache: 'clock_skew', skewMs: event.skewMs },
-        "the replay cache (Redis)'s clock and this replica's differ by more than the JWT leeway: CDS client tokens are refused with 503 (replay_clock_skew) until they agree; fix NTP",
+        "the replay cache (Redis)'s clock is ahead of this replica's by more than the JWT leeway: CDS client tokens are refused with 503 (replay_clock_skew) until they agree; fix NTP",
       );
     } else {
       log.info(

@@ -16,11 +16,24 @@ export function hasRedisServer(): boolean {
   }
 }
 
-/** A private redis-server on `port` (no persistence), resolved once it answers PING. */
-export async function startRedis(port: number): Promise<ChildProcess> {
+/**
+ * A private redis-server on `port` (no persistence), resolved once it answers PING; `extraArgs`
+ * are added to its command line (e.g. `['--rename-command', 'TIME', '']`).
+ */
+export async function startRedis(port: number, extraArgs: string[] = []): Promise<ChildProcess> {
   const child = spawn(
     'redis-server',
-    ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+    [
+      '--port',
+      String(port),
+      '--bind',
+      '127.0.0.1',
+      '--save',
+      '',
+      '--appendonly',
+      'no',
+      ...extraArgs,
+    ],
     { stdio: 'ignore' },
   );
   const probe = new Redis({

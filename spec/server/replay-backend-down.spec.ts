@@ -225,4 +225,25 @@ describe('replay cache backend down or evicting (HTTP, private redis-server)', f
       await cache.close();
     }
   });
+
+  it('stops the boot, naming the command, when Redis refuses TIME (renamed away)', async () => {
+    const otherPort = await freePort();
+    const other = await startRedis(otherPort, ['--rename-command', 'TIME', '']);
+    try {
+      const failed = await buildTestApp({
+        CELLCDS_REDIS_URL: `redis://127.0.0.1:${String(otherPort)}`,
+      }).then(
+        async (app) => {
+          await app.close();
+          return undefined;
+        },
+        (e: unknown) => e,
+      );
+      expect(failed).to.be.instanceOf(Error);
+      expect(String(failed)).to.include('CELLCDS_REDIS_URL').and.to.include('TIME');
+      expect(String(failed)).not.to.include('does not answer');
+    } finally {
+      await stopRedis(other);
+    }
+  });
 });

@@ -1,10 +1,12 @@
 import crypto from 'node:crypto';
+import net from 'node:net';
 import { expect } from 'chai';
 import { Redis } from 'ioredis';
 import {
   createRedisReplayCache,
   RedisClockSkewError,
   RedisHistoryLostError,
+  RedisUnsupportedError,
   ReplayCacheFullError,
 } from '../../tenants/index.ts';
 import type { ReplayTrustEvent } from '../../tenants/index.ts';
@@ -131,7 +133,11 @@ describe('Redis replay cache: restarts, evictions, clock skew, OOM (private redi
     expect(events.map((e) => e.kind === 'reset' && e.cause)).to.deep.equal(['started_recently']);
     // A Redis up longer than a token's lifetime + 2 leeways: nothing of it matters any more.
     await waitPastStart();
-    const { cache: long, events: none } = cache({ maxTokenLifetimeSeconds: 0.5, leewaySeconds: 0 });
+    // (A 50 ms leeway: Redis's TIME and ours, read a few ms apart, must agree within it.)
+    const { cache: long, events: none } = cache({
+      maxTokenLifetimeSeconds: 0.5,
+      leewaySeconds: 0.05,
+    });
     expect(
       await long.remember(
         't',
@@ -170,7 +176,7 @@ describe('Redis replay cache: restarts, evictions, clock skew, OOM (private redi
     ).to.equal(true);
   });
 
-  it("refuses every token while Redis's clock and ours differ by more than the leeway, and serves again once they agree", async () => {
+  it("refuses every token while Redis's clock is ahead of ours by more than the leeway, and serves again once they agree", async () => {
     await waitPastStart();
     let offsetMs = -90_000; // this replica's clock 90 s behind Redis's
     const { cache: c, events } = cache({
@@ -194,6 +200,19 @@ describe('Redis replay cache: restarts, evictions, clock skew, OOM (private redi
       'clock_skew',
       'clock_ok',
     ]);
+  });
+
+  it("serves tokens while Redis's clock is behind ours by more than the leeway (entries then outlive their tokens)", async () => {
+    await waitPastStart();
+    const offsetMs = 90_000; // this replica's clock 90 s ahead of Redis's, the leeway 1 s
+    const { cache: c, events } = cache({ now: () => new Date(Date.now() + offsetMs) });
+    const iat = Math.floor((Date.now() + offsetMs) / 1000);
+    const jti = crypto.randomUUID();
+    const tokenExp = iat + 60;
+    expect(await c.remember('t', 'https://iss.example', jti, tokenExp, iat)).to.equal(true);
+    expect(await c.remember('t', 'https://iss.example', jti, tokenExp, iat)).to.equal(false);
+    expect(await c.health()).to.deep.equal({ ok: true });
+    expect(events.filter((e) => e.kind !== 'reset')).to.deep.equal([]);
   });
 
   it("refuses the token (full: 503) once Redis's memory is full under noeviction, writing nothing", async () => {
@@ -224,6 +243,227 @@ describe('Redis replay cache: restarts, evictions, clock skew, OOM (private redi
     } finally {
       await admin.config('SET', 'maxmemory', '0');
       await admin.flushall();
+    }
+  });
+
+  it('refuses every token, reported as unsupported (not unreachable), when Redis refuses TIME (renamed away)', async () => {
+    const otherPort = await freePort();
+    const other = await startRedis(otherPort, ['--rename-command', 'TIME', '']);
+    try {
+      const { cache: c, events } = cache({ url: `redis://127.0.0.1:${String(otherPort)}` });
+      const refused = await settle(
+        c.remember('t', 'https://iss.example', crypto.randomUUID(), exp(), nowSeconds()),
+      );
+      expect(refused).to.be.instanceOf(RedisUnsupportedError);
+      expect(String(refused)).to.include('TIME');
+      expect(c.state()).to.equal('up');
+      const health = await c.health();
+      expect(health).to.include({ ok: false, code: 'unsupported' });
+      expect(JSON.stringify(health)).to.include('TIME');
+      expect(
+        await settle(
+          c.remember('t', 'https://iss.example', crypto.randomUUID(), exp(), nowSeconds()),
+        ),
+      ).to.be.instanceOf(RedisUnsupportedError);
+      expect(events.filter((e) => e.kind === 'unsupported')).to.have.length(1);
+    } finally {
+      await stopRedis(other);
+    }
+  });
+
+  it('refuses every token, reported as unsupported, when INFO lacks run_id (a Redis-like server)', async () => {
+    // Answers INFO without run_id, TIME and PING (RESP), as a Redis-compatible service might.
+    const info = [
+      'redis_version:7.2.0',
+      'uptime_in_seconds:100000',
+      'evicted_keys:0',
+      'maxmemory_policy:noeviction',
+      'loading:0',
+      '',
+    ].join('\r\n');
+    const bulk = (text: string) => `$${String(Buffer.byteLength(text))}\r\n${text}\r\n`;
+    const server = net.createServer((socket) => {
+      let buffered = '';
+      socket.on('error', () => undefined);
+      socket.on('data', (data) => {
+        buffered += data.toString('utf8');
+        // Each command: *N then N bulk strings; the first names the command.
+        for (;;) {
+          const m = /^\*(\d+)\r\n/.exec(buffered);
+          if (!m) {
+            return;
+          }
+          const parts: string[] = [];
+          let rest = buffered.slice(m[0].length);
+          for (let i = 0; i < Number(m[1]); i++) {
+            const b = /^\$(\d+)\r\n/.exec(rest);
+            if (!b || rest.length < b[0].length + Number(b[1]) + 2) {
+              return;
+            }
+            parts.push(rest.slice(b[0].length, b[0].length + Number(b[1])));
+            rest = rest.slice(b[0].length + Number(b[1]) + 2);
+          }
+          buffered = rest;
+          const command = (parts[0] ?? '').toUpperCase();
+          if (command === 'INFO') {
+            socket.write(bulk(info));
+          } else if (command === 'TIME') {
+            const ms = Date.now();
+            socket.write(
+              `*2\r\n${bulk(String(Math.floor(ms / 1000)))}${bulk(String((ms % 1000) * 1000))}`,
+            );
+          } else if (command === 'PING') {
+            socket.write('+PONG\r\n');
+          } else {
+            socket.write(`-ERR unknown command '${command}'\r\n`);
+          }
+        }
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const { port: fakePort } = server.address() as net.AddressInfo;
+      const { cache: c } = cache({ url: `redis://127.0.0.1:${String(fakePort)}` });
+      const refused = await settle(
+        c.remember('t', 'https://iss.example', crypto.randomUUID(), exp(), nowSeconds()),
+      );
+      expect(refused).to.be.instanceOf(RedisUnsupportedError);
+      expect(String(refused)).to.include('INFO run_id');
+      expect(await c.health()).to.include({ ok: false, code: 'unsupported' });
+      await c.close();
+    } finally {
+      server.close();
+    }
+  });
+
+  /** A Redis started on a free port and up for `uptime` seconds at least (older than the window). */
+  async function oldRedis(
+    uptime: number,
+  ): Promise<{ child: ChildProcess; port: number; url: string }> {
+    const otherPort = await freePort();
+    const child = await startRedis(otherPort);
+    const otherUrl = `redis://127.0.0.1:${String(otherPort)}`;
+    const probe = new Redis(otherUrl);
+    try {
+      for (;;) {
+        const up = Number(/uptime_in_seconds:(\d+)/.exec(await probe.info('server'))?.[1]);
+        if (up >= uptime) {
+          break;
+        }
+        await sleep(250);
+      }
+    } finally {
+      probe.disconnect();
+    }
+    return { child, port: otherPort, url: otherUrl };
+  }
+
+  it('refuses a replay after FLUSHDB (seen at the next token, not 5 s later), and serves tokens issued after', async () => {
+    await waitPastStart();
+    const { cache: c, events } = cache();
+    for (let i = 0; i < 2; i++) {
+      await c.remember('t', 'https://iss.example', crypto.randomUUID(), exp(), nowSeconds());
+    }
+    const iat = nowSeconds();
+    const jti = crypto.randomUUID();
+    expect(await c.remember('t', 'https://iss.example', jti, exp(), iat)).to.equal(true);
+    await admin.flushdb();
+    // Issued after the flush + the 1 s leeway: the script finds another epoch, the cache reads
+    // Redis again at once, and the token passes.
+    expect(
+      await c.remember('t', 'https://iss.example', crypto.randomUUID(), exp(), nowSeconds() + 2),
+    ).to.equal(true);
+    const replay = await settle(c.remember('t', 'https://iss.example', jti, exp(), iat));
+    expect(replay).to.be.instanceOf(RedisHistoryLostError);
+    expect(resets(events)).to.deep.equal(['flushed']);
+  });
+
+  it('refuses, on a process started after a failover, a replay of a token the old primary saw', async () => {
+    const primary = await oldRedis(4);
+    const promoted = await oldRedis(4);
+    try {
+      const prefix = `reset-spec:${crypto.randomUUID()}:`;
+      // A 1 s lifetime + 2 x 1 s leeway: both Redis are older than that (no started_recently).
+      const { cache: old } = cache({ url: primary.url, prefix, maxTokenLifetimeSeconds: 1 });
+      const iat = nowSeconds();
+      const jti = crypto.randomUUID();
+      expect(await old.remember('t', 'https://iss.example', jti, exp(), iat)).to.equal(true);
+      // The promoted replica has the epoch (replicated) but not the last write (the jti).
+      const p = new Redis(primary.url);
+      const r = new Redis(promoted.url);
+      try {
+        const replicated = await p.hgetall(`${prefix}epoch`);
+        if (Object.keys(replicated).length > 0) {
+          await r.hset(`${prefix}epoch`, replicated);
+        }
+      } finally {
+        p.disconnect();
+        r.disconnect();
+      }
+      const { cache: fresh, events } = cache({
+        url: promoted.url,
+        prefix,
+        maxTokenLifetimeSeconds: 1,
+      });
+      const replay = await settle(fresh.remember('t', 'https://iss.example', jti, exp(), iat));
+      expect(replay).to.be.instanceOf(RedisHistoryLostError);
+      expect(resets(events)).to.deep.equal(['restarted']);
+    } finally {
+      await stopRedis(primary.child);
+      await stopRedis(promoted.child);
+    }
+  });
+
+  it('refuses a replay at once when Redis restarts behind a proxy that keeps the connection', async () => {
+    await waitPastStart();
+    const other = await oldRedis(0);
+    // Keeps the client's socket; its upstream can be switched (a restarted Redis, no reconnect).
+    let upstreamPort = port;
+    const upstreams = new Set<net.Socket>();
+    let clients = 0;
+    const proxy = net.createServer((client) => {
+      clients += 1;
+      let up: net.Socket | undefined;
+      const connect = () => {
+        up = net.connect(upstreamPort, '127.0.0.1');
+        upstreams.add(up);
+        up.on('data', (d) => client.write(d));
+        up.on('error', () => undefined);
+      };
+      connect();
+      client.on('data', (d) => up?.write(d));
+      client.on('error', () => undefined);
+      client.on('close', () => up?.destroy());
+      proxySwitch = () => {
+        up?.destroy();
+        connect();
+      };
+    });
+    let proxySwitch = (): void => undefined;
+    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    try {
+      const { port: proxyPort } = proxy.address() as net.AddressInfo;
+      const { cache: c, events } = cache({ url: `redis://127.0.0.1:${String(proxyPort)}` });
+      // Past the read that the first connection's `ready` asks again: the next is 5 s away.
+      for (let i = 0; i < 2; i++) {
+        await c.remember('t', 'https://iss.example', crypto.randomUUID(), exp(), nowSeconds());
+      }
+      const iat = nowSeconds();
+      const jti = crypto.randomUUID();
+      expect(await c.remember('t', 'https://iss.example', jti, exp(), iat)).to.equal(true);
+      upstreamPort = other.port;
+      proxySwitch();
+      const replay = await settle(c.remember('t', 'https://iss.example', jti, exp(), iat));
+      expect(replay).to.be.instanceOf(RedisHistoryLostError);
+      expect(resets(events)).to.deep.equal(['restarted']);
+      expect(clients).to.equal(1); // the client never reconnected
+      await c.close();
+    } finally {
+      for (const u of upstreams) {
+        u.destroy();
+      }
+      proxy.close();
+      await stopRedis(other.child);
     }
   });
 });
