@@ -9,6 +9,7 @@ export const RETRYABLE_AUTH_FAILURES: ReadonlySet<AuthFailureReason> = new Set<A
   'replay_backend_down',
   'replay_backend_reset',
   'replay_clock_skew',
+  'replay_backend_unsupported',
   'replay_policy_evicts',
   'replay_unavailable',
 ]);

@@ -170,6 +170,11 @@ export type AuthFailureReason =
    */
   | 'replay_clock_skew'
   /**
+   * The replay cache's Redis cannot be watched for lost jtis (older than 7.0, or `INFO`/`TIME`
+   * refused or missing fields): fail closed, 503 with Retry-After. Fix Redis's configuration.
+   */
+  | 'replay_backend_unsupported'
+  /**
    * The replay cache's backend (Redis) may evict keys (`maxmemory-policy` not `noeviction`), so
    * a jti could be forgotten: fail closed, 503 with Retry-After. Fix the policy.
    */

@@ -48,7 +48,12 @@ import {
   verifySignature,
 } from './jwt-common.ts';
 import type { Claims, FailureInfo } from './jwt-common.ts';
-import { RedisClockSkewError, RedisHistoryLostError } from './redis-replay-cache.ts';
+import {
+  RedisClockSkewError,
+  RedisHistoryLostError,
+  RedisUnsupportedError,
+  RedisVersionError,
+} from './redis-replay-cache.ts';
 import { createMemoryReplayCache } from './replay-cache.ts';
 import { TENANT_ID_PATTERN } from './tenant-validation.ts';
 import type {
@@ -276,6 +281,9 @@ function replayRefusal(err: unknown, tenant: string): AuthError {
   }
   if (err instanceof RedisClockSkewError) {
     return new AuthError('replay_clock_skew', err.message);
+  }
+  if (err instanceof RedisUnsupportedError || err instanceof RedisVersionError) {
+    return new AuthError('replay_backend_unsupported', err.message);
   }
   if (err instanceof ReplayBackendError) {
     return new AuthError('replay_backend_down', err.message);

@@ -12,6 +12,9 @@ import {
   openControlPlane,
   RedisClockSkewError,
   RedisHistoryLostError,
+  RedisUnsupportedError,
+  RedisVersionError,
+  RETRYABLE_AUTH_FAILURES,
 } from '../../tenants/index.ts';
 import type { AuthFailureReason, ControlPlane, TokenVerifier } from '../../tenants/index.ts';
 import { startJwksServer, TestIssuer } from '../helpers/test-issuer.ts';
@@ -457,17 +460,22 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       ]);
     });
 
-    it('refuses with replay_backend_reset / replay_clock_skew (503) a token the cache may have lost track of (Redis reset, clock skew)', async () => {
-      for (const err of [
-        new RedisHistoryLostError('restarted', new Date(nowMs)),
-        new RedisClockSkewError(90_000),
-      ]) {
+    it('refuses with replay_backend_reset / replay_clock_skew / replay_backend_unsupported (503) a token the cache may have lost track of, or cannot watch', async () => {
+      for (const [err, reason, says] of [
+        [
+          new RedisHistoryLostError('restarted', new Date(nowMs)),
+          'replay_backend_reset',
+          'replay_backend_reset',
+        ],
+        [new RedisClockSkewError(90_000), 'replay_clock_skew', 'replay_clock_skew'],
+        [new RedisUnsupportedError('TIME', 'renamed away'), 'replay_backend_unsupported', 'TIME'],
+        [new RedisVersionError('6.2.14'), 'replay_backend_unsupported', '6.2.14'],
+      ] as const) {
         verifier = buildVerifier({ replayCache: { remember: () => Promise.reject(err) } });
         const refused = await refusal(verifier.verify(bearer(await issuerA.sign()), AUD));
-        const reason =
-          err instanceof RedisClockSkewError ? 'replay_clock_skew' : 'replay_backend_reset';
         expect(refused.reason).to.equal(reason);
-        expect(refused.message).to.include(reason);
+        expect(refused.message).to.include(says);
+        expect(RETRYABLE_AUTH_FAILURES.has(refused.reason)).to.equal(true);
       }
     });
 
