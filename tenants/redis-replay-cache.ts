@@ -696,7 +696,7 @@ export function createRedisReplayCache(opts: RedisReplayCacheOptions): ReplayCac
           // Reconnected meanwhile (the script may have run on a new Redis), or the epoch is not
           // the one last read (Redis restarted behind a connection that survived, flushed, or
           // another process saw a loss): read Redis again at once before trusting it.
-          if (policy !== undefined && result === -3) {
+          if (result === -3) {
             policy = undefined;
           }
           await keepsKeys();

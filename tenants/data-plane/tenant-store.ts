@@ -695,14 +695,13 @@ async function saveFeedback(
           return undefined;
         }
         // Items left unsealed as stored when looked up, gone since: seal again (nothing
-        // written yet).
-        for (const fid of have) {
-          if (
-            !sealedById.has(fid) &&
-            (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) === 0
-          ) {
-            return undefined;
-          }
+        // written yet). One count for them all.
+        if (
+          have.size > 0 &&
+          (await h.models.Feedback.count({ where: { id: [...have] }, transaction: t })) !==
+            have.size
+        ) {
+          return undefined;
         }
         const invocationOf = new Map<string, string>();
         for (const card of new Set(items.map((i) => i.card))) {
