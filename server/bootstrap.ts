@@ -188,7 +188,7 @@ export function replayTrustLogger(log: Logger): (event: ReplayTrustEvent) => voi
     } else if (event.kind === 'unsupported') {
       log.warn(
         { replayCache: 'unsupported' },
-        `the replay cache (Redis) lacks what it needs: CDS client tokens are refused with 503 (replay_backend_down) until fixed: ${event.message}`,
+        `the replay cache (Redis) lacks what it needs: CDS client tokens are refused with 503 (replay_backend_unsupported) until fixed: ${event.message}`,
       );
     } else if (event.kind === 'clock_skew') {
       log.warn(
