@@ -26,10 +26,10 @@ import { auditRefusal } from './guards.ts';
  */
 const PACK_UPLOAD_LIMIT = 4 * 1024 * 1024;
 /**
- * Pack uploads a process takes at once (body read, check, tests): each can hold a worker for
- * tens of seconds and a few MB, so more wait in the client (503 + Retry-After), not in memory.
+ * Pack uploads a process takes at once (body read, check, tests) are `CELLCDS_PACK_UPLOADS_IN_FLIGHT`
+ * (2): each can hold a worker for tens of seconds and a few MB, so more wait in the client
+ * (503 + Retry-After; `pack push` retries), not in memory.
  */
-export const MAX_PACK_UPLOADS_IN_FLIGHT = 2;
 const PACK_UPLOAD_RETRY_AFTER_SECONDS = 10;
 const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text/x-yaml'];
 
@@ -139,12 +139,13 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   let uploadsInFlight = 0;
   // Before the body is read: a refused upload costs no memory.
   const uploadSlot: RequestHandler = (_req, res, next) => {
-    if (uploadsInFlight >= MAX_PACK_UPLOADS_IN_FLIGHT) {
+    const maxUploads = deps.config.packCheck.uploadsInFlight;
+    if (uploadsInFlight >= maxUploads) {
       next(
         new ServiceError(
           503,
           'unavailable',
-          `${MAX_PACK_UPLOADS_IN_FLIGHT} pack uploads are already being checked on this server; try again shortly`,
+          `${maxUploads} pack upload${maxUploads === 1 ? ' is' : 's are'} already being checked on this server; try again shortly`,
           { detail: 'pack uploads busy', retryAfterSeconds: PACK_UPLOAD_RETRY_AFTER_SECONDS },
         ),
       );

@@ -282,7 +282,7 @@ async function adminCall(
   method: string,
   route: string,
   body?: unknown,
-): Promise<{ status: number; body: Record<string, unknown> }> {
+): Promise<{ status: number; body: Record<string, unknown>; retryAfterSeconds?: number }> {
   const cfg = config();
   const base = (opts.url ?? cfg.publicUrl).replace(/\/+$/, '');
   const token = opts.token ?? readAdminToken(cfg);
@@ -308,7 +308,12 @@ async function adminCall(
     );
   }
   const parsed = (await res.json().catch(() => ({}))) as Record<string, unknown>;
-  return { status: res.status, body: parsed };
+  const retryAfter = Number(res.headers.get('retry-after') ?? '');
+  return {
+    status: res.status,
+    body: parsed,
+    ...(Number.isInteger(retryAfter) && retryAfter >= 0 ? { retryAfterSeconds: retryAfter } : {}),
+  };
 }
 
 /** Throws a CliError with the server's error code and message unless the status is expected. */
@@ -356,9 +361,31 @@ async function followJob(
   }
 }
 
-async function packPush(file: string, opts: ServerOpts): Promise<void> {
+async function packPush(file: string, opts: ServerOpts & { wait: string }): Promise<void> {
+  const waitSeconds = Number(opts.wait);
+  if (!Number.isInteger(waitSeconds) || waitSeconds < 0) {
+    throw new CliError(
+      `--wait must be a whole number of seconds (0 = do not retry), not ${opts.wait}`,
+      2,
+    );
+  }
   const raw = readPackFile(file);
-  const { status, body } = await adminCall(opts, 'POST', '/admin/rule-packs', raw);
+  const giveUpAt = Date.now() + waitSeconds * 1000;
+  let answer = await adminCall(opts, 'POST', '/admin/rule-packs', raw);
+  // A busy server (its upload slots taken, or its database briefly unavailable) answers 503 with
+  // Retry-After; an upload is idempotent (same content: 200 unchanged), so it is sent again.
+  while (answer.status === 503 && answer.retryAfterSeconds !== undefined) {
+    const delayMs = Math.max(1, answer.retryAfterSeconds) * 1000;
+    if (Date.now() + delayMs > giveUpAt) {
+      break;
+    }
+    process.stderr.write(
+      `server busy (${JSON.stringify(answer.body.message ?? '')}); retrying in ${delayMs / 1000} s\n`,
+    );
+    await new Promise((resolve) => setTimeout(resolve, delayMs));
+    answer = await adminCall(opts, 'POST', '/admin/rule-packs', raw);
+  }
+  const { status, body } = answer;
   const res = { status };
   if (res.status === 201 || res.status === 200) {
     out(
@@ -376,7 +403,11 @@ async function packPush(file: string, opts: ServerOpts): Promise<void> {
       `${res.status} ${JSON.stringify(body.error ?? '')}: ${JSON.stringify(body.message ?? '')}\n`,
     );
   }
-  throw new CliError(`upload refused (${res.status})`);
+  throw new CliError(
+    res.status === 503 && answer.retryAfterSeconds !== undefined
+      ? `upload refused (503): the server stayed busy${waitSeconds > 0 ? ` for ${waitSeconds} s` : ''}; try again later, or with a longer --wait`
+      : `upload refused (${res.status})`,
+  );
 }
 
 // ---------------------------------------------------------------------------- call
@@ -745,6 +776,11 @@ export function buildProgram(): Command {
     .argument('<file>')
     .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
     .option('--token <token>', 'operator token (default CELLCDS_ADMIN_TOKEN or the data dir)')
+    .option(
+      '--wait <seconds>',
+      'while the server answers busy (503 + Retry-After), retry for up to this long (0: never)',
+      '120',
+    )
     .description('upload a pack version to a running server')
     .action(packPush);
 

@@ -59,6 +59,7 @@ const Schema = z
     CELLCDS_EVAL_INLINE_MS: intFrom(0, 100, 5),
     CELLCDS_PACK_CHECK_TIMEOUT_MS: intFrom(100, 600_000, 20_000),
     CELLCDS_PACK_CHECK_MEMORY_MB: intFrom(16, 16_384, 512),
+    CELLCDS_PACK_UPLOADS_IN_FLIGHT: intFrom(1, 64, 2),
     CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
     CELLCDS_REWRAP_BATCH: intFrom(1, 10_000, 200),
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
@@ -127,6 +128,8 @@ export interface Config {
   readonly packCheck: {
     readonly timeoutMs: number;
     readonly memoryMb: number;
+    /** Pack uploads one process takes at once; another is refused 503 + Retry-After. */
+    readonly uploadsInFlight: number;
   };
   readonly seedDemo: boolean;
   /** Shared replay cache for replicas (scale-out); unset = in-process cache. */
@@ -309,6 +312,7 @@ export function loadConfig(
     packCheck: Object.freeze({
       timeoutMs: e.CELLCDS_PACK_CHECK_TIMEOUT_MS,
       memoryMb: e.CELLCDS_PACK_CHECK_MEMORY_MB,
+      uploadsInFlight: e.CELLCDS_PACK_UPLOADS_IN_FLIGHT,
     }),
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,

@@ -1,5 +1,6 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -28,7 +29,11 @@ describe('cellcds CLI', function () {
     });
 
   /** Async variant, for commands that talk to a server running in this process. */
-  const runAsync = (args: string[], env: Record<string, string> = {}) =>
+  const runAsync = (
+    args: string[],
+    env: Record<string, string> = {},
+    onStderr: (stderrSoFar: string) => void = () => undefined,
+  ) =>
     new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
       const child = spawn(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
         env: { ...process.env, CELLCDS_DATA_DIR: dataDir, CELLCDS_LOG_LEVEL: 'silent', ...env },
@@ -36,7 +41,10 @@ describe('cellcds CLI', function () {
       let stdout = '';
       let stderr = '';
       child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        onStderr(stderr);
+      });
       child.on('close', (status) => {
         resolve({ status, stdout, stderr });
       });
@@ -258,6 +266,70 @@ describe('cellcds CLI', function () {
       expect(denied.status).to.equal(1);
       expect(denied.stderr).to.include('401');
     } finally {
+      server.close();
+      await deps.close();
+    }
+  });
+
+  it('pack push: waits out a busy server (503 + Retry-After) and uploads; --wait 0 gives up at once', async () => {
+    const config = loadConfig({
+      CELLCDS_DATA_DIR: path.join(work, 'busy-server'),
+      CELLCDS_ADMIN_TOKEN: 'x'.repeat(40),
+      CELLCDS_SEED_DEMO: 'false',
+      CELLCDS_PACK_UPLOADS_IN_FLIGHT: '1',
+    });
+    const deps = await buildDeps(config, createLogger({ level: 'silent' }));
+    const server = createApp(deps).listen(0, '127.0.0.1');
+    await new Promise((r) => server.once('listening', r));
+    const port = (server.address() as AddressInfo).port;
+    const url = `http://127.0.0.1:${port}`;
+    // Another upload whose body has not finished arriving holds the only slot.
+    const held = http.request({
+      host: '127.0.0.1',
+      port,
+      method: 'POST',
+      path: '/admin/rule-packs',
+      headers: {
+        authorization: `Bearer ${'x'.repeat(40)}`,
+        'content-type': 'application/json',
+        'content-length': '100000',
+      },
+    });
+    held.on('error', () => undefined);
+    await new Promise<void>((resolve) =>
+      held.write('{"id":', () => {
+        resolve();
+      }),
+    );
+    try {
+      const token = ['--url', url, '--token', 'x'.repeat(40)];
+      let refused: Awaited<ReturnType<typeof runAsync>> | undefined;
+      for (let attempt = 0; attempt < 20 && refused?.status !== 1; attempt++) {
+        // The held request reaches the route (headers read) before this one.
+        refused = await runAsync(['pack', 'push', PACK, ...token, '--wait', '0']);
+      }
+      expect(refused!.status, refused!.stdout).to.equal(1);
+      expect(refused!.stderr).to.include('503 "unavailable"');
+      expect(refused!.stderr).to.include('the server stayed busy; try again later');
+      expect(refused!.stderr).to.not.include('retrying');
+
+      const bad = await runAsync(['pack', 'push', PACK, ...token, '--wait', 'soon']);
+      expect(bad.status).to.equal(2);
+      expect(bad.stderr).to.include('--wait must be a whole number of seconds');
+
+      // The slot frees once the first answer said busy (Retry-After: 10 s).
+      const ok = await runAsync(['pack', 'push', PACK, ...token, '--wait', '60'], {}, (stderr) => {
+        if (stderr.includes('retrying')) {
+          held.destroy();
+        }
+      });
+      expect(ok.status, ok.stderr).to.equal(0);
+      expect(ok.stderr).to.match(
+        /server busy \("1 pack upload is already being checked[^)]*\); retrying in 10 s/,
+      );
+      expect(ok.stdout).to.match(/^uploaded medication-safety@/);
+    } finally {
+      held.destroy();
       server.close();
       await deps.close();
     }

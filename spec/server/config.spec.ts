@@ -55,12 +55,19 @@ describe('configuration', () => {
     expect(loadConfig({ CELLCDS_EVAL_INLINE_MS: '0' }).evaluation.inlineSliceMs).to.equal(0);
   });
 
-  it("bounds a pack upload's validation worker: 20 s and 512 MB by default, or as set", () => {
-    expect(loadConfig({}).packCheck).to.deep.equal({ timeoutMs: 20_000, memoryMb: 512 });
+  it("bounds pack uploads: a validation worker's 20 s and 512 MB, 2 at once; or as set", () => {
+    expect(loadConfig({}).packCheck).to.deep.equal({
+      timeoutMs: 20_000,
+      memoryMb: 512,
+      uploadsInFlight: 2,
+    });
     expect(
-      loadConfig({ CELLCDS_PACK_CHECK_TIMEOUT_MS: '5000', CELLCDS_PACK_CHECK_MEMORY_MB: '256' })
-        .packCheck,
-    ).to.deep.equal({ timeoutMs: 5000, memoryMb: 256 });
+      loadConfig({
+        CELLCDS_PACK_CHECK_TIMEOUT_MS: '5000',
+        CELLCDS_PACK_CHECK_MEMORY_MB: '256',
+        CELLCDS_PACK_UPLOADS_IN_FLIGHT: '1',
+      }).packCheck,
+    ).to.deep.equal({ timeoutMs: 5000, memoryMb: 256, uploadsInFlight: 1 });
   });
 
   it('paces DEK rotations: 200 per emergency batch, a budget of 50 re-seals, 50 ms apart; or as set', () => {
@@ -124,6 +131,11 @@ describe('configuration', () => {
       'a pack validation heap under 16 MB',
       { CELLCDS_PACK_CHECK_MEMORY_MB: '8' },
       /CELLCDS_PACK_CHECK_MEMORY_MB/,
+    ],
+    [
+      'no pack uploads at once',
+      { CELLCDS_PACK_UPLOADS_IN_FLIGHT: '0' },
+      /CELLCDS_PACK_UPLOADS_IN_FLIGHT/,
     ],
     ['an empty rewrap batch', { CELLCDS_REWRAP_BATCH: '0' }, /CELLCDS_REWRAP_BATCH/],
     [

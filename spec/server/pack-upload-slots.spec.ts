@@ -10,7 +10,6 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { expect } from 'chai';
 import request from 'supertest';
-import { MAX_PACK_UPLOADS_IN_FLIGHT } from '../../server/admin-routes.ts';
 import { buildTestApp, type TestApp } from '../helpers/test-app.ts';
 import { slowPack } from '../helpers/slow-pack.ts';
 
@@ -62,9 +61,10 @@ describe('pack uploads: a bounded number at once per process', function () {
       .set('authorization', `Bearer ${t.adminToken}`)
       .send(slowPack(0, 1, id));
 
-  it(`refuses upload ${MAX_PACK_UPLOADS_IN_FLIGHT + 1} with 503 + Retry-After while ${MAX_PACK_UPLOADS_IN_FLIGHT} are in progress, and takes uploads again once they end`, async () => {
+  it('refuses upload 3 with 503 + Retry-After while 2 (the default) are in progress, and takes uploads again once they end', async () => {
+    expect(t.deps.config.packCheck.uploadsInFlight).to.equal(2);
     const held: http.ClientRequest[] = [];
-    for (let i = 0; i < MAX_PACK_UPLOADS_IN_FLIGHT; i++) {
+    for (let i = 0; i < 2; i++) {
       held.push(await slowUpload());
     }
     // The held requests reach the route (headers read) before the next one is sent.
