@@ -312,7 +312,12 @@ export function createIssuerKeys(opts: {
     async keysFor(registration, header, kid, keysOpts = {}) {
       let url: string | undefined;
       if (header.jku !== undefined) {
-        if (typeof header.jku !== 'string' || !(registration.jku ?? []).includes(header.jku)) {
+        // Allowlisted: a registered `jku`, or the issuer's own registered `jwksUri` (clients that
+        // always name their key set send it). Anything else is refused, never fetched.
+        if (
+          typeof header.jku !== 'string' ||
+          !((registration.jku ?? []).includes(header.jku) || header.jku === registration.jwksUri)
+        ) {
           throw new AuthError('bad_jku');
         }
         url = header.jku;

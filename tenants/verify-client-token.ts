@@ -187,7 +187,8 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     const { header, payload: unverified } = decodeUnverified(jwt);
     const kid = checkHeader(header, {
       algorithms,
-      isTypAllowed: (typ) => typ === 'JWT',
+      // CDS Hooks: `JWT`; RFC 7515 compares `typ` case-insensitively.
+      isTypAllowed: (typ) => typeof typ === 'string' && typ.toUpperCase() === 'JWT',
       refuseKeyLocators: false,
     });
     const iss = unverifiedIssuer(unverified);

@@ -205,6 +205,20 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       expect(jkuServer.count('/a-keys')).to.equal(before + 1);
     });
 
+    it('a jku header equal to the registered jwksUri (Inferno-style clients send it; nothing new is fetched)', async () => {
+      const before = uriServer.count('/u-keys');
+      await verifier.verify(
+        bearer(await uriIssuer.sign({ tenant: 'tenant-u' }, { jku: uriServer.url('/u-keys') })),
+        AUD,
+      );
+      expect(uriServer.count('/u-keys')).to.be.at.most(before + 1);
+    });
+
+    it("typ 'jwt' in any case (RFC 7515: typ compares case-insensitively)", async () => {
+      await verifier.verify(bearer(await issuerA.sign({}, { typ: 'jwt' })), AUD);
+      await verifier.verify(bearer(await issuerA.sign({}, { typ: 'Jwt' })), AUD);
+    });
+
     it('keys from a jwksUri, cached across calls', async () => {
       const before = uriServer.count('/u-keys');
       await verifier.verify(bearer(await uriIssuer.sign({ tenant: 'tenant-u' })), AUD);
@@ -363,6 +377,11 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
       [
         'an unlisted jku',
         async () => bearer(await issuerA.sign({}, { jku: jkuServer.url('/evil-keys') })),
+        'bad_jku',
+      ],
+      [
+        "another issuer's jwksUri as jku",
+        async () => bearer(await issuerA.sign({}, { jku: uriServer.url('/u-keys') })),
         'bad_jku',
       ],
       [
