@@ -42,6 +42,7 @@ export function createApp(deps: Deps): Express {
     controlPlane: deps.controlPlane,
     stores: deps.stores,
     evaluator: deps.evaluator,
+    directory: deps.directory,
     backupDir: deps.backupDir,
     regions: deps.matrix.regions,
   });

@@ -124,6 +124,28 @@ describe('invocation records, feedback, keys and backups through the API', funct
     ).to.equal('fired');
   });
 
+  it("replays with the pack this process already compiled for calls: the stored pack is not read, parsed and hashed again on the main thread (a replay flood stalled every tenant's calls)", async () => {
+    const packs = t.deps.controlPlane.packs;
+    const get = packs.get.bind(packs);
+    let reads = 0;
+    packs.get = async (...args: Parameters<typeof get>) => {
+      reads++;
+      return get(...args);
+    };
+    try {
+      for (let i = 0; i < 3; i++) {
+        const res = await as(adminA)(
+          request(t.app).post(`/admin/tenants/tenant-a/invocations/${invocationId}/replay`),
+        );
+        expect(res.status).to.equal(200);
+        expect(res.body.matches).to.equal(true);
+      }
+    } finally {
+      packs.get = get;
+    }
+    expect(reads).to.equal(0);
+  });
+
   it('stores feedback linked to the card, once for repeats; refuses cards the tenant was never sent', async () => {
     const fb = {
       feedback: [
