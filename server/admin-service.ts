@@ -23,6 +23,7 @@ import {
   authorize,
   authorizeTokenIssue,
   InvalidInputError,
+  MAX_SUBSCRIPTIONS,
   NotFoundError,
 } from '../tenants/index.ts';
 import type {
@@ -214,6 +215,13 @@ export class AdminService {
     authorize(principal, 'tenant:subscriptions', id);
     if (!Array.isArray(input)) {
       throw new InvalidInputError('(body)', 'must be an array of {"pack","version","canary"?}');
+    }
+    // Before the canary check reads the catalog (each entry's versions).
+    if (input.length > MAX_SUBSCRIPTIONS) {
+      throw new InvalidInputError(
+        'subscriptions',
+        `must have at most ${MAX_SUBSCRIPTIONS} entries`,
+      );
     }
     await this.checkCanaries(input);
     const tenant = await this.deps.controlPlane.tenants.setSubscriptions(

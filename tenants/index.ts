@@ -35,7 +35,7 @@ export {
 export type { MemoryReplayCacheOptions } from './replay-cache.ts';
 export { createJwksFetcher } from './jwks-fetcher.ts';
 export type { JwksFetcherOptions } from './jwks-fetcher.ts';
-export { TENANT_ID_PATTERN } from './tenant-validation.ts';
+export { MAX_SUBSCRIPTIONS, TENANT_ID_PATTERN } from './tenant-validation.ts';
 export * from './verify-id-token.ts';
 export * from './redis-replay-cache.ts';
 export {

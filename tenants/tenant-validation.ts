@@ -39,6 +39,8 @@ const MIN_RSA_BITS = 2048;
 const MAX_KEYS = 50;
 const MAX_ISSUERS = 50;
 const MAX_LIST = 100;
+/** The most subscriptions a tenant may have (checked before anything reads the catalog). */
+export const MAX_SUBSCRIPTIONS = MAX_LIST;
 const MAX_NAME = 200;
 const MAX_REGIONS = 32;
 /**
@@ -369,7 +371,7 @@ export async function validateSubscriptions(
   input: unknown,
   exists: (pack: string, version: string) => Promise<boolean>,
 ): Promise<Subscription[]> {
-  const list = requireArray(input, 'subscriptions', MAX_LIST);
+  const list = requireArray(input, 'subscriptions', MAX_SUBSCRIPTIONS);
   const out: Subscription[] = [];
   const packs = new Set<string>();
   for (const [i, entry] of list.entries()) {

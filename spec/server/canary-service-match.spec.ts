@@ -118,6 +118,30 @@ describe('canary: same hook and prefetch as the pinned version', function () {
     });
   }
 
+  it('refuses a list over 100 entries before reading any pack (12,500 canary pairs took ~20 s of catalog reads, then 400)', async () => {
+    const packs = t.deps.controlPlane.packs;
+    const get = packs.get.bind(packs);
+    let reads = 0;
+    packs.get = async (...args: Parameters<typeof get>) => {
+      reads++;
+      return get(...args);
+    };
+    try {
+      const res = await setSubs(
+        Array.from({ length: 101 }, () => ({
+          pack: 'cp',
+          version: '1.0.0',
+          canary: { version: '1.1.0', percent: 10 },
+        })),
+      );
+      expect(res.status).to.equal(400);
+      expect(res.body.message).to.match(/subscriptions.*at most 100 entries/);
+    } finally {
+      packs.get = get;
+    }
+    expect(reads).to.equal(0);
+  });
+
   it('refuses a new pinned version that its canary no longer matches', async () => {
     // The check compares the pair as subscribed: moving the pinned version is checked too.
     const res = await setSubs([
