@@ -291,6 +291,16 @@ export function buildCard(
             const r = field(`${p}.resource`, () => renderValue(res, root, vars));
             if (typeof r === 'object' && r !== null && !Array.isArray(r)) {
               act.resource = r as Record<string, unknown>;
+              // An update replaces the resource with this id (required at pack load): one that
+              // interpolation left empty would be stripped and the update would name no target.
+              if (a.type === 'update') {
+                const rid = act.resource.id;
+                required(
+                  typeof rid === 'string' ? rid : '',
+                  `${p}.resource.id`,
+                  'required for update',
+                );
+              }
             }
           }
           if (a.resourceId) {

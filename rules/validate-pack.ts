@@ -381,6 +381,13 @@ class PackChecker {
     } else if (a.type === 'create' || a.type === 'update') {
       if (a.resource === undefined) {
         this.add(`${p}.resource`, `required for ${a.type}`);
+      } else if (
+        a.type === 'update' &&
+        isObj(a.resource) &&
+        (typeof a.resource.id !== 'string' || a.resource.id === '')
+      ) {
+        // CDS Hooks 2.0: an update carries the whole resource, which the EHR replaces by id.
+        this.add(`${p}.resource.id`, 'required for update (the id of the resource it replaces)');
       }
     }
     if (

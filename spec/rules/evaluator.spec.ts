@@ -565,6 +565,19 @@ describe('rules: evaluator', function () {
           ),
           'card.suggestions[0].actions[1].resourceId: empty after interpolation (required for delete)',
         ],
+        [
+          'update resource id',
+          card(
+            suggestion('Lower the dose', [
+              {
+                type: 'update',
+                description: 'Lower the dose',
+                resource: { resourceType: 'MedicationRequest', id: EMPTY, status: 'draft' },
+              },
+            ]),
+          ),
+          'card.suggestions[0].actions[0].resource.id: empty after interpolation (required for update)',
+        ],
       ];
       for (const [name, template, error] of cases) {
         it(`an empty or invalid ${name} is an error naming the field, and other rules keep their cards`, async () => {

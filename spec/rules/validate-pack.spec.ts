@@ -284,6 +284,25 @@ const table: Array<[string, Mutate, PackProblem]> = [
     },
   ],
   [
+    'an update whose resource has no id (the EHR cannot tell which resource to replace)',
+    (p) =>
+      p.rules[0]!.card.suggestions![0]!.actions!.push({
+        type: 'update',
+        description: 'Lower the dose',
+        resource: {
+          resourceType: 'MedicationRequest',
+          status: 'draft',
+          intent: 'order',
+          subject: { reference: 'Patient/p1' },
+          medicationCodeableConcept: { text: 'warfarin 2 mg' },
+        },
+      }),
+    {
+      path: 'rules[0].card.suggestions[0].actions[1].resource.id',
+      message: 'required for update (the id of the resource it replaces)',
+    },
+  ],
+  [
     'a static suggestion resource that is not valid FHIR',
     (p) =>
       p.rules[0]!.card.suggestions![0]!.actions!.push({
