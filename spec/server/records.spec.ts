@@ -193,6 +193,28 @@ describe('invocation records, feedback, keys and backups through the API', funct
     expect(unknown.status).to.equal(404);
   });
 
+  it('refuses feedback accepting a suggestion that invocation never sent (404, nothing stored)', async () => {
+    const res = await request(t.app)
+      .post('/cds-services/tiny-order-sign/feedback')
+      .set('authorization', `Bearer ${await a.sign({ aud: `${url('tiny-order-sign')}/feedback` })}`)
+      .send({
+        feedback: [
+          {
+            card: cardUuid,
+            outcome: 'accepted',
+            acceptedSuggestions: [{ id: suggestionUuid }, { id: crypto.randomUUID() }],
+            outcomeTimestamp: '2026-11-26T10:07:00Z',
+          },
+        ],
+      });
+    expect(res.status).to.equal(404);
+    expect(res.body.message).to.equal('suggestion not found');
+    const one = await as(adminA)(
+      request(t.app).get(`/admin/tenants/tenant-a/invocations/${invocationId}`),
+    );
+    expect(one.body.feedback).to.have.length(1);
+  });
+
   it('keeps planted PHI out of every file on disk, the backup and the logs', async () => {
     const res = await callA(
       patientViewRequest(`${MARKER_NAME} ${MARKER_MRN}`),

@@ -704,12 +704,13 @@ async function saveFeedback(
           return undefined;
         }
         const invocationOf = new Map<string, string>();
+        const suggestionsOf = new Map<string, ReadonlySet<string>>();
         for (const card of new Set(items.map((i) => i.card))) {
           const link = await h.models.InvocationCard.findByPk(card, { transaction: t, raw: true });
           const inv = link
             ? await h.models.Invocation.findOne({
                 where: { id: link.invocationId },
-                attributes: ['id', 'service'],
+                attributes: ['id', 'service', 'suggestionUuids'],
                 transaction: t,
                 raw: true,
               })
@@ -719,6 +720,15 @@ async function saveFeedback(
             throw new NotFoundError('card');
           }
           invocationOf.set(card, inv.id);
+          suggestionsOf.set(card, new Set(JSON.parse(inv.suggestionUuids) as string[]));
+        }
+        // An accepted suggestion the card's invocation never sent: refuse the batch too.
+        for (const item of items) {
+          for (const accepted of item.acceptedSuggestions ?? []) {
+            if (!suggestionsOf.get(item.card)?.has(accepted.id)) {
+              throw new NotFoundError('suggestion');
+            }
+          }
         }
         let stored = 0;
         let duplicates = 0;

@@ -288,7 +288,8 @@ export interface TenantStore {
   /**
    * Stores feedback items, all or nothing, each linked to its card's invocation; repeats are
    * stored once. @throws NotFoundError('card') for a card this service never sent to this
-   * tenant, InvalidInputError.
+   * tenant, NotFoundError('suggestion') for an accepted suggestion its invocation never sent,
+   * InvalidInputError.
    */
   saveFeedback(
     items: readonly FeedbackInput[],
