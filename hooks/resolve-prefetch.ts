@@ -264,6 +264,21 @@ function connect(
       `prefetch '${key}' is not available and no fhirAuthorization was sent`,
     );
   }
+  // A token restricted to one patient (SMART patient/ scopes) names it: if that is not the
+  // hook's patient, the EHR sent someone else's access. Nothing is fetched with it (the id is
+  // not quoted: the message reaches logs and the EHR).
+  const contextPatient = (opts.request.context as { patientId?: unknown }).patientId;
+  if (
+    fhirAuthorization.patient !== undefined &&
+    typeof contextPatient === 'string' &&
+    fhirAuthorization.patient !== contextPatient
+  ) {
+    throw new PrefetchError(
+      key,
+      'not-allowed',
+      `prefetch '${key}': the fhirAuthorization was granted for another patient than context.patientId`,
+    );
+  }
   const base = normalizeFhirBaseUrl(fhirServer);
   const allowed = new Set(
     opts.allowedFhirServers.map(normalizeFhirBaseUrl).filter((v): v is string => v !== undefined),

@@ -242,6 +242,26 @@ describe('hooks: resolvePrefetch against a local FHIR server (Synthea data)', ()
     expect(other.requests).to.have.length(0);
   });
 
+  it('refuses to fetch with a token granted for another patient (fhirAuthorization.patient is not context.patientId), before any request', async () => {
+    const base = hookRequest(fhir);
+    const request = hookRequest(fhir, {
+      fhirAuthorization: { ...base.fhirAuthorization, patient: 'someone-else' },
+    });
+    const e = await expectPrefetchError(resolvePrefetch(options({ request })), 'not-allowed');
+    expect(e.message).to.match(/granted for another patient/);
+    expect(e.message).to.not.include('someone-else');
+    expect(fhir.requests).to.have.length(0);
+  });
+
+  it('fetches with a token granted for the context patient (fhirAuthorization.patient = context.patientId)', async () => {
+    const base = hookRequest(fhir);
+    const request = hookRequest(fhir, {
+      fhirAuthorization: { ...base.fhirAuthorization, patient: fhir.record.patientId },
+    });
+    const result = await resolvePrefetch(options({ request }));
+    expect((result.prefetch['patient'] as Json)['id']).to.equal(fhir.record.patientId);
+  });
+
   it('refuses a sent searchset whose next link leaves the fhirServer, before any request', async () => {
     const request = hookRequest(fhir, {
       prefetch: {
