@@ -39,6 +39,7 @@ import type {
   Principal,
   SmartLaunchTarget,
 } from '../tenants/index.ts';
+import { actorOf } from './admin-service.ts';
 import { resolveOperator } from './admin-routes.ts';
 import type { Deps } from './context.ts';
 import { requestIdOf } from './context.ts';
@@ -502,7 +503,7 @@ function playgroundApi(deps: Deps, opts: UiRouterOptions): Router {
     await deps.controlPlane.audit.record({
       type: 'playground.evaluate',
       outcome: 'success',
-      actor: principal.tokenId,
+      actor: actorOf(principal),
       detail: {
         pack: compiled.id,
         version: compiled.version,

@@ -217,6 +217,8 @@ describe('card viewer: playground API', () => {
     // Nothing stored per tenant; one PHI-free audit event in the control plane.
     expect(dataFiles(u.t.dataDir)).to.deep.equal(before);
     const events = await u.t.deps.controlPlane.audit.list({ type: 'playground.evaluate' });
+    // The actor as every other admin event names it: role:tokenId.
+    expect(events.at(-1)?.actor).to.match(/^(platform-operator|rule-author):/);
     expect(events.at(-1)?.detail).to.deep.include({
       pack: 'medication-safety',
       patient: 'fixture',
