@@ -81,9 +81,33 @@ function regionMatrix(cfg: Config): RegionMatrix {
   }
 }
 
+/**
+ * The default data directory is `./var` of the current folder: run elsewhere, a local command
+ * would create a new, empty installation there that no server reads. Refused instead (an
+ * explicit CELLCDS_DATA_DIR is taken as meant).
+ */
+function assertDataDirHere(cfg: Config): void {
+  if (!cfg.dataDirSet && !fs.existsSync(cfg.dataDir)) {
+    throw new CliError(
+      `no cellcds data directory at ${cfg.dataDir} (the default, ./var of the current folder): ` +
+        'run cellcds in the folder the server runs in, or set CELLCDS_DATA_DIR to its data directory',
+      2,
+    );
+  }
+}
+
+/** Says where a server was looked for, and how to point the CLI at another one. */
+function unreachable(url: string, err: unknown): CliError {
+  return new CliError(
+    `cannot reach ${url}: ${err instanceof Error ? err.message : String(err)} (is the server running? npm start. ` +
+      'One on another port or host: set PORT or CELLCDS_PUBLIC_URL as the server has them, or pass --url)',
+  );
+}
+
 /** Runs an admin operation on the local data directory. */
 async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T> {
   const cfg = config();
+  assertDataDirHere(cfg);
   const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), { resumeJobs: false });
   try {
     return await fn(
@@ -233,6 +257,17 @@ async function packEval(
     }
     throw err;
   });
+  // As a test's `now`: an instant with its offset (without one it would be read in this
+  // machine's time zone), never a date that does not parse (every rule reading it would fail).
+  if (
+    opts.now !== undefined &&
+    (!/(Z|[+-]\d{2}:\d{2})$/.test(opts.now) || Number.isNaN(Date.parse(opts.now)))
+  ) {
+    throw new CliError(
+      `--now must be an instant with its offset, e.g. 2020-03-15T12:00:00Z, not ${opts.now}`,
+      2,
+    );
+  }
   const request = readJsonFile(opts.request) as PackTestRequest;
   const service = opts.service ?? compiled.pack.services.find((s) => s.hook === request.hook)?.id;
   if (!service) {
@@ -263,6 +298,20 @@ async function packEval(
       now: opts.now ? new Date(opts.now) : new Date(),
     });
     out(opts.trace ? { cards: result.cards, trace: result.trace } : { cards: result.cards });
+    // Cards missing because a rule failed read like "nothing to say": say so, and fail.
+    const failed = result.trace.filter(
+      (t) => t.status === 'error' || t.status === 'timeout' || t.status === 'skipped',
+    );
+    for (const t of failed) {
+      process.stderr.write(
+        `warning: rule ${t.ruleId}: ${t.status}${t.error ? ` (${t.error})` : ''}\n`,
+      );
+    }
+    if (failed.length > 0) {
+      throw new CliError(
+        `${failed.length} rule(s) did not complete: the cards above may be missing some (--trace shows every rule)`,
+      );
+    }
   } finally {
     await evaluator.close();
   }
@@ -288,7 +337,7 @@ async function adminCall(
   const token = opts.token ?? readAdminToken(cfg);
   if (!token) {
     throw new CliError(
-      'no operator token: pass --token, set CELLCDS_ADMIN_TOKEN, or run on the server host',
+      `no operator token: pass --token, set CELLCDS_ADMIN_TOKEN, or run in the server's folder on its host (no admin-token in ${cfg.dataDir})`,
       2,
     );
   }
@@ -303,9 +352,7 @@ async function adminCall(
       ...(body === undefined ? {} : { body: JSON.stringify(body) }),
     });
   } catch (err) {
-    throw new CliError(
-      `cannot reach ${base}: ${err instanceof Error ? err.message : String(err)} (is the server running? npm start)`,
-    );
+    throw unreachable(base, err);
   }
   const parsed = (await res.json().catch(() => ({}))) as Record<string, unknown>;
   const retryAfter = Number(res.headers.get('retry-after') ?? '');
@@ -479,6 +526,7 @@ async function call(
       2,
     );
   }
+  assertDataDirHere(cfg);
   const keyFile = path.join(cfg.dataDir, DEMO_KEY_FILE);
   if (!fs.existsSync(keyFile)) {
     throw new CliError(
@@ -493,9 +541,7 @@ async function call(
       authorization: `Bearer ${await signClientJwt(key, DEMO_ISSUER, discoveryUrl, DEMO_TENANT)}`,
     },
   }).catch((err: unknown) => {
-    throw new CliError(
-      `cannot reach ${discoveryUrl}: ${err instanceof Error ? err.message : String(err)} (is the server running? npm start)`,
-    );
+    throw unreachable(discoveryUrl, err);
   });
   if (!disc.ok) {
     throw new CliError(`discovery refused: ${disc.status}`);
@@ -872,6 +918,12 @@ export function buildProgram(): Command {
         id: string,
         o: { pack: string; version: string; canaryVersion?: string; canaryPercent?: number },
       ) => {
+        if ((o.canaryVersion === undefined) !== (o.canaryPercent === undefined)) {
+          throw new CliError(
+            'a canary needs both --canary-version and --canary-percent (leave both out for none)',
+            2,
+          );
+        }
         const t = await withLocal(async (a) => {
           const current = await a.getTenant(LOCAL_OPERATOR, id);
           const others = current.subscriptions.filter((s) => s.pack !== o.pack);

@@ -99,6 +99,8 @@ const Schema = z
 export interface Config {
   readonly port: number;
   readonly dataDir: string;
+  /** False when `dataDir` is the default `./var` of the current folder (CELLCDS_DATA_DIR unset). */
+  readonly dataDirSet: boolean;
   /** What `aud` is checked against: `${publicUrl}/cds-services/...`. No trailing slash. */
   readonly publicUrl: string;
   readonly adminToken: string | undefined;
@@ -290,6 +292,7 @@ export function loadConfig(
   return Object.freeze({
     port: e.PORT,
     dataDir: path.resolve(e.CELLCDS_DATA_DIR),
+    dataDirSet: present.CELLCDS_DATA_DIR !== undefined,
     publicUrl,
     adminToken: e.CELLCDS_ADMIN_TOKEN,
     region: e.CELLCDS_REGION,

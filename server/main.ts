@@ -130,6 +130,21 @@ async function drain(
   clearTimeout(deadline);
 }
 
+/**
+ * The settings a CLI in another terminal of the same folder needs to find this server and its
+ * data: none on the defaults (port 8080, ./var).
+ */
+function cliEnvFor(config: Config): string {
+  const env: string[] = [];
+  if (config.dataDirSet) {
+    env.push(`CELLCDS_DATA_DIR=${config.dataDir}`);
+  }
+  if (config.publicUrl !== 'http://localhost:8080') {
+    env.push(`CELLCDS_PUBLIC_URL=${config.publicUrl}`);
+  }
+  return env.map((e) => `${e} `).join('');
+}
+
 function printBanner(config: Config, seeded: boolean): void {
   const tokenWhere = config.adminToken
     ? 'CELLCDS_ADMIN_TOKEN'
@@ -142,7 +157,7 @@ function printBanner(config: Config, seeded: boolean): void {
       : '',
     '',
     'Try it (signs an order-sign call with the demo EHR key and prints the cards):',
-    '  npx cellcds call order-sign --demo',
+    `  ${cliEnvFor(config)}npx cellcds call order-sign --demo`,
     '',
     `Operator token for the admin API: ${tokenWhere}`,
     '',

@@ -4,6 +4,7 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { expect } from 'chai';
 import { createApp } from '../../server/app.ts';
 import { buildDeps } from '../../server/bootstrap.ts';
@@ -175,6 +176,76 @@ describe('cellcds CLI', function () {
     });
     expect(whole.status, whole.stderr).to.equal(0);
     expect(whole.stderr).to.not.include('warning');
+  });
+
+  it('pack eval: --now must be an instant with its offset (exit 2)', () => {
+    const req = 'spec/fixtures/pddi-cds/requests/warfarin-nsaids-order-sign-no-coordination.json';
+    for (const now of ['foo', '2020-03-15T12:00:00']) {
+      const r = run(['pack', 'eval', PACK, '--request', req, '--now', now]);
+      expect(r.status, r.stdout).to.equal(2);
+      expect(r.stderr).to.include('--now must be an instant with its offset');
+    }
+  });
+
+  it('pack eval: a rule that fails is named on stderr and the exit is 1 (its card would be missing silently)', () => {
+    const file = path.join(work, 'failing-rule.json');
+    const pack = slowPack(0, 1, 'failing-rule');
+    // More than one item where one is required: an error at run time, not at load.
+    pack.rules.push({ ...pack.rules[0]!, id: 'broken', when: '(1 | 2).single() = 1' });
+    fs.writeFileSync(file, JSON.stringify(pack));
+    const request = path.join(work, 'failing-rule-request.json');
+    fs.writeFileSync(request, JSON.stringify(pack.tests![0]!.request));
+    const r = run(['pack', 'eval', file, '--request', request]);
+    expect(r.status, r.stderr).to.equal(1);
+    expect(JSON.parse(r.stdout.slice(0, r.stdout.lastIndexOf('}') + 1))).to.have.property('cards');
+    expect(r.stderr).to.match(/warning: rule broken: error/);
+    expect(r.stderr).to.include('1 rule(s) did not complete');
+  });
+
+  it("a local command run outside the server's folder refuses to create a new installation there (exit 2)", () => {
+    const elsewhere = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-elsewhere-'));
+    try {
+      const env: NodeJS.ProcessEnv = { ...process.env, CELLCDS_LOG_LEVEL: 'silent' };
+      delete env.CELLCDS_DATA_DIR;
+      const r = spawnSync(
+        process.execPath,
+        [
+          '--import',
+          pathToFileURL(path.resolve('node_modules/tsx/dist/loader.mjs')).href,
+          path.resolve('server/cli.ts'),
+          'tenant',
+          'list',
+        ],
+        { cwd: elsewhere, env, encoding: 'utf8', timeout: 90_000 },
+      );
+      expect(r.status, r.stderr).to.equal(2);
+      expect(r.stderr).to.include(
+        `no cellcds data directory at ${path.join(fs.realpathSync(elsewhere), 'var')}`,
+      );
+      expect(fs.readdirSync(elsewhere)).to.deep.equal([]);
+    } finally {
+      fs.rmSync(elsewhere, { recursive: true, force: true });
+    }
+  });
+
+  it('tenant subscribe: a canary needs both its version and its percent (exit 2)', () => {
+    for (const canary of [
+      ['--canary-percent', '10'],
+      ['--canary-version', '1.2.0'],
+    ]) {
+      const r = run([
+        'tenant',
+        'subscribe',
+        'demo',
+        '--pack',
+        'p',
+        '--version',
+        '1.0.0',
+        ...canary,
+      ]);
+      expect(r.status, r.stderr).to.equal(2);
+      expect(r.stderr).to.include('a canary needs both --canary-version and --canary-percent');
+    }
   });
 
   it('pack eval/validate: a missing file is a usage error (exit 2)', () => {

@@ -38,6 +38,32 @@ describe('quick start (npm start, then cellcds call --demo)', function () {
     expect(server.stderr()).to.include('npx cellcds call order-sign --demo');
   });
 
+  it('prints a demo command that works as printed in another terminal of the same folder (off the default port and data directory, it names them)', () => {
+    const line = server
+      .stderr()
+      .split('\n')
+      .find((l) => l.includes('npx cellcds call order-sign --demo'));
+    const assignments = (line ?? '').trim().split(/\s+/).slice(0, -5);
+    expect(assignments).to.deep.equal([
+      `CELLCDS_DATA_DIR=${fs.realpathSync(dataDir)}`,
+      `CELLCDS_PUBLIC_URL=http://localhost:${port}`,
+    ]);
+    // A fresh terminal: none of the server's settings, only what the banner says.
+    const fresh: NodeJS.ProcessEnv = Object.fromEntries(
+      Object.entries(process.env).filter(
+        ([name]) =>
+          !['PORT', 'CELLCDS_DATA_DIR', 'CELLCDS_PUBLIC_URL', 'CELLCDS_ADMIN_TOKEN'].includes(name),
+      ),
+    );
+    for (const a of assignments) {
+      const i = a.indexOf('=');
+      fresh[a.slice(0, i)] = a.slice(i + 1);
+    }
+    const r = runCli(['call', 'order-sign', '--demo'], fresh);
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/\[(warning|critical|info)\]/);
+  });
+
   it('writes a generated operator token with mode 0600 and never logs it', () => {
     const file = path.join(dataDir, 'admin-token');
     expect(fs.statSync(file).mode & 0o777).to.equal(0o600);
