@@ -27,8 +27,10 @@ import {
   NotFoundError,
 } from '../tenants/index.ts';
 import type {
+  AdminTokenInfo,
   AuditEvent,
   ControlPlane,
+  NewAdminToken,
   NewTenant,
   Principal,
   RegionInfo,
@@ -303,10 +305,16 @@ export class AdminService {
     }
   }
 
+  /**
+   * Issues a token of `role` (for `tenant`), `label`, expiring in `expiresInDays` (whole days,
+   * 1 to 365, default 90; never after the issuing token's own expiry). The issuing token is
+   * recorded (`issuedBy`), so revoking it revokes this one too; the bootstrap and local CLI
+   * operators record none.
+   */
   async issueToken(
     principal: Principal,
     input: unknown,
-  ): Promise<{ id: string; token: string; role: Role; tenant?: string }> {
+  ): Promise<{ id: string; token: string; role: Role; tenant?: string; expiresAt?: string }> {
     const body = objectOf(input, '(body)');
     const role = body.role;
     if (typeof role !== 'string' || !(ROLES as readonly string[]).includes(role)) {
@@ -321,46 +329,96 @@ export class AdminService {
       throw new InvalidInputError('label', 'must be a string');
     }
     authorizeTokenIssue(principal, role as Role, tenant);
-    const issued = await this.deps.controlPlane.adminTokens.issue({
+    // The repository checks `expiresInDays` and re-reads the issuer in its write transaction
+    // (tenants/admin-token-repository.ts: NewAdminTokenInput); it stores `issuedBy` only for an
+    // issued token's id, not `bootstrap` or `cli`.
+    const request: NewAdminToken = {
       role: role as Role,
       ...(tenant !== undefined ? { tenant } : {}),
       ...(label !== undefined ? { label } : {}),
-    });
+      ...(body.expiresInDays !== undefined ? { expiresInDays: body.expiresInDays } : {}),
+      issuedBy: principal.tokenId,
+    };
+    const issued = await this.deps.controlPlane.adminTokens.issue(request);
     await this.audit(principal, {
       type: 'admin.token.issue',
       outcome: 'success',
       ...(tenant !== undefined ? { tenant } : {}),
-      detail: { tokenId: issued.id, role },
+      detail: { tokenId: issued.id, role, expiresAt: issued.expiresAt },
     });
     return {
       id: issued.id,
       token: issued.token,
       role: role as Role,
       ...(tenant !== undefined ? { tenant } : {}),
+      expiresAt: issued.expiresAt,
     };
   }
 
-  /** Tokens the principal may see (a tenant-admin: its own tenant's). Never hashes. */
+  /**
+   * Tokens the principal may see (a tenant-admin: its own tenant's), with who issued each
+   * (`issuedBy`) and when it expires (`expiresAt`). Never hashes.
+   */
   async listTokens(principal: Principal): Promise<unknown[]> {
     authorize(principal, 'token:list', principal.tenant);
     const all = await this.deps.controlPlane.adminTokens.list();
     return principal.tenant === undefined ? all : all.filter((t) => t.tenant === principal.tenant);
   }
 
-  /** Revokes a token; returns its id and tenant (for the caller's log line). */
+  /**
+   * Revokes a token, and with it every token it issued, transitively (one transaction). A
+   * tenant-admin may revoke only its tenant's auditor tokens and its own token. Audited: one
+   * event for the token (`cascaded`: how many went with it), one per token revoked with it
+   * (`cascadeOf`, under that token's tenant). Returns its id and tenant (for the log line).
+   */
   async revokeToken(principal: Principal, id: string): Promise<{ id: string; tenant?: string }> {
-    const info = (await this.deps.controlPlane.adminTokens.list()).find((t) => t.id === id);
+    type Listed = AdminTokenInfo;
+    const tokens = this.deps.controlPlane.adminTokens;
+    const before: Listed[] = await tokens.list();
+    const info = before.find((t) => t.id === id);
     if (!info) {
       throw new NotFoundError('token');
     }
-    authorize(principal, 'token:revoke', info.tenant);
-    await this.deps.controlPlane.adminTokens.revoke(id);
+    authorize(principal, 'token:revoke', info.tenant, { tokenId: id, role: info.role });
+    await tokens.revoke(id);
+    // The descendants now revoked that were live before: those this revocation took with it.
+    // (Issuing re-reads its issuer in a write transaction, so none can be added after it.)
+    const after: Listed[] = await tokens.list();
+    const wasLive = new Set(before.filter((t) => t.revokedAt === undefined).map((t) => t.id));
+    const known = new Set(before.map((t) => t.id));
+    const cascaded: Listed[] = [];
+    const reached = new Set([id]);
+    let grew = true;
+    while (grew) {
+      grew = false;
+      for (const t of after) {
+        if (t.issuedBy !== undefined && reached.has(t.issuedBy) && !reached.has(t.id)) {
+          reached.add(t.id);
+          grew = true;
+          if (t.revokedAt !== undefined && (wasLive.has(t.id) || !known.has(t.id))) {
+            cascaded.push(t);
+          }
+        }
+      }
+    }
     await this.audit(principal, {
       type: 'admin.token.revoke',
       outcome: 'success',
       ...(info.tenant !== undefined ? { tenant: info.tenant } : {}),
-      detail: { tokenId: id },
+      detail: { tokenId: id, ...(cascaded.length > 0 ? { cascaded: cascaded.length } : {}) },
     });
+    for (const t of cascaded) {
+      await this.audit(principal, {
+        type: 'admin.token.revoke',
+        outcome: 'success',
+        ...(t.tenant !== undefined ? { tenant: t.tenant } : {}),
+        detail: {
+          tokenId: t.id,
+          cascadeOf: id,
+          ...(t.issuedBy !== undefined ? { issuedBy: t.issuedBy } : {}),
+        },
+      });
+    }
     return { id, ...(info.tenant !== undefined ? { tenant: info.tenant } : {}) };
   }
 

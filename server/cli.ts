@@ -946,10 +946,18 @@ export function buildProgram(): Command {
     .requiredOption('--role <role>', 'platform-operator | tenant-admin | rule-author | auditor')
     .option('--tenant <id>', 'for tenant-admin and auditor')
     .option('--label <label>')
+    .option('--expires-in-days <days>', 'lifetime in whole days, 1 to 365 (default 90)')
     .description('issue a token; it is printed once and stored only as a hash')
-    .action(async (o: { role: string; tenant?: string; label?: string }) => {
-      out(await withLocal((a) => a.issueToken(LOCAL_OPERATOR, o)));
-    });
+    .action(
+      async (o: { role: string; tenant?: string; label?: string; expiresInDays?: string }) => {
+        const { expiresInDays, ...rest } = o;
+        const input = {
+          ...rest,
+          ...(expiresInDays !== undefined ? { expiresInDays: Number(expiresInDays) } : {}),
+        };
+        out(await withLocal((a) => a.issueToken(LOCAL_OPERATOR, input)));
+      },
+    );
   token.command('list').action(async () => {
     out(await withLocal((a) => a.listTokens(LOCAL_OPERATOR)));
   });

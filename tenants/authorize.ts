@@ -5,13 +5,32 @@
  *   not read patients' data).
  * - rule-author: `pack:upload`, `pack:read`.
  * - tenant-admin: its own tenant only: read it, set its subscriptions, read its audit trail and
- *   records, and issue/list/revoke auditor tokens for it (see `authorizeTokenIssue`).
+ *   records, issue auditor tokens for it (see `authorizeTokenIssue`), list its tokens, and
+ *   revoke its auditor tokens and its own token, never another tenant-admin's (see
+ *   `authorizeTokenRevoke`).
  * - auditor: its own tenant only: read it, its audit trail and its records.
  */
 import { ForbiddenError } from './errors.ts';
 import type { AdminAction, Principal, Role } from './types.ts';
 
 type Scope = 'global' | 'own-tenant';
+
+/** Every action the policy knows (a refusal's audited reason is one of these). */
+export const ADMIN_ACTIONS: readonly AdminAction[] = Object.freeze([
+  'tenant:create',
+  'tenant:list',
+  'tenant:read',
+  'tenant:update',
+  'tenant:delete',
+  'tenant:subscriptions',
+  'token:issue',
+  'token:list',
+  'token:revoke',
+  'pack:upload',
+  'pack:read',
+  'audit:read',
+  'records:read',
+]);
 
 const POLICY: Readonly<Record<Role, Readonly<Partial<Record<AdminAction, Scope>>>>> = {
   'platform-operator': {
@@ -48,12 +67,24 @@ const POLICY: Readonly<Record<Role, Readonly<Partial<Record<AdminAction, Scope>>
   },
 };
 
+/** The token a `token:revoke` concerns. */
+export interface RevokeTarget {
+  tokenId: string;
+  role: Role;
+}
+
 /**
  * Allows or refuses `action` for `principal`, on `tenantId` when the action concerns one tenant.
  * Tenant-scoped roles must name their own tenant: a missing `tenantId` is refused for them.
+ * `token:revoke` also needs the token revoked (`target`): see {@link authorizeTokenRevoke}.
  * @throws ForbiddenError (HTTP 403) when the policy does not allow it.
  */
-export function authorize(principal: Principal, action: AdminAction, tenantId?: string): void {
+export function authorize(
+  principal: Principal,
+  action: AdminAction,
+  tenantId?: string,
+  target?: RevokeTarget,
+): void {
   const scope = Object.hasOwn(POLICY, principal.role) ? POLICY[principal.role][action] : undefined;
   if (scope === undefined) {
     throw new ForbiddenError(`role ${principal.role} may not ${action}`);
@@ -63,6 +94,30 @@ export function authorize(principal: Principal, action: AdminAction, tenantId?: 
       throw new ForbiddenError(`role ${principal.role} may ${action} only for its own tenant`);
     }
   }
+  if (action === 'token:revoke' && principal.role === 'tenant-admin') {
+    // A tenant-admin's peers are the operator's to revoke: otherwise one stolen tenant-admin
+    // token could lock every other tenant-admin of its tenant out. Without a target: refused.
+    if (
+      target === undefined ||
+      (target.role !== 'auditor' && target.tokenId !== principal.tokenId)
+    ) {
+      throw new ForbiddenError('a tenant-admin may revoke only auditor tokens and its own token');
+    }
+  }
+}
+
+/**
+ * Authorizes revoking `target`, a token of `tenantId` (undefined for global roles' tokens):
+ * `token:revoke` on that tenant, and for a tenant-admin only its tenant's auditor tokens and
+ * its own token.
+ * @throws ForbiddenError (HTTP 403).
+ */
+export function authorizeTokenRevoke(
+  principal: Principal,
+  target: RevokeTarget,
+  tenantId?: string,
+): void {
+  authorize(principal, 'token:revoke', tenantId, target);
 }
 
 /**

@@ -57,6 +57,10 @@ export interface AdminTokenRow {
   tokenHash: string;
   createdAt: string;
   revokedAt: string | null;
+  /** The id of the token that issued this one; null for the bootstrap operator and the CLI. */
+  issuedBy: string | null;
+  /** When it stops authenticating; null: never (rows written before expiries existed). */
+  expiresAt: string | null;
 }
 
 export interface AuditRow {
@@ -188,9 +192,46 @@ export function defineControlPlaneModels(
       tokenHash: { type: DataTypes.STRING(64), allowNull: false, unique: true },
       createdAt: { type: key(32), allowNull: false },
       revokedAt: { type: DataTypes.STRING(32), allowNull: true },
+      issuedBy: { type: key(64), allowNull: true },
+      expiresAt: { type: key(32), allowNull: true },
     },
     { ...common, tableName: 'admin_tokens' },
   );
+  // Control planes (SQLite and PostgreSQL alike) created before token issuers and expiries get
+  // the two columns here, nullable: their tokens keep working, issued by nobody known, expiring
+  // never, until revoked. As for `tenants` above, PostgreSQL runs this in the setup transaction.
+  AdminToken.addHook('afterSync', async (options) => {
+    const qi = sequelize.getQueryInterface();
+    const transaction = (options as { transaction?: Transaction | null }).transaction ?? undefined;
+    const table = schema !== undefined ? { tableName: 'admin_tokens', schema } : 'admin_tokens';
+    const describe = () =>
+      qi.describeTable('admin_tokens', {
+        ...(schema !== undefined ? { schema } : {}),
+        ...(transaction ? { transaction } : {}),
+      });
+    const columns = await describe();
+    for (const [column, length] of [
+      ['issued_by', 64],
+      ['expires_at', 32],
+    ] as const) {
+      if (Object.hasOwn(columns, column)) {
+        continue;
+      }
+      try {
+        await qi.addColumn(
+          table,
+          column,
+          { type: key(length), allowNull: true },
+          transaction ? { transaction } : {},
+        );
+      } catch (err) {
+        // Two SQLite processes opening one old file at once: the other one added it first.
+        if (transaction || !Object.hasOwn(await describe(), column)) {
+          throw err;
+        }
+      }
+    }
+  });
   const Audit = sequelize.define<Model<AuditRow, Creation<AuditRow, 'seq'>>>(
     'Audit',
     {

@@ -148,6 +148,7 @@ function wireControlPlane(engine: Engine, opts: CommonOptions): ControlPlane {
     adminTokens: {
       issue: (input) => adminTokens.issue(input),
       authenticate: (token) => adminTokens.authenticate(token),
+      check: (token) => adminTokens.check(token),
       revoke: (id) => adminTokens.revoke(id),
       list: () => adminTokens.list(),
     },

@@ -251,12 +251,17 @@ export interface NewAdminToken {
   role: Role;
   tenant?: string;
   label?: string;
+  /** Whole days, 1 to 365; default 90. Never past the issuing token's own expiry. */
+  expiresInDays?: unknown;
+  /** The issuing principal's token id: stored when it names an issued token (which must be live). */
+  issuedBy?: string;
 }
 
 /** The result of `adminTokens.issue`: the only time the plaintext token exists outside the caller. */
 export interface IssuedAdminToken {
   id: string;
   token: string;
+  expiresAt: string;
 }
 
 /** An admin token as listed (never its hash, never the token). */
@@ -266,8 +271,19 @@ export interface AdminTokenInfo {
   tenant?: string;
   label?: string;
   createdAt: string;
+  /** The id of the token that issued it (absent: the bootstrap operator or the CLI). */
+  issuedBy?: string;
+  /** Absent: never expires (tokens issued before expiries existed). */
+  expiresAt?: string;
   revokedAt?: string;
 }
+
+/** Why a token was refused: `revoked`/`expired` only for a stored token, named by its id. */
+export type AdminTokenRefusal =
+  { reason: 'unknown'; tokenId?: undefined } | { reason: 'revoked' | 'expired'; tokenId: string };
+
+/** The outcome of `adminTokens.check`: the principal, or why there is none. */
+export type AdminTokenCheck = { principal: Principal } | { refused: AdminTokenRefusal };
 
 /** Input of `packs.put`: an already validated pack with its content hash. */
 export interface NewStoredPack extends PackRef {
@@ -372,6 +388,9 @@ export interface PackRepository {
 export interface AdminTokenRepository {
   issue(input: NewAdminToken): Promise<IssuedAdminToken>;
   authenticate(token: string): Promise<Principal | undefined>;
+  /** As `authenticate`, saying why a token was refused (audited, never told to the caller); optional while fakes lack it. */
+  check?(token: string): Promise<AdminTokenCheck>;
+  /** Revokes the token and, in one transaction, every token it issued, transitively. */
   revoke(id: string): Promise<void>;
   list(): Promise<AdminTokenInfo[]>;
 }

@@ -1,5 +1,10 @@
 import { expect } from 'chai';
-import { ForbiddenError, authorize, authorizeTokenIssue } from '../../tenants/index.ts';
+import {
+  ADMIN_ACTIONS,
+  ForbiddenError,
+  authorize,
+  authorizeTokenIssue,
+} from '../../tenants/index.ts';
 import type { AdminAction, Principal, Role } from '../../tenants/index.ts';
 
 const operator: Principal = { tokenId: 'tok_op', role: 'platform-operator' };
@@ -7,21 +12,7 @@ const author: Principal = { tokenId: 'tok_ra', role: 'rule-author' };
 const adminA: Principal = { tokenId: 'tok_ta', role: 'tenant-admin', tenant: 'tenant-a' };
 const auditorA: Principal = { tokenId: 'tok_au', role: 'auditor', tenant: 'tenant-a' };
 
-const ALL_ACTIONS: AdminAction[] = [
-  'tenant:create',
-  'tenant:list',
-  'tenant:read',
-  'tenant:update',
-  'tenant:delete',
-  'tenant:subscriptions',
-  'token:issue',
-  'token:list',
-  'token:revoke',
-  'pack:upload',
-  'pack:read',
-  'audit:read',
-  'records:read',
-];
+const ALL_ACTIONS = ADMIN_ACTIONS;
 
 function isAllowed(p: Principal, action: AdminAction, tenant?: string): boolean {
   try {

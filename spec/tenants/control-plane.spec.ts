@@ -753,11 +753,13 @@ describe('tenants/ control plane store', () => {
         tenant: 'acme',
         label: 'quarterly review',
         createdAt: '2025-01-01T00:00:00.000Z',
+        expiresAt: '2025-04-01T00:00:00.000Z',
       });
       expect(list).to.deep.include({
         id: b.id,
         role: 'platform-operator',
         createdAt: '2025-01-01T00:00:00.000Z',
+        expiresAt: '2025-04-01T00:00:00.000Z',
         revokedAt: '2025-01-01T00:00:00.000Z',
       });
       const text = JSON.stringify(list);
