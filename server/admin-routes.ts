@@ -1,6 +1,12 @@
 /**
  * The admin API (JSON in and out). Every route needs an operator bearer token; what each
  * role may do is decided by tenants/' authorize(), called inside AdminService.
+ *
+ * Refusals are audited in the control plane, within the refusal audit budget per second
+ * (server/failure-audit.ts): a refused token as `admin.auth` (failure: reason, method, route
+ * pattern, request id), a refused access as `admin.forbidden` (actor, the action refused, the
+ * target tenant, method, route pattern, request id). A token is checked on arrival and again
+ * once a request body is read, before the action runs.
  */
 import crypto from 'node:crypto';
 import express, {
@@ -9,13 +15,25 @@ import express, {
   type RequestHandler,
   type Router,
 } from 'express';
-import { AdminAuthError } from '../tenants/index.ts';
-import type { Principal } from '../tenants/index.ts';
+import {
+  ADMIN_ACTIONS,
+  AdminAuthError,
+  ForbiddenError,
+  TENANT_ID_PATTERN,
+} from '../tenants/index.ts';
+import type {
+  AdminTokenCheck,
+  AdminTokenRefusal,
+  AuditEvent,
+  Principal,
+} from '../tenants/index.ts';
 import { adminActionLog } from './admin-action-log.ts';
+import { actorOf } from './admin-service.ts';
 import type { AdminService } from './admin-service.ts';
 import type { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
 import { adminCtxOf, requestIdOf } from './context.ts';
+import { noteRoutePattern, routePatternOf } from './error-handler.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
 import { auditRefusal } from './guards.ts';
 
@@ -35,13 +53,19 @@ const YAML_TYPES = ['application/yaml', 'application/x-yaml', 'text/yaml', 'text
 
 export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): Router {
   const router = express.Router();
-  const json = express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] });
+  const routes = routeTable(router);
+  // A token revoked while the body was on its way is refused before the action runs.
+  const stillValid = recheckAdmin(deps);
+  const json = series(
+    express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] }),
+    stillValid,
+  );
   // Answers carry one-time tokens and decrypted records: no cache may keep them (refusals too).
   router.use((_req, res, next) => {
     res.setHeader('Cache-Control', 'no-store');
     next();
   });
-  router.use(authenticateAdmin(deps));
+  router.use(authenticateAdmin(deps, routes));
   // One `admin action` line per state-changing call (server/admin-action-log.ts).
   const actions = adminActionLog(deps.log);
   const act = actions.mark;
@@ -168,6 +192,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     act('admin.pack.upload', () => undefined),
     uploadSlot,
     packBody,
+    stillValid,
     async (req, res) => {
       if (!req.is([...YAML_TYPES, 'application/json', 'application/*+json'])) {
         throw unsupportedMediaType('application/json or application/yaml');
@@ -293,8 +318,22 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.json({ events: await admin.listAudit(principalOf(res), query) });
   });
 
+  router.use(auditForbidden(deps, routes));
   router.use(actions.errors);
   return router;
+}
+
+/** One middleware running `first`, then (unless it failed) `second`: a body parser and a check. */
+function series(first: RequestHandler, second: RequestHandler): RequestHandler {
+  return (req, res, next) => {
+    first(req, res, (err?: unknown) => {
+      if (err !== undefined && err !== null) {
+        next(err);
+        return;
+      }
+      Promise.resolve(second(req, res, next)).catch(next);
+    });
+  };
 }
 
 function param(req: Request, name: string): string {
@@ -317,18 +356,48 @@ export function hashToken(token: string): Buffer {
   return crypto.createHash('sha256').update(token, 'utf8').digest();
 }
 
+/** An issued token's id (`tok_` + hex): the only form of it an audit event names. */
+const TOKEN_ID = /^tok_[0-9a-f]{1,64}$/;
+
+/** The audited reason of a refused token (`unknown token` as before, for the evidence counts). */
+const REFUSAL_REASON: Readonly<Record<AdminTokenRefusal['reason'], string>> = {
+  unknown: 'unknown token',
+  revoked: 'revoked',
+  expired: 'expired',
+};
+
+/** Where an operator token is checked, for its refusal's audit event. */
+export interface OperatorSite {
+  /** A route the server defines (a pattern, never the raw URL), or a surface's name. */
+  endpoint?: string;
+  method?: string;
+  requestId?: string;
+  /** The token is checked again, after the request body was read (it was valid on arrival). */
+  recheck?: boolean;
+}
+
+/** The repository's verdict; one without `check` (a test double) refuses as `unknown`. */
+async function checkToken(deps: Deps, token: string): Promise<AdminTokenCheck> {
+  const repo = deps.controlPlane.adminTokens;
+  if (repo.check) {
+    return repo.check(token);
+  }
+  const principal = await repo.authenticate(token);
+  return principal ? { principal } : { refused: { reason: 'unknown' } };
+}
+
 /**
  * Resolves an operator bearer token (`Authorization: Bearer <token>`) to a principal: the
  * bootstrap token (compared by sha256, in constant time), else an issued admin token. An
- * unknown or revoked token is counted (`auth_failures{surface="admin"}`) and audited
- * (`admin.auth` failure, plus `detail.endpoint` when given) before the refusal. Role checks are
- * the caller's.
- * @throws AdminAuthError (401) for a missing, malformed, unknown or revoked token.
+ * unknown, revoked or expired token is counted (`auth_failures{surface="admin"}`) and audited
+ * (`admin.auth` failure: the reason, the token id of a revoked or expired one, and the site's
+ * method, endpoint and request id when given) before the refusal. Role checks are the caller's.
+ * @throws AdminAuthError (401) for a missing, malformed, unknown, revoked or expired token.
  */
 export async function resolveOperator(
   deps: Deps,
   authorization: string | undefined,
-  opts: { endpoint?: string } = {},
+  site: OperatorSite = {},
 ): Promise<Principal> {
   const m =
     typeof authorization === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/.exec(authorization) : null;
@@ -336,41 +405,118 @@ export async function resolveOperator(
   if (!token) {
     throw new AdminAuthError('missing or malformed admin bearer token');
   }
-  let principal: Principal | undefined;
   if (
     deps.bootstrapTokenHash &&
     crypto.timingSafeEqual(hashToken(token), deps.bootstrapTokenHash)
   ) {
-    principal = { tokenId: 'bootstrap', role: 'platform-operator' };
-  } else {
-    principal = await deps.controlPlane.adminTokens.authenticate(token);
+    return { tokenId: 'bootstrap', role: 'platform-operator' };
   }
-  if (!principal) {
-    deps.metrics.authFailure('unknown_token', 'admin');
-    // A failed audit write is logged and counted; the token is refused all the same (401).
-    await auditRefusal(
-      deps,
-      '',
-      {
-        type: 'admin.auth',
-        outcome: 'failure',
-        detail: {
-          reason: 'unknown token',
-          ...(opts.endpoint === undefined ? {} : { endpoint: opts.endpoint }),
-        },
+  const checked = await checkToken(deps, token);
+  if ('principal' in checked) {
+    return checked.principal;
+  }
+  const refused = checked.refused;
+  // A repository's reason this version does not know is audited as `unknown token`.
+  const reason = Object.hasOwn(REFUSAL_REASON, refused.reason)
+    ? REFUSAL_REASON[refused.reason]
+    : REFUSAL_REASON.unknown;
+  deps.metrics.authFailure(
+    refused.reason === 'unknown' ? 'unknown_token' : `${refused.reason}_token`,
+    'admin',
+  );
+  const tokenId =
+    refused.reason !== 'unknown' && TOKEN_ID.test(refused.tokenId) ? refused.tokenId : undefined;
+  // A failed audit write is logged and counted; the token is refused all the same (401).
+  await auditRefusal(
+    deps,
+    site.requestId ?? '',
+    {
+      type: 'admin.auth',
+      outcome: 'failure',
+      detail: {
+        reason,
+        ...(tokenId !== undefined ? { tokenId } : {}),
+        ...(site.method !== undefined ? { method: site.method } : {}),
+        ...(site.endpoint !== undefined ? { endpoint: site.endpoint } : {}),
+        ...(site.requestId !== undefined ? { requestId: site.requestId.slice(0, 64) } : {}),
+        ...(site.recheck === true ? { recheck: true } : {}),
       },
-      (event) => deps.failureAudit.record(event),
-    );
-    throw new AdminAuthError('unknown or revoked admin token');
-  }
-  return principal;
+    },
+    (event) => deps.failureAudit.record(event),
+  );
+  throw new AdminAuthError(`admin token refused: ${reason}`);
 }
 
-/** The admin API's authentication middleware: {@link resolveOperator}, then the admin context. */
-function authenticateAdmin(deps: Deps): RequestHandler {
+/** The admin routes' patterns and methods, read from the router once it is built. */
+interface RouteTable {
+  /** The pattern (`/admin/tenants/:id/keys`) of the route `method` + `path` would reach. */
+  match(method: string, path: string, mount: string): string;
+}
+
+/** The audited endpoint of an admin request that no route matches: never the raw path. */
+const NO_ROUTE = '/*';
+
+/**
+ * Resolves a request to its route pattern before routing (a refused token never reaches a
+ * route, and its audit event must still name one). Built lazily from the router's own routes, so
+ * it cannot drift from them; a route path is literal segments and `:param`s.
+ */
+function routeTable(router: Router): RouteTable {
+  let table: Array<{ path: string; methods: Set<string>; re: RegExp }> | undefined;
+  const build = () =>
+    router.stack.flatMap((layer) => {
+      const route = layer.route as
+        { path?: unknown; methods?: Record<string, boolean> } | undefined;
+      if (!route || typeof route.path !== 'string') {
+        return [];
+      }
+      const segments = route.path
+        .split('/')
+        .map((seg) => (seg.startsWith(':') ? '[^/]+' : seg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+      const methods = new Set(
+        Object.keys(route.methods ?? {})
+          .filter((k) => route.methods?.[k] === true)
+          .map((k) => k.toUpperCase()),
+      );
+      if (methods.has('GET')) {
+        methods.add('HEAD');
+      }
+      // Express.Router(): case-insensitive, a trailing slash allowed (not strict).
+      return [{ path: route.path, methods, re: new RegExp(`^${segments.join('/')}/?$`, 'i') }];
+    });
+  return {
+    match(method, path, mount) {
+      table ??= build();
+      const hit = table.find((r) => r.methods.has(method) && r.re.test(path));
+      return `${mount}${hit ? hit.path : NO_ROUTE}`;
+    },
+  };
+}
+
+/** The request's method as audited (Node's parser accepts only known methods). */
+function methodOf(req: Request): string {
+  return req.method.slice(0, 16);
+}
+
+/**
+ * The admin API's authentication middleware: {@link resolveOperator} (a refusal audited with the
+ * request id, the method and the route pattern the request would reach), then the admin context.
+ */
+function authenticateAdmin(deps: Deps, routes: RouteTable): RequestHandler {
   return async (req, res, next) => {
-    const principal = await resolveOperator(deps, req.headers.authorization);
     const requestId = requestIdOf(res);
+    let principal: Principal;
+    try {
+      principal = await resolveOperator(deps, req.headers.authorization, {
+        requestId,
+        method: methodOf(req),
+        endpoint: routes.match(req.method, req.path, req.baseUrl),
+      });
+    } catch (err) {
+      // Refused before routing: the log line names the route it would have reached.
+      noteRoutePattern(res, routes.match(req.method, req.path, req.baseUrl));
+      throw err;
+    }
     (res.locals as { admin?: unknown }).admin = {
       requestId,
       principal,
@@ -381,5 +527,161 @@ function authenticateAdmin(deps: Deps): RequestHandler {
       }),
     };
     next();
+  };
+}
+
+/**
+ * Checks the request's token again once its body is read (route middleware, right after the
+ * body parser): a token revoked (or expired) while the body was on its way is refused with 401
+ * (audited `admin.auth`, `recheck: true`) before the action runs, instead of acting, and being
+ * audited, as a principal that no longer exists.
+ */
+function recheckAdmin(deps: Deps): RequestHandler {
+  return async (req, res, next) => {
+    const ctx = adminCtxOf(res);
+    const again = await resolveOperator(deps, req.headers.authorization, {
+      requestId: ctx.requestId,
+      method: methodOf(req),
+      endpoint: routePatternOf(res) ?? `${req.baseUrl}${NO_ROUTE}`,
+      recheck: true,
+    });
+    if (again.tokenId !== ctx.principal.tokenId) {
+      throw new AdminAuthError('admin token changed during the request');
+    }
+    next();
+  };
+}
+
+/** Every action authorize() knows: a refusal's audited reason is one of these (or `unknown`). */
+const KNOWN_ACTIONS: ReadonlySet<string> = new Set<string>(ADMIN_ACTIONS);
+
+/**
+ * The action a ForbiddenError refused, from authorize()'s words (`role R may not A`, `role R may
+ * A only for its own tenant`, the tenant-admin token rules): a closed set, so it can be a count's
+ * reason. `unknown` for any other words (a ForbiddenError carrying its action would be sturdier:
+ * tenants/authorize.ts).
+ */
+export function refusedAction(err: ForbiddenError): string {
+  if (/^a tenant-admin may issue only /.test(err.message)) {
+    return 'token:issue';
+  }
+  if (/^a tenant-admin may revoke only /.test(err.message)) {
+    return 'token:revoke';
+  }
+  const m = /^role [a-z-]+ may (?:not )?([a-z]+:[a-z]+)(?: only for its own tenant)?$/.exec(
+    err.message,
+  );
+  return m?.[1] !== undefined && KNOWN_ACTIONS.has(m[1]) ? m[1] : 'unknown';
+}
+
+/** The route's parameters, read from the path by the pattern (literal segments and `:name`s). */
+function paramsOf(pattern: string, path: string): Record<string, string> {
+  const names = pattern.split('/');
+  const values = path.split('/');
+  const out: Record<string, string> = {};
+  names.forEach((name, i) => {
+    const value = values[i];
+    if (name.startsWith(':') && value !== undefined) {
+      try {
+        out[name.slice(1)] = decodeURIComponent(value);
+      } catch {
+        // Not decodable: not a tenant id either.
+      }
+    }
+  });
+  return out;
+}
+
+/**
+ * The tenant a refused request was aimed at, if it names one with a tenant id's syntax: the
+ * `:id` of a `/tenants/:id` route, the `tenant` of a token issue, restore or audit query, the
+ * tenant of the token a revocation names.
+ */
+async function targetTenantOf(
+  deps: Deps,
+  req: Request,
+  pattern: string,
+  mount: string,
+): Promise<string | undefined> {
+  const route = pattern.slice(mount.length);
+  const path = (req.originalUrl.split('?')[0] ?? '').slice(mount.length);
+  const params = paramsOf(route, path);
+  const body = (req.body ?? {}) as Record<string, unknown>;
+  const query = req.query as Record<string, unknown>;
+  let target: unknown;
+  if (route.startsWith('/tenants/:id')) {
+    target = params.id;
+  } else if (route === '/tokens' || route === '/restores') {
+    target = body.tenant;
+  } else if (route === '/audit') {
+    target = query.tenant;
+  } else if (route === '/tokens/:id' && params.id !== undefined && TOKEN_ID.test(params.id)) {
+    // Refused after the service read the token (no extra cost per request class).
+    const info = (await deps.controlPlane.adminTokens.list()).find((x) => x.id === params.id);
+    target = info?.tenant;
+  }
+  return typeof target === 'string' && TENANT_ID_PATTERN.test(target) ? target : undefined;
+}
+
+/** Whether `id` is a registered tenant (a lookup that fails says no). */
+async function isRegistered(deps: Deps, id: string): Promise<boolean> {
+  try {
+    await deps.controlPlane.tenants.get(id);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Router error middleware, after the routes: audits a refused access (ForbiddenError, 403) as
+ * `admin.forbidden` in the control plane, within the refusal audit budget per second (beyond
+ * it: `admin.forbidden.suppressed` counts per action, target tenant and actor). The event's
+ * `tenant` is the target tenant when it is registered, so its auditors find the attempt in its
+ * trail (`GET /admin/audit?tenant=`); an unregistered one is named in `detail.targetTenant` only
+ * (a client's text never becomes an event's tenant or a count's key). The route pattern, not the
+ * URL: a URL carries the ids (records, tokens) the request probed. The refusal stands whatever
+ * the audit write does.
+ */
+function auditForbidden(deps: Deps, routes: RouteTable): ErrorRequestHandler {
+  return async (err: unknown, req, res, next) => {
+    if (err instanceof ForbiddenError) {
+      const ctx = (res.locals as { admin?: { principal: Principal; requestId: string } }).admin;
+      if (ctx) {
+        try {
+          const pattern = routePatternOf(res) ?? routes.match(req.method, req.path, req.baseUrl);
+          const target = await targetTenantOf(deps, req, pattern, req.baseUrl);
+          const registered = target !== undefined && (await isRegistered(deps, target));
+          (res.locals as { adminRefusal?: { targetTenant?: string } }).adminRefusal = {
+            ...(target !== undefined ? { targetTenant: target } : {}),
+          };
+          const event: AuditEvent & { detail: { reason: string } } = {
+            type: 'admin.forbidden',
+            outcome: 'failure',
+            actor: actorOf(ctx.principal),
+            ...(registered ? { tenant: target } : {}),
+            detail: {
+              reason: refusedAction(err),
+              ...(ctx.principal.tenant !== undefined ? { actorTenant: ctx.principal.tenant } : {}),
+              ...(target !== undefined && !registered ? { targetTenant: target } : {}),
+              method: methodOf(req),
+              endpoint: pattern,
+              requestId: ctx.requestId.slice(0, 64),
+            },
+          };
+          await auditRefusal(deps, ctx.requestId, event, (e) => deps.failureAudit.record(e));
+        } catch (auditErr: unknown) {
+          // Never turns the 403 into another answer (auditRefusal already catches the write).
+          deps.log.error(
+            {
+              requestId: ctx.requestId,
+              err: { name: auditErr instanceof Error ? auditErr.name : typeof auditErr },
+            },
+            'refusal not audited',
+          );
+        }
+      }
+    }
+    next(err);
   };
 }

@@ -185,6 +185,7 @@ export function errorHandler(log: Logger): ErrorRequestHandler {
     const logFields = {
       requestId,
       tenant,
+      ...adminFields(res.locals as AdminLocals),
       method: req.method,
       route: routeOf(req, res),
       status: se.status,
@@ -218,6 +219,29 @@ export function errorHandler(log: Logger): ErrorRequestHandler {
       body.requestId = requestId;
     }
     res.status(se.status).json(body);
+  };
+}
+
+/** What the admin API keeps in `res.locals` that a refusal's log line names. */
+interface AdminLocals {
+  /** Set once the operator token is verified (server/context.ts AdminCtx). */
+  admin?: { principal?: { tokenId?: string; role?: string; tenant?: string } };
+  /** Set by the admin API on a refused access (403): the tenant the request was aimed at. */
+  adminRefusal?: { targetTenant?: string };
+}
+
+/**
+ * An admin request's principal (the token id, never the token), its role and own tenant, and
+ * the tenant a refused access was aimed at: a 403's line says who tried what on whom.
+ */
+function adminFields(locals: AdminLocals): Record<string, string> {
+  const p = locals.admin?.principal;
+  const target = locals.adminRefusal?.targetTenant;
+  return {
+    ...(p?.tokenId !== undefined ? { principal: p.tokenId } : {}),
+    ...(p?.role !== undefined ? { role: p.role } : {}),
+    ...(p?.tenant !== undefined ? { principalTenant: p.tenant } : {}),
+    ...(target !== undefined ? { targetTenant: target } : {}),
   };
 }
 
@@ -256,6 +280,20 @@ export const recordRoutePattern: RequestHandler = (req, res, next) => {
   });
   next();
 };
+
+/**
+ * Records the route pattern of a request that no route has matched yet (the admin API names the
+ * route it resolved for a token it refuses before routing), for the refusal's log line.
+ */
+export function noteRoutePattern(res: { locals: unknown }, pattern: string): void {
+  const locals = res.locals as RouteLocals;
+  locals.routePattern ??= pattern;
+}
+
+/** The route pattern recorded for this request (see {@link recordRoutePattern}), if any. */
+export function routePatternOf(res: { locals: unknown }): string | undefined {
+  return (res.locals as RouteLocals).routePattern;
+}
 
 function routeOf(
   req: { baseUrl: string; route?: { path?: unknown } },

@@ -152,6 +152,8 @@ export interface EvidenceReport {
     actions: EvidenceEvent[];
     /** Residency decisions: refusals, failovers, home moves. */
     residency: EvidenceEvent[];
+    /** Admin accesses refused (403: `admin.forbidden`), by the action refused. */
+    forbidden: FailedAuthCounts;
   };
   failedAuth: {
     total: number;
@@ -415,9 +417,16 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
           e.type.startsWith('admin.') &&
           !e.type.startsWith('admin.token.') &&
           e.type !== 'admin.auth' &&
-          e.type !== 'admin.auth.suppressed',
+          e.type !== 'admin.auth.suppressed' &&
+          e.type !== 'admin.forbidden' &&
+          e.type !== 'admin.forbidden.suppressed',
       ),
       residency: events.filter((e) => e.type.startsWith('residency.')),
+      forbidden: countBy(
+        events.filter(
+          (e) => e.type === 'admin.forbidden' || e.type === 'admin.forbidden.suppressed',
+        ),
+      ),
     },
     failedAuth: {
       total: clientCounts.total + operatorCounts.total,
@@ -574,6 +583,14 @@ export function renderEvidenceMarkdown(report: EvidenceReport): string {
     '### Residency decisions',
     '',
     ...table(EVENT_HEADER, eventRows(report.adminActivity.residency)),
+    '### Refused admin accesses (403)',
+    '',
+    `Total: ${report.adminActivity.forbidden.total}.`,
+    '',
+    ...table(
+      ['action refused', 'count'],
+      Object.entries(report.adminActivity.forbidden.byReason).map(([r, n]) => [r, n]),
+    ),
     '## Failed authentication',
     '',
     `Total: ${report.failedAuth.total} (CDS clients ${report.failedAuth.clients.total}, operators ${report.failedAuth.operators.total}).`,

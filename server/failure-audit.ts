@@ -3,9 +3,15 @@
  * budget per second. Each refusal would otherwise cost a durable control-plane write, so a
  * flood of garbage tokens, which needs no credential at all, could make the service spend its
  * disk and its write queue on them. The first `perSecond` refusals of each second are audited
- * one by one, as before; the rest are counted by event type and reason and written as one
- * `<type>.suppressed` event per type and reason (`{ reason, count, from, to }`) when the second
- * is over. Metrics still count every refusal.
+ * one by one, as before; the rest are counted by event type and reason (and by the event's
+ * tenant and actor, when it has them) and written as one `<type>.suppressed` event per type and
+ * reason (`{ reason, count, from, to }`, with that tenant and actor) when the second is over.
+ * Metrics still count every refusal.
+ *
+ * Used for refused admin accesses too (`admin.forbidden`, 403): a principal flooding another
+ * tenant's routes costs one write per second, reason, target tenant and actor, and the counts
+ * still name who tried and on which tenant. A tenant or actor given here must come from a
+ * bounded set (a registered tenant, an authenticated token), never from the request's text.
  */
 import type { AuditEvent } from '../tenants/index.ts';
 
@@ -24,6 +30,8 @@ export interface FailureAuditor {
 interface Suppressed {
   type: string;
   reason: string;
+  tenant: string | undefined;
+  actor: string | undefined;
   count: number;
   from: number;
   to: number;
@@ -40,8 +48,8 @@ export function createFailureAuditor(opts: {
   const now = opts.now ?? Date.now;
   let second = Number.NEGATIVE_INFINITY;
   let audited = 0;
-  // Keyed by type and reason: both come from fixed sets (never from the request), so the map
-  // stays small whatever a client sends.
+  // Keyed by type, reason, tenant and actor: each comes from a fixed or bounded set (never from
+  // the request's text), so the map stays small whatever a client sends.
   const suppressed = new Map<string, Suppressed>();
   let timer: NodeJS.Timeout | undefined;
   /** The flushes' writes, one after another: a flush returns once every earlier one is written. */
@@ -61,6 +69,8 @@ export function createFailureAuditor(opts: {
         await opts.audit({
           type: `${s.type}.suppressed`,
           outcome: 'failure',
+          ...(s.tenant !== undefined ? { tenant: s.tenant } : {}),
+          ...(s.actor !== undefined ? { actor: s.actor } : {}),
           detail: {
             reason: s.reason,
             count: s.count,
@@ -88,7 +98,9 @@ export function createFailureAuditor(opts: {
         await opts.audit(event);
         return;
       }
-      const key = `${event.type}\u0000${event.detail.reason}`;
+      const key = [event.type, event.detail.reason, event.tenant ?? '', event.actor ?? ''].join(
+        '\u0000',
+      );
       const entry = suppressed.get(key);
       if (entry) {
         entry.count += 1;
@@ -97,6 +109,8 @@ export function createFailureAuditor(opts: {
         suppressed.set(key, {
           type: event.type,
           reason: event.detail.reason,
+          tenant: event.tenant,
+          actor: event.actor,
           count: 1,
           from: at,
           to: at,

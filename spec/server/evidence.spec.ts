@@ -81,6 +81,14 @@ describe('server/ evidence report', function () {
       .send({ role: 'auditor', tenant: 'hosp-a', label: 'external audit' });
     expect(issued.status).to.equal(201);
     auditorTokenId = issued.body.id as string;
+    // Before its revocation, the auditor of hosp-a tries hosp-b's tenant: refused, audited.
+    expect(
+      (
+        await request(t.app)
+          .get('/admin/tenants/hosp-b')
+          .set({ authorization: `Bearer ${issued.body.token as string}` })
+      ).status,
+    ).to.equal(403);
     expect(
       (await request(t.app).delete(`/admin/tokens/${auditorTokenId}`).set(admin())).status,
     ).to.equal(204);
@@ -277,6 +285,14 @@ describe('server/ evidence report', function () {
       byReason: { 'unknown token': 1 },
     });
     expect(report.failedAuth.total).to.equal(5);
+  });
+
+  it('counts refused admin accesses (403) by the action refused, apart from the admin actions', () => {
+    expect(report.adminActivity.forbidden).to.deep.equal({
+      total: 1,
+      byReason: { 'tenant:read': 1 },
+    });
+    expect(types(report.adminActivity.actions)).to.not.include('admin.forbidden');
   });
 
   it('reports each audit chain verification; a tenant without a store is not a failure', () => {
