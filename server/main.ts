@@ -3,6 +3,7 @@
  * that wires real resources together.
  */
 import { spawn } from 'node:child_process';
+import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { childEnv } from './config.ts';
@@ -46,7 +47,7 @@ export async function serve(
   const lifecycle = { shuttingDown: false };
   const app = createApp({ ...deps, lifecycle });
   const server = await new Promise<Server>((resolve, reject) => {
-    const s = app.listen(config.port, () => {
+    const s = createServer(SLOW_CLIENT_LIMITS, app).listen(config.port, () => {
       resolve(s);
     });
     s.once('error', reject);
@@ -129,6 +130,18 @@ async function drain(
   await closed;
   clearTimeout(deadline);
 }
+
+/**
+ * Slow clients (a connection trickling its headers or body) are cut off: headers within 20 s,
+ * the whole request within 120 s (a 4 MB pack upload on a slow link fits), looked at every 5 s.
+ * Node's defaults (60 s, 5 minutes, every 30 s) let a few hundred such connections hold the
+ * process's sockets for minutes.
+ */
+const SLOW_CLIENT_LIMITS = {
+  headersTimeout: 20_000,
+  requestTimeout: 120_000,
+  connectionsCheckingInterval: 5_000,
+} as const;
 
 /**
  * The settings a CLI in another terminal of the same folder needs to find this server and its
