@@ -643,6 +643,39 @@ async function isRegistered(deps: Deps, id: string): Promise<boolean> {
  * URL: a URL carries the ids (records, tokens) the request probed. The refusal stands whatever
  * the audit write does.
  */
+/**
+ * Audits a refused access (`admin.forbidden`, within the refusal audit budget): the actor, the
+ * action refused, the target tenant (as the event's tenant only when registered), where.
+ */
+export async function recordForbidden(
+  deps: Deps,
+  err: ForbiddenError,
+  site: {
+    principal: Principal;
+    requestId: string;
+    method: string;
+    endpoint: string;
+    target?: { id: string; registered: boolean };
+  },
+): Promise<void> {
+  const { principal, target } = site;
+  const event: AuditEvent & { detail: { reason: string } } = {
+    type: 'admin.forbidden',
+    outcome: 'failure',
+    actor: actorOf(principal),
+    ...(target?.registered === true ? { tenant: target.id } : {}),
+    detail: {
+      reason: refusedAction(err),
+      ...(principal.tenant !== undefined ? { actorTenant: principal.tenant } : {}),
+      ...(target !== undefined && !target.registered ? { targetTenant: target.id } : {}),
+      method: site.method,
+      endpoint: site.endpoint,
+      requestId: site.requestId.slice(0, 64),
+    },
+  };
+  await auditRefusal(deps, site.requestId, event, (e) => deps.failureAudit.record(e));
+}
+
 function auditForbidden(deps: Deps, routes: RouteTable): ErrorRequestHandler {
   return async (err: unknown, req, res, next) => {
     if (err instanceof ForbiddenError) {
@@ -655,21 +688,13 @@ function auditForbidden(deps: Deps, routes: RouteTable): ErrorRequestHandler {
           (res.locals as { adminRefusal?: { targetTenant?: string } }).adminRefusal = {
             ...(target !== undefined ? { targetTenant: target } : {}),
           };
-          const event: AuditEvent & { detail: { reason: string } } = {
-            type: 'admin.forbidden',
-            outcome: 'failure',
-            actor: actorOf(ctx.principal),
-            ...(registered ? { tenant: target } : {}),
-            detail: {
-              reason: refusedAction(err),
-              ...(ctx.principal.tenant !== undefined ? { actorTenant: ctx.principal.tenant } : {}),
-              ...(target !== undefined && !registered ? { targetTenant: target } : {}),
-              method: methodOf(req),
-              endpoint: pattern,
-              requestId: ctx.requestId.slice(0, 64),
-            },
-          };
-          await auditRefusal(deps, ctx.requestId, event, (e) => deps.failureAudit.record(e));
+          await recordForbidden(deps, err, {
+            principal: ctx.principal,
+            requestId: ctx.requestId,
+            method: methodOf(req),
+            endpoint: pattern,
+            ...(target !== undefined ? { target: { id: target, registered } } : {}),
+          });
         } catch (auditErr: unknown) {
           // Never turns the 403 into another answer (auditRefusal already catches the write).
           deps.log.error(

@@ -31,7 +31,7 @@ import {
 import type { FeedbackItem } from '../hooks/index.ts';
 import { answerCards, buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
-import { AuthError, authorize, createIdTokenVerifier } from '../tenants/index.ts';
+import { AuthError, authorize, createIdTokenVerifier, ForbiddenError } from '../tenants/index.ts';
 import type {
   AppIdentity,
   IdTokenContext,
@@ -40,7 +40,7 @@ import type {
   SmartLaunchTarget,
 } from '../tenants/index.ts';
 import { actorOf } from './admin-service.ts';
-import { resolveOperator } from './admin-routes.ts';
+import { recordForbidden, resolveOperator } from './admin-routes.ts';
 import type { Deps } from './context.ts';
 import { requestIdOf } from './context.ts';
 import { assertServedHere, recordAuthFailure } from './guards.ts';
@@ -363,10 +363,16 @@ const PlaygroundFeedbackBody = z.strictObject({
  */
 function authenticateOperator(deps: Deps): RequestHandler {
   return async (req, res, next) => {
-    const principal = await resolveOperator(deps, req.headers.authorization, {
-      endpoint: 'playground',
-    });
-    authorize(principal, 'pack:read');
+    const site = { endpoint: 'playground', method: req.method, requestId: requestIdOf(res) };
+    const principal = await resolveOperator(deps, req.headers.authorization, site);
+    try {
+      authorize(principal, 'pack:read');
+    } catch (err) {
+      if (err instanceof ForbiddenError) {
+        await recordForbidden(deps, err, { principal, ...site });
+      }
+      throw err;
+    }
     (res.locals as { principal?: Principal }).principal = principal;
     next();
   };

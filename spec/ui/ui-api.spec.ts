@@ -154,6 +154,23 @@ describe('card viewer: playground API', () => {
       });
     }
 
+    it('audits a refused playground access (admin.forbidden: actor, action, endpoint, request id)', async () => {
+      const res = await request(u.handler)
+        .get('/playground/api/packs')
+        .set('authorization', `Bearer ${auditor}`);
+      expect(res.status).to.equal(403);
+      const requestId = res.headers['x-request-id'] as string;
+      const events = await u.t.deps.controlPlane.audit.list({ type: 'admin.forbidden' });
+      const event = events.find((e) => e.detail?.requestId === requestId);
+      expect(event?.actor).to.match(/^auditor:tok_/);
+      expect(event?.detail).to.deep.include({
+        reason: 'pack:read',
+        actorTenant: 'tenant-a',
+        method: 'GET',
+        endpoint: 'playground',
+      });
+    });
+
     it('lets a rule author and the bootstrap operator list packs and patients', async () => {
       for (const token of [ruleAuthor, u.t.adminToken]) {
         const packs = await request(u.handler)
