@@ -16,6 +16,7 @@ import {
   mayBackupTo,
   mayServe,
   NotFoundError,
+  readBackupManifest,
   RegionMismatchError,
   ResidencyError,
 } from '../tenants/index.ts';
@@ -406,6 +407,7 @@ export class DataAdmin {
       throw new InvalidInputError('backup', `must be a backup folder under ${root}`);
     }
     try {
+      await this.registeredForRestore(tenantId ?? readBackupManifest(target).tenant);
       const result = await this.deps.stores.restoreTenant(target, {
         region: this.deps.stores.region,
         ...(tenantId !== undefined ? { tenant: tenantId } : {}),
@@ -437,6 +439,31 @@ export class DataAdmin {
         },
       });
       throw err;
+    }
+  }
+
+  /**
+   * A restore writes a store only for a registered tenant: one deprovisioned (its id retired,
+   * never registered again) or never registered would get a store nothing serves or shreds.
+   * @throws ConflictError (409) for a retired id, NotFoundError (404) for an unknown one.
+   */
+  private async registeredForRestore(tenantId: string): Promise<void> {
+    const tenants = this.deps.controlPlane.tenants;
+    try {
+      await tenants.get(tenantId);
+    } catch (err) {
+      if (!(err instanceof NotFoundError)) {
+        throw err;
+      }
+      const retiredAt = await tenants.retiredAt?.(tenantId);
+      if (retiredAt !== undefined) {
+        throw new ConflictError(
+          `tenant ${tenantId} was deprovisioned on ${retiredAt} (crypto-shredded, its id retired): its backups are not restored; nothing was written`,
+        );
+      }
+      throw Object.assign(new NotFoundError('tenant'), {
+        message: `tenant ${tenantId} is not registered: a backup is restored only for a registered tenant (register it first); nothing was written`,
+      });
     }
   }
 

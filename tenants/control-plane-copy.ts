@@ -63,6 +63,7 @@ export const COPIED_TABLES = [
   'admin_tokens',
   'audit_events',
   'audit_head',
+  'retired_tenants',
 ] as const;
 export type CopiedTable = (typeof COPIED_TABLES)[number];
 
@@ -73,6 +74,7 @@ const MODEL_OF: Record<CopiedTable, keyof ControlPlaneModels> = {
   admin_tokens: 'AdminToken',
   audit_events: 'Audit',
   audit_head: 'AuditHead',
+  retired_tenants: 'RetiredTenant',
 };
 
 /** Rows per read and per INSERT (packs are large: fewer). */
@@ -83,6 +85,7 @@ const PAGE: Record<CopiedTable, number> = {
   admin_tokens: 1000,
   audit_events: 1000,
   audit_head: 1,
+  retired_tenants: 1000,
 };
 
 export interface CopyProgress {
@@ -492,6 +495,7 @@ async function copy(opts: CopyControlPlaneOptions): Promise<CopyControlPlaneResu
             packs: counts.packs,
             adminTokens: counts.admin_tokens,
             auditEvents: counts.audit_events,
+            retiredTenants: counts.retired_tenants,
             sourceHeadSeq: sourceHead.seq,
             sourceHeadHash: sourceHead.hash,
           },

@@ -34,6 +34,16 @@ export interface TenantRow {
   updatedAt: string;
 }
 
+/**
+ * A tenant id that was deprovisioned (crypto-shredded) and left the registry: ids are never
+ * reused, so its audit history and any shredded data stay unambiguously its own.
+ */
+export interface RetiredTenantRow {
+  id: string;
+  /** ISO 8601 instant the registry entry was removed. */
+  retiredAt: string;
+}
+
 /** Index of `iss` -> tenant, so token verification finds candidate tenants with one lookup. */
 export interface TenantIssuerRow {
   iss: string;
@@ -92,6 +102,7 @@ export interface ControlPlaneModels {
   AdminToken: ModelStatic<Model<AdminTokenRow, AdminTokenRow>>;
   Audit: ModelStatic<Model<AuditRow, Creation<AuditRow, 'seq'>>>;
   AuditHead: ModelStatic<Model<AuditHeadRow, AuditHeadRow>>;
+  RetiredTenant: ModelStatic<Model<RetiredTenantRow, RetiredTenantRow>>;
 }
 
 /**
@@ -256,5 +267,15 @@ export function defineControlPlaneModels(
     },
     { ...common, tableName: 'audit_head' },
   );
-  return { Tenant, TenantIssuer, Pack, AdminToken, Audit, AuditHead };
+  // Written in the transaction that removes a deprovisioned tenant's registry entry; `sync()`
+  // creates it on control planes (SQLite and PostgreSQL alike) made before it existed.
+  const RetiredTenant = sequelize.define<Model<RetiredTenantRow, RetiredTenantRow>>(
+    'RetiredTenant',
+    {
+      id: { type: key(63), primaryKey: true },
+      retiredAt: { type: key(32), allowNull: false },
+    },
+    { ...common, tableName: 'retired_tenants' },
+  );
+  return { Tenant, TenantIssuer, Pack, AdminToken, Audit, AuditHead, RetiredTenant };
 }

@@ -126,10 +126,15 @@ function deepFreeze<T>(value: T): T {
   return value;
 }
 
+/** The refusal of a retired id: when, and why ids are never reused. */
+export function retiredMessage(id: string, retiredAt: string): string {
+  return `tenant id ${id} was deprovisioned on ${retiredAt}; ids are never reused (its audit history and crypto-shredded data stay unambiguous): choose another id`;
+}
+
 /** Creates the tenant repository over the given models. */
 export function createTenantRepository(deps: TenantRepositoryDeps): TenantRepository {
   const { models, now } = deps;
-  const { Tenant: TenantModel, TenantIssuer } = models;
+  const { Tenant: TenantModel, TenantIssuer, RetiredTenant } = models;
   const immediate = deps.writeTx;
   const maxIssuerCache = deps.maxIssuerCache ?? MAX_ISSUER_CACHE;
   /** findByIssuer answers (frozen) of one control-plane generation. */
@@ -253,6 +258,15 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     );
   }
 
+  /** When `id` was retired (deprovisioned), or undefined; read in `t` when given. */
+  async function retiredAt(id: string, t?: Transaction): Promise<string | undefined> {
+    const row = (await RetiredTenant.findByPk(id, {
+      raw: true,
+      ...(t ? { transaction: t } : {}),
+    })) as { retiredAt: string } | null;
+    return row?.retiredAt;
+  }
+
   return {
     async create(input, opts = {}) {
       const tenant = await validateNewTenant(input);
@@ -282,6 +296,11 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         await immediate(async (t) => {
           if (await TenantModel.findByPk(tenant.id, { transaction: t })) {
             throw new ConflictError('a tenant with this id already exists');
+          }
+          // Checked in the write transaction, as deprovisioning records it in its own.
+          const retired = await retiredAt(tenant.id, t);
+          if (retired !== undefined) {
+            throw new ConflictError(retiredMessage(tenant.id, retired));
           }
           await TenantModel.create(row, { transaction: t });
           await indexIssuers(tenant.id, tenant.issuers, t);
@@ -541,8 +560,17 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         await load(id, t);
         await TenantIssuer.destroy({ where: { tenantId: id }, transaction: t });
         await TenantModel.destroy({ where: { id }, transaction: t });
+        // The id is retired in the same transaction: never registered again (a new tenant
+        // under it would inherit the shredded key's tombstone and the old audit history).
+        if ((await retiredAt(id, t)) === undefined) {
+          await RetiredTenant.create({ id, retiredAt: now().toISOString() }, { transaction: t });
+        }
         await deps.revokeTenantTokens(id, t);
       });
+    },
+
+    retiredAt(id) {
+      return typeof id === 'string' ? retiredAt(id) : Promise.resolve(undefined);
     },
   };
 }

@@ -372,7 +372,16 @@ export interface TenantRepository {
    * same frozen array is answered while the control plane does not change.
    */
   smartLaunchTargets(): Promise<readonly SmartLaunchTarget[]>;
+  /**
+   * Removes a deprovisioned tenant from the registry, revokes its tenant-scoped admin tokens
+   * and retires its id (`retiredAt`), in one transaction. @throws NotFoundError.
+   */
   remove(id: string): Promise<void>;
+  /**
+   * When the id was retired (its tenant deprovisioned), else undefined. A retired id is never
+   * registered again: `create` refuses it with ConflictError (409).
+   */
+  retiredAt?(id: string): Promise<string | undefined>;
 }
 
 /** Rule-pack catalog: `(id, version)` is immutable once stored. */

@@ -399,6 +399,7 @@ describe('tenants/ isStoreUnavailableError: node-postgres on a dead connection',
         'audit_head',
         'control_generation',
         'packs',
+        'retired_tenants',
         'tenant_issuers',
         'tenants',
       ]);
