@@ -19,6 +19,23 @@ describe('docs', () => {
       });
       expect(compiled.id).to.equal('my-pack');
       expect(compiled.pack.tests).to.have.length(1);
+      // Its `pack eval` example: the request the doc names fires the rule, summary complete.
+      const request = JSON.parse(
+        fs.readFileSync('docs/examples/order-sign-naproxen-on-warfarin.json', 'utf8'),
+      ) as {
+        hook: string;
+        hookInstance: string;
+        context: Record<string, unknown>;
+        prefetch: Record<string, unknown>;
+      };
+      expect(text).to.include('--request docs/examples/order-sign-naproxen-on-warfarin.json');
+      const result = await evaluator.evaluate(compiled, 'my-pack-order-sign', {
+        ...request,
+        now: new Date('2020-05-11T12:00:00Z'),
+      });
+      expect(result.cards.map((c) => c.summary)).to.deep.equal([
+        'Warfarin + Naproxen sodium 220 MG Oral Tablet',
+      ]);
     } finally {
       await evaluator.close();
     }
