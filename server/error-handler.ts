@@ -111,6 +111,17 @@ export function toServiceError(err: unknown): ServiceError {
       cause: err,
     });
   }
+  if (err instanceof KeyUnavailableError && err.reason === 'tenant_key_destroyed') {
+    // The tenant's key in this region was destroyed (its data here crypto-shredded) while it is
+    // still registered (a standby shredded, then a failover to it): no retry will help, and it is
+    // no server fault. An operator ends it (clear the failover, or deprovision the tenant).
+    return new ServiceError(
+      409,
+      'conflict',
+      "the tenant's key was destroyed in this region (its data here was crypto-shredded); an operator must clear the failover or deprovision the tenant",
+      { detail: 'key: tenant_key_destroyed', cause: err },
+    );
+  }
   if (err instanceof KeyUnavailableError) {
     // The region's key provider is down: retryable. Any other key failure is a server fault.
     return err.reason === 'provider'
