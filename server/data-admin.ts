@@ -407,7 +407,10 @@ export class DataAdmin {
       throw new InvalidInputError('backup', `must be a backup folder under ${root}`);
     }
     try {
-      await this.registeredForRestore(tenantId ?? readBackupManifest(target).tenant);
+      const restoring = tenantId ?? readBackupManifest(target).tenant;
+      await this.registeredForRestore(restoring);
+      // Only in a region that may hold the tenant's data (as every data route): nothing written.
+      await this.tenant(principal, restoring, 'restore.tenant');
       const result = await this.deps.stores.restoreTenant(target, {
         region: this.deps.stores.region,
         ...(tenantId !== undefined ? { tenant: tenantId } : {}),

@@ -213,6 +213,9 @@ describe('regions and data residency (two jurisdictions, one plane per region)',
       request(us.app).post('/admin/tenants/eu-hospital/keys/rotate'),
       request(us.app).post('/admin/tenants/eu-hospital/backups'),
       request(us.app).get('/admin/tenants/eu-hospital/audit/verify'),
+      request(us.app)
+        .post('/admin/restores')
+        .send({ backup: 'eu-hospital-old', tenant: 'eu-hospital' }),
     ]) {
       const res = await asOp(r);
       expect(res.status, JSON.stringify(res.body)).to.equal(421);
