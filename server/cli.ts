@@ -544,7 +544,14 @@ async function call(
     throw unreachable(discoveryUrl, err);
   });
   if (!disc.ok) {
-    throw new CliError(`discovery refused: ${disc.status}`);
+    // The server never says why a token was refused; its audit trail does, by request id.
+    const requestId = disc.headers.get('x-request-id');
+    throw new CliError(
+      `discovery refused: ${disc.status}` +
+        (disc.status === 401
+          ? ` (request ${requestId ?? '?'}: npx cellcds audit list --type auth.failure shows its reason; a demo tenant suspended, or a data directory other than the server's, are the usual causes)`
+          : ''),
+    );
   }
   const services = ((await disc.json()) as { services: Array<{ id: string; hook: string }> })
     .services;
@@ -833,6 +840,9 @@ export function buildProgram(): Command {
   const tenant = program.command('tenant').description('manage tenants (local data directory)');
   tenant
     .command('add')
+    .description(
+      'register a tenant: its EHR issuer and keys (a JWK Set {"keys":[...]}), FHIR servers, home region',
+    )
     .requiredOption('--id <id>')
     .requiredOption('--name <name>')
     .option('--region <region>', 'home region (default CELLCDS_REGION)')
@@ -877,29 +887,35 @@ export function buildProgram(): Command {
         out(t);
       },
     );
-  tenant.command('list').action(async () => {
-    const list = await withLocal((a) => a.listTenants(LOCAL_OPERATOR));
-    for (const t of list) {
-      out(
-        `${t.id}\t${t.status}\t${t.region}\t${t.name}\t${t.subscriptions.map((s) => `${s.pack}@${s.version}`).join(',')}`,
-      );
-    }
-  });
+  tenant
+    .command('list')
+    .description('list tenants: id, status, home region, name, subscriptions')
+    .action(async () => {
+      const list = await withLocal((a) => a.listTenants(LOCAL_OPERATOR));
+      for (const t of list) {
+        out(
+          `${t.id}\t${t.status}\t${t.region}\t${t.name}\t${t.subscriptions.map((s) => `${s.pack}@${s.version}`).join(',')}`,
+        );
+      }
+    });
   tenant
     .command('show')
     .argument('<id>')
+    .description('print a tenant (issuers, FHIR servers, subscriptions, residency)')
     .action(async (id: string) => {
       out(await withLocal((a) => a.getTenant(LOCAL_OPERATOR, id)));
     });
   tenant
     .command('suspend')
     .argument('<id>')
+    .description("refuse the tenant's calls (401) until resumed")
     .action(async (id: string) => {
       out(await withLocal((a) => a.setTenantStatus(LOCAL_OPERATOR, id, 'suspended')));
     });
   tenant
     .command('resume')
     .argument('<id>')
+    .description("serve a suspended tenant's calls again")
     .action(async (id: string) => {
       out(await withLocal((a) => a.setTenantStatus(LOCAL_OPERATOR, id, 'active')));
     });
@@ -958,12 +974,16 @@ export function buildProgram(): Command {
         out(await withLocal((a) => a.issueToken(LOCAL_OPERATOR, input)));
       },
     );
-  token.command('list').action(async () => {
-    out(await withLocal((a) => a.listTokens(LOCAL_OPERATOR)));
-  });
+  token
+    .command('list')
+    .description('list tokens (never secrets): role, tenant, issuer, expiry, revocation')
+    .action(async () => {
+      out(await withLocal((a) => a.listTokens(LOCAL_OPERATOR)));
+    });
   token
     .command('revoke')
     .argument('<id>')
+    .description('revoke a token and every token it issued')
     .action(async (id: string) => {
       await withLocal((a) => a.revokeToken(LOCAL_OPERATOR, id));
       out(`revoked ${id}`);
@@ -1010,6 +1030,7 @@ export function buildProgram(): Command {
     .description('data keys and master keys (through the running server)');
   keys
     .command('status')
+    .description("a tenant's data key versions, wrap counts and running job")
     .requiredOption('--tenant <id>')
     .option('--url <base>')
     .option('--token <token>')
@@ -1154,6 +1175,7 @@ export function buildProgram(): Command {
   tenant
     .command('delete')
     .argument('<id>')
+    .description('deprovision: crypto-shred the tenant in this region and retire its id')
     .option('--yes', 'confirm: crypto-shreds the tenant (destroys its keys, then its store)')
     .option('--url <base>')
     .option('--token <token>')

@@ -243,6 +243,12 @@ async function validatePublicJwk(value: unknown, field: string): Promise<Json> {
 
 async function validateJwks(value: unknown, field: string): Promise<Jwks> {
   const jwks = requireObject(value, field);
+  if (jwks.keys === undefined && jwks.kty !== undefined) {
+    throw new InvalidInputError(
+      field,
+      'must be a JWK Set {"keys": [ ... ]}, not a single JWK: wrap the key in {"keys": [ ... ]}',
+    );
+  }
   rejectUnknown(jwks, ['keys'], field);
   const keys = requireArray(jwks.keys, `${field}.keys`, MAX_KEYS);
   if (keys.length === 0) {

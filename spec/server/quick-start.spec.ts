@@ -86,6 +86,18 @@ describe('quick start (npm start, then cellcds call --demo)', function () {
     expect(body.cards).to.be.an('array');
   });
 
+  it('a refused demo call names its request id and where its reason is (a suspended demo tenant)', () => {
+    expect(cli(['tenant', 'suspend', 'demo']).status).to.equal(0);
+    try {
+      const r = cli(['call', 'order-sign', '--demo']);
+      expect(r.status).to.equal(1);
+      expect(r.stderr).to.match(/discovery refused: 401 \(request [0-9a-f-]{36}: /);
+      expect(r.stderr).to.include('npx cellcds audit list --type auth.failure');
+    } finally {
+      expect(cli(['tenant', 'resume', 'demo']).status).to.equal(0);
+    }
+  });
+
   it('stops the boot on bad configuration, naming the setting', () => {
     const r = spawnSync(process.execPath, ['--import', 'tsx', 'server/cli.ts', 'serve'], {
       env: { ...process.env, PORT: 'eighty', CELLCDS_DATA_DIR: dataDir },

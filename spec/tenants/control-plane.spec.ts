@@ -406,6 +406,14 @@ describe('tenants/ control plane store', () => {
           'issuers[0].jwks.keys[0].kid',
         ],
         [
+          'a single JWK where a JWK Set belongs',
+          () => ({
+            ...tenantInput('acme'),
+            issuers: [{ iss: 'https://e.example', jwks: issuer.publicJwks().keys[0] }],
+          }),
+          'issuers[0].jwks',
+        ],
+        [
           'an empty key set',
           () =>
             tenantInput('acme', { issuers: [{ iss: 'https://e.example', jwks: { keys: [] } }] }),
@@ -481,6 +489,16 @@ describe('tenants/ control plane store', () => {
           expect(await cp.tenants.list()).to.deep.equal([]);
         });
       }
+
+      it('says how to fix a single JWK given as the key set', async () => {
+        const err = await rejection(
+          cp.tenants.create({
+            ...tenantInput('acme'),
+            issuers: [{ iss: 'https://e.example', jwks: issuer.publicJwks().keys[0] }],
+          } as unknown as NewTenant),
+        );
+        expect(err.message).to.include('wrap the key in {"keys": [ ... ]}');
+      });
 
       it('accepts http JWKS URLs on 127.0.0.1 and localhost only', async () => {
         const t = await cp.tenants.create(

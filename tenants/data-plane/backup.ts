@@ -459,6 +459,12 @@ export async function writeBackup(
 export function readBackupManifest(backupPath: string): BackupManifest {
   const folder = path.resolve(backupPath);
   const manifestFile = path.join(folder, MANIFEST);
+  if (!fs.existsSync(folder)) {
+    throw new BackupError(
+      'manifest',
+      `no backup ${path.basename(folder)} in this region's backup folder (a backup is named <tenant>.<region>.<stamp>.<id>, as the backup command printed it)`,
+    );
+  }
   let raw: unknown;
   try {
     const st = fs.statSync(manifestFile);

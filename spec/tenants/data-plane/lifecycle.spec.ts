@@ -208,6 +208,10 @@ forEachBackend('tenants/ data plane: backup, restore, deprovision', (backend) =>
       m.extra = 'x';
     });
     expect((await backupError(env.stores.restoreTenant(broken))).reason).to.equal('manifest');
+    // A name that is no backup at all says so (not "manifest.json is missing or not JSON").
+    const none = await backupError(env.stores.restoreTenant(path.join(env.dir, 'no-such-backup')));
+    expect(none.reason).to.equal('manifest');
+    expect(none.message).to.include("no backup no-such-backup in this region's backup folder");
 
     // The live store is untouched by every refusal.
     expect((await s.readInvocation('inv-after-backup')).id).to.equal('inv-after-backup');
