@@ -355,7 +355,9 @@ async function adminCall(
     throw unreachable(base, err);
   }
   const parsed = (await res.json().catch(() => ({}))) as Record<string, unknown>;
-  const retryAfter = Number(res.headers.get('retry-after') ?? '');
+  // Only a Retry-After in seconds counts (absent, or an HTTP date: no retry).
+  const header = res.headers.get('retry-after');
+  const retryAfter = header !== null && /^\d+$/.test(header.trim()) ? Number(header) : NaN;
   return {
     status: res.status,
     body: parsed,
@@ -625,6 +627,7 @@ export function buildProgram(): Command {
     .option('--json', 'print the result as JSON')
     .action(async (o: { tenant: string; to: string; stateDir?: string; json?: boolean }) => {
       const cfg = config();
+      assertDataDirHere(cfg);
       const matrix = regionMatrix(cfg);
       const controlPlane = await openConfiguredControlPlane(cfg);
       try {
@@ -746,6 +749,7 @@ export function buildProgram(): Command {
     .option('--out <dir>', 'output folder', '.')
     .action(async (o: { from: string; to: string; out: string }) => {
       const cfg = config();
+      assertDataDirHere(cfg);
       const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), { resumeJobs: false });
       try {
         const storeOf = async (t: Tenant) =>

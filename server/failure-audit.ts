@@ -37,6 +37,12 @@ interface Suppressed {
   to: number;
 }
 
+/**
+ * Count events (`<type>.suppressed`) attributed to a tenant and actor, per second; beyond them,
+ * counts go to one event per type and reason without either (at most one more per pair).
+ */
+export const MAX_COUNT_EVENTS_PER_SECOND = 20;
+
 export function createFailureAuditor(opts: {
   audit: (event: AuditEvent) => Promise<unknown>;
   /** Refusals audited one by one per second (the rest are counted). */
@@ -48,8 +54,8 @@ export function createFailureAuditor(opts: {
   const now = opts.now ?? Date.now;
   let second = Number.NEGATIVE_INFINITY;
   let audited = 0;
-  // Keyed by type, reason, tenant and actor: each comes from a fixed or bounded set (never from
-  // the request's text), so the map stays small whatever a client sends.
+  // Keyed by type, reason, tenant and actor (never the request's text), at most
+  // MAX_COUNT_EVENTS_PER_SECOND keys so attributed, then by type and reason alone.
   const suppressed = new Map<string, Suppressed>();
   let timer: NodeJS.Timeout | undefined;
   /** The flushes' writes, one after another: a flush returns once every earlier one is written. */
@@ -98,9 +104,16 @@ export function createFailureAuditor(opts: {
         await opts.audit(event);
         return;
       }
-      const key = [event.type, event.detail.reason, event.tenant ?? '', event.actor ?? ''].join(
+      // Counted by who and where for the first keys of the second; past them (many tokens, or
+      // many tenants, refused at once) by type and reason alone, so the writes stay bounded.
+      let key = [event.type, event.detail.reason, event.tenant ?? '', event.actor ?? ''].join(
         '\u0000',
       );
+      let attributed = true;
+      if (!suppressed.has(key) && suppressed.size >= MAX_COUNT_EVENTS_PER_SECOND) {
+        key = [event.type, event.detail.reason, '\u0001'].join('\u0000');
+        attributed = false;
+      }
       const entry = suppressed.get(key);
       if (entry) {
         entry.count += 1;
@@ -109,8 +122,8 @@ export function createFailureAuditor(opts: {
         suppressed.set(key, {
           type: event.type,
           reason: event.detail.reason,
-          tenant: event.tenant,
-          actor: event.actor,
+          tenant: attributed ? event.tenant : undefined,
+          actor: attributed ? event.actor : undefined,
           count: 1,
           from: at,
           to: at,

@@ -207,24 +207,58 @@ describe('cellcds CLI', function () {
     try {
       const env: NodeJS.ProcessEnv = { ...process.env, CELLCDS_LOG_LEVEL: 'silent' };
       delete env.CELLCDS_DATA_DIR;
-      const r = spawnSync(
-        process.execPath,
+      const commands = [
+        ['tenant', 'list'],
+        // An evidence report of an empty deployment would mislead an auditor.
         [
-          '--import',
-          pathToFileURL(path.resolve('node_modules/tsx/dist/loader.mjs')).href,
-          path.resolve('server/cli.ts'),
-          'tenant',
-          'list',
+          'evidence',
+          '--from',
+          '2026-01-01T00:00:00Z',
+          '--to',
+          '2026-12-31T00:00:00Z',
+          '--out',
+          'ev',
         ],
-        { cwd: elsewhere, env, encoding: 'utf8', timeout: 90_000 },
-      );
-      expect(r.status, r.stderr).to.equal(2);
-      expect(r.stderr).to.include(
-        `no cellcds data directory at ${path.join(fs.realpathSync(elsewhere), 'var')}`,
-      );
-      expect(fs.readdirSync(elsewhere)).to.deep.equal([]);
+        ['migrate', '--tenant', 'hosp-a', '--to', 'eu'],
+      ];
+      for (const command of commands) {
+        const r = spawnSync(
+          process.execPath,
+          [
+            '--import',
+            pathToFileURL(path.resolve('node_modules/tsx/dist/loader.mjs')).href,
+            path.resolve('server/cli.ts'),
+            ...command,
+          ],
+          { cwd: elsewhere, env, encoding: 'utf8', timeout: 90_000 },
+        );
+        expect(r.status, `${command.join(' ')}: ${r.stderr}`).to.equal(2);
+        expect(r.stderr).to.include(
+          `no cellcds data directory at ${path.join(fs.realpathSync(elsewhere), 'var')}`,
+        );
+        expect(fs.readdirSync(elsewhere)).to.deep.equal([]);
+      }
     } finally {
       fs.rmSync(elsewhere, { recursive: true, force: true });
+    }
+  });
+
+  it('pack push: a 503 without Retry-After (a proxy, a draining server) is not retried', async () => {
+    let posts = 0;
+    const proxy = http.createServer((_req, res) => {
+      posts++;
+      res.writeHead(503, { 'content-type': 'text/plain' }).end('unavailable');
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    try {
+      const url = `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
+      const r = await runAsync(['pack', 'push', PACK, '--url', url, '--token', 'x'.repeat(40)]);
+      expect(r.status).to.equal(1);
+      expect(r.stderr).to.not.include('retrying');
+      expect(r.stderr).to.include('upload refused (503)');
+      expect(posts).to.equal(1);
+    } finally {
+      proxy.close();
     }
   });
 

@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { createFailureAuditor } from '../../server/failure-audit.ts';
+import { createFailureAuditor, MAX_COUNT_EVENTS_PER_SECOND } from '../../server/failure-audit.ts';
 import type { AuditEvent } from '../../tenants/index.ts';
 
 const refusal = (reason: string) =>
@@ -60,5 +60,37 @@ describe('server/ createFailureAuditor', () => {
       ['malformed', 3],
     ]);
     expect(written.filter((e) => e.type === 'auth.failure')).to.have.length(2);
+  });
+
+  it('bounds the count events of one second however many actors and tenants refuse (attribution kept for the first few)', async () => {
+    const written: AuditEvent[] = [];
+    let at = Date.parse('2026-12-06T10:00:00.100Z');
+    const auditor = createFailureAuditor({
+      audit: (event) => {
+        written.push(event);
+        return Promise.resolve();
+      },
+      perSecond: 1,
+      now: () => at,
+    });
+    // 200 refused accesses by 200 distinct tokens (a tenant-admin can issue auditor tokens).
+    for (let i = 0; i < 200; i++) {
+      await auditor.record({
+        type: 'admin.forbidden',
+        outcome: 'failure',
+        tenant: 'hosp-b',
+        actor: `auditor:tok_${String(i).padStart(4, '0')}`,
+        detail: { reason: 'records:read' },
+      });
+    }
+    at += 1000;
+    await auditor.flush();
+    const counts = written.filter((e) => e.type === 'admin.forbidden.suppressed');
+    expect(counts.length).to.be.at.most(MAX_COUNT_EVENTS_PER_SECOND + 1);
+    expect(counts.reduce((n, e) => n + Number(e.detail?.count), 0)).to.equal(199);
+    // The first keys keep who and where; the rest are counted together, without an actor.
+    expect(counts[0]?.actor).to.equal('auditor:tok_0001');
+    const rest = counts.find((e) => e.actor === undefined);
+    expect(rest?.detail).to.include({ reason: 'records:read' });
   });
 });
