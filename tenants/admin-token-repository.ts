@@ -14,7 +14,7 @@ import crypto from 'node:crypto';
 import { Op } from 'sequelize';
 import type { Transaction } from 'sequelize';
 import type { AdminTokenRow, ControlPlaneModels, WriteTx } from './control-plane-models.ts';
-import { AdminAuthError, InvalidInputError, NotFoundError } from './errors.ts';
+import { AdminAuthError, ConflictError, InvalidInputError, NotFoundError } from './errors.ts';
 import type { AdminTokenInfo, IssuedAdminToken, NewAdminToken, Principal, Role } from './types.ts';
 
 /** Every admin token starts with this, so secret scanners and humans recognise it. */
@@ -114,7 +114,15 @@ export interface AdminTokenRepositoryDeps {
   writeTx: WriteTx;
   /** Whether the tenant exists, read in the write transaction `t`. */
   tenantExists: (id: string, t: Transaction) => Promise<boolean>;
+  /** Live (not revoked, not expired) tokens one tenant may hold. Default 1000. */
+  maxLiveTokensPerTenant?: number;
 }
+
+/**
+ * Live tokens per tenant (tenant-admin and auditor): a tenant-admin issues auditor tokens, and
+ * each is a principal of its own (an unbounded number would also unbound what is keyed by actor).
+ */
+export const MAX_LIVE_TOKENS_PER_TENANT = 1000;
 
 /** What `createAdminTokenRepository` gives: tenants/types.ts's AdminTokenRepository, and more. */
 export interface AdminTokenStore {
@@ -226,6 +234,25 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
         }
         if (isTenantRole && !(await deps.tenantExists(tenant as string, t))) {
           throw refuseTenant();
+        }
+        if (isTenantRole) {
+          const max = deps.maxLiveTokensPerTenant ?? MAX_LIVE_TOKENS_PER_TENANT;
+          const live = await AdminToken.count({
+            where: {
+              tenantId: tenant as string,
+              revokedAt: { [Op.is]: null },
+              [Op.or]: [
+                { expiresAt: { [Op.is]: null } },
+                { expiresAt: { [Op.gt]: now.toISOString() } },
+              ],
+            },
+            transaction: t,
+          });
+          if (live >= max) {
+            throw new ConflictError(
+              `tenant ${tenant as string} already has ${String(max)} live tokens: revoke some first`,
+            );
+          }
         }
         await AdminToken.create(
           {

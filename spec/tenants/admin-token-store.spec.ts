@@ -15,6 +15,7 @@ import { sqliteExec } from '../helpers/sqlite-exec.ts';
 import {
   AdminAuthError,
   authorize,
+  ConflictError,
   copyControlPlane,
   ForbiddenError,
   hashAdminToken,
@@ -168,9 +169,10 @@ describe('tenants/ admin token lifetimes', () => {
   describe('the repository (check: why a token is refused)', () => {
     let sequelize: Sequelize;
     let repo: ReturnType<typeof createAdminTokenRepository>;
+    let models: ReturnType<typeof defineControlPlaneModels>;
     beforeEach(async () => {
       sequelize = new Sequelize({ dialect: 'sqlite', storage: ':memory:', logging: false });
-      const models = defineControlPlaneModels(sequelize);
+      models = defineControlPlaneModels(sequelize);
       await sequelize.sync();
       repo = createAdminTokenRepository({
         models,
@@ -180,6 +182,30 @@ describe('tenants/ admin token lifetimes', () => {
       });
     });
     afterEach(async () => sequelize.close());
+
+    it("caps a tenant's live tokens (revoked and expired ones do not count): a tenant-admin cannot mint tokens without bound", async () => {
+      const capped = createAdminTokenRepository({
+        models,
+        now: () => new Date(clock),
+        writeTx: (fn) => sequelize.transaction((t) => fn(t)),
+        tenantExists: () => Promise.resolve(true),
+        maxLiveTokensPerTenant: 3,
+      });
+      const issued = [];
+      for (let i = 0; i < 3; i++) {
+        issued.push(await capped.issue({ role: 'auditor', tenant: 'acme' }));
+      }
+      const err = await rejection(capped.issue({ role: 'auditor', tenant: 'acme' }));
+      expect(err).to.be.instanceOf(ConflictError);
+      expect(err.message).to.include('tenant acme already has 3 live tokens');
+      // Another tenant, and the operator's own tokens, are not affected.
+      await capped.issue({ role: 'auditor', tenant: 'other' });
+      await capped.issue({ role: 'rule-author' });
+      await capped.revoke(issued[0]!.id);
+      await capped.issue({ role: 'auditor', tenant: 'acme', expiresInDays: 1 });
+      setClock(plusDays(T0, 2));
+      await capped.issue({ role: 'auditor', tenant: 'acme' });
+    });
 
     it('tells unknown, revoked and expired apart (with the row id only for a stored token)', async () => {
       const checks = async (token: string): Promise<AdminTokenCheck> => repo.check(token);
