@@ -21,12 +21,7 @@ import {
   ForbiddenError,
   TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
-import type {
-  AdminTokenCheck,
-  AdminTokenRefusal,
-  AuditEvent,
-  Principal,
-} from '../tenants/index.ts';
+import type { AdminTokenRefusal, AuditEvent, Principal } from '../tenants/index.ts';
 import { adminActionLog } from './admin-action-log.ts';
 import { actorOf } from './admin-service.ts';
 import type { AdminService } from './admin-service.ts';
@@ -376,16 +371,6 @@ export interface OperatorSite {
   recheck?: boolean;
 }
 
-/** The repository's verdict; one without `check` (a test double) refuses as `unknown`. */
-async function checkToken(deps: Deps, token: string): Promise<AdminTokenCheck> {
-  const repo = deps.controlPlane.adminTokens;
-  if (repo.check) {
-    return repo.check(token);
-  }
-  const principal = await repo.authenticate(token);
-  return principal ? { principal } : { refused: { reason: 'unknown' } };
-}
-
 /**
  * Resolves an operator bearer token (`Authorization: Bearer <token>`) to a principal: the
  * bootstrap token (compared by sha256, in constant time), else an issued admin token. An
@@ -411,7 +396,7 @@ export async function resolveOperator(
   ) {
     return { tokenId: 'bootstrap', role: 'platform-operator' };
   }
-  const checked = await checkToken(deps, token);
+  const checked = await deps.controlPlane.adminTokens.check(token);
   if ('principal' in checked) {
     return checked.principal;
   }

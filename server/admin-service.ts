@@ -27,7 +27,6 @@ import {
   NotFoundError,
 } from '../tenants/index.ts';
 import type {
-  AdminTokenInfo,
   AuditEvent,
   ControlPlane,
   NewAdminToken,
@@ -372,35 +371,14 @@ export class AdminService {
    * (`cascadeOf`, under that token's tenant). Returns its id and tenant (for the log line).
    */
   async revokeToken(principal: Principal, id: string): Promise<{ id: string; tenant?: string }> {
-    type Listed = AdminTokenInfo;
     const tokens = this.deps.controlPlane.adminTokens;
-    const before: Listed[] = await tokens.list();
-    const info = before.find((t) => t.id === id);
+    const info = (await tokens.list()).find((t) => t.id === id);
     if (!info) {
       throw new NotFoundError('token');
     }
     authorize(principal, 'token:revoke', info.tenant, { tokenId: id, role: info.role });
-    await tokens.revoke(id);
-    // The descendants now revoked that were live before: those this revocation took with it.
-    // (Issuing re-reads its issuer in a write transaction, so none can be added after it.)
-    const after: Listed[] = await tokens.list();
-    const wasLive = new Set(before.filter((t) => t.revokedAt === undefined).map((t) => t.id));
-    const known = new Set(before.map((t) => t.id));
-    const cascaded: Listed[] = [];
-    const reached = new Set([id]);
-    let grew = true;
-    while (grew) {
-      grew = false;
-      for (const t of after) {
-        if (t.issuedBy !== undefined && reached.has(t.issuedBy) && !reached.has(t.id)) {
-          reached.add(t.id);
-          grew = true;
-          if (t.revokedAt !== undefined && (wasLive.has(t.id) || !known.has(t.id))) {
-            cascaded.push(t);
-          }
-        }
-      }
-    }
+    // The descendants revoked with it, as the repository's transaction found them.
+    const cascaded = await tokens.revoke(id);
     await this.audit(principal, {
       type: 'admin.token.revoke',
       outcome: 'success',

@@ -15,7 +15,14 @@ import { Op } from 'sequelize';
 import type { Transaction } from 'sequelize';
 import type { AdminTokenRow, ControlPlaneModels, WriteTx } from './control-plane-models.ts';
 import { AdminAuthError, ConflictError, InvalidInputError, NotFoundError } from './errors.ts';
-import type { AdminTokenInfo, IssuedAdminToken, NewAdminToken, Principal, Role } from './types.ts';
+import type {
+  AdminTokenInfo,
+  IssuedAdminToken,
+  NewAdminToken,
+  Principal,
+  RevokedAdminToken,
+  Role,
+} from './types.ts';
 
 /** Every admin token starts with this, so secret scanners and humans recognise it. */
 export const ADMIN_TOKEN_PREFIX = 'ccds_';
@@ -142,7 +149,7 @@ export interface AdminTokenStore {
    * Revokes the token and, in the same transaction, every live token it issued, transitively.
    * @throws NotFoundError for an unknown id.
    */
-  revoke(id: string): Promise<void>;
+  revoke(id: string): Promise<RevokedAdminToken[]>;
   list(): Promise<AdminTokenInfoWithLifetime[]>;
   revokeForTenant(tenantId: string, t: Transaction): Promise<void>;
 }
@@ -283,7 +290,7 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
       if (typeof id !== 'string') {
         throw new NotFoundError('admin token');
       }
-      await deps.writeTx(async (t) => {
+      return deps.writeTx(async (t) => {
         if (!(await AdminToken.findByPk(id, { attributes: ['id'], transaction: t, raw: true }))) {
           throw new NotFoundError('admin token');
         }
@@ -304,10 +311,22 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
             ids.add(c);
           }
         }
+        const live = { id: { [Op.in]: [...ids] }, revokedAt: { [Op.is]: null } };
+        const taken = (await AdminToken.findAll({
+          attributes: ['id', 'tenantId', 'issuedBy'],
+          where: { ...live, id: { [Op.in]: [...ids].filter((d) => d !== id) } },
+          transaction: t,
+          raw: true,
+        })) as unknown as Array<Pick<AdminTokenRow, 'id' | 'tenantId' | 'issuedBy'>>;
         await AdminToken.update(
           { revokedAt: deps.now().toISOString() },
-          { where: { id: { [Op.in]: [...ids] }, revokedAt: { [Op.is]: null } }, transaction: t },
+          { where: live, transaction: t },
         );
+        return taken.map((r) => ({
+          id: r.id,
+          ...(r.tenantId !== null ? { tenant: r.tenantId } : {}),
+          ...(r.issuedBy !== null ? { issuedBy: r.issuedBy } : {}),
+        }));
       });
     },
 

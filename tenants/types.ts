@@ -282,6 +282,13 @@ export interface AdminTokenInfo {
 export type AdminTokenRefusal =
   { reason: 'unknown'; tokenId?: undefined } | { reason: 'revoked' | 'expired'; tokenId: string };
 
+/** A token revoked with the one named (its descendant): who it was, and who issued it. */
+export interface RevokedAdminToken {
+  id: string;
+  tenant?: string;
+  issuedBy?: string;
+}
+
 /** The outcome of `adminTokens.check`: the principal, or why there is none. */
 export type AdminTokenCheck = { principal: Principal } | { refused: AdminTokenRefusal };
 
@@ -397,10 +404,13 @@ export interface PackRepository {
 export interface AdminTokenRepository {
   issue(input: NewAdminToken): Promise<IssuedAdminToken>;
   authenticate(token: string): Promise<Principal | undefined>;
-  /** As `authenticate`, saying why a token was refused (audited, never told to the caller); optional while fakes lack it. */
-  check?(token: string): Promise<AdminTokenCheck>;
-  /** Revokes the token and, in one transaction, every token it issued, transitively. */
-  revoke(id: string): Promise<void>;
+  /** As `authenticate`, saying why a token was refused (audited, never told to the caller). */
+  check(token: string): Promise<AdminTokenCheck>;
+  /**
+   * Revokes the token and, in one transaction, every token it issued, transitively.
+   * @returns the descendants this revocation took with it (those live until then).
+   */
+  revoke(id: string): Promise<RevokedAdminToken[]>;
   list(): Promise<AdminTokenInfo[]>;
 }
 
