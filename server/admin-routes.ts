@@ -195,7 +195,10 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
       const text = typeof req.body === 'string' ? req.body : '';
       // Parsed in the validation worker, with the rest (a large YAML takes seconds to parse).
       const format = req.is(YAML_TYPES) ? 'yaml' : 'json';
-      const result = await admin.uploadPackText(principalOf(res), text, format);
+      // Validation and tests take up to tens of seconds: the token must still hold to store.
+      const result = await admin.uploadPackText(principalOf(res), text, format, () =>
+        recheckToken(deps, req, res),
+      );
       res.status(result.status === 'created' ? 201 : 200).json({
         id: result.id,
         version: result.version,
@@ -523,18 +526,27 @@ function authenticateAdmin(deps: Deps, routes: RouteTable): RequestHandler {
  */
 function recheckAdmin(deps: Deps): RequestHandler {
   return async (req, res, next) => {
-    const ctx = adminCtxOf(res);
-    const again = await resolveOperator(deps, req.headers.authorization, {
-      requestId: ctx.requestId,
-      method: methodOf(req),
-      endpoint: routePatternOf(res) ?? `${req.baseUrl}${NO_ROUTE}`,
-      recheck: true,
-    });
-    if (again.tokenId !== ctx.principal.tokenId) {
-      throw new AdminAuthError('admin token changed during the request');
-    }
+    await recheckToken(deps, req, res);
     next();
   };
+}
+
+/**
+ * The request's token checked again (see {@link recheckAdmin}); also run by a pack upload once
+ * its pack is validated and tested (up to tens of seconds), right before it is stored.
+ * @throws AdminAuthError (401, audited `admin.auth` with `recheck: true`) if it no longer holds.
+ */
+async function recheckToken(deps: Deps, req: Request, res: express.Response): Promise<void> {
+  const ctx = adminCtxOf(res);
+  const again = await resolveOperator(deps, req.headers.authorization, {
+    requestId: ctx.requestId,
+    method: methodOf(req),
+    endpoint: routePatternOf(res) ?? `${req.baseUrl}${NO_ROUTE}`,
+    recheck: true,
+  });
+  if (again.tokenId !== ctx.principal.tokenId) {
+    throw new AdminAuthError('admin token changed during the request');
+  }
 }
 
 /** Every action authorize() knows: a refusal's audited reason is one of these (or `unknown`). */

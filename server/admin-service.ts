@@ -423,11 +423,21 @@ export class AdminService {
     principal: Principal,
     text: string,
     format: 'json' | 'yaml',
+    beforeStore?: () => Promise<void>,
   ): Promise<UploadedPack> {
-    return this.upload(principal, { text, format });
+    return this.upload(principal, { text, format }, beforeStore);
   }
 
-  private async upload(principal: Principal, input: PackCheckInput): Promise<UploadedPack> {
+  /**
+   * Validates, tests and stores a pack. `beforeStore` runs once it is validated and tested, right
+   * before it is stored (the admin API checks the uploader's token again there); if it throws,
+   * nothing is stored.
+   */
+  private async upload(
+    principal: Principal,
+    input: PackCheckInput,
+    beforeStore?: () => Promise<void>,
+  ): Promise<UploadedPack> {
     authorize(principal, 'pack:upload');
     let compiled;
     let warnings: string[];
@@ -444,6 +454,7 @@ export class AdminService {
       }
       throw err;
     }
+    await beforeStore?.();
     const status = await this.deps.controlPlane.packs.put({
       id: compiled.id,
       version: compiled.version,

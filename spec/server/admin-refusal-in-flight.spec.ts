@@ -124,6 +124,41 @@ describe('server/ a token revoked while its request is in flight', () => {
     ).to.equal(true);
   });
 
+  it('does not store a pack whose uploader was revoked while it was being validated (401)', async () => {
+    const issued = await op(request(t.app).post('/admin/tokens')).send({ role: 'rule-author' });
+    expect(issued.status).to.equal(201);
+    const { id, token } = issued.body as { id: string; token: string };
+    // The token passes on arrival and again once the body is read; it is revoked right after
+    // that second check, while the pack is validated and its tests run.
+    const repo = t.deps.controlPlane.adminTokens;
+    const original = repo.check.bind(repo);
+    let checks = 0;
+    repo.check = async (given: string) => {
+      const result = await original(given);
+      if (given === token && ++checks === 2) {
+        await repo.revoke(id);
+      }
+      return result;
+    };
+    try {
+      const res = await request(t.app)
+        .post('/admin/rule-packs')
+        .set('authorization', `Bearer ${token}`)
+        .send(tinyPack('revoked-during-check'));
+      expect(res.status).to.equal(401);
+      expect(res.body).to.include({ error: 'invalid_token' });
+    } finally {
+      repo.check = original;
+    }
+    expect(checks).to.be.greaterThan(2);
+    const packs = await op(request(t.app).get('/admin/rule-packs'));
+    expect((packs.body as { packs: Array<{ id: string }> }).packs.map((p) => p.id)).to.not.include(
+      'revoked-during-check',
+    );
+    const uploads = await t.deps.controlPlane.audit.list({ type: 'admin.pack.upload' });
+    expect(uploads.filter((e) => e.actor === `rule-author:${id}`)).to.deep.equal([]);
+  });
+
   it('still serves a PUT whose token stays valid', async () => {
     const issued = await op(request(t.app).post('/admin/tokens')).send({
       role: 'tenant-admin',
