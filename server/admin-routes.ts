@@ -656,6 +656,7 @@ export async function recordForbidden(
   },
 ): Promise<void> {
   const { principal, target } = site;
+  deps.metrics.adminForbidden(refusedAction(err));
   const event: AuditEvent & { detail: { reason: string } } = {
     type: 'admin.forbidden',
     outcome: 'failure',

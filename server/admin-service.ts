@@ -21,7 +21,9 @@ import type {
 } from '../rules/index.ts';
 import {
   authorize,
+  authorizeRole,
   authorizeTokenIssue,
+  ForbiddenError,
   InvalidInputError,
   MAX_SUBSCRIPTIONS,
   NotFoundError,
@@ -372,11 +374,26 @@ export class AdminService {
    */
   async revokeToken(principal: Principal, id: string): Promise<{ id: string; tenant?: string }> {
     const tokens = this.deps.controlPlane.adminTokens;
+    // A role that revokes nothing is refused whatever the id (403 for known and unknown alike).
+    authorizeRole(principal, 'token:revoke');
     const info = (await tokens.list()).find((t) => t.id === id);
     if (!info) {
       throw new NotFoundError('token');
     }
-    authorize(principal, 'token:revoke', info.tenant, { tokenId: id, role: info.role });
+    try {
+      authorize(principal, 'token:revoke', info.tenant, { tokenId: id, role: info.role });
+    } catch (err) {
+      // Another tenant's token answers like an unknown one (404): a tenant-scoped caller cannot
+      // learn that an id exists. Still a refusal: audited as `admin.forbidden`.
+      if (
+        err instanceof ForbiddenError &&
+        principal.tenant !== undefined &&
+        info.tenant !== principal.tenant
+      ) {
+        throw new ForbiddenError(err.message, { hiddenAs: 'token' });
+      }
+      throw err;
+    }
     // The descendants revoked with it, as the repository's transaction found them.
     const cascaded = await tokens.revoke(id);
     await this.audit(principal, {

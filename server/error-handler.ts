@@ -54,6 +54,12 @@ export function toServiceError(err: unknown): ServiceError {
       cause: err,
     });
   }
+  if (err instanceof ForbiddenError && err.hiddenAs !== undefined) {
+    return new ServiceError(404, 'not_found', `${err.hiddenAs} not found`, {
+      detail: err.message,
+      cause: err,
+    });
+  }
   if (err instanceof ForbiddenError) {
     // The policy's own words (a role and an action, e.g. "role platform-operator may not
     // records:read"): tells the caller which token it needs, names no data.

@@ -154,6 +154,7 @@ export class Metrics {
   private readonly prefetchFetches: Counter<'outcome'>;
   private readonly authFailures: Counter<'surface' | 'reason'>;
   private readonly auditWriteFailures: Counter<'event'>;
+  private readonly adminForbiddens: Counter<'action'>;
   private readonly jobsRunning: Gauge<'kind'>;
   private readonly jobDone: Gauge<'kind'>;
   private readonly jobTotal: Gauge<'kind'>;
@@ -201,6 +202,12 @@ export class Metrics {
       name: 'cellcds_auth_failures_total',
       help: 'Refused credentials by surface and reason',
       labelNames: ['surface', 'reason'],
+      registers,
+    });
+    this.adminForbiddens = new Counter({
+      name: 'cellcds_admin_forbidden_total',
+      help: "Admin API requests refused by the policy (403, or 404 for another tenant's token), by the action refused",
+      labelNames: ['action'],
       registers,
     });
     this.auditWriteFailures = new Counter({
@@ -434,10 +441,19 @@ export class Metrics {
     });
   }
 
+  /** Counts an admin request the policy refused (`action`: ADMIN_ACTIONS or `unknown`). */
+  adminForbidden(action: string): void {
+    this.adminForbiddens.inc({ action: this.reasons.value(action) });
+  }
+
   /** Counts an audit event of a refusal that could not be written (`event`: its type). */
   auditWriteFailure(event: string): void {
     this.auditWriteFailures.inc({
-      event: oneOf(event, ['auth.failure', 'residency.misdirected', 'admin.auth'], 'other'),
+      event: oneOf(
+        event,
+        ['auth.failure', 'residency.misdirected', 'admin.auth', 'admin.forbidden'],
+        'other',
+      ),
     });
   }
 

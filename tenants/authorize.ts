@@ -67,6 +67,18 @@ const POLICY: Readonly<Record<Role, Readonly<Partial<Record<AdminAction, Scope>>
   },
 };
 
+/**
+ * Refuses `action` to a role that may never take it, whatever it concerns (checked before
+ * looking the concerned thing up, so that the answer does not depend on whether it exists).
+ * @throws ForbiddenError (HTTP 403).
+ */
+export function authorizeRole(principal: Principal, action: AdminAction): void {
+  const scope = Object.hasOwn(POLICY, principal.role) ? POLICY[principal.role][action] : undefined;
+  if (scope === undefined) {
+    throw new ForbiddenError(`role ${principal.role} may not ${action}`);
+  }
+}
+
 /** The token a `token:revoke` concerns. */
 export interface RevokeTarget {
   tokenId: string;

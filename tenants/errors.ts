@@ -45,9 +45,17 @@ export class AdminAuthError extends Error {
 
 /** The principal may not do this. HTTP: 403. */
 export class ForbiddenError extends Error {
-  constructor(detail: string) {
+  /**
+   * Set when the refused thing must not be confirmed to the caller (a token of another tenant):
+   * the answer is `404 <what> not found`, as for one that does not exist; the refusal is still
+   * audited as one.
+   */
+  readonly hiddenAs: string | undefined;
+
+  constructor(detail: string, opts: { hiddenAs?: string } = {}) {
     super(detail);
     this.name = new.target.name;
+    this.hiddenAs = opts.hiddenAs;
   }
 }
 

@@ -20,7 +20,7 @@ export type {
   CopyProgress,
 } from './control-plane-copy.ts';
 export { ADMIN_TOKEN_PREFIX, hashAdminToken } from './admin-token-repository.ts';
-export { ADMIN_ACTIONS, authorize, authorizeTokenIssue } from './authorize.ts';
+export { ADMIN_ACTIONS, authorize, authorizeRole, authorizeTokenIssue } from './authorize.ts';
 export {
   createTokenVerifier,
   ASYMMETRIC_ALGORITHMS,

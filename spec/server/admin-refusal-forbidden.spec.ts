@@ -111,12 +111,6 @@ describe('server/ admin refusals (403) are audited', () => {
         'token:issue',
       ],
       [
-        as(request(t.app).delete(`/admin/tokens/${auditorB.id}`)),
-        'DELETE',
-        '/admin/tokens/:id',
-        'token:revoke',
-      ],
-      [
         as(request(t.app).post(`/admin/tenants/hosp-b/invocations/${RECORD_ID}/replay`)),
         'POST',
         '/admin/tenants/:id/invocations/:rid/replay',
@@ -134,12 +128,27 @@ describe('server/ admin refusals (403) are audited', () => {
       expect(event?.actor).to.equal(`tenant-admin:${adminA.id}`);
       expect(event?.detail).to.include({ reason: action, method, endpoint });
     }
+    // A token of another tenant answers like an unknown id (404: token ids are not confirmed to
+    // outsiders), and the attempt is audited as refused all the same.
+    await new Promise((resolve) => setTimeout(resolve, 1000 / BUDGET + 10));
+    const probe = await as(request(t.app).delete(`/admin/tokens/${auditorB.id}`));
+    const unknown = await as(request(t.app).delete('/admin/tokens/tok_000000000000000000000000'));
+    expect(probe.status).to.equal(404);
+    expect(probe.body).to.deep.equal(unknown.body);
+    const event = await byRequest(probe.headers['x-request-id'] as string);
+    expect(event?.tenant).to.equal('hosp-b');
+    expect(event?.actor).to.equal(`tenant-admin:${adminA.id}`);
+    expect(event?.detail).to.include({
+      reason: 'token:revoke',
+      method: 'DELETE',
+      endpoint: '/admin/tokens/:id',
+    });
     // B's auditor sees them in B's trail.
     const seen = await request(t.app)
       .get('/admin/audit?tenant=hosp-b&type=admin.forbidden')
       .set('authorization', `Bearer ${auditorB.token}`);
     expect(seen.status).to.equal(200);
-    expect(seen.body.events.length).to.be.at.least(attempts.length);
+    expect(seen.body.events.length).to.be.at.least(attempts.length + 1);
     // ...and B's token was not revoked, B's subscriptions not changed.
     const tokens = await op(request(t.app).get('/admin/tokens'));
     expect(tokens.body.tokens.find((x: { id: string }) => x.id === auditorB.id).revokedAt).to.equal(
@@ -172,6 +181,25 @@ describe('server/ admin refusals (403) are audited', () => {
     const event = await byRequest(res.headers['x-request-id'] as string);
     expect(event?.tenant).to.equal(undefined);
     expect(event?.detail).to.include({ targetTenant: 'no-such-hosp' });
+  });
+
+  it('counts refusals by action in /metrics', async () => {
+    const count = async () => {
+      const text = (await request(t.app).get('/metrics')).text;
+      const line = text
+        .split('\n')
+        .find(
+          (l) =>
+            l.startsWith('cellcds_admin_forbidden_total{') && l.includes('action="records:read"'),
+        );
+      return line === undefined ? 0 : Number(line.split(' ').at(-1));
+    };
+    const before = await count();
+    const res = await request(t.app)
+      .get(`/admin/tenants/hosp-b/invocations/${RECORD_ID}`)
+      .set('authorization', `Bearer ${adminA.token}`);
+    expect(res.status).to.equal(403);
+    expect(await count()).to.equal(before + 1);
   });
 
   it('logs the 403 with the principal and the target tenant', async () => {
