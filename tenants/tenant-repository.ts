@@ -134,7 +134,7 @@ export function retiredMessage(id: string, retiredAt: string): string {
 /** Creates the tenant repository over the given models. */
 export function createTenantRepository(deps: TenantRepositoryDeps): TenantRepository {
   const { models, now } = deps;
-  const { Tenant: TenantModel, TenantIssuer, RetiredTenant } = models;
+  const { Tenant: TenantModel, TenantIssuer, RetiredTenant, Audit } = models;
   const immediate = deps.writeTx;
   const maxIssuerCache = deps.maxIssuerCache ?? MAX_ISSUER_CACHE;
   /** findByIssuer answers (frozen) of one control-plane generation. */
@@ -258,13 +258,28 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     );
   }
 
-  /** When `id` was retired (deprovisioned), or undefined; read in `t` when given. */
+  /**
+   * When `id`, not registered, was retired (deprovisioned), or undefined; read in `t` when given.
+   * A control plane older than `retired_tenants` recorded a deprovisioning only in its audit
+   * trail: the last successful `tenant.deprovision` of the id counts too (the callers ask only
+   * for ids not registered, so one registered again since is not caught by an old event).
+   */
   async function retiredAt(id: string, t?: Transaction): Promise<string | undefined> {
-    const row = (await RetiredTenant.findByPk(id, {
+    const opts = t ? { transaction: t } : {};
+    const row = (await RetiredTenant.findByPk(id, { raw: true, ...opts })) as {
+      retiredAt: string;
+    } | null;
+    if (row) {
+      return row.retiredAt;
+    }
+    const event = (await Audit.findOne({
+      where: { tenant: id, type: 'tenant.deprovision', outcome: 'success' },
+      order: [['seq', 'DESC']],
+      attributes: ['at'],
       raw: true,
-      ...(t ? { transaction: t } : {}),
-    })) as { retiredAt: string } | null;
-    return row?.retiredAt;
+      ...opts,
+    })) as { at: string } | null;
+    return event?.at;
   }
 
   return {

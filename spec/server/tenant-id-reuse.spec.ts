@@ -16,6 +16,7 @@ import request from 'supertest';
 import { copyControlPlane } from '../../tenants/control-plane-copy.ts';
 import { ConflictError, openControlPlane } from '../../tenants/index.ts';
 import type { ControlPlane, NewTenant } from '../../tenants/index.ts';
+import { sqliteExec } from '../helpers/sqlite-exec.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import { tinyPack, warfarinNsaidRequest } from '../helpers/packs.ts';
 
@@ -110,6 +111,51 @@ describe('tenant ids are never reused (SQLite, through the admin API)', function
     expect(events.filter((e) => e.outcome === 'failure').length).to.be.at.least(2);
   });
 
+  it('refuses an id deprovisioned before ids were retired (only its audit event says so): register and restore', async () => {
+    // A control plane from before retired_tenants: the deprovisioning is in its audit trail only.
+    const issuer = await t.addTenant('gone-early', {
+      subscriptions: [{ pack: 'tiny', version: '1.0.0' }],
+    });
+    const url = `${PUBLIC_URL}/cds-services/tiny-order-sign`;
+    const call = await request(t.app)
+      .post('/cds-services/tiny-order-sign')
+      .set('authorization', `Bearer ${await issuer.sign({ aud: url })}`)
+      .send(warfarinNsaidRequest());
+    expect(call.status).to.equal(200);
+    const backup = await op(request(t.app).post('/admin/tenants/gone-early/backups'));
+    expect(backup.status).to.equal(201);
+    expect((await op(request(t.app).delete('/admin/tenants/gone-early'))).status).to.equal(200);
+    await sqliteExec(path.join(t.dataDir, 'control.sqlite'), [
+      "DELETE FROM retired_tenants WHERE id = 'gone-early'",
+    ]);
+    const [event] = await t.deps.controlPlane.audit.list({
+      tenant: 'gone-early',
+      type: 'tenant.deprovision',
+    });
+    expect(event?.outcome).to.equal('success');
+
+    const res = await register('gone-early');
+    expect(res.status, JSON.stringify(res.body)).to.equal(409);
+    expect(res.body.message).to.include(`tenant id gone-early was deprovisioned on ${event?.at}`);
+    const restore = await op(request(t.app).post('/admin/restores')).send({
+      backup: path.relative(t.deps.backupDir, backup.body.path as string),
+      allowUnauthenticated: true,
+    });
+    expect(restore.status, JSON.stringify(restore.body)).to.equal(409);
+    expect(await t.deps.stores.listTenants()).to.not.include('gone-early');
+  });
+
+  it('does not count a deprovisioning that failed', async () => {
+    // A failed deprovisioning leaves the tenant (and its id) as it was.
+    await t.deps.controlPlane.audit.record({
+      type: 'tenant.deprovision',
+      outcome: 'failure',
+      tenant: 'tried-once',
+      actor: 'platform-operator:cli',
+    });
+    expect((await register('tried-once')).status).to.equal(201);
+  });
+
   it('refuses to restore for a tenant never registered (404) before reading the backup', async () => {
     const res = await op(request(t.app).post('/admin/restores')).send({
       backup: backupPath,
@@ -182,6 +228,29 @@ describe('retired tenant ids on the PostgreSQL control plane and in the copy', f
     expect(await b.tenants.retiredAt?.('gone')).to.be.a('string');
     expect(await b.tenants.retiredAt?.('other')).to.equal(undefined);
     expect((await b.tenants.create(newTenant('other'))).id).to.equal('other');
+  });
+
+  it('refuses an id whose deprovisioning only the audit trail records (a control plane from before retired ids)', async () => {
+    const schema = schemaNamed('early');
+    const cp = await openControlPlane({ postgresUrl: pgUrl, schema });
+    opened.push(cp);
+    await cp.tenants.create(newTenant('gone-early'));
+    await cp.tenants.remove('gone-early');
+    await cp.audit.record({
+      type: 'tenant.deprovision',
+      outcome: 'success',
+      tenant: 'gone-early',
+      actor: 'platform-operator:cli',
+    });
+    const db = new Sequelize(pgUrl, { dialect: 'postgres', logging: false });
+    try {
+      await db.query(`DELETE FROM "${schema}".retired_tenants`);
+    } finally {
+      await db.close();
+    }
+    const err = await refusal(cp.tenants.create(newTenant('gone-early')));
+    expect(err).to.be.instanceOf(ConflictError);
+    expect(err.message).to.include('tenant id gone-early was deprovisioned on ');
   });
 
   it('the SQLite -> PostgreSQL copy carries the retired ids', async () => {
