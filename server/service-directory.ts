@@ -1,7 +1,9 @@
 /**
  * Which CDS services a tenant has: its pack subscriptions resolved against the catalog.
- * Stored pack versions are immutable, so compiled packs are cached by (id, version) for the
- * life of the process. A version is compiled here in slices (compilePackInSlices), never in
+ * Stored pack versions are immutable, so compiled packs are cached by (id, version): those an
+ * active tenant subscribes to for as long as they are subscribed, any other one (a replay of an
+ * old record, a version unsubscribed since) until it has not been used for `idleEvictMs`
+ * (dropped by the subscription watcher's look). A version is compiled here in slices (compilePackInSlices), never in
  * one block: a big pack holds the event loop 0.1-0.5 s, and the first call for a version
  * subscribed on another replica would otherwise stall every call in flight on this one.
  */
@@ -23,7 +25,15 @@ export interface ServiceDirectoryOptions {
    * workers compile it ahead of the calls that need it).
    */
   warm?: (pack: CompiledPack) => void;
+  /**
+   * A compiled version no active tenant subscribes to is dropped once unused for this long (ms;
+   * default {@link IDLE_EVICT_MS}); checked by `watchSubscriptions`' looks.
+   */
+  idleEvictMs?: number;
 }
+
+/** How long a compiled version nobody subscribes to stays cached after its last use (ms). */
+export const IDLE_EVICT_MS = 10 * 60_000;
 
 /** How often `watchSubscriptions` looks for newly subscribed versions (ms). */
 export const SUBSCRIPTION_WATCH_MS = 5000;
@@ -95,6 +105,8 @@ function errorName(err: unknown): { type: string } {
 
 export class ServiceDirectory {
   private readonly compiled = new Map<string, Promise<CompiledPack>>();
+  /** When each cached version was last asked for (Date.now()). */
+  private readonly lastUsed = new Map<string, number>();
 
   constructor(
     private readonly controlPlane: ControlPlane,
@@ -104,6 +116,7 @@ export class ServiceDirectory {
   /** The compiled pack for an exact stored version. @throws ServiceError 500 if it vanished. */
   async pack(id: string, version: string): Promise<CompiledPack> {
     const key = `${id}@${version}`;
+    this.lastUsed.set(key, Date.now());
     let p = this.compiled.get(key);
     if (!p) {
       p = this.controlPlane.packs.get(id, version).then(async (stored) => {
@@ -113,9 +126,29 @@ export class ServiceDirectory {
         return compiled;
       });
       this.compiled.set(key, p);
-      p.catch(() => this.compiled.delete(key));
+      p.catch(() => {
+        this.compiled.delete(key);
+        this.lastUsed.delete(key);
+      });
     }
     return p;
+  }
+
+  /**
+   * Drops the compiled versions not in `subscribed` (`id@version`) and not used for the idle
+   * time: a later call or replay of one compiles it again. Returns how many were dropped.
+   */
+  private evictIdle(subscribed: ReadonlySet<string>, now: number): number {
+    const idleMs = this.opts.idleEvictMs ?? IDLE_EVICT_MS;
+    let dropped = 0;
+    for (const key of [...this.compiled.keys()]) {
+      if (!subscribed.has(key) && now - (this.lastUsed.get(key) ?? 0) >= idleMs) {
+        this.compiled.delete(key);
+        this.lastUsed.delete(key);
+        dropped += 1;
+      }
+    }
+    return dropped;
   }
 
   /** Whether this process has loaded (or is loading) the version. */
@@ -177,7 +210,12 @@ export class ServiceDirectory {
     const isStopped = () => stopped;
     const look = async (): Promise<void> => {
       const now = Date.now();
-      const fresh = (await this.subscribedVersions()).filter(([id, version]) => {
+      const subscribed = await this.subscribedVersions();
+      const dropped = this.evictIdle(new Set(subscribed.map(([id, v]) => `${id}@${v}`)), now);
+      if (dropped > 0) {
+        log.info({ packVersions: dropped }, 'idle pack versions dropped');
+      }
+      const fresh = subscribed.filter(([id, version]) => {
         const failed = failedAt.get(`${id}@${version}`);
         return !this.isLoaded(id, version) && (failed === undefined || now - failed > retryMs);
       });
