@@ -61,9 +61,15 @@ function optionalObject(
   return value;
 }
 
-function parsePrefetch(value: Record<string, unknown>): Record<string, unknown> {
+function parsePrefetch(
+  value: Record<string, unknown>,
+  keys: readonly string[] | undefined,
+): Record<string, unknown> {
   const entries: Array<[string, unknown]> = [];
   for (const [key, item] of Object.entries(value)) {
+    if (keys !== undefined && !keys.includes(key)) {
+      continue;
+    }
     if (item !== null) {
       if (!isJsonObject(item)) {
         throw new HookRequestError(
@@ -85,12 +91,19 @@ function parsePrefetch(value: Record<string, unknown>): Record<string, unknown> 
  * (required when `fhirAuthorization` is present), `fhirAuthorization` complete with
  * `token_type` Bearer, `context` valid for the hook, `prefetch` an object of FHIR resources
  * or `null`, `extension` an object. Unknown top-level fields are tolerated and dropped.
- * Bodies with `__proto__`/`constructor`/`prototype` keys anywhere are refused.
+ * Bodies with `__proto__`/`constructor`/`prototype` keys anywhere are refused. With
+ * `prefetchKeys` (the keys the service's discovery declares), other prefetch keys are dropped
+ * unchecked: data the service never asked for neither fails the call nor reaches the rules or
+ * the stored record.
  * @throws HookRequestError naming the field (`hook`, `hookInstance`, `fhirServer`,
  *   `fhirAuthorization.token_type`, `context.userId`, `context.selections[1]`, `prefetch.x`...).
  * @throws Error if `expectedHook` is not one of HOOK_NAMES (a bug in the caller).
  */
-export function parseHookRequest(body: unknown, expectedHook: HookName): HookRequest {
+export function parseHookRequest(
+  body: unknown,
+  expectedHook: HookName,
+  opts: { prefetchKeys?: readonly string[] } = {},
+): HookRequest {
   if (!isHookName(expectedHook)) {
     // The service's own hook is not one we serve: a catalog bug, not a bad request.
     throw new Error('parseHookRequest: the service hook is not a known hook');
@@ -162,7 +175,9 @@ export function parseHookRequest(body: unknown, expectedHook: HookName): HookReq
     ...(fhirServer === undefined ? {} : { fhirServer }),
     ...(fhirAuthorization === undefined ? {} : { fhirAuthorization }),
     context,
-    ...(rawPrefetch === undefined ? {} : { prefetch: parsePrefetch(rawPrefetch) }),
+    ...(rawPrefetch === undefined
+      ? {}
+      : { prefetch: parsePrefetch(rawPrefetch, opts.prefetchKeys) }),
     ...(extension === undefined ? {} : { extension }),
   };
 }

@@ -70,7 +70,10 @@ export function cdsRouter(deps: Deps): Router {
         deps,
         ctx.tenant,
         resolved,
-        parseHookRequest(takeBody(req), resolved.service.hook),
+        // Prefetch keys the service never declared are dropped, unchecked and unstored.
+        parseHookRequest(takeBody(req), resolved.service.hook, {
+          prefetchKeys: Object.keys(resolved.service.prefetch ?? {}),
+        }),
       );
       let ruleErrors = 0;
       let rulesSkipped = 0;

@@ -57,6 +57,22 @@ describe('hooks: parseHookRequest accepts valid requests', () => {
     expect(parsed).to.not.have.property('somethingNew');
   });
 
+  it('drops prefetch keys the service does not declare, unchecked; checks the declared ones', () => {
+    const body = patientView();
+    body['prefetch'] = {
+      patient: { resourceType: 'Patient', id: '1288992' },
+      user: '123', // the 2.0 example's bare string, under a key this service never asked for
+      extra: { resourceType: 'Observation', id: 'x' },
+    };
+    const parsed = parseHookRequest(body, 'patient-view', { prefetchKeys: ['patient', 'meds'] });
+    expect(parsed.prefetch).to.deep.equal({ patient: { resourceType: 'Patient', id: '1288992' } });
+    expect(
+      fieldOf(() => parseHookRequest(body, 'patient-view', { prefetchKeys: ['user'] })),
+    ).to.equal('prefetch.user');
+    // Without the service's keys, every key is checked (as the spec's examples are).
+    expect(fieldOf(() => parseHookRequest(body, 'patient-view'))).to.equal('prefetch.user');
+  });
+
   it('accepts draftOrders without Bundle.type and with a type', () => {
     const body = orderSign();
     expect(body['context']['draftOrders']).to.not.have.property('type');

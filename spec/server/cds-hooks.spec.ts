@@ -85,6 +85,25 @@ describe('CDS Hooks 2.0 endpoints (server)', () => {
     expect(card).to.not.have.property('ruleId');
   });
 
+  it('ignores prefetch keys the service did not ask for (not checked, not kept), checks its own', async () => {
+    const call = async (prefetch: Record<string, unknown>) => {
+      const body = warfarinNsaidRequest() as { prefetch: Record<string, unknown> };
+      body.prefetch = { ...body.prefetch, ...prefetch };
+      const token = await issuer.sign({ aud: svcUrl('tiny-order-sign') });
+      return request(t.app)
+        .post('/cds-services/tiny-order-sign')
+        .set('authorization', `Bearer ${token}`)
+        .send(body);
+    };
+    // The 2.0 spec example's bare-string `user` key, which this service never declared.
+    const extra = await call({ user: '123', labs: { resourceType: 'Bundle', type: 'searchset' } });
+    expect(extra.status, JSON.stringify(extra.body)).to.equal(200);
+    expect(extra.body.cards).to.have.length(1);
+    const declared = await call({ meds: '123' });
+    expect(declared.status).to.equal(400);
+    expect(declared.body).to.include({ field: 'prefetch.meds' });
+  });
+
   it('gives every card and suggestion a fresh uuid on each call', async () => {
     const uuids = new Set<string>();
     for (let i = 0; i < 3; i++) {
