@@ -115,6 +115,28 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     },
   );
 
+  // One pack's subscription: a rule author rolls out (moves versions of a subscribed pack), a
+  // tenant-admin or operator also adds and drops packs.
+  router.put(
+    '/tenants/:id/subscriptions/:pack',
+    act('admin.tenant.subscriptions'),
+    json,
+    async (req, res) => {
+      const pack = param(req, 'pack');
+      res.json(await admin.setSubscription(principalOf(res), param(req, 'id'), pack, bodyOf(req)));
+      done(res, { pack });
+    },
+  );
+  router.delete(
+    '/tenants/:id/subscriptions/:pack',
+    act('admin.tenant.subscriptions'),
+    async (req, res) => {
+      const pack = param(req, 'pack');
+      res.json(await admin.removeSubscription(principalOf(res), param(req, 'id'), pack));
+      done(res, { pack });
+    },
+  );
+
   router.post('/tokens', act('admin.token.issue', bodyField('tenant')), json, async (req, res) => {
     const issued = await admin.issueToken(principalOf(res), bodyOf(req));
     res.status(201).json(issued);
@@ -211,6 +233,9 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   router.use('/rule-packs', packTooLarge);
   router.get('/rule-packs', async (_req, res) => {
     res.json({ packs: await admin.listPacks(principalOf(res)) });
+  });
+  router.get('/rule-packs/:id/subscriptions', async (req, res) => {
+    res.json({ subscriptions: await admin.packSubscriptions(principalOf(res), param(req, 'id')) });
   });
   router.get('/rule-packs/:id/versions/:version', async (req, res) => {
     res.json(await admin.getPack(principalOf(res), param(req, 'id'), param(req, 'version')));
@@ -564,6 +589,9 @@ export function refusedAction(err: ForbiddenError): string {
   }
   if (/^a tenant-admin may revoke only /.test(err.message)) {
     return 'token:revoke';
+  }
+  if (/^a rule-author may roll out only /.test(err.message)) {
+    return 'pack:rollout';
   }
   const m = /^role [a-z-]+ may (?:not )?([a-z]+:[a-z]+)(?: only for its own tenant)?$/.exec(
     err.message,

@@ -235,16 +235,128 @@ export class AdminService {
       type: 'admin.tenant.subscriptions',
       outcome: 'success',
       tenant: id,
-      detail: {
-        subscriptions: tenant.subscriptions
-          .map(
-            (s) =>
-              `${s.pack}@${s.version}${s.canary ? `+canary:${s.canary.version}:${s.canary.percent}%` : ''}`,
-          )
-          .join(','),
-      },
+      detail: { subscriptions: subscriptionsText(tenant.subscriptions) },
     });
     return tenant;
+  }
+
+  /**
+   * Sets one pack's subscription of a tenant (`{version, canary?}`: the pinned version and the
+   * canary, which replace the pack's current ones; its other packs are kept). A principal with
+   * `tenant:subscriptions` on the tenant (operator, its tenant-admin) may add the pack; a rule
+   * author (`pack:rollout`) only moves the versions of a pack the tenant already subscribes to.
+   * Audited `admin.tenant.subscriptions` (with `pack`).
+   * @throws ForbiddenError (403), NotFoundError (404 tenant), InvalidInputError (400 naming the
+   *   field), ServiceError 422 (a canary that cannot stand in), ConflictError (409: no longer
+   *   subscribed, or 100 packs already).
+   */
+  async setSubscription(
+    principal: Principal,
+    id: string,
+    pack: string,
+    input: unknown,
+  ): Promise<{ tenant: string; subscription: Subscription }> {
+    const existingOnly = this.rolloutOnly(principal, id);
+    const tenant = await this.deps.controlPlane.tenants.get(id);
+    if (existingOnly && !tenant.subscriptions.some((s) => s.pack === pack)) {
+      throw new ForbiddenError(
+        `a rule-author may roll out only packs a tenant subscribes to: tenant ${id} does not subscribe to ${pack} (its tenant-admin or an operator adds it)`,
+      );
+    }
+    if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+      throw new InvalidInputError('(body)', 'must be {"version","canary"?}');
+    }
+    if (Object.hasOwn(input, 'pack')) {
+      throw new InvalidInputError('pack', "is the URL's; leave it out of the body");
+    }
+    const entry = { pack, ...input };
+    await this.checkCanaries([entry], () => '');
+    const updated = await this.deps.controlPlane.tenants.setSubscription(id, entry, {
+      existingOnly,
+    });
+    await this.auditSubscriptions(principal, updated, pack);
+    const subscription = updated.subscriptions.find((s) => s.pack === pack) as Subscription;
+    return { tenant: id, subscription };
+  }
+
+  /**
+   * Drops one pack from a tenant's subscriptions (`tenant:subscriptions`: operator, its
+   * tenant-admin). Audited `admin.tenant.subscriptions` (with `pack`).
+   * @throws ForbiddenError (403), NotFoundError (404: tenant, or a pack it does not subscribe to).
+   */
+  async removeSubscription(
+    principal: Principal,
+    id: string,
+    pack: string,
+  ): Promise<{ tenant: string; removed: string }> {
+    try {
+      authorize(principal, 'tenant:subscriptions', id);
+    } catch (err) {
+      // A rule author may move versions, never drop a tenant's pack: say so.
+      if (err instanceof ForbiddenError && principal.role === 'rule-author') {
+        throw new ForbiddenError(
+          `a rule-author may roll out only packs a tenant subscribes to: dropping ${pack} from tenant ${id} is for its tenant-admin or an operator`,
+        );
+      }
+      throw err;
+    }
+    const updated = await this.deps.controlPlane.tenants.removeSubscription(id, pack);
+    await this.auditSubscriptions(principal, updated, pack);
+    return { tenant: id, removed: pack };
+  }
+
+  /** Who subscribes to a pack (any version): tenant, pinned version, canary. `pack:read`. */
+  async packSubscriptions(
+    principal: Principal,
+    pack: string,
+  ): Promise<Array<{ tenant: string } & Omit<Subscription, 'pack'>>> {
+    authorize(principal, 'pack:read');
+    if (!(await this.deps.controlPlane.packs.list()).some((p) => p.id === pack)) {
+      throw new NotFoundError('pack');
+    }
+    const out: Array<{ tenant: string } & Omit<Subscription, 'pack'>> = [];
+    for (const tenant of await this.deps.controlPlane.tenants.list()) {
+      const sub = tenant.subscriptions.find((s) => s.pack === pack);
+      if (sub) {
+        out.push({
+          tenant: tenant.id,
+          version: sub.version,
+          ...(sub.canary ? { canary: sub.canary } : {}),
+        });
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Whether `principal` may only roll out (move versions of subscribed packs) on tenant `id`:
+   * false with `tenant:subscriptions` there, true with `pack:rollout` alone.
+   * @throws ForbiddenError (the `tenant:subscriptions` refusal) with neither.
+   */
+  private rolloutOnly(principal: Principal, id: string): boolean {
+    try {
+      authorize(principal, 'tenant:subscriptions', id);
+      return false;
+    } catch (err) {
+      if (!(err instanceof ForbiddenError)) {
+        throw err;
+      }
+      try {
+        authorize(principal, 'pack:rollout');
+      } catch {
+        throw err;
+      }
+      return true;
+    }
+  }
+
+  private async auditSubscriptions(principal: Principal, tenant: Tenant, pack: string) {
+    await this.audit(principal, {
+      type: 'admin.tenant.subscriptions',
+      outcome: 'success',
+      tenant: tenant.id,
+      detail: { subscriptions: subscriptionsText(tenant.subscriptions), pack },
+    });
   }
 
   /**
@@ -254,7 +366,10 @@ export class AdminService {
    * malformed or name a version not in the catalog are left to the subscription validation.
    * @throws ServiceError 422 `unprocessable` with `problems` naming each service.
    */
-  private async checkCanaries(input: unknown[]): Promise<void> {
+  private async checkCanaries(
+    input: unknown[],
+    prefix: (i: number) => string = (i) => `subscriptions[${i}].`,
+  ): Promise<void> {
     // Each stored version is read at most once, however long the list.
     const cache = new Map<string, Promise<RulePack | undefined>>();
     const stored = (pack: string, version: string): Promise<RulePack | undefined> => {
@@ -293,7 +408,7 @@ export class AdminService {
       const canary = await stored(pack, canaryVersion);
       if (pinned && canary) {
         for (const message of canaryProblems(pinned, canary)) {
-          problems.push({ path: `subscriptions[${i}].canary.version`, message });
+          problems.push({ path: `${prefix(i)}canary.version`, message });
         }
       }
     }
@@ -621,4 +736,14 @@ function objectOf(value: unknown, field: string): Record<string, unknown> {
     throw new InvalidInputError(field, 'must be a JSON object');
   }
   return value as Record<string, unknown>;
+}
+
+/** Subscriptions as an audit event carries them: `pack@version[+canary:version:percent%],...`. */
+function subscriptionsText(subscriptions: readonly Subscription[]): string {
+  return subscriptions
+    .map(
+      (s) =>
+        `${s.pack}@${s.version}${s.canary ? `+canary:${s.canary.version}:${s.canary.percent}%` : ''}`,
+    )
+    .join(',');
 }

@@ -3,7 +3,8 @@
  *
  * - platform-operator: everything except `records:read` (operators run the platform; they do
  *   not read patients' data).
- * - rule-author: `pack:upload`, `pack:read`.
+ * - rule-author: `pack:upload`, `pack:read`, `pack:rollout` (move the pinned version and canary
+ *   of a pack a tenant already subscribes to; adding or dropping a pack is `tenant:subscriptions`).
  * - tenant-admin: its own tenant only: read it, set its subscriptions, read its audit trail and
  *   records, issue auditor tokens for it (see `authorizeTokenIssue`), list its tokens, and
  *   revoke its auditor tokens and its own token, never another tenant-admin's (see
@@ -28,6 +29,7 @@ export const ADMIN_ACTIONS: readonly AdminAction[] = Object.freeze([
   'token:revoke',
   'pack:upload',
   'pack:read',
+  'pack:rollout',
   'audit:read',
   'records:read',
 ]);
@@ -45,11 +47,13 @@ const POLICY: Readonly<Record<Role, Readonly<Partial<Record<AdminAction, Scope>>
     'token:revoke': 'global',
     'pack:upload': 'global',
     'pack:read': 'global',
+    'pack:rollout': 'global',
     'audit:read': 'global',
   },
   'rule-author': {
     'pack:upload': 'global',
     'pack:read': 'global',
+    'pack:rollout': 'global',
   },
   'tenant-admin': {
     'tenant:read': 'own-tenant',

@@ -7,7 +7,7 @@ import type { Transaction } from 'sequelize';
 import type { Subscription } from '../rules/index.ts';
 import { appendAuditEvent } from './audit-repository.ts';
 import type { ControlPlaneModels, TenantRow, WriteTx } from './control-plane-models.ts';
-import { ConflictError, NotFoundError, ResidencyError } from './errors.ts';
+import { ConflictError, InvalidInputError, NotFoundError, ResidencyError } from './errors.ts';
 import { LruCache } from './lru-cache.ts';
 import {
   checkFailover,
@@ -16,6 +16,7 @@ import {
   checkPlacement,
 } from './residency.ts';
 import {
+  MAX_SUBSCRIPTIONS,
   validateNewTenant,
   validateRegion,
   validateSubscriptions,
@@ -499,6 +500,62 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         const next: TenantRow = {
           ...row,
           subscriptions: JSON.stringify(valid),
+          updatedAt: now().toISOString(),
+        };
+        await TenantModel.update(next, { where: { id }, transaction: t });
+        return toTenant(next);
+      });
+    },
+
+    async setSubscription(id, subscription, opts = {}) {
+      await load(id);
+      let entry: Subscription | undefined;
+      try {
+        [entry] = await validateSubscriptions([subscription], deps.packExists);
+      } catch (err) {
+        // One entry, not a list: its fields are named as sent (`version`, `canary.percent`).
+        if (err instanceof InvalidInputError) {
+          const field = err.field.replace(/^subscriptions\[0\]\.?/, '');
+          const why = err.message.slice(err.field.length + 2);
+          throw new InvalidInputError(field === '' ? '(body)' : field, why);
+        }
+        throw err;
+      }
+      const valid = entry as Subscription;
+      return immediate(async (t) => {
+        const row = await load(id, t);
+        const current = JSON.parse(row.subscriptions) as Subscription[];
+        const at = current.findIndex((s) => s.pack === valid.pack);
+        if (at < 0 && opts.existingOnly === true) {
+          throw new ConflictError(`tenant ${id} does not subscribe to pack ${valid.pack}`);
+        }
+        if (at < 0 && current.length >= MAX_SUBSCRIPTIONS) {
+          throw new ConflictError(
+            `tenant ${id} already subscribes to ${MAX_SUBSCRIPTIONS} packs, the most it may`,
+          );
+        }
+        const list = at < 0 ? [...current, valid] : current.map((s, i) => (i === at ? valid : s));
+        const next: TenantRow = {
+          ...row,
+          subscriptions: JSON.stringify(list),
+          updatedAt: now().toISOString(),
+        };
+        await TenantModel.update(next, { where: { id }, transaction: t });
+        return toTenant(next);
+      });
+    },
+
+    async removeSubscription(id, pack) {
+      return immediate(async (t) => {
+        const row = await load(id, t);
+        const current = JSON.parse(row.subscriptions) as Subscription[];
+        const list = current.filter((s) => s.pack !== pack);
+        if (list.length === current.length) {
+          throw new NotFoundError('subscription');
+        }
+        const next: TenantRow = {
+          ...row,
+          subscriptions: JSON.stringify(list),
           updatedAt: now().toISOString(),
         };
         await TenantModel.update(next, { where: { id }, transaction: t });

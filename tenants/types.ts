@@ -243,6 +243,7 @@ export type AdminAction =
   | 'token:revoke'
   | 'pack:upload'
   | 'pack:read'
+  | 'pack:rollout'
   | 'audit:read'
   | 'records:read';
 
@@ -353,6 +354,21 @@ export interface TenantRepository {
    */
   moveHome(id: string, target: string, opts: ResidencyActionOptions): Promise<Tenant>;
   setSubscriptions(id: string, subscriptions: Subscription[]): Promise<Tenant>;
+  /**
+   * Sets one pack's subscription (pinned version and canary; an entry validated as in
+   * `setSubscriptions`, its fields named without the `subscriptions[0].` prefix), keeping the
+   * tenant's other packs, in one transaction. With `existingOnly`, the tenant must already
+   * subscribe to that pack (checked in the transaction).
+   * @throws NotFoundError (tenant), InvalidInputError, ConflictError (`existingOnly` and not
+   *   subscribed; or the tenant would have more than MAX_SUBSCRIPTIONS packs).
+   */
+  setSubscription(
+    id: string,
+    subscription: unknown,
+    opts?: { existingOnly?: boolean },
+  ): Promise<Tenant>;
+  /** Drops one pack's subscription, in one transaction. @throws NotFoundError (tenant, subscription). */
+  removeSubscription(id: string, pack: string): Promise<Tenant>;
   /** Every tenant (active or suspended) that registered this exact `iss`. */
   findByIssuer(iss: string): Promise<Tenant[]>;
   /**
