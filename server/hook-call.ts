@@ -85,6 +85,8 @@ async function evaluateAndSeal(
     pack: { id: pack.id, version: pack.version, hash: pack.hash },
     cardUuids: cards.map((c) => c.uuid),
     suggestionUuids: cards.flatMap((c) => (c.suggestions ?? []).map((s) => s.uuid)),
+    // Each card's own: feedback on a card may accept only its suggestions (CDS Hooks 2.0).
+    cardSuggestionUuids: cards.map((c) => (c.suggestions ?? []).map((s) => s.uuid)),
     secretJson: `${inputJson.slice(0, -1)},"cards":${JSON.stringify(cards)},"trace":${JSON.stringify(result.trace)}}`,
   });
   // Awaited by runHookCall right after this returns; marked handled so that a write failing

@@ -14,9 +14,11 @@ import type { Envelope } from './record-cipher.ts';
  * job lease columns (`jobs.lease_owner`, `jobs.lease_until`), added to older stores by
  * `ALTER TABLE` (sync() creates missing tables only; see ADDED_COLUMNS). 4: the DEK wrap count
  * (`dek_versions.wrap_count`, wrap-limit.ts), added the same way and set to a lower bound from
- * the records and heads the store holds.
+ * the records and heads the store holds. 5: each card's own suggestion uuids
+ * (`invocation_cards.suggestion_uuids`, and `invocations.card_suggestion_uuids`, which the SQLite
+ * hook batch's link trigger reads them from), added the same way; NULL in rows written before.
  */
-export const STORE_SCHEMA_VERSION = '4';
+export const STORE_SCHEMA_VERSION = '5';
 
 export interface MetaRow {
   key: string;
@@ -53,6 +55,12 @@ export interface InvocationRow {
   packHash: string;
   cardUuids: string;
   suggestionUuids: string;
+  /**
+   * JSON: one array of suggestion uuids per card, in the order of `cardUuids` (schema 5). The
+   * SQLite hook batch's link trigger copies each card's array into its link row from here.
+   * Null: not known (a row written before schema 5, or by a caller that did not give them).
+   */
+  cardSuggestionUuids: string | null;
   keyVersion: number;
   sealed: Envelope;
   createdAt: string;
@@ -61,6 +69,12 @@ export interface InvocationRow {
 export interface InvocationCardRow {
   cardUuid: string;
   invocationId: string;
+  /**
+   * JSON array: the suggestion uuids of this card (schema 5), what feedback on it may accept.
+   * Null: not known (a link written before schema 5): feedback on the card is checked against
+   * its invocation's `suggestionUuids`, as before.
+   */
+  suggestionUuids: string | null;
 }
 
 export interface FeedbackRow {
@@ -214,7 +228,8 @@ export const HEAD_TABLES: Readonly<Record<SealedTable, string>> = {
  * Columns added to a table after it first shipped: opening an older store adds the missing ones
  * (`sync()` creates missing tables, never columns). Nullable, so rows written by older versions
  * (and older backups restored) stay valid. Schema 3: the job lease (job-lease.ts). Schema 4: the
- * DEK wrap count (not null, default 0).
+ * DEK wrap count (not null, default 0). Schema 5: each card's suggestion uuids (null in older
+ * rows: feedback on those cards is checked against the invocation's list, tenant-store.ts).
  */
 export const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; type: string }> = [
   { table: TABLES.jobs, column: 'lease_owner', type: 'VARCHAR(200)' },
@@ -222,6 +237,9 @@ export const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; type:
   // Schema 4: NOT NULL with a default, so existing rows read 0 until the upgrade sets them to
   // the lower bound the store can tell (store-backend.ts, WRAP_COUNT_FLOOR).
   { table: TABLES.deks, column: 'wrap_count', type: 'BIGINT NOT NULL DEFAULT 0' },
+  // Schema 5: the suggestions of each card (JSON arrays, plaintext ids like `suggestion_uuids`).
+  { table: TABLES.invocations, column: 'card_suggestion_uuids', type: 'TEXT' },
+  { table: TABLES.invocationCards, column: 'suggestion_uuids', type: 'TEXT' },
 ];
 
 /**
@@ -275,6 +293,7 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       packHash: { type: DataTypes.STRING(128), allowNull: false },
       cardUuids: { type: DataTypes.TEXT, allowNull: false },
       suggestionUuids: { type: DataTypes.TEXT, allowNull: false },
+      cardSuggestionUuids: { type: DataTypes.TEXT, allowNull: true },
       keyVersion: { type: DataTypes.INTEGER, allowNull: false },
       // Declared TEXT on both backends; SQLite keeps a BLOB bound here as a BLOB (TEXT affinity
       // converts numbers, never blobs), so binary envelopes need no schema change there.
@@ -292,6 +311,7 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
     {
       cardUuid: { type: DataTypes.STRING(128), primaryKey: true },
       invocationId: { type: DataTypes.STRING(128), allowNull: false },
+      suggestionUuids: { type: DataTypes.TEXT, allowNull: true },
     },
     { ...common, tableName: TABLES.invocationCards, indexes: [{ fields: ['invocation_id'] }] },
   );

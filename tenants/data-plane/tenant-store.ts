@@ -95,6 +95,18 @@ function toSummary(row: InvocationRow, keyVersion = row.keyVersion): InvocationS
   };
 }
 
+/**
+ * A stored JSON list of ids (suggestion uuids). Written by this store, so anything else is a
+ * damaged row: refused (the feedback is not checked against a list it cannot read).
+ */
+function storedIds(json: string): string[] {
+  const ids: unknown = JSON.parse(json);
+  if (!Array.isArray(ids) || !ids.every((x): x is string => typeof x === 'string')) {
+    throw new Error('a stored suggestion list is not a JSON array of ids');
+  }
+  return ids;
+}
+
 /** Idempotency id of a feedback item: same card, outcome, instant and suggestions = same id. */
 export function feedbackId(item: FeedbackInput): string {
   const suggestions = [...new Set((item.acceptedSuggestions ?? []).map((s) => s.id))].sort();
@@ -213,6 +225,8 @@ interface PendingInvocation {
   /** The identity (DEK row created_at) of the key `row` is sealed with. */
   keyCreatedAt: string;
   cardUuids: readonly string[];
+  /** Each card's suggestion uuids, in the order of `cardUuids`; undefined: not known. */
+  cardSuggestionUuids: ReadonlyArray<readonly string[]> | undefined;
   resolve: (outcome: Written) => void;
   reject: (err: unknown) => void;
 }
@@ -226,7 +240,7 @@ type Written = { outcome: 'saved'; wraps: number } | { outcome: 'stale'; batch: 
 const STALE: Written = { outcome: 'stale', batch: 1 };
 
 /**
- * Most rows per batch: 14 parameters each (SQLite: the 13 columns and the key's identity)
+ * Most rows per batch: 15 parameters each (SQLite: the 14 columns and the key's identity)
  * stays far below every driver's limit and within a kept statement's budget (1,024).
  */
 const MAX_BATCH = 64;
@@ -243,6 +257,7 @@ const INVOCATION_COLUMN_NAMES = [
   'pack_hash',
   'card_uuids',
   'suggestion_uuids',
+  'card_suggestion_uuids',
   'key_version',
   'sealed',
   'created_at',
@@ -250,7 +265,7 @@ const INVOCATION_COLUMN_NAMES = [
 const INVOCATION_COLUMNS = `(${INVOCATION_COLUMN_NAMES.join(', ')})`;
 const INVOCATION_PLACEHOLDERS = `(${INVOCATION_COLUMN_NAMES.map(() => '?').join(', ')})`;
 /**
- * SQLite names the columns of `VALUES` column1, column2, ...: the 13 columns, then the identity
+ * SQLite names the columns of `VALUES` column1, column2, ...: the 14 columns, then the identity
  * of the key the row is sealed with (not inserted, compared with the primary row's).
  */
 const VALUES_COLUMNS = INVOCATION_COLUMN_NAMES.map((_, i) => `column${String(i + 1)}`).join(', ');
@@ -270,6 +285,7 @@ function invocationParams(row: Omit<InvocationRow, 'seq'>): unknown[] {
     row.packHash,
     row.cardUuids,
     row.suggestionUuids,
+    row.cardSuggestionUuids,
     row.keyVersion,
     row.sealed,
     row.createdAt,
@@ -308,12 +324,18 @@ async function insertInvocations(
         .join(', ')}`,
       fresh.flatMap((p) => invocationParams(p.row)),
     );
-    const links = fresh.flatMap((p) => p.cardUuids.map((c) => [c, p.row.id]));
+    // Each link with its card's own suggestions (null: not known), as SQLite's link trigger.
+    const links = fresh.flatMap((p) =>
+      p.cardUuids.map((c, i) => {
+        const own = p.cardSuggestionUuids?.[i];
+        return [c, p.row.id, own ? JSON.stringify(own) : null];
+      }),
+    );
     if (links.length > 0) {
       await h.raw(
         t,
-        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id) VALUES ${links
-          .map(() => '(?, ?)')
+        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id, suggestion_uuids) VALUES ${links
+          .map(() => '(?, ?, ?)')
           .join(', ')}`,
         links.flat(),
       );
@@ -511,6 +533,8 @@ async function saveInvocation(
       packHash: v.pack.hash,
       cardUuids: JSON.stringify(v.cardUuids),
       suggestionUuids: JSON.stringify(v.suggestionUuids),
+      cardSuggestionUuids:
+        v.cardSuggestionUuids !== undefined ? JSON.stringify(v.cardSuggestionUuids) : null,
       keyVersion: key.version,
       sealed: sealRecordAs(
         h.envelopeForm,
@@ -528,6 +552,7 @@ async function saveInvocation(
         row,
         keyCreatedAt: key.createdAt,
         cardUuids: v.cardUuids,
+        cardSuggestionUuids: v.cardSuggestionUuids,
         resolve,
         reject,
       });
@@ -716,13 +741,15 @@ async function saveFeedback(
               })
             : null;
           // A card this tenant was never sent, or sent by another service: refuse the batch.
-          if (!inv || inv.service !== service) {
+          if (!link || !inv || inv.service !== service) {
             throw new NotFoundError('card');
           }
           invocationOf.set(card, inv.id);
-          suggestionsOf.set(card, new Set(JSON.parse(inv.suggestionUuids) as string[]));
+          // The card's own suggestions (CDS Hooks 2.0: acceptedSuggestions are suggestions of
+          // that card). A link written before schema 5 does not know them: the invocation's.
+          suggestionsOf.set(card, new Set(storedIds(link.suggestionUuids ?? inv.suggestionUuids)));
         }
-        // An accepted suggestion the card's invocation never sent: refuse the batch too.
+        // An accepted suggestion the card never offered: refuse the batch too.
         for (const item of items) {
           for (const accepted of item.acceptedSuggestions ?? []) {
             if (!suggestionsOf.get(item.card)?.has(accepted.id)) {

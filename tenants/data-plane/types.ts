@@ -122,6 +122,13 @@ interface NewInvocationBase {
   pack: PackStamp;
   cardUuids: readonly string[];
   suggestionUuids: readonly string[];
+  /**
+   * The suggestion uuids of each card, in the order of `cardUuids`: together exactly
+   * `suggestionUuids`, each under one card. Feedback on a card may accept only its own (CDS Hooks
+   * 2.0). Without it the store knows only the invocation's list, and feedback on these cards is
+   * checked against that (as for records written before schema 5). Not part of the summary.
+   */
+  cardSuggestionUuids?: ReadonlyArray<readonly string[]>;
 }
 
 /** Invocation metadata (clear columns, no PHI). */

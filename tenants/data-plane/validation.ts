@@ -60,7 +60,38 @@ export interface ValidInvocation {
   pack: { id: string; version: string; hash: string };
   cardUuids: string[];
   suggestionUuids: string[];
+  /** Each card's suggestion uuids, in the order of `cardUuids`; undefined if not given. */
+  cardSuggestionUuids: string[][] | undefined;
   secretJson: string;
+}
+
+/**
+ * `cardSuggestionUuids`: one id list per card, together exactly `suggestionUuids`, each
+ * suggestion under one card (what the feedback check relies on).
+ */
+function cardSuggestionLists(
+  value: unknown,
+  cardUuids: readonly string[],
+  suggestionUuids: readonly string[],
+): string[][] | undefined {
+  const field = 'cardSuggestionUuids';
+  if (value === undefined) {
+    return undefined;
+  }
+  if (!Array.isArray(value) || value.length !== cardUuids.length) {
+    throw new InvalidInputError(field, 'must hold one array of ids per card of cardUuids');
+  }
+  const lists = value.map((v: unknown, i) => idList(v, `${field}[${i}]`));
+  const all = lists.flat();
+  const known = new Set(suggestionUuids);
+  if (
+    all.length !== known.size ||
+    new Set(all).size !== all.length ||
+    !all.every((s) => known.has(s))
+  ) {
+    throw new InvalidInputError(field, 'must hold each of suggestionUuids under exactly one card');
+  }
+  return lists;
 }
 
 const SECRET_JSON_START = '{"context":';
@@ -125,6 +156,8 @@ export function validateInvocation(input: NewInvocation): ValidInvocation {
     );
   }
   const secretJson = serializedSecret(raw.secret, raw.secretJson);
+  const cardUuids = idList(raw.cardUuids, 'cardUuids');
+  const suggestionUuids = idList(raw.suggestionUuids, 'suggestionUuids');
   return {
     id: id(raw.id, 'id'),
     time: instant(raw.time, 'time'),
@@ -136,8 +169,9 @@ export function validateInvocation(input: NewInvocation): ValidInvocation {
       version: name(pack.version, 'pack.version'),
       hash: name(pack.hash, 'pack.hash'),
     },
-    cardUuids: idList(raw.cardUuids, 'cardUuids'),
-    suggestionUuids: idList(raw.suggestionUuids, 'suggestionUuids'),
+    cardUuids,
+    suggestionUuids,
+    cardSuggestionUuids: cardSuggestionLists(raw.cardSuggestionUuids, cardUuids, suggestionUuids),
     secretJson,
   };
 }

@@ -355,7 +355,7 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     const [schema] = await raw.query<{ value: string }>(
       `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
     );
-    expect(schema?.value).to.equal('4'); // upgraded to the current version (4: wrap counts)
+    expect(schema?.value).to.equal('5'); // upgraded to the current version (4: wrap counts, 5: card suggestions)
   });
 
   it("a head row copied from another table or another tenant's store fails closed", async () => {
