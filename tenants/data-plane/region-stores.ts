@@ -171,6 +171,12 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   /** Running DEK jobs another replica holds: a timer each, to take them over if it stops. */
   const watchers = new Map<string, { tenant: string; timer: NodeJS.Timeout }>();
   let kekJob: { info: JobInfo; runner: Runner } | undefined;
+  /**
+   * The KEK jobs this process ran before `kekJob`, as they ended, oldest first: with `kekJob`,
+   * the last KEK_JOB_HISTORY, so an older job stays findable after a newer rotation.
+   */
+  const kekHistory: JobInfo[] = [];
+  const KEK_JOB_HISTORY = 20;
   const state = { closed: false };
   /** Read through a function: the flags change from other async paths. */
   const isStopped = (runner: Runner): boolean => runner.stop || state.closed;
@@ -667,6 +673,19 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       }
     })();
     const job = { info, runner };
+    if (kekJob) {
+      // Not running (a rotation starts only then): kept as it ended. A job of the same KEK
+      // version (resumed after it failed) replaces its earlier run.
+      const ended = kekInfo(kekJob);
+      const same = kekHistory.findIndex((j) => j.id === info.id);
+      if (same >= 0) {
+        kekHistory.splice(same, 1);
+      }
+      if (ended.id !== info.id) {
+        kekHistory.push(ended);
+      }
+      kekHistory.splice(0, Math.max(0, kekHistory.length - (KEK_JOB_HISTORY - 1)));
+    }
     kekJob = job;
     return kekInfo(job);
   }
@@ -692,12 +711,39 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     if (kekJob?.info.id === id) {
       return kekInfo(kekJob);
     }
-    // Not started by this process: report what the provider's KEK states say.
     const version = Number(kek[2]);
     const described = await provider.describe();
     const k = described.keks.find((x) => x.version === version);
-    if (!k || k.status !== 'primary') {
+    // The next version's rotation replaced this KEK (it could start only once this job ended).
+    const next = described.keks
+      .filter((x) => x.version > version)
+      .reduce<number | undefined>((min, x) => Math.min(min ?? x.version, x.version), undefined);
+    const superseded =
+      k && k.status !== 'primary' && next !== undefined ? { supersededBy: kekJobId(next) } : {};
+    const ran = kekHistory.findLast((j) => j.id === id);
+    if (ran) {
+      return { ...ran, ...superseded };
+    }
+    // Not run by this process (or no longer remembered): what the provider's KEK states say.
+    if (!k) {
       return undefined;
+    }
+    if (k.status !== 'primary') {
+      // A newer rotation rewrapped every DEK of the region: this job's work is done.
+      return {
+        id,
+        region,
+        kind: 'kek-rewrap',
+        status: 'done',
+        emergency: false,
+        done: 0,
+        total: 0,
+        rate: 0,
+        etaSeconds: 0,
+        startedAt: k.createdAt,
+        updatedAt: k.createdAt,
+        ...superseded,
+      };
     }
     const pending = described.keks.some((x) => x.status === 'retiring');
     return {

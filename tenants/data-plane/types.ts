@@ -338,6 +338,13 @@ export interface JobInfo {
    */
   leaseOwner?: string;
   leaseExpiresAt?: string;
+  /**
+   * A KEK rewrap job whose KEK is no longer primary: the job of the next KEK version
+   * (`kek.<region>.<n>`), whose rotation could start only once this job had ended. Such a job
+   * this process did not run (or no longer remembers) is reported `done`, without counts: the
+   * newer rotation rewrapped every DEK.
+   */
+  supersededBy?: string;
 }
 
 export interface BackupResult {
