@@ -198,6 +198,17 @@ function requestFromFile(raw: unknown): PackTestRequest {
   return out;
 }
 
+/** What {@link collectPackFiles} made of a pack's file-based tests. */
+export interface CollectedPackFiles {
+  /**
+   * A copy of the pack with every test whose file could be used inline; a test whose file
+   * could not stays file-based, as written (the pack itself when there was nothing to do).
+   */
+  pack: unknown;
+  /** One or more per test whose file cannot be read or used; empty when all could. */
+  problems: PackProblem[];
+}
+
 /**
  * Returns a copy of the pack in which every file-based test (`requestFile`, `patientBundle`
  * + `draftOrders`) is an inline `request`, read relative to `baseDir`, so that the pack can
@@ -205,8 +216,21 @@ function requestFromFile(raw: unknown): PackTestRequest {
  * @throws PackValidationError naming each test whose file cannot be read or used.
  */
 export function resolvePackFiles(raw: unknown, baseDir: string): unknown {
+  const { pack, problems } = collectPackFiles(raw, baseDir);
+  if (problems.length > 0) {
+    throw new PackValidationError(problems);
+  }
+  return pack;
+}
+
+/**
+ * As {@link resolvePackFiles}, but returns the problems of the tests whose file cannot be read
+ * or used instead of throwing, with the pack resolved as far as it could be: `validatePack`
+ * then reports them together with every other problem of the pack, in one run.
+ */
+export function collectPackFiles(raw: unknown, baseDir: string): CollectedPackFiles {
   if (!isObj(raw) || isPlanDefinition(raw) || !Array.isArray(raw.tests)) {
-    return raw;
+    return { pack: raw, problems: [] };
   }
   const problems: PackProblem[] = [];
   const services = Array.isArray(raw.services) ? (raw.services as unknown[]).filter(isObj) : [];
@@ -262,10 +286,7 @@ export function resolvePackFiles(raw: unknown, baseDir: string): unknown {
     }
     return test;
   });
-  if (problems.length > 0) {
-    throw new PackValidationError(problems);
-  }
-  return { ...raw, tests };
+  return { pack: { ...raw, tests }, problems };
 }
 
 /** A stable hookInstance for a test (UUID-shaped), so canary-like logic is reproducible. */

@@ -28,7 +28,7 @@ import {
 } from './expression.ts';
 import type { ExprScope } from './expression.ts';
 import { schemaProblems } from './pack-schema.ts';
-import { resolvePackFiles, runPackTests } from './pack-tests.ts';
+import { collectPackFiles, runPackTests } from './pack-tests.ts';
 import { isPlanDefinition, planDefinitionToPack } from './plan-definition.ts';
 import { checkPrefetchTemplate } from './prefetch-template.ts';
 import type { CompiledPack, PackProblem, RulePack } from './types.ts';
@@ -487,7 +487,9 @@ class PackChecker {
  * Validates a pack (native form or PlanDefinition) and compiles it. Every problem is
  * collected with its path; then, if there are none and `runTests` is not false, the embedded
  * tests run and each failing expectation is a problem (`tests[2]: expected rule x to fire`).
- * With `baseDir`, file-based tests are resolved (the returned pack has them inline).
+ * With `baseDir`, file-based tests are resolved (the returned pack has them inline); a test
+ * whose file cannot be read or used is a problem listed with all the others, in the same run
+ * (the rest of that test is still checked, its request is not).
  * @throws PackValidationError listing every problem.
  */
 export async function validatePack(
@@ -507,15 +509,30 @@ export async function validatePack(
     // Do not look further into an object built to pollute prototypes.
     throw new PackValidationError(problems);
   }
-  problems.push(...schemaProblems(input));
-  const checker = new PackChecker(input);
+  let pack: Json = input;
+  if (opts.baseDir !== undefined) {
+    // A test whose file cannot be used is one problem, reported with all the others; that
+    // test stays file-based, so the checks below leave its (unknown) request out.
+    const files = collectPackFiles(pack, opts.baseDir);
+    pack = isObj(files.pack) ? files.pack : pack;
+    // The files' content is part of the pack now: refused as above.
+    const forbidden: PackProblem[] = [];
+    arr(pack.tests).forEach((t, i) => {
+      forbiddenKeyProblems(t, `tests[${i}]`, forbidden);
+    });
+    if (forbidden.length > 0) {
+      throw new PackValidationError([...files.problems, ...forbidden]);
+    }
+    problems.push(...files.problems);
+  }
+  problems.push(...schemaProblems(pack));
+  const checker = new PackChecker(pack);
   checker.checkAll(opts.baseDir !== undefined);
   problems.push(...checker.problems);
   if (problems.length > 0) {
     throw new PackValidationError(dedupe(problems));
   }
-  const resolved = opts.baseDir !== undefined ? resolvePackFiles(input, opts.baseDir) : input;
-  const compiled = compilePack(resolved as RulePack);
+  const compiled = compilePack(pack as unknown as RulePack);
   if (opts.runTests !== false && (compiled.pack.tests?.length ?? 0) > 0) {
     const evaluator = opts.evaluator ?? createEvaluator({ workers: 1 });
     try {

@@ -332,11 +332,14 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   });
   router.get('/audit', async (req, res) => {
     const q = req.query as Record<string, unknown>;
+    // Passed on as given: a repeated parameter is a list, which the repository refuses (400
+    // naming the field) rather than ignoring the filter.
     const query = {
-      ...(typeof q.from === 'string' ? { from: q.from } : {}),
-      ...(typeof q.to === 'string' ? { to: q.to } : {}),
-      ...(typeof q.tenant === 'string' ? { tenant: q.tenant } : {}),
-      ...(typeof q.type === 'string' ? { type: q.type } : {}),
+      from: q.from,
+      to: q.to,
+      tenant: q.tenant,
+      type: q.type,
+      requestId: q.requestId,
     };
     res.json({ events: await admin.listAudit(principalOf(res), query) });
   });

@@ -11,6 +11,7 @@ import jose from 'node-jose';
 import {
   createEvaluator,
   PackValidationError,
+  parsePackText,
   runPackTests,
   validatePack,
 } from '../rules/index.ts';
@@ -23,13 +24,16 @@ import {
   DEFAULT_CONTROL_PLANE_SCHEMA,
   InvalidInputError,
   ResidencyError,
+  TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
 import type { Principal, Tenant } from '../tenants/index.ts';
 import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
+import { formatBackupTable, listBackups } from './backup-list.ts';
 import { buildDeps, openConfiguredControlPlane, readAdminToken } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
 import { daysBetween, shiftDates } from './date-shift.ts';
+import { ServiceError } from './errors.ts';
 import {
   DEMO_ISSUER,
   DEMO_KEY_FILE,
@@ -104,6 +108,22 @@ function unreachable(url: string, err: unknown): CliError {
   );
 }
 
+/**
+ * Input the admin service refused as invalid (a bad id, URL, key set, role, lifetime, version,
+ * canary, filter: InvalidInputError, or a 400/422 ServiceError naming what to fix) is a usage
+ * error, exit 2, with its message unchanged. A failed operation keeps exit 1: not found,
+ * conflict (an id in use), a residency policy refusal, a database error.
+ */
+function usageErrorOf(err: unknown): unknown {
+  if (err instanceof InvalidInputError) {
+    return new CliError(err.message, 2);
+  }
+  if (err instanceof ServiceError && (err.status === 400 || err.status === 422)) {
+    return new CliError(err.message, 2);
+  }
+  return err;
+}
+
 /** Runs an admin operation on the local data directory. */
 async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T> {
   const cfg = config();
@@ -116,7 +136,9 @@ async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T>
         evaluator: deps.evaluator,
         regions: deps.matrix.regions,
       }),
-    );
+    ).catch((err: unknown) => {
+      throw usageErrorOf(err);
+    });
   } finally {
     await deps.close();
   }
@@ -146,6 +168,14 @@ function uploadTestBudgets(): { callBudgetMs: number; ruleBudgetMs: number } {
   };
 }
 
+/**
+ * The pack file as written, its test files not read yet: validatePack reads them (baseDir) and
+ * lists a test file it cannot use with every other problem of the pack, in one run.
+ */
+function readPackAsWritten(file: string): unknown {
+  return parsePackText(fs.readFileSync(file, 'utf8'), /\.ya?ml$/i.test(file) ? 'yaml' : 'json');
+}
+
 async function loadAndValidate(
   file: string,
   runTests: boolean,
@@ -153,7 +183,7 @@ async function loadAndValidate(
   if (!fs.existsSync(file)) {
     throw new CliError(`${file}: no such file`, 2);
   }
-  const raw = readPackFile(file);
+  const raw = readPackAsWritten(file);
   const evaluator = createEvaluator(
     runTests ? uploadTestBudgets() : { callBudgetMs: UPLOAD_TEST_DEFAULTS.callBudgetMs },
   );
@@ -365,7 +395,11 @@ async function adminCall(
   };
 }
 
-/** Throws a CliError with the server's error code and message unless the status is expected. */
+/**
+ * Throws a CliError with the server's error code and message unless the status is expected:
+ * exit 2 for a 400 (the server found the input invalid, as a local command's usage error), 1
+ * for any other refusal or failure.
+ */
 function expectStatus(
   res: { status: number; body: Record<string, unknown> },
   ...ok: number[]
@@ -373,6 +407,7 @@ function expectStatus(
   if (!ok.includes(res.status)) {
     throw new CliError(
       `server answered ${res.status} ${JSON.stringify(res.body.error ?? '')}: ${JSON.stringify(res.body.message ?? '')}`,
+      res.status === 400 ? 2 : 1,
     );
   }
   return res.body;
@@ -410,6 +445,35 @@ async function followJob(
   }
 }
 
+/**
+ * The pack as `pack push` uploads it, its test files inline. A test file it cannot use stops
+ * the push before anything is sent, and is listed with every other problem of the pack (as
+ * `pack validate` lists them, without running the tests).
+ */
+async function readPackForPush(file: string): Promise<unknown> {
+  try {
+    return readPackFile(file);
+  } catch (err) {
+    if (!(err instanceof PackValidationError)) {
+      throw err;
+    }
+    let all = err;
+    try {
+      await validatePack(readPackAsWritten(file), {
+        baseDir: path.dirname(file),
+        runTests: false,
+      });
+    } catch (again) {
+      if (!(again instanceof PackValidationError)) {
+        throw again;
+      }
+      all = again;
+    }
+    printProblems(file, all);
+    throw new CliError('pack is invalid');
+  }
+}
+
 async function packPush(file: string, opts: ServerOpts & { wait: string }): Promise<void> {
   const waitSeconds = Number(opts.wait);
   if (!Number.isInteger(waitSeconds) || waitSeconds < 0) {
@@ -418,7 +482,7 @@ async function packPush(file: string, opts: ServerOpts & { wait: string }): Prom
       2,
     );
   }
-  const raw = readPackFile(file);
+  const raw = await readPackForPush(file);
   const giveUpAt = Date.now() + waitSeconds * 1000;
   let answer = await adminCall(opts, 'POST', '/admin/rule-packs', raw);
   // A busy server (its upload slots taken, or its database briefly unavailable) answers 503 with
@@ -551,7 +615,7 @@ async function call(
     throw new CliError(
       `discovery refused: ${disc.status}` +
         (disc.status === 401
-          ? ` (request ${requestId ?? '?'}: npx cellcds audit list --type auth.failure shows its reason; a demo tenant suspended, or a data directory other than the server's, are the usual causes)`
+          ? ` (request ${requestId ?? '?'}: npx cellcds audit list --type auth.failure${requestId ? ` --request-id ${requestId}` : ''} shows its reason; a demo tenant suspended, or a data directory other than the server's, are the usual causes)`
           : ''),
     );
   }
@@ -959,6 +1023,46 @@ export function buildProgram(): Command {
         out(t.subscriptions);
       },
     );
+  tenant
+    .command('unsubscribe')
+    .argument('<id>')
+    .argument('[pack]', 'the pack id to remove (or --pack)')
+    .option('--pack <id>')
+    .description(
+      "remove a pack from a tenant's subscriptions (its services leave the tenant's discovery)",
+    )
+    .action(async (id: string, packArg: string | undefined, o: { pack?: string }) => {
+      if (packArg !== undefined && o.pack !== undefined && packArg !== o.pack) {
+        throw new CliError(`two packs named (${packArg} and --pack ${o.pack}): name one`, 2);
+      }
+      const packId = packArg ?? o.pack;
+      if (packId === undefined) {
+        throw new CliError(
+          'name the pack to remove: cellcds tenant unsubscribe <tenant> <pack> (tenant show lists its subscriptions)',
+          2,
+        );
+      }
+      const t = await withLocal(async (a) => {
+        const current = await a.getTenant(LOCAL_OPERATOR, id);
+        if (!current.subscriptions.some((s) => s.pack === packId)) {
+          // Nothing to remove: the arguments are wrong for this tenant (a typo, or the wrong
+          // tenant), not a failed operation; nothing is written.
+          const subs = current.subscriptions.map((s) => `${s.pack}@${s.version}`).join(', ');
+          throw new CliError(
+            `tenant ${id} is not subscribed to pack ${packId} (${subs ? `its subscriptions: ${subs}` : 'it has no subscriptions'})`,
+            2,
+          );
+        }
+        // The same service call as subscribe, so it is authorized and audited the same way
+        // (`admin.tenant.subscriptions`, with the subscriptions left).
+        return a.setSubscriptions(
+          LOCAL_OPERATOR,
+          id,
+          current.subscriptions.filter((s) => s.pack !== packId),
+        );
+      });
+      out(t.subscriptions);
+    });
 
   const token = program.command('token').description('operator tokens (local data directory)');
   token
@@ -1001,9 +1105,21 @@ export function buildProgram(): Command {
     .option('--type <type>')
     .option('--from <dateTime>')
     .option('--to <dateTime>')
-    .action(async (o: { tenant?: string; type?: string; from?: string; to?: string }) => {
-      out(await withLocal((a) => a.listAudit(LOCAL_OPERATOR, o)));
-    });
+    .option(
+      '--request-id <id>',
+      'only the events of this request (the X-Request-Id or request id a refusal named)',
+    )
+    .action(
+      async (o: {
+        tenant?: string;
+        type?: string;
+        from?: string;
+        to?: string;
+        requestId?: string;
+      }) => {
+        out(await withLocal((a) => a.listAudit(LOCAL_OPERATOR, o)));
+      },
+    );
   audit
     .command('verify')
     .description(
@@ -1109,10 +1225,53 @@ export function buildProgram(): Command {
       out(o.wait ? await followJob(o, job) : job);
     });
 
-  program
+  const backup = program
     .command('backup')
     .description(
-      "write a consistent snapshot of a tenant's store (ciphertext + wrapped keys) to the region's backup folder",
+      "back up a tenant's store (backup --tenant T, through the server), or list the backups (backup list)",
+    );
+  backup
+    .command('list')
+    .description(
+      "list the backups in this region's backup folder, newest first: name (what restore takes), tenant, time, size, record counts (local; not verified: restore checks them)",
+    )
+    .option('--tenant <id>', "only this tenant's backups")
+    .option('--json', 'print them as JSON')
+    .action((o: { tenant?: string; json?: boolean }) => {
+      if (o.tenant !== undefined && !TENANT_ID_PATTERN.test(o.tenant)) {
+        throw new CliError(`--tenant must be a tenant id (${TENANT_ID_PATTERN.source})`, 2);
+      }
+      const cfg = config();
+      assertDataDirHere(cfg);
+      const region = regionMatrix(cfg).regions.find((r) => r.id === cfg.region);
+      if (!region) {
+        throw new CliError(`CELLCDS_REGION ${cfg.region} is not in the region matrix`, 2);
+      }
+      const { backups, problems } = listBackups(region.backupDir, {
+        ...(o.tenant !== undefined ? { tenant: o.tenant } : {}),
+      });
+      for (const p of problems) {
+        process.stderr.write(`warning: ${p.name} is not listed: ${p.problem}\n`);
+      }
+      if (o.json) {
+        out(backups);
+        return;
+      }
+      if (backups.length === 0) {
+        out(
+          `no backups${o.tenant !== undefined ? ` of tenant ${o.tenant}` : ''} in ${region.backupDir}`,
+        );
+        return;
+      }
+      out(`backups in ${region.backupDir}, newest first:`);
+      out(formatBackupTable(backups));
+      out('restore one: npx cellcds restore NAME --tenant TENANT');
+    });
+  // `cellcds backup --tenant T` (the default subcommand), as before `backup list` existed.
+  backup
+    .command('create', { isDefault: true })
+    .description(
+      "write a consistent snapshot of a tenant's store (ciphertext + wrapped keys) to the region's backup folder (the default: backup --tenant T)",
     )
     .requiredOption('--tenant <id>')
     .option('--url <base>')

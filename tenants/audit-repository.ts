@@ -21,6 +21,19 @@ const TYPE_PATTERN = /^[a-z][a-z0-9._:-]{0,99}$/;
 const MAX_DETAIL_KEYS = 32;
 const MAX_DETAIL_STRING = 1000;
 const MAX_LIST = 10_000;
+/**
+ * A request id as the server writes them (`X-Request-Id`: a UUID, kept to 64 characters in an
+ * event's detail). No LIKE wildcard (`%`, `_`), quote or backslash can be in one, so it is
+ * matched as a literal inside the stored detail JSON.
+ */
+const REQUEST_ID_PATTERN = /^[A-Za-z0-9.:-]{1,64}$/;
+
+/**
+ * {@link AuditQuery}; its `requestId` keeps the events whose `detail.requestId` is exactly this
+ * id (refusals name the request id they were given: `auth.failure`, `admin.auth`,
+ * `admin.forbidden`, `residency.misdirected`...).
+ */
+export type AuditListQuery = AuditQuery;
 
 function toEvent(row: AuditRow): StoredAuditEvent {
   return {
@@ -203,7 +216,7 @@ export function createAuditRepository(deps: {
       );
     },
 
-    async list(query: AuditQuery = {}) {
+    async list(query: AuditListQuery = {}) {
       const from = instant(query.from, 'from');
       const to = instant(query.to, 'to');
       const where: WhereOptions<AuditRow> = {};
@@ -232,13 +245,32 @@ export function createAuditRepository(deps: {
         }
         Object.assign(where, { type });
       }
+      const requestId: unknown = query.requestId;
+      if (requestId !== undefined) {
+        if (typeof requestId !== 'string' || !REQUEST_ID_PATTERN.test(requestId)) {
+          throw new InvalidInputError(
+            'requestId',
+            'must be a single request id (the X-Request-Id a refusal named: letters, digits, -, . or :, at most 64)',
+          );
+        }
+        // The detail column is the flat JSON object `validateEvent` wrote (JSON.stringify: no
+        // spaces, a quote inside a value escaped), so this literal only matches the requestId
+        // member itself. Both dialects run it the same way; SQLite's LIKE ignores ASCII case,
+        // hence the exact check on the parsed detail below.
+        Object.assign(where, {
+          detail: { [Op.like]: `%${JSON.stringify({ requestId }).slice(1, -1)}%` },
+        });
+      }
       const rows = await Audit.findAll({
         where,
         raw: true,
         order: [['seq', 'ASC']],
         limit: MAX_LIST,
       });
-      return (rows as unknown as AuditRow[]).map(toEvent);
+      const events = (rows as unknown as AuditRow[]).map(toEvent);
+      return requestId === undefined
+        ? events
+        : events.filter((e) => e.detail?.requestId === requestId);
     },
   };
 }

@@ -318,6 +318,8 @@ export interface AuditQuery {
   to?: string | Date;
   tenant?: string;
   type?: string;
+  /** The events whose `detail.requestId` is exactly this id (the `X-Request-Id` a refusal named). */
+  requestId?: string;
 }
 
 /** Tenant registry (control plane, no PHI). */

@@ -93,6 +93,19 @@ describe('quick start (npm start, then cellcds call --demo)', function () {
       expect(r.status).to.equal(1);
       expect(r.stderr).to.match(/discovery refused: 401 \(request [0-9a-f-]{36}: /);
       expect(r.stderr).to.include('npx cellcds audit list --type auth.failure');
+      // The command it prints names the request: run as printed, it shows that refusal alone.
+      const printed =
+        /npx cellcds (audit list --type auth\.failure --request-id [0-9a-f-]{36}) /.exec(r.stderr);
+      expect(printed, r.stderr).to.not.equal(null);
+      const shown = cli(printed![1]!.split(' '));
+      expect(shown.status, shown.stderr).to.equal(0);
+      const events = JSON.parse(shown.stdout) as Array<{
+        type: string;
+        detail: { reason: string };
+      }>;
+      expect(events.map((e) => [e.type, e.detail.reason])).to.deep.equal([
+        ['auth.failure', 'suspended'],
+      ]);
     } finally {
       expect(cli(['tenant', 'resume', 'demo']).status).to.equal(0);
     }
