@@ -474,6 +474,76 @@ async function readPackForPush(file: string): Promise<unknown> {
   }
 }
 
+/** `pack subscribers`: who subscribes to a pack, on which version and canary. */
+async function packSubscribers(pack: string, opts: ServerOpts): Promise<void> {
+  const route = `/admin/rule-packs/${encodeURIComponent(pack)}/subscriptions`;
+  out(expectStatus(await adminCall(opts, 'GET', route), 200).subscriptions);
+}
+
+interface RolloutOpts extends ServerOpts {
+  version: string;
+  canaryVersion?: string;
+  canaryPercent?: string;
+  tenant?: string[];
+  all?: boolean;
+}
+
+/**
+ * `pack rollout`: sets a pack's pinned version (and canary) for the tenants named, or for every
+ * tenant subscribed to it (`--all`), one `PUT /admin/tenants/{id}/subscriptions/{pack}` each
+ * (each atomic and audited). Stops at the first refusal, saying which tenants were done.
+ */
+async function packRollout(pack: string, o: RolloutOpts): Promise<void> {
+  if ((o.canaryVersion === undefined) !== (o.canaryPercent === undefined)) {
+    throw new CliError(
+      'a canary needs both --canary-version and --canary-percent (leave both out for none)',
+      2,
+    );
+  }
+  const percent = o.canaryPercent === undefined ? undefined : Number(o.canaryPercent);
+  if (percent !== undefined && (!Number.isFinite(percent) || percent < 0 || percent > 100)) {
+    throw new CliError(
+      `--canary-percent must be a number from 0 to 100, not ${o.canaryPercent}`,
+      2,
+    );
+  }
+  const named = o.tenant ?? [];
+  if ((o.all === true) === named.length > 0) {
+    throw new CliError(
+      'name the tenants (--tenant T, repeatable) or --all (every tenant subscribed to the pack), not both',
+      2,
+    );
+  }
+  let tenants = named;
+  if (o.all === true) {
+    const route = `/admin/rule-packs/${encodeURIComponent(pack)}/subscriptions`;
+    const subs = expectStatus(await adminCall(o, 'GET', route), 200).subscriptions;
+    tenants = (Array.isArray(subs) ? (subs as Array<{ tenant: string }>) : []).map((s) => s.tenant);
+    if (tenants.length === 0) {
+      out(`no tenant subscribes to ${pack}: nothing to roll out`);
+      return;
+    }
+  }
+  const subscription = {
+    version: o.version,
+    ...(o.canaryVersion !== undefined && percent !== undefined
+      ? { canary: { version: o.canaryVersion, percent } }
+      : {}),
+  };
+  const shown = `${pack}@${o.version}${o.canaryVersion !== undefined ? ` + canary ${o.canaryVersion} at ${String(percent)} %` : ''}`;
+  for (const [i, tenant] of tenants.entries()) {
+    const route = `/admin/tenants/${encodeURIComponent(tenant)}/subscriptions/${encodeURIComponent(pack)}`;
+    const res = await adminCall(o, 'PUT', route, subscription);
+    if (res.status !== 200) {
+      process.stderr.write(
+        `${tenant}: refused${i > 0 ? `; done before it: ${tenants.slice(0, i).join(', ')}` : ''}; not done: ${tenants.slice(i).join(', ')}\n`,
+      );
+      expectStatus(res, 200);
+    }
+    out(`${tenant}: ${shown}`);
+  }
+}
+
 async function packPush(file: string, opts: ServerOpts & { wait: string }): Promise<void> {
   const waitSeconds = Number(opts.wait);
   if (!Number.isInteger(waitSeconds) || waitSeconds < 0) {
@@ -905,6 +975,32 @@ export function buildProgram(): Command {
     .description('upload a pack version to a running server')
     .action(packPush);
 
+  pack
+    .command('subscribers')
+    .argument('<pack>')
+    .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
+    .option('--token <token>', 'rule-author or operator token (default CELLCDS_ADMIN_TOKEN)')
+    .description('list the tenants subscribed to a pack: pinned version and canary')
+    .action(packSubscribers);
+  pack
+    .command('rollout')
+    .argument('<pack>')
+    .requiredOption('--version <semver>', 'the version to pin')
+    .option('--canary-version <semver>', 'a canary version beside it')
+    .option('--canary-percent <n>', "share of the tenant's calls routed to the canary")
+    .option(
+      '--tenant <id>',
+      'a tenant to roll out to (repeatable)',
+      (v: string, prev: string[] | undefined) => [...(prev ?? []), v],
+    )
+    .option('--all', 'every tenant subscribed to the pack')
+    .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
+    .option('--token <token>', 'rule-author or operator token (default CELLCDS_ADMIN_TOKEN)')
+    .description(
+      "move a pack's pinned version (and canary) for tenants already subscribed to it, on a running server",
+    )
+    .action(packRollout);
+
   const tenant = program.command('tenant').description('manage tenants (local data directory)');
   tenant
     .command('add')
@@ -1009,16 +1105,14 @@ export function buildProgram(): Command {
           );
         }
         const t = await withLocal(async (a) => {
-          const current = await a.getTenant(LOCAL_OPERATOR, id);
-          const others = current.subscriptions.filter((s) => s.pack !== o.pack);
-          const sub = {
-            pack: o.pack,
+          // That pack's entry alone, in one transaction (its other packs untouched).
+          await a.setSubscription(LOCAL_OPERATOR, id, o.pack, {
             version: o.version,
             ...(o.canaryVersion
               ? { canary: { version: o.canaryVersion, percent: o.canaryPercent ?? 0 } }
               : {}),
-          };
-          return a.setSubscriptions(LOCAL_OPERATOR, id, [...others, sub]);
+          });
+          return a.getTenant(LOCAL_OPERATOR, id);
         });
         out(t.subscriptions);
       },
@@ -1053,13 +1147,10 @@ export function buildProgram(): Command {
             2,
           );
         }
-        // The same service call as subscribe, so it is authorized and audited the same way
-        // (`admin.tenant.subscriptions`, with the subscriptions left).
-        return a.setSubscriptions(
-          LOCAL_OPERATOR,
-          id,
-          current.subscriptions.filter((s) => s.pack !== packId),
-        );
+        // In one transaction, audited like subscribe (`admin.tenant.subscriptions`, with the
+        // subscriptions left and the pack).
+        await a.removeSubscription(LOCAL_OPERATOR, id, packId);
+        return a.getTenant(LOCAL_OPERATOR, id);
       });
       out(t.subscriptions);
     });

@@ -216,9 +216,14 @@ describe('cellcds CLI: operator commands', function () {
         'admin.tenant.subscriptions',
         'success',
         'platform-operator:cli',
-        { subscriptions: 'alpha@1.0.0' },
+        { subscriptions: 'alpha@1.0.0', pack: 'beta' },
       ],
-      ['admin.tenant.subscriptions', 'success', 'platform-operator:cli', { subscriptions: '' }],
+      [
+        'admin.tenant.subscriptions',
+        'success',
+        'platform-operator:cli',
+        { subscriptions: '', pack: 'alpha' },
+      ],
     ]);
   });
 
