@@ -61,9 +61,21 @@ class CliError extends Error {
   }
 }
 
+let unknownSettingsWarned = false;
+
 function config(): Config {
   try {
-    return loadConfig();
+    const cfg = loadConfig();
+    if (!unknownSettingsWarned) {
+      unknownSettingsWarned = true;
+      // A mistyped setting would otherwise be ignored in silence (names only, never values).
+      for (const u of cfg.unknownSettings) {
+        process.stderr.write(
+          `warning: ${u.name} is not a cellcds setting and is ignored${u.suggestion !== undefined ? ` (did you mean ${u.suggestion}?)` : ''}\n`,
+        );
+      }
+    }
+    return cfg;
   } catch (err) {
     if (err instanceof ConfigError) {
       throw new CliError(err.message, 2);

@@ -98,6 +98,12 @@ const Schema = z
 
 export interface Config {
   readonly port: number;
+  /**
+   * `CELLCDS_*` variables set but not settings of this version (a typo would otherwise be
+   * ignored silently), by name, with the closest setting's name when one is close: warned about
+   * at start (`serve`'s log, the CLI's stderr). Never their values.
+   */
+  readonly unknownSettings: ReadonlyArray<{ name: string; suggestion?: string }>;
   readonly dataDir: string;
   /** False when `dataDir` is the default `./var` of the current folder (CELLCDS_DATA_DIR unset). */
   readonly dataDirSet: boolean;
@@ -259,6 +265,49 @@ function replayCacheConfig(e: z.infer<typeof Schema>): {
   }
 }
 
+/** Variables of cellcds' own specs and tools, not settings: never reported as unknown. */
+const NOT_SETTINGS = /^CELLCDS_(TEST|SPEC|BENCH)_|^CELLCDS_UPDATE_DOC_IMAGES$/;
+
+/** Levenshtein distance (names of a few dozen characters). */
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) {
+      row[j] = Math.min(
+        (prev[j] ?? 0) + 1,
+        (row[j - 1] ?? 0) + 1,
+        (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    }
+    prev = row;
+  }
+  return prev[b.length] ?? 0;
+}
+
+/**
+ * The `CELLCDS_*` names among `names` that are no setting, sorted, each with the closest
+ * setting (the same name without the prefix, e.g. `CELLCDS_PORT` for `PORT`, or one within a
+ * few edits).
+ */
+function unknownSettings(names: readonly string[]): Array<{ name: string; suggestion?: string }> {
+  const known = Object.keys(Schema.shape);
+  return names
+    .filter((n) => n.startsWith('CELLCDS_') && !known.includes(n) && !NOT_SETTINGS.test(n))
+    .sort()
+    .map((name) => {
+      const bare = name.slice('CELLCDS_'.length);
+      let best: { name: string; d: number } | undefined;
+      for (const k of known) {
+        const d = k === bare ? 0 : editDistance(name, k);
+        if (d <= Math.max(3, Math.floor(name.length / 4)) && (best === undefined || d < best.d)) {
+          best = { name: k, d };
+        }
+      }
+      return best === undefined ? { name } : { name, suggestion: best.name };
+    });
+}
+
 /**
  * Parses configuration from an environment map (tests pass their own).
  * @throws ConfigError naming the setting.
@@ -291,6 +340,7 @@ export function loadConfig(
         );
   return Object.freeze({
     port: e.PORT,
+    unknownSettings: Object.freeze(unknownSettings(Object.keys(present))),
     dataDir: path.resolve(e.CELLCDS_DATA_DIR),
     dataDirSet: present.CELLCDS_DATA_DIR !== undefined,
     publicUrl,

@@ -208,6 +208,10 @@ export async function runServe(overrides: Record<string, string> = {}): Promise<
     return;
   }
   const log = createLogger({ level: config.logLevel, base: { region: config.region } });
+  if (config.unknownSettings.length > 0) {
+    // A mistyped setting would otherwise be ignored in silence (names only, never values).
+    log.warn({ settings: config.unknownSettings }, 'unknown settings ignored');
+  }
   let running: Awaited<ReturnType<typeof serve>>;
   try {
     running = await serve(config, log);

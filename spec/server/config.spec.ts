@@ -1,5 +1,6 @@
 import { expect } from 'chai';
 import { ConfigError, loadConfig } from '../../server/config.ts';
+import { runCli } from '../helpers/processes.ts';
 
 describe('configuration', () => {
   it('has embedded defaults', () => {
@@ -10,6 +11,36 @@ describe('configuration', () => {
     expect(c.corsOrigins).to.equal('*');
     expect(c.adminToken).to.equal(undefined);
     expect(Object.isFrozen(c)).to.equal(true);
+  });
+
+  it('names CELLCDS_ variables it does not know (a typo is otherwise silently ignored), with a guess', () => {
+    const c = loadConfig({
+      CELLCDS_PORT: '18722',
+      CELLCDS_EVAL_BUDGET: '900',
+      CELLCDS_DATA_DIR: './var',
+      CELLCDS_TEST_PG_URL: 'postgres://x', // the specs' own
+      CELLCDS_FOO: '1',
+      HOME: '/root',
+    });
+    expect(c.unknownSettings).to.deep.equal([
+      { name: 'CELLCDS_EVAL_BUDGET', suggestion: 'CELLCDS_EVAL_BUDGET_MS' },
+      { name: 'CELLCDS_FOO' },
+      { name: 'CELLCDS_PORT', suggestion: 'PORT' },
+    ]);
+    expect(loadConfig({ CELLCDS_DATA_DIR: './var' }).unknownSettings).to.deep.equal([]);
+  });
+
+  it('warns about them on the CLI, once, on stderr', function () {
+    this.timeout(60_000);
+    const r = runCli(['regions'], {
+      ...process.env,
+      CELLCDS_PORT: '18722',
+      CELLCDS_LOG_LEVEL: 'silent',
+    });
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stderr).to.equal(
+      'warning: CELLCDS_PORT is not a cellcds setting and is ignored (did you mean PORT?)\n',
+    );
   });
 
   it('sizes the replay cache: 100,000 in process, 1,000,000 in Redis by default, or as set', () => {
