@@ -1129,6 +1129,10 @@ async function stagePostgres(
   const live = backend.schemaName(m.tenant);
   const staging = `${live.slice(0, 40)}_r${suffix}`;
   const admin = backend.admin();
+  // What the live store holds as the restore begins: other replicas keep writing to it (the
+  // restoring process blocks the tenant only for itself), and the swap would drop what they
+  // write meanwhile; the swap compares (see liveWritesSince).
+  const liveAtStart = await liveMarks(admin, live);
   await admin.query(`DROP SCHEMA IF EXISTS "${staging}" CASCADE`);
   const h = await backend.openAt({ schema: staging }, m.tenant, true);
   let facts: SnapshotFacts;
@@ -1204,8 +1208,15 @@ async function stagePostgres(
     manifest: { ...m, counts: facts.counts },
     async commit() {
       await admin.transaction(async (t) => {
-        // The live store's keys: none compromised comes back, no count goes down.
+        // The live store's keys: none compromised comes back, no count goes down. Its DEK
+        // table is locked EXCLUSIVE from here on: no write of any replica runs until COMMIT.
         await reconcilePostgres(admin, t, { live, staging }, m.tenant, facts.deks);
+        const written = liveWritesSince(liveAtStart, await liveMarks(admin, live, t));
+        if (written.length > 0) {
+          throw new ConflictError(
+            `tenant ${m.tenant}: ${written.join(', ')} written while the restore ran (calls answered on another replica); the restore would drop them, so nothing was replaced: suspend the tenant (npx cellcds tenant suspend ${m.tenant}: every replica refuses its calls), restore again, then resume it`,
+          );
+        }
         await admin.query(`DROP SCHEMA IF EXISTS "${live}" CASCADE`, { transaction: t });
         await admin.query(`ALTER SCHEMA "${staging}" RENAME TO "${live}"`, { transaction: t });
       });
@@ -1214,6 +1225,49 @@ async function stagePostgres(
       await admin.query(`DROP SCHEMA IF EXISTS "${staging}" CASCADE`);
     },
   };
+}
+
+/** The highest `seq` of each table a write appends to (undefined: no such table). */
+type LiveMarks = Readonly<Record<string, number>> | undefined;
+
+const APPENDED_TABLES = [TABLES.invocations, TABLES.feedback, TABLES.auditEvents] as const;
+
+/** The live schema's marks: undefined when it has no store (never provisioned, deprovisioned). */
+async function liveMarks(admin: Sequelize, schema: string, t?: Transaction): Promise<LiveMarks> {
+  const marks: Record<string, number> = {};
+  for (const table of APPENDED_TABLES) {
+    const name = `"${schema}"."${table}"`;
+    const [found] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
+      bind: [name],
+      type: QueryTypes.SELECT,
+      ...(t ? { transaction: t } : {}),
+    });
+    if (found?.ok !== true) {
+      return undefined;
+    }
+    const [row] = await admin.query<{ seq: string | number | null }>(
+      `SELECT MAX(seq) AS seq FROM ${name}`,
+      { type: QueryTypes.SELECT, ...(t ? { transaction: t } : {}) },
+    );
+    marks[table] = Number(row?.seq ?? 0);
+  }
+  return marks;
+}
+
+/** What was appended between two marks, as `N invocation(s)`-like texts (none: empty). */
+function liveWritesSince(before: LiveMarks, after: LiveMarks): string[] {
+  if (after === undefined) {
+    return [];
+  }
+  const names: Record<string, string> = {
+    [TABLES.invocations]: 'invocation record(s)',
+    [TABLES.feedback]: 'feedback record(s)',
+    [TABLES.auditEvents]: 'audit event(s)',
+  };
+  return APPENDED_TABLES.flatMap((table) => {
+    const added = (after[table] ?? 0) - (before?.[table] ?? 0);
+    return added > 0 ? [`${String(added)} ${names[table] ?? table}`] : [];
+  });
 }
 
 /**

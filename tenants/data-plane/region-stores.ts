@@ -7,10 +7,16 @@
  * closed, so the bound can be exceeded briefly only by handles in use at the same time.
  */
 import type { KeyObject } from 'node:crypto';
+import path from 'node:path';
 import { Op } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit } from './audit-chain.ts';
-import { removeAbandonedRestores, stageRestore, writeBackup } from './backup.ts';
+import {
+  readBackupManifest,
+  removeAbandonedRestores,
+  stageRestore,
+  writeBackup,
+} from './backup.ts';
 import {
   ensureInitialDek,
   getDek,
@@ -1108,24 +1114,25 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       if (restoreOpts.tenant !== undefined) {
         assertTenantId(restoreOpts.tenant);
       }
-      const staged = await stageRestore(backend, backupPath, {
-        region: restoreOpts.region ?? region,
-        ...(restoreOpts.tenant !== undefined ? { tenant: restoreOpts.tenant } : {}),
-        stagingSuffix: randomSuffix(),
-        keyProvider: provider,
-        allowUnauthenticated: restoreOpts.allowUnauthenticated === true,
-      });
-      const tenant = staged.manifest.tenant;
+      // The tenant is blocked here from the start, not only for the swap: a record written
+      // here while the copy is staged (its call answered 200) would be dropped by the swap.
+      // Other replicas' writes meanwhile make the swap refuse (PostgreSQL; see stageRestore).
+      const tenant = restoreOpts.tenant ?? readBackupManifest(path.resolve(backupPath)).tenant;
+      assertTenantId(tenant);
+      await quiesce(tenant, 'restored');
+      let staged: Awaited<ReturnType<typeof stageRestore>> | undefined;
       try {
-        await quiesce(tenant, 'restored');
-      } catch (err) {
-        await staged.discard();
-        throw err;
-      }
-      try {
+        staged = await stageRestore(backend, backupPath, {
+          region: restoreOpts.region ?? region,
+          tenant,
+          stagingSuffix: randomSuffix(),
+          keyProvider: provider,
+          allowUnauthenticated: restoreOpts.allowUnauthenticated === true,
+        });
+        await restoreOpts.onStaged?.();
         await staged.commit();
       } catch (err) {
-        await staged.discard();
+        await staged?.discard();
         throw err;
       } finally {
         blocked.delete(tenant);

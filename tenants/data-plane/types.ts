@@ -388,6 +388,12 @@ export interface RestoreOptions {
    * verify is refused all the same. Default false.
    */
   allowUnauthenticated?: boolean;
+  /**
+   * Called once the backup's copy is staged, right before it replaces the live store (the
+   * tenant is blocked on this process meanwhile): progress reporting, and specs that write on
+   * another replica at that moment.
+   */
+  onStaged?: () => Promise<void>;
 }
 
 export interface DeprovisionResult {
