@@ -158,10 +158,14 @@ async function sharedReplayCache(
       await cache.close();
       throw new ConfigError(`CELLCDS_REDIS_URL: ${err.message}`);
     }
-    log.warn(
-      { err },
-      'the replay cache (Redis) does not answer: CDS client tokens are refused until it does',
-    );
+    if (cache.state() !== 'down') {
+      // Not a Redis that does not answer (that one is logged by replayStateLogger, as any
+      // later outage is): still refused until the cache's next answer says otherwise.
+      log.warn(
+        { err, replayCache: cache.state() },
+        'the replay cache (Redis) failed its boot check: CDS client tokens are refused until it answers',
+      );
+    }
   }
   return cache;
 }
@@ -207,15 +211,15 @@ export function replayTrustLogger(log: Logger): (event: ReplayTrustEvent) => voi
 /**
  * Logs the replay cache backend's changes, once each (tokens refused meanwhile log only their
  * own `request refused` info lines): warn when Redis stops answering or may evict keys (CDS
- * client tokens get 503 until it is fixed), info when it is back. The first state seen at boot
- * logs nothing here (the boot check logs a Redis that does not answer, and refuses one that
- * evicts).
+ * client tokens get 503 until it is fixed), info when it is back. Of the first state seen at
+ * boot only `down` is logged, with the same line and `replayCache: "down"` as a later outage
+ * (on-call alerts on it); a Redis that evicts stops the boot, and `up` is no news.
  */
 export function replayStateLogger(
   log: Logger,
 ): (state: ReplayBackendState, previous: ReplayBackendState | undefined) => void {
   return (state, previous) => {
-    if (previous === undefined) {
+    if (previous === undefined && state !== 'down') {
       return;
     }
     if (state === 'down') {

@@ -128,6 +128,18 @@ export function toServiceError(err: unknown): ServiceError {
       { detail: 'key: tenant_key_destroyed', cause: err },
     );
   }
+  if (err instanceof KeyUnavailableError && err.reason === 'tenant_key_missing') {
+    // The tenant's store exists but this replica's key provider holds neither its key nor a
+    // tombstone: a deployment fault of this replica (another keyring folder or KMS than its
+    // peers), not a shred and not the client's. 503: another replica, or this one once its
+    // keyring is fixed, serves the call; no Retry-After (no wait fixes it), logged at error.
+    return new ServiceError(
+      503,
+      'unavailable',
+      "this replica's keyring does not hold the tenant's key: do the replicas share the region's keyring (keyProvider.dir) or KMS?",
+      { detail: 'key: tenant_key_missing', cause: err },
+    );
+  }
   if (err instanceof KeyUnavailableError) {
     // The region's key provider is down: retryable. Any other key failure is a server fault.
     return err.reason === 'provider'
@@ -214,7 +226,14 @@ export function errorHandler(log: Logger): ErrorRequestHandler {
     } else if (se.retryAfterSeconds !== undefined) {
       log.warn({ ...logFields, reason: se.detail }, 'request refused: busy');
     } else if (se.status >= 500) {
-      log.error({ ...logFields, err: redactableError(err) }, 'request failed');
+      log.error(
+        {
+          ...logFields,
+          ...(se.detail !== undefined ? { reason: se.detail } : {}),
+          err: redactableError(err),
+        },
+        'request failed',
+      );
     } else {
       log.info({ ...logFields, reason: se.detail }, 'request refused');
     }

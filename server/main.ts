@@ -3,8 +3,10 @@
  * that wires real resources together.
  */
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { childEnv } from './config.ts';
 import { createApp } from './app.ts';
@@ -12,7 +14,7 @@ import { buildDeps } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
 import { AdminService } from './admin-service.ts';
-import { seedDemo } from './demo.ts';
+import { DEMO_KEY_FILE, seedDemo } from './demo.ts';
 import { asBootError, reportBootFailure } from './boot-failure.ts';
 import { createLogger } from './logger.ts';
 import type { Logger } from './logger.ts';
@@ -158,10 +160,16 @@ function cliEnvFor(config: Config): string {
   return env.map((e) => `${e} `).join('');
 }
 
+/**
+ * The startup banner (stderr). The demo command signs with the demo EHR key of this data
+ * directory, which only the process that seeded the demo has (not another replica, nor a server
+ * started with `CELLCDS_SEED_DEMO=false` on a fresh folder): printed only where it would work.
+ */
 function printBanner(config: Config, seeded: boolean): void {
   const tokenWhere = config.adminToken
     ? 'CELLCDS_ADMIN_TOKEN'
     : `${config.dataDir}/admin-token (mode 0600)`;
+  const hasDemoKey = fs.existsSync(path.join(config.dataDir, DEMO_KEY_FILE));
   const lines = [
     '',
     `cellcds is listening on ${config.publicUrl}  (region ${config.region}, data in ${config.dataDir})`,
@@ -169,9 +177,13 @@ function printBanner(config: Config, seeded: boolean): void {
       ? 'Seeded: demo tenant "demo", a demo EHR issuer key and the medication-safety pack.'
       : '',
     '',
-    'Try it (signs an order-sign call with the demo EHR key and prints the cards):',
-    `  ${cliEnvFor(config)}npx cellcds call order-sign --demo`,
-    '',
+    ...(hasDemoKey
+      ? [
+          'Try it (signs an order-sign call with the demo EHR key and prints the cards):',
+          `  ${cliEnvFor(config)}npx cellcds call order-sign --demo`,
+          '',
+        ]
+      : []),
     `Operator token for the admin API: ${tokenWhere}`,
     '',
   ].filter((l, i, all) => l !== '' || all[i - 1] !== '');

@@ -56,13 +56,13 @@ export interface ServerProcess {
 }
 
 /**
- * Starts `cellcds serve` and resolves once its stderr shows `ready` (default: the quick-start
- * banner's demo command).
+ * Starts `cellcds serve` and resolves once its stderr shows `ready` (default: the startup
+ * banner's last line, printed with or without the demo command).
  * @throws if it exits or does not get ready within 90 s.
  */
 export async function startServer(
   env: NodeJS.ProcessEnv,
-  ready: (stderr: string) => boolean = (e) => e.includes('npx cellcds call order-sign --demo'),
+  ready: (stderr: string) => boolean = (e) => e.includes('Operator token for the admin API'),
 ): Promise<ServerProcess> {
   const child = spawn(process.execPath, [...CLI, 'serve'], { env });
   let out = '';

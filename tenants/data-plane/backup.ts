@@ -199,15 +199,20 @@ export async function authenticateBackupManifest(
     if (err.reason === 'provider') {
       throw err; // the provider is down: retryable, nothing was decided
     }
-    if (err.reason === 'tenant_key_destroyed' || err.reason === 'unknown_kek') {
-      // Nobody can check this MAC any more (crypto-shredded tenant, destroyed KEK). The
-      // tenant's records would not open either; the operator may still want its audit trail.
+    if (
+      err.reason === 'tenant_key_destroyed' ||
+      err.reason === 'tenant_key_missing' ||
+      err.reason === 'unknown_kek'
+    ) {
+      // Nobody can check this MAC here (crypto-shredded tenant, destroyed KEK, or a tenant key
+      // this keyring never held). The tenant's records would not open either; the operator may
+      // still want its audit trail.
       if (allow) {
         return false;
       }
       throw new BackupError(
         'key_unavailable',
-        `the manifest's MAC cannot be checked: its key does not unwrap (${err.reason}: the tenant's key was destroyed, or the KEK that wrapped it is gone); restore it with allowUnauthenticated only if nobody else could write the backup folder`,
+        `the manifest's MAC cannot be checked: its key does not unwrap (${err.reason}: the tenant's key was destroyed or is not in this keyring, or the KEK that wrapped it is gone); restore it with allowUnauthenticated only if nobody else could write the backup folder`,
         err,
       );
     }

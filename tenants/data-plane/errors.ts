@@ -8,8 +8,15 @@
 
 /** Why a key could not be used. */
 export type KeyUnavailableReason =
-  /** The tenant's provider key was destroyed (crypto-shredded) or never existed here. */
+  /** The tenant's provider key was destroyed (crypto-shredded): the provider holds its tombstone. */
   | 'tenant_key_destroyed'
+  /**
+   * The provider holds neither the tenant's key nor a tombstone of it, although the caller needs
+   * it (the tenant's store exists): most likely this replica uses another keyring (`keyProvider.dir`)
+   * or KMS than the region's other replicas. A server-side fault, never a shred. Suggested HTTP:
+   * 503 `unavailable` (another replica, or this one once fixed, can serve it).
+   */
+  | 'tenant_key_missing'
   /** The wrapped DEK names a KEK version the provider does not hold. */
   | 'unknown_kek'
   /** The DEK version is destroyed, or the store has no such version. */

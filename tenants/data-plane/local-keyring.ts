@@ -422,15 +422,28 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
     return kek;
   }
 
+  /**
+   * The tenant's key, needed to wrap or unwrap (its store exists: a new tenant gets its key from
+   * `createTenantKey` first). Absent with a tombstone: crypto-shredded here. Absent without one:
+   * this keyring never held it, so this replica was most likely started on another keyring
+   * folder than the region's other replicas (or on a lost one). Never reported as a shred.
+   */
   function tenantEntry(ring: Keyring, tenant: string): Keyring['tenants'][string] {
     const entry = ring.tenants[tenant];
-    if (!entry) {
+    if (entry) {
+      return entry;
+    }
+    if (ring.destroyed[tenant] !== undefined) {
       throw new KeyUnavailableError(
         'tenant_key_destroyed',
-        `tenant ${tenant} holds no provider key in region ${region}`,
+        `tenant ${tenant} holds no provider key in region ${region}: destroyed at ${ring.destroyed[tenant]}`,
       );
     }
-    return entry;
+    throw new KeyUnavailableError(
+      'tenant_key_missing',
+      `the keyring ${file} of this replica holds no key of tenant ${tenant} and never destroyed one: ` +
+        `do the replicas of region ${region} share the region keyring (keyProvider.dir) or KMS?`,
+    );
   }
 
   async function wrapKeyFor(

@@ -117,6 +117,32 @@ describe('tenants/ data plane: local keyring provider', () => {
     expect(await reason(kp.unwrapDek('acme', w.wrapped, 'a'))).to.equal('tenant_key_destroyed');
   });
 
+  it('tells a key this keyring never held (tenant_key_missing) from a destroyed one (tombstone)', async () => {
+    const shared = await createLocalKeyProvider({ keyDir: dir, region: 'eu-west' });
+    await shared.createTenantKey('acme');
+    const w = await shared.wrapDek('acme', dek(), 'a');
+    // Another replica started on an empty keyring folder: no entry and no tombstone for acme.
+    const wrong = await createLocalKeyProvider({
+      keyDir: path.join(dir, 'wrong'),
+      region: 'eu-west',
+    });
+    const err = asInstance(
+      await rejection(wrong.unwrapDek('acme', w.wrapped, 'a')),
+      KeyUnavailableError,
+    );
+    expect(err.reason).to.equal('tenant_key_missing');
+    expect(err.message).to.include('holds no key of tenant acme and never destroyed one');
+    expect(err.message).to.include('keyProvider.dir');
+    expect(await reason(wrong.wrapDek('acme', dek(), 'a'))).to.equal('tenant_key_missing');
+    expect(await reason(wrong.rewrapDek('acme', w.wrapped, 'a'))).to.equal('tenant_key_missing');
+    // A tombstone keeps the destroyed reason, for wraps and unwraps alike.
+    await shared.destroyTenantKey('acme');
+    expect(await reason(shared.unwrapDek('acme', w.wrapped, 'a'))).to.equal('tenant_key_destroyed');
+    expect(await reason(shared.wrapDek('acme', dek(), 'a'))).to.equal('tenant_key_destroyed');
+    // A tenant new to the keyring still gets its key when it is provisioned.
+    expect(await wrong.createTenantKey('acme')).to.equal('created');
+  });
+
   it('rotates the KEK: new wraps use it, old wraps still unwrap, rewrap moves them', async () => {
     const kp = await createLocalKeyProvider({ keyDir: dir, region: 'eu-west' });
     await kp.createTenantKey('acme');
