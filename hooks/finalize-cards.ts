@@ -3,7 +3,7 @@
  * fresh uuids, a selectionBehavior whenever there are suggestions, and no null/empty fields.
  */
 import { randomUUID } from 'node:crypto';
-import { isAbsoluteHttpUrl } from '../rules/index.ts';
+import { isAbsoluteHttpUrl, RELATIVE_REFERENCE } from '../rules/index.ts';
 import type { RawCard } from '../rules/index.ts';
 import type { Card } from './types.ts';
 import { isJsonObject } from './validation.ts';
@@ -143,6 +143,13 @@ function assertCard(card: Card, index: number): void {
           fail(
             `suggestions[${i}].actions[${j}] needs type create, update or delete and a description`,
           );
+        }
+        // A delete names its target (CDS Hooks 2.0); `Type/` would reach the EHR as a target.
+        if (
+          (action.type === 'delete' && action.resourceId === undefined) ||
+          (action.resourceId !== undefined && !RELATIVE_REFERENCE.test(action.resourceId))
+        ) {
+          fail(`suggestions[${i}].actions[${j}].resourceId must be a relative reference Type/id`);
         }
       });
     });

@@ -103,6 +103,66 @@ function jsonLongerThan(values: readonly unknown[], limit: number): boolean {
   return false;
 }
 
+/** A FHIR id (R4 `id` datatype): 1-64 of `A-Z a-z 0-9 - .`. */
+export const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
+/** A relative reference `Type/id`, as a CDS Hooks action's `resourceId` must be. */
+export const RELATIVE_REFERENCE = /^[A-Za-z]+\/[A-Za-z0-9\-.]{1,64}$/;
+
+/**
+ * Wraps an interpolated text so that a value interpolation leaves non-empty but not of the
+ * `valid` form fails the rule (`SafeEvalError`, caught per rule by `buildCard`, which prefixes
+ * the field). An empty value passes through: `buildCard` refuses it where the field is required
+ * (a delete's resourceId, an update's resource id) and stripping drops it elsewhere. Values come
+ * from patient data, so the message never carries them. `MedicationRequest/{{ %draft.id }}`
+ * with a draft that has no id gave `MedicationRequest/`, which went to the EHR as a delete.
+ */
+function checkedText(text: CompiledText, valid: RegExp, message: string): CompiledText {
+  const check = (items: unknown[]): unknown[] => {
+    if (items.length === 0) {
+      return items;
+    }
+    const only = items.length === 1 ? items[0] : undefined;
+    if (only === '' || (typeof only === 'string' && valid.test(only))) {
+      return items;
+    }
+    throw new SafeEvalError(message);
+  };
+  const out: CompiledText = {
+    parts: text.parts.map((part) =>
+      typeof part === 'string' ? part : (root, vars) => check(part(root, vars)),
+    ),
+  };
+  const whole = text.whole;
+  if (whole) {
+    out.whole = (root, vars) => check(whole(root, vars));
+  }
+  return out;
+}
+
+/**
+ * A create's or update's resource whose top-level `id` is interpolated must come out a valid
+ * FHIR id (or empty: a create's is then dropped, an update's refused by `buildCard`).
+ */
+function checkedResourceId(v: CompiledValue): CompiledValue {
+  if (v.kind !== 'object') {
+    return v;
+  }
+  return {
+    kind: 'object',
+    entries: v.entries.map(([k, x]): [string, CompiledValue] =>
+      k === 'id' && x.kind === 'text'
+        ? [
+            k,
+            {
+              kind: 'text',
+              text: checkedText(x.text, FHIR_ID, 'id is not a valid FHIR id after interpolation'),
+            },
+          ]
+        : [k, x],
+    ),
+  };
+}
+
 /** A compiled template string: literal text and compiled `{{ }}` interpolations. */
 export interface CompiledText {
   parts: Array<string | CompiledFn>;
@@ -400,10 +460,17 @@ class Compiler {
               description: this.text(a.description, `${ap}.description`),
             };
             if (a.resource !== undefined) {
-              act.resource = this.value(a.resource, `${ap}.resource`);
+              act.resource = checkedResourceId(this.value(a.resource, `${ap}.resource`));
             }
             if (a.resourceId !== undefined) {
-              act.resourceId = this.text(a.resourceId, `${ap}.resourceId`);
+              const rid = this.text(a.resourceId, `${ap}.resourceId`);
+              act.resourceId = hasInterpolation(a.resourceId)
+                ? checkedText(
+                    rid,
+                    RELATIVE_REFERENCE,
+                    'not a relative reference Type/id after interpolation',
+                  )
+                : rid;
             }
             return act;
           });

@@ -4,6 +4,7 @@
  * Runs inside an evaluation worker (see evaluator.ts) or inline. This is the one place rule
  * semantics live; a faster path (issue 6) plugs in here.
  */
+import type { UserInvocationTable } from 'fhirpath';
 import type {
   CompiledCard,
   CompiledRule,
@@ -11,8 +12,16 @@ import type {
   CompiledValue,
   PackProgram,
 } from './compile-pack.ts';
-import { collectionText, instantValues, safeErrorMessage, SafeEvalError } from './expression.ts';
+import {
+  buildFunctionTable,
+  collectionText,
+  compileExpression,
+  instantValues,
+  safeErrorMessage,
+  SafeEvalError,
+} from './expression.ts';
 import { fastInstantValues, HandOff } from './fast-path.ts';
+import { splitTopLevelAnd, summarizeValue } from './trace-values.ts';
 import type { EvaluationInput, LetTraceEntry, RawCard, TraceEntry } from './types.ts';
 
 /** A guarded run's hand-off passes through every per-rule catch (see fast-path runGuarded). */
@@ -62,6 +71,12 @@ export interface RunHooks {
   onRule(entry: TraceEntry, card: RawCard | undefined): void;
   /** Checked before each rule; true = stop (the caller marks the rest skipped). */
   shouldStop?(): boolean;
+  /**
+   * Author tools only (never the live hook path): each ok let's entry gets a `value` summary
+   * and a not-fired rule its `firstFalse` operand (computed outside the measured durations).
+   * Runs fhirpath.js: never set it inside `runGuarded`.
+   */
+  traceValues?: boolean;
 }
 
 function isObj(v: unknown): v is Record<string, unknown> {
@@ -346,6 +361,8 @@ class RuleRun {
   readonly root: unknown;
   private readonly letErrors: Map<string, string>;
   private readonly computed = new Set<string>();
+  /** The value-set functions, for `firstFalse` (author tools only). */
+  private table: UserInvocationTable | undefined;
 
   constructor(
     private readonly program: PackProgram,
@@ -389,7 +406,11 @@ class RuleRun {
     try {
       this.vars[name] = compiled.fn(this.root, this.vars);
       this.computed.add(name);
-      hooks.onLet?.({ name, status: 'ok', durationMs: performance.now() - t0 });
+      const entry: LetTraceEntry = { name, status: 'ok', durationMs: performance.now() - t0 };
+      if (hooks.traceValues === true) {
+        entry.value = summarizeValue(this.vars[name]);
+      }
+      hooks.onLet?.(entry);
       return undefined;
     } catch (err) {
       passHandOff(err);
@@ -420,6 +441,40 @@ class RuleRun {
     this.hooks.onRule(entry, card);
   }
 
+  /**
+   * Author tools only: the first top-level `and`-operand of the rule's `when` that comes out
+   * empty or false, evaluated alone with fhirpath.js (the reference); undefined when the
+   * `when` has no such form or an operand fails.
+   */
+  private firstFalse(rule: CompiledRule): TraceEntry['firstFalse'] {
+    const source = this.program.pack.rules.find((r) => r.id === rule.id)?.when;
+    const operands = source === undefined ? undefined : splitTopLevelAnd(source);
+    if (!operands) {
+      return undefined;
+    }
+    this.table ??= buildFunctionTable(this.program.valueSets);
+    const table = this.table;
+    for (let i = 0; i < operands.length; i++) {
+      const expression = operands[i] as string;
+      let out: unknown[];
+      try {
+        out = compileExpression(expression, table)(this.root, this.vars);
+      } catch (err) {
+        passHandOff(err);
+        return undefined;
+      }
+      if (out.length === 0 || (out.length === 1 && out[0] === false)) {
+        return {
+          operand: i + 1,
+          of: operands.length,
+          expression,
+          result: out.length === 0 ? 'empty' : 'false',
+        };
+      }
+    }
+    return undefined;
+  }
+
   runRule(rule: CompiledRule): void {
     for (const name of rule.lets) {
       const err = this.ensureLet(name);
@@ -448,6 +503,20 @@ class RuleRun {
       return;
     }
     if (result.length === 0 || (result.length === 1 && result[0] === false)) {
+      if (this.hooks.traceValues === true) {
+        const entry: TraceEntry = {
+          ruleId: rule.id,
+          status: 'not-fired',
+          fired: false,
+          durationMs: performance.now() - t0,
+        };
+        const firstFalse = this.firstFalse(rule);
+        if (firstFalse) {
+          entry.firstFalse = firstFalse;
+        }
+        this.hooks.onRule(entry, undefined);
+        return;
+      }
       this.done(rule, t0, 'not-fired', false);
       return;
     }

@@ -35,6 +35,8 @@ export interface RunMessage {
    * rule that hangs would otherwise be lost again and again).
    */
   flushEach: boolean;
+  /** Author tools only: summarize let values (EvaluateOptions.traceValues). */
+  traceValues?: boolean;
 }
 
 /** Main -> worker: compile a pack ahead of use (sent to the spare, so it can take over at once). */

@@ -123,6 +123,7 @@ function handle(msg: RunMessage): void {
           rules.push(card ? { entry, card } : { entry });
           maybeFlush();
         },
+        ...(msg.traceValues === true ? { traceValues: true } : {}),
       },
       msg.failedLets,
     );

@@ -113,6 +113,13 @@ export interface EvaluateOptions {
    * inputs keep handing off pauses the main-thread runs of its own calls only.
    */
   scope?: string;
+  /**
+   * Author tools only (`pack eval --trace`, a failing `pack test`, the playground), never the
+   * live hook path: each let in `lets` gets a summary of its value (patient data) and each
+   * not-fired rule the first top-level `and`-operand of its `when` that came out empty or
+   * false (see rules/trace-values.ts). The call then always runs in a worker.
+   */
+  traceValues?: boolean;
 }
 
 export interface EvaluatorStats {
@@ -699,6 +706,8 @@ class CallState {
   readonly lets: LetTraceEntry[] = [];
   readonly failedLets: Record<string, string> = {};
   attempts = 0;
+  /** Author tools: summarize let values (see EvaluateOptions.traceValues). */
+  traceValues = false;
 
   constructor(readonly ruleIds: readonly string[]) {}
 
@@ -900,8 +909,10 @@ class PooledEvaluator implements Evaluator {
     const started = performance.now();
     const deadline = started + this.callBudgetMs;
     const call = new CallState(ruleIdsOf(pack, serviceId));
+    call.traceValues = opts.traceValues === true;
     this.calls++;
-    if (this.inlineSliceMs > 0) {
+    // A traced call runs fhirpath.js for its summaries: never in this thread's guarded slice.
+    if (this.inlineSliceMs > 0 && !call.traceValues) {
       const done = this.tryInline(pack, serviceId, input, call.ruleIds, started, opts.scope ?? '');
       if (done) {
         return done;
@@ -1132,6 +1143,9 @@ class PooledEvaluator implements Evaluator {
       failedLets: { ...call.failedLets },
       flushEach: call.attempts > 1,
     };
+    if (call.traceValues) {
+      msg.traceValues = true;
+    }
     if (withPack) {
       msg.pack = pack.pack;
     }
@@ -1198,6 +1212,7 @@ function runInto(
       call.set(e, card);
     },
     ...(shouldStop ? { shouldStop } : {}),
+    ...(call.traceValues ? { traceValues: true } : {}),
   });
 }
 
@@ -1222,6 +1237,7 @@ class InlineEvaluator implements Evaluator {
     pack: CompiledPack,
     serviceId: string,
     input: EvaluationInput,
+    opts: EvaluateOptions = {},
   ): Promise<EvaluationResult> {
     if (this.closed) {
       return Promise.reject(new Error('evaluator is closed'));
@@ -1231,6 +1247,7 @@ class InlineEvaluator implements Evaluator {
     let call: CallState;
     try {
       call = new CallState(ruleIdsOf(pack, serviceId));
+      call.traceValues = opts.traceValues === true;
     } catch (err) {
       return Promise.reject(err instanceof Error ? err : new Error('evaluation failed'));
     }
@@ -1280,7 +1297,8 @@ class InlineEvaluator implements Evaluator {
 /**
  * Evaluates the rules of `serviceId` (or only `ruleIds`, in pack order) synchronously in the
  * calling thread, with no time budget and without copying the input: for benchmarks and tools
- * that own their input and trust the pack. Same semantics and results as `evaluate`.
+ * that own their input and trust the pack. Same semantics and results as `evaluate`
+ * (`opts.traceValues`: see EvaluateOptions).
  * @throws UnknownServiceError if the pack has no such service; PackValidationError if it does
  *   not compile.
  */
@@ -1289,18 +1307,13 @@ export function evaluateInline(
   serviceId: string,
   input: EvaluationInput,
   ruleIds?: readonly string[],
+  opts: Pick<EvaluateOptions, 'traceValues'> = {},
 ): EvaluationResult {
   const started = performance.now();
   const all = ruleIdsOf(pack, serviceId);
   const call = new CallState(ruleIds ? all.filter((id) => ruleIds.includes(id)) : all);
-  runRules(programFor(pack.hash, pack.pack), input, call.ruleIds, {
-    onLet: (e) => {
-      call.addLet(e);
-    },
-    onRule: (e, card) => {
-      call.set(e, card);
-    },
-  });
+  call.traceValues = opts.traceValues === true;
+  runInto(call, programFor(pack.hash, pack.pack), input);
   return call.finish(pack, serviceId, started, 'call budget exhausted');
 }
 

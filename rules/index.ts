@@ -15,7 +15,13 @@ export {
 export type { ValidatePackOptions } from './validate-pack.ts';
 export { PACK_CHECK_DEFAULTS, validatePackInWorker } from './pack-check.ts';
 export type { PackCheckInput, PackCheckOptions } from './pack-check.ts';
-export { compilePack, compilePackInSlices, threadCompileCounts } from './compile-pack.ts';
+export {
+  compilePack,
+  compilePackInSlices,
+  FHIR_ID,
+  RELATIVE_REFERENCE,
+  threadCompileCounts,
+} from './compile-pack.ts';
 export { createEvaluator, evaluateInline } from './evaluator.ts';
 export type {
   EvaluateOptions,

@@ -40,22 +40,55 @@ function parseJsonText(text: string): unknown {
   }
 }
 
+/**
+ * YAML syntax errors reported per document. After one mistake (an indented first key) the
+ * parser reports every later token, thousands of errors that bury the first one.
+ */
+export const YAML_ERRORS_SHOWN = 5;
+
+/**
+ * A hint for the usual cause the parser cannot name: the document's first key indented (every
+ * key after it then looks misplaced; the parser's first error points at the second key).
+ */
+function indentHint(text: string, errorLine: number): string {
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length && i + 1 < errorLine; i++) {
+    const line = lines[i] ?? '';
+    const content = line.trimStart();
+    if (content === '' || content.startsWith('#') || content.startsWith('---')) {
+      continue;
+    }
+    const indent = line.length - content.length;
+    return indent > 0
+      ? `; line ${i + 1} (the first key) is indented by ${indent} ${indent === 1 ? 'space' : 'spaces'}: top-level keys start at column 1`
+      : '';
+  }
+  return '';
+}
+
 function parseYamlText(text: string): unknown {
   const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true, schema: 'core' });
   if (doc.errors.length > 0) {
-    throw new PackValidationError(
-      doc.errors.map((e) => {
-        const at = e.linePos?.[0];
-        const reason =
-          e.message.split('\n')[0]?.replace(/\s+at line \d+, column \d+:?\s*$/, '') ?? e.code;
-        return {
-          path: '(document)',
-          message: at
-            ? `YAML syntax error at line ${at.line}, column ${at.col}: ${reason}`
-            : `YAML syntax error: ${reason}`,
-        };
-      }),
-    );
+    const problems = doc.errors.slice(0, YAML_ERRORS_SHOWN).map((e, i) => {
+      const at = e.linePos?.[0];
+      const reason =
+        e.message.split('\n')[0]?.replace(/\s+at line \d+, column \d+:?\s*$/, '') ?? e.code;
+      const hint = i === 0 && at ? indentHint(text, at.line) : '';
+      return {
+        path: '(document)',
+        message: at
+          ? `YAML syntax error at line ${at.line}, column ${at.col}: ${reason}${hint}`
+          : `YAML syntax error: ${reason}`,
+      };
+    });
+    const more = doc.errors.length - problems.length;
+    if (more > 0) {
+      problems.push({
+        path: '(document)',
+        message: `... and ${more} more YAML syntax ${more === 1 ? 'error' : 'errors'} (often caused by the first one: fix it and check again)`,
+      });
+    }
+    throw new PackValidationError(problems);
   }
   try {
     return doc.toJS({ maxAliasCount: 100 }) as unknown;

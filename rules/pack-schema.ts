@@ -231,17 +231,49 @@ function typeName(v: unknown): string {
 
 type Issue = z.core.$ZodIssue;
 
+/**
+ * `version: 1.1` in YAML is the number 1.1: the quoted semantic version to write instead
+ * (`"1.1.0"`), or undefined when the number does not read as one.
+ */
+function semverOf(v: number): string | undefined {
+  const parts = String(v).split('.');
+  while (parts.length < 3) {
+    parts.push('0');
+  }
+  const out = parts.join('.');
+  return semver.valid(out) === out ? out : undefined;
+}
+
 function issueProblems(issue: Issue, raw: unknown): PackProblem[] {
   const path = issue.path;
+  // A missing field with a fixed set of values (indicator, hook, link and action type): zod
+  // gives the enum's own message ("must be info, warning or critical"), which reads as if a
+  // value were there; say it is required, like any other missing field, and keep the values.
+  if (
+    issue.code !== 'unrecognized_keys' &&
+    issue.message.startsWith('must be ') &&
+    valueAt(raw, path) === undefined
+  ) {
+    return [
+      { path: formatPath(path), message: `required (${issue.message.slice('must be '.length)})` },
+    ];
+  }
   switch (issue.code) {
     case 'unrecognized_keys':
       return issue.keys.map((k) => ({ path: formatPath([...path, k]), message: 'unknown field' }));
     case 'invalid_type': {
       const v = valueAt(raw, path);
+      const suggested =
+        path.length === 1 && path[0] === 'version' && typeof v === 'number'
+          ? semverOf(v)
+          : undefined;
       return [
         {
           path: formatPath(path),
-          message: v === undefined ? 'required' : `expected ${issue.expected}, got ${typeName(v)}`,
+          message:
+            v === undefined
+              ? 'required'
+              : `expected ${issue.expected}, got ${typeName(v)}${suggested ? `: write it as a quoted semantic version, e.g. "${suggested}"` : ''}`,
         },
       ];
     }

@@ -183,6 +183,11 @@ export interface TraceEntry {
   durationMs: number;
   /** Safe, PHI-free description of a failure (expression error, budget exceeded, ...). */
   error?: string;
+  /**
+   * Author tools only (`traceValues`): for a `not-fired` rule whose `when` is a top-level
+   * `and`, the first operand (1-based, of `of`) that came out empty or false.
+   */
+  firstFalse?: { operand: number; of: number; expression: string; result: 'empty' | 'false' };
 }
 
 /** One `let` computed during a call; a name appears at most once per call. */
@@ -192,6 +197,12 @@ export interface LetTraceEntry {
   durationMs: number;
   /** Safe, PHI-free description of a failure. */
   error?: string;
+  /**
+   * Author tools only (`traceValues`; never on the live hook path): a summary of the value,
+   * e.g. `1 item: MedicationRequest/x http://www.nlm.nih.gov/research/umls/rxnorm|1234`.
+   * It shows patient data.
+   */
+  value?: string;
 }
 
 export interface EvaluationResult {

@@ -8,9 +8,11 @@ import {
   CARD_TEXT_LIMIT,
   cardTextFields,
   compilePack,
+  FHIR_ID,
   findLetCycle,
   PACK_CHARS_MESSAGE,
   packScope,
+  RELATIVE_REFERENCE,
 } from './compile-pack.ts';
 import { PackValidationError } from './errors.ts';
 import { isAbsoluteHttpUrl } from './evaluate-core.ts';
@@ -114,6 +116,42 @@ function duplicates(
     }
     seen.add(v);
   });
+}
+
+/**
+ * The code system URLs of the terminologies packs use (FHIR R4 terminology page; the shipped
+ * pack, fhir-profiles/ and the Synthea fixtures use these spellings).
+ */
+const KNOWN_SYSTEMS: ReadonlyArray<{ name: string; url: string }> = [
+  { name: 'RxNorm', url: 'http://www.nlm.nih.gov/research/umls/rxnorm' },
+  { name: 'SNOMED CT', url: 'http://snomed.info/sct' },
+  { name: 'LOINC', url: 'http://loinc.org' },
+  { name: 'ICD-10-CM', url: 'http://hl7.org/fhir/sid/icd-10-cm' },
+  { name: 'ICD-10', url: 'http://hl7.org/fhir/sid/icd-10' },
+  { name: 'NDC', url: 'http://hl7.org/fhir/sid/ndc' },
+  { name: 'CVX', url: 'http://hl7.org/fhir/sid/cvx' },
+  { name: 'CPT', url: 'http://www.ama-assn.org/go/cpt' },
+  { name: 'UCUM', url: 'http://unitsofmeasure.org' },
+];
+
+function systemKey(url: string): string {
+  return url
+    .trim()
+    .toLowerCase()
+    .replace(/^https:/, 'http:')
+    .replace(/\/+$/, '');
+}
+
+const KNOWN_SYSTEM_KEYS = new Map(KNOWN_SYSTEMS.map((s) => [systemKey(s.url), s]));
+
+/**
+ * The well-known system a value set's `system` was meant to be, when it differs from it only
+ * in case, a trailing slash, https or spaces. FHIR compares system URLs exactly, so such a code
+ * never matches an EHR's coding: `inValueSet` is silently false.
+ */
+function nearKnownSystem(system: string): { name: string; url: string } | undefined {
+  const known = KNOWN_SYSTEM_KEYS.get(systemKey(system));
+  return known && known.url !== system ? known : undefined;
 }
 
 class PackChecker {
@@ -231,9 +269,21 @@ class PackChecker {
   private checkNames(): void {
     const lets = isObj(this.raw.let) ? this.raw.let : {};
     const valueSets = isObj(this.raw.valueSets) ? this.raw.valueSets : {};
-    for (const name of Object.keys(valueSets)) {
+    for (const [name, vs] of Object.entries(valueSets)) {
       if (RESERVED_NAMES.has(name)) {
         this.add(keyPath('valueSets', name), `'${name}' is a reserved name`);
+      }
+      if (isObj(vs)) {
+        arr(vs.codes).forEach((c, j) => {
+          const near =
+            isObj(c) && typeof c.system === 'string' ? nearKnownSystem(c.system) : undefined;
+          if (near) {
+            this.add(
+              `${keyPath('valueSets', name)}.codes[${j}].system`,
+              `not the ${near.name} system URL: did you mean '${near.url}'? (a code system URL must match exactly: this one never matches an EHR's coding)`,
+            );
+          }
+        });
       }
     }
     for (const [name, source] of Object.entries(lets)) {
@@ -388,12 +438,21 @@ class PackChecker {
       ) {
         // CDS Hooks 2.0: an update carries the whole resource, which the EHR replaces by id.
         this.add(`${p}.resource.id`, 'required for update (the id of the resource it replaces)');
+      } else if (
+        isObj(a.resource) &&
+        typeof a.resource.id === 'string' &&
+        a.resource.id !== '' &&
+        !hasInterpolation(a.resource.id) &&
+        !FHIR_ID.test(a.resource.id)
+      ) {
+        // An interpolated id is checked when the card is built (compile-pack.ts `checkedText`).
+        this.add(`${p}.resource.id`, 'must be a FHIR id (1-64 of A-Z a-z 0-9 - .)');
       }
     }
     if (
       typeof a.resourceId === 'string' &&
       !hasInterpolation(a.resourceId) &&
-      !/^[A-Za-z]+\/[A-Za-z0-9\-.]{1,64}$/.test(a.resourceId)
+      !RELATIVE_REFERENCE.test(a.resourceId)
     ) {
       this.add(`${p}.resourceId`, 'must be a relative reference Type/id');
     }
@@ -439,20 +498,22 @@ class PackChecker {
       if (!hasBaseDir && sources.length === 1) {
         for (const k of ['requestFile', 'patientBundle']) {
           if (t[k] !== undefined) {
-            this.add(`${base}.${k}`, 'resolve test files before upload (no base directory)');
+            // An upload to the admin API carries no files; `pack push` inlines them first.
+            this.add(
+              `${base}.${k}`,
+              'a test file cannot be read in an upload (no base directory): push the pack with `npx cellcds pack push <file>`, which inlines test files, or give the test an inline request',
+            );
           }
         }
       }
       if (
         isObj(t.request) &&
         service &&
+        typeof service.hook === 'string' &&
         typeof t.request.hook === 'string' &&
         t.request.hook !== service.hook
       ) {
-        this.add(
-          `${base}.request.hook`,
-          `service '${String(service.id)}' serves ${String(service.hook)}`,
-        );
+        this.add(`${base}.request.hook`, `service '${String(service.id)}' serves ${service.hook}`);
       }
       if (!isObj(t.expect)) {
         return;

@@ -15,7 +15,14 @@ import {
   runPackTests,
   validatePack,
 } from '../rules/index.ts';
-import type { CompiledPack, PackTestRequest, RawCard, RulePack } from '../rules/index.ts';
+import type {
+  CompiledPack,
+  EvaluationResult,
+  Evaluator,
+  PackTestRequest,
+  RawCard,
+  RulePack,
+} from '../rules/index.ts';
 import {
   ControlPlaneCopyError,
   copyControlPlane,
@@ -268,9 +275,21 @@ async function packTest(file: string): Promise<void> {
         for (const f of r.failures) {
           out(`${' '.repeat(width)}    ${f}`);
         }
-        for (const t of r.trace) {
+        const explained = await explainTest(compiled, evaluator, results.indexOf(r));
+        for (const t of explained?.trace ?? r.trace) {
           out(
             `${' '.repeat(width)}    trace ${t.ruleId}: ${t.status}${t.error ? ` (${t.error})` : ''} ${t.durationMs.toFixed(1)} ms`,
+          );
+          if (t.firstFalse) {
+            const f = t.firstFalse;
+            out(
+              `${' '.repeat(width)}      first false: operand ${f.operand} of ${f.of} '${f.expression}' is ${f.result}`,
+            );
+          }
+        }
+        for (const l of explained?.lets ?? []) {
+          out(
+            `${' '.repeat(width)}    let ${l.name}: ${l.value ?? `${l.status}${l.error ? ` (${l.error})` : ''}`}`,
           );
         }
       }
@@ -286,6 +305,38 @@ async function packTest(file: string): Promise<void> {
   } finally {
     await evaluator.close();
   }
+}
+
+/**
+ * A failing test run again with the let values summarized (EvaluateOptions.traceValues), so the
+ * author sees which step came out empty; undefined if the test did not get to evaluate.
+ */
+async function explainTest(
+  compiled: CompiledPack,
+  evaluator: Evaluator,
+  index: number,
+): Promise<EvaluationResult | undefined> {
+  const test = compiled.pack.tests?.[index];
+  const request = test?.request;
+  // A `now` without its offset failed the test before it was evaluated (see rules/pack-tests).
+  const badNow =
+    test?.now !== undefined &&
+    (!/(Z|[+-]\d{2}:\d{2})$/.test(test.now) || Number.isNaN(Date.parse(test.now)));
+  if (!test || !request || badNow) {
+    return undefined;
+  }
+  return evaluator.evaluate(
+    compiled,
+    test.service,
+    {
+      hook: request.hook,
+      hookInstance: request.hookInstance ?? crypto.randomUUID(),
+      context: request.context,
+      prefetch: request.prefetch ?? {},
+      now: test.now !== undefined ? new Date(test.now) : new Date(),
+    },
+    { traceValues: true },
+  );
 }
 
 async function packEval(
@@ -332,14 +383,24 @@ async function packEval(
   try {
     // Worker start-up must not eat into the call's evaluation budget.
     await evaluator.ready();
-    const result = await evaluator.evaluate(compiled, service, {
-      hook: request.hook,
-      hookInstance: request.hookInstance ?? crypto.randomUUID(),
-      context: request.context,
-      prefetch: request.prefetch ?? {},
-      now: opts.now ? new Date(opts.now) : new Date(),
-    });
-    out(opts.trace ? { cards: result.cards, trace: result.trace } : { cards: result.cards });
+    const result = await evaluator.evaluate(
+      compiled,
+      service,
+      {
+        hook: request.hook,
+        hookInstance: request.hookInstance ?? crypto.randomUUID(),
+        context: request.context,
+        prefetch: request.prefetch ?? {},
+        now: opts.now ? new Date(opts.now) : new Date(),
+      },
+      // The let values (patient data) are for the author's eyes: only with --trace.
+      opts.trace === true ? { traceValues: true } : {},
+    );
+    out(
+      opts.trace
+        ? { cards: result.cards, trace: result.trace, lets: result.lets ?? [] }
+        : { cards: result.cards },
+    );
     // Cards missing because a rule failed read like "nothing to say": say so, and fail.
     const failed = result.trace.filter(
       (t) => t.status === 'error' || t.status === 'timeout' || t.status === 'skipped',

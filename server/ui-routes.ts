@@ -497,13 +497,19 @@ function playgroundApi(deps: Deps, opts: UiRouterOptions): Router {
     }
     const hookRequest = parseHookRequest(hookBody, service.hook);
     const now = body.now === undefined ? deps.now() : new Date(body.now);
-    const result = await deps.evaluator.evaluate(compiled, service.id, {
-      hook: hookRequest.hook,
-      hookInstance: hookRequest.hookInstance,
-      context: hookRequest.context,
-      prefetch: built.prefetch ?? {},
-      now,
-    });
+    // An author tool: each let's value is summarized for the trace (never on the hook path).
+    const result = await deps.evaluator.evaluate(
+      compiled,
+      service.id,
+      {
+        hook: hookRequest.hook,
+        hookInstance: hookRequest.hookInstance,
+        context: hookRequest.context,
+        prefetch: built.prefetch ?? {},
+        now,
+      },
+      { traceValues: true },
+    );
     const cards = finalizeCards(answerCards(compiled, result));
     const rules = compiled.pack.rules.filter((r) => r.service === service.id);
     await deps.controlPlane.audit.record({

@@ -61,10 +61,38 @@ export function createPackRepository(deps: {
     return (row as unknown as PackRow | null) ?? undefined;
   }
 
-  function compare(existing: PackRow, hash: string): 'unchanged' {
+  /**
+   * The next patch version of `version` that `id` does not have yet, to suggest in the
+   * conflict's message (1.2.3 -> 1.2.4, or 1.2.5 when 1.2.4 is stored too).
+   */
+  async function nextFreePatch(
+    id: string,
+    version: string,
+    t?: Transaction,
+  ): Promise<string | undefined> {
+    const m = /^(\d+)\.(\d+)\.(\d+)/.exec(version);
+    if (!m) {
+      return undefined;
+    }
+    const rows = (await Pack.findAll({
+      where: { id },
+      attributes: ['version'],
+      raw: true,
+      ...(t ? { transaction: t } : {}),
+    })) as unknown as Array<{ version: string }>;
+    const taken = new Set(rows.map((r) => r.version));
+    let patch = Number(m[3]) + 1;
+    while (taken.has(`${m[1]}.${m[2]}.${patch}`)) {
+      patch++;
+    }
+    return `${m[1]}.${m[2]}.${patch}`;
+  }
+
+  async function compare(existing: PackRow, hash: string, t?: Transaction): Promise<'unchanged'> {
     if (existing.hash !== hash) {
+      const next = await nextFreePatch(existing.id, existing.version, t);
       throw new ConflictError(
-        'this pack version is already stored with different content; versions are immutable',
+        `${existing.id}@${existing.version} is already stored with different content; versions are immutable: bump "version"${next ? ` (e.g. to ${next})` : ''} and push again`,
       );
     }
     return 'unchanged';
@@ -85,7 +113,7 @@ export function createPackRepository(deps: {
         return await writeTx(async (t) => {
           const existing = await find(input.id, input.version, t);
           if (existing) {
-            return compare(existing, input.hash);
+            return compare(existing, input.hash, t);
           }
           await Pack.create(row, { transaction: t });
           return 'created' as const;

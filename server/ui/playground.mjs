@@ -228,6 +228,14 @@ function renderTrace(result) {
             {},
             h('summary', {}, t.fired ? 'Condition was true' : 'Condition was not true'),
             h('code', { class: 'expr' }, rule.when),
+            t.firstFalse
+              ? h(
+                  'div',
+                  { class: 'first-false' },
+                  `First part to come out ${t.firstFalse.result} (${t.firstFalse.operand} of ${t.firstFalse.of}):`,
+                  h('code', { class: 'expr' }, t.firstFalse.expression),
+                )
+              : null,
           )
         : '';
     return h(
@@ -255,6 +263,27 @@ function renderTrace(result) {
     );
   });
   $('trace').tBodies[0].replaceChildren(...rows);
+  renderLets(result.lets ?? []);
+}
+
+/** Each let the call computed: its status, time and a summary of its value (count, first items). */
+function renderLets(lets) {
+  const rows = lets.map((l) =>
+    h(
+      'tr',
+      { class: `trace-${l.status === 'ok' ? 'fired' : 'error'}`, 'data-let': l.name },
+      h('th', { scope: 'row' }, h('code', {}, `%${l.name}`)),
+      h('td', { class: 'num' }, l.durationMs.toFixed(1)),
+      h(
+        'td',
+        {},
+        l.status === 'ok'
+          ? h('code', { class: 'let-value' }, l.value ?? '')
+          : h('span', { class: 'error-text' }, `${l.status}${l.error ? `: ${l.error}` : ''}`),
+      ),
+    ),
+  );
+  $('lets').tBodies[0].replaceChildren(...rows);
 }
 
 async function sendFeedback(card, item) {

@@ -232,6 +232,34 @@ describe('hooks: finalizeCards', () => {
       }),
     ],
     [
+      'a delete whose resourceId has no id (Type/)',
+      raw({
+        suggestions: [
+          {
+            label: 'A',
+            actions: [{ type: 'delete', description: 'D', resourceId: 'MedicationRequest/' }],
+          },
+        ],
+      }),
+    ],
+    [
+      'a resourceId that is not Type/id',
+      raw({
+        suggestions: [
+          {
+            label: 'A',
+            actions: [{ type: 'delete', description: 'D', resourceId: 'MedicationRequest/a b' }],
+          },
+        ],
+      }),
+    ],
+    [
+      'a delete without resourceId',
+      raw({
+        suggestions: [{ label: 'A', actions: [{ type: 'delete', description: 'D' }] }],
+      }),
+    ],
+    [
       'selectionBehavior all',
       raw({ selectionBehavior: 'all' as never, suggestions: [{ label: 'A' }] }),
     ],

@@ -120,6 +120,65 @@ const table: Array<[string, Mutate, PackProblem]> = [
     { path: 'author', message: 'unknown field' },
   ],
   [
+    'an unquoted version (a YAML number), with the quoted semver to write',
+    (p) => ((p as Record<string, unknown>).version = 1.1),
+    {
+      path: 'version',
+      message: 'expected string, got number: write it as a quoted semantic version, e.g. "1.1.0"',
+    },
+  ],
+  [
+    'a missing indicator as required, with its values',
+    (p) => delete (p.rules[0]!.card as unknown as Record<string, unknown>).indicator,
+    { path: 'rules[0].card.indicator', message: 'required (info, warning or critical)' },
+  ],
+  [
+    'a wrong indicator with its values',
+    (p) => ((p.rules[0]!.card as unknown as Record<string, unknown>).indicator = 'high'),
+    { path: 'rules[0].card.indicator', message: 'must be info, warning or critical' },
+  ],
+  [
+    'a missing hook as required, with its values',
+    (p) => delete (p.services[1] as unknown as Record<string, unknown>).hook,
+    {
+      path: 'services[1].hook',
+      message: 'required (one of patient-view, order-select, order-sign)',
+    },
+  ],
+  [
+    'a missing link type as required, with its values',
+    (p) => delete (p.rules[0]!.card.links![0] as unknown as Record<string, unknown>).type,
+    { path: 'rules[0].card.links[0].type', message: 'required (absolute or smart)' },
+  ],
+  [
+    'a missing action type as required, with its values',
+    (p) =>
+      delete (p.rules[0]!.card.suggestions![0]!.actions![0] as unknown as Record<string, unknown>)
+        .type,
+    {
+      path: 'rules[0].card.suggestions[0].actions[0].type',
+      message: 'required (create, update or delete)',
+    },
+  ],
+  [
+    'a value set system that differs in case from RxNorm',
+    (p) => (p.valueSets!.nsaids!.codes[0]!.system = 'http://www.nlm.nih.gov/research/umls/RxNorm'),
+    {
+      path: 'valueSets.nsaids.codes[0].system',
+      message:
+        "not the RxNorm system URL: did you mean 'http://www.nlm.nih.gov/research/umls/rxnorm'? (a code system URL must match exactly: this one never matches an EHR's coding)",
+    },
+  ],
+  [
+    'a value set system with a trailing slash',
+    (p) => (p.valueSets!.nsaids!.codes[0]!.system = 'http://loinc.org/'),
+    {
+      path: 'valueSets.nsaids.codes[0].system',
+      message:
+        "not the LOINC system URL: did you mean 'http://loinc.org'? (a code system URL must match exactly: this one never matches an EHR's coding)",
+    },
+  ],
+  [
     'a version that is not semver',
     (p) => (p.version = '1.0'),
     { path: 'version', message: 'must be a semantic version (e.g. 1.2.0)' },
@@ -284,6 +343,46 @@ const table: Array<[string, Mutate, PackProblem]> = [
     },
   ],
   [
+    'an update whose static resource id is not a FHIR id',
+    (p) =>
+      p.rules[0]!.card.suggestions![0]!.actions!.push({
+        type: 'update',
+        description: 'Lower the dose',
+        resource: {
+          resourceType: 'MedicationRequest',
+          id: 'rx 1',
+          status: 'draft',
+          intent: 'order',
+          subject: { reference: 'Patient/p1' },
+          medicationCodeableConcept: { text: 'warfarin 2 mg' },
+        },
+      }),
+    {
+      path: 'rules[0].card.suggestions[0].actions[1].resource.id',
+      message: 'must be a FHIR id (1-64 of A-Z a-z 0-9 - .)',
+    },
+  ],
+  [
+    'a create whose static resource id is a reference, not an id',
+    (p) =>
+      p.rules[0]!.card.suggestions![0]!.actions!.push({
+        type: 'create',
+        description: 'Order a lab',
+        resource: {
+          resourceType: 'ServiceRequest',
+          id: 'ServiceRequest/1',
+          status: 'draft',
+          intent: 'order',
+          subject: { reference: 'Patient/p1' },
+          code: { text: 'INR' },
+        },
+      }),
+    {
+      path: 'rules[0].card.suggestions[0].actions[1].resource.id',
+      message: 'must be a FHIR id (1-64 of A-Z a-z 0-9 - .)',
+    },
+  ],
+  [
     'an update whose resource has no id (the EHR cannot tell which resource to replace)',
     (p) =>
       p.rules[0]!.card.suggestions![0]!.actions!.push({
@@ -421,7 +520,8 @@ const table: Array<[string, Mutate, PackProblem]> = [
     },
     {
       path: 'tests[0].requestFile',
-      message: 'resolve test files before upload (no base directory)',
+      message:
+        'a test file cannot be read in an upload (no base directory): push the pack with `npx cellcds pack push <file>`, which inlines test files, or give the test an inline request',
     },
   ],
   [

@@ -1,0 +1,238 @@
+import { expect } from 'chai';
+import { compilePack, createEvaluator } from '../../rules/index.ts';
+import type {
+  ActionTemplate,
+  CardTemplate,
+  EvaluationInput,
+  Evaluator,
+  PackRule,
+  RulePack,
+} from '../../rules/index.ts';
+
+/** A planted patient name: it must never appear in an error message. */
+const PLANTED = 'Zebulon';
+/** Absent in input(): interpolates to "". */
+const EMPTY = '{{ %patient.name.text }}';
+
+function pack(rules: PackRule[]): RulePack {
+  return {
+    id: 'resource-id-pack',
+    version: '1.0.0',
+    title: 'Resource ids',
+    publisher: 'specs',
+    description: 'Interpolated resource ids',
+    services: [{ id: 'svc', hook: 'order-sign', description: 'main service' }],
+    rules,
+  };
+}
+
+function input(draftId?: string): EvaluationInput {
+  return {
+    hook: 'order-sign',
+    hookInstance: '0f8f3a55-1d2b-4f7e-9f8e-4a6a3c5d7e90',
+    now: new Date('2024-02-29T10:15:00.000Z'),
+    context: {
+      userId: 'Practitioner/1',
+      patientId: 'p1',
+      draftOrders: {
+        resourceType: 'Bundle',
+        entry: [
+          {
+            resource: {
+              resourceType: 'MedicationRequest',
+              ...(draftId === undefined ? {} : { id: draftId }),
+              status: 'draft',
+            },
+          },
+        ],
+      },
+    },
+    prefetch: {
+      patient: {
+        resourceType: 'Patient',
+        id: 'p1',
+        name: [{ given: [PLANTED, 'Q'], family: 'Xylo' }],
+      },
+    },
+  };
+}
+
+function cardWith(actions: ActionTemplate[]): CardTemplate {
+  return {
+    summary: 'Check this order',
+    indicator: 'warning',
+    source: { label: 'specs' },
+    suggestions: [{ label: 'Do it', actions }],
+  };
+}
+
+const DRAFT_ID = '{{ %draftOrders.entry.resource.id }}';
+const ok: PackRule = {
+  id: 'ok',
+  service: 'svc',
+  when: 'true',
+  card: { summary: 'fine', indicator: 'info', source: { label: 'specs' } },
+};
+
+describe('rules: interpolated resource ids must be valid FHIR ids', function () {
+  this.timeout(60_000);
+  let evaluator: Evaluator;
+  before(() => {
+    evaluator = createEvaluator({ workers: 0 });
+  });
+  after(async () => {
+    await evaluator.close();
+  });
+
+  const P = 'card.suggestions[0].actions[0]';
+  const bad: Array<[string, ActionTemplate, string | undefined, string]> = [
+    [
+      'a delete of Type/ (the draft has no id)',
+      { type: 'delete', description: 'Cancel', resourceId: `MedicationRequest/${DRAFT_ID}` },
+      undefined,
+      `${P}.resourceId: not a relative reference Type/id after interpolation`,
+    ],
+    [
+      'a delete whose id is not a FHIR id (spaces, a joined collection)',
+      {
+        type: 'delete',
+        description: 'Cancel',
+        resourceId: 'MedicationRequest/{{ %patient.name.given }}',
+      },
+      'd1',
+      `${P}.resourceId: not a relative reference Type/id after interpolation`,
+    ],
+    [
+      'a delete with no type',
+      { type: 'delete', description: 'Cancel', resourceId: DRAFT_ID },
+      'd1',
+      `${P}.resourceId: not a relative reference Type/id after interpolation`,
+    ],
+    [
+      'a delete whose id is longer than 64 characters',
+      { type: 'delete', description: 'Cancel', resourceId: `MedicationRequest/${DRAFT_ID}` },
+      'a'.repeat(65),
+      `${P}.resourceId: not a relative reference Type/id after interpolation`,
+    ],
+    [
+      'a wholly empty delete resourceId (as before)',
+      { type: 'delete', description: 'Cancel', resourceId: EMPTY },
+      'd1',
+      `${P}.resourceId: empty after interpolation (required for delete)`,
+    ],
+    [
+      'an update whose resource id is not a FHIR id',
+      {
+        type: 'update',
+        description: 'Lower the dose',
+        resource: { resourceType: 'MedicationRequest', id: `${DRAFT_ID}/x`, status: 'draft' },
+      },
+      'd1',
+      `${P}.resource: id is not a valid FHIR id after interpolation`,
+    ],
+    [
+      'an update whose resource id is a typed collection (not one string)',
+      {
+        type: 'update',
+        description: 'Lower the dose',
+        resource: {
+          resourceType: 'MedicationRequest',
+          id: '{{ %patient.name.given }}',
+          status: 'draft',
+        },
+      },
+      'd1',
+      `${P}.resource: id is not a valid FHIR id after interpolation`,
+    ],
+    [
+      'a create whose resource id is not a FHIR id',
+      {
+        type: 'create',
+        description: 'Order a lab',
+        resource: {
+          resourceType: 'ServiceRequest',
+          id: 'lab {{ %patient.name.given }}',
+          status: 'draft',
+        },
+      },
+      'd1',
+      `${P}.resource: id is not a valid FHIR id after interpolation`,
+    ],
+  ];
+  for (const [name, action, draftId, error] of bad) {
+    it(`fails the rule for ${name}, naming the field, and other rules keep their cards`, async () => {
+      const compiled = compilePack(
+        pack([{ id: 'bad', service: 'svc', when: 'true', card: cardWith([action]) }, ok]),
+      );
+      const result = await evaluator.evaluate(compiled, 'svc', input(draftId));
+      expect(result.trace[0]).to.include({ ruleId: 'bad', status: 'error', fired: true, error });
+      expect(result.trace[1]).to.include({ ruleId: 'ok', status: 'fired' });
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+      const trace = JSON.stringify(result.trace);
+      expect(trace).to.not.contain(PLANTED).and.to.not.contain('Xylo');
+    });
+  }
+
+  it('keeps a valid interpolated delete, update and create (and drops an empty create id)', async () => {
+    const compiled = compilePack(
+      pack([
+        {
+          id: 'good',
+          service: 'svc',
+          when: 'true',
+          card: cardWith([
+            { type: 'delete', description: 'Cancel', resourceId: `MedicationRequest/${DRAFT_ID}` },
+            {
+              type: 'update',
+              description: 'Lower',
+              resource: { resourceType: 'MedicationRequest', id: DRAFT_ID, status: 'draft' },
+            },
+            {
+              type: 'create',
+              description: 'Order',
+              resource: { resourceType: 'ServiceRequest', id: EMPTY, status: 'draft' },
+            },
+          ]),
+        },
+      ]),
+    );
+    const id = 'Ab-9.z';
+    const result = await evaluator.evaluate(compiled, 'svc', input(id));
+    expect(result.trace[0]).to.include({ ruleId: 'good', status: 'fired' });
+    const actions = result.cards[0]?.suggestions?.[0]?.actions;
+    expect(actions?.[0]?.resourceId).to.equal(`MedicationRequest/${id}`);
+    expect(actions?.[1]?.resource).to.deep.include({ id });
+    expect(actions?.[2]?.resource).to.not.have.property('id');
+  });
+
+  it('checks it in a worker too', async () => {
+    const ev = createEvaluator({ workers: 1, callBudgetMs: 30_000, ruleBudgetMs: 20_000 });
+    try {
+      const compiled = compilePack(
+        pack([
+          {
+            id: 'bad',
+            service: 'svc',
+            when: 'true',
+            card: cardWith([
+              {
+                type: 'delete',
+                description: 'Cancel',
+                resourceId: `MedicationRequest/${DRAFT_ID}`,
+              },
+            ]),
+          },
+          ok,
+        ]),
+      );
+      const result = await ev.evaluate(compiled, 'svc', input());
+      expect(result.trace[0]).to.include({
+        status: 'error',
+        error: `${P}.resourceId: not a relative reference Type/id after interpolation`,
+      });
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+    } finally {
+      await ev.close();
+    }
+  });
+});
