@@ -17,6 +17,7 @@ import {
   InvalidInputError,
   isStoreUnavailableError,
   NotFoundError,
+  StoreBusyError,
   RegionMismatchError,
   ResidencyError,
   RETRYABLE_AUTH_FAILURES,
@@ -24,6 +25,8 @@ import {
 import { ServiceError } from './errors.ts';
 import type { Logger } from './logger.ts';
 
+/** Retry-After of a call to a tenant whose store is being restored or deprovisioned here. */
+const STORE_BUSY_RETRY_AFTER_SECONDS = 10;
 /** Retry-After of a token refused because the replay cache's backend cannot be trusted or is full. */
 export const AUTH_RETRY_AFTER_SECONDS = 5;
 
@@ -67,6 +70,14 @@ export function toServiceError(err: unknown): ServiceError {
   }
   if (err instanceof NotFoundError) {
     return new ServiceError(404, 'not_found', err.message, { cause: err });
+  }
+  if (err instanceof StoreBusyError) {
+    // Being restored (tens of seconds) or deprovisioned on this process: an EHR's call or an
+    // operator's read comes back shortly (a deprovisioned tenant then gets its own answer).
+    return new ServiceError(503, 'unavailable', err.message, {
+      cause: err,
+      retryAfterSeconds: STORE_BUSY_RETRY_AFTER_SECONDS,
+    });
   }
   if (err instanceof ConflictError) {
     return new ServiceError(409, 'conflict', err.message, { cause: err });

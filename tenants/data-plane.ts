@@ -11,6 +11,7 @@ export {
   KeyUnavailableError,
   RecordOpenError,
   BackupError,
+  StoreBusyError,
   WrapLimitError,
 } from './data-plane/errors.ts';
 export { DEFAULT_WRAP_LIMITS } from './data-plane/wrap-limit.ts';

@@ -5,6 +5,7 @@
  * Not-found, conflict and bad-input cases reuse `NotFoundError`, `ConflictError` and
  * `InvalidInputError` from `tenants/errors.ts`.
  */
+import { ConflictError } from '../errors.ts';
 
 /** Why a key could not be used. */
 export type KeyUnavailableReason =
@@ -30,6 +31,21 @@ export type KeyUnavailableReason =
    * write is refused until a rotation gives the tenant a new primary version (`WrapLimitError`).
    */
   | 'wrap_limit';
+
+/**
+ * The tenant's store is briefly out of use on this process (being restored or deprovisioned):
+ * nothing was read or written. A ConflictError for the admin API's callers; a hook call or
+ * feedback is told to come back (suggested HTTP: 503 `unavailable` + Retry-After), as a restore
+ * of a large store takes tens of seconds.
+ */
+export class StoreBusyError extends ConflictError {
+  /** What the store is going through: `restored`, `deprovisioned`. */
+  readonly state: string;
+  constructor(tenant: string, state: string) {
+    super(`the store of tenant ${tenant} is being ${state}`);
+    this.state = state;
+  }
+}
 
 /**
  * A key needed for this operation cannot be used. Fail closed: nothing is read or written.

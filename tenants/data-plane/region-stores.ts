@@ -25,7 +25,7 @@ import {
   rewrapDeksToPrimaryKek,
 } from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
-import { KeyUnavailableError, RecordOpenError } from './errors.ts';
+import { KeyUnavailableError, RecordOpenError, StoreBusyError } from './errors.ts';
 import { assertRegionId, assertTenantId, sleep } from './ids.ts';
 import {
   DEFAULT_JOB_LEASE_MS,
@@ -323,7 +323,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     }
     const reason = blocked.get(tenant);
     if (reason !== undefined) {
-      throw new ConflictError(`the store of tenant ${tenant} is being ${reason}`);
+      throw new StoreBusyError(tenant, reason);
     }
     const slot = await acquire(tenant, useOpts.provision ?? true);
     try {
@@ -337,7 +337,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
   async function quiesce(tenant: string, reason: string): Promise<void> {
     const already = blocked.get(tenant);
     if (already !== undefined) {
-      throw new ConflictError(`the store of tenant ${tenant} is being ${already}`);
+      throw new StoreBusyError(tenant, already);
     }
     blocked.set(tenant, reason);
     parkedDeks.delete(tenant);
@@ -955,7 +955,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       assertTenantId(tenantId);
       const reason = blocked.get(tenantId);
       if (reason !== undefined) {
-        throw new ConflictError(`the store of tenant ${tenantId} is being ${reason}`);
+        throw new StoreBusyError(tenantId, reason);
       }
       await provider.createTenantKey(tenantId, { recreate: true });
       await use(tenantId, (h) => ensureInitialDek(h, keyCtx, { recreate: true }));

@@ -14,7 +14,7 @@
  */
 import { expect } from 'chai';
 import { ConflictError } from '../../../tenants/index.ts';
-import { createLocalKeyProvider } from '../../../tenants/data-plane.ts';
+import { StoreBusyError, createLocalKeyProvider } from '../../../tenants/data-plane.ts';
 import type { RegionStores } from '../../../tenants/data-plane.ts';
 import { PG_URL, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
 import type { Env } from './helpers.ts';
@@ -40,6 +40,7 @@ forEachBackend('tenants/ data plane: writes during a restore', (backend) => {
     await s.saveInvocation(invocation('inv-2')); // after the backup: given up by the restore
     const restoring = env.stores.restoreTenant(backup.path);
     const during = await rejection(s.saveInvocation(invocation('inv-3')));
+    expect(during).to.be.instanceOf(StoreBusyError);
     expect(during).to.be.instanceOf(ConflictError);
     expect(during.message).to.include('being restored');
     await restoring;
