@@ -54,10 +54,12 @@ describe('cellcds CLI', function () {
   before(() => {
     work = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-cli-'));
     dataDir = path.join(work, 'data');
-    // A broken copy, as a rule author's typo would make it: placed next to the original so
-    // its relative test file paths still resolve.
-    broken = path.join(PACK_DIR, `.broken-${process.pid}.yaml`);
-    const text = fs.readFileSync(PACK, 'utf8');
+    // A broken copy, as a rule author's typo would make it, in the spec's own folder (never in
+    // the checkout: a killed run would leave it there), its test files named absolutely.
+    broken = path.join(work, 'broken.yaml');
+    const text = fs
+      .readFileSync(PACK, 'utf8')
+      .replaceAll('../../../spec/', `${path.resolve(PACK_DIR, '../../../spec')}/`);
     const typo = text.replace(/\.exists\(\)/, '.existss()');
     expect(typo).to.not.equal(text);
     fs.writeFileSync(broken, typo.replace(/^version: .*$/m, 'version: not-semver'));
