@@ -123,7 +123,17 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     json,
     async (req, res) => {
       const pack = param(req, 'pack');
-      res.json(await admin.setSubscription(principalOf(res), param(req, 'id'), pack, bodyOf(req)));
+      const only = (req.query as Record<string, unknown>).existingOnly;
+      if (only !== undefined && only !== 'true' && only !== 'false') {
+        throw new ServiceError(400, 'invalid_request', 'existingOnly: must be true or false', {
+          body: { field: 'existingOnly' },
+        });
+      }
+      res.json(
+        await admin.setSubscription(principalOf(res), param(req, 'id'), pack, bodyOf(req), {
+          existingOnly: only === 'true',
+        }),
+      );
       done(res, { pack });
     },
   );
@@ -595,6 +605,9 @@ export function refusedAction(err: ForbiddenError): string {
   }
   if (/^a rule-author may roll out only /.test(err.message)) {
     return 'pack:rollout';
+  }
+  if (/^a rule-author may not drop /.test(err.message)) {
+    return 'tenant:subscriptions';
   }
   const m = /^role [a-z-]+ may (?:not )?([a-z]+:[a-z]+)(?: only for its own tenant)?$/.exec(
     err.message,

@@ -23,6 +23,7 @@ import {
   authorize,
   authorizeRole,
   authorizeTokenIssue,
+  ConflictError,
   ForbiddenError,
   InvalidInputError,
   MAX_SUBSCRIPTIONS,
@@ -246,22 +247,38 @@ export class AdminService {
    * canary, which replace the pack's current ones; its other packs are kept). A principal with
    * `tenant:subscriptions` on the tenant (operator, its tenant-admin) may add the pack; a rule
    * author (`pack:rollout`) only moves the versions of a pack the tenant already subscribes to.
-   * Audited `admin.tenant.subscriptions` (with `pack`).
-   * @throws ForbiddenError (403), NotFoundError (404 tenant), InvalidInputError (400 naming the
-   *   field), ServiceError 422 (a canary that cannot stand in), ConflictError (409: no longer
-   *   subscribed, or 100 packs already).
+   * With `opts.existingOnly` (what `pack rollout` sends) any principal only moves versions: a
+   * tenant without the pack (or that dropped it meanwhile) is 409, never given it. Audited
+   * `admin.tenant.subscriptions` (with `pack`).
+   * @throws ForbiddenError (403; a rule author gets it for an unknown tenant too, so that it
+   *   cannot tell which tenant ids exist), NotFoundError (404 tenant), InvalidInputError (400
+   *   naming the field), ServiceError 422 (a canary that cannot stand in), ConflictError (409:
+   *   not subscribed with `existingOnly`, or 100 packs already).
    */
   async setSubscription(
     principal: Principal,
     id: string,
     pack: string,
     input: unknown,
+    opts: { existingOnly?: boolean } = {},
   ): Promise<{ tenant: string; subscription: Subscription }> {
-    const existingOnly = this.rolloutOnly(principal, id);
-    const tenant = await this.deps.controlPlane.tenants.get(id);
-    if (existingOnly && !tenant.subscriptions.some((s) => s.pack === pack)) {
+    const rolloutOnly = this.rolloutOnly(principal, id);
+    const existingOnly = rolloutOnly || opts.existingOnly === true;
+    const tenant = await this.deps.controlPlane.tenants.get(id).catch((err: unknown) => {
+      if (rolloutOnly && err instanceof NotFoundError) {
+        return undefined;
+      }
+      throw err;
+    });
+    const subscribed = tenant?.subscriptions.some((s) => s.pack === pack) === true;
+    if (rolloutOnly && !subscribed) {
       throw new ForbiddenError(
         `a rule-author may roll out only packs a tenant subscribes to: tenant ${id} does not subscribe to ${pack} (its tenant-admin or an operator adds it)`,
+      );
+    }
+    if (existingOnly && !subscribed) {
+      throw new ConflictError(
+        `tenant ${id} does not subscribe to pack ${pack}: a rollout moves versions only (subscribe it with tenant subscribe / PUT without existingOnly)`,
       );
     }
     if (typeof input !== 'object' || input === null || Array.isArray(input)) {
@@ -296,7 +313,7 @@ export class AdminService {
       // A rule author may move versions, never drop a tenant's pack: say so.
       if (err instanceof ForbiddenError && principal.role === 'rule-author') {
         throw new ForbiddenError(
-          `a rule-author may roll out only packs a tenant subscribes to: dropping ${pack} from tenant ${id} is for its tenant-admin or an operator`,
+          `a rule-author may not drop a tenant's pack: dropping ${pack} from tenant ${id} is for its tenant-admin or an operator`,
         );
       }
       throw err;

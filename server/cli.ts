@@ -605,7 +605,9 @@ async function packRollout(pack: string, o: RolloutOpts): Promise<void> {
   };
   const shown = `${pack}@${o.version}${o.canaryVersion !== undefined ? ` + canary ${o.canaryVersion} at ${String(percent)} %` : ''}`;
   for (const [i, tenant] of tenants.entries()) {
-    const route = `/admin/tenants/${encodeURIComponent(tenant)}/subscriptions/${encodeURIComponent(pack)}`;
+    // existingOnly: a tenant that does not have the pack (or dropped it meanwhile) is refused,
+    // never given it, whoever's token this is.
+    const route = `/admin/tenants/${encodeURIComponent(tenant)}/subscriptions/${encodeURIComponent(pack)}?existingOnly=true`;
     const res = await adminCall(o, 'PUT', route, subscription);
     if (res.status !== 200) {
       process.stderr.write(

@@ -23,8 +23,8 @@ describe('cellcds CLI: pack subscribers / pack rollout (a rule author, remote)',
   const op = (r: request.Test) => r.set('authorization', `Bearer ${t.adminToken}`);
   const subsOf = async (tenant: string) =>
     (await op(request(t.app).get(`/admin/tenants/${tenant}`))).body.subscriptions as unknown[];
-  const cli = (args: string[]) =>
-    runCliAsync([...args, '--url', URL, '--token', author], {
+  const cli = (args: string[], token?: string) =>
+    runCliAsync([...args, '--url', URL, '--token', token ?? author], {
       ...process.env,
       CELLCDS_LOG_LEVEL: 'silent',
       // Nothing local: the author works from another host.
@@ -116,6 +116,14 @@ describe('cellcds CLI: pack subscribers / pack rollout (a rule author, remote)',
     ]);
     expect(other.status).to.equal(1);
     expect(other.stderr).to.include('403').and.to.include('hosp-c');
+    expect(await subsOf('hosp-c')).to.deep.equal([]);
+    // An operator's rollout moves versions only too: it never gives a tenant the pack.
+    const byOperator = await cli(
+      ['pack', 'rollout', 'alpha', '--version', '1.1.0', '--tenant', 'hosp-c'],
+      t.adminToken,
+    );
+    expect(byOperator.status).to.equal(1);
+    expect(byOperator.stderr).to.include('409');
     expect(await subsOf('hosp-c')).to.deep.equal([]);
     const usage: string[][] = [
       ['pack', 'rollout', 'alpha', '--version', '1.1.0'],

@@ -130,6 +130,39 @@ describe('server/ pack rollout, one subscription at a time', function () {
     ).to.equal(true);
   });
 
+  it('hides which tenant ids exist from a rule author: an unknown tenant is refused like one without the pack', async () => {
+    const unknown = await put(author, 'no-such-hosp', 'alpha', { version: '1.1.0' });
+    const without = await put(author, 'hosp-b', 'alpha', { version: '1.1.0' });
+    expect([unknown.status, without.status]).to.deep.equal([403, 403]);
+    expect(unknown.body.message).to.equal(without.body.message.replace('hosp-b', 'no-such-hosp'));
+  });
+
+  it("audits a rule author's refused DELETE as the action it lacks (tenant:subscriptions)", async () => {
+    const res = await del(author, 'hosp-b', 'beta');
+    expect(res.status).to.equal(403);
+    await t.deps.failureAudit.flush();
+    const refused = await t.deps.controlPlane.audit.list({ type: 'admin.forbidden' });
+    const event = refused.find((e) => e.detail?.requestId === res.headers['x-request-id']);
+    expect(event?.detail?.reason).to.equal('tenant:subscriptions');
+  });
+
+  it('with existingOnly, never gives a tenant a pack it does not have, whoever asks (409)', async () => {
+    const res = await op(
+      request(t.app).put('/admin/tenants/hosp-b/subscriptions/alpha?existingOnly=true'),
+    ).send({
+      version: '1.0.0',
+    });
+    expect(res.status, JSON.stringify(res.body)).to.equal(409);
+    expect(await subsOf('hosp-b')).to.deep.equal([{ pack: 'beta', version: '1.0.0' }]);
+    const bad = await op(
+      request(t.app).put('/admin/tenants/hosp-b/subscriptions/beta?existingOnly=yes'),
+    ).send({
+      version: '1.0.0',
+    });
+    expect(bad.status).to.equal(400);
+    expect(bad.body.field).to.equal('existingOnly');
+  });
+
   it('names the field of a bad entry (400), a canary that cannot stand in (422), an unknown tenant (404)', async () => {
     const missing = await put(author, 'hosp-a', 'alpha', { version: '9.9.9' });
     expect(missing.status).to.equal(400);
@@ -151,7 +184,9 @@ describe('server/ pack rollout, one subscription at a time', function () {
       /^canary\.version: service 'alpha-order-sign' of alpha@2\.0\.0 /,
     );
     expect(mismatch.body.message).to.include("another template for prefetch 'meds'");
-    expect((await put(author, 'no-such', 'alpha', { version: '1.1.0' })).status).to.equal(404);
+    expect((await put(t.adminToken, 'no-such', 'alpha', { version: '1.1.0' })).status).to.equal(
+      404,
+    );
     expect(await subsOf('hosp-a')).to.deep.equal([{ pack: 'alpha', version: '1.1.0' }]);
   });
 
