@@ -216,6 +216,9 @@ function renderValue(v: CompiledValue, root: unknown, vars: Record<string, unkno
  * URL, or a summary of 140+ characters fails the rule here, so the call's other cards survive;
  * `finalizeCards`'s checks are only the backstop for bugs. Optional fields (detail, appContext)
  * may come out empty: stripping drops them.
+ * With `dropped`, a suggestion that fails so is left out instead (its reason appended there,
+ * PHI-free): the card, the alert, still goes; without any suggestion left it has no
+ * `selectionBehavior` either.
  * @throws SafeEvalError (PHI-free) naming the failing field, never its value.
  */
 export function buildCard(
@@ -223,6 +226,7 @@ export function buildCard(
   card: CompiledCard,
   root: unknown,
   vars: Record<string, unknown>,
+  dropped?: string[],
 ): RawCard {
   const field = <T>(name: string, f: () => T): T => {
     try {
@@ -279,61 +283,85 @@ export function buildCard(
     out.selectionBehavior = t.selectionBehavior;
   }
   if (card.suggestions && t.suggestions) {
-    const sugs = t.suggestions;
-    out.suggestions = card.suggestions.map((s, i) => {
-      const sug: NonNullable<RawCard['suggestions']>[number] = {
-        label: required(
-          field(`suggestions[${i}].label`, () => renderText(s.label, root, vars)),
-          `suggestions[${i}].label`,
-        ),
-      };
-      const rec = sugs[i]?.isRecommended;
-      if (rec !== undefined) {
-        sug.isRecommended = rec;
+    // A suggestion that interpolation broke (an action's target id not a FHIR id, an empty
+    // label...) is dropped with its reason in `dropped`; the card itself, the alert, still goes.
+    const built = card.suggestions.map((s, i) => {
+      try {
+        return buildSuggestion(s, i);
+      } catch (err) {
+        passHandOff(err);
+        if (!(err instanceof SafeEvalError) || dropped === undefined) {
+          throw err;
+        }
+        dropped.push(err.message);
+        return undefined;
       }
-      if (s.actions) {
-        sug.actions = s.actions.map((a, j) => {
-          const p = `suggestions[${i}].actions[${j}]`;
-          const act: NonNullable<NonNullable<RawCard['suggestions']>[number]['actions']>[number] = {
-            type: a.type,
-            description: required(
-              field(`${p}.description`, () => renderText(a.description, root, vars)),
-              `${p}.description`,
-            ),
-          };
-          if (a.resource) {
-            const res = a.resource;
-            const r = field(`${p}.resource`, () => renderValue(res, root, vars));
-            if (typeof r === 'object' && r !== null && !Array.isArray(r)) {
-              act.resource = r as Record<string, unknown>;
-              // An update replaces the resource with this id (required at pack load): one that
-              // interpolation left empty would be stripped and the update would name no target.
-              if (a.type === 'update') {
-                const rid = act.resource.id;
-                required(
-                  typeof rid === 'string' ? rid : '',
-                  `${p}.resource.id`,
-                  'required for update',
-                );
-              }
-            }
-          }
-          if (a.resourceId) {
-            const rid = a.resourceId;
-            act.resourceId = field(`${p}.resourceId`, () => renderText(rid, root, vars));
-            // A delete names its target by resourceId (CDS Hooks 2.0, cds-resp-2; required at
-            // pack load): stripping an empty one would send a delete of nothing in particular.
-            if (a.type === 'delete') {
-              required(act.resourceId, `${p}.resourceId`, 'required for delete');
-            }
-          }
-          return act;
-        });
-      }
-      return sug;
     });
+    const kept = built.filter((x) => x !== undefined);
+    if (kept.length > 0) {
+      out.suggestions = kept;
+    } else {
+      delete out.selectionBehavior;
+    }
   }
   return out;
+
+  function buildSuggestion(
+    s: NonNullable<CompiledCard['suggestions']>[number],
+    i: number,
+  ): NonNullable<RawCard['suggestions']>[number] {
+    const sugs = t.suggestions ?? [];
+    const sug: NonNullable<RawCard['suggestions']>[number] = {
+      label: required(
+        field(`suggestions[${i}].label`, () => renderText(s.label, root, vars)),
+        `suggestions[${i}].label`,
+      ),
+    };
+    const rec = sugs[i]?.isRecommended;
+    if (rec !== undefined) {
+      sug.isRecommended = rec;
+    }
+    if (s.actions) {
+      sug.actions = s.actions.map((a, j) => {
+        const p = `suggestions[${i}].actions[${j}]`;
+        const act: NonNullable<NonNullable<RawCard['suggestions']>[number]['actions']>[number] = {
+          type: a.type,
+          description: required(
+            field(`${p}.description`, () => renderText(a.description, root, vars)),
+            `${p}.description`,
+          ),
+        };
+        if (a.resource) {
+          const res = a.resource;
+          const r = field(`${p}.resource`, () => renderValue(res, root, vars));
+          if (typeof r === 'object' && r !== null && !Array.isArray(r)) {
+            act.resource = r as Record<string, unknown>;
+            // An update replaces the resource with this id (required at pack load): one that
+            // interpolation left empty would be stripped and the update would name no target.
+            if (a.type === 'update') {
+              const rid = act.resource.id;
+              required(
+                typeof rid === 'string' ? rid : '',
+                `${p}.resource.id`,
+                'required for update',
+              );
+            }
+          }
+        }
+        if (a.resourceId) {
+          const rid = a.resourceId;
+          act.resourceId = field(`${p}.resourceId`, () => renderText(rid, root, vars));
+          // A delete names its target by resourceId (CDS Hooks 2.0, cds-resp-2; required at
+          // pack load): stripping an empty one would send a delete of nothing in particular.
+          if (a.type === 'delete') {
+            required(act.resourceId, `${p}.resourceId`, 'required for delete');
+          }
+        }
+        return act;
+      });
+    }
+    return sug;
+  }
 }
 
 function describeWhen(result: unknown[]): string {
@@ -525,14 +553,23 @@ class RuleRun {
       return;
     }
     let card: RawCard;
+    const dropped: string[] = [];
     try {
-      card = buildCard(rule.id, rule.card, this.root, this.vars);
+      card = buildCard(rule.id, rule.card, this.root, this.vars, dropped);
     } catch (err) {
       passHandOff(err);
       this.done(rule, t0, 'error', true, undefined, safeErrorMessage(err));
       return;
     }
-    this.done(rule, t0, 'fired', true, card);
+    // Fired, its card sent; a suggestion it had to drop is named (a rule error for the logs).
+    this.done(
+      rule,
+      t0,
+      'fired',
+      true,
+      card,
+      dropped.length > 0 ? `suggestion dropped: ${dropped.join('; ')}` : undefined,
+    );
   }
 }
 

@@ -78,7 +78,12 @@ export function cdsRouter(deps: Deps): Router {
       let ruleErrors = 0;
       let rulesSkipped = 0;
       for (const t of result.trace) {
-        if (t.status === 'error' || t.status === 'timeout') {
+        // A fired rule that had to drop a broken suggestion (trace error) counts as one too.
+        if (
+          t.status === 'error' ||
+          t.status === 'timeout' ||
+          (t.status === 'fired' && t.error !== undefined)
+        ) {
           ruleErrors += 1;
         } else if (t.status === 'skipped') {
           rulesSkipped += 1;

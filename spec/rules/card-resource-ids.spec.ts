@@ -67,6 +67,12 @@ function cardWith(actions: ActionTemplate[]): CardTemplate {
 }
 
 const DRAFT_ID = '{{ %draftOrders.entry.resource.id }}';
+/** A suggestion's action with nothing interpolated: always kept. */
+const KEPT: ActionTemplate = {
+  type: 'create',
+  description: 'Order a lab',
+  resource: { resourceType: 'ServiceRequest', status: 'draft' },
+};
 const ok: PackRule = {
   id: 'ok',
   service: 'svc',
@@ -160,14 +166,20 @@ describe('rules: interpolated resource ids must be valid FHIR ids', function () 
     ],
   ];
   for (const [name, action, draftId, error] of bad) {
-    it(`fails the rule for ${name}, naming the field, and other rules keep their cards`, async () => {
-      const compiled = compilePack(
-        pack([{ id: 'bad', service: 'svc', when: 'true', card: cardWith([action]) }, ok]),
-      );
+    it(`drops the suggestion for ${name}, naming the field, and keeps the card (the alert matters more)`, async () => {
+      const card = cardWith([action]);
+      card.suggestions = [...(card.suggestions ?? []), { label: 'Keep me', actions: [KEPT] }];
+      const compiled = compilePack(pack([{ id: 'bad', service: 'svc', when: 'true', card }, ok]));
       const result = await evaluator.evaluate(compiled, 'svc', input(draftId));
-      expect(result.trace[0]).to.include({ ruleId: 'bad', status: 'error', fired: true, error });
+      expect(result.trace[0]).to.include({
+        ruleId: 'bad',
+        status: 'fired',
+        fired: true,
+        error: `suggestion dropped: ${error}`,
+      });
       expect(result.trace[1]).to.include({ ruleId: 'ok', status: 'fired' });
-      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['bad', 'ok']);
+      expect(result.cards[0]?.suggestions?.map((x) => x.label)).to.deep.equal(['Keep me']);
       const trace = JSON.stringify(result.trace);
       expect(trace).to.not.contain(PLANTED).and.to.not.contain('Xylo');
     });
@@ -227,10 +239,13 @@ describe('rules: interpolated resource ids must be valid FHIR ids', function () 
       );
       const result = await ev.evaluate(compiled, 'svc', input());
       expect(result.trace[0]).to.include({
-        status: 'error',
-        error: `${P}.resourceId: not a relative reference Type/id after interpolation`,
+        status: 'fired',
+        error: `suggestion dropped: ${P}.resourceId: not a relative reference Type/id after interpolation`,
       });
-      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['bad', 'ok']);
+      // Its only suggestion dropped: the card goes without suggestions (or selectionBehavior).
+      expect(result.cards[0]).to.not.have.property('suggestions');
+      expect(result.cards[0]).to.not.have.property('selectionBehavior');
     } finally {
       await ev.close();
     }
