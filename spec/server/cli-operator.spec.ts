@@ -140,7 +140,7 @@ describe('cellcds CLI: operator commands', function () {
         'tenant subscribe: a version not in the catalog',
         ['tenant', 'subscribe', 'hosp-b', '--pack', 'alpha', '--version', '9.9.9'],
         2,
-        /^cellcds: subscriptions\[0\]\.version: this pack version is not in the catalog/,
+        /^cellcds: version: this pack version is not in the catalog/,
       ],
       [
         'token create: an unknown role',

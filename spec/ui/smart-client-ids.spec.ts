@@ -423,7 +423,8 @@ describe('cellcds tenant add --smart-client-id', function () {
     expect(ok.status, ok.stderr).to.equal(0);
     expect(JSON.parse(ok.stdout).smart).to.deep.equal({ clientId: 'client-cli-a' });
     const bad = run([...base, '--id', 'cli-b', '--smart-client-id', 'has space']);
-    expect(bad.status).to.equal(1);
+    // Invalid input is a usage error (exit 2), like every other CLI usage error.
+    expect(bad.status).to.equal(2);
     expect(bad.stderr).to.include('smart.clientId');
   });
 });
