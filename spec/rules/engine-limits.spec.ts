@@ -283,7 +283,7 @@ describe('rules: engine limits (hostile packs)', function () {
       }
     });
 
-    it('an interpolated card field past its limit fails the rule, naming the field', async () => {
+    it('an interpolated card field past its limit fails the rule (a suggestion: drops it), naming the field', async () => {
       const ev = createEvaluator({ workers: 1, inlineSliceMs: 5, callBudgetMs: 10_000 });
       try {
         await ev.ready();
@@ -319,12 +319,16 @@ describe('rules: engine limits (hostile packs)', function () {
           ],
           [
             'big-label',
-            'error',
-            `card.suggestions[0].actions[0].resource: longer than ${CARD_TEXT_LIMIT} characters after interpolation`,
+            'fired',
+            `suggestion dropped: card.suggestions[0].actions[0].resource: longer than ${CARD_TEXT_LIMIT} characters after interpolation`,
           ],
           ['fine', 'fired', undefined],
         ]);
-        expect(result.cards.map((c) => c.detail?.length)).to.deep.equal([1024]);
+        // big-label's card goes without its suggestion (the alert matters more).
+        expect(result.cards.map((c) => [c.ruleId, c.detail?.length, c.suggestions])).to.deep.equal([
+          ['big-label', undefined, undefined],
+          ['fine', 1024, undefined],
+        ]);
       } finally {
         await ev.close();
       }

@@ -580,19 +580,31 @@ describe('rules: evaluator', function () {
         ],
       ];
       for (const [name, template, error] of cases) {
-        it(`an empty or invalid ${name} is an error naming the field, and other rules keep their cards`, async () => {
+        it(`an empty or invalid ${name} is an error naming the field (a suggestion's drops that suggestion), and other rules keep their cards`, async () => {
           const compiled = compilePack(
             pack([{ id: 'bad', service: 'svc', when: 'true', card: template }, rule('ok', 'true')]),
           );
           const result = await evaluator.evaluate(compiled, 'svc', input());
-          expect(result.trace[0]).to.include({
-            ruleId: 'bad',
-            status: 'error',
-            fired: true,
-            error,
-          });
+          if (error.startsWith('card.suggestions[')) {
+            // Inside a suggestion: only that suggestion is dropped; the card (the alert) goes.
+            expect(result.trace[0]).to.include({
+              ruleId: 'bad',
+              status: 'fired',
+              fired: true,
+              error: `suggestion dropped: ${error}`,
+            });
+            expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['bad', 'ok']);
+            expect(result.cards[0]).to.not.have.property('suggestions');
+          } else {
+            expect(result.trace[0]).to.include({
+              ruleId: 'bad',
+              status: 'error',
+              fired: true,
+              error,
+            });
+            expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
+          }
           expect(result.trace[1]).to.include({ ruleId: 'ok', status: 'fired' });
-          expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['ok']);
           const trace = JSON.stringify(result.trace);
           expect(trace).to.not.contain(PLANTED).and.to.not.contain('Xylo');
         });
