@@ -591,28 +591,11 @@ async function recheckToken(deps: Deps, req: Request, res: express.Response): Pr
 const KNOWN_ACTIONS: ReadonlySet<string> = new Set<string>(ADMIN_ACTIONS);
 
 /**
- * The action a ForbiddenError refused, from authorize()'s words (`role R may not A`, `role R may
- * A only for its own tenant`, the tenant-admin token rules): a closed set, so it can be a count's
- * reason. `unknown` for any other words (a ForbiddenError carrying its action would be sturdier:
- * tenants/authorize.ts).
+ * The action a ForbiddenError refused (authorize() and the admin service name it): a closed set,
+ * so it can be a count's reason; `unknown` for a refusal that names none.
  */
 export function refusedAction(err: ForbiddenError): string {
-  if (/^a tenant-admin may issue only /.test(err.message)) {
-    return 'token:issue';
-  }
-  if (/^a tenant-admin may revoke only /.test(err.message)) {
-    return 'token:revoke';
-  }
-  if (/^a rule-author may roll out only /.test(err.message)) {
-    return 'pack:rollout';
-  }
-  if (/^a rule-author may not drop /.test(err.message)) {
-    return 'tenant:subscriptions';
-  }
-  const m = /^role [a-z-]+ may (?:not )?([a-z]+:[a-z]+)(?: only for its own tenant)?$/.exec(
-    err.message,
-  );
-  return m?.[1] !== undefined && KNOWN_ACTIONS.has(m[1]) ? m[1] : 'unknown';
+  return err.action !== undefined && KNOWN_ACTIONS.has(err.action) ? err.action : 'unknown';
 }
 
 /** The route's parameters, read from the path by the pattern (literal segments and `:name`s). */
@@ -700,14 +683,15 @@ export async function recordForbidden(
   },
 ): Promise<void> {
   const { principal, target } = site;
-  deps.metrics.adminForbidden(refusedAction(err));
+  const reason = refusedAction(err);
+  deps.metrics.adminForbidden(reason);
   const event: AuditEvent & { detail: { reason: string } } = {
     type: 'admin.forbidden',
     outcome: 'failure',
     actor: actorOf(principal),
     ...(target?.registered === true ? { tenant: target.id } : {}),
     detail: {
-      reason: refusedAction(err),
+      reason,
       ...(principal.tenant !== undefined ? { actorTenant: principal.tenant } : {}),
       ...(target !== undefined && !target.registered ? { targetTenant: target.id } : {}),
       method: site.method,

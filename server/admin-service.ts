@@ -274,6 +274,7 @@ export class AdminService {
     if (rolloutOnly && !subscribed) {
       throw new ForbiddenError(
         `a rule-author may roll out only packs a tenant subscribes to: tenant ${id} does not subscribe to ${pack} (its tenant-admin or an operator adds it)`,
+        { action: 'pack:rollout' },
       );
     }
     if (existingOnly && !subscribed) {
@@ -314,6 +315,7 @@ export class AdminService {
       if (err instanceof ForbiddenError && principal.role === 'rule-author') {
         throw new ForbiddenError(
           `a rule-author may not drop a tenant's pack: dropping ${pack} from tenant ${id} is for its tenant-admin or an operator`,
+          { action: 'tenant:subscriptions' },
         );
       }
       throw err;
@@ -523,7 +525,10 @@ export class AdminService {
         principal.tenant !== undefined &&
         info.tenant !== principal.tenant
       ) {
-        throw new ForbiddenError(err.message, { hiddenAs: 'token' });
+        throw new ForbiddenError(err.message, {
+          hiddenAs: 'token',
+          ...(err.action !== undefined ? { action: err.action } : {}),
+        });
       }
       throw err;
     }

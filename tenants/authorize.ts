@@ -76,11 +76,12 @@ const POLICY: Readonly<Record<Role, Readonly<Partial<Record<AdminAction, Scope>>
  * looking the concerned thing up, so that the answer does not depend on whether it exists).
  * @throws ForbiddenError (HTTP 403).
  */
-export function authorizeRole(principal: Principal, action: AdminAction): void {
+export function authorizeRole(principal: Principal, action: AdminAction): Scope {
   const scope = Object.hasOwn(POLICY, principal.role) ? POLICY[principal.role][action] : undefined;
   if (scope === undefined) {
-    throw new ForbiddenError(`role ${principal.role} may not ${action}`);
+    throw new ForbiddenError(`role ${principal.role} may not ${action}`, { action });
   }
+  return scope;
 }
 
 /** The token a `token:revoke` concerns. */
@@ -101,13 +102,11 @@ export function authorize(
   tenantId?: string,
   target?: RevokeTarget,
 ): void {
-  const scope = Object.hasOwn(POLICY, principal.role) ? POLICY[principal.role][action] : undefined;
-  if (scope === undefined) {
-    throw new ForbiddenError(`role ${principal.role} may not ${action}`);
-  }
-  if (scope === 'own-tenant') {
+  if (authorizeRole(principal, action) === 'own-tenant') {
     if (principal.tenant === undefined || tenantId === undefined || tenantId !== principal.tenant) {
-      throw new ForbiddenError(`role ${principal.role} may ${action} only for its own tenant`);
+      throw new ForbiddenError(`role ${principal.role} may ${action} only for its own tenant`, {
+        action,
+      });
     }
   }
   if (action === 'token:revoke' && principal.role === 'tenant-admin') {
@@ -117,7 +116,9 @@ export function authorize(
       target === undefined ||
       (target.role !== 'auditor' && target.tokenId !== principal.tokenId)
     ) {
-      throw new ForbiddenError('a tenant-admin may revoke only auditor tokens and its own token');
+      throw new ForbiddenError('a tenant-admin may revoke only auditor tokens and its own token', {
+        action,
+      });
     }
   }
 }
@@ -144,6 +145,8 @@ export function authorizeTokenRevoke(
 export function authorizeTokenIssue(principal: Principal, role: Role, tenantId?: string): void {
   authorize(principal, 'token:issue', tenantId);
   if (principal.role === 'tenant-admin' && role !== 'auditor') {
-    throw new ForbiddenError('a tenant-admin may issue only auditor tokens');
+    throw new ForbiddenError('a tenant-admin may issue only auditor tokens', {
+      action: 'token:issue',
+    });
   }
 }

@@ -1,4 +1,9 @@
-import type { AuthFailureReason, ReplayBackendState, ResidencyProblem } from './types.ts';
+import type {
+  AdminAction,
+  AuthFailureReason,
+  ReplayBackendState,
+  ResidencyProblem,
+} from './types.ts';
 
 /**
  * Refusals that say nothing about the token: the replay cache's backend does not answer or may
@@ -45,6 +50,8 @@ export class AdminAuthError extends Error {
 
 /** The principal may not do this. HTTP: 403. */
 export class ForbiddenError extends Error {
+  /** The action refused (the refusal's audited reason and metric label); undefined: unknown. */
+  readonly action: AdminAction | undefined;
   /**
    * Set when the refused thing must not be confirmed to the caller (a token of another tenant):
    * the answer is `404 <what> not found`, as for one that does not exist; the refusal is still
@@ -52,9 +59,10 @@ export class ForbiddenError extends Error {
    */
   readonly hiddenAs: string | undefined;
 
-  constructor(detail: string, opts: { hiddenAs?: string } = {}) {
+  constructor(detail: string, opts: { action?: AdminAction; hiddenAs?: string } = {}) {
     super(detail);
     this.name = new.target.name;
+    this.action = opts.action;
     this.hiddenAs = opts.hiddenAs;
   }
 }
