@@ -1,12 +1,15 @@
 /**
  * `cellcds backup list`: the backups in a region's backup folder, read from their manifests
- * (tenant, region, time, counts, file sizes). Read-only and local: it opens no store and no key,
- * and it does not verify a backup (checksums, MAC, snapshot): restore does that. A folder with
+ * (tenant, region, time, counts, file sizes), their shape checked as restore checks it
+ * (`readManifestShape`). Read-only and local: it opens no store and no key, and it does not
+ * verify a backup (checksums, MAC, snapshot): restore does that. A folder with
  * no `manifest.json` (a migration's checkpoints) is not a backup and is left out; one whose
  * manifest cannot be read is reported as a problem.
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { BackupError, isFormat1, readManifestShape } from '../tenants/index.ts';
+import type { BackupManifest } from '../tenants/index.ts';
 
 /** One backup, as its manifest describes it. */
 export interface BackupSummary {
@@ -33,66 +36,17 @@ export interface BackupListProblem {
   problem: string;
 }
 
-/** As restore reads it (tenants/data-plane/backup.ts): a manifest is small. */
-const MAX_MANIFEST_BYTES = 1024 * 1024;
-const FORMATS: Readonly<Record<string, 1 | 2>> = {
-  'cellcds-tenant-backup/1': 1,
-  'cellcds-tenant-backup/2': 2,
-};
-
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
-
-const count = (value: unknown): number | undefined =>
-  typeof value === 'number' && Number.isSafeInteger(value) && value >= 0 ? value : undefined;
-
-/** The summary of one manifest, or what is wrong with it. */
-function summarize(name: string, raw: unknown): BackupSummary | string {
-  if (!isRecord(raw)) {
-    return 'manifest.json is not a JSON object';
-  }
-  const format = raw.format;
-  if (typeof format !== 'string' || !Object.hasOwn(FORMATS, format)) {
-    return 'manifest.json names no backup format this release knows';
-  }
-  const { tenant, region, createdAt, files, counts } = raw;
-  if (
-    typeof tenant !== 'string' ||
-    typeof region !== 'string' ||
-    typeof createdAt !== 'string' ||
-    Number.isNaN(Date.parse(createdAt))
-  ) {
-    return 'manifest.json has no tenant, region or creation time';
-  }
-  const sizes = Array.isArray(files)
-    ? files.map((f) => (isRecord(f) ? count(f.bytes) : undefined))
-    : [];
-  const c = isRecord(counts)
-    ? {
-        invocations: count(counts.invocations),
-        feedback: count(counts.feedback),
-        auditEvents: count(counts.auditEvents),
-      }
-    : undefined;
-  if (
-    sizes.length === 0 ||
-    sizes.some((s) => s === undefined) ||
-    c?.invocations === undefined ||
-    c.feedback === undefined ||
-    c.auditEvents === undefined
-  ) {
-    return 'manifest.json has no file sizes or record counts';
-  }
+/** The summary of one manifest, as restore reads its shape (its files are not checked). */
+function summarize(name: string, m: BackupManifest): BackupSummary {
   return {
     name,
-    tenant,
-    region,
-    createdAt,
-    format: FORMATS[format] === 2 ? 2 : 1,
-    authenticated: FORMATS[format] === 2 && typeof raw.mac === 'string',
-    bytes: sizes.reduce<number>((a, b) => a + (b ?? 0), 0),
-    counts: { invocations: c.invocations, feedback: c.feedback, auditEvents: c.auditEvents },
+    tenant: m.tenant,
+    region: m.region,
+    createdAt: m.createdAt,
+    format: isFormat1(m) ? 1 : 2,
+    authenticated: !isFormat1(m) && 'mac' in m && m.mac !== undefined,
+    bytes: m.files.reduce((sum, f) => sum + f.bytes, 0),
+    counts: { ...m.counts },
   };
 }
 
@@ -119,27 +73,22 @@ export function listBackups(
     if (!entry.isDirectory()) {
       continue;
     }
-    const manifest = path.join(backupDir, entry.name, 'manifest.json');
-    let raw: unknown;
+    const folder = path.join(backupDir, entry.name);
+    if (!fs.existsSync(path.join(folder, 'manifest.json'))) {
+      continue; // no manifest: not a backup (e.g. `migrations/`)
+    }
+    let m: BackupManifest;
     try {
-      const st = fs.lstatSync(manifest);
-      if (!st.isFile() || st.size > MAX_MANIFEST_BYTES) {
-        problems.push({ name: entry.name, problem: 'manifest.json is not a small file' });
-        continue;
-      }
-      raw = JSON.parse(fs.readFileSync(manifest, 'utf8'));
+      m = readManifestShape(folder);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-        continue; // no manifest: not a backup (e.g. `migrations/`)
+      if (!(err instanceof BackupError)) {
+        throw err;
       }
-      problems.push({ name: entry.name, problem: 'manifest.json is unreadable or not JSON' });
+      problems.push({ name: entry.name, problem: err.message });
       continue;
     }
-    const summary = summarize(entry.name, raw);
-    if (typeof summary === 'string') {
-      problems.push({ name: entry.name, problem: summary });
-    } else if (opts.tenant === undefined || summary.tenant === opts.tenant) {
-      backups.push(summary);
+    if (opts.tenant === undefined || m.tenant === opts.tenant) {
+      backups.push(summarize(entry.name, m));
     }
   }
   backups.sort(

@@ -47,7 +47,7 @@ export {
 } from './data-plane/record-cipher.ts';
 export type { Envelope, EnvelopeForm } from './data-plane/record-cipher.ts';
 export type { RecordAddress, SealingKey } from './data-plane/record-cipher.ts';
-export { readBackupManifest } from './data-plane/backup.ts';
+export { isFormat1, readBackupManifest, readManifestShape } from './data-plane/backup.ts';
 export type { BackupManifest } from './data-plane/backup.ts';
 export { isStoreUnavailableError, tenantSchemaName } from './data-plane/store-backend.ts';
 export { feedbackId } from './data-plane/tenant-store.ts';

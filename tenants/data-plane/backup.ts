@@ -457,11 +457,12 @@ export async function writeBackup(
 }
 
 /**
- * Reads and checks a backup folder: manifest shape, file set, sizes and sha256. It does not
- * authenticate the manifest: `authenticateBackupManifest` does (restore calls both).
- * @throws BackupError('manifest' | 'checksum').
+ * Reads a backup folder's manifest and checks its shape (schema, tenant and region ids), not
+ * its files: what a listing shows, and which tenant a restore is about before it reads the
+ * snapshot. `readBackupManifest` also checks the files.
+ * @throws BackupError('manifest').
  */
-export function readBackupManifest(backupPath: string): BackupManifest {
+export function readManifestShape(backupPath: string): BackupManifest {
   const folder = path.resolve(backupPath);
   const manifestFile = path.join(folder, MANIFEST);
   if (!fs.existsSync(folder)) {
@@ -492,6 +493,22 @@ export function readBackupManifest(backupPath: string): BackupManifest {
   } catch (err) {
     throw new BackupError('manifest', 'manifest names an invalid tenant or region', err);
   }
+  return m;
+}
+
+/** A manifest written before backups were authenticated (format 1, no MAC). */
+export function isFormat1(m: BackupManifest): boolean {
+  return m.format === FORMAT_V1;
+}
+
+/**
+ * Reads and checks a backup folder: manifest shape, file set, sizes and sha256. It does not
+ * authenticate the manifest: `authenticateBackupManifest` does (restore calls both).
+ * @throws BackupError('manifest' | 'checksum').
+ */
+export function readBackupManifest(backupPath: string): BackupManifest {
+  const folder = path.resolve(backupPath);
+  const m = readManifestShape(folder);
   const storeName = m.dialect === 'sqlite' ? 'store.sqlite' : 'store.json';
   const names = m.files.map((f) => f.name).sort();
   if (names.join(',') !== [DEKS, storeName].sort().join(',')) {
@@ -1237,17 +1254,22 @@ type LiveMarks = Readonly<Record<string, number>> | undefined;
 
 const APPENDED_TABLES = [TABLES.invocations, TABLES.feedback, TABLES.auditEvents] as const;
 
+/** Whether a (qualified, quoted) table exists in the PostgreSQL database. */
+async function tableExists(admin: Sequelize, name: string, t?: Transaction): Promise<boolean> {
+  const [row] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
+    bind: [name],
+    type: QueryTypes.SELECT,
+    ...(t ? { transaction: t } : {}),
+  });
+  return row?.ok === true;
+}
+
 /** The live schema's marks: undefined when it has no store (never provisioned, deprovisioned). */
 async function liveMarks(admin: Sequelize, schema: string, t?: Transaction): Promise<LiveMarks> {
   const marks: Record<string, number> = {};
   for (const table of APPENDED_TABLES) {
     const name = `"${schema}"."${table}"`;
-    const [found] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
-      bind: [name],
-      type: QueryTypes.SELECT,
-      ...(t ? { transaction: t } : {}),
-    });
-    if (found?.ok !== true) {
+    if (!(await tableExists(admin, name, t))) {
       return undefined;
     }
     const [row] = await admin.query<{ seq: string | number | null }>(
@@ -1292,14 +1314,7 @@ async function reconcilePostgres(
   snapshot: readonly DekRow[],
 ): Promise<void> {
   const q = (schema: string, table: string) => `"${schema}"."${table}"`;
-  const exists = async (name: string) => {
-    const [row] = await admin.query<{ ok: boolean }>('SELECT to_regclass($1) IS NOT NULL AS ok', {
-      bind: [name],
-      type: QueryTypes.SELECT,
-      transaction: t,
-    });
-    return row?.ok === true;
-  };
+  const exists = (name: string) => tableExists(admin, name, t);
   const readHistory = async (schema: string): Promise<KnownDek[]> =>
     (await exists(q(schema, TABLES.dekHistory)))
       ? knownOfRows(

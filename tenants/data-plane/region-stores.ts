@@ -11,12 +11,7 @@ import path from 'node:path';
 import { Op } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
 import { appendAudit } from './audit-chain.ts';
-import {
-  readBackupManifest,
-  removeAbandonedRestores,
-  stageRestore,
-  writeBackup,
-} from './backup.ts';
+import { readManifestShape, removeAbandonedRestores, stageRestore, writeBackup } from './backup.ts';
 import {
   ensureInitialDek,
   getDek,
@@ -1117,7 +1112,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       // The tenant is blocked here from the start, not only for the swap: a record written
       // here while the copy is staged (its call answered 200) would be dropped by the swap.
       // Other replicas' writes meanwhile make the swap refuse (PostgreSQL; see stageRestore).
-      const tenant = restoreOpts.tenant ?? readBackupManifest(path.resolve(backupPath)).tenant;
+      const tenant = restoreOpts.tenant ?? readManifestShape(path.resolve(backupPath)).tenant;
       assertTenantId(tenant);
       await quiesce(tenant, 'restored');
       let staged: Awaited<ReturnType<typeof stageRestore>> | undefined;
