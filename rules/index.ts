@@ -31,5 +31,11 @@ export type {
   EvaluatorStats,
 } from './evaluator.ts';
 export { chooseVersion, canaryBucket } from './canary.ts';
-export { evaluationMsOf, LIVE_BUDGET_RUNS, runPackTests, resolvePackFiles } from './pack-tests.ts';
+export {
+  evaluationMsOf,
+  LIVE_BUDGET_RUNS,
+  runPackTests,
+  resolvePackFiles,
+  testInput,
+} from './pack-tests.ts';
 export type { PackTestResult, RunPackTestsOptions } from './pack-tests.ts';

@@ -329,6 +329,27 @@ const failed = (name: string, failures: string[], notRun = false): PackTestResul
 });
 
 /**
+ * What a test is evaluated with (its request, a hookInstance stable per pack and test, its
+ * `now`), or why it cannot run: still file-based, or a `now` without its offset.
+ */
+export function testInput(compiled: CompiledPack, test: PackTest): EvaluationInput | string {
+  const request = test.request;
+  if (!request) {
+    return 'resolve test files before running (requestFile / patientBundle)';
+  }
+  if (test.now !== undefined && lacksOffset(test.now)) {
+    return `now: ${NOW_OFFSET_MESSAGE}`;
+  }
+  return {
+    hook: request.hook,
+    hookInstance: request.hookInstance ?? testHookInstance(compiled.hash, test.name),
+    context: request.context,
+    prefetch: request.prefetch ?? {},
+    now: test.now !== undefined ? new Date(test.now) : new Date(),
+  };
+}
+
+/**
  * Runs a pack's inline tests (call resolvePackFiles first for file-based ones; a test still
  * file-based fails). A test's `now` pins %now (a time must carry an offset, else the test
  * fails: see `lacksOffset`); otherwise the current time is used. A rule expected to fire must
@@ -357,25 +378,12 @@ export async function runPackTests(
       results.push(failed(test.name, [stopped], true));
       continue;
     }
-    const request = test.request;
-    if (!request) {
-      results.push(
-        failed(test.name, ['resolve test files before running (requestFile / patientBundle)']),
-      );
-      continue;
-    }
-    if (test.now !== undefined && lacksOffset(test.now)) {
-      results.push(failed(test.name, [`now: ${NOW_OFFSET_MESSAGE}`]));
+    const input = testInput(compiled, test);
+    if (typeof input === 'string') {
+      results.push(failed(test.name, [input]));
       continue;
     }
     const replacedBefore = evaluator.stats().workersReplaced;
-    const input: EvaluationInput = {
-      hook: request.hook,
-      hookInstance: request.hookInstance ?? testHookInstance(compiled.hash, test.name),
-      context: request.context,
-      prefetch: request.prefetch ?? {},
-      now: test.now !== undefined ? new Date(test.now) : new Date(),
-    };
     const result = await evaluator.evaluate(compiled, test.service, input);
     const failures = checkExpectations(test, result.trace);
     if (opts.stopOnBudget === true) {

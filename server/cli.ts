@@ -13,6 +13,7 @@ import {
   PackValidationError,
   parsePackText,
   runPackTests,
+  testInput,
   validatePack,
 } from '../rules/index.ts';
 import type {
@@ -317,26 +318,12 @@ async function explainTest(
   index: number,
 ): Promise<EvaluationResult | undefined> {
   const test = compiled.pack.tests?.[index];
-  const request = test?.request;
-  // A `now` without its offset failed the test before it was evaluated (see rules/pack-tests).
-  const badNow =
-    test?.now !== undefined &&
-    (!/(Z|[+-]\d{2}:\d{2})$/.test(test.now) || Number.isNaN(Date.parse(test.now)));
-  if (!test || !request || badNow) {
+  // The input the test ran with (the same hookInstance); none if it could not run.
+  const input = test === undefined ? undefined : testInput(compiled, test);
+  if (test === undefined || input === undefined || typeof input === 'string') {
     return undefined;
   }
-  return evaluator.evaluate(
-    compiled,
-    test.service,
-    {
-      hook: request.hook,
-      hookInstance: request.hookInstance ?? crypto.randomUUID(),
-      context: request.context,
-      prefetch: request.prefetch ?? {},
-      now: test.now !== undefined ? new Date(test.now) : new Date(),
-    },
-    { traceValues: true },
-  );
+  return evaluator.evaluate(compiled, test.service, input, { traceValues: true });
 }
 
 async function packEval(
