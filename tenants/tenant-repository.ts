@@ -7,7 +7,7 @@ import type { Transaction } from 'sequelize';
 import type { Subscription } from '../rules/index.ts';
 import { appendAuditEvent } from './audit-repository.ts';
 import type { ControlPlaneModels, TenantRow, WriteTx } from './control-plane-models.ts';
-import { ConflictError, InvalidInputError, NotFoundError, ResidencyError } from './errors.ts';
+import { ConflictError, NotFoundError, ResidencyError } from './errors.ts';
 import { LruCache } from './lru-cache.ts';
 import {
   checkFailover,
@@ -19,6 +19,7 @@ import {
   MAX_SUBSCRIPTIONS,
   validateNewTenant,
   validateRegion,
+  validateSubscription,
   validateSubscriptions,
   validateTenantPatch,
 } from './tenant-validation.ts';
@@ -259,6 +260,21 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     );
   }
 
+  /** Writes a tenant's (validated) subscriptions in `t`; the tenant as it now is. */
+  async function saveSubscriptions(
+    row: TenantRow,
+    subscriptions: readonly Subscription[],
+    t: Transaction,
+  ): Promise<Tenant> {
+    const next: TenantRow = {
+      ...row,
+      subscriptions: JSON.stringify(subscriptions),
+      updatedAt: now().toISOString(),
+    };
+    await TenantModel.update(next, { where: { id: row.id }, transaction: t });
+    return toTenant(next);
+  }
+
   /**
    * When `id`, not registered, was retired (deprovisioned), or undefined; read in `t` when given.
    * A control plane older than `retired_tenants` recorded a deprovisioning only in its audit
@@ -495,33 +511,13 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     async setSubscriptions(id, subscriptions) {
       await load(id);
       const valid = await validateSubscriptions(subscriptions, deps.packExists);
-      return immediate(async (t) => {
-        const row = await load(id, t);
-        const next: TenantRow = {
-          ...row,
-          subscriptions: JSON.stringify(valid),
-          updatedAt: now().toISOString(),
-        };
-        await TenantModel.update(next, { where: { id }, transaction: t });
-        return toTenant(next);
-      });
+      return immediate(async (t) => saveSubscriptions(await load(id, t), valid, t));
     },
 
     async setSubscription(id, subscription, opts = {}) {
       await load(id);
-      let entry: Subscription | undefined;
-      try {
-        [entry] = await validateSubscriptions([subscription], deps.packExists);
-      } catch (err) {
-        // One entry, not a list: its fields are named as sent (`version`, `canary.percent`).
-        if (err instanceof InvalidInputError) {
-          const field = err.field.replace(/^subscriptions\[0\]\.?/, '');
-          const why = err.message.slice(err.field.length + 2);
-          throw new InvalidInputError(field === '' ? '(body)' : field, why);
-        }
-        throw err;
-      }
-      const valid = entry as Subscription;
+      // One entry, not a list: its fields are named as sent (`version`, `canary.percent`).
+      const valid = await validateSubscription(subscription, deps.packExists, '');
       return immediate(async (t) => {
         const row = await load(id, t);
         const current = JSON.parse(row.subscriptions) as Subscription[];
@@ -535,13 +531,7 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
           );
         }
         const list = at < 0 ? [...current, valid] : current.map((s, i) => (i === at ? valid : s));
-        const next: TenantRow = {
-          ...row,
-          subscriptions: JSON.stringify(list),
-          updatedAt: now().toISOString(),
-        };
-        await TenantModel.update(next, { where: { id }, transaction: t });
-        return toTenant(next);
+        return saveSubscriptions(row, list, t);
       });
     },
 
@@ -553,13 +543,7 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         if (list.length === current.length) {
           throw new NotFoundError('subscription');
         }
-        const next: TenantRow = {
-          ...row,
-          subscriptions: JSON.stringify(list),
-          updatedAt: now().toISOString(),
-        };
-        await TenantModel.update(next, { where: { id }, transaction: t });
-        return toTenant(next);
+        return saveSubscriptions(row, list, t);
       });
     },
 

@@ -381,47 +381,53 @@ export async function validateSubscriptions(
   const out: Subscription[] = [];
   const packs = new Set<string>();
   for (const [i, entry] of list.entries()) {
-    const field = `subscriptions[${i}]`;
-    const raw = requireObject(entry, field);
-    rejectUnknown(raw, ['pack', 'version', 'canary'], field);
-    if (typeof raw.pack !== 'string' || raw.pack.length === 0 || raw.pack.length > 128) {
-      throw new InvalidInputError(`${field}.pack`, 'must be a pack id');
+    const sub = await validateSubscription(entry, exists, `subscriptions[${i}]`);
+    if (packs.has(sub.pack)) {
+      throw new InvalidInputError(`subscriptions[${i}].pack`, 'is subscribed twice');
     }
-    if (packs.has(raw.pack)) {
-      throw new InvalidInputError(`${field}.pack`, 'is subscribed twice');
-    }
-    packs.add(raw.pack);
-    if (typeof raw.version !== 'string' || semver.valid(raw.version) === null) {
-      throw new InvalidInputError(`${field}.version`, 'must be a semver version');
-    }
-    if (!(await exists(raw.pack, raw.version))) {
-      throw new InvalidInputError(`${field}.version`, 'this pack version is not in the catalog');
-    }
-    const sub: Subscription = { pack: raw.pack, version: raw.version };
-    if (raw.canary !== undefined) {
-      const canary = requireObject(raw.canary, `${field}.canary`);
-      rejectUnknown(canary, ['version', 'percent'], `${field}.canary`);
-      if (typeof canary.version !== 'string' || semver.valid(canary.version) === null) {
-        throw new InvalidInputError(`${field}.canary.version`, 'must be a semver version');
-      }
-      if (!(await exists(raw.pack, canary.version))) {
-        throw new InvalidInputError(
-          `${field}.canary.version`,
-          'this pack version is not in the catalog',
-        );
-      }
-      const percent = canary.percent;
-      if (
-        typeof percent !== 'number' ||
-        !Number.isFinite(percent) ||
-        percent < 0 ||
-        percent > 100
-      ) {
-        throw new InvalidInputError(`${field}.canary.percent`, 'must be a number from 0 to 100');
-      }
-      sub.canary = { version: canary.version, percent };
-    }
+    packs.add(sub.pack);
     out.push(sub);
   }
   return out;
+}
+
+/**
+ * Validates one subscription entry against the catalog; `field` names it (`subscriptions[2]`),
+ * or is empty for an entry that is the whole body (its fields named `version`, `canary.percent`).
+ * @throws InvalidInputError naming the field.
+ */
+export async function validateSubscription(
+  entry: unknown,
+  exists: (pack: string, version: string) => Promise<boolean>,
+  field: string,
+): Promise<Subscription> {
+  const at = (name: string) => (field === '' ? name : `${field}.${name}`);
+  const raw = requireObject(entry, field === '' ? '(body)' : field);
+  rejectUnknown(raw, ['pack', 'version', 'canary'], field);
+  if (typeof raw.pack !== 'string' || raw.pack.length === 0 || raw.pack.length > 128) {
+    throw new InvalidInputError(at('pack'), 'must be a pack id');
+  }
+  if (typeof raw.version !== 'string' || semver.valid(raw.version) === null) {
+    throw new InvalidInputError(at('version'), 'must be a semver version');
+  }
+  if (!(await exists(raw.pack, raw.version))) {
+    throw new InvalidInputError(at('version'), 'this pack version is not in the catalog');
+  }
+  const sub: Subscription = { pack: raw.pack, version: raw.version };
+  if (raw.canary !== undefined) {
+    const canary = requireObject(raw.canary, at('canary'));
+    rejectUnknown(canary, ['version', 'percent'], at('canary'));
+    if (typeof canary.version !== 'string' || semver.valid(canary.version) === null) {
+      throw new InvalidInputError(at('canary.version'), 'must be a semver version');
+    }
+    if (!(await exists(raw.pack, canary.version))) {
+      throw new InvalidInputError(at('canary.version'), 'this pack version is not in the catalog');
+    }
+    const percent = canary.percent;
+    if (typeof percent !== 'number' || !Number.isFinite(percent) || percent < 0 || percent > 100) {
+      throw new InvalidInputError(at('canary.percent'), 'must be a number from 0 to 100');
+    }
+    sub.canary = { version: canary.version, percent };
+  }
+  return sub;
 }
