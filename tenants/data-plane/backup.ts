@@ -35,6 +35,7 @@ import { z } from 'zod';
 import { ConflictError } from '../errors.ts';
 import { verifyAudit } from './audit-chain.ts';
 import { BackupError, KeyUnavailableError } from './errors.ts';
+import { fsyncPath } from './fsync.ts';
 import { canonicalJson } from './hash-chain.ts';
 import type { ChainVerification } from './hash-chain.ts';
 import { assertRegionId, assertTenantId } from './ids.ts';
@@ -270,15 +271,6 @@ function writeFileDurable(file: string, content: string): void {
   const fd = fs.openSync(file, 'wx', 0o600);
   try {
     fs.writeFileSync(fd, content);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function fsyncPath(p: string): void {
-  const fd = fs.openSync(p, 'r');
-  try {
     fs.fsyncSync(fd);
   } finally {
     fs.closeSync(fd);

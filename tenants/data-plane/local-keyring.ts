@@ -38,6 +38,7 @@ import nodeJose from 'node-jose';
 import sqlite3 from 'sqlite3';
 import { z } from 'zod';
 import { KeyUnavailableError } from './errors.ts';
+import { fsyncPath } from './fsync.ts';
 import { assertRegionId, assertTenantId, sleep } from './ids.ts';
 import type { KeyProvider, KeyProviderHealth, KeyProviderInfo, WrappedDek } from './types.ts';
 
@@ -115,15 +116,6 @@ function normalise(ring: Keyring): Keyring {
     destroyed[t] = at;
   }
   return { ...ring, tenants, destroyed };
-}
-
-function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 function openLockDb(lockFile: string): Promise<sqlite3.Database> {
@@ -287,7 +279,7 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
       cache = undefined;
     }
     try {
-      fsyncDir(keyDir);
+      fsyncPath(keyDir);
     } catch (err) {
       throw providerError('cannot sync the keyring folder', err);
     }
@@ -311,7 +303,7 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
       for (const name of names) {
         fs.rmSync(path.join(keyDir, name), { force: true });
       }
-      fsyncDir(keyDir);
+      fsyncPath(keyDir);
     } catch (err) {
       // Fail closed: a temp copy that stays would outlive a crypto-shred.
       throw providerError('cannot remove a temp file left by a crashed write', err);

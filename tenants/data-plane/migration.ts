@@ -39,6 +39,7 @@ import { authenticateBackupManifest, readBackupManifest, signBackupManifest } fr
 import type { BackupManifest } from './backup.ts';
 import { dekAad } from './dek-ring.ts';
 import { BackupError, KeyUnavailableError } from './errors.ts';
+import { fsyncPath } from './fsync.ts';
 import { assertTenantId } from './ids.ts';
 import { HEAD_TABLES, TABLES, defineTenantStoreModels } from './models.ts';
 import type { DekRow } from './models.ts';
@@ -179,15 +180,6 @@ export function readMigrationState(stateDir: string, tenant: string): MigrationS
     throw new InvalidInputError('state', `${path.basename(file)} is not a migration state`);
   }
   return parsed.data;
-}
-
-function fsyncPath(p: string): void {
-  const fd = fs.openSync(p, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /** Atomic, durable JSON write: temp file (0600) + fsync + rename + fsync of the folder. */

@@ -33,6 +33,7 @@ import {
   withPragmas,
 } from '../sqlite-connections.ts';
 import type { SqliteConnection } from '../sqlite-connections.ts';
+import { fsyncPath } from './fsync.ts';
 import { GENESIS_HASH } from './hash-chain.ts';
 import {
   ADDED_COLUMNS,
@@ -948,12 +949,7 @@ export function createSqliteBackend(opts: {
       for (const suffix of ['', '-wal', '-shm', '-journal']) {
         fs.rmSync(`${file}${suffix}`, { force: true });
       }
-      const fd = fs.openSync(dir, 'r');
-      try {
-        fs.fsyncSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
+      fsyncPath(dir);
       return Promise.resolve();
     },
     async ping() {
