@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createEvaluator } from '../rules/index.ts';
 import {
+  KeyUnavailableError,
   createLocalKeyProvider,
   createMemoryReplayCache,
   createRedisReplayCache,
@@ -346,9 +347,12 @@ export async function buildDeps(
   });
   // This plane serves exactly one region: it opens that region's stores and keys, no other.
   const region = selectRegion(matrix, config.region);
+  const keyringSetting = config.regionsFile
+    ? 'CELLCDS_REGIONS_FILE keyProvider.dir'
+    : 'CELLCDS_DATA_DIR (keys/)';
   const keyProvider = await bootStep(
     `key provider (keyring ${region.keyProvider.dir})`,
-    config.regionsFile ? 'CELLCDS_REGIONS_FILE keyProvider.dir' : 'CELLCDS_DATA_DIR (keys/)',
+    keyringSetting,
     () => createLocalKeyProvider({ keyDir: region.keyProvider.dir, region: region.id }),
   );
   const dataPlaneSetting =
@@ -414,6 +418,10 @@ export async function buildDeps(
       );
     },
   }).catch((err: unknown) => {
+    // Stores bound to another keyring: the keyring setting is the one to check.
+    if (err instanceof KeyUnavailableError && err.reason === 'keyring_mismatch') {
+      throw asBootError(`key provider (keyring ${region.keyProvider.dir})`, keyringSetting, err);
+    }
     throw asBootError(`region ${region.id} data plane`, dataPlaneSetting, err);
   });
   // Rotations interrupted by a crash or restart go on from their checkpoints.

@@ -141,13 +141,13 @@ export function toServiceError(err: unknown): ServiceError {
   }
   if (err instanceof KeyUnavailableError && err.reason === 'tenant_key_missing') {
     // The tenant's store exists but this replica's key provider holds neither its key nor a
-    // tombstone: a deployment fault of this replica (another keyring folder or KMS than its
-    // peers), not a shred and not the client's. 503: another replica, or this one once its
+    // tombstone: a deployment fault of this replica (an older copy of the region's keyring, as
+    // another keyring is refused at boot), not a shred and not the client's. 503: another replica, or this one once its
     // keyring is fixed, serves the call; no Retry-After (no wait fixes it), logged at error.
     return new ServiceError(
       503,
       'unavailable',
-      "this replica's keyring does not hold the tenant's key: do the replicas share the region's keyring (keyProvider.dir) or KMS?",
+      "this replica's keyring does not hold the tenant's key: is it an older copy of the region's keyring? Every replica must share the region's one keyring (keyProvider.dir) or KMS",
       { detail: 'key: tenant_key_missing', cause: err },
     );
   }

@@ -60,6 +60,8 @@ export async function serve(
     {
       port: config.port,
       publicUrl: config.publicUrl,
+      // Every replica of a region logs the same id: the keyring its stores are bound to.
+      keyringId: (await deps.keyProvider.describe()).keyringId,
       seeded,
       // `id version`, not `id@version`: an `id@1.3.0-rc.beta1` is e-mail shaped, so censored.
       warmedPacks: warmed.map((v) => v.replace('@', ' ')),

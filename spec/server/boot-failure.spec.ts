@@ -97,6 +97,28 @@ describe('server: a boot failure names the component and the setting to check', 
     expect(r.stderr).to.include('malformed');
   });
 
+  it('stores bound to another keyring (the keys folder lost or swapped): the key provider, before any key is made', async () => {
+    // The region's stores were bound to a keyring this process does not have.
+    const stores = path.join(dir, 'data', 'local');
+    fs.mkdirSync(stores, { recursive: true, mode: 0o700 });
+    const bound = `kr-${'0'.repeat(32)}`;
+    fs.writeFileSync(
+      path.join(stores, '.keyring-binding.json'),
+      JSON.stringify({ keyringId: bound, boundAt: '2026-01-01T00:00:00.000Z' }),
+      { mode: 0o600 },
+    );
+    const r = await runCliAsync(['serve'], env({}));
+    expect(r.status, r.stderr).to.equal(1);
+    const keys = path.join(dir, 'data', 'keys');
+    expect(fatalLine(r.stdout)).to.include({
+      component: `key provider (keyring ${keys})`,
+      setting: 'CELLCDS_DATA_DIR (keys/)',
+    });
+    expect(r.stderr).to.include(`cellcds: key provider (keyring ${keys}) failed at boot:`);
+    expect(r.stderr).to.include(`bound to keyring ${bound}`);
+    expect(r.stderr).to.include('A replica refuses its keyring');
+  });
+
   it('an invalid demo pack: its first 20 problems, in the log and on stderr', () => {
     const lines: string[] = [];
     const log = createLogger({

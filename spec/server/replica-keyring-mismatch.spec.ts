@@ -1,17 +1,23 @@
 /**
- * Two replicas of one region share its data plane but were started with different keyring
- * folders (`keyProvider.dir`): the second holds no key for a tenant the first provisioned. Its
- * calls used to answer 409 "the tenant's key was destroyed in this region (its data here was
- * crypto-shredded)", counted as a client error and logged at info: on-call was told data was
- * shredded when it was not. A key absent without a tombstone is a server-side fault: 503, an
- * error log naming the likely cause, an `error` outcome. A destroyed key stays 409, and a
- * tenant new to the region still gets its key on its first write.
+ * Replicas of one region share its data plane; each must use the region's one keyring.
+ *
+ * - A replica started on another keyring folder (`keyProvider.dir`) refuses to start: the
+ *   region's stores are bound to the region's keyring. It used to start, report ready, and
+ *   create the key of any tenant new to the region in its own keyring on that tenant's first
+ *   call, where the region's other replicas never find it.
+ * - A replica on a stale copy of the region's keyring (restored from a backup taken before a
+ *   tenant got its key) is the same keyring, so it starts, and holds no key for that tenant. Its
+ *   calls used to answer 409 "the tenant's key was destroyed in this region (its data here was
+ *   crypto-shredded)", counted as a client error and logged at info: on-call was told data was
+ *   shredded when it was not. A key absent without a tombstone is a server-side fault: 503, an
+ *   error log naming the likely cause, an `error` outcome. A destroyed key stays 409.
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import request from 'supertest';
+import { BootError } from '../../server/boot-failure.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import { tinyPack, warfarinNsaidRequest } from '../helpers/packs.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
@@ -26,7 +32,7 @@ interface LogLine {
 
 const SERVICE = `${PUBLIC_URL}/cds-services/tiny-order-sign`;
 
-describe('a replica whose keyring does not hold a tenant key (replicas not sharing keyProvider.dir)', function () {
+describe("replicas of a region on another keyring, or on a stale copy of the region's keyring", function () {
   this.timeout(60_000);
   let dir: string;
   let one: TestApp;
@@ -78,10 +84,18 @@ describe('a replica whose keyring does not hold a tenant key (replicas not shari
       ...common,
       CELLCDS_REGIONS_FILE: regionsFile('one', path.join(dir, 'keys-shared')),
     });
-    // The misconfigured replica: same data plane, an empty keyring folder of its own.
+    // The second replica: same data plane, a copy of the region's keyring taken now, before
+    // any tenant has a key (a keyring restored from an old backup).
+    const stale = path.join(dir, 'keys-stale');
+    fs.mkdirSync(stale, { mode: 0o700 });
+    fs.copyFileSync(
+      path.join(dir, 'keys-shared', 'r1.keyring.json'),
+      path.join(stale, 'r1.keyring.json'),
+    );
+    fs.chmodSync(path.join(stale, 'r1.keyring.json'), 0o600);
     two = await buildTestApp({
       ...common,
-      CELLCDS_REGIONS_FILE: regionsFile('two', path.join(dir, 'keys-wrong')),
+      CELLCDS_REGIONS_FILE: regionsFile('two', stale),
     });
     for (const t of [one, two]) {
       expect((await t.uploadPack(tinyPack('tiny'))).status).to.equal(201);
@@ -96,6 +110,31 @@ describe('a replica whose keyring does not hold a tenant key (replicas not shari
     await one.close();
     await two.close();
     fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('refuses to start a replica on another keyring folder, before any key is made in it', async () => {
+    const wrong = path.join(dir, 'keys-wrong');
+    const err = await buildTestApp({
+      CELLCDS_REGION: 'r1',
+      CELLCDS_SEED_DEMO: 'false',
+      CELLCDS_REGIONS_FILE: regionsFile('three', wrong),
+    }).then(
+      async (t) => {
+        await t.close();
+        return undefined;
+      },
+      (e: unknown) => e,
+    );
+    expect(err, 'the replica started').to.be.instanceOf(BootError);
+    expect(err).to.include({
+      component: `key provider (keyring ${wrong})`,
+      setting: 'CELLCDS_REGIONS_FILE keyProvider.dir',
+    });
+    expect((err as Error).message).to.match(/stores are bound to keyring kr-[0-9a-f]{32}/);
+    const ring = JSON.parse(fs.readFileSync(path.join(wrong, 'r1.keyring.json'), 'utf8')) as {
+      tenants: Record<string, unknown>;
+    };
+    expect(ring.tenants).to.deep.equal({});
   });
 
   it('answers 503 naming the keyring, logs an error, counts an error outcome: never "destroyed"', async () => {

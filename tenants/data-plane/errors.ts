@@ -13,11 +13,18 @@ export type KeyUnavailableReason =
   | 'tenant_key_destroyed'
   /**
    * The provider holds neither the tenant's key nor a tombstone of it, although the caller needs
-   * it (the tenant's store exists): most likely this replica uses another keyring (`keyProvider.dir`)
-   * or KMS than the region's other replicas. A server-side fault, never a shred. Suggested HTTP:
+   * it (the tenant's store exists): most likely this replica uses an older copy of the region's
+   * keyring (restored from a backup taken before the tenant's key was made); another keyring
+   * altogether is refused when the stores are opened (`keyring_mismatch`). A server-side fault, never a shred. Suggested HTTP:
    * 503 `unavailable` (another replica, or this one once fixed, can serve it).
    */
   | 'tenant_key_missing'
+  /**
+   * The region's stores are bound to another keyring than this process's (`keyring-binding.ts`):
+   * the replica was started on another keyring folder or KMS key. Raised when the stores are
+   * opened, so the process does not start.
+   */
+  | 'keyring_mismatch'
   /** The wrapped DEK names a KEK version the provider does not hold. */
   | 'unknown_kek'
   /** The DEK version is destroyed, or the store has no such version. */

@@ -44,6 +44,7 @@ import type { KeyProvider, KeyProviderHealth, KeyProviderInfo, WrappedDek } from
 
 const FORMAT = 'cellcds-keyring/1';
 const KDF_INFO = 'cellcds/dek-wrap/1';
+const KEYRING_ID_INFO = 'cellcds/keyring-id/1';
 const LOCK_TIMEOUT_MS = 10_000;
 const LOCK_POLL_MS = 20;
 const B64URL_256 = /^[A-Za-z0-9_-]{43}$/;
@@ -101,6 +102,29 @@ async function newOctJwk(kid: string): Promise<Jwk> {
 
 function keyBytes(jwk: Jwk): Buffer {
   return Buffer.from(jwk.k, 'base64url');
+}
+
+/**
+ * The keyring's identity: 128 bits derived (HKDF-SHA256, a label of its own) from its first
+ * KEK, which a keyring keeps for life (a rotation adds a version and retires older ones, never
+ * removes them). Every copy of one keyring, a restored backup of it included, has the same id;
+ * any other keyring, even of the same region, another. One-way: it reveals nothing of the KEK.
+ */
+function keyringIdOf(ring: Keyring): string {
+  const first = ring.keks.reduce((a, b) => (b.version < a.version ? b : a));
+  const ikm = keyBytes(first.jwk);
+  try {
+    const id = crypto.hkdfSync(
+      'sha256',
+      ikm,
+      Buffer.alloc(0),
+      `${KEYRING_ID_INFO}|${ring.region}`,
+      16,
+    );
+    return `kr-${Buffer.from(id).toString('hex')}`;
+  } finally {
+    ikm.fill(0);
+  }
 }
 
 /** Rebuilds the tenant maps with a null prototype (tenant ids such as `constructor` are valid). */
@@ -417,8 +441,9 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
   /**
    * The tenant's key, needed to wrap or unwrap (its store exists: a new tenant gets its key from
    * `createTenantKey` first). Absent with a tombstone: crypto-shredded here. Absent without one:
-   * this keyring never held it, so this replica was most likely started on another keyring
-   * folder than the region's other replicas (or on a lost one). Never reported as a shred.
+   * this copy of the keyring never held it: most likely an older copy of the region's keyring
+   * (another keyring is refused when the stores are opened, keyring-binding.ts). Never reported
+   * as a shred.
    */
   function tenantEntry(ring: Keyring, tenant: string): Keyring['tenants'][string] {
     const entry = ring.tenants[tenant];
@@ -434,7 +459,9 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
     throw new KeyUnavailableError(
       'tenant_key_missing',
       `the keyring ${file} of this replica holds no key of tenant ${tenant} and never destroyed one: ` +
-        `do the replicas of region ${region} share the region keyring (keyProvider.dir) or KMS?`,
+        `is it an older copy of region ${region}'s keyring (restored from a backup taken before ` +
+        `the tenant's key was made)? Every replica must share the region's one keyring ` +
+        `(keyProvider.dir) or KMS`,
     );
   }
 
@@ -557,6 +584,7 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
         kind: 'local-keyring',
         region,
         location: file,
+        keyringId: keyringIdOf(ring),
         primaryKekVersion: primaryKek(ring).version,
         keks: ring.keks.map((k) => ({
           version: k.version,

@@ -736,7 +736,12 @@ export async function migrateTenant(opts: MigrateTenantOptions): Promise<Migrati
         throw err;
       });
     if (!restored.keyAvailable) {
-      throw new KeyUnavailableError('tenant_key_destroyed', `tenant ${tenant} has no key in ${to}`);
+      // Its reason as the restore met it: a key destroyed in the target is a shred there; one
+      // the target's keyring never held is a fault of the target (never reported as a shred).
+      throw new KeyUnavailableError(
+        restored.keyUnavailableReason ?? 'tenant_key_missing',
+        `tenant ${tenant} has no usable key in ${to}`,
+      );
     }
     const status = await target.stores.store(tenant).keys.status();
     const records = status.versions.reduce((n, v) => n + v.records, 0);

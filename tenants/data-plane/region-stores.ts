@@ -21,6 +21,7 @@ import {
 } from './dek-ring.ts';
 import type { KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError, StoreBusyError } from './errors.ts';
+import type { KeyUnavailableReason } from './errors.ts';
 import { assertRegionId, assertTenantId, sleep } from './ids.ts';
 import {
   DEFAULT_JOB_LEASE_MS,
@@ -33,6 +34,7 @@ import {
   renewJobLease,
 } from './job-lease.ts';
 import type { JobLease, JobRead } from './job-lease.ts';
+import { bindStoresToKeyring } from './keyring-binding.ts';
 import {
   dekJobInfo,
   failJob,
@@ -149,13 +151,16 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
           acquireTimeoutMs: opts.pgAcquireTimeoutMs ?? 60_000,
           now,
         });
-  if (backend.dialect === 'postgres') {
-    try {
+  try {
+    if (backend.dialect === 'postgres') {
       await backend.admin().authenticate();
-    } catch (err) {
-      await backend.close().catch(() => undefined);
-      throw err;
     }
+    // Before anything is opened or keyed: a replica on another keyring than the region's
+    // refuses the region's stores (keyring-binding.ts).
+    await bindStoresToKeyring(backend, provider, now);
+  } catch (err) {
+    await backend.close().catch(() => undefined);
+    throw err;
   }
   // A restore killed before its commit (one rename) never happened; its staged copy goes.
   const abandoned = removeAbandonedRestores(backend);
@@ -1132,6 +1137,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
       } finally {
         blocked.delete(tenant);
       }
+      let keyUnavailable: KeyUnavailableReason | undefined;
       const keyAvailable = await use(
         tenant,
         async (h) => {
@@ -1148,6 +1154,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
             await getDek(h, keyCtx, await primaryVersion(h));
           } catch (err) {
             if (err instanceof KeyUnavailableError) {
+              keyUnavailable = err.reason;
               return false;
             }
             throw err;
@@ -1167,6 +1174,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
         backupCreatedAt: staged.manifest.createdAt,
         counts: staged.manifest.counts,
         keyAvailable,
+        ...(keyUnavailable !== undefined ? { keyUnavailableReason: keyUnavailable } : {}),
         authenticated: staged.authenticated,
       };
     },

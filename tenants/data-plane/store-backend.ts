@@ -20,6 +20,7 @@ import {
 } from 'sequelize';
 import type { SyncOptions } from 'sequelize';
 import sqlite3 from 'sqlite3';
+import { z } from 'zod';
 import {
   ControlPlaneUnavailableError,
   idleInTransactionTimeoutFor,
@@ -139,6 +140,17 @@ export interface StoreHandle {
   close(): Promise<void>;
 }
 
+/** The keyring a region's stores are bound to (`KeyProviderInfo.keyringId`), and since when. */
+export interface KeyringBinding {
+  keyringId: string;
+  boundAt: string;
+}
+
+const keyringBindingSchema = z.strictObject({
+  keyringId: z.string().regex(/^[A-Za-z0-9._:-]{1,200}$/),
+  boundAt: z.string().max(64),
+});
+
 /** A region's storage: SQLite files or PostgreSQL schemas. */
 export interface StoreBackend {
   readonly dialect: Dialect;
@@ -159,6 +171,16 @@ export interface StoreBackend {
   schemaName(tenant: string): string;
   /** PostgreSQL only: a connection for region-level statements. */
   admin(): Sequelize;
+  /**
+   * The keyring the region's stores are bound to (`keyring-binding.ts`), if one was bound.
+   * Rejects only if the storage cannot be read.
+   */
+  keyringBinding(): Promise<KeyringBinding | undefined>;
+  /**
+   * Binds the region's stores to `binding` unless they are bound already; atomic across
+   * replicas. Returns the binding that holds: `binding`, or the one made first.
+   */
+  bindKeyring(binding: KeyringBinding): Promise<KeyringBinding>;
   /** Opens a handle on an arbitrary SQLite file or PostgreSQL schema (restore staging). */
   openAt(
     target: { file?: string; schema?: string },
@@ -889,7 +911,47 @@ export function createSqliteBackend(opts: {
   const dir = path.join(path.resolve(opts.dataDir), opts.region);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const filePath = (tenant: string) => path.join(dir, `${tenant}.sqlite`);
+  // A dot file: never listed as a store, and no tenant id starts with a dot.
+  const bindingFile = path.join(dir, '.keyring-binding.json');
   let lastProbeOk: number | undefined;
+
+  function readBinding(): KeyringBinding | undefined {
+    let text: string;
+    try {
+      text = fs.readFileSync(bindingFile, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        return undefined;
+      }
+      throw err;
+    }
+    return parseKeyringBinding(text, bindingFile);
+  }
+
+  function bindOnce(binding: KeyringBinding): KeyringBinding {
+    // Written whole to a temp file, then linked into place: link fails if the name exists, so
+    // of two processes binding at once exactly one wins, and no reader sees half a file.
+    const tmp = `${bindingFile}.tmp-${crypto.randomBytes(6).toString('hex')}`;
+    fs.writeFileSync(tmp, JSON.stringify(keyringBindingSchema.parse(binding)), {
+      mode: 0o600,
+      flush: true,
+    });
+    try {
+      fs.linkSync(tmp, bindingFile);
+      fsyncPath(dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+        throw err;
+      }
+    } finally {
+      fs.rmSync(tmp, { force: true });
+    }
+    const bound = readBinding();
+    if (!bound) {
+      throw new Error(`${bindingFile} vanished while it was written`);
+    }
+    return bound;
+  }
 
   async function openFile(file: string, tenant: string, create: boolean): Promise<StoreHandle> {
     if (!fs.existsSync(file)) {
@@ -937,6 +999,8 @@ export function createSqliteBackend(opts: {
         .map((f) => f.slice(0, -'.sqlite'.length));
       return Promise.resolve(tenants.sort());
     },
+    keyringBinding: () => Promise.resolve(readBinding()),
+    bindKeyring: (binding) => Promise.resolve(bindOnce(binding)),
     open: (tenant, create) => openFile(filePath(tenant), tenant, create),
     openAt(target, tenant, create) {
       if (target.file === undefined) {
@@ -971,6 +1035,17 @@ export function createSqliteBackend(opts: {
       throw new TypeError('admin: not a PostgreSQL backend');
     },
   };
+}
+
+/** @throws Error naming `where` if `text` is not a keyring binding. */
+function parseKeyringBinding(text: string, where: string): KeyringBinding {
+  try {
+    return keyringBindingSchema.parse(JSON.parse(text));
+  } catch {
+    throw new Error(
+      `${where} is not a keyring binding (damaged?): restore it or see docs/operations.md`,
+    );
+  }
 }
 
 const SCHEMA_PREFIX_PATTERN = /^[a-z][a-z0-9_]{0,39}$/;
@@ -1040,6 +1115,9 @@ export function createPostgresBackend(opts: {
     pool: { max: 1, min: 0, idle: 5_000, ...poolTimeouts },
   });
   const schemaName = (tenant: string) => tenantSchemaName(opts.schemaPrefix, tenant);
+  // Region-level state (the keyring binding). A tenant id starts with a letter or digit, so
+  // no tenant's schema is `<prefix>_…`; `list` skips it (it holds no store).
+  const regionSchema = `${opts.schemaPrefix}_region`;
 
   async function schemaExists(schema: string): Promise<boolean> {
     const rows = await admin.query<{ n: string }>(
@@ -1047,6 +1125,54 @@ export function createPostgresBackend(opts: {
       { type: QueryTypes.SELECT, replacements: { schema } },
     );
     return Number(rows[0]?.n ?? 0) > 0;
+  }
+
+  async function readBinding(): Promise<KeyringBinding | undefined> {
+    try {
+      const rows = await admin.query<{ keyring_id: string; bound_at: string }>(
+        `SELECT keyring_id, bound_at FROM "${regionSchema}".keyring WHERE region = :region`,
+        { type: QueryTypes.SELECT, replacements: { region: opts.region } },
+      );
+      const row = rows[0];
+      return row ? { keyringId: row.keyring_id, boundAt: row.bound_at } : undefined;
+    } catch (err) {
+      if (isMissingTableError(err)) {
+        return undefined;
+      }
+      throw err;
+    }
+  }
+
+  async function bindOnce(binding: KeyringBinding): Promise<KeyringBinding> {
+    keyringBindingSchema.parse(binding);
+    await admin.transaction({ isolationLevel: READ_COMMITTED }, async (t) => {
+      // CREATE ... IF NOT EXISTS races between replicas (catalog unique violations): one
+      // advisory lock serializes them, as for a tenant's store.
+      await admin.query('SELECT pg_advisory_xact_lock(hashtext(:key))', {
+        transaction: t,
+        type: QueryTypes.SELECT,
+        replacements: { key: `cellcds.region.${regionSchema}` },
+      });
+      await admin.query(`CREATE SCHEMA IF NOT EXISTS "${regionSchema}"`, { transaction: t });
+      await admin.query(
+        `CREATE TABLE IF NOT EXISTS "${regionSchema}".keyring (
+           region text PRIMARY KEY, keyring_id text NOT NULL, bound_at text NOT NULL)`,
+        { transaction: t },
+      );
+      await admin.query(
+        `INSERT INTO "${regionSchema}".keyring (region, keyring_id, bound_at)
+         VALUES (:region, :id, :at) ON CONFLICT (region) DO NOTHING`,
+        {
+          transaction: t,
+          replacements: { region: opts.region, id: binding.keyringId, at: binding.boundAt },
+        },
+      );
+    });
+    const bound = await readBinding();
+    if (!bound) {
+      throw new Error(`"${regionSchema}".keyring holds no row of region ${opts.region}`);
+    }
+    return bound;
   }
 
   async function openSchema(schema: string, tenant: string, create: boolean): Promise<StoreHandle> {
@@ -1123,6 +1249,8 @@ export function createPostgresBackend(opts: {
       }
       return tenants.sort();
     },
+    keyringBinding: readBinding,
+    bindKeyring: bindOnce,
     open: (tenant, create) => openSchema(schemaName(tenant), tenant, create),
     openAt(target, tenant, create) {
       if (target.schema === undefined) {

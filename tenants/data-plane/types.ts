@@ -4,6 +4,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import type { AuditEvent } from '../types.ts';
+import type { KeyUnavailableReason } from './errors.ts';
 import type { ChainHead, ChainVerification } from './hash-chain.ts';
 import type { WrapLimitEvent } from './wrap-limit.ts';
 
@@ -28,6 +29,12 @@ export interface KeyProviderInfo {
   region: string;
   /** Human-readable location: a file path, a key ARN, an HSM slot. */
   location: string;
+  /**
+   * The identity of the key material (not a secret): the same for every replica holding the
+   * region's one keyring (or KMS key), another for any other. A region's stores are bound to
+   * it (`keyring-binding.ts`), so a replica started on another keyring refuses to open them.
+   */
+  keyringId: string;
   primaryKekVersion: number;
   keks: Array<{ version: number; status: KekStatus; createdAt: string }>;
   /** Number of tenants holding a live provider key. */
@@ -367,6 +374,11 @@ export interface RestoreResult {
   counts: { invocations: number; feedback: number; auditEvents: number };
   /** False when the provider holds no key for the tenant: records will not open. */
   keyAvailable: boolean;
+  /**
+   * Why, when `keyAvailable` is false: `tenant_key_destroyed` (crypto-shredded here),
+   * `tenant_key_missing` (this keyring never held it), or another key failure.
+   */
+  keyUnavailableReason?: KeyUnavailableReason;
   /**
    * True when the manifest's MAC verified under the key the region's provider wrapped for the
    * tenant; false only for a restore run with `allowUnauthenticated` (a format-1 manifest, or

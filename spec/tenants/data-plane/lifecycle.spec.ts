@@ -249,7 +249,10 @@ forEachBackend('tenants/ data plane: backup, restore, deprovision', (backend) =>
       expect(filesContaining(env.keyDir, needle)).to.deep.equal([]);
     }
     if (backend === 'sqlite') {
-      expect(fs.readdirSync(path.join(env.dataDir, env.region))).to.deep.equal([]);
+      // Only the region's keyring binding (no tenant data) is left in the region's folder.
+      expect(fs.readdirSync(path.join(env.dataDir, env.region))).to.deep.equal([
+        '.keyring-binding.json',
+      ]);
     } else {
       expect(await schemaExists(tenantSchemaName(env.schemaPrefix, 'acme'))).to.equal(false);
     }
@@ -270,7 +273,11 @@ forEachBackend('tenants/ data plane: backup, restore, deprovision', (backend) =>
       tenant: 'acme',
       allowUnauthenticated: true,
     });
-    expect(restored).to.include({ keyAvailable: false, authenticated: false });
+    expect(restored).to.include({
+      keyAvailable: false,
+      keyUnavailableReason: 'tenant_key_destroyed',
+      authenticated: false,
+    });
     const s = env.stores.store('acme');
     expect((await s.listInvocations()).map((r) => r.id)).to.have.length(5); // metadata only
     for (const id of ['inv-1', 'inv-5']) {
