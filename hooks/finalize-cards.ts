@@ -3,7 +3,7 @@
  * fresh uuids, a selectionBehavior whenever there are suggestions, and no null/empty fields.
  */
 import { randomUUID } from 'node:crypto';
-import { isAbsoluteHttpUrl, RELATIVE_REFERENCE } from '../rules/index.ts';
+import { findBadReference, isAbsoluteHttpUrl, RELATIVE_REFERENCE } from '../rules/index.ts';
 import type { RawCard } from '../rules/index.ts';
 import type { Card } from './types.ts';
 import { isJsonObject } from './validation.ts';
@@ -150,6 +150,11 @@ function assertCard(card: Card, index: number): void {
           (action.resourceId !== undefined && !RELATIVE_REFERENCE.test(action.resourceId))
         ) {
           fail(`suggestions[${i}].actions[${j}].resourceId must be a relative reference Type/id`);
+        }
+        // A reference inside the resource must name something too (`Patient/` reached the EHR).
+        const bad = action.resource === undefined ? undefined : findBadReference(action.resource);
+        if (bad !== undefined) {
+          fail(`suggestions[${i}].actions[${j}].resource${bad} must be a FHIR reference`);
         }
       });
     });

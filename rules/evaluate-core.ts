@@ -61,6 +61,66 @@ export function isAbsoluteHttpUrl(text: string): boolean {
   }
 }
 
+/** A FHIR id (R4 `id`): the id part of a reference. */
+const REF_ID = '[A-Za-z0-9\\-.]{1,64}';
+/** `Type/id` or `Type/id/_history/vid`, alone or after a FHIR server's base URL (R4 references.html). */
+const RESTFUL_REFERENCE = new RegExp(
+  `^(?:https?://(?:[A-Za-z0-9\\-.:%$]*/)+)?[A-Z][A-Za-z]+/${REF_ID}(?:/_history/${REF_ID})?$`,
+);
+/** A contained resource (`#id`), a uuid or an oid (FHIR R4 `uuid`, `oid`). */
+const LOCAL_REFERENCE = new RegExp(
+  `^(?:#${REF_ID}|urn:uuid:[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}|urn:oid:[0-2](?:\\.(?:0|[1-9][0-9]*))+)$`,
+);
+
+/** Why `buildCard` drops a suggestion whose resource carries a bad reference (PHI-free). */
+const BAD_REFERENCE =
+  'not a valid reference after interpolation (Type/id, an absolute URL to one, #id, urn:uuid or urn:oid)';
+
+/**
+ * Whether a FHIR `Reference.reference` is well formed: relative `Type/id` (optionally
+ * `/_history/vid`), an absolute http(s) URL ending so, `#id`, `urn:uuid:` or `urn:oid:`.
+ * `Patient/`, `Patient/ ` or a bare `#` (an interpolation that gave nothing) are not.
+ */
+export function isFhirReference(text: string): boolean {
+  return RESTFUL_REFERENCE.test(text) || LOCAL_REFERENCE.test(text);
+}
+
+/**
+ * The path (e.g. `.basedOn[1].reference`) of the first string under a `reference` key, at any
+ * depth of a suggestion's resource, that is not `isFhirReference`; undefined if there is none.
+ * One walk for the engine (`buildCard` drops the suggestion) and `finalizeCards` (backstop).
+ * A key that is no FHIR element name may come from patient data: it is shown as `[?]`.
+ */
+export function findBadReference(value: unknown): string | undefined {
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      const bad = findBadReference(value[i]);
+      if (bad !== undefined) {
+        return `[${i}]${bad}`;
+      }
+    }
+    return undefined;
+  }
+  if (!isObj(value)) {
+    return undefined;
+  }
+  for (const key of Object.keys(value)) {
+    const v = value[key];
+    const here = /^[A-Za-z_][A-Za-z0-9_]*$/.test(key) ? `.${key}` : '[?]';
+    if (key === 'reference' && typeof v === 'string') {
+      if (!isFhirReference(v)) {
+        return here;
+      }
+      continue;
+    }
+    const bad = findBadReference(v);
+    if (bad !== undefined) {
+      return `${here}${bad}`;
+    }
+  }
+  return undefined;
+}
+
 /** Callbacks of a run, in the order things happen. */
 export interface RunHooks {
   /** Rule `index` of `ruleIds` is about to run (its lets first, then `when` and its card). */
@@ -345,6 +405,12 @@ export function buildCard(
                 `${p}.resource.id`,
                 'required for update',
               );
+            }
+            // A reference the resource carries must name something: `Patient/{{ %x.id }}` with
+            // no id gave `Patient/`, which went to the EHR (static ones are checked here too).
+            const bad = findBadReference(act.resource);
+            if (bad !== undefined) {
+              throw new SafeEvalError(`card.${p}.resource${bad}: ${BAD_REFERENCE}`);
             }
           }
         }

@@ -6,7 +6,7 @@ export * from './plan-definition.ts';
 export { parsePackText, packHash, packToJson, packToYaml, canonicalJson } from './pack-format.ts';
 export { validatePack } from './validate-pack.ts';
 export { ID_PATTERN } from './pack-schema.ts';
-export { isAbsoluteHttpUrl } from './evaluate-core.ts';
+export { findBadReference, isAbsoluteHttpUrl, isFhirReference } from './evaluate-core.ts';
 export {
   answerCards,
   incompleteEvaluationCard,

@@ -15,7 +15,7 @@ import {
   RELATIVE_REFERENCE,
 } from './compile-pack.ts';
 import { PackValidationError } from './errors.ts';
-import { isAbsoluteHttpUrl } from './evaluate-core.ts';
+import { findBadReference, isAbsoluteHttpUrl } from './evaluate-core.ts';
 import { createEvaluator } from './evaluator.ts';
 import type { Evaluator } from './evaluator.ts';
 import {
@@ -465,6 +465,15 @@ class PackChecker {
         this.add(
           issue.path === '' ? `${p}.resource` : `${p}.resource.${issue.path}`,
           issue.message,
+        );
+      }
+      // The FHIR validator accepts `Patient/` or `#`; the engine would drop such a suggestion
+      // on every call (an interpolated reference is checked when the card is built).
+      const bad = findBadReference(a.resource);
+      if (bad !== undefined) {
+        this.add(
+          `${p}.resource${bad}`,
+          'must be a FHIR reference (Type/id, an absolute URL to one, #id, urn:uuid or urn:oid)',
         );
       }
     }

@@ -254,6 +254,44 @@ describe('hooks: finalizeCards', () => {
       }),
     ],
     [
+      'a create whose subject.reference has no id (Patient/)',
+      raw({
+        suggestions: [
+          {
+            label: 'A',
+            actions: [
+              {
+                type: 'create',
+                description: 'C',
+                resource: { resourceType: 'ServiceRequest', subject: { reference: 'Patient/' } },
+              },
+            ],
+          },
+        ],
+      }),
+    ],
+    [
+      'an update whose basedOn[0].reference is Type/ followed by a space',
+      raw({
+        suggestions: [
+          {
+            label: 'A',
+            actions: [
+              {
+                type: 'update',
+                description: 'U',
+                resource: {
+                  resourceType: 'MedicationRequest',
+                  id: 'mr1',
+                  basedOn: [{ reference: 'ServiceRequest/ ' }],
+                },
+              },
+            ],
+          },
+        ],
+      }),
+    ],
+    [
       'a delete without resourceId',
       raw({
         suggestions: [{ label: 'A', actions: [{ type: 'delete', description: 'D' }] }],

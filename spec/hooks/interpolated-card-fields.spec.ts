@@ -113,3 +113,102 @@ describe('hook call: a card field that interpolation leaves empty (HTTP)', () =>
     ]);
   });
 });
+
+const REF_SERVICE = 'lab-order-patient-view';
+
+/**
+ * A pack whose one rule suggests creating a lab order twice: once for `Patient/` plus the
+ * patient's family name (absent for a patient who has only `name.text`: `Patient/`), once for
+ * `Patient/{{%context.patientId}}`. Valid at upload: both subjects are interpolated.
+ */
+function labOrderPack(): Record<string, unknown> {
+  const order = (label: string, reference: string): Record<string, unknown> => ({
+    label,
+    actions: [
+      {
+        type: 'create',
+        description: 'Order an INR',
+        resource: {
+          resourceType: 'ServiceRequest',
+          status: 'draft',
+          intent: 'order',
+          code: { text: 'INR' },
+          subject: { reference },
+          basedOn: [{ reference: 'CarePlan/cp-1' }],
+        },
+      },
+    ],
+  });
+  return {
+    id: 'lab-order',
+    version: '1.0.0',
+    title: 'Lab order pack',
+    publisher: 'cellcds specs',
+    description: 'A suggestion whose subject reference is interpolated.',
+    services: [
+      {
+        id: REF_SERVICE,
+        hook: 'patient-view',
+        description: 'Suggests an INR.',
+        prefetch: { patient: 'Patient/{{context.patientId}}' },
+      },
+    ],
+    rules: [
+      {
+        id: 'inr',
+        service: REF_SERVICE,
+        when: '%patient.exists()',
+        card: {
+          summary: 'INR due',
+          indicator: 'info',
+          source: { label: 'cellcds specs' },
+          suggestions: [
+            order('By family name', 'Patient/{{%patient.name.family}}'),
+            order('By patient id', 'Patient/{{%context.patientId}}'),
+          ],
+        },
+      },
+    ],
+  };
+}
+
+describe('hook call: a suggestion resource reference that interpolation breaks (HTTP)', () => {
+  let t: TestApp;
+  let issuer: TestIssuer;
+
+  before(async () => {
+    t = await buildTestApp();
+    const upload = await t.uploadPack(labOrderPack());
+    expect(upload.status, JSON.stringify(upload.body)).to.equal(201);
+    issuer = await t.addTenant('tenant-lab', {
+      subscriptions: [{ pack: 'lab-order', version: '1.0.0' }],
+    });
+  });
+  after(async () => t.close());
+
+  it('sends the card without the suggestion whose subject came out Patient/, and logs a rule error', async () => {
+    t.logLines.length = 0;
+    const token = await issuer.sign({ aud: `${PUBLIC_URL}/cds-services/${REF_SERVICE}` });
+    const res = await request(t.app)
+      .post(`/cds-services/${REF_SERVICE}`)
+      .set('authorization', `Bearer ${token}`)
+      .send(patientViewRequest(PLANTED)); // name.text only, no name.family
+    expect(res.status, JSON.stringify(res.body)).to.equal(200);
+    const cards = res.body.cards as Array<{
+      summary: string;
+      suggestions?: Array<{ label: string; actions: Array<{ resource: unknown }> }>;
+    }>;
+    expect(cards.map((c) => c.summary)).to.deep.equal(['INR due']);
+    expect(cards[0]?.suggestions?.map((s) => s.label)).to.deep.equal(['By patient id']);
+    expect(cards[0]?.suggestions?.[0]?.actions[0]?.resource).to.deep.include({
+      subject: { reference: 'Patient/pat-1' },
+      basedOn: [{ reference: 'CarePlan/cp-1' }],
+    });
+    expect(JSON.stringify(res.body)).to.not.contain('"Patient/"');
+    const hookCall = t.logLines
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .find((l) => l.msg === 'hook call');
+    expect(hookCall).to.include({ cardCount: 1, ruleErrors: 1 });
+    expect(t.logLines.join('\n')).to.not.contain('Planted').and.to.not.contain('Quillfeather');
+  });
+});

@@ -251,3 +251,218 @@ describe('rules: interpolated resource ids must be valid FHIR ids', function () 
     }
   });
 });
+
+describe('rules: references inside a suggestion resource must be FHIR references', function () {
+  this.timeout(60_000);
+  let evaluator: Evaluator;
+  before(() => {
+    evaluator = createEvaluator({ workers: 0 });
+  });
+  after(async () => {
+    await evaluator.close();
+  });
+
+  const P = 'card.suggestions[0].actions[0].resource';
+  const WHY =
+    'not a valid reference after interpolation (Type/id, an absolute URL to one, #id, urn:uuid or urn:oid)';
+  const order = (extra: Record<string, unknown>): ActionTemplate => ({
+    type: 'create',
+    description: 'Order a lab',
+    resource: { resourceType: 'ServiceRequest', status: 'draft', intent: 'order', ...extra },
+  });
+  const update = (extra: Record<string, unknown>): ActionTemplate => ({
+    type: 'update',
+    description: 'Lower the dose',
+    resource: { resourceType: 'MedicationRequest', id: 'mr-1', status: 'draft', ...extra },
+  });
+  const bad: Array<[string, ActionTemplate, string]> = [
+    [
+      'a create whose subject is Patient/ (the draft has no id)',
+      order({ subject: { reference: `Patient/${DRAFT_ID}` } }),
+      `${P}.subject.reference`,
+    ],
+    [
+      'a create whose subject is Patient/ followed by a space',
+      order({ subject: { reference: `Patient/${EMPTY} `, display: 'the patient' } }),
+      `${P}.subject.reference`,
+    ],
+    [
+      'an update whose medicationReference is Medication/ (an interpolation gave nothing)',
+      update({ medicationReference: { reference: `Medication/${EMPTY}` } }),
+      `${P}.medicationReference.reference`,
+    ],
+    [
+      'an update whose basedOn[1] is ServiceRequest/ (inside an array)',
+      update({
+        basedOn: [
+          { reference: 'ServiceRequest/sr-1' },
+          { reference: `ServiceRequest/${DRAFT_ID}` },
+        ],
+      }),
+      `${P}.basedOn[1].reference`,
+    ],
+    [
+      'a create with a broken reference deep inside (contained, extension)',
+      order({
+        contained: [
+          {
+            resourceType: 'Provenance',
+            extension: [
+              {
+                url: 'https://example.org/ext',
+                valueReference: { reference: `Practitioner/${EMPTY}` },
+              },
+            ],
+          },
+        ],
+      }),
+      `${P}.contained[0].extension[0].valueReference.reference`,
+    ],
+    [
+      'a create whose reference id is a joined collection (spaces, a comma)',
+      order({ subject: { reference: 'Patient/{{ %patient.name.given }}' } }),
+      `${P}.subject.reference`,
+    ],
+    [
+      'a create whose reference type is lower-case',
+      order({ subject: { reference: 'patient/{{ %context.patientId }}' } }),
+      `${P}.subject.reference`,
+    ],
+    [
+      'a create whose reference version is empty',
+      order({ subject: { reference: 'Patient/{{ %context.patientId }}/_history/' } }),
+      `${P}.subject.reference`,
+    ],
+    [
+      'an absolute URL whose id is empty',
+      order({ subject: { reference: `https://ehr.example.org/fhir/Patient/${EMPTY}` } }),
+      `${P}.subject.reference`,
+    ],
+    [
+      'a bare # (contained id empty)',
+      order({ requester: { reference: `#${EMPTY}` } }),
+      `${P}.requester.reference`,
+    ],
+    [
+      'urn:uuid: with no uuid',
+      order({ requester: { reference: `urn:uuid:${EMPTY}` } }),
+      `${P}.requester.reference`,
+    ],
+    [
+      'a reference written without interpolation (Patient/)',
+      order({ subject: { reference: 'Patient/' } }),
+      `${P}.subject.reference`,
+    ],
+  ];
+  for (const [name, action, field] of bad) {
+    it(`drops the suggestion for ${name}, naming the field, and keeps the card`, async () => {
+      const card = cardWith([action]);
+      card.suggestions = [...(card.suggestions ?? []), { label: 'Keep me', actions: [KEPT] }];
+      const compiled = compilePack(pack([{ id: 'bad', service: 'svc', when: 'true', card }, ok]));
+      const result = await evaluator.evaluate(compiled, 'svc', input());
+      expect(result.trace[0]).to.include({
+        ruleId: 'bad',
+        status: 'fired',
+        fired: true,
+        error: `suggestion dropped: ${field}: ${WHY}`,
+      });
+      expect(result.trace[1]).to.include({ ruleId: 'ok', status: 'fired' });
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['bad', 'ok']);
+      expect(result.cards[0]?.suggestions?.map((x) => x.label)).to.deep.equal(['Keep me']);
+      const trace = JSON.stringify(result.trace);
+      expect(trace).to.not.contain(PLANTED).and.to.not.contain('Xylo');
+    });
+  }
+
+  it('keeps well-formed references of every form unchanged, in a create and an update', async () => {
+    const refs = {
+      subject: { reference: 'Patient/{{ %context.patientId }}' },
+      basedOn: [
+        { reference: `MedicationRequest/${DRAFT_ID}` },
+        { reference: `MedicationRequest/${DRAFT_ID}/_history/3` },
+        { reference: `https://ehr.example.org/fhir/MedicationRequest/${DRAFT_ID}` },
+        { reference: `http://ehr.example.org/fhir/MedicationRequest/${DRAFT_ID}/_history/2` },
+        { reference: '#{{ %context.patientId }}' },
+        { reference: 'urn:uuid:0f8f3a55-1d2b-4f7e-9f8e-4a6a3c5d7e90' },
+        { reference: 'urn:oid:2.16.840.1.113883.4.3' },
+        { display: 'a reference with no reference string' },
+      ],
+      requester: { reference: 'Practitioner/1', display: 'Dr {{ %patient.name.family }}' },
+    };
+    const compiled = compilePack(
+      pack([
+        {
+          id: 'good',
+          service: 'svc',
+          when: 'true',
+          card: cardWith([order(refs), update({ ...refs, id: DRAFT_ID })]),
+        },
+      ]),
+    );
+    const result = await evaluator.evaluate(compiled, 'svc', input('Ab-9.z'));
+    expect(result.trace[0]).to.include({ ruleId: 'good', status: 'fired' });
+    expect(result.trace[0]).to.not.have.property('error');
+    const expected = {
+      subject: { reference: 'Patient/p1' },
+      basedOn: [
+        { reference: 'MedicationRequest/Ab-9.z' },
+        { reference: 'MedicationRequest/Ab-9.z/_history/3' },
+        { reference: 'https://ehr.example.org/fhir/MedicationRequest/Ab-9.z' },
+        { reference: 'http://ehr.example.org/fhir/MedicationRequest/Ab-9.z/_history/2' },
+        { reference: '#p1' },
+        { reference: 'urn:uuid:0f8f3a55-1d2b-4f7e-9f8e-4a6a3c5d7e90' },
+        { reference: 'urn:oid:2.16.840.1.113883.4.3' },
+        { display: 'a reference with no reference string' },
+      ],
+      requester: { reference: 'Practitioner/1', display: 'Dr Xylo' },
+    };
+    const actions = result.cards[0]?.suggestions?.[0]?.actions;
+    expect(actions).to.have.length(2);
+    expect(actions?.[0]?.resource).to.deep.include(expected);
+    expect(actions?.[1]?.resource).to.deep.include({ ...expected, id: 'Ab-9.z' });
+  });
+
+  it('leaves out a reference that interpolation left wholly empty (as any empty field)', async () => {
+    const compiled = compilePack(
+      pack([
+        {
+          id: 'good',
+          service: 'svc',
+          when: 'true',
+          card: cardWith([order({ subject: { reference: EMPTY, display: 'the patient' } })]),
+        },
+      ]),
+    );
+    const result = await evaluator.evaluate(compiled, 'svc', input());
+    expect(result.trace[0]).to.not.have.property('error');
+    const resource = result.cards[0]?.suggestions?.[0]?.actions?.[0]?.resource;
+    expect(resource).to.deep.include({ subject: { display: 'the patient' } });
+  });
+
+  it('checks it in a worker too', async () => {
+    const ev = createEvaluator({ workers: 1, callBudgetMs: 30_000, ruleBudgetMs: 20_000 });
+    try {
+      const compiled = compilePack(
+        pack([
+          {
+            id: 'bad',
+            service: 'svc',
+            when: 'true',
+            card: cardWith([order({ subject: { reference: `Patient/${DRAFT_ID}` } })]),
+          },
+          ok,
+        ]),
+      );
+      const result = await ev.evaluate(compiled, 'svc', input());
+      expect(result.trace[0]).to.include({
+        status: 'fired',
+        error: `suggestion dropped: ${P}.subject.reference: ${WHY}`,
+      });
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['bad', 'ok']);
+      expect(result.cards[0]).to.not.have.property('suggestions');
+      expect(result.cards[0]).to.not.have.property('selectionBehavior');
+    } finally {
+      await ev.close();
+    }
+  });
+});

@@ -383,6 +383,26 @@ const table: Array<[string, Mutate, PackProblem]> = [
     },
   ],
   [
+    'a create whose static resource holds a reference without an id (Patient/)',
+    (p) =>
+      p.rules[0]!.card.suggestions![0]!.actions!.push({
+        type: 'create',
+        description: 'Order a lab',
+        resource: {
+          resourceType: 'ServiceRequest',
+          status: 'draft',
+          intent: 'order',
+          subject: { reference: 'Patient/' },
+          code: { text: 'INR' },
+        },
+      }),
+    {
+      path: 'rules[0].card.suggestions[0].actions[1].resource.subject.reference',
+      message:
+        'must be a FHIR reference (Type/id, an absolute URL to one, #id, urn:uuid or urn:oid)',
+    },
+  ],
+  [
     'an update whose resource has no id (the EHR cannot tell which resource to replace)',
     (p) =>
       p.rules[0]!.card.suggestions![0]!.actions!.push({
