@@ -1,12 +1,22 @@
 import type { PackProblem } from './types.ts';
 
-/** A pack failed validation (schema, FHIRPath, card limits, embedded tests). HTTP: 422. */
+/**
+ * A pack failed validation (schema, FHIRPath, card limits, embedded tests). HTTP: 422.
+ * `problems` holds real problems only; where only the first ones are kept (YAML syntax errors,
+ * which can run to thousands after one mistake), `total` counts every one found and the
+ * message says how many are shown: `rule pack is invalid: 5968 problem(s), first 5 shown`.
+ */
 export class PackValidationError extends Error {
   readonly problems: PackProblem[];
-  constructor(problems: PackProblem[]) {
-    super(`rule pack is invalid: ${problems.length} problem(s)`);
+  /** How many problems were found: `problems.length`, or more when only the first were kept. */
+  readonly total: number;
+  constructor(problems: PackProblem[], opts: { total?: number } = {}) {
+    const total = Math.max(problems.length, opts.total ?? 0);
+    const shown = total > problems.length ? `, first ${problems.length} shown` : '';
+    super(`rule pack is invalid: ${total} problem(s)${shown}`);
     this.name = new.target.name;
     this.problems = problems;
+    this.total = total;
   }
 }
 

@@ -5,7 +5,7 @@ export * from './prefetch-template.ts';
 export * from './plan-definition.ts';
 export { parsePackText, packHash, packToJson, packToYaml, canonicalJson } from './pack-format.ts';
 export { validatePack } from './validate-pack.ts';
-export { ID_PATTERN } from './pack-schema.ts';
+export { ID_PATTERN, nowProblem, nowText, parseNow } from './pack-schema.ts';
 export { findBadReference, isAbsoluteHttpUrl, isFhirReference } from './evaluate-core.ts';
 export {
   answerCards,

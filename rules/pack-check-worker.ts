@@ -40,7 +40,7 @@ async function check(msg: PackCheckRequest): Promise<PackCheckReply> {
     };
   } catch (err) {
     return err instanceof PackValidationError
-      ? { type: 'invalid', problems: err.problems }
+      ? { type: 'invalid', problems: err.problems, total: err.total }
       : { type: 'failed' };
   }
 }

@@ -46,7 +46,7 @@ export type PackCheckRequest = PackCheckInput;
 export type PackCheckReply =
   | { type: 'ready' }
   | { type: 'valid'; id: string; version: string; hash: string; pack: RulePack }
-  | { type: 'invalid'; problems: PackProblem[] }
+  | { type: 'invalid'; problems: PackProblem[]; total: number }
   | { type: 'failed' };
 
 const WORKER_URL = new URL('./pack-check-worker.ts', import.meta.url);
@@ -143,7 +143,7 @@ export function validatePackInWorker(
           );
           return;
         case 'invalid':
-          settle(new PackValidationError(msg.problems));
+          settle(new PackValidationError(msg.problems, { total: msg.total }));
           return;
         case 'failed':
           settle(new Error('pack validation failed unexpectedly in its worker'));

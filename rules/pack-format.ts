@@ -42,7 +42,8 @@ function parseJsonText(text: string): unknown {
 
 /**
  * YAML syntax errors reported per document. After one mistake (an indented first key) the
- * parser reports every later token, thousands of errors that bury the first one.
+ * parser reports every later token, thousands of errors that bury the first one: the others
+ * are only counted (`PackValidationError.total`).
  */
 export const YAML_ERRORS_SHOWN = 5;
 
@@ -81,14 +82,9 @@ function parseYamlText(text: string): unknown {
           : `YAML syntax error: ${reason}`,
       };
     });
-    const more = doc.errors.length - problems.length;
-    if (more > 0) {
-      problems.push({
-        path: '(document)',
-        message: `... and ${more} more YAML syntax ${more === 1 ? 'error' : 'errors'} (often caused by the first one: fix it and check again)`,
-      });
-    }
-    throw new PackValidationError(problems);
+    // The rest are counted, not listed (nor listed as a "problem" saying how many: a count of
+    // problems must count problems); the error's message says how many are shown.
+    throw new PackValidationError(problems, { total: doc.errors.length });
   }
   try {
     return doc.toJS({ maxAliasCount: 100 }) as unknown;

@@ -36,6 +36,9 @@ export const MAX_PACK_TESTS = 100;
 export const NOW_OFFSET_MESSAGE =
   'a time needs an offset (Z or +hh:mm), e.g. 2021-03-01T23:00:00Z; or give a date only';
 
+/** Why a `now` that is not a date or dateTime at all is refused. */
+export const NOW_FORMAT_MESSAGE = 'must be an ISO 8601 date or dateTime';
+
 /**
  * True for a dateTime with a time of day but no offset (`2021-03-01T23:00`). `Date` reads such
  * a text in the host's time zone, so the instant (and `%today`) would depend on the server;
@@ -46,15 +49,44 @@ export function lacksOffset(value: string): boolean {
   return value.includes('T') && !/(Z|[+-]\d\d:\d\d)$/.test(value);
 }
 
+/**
+ * Why `value` cannot be the `now` an evaluation is pinned to, or undefined if it can. The one
+ * rule for every place a `now` is given (a pack test, `pack eval --now`, the playground): a
+ * FHIR date or dateTime; a time needs its offset ({@link lacksOffset}).
+ */
+export function nowProblem(value: string): string | undefined {
+  if (!FHIR_DATETIME.test(value) || Number.isNaN(Date.parse(value))) {
+    return NOW_FORMAT_MESSAGE;
+  }
+  return lacksOffset(value) ? NOW_OFFSET_MESSAGE : undefined;
+}
+
+/**
+ * The instant a `now` names, read the same on every host: a date alone (`2021-03-01`, or a
+ * year or year-month) is 00:00 UTC of its first day; a dateTime is the instant its offset
+ * gives.
+ * @throws RangeError with {@link nowProblem}'s message if `value` is not a valid `now`.
+ */
+export function parseNow(value: string): Date {
+  const problem = nowProblem(value);
+  if (problem !== undefined) {
+    throw new RangeError(problem);
+  }
+  return new Date(value);
+}
+
+/** A `now` as text, checked by {@link nowProblem} (the pack schema's and the playground's). */
+export const nowText = z.string().superRefine((v, ctx) => {
+  const problem = nowProblem(v);
+  if (problem !== undefined) {
+    ctx.addIssue({ code: 'custom', message: problem });
+  }
+});
+
 /** Why a test whose `expect` lists no rule id (in `fire` or `notFire`) is refused. */
 export const EXPECT_NAMES_NO_RULE_MESSAGE =
   'names no rule; list the rules that must fire under fire and those that must not under notFire (e.g. notFire: [my-rule])';
 
-const instant = z
-  .string()
-  .regex(FHIR_DATETIME, { error: 'must be an ISO 8601 date or dateTime' })
-  .refine((v) => !Number.isNaN(Date.parse(v)), { error: 'must be an ISO 8601 date or dateTime' })
-  .refine((v) => !lacksOffset(v), { error: NOW_OFFSET_MESSAGE });
 const resourceObject = z
   .record(z.string(), z.unknown())
   .refine((r) => typeof r.resourceType === 'string', {
@@ -148,7 +180,7 @@ const testRequest = z.strictObject({
 const test = z.strictObject({
   name: text,
   service: z.string(),
-  now: instant.optional(),
+  now: nowText.optional(),
   request: testRequest.optional(),
   requestFile: text.optional(),
   patientBundle: text.optional(),

@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { PackValidationError } from './errors.ts';
 import type { Evaluator } from './evaluator.ts';
-import { lacksOffset, NOW_OFFSET_MESSAGE } from './pack-schema.ts';
+import { nowProblem, parseNow } from './pack-schema.ts';
 import { buildRequestFromRecord, readPatientBundle } from './patient-bundle.ts';
 import { isPlanDefinition } from './plan-definition.ts';
 import type {
@@ -330,31 +330,34 @@ const failed = (name: string, failures: string[], notRun = false): PackTestResul
 
 /**
  * What a test is evaluated with (its request, a hookInstance stable per pack and test, its
- * `now`), or why it cannot run: still file-based, or a `now` without its offset.
+ * `now`), or why it cannot run: still file-based, or a `now` that is not one (see `nowProblem`:
+ * a time without its offset, or not a date at all).
  */
 export function testInput(compiled: CompiledPack, test: PackTest): EvaluationInput | string {
   const request = test.request;
   if (!request) {
     return 'resolve test files before running (requestFile / patientBundle)';
   }
-  if (test.now !== undefined && lacksOffset(test.now)) {
-    return `now: ${NOW_OFFSET_MESSAGE}`;
+  const nowWrong = test.now === undefined ? undefined : nowProblem(test.now);
+  if (nowWrong !== undefined) {
+    return `now: ${nowWrong}`;
   }
   return {
     hook: request.hook,
     hookInstance: request.hookInstance ?? testHookInstance(compiled.hash, test.name),
     context: request.context,
     prefetch: request.prefetch ?? {},
-    now: test.now !== undefined ? new Date(test.now) : new Date(),
+    now: test.now !== undefined ? parseNow(test.now) : new Date(),
   };
 }
 
 /**
  * Runs a pack's inline tests (call resolvePackFiles first for file-based ones; a test still
- * file-based fails). A test's `now` pins %now (a time must carry an offset, else the test
- * fails: see `lacksOffset`); otherwise the current time is used. A rule expected to fire must
- * have status `fired`; one expected not to fire must be `not-fired` (an error or timeout fails
- * the test either way). `opts` bound the run (uploads); tests left are `notRun` and failed.
+ * file-based fails). A test's `now` pins %now (`parseNow`: a date alone is 00:00 UTC; a time
+ * must carry an offset, else the test fails); otherwise the current time is used. A rule
+ * expected to fire must have status `fired`; one expected not to fire must be `not-fired` (an
+ * error or timeout fails the test either way). `opts` bound the run (uploads); tests left are
+ * `notRun` and failed.
  */
 export async function runPackTests(
   compiled: CompiledPack,

@@ -604,7 +604,7 @@ export class AdminService {
         await this.audit(principal, {
           type: 'admin.pack.upload',
           outcome: 'failure',
-          detail: { problems: err.problems.length },
+          detail: { problems: err.total },
         });
       }
       throw err;

@@ -54,8 +54,8 @@ export function packProblems(err: PackValidationError): string[] {
   const lines = err.problems
     .slice(0, MAX_PROBLEMS)
     .map((p) => `${p.path ? `${p.path}: ` : ''}${p.message}`);
-  if (err.problems.length > MAX_PROBLEMS) {
-    lines.push(`... and ${String(err.problems.length - MAX_PROBLEMS)} more`);
+  if (err.total > lines.length) {
+    lines.push(`... and ${String(err.total - lines.length)} more`);
   }
   return lines;
 }

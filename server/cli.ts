@@ -10,7 +10,9 @@ import { Command, CommanderError, Option } from 'commander';
 import jose from 'node-jose';
 import {
   createEvaluator,
+  nowProblem,
   PackValidationError,
+  parseNow,
   parsePackText,
   runPackTests,
   testInput,
@@ -229,9 +231,19 @@ async function loadAndValidate(
 }
 
 function printProblems(file: string, err: PackValidationError): void {
-  process.stderr.write(`${file}: ${err.problems.length} problem(s)\n`);
+  // Every problem found is counted; only those the error kept are listed (YAML syntax errors
+  // stop at the first few), and the line saying so is not one of them.
+  const left = err.total - err.problems.length;
+  process.stderr.write(
+    `${file}: ${err.total} problem(s)${left > 0 ? `, first ${err.problems.length} shown` : ''}\n`,
+  );
   for (const p of err.problems) {
     process.stderr.write(`  ${p.path}: ${p.message}\n`);
+  }
+  if (left > 0) {
+    process.stderr.write(
+      `  ... and ${left} more not shown (fix the first and check again: later ones often follow from it)\n`,
+    );
   }
 }
 
@@ -337,14 +349,13 @@ async function packEval(
     }
     throw err;
   });
-  // As a test's `now`: an instant with its offset (without one it would be read in this
-  // machine's time zone), never a date that does not parse (every rule reading it would fail).
-  if (
-    opts.now !== undefined &&
-    (!/(Z|[+-]\d{2}:\d{2})$/.test(opts.now) || Number.isNaN(Date.parse(opts.now)))
-  ) {
+  // Read exactly as a pack test's `now` (one function for both): a date alone is 00:00 UTC of
+  // that day; a time needs its offset (without one it would be read in this machine's time
+  // zone); a text that is no date is refused (every rule reading it would fail).
+  const nowWrong = opts.now === undefined ? undefined : nowProblem(opts.now);
+  if (nowWrong !== undefined) {
     throw new CliError(
-      `--now must be an instant with its offset, e.g. 2020-03-15T12:00:00Z, not ${opts.now}`,
+      `--now must be an instant with its offset (2020-03-15T12:00:00Z) or a date only (2020-03-15, read as 00:00 UTC), not ${String(opts.now)}: ${nowWrong}`,
       2,
     );
   }
@@ -378,7 +389,7 @@ async function packEval(
         hookInstance: request.hookInstance ?? crypto.randomUUID(),
         context: request.context,
         prefetch: request.prefetch ?? {},
-        now: opts.now ? new Date(opts.now) : new Date(),
+        now: opts.now === undefined ? new Date() : parseNow(opts.now),
       },
       // The let values (patient data) are for the author's eyes: only with --trace.
       opts.trace === true ? { traceValues: true } : {},
@@ -1020,7 +1031,10 @@ export function buildProgram(): Command {
     .argument('<file>')
     .requiredOption('--request <file>', 'a CDS Hooks request JSON file')
     .option('--service <id>', 'service id (default: the first service for the request hook)')
-    .option('--now <dateTime>', 'evaluate as of this instant')
+    .option(
+      '--now <dateTime>',
+      "evaluate as of this instant (with its offset), or this date (00:00 UTC), as a test's now",
+    )
     .option('--trace', 'print the rule trace too')
     .description('evaluate a pack on a request and print the cards')
     .action(packEval);

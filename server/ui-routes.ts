@@ -29,7 +29,13 @@ import {
   parseHookRequest,
 } from '../hooks/index.ts';
 import type { FeedbackItem } from '../hooks/index.ts';
-import { answerCards, buildRequestFromRecord, readPatientBundle } from '../rules/index.ts';
+import {
+  answerCards,
+  buildRequestFromRecord,
+  nowText,
+  parseNow,
+  readPatientBundle,
+} from '../rules/index.ts';
 import type { PatientRecord } from '../rules/index.ts';
 import { AuthError, authorize, createIdTokenVerifier, ForbiddenError } from '../tenants/index.ts';
 import type {
@@ -347,7 +353,9 @@ const EvaluateBody = z.strictObject({
     z.strictObject({ bundle: z.looseObject({ resourceType: z.literal('Bundle') }) }),
   ]),
   draftOrders: z.array(resourceSchema).max(50).optional(),
-  now: z.iso.datetime({ offset: true }).optional(),
+  // Read as a pack test's `now` (rules' one check): a date alone is 00:00 UTC of that day, so an
+  // author reproducing a test with the same date gets the same answer; a time needs its offset.
+  now: nowText.optional(),
 });
 
 const PlaygroundFeedbackBody = z.strictObject({
@@ -496,7 +504,7 @@ function playgroundApi(deps: Deps, opts: UiRouterOptions): Router {
       });
     }
     const hookRequest = parseHookRequest(hookBody, service.hook);
-    const now = body.now === undefined ? deps.now() : new Date(body.now);
+    const now = body.now === undefined ? deps.now() : parseNow(body.now);
     // An author tool: each let's value is summarized for the trace (never on the hook path).
     const result = await deps.evaluator.evaluate(
       compiled,

@@ -310,7 +310,8 @@ async function evaluate(event) {
       service: $('service').value,
       patient: await patientBody(),
       ...(draftOrders() ? { draftOrders: draftOrders() } : {}),
-      ...(asof ? { now: `${asof}T23:59:59Z` } : {}),
+      // The date alone: the server reads it as 00:00 UTC, as a pack test's date-only `now`.
+      ...(asof ? { now: asof } : {}),
     };
   } catch (err) {
     setStatus(status, err.message, true);

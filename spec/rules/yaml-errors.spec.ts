@@ -1,15 +1,20 @@
 import { expect } from 'chai';
+import { parseDocument } from 'yaml';
 import { PackValidationError, parsePackText, validatePackInWorker } from '../../rules/index.ts';
 import type { PackProblem } from '../../rules/index.ts';
 
-function problemsOf(fn: () => unknown): PackProblem[] {
+function errorOf(fn: () => unknown): PackValidationError {
   try {
     fn();
   } catch (err) {
     expect(err).to.be.instanceOf(PackValidationError);
-    return (err as PackValidationError).problems;
+    return err as PackValidationError;
   }
   expect.fail('expected a PackValidationError');
+}
+
+function problemsOf(fn: () => unknown): PackProblem[] {
+  return errorOf(fn).problems;
 }
 
 /** A pack whose first key is indented by mistake: every token after it is an error. */
@@ -28,14 +33,25 @@ const INDENTED_FIRST = [
 ].join('\n');
 
 describe('rules: YAML syntax errors', () => {
-  it('reports only the first few YAML errors, then how many more there were', () => {
-    const problems = problemsOf(() => parsePackText(INDENTED_FIRST, 'yaml'));
-    expect(problems.length).to.be.at.most(6);
-    expect(problems.every((p) => p.path === '(document)')).to.equal(true);
-    const last = problems[problems.length - 1]?.message ?? '';
-    expect(last).to.match(
-      /^\.\.\. and \d+ more YAML syntax errors \(often caused by the first one: fix it and check again\)$/,
-    );
+  it('keeps only the first 5 YAML errors, and counts every one found (no summary "problem")', () => {
+    const found = parseDocument(INDENTED_FIRST, { uniqueKeys: true }).errors.length;
+    expect(found).to.be.greaterThan(5);
+    const err = errorOf(() => parsePackText(INDENTED_FIRST, 'yaml'));
+    expect(err.problems).to.have.length(5);
+    expect(
+      err.problems.every(
+        (p) => p.path === '(document)' && p.message.startsWith('YAML syntax error at line '),
+      ),
+    ).to.equal(true);
+    expect(err.total).to.equal(found);
+    expect(err.message).to.equal(`rule pack is invalid: ${found} problem(s), first 5 shown`);
+  });
+
+  it('counts exactly the problems it lists when none were left out', () => {
+    const err = errorOf(() => parsePackText('id: a\nversion: 1.0.0\nid: b\nid: c\n'));
+    expect(err.problems).to.have.length(2);
+    expect(err.total).to.equal(2);
+    expect(err.message).to.equal('rule pack is invalid: 2 problem(s)');
   });
 
   it('points at an indented first key', () => {
@@ -56,13 +72,17 @@ describe('rules: YAML syntax errors', () => {
   });
 
   it('gives an upload (validatePackInWorker) the same problems', async () => {
-    const expected = problemsOf(() => parsePackText(INDENTED_FIRST, 'yaml'));
+    const local = errorOf(() => parsePackText(INDENTED_FIRST, 'yaml'));
+    const expected = local.problems;
     try {
       await validatePackInWorker({ text: INDENTED_FIRST, format: 'yaml' });
       expect.fail('expected a PackValidationError');
     } catch (err) {
       expect(err).to.be.instanceOf(PackValidationError);
       expect((err as PackValidationError).problems).to.deep.equal(expected);
+      // The count, and the message an upload's 422 carries, cross the worker too.
+      expect((err as PackValidationError).total).to.equal(local.total);
+      expect((err as PackValidationError).message).to.equal(local.message);
     }
   });
 });

@@ -5,6 +5,7 @@ import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
+import { parseDocument } from 'yaml';
 import { BAD_FHIRPATH, brokenPack, MISSING_FILE, UNKNOWN_SERVICE } from '../helpers/broken-pack.ts';
 
 /**
@@ -57,6 +58,33 @@ describe('cellcds CLI: every problem of a pack in one run', function () {
       expectAllThree(r.stderr);
     });
   }
+
+  it('pack validate: YAML syntax errors beyond the first 5 are counted, not printed as a problem', async () => {
+    // A first key indented by mistake: the parser then reports every later token.
+    const text = [
+      '  id: my-pack',
+      'version: 1.0.0',
+      'services:',
+      ...Array.from({ length: 50 }, (_, i) => `  - { id: s${i}, hook: order-sign }`),
+      '',
+    ].join('\n');
+    const found = parseDocument(text, { uniqueKeys: true }).errors.length;
+    expect(found).to.be.greaterThan(5);
+    const yamlFile = path.join(work, 'indented.yaml');
+    fs.writeFileSync(yamlFile, text);
+    const r = await run(['pack', 'validate', yamlFile]);
+    expect(r.status, r.stderr).to.equal(1);
+    const lines = r.stderr.split('\n');
+    expect(lines[0]).to.equal(`${yamlFile}: ${found} problem(s), first 5 shown`);
+    const listed = lines.filter((l) => l.startsWith('  (document): '));
+    expect(listed).to.have.length(5);
+    expect(listed.every((l) => l.startsWith('  (document): YAML syntax error at line '))).to.equal(
+      true,
+    );
+    expect(lines[6]).to.equal(
+      `  ... and ${found - 5} more not shown (fix the first and check again: later ones often follow from it)`,
+    );
+  });
 
   it('pack push: lists them all and sends nothing (the files cannot be uploaded)', async () => {
     let requests = 0;

@@ -264,6 +264,114 @@ describe('card viewer: playground API', () => {
     );
   });
 
+  describe('a date-only now, read as a pack test reads it', () => {
+    // A draft authored at 10:00 UTC on the day given: after 00:00 UTC of that day, so a rule
+    // asking "authored by now?" must not fire for a date-only now, in a test or the playground.
+    const AUTHORED = '2021-03-01T10:00:00Z';
+    const draft = { ...IBUPROFEN, authoredOn: AUTHORED };
+    const boundaryPack = (): Record<string, unknown> => ({
+      id: 'boundary',
+      version: '1.0.0',
+      title: 'Boundary',
+      publisher: 'cellcds specs',
+      description: 'Reads %now against a draft authored during the day.',
+      services: [
+        { id: 'boundary-order-sign', hook: 'order-sign', description: 'Compares with %now.' },
+      ],
+      rules: [
+        {
+          id: 'authored-by-now',
+          service: 'boundary-order-sign',
+          when: '%draftOrders.entry.resource.ofType(MedicationRequest).where(authoredOn <= %now).exists()',
+          card: {
+            summary: 'Authored by now',
+            indicator: 'info',
+            source: { label: 'cellcds specs' },
+          },
+        },
+      ],
+      // The reference: an upload runs these and refuses the pack if one fails.
+      tests: [
+        ['2021-03-01', 'notFire'],
+        ['2021-03-02', 'fire'],
+      ].map(([now, expected]) => ({
+        name: `now ${now}`,
+        service: 'boundary-order-sign',
+        now,
+        request: {
+          hook: 'order-sign',
+          context: {
+            userId: 'Practitioner/p1',
+            patientId: 'p1',
+            draftOrders: {
+              resourceType: 'Bundle',
+              type: 'collection',
+              entry: [
+                { resource: { ...draft, id: 'draft-1', subject: { reference: 'Patient/p1' } } },
+              ],
+            },
+          },
+        },
+        expect: { [expected as string]: ['authored-by-now'] },
+      })),
+    });
+
+    before(async () => {
+      const res = await u.t.uploadPack(boundaryPack());
+      expect(res.status, JSON.stringify(res.body)).to.equal(201);
+    });
+
+    const firedAt = async (now: string): Promise<{ fired: boolean; now: string }> => {
+      const res = await evaluate(ruleAuthor, {
+        pack: 'boundary',
+        version: '1.0.0',
+        service: 'boundary-order-sign',
+        patient: { fixture: KYLA },
+        draftOrders: [draft],
+        now,
+      });
+      expect(res.status, JSON.stringify(res.body)).to.equal(200);
+      const trace = res.body.trace as Array<{ ruleId: string; fired: boolean }>;
+      return {
+        fired: trace.find((t) => t.ruleId === 'authored-by-now')?.fired === true,
+        now: res.body.now as string,
+      };
+    };
+
+    it('accepts a date only and reads it as 00:00 UTC of that day, as the pack test did', async () => {
+      expect(await firedAt('2021-03-01')).to.deep.equal({
+        fired: false,
+        now: '2021-03-01T00:00:00.000Z',
+      });
+      expect(await firedAt('2021-03-02')).to.deep.equal({
+        fired: true,
+        now: '2021-03-02T00:00:00.000Z',
+      });
+    });
+
+    it('still reads a dateTime with its offset as that instant', async () => {
+      expect(await firedAt('2021-03-01T12:00:00+01:00')).to.deep.equal({
+        fired: true,
+        now: '2021-03-01T11:00:00.000Z',
+      });
+    });
+
+    it('refuses a time without an offset with the message a pack test gets', async () => {
+      const res = await evaluate(ruleAuthor, {
+        pack: 'boundary',
+        version: '1.0.0',
+        service: 'boundary-order-sign',
+        patient: { fixture: KYLA },
+        now: '2021-03-01T10:00',
+      });
+      expect(res.status).to.equal(400);
+      expect(res.body.error).to.equal('invalid_request');
+      expect(res.body.message).to.equal(
+        'now: a time needs an offset (Z or +hh:mm), e.g. 2021-03-01T23:00:00Z; or give a date only',
+      );
+    });
+  });
+
   const bad: Array<[string, Record<string, unknown>, number, string]> = [
     [
       'an unknown pack',
@@ -350,6 +458,18 @@ describe('card viewer: playground API', () => {
         service: 'tiny-order-sign',
         patient: { fixture: KYLA },
         now: 'yesterday',
+      },
+      400,
+      'invalid_request',
+    ],
+    [
+      'a now with a time but no offset',
+      {
+        pack: 'tiny',
+        version: '1.0.0',
+        service: 'tiny-order-sign',
+        patient: { fixture: KYLA },
+        now: '2021-03-01T10:00',
       },
       400,
       'invalid_request',
