@@ -426,7 +426,9 @@ export async function resolveOperator(
   site: OperatorSite = {},
 ): Promise<Principal> {
   const m =
-    typeof authorization === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/.exec(authorization) : null;
+    typeof authorization === 'string'
+      ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/i.exec(authorization)
+      : null;
   const token = m?.[1];
   if (!token) {
     throw new AdminAuthError('missing or malformed admin bearer token');

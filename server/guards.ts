@@ -83,10 +83,19 @@ export async function auditRefusal<E extends AuditEvent>(
   }
 }
 
+/** Detail keys the site and reason own: a refusal's facts never overwrite them. */
+const RESERVED_KEYS = new Set(['reason', 'endpoint', 'requestId', 'idLength', 'endpointLength']);
+
+/** A refusal's facts (AuthError.facts: bounded by the verifier) minus the reserved keys. */
+function factsOf(err: AuthError): Record<string, string | number> {
+  return Object.fromEntries(Object.entries(err.facts).filter(([key]) => !RESERVED_KEYS.has(key)));
+}
+
 /**
- * Counts and audits a refused token (the reason only, never the token; within the audit budget
- * per second, beyond it as counts), then rethrows. A failed audit write is logged and the
- * refusal rethrown all the same.
+ * Counts and audits a refused token (never the token: its reason, what the operator needs to
+ * tell the integrator what to fix, e.g. the missing claim's name, the `kid`, the `aud` sent and
+ * the URL expected, and the site; within the audit budget per second, beyond it as counts by
+ * reason), then rethrows. A failed audit write is logged and the refusal rethrown all the same.
  * Anything that is not an AuthError is rethrown untouched.
  */
 export async function recordAuthFailure(
@@ -105,7 +114,7 @@ export async function recordAuthFailure(
         outcome: 'failure',
         // A tenant only when the token's signature proved it (replay_quota).
         ...(err.tenant !== undefined ? { tenant: err.tenant } : {}),
-        detail: { reason: err.reason, ...siteDetail(where) },
+        detail: { reason: err.reason, ...factsOf(err), ...siteDetail(where) },
       },
       (event) => deps.failureAudit.record(event),
     );

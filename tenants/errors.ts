@@ -28,11 +28,16 @@ export class AuthError extends Error {
   /**
    * @param tenant only for a refusal after the signature was verified (`replay_quota`): the
    *   tenant the token proved it speaks for, so the refusal is audited in that tenant's trail.
+   * @param facts what the operator needs to tell the integrator what to fix, written into the
+   *   refusal's audit event (never to the caller): small, flat, bounded values, never the token
+   *   or PHI (a missing claim's name, a `kid`, the `aud` sent and the URL expected, the key set
+   *   URL and why it could not be fetched).
    */
   constructor(
     reason: AuthFailureReason,
     detail?: string,
     readonly tenant?: string,
+    readonly facts: Readonly<Record<string, string | number>> = {},
   ) {
     super(detail ? `${reason}: ${detail}` : reason);
     this.name = new.target.name;

@@ -10,7 +10,7 @@
 import crypto from 'node:crypto';
 import { compactVerify, createLocalJWKSet, decodeJwt, decodeProtectedHeader } from 'jose';
 import type { JWK } from 'jose';
-import { AuthError } from './errors.ts';
+import { AuthError, JwksFetchError } from './errors.ts';
 import { LruCache } from './lru-cache.ts';
 import type { AuthFailureReason, Jwks, JwksFetcher, Tenant, TrustedIssuer } from './types.ts';
 
@@ -34,8 +34,12 @@ export const DEFAULT_ALGORITHMS: readonly string[] = ['ES384', 'RS384', 'ES256',
 export const MAX_TOKEN_LENGTH = 16 * 1024;
 /** Longest `iss` (or other untrusted value) passed to `onFailure`. */
 const MAX_INFO_LENGTH = 256;
-/** `Bearer <compact JWS>`; the signature part may be empty only where the caller allows it. */
-const BEARER = /^Bearer ([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)$/;
+/**
+ * `Bearer <compact JWS>`, the scheme in any case (RFC 7235 §2.1: auth schemes are
+ * case-insensitive; RFC 6750 writes `Bearer`), one space, one token; the signature part may be
+ * empty only where the caller allows it.
+ */
+const BEARER = /^[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)$/;
 /** JWK members that only private or symmetric keys have. */
 const PRIVATE_JWK_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'k', 'oth'];
 /**
@@ -43,6 +47,11 @@ const PRIVATE_JWK_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'k', 'oth'];
  * of a large deployment (issue 6 benches 10,000), each a few KB.
  */
 const MAX_INLINE_KEYSTORES = 10_000;
+
+/** Longest untrusted value (a `kid`, an `aud`, a URL) named in a refusal's audit detail. */
+const MAX_DETAIL_VALUE_LENGTH = 200;
+/** Most `aud` values a refusal's audit detail names (`aud1` to `aud5`). */
+const MAX_DETAIL_AUDIENCES = 5;
 
 /** A decoded JOSE header or JWT claims set. */
 export type Claims = Record<string, unknown>;
@@ -56,6 +65,39 @@ export interface KeyStore {
 export interface FailureInfo {
   iss?: string;
   tenant?: string;
+}
+
+/** An untrusted value, capped for a refusal's audit detail. */
+function detailValue(value: string): string {
+  return value.length > MAX_DETAIL_VALUE_LENGTH ? value.slice(0, MAX_DETAIL_VALUE_LENGTH) : value;
+}
+
+/** `missing_claim`, naming the claim (`jti`, `iat`, `exp`, `iss`, `aud`, ...). */
+export function missingClaim(claim: string): AuthError {
+  return new AuthError('missing_claim', claim, undefined, { claim });
+}
+
+/** A `kid` the key set does not hold (`unknown_kid`), naming it. */
+export function unknownKid(kid: string): AuthError {
+  return new AuthError('unknown_kid', undefined, undefined, { kid: detailValue(kid) });
+}
+
+/**
+ * `bad_aud`, naming what the token sent (`audCount`, the first five values as `aud1`...`aud5`,
+ * 200 characters each; a value that is not a string as `(not a string)`) and, when the verifier
+ * knows it, the exact URL it expected (`expectedAud`).
+ */
+export function badAudience(aud: unknown, expected?: string, message?: string): AuthError {
+  const list: unknown[] = Array.isArray(aud) ? aud : [aud];
+  const facts: Record<string, string | number> = { audCount: list.length };
+  list.slice(0, MAX_DETAIL_AUDIENCES).forEach((value, i) => {
+    facts[`aud${String(i + 1)}`] =
+      typeof value === 'string' ? detailValue(value) : '(not a string)';
+  });
+  if (expected !== undefined) {
+    facts.expectedAud = detailValue(expected);
+  }
+  return new AuthError('bad_aud', message, undefined, facts);
 }
 
 /**
@@ -77,7 +119,8 @@ export function resolveAlgorithms(
 }
 
 /**
- * Extracts the compact JWS from `Authorization: Bearer <jws>` (exactly; size-capped).
+ * Extracts the compact JWS from `Authorization: Bearer <jws>`: the scheme in any case
+ * (`bearer`, `BEARER`), then exactly one space and one token (size-capped).
  * `allowEmptySignature` lets an unsigned (`alg: none`) token through to the header check, so
  * it is refused as `bad_alg` rather than `malformed`.
  * @throws AuthError `missing` (absent or empty header) or `malformed`.
@@ -126,7 +169,7 @@ export interface HeaderPolicy {
  * Checks the unverified header, in this order: `alg`, `typ`, no `crit`/`b64`, key locators
  * (when refused), `kid` present.
  * @returns the `kid`.
- * @throws AuthError `bad_alg`, `bad_typ`, `malformed`, `bad_jku` or `unknown_kid`.
+ * @throws AuthError `bad_alg`, `bad_typ`, `malformed`, `bad_jku` or `missing_kid`.
  */
 export function checkHeader(header: Claims, policy: HeaderPolicy): string {
   if (typeof header.alg !== 'string' || !policy.algorithms.includes(header.alg)) {
@@ -146,7 +189,7 @@ export function checkHeader(header: Claims, policy: HeaderPolicy): string {
   }
   const kid = header.kid;
   if (typeof kid !== 'string' || kid.length === 0) {
-    throw new AuthError('unknown_kid', 'kid is required');
+    throw new AuthError('missing_kid', 'kid is required');
   }
   return kid;
 }
@@ -158,7 +201,7 @@ export function checkHeader(header: Claims, policy: HeaderPolicy): string {
 export function unverifiedIssuer(payload: Claims): string {
   const iss = payload.iss;
   if (typeof iss !== 'string' || iss.length === 0) {
-    throw new AuthError('missing_claim', 'iss');
+    throw missingClaim('iss');
   }
   return iss;
 }
@@ -290,8 +333,13 @@ export function createIssuerKeys(opts: {
     let jwks: Jwks;
     try {
       jwks = await fetcher.get(url, { forceRefresh });
-    } catch {
-      throw new AuthError('jwks_unavailable');
+    } catch (err) {
+      // The fetcher's own fixed text (`jwks: timeout`, `jwks: HTTP 503`...), never a response
+      // body; and the URL, one the operator registered (or allowlisted as a `jku`).
+      throw new AuthError('jwks_unavailable', undefined, undefined, {
+        jwksError: detailValue(err instanceof JwksFetchError ? err.message : 'fetch failed'),
+        jwksUrl: detailValue(url),
+      });
     }
     return storeOf(jwks);
   }
@@ -324,14 +372,16 @@ export function createIssuerKeys(opts: {
       } else if (registration.jwks) {
         const store = await inlineStore(registration.jwks);
         if (!hasKid(store, kid)) {
-          throw new AuthError('unknown_kid');
+          throw unknownKid(kid);
         }
         return store;
       } else {
         url = registration.jwksUri;
       }
       if (url === undefined) {
-        throw new AuthError('jwks_unavailable');
+        throw new AuthError('jwks_unavailable', undefined, undefined, {
+          jwksError: 'the issuer registration names no key set',
+        });
       }
       if (keysOpts.cachedOnly === true) {
         const cached = fetcher.peek(url);
@@ -346,7 +396,7 @@ export function createIssuerKeys(opts: {
         // Key rotation: refetch once; the fetcher's cooldown bounds how often this can happen.
         store = await fetchStore(url, true);
         if (!hasKid(store, kid)) {
-          throw new AuthError('unknown_kid');
+          throw unknownKid(kid);
         }
       }
       return store;
@@ -394,16 +444,17 @@ export async function verifySignature(
 
 /**
  * The `aud` claim as a non-empty list of strings (a single string counts as a list of one).
+ * `expected`: the audience the verifier wants, named in a `bad_aud` refusal's audit detail.
  * @throws AuthError `missing_claim` (`aud`) or `bad_aud`.
  */
-export function audienceList(claims: Claims): string[] {
+export function audienceList(claims: Claims, expected?: string): string[] {
   const aud = claims.aud;
   if (aud === undefined) {
-    throw new AuthError('missing_claim', 'aud');
+    throw missingClaim('aud');
   }
   const list: unknown[] = Array.isArray(aud) ? aud : [aud];
   if (list.length === 0 || list.some((a) => typeof a !== 'string')) {
-    throw new AuthError('bad_aud');
+    throw badAudience(aud, expected);
   }
   return list as string[];
 }
@@ -433,7 +484,7 @@ export function checkTimes(
   const exp = numericDate(claims, 'exp');
   const iat = numericDate(claims, 'iat');
   if (exp === 'missing' || iat === 'missing') {
-    throw new AuthError('missing_claim', exp === 'missing' ? 'exp' : 'iat');
+    throw missingClaim(exp === 'missing' ? 'exp' : 'iat');
   }
   if (exp === 'malformed' || iat === 'malformed') {
     throw new AuthError('malformed', 'exp/iat must be numbers');

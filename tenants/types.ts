@@ -134,6 +134,9 @@ export type AuthFailureReason =
   | 'bad_alg'
   | 'bad_typ'
   | 'unknown_issuer'
+  /** The header has no `kid` (the issuer's key cannot be chosen). */
+  | 'missing_kid'
+  /** The issuer's key set has no usable key with the header's `kid`. */
   | 'unknown_kid'
   | 'bad_jku'
   | 'bad_signature'

@@ -2,7 +2,8 @@
  * CDS client token verification (CDS Hooks 2.0 §"Trusting CDS Clients", issue 2 item 7).
  * The one place where an EHR's JWT becomes a tenant. Order of checks:
  *
- *  1. `Authorization: Bearer <compact JWS>` exactly; size-capped.
+ *  1. `Authorization: Bearer <compact JWS>` (the scheme in any case, RFC 7235), one space, one
+ *     token; size-capped.
  *  2. Unverified header and payload (jose decode) are read only to choose keys:
  *     `alg` on the asymmetric allowlist, `typ` JWT, `kid` present, no `crit`;
  *     `iss` registered; `tenant` claim one of that issuer's tenants (absent only if the issuer
@@ -20,8 +21,10 @@
  *     (`replay_quota`). Keyed by the verified tenant: tenants whose EHRs use the same issuer
  *     neither spend each other's jtis nor each other's share.
  *
- * Any failure throws AuthError(reason) and calls `onFailure`; no replay-cache entry is
- * consumed by a token that fails before step 6. Messages never contain the token. The JWT
+ * Any failure throws AuthError(reason) (with `facts` where the audit names more: the missing
+ * claim, the kid, the aud sent and expected, why the key set could not be fetched)
+ * and calls `onFailure`; no replay-cache entry is consumed by a token that fails before
+ * step 6. Messages never contain the token. The JWT
  * mechanics shared with the id_token verifier (bearer parsing, key stores, signature, times)
  * live in `jwt-common.ts`; this file keeps the CDS client policy.
  */
@@ -34,11 +37,13 @@ import {
 import { createJwksFetcher } from './jwks-fetcher.ts';
 import {
   audienceList,
+  badAudience,
   checkHeader,
   checkTimes,
   createIssuerKeys,
   KeysNotCachedError,
   decodeUnverified,
+  missingClaim,
   parseBearer,
   registrationOf,
   reportFailures,
@@ -123,8 +128,8 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
 
   function checkAudience(claims: Claims, audience: string): void {
     // Exact comparison: no case folding, no trailing-slash leniency (CDS Hooks 2.0 §8.2).
-    if (!audienceList(claims).includes(audience)) {
-      throw new AuthError('bad_aud');
+    if (!audienceList(claims, audience).includes(audience)) {
+      throw badAudience(claims.aud, audience);
     }
   }
 
@@ -225,7 +230,7 @@ export function createTokenVerifier(opts: TokenVerifierOptions): TokenVerifier {
     const exp = checkTimes(claims, { now: now(), leeway, maxLifetime });
     const jti = claims.jti;
     if (jti === undefined) {
-      throw new AuthError('missing_claim', 'jti');
+      throw missingClaim('jti');
     }
     if (typeof jti !== 'string' || jti.length === 0 || jti.length > MAX_JTI_LENGTH) {
       throw new AuthError('malformed', 'jti must be a short non-empty string');

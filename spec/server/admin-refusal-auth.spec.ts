@@ -51,6 +51,19 @@ describe('server/ refused operator tokens are traceable', () => {
     return { id, token };
   };
 
+  it('takes the Bearer scheme in any case (RFC 7235), as the hook endpoints do', async () => {
+    for (const scheme of ['bearer', 'BEARER', 'Bearer']) {
+      const res = await request(t.app)
+        .get('/admin/tenants/hosp-b')
+        .set('authorization', `${scheme} ${t.adminToken}`);
+      expect(res.status, scheme).to.equal(200);
+    }
+    const basic = await request(t.app)
+      .get('/admin/tenants/hosp-b')
+      .set('authorization', `Basic ${t.adminToken}`);
+    expect(basic.status).to.equal(401);
+  });
+
   it('an unknown token: reason, request id, method and route pattern; the log line names the route', async () => {
     const res = await request(t.app)
       .get(`/admin/tenants/hosp-b/invocations/${RECORD_ID}`)

@@ -62,6 +62,32 @@ describe('server/ createFailureAuditor', () => {
     expect(written.filter((e) => e.type === 'auth.failure')).to.have.length(2);
   });
 
+  it("audits a refusal's detail as given, and counts the rest by reason without the EHR's values", async () => {
+    const written: AuditEvent[] = [];
+    const auditor = createFailureAuditor({
+      audit: (event) => {
+        written.push(event);
+        return Promise.resolve();
+      },
+      perSecond: 1,
+      now: () => Date.parse('2026-12-06T10:00:00.100Z'),
+    });
+    const badAud = (aud1: string) =>
+      ({
+        type: 'auth.failure',
+        outcome: 'failure',
+        detail: { reason: 'bad_aud', aud1, audCount: 1, expectedAud: 'https://cds/x' },
+      }) as const;
+    await auditor.record(badAud('https://a.example'));
+    await auditor.record(badAud('https://b.example'));
+    await auditor.record(badAud('https://c.example'));
+    await auditor.flush();
+    expect(written[0]?.detail).to.deep.equal(badAud('https://a.example').detail);
+    expect(written[1]?.type).to.equal('auth.failure.suppressed');
+    expect(written[1]?.detail).to.have.keys(['reason', 'count', 'from', 'to']);
+    expect(written[1]?.detail).to.include({ reason: 'bad_aud', count: 2 });
+  });
+
   it('bounds the count events of one second however many actors and tenants refuse (attribution kept for the first few)', async () => {
     const written: AuditEvent[] = [];
     let at = Date.parse('2026-12-06T10:00:00.100Z');

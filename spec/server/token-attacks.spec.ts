@@ -32,7 +32,22 @@ describe('client token attacks (HTTP)', () => {
   const attacks: Array<[string, () => Promise<string | undefined> | string | undefined]> = [
     ['missing Authorization header', () => undefined],
     ['wrong scheme', async () => `Basic ${await a.sign({ aud: url })}`],
+    ['wrong scheme in lower case', async () => `basic ${await a.sign({ aud: url })}`],
     ['extra header parts', async () => `Bearer ${await a.sign({ aud: url })} extra`],
+    ['an empty token', () => 'Bearer '],
+    ['a scheme without a token', () => 'bearer'],
+    [
+      'two tokens',
+      async () => `bearer ${await a.sign({ aud: url })} ${await a.sign({ aud: url })}`,
+    ],
+    [
+      'a space within the token',
+      async () => {
+        const [h, p, s] = (await a.sign({ aud: url })).split('.');
+        return `Bearer ${h ?? ''}.${p ?? ''}. ${s ?? ''}`;
+      },
+    ],
+    ['a tab for the space', async () => `Bearer\t${await a.sign({ aud: url })}`],
     ['garbage', () => 'Bearer not.a.jwt'],
     ['alg none', () => `Bearer ${a.unsigned({ aud: url })}`],
     ['HS256 signed with the public key', () => `Bearer ${a.hs256WithPublicKey({ aud: url })}`],
@@ -113,6 +128,35 @@ describe('client token attacks (HTTP)', () => {
           expect(event).to.not.include(jwt.split('.')[2] || 'no-signature');
         }
       }
+    });
+  }
+
+  // RFC 7235 §2.1: the auth scheme is case-insensitive (`bearer`, `BEARER` are `Bearer`).
+  for (const scheme of ['bearer', 'BEARER', 'bEaReR']) {
+    it(`accepts the scheme written \`${scheme}\` on discovery, a hook call and feedback`, async () => {
+      const discovery = await request(t.app)
+        .get('/cds-services')
+        .set('authorization', `${scheme} ${await a.sign({ aud: `${PUBLIC_URL}/cds-services` })}`);
+      expect(discovery.status).to.equal(200);
+      const call = await request(t.app)
+        .post('/cds-services/tiny-order-sign')
+        .set('authorization', `${scheme} ${await a.sign({ aud: url })}`)
+        .send(warfarinNsaidRequest());
+      expect(call.status).to.equal(200);
+      const card = (call.body as { cards: Array<{ uuid: string }> }).cards[0];
+      expect(card).to.not.equal(undefined);
+      if (!card) {
+        return;
+      }
+      const feedback = await request(t.app)
+        .post('/cds-services/tiny-order-sign/feedback')
+        .set('authorization', `${scheme} ${await a.sign({ aud: `${url}/feedback` })}`)
+        .send({
+          feedback: [
+            { card: card.uuid, outcome: 'overridden', outcomeTimestamp: '2026-11-26T10:05:31Z' },
+          ],
+        });
+      expect(feedback.status).to.equal(200);
     });
   }
 
