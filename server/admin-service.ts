@@ -154,6 +154,12 @@ export class AdminService {
     });
   }
 
+  /**
+   * Registers a tenant. `sharedIssuer: true` in the body confirms that one of its issuers may
+   * become shared with another tenant (recorded in the audit detail).
+   * @throws ConflictError (409: the id exists or was retired; an issuer already registered to
+   *   another tenant without `sharedIssuer: true`), InvalidInputError (400), ResidencyError (422).
+   */
   async createTenant(principal: Principal, input: unknown): Promise<Tenant> {
     authorize(principal, 'tenant:create');
     const body = objectOf(input, '(body)');
@@ -164,6 +170,7 @@ export class AdminService {
       type: 'admin.tenant.create',
       outcome: 'success',
       tenant: tenant.id,
+      ...(body.sharedIssuer === true ? { detail: { sharedIssuer: true } } : {}),
     });
     return tenant;
   }
@@ -188,6 +195,12 @@ export class AdminService {
     return this.deps.controlPlane.tenants.get(id);
   }
 
+  /**
+   * Patches a tenant; `sharedIssuer: true` as in `createTenant` (a confirmation, not a field:
+   * audited beside `fields`).
+   * @throws ConflictError (409: an issuer already registered to another tenant without
+   *   `sharedIssuer: true`), InvalidInputError (400), NotFoundError (404), ResidencyError (422).
+   */
   async updateTenant(principal: Principal, id: string, patch: unknown): Promise<Tenant> {
     authorize(principal, 'tenant:update', id);
     const body = objectOf(patch, '(body)');
@@ -196,7 +209,13 @@ export class AdminService {
       type: 'admin.tenant.update',
       outcome: 'success',
       tenant: id,
-      detail: { fields: Object.keys(body).sort().join(',') },
+      detail: {
+        fields: Object.keys(body)
+          .filter((k) => k !== 'sharedIssuer')
+          .sort()
+          .join(','),
+        ...(body.sharedIssuer === true ? { sharedIssuer: true } : {}),
+      },
     });
     return tenant;
   }

@@ -1092,6 +1092,10 @@ export function buildProgram(): Command {
     .option('--jku <url>', 'allowlisted jku value (repeatable)', collect)
     .option('--fhir-server <url>', 'allowed FHIR server base URL (repeatable)', collect)
     .option('--smart-client-id <id>', "the card viewer's client_id at this tenant's EHR")
+    .option(
+      '--shared-issuer',
+      'the issuer is already registered to another tenant: share it (its EHR must then send the tenant claim in every token)',
+    )
     .action(
       async (o: {
         id: string;
@@ -1103,6 +1107,7 @@ export function buildProgram(): Command {
         jku?: string[];
         fhirServer?: string[];
         smartClientId?: string;
+        sharedIssuer?: boolean;
       }) => {
         const issuer: Record<string, unknown> = { iss: o.iss };
         if (o.jwksFile) {
@@ -1122,6 +1127,7 @@ export function buildProgram(): Command {
             issuers: [issuer],
             fhirServers: o.fhirServer ?? [],
             ...(o.smartClientId === undefined ? {} : { smart: { clientId: o.smartClientId } }),
+            ...(o.sharedIssuer === true ? { sharedIssuer: true } : {}),
           }),
         );
         out(t);

@@ -133,6 +133,33 @@ export function retiredMessage(id: string, retiredAt: string): string {
   return `tenant id ${id} was deprovisioned on ${retiredAt}; ids are never reused (its audit history and crypto-shredded data stay unambiguous): choose another id`;
 }
 
+/** An issuer a write would make shared, and the one tenant registered on it until now. */
+interface IssuerSharing {
+  iss: string;
+  tenant: string;
+}
+
+/**
+ * The refusal of a write that would make issuers shared without `sharedIssuer: true`: which
+ * issuers, who is on them, what sharing changes for their EHRs, and how to go ahead.
+ */
+function sharedIssuerMessage(tenantId: string, sharing: readonly IssuerSharing[]): string {
+  const [only] = sharing;
+  const one = sharing.length === 1 && only !== undefined;
+  const which = one
+    ? `issuer ${only.iss} is already registered to tenant ${only.tenant}`
+    : `issuers ${sharing.map((s) => `${s.iss} (tenant ${s.tenant})`).join(', ')} are already registered to other tenants`;
+  const others = [...new Set(sharing.map((s) => `tenant ${s.tenant}`))].join(', ');
+  return (
+    `${which}. Registering tenant ${tenantId} on ${one ? 'it' : 'them'} too makes ` +
+    `${one ? 'it a shared issuer' : 'them shared issuers'}: from then on every token of ` +
+    `${one ? 'that issuer' : 'those issuers'} must carry a "tenant" claim equal to the cellcds ` +
+    `tenant id, and tokens without one are refused (401), those of the EHR of ${others} ` +
+    `included. Once the EHR sends "tenant" in every token, repeat the request with ` +
+    `"sharedIssuer": true (CLI: tenant add --shared-issuer).`
+  );
+}
+
 /** Creates the tenant repository over the given models. */
 export function createTenantRepository(deps: TenantRepositoryDeps): TenantRepository {
   const { models, now } = deps;
@@ -248,6 +275,40 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
     return row as unknown as TenantRow;
   }
 
+  /**
+   * Refuses, in the write transaction `t` (so that two registrations at once cannot both pass),
+   * to put tenant `tenantId` on an issuer exactly one other tenant is on: that issuer would
+   * become shared, and that tenant's tokens without `tenant` refused (verify-client-token.ts).
+   * An issuer already shared (two tenants or more) needs no confirmation: its EHR sends `tenant`.
+   * @throws ConflictError unless `confirmed` (the request's `sharedIssuer: true`).
+   */
+  async function checkIssuerSharing(
+    tenantId: string,
+    issuers: readonly TrustedIssuer[],
+    confirmed: boolean,
+    t: Transaction,
+  ): Promise<void> {
+    if (confirmed || issuers.length === 0) {
+      return;
+    }
+    const links = (await TenantIssuer.findAll({
+      where: { iss: { [Op.in]: issuers.map((i) => i.iss) } },
+      raw: true,
+      transaction: t,
+    })) as unknown as Array<{ iss: string; tenantId: string }>;
+    const sharing: IssuerSharing[] = [];
+    for (const { iss } of issuers) {
+      const on = links.filter((l) => l.iss === iss).map((l) => l.tenantId);
+      const [only] = on;
+      if (on.length === 1 && only !== undefined && only !== tenantId) {
+        sharing.push({ iss, tenant: only });
+      }
+    }
+    if (sharing.length > 0) {
+      throw new ConflictError(sharedIssuerMessage(tenantId, sharing));
+    }
+  }
+
   async function indexIssuers(
     tenantId: string,
     issuers: TrustedIssuer[],
@@ -334,6 +395,7 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
           if (retired !== undefined) {
             throw new ConflictError(retiredMessage(tenant.id, retired));
           }
+          await checkIssuerSharing(tenant.id, tenant.issuers, tenant.sharedIssuer, t);
           await TenantModel.create(row, { transaction: t });
           await indexIssuers(tenant.id, tenant.issuers, t);
         });
@@ -362,6 +424,9 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
       const valid = await validateTenantPatch(patch);
       const outcome = await immediate<Outcome>(async (t) => {
         const row = await load(id, t);
+        if (valid.issuers !== undefined) {
+          await checkIssuerSharing(id, valid.issuers, valid.sharedIssuer, t);
+        }
         if (valid.residency !== undefined) {
           const current = toTenant(row);
           const policy = valid.residency ?? undefined;

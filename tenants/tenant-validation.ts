@@ -321,14 +321,34 @@ async function validateIssuers(value: unknown): Promise<TrustedIssuer[]> {
 }
 
 /**
- * Validates and normalises a new tenant.
+ * The operator's confirmation that an issuer may become shared (`sharedIssuer: true`): a request
+ * field, never stored. Absent is false.
+ * @throws InvalidInputError (`sharedIssuer`) unless a boolean.
+ */
+function validateSharedIssuer(value: unknown): boolean {
+  if (value === undefined) {
+    return false;
+  }
+  if (typeof value !== 'boolean') {
+    throw new InvalidInputError('sharedIssuer', 'must be true or false');
+  }
+  return value;
+}
+
+/**
+ * Validates and normalises a new tenant. `sharedIssuer` is the request's confirmation that one
+ * of its issuers may become shared with another tenant (see `issuerSharingProblem`).
  * @throws InvalidInputError naming the first offending field.
  */
 export async function validateNewTenant(
   input: unknown,
-): Promise<NewTenant & { fhirServers: string[] }> {
+): Promise<NewTenant & { fhirServers: string[]; sharedIssuer: boolean }> {
   const raw = requireObject(input, '(body)');
-  rejectUnknown(raw, ['id', 'name', 'region', 'issuers', 'fhirServers', 'residency', 'smart'], '');
+  rejectUnknown(
+    raw,
+    ['id', 'name', 'region', 'issuers', 'fhirServers', 'residency', 'smart', 'sharedIssuer'],
+    '',
+  );
   return {
     id: validateTenantId(raw.id),
     name: validateName(raw.name),
@@ -337,17 +357,27 @@ export async function validateNewTenant(
     fhirServers: raw.fhirServers === undefined ? [] : validateFhirServers(raw.fhirServers),
     ...(raw.residency !== undefined ? { residency: validateResidencyPolicy(raw.residency) } : {}),
     ...(raw.smart !== undefined ? { smart: validateTenantSmart(raw.smart) } : {}),
+    sharedIssuer: validateSharedIssuer(raw.sharedIssuer),
   };
 }
 
 /**
- * Validates a tenant patch (only the fields present are checked and returned).
+ * Validates a tenant patch (only the fields present are checked and returned); `sharedIssuer`
+ * as in `validateNewTenant` (false when absent).
  * @throws InvalidInputError naming the first offending field.
  */
-export async function validateTenantPatch(input: unknown): Promise<TenantPatch> {
+export async function validateTenantPatch(
+  input: unknown,
+): Promise<TenantPatch & { sharedIssuer: boolean }> {
   const raw = requireObject(input, '(body)');
-  rejectUnknown(raw, ['name', 'status', 'issuers', 'fhirServers', 'residency', 'smart'], '');
-  const patch: TenantPatch = {};
+  rejectUnknown(
+    raw,
+    ['name', 'status', 'issuers', 'fhirServers', 'residency', 'smart', 'sharedIssuer'],
+    '',
+  );
+  const patch: TenantPatch & { sharedIssuer: boolean } = {
+    sharedIssuer: validateSharedIssuer(raw.sharedIssuer),
+  };
   if (raw.name !== undefined) {
     patch.name = validateName(raw.name);
   }

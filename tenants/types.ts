@@ -56,6 +56,11 @@ export interface NewTenant {
   fhirServers?: string[];
   residency?: ResidencyPolicyInput;
   smart?: TenantSmart;
+  /**
+   * The operator's confirmation that an issuer already registered to one other tenant becomes
+   * shared (its every token must then carry `tenant`). Not stored. Without it: ConflictError.
+   */
+  sharedIssuer?: boolean;
 }
 
 /** How the SMART card viewer is registered at a tenant's EHR. */
@@ -85,6 +90,8 @@ export interface TenantPatch {
   residency?: ResidencyPolicyInput | null;
   /** A new SMART registration; `null` removes it (the default client id applies again). */
   smart?: TenantSmart | null;
+  /** As NewTenant's, for the issuers of this patch. */
+  sharedIssuer?: boolean;
 }
 
 export type Role = 'platform-operator' | 'tenant-admin' | 'rule-author' | 'auditor';
@@ -330,15 +337,19 @@ export interface TenantRepository {
   /**
    * Registers a tenant. Its placement is checked against its residency policy (and, when
    * `opts.regions` is given, against the region matrix).
-   * @throws InvalidInputError (400), ConflictError (409), ResidencyError (422; a
-   *   `residency.refused` audit event is recorded before it is thrown).
+   * @throws InvalidInputError (400), ConflictError (409: the id is taken or retired; an issuer
+   *   registered to one other tenant without `sharedIssuer: true`, checked in the write
+   *   transaction), ResidencyError (422; a `residency.refused` audit event is recorded before it
+   *   is thrown).
    */
   create(input: NewTenant, opts?: PlacementOptions): Promise<Tenant>;
   get(id: string): Promise<Tenant>;
   list(): Promise<Tenant[]>;
   /**
    * Updates a tenant. A `residency` patch is checked like `create`'s, and must keep an active
-   * failover allowed. @throws InvalidInputError, NotFoundError, ResidencyError (audited).
+   * failover allowed. New issuers are checked like `create`'s.
+   * @throws InvalidInputError, NotFoundError, ConflictError (issuer sharing), ResidencyError
+   *   (audited).
    */
   update(id: string, patch: TenantPatch, opts?: PlacementOptions): Promise<Tenant>;
   /**

@@ -77,12 +77,25 @@ describe('replay cache: tenants sharing an issuer (HTTP)', () => {
         const ehr = await TestIssuer.create({
           iss: `https://shared-ehr-${String(process.pid)}-${String(Date.now())}-${String(run)}.example`,
         });
-        for (const id of [`${tag}-a`, `${tag}-b`]) {
-          await t.addTenant(id, {
-            subscriptions: [{ pack: 'tiny', version: '1.0.0' }],
-            issuer: ehr,
+        const subscriptions = [{ pack: 'tiny', version: '1.0.0' }];
+        await t.addTenant(`${tag}-a`, { subscriptions, issuer: ehr });
+        // The second tenant on the issuer makes it shared: the operator confirms it.
+        const second = await request(t.app)
+          .post('/admin/tenants')
+          .set('authorization', `Bearer ${t.adminToken}`)
+          .send({
+            id: `${tag}-b`,
+            name: `Tenant ${tag}-b`,
+            region: t.deps.config.region,
+            issuers: [{ iss: ehr.iss, jwks: ehr.publicJwks() }],
+            sharedIssuer: true,
           });
-        }
+        expect(second.status, JSON.stringify(second.body)).to.equal(201);
+        const sub = await request(t.app)
+          .put(`/admin/tenants/${tag}-b/subscriptions`)
+          .set('authorization', `Bearer ${t.adminToken}`)
+          .send(subscriptions);
+        expect(sub.status, JSON.stringify(sub.body)).to.equal(200);
         return ehr;
       }
 

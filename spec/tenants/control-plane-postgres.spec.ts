@@ -175,7 +175,7 @@ describe('tenants/ isStoreUnavailableError: node-postgres on a dead connection',
     it('finds every tenant of an issuer, case-sensitively, and answers repeats from memory', async () => {
       const shared = { iss: 'https://shared-ehr.example.org', jwks: issuer.publicJwks() };
       await cp.tenants.create(tenantInput('acme', { issuers: [shared] }));
-      await cp.tenants.create(tenantInput('beta', { issuers: [shared] }));
+      await cp.tenants.create(tenantInput('beta', { issuers: [shared], sharedIssuer: true }));
       const found = await cp.tenants.findByIssuer(shared.iss);
       expect(found.map((t) => t.id)).to.deep.equal(['acme', 'beta']);
       expect((await cp.tenants.findByIssuer(shared.iss))[0]).to.equal(found[0]);

@@ -179,7 +179,7 @@ describe('tenants/ control plane store', () => {
     it('finds every tenant registered for an issuer (the same iss may serve several)', async () => {
       const shared = { iss: 'https://shared-ehr.example.org', jwks: issuer.publicJwks() };
       await cp.tenants.create(tenantInput('acme', { issuers: [shared] }));
-      await cp.tenants.create(tenantInput('beta', { issuers: [shared] }));
+      await cp.tenants.create(tenantInput('beta', { issuers: [shared], sharedIssuer: true }));
       await cp.tenants.create(tenantInput('gamma'));
       expect((await cp.tenants.findByIssuer(shared.iss)).map((t) => t.id)).to.deep.equal([
         'acme',

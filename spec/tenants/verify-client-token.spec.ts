@@ -118,14 +118,20 @@ describe('tenants/ createTokenVerifier (CDS client JWTs)', () => {
     nowMs = Date.parse('2025-06-01T12:00:00Z');
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-'));
     cp = await openControlPlane({ storage: path.join(dir, 'control.sqlite'), now: clock });
-    const t = (id: string, issuers: unknown[]) =>
-      cp.tenants.create({ id, name: id, region: 'eu-west', issuers: issuers as never });
+    const t = (id: string, issuers: unknown[], sharedIssuer = false) =>
+      cp.tenants.create({
+        id,
+        name: id,
+        region: 'eu-west',
+        issuers: issuers as never,
+        sharedIssuer,
+      });
     await t('tenant-a', [
       { iss: issuerA.iss, jwks: issuerA.publicJwks(), jku: [jkuServer.url('/a-keys')] },
     ]);
     await t('tenant-b', [{ iss: issuerB.iss, jwks: issuerB.publicJwks() }]);
     await t('tenant-c', [{ iss: shared.iss, jwks: shared.publicJwks() }]);
-    await t('tenant-d', [{ iss: shared.iss, jwks: shared.publicJwks() }]);
+    await t('tenant-d', [{ iss: shared.iss, jwks: shared.publicJwks() }], true);
     await t('tenant-s', [{ iss: suspendedIssuer.iss, jwks: suspendedIssuer.publicJwks() }]);
     await cp.tenants.update('tenant-s', { status: 'suspended' });
     await t('tenant-u', [{ iss: uriIssuer.iss, jwksUri: uriServer.url('/u-keys') }]);

@@ -79,6 +79,8 @@ describe('tenants/ createIdTokenVerifier (SMART launch id_tokens)', () => {
         region: 'eu-west',
         fhirServers,
         issuers: issuers as never,
+        // hospital-b and the shared-* tenants join hostedAuth's issuer: the operator confirms it.
+        sharedIssuer: true,
       });
     await create('hospital-a', [FHIR_A]);
     await create('hospital-b', [FHIR_B]);

@@ -36,6 +36,7 @@ async function addTenant(
   issuer: TestIssuer,
   fhirServers: string[],
   smart?: unknown,
+  sharedIssuer?: boolean,
 ): Promise<request.Response> {
   return request(u.handler)
     .post('/admin/tenants')
@@ -47,6 +48,7 @@ async function addTenant(
       issuers: [{ iss: issuer.iss, jwks: issuer.publicJwks() }],
       fhirServers,
       ...(smart === undefined ? {} : { smart }),
+      ...(sharedIssuer === undefined ? {} : { sharedIssuer }),
     });
 }
 
@@ -85,7 +87,7 @@ describe('card viewer: per-tenant SMART client ids', () => {
         (await addTenant(app, 'hospital-a', ehr, [FHIR.a], { clientId: 'client-a' })).status,
       ).to.equal(201);
       expect(
-        (await addTenant(app, 'hospital-b', ehr, [FHIR.b], { clientId: 'client-b' })).status,
+        (await addTenant(app, 'hospital-b', ehr, [FHIR.b], { clientId: 'client-b' }, true)).status,
       ).to.equal(201);
       expect((await addTenant(app, 'hospital-c', ehrC, [FHIR.c])).status).to.equal(201);
     }

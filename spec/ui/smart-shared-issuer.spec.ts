@@ -33,6 +33,8 @@ describe('card viewer: tenants sharing an issuer and a client id', function () {
         region: u.t.deps.config.region,
         issuers: [{ iss: ehr.iss, jwks: ehr.publicJwks() }],
         fhirServers,
+        // hospital-b makes the issuer shared: the operator confirms it (a no-op for hospital-a).
+        sharedIssuer: true,
       });
 
   before(async () => {
