@@ -196,7 +196,7 @@ function planKey(
     if (isOperationOutcome(value)) {
       failure = 'operation-outcome';
     } else if (isSearchset(value) && nextLinkOf(value) !== undefined && limits.maxPages > 1) {
-      const connection = connect(key, 'missing', opts);
+      const connection = connect(key, 'missing', opts, 'more-pages');
       return {
         key,
         kind: 'pages',
@@ -243,13 +243,27 @@ function planKey(
   return { key, kind: 'fetch', url, connection };
 }
 
-/** Checks that this call may fetch at all; the reason of a refusal depends on why we fetch. */
+/**
+ * Checks that this call may fetch at all; the reason of a refusal depends on why we fetch:
+ * `want` is `absent` for a key to fetch whole (not sent, or sent as an OperationOutcome) and
+ * `more-pages` for the further pages of a searchset the EHR sent with a `next` link.
+ */
 function connect(
   key: string,
   failure: 'missing' | 'operation-outcome',
   opts: ResolvePrefetchOptions,
+  want: 'absent' | 'more-pages' = 'absent',
 ): Connection {
   const { fhirServer, fhirAuthorization } = opts.request;
+  if (want === 'more-pages' && (fhirServer === undefined || fhirAuthorization === undefined)) {
+    // The EHR did send the key: saying it is "not available" sent integrators looking for a
+    // prefetch they had sent. What is missing is the way to fetch its other pages.
+    throw new PrefetchError(
+      key,
+      failure,
+      `prefetch '${key}' was sent, but its searchset Bundle has more pages (a next link) that cannot be fetched without fhirServer and fhirAuthorization`,
+    );
+  }
   if (fhirServer === undefined) {
     throw new PrefetchError(
       key,

@@ -193,6 +193,49 @@ export function checkPrefetchTemplate(template: string): string | undefined {
   return typeof parts === 'string' ? parts : undefined;
 }
 
+/**
+ * Characters a rendered URL keeps as written: those RFC 3986 (§3.3, §3.4) allows in a path or
+ * a query, `unreserved / sub-delims / ":" / "@" / "/" / "?"`, except `+`, which servers decode
+ * as a space in a query (application/x-www-form-urlencoded; FHIR asks for `%2B`). So `&`, `=`
+ * and the `,` OR-separator keep the query's structure.
+ */
+const URL_SAFE_RE = /^[A-Za-z0-9\-._~!$&'()*,;=:@/?]$/;
+const PERCENT_ESCAPE_RE = /^%[0-9A-Fa-f]{2}/;
+const utf8 = new TextEncoder();
+
+/**
+ * Percent-encodes (UTF-8) what a template's literal text may not hold raw in a URL: `|` of
+ * `system|code` tokens (default Tomcat, under HAPI FHIR, answers 400 to a raw one), `[`, `]`,
+ * `^`, `"`, non-ASCII, `+`. An escape the pack author wrote (`%7C`) is kept, never encoded
+ * again; a `%` that starts none (template checks refuse it) becomes `%25`.
+ */
+function encodeLiteral(text: string): string {
+  let out = '';
+  let i = 0;
+  while (i < text.length) {
+    const escape = text[i] === '%' ? PERCENT_ESCAPE_RE.exec(text.slice(i, i + 3)) : null;
+    if (escape) {
+      out += escape[0];
+      i += 3;
+      continue;
+    }
+    const codePoint = text.codePointAt(i) ?? 0;
+    const char = String.fromCodePoint(codePoint);
+    // A lone surrogate reads as one unit and encodes as U+FFFD (TextEncoder), never throws.
+    i += codePoint > 0xffff ? 2 : 1;
+    out += URL_SAFE_RE.test(char) ? char : percentEncode(char);
+  }
+  return out;
+}
+
+function percentEncode(char: string): string {
+  let out = '';
+  for (const byte of utf8.encode(char)) {
+    out += `%${byte.toString(16).toUpperCase().padStart(2, '0')}`;
+  }
+  return out;
+}
+
 function encodeUserId(value: string): string | undefined {
   const ref = USER_REF_RE.exec(value);
   if (!ref?.[1] || !ref[2] || ref[2] === '.' || ref[2] === '..') {
@@ -227,7 +270,8 @@ function tokenValue(
     return 'absent';
   }
   if (typeof value === 'number' || typeof value === 'boolean') {
-    return { value: String(value) };
+    // `1e+21`: its `+` would be read as a space.
+    return { value: encodeURIComponent(String(value)) };
   }
   if (typeof value !== 'string' || value === '' || value === '.' || value === '..') {
     return 'unusable';
@@ -241,7 +285,9 @@ export type RenderedPrefetch = { url: string } | { gap: 'absent' | 'unusable' };
 
 /**
  * Fills a template's tokens from the hook context (root primitive fields only) and
- * `context.userId` (`Practitioner/123` -> userPractitionerId = 123). Values are URL-encoded.
+ * `context.userId` (`Practitioner/123` -> userPractitionerId = 123). Values are URL-encoded,
+ * and so is the template's literal text where RFC 3986 does not allow it raw (`|` -> `%7C`;
+ * `&`, `=`, `,` and the author's own `%XX` escapes are kept).
  * @returns the relative URL, or undefined if a token has no usable value in this context.
  * @throws PackValidationError (path `prefetch`) if the template itself is invalid
  *   (see {@link checkPrefetchTemplate}); packs are validated at load, so this means a bug.
@@ -274,7 +320,7 @@ export function renderPrefetchTemplateOrGap(
   let absent = false;
   for (const part of parts) {
     if (typeof part === 'string') {
-      url += part;
+      url += encodeLiteral(part);
       continue;
     }
     const value = tokenValue(part, context);

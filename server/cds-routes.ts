@@ -2,7 +2,13 @@
  * CDS Hooks 2.0 endpoints: discovery, service invocation, feedback. Thin: each handler
  * authenticates, delegates to hooks/ and rules/, and returns data or throws.
  */
-import express, { type Request, type RequestHandler, type Response, type Router } from 'express';
+import express, {
+  type ErrorRequestHandler,
+  type Request,
+  type RequestHandler,
+  type Response,
+  type Router,
+} from 'express';
 import {
   discoveryEntry,
   isHookName,
@@ -23,7 +29,36 @@ const JSON_TYPES = ['application/json', 'application/*+json'];
 /** Builds the /cds-services router. */
 export function cdsRouter(deps: Deps): Router {
   const router = express.Router();
-  const json = express.json({ limit: deps.config.bodyLimitBytes, type: JSON_TYPES, strict: true });
+  const limitBytes = deps.config.bodyLimitBytes;
+  // A body over the limit: 413 naming it and its setting, as a pack upload's does (the EHR's
+  // integrator learns what to send, or what to ask the operator to raise). Other errors go on.
+  const bodyTooLarge: ErrorRequestHandler = (err: unknown, _req, _res, next) => {
+    const tooLarge = (err as { type?: unknown } | null)?.type === 'entity.too.large';
+    next(
+      tooLarge
+        ? new ServiceError(
+            413,
+            'payload_too_large',
+            `a CDS Hooks request body may be at most ${limitBytes} bytes (the server's CELLCDS_BODY_LIMIT_BYTES)`,
+            { body: { limitBytes }, cause: err },
+          )
+        : err,
+    );
+  };
+  const parseJson: RequestHandler = express.json({
+    limit: limitBytes,
+    type: JSON_TYPES,
+    strict: true,
+  });
+  const json: RequestHandler = (req, res, next) => {
+    parseJson(req, res, (err?: unknown) => {
+      if (err === undefined || err === null) {
+        next();
+        return;
+      }
+      bodyTooLarge(err, req, res, next);
+    });
+  };
 
   router.get(
     '/',

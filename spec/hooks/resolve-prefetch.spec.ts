@@ -122,6 +122,41 @@ describe('hooks: resolvePrefetch against a local FHIR server (Synthea data)', ()
     expect(JSON.stringify(result)).to.not.include(TOKEN);
   });
 
+  it('percent-encodes the | of system|code tokens in the query it sends, keeping the comma OR-separator', async () => {
+    const templates = {
+      labs: 'Observation?patient={{context.patientId}}&code=http://loinc.org|8302-2,http://loinc.org|29463-7',
+    };
+    const result = await resolvePrefetch(options({ templates }));
+    expect(fhir.requests.map((r) => r.url)).to.deep.equal([
+      `/fhir/Observation?patient=${fhir.record.patientId}&code=http://loinc.org%7C8302-2,http://loinc.org%7C29463-7`,
+    ]);
+    for (const req of fhir.requests) {
+      expect(req.url).to.not.include('|');
+    }
+    // The server decodes it back to the tokens the author wrote.
+    const labs = result.prefetch['labs'] as Json;
+    expect(labs['entry']).to.have.length(6);
+    expect(labs['entry']).to.have.length(
+      searchRecord(
+        fhir.record,
+        'Observation',
+        new URLSearchParams(
+          `patient=${fhir.record.patientId}&code=http://loinc.org|8302-2,http://loinc.org|29463-7`,
+        ),
+      ).length,
+    );
+  });
+
+  it('does not double-encode a query the pack author already encoded', async () => {
+    const templates = {
+      labs: 'Observation?patient={{context.patientId}}&code=http%3A%2F%2Floinc.org%7C29463-7',
+    };
+    await resolvePrefetch(options({ templates }));
+    expect(fhir.requests.map((r) => r.url)).to.deep.equal([
+      `/fhir/Observation?patient=${fhir.record.patientId}&code=http%3A%2F%2Floinc.org%7C29463-7`,
+    ]);
+  });
+
   it('does not refetch keys the EHR sent, and keeps null as no data', async () => {
     const sentPatient = { resourceType: 'Patient', id: fhir.record.patientId, gender: 'male' };
     const request = hookRequest(fhir, {
@@ -316,6 +351,44 @@ describe('hooks: resolvePrefetch against a local FHIR server (Synthea data)', ()
     const noToken = hookRequest(fhir, { fhirAuthorization: undefined });
     await expectPrefetchError(resolvePrefetch(options({ request: noToken })), 'missing');
     expect(fhir.requests).to.have.length(0);
+  });
+
+  it('says the key was sent but has more pages when a sent searchset has a next link and there is no fhirServer or no token', async () => {
+    const paged = {
+      resourceType: 'Bundle',
+      type: 'searchset',
+      link: [{ relation: 'next', url: `${fhir.baseUrl}/Observation?_page=2` }],
+      entry: [],
+    };
+    const requests = [
+      hookRequest(fhir, {
+        fhirServer: undefined,
+        fhirAuthorization: undefined,
+        prefetch: { observations: paged },
+      }),
+      hookRequest(fhir, { fhirAuthorization: undefined, prefetch: { observations: paged } }),
+    ];
+    for (const request of requests) {
+      const e = await expectPrefetchError(
+        resolvePrefetch(options({ templates: { observations: TEMPLATES.observations }, request })),
+        'missing',
+      );
+      expect(e.key).to.equal('observations');
+      expect(e.message).to.not.include('is not available');
+      expect(e.message).to.equal(
+        "prefetch 'observations' was sent, but its searchset Bundle has more pages (a next link) that cannot be fetched without fhirServer and fhirAuthorization",
+      );
+    }
+    expect(fhir.requests).to.have.length(0);
+  });
+
+  it('still says a key absent from the prefetch is not available without fhirServer', async () => {
+    const noServer = hookRequest(fhir, { fhirServer: undefined, fhirAuthorization: undefined });
+    const e = await expectPrefetchError(
+      resolvePrefetch(options({ templates: { patient: TEMPLATES.patient }, request: noServer })),
+      'missing',
+    );
+    expect(e.message).to.equal("prefetch 'patient' is not available and no fhirServer was sent");
   });
 
   // CDS Hooks 2.0: encounterId is optional in patient-view and order-sign, and the spec's own

@@ -43,6 +43,30 @@ describe('bad input gets a clear 4xx and changes nothing', () => {
     expect(res.body.error).to.equal('payload_too_large');
   });
 
+  it('a body over the limit: 413 naming the limit in bytes and its setting, as the pack upload does', async () => {
+    const limit = t.deps.config.bodyLimitBytes;
+    const big = JSON.stringify({ ...warfarinNsaidRequest(), padding: 'x'.repeat(limit) });
+    for (const type of ['application/json', 'application/fhir+json']) {
+      const res = await post(await token())
+        .set('content-type', type)
+        .send(big);
+      expect(res.status).to.equal(413);
+      expect(res.body.error).to.equal('payload_too_large');
+      expect(res.body.message).to.equal(
+        `a CDS Hooks request body may be at most ${limit} bytes (the server's CELLCDS_BODY_LIMIT_BYTES)`,
+      );
+      expect(res.body.limitBytes).to.equal(limit);
+    }
+    const feedback = await request(t.app)
+      .post('/cds-services/tiny-order-sign/feedback')
+      .set('authorization', `Bearer ${await token()}`)
+      .set('content-type', 'application/json')
+      .send(big);
+    expect(feedback.status).to.equal(413);
+    expect(feedback.body.limitBytes).to.equal(limit);
+    expect(feedback.body.message).to.include('CELLCDS_BODY_LIMIT_BYTES');
+  });
+
   it('an unknown hook: 400 naming hook', async () => {
     const res = await post(await token()).send({
       ...warfarinNsaidRequest(),
