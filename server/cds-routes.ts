@@ -16,6 +16,7 @@ import {
   parseHookRequest,
 } from '../hooks/index.ts';
 import { AuthError, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
+import type { FeedbackRefusal } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { ServiceError, unsupportedMediaType } from './errors.ts';
@@ -159,25 +160,79 @@ export function cdsRouter(deps: Deps): Router {
     async (req, res) => {
       const ctx = ctxOf(res);
       const resolved = await deps.directory.service(ctx.tenant, paramOf(req, 'id'));
+      // A malformed item refuses the whole batch (400, a client bug): nothing is stored.
       const items = parseFeedbackRequest(req.body);
-      // A card this tenant was never sent is refused (404); repeats are stored once.
+      // Every item that can be stored is (each whole); an item whose card or accepted
+      // suggestion this tenant was never sent is refused alone. Exact repeats are stored once.
       const saved = await deps.stores
         .store(ctx.tenant.id)
-        .saveFeedback(items, { service: resolved.service.id });
+        .saveFeedback(items, { service: resolved.service.id, partial: true });
+      const refused = saved.refused ?? [];
       ctx.log.info(
         {
           service: resolved.service.id,
           feedbackCount: items.length,
           stored: saved.stored,
           duplicates: saved.duplicates,
+          refused: refused.length,
         },
         'feedback',
       );
-      res.status(200).end();
+      res.status(200);
+      const body = feedbackAnswer(refused, saved.stored + saved.duplicates);
+      if (body === undefined) {
+        res.end();
+      } else {
+        res.json(body);
+      }
     },
   );
 
   return router;
+}
+
+/**
+ * The answer to a feedback batch (CDS Hooks 2.0 defines none): undefined (200, empty body) when
+ * every item is on record; `{stored, refused}` (200: a retry cannot help, so the EHR should not
+ * retry) when some are; `stored` counts the items on record, exact repeats included, so a
+ * retried batch gets the same answer.
+ * @throws ServiceError 404 `not_found` when nothing could be stored, naming the first refused
+ *   item's field and how many were refused.
+ */
+function feedbackAnswer(
+  refusals: readonly FeedbackRefusal[],
+  onRecord: number,
+): { stored: number; refused: Array<Record<string, string | number>> } | undefined {
+  const [first] = refusals;
+  if (first === undefined) {
+    return undefined;
+  }
+  if (onRecord === 0) {
+    const n = refusals.length;
+    throw new ServiceError(
+      404,
+      'not_found',
+      `${first.what} not found: ${String(n)} feedback item${n === 1 ? '' : 's'} refused`,
+      { body: { field: refusedField(first) } },
+    );
+  }
+  return {
+    stored: onRecord,
+    refused: refusals.map((r) => ({
+      index: r.index,
+      field: refusedField(r),
+      error: 'not_found',
+      message: `${r.what} not found`,
+    })),
+  };
+}
+
+/** `feedback[i].card`, or `feedback[i].acceptedSuggestions[j]` for a refused suggestion. */
+function refusedField(r: FeedbackRefusal): string {
+  const item = `feedback[${String(r.index)}]`;
+  return r.what === 'card'
+    ? `${item}.card`
+    : `${item}.acceptedSuggestions[${String(r.suggestion ?? 0)}]`;
 }
 
 function paramOf(req: Request, name: string): string {

@@ -2,8 +2,9 @@
  * Feedback's acceptedSuggestions are checked per card (CDS Hooks 2.0: the suggestions of THAT
  * card the user accepted), not against every suggestion of the card's invocation. A real
  * order-sign call whose pack answers two cards, each with a suggestion of its own; feedback on
- * card 1 accepting card 2's suggestion is refused whole (404, nothing stored), on the live store
- * and on one restored from its backup. SQLite, and PostgreSQL with CELLCDS_TEST_PG_URL.
+ * card 1 accepting card 2's suggestion is refused (404 when nothing else was sent, nothing
+ * stored; the other items of a batch are stored), on the live store and on one restored from its
+ * backup. SQLite, and PostgreSQL with CELLCDS_TEST_PG_URL.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -158,7 +159,7 @@ for (const backend of backends) {
     const storedFeedback = async (invocationId: string) =>
       (await t.deps.stores.store(TENANT).readInvocation(invocationId, { actor: 'spec' })).feedback;
 
-    it("refuses feedback on card 1 accepting card 2's suggestion (404, the whole batch, nothing stored); card 1 accepting its own is stored", async () => {
+    it("refuses feedback on card 1 accepting card 2's suggestion (404 alone; only that item in a batch); card 1 accepting its own is stored", async () => {
       const { invocationId, cards } = await call();
       const [c1, c2] = cards;
       const s1 = c1.suggestions[0]?.uuid ?? '';
@@ -166,19 +167,35 @@ for (const backend of backends) {
 
       const cross = await feedback([accepting(c1, s2)]);
       expect(cross.status, JSON.stringify(cross.body)).to.equal(404);
-      expect(cross.body).to.deep.include({ error: 'not_found', message: 'suggestion not found' });
-      // With a valid item before it: still refused whole.
-      const mixed = await feedback([accepting(c2, s2), accepting(c1, s2, '2026-11-26T10:06:00Z')]);
-      expect(mixed.status, JSON.stringify(mixed.body)).to.equal(404);
-      expect(mixed.body.message).to.equal('suggestion not found');
+      expect(cross.body).to.deep.include({
+        error: 'not_found',
+        field: 'feedback[0].acceptedSuggestions[0]',
+        message: 'suggestion not found: 1 feedback item refused',
+      });
       expect(await storedFeedback(invocationId)).to.deep.equal([]);
+      // With a valid item before it: that item is stored, the cross-card accept refused.
+      const mixed = await feedback([accepting(c2, s2), accepting(c1, s2, '2026-11-26T10:06:00Z')]);
+      expect(mixed.status, JSON.stringify(mixed.body)).to.equal(200);
+      expect(mixed.body).to.deep.equal({
+        stored: 1,
+        refused: [
+          {
+            index: 1,
+            field: 'feedback[1].acceptedSuggestions[0]',
+            error: 'not_found',
+            message: 'suggestion not found',
+          },
+        ],
+      });
+      expect((await storedFeedback(invocationId)).map((f) => f.card)).to.deep.equal([c2.uuid]);
 
       const own = await feedback([accepting(c1, s1), accepting(c2, s2)]);
       expect(own.status, JSON.stringify(own.body)).to.equal(200);
+      expect(own.text, 'the c2 item is an exact repeat').to.equal('');
       const stored = await storedFeedback(invocationId);
       expect(stored.map((f) => [f.card, f.item.acceptedSuggestions])).to.deep.equal([
-        [c1.uuid, [{ id: s1 }]],
         [c2.uuid, [{ id: s2 }]],
+        [c1.uuid, [{ id: s1 }]],
       ]);
     });
 
@@ -215,7 +232,7 @@ for (const backend of backends) {
 
       const cross = await feedback([accepting(c1, c2.suggestions[0]?.uuid ?? '')]);
       expect(cross.status, JSON.stringify(cross.body)).to.equal(404);
-      expect(cross.body.message).to.equal('suggestion not found');
+      expect(cross.body.message).to.equal('suggestion not found: 1 feedback item refused');
       expect(await storedFeedback(invocationId)).to.deep.equal([]);
       const own = await feedback([accepting(c1, c1.suggestions[0]?.uuid ?? '')]);
       expect(own.status, JSON.stringify(own.body)).to.equal(200);

@@ -208,7 +208,10 @@ describe('invocation records, feedback, keys and backups through the API', funct
         ],
       });
     expect(res.status).to.equal(404);
-    expect(res.body.message).to.equal('suggestion not found');
+    expect(res.body).to.deep.include({
+      message: 'suggestion not found: 1 feedback item refused',
+      field: 'feedback[0].acceptedSuggestions[1]',
+    });
     const one = await as(adminA)(
       request(t.app).get(`/admin/tenants/tenant-a/invocations/${invocationId}`),
     );

@@ -32,10 +32,12 @@ import type { PrimaryDek, StoreHandle } from './store-backend.ts';
 import type {
   FeedbackInput,
   FeedbackRecord,
+  FeedbackRefusal,
   InvocationRecord,
   InvocationSecret,
   InvocationSummary,
   JobInfo,
+  SaveFeedbackResult,
   TenantStore,
 } from './types.ts';
 import { instant, validateFeedback, validateInvocation, validateQuery } from './validation.ts';
@@ -107,20 +109,51 @@ function storedIds(json: string): string[] {
   return ids;
 }
 
-/** Idempotency id of a feedback item: same card, outcome, instant and suggestions = same id. */
+/** What identifies a feedback report, apart from its override reason. */
+function feedbackIdentity(item: FeedbackInput): Record<string, unknown> {
+  return {
+    card: item.card,
+    outcome: item.outcome,
+    outcomeTimestamp: instant(item.outcomeTimestamp, 'outcomeTimestamp'),
+    // A set: the order in which the EHR lists the accepted suggestions says nothing.
+    suggestions: [...new Set((item.acceptedSuggestions ?? []).map((s) => s.id))].sort(),
+  };
+}
+
+/**
+ * Idempotency id of a feedback item: the same card, outcome, instant, override reason (the
+ * whole object, key order aside) and set of accepted suggestions = the same id. Anything else
+ * is a new report (CDS Hooks 2.0: the same card may be reported more than once). Tagged with a
+ * version, so it never equals the id of {@link previousFeedbackId} for another item.
+ */
 export function feedbackId(item: FeedbackInput): string {
-  const suggestions = [...new Set((item.acceptedSuggestions ?? []).map((s) => s.id))].sort();
   return crypto
     .createHash('sha256')
     .update(
       canonicalJson({
-        card: item.card,
-        outcome: item.outcome,
-        outcomeTimestamp: instant(item.outcomeTimestamp, 'outcomeTimestamp'),
-        suggestions,
+        idVersion: 2,
+        ...feedbackIdentity(item),
+        overrideReason: item.overrideReason ?? null,
       }),
     )
     .digest('hex');
+}
+
+/**
+ * The id stores gave feedback before the override reason was part of it: reports differing
+ * only in their reason shared it. A record stored under it is a repeat of `item` only if its
+ * sealed reason is the same (saveFeedback opens it to check).
+ */
+function previousFeedbackId(item: FeedbackInput): string {
+  return crypto
+    .createHash('sha256')
+    .update(canonicalJson(feedbackIdentity(item)))
+    .digest('hex');
+}
+
+/** An override reason (or none) compared as canonical JSON. */
+function reasonKey(item: FeedbackInput): string {
+  return canonicalJson(item.overrideReason ?? null);
 }
 
 /**
@@ -671,32 +704,127 @@ function toFeedbackRecord(
   };
 }
 
+/**
+ * Checks each item against this tenant's cards of `service` in `t`: the id of the invocation
+ * that sent its card, or why it is refused (a card never sent by this service to this tenant,
+ * or an accepted suggestion the card never offered).
+ */
+async function checkFeedbackCards(
+  h: StoreHandle,
+  t: Transaction,
+  items: readonly FeedbackInput[],
+  service: string,
+): Promise<Array<string | FeedbackRefusal>> {
+  const known = new Map<string, { invocation: string; suggestions: ReadonlySet<string> }>();
+  for (const card of new Set(items.map((i) => i.card))) {
+    const link = await h.models.InvocationCard.findByPk(card, { transaction: t, raw: true });
+    const inv = link
+      ? await h.models.Invocation.findOne({
+          where: { id: link.invocationId },
+          attributes: ['id', 'service', 'suggestionUuids'],
+          transaction: t,
+          raw: true,
+        })
+      : null;
+    // Another tenant's card is not in this store: refused as one never sent (nothing leaks).
+    if (link && inv && inv.service === service) {
+      known.set(card, {
+        invocation: inv.id,
+        // The card's own suggestions (CDS Hooks 2.0: acceptedSuggestions are suggestions of
+        // that card). A link written before schema 5 does not know them: the invocation's.
+        suggestions: new Set(storedIds(link.suggestionUuids ?? inv.suggestionUuids)),
+      });
+    }
+  }
+  return items.map((item, index): string | FeedbackRefusal => {
+    const card = known.get(item.card);
+    if (!card) {
+      return { index, what: 'card' };
+    }
+    const j = (item.acceptedSuggestions ?? []).findIndex((s) => !card.suggestions.has(s.id));
+    return j >= 0 ? { index, what: 'suggestion', suggestion: j } : card.invocation;
+  });
+}
+
 async function saveFeedback(
   h: StoreHandle,
   ctx: RegionContext,
   items: FeedbackInput[],
   service: string,
-): Promise<{ stored: number; duplicates: number; ids: string[] }> {
+  partial: boolean,
+): Promise<SaveFeedbackResult> {
   const limits = ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS;
   const ids = items.map(feedbackId);
+  const previous = items.map(previousFeedbackId);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
-    // Only the items not stored yet are sealed (each sealing is an encryption under the DEK,
-    // counted only when its row is written), and the check under a key found exhausted asks
-    // room for them all (a retry made only of duplicates needs none).
-    const stored = await h.models.Feedback.findAll({
-      where: { id: [...new Set(ids)] },
-      attributes: ['id'],
-      raw: true,
+    // Which items are refused and which stored already, in one snapshot: only the others are
+    // sealed (each sealing is an encryption under the DEK, counted only when its row is
+    // written), and the check under a key found exhausted asks room for them all (a retry
+    // made only of repeats needs none). The write checks it all again.
+    const before = await h.readTx(async (t) => {
+      const verdicts = await checkFeedbackCards(h, t, items, service);
+      const rows = await h.models.Feedback.findAll({
+        where: { id: [...new Set([...ids, ...previous])] },
+        attributes: ['id'],
+        raw: true,
+        transaction: t,
+      });
+      const present = new Set(rows.map((r) => r.id));
+      // Records stored under the previous id that an item not stored under its own may repeat.
+      const earlier = [
+        ...new Set(
+          items.flatMap((_, i) => {
+            const prev = previous[i] ?? '';
+            return typeof verdicts[i] === 'string' &&
+              !present.has(ids[i] ?? '') &&
+              present.has(prev)
+              ? [prev]
+              : [];
+          }),
+        ),
+      ];
+      const sealed =
+        earlier.length === 0
+          ? []
+          : await readCurrentSealed(
+              h,
+              t,
+              'feedback',
+              `r.id IN (${earlier.map(() => '?').join(', ')})`,
+              earlier,
+            );
+      return { verdicts, present, sealed };
     });
-    const have = new Set(stored.map((r) => r.id));
-    const fresh = new Set(ids.filter((fid) => !have.has(fid)));
+    const firstRefused = before.verdicts.find((v) => typeof v !== 'string');
+    if (!partial && firstRefused !== undefined) {
+      throw new NotFoundError(firstRefused.what);
+    }
+    // Its reason tells whether such a record is this item (a repeat) or another report.
+    const earlierReason = new Map<string, string>();
+    for (const row of before.sealed) {
+      const opened = await openCurrent(h, ctx, 'feedback', row);
+      earlierReason.set(
+        row.id,
+        reasonKey(parseJson(opened.plain, 'feedback', row.id) as FeedbackInput),
+      );
+    }
+    // The id each item is (or will be) stored under.
+    const effective = items.map((item, i) => {
+      const own = ids[i] ?? '';
+      const prev = previous[i] ?? '';
+      return !before.present.has(own) && earlierReason.get(prev) === reasonKey(item) ? prev : own;
+    });
+    const have = new Set(effective.filter((fid) => before.present.has(fid)));
+    const fresh = new Set(
+      effective.filter((fid, i) => !have.has(fid) && typeof before.verdicts[i] === 'string'),
+    );
     if (await refuseIfExhausted(h, key, fresh.size, limits)) {
       continue;
     }
     const sealedById = new Map<string, Envelope>();
     items.forEach((item, i) => {
-      const fid = ids[i] ?? '';
+      const fid = effective[i] ?? '';
       if (!sealedById.has(fid) && fresh.has(fid)) {
         const plaintext = Buffer.from(JSON.stringify(item), 'utf8');
         sealedById.set(
@@ -728,55 +856,44 @@ async function saveFeedback(
         ) {
           return undefined;
         }
-        const invocationOf = new Map<string, string>();
-        const suggestionsOf = new Map<string, ReadonlySet<string>>();
-        for (const card of new Set(items.map((i) => i.card))) {
-          const link = await h.models.InvocationCard.findByPk(card, { transaction: t, raw: true });
-          const inv = link
-            ? await h.models.Invocation.findOne({
-                where: { id: link.invocationId },
-                attributes: ['id', 'service', 'suggestionUuids'],
-                transaction: t,
-                raw: true,
-              })
-            : null;
-          // A card this tenant was never sent, or sent by another service: refuse the batch.
-          if (!link || !inv || inv.service !== service) {
-            throw new NotFoundError('card');
-          }
-          invocationOf.set(card, inv.id);
-          // The card's own suggestions (CDS Hooks 2.0: acceptedSuggestions are suggestions of
-          // that card). A link written before schema 5 does not know them: the invocation's.
-          suggestionsOf.set(card, new Set(storedIds(link.suggestionUuids ?? inv.suggestionUuids)));
+        const verdicts = await checkFeedbackCards(h, t, items, service);
+        const refused = verdicts.filter((v): v is FeedbackRefusal => typeof v !== 'string');
+        if (!partial && refused[0] !== undefined) {
+          throw new NotFoundError(refused[0].what);
         }
-        // An accepted suggestion the card never offered: refuse the batch too.
-        for (const item of items) {
-          for (const accepted of item.acceptedSuggestions ?? []) {
-            if (!suggestionsOf.get(item.card)?.has(accepted.id)) {
-              throw new NotFoundError('suggestion');
-            }
-          }
-        }
-        let stored = 0;
+        // Decide every item before writing any: a write that must be sealed again returns
+        // with nothing written.
+        const toWrite: Array<{ fid: string; invocation: string; item: FeedbackInput }> = [];
         let duplicates = 0;
-        let wraps = 0;
         const seen = new Set<string>();
-        const receivedAt = ctx.now().toISOString();
         for (const [i, item] of items.entries()) {
-          const fid = ids[i] ?? '';
+          const invocation = verdicts[i];
+          if (typeof invocation !== 'string') {
+            continue;
+          }
+          const fid = effective[i] ?? '';
           if (
             seen.has(fid) ||
+            have.has(fid) ||
             (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) > 0
           ) {
             duplicates += 1;
             continue;
           }
+          if (!sealedById.has(fid)) {
+            return undefined; // refused when looked up, not now (a restore meanwhile)
+          }
           seen.add(fid);
+          toWrite.push({ fid, invocation, item });
+        }
+        let wraps = 0;
+        const receivedAt = ctx.now().toISOString();
+        for (const { fid, invocation, item } of toWrite) {
           wraps = reserveWraps(h, limits, t, 1)?.count ?? wraps;
           await h.models.Feedback.create(
             {
               id: fid,
-              invocationId: invocationOf.get(item.card) ?? '',
+              invocationId: invocation,
               cardUuid: item.card,
               service,
               outcome: item.outcome,
@@ -786,9 +903,8 @@ async function saveFeedback(
             },
             { transaction: t },
           );
-          stored += 1;
         }
-        return { stored, duplicates, ids, wraps };
+        return { stored: toWrite.length, duplicates, refused, wraps };
       },
       { primary: true },
     );
@@ -800,7 +916,12 @@ async function saveFeedback(
           result.wraps,
         );
       }
-      return { stored: result.stored, duplicates: result.duplicates, ids: result.ids };
+      return {
+        stored: result.stored,
+        duplicates: result.duplicates,
+        ...(partial ? { refused: result.refused } : {}),
+        ids: effective,
+      };
     }
   }
   throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
@@ -910,7 +1031,7 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
       const started = performance.now();
       const result = await ctx
         .use(tenant, (h) =>
-          saveFeedback(h, ctx, valid, opts.service).catch((err: unknown) => {
+          saveFeedback(h, ctx, valid, opts.service, opts.partial === true).catch((err: unknown) => {
             noteExhausted(h, err);
             throw err;
           }),
@@ -918,7 +1039,10 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
         .catch((err: unknown) => {
           throw refusedAtWrapLimit(err);
         });
-      ctx.recordWritten?.('feedback', (performance.now() - started) / 1000);
+      // A partial batch refused whole wrote nothing: no record write to time.
+      if (result.stored + result.duplicates > 0) {
+        ctx.recordWritten?.('feedback', (performance.now() - started) / 1000);
+      }
       return result;
     },
 

@@ -181,7 +181,11 @@ export interface FeedbackInput {
 
 /** Stored feedback, decrypted. */
 export interface FeedbackRecord {
-  /** Idempotency id: sha256 of (card, outcome, outcomeTimestamp, sorted suggestion ids). */
+  /**
+   * Idempotency id: sha256 of (card, outcome, outcomeTimestamp, overrideReason, the set of
+   * accepted suggestion ids). Records stored before overrideReason was part of it keep the id
+   * they were stored under (without it).
+   */
   id: string;
   invocationId: string;
   service: string;
@@ -193,12 +197,30 @@ export interface FeedbackRecord {
   item: FeedbackInput;
 }
 
+/** A feedback item `saveFeedback` did not store (`partial`): it names nothing this tenant has. */
+export interface FeedbackRefusal {
+  /** The item's index in the batch. */
+  index: number;
+  /**
+   * `card`: a card this service never sent to this tenant (or sent to another tenant: the
+   * same); `suggestion`: an accepted suggestion the card never offered.
+   */
+  what: 'card' | 'suggestion';
+  /** For `suggestion`: the index in the item's `acceptedSuggestions` of the first refused. */
+  suggestion?: number;
+}
+
 export interface SaveFeedbackResult {
   /** Newly stored items. */
   stored: number;
-  /** Items already stored (idempotent repeats). */
+  /** Items already stored (exact repeats: same card, outcome, instant, reason, suggestions). */
   duplicates: number;
-  /** Feedback ids, in input order. */
+  /**
+   * With `partial`: the items refused, in input order (empty if none). Absent otherwise (a
+   * refused item throws).
+   */
+  refused?: FeedbackRefusal[];
+  /** Feedback ids, in input order (a refused item's names nothing stored). */
   ids: string[];
 }
 
@@ -300,14 +322,17 @@ export interface TenantStore {
   /** The invocation that returned this card, or undefined. */
   findCard(cardUuid: string): Promise<string | undefined>;
   /**
-   * Stores feedback items, all or nothing, each linked to its card's invocation; repeats are
-   * stored once. @throws NotFoundError('card') for a card this service never sent to this
-   * tenant, NotFoundError('suggestion') for an accepted suggestion its invocation never sent,
-   * InvalidInputError.
+   * Stores feedback items, each linked to its card's invocation and each written whole or not
+   * at all; exact repeats are stored once. An item naming a card this service never sent to
+   * this tenant, or accepting a suggestion its card never offered, is refused: with `partial`
+   * the others are stored and the refused ones returned (`refused`, even if that is all of
+   * them); without it the whole batch is refused.
+   * @throws NotFoundError('card' | 'suggestion') without `partial`, for the first refused item;
+   *   InvalidInputError for a malformed item (nothing stored, with or without `partial`).
    */
   saveFeedback(
     items: readonly FeedbackInput[],
-    opts: { service: string },
+    opts: { service: string; partial?: boolean },
   ): Promise<SaveFeedbackResult>;
   audit: TenantAudit;
   keys: TenantKeys;
