@@ -29,7 +29,7 @@ import type { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
 import { adminCtxOf, requestIdOf } from './context.ts';
 import { noteRoutePattern, routePatternOf } from './error-handler.ts';
-import { ServiceError, unsupportedMediaType } from './errors.ts';
+import { bodyTooLarge, ServiceError, unsupportedMediaType } from './errors.ts';
 import { auditRefusal } from './guards.ts';
 
 /**
@@ -174,19 +174,10 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     type: [...YAML_TYPES, 'application/json', 'application/*+json'],
   });
   // An upload body over the limit: 413 naming it (other errors go on unchanged).
-  const packTooLarge: ErrorRequestHandler = (err: unknown, _req, _res, next) => {
-    const tooLarge = (err as { type?: unknown } | null)?.type === 'entity.too.large';
-    next(
-      tooLarge
-        ? new ServiceError(
-            413,
-            'payload_too_large',
-            `a rule pack upload may be at most ${PACK_UPLOAD_LIMIT / (1024 * 1024)} MB; split the pack`,
-            { body: { limitBytes: PACK_UPLOAD_LIMIT }, cause: err },
-          )
-        : err,
-    );
-  };
+  const packTooLarge = bodyTooLarge(
+    `a rule pack upload may be at most ${PACK_UPLOAD_LIMIT / (1024 * 1024)} MB; split the pack`,
+    PACK_UPLOAD_LIMIT,
+  );
   let uploadsInFlight = 0;
   // Before the body is read: a refused upload costs no memory.
   const uploadSlot: RequestHandler = (_req, res, next) => {

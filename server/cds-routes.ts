@@ -2,13 +2,7 @@
  * CDS Hooks 2.0 endpoints: discovery, service invocation, feedback. Thin: each handler
  * authenticates, delegates to hooks/ and rules/, and returns data or throws.
  */
-import express, {
-  type ErrorRequestHandler,
-  type Request,
-  type RequestHandler,
-  type Response,
-  type Router,
-} from 'express';
+import express, { type Request, type RequestHandler, type Response, type Router } from 'express';
 import {
   discoveryEntry,
   isHookName,
@@ -19,7 +13,7 @@ import { AuthError, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
 import type { FeedbackRefusal } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
-import { ServiceError, unsupportedMediaType } from './errors.ts';
+import { bodyTooLarge, ServiceError, unsupportedMediaType } from './errors.ts';
 import { assertServedHere, recordAuthFailure, serviceEndpoint } from './guards.ts';
 import { runHookCall } from './hook-call.ts';
 import { hookOutcomeForStatus } from './metrics.ts';
@@ -33,19 +27,10 @@ export function cdsRouter(deps: Deps): Router {
   const limitBytes = deps.config.bodyLimitBytes;
   // A body over the limit: 413 naming it and its setting, as a pack upload's does (the EHR's
   // integrator learns what to send, or what to ask the operator to raise). Other errors go on.
-  const bodyTooLarge: ErrorRequestHandler = (err: unknown, _req, _res, next) => {
-    const tooLarge = (err as { type?: unknown } | null)?.type === 'entity.too.large';
-    next(
-      tooLarge
-        ? new ServiceError(
-            413,
-            'payload_too_large',
-            `a CDS Hooks request body may be at most ${limitBytes} bytes (the server's CELLCDS_BODY_LIMIT_BYTES)`,
-            { body: { limitBytes }, cause: err },
-          )
-        : err,
-    );
-  };
+  const tooLarge = bodyTooLarge(
+    `a CDS Hooks request body may be at most ${limitBytes} bytes (the server's CELLCDS_BODY_LIMIT_BYTES)`,
+    limitBytes,
+  );
   const parseJson: RequestHandler = express.json({
     limit: limitBytes,
     type: JSON_TYPES,
@@ -57,7 +42,7 @@ export function cdsRouter(deps: Deps): Router {
         next();
         return;
       }
-      bodyTooLarge(err, req, res, next);
+      tooLarge(err, req, res, next);
     });
   };
 

@@ -2,6 +2,8 @@
  * The one error model at the edge: a wire code from a closed union, an HTTP status, and a
  * message safe for the client. Domain errors are mapped to it in error-handler.ts.
  */
+import type { ErrorRequestHandler } from 'express';
+
 export type ErrorCode =
   | 'invalid_request'
   | 'invalid_token'
@@ -55,3 +57,19 @@ export const badRequest = (message: string, field?: string) =>
 export const notFound = (what: string) => new ServiceError(404, 'not_found', `${what} not found`);
 export const unsupportedMediaType = (expected: string) =>
   new ServiceError(415, 'unsupported_media_type', `Content-Type must be ${expected}`);
+
+/**
+ * An error handler for a body parser with `limitBytes`: a body over it becomes 413
+ * `payload_too_large` with `message` (naming the limit and what to do) and `limitBytes` in the
+ * body; any other error goes on unchanged.
+ */
+export function bodyTooLarge(message: string, limitBytes: number): ErrorRequestHandler {
+  return (err: unknown, _req, _res, next) => {
+    const tooLarge = (err as { type?: unknown } | null)?.type === 'entity.too.large';
+    next(
+      tooLarge
+        ? new ServiceError(413, 'payload_too_large', message, { body: { limitBytes }, cause: err })
+        : err,
+    );
+  };
+}
