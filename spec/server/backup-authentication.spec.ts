@@ -4,14 +4,13 @@
  * operator asks for it explicitly (`allowUnauthenticated`, recorded). Real app, real keyring,
  * SQLite and (with CELLCDS_TEST_PG_URL) PostgreSQL.
  */
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
-import { Sequelize } from 'sequelize';
 import request from 'supertest';
-import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
+import { createSpecDatabase, regionEnv, type SpecDatabase } from '../helpers/pg-region.ts';
+import { buildTestApp, type TestApp } from '../helpers/test-app.ts';
 import {
   copyDir,
   downgradeToFormat1,
@@ -32,7 +31,7 @@ for (const backend of backends) {
     this.timeout(60_000);
     let t: TestApp;
     let dir: string;
-    let db: string | undefined;
+    let db: SpecDatabase | undefined;
     let n = 0;
     const op = (r: request.Test) => r.set('authorization', `Bearer ${t.adminToken}`);
 
@@ -40,46 +39,15 @@ for (const backend of backends) {
       dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-backup-auth-'));
       const env: Record<string, string> = { CELLCDS_SEED_DEMO: 'false' };
       if (backend === 'postgres') {
-        db = `cellcds_spec_backup_${crypto.randomBytes(4).toString('hex')}`;
-        const root = new Sequelize(PG_URL ?? '', { dialect: 'postgres', logging: false });
-        try {
-          await root.query(`CREATE DATABASE "${db}"`);
-        } finally {
-          await root.close();
-        }
-        const url = new URL(PG_URL ?? '');
-        url.pathname = `/${db}`;
-        const regions = path.join(dir, 'regions.json');
-        fs.writeFileSync(
-          regions,
-          JSON.stringify({
-            regions: [
-              {
-                id: 'r1',
-                jurisdiction: 'US',
-                publicUrl: PUBLIC_URL,
-                storage: { postgresUrl: url.toString() },
-                backupDir: path.join(dir, 'backups'),
-                keyProvider: { kind: 'local-keyring', dir: path.join(dir, 'keys') },
-              },
-            ],
-          }),
-        );
-        Object.assign(env, { CELLCDS_REGIONS_FILE: regions, CELLCDS_REGION: 'r1' });
+        db = await createSpecDatabase('backup');
+        Object.assign(env, regionEnv(dir, db.url));
       }
       t = await buildTestApp(env);
       await t.addTenant(TENANT);
     });
     after(async () => {
       await t.close();
-      if (db !== undefined) {
-        const root = new Sequelize(PG_URL ?? '', { dialect: 'postgres', logging: false });
-        try {
-          await root.query(`DROP DATABASE IF EXISTS "${db}" WITH (FORCE)`);
-        } finally {
-          await root.close();
-        }
-      }
+      await db?.drop();
       fs.rmSync(dir, { recursive: true, force: true });
     });
 

@@ -12,9 +12,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
-import { Sequelize } from 'sequelize';
 import request from 'supertest';
 import { tinyPack, warfarinNsaidRequest } from '../helpers/packs.ts';
+import { createSpecDatabase, regionEnv, type SpecDatabase } from '../helpers/pg-region.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import type { TestIssuer } from '../helpers/test-issuer.ts';
 
@@ -44,39 +44,15 @@ for (const backend of backends) {
     let other: TestIssuer;
     let auditor: string;
     let dir: string;
-    let db: string | undefined;
+    let db: SpecDatabase | undefined;
     const url = `${PUBLIC_URL}/cds-services/${SERVICE}`;
 
     before(async () => {
       dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-fb-part-'));
       const env: Record<string, string> = { CELLCDS_SEED_DEMO: 'false' };
       if (backend === 'postgres') {
-        db = `cellcds_spec_fbpart_${crypto.randomBytes(4).toString('hex')}`;
-        const root = new Sequelize(PG_URL ?? '', { dialect: 'postgres', logging: false });
-        try {
-          await root.query(`CREATE DATABASE "${db}"`);
-        } finally {
-          await root.close();
-        }
-        const pg = new URL(PG_URL ?? '');
-        pg.pathname = `/${db}`;
-        const regions = path.join(dir, 'regions.json');
-        fs.writeFileSync(
-          regions,
-          JSON.stringify({
-            regions: [
-              {
-                id: 'r1',
-                jurisdiction: 'US',
-                publicUrl: PUBLIC_URL,
-                storage: { postgresUrl: pg.toString() },
-                backupDir: path.join(dir, 'backups'),
-                keyProvider: { kind: 'local-keyring', dir: path.join(dir, 'keys') },
-              },
-            ],
-          }),
-        );
-        Object.assign(env, { CELLCDS_REGIONS_FILE: regions, CELLCDS_REGION: 'r1' });
+        db = await createSpecDatabase('fbpart');
+        Object.assign(env, regionEnv(dir, db.url));
       }
       t = await buildTestApp(env);
       const up = await t.uploadPack(tinyPack('fbpart'));
@@ -93,14 +69,7 @@ for (const backend of backends) {
     });
     after(async () => {
       await t.close();
-      if (db !== undefined) {
-        const root = new Sequelize(PG_URL ?? '', { dialect: 'postgres', logging: false });
-        try {
-          await root.query(`DROP DATABASE IF EXISTS "${db}" WITH (FORCE)`);
-        } finally {
-          await root.close();
-        }
-      }
+      await db?.drop();
       fs.rmSync(dir, { recursive: true, force: true });
     });
 
