@@ -9,7 +9,7 @@ import {
   parseFeedbackRequest,
   parseHookRequest,
 } from '../hooks/index.ts';
-import { AuthError, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
+import { AuthError, mayServe, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
 import type { FeedbackRefusal } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
@@ -49,6 +49,7 @@ export function cdsRouter(deps: Deps): Router {
   router.get(
     '/',
     observe(deps, 'discovery'),
+    anonymousDiscovery(deps),
     authenticate(
       deps,
       () => '/cds-services',
@@ -254,6 +255,36 @@ const requireJson: RequestHandler = (req, _res, next) => {
   }
   next();
 };
+
+/**
+ * Discovery without a JWT (CDS-HOOKS.md §11: "optional or configurable"), for the one tenant
+ * CELLCDS_ANONYMOUS_DISCOVERY_TENANT names: an EHR's set-up screen or a conformance harness
+ * fetching it anonymously. Only a request with no Authorization header, only while that
+ * tenant is active and served in this region; anything else goes on to `authenticate` (a
+ * request that sends a token is always verified; no token otherwise answers 401).
+ */
+function anonymousDiscovery(deps: Deps): RequestHandler {
+  return async (req, res, next) => {
+    const id = deps.config.anonymousDiscoveryTenant;
+    if (id === undefined || req.headers.authorization !== undefined) {
+      next();
+      return;
+    }
+    const tenant = await deps.controlPlane.tenants.get(id).catch(() => undefined);
+    if (
+      tenant === undefined ||
+      tenant.status !== 'active' ||
+      !mayServe(tenant, deps.region.id, deps.matrix.regions)
+    ) {
+      next();
+      return;
+    }
+    const services = [...(await deps.directory.services(tenant)).values()].map((r) =>
+      discoveryEntry(r.service),
+    );
+    res.json({ services });
+  };
+}
 
 /**
  * Verifies the CDS client JWT; `aud` must be the exact URL of this endpoint under the

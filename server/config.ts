@@ -14,6 +14,7 @@ import {
   DEFAULT_REDIS_REPLAY_MAX_ENTRIES,
   isPostgresUrl,
   replayCacheSize,
+  TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
 
 const intFrom = (min: number, max: number, dflt: number) =>
@@ -89,6 +90,10 @@ const Schema = z
       .optional(),
     CELLCDS_REGIONS_FILE: z.string().min(1).optional(),
     CELLCDS_SMART_CLIENT_ID: z.string().min(1).max(256).optional(),
+    CELLCDS_ANONYMOUS_DISCOVERY_TENANT: z
+      .string()
+      .regex(TENANT_ID_PATTERN, 'must be a tenant id (lower-case letters, digits, dashes)')
+      .optional(),
     CELLCDS_SEED_DEMO: z
       .enum(['true', 'false'])
       .default('true')
@@ -147,6 +152,11 @@ export interface Config {
    * `smart.clientId`; unset = only tenants with their own client id can use the viewer.
    */
   readonly smartClientId: string | undefined;
+  /**
+   * The tenant whose services `GET /cds-services` lists to a request without Authorization
+   * (CELLCDS_ANONYMOUS_DISCOVERY_TENANT); undefined = discovery always needs the JWT.
+   */
+  readonly anonymousDiscoveryTenant: string | undefined;
   /**
    * Tenant stores a region keeps open (LRU); undefined = 1024 for SQLite regions (~0.8 MB of
    * memory each), 64 for PostgreSQL regions (each open store holds its own small pool).
@@ -370,6 +380,7 @@ export function loadConfig(
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,
     smartClientId: e.CELLCDS_SMART_CLIENT_ID,
+    anonymousDiscoveryTenant: e.CELLCDS_ANONYMOUS_DISCOVERY_TENANT,
     maxOpenStores: e.CELLCDS_MAX_OPEN_STORES,
     rewrap: Object.freeze({
       batchSize: e.CELLCDS_REWRAP_BATCH,
