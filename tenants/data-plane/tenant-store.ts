@@ -121,34 +121,32 @@ function feedbackIdentity(item: FeedbackInput): Record<string, unknown> {
 }
 
 /**
- * Idempotency id of a feedback item: the same card, outcome, instant, override reason (the
- * whole object, key order aside) and set of accepted suggestions = the same id. Anything else
- * is a new report (CDS Hooks 2.0: the same card may be reported more than once). Tagged with a
- * version, so it never equals the id of {@link previousFeedbackId} for another item.
+ * Reports with one identity (card, outcome, instant, accepted suggestions) but different
+ * override reasons a store keeps apart; a further different one is taken for a repeat.
  */
-export function feedbackId(item: FeedbackInput): string {
-  return crypto
-    .createHash('sha256')
-    .update(
-      canonicalJson({
-        idVersion: 2,
-        ...feedbackIdentity(item),
-        overrideReason: item.overrideReason ?? null,
-      }),
-    )
-    .digest('hex');
-}
+const MAX_REASON_VARIANTS = 16;
+
+const sha256Hex = (value: unknown) =>
+  crypto.createHash('sha256').update(canonicalJson(value)).digest('hex');
 
 /**
- * The id stores gave feedback before the override reason was part of it: reports differing
- * only in their reason shared it. A record stored under it is a repeat of `item` only if its
- * sealed reason is the same (saveFeedback opens it to check).
+ * The ids a feedback report may be stored under, in order: the id of its identity (the one
+ * every release has used: a report with no other of its identity stored keeps it, so replicas
+ * of an older release still see its repeats), then one per further report of that identity
+ * with another override reason. The reason is never hashed into an id: ids are stored in
+ * clear and the reason only sealed (its hash could be checked against the card's few offered
+ * reasons). Which id a report has is decided by opening the stored ones (saveFeedback).
  */
-function previousFeedbackId(item: FeedbackInput): string {
-  return crypto
-    .createHash('sha256')
-    .update(canonicalJson(feedbackIdentity(item)))
-    .digest('hex');
+function feedbackIdChain(item: FeedbackInput): string[] {
+  const identity = feedbackIdentity(item);
+  return Array.from({ length: MAX_REASON_VARIANTS }, (_, k) =>
+    sha256Hex(k === 0 ? identity : { ...identity, variant: k + 1 }),
+  );
+}
+
+/** The id of a feedback item's identity: same card, outcome, instant and suggestions. */
+export function feedbackId(item: FeedbackInput): string {
+  return feedbackIdChain(item)[0] ?? '';
 }
 
 /** An override reason (or none) compared as canonical JSON. */
@@ -754,8 +752,8 @@ async function saveFeedback(
   partial: boolean,
 ): Promise<SaveFeedbackResult> {
   const limits = ctx.wrapLimits ?? DEFAULT_WRAP_LIMITS;
-  const ids = items.map(feedbackId);
-  const previous = items.map(previousFeedbackId);
+  const chains = items.map(feedbackIdChain);
+  const reasons = items.map(reasonKey);
   for (let attempt = 0; attempt < MAX_RETRIES; attempt += 1) {
     const key = await primarySealingKey(h, ctx);
     // Which items are refused and which stored already, in one snapshot: only the others are
@@ -764,58 +762,54 @@ async function saveFeedback(
     // made only of repeats needs none). The write checks it all again.
     const before = await h.readTx(async (t) => {
       const verdicts = await checkFeedbackCards(h, t, items, service);
-      const rows = await h.models.Feedback.findAll({
-        where: { id: [...new Set([...ids, ...previous])] },
-        attributes: ['id'],
-        raw: true,
-        transaction: t,
-      });
-      const present = new Set(rows.map((r) => r.id));
-      // Records stored under the previous id that an item not stored under its own may repeat.
-      const earlier = [
-        ...new Set(
-          items.flatMap((_, i) => {
-            const prev = previous[i] ?? '';
-            return typeof verdicts[i] === 'string' &&
-              !present.has(ids[i] ?? '') &&
-              present.has(prev)
-              ? [prev]
-              : [];
-          }),
-        ),
+      const candidates = [
+        ...new Set(chains.flatMap((chain, i) => (typeof verdicts[i] === 'string' ? chain : []))),
       ];
       const sealed =
-        earlier.length === 0
+        candidates.length === 0
           ? []
           : await readCurrentSealed(
               h,
               t,
               'feedback',
-              `r.id IN (${earlier.map(() => '?').join(', ')})`,
-              earlier,
+              `r.id IN (${candidates.map(() => '?').join(', ')})`,
+              candidates,
             );
-      return { verdicts, present, sealed };
+      return { verdicts, sealed };
     });
     const firstRefused = before.verdicts.find((v) => typeof v !== 'string');
     if (!partial && firstRefused !== undefined) {
       throw new NotFoundError(firstRefused.what);
     }
-    // Its reason tells whether such a record is this item (a repeat) or another report.
-    const earlierReason = new Map<string, string>();
+    // The override reason of each stored report of these identities (opened: it is sealed).
+    const storedReason = new Map<string, string>();
     for (const row of before.sealed) {
       const opened = await openCurrent(h, ctx, 'feedback', row);
-      earlierReason.set(
+      storedReason.set(
         row.id,
         reasonKey(parseJson(opened.plain, 'feedback', row.id) as FeedbackInput),
       );
     }
-    // The id each item is (or will be) stored under.
-    const effective = items.map((item, i) => {
-      const own = ids[i] ?? '';
-      const prev = previous[i] ?? '';
-      return !before.present.has(own) && earlierReason.get(prev) === reasonKey(item) ? prev : own;
+    // The id each item is (or will be) stored under: a stored report of its identity with the
+    // same reason (a repeat), else the first id of its chain that no other report holds.
+    const claimed = new Map<string, string>();
+    const effective = items.map((_, i) => {
+      const chain = chains[i] ?? [];
+      const reason = reasons[i] ?? '';
+      for (const fid of chain) {
+        const holder = storedReason.get(fid) ?? claimed.get(fid);
+        if (holder === undefined) {
+          claimed.set(fid, reason);
+          return fid;
+        }
+        if (holder === reason) {
+          return fid;
+        }
+      }
+      return chain[0] ?? ''; // MAX_REASON_VARIANTS reasons stored already: a repeat
     });
-    const have = new Set(effective.filter((fid) => before.present.has(fid)));
+    const present = new Set(storedReason.keys());
+    const have = new Set(effective.filter((fid) => present.has(fid)));
     const fresh = new Set(
       effective.filter((fid, i) => !have.has(fid) && typeof before.verdicts[i] === 'string'),
     );
@@ -872,16 +866,18 @@ async function saveFeedback(
             continue;
           }
           const fid = effective[i] ?? '';
-          if (
-            seen.has(fid) ||
-            have.has(fid) ||
-            (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) > 0
-          ) {
+          // `have` was counted present above.
+          if (seen.has(fid) || have.has(fid)) {
             duplicates += 1;
             continue;
           }
-          if (!sealedById.has(fid)) {
-            return undefined; // refused when looked up, not now (a restore meanwhile)
+          // Refused when looked up, not now (a restore meanwhile); or written since by another
+          // call, maybe with another reason: look again (nothing written yet).
+          if (
+            !sealedById.has(fid) ||
+            (await h.models.Feedback.count({ where: { id: fid }, transaction: t })) > 0
+          ) {
+            return undefined;
           }
           seen.add(fid);
           toWrite.push({ fid, invocation, item });

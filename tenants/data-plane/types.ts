@@ -182,9 +182,9 @@ export interface FeedbackInput {
 /** Stored feedback, decrypted. */
 export interface FeedbackRecord {
   /**
-   * Idempotency id: sha256 of (card, outcome, outcomeTimestamp, overrideReason, the set of
-   * accepted suggestion ids). Records stored before overrideReason was part of it keep the id
-   * they were stored under (without it).
+   * Idempotency id: sha256 of (card, outcome, outcomeTimestamp, the set of accepted suggestion
+   * ids), or of those and a variant number for a further report of that identity with another
+   * override reason (never of the reason itself: ids are in clear).
    */
   id: string;
   invocationId: string;

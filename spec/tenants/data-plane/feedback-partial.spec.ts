@@ -1,18 +1,16 @@
 /**
  * `saveFeedback(items, { service, partial: true })` stores every item it can and returns the
  * refused ones (a card this service never sent to this tenant, a suggestion its card never
- * offered), each item written whole or not at all. Its idempotency id covers the whole item
- * (card, outcome, instant, overrideReason, suggestion set): a report differing in any of them is
- * stored, an exact repeat is not, and a repeat of an item stored under the earlier id (which
- * left out overrideReason) is still recognised.
+ * offered), each item written whole or not at all. A report differing from the stored ones in
+ * card, outcome, instant, suggestion set or override reason is stored, an exact repeat is not.
+ * Ids stay those every release used (no older replica stores a repeat twice), and the override
+ * reason, sealed, is never hashed into the id stored in clear.
  */
 import crypto from 'node:crypto';
 import { expect } from 'chai';
 import { NotFoundError } from '../../../tenants/errors.ts';
-import { openRecord, sealRecordAs } from '../../../tenants/data-plane.ts';
 import type { FeedbackInput } from '../../../tenants/data-plane.ts';
 import { canonicalJson } from '../../../tenants/data-plane/hash-chain.ts';
-import { dekAad } from '../../../tenants/data-plane/dek-ring.ts';
 import { asInstance, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
 import type { Env } from './helpers.ts';
 
@@ -25,7 +23,7 @@ const fb = (card: string, extra: Partial<FeedbackInput> = {}): FeedbackInput => 
   ...extra,
 });
 
-/** The idempotency id stores wrote before it covered overrideReason. */
+/** The id of a report's identity (card, outcome, instant, suggestions), as every release made it. */
 function previousFeedbackId(item: FeedbackInput): string {
   const suggestions = [...new Set((item.acceptedSuggestions ?? []).map((s) => s.id))].sort();
   return crypto
@@ -39,44 +37,6 @@ function previousFeedbackId(item: FeedbackInput): string {
       }),
     )
     .digest('hex');
-}
-
-/**
- * Re-addresses a stored feedback record to `id` (re-sealed for that id, as its AAD names it):
- * what a store written by the previous release holds for the same item.
- */
-async function readdress(env: Env, tenant: string, from: string, to: string): Promise<void> {
-  const raw = await env.raw(tenant);
-  const [row] = await raw.query<{ sealed: string | Buffer; key_version: number }>(
-    `SELECT sealed, key_version FROM ${raw.t('feedback')} WHERE id = :id`,
-    { id: from },
-  );
-  if (!row) {
-    throw new Error(`no feedback ${from}`);
-  }
-  const [dek] = await raw.query<{ wrapped: string }>(
-    `SELECT wrapped FROM ${raw.t('dek_versions')} WHERE version = :v`,
-    { v: row.key_version },
-  );
-  const key = await env.provider.unwrapDek(
-    tenant,
-    dek?.wrapped ?? '',
-    dekAad(env.region, tenant, row.key_version),
-  );
-  const plain = await openRecord(row.sealed, { tenant, table: 'feedback', recordId: from }, () =>
-    Promise.resolve(key),
-  );
-  const sealed = sealRecordAs(
-    env.backend === 'sqlite' ? 'binary' : 'text',
-    { version: row.key_version, key },
-    { tenant, table: 'feedback', recordId: to },
-    plain,
-  );
-  await raw.exec(`UPDATE ${raw.t('feedback')} SET id = :to, sealed = :sealed WHERE id = :from`, {
-    from,
-    to,
-    sealed,
-  });
 }
 
 forEachBackend(
@@ -170,33 +130,35 @@ forEachBackend(
       expect((await s.readInvocation('inv-1')).feedback).to.have.length(4);
     });
 
-    it('recognises a repeat of an item without overrideReason stored under the earlier id', async () => {
+    it('stores a report under the id of its identity, the one every release used, so older replicas see its repeats', async () => {
       const s = env.stores.store('acme');
       await s.saveInvocation(invocation('inv-1'));
       const item = fb('card-inv-1', {
         outcome: 'accepted',
         acceptedSuggestions: [{ id: 'sugg-inv-1' }],
       });
+      const reasoned = fb('card-inv-2-x', {
+        overrideReason: { reason: { code: 'a', system: 'http://s' }, userComment: 'first' },
+      });
       const saved = await s.saveFeedback([item], { service: SERVICE });
-      const legacy = previousFeedbackId(item);
-      await readdress(env, 'acme', saved.ids[0] ?? '', legacy);
+      expect(saved.ids).to.deep.equal([previousFeedbackId(item)]);
       const repeat = await s.saveFeedback([item], { service: SERVICE });
       expect(repeat).to.include({ stored: 0, duplicates: 1 });
-      expect(repeat.ids).to.deep.equal([legacy]);
-      expect((await s.readInvocation('inv-1')).feedback.map((f) => f.id)).to.deep.equal([legacy]);
+      // The override reason is sealed; the id, in clear, is not derived from it.
+      expect(previousFeedbackId(reasoned)).to.equal(
+        previousFeedbackId({ ...reasoned, overrideReason: { userComment: 'other' } }),
+      );
     });
 
-    it('recognises a repeat of an item stored under the earlier id, and stores one with another reason', async () => {
+    it('keeps reports of one identity with other reasons apart, never hashing a reason into an id', async () => {
       const s = env.stores.store('acme');
       await s.saveInvocation(invocation('inv-1'));
       const reasoned = fb('card-inv-1', {
         overrideReason: { reason: { code: 'a', system: 'http://s' }, userComment: 'first' },
       });
-      const saved = await s.saveFeedback([reasoned], { service: SERVICE });
       const legacy = previousFeedbackId(reasoned);
-      expect(saved.ids[0]).to.not.equal(legacy);
-      await readdress(env, 'acme', saved.ids[0] ?? '', legacy);
-      expect((await s.readInvocation('inv-1')).feedback.map((f) => f.id)).to.deep.equal([legacy]);
+      const saved = await s.saveFeedback([reasoned], { service: SERVICE });
+      expect(saved.ids).to.deep.equal([legacy]);
 
       const repeat = await s.saveFeedback([reasoned], { service: SERVICE, partial: true });
       expect(repeat).to.include({ stored: 0, duplicates: 1 });
@@ -205,16 +167,19 @@ forEachBackend(
         overrideReason: { reason: { code: 'a', system: 'http://s' }, userComment: 'second' },
       });
       const plain = fb('card-inv-1');
-      const more = await s.saveFeedback([other, plain, reasoned], { service: SERVICE });
-      expect(more).to.include({ stored: 2, duplicates: 1 });
+      const more = await s.saveFeedback([other, plain, reasoned, other], { service: SERVICE });
+      expect(more).to.include({ stored: 2, duplicates: 2 });
+      expect(more.ids[2]).to.equal(legacy);
+      expect(new Set(more.ids).size).to.equal(3);
+      expect(more.ids[0]).to.equal(more.ids[3]);
       const stored = (await s.readInvocation('inv-1')).feedback;
-      expect(stored.map((f) => f.item.overrideReason?.userComment ?? null)).to.deep.equal([
-        'first',
-        'second',
-        null,
-      ]);
-      // The earlier id of the item without a reason is the stored one's: not taken for a repeat.
-      expect(previousFeedbackId(plain)).to.equal(legacy);
+      expect(stored.map((f) => f.item.overrideReason?.userComment ?? null).sort()).to.deep.equal(
+        ['first', 'second', null].sort(),
+      );
+      // Each again: all repeats, under the same ids.
+      const again = await s.saveFeedback([plain, other, reasoned], { service: SERVICE });
+      expect(again).to.include({ stored: 0, duplicates: 3 });
+      expect(again.ids).to.deep.equal([more.ids[1], more.ids[0], legacy]);
     });
   },
 );
