@@ -55,10 +55,24 @@ export function lacksOffset(value: string): boolean {
  * FHIR date or dateTime; a time needs its offset ({@link lacksOffset}).
  */
 export function nowProblem(value: string): string | undefined {
-  if (!FHIR_DATETIME.test(value) || Number.isNaN(Date.parse(value))) {
+  if (!FHIR_DATETIME.test(value) || Number.isNaN(Date.parse(value)) || !realCalendarDate(value)) {
     return NOW_FORMAT_MESSAGE;
   }
   return lacksOffset(value) ? NOW_OFFSET_MESSAGE : undefined;
+}
+
+/**
+ * Whether the calendar date a `now` starts with exists: `Date` reads `2021-02-30` as March 2nd
+ * instead of refusing it.
+ */
+function realCalendarDate(value: string): boolean {
+  const m = /^(\d{4})-(\d{2})-(\d{2})/.exec(value);
+  if (!m) {
+    return true; // a year or a year-month
+  }
+  const [year, month, day] = [Number(m[1]), Number(m[2]), Number(m[3])];
+  const d = new Date(Date.UTC(year, month - 1, day));
+  return d.getUTCFullYear() === year && d.getUTCMonth() === month - 1 && d.getUTCDate() === day;
 }
 
 /**

@@ -555,6 +555,11 @@ const table: Array<[string, Mutate, PackProblem]> = [
     { path: 'tests[0].now', message: 'must be an ISO 8601 date or dateTime' },
   ],
   [
+    'a test whose now is a date that does not exist (Date would read 2021-02-30 as March 2nd)',
+    (p) => (p.tests![0]!.now = '2021-02-30'),
+    { path: 'tests[0].now', message: 'must be an ISO 8601 date or dateTime' },
+  ],
+  [
     'a failing embedded test',
     (p) => (p.tests![0]!.expect = { fire: ['male'] }),
     { path: 'tests[0]', message: 'expected rule male to fire' },
