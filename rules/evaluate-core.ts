@@ -89,12 +89,13 @@ export function isFhirReference(text: string): boolean {
  * The path (e.g. `.basedOn[1].reference`) of the first string under a `reference` key, at any
  * depth of a suggestion's resource, that is not `isFhirReference`; undefined if there is none.
  * One walk for the engine (`buildCard` drops the suggestion) and `finalizeCards` (backstop).
- * A key that is no FHIR element name may come from patient data: it is shown as `[?]`.
+ * A key that is no FHIR element name may come from patient data: it is shown as `[?]`. A bare
+ * `#` inside `contained` (a contained resource pointing back to its container) is allowed.
  */
-export function findBadReference(value: unknown): string | undefined {
+export function findBadReference(value: unknown, inContained = false): string | undefined {
   if (Array.isArray(value)) {
     for (let i = 0; i < value.length; i++) {
-      const bad = findBadReference(value[i]);
+      const bad = findBadReference(value[i], inContained);
       if (bad !== undefined) {
         return `[${i}]${bad}`;
       }
@@ -108,12 +109,13 @@ export function findBadReference(value: unknown): string | undefined {
     const v = value[key];
     const here = /^[A-Za-z_][A-Za-z0-9_]*$/.test(key) ? `.${key}` : '[?]';
     if (key === 'reference' && typeof v === 'string') {
-      if (!isFhirReference(v)) {
+      // A bare `#` is a contained resource's reference to its container (R4 dom-3).
+      if (!isFhirReference(v) && !(inContained && v === '#')) {
         return here;
       }
       continue;
     }
-    const bad = findBadReference(v);
+    const bad = findBadReference(v, inContained || key === 'contained');
     if (bad !== undefined) {
       return `${here}${bad}`;
     }

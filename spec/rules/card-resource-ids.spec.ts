@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { compilePack, createEvaluator } from '../../rules/index.ts';
+import { compilePack, createEvaluator, findBadReference } from '../../rules/index.ts';
 import type {
   ActionTemplate,
   CardTemplate,
@@ -420,6 +420,18 @@ describe('rules: references inside a suggestion resource must be FHIR references
     expect(actions).to.have.length(2);
     expect(actions?.[0]?.resource).to.deep.include(expected);
     expect(actions?.[1]?.resource).to.deep.include({ ...expected, id: 'Ab-9.z' });
+  });
+
+  it("allows a bare # only inside contained (a contained resource's reference to its container, R4 dom-3)", () => {
+    const resource = {
+      resourceType: 'MedicationRequest',
+      contained: [{ resourceType: 'Provenance', target: [{ reference: '#' }] }],
+      requester: { reference: '#' },
+    };
+    expect(findBadReference(resource)).to.equal('.requester.reference');
+    expect(findBadReference({ ...resource, requester: { reference: 'Practitioner/1' } })).to.equal(
+      undefined,
+    );
   });
 
   it('leaves out a reference that interpolation left wholly empty (as any empty field)', async () => {
