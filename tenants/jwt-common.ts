@@ -77,9 +77,27 @@ export function missingClaim(claim: string): AuthError {
   return new AuthError('missing_claim', claim, undefined, { claim });
 }
 
-/** A `kid` the key set does not hold (`unknown_kid`), naming it. */
+/** A `kid` as key ids are written (JWK thumbprints, uuids, names with dots and colons). */
+const PLAIN_KID = /^[A-Za-z0-9._:+/=-]{1,200}$/;
+
+/**
+ * A `kid` the key set does not hold (`unknown_kid`), naming it. The header is read before any
+ * signature check, so anyone who knows a registered `iss` chooses it: one in the usual key id
+ * characters is named; any other text is never written to the audit (its length and a short
+ * sha256 prefix are, enough to match it with what the EHR team sent).
+ */
 export function unknownKid(kid: string): AuthError {
-  return new AuthError('unknown_kid', undefined, undefined, { kid: detailValue(kid) });
+  return new AuthError(
+    'unknown_kid',
+    undefined,
+    undefined,
+    PLAIN_KID.test(kid)
+      ? { kid }
+      : {
+          kidLength: kid.length,
+          kidSha256: crypto.createHash('sha256').update(kid).digest('hex').slice(0, 12),
+        },
+  );
 }
 
 /**

@@ -4,6 +4,7 @@
  * which was expected, why the issuer's keys could not be fetched), while the caller still gets
  * the bare 401.
  */
+import crypto from 'node:crypto';
 import { expect } from 'chai';
 import request from 'supertest';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
@@ -87,6 +88,18 @@ describe('server/ refused client tokens: audit detail for the operator', () => {
       `Bearer ${await a.sign({ aud: url }, { kid: 'rotated-2026-11' })}`,
     );
     expect(detail).to.include({ reason: 'unknown_kid', kid: 'rotated-2026-11' });
+  });
+
+  it("never writes a kid's free text to the audit: only its length and a sha256 prefix", async () => {
+    const kid = 'Jane Doe DOB 1950-01-01 <script>';
+    const detail = await refusedDetail(`Bearer ${await a.sign({ aud: url }, { kid })}`);
+    expect(detail).to.include({
+      reason: 'unknown_kid',
+      kidLength: kid.length,
+      kidSha256: crypto.createHash('sha256').update(kid).digest('hex').slice(0, 12),
+    });
+    expect(detail).to.not.have.property('kid');
+    expect(JSON.stringify(detail)).to.not.include('Jane');
   });
 
   it('records the received aud and the expected URL of a bad_aud', async () => {
