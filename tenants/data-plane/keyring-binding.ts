@@ -9,8 +9,8 @@
  * copy of it) in the region's storage, and every later one compares: a replica on another
  * keyring refuses to open the stores at all (boot fails, naming both), before any key is made.
  *
- * Stores made before bindings existed: the first process binds only if its keyring holds the key
- * of at least one of the region's stores it samples (or the region has no store yet).
+ * Stores made before bindings existed: the first process binds only if its keyring holds the keys
+ * of most of the region's stores it samples (or the region has no store yet).
  */
 import { KeyUnavailableError } from './errors.ts';
 import type { StoreBackend } from './store-backend.ts';
@@ -24,7 +24,7 @@ const RUNBOOK = 'docs/operations.md, "A replica refuses its keyring"';
 /**
  * Binds the region's stores to the provider's keyring, or checks they are bound to it.
  * @throws KeyUnavailableError('keyring_mismatch') if they are bound to another keyring, or, at
- *   the first binding, if this keyring holds the key of none of the sampled stores' tenants.
+ *   the first binding, if this keyring holds the keys of half or fewer of the sampled stores.
  */
 export async function bindStoresToKeyring(
   backend: StoreBackend,
@@ -50,14 +50,19 @@ export async function bindStoresToKeyring(
   }
   const sample = (await backend.list()).slice(0, FIRST_BIND_SAMPLE);
   if (sample.length > 0) {
-    const held = await Promise.all(sample.map((t) => provider.hasTenantKey(t)));
-    if (!held.includes(true)) {
+    const held = (await Promise.all(sample.map((t) => provider.hasTenantKey(t)))).filter(
+      Boolean,
+    ).length;
+    // Most, not all: a store can lack its key for good (a deprovisioning killed between the
+    // shred and the store's removal) or not yet (killed before its first write). But a keyring
+    // that an older release's misconfigured replica keyed a few new tenants in holds few.
+    if (held * 2 <= sample.length) {
       throw new KeyUnavailableError(
         'keyring_mismatch',
-        `this process's keyring (${info.location}, ${mine}) holds the key of none of the ` +
-          `${String(sample.length)} tenant stores of region ${backend.region} it checked: it is ` +
-          `not the region's keyring (another keyProvider.dir, or a keyring made afresh because ` +
-          `the folder was empty). Nothing was opened and no key was made (${RUNBOOK})`,
+        `this process's keyring (${info.location}, ${mine}) holds the key of ${String(held)} of ` +
+          `the ${String(sample.length)} tenant stores of region ${backend.region} it checked: ` +
+          `it is not the region's keyring (another keyProvider.dir, or a keyring made afresh ` +
+          `because the folder was empty). Nothing was opened and no key was made (${RUNBOOK})`,
       );
     }
   }
