@@ -9,8 +9,8 @@ import {
   parseFeedbackRequest,
   parseHookRequest,
 } from '../hooks/index.ts';
-import { AuthError, mayServe, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
-import type { FeedbackRefusal } from '../tenants/index.ts';
+import { AuthError, mayServe, NotFoundError, RETRYABLE_AUTH_FAILURES } from '../tenants/index.ts';
+import type { FeedbackRefusal, Tenant } from '../tenants/index.ts';
 import type { Deps } from './context.ts';
 import { ctxOf, requestIdOf } from './context.ts';
 import { bodyTooLarge, ServiceError, unsupportedMediaType } from './errors.ts';
@@ -26,25 +26,13 @@ export function cdsRouter(deps: Deps): Router {
   const router = express.Router();
   const limitBytes = deps.config.bodyLimitBytes;
   // A body over the limit: 413 naming it and its setting, as a pack upload's does (the EHR's
-  // integrator learns what to send, or what to ask the operator to raise). Other errors go on.
+  // integrator learns what to send, or what to ask the operator to raise). Mounted after the
+  // routes, it sees their errors; any other error goes on unchanged.
   const tooLarge = bodyTooLarge(
     `a CDS Hooks request body may be at most ${limitBytes} bytes (the server's CELLCDS_BODY_LIMIT_BYTES)`,
     limitBytes,
   );
-  const parseJson: RequestHandler = express.json({
-    limit: limitBytes,
-    type: JSON_TYPES,
-    strict: true,
-  });
-  const json: RequestHandler = (req, res, next) => {
-    parseJson(req, res, (err?: unknown) => {
-      if (err === undefined || err === null) {
-        next();
-        return;
-      }
-      tooLarge(err, req, res, next);
-    });
-  };
+  const json = express.json({ limit: limitBytes, type: JSON_TYPES, strict: true });
 
   router.get(
     '/',
@@ -56,11 +44,7 @@ export function cdsRouter(deps: Deps): Router {
       () => ({ endpoint: '/cds-services' }),
     ),
     async (_req, res) => {
-      const { tenant } = ctxOf(res);
-      const services = [...(await deps.directory.services(tenant)).values()].map((r) =>
-        discoveryEntry(r.service),
-      );
-      res.json({ services });
+      res.json(await discoveryOf(deps, ctxOf(res).tenant));
     },
   );
 
@@ -174,6 +158,7 @@ export function cdsRouter(deps: Deps): Router {
     },
   );
 
+  router.use(tooLarge);
   return router;
 }
 
@@ -270,7 +255,14 @@ function anonymousDiscovery(deps: Deps): RequestHandler {
       next();
       return;
     }
-    const tenant = await deps.controlPlane.tenants.get(id).catch(() => undefined);
+    // Unknown (deleted since the setting was made): as if unset. Any other failure (the
+    // control plane down) goes to the error handler, not to a 401.
+    const tenant = await deps.controlPlane.tenants.get(id).catch((err: unknown) => {
+      if (err instanceof NotFoundError) {
+        return undefined;
+      }
+      throw err;
+    });
     if (
       tenant === undefined ||
       tenant.status !== 'active' ||
@@ -279,10 +271,16 @@ function anonymousDiscovery(deps: Deps): RequestHandler {
       next();
       return;
     }
-    const services = [...(await deps.directory.services(tenant)).values()].map((r) =>
+    res.json(await discoveryOf(deps, tenant));
+  };
+}
+
+/** The discovery document of `tenant`: its subscribed services. */
+async function discoveryOf(deps: Deps, tenant: Tenant): Promise<{ services: unknown[] }> {
+  return {
+    services: [...(await deps.directory.services(tenant)).values()].map((r) =>
       discoveryEntry(r.service),
-    );
-    res.json({ services });
+    ),
   };
 }
 

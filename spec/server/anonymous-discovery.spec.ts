@@ -82,6 +82,18 @@ describe('server: anonymous discovery (CELLCDS_ANONYMOUS_DISCOVERY_TENANT)', fun
     expect((await request(t.app).get('/cds-services')).status).to.equal(200);
   });
 
+  it('answers 401 when the configured tenant does not exist', async () => {
+    const ghost = await buildTestApp({
+      CELLCDS_SEED_DEMO: 'false',
+      CELLCDS_ANONYMOUS_DISCOVERY_TENANT: 'no-such-clinic',
+    });
+    try {
+      expect((await request(ghost.app).get('/cds-services')).status).to.equal(401);
+    } finally {
+      await ghost.close();
+    }
+  });
+
   it('refuses a value that is not a tenant id at start', async () => {
     const err = await buildTestApp({ CELLCDS_ANONYMOUS_DISCOVERY_TENANT: 'Not A Tenant' }).then(
       async (app) => {
