@@ -50,7 +50,6 @@ export type { RecordAddress, SealingKey } from './data-plane/record-cipher.ts';
 export { isFormat1, readBackupManifest, readManifestShape } from './data-plane/backup.ts';
 export type { BackupManifest } from './data-plane/backup.ts';
 export { isStoreUnavailableError, tenantSchemaName } from './data-plane/store-backend.ts';
-export { feedbackId } from './data-plane/tenant-store.ts';
 export { migrateTenant, migrationStatePath, readMigrationState } from './data-plane/migration.ts';
 export type {
   MigrateTenantOptions,

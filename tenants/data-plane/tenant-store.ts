@@ -144,11 +144,6 @@ function feedbackIdChain(item: FeedbackInput): string[] {
   );
 }
 
-/** The id of a feedback item's identity: same card, outcome, instant and suggestions. */
-export function feedbackId(item: FeedbackInput): string {
-  return feedbackIdChain(item)[0] ?? '';
-}
-
 /** An override reason (or none) compared as canonical JSON. */
 function reasonKey(item: FeedbackInput): string {
   return canonicalJson(item.overrideReason ?? null);
