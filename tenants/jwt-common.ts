@@ -69,7 +69,12 @@ export interface FailureInfo {
 
 /** An untrusted value, capped for a refusal's audit detail. */
 function detailValue(value: string): string {
-  return value.length > MAX_DETAIL_VALUE_LENGTH ? value.slice(0, MAX_DETAIL_VALUE_LENGTH) : value;
+  return capped(value, MAX_DETAIL_VALUE_LENGTH);
+}
+
+/** `value`, cut to `max` characters. */
+function capped(value: string, max: number): string {
+  return value.length > max ? value.slice(0, max) : value;
 }
 
 /** `missing_claim`, naming the claim (`jti`, `iat`, `exp`, `iss`, `aud`, ...). */
@@ -255,7 +260,7 @@ export function registrationOf(
 
 /** Caps an untrusted value before it goes to `onFailure` (and from there to logs). */
 export function truncateInfo(value: string): string {
-  return value.length > MAX_INFO_LENGTH ? value.slice(0, MAX_INFO_LENGTH) : value;
+  return capped(value, MAX_INFO_LENGTH);
 }
 
 /**

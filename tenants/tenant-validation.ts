@@ -337,7 +337,7 @@ function validateSharedIssuer(value: unknown): boolean {
 
 /**
  * Validates and normalises a new tenant. `sharedIssuer` is the request's confirmation that one
- * of its issuers may become shared with another tenant (see `issuerSharingProblem`).
+ * of its issuers may become shared with another tenant (checked by the repository in its write transaction, `checkIssuerSharing`).
  * @throws InvalidInputError naming the first offending field.
  */
 export async function validateNewTenant(
