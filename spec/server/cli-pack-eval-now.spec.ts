@@ -1,8 +1,8 @@
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
+import { runCli } from '../helpers/processes.ts';
 
 /**
  * A rule comparing a draft authored at 10:00 UTC with %now: for a date-only now it must not
@@ -69,14 +69,10 @@ describe('cellcds CLI: pack eval --now with a date only', function () {
   let requestFile: string;
 
   const run = (args: string[]) =>
-    spawnSync(process.execPath, ['--import', 'tsx', 'server/cli.ts', ...args], {
-      env: {
-        ...process.env,
-        CELLCDS_DATA_DIR: path.join(work, 'data'),
-        CELLCDS_LOG_LEVEL: 'silent',
-      },
-      encoding: 'utf8',
-      timeout: 90_000,
+    runCli(args, {
+      ...process.env,
+      CELLCDS_DATA_DIR: path.join(work, 'data'),
+      CELLCDS_LOG_LEVEL: 'silent',
     });
   const summaries = (now: string): string[] => {
     const r = run(['pack', 'eval', packFile, '--request', requestFile, '--now', now]);
