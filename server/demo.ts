@@ -29,7 +29,15 @@ export function readPackFile(file: string): unknown {
 }
 
 /**
- * Seeds the demo tenant if it does not exist yet. Idempotent.
+ * When the demo tenant was deprovisioned (its id is retired: never registered again), or
+ * undefined.
+ */
+export async function demoRetiredAt(controlPlane: ControlPlane): Promise<string | undefined> {
+  return controlPlane.tenants.retiredAt?.(DEMO_TENANT);
+}
+
+/**
+ * Seeds the demo tenant if it does not exist yet and was never deprovisioned. Idempotent.
  * @returns true if it seeded now.
  */
 export async function seedDemo(opts: {
@@ -39,7 +47,9 @@ export async function seedDemo(opts: {
   admin: AdminService;
 }): Promise<boolean> {
   const existing = await opts.controlPlane.tenants.list();
-  if (existing.some((t) => t.id === DEMO_TENANT)) {
+  // A deprovisioned demo's id is retired: registering it again would be refused, after its
+  // EHR key file had been overwritten.
+  if (existing.some((t) => t.id === DEMO_TENANT) || (await demoRetiredAt(opts.controlPlane))) {
     return false;
   }
   const keystore = jose.JWK.createKeyStore();

@@ -14,7 +14,7 @@ import { buildDeps } from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
 import { AdminService } from './admin-service.ts';
-import { DEMO_KEY_FILE, seedDemo } from './demo.ts';
+import { DEMO_KEY_FILE, demoRetiredAt, seedDemo } from './demo.ts';
 import { asBootError, reportBootFailure } from './boot-failure.ts';
 import { createLogger } from './logger.ts';
 import type { Logger } from './logger.ts';
@@ -28,7 +28,8 @@ export async function serve(
 ): Promise<{ server: Server; close(): Promise<void> }> {
   const deps = await buildDeps(config, log);
   let seeded = false;
-  if (config.seedDemo) {
+  const demoRetired = config.seedDemo ? await demoRetiredAt(deps.controlPlane) : undefined;
+  if (config.seedDemo && demoRetired === undefined) {
     seeded = await seedDemo({
       dataDir: config.dataDir,
       region: config.region,
@@ -68,7 +69,7 @@ export async function serve(
     },
     'listening',
   );
-  printBanner(config, seeded);
+  printBanner(config, seeded, demoRetired);
   const inFlight = trackResponses(server, lifecycle);
   return {
     server,
@@ -167,16 +168,22 @@ function cliEnvFor(config: Config): string {
  * directory, which only the process that seeded the demo has (not another replica, nor a server
  * started with `CELLCDS_SEED_DEMO=false` on a fresh folder): printed only where it would work.
  */
-function printBanner(config: Config, seeded: boolean): void {
+function printBanner(config: Config, seeded: boolean, demoRetired: string | undefined): void {
   const tokenWhere = config.adminToken
     ? 'CELLCDS_ADMIN_TOKEN'
     : `${config.dataDir}/admin-token (mode 0600)`;
-  const hasDemoKey = fs.existsSync(path.join(config.dataDir, DEMO_KEY_FILE));
+  // The key of a deprovisioned demo tenant signs for nobody.
+  const hasDemoKey =
+    demoRetired === undefined && fs.existsSync(path.join(config.dataDir, DEMO_KEY_FILE));
   const lines = [
     '',
     `cellcds is listening on ${config.publicUrl}  (region ${config.region}, data in ${config.dataDir})`,
     seeded
       ? 'Seeded: demo tenant "demo", a demo EHR issuer key and the medication-safety pack.'
+      : '',
+    demoRetired !== undefined
+      ? `Not seeded: the demo tenant "demo" was deprovisioned on ${demoRetired} and tenant ids ` +
+        'are never reused. Set CELLCDS_SEED_DEMO=false to stop checking.'
       : '',
     '',
     ...(hasDemoKey
