@@ -301,6 +301,12 @@ export async function buildDeps(
      * directory must not, or two processes would rewrap the same records).
      */
     resumeJobs?: boolean;
+    /**
+     * An operator command (`cellcds evidence`), not the server: never make the region's keyring
+     * (a missing keyring file is refused) nor its first keyring binding (a region no server
+     * opened yet is refused). Only the server does both, on the region's real keyring.
+     */
+    operator?: boolean;
   } = {},
 ): Promise<Deps & { close(): Promise<void> }> {
   ensureDataDir(config.dataDir);
@@ -353,7 +359,12 @@ export async function buildDeps(
   const keyProvider = await bootStep(
     `key provider (keyring ${region.keyProvider.dir})`,
     keyringSetting,
-    () => createLocalKeyProvider({ keyDir: region.keyProvider.dir, region: region.id }),
+    () =>
+      createLocalKeyProvider({
+        keyDir: region.keyProvider.dir,
+        region: region.id,
+        create: opts.operator !== true,
+      }),
   );
   const dataPlaneSetting =
     region.storage.kind === 'postgres'
@@ -370,6 +381,7 @@ export async function buildDeps(
       ? { dataDir: region.storage.dataDir }
       : { postgresUrl: region.storage.postgresUrl }),
     keyProvider,
+    mayBind: opts.operator !== true,
     // Round-robin calls over more tenants than this reopen a store (and unwrap its DEK) each
     // time: size it to the tenants a region serves actively (docs/operations.md).
     maxOpen: config.maxOpenStores ?? (region.storage.kind === 'sqlite' ? 1024 : 64),

@@ -31,6 +31,7 @@ import {
   copyControlPlane,
   CONTROL_PLANE_SCHEMA_PATTERN,
   COPIED_TABLES,
+  createLocalKeyProvider,
   DEFAULT_CONTROL_PLANE_SCHEMA,
   InvalidInputError,
   ResidencyError,
@@ -39,7 +40,12 @@ import {
 import type { Principal, Tenant } from '../tenants/index.ts';
 import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
 import { formatBackupTable, listBackups } from './backup-list.ts';
-import { buildDeps, openConfiguredControlPlane, readAdminToken } from './bootstrap.ts';
+import {
+  buildDeps,
+  ensureDataDir,
+  openConfiguredControlPlane,
+  readAdminToken,
+} from './bootstrap.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import type { Config } from './config.ts';
 import { daysBetween, shiftDates } from './date-shift.ts';
@@ -150,19 +156,22 @@ function usageErrorOf(err: unknown): unknown {
 async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T> {
   const cfg = config();
   assertDataDirHere(cfg);
-  const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), { resumeJobs: false });
+  const matrix = regionMatrix(cfg);
+  // The control plane only: no region's keyring or stores are opened, so a command run on a
+  // host whose keyProvider.dir is wrong cannot make a keyring or bind a region to it (only the
+  // server does, on the region's real keyring).
+  ensureDataDir(cfg.dataDir);
+  const controlPlane = await openConfiguredControlPlane(cfg);
+  const evaluator = createEvaluator(cfg.evaluation);
   try {
-    return await fn(
-      new AdminService({
-        controlPlane: deps.controlPlane,
-        evaluator: deps.evaluator,
-        regions: deps.matrix.regions,
-      }),
-    ).catch((err: unknown) => {
-      throw usageErrorOf(err);
-    });
+    return await fn(new AdminService({ controlPlane, evaluator, regions: matrix.regions })).catch(
+      (err: unknown) => {
+        throw usageErrorOf(err);
+      },
+    );
   } finally {
-    await deps.close();
+    await evaluator.close();
+    await controlPlane.close();
   }
 }
 
@@ -957,7 +966,21 @@ export function buildProgram(): Command {
     .action(async (o: { from: string; to: string; out: string }) => {
       const cfg = config();
       assertDataDirHere(cfg);
-      const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), { resumeJobs: false });
+      // Reads the region's data plane as an operator: refused (exit 1) on a region whose keyring
+      // this host lacks or that no server opened yet, with nothing made (server/bootstrap.ts).
+      // A missing keyring file is refused first, before the control plane is opened.
+      const region = regionMatrix(cfg).regions.find((r) => r.id === cfg.region);
+      if (region) {
+        await createLocalKeyProvider({
+          keyDir: region.keyProvider.dir,
+          region: region.id,
+          create: false,
+        });
+      }
+      const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), {
+        resumeJobs: false,
+        operator: true,
+      });
       try {
         const storeOf = async (t: Tenant) =>
           t.region === deps.region.id && (await deps.stores.listTenants()).includes(t.id)

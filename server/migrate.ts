@@ -4,7 +4,8 @@
  * regions are opened locally from the region matrix; the serving planes of the tenant must be
  * stopped (the tenant is suspended for the whole move, so a plane that is still up refuses its
  * calls). The data-plane job is `migrateTenant` (tenants/); this file adds the policy check, the
- * suspension, the control-plane commit (`moveHome`) and the control-plane audit events.
+ * suspension, the control-plane commit (`moveHome`) and the control-plane audit events. It never
+ * makes a region's keyring or its first keyring binding: only the region's servers do.
  */
 import path from 'node:path';
 import {
@@ -50,10 +51,20 @@ export function defaultMigrationStateDir(target: Region): string {
   return path.join(target.backupDir, 'migrations');
 }
 
+/**
+ * Opens a region's data plane as an operator command: never makes the region's keyring
+ * (`create: false`: a missing file in `keyProvider.dir` is refused, naming it) nor its first
+ * keyring binding (`mayBind: false`: a region no server opened yet is refused). Only the
+ * region's servers do both, on the region's real keyring; a migration that did either would
+ * bind the target to a keyring those servers do not hold, rewrap the tenant under it, and
+ * lock them out.
+ * @throws KeyUnavailableError('provider' | 'keyring_mismatch') naming the region and keyring.
+ */
 async function openRegion(region: Region, now?: () => Date): Promise<MigrationRegion> {
   const keyProvider = await createLocalKeyProvider({
     keyDir: region.keyProvider.dir,
     region: region.id,
+    create: false,
     ...(now ? { now } : {}),
   });
   const stores: RegionStores = await openRegionStores({
@@ -62,9 +73,25 @@ async function openRegion(region: Region, now?: () => Date): Promise<MigrationRe
       ? { dataDir: region.storage.dataDir }
       : { postgresUrl: region.storage.postgresUrl }),
     keyProvider,
+    mayBind: false,
     ...(now ? { now } : {}),
   });
   return { stores, keyProvider };
+}
+
+/** Opens both regions (see openRegion), or neither. */
+async function openBoth(
+  source: Region,
+  target: Region,
+  now?: () => Date,
+): Promise<{ source: MigrationRegion; target: MigrationRegion }> {
+  const opened = await openRegion(source, now);
+  try {
+    return { source: opened, target: await openRegion(target, now) };
+  } catch (err) {
+    await opened.stores.close();
+    throw err;
+  }
 }
 
 /**
@@ -75,9 +102,13 @@ async function openRegion(region: Region, now?: () => Date): Promise<MigrationRe
  * tenant suspended (fail closed) and a checkpoint: run the command again to resume.
  * Control-plane events: `migration.started` | `migration.resumed`, `migration.completed`,
  * `migration.failed`.
+ * Both regions are opened first, as an operator command (see openRegion): a region whose
+ * keyring file is missing from this host's `keyProvider.dir`, or that no server opened yet, is
+ * refused before the tenant is suspended or anything is audited, written or checkpointed.
  * @throws NotFoundError (tenant), RegionConfigError (unknown region), ResidencyError (422),
- *   ConflictError (another migration pending; the source changed during the move), and the
- *   errors of `migrateTenant`.
+ *   ConflictError (another migration pending; the source changed during the move),
+ *   KeyUnavailableError (`provider`: no keyring file; `keyring_mismatch`: another keyring, or a
+ *   region no server bound yet), and the errors of `migrateTenant`.
  */
 export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrationResult> {
   const { controlPlane: cp, matrix, to } = opts;
@@ -124,75 +155,79 @@ export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrat
   }
   const sourceRegion = selectRegion(matrix, from);
   const targetRegion = selectRegion(matrix, to);
-
-  // Resume the tenant at the end only if this migration suspended it (kept in the checkpoint).
-  const resumeAfter = resuming ? pending.context?.resumeAfter === true : tenant.status === 'active';
-  if (tenant.status !== 'suspended') {
-    await cp.tenants.update(tenant.id, { status: 'suspended' }, { regions, actor });
-  }
-  await cp.audit.record({
-    type: resuming ? 'migration.resumed' : 'migration.started',
-    outcome: 'success',
-    tenant: tenant.id,
-    actor,
-    detail: { from, to, ...(resuming ? { phase: pending.phase } : {}) },
-  });
-
-  const source = await openRegion(sourceRegion, opts.now);
-  let target: MigrationRegion | undefined;
-  let last: MigrationProgress | undefined;
+  // Both regions' keyrings and bindings are checked before anything is suspended, audited or
+  // checkpointed: a region whose keyring this host does not hold, or that no server opened
+  // yet, is refused with nothing changed (a resumed migration keeps its checkpoint).
+  const { source, target } = await openBoth(sourceRegion, targetRegion, opts.now);
   try {
-    target = await openRegion(targetRegion, opts.now);
-    const migration = await migrateTenant({
-      tenant: tenant.id,
-      source,
-      target,
-      stateDir: stateDir ?? defaultMigrationStateDir(targetRegion),
-      actor,
-      context: { resumeAfter },
-      ...(opts.now ? { now: opts.now } : {}),
-      async commit() {
-        // Idempotent: a resumed run after a crash right after moveHome finds it done.
-        const current = await cp.tenants.get(tenant.id);
-        if (current.region !== to) {
-          await cp.tenants.moveHome(tenant.id, to, { regions, actor });
-        }
-      },
-      async onProgress(p) {
-        last = p;
-        await opts.onProgress?.(p);
-      },
-    });
-    let after = await cp.tenants.get(tenant.id);
-    if (resumeAfter && after.status === 'suspended') {
-      after = await cp.tenants.update(tenant.id, { status: 'active' }, { regions, actor });
+    // Resume the tenant at the end only if this migration suspended it (kept in the checkpoint).
+    const resumeAfter = resuming
+      ? pending.context?.resumeAfter === true
+      : tenant.status === 'active';
+    if (tenant.status !== 'suspended') {
+      await cp.tenants.update(tenant.id, { status: 'suspended' }, { regions, actor });
     }
     await cp.audit.record({
-      type: 'migration.completed',
+      type: resuming ? 'migration.resumed' : 'migration.started',
       outcome: 'success',
       tenant: tenant.id,
       actor,
-      detail: { from, to, records: migration.verifiedRecords ?? 0 },
+      detail: { from, to, ...(resuming ? { phase: pending.phase } : {}) },
     });
-    return { tenant: after, migration };
-  } catch (err) {
-    await cp.audit
-      .record({
-        type: 'migration.failed',
-        outcome: 'failure',
+
+    let last: MigrationProgress | undefined;
+    try {
+      const migration = await migrateTenant({
+        tenant: tenant.id,
+        source,
+        target,
+        stateDir: stateDir ?? defaultMigrationStateDir(targetRegion),
+        actor,
+        context: { resumeAfter },
+        ...(opts.now ? { now: opts.now } : {}),
+        async commit() {
+          // Idempotent: a resumed run after a crash right after moveHome finds it done.
+          const current = await cp.tenants.get(tenant.id);
+          if (current.region !== to) {
+            await cp.tenants.moveHome(tenant.id, to, { regions, actor });
+          }
+        },
+        async onProgress(p) {
+          last = p;
+          await opts.onProgress?.(p);
+        },
+      });
+      let after = await cp.tenants.get(tenant.id);
+      if (resumeAfter && after.status === 'suspended') {
+        after = await cp.tenants.update(tenant.id, { status: 'active' }, { regions, actor });
+      }
+      await cp.audit.record({
+        type: 'migration.completed',
+        outcome: 'success',
         tenant: tenant.id,
         actor,
-        detail: {
-          from,
-          to,
-          phase: last?.phase ?? pending?.phase ?? 'started',
-          error: err instanceof Error ? err.name : 'error',
-        },
-      })
-      .catch(() => undefined);
-    throw err;
+        detail: { from, to, records: migration.verifiedRecords ?? 0 },
+      });
+      return { tenant: after, migration };
+    } catch (err) {
+      await cp.audit
+        .record({
+          type: 'migration.failed',
+          outcome: 'failure',
+          tenant: tenant.id,
+          actor,
+          detail: {
+            from,
+            to,
+            phase: last?.phase ?? pending?.phase ?? 'started',
+            error: err instanceof Error ? err.name : 'error',
+          },
+        })
+        .catch(() => undefined);
+      throw err;
+    }
   } finally {
     await source.stores.close();
-    await target?.stores.close();
+    await target.stores.close();
   }
 }

@@ -6,10 +6,12 @@ import { parseRegionMatrix } from '../../server/regions.ts';
 import type { RegionMatrix } from '../../server/regions.ts';
 import { runMigration } from '../../server/migrate.ts';
 import {
+  KeyUnavailableError,
   ResidencyError,
   createLocalKeyProvider,
   openControlPlane,
   openRegionStores,
+  readMigrationState,
 } from '../../tenants/index.ts';
 import type { ControlPlane, ResidencyPolicyInput } from '../../tenants/index.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
@@ -45,7 +47,27 @@ describe('cellcds migrate (server/migrate.ts)', () => {
     return { keyProvider, stores, region };
   }
 
-  async function seed(residency?: ResidencyPolicyInput): Promise<void> {
+  /**
+   * What `cellcds serve --region ID` does at its first start: makes the region's keyring and
+   * binds the region's stores to it. Only a server does; `cellcds migrate` refuses a region no
+   * server opened yet.
+   */
+  async function serveOnce(id: string): Promise<void> {
+    const r = await openRegion(id);
+    await r.stores.close();
+  }
+
+  const targetKeyring = () => path.join(dir, 'eu-west/keys/eu-west.keyring.json');
+  const targetBinding = () => path.join(dir, 'eu-west/data/eu-west/.keyring-binding.json');
+  const targetCheckpoints = () => path.join(dir, 'eu-west/backups/migrations');
+
+  async function seed(
+    residency?: ResidencyPolicyInput,
+    { targetServed = true }: { targetServed?: boolean } = {},
+  ): Promise<void> {
+    if (targetServed) {
+      await serveOnce('eu-west');
+    }
     await cp.tenants.create(
       {
         id: TENANT,
@@ -197,5 +219,108 @@ describe('cellcds migrate (server/migrate.ts)', () => {
     await cp.tenants.update(TENANT, { status: 'suspended' });
     const result = await runMigration({ controlPlane: cp, matrix, tenant: TENANT, to: 'eu-west' });
     expect(result.tenant).to.include({ region: 'eu-west', status: 'suspended' });
+  });
+
+  describe('a target region no server opened yet', () => {
+    async function refused(): Promise<KeyUnavailableError> {
+      const err = await runMigration({
+        controlPlane: cp,
+        matrix,
+        tenant: TENANT,
+        to: 'eu-west',
+      }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err).to.be.instanceOf(KeyUnavailableError);
+      const message = (err as Error).message;
+      expect(message)
+        .to.include('eu-west')
+        .and.match(/start the region's servers once/i);
+      return err as KeyUnavailableError;
+    }
+
+    /** Refused before anything moved: the tenant serves from its home, unsuspended. */
+    async function nothingMoved(): Promise<void> {
+      expect(fs.existsSync(targetBinding())).to.equal(false);
+      expect(fs.existsSync(targetCheckpoints())).to.equal(false);
+      expect(await cp.tenants.get(TENANT)).to.include({ region: 'us-east', status: 'active' });
+      const types = (await cp.audit.list({ tenant: TENANT })).map((e) => e.type);
+      expect(types).to.not.include('migration.started');
+      const us = await openRegion('us-east');
+      await us.stores.store(TENANT).readInvocation('inv-2');
+      await us.stores.close();
+    }
+
+    it("refuses when this host's keyring folder for it is missing or empty, and creates no keyring there", async () => {
+      await seed({ processingRegions: ['us-east', 'eu-west'] }, { targetServed: false });
+      const keyDir = path.dirname(targetKeyring());
+      const missing = await refused();
+      expect(missing.message).to.include(targetKeyring());
+      expect(fs.existsSync(keyDir)).to.equal(false);
+      await nothingMoved();
+
+      fs.mkdirSync(keyDir, { recursive: true, mode: 0o700 });
+      const empty = await refused();
+      expect(empty.message).to.include(targetKeyring());
+      expect(fs.readdirSync(keyDir)).to.deep.equal([]);
+      await nothingMoved();
+    });
+
+    it('refuses to make its first keyring binding with a keyring the host holds, then migrates once a server opened the region', async () => {
+      await seed({ processingRegions: ['us-east', 'eu-west'] }, { targetServed: false });
+      // A keyring this host holds for eu-west: the command cannot tell it is the one the
+      // region's servers will use, so it does not bind the region to it.
+      await createLocalKeyProvider({ keyDir: path.dirname(targetKeyring()), region: 'eu-west' });
+      const err = await refused();
+      expect(err.message).to.include('no keyring binding yet').and.include(targetKeyring());
+      await nothingMoved();
+
+      await serveOnce('eu-west');
+      const result = await runMigration({
+        controlPlane: cp,
+        matrix,
+        tenant: TENANT,
+        to: 'eu-west',
+      });
+      expect(result.tenant).to.include({ region: 'eu-west', status: 'active' });
+      expect(result.migration).to.include({ phase: 'done', verifiedRecords: 2 });
+    });
+
+    it('refuses to resume a checkpointed migration once the keyring folder is gone, keeping the checkpoint, and resumes when it is back', async () => {
+      await seed({ processingRegions: ['us-east', 'eu-west'] });
+      await runMigration({
+        controlPlane: cp,
+        matrix,
+        tenant: TENANT,
+        to: 'eu-west',
+        onProgress: (p) => {
+          if (p.phase === 'copied') {
+            throw new Error('operator host lost power');
+          }
+        },
+      }).catch(() => undefined);
+      const checkpoint = readMigrationState(targetCheckpoints(), TENANT);
+      expect(checkpoint?.phase).to.equal('copied');
+      const keyDir = path.dirname(targetKeyring());
+      const away = path.join(dir, 'keys-away');
+      fs.renameSync(keyDir, away);
+
+      await refused();
+      expect(fs.existsSync(keyDir)).to.equal(false);
+      expect(readMigrationState(targetCheckpoints(), TENANT)).to.deep.equal(checkpoint);
+      expect(await cp.tenants.get(TENANT)).to.include({ region: 'us-east', status: 'suspended' });
+      expect(await cp.audit.list({ tenant: TENANT, type: 'migration.resumed' })).to.have.length(0);
+
+      fs.renameSync(away, keyDir);
+      const result = await runMigration({
+        controlPlane: cp,
+        matrix,
+        tenant: TENANT,
+        to: 'eu-west',
+      });
+      expect(result.tenant).to.include({ region: 'eu-west', status: 'active' });
+      expect(result.migration).to.include({ phase: 'done', resumed: true });
+    });
   });
 });

@@ -11,6 +11,12 @@
  *
  * Stores made before bindings existed: the first process binds only if its keyring holds the keys
  * of most of the region's stores it samples (or the region has no store yet).
+ *
+ * Only a server makes a region's first binding. An operator command that opens a region outside
+ * the server (`cellcds migrate`, `evidence`) passes `mayBind: false`: on a region no server
+ * opened yet it cannot tell whether the keyring it found is the one the region's servers will
+ * use, and binding the region to a wrong one would lock those servers out (they refuse to boot)
+ * while the command writes data under keys they do not hold.
  */
 import { KeyUnavailableError } from './errors.ts';
 import type { StoreBackend } from './store-backend.ts';
@@ -21,15 +27,26 @@ const FIRST_BIND_SAMPLE = 20;
 
 const RUNBOOK = 'docs/operations.md, "A replica refuses its keyring"';
 
+/** Options of `bindStoresToKeyring`. */
+export interface BindStoresOptions {
+  /**
+   * May this process make the region's first binding (default true: a server)? False for an
+   * operator command: a region with no binding yet is refused.
+   */
+  mayBind?: boolean;
+}
+
 /**
  * Binds the region's stores to the provider's keyring, or checks they are bound to it.
- * @throws KeyUnavailableError('keyring_mismatch') if they are bound to another keyring, or, at
- *   the first binding, if this keyring holds the keys of half or fewer of the sampled stores.
+ * @throws KeyUnavailableError('keyring_mismatch') if they are bound to another keyring; at the
+ *   first binding, if this keyring holds the keys of half or fewer of the sampled stores, or if
+ *   `mayBind` is false (nothing is bound then).
  */
 export async function bindStoresToKeyring(
   backend: StoreBackend,
   provider: KeyProvider,
   now: () => Date,
+  opts: BindStoresOptions = {},
 ): Promise<void> {
   const info = await provider.describe();
   const mine = info.keyringId;
@@ -47,6 +64,18 @@ export async function bindStoresToKeyring(
       throw mismatch(bound);
     }
     return;
+  }
+  if (opts.mayBind === false) {
+    throw new KeyUnavailableError(
+      'keyring_mismatch',
+      `region ${backend.region}'s stores have no keyring binding yet (no server opened them), ` +
+        `and this command does not make a region's first binding: it cannot tell whether this ` +
+        `host's keyring (${info.location}, ${mine}) is the one the region's servers use. Start ` +
+        `the region's servers once (cellcds serve --region ${backend.region}) with the region's ` +
+        `real keyring, then run this command again with this host's keyProvider.dir for ` +
+        `${backend.region} pointing at that same keyring. Nothing was bound or moved and no key ` +
+        `was made (${RUNBOOK})`,
+    );
   }
   const sample = (await backend.list()).slice(0, FIRST_BIND_SAMPLE);
   if (sample.length > 0) {

@@ -87,6 +87,13 @@ export interface LocalKeyProviderOptions {
   keyDir: string;
   region: string;
   now?: () => Date;
+  /**
+   * Make the keyring when its file is missing (default true). Only the server makes a region's
+   * keyring: an operator command (`cellcds migrate`, `evidence`) passes false, so a wrong or
+   * empty `keyDir` is refused, naming the file, instead of getting a new keyring that holds none
+   * of the region's keys (and that a region no server opened yet would be bound to).
+   */
+  create?: boolean;
 }
 
 /** The keyring file of a region. */
@@ -217,9 +224,10 @@ function parseProtectedHeader(wrapped: string, tenant: string): ProtectedHeader 
 }
 
 /**
- * Opens (creating on first start) the region's local keyring and returns it as a KeyProvider.
- * @throws KeyUnavailableError('provider') if the file is unreadable, malformed, for another
- *   region, or readable by group/others (it must be 0600).
+ * Opens (creating on first start, unless `create: false`) the region's local keyring and
+ * returns it as a KeyProvider.
+ * @throws KeyUnavailableError('provider') if the file is missing (with `create: false`),
+ *   unreadable, malformed, for another region, or readable by group/others (it must be 0600).
  */
 export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Promise<KeyProvider> {
   assertRegionId(opts.region);
@@ -407,6 +415,17 @@ export async function createLocalKeyProvider(opts: LocalKeyProviderOptions): Pro
   }
 
   async function initialise(): Promise<void> {
+    if (opts.create === false && !fs.existsSync(file)) {
+      // Before anything is made: not the folder, not the lock file.
+      throw providerError(
+        `no keyring file at ${file}, and this command does not create one (only the server ` +
+          `does: cellcds serve, npm start): a new keyring would hold none of region ${region}'s ` +
+          `keys. Start the region's servers once (cellcds serve --region ${region}) with the ` +
+          `region's real keyring, or point this host's keyProvider.dir for ${region} ` +
+          `(CELLCDS_REGIONS_FILE; CELLCDS_DATA_DIR keys/ without one) at the folder that holds ` +
+          `it. Nothing was created`,
+      );
+    }
     fs.mkdirSync(keyDir, { recursive: true, mode: 0o700 });
     if (fs.existsSync(file) && leftovers().length === 0) {
       readRing();

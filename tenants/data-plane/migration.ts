@@ -64,7 +64,12 @@ const PHASES: readonly MigrationPhase[] = [
   'done',
 ];
 
-/** One side of a migration: a region's stores and its key provider. */
+/**
+ * One side of a migration: a region's stores and its key provider. An operator's migration
+ * opens both as `server/migrate.ts` does: `createLocalKeyProvider({ create: false })` and
+ * `openRegionStores({ mayBind: false })`, so it never makes a region's keyring or first keyring
+ * binding (the target is then rewrapped only under a keyring the region's servers use).
+ */
 export interface MigrationRegion {
   stores: RegionStores;
   keyProvider: KeyProvider;

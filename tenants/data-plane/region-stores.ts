@@ -104,7 +104,8 @@ function safeMessage(err: unknown): string {
  * Nothing is opened per tenant until first use. Call `resumePendingJobs()` after start-up.
  * @throws InvalidInputError for bad options (region, provider of another region, both or
  *   neither of dataDir/postgresUrl, maxOpen, batch size); the driver's error if PostgreSQL is
- *   unreachable.
+ *   unreachable; KeyUnavailableError('keyring_mismatch') for stores bound to another keyring,
+ *   or not bound yet with `mayBind: false`.
  */
 export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<RegionStores> {
   assertRegionId(opts.region);
@@ -157,7 +158,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     }
     // Before anything is opened or keyed: a replica on another keyring than the region's
     // refuses the region's stores (keyring-binding.ts).
-    await bindStoresToKeyring(backend, provider, now);
+    await bindStoresToKeyring(backend, provider, now, { mayBind: opts.mayBind !== false });
   } catch (err) {
     await backend.close().catch(() => undefined);
     throw err;

@@ -461,6 +461,13 @@ export interface OpenRegionStoresOptions {
   /** Default `cellcds_t_`. Lower-case letters, digits, `_`. */
   schemaPrefix?: string;
   keyProvider: KeyProvider;
+  /**
+   * May this process make the region's first keyring binding (`keyring-binding.ts`)? Default
+   * true: the server. An operator command that opens a region outside the server (`cellcds
+   * migrate`, `evidence`) passes false: a region no server opened yet is refused
+   * (KeyUnavailableError `keyring_mismatch`, "no keyring binding yet") before anything is bound.
+   */
+  mayBind?: boolean;
   /** Open store handles kept (LRU). Default 64. */
   maxOpen?: number;
   /** PostgreSQL connections per open store. Default 2. */

@@ -141,6 +141,42 @@ forEachBackend('tenants/ data plane: stores bound to the region keyring', (backe
     expect(asInstance(lost?.reason, KeyUnavailableError).reason).to.equal('keyring_mismatch');
   });
 
+  // An operator command (cellcds migrate, evidence) opens a region with mayBind: false: only a
+  // server makes a region's first binding, so a keyring the command happened to find (or made)
+  // never becomes the region's.
+  it('with mayBind: false, refuses a region no process bound yet, naming it, and binds nothing', async () => {
+    await unbind();
+    const err = asInstance(await rejection(env.reopen({ mayBind: false })), KeyUnavailableError);
+    // keyring_mismatch: this keyring is not known to be the region's (errors.ts has no reason
+    // of its own for a region no server bound yet).
+    expect(err.reason, err.message).to.equal('keyring_mismatch');
+    expect(err.message)
+      .to.include(`region ${env.region}`)
+      .and.include('no keyring binding yet')
+      .and.include(path.join(env.keyDir, `${env.region}.keyring.json`))
+      .and.match(/start the region's servers once/i);
+    // Nothing was bound: another keyring still binds the (empty) region, as a first server would.
+    await env.reopen({ keyProvider: await otherKeyring() });
+    await mismatch(env.reopen());
+  });
+
+  it('with mayBind: false, refuses stores made before bindings too (no sampling)', async () => {
+    await env.stores.store('acme').saveInvocation(invocation('inv-1'));
+    await unbind();
+    const err = asInstance(await rejection(env.reopen({ mayBind: false })), KeyUnavailableError);
+    expect(err.message).to.include('no keyring binding yet');
+    // The region's keyring, opened by a server, binds them.
+    const right = await env.reopen();
+    expect((await right.store('acme').readInvocation('inv-1')).id).to.equal('inv-1');
+  });
+
+  it('with mayBind: false, opens a region bound to its keyring and refuses one bound to another', async () => {
+    await env.stores.store('acme').saveInvocation(invocation('inv-1'));
+    const op = await env.reopen({ mayBind: false });
+    expect((await op.store('acme').readInvocation('inv-1')).id).to.equal('inv-1');
+    await mismatch(env.reopen({ mayBind: false, keyProvider: await otherKeyring() }));
+  });
+
   if (backend === 'postgres') {
     it('keeps the binding in <prefix>_region, which is never listed as a tenant store', async () => {
       await env.stores.store('acme').saveInvocation(invocation('inv-1'));
