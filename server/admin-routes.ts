@@ -152,8 +152,12 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.status(201).json(issued);
     done(res, { tokenId: issued.id, tokenRole: issued.role });
   });
-  router.get('/tokens', async (_req, res) => {
-    res.json({ tokens: await admin.listTokens(principalOf(res)) });
+  router.get('/tokens', async (req, res) => {
+    // `?unusedForDays=N`: the stale ones only. Passed on as given (a repeated parameter is a
+    // list, which the service refuses, 400 naming the field).
+    const unusedForDays = (req.query as Record<string, unknown>).unusedForDays;
+    const filter = unusedForDays !== undefined ? { unusedForDays } : {};
+    res.json({ tokens: await admin.listTokens(principalOf(res), filter, deps.now()) });
   });
   router.delete(
     '/tokens/:id',

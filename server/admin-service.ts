@@ -512,12 +512,37 @@ export class AdminService {
 
   /**
    * Tokens the principal may see (a tenant-admin: its own tenant's), with who issued each
-   * (`issuedBy`) and when it expires (`expiresAt`). Never hashes.
+   * (`issuedBy`), when it expires (`expiresAt`) and when it last authenticated (`lastUsedAt`,
+   * to within 5 minutes; absent: no use recorded, i.e. never used or not since uses were
+   * recorded). Never hashes.
+   *
+   * With `unusedForDays` (whole days, 1 to 3650, as a number or the query string's digits):
+   * only the stale tokens at `now`: live (not revoked, not expired) and neither used nor issued
+   * in the last that many days.
+   * @throws InvalidInputError (`unusedForDays`).
    */
-  async listTokens(principal: Principal): Promise<unknown[]> {
+  async listTokens(
+    principal: Principal,
+    filter: { unusedForDays?: unknown } = {},
+    now: Date = new Date(),
+  ): Promise<unknown[]> {
     authorize(principal, 'token:list', principal.tenant);
+    const days = filter.unusedForDays === undefined ? undefined : unusedDays(filter.unusedForDays);
     const all = await this.deps.controlPlane.adminTokens.list();
-    return principal.tenant === undefined ? all : all.filter((t) => t.tenant === principal.tenant);
+    const seen =
+      principal.tenant === undefined ? all : all.filter((t) => t.tenant === principal.tenant);
+    if (days === undefined) {
+      return seen;
+    }
+    const at = now.toISOString();
+    const cutoff = new Date(now.getTime() - days * DAY_MS).toISOString();
+    // ISO instants of one format compare as strings (as the repository compares them).
+    return seen.filter(
+      (t) =>
+        t.revokedAt === undefined &&
+        (t.expiresAt === undefined || t.expiresAt > at) &&
+        (t.lastUsedAt ?? t.createdAt) < cutoff,
+    );
   }
 
   /**
@@ -777,6 +802,22 @@ export class AdminService {
     // repeated parameter is a list), 400 naming the field.
     return this.deps.controlPlane.audit.list(query as AuditQuery);
   }
+}
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+/** The longest `unusedForDays` a token listing takes (ten years). */
+const MAX_UNUSED_DAYS = 3650;
+
+/** `unusedForDays` of a token listing: a whole number of days (or its digits), 1 to 3650. */
+function unusedDays(value: unknown): number {
+  const days = typeof value === 'string' && /^[0-9]{1,4}$/.test(value) ? Number(value) : value;
+  if (typeof days !== 'number' || !Number.isInteger(days) || days < 1 || days > MAX_UNUSED_DAYS) {
+    throw new InvalidInputError(
+      'unusedForDays',
+      `must be a whole number of days from 1 to ${String(MAX_UNUSED_DAYS)}`,
+    );
+  }
+  return days;
 }
 
 function isRecord(value: unknown): value is Record<string, unknown> {

@@ -93,8 +93,16 @@ export function ensureAdminToken(config: Config): {
  * URL (it may carry a password).
  * @throws BootError naming CELLCDS_CONTROL_PLANE_URL or CELLCDS_DATA_DIR.
  */
-export function openConfiguredControlPlane(config: Config): Promise<ControlPlane> {
+export function openConfiguredControlPlane(config: Config, log?: Logger): Promise<ControlPlane> {
   const cp = config.controlPlane;
+  // Without a logger (a CLI command), a failed write is a process warning on stderr.
+  const tokenUse = log
+    ? {
+        onAdminTokenUseNotRecorded: (tokenId: string, err: unknown) => {
+          log.warn({ tokenId, err }, 'admin token: last use not recorded');
+        },
+      }
+    : {};
   if (cp.kind === 'postgres') {
     return bootStep(
       `control plane (PostgreSQL schema ${cp.schema})`,
@@ -105,11 +113,12 @@ export function openConfiguredControlPlane(config: Config): Promise<ControlPlane
           schema: cp.schema,
           statementTimeoutMs: config.pg.statementTimeoutMs,
           acquireTimeoutMs: config.pg.acquireTimeoutMs,
+          ...tokenUse,
         }),
     );
   }
   return bootStep('control plane', 'CELLCDS_DATA_DIR (control.sqlite)', () =>
-    openControlPlane({ storage: cp.file }),
+    openControlPlane({ storage: cp.file, ...tokenUse }),
   );
 }
 
@@ -326,7 +335,7 @@ export async function buildDeps(
       maxEntries: config.replayCacheMaxEntries,
       maxPerIssuer: config.replayCacheMaxPerIssuer,
     });
-  const controlPlane = await openConfiguredControlPlane(config);
+  const controlPlane = await openConfiguredControlPlane(config, log);
   const evaluator = createEvaluator(config.evaluation);
   // Start the evaluation workers before serving, so the first calls' budgets are not spent
   // waiting for a worker to boot.

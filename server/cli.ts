@@ -1280,9 +1280,17 @@ export function buildProgram(): Command {
     );
   token
     .command('list')
-    .description('list tokens (never secrets): role, tenant, issuer, expiry, revocation')
-    .action(async () => {
-      out(await withLocal((a) => a.listTokens(LOCAL_OPERATOR)));
+    .description(
+      'list tokens (never secrets): role, tenant, issuer, expiry, revocation, last use (lastUsedAt, to within 5 minutes; absent: no use recorded)',
+    )
+    .option(
+      '--unused-for-days <days>',
+      'only live tokens neither used nor issued in the last <days> days (stale: review, revoke)',
+    )
+    .action(async (o: { unusedForDays?: string }) => {
+      // The digits as given: the service refuses anything but a whole number (exit 2).
+      const filter = o.unusedForDays !== undefined ? { unusedForDays: o.unusedForDays } : {};
+      out(await withLocal((a) => a.listTokens(LOCAL_OPERATOR, filter)));
     });
   token
     .command('revoke')

@@ -9,6 +9,12 @@
  * and rows written before issuers were recorded), and revoking a token revokes, in the same
  * transaction, every live token it issued and theirs. Rows written before expiries existed have
  * none (null: never expires) until they are revoked.
+ *
+ * Last use: a successful authentication records its time (`lastUsedAt`), so an operator can
+ * tell stale tokens from those in use. It is written after the answer, never awaited by it (a
+ * failed write is reported through `onUseNotRecorded` and the request is served all the same),
+ * at most once per ADMIN_TOKEN_USE_INTERVAL_MS per token, and only forward: a replica whose
+ * write comes after another's later one leaves the later one. A refused token records nothing.
  */
 import crypto from 'node:crypto';
 import { Op } from 'sequelize';
@@ -38,6 +44,15 @@ export const ADMIN_TOKEN_MAX_DAYS = 365;
 const DAY_MS = 24 * 60 * 60 * 1000;
 
 /**
+ * The least time between two writes of one token's `lastUsedAt`: a use within this long of the
+ * recorded one (read with the token's row, so another replica's write counts) or of this
+ * process's last attempt writes nothing. A busy operator script thus costs one control-plane
+ * write per token per 5 minutes, not one per request, and `lastUsedAt` is up to 5 minutes
+ * earlier than the true last use: enough to tell a token in use from one unused for days.
+ */
+export const ADMIN_TOKEN_USE_INTERVAL_MS = 5 * 60 * 1000;
+
+/**
  * `issue`'s input as this repository reads it: tenants/types.ts's NewAdminToken plus the
  * lifetime fields (checked here, since callers pass the request's values through).
  */
@@ -57,10 +72,14 @@ export interface IssuedAdminTokenWithExpiry extends IssuedAdminToken {
   expiresAt: string;
 }
 
-/** A listed token with its lifetime: `issuedBy` absent for the bootstrap/CLI, `expiresAt` for none. */
+/**
+ * A listed token with its lifetime: `issuedBy` absent for the bootstrap/CLI, `expiresAt` for
+ * none, `lastUsedAt` for no use recorded.
+ */
 export interface AdminTokenInfoWithLifetime extends AdminTokenInfo {
   issuedBy?: string;
   expiresAt?: string;
+  lastUsedAt?: string;
 }
 
 /**
@@ -93,6 +112,7 @@ function toInfo(row: AdminTokenRow): AdminTokenInfoWithLifetime {
     ...(row.issuedBy !== null ? { issuedBy: row.issuedBy } : {}),
     ...(row.expiresAt !== null ? { expiresAt: row.expiresAt } : {}),
     ...(row.revokedAt !== null ? { revokedAt: row.revokedAt } : {}),
+    ...(row.lastUsedAt !== null ? { lastUsedAt: row.lastUsedAt } : {}),
   };
 }
 
@@ -123,6 +143,26 @@ export interface AdminTokenRepositoryDeps {
   tenantExists: (id: string, t: Transaction) => Promise<boolean>;
   /** Live (not revoked, not expired) tokens one tenant may hold. Default 1000. */
   maxLiveTokensPerTenant?: number;
+  /**
+   * Told when a `lastUsedAt` write failed (the request it rode on was served): the token's id
+   * and the error, never the token. Must not throw (what it throws is dropped). Default: a
+   * process warning (`CellcdsWarning`, code `CELLCDS_TOKEN_USE_NOT_RECORDED`).
+   */
+  onUseNotRecorded?: (tokenId: string, err: unknown) => void;
+}
+
+/**
+ * The default of `onUseNotRecorded`: a process warning naming the token's id and the error (the
+ * driver's own message when Sequelize wrapped it: its "Validation error" says nothing).
+ */
+function warnUseNotRecorded(tokenId: string, err: unknown): void {
+  const parent = (err as { parent?: unknown } | null)?.parent;
+  const cause = parent instanceof Error ? parent : err;
+  const message = cause instanceof Error ? cause.message : String(cause);
+  process.emitWarning(`admin token ${tokenId}: last use not recorded: ${message}`, {
+    type: 'CellcdsWarning',
+    code: 'CELLCDS_TOKEN_USE_NOT_RECORDED',
+  });
 }
 
 /**
@@ -152,11 +192,77 @@ export interface AdminTokenStore {
   revoke(id: string): Promise<RevokedAdminToken[]>;
   list(): Promise<AdminTokenInfoWithLifetime[]>;
   revokeForTenant(tenantId: string, t: Transaction): Promise<void>;
+  /**
+   * Resolves once every `lastUsedAt` write started so far has ended (written, or reported to
+   * `onUseNotRecorded`); for a close that lets them finish, and for tests. Never rejects.
+   */
+  settled(): Promise<void>;
 }
 
 /** Creates the admin token repository. */
 export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): AdminTokenStore {
   const { AdminToken } = deps.models;
+  const onUseNotRecorded = deps.onUseNotRecorded ?? warnUseNotRecorded;
+  /** Token id -> when (ms, by `deps.now`) this process last started writing its `lastUsedAt`. */
+  const attempts = new Map<string, number>();
+  /** `attempts` is swept of entries past the interval when it grows to this size. */
+  let sweepAt = 1024;
+  const writing = new Set<Promise<void>>();
+
+  /**
+   * Records a use of the token of `row` at `at`, after the caller's answer and without it
+   * waiting: skipped when the row already holds a use within the interval or this process
+   * started a write for it within the interval (a burst of requests, or a failing database:
+   * one write, one warning, per interval). The UPDATE keeps a later value (max(old, new)).
+   */
+  const recordUse = (row: AdminTokenRow, at: Date): void => {
+    const ms = at.getTime();
+    const since = ms - ADMIN_TOKEN_USE_INTERVAL_MS;
+    if (row.lastUsedAt !== null && Date.parse(row.lastUsedAt) > since) {
+      return;
+    }
+    const attempted = attempts.get(row.id);
+    if (attempted !== undefined && attempted > since) {
+      return;
+    }
+    attempts.set(row.id, ms);
+    if (attempts.size >= sweepAt) {
+      for (const [id, started] of attempts) {
+        if (started <= since) {
+          attempts.delete(id);
+        }
+      }
+      sweepAt = Math.max(1024, 2 * attempts.size);
+    }
+    const iso = at.toISOString();
+    const write = deps
+      .writeTx((t) =>
+        AdminToken.update(
+          { lastUsedAt: iso },
+          {
+            where: {
+              id: row.id,
+              [Op.or]: [{ lastUsedAt: { [Op.is]: null } }, { lastUsedAt: { [Op.lt]: iso } }],
+            },
+            transaction: t,
+          },
+        ),
+      )
+      .then(
+        () => undefined,
+        (err: unknown) => {
+          try {
+            onUseNotRecorded(row.id, err);
+          } catch {
+            // A failing report must not become an unhandled rejection (which ends the process).
+          }
+        },
+      )
+      .finally(() => {
+        writing.delete(write);
+      });
+    writing.add(write);
+  };
 
   const check = async (token: string): Promise<AdminTokenCheck> => {
     if (typeof token !== 'string' || !TOKEN_PATTERN.test(token)) {
@@ -179,9 +285,11 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
     if (row.revokedAt !== null) {
       return { refused: { reason: 'revoked', tokenId: row.id } };
     }
-    if (isExpired(row, deps.now().toISOString())) {
+    const now = deps.now();
+    if (isExpired(row, now.toISOString())) {
       return { refused: { reason: 'expired', tokenId: row.id } };
     }
+    recordUse(row, now);
     const principal: Principal = { tokenId: row.id, role: row.role as Role };
     if (row.tenantId !== null) {
       principal.tenant = row.tenantId;
@@ -341,6 +449,7 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
           'revokedAt',
           'issuedBy',
           'expiresAt',
+          'lastUsedAt',
         ],
         raw: true,
         order: [
@@ -356,6 +465,12 @@ export function createAdminTokenRepository(deps: AdminTokenRepositoryDeps): Admi
         { revokedAt: deps.now().toISOString() },
         { where: { tenantId, revokedAt: { [Op.is]: null } }, transaction: t },
       );
+    },
+
+    async settled() {
+      while (writing.size > 0) {
+        await Promise.all(writing);
+      }
     },
   };
 }

@@ -71,6 +71,12 @@ export interface AdminTokenRow {
   issuedBy: string | null;
   /** When it stops authenticating; null: never (rows written before expiries existed). */
   expiresAt: string | null;
+  /**
+   * When it last authenticated (written at most once per ADMIN_TOKEN_USE_INTERVAL_MS, so up to
+   * that much earlier than the true last use); null: no use recorded (never used, or not since
+   * the column was added).
+   */
+  lastUsedAt: string | null;
 }
 
 export interface AuditRow {
@@ -205,12 +211,14 @@ export function defineControlPlaneModels(
       revokedAt: { type: DataTypes.STRING(32), allowNull: true },
       issuedBy: { type: key(64), allowNull: true },
       expiresAt: { type: key(32), allowNull: true },
+      lastUsedAt: { type: key(32), allowNull: true },
     },
     { ...common, tableName: 'admin_tokens' },
   );
   // Control planes (SQLite and PostgreSQL alike) created before token issuers and expiries get
   // the two columns here, nullable: their tokens keep working, issued by nobody known, expiring
-  // never, until revoked. As for `tenants` above, PostgreSQL runs this in the setup transaction.
+  // never, until revoked. Those created before `last_used_at` get it the same way: null, no use
+  // recorded yet. As for `tenants` above, PostgreSQL runs this in the setup transaction.
   AdminToken.addHook('afterSync', async (options) => {
     const qi = sequelize.getQueryInterface();
     const transaction = (options as { transaction?: Transaction | null }).transaction ?? undefined;
@@ -224,6 +232,7 @@ export function defineControlPlaneModels(
     for (const [column, length] of [
       ['issued_by', 64],
       ['expires_at', 32],
+      ['last_used_at', 32],
     ] as const) {
       if (Object.hasOwn(columns, column)) {
         continue;

@@ -24,6 +24,11 @@ interface CommonOptions {
   logging?: false;
   /** Issuers whose `findByIssuer` answers are kept (least recently used out first); default 10,000. */
   maxIssuerCache?: number;
+  /**
+   * Told when an admin token's `lastUsedAt` write failed (the request was served): its id and
+   * the error, never the token. Default: a process warning.
+   */
+  onAdminTokenUseNotRecorded?: (tokenId: string, err: unknown) => void;
 }
 
 /** A SQLite control plane: one file shared by the processes of one host. */
@@ -130,6 +135,9 @@ function wireControlPlane(engine: Engine, opts: CommonOptions): ControlPlane {
     writeTx,
     tenantExists: async (id, t) =>
       (await models.Tenant.count({ where: { id }, transaction: t })) > 0,
+    ...(opts.onAdminTokenUseNotRecorded
+      ? { onUseNotRecorded: opts.onAdminTokenUseNotRecorded }
+      : {}),
   });
   const tenants = createTenantRepository({
     writeTx,
@@ -154,7 +162,11 @@ function wireControlPlane(engine: Engine, opts: CommonOptions): ControlPlane {
     },
     audit,
     ping: engine.ping,
-    close: engine.close,
+    // The last `lastUsedAt` writes finish first, rather than fail on a closed connection.
+    close: async () => {
+      await adminTokens.settled();
+      await engine.close();
+    },
   };
 }
 

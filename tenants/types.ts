@@ -287,6 +287,11 @@ export interface AdminTokenInfo {
   /** Absent: never expires (tokens issued before expiries existed). */
   expiresAt?: string;
   revokedAt?: string;
+  /**
+   * When it last authenticated, to within 5 minutes (written at most that often). Absent: no
+   * use recorded: never used, or not since the control plane began recording uses.
+   */
+  lastUsedAt?: string;
 }
 
 /** Why a token was refused: `revoked`/`expired` only for a stored token, named by its id. */

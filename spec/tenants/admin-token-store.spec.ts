@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import { QueryTypes, Sequelize } from 'sequelize';
+import { controlPlaneWritesDone } from '../helpers/control-plane-writes.ts';
 import { sqliteExec } from '../helpers/sqlite-exec.ts';
 import {
   AdminAuthError,
@@ -31,6 +32,7 @@ import type {
   NewAdminTokenInput,
 } from '../../tenants/admin-token-repository.ts';
 import { defineControlPlaneModels } from '../../tenants/control-plane-models.ts';
+import type { WriteTx } from '../../tenants/control-plane-models.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
 
 const PG_URL = process.env.CELLCDS_TEST_PG_URL;
@@ -170,24 +172,38 @@ describe('tenants/ admin token lifetimes', () => {
     let sequelize: Sequelize;
     let repo: ReturnType<typeof createAdminTokenRepository>;
     let models: ReturnType<typeof defineControlPlaneModels>;
+    let tail: Promise<unknown>;
+    /**
+     * One write transaction at a time, as the control plane queues them (':memory:' has one
+     * connection): an authentication's `lastUsedAt` write runs in the background meanwhile.
+     */
+    const writeTx: WriteTx = (fn) => {
+      const run = tail.then(() => sequelize.transaction((t) => fn(t)));
+      tail = run.catch(() => undefined);
+      return run;
+    };
     beforeEach(async () => {
+      tail = Promise.resolve();
       sequelize = new Sequelize({ dialect: 'sqlite', storage: ':memory:', logging: false });
       models = defineControlPlaneModels(sequelize);
       await sequelize.sync();
       repo = createAdminTokenRepository({
         models,
         now: () => new Date(clock),
-        writeTx: (fn) => sequelize.transaction((t) => fn(t)),
+        writeTx,
         tenantExists: () => Promise.resolve(true),
       });
     });
-    afterEach(async () => sequelize.close());
+    afterEach(async () => {
+      await repo.settled();
+      await sequelize.close();
+    });
 
     it("caps a tenant's live tokens (revoked and expired ones do not count): a tenant-admin cannot mint tokens without bound", async () => {
       const capped = createAdminTokenRepository({
         models,
         now: () => new Date(clock),
-        writeTx: (fn) => sequelize.transaction((t) => fn(t)),
+        writeTx,
         tenantExists: () => Promise.resolve(true),
         maxLiveTokensPerTenant: 3,
       });
@@ -265,6 +281,8 @@ describe('tenants/ admin token lifetimes', () => {
       file = path.join(dir, 'control.sqlite');
     });
     afterEach(async () => {
+      // Authentications write lastUsedAt in the background: let them end before closing.
+      await Promise.all(opened.map(controlPlaneWritesDone));
       await Promise.all(opened.splice(0).map((cp) => cp.close()));
       fs.rmSync(dir, { recursive: true, force: true });
     });
@@ -284,11 +302,13 @@ describe('tenants/ admin token lifetimes', () => {
         tokenId: old.id,
         role: 'platform-operator',
       });
+      await controlPlaneWritesDone(cp);
       expect(await rowOf(cp, old.id)).to.deep.equal({
         id: old.id,
         role: 'platform-operator',
         label: 'old',
         createdAt: '2024-01-01T00:00:00.000Z',
+        lastUsedAt: '2099-01-01T00:00:00.000Z',
       });
       // The old token issues tokens that do expire, recorded as its children.
       const child = await issue(cp, { role: 'rule-author', issuedBy: old.id });
@@ -324,6 +344,8 @@ describe('tenants/ admin token lifetimes', () => {
       schema = `toklife_${RUN_ID}_${String(n)}`;
     });
     afterEach(async () => {
+      // Authentications write lastUsedAt in the background: let them end before closing.
+      await Promise.all(opened.map(controlPlaneWritesDone));
       await Promise.all(opened.splice(0).map((cp) => cp.close()));
       await root.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
     });
