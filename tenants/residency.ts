@@ -9,6 +9,12 @@
  *   targets). The home region must always be one of them.
  * - `dr`: regions that may serve the tenant during a declared failover. A failover target must
  *   also be listed in the home region's `failover` list of the matrix (operator topology).
+ *
+ * A standby processes and stores the tenant's calls while it serves, so `dr` may name regions
+ * that are not home candidates, but never one outside the jurisdictions (the matrix's labels)
+ * of the processing regions: "process in the US only" with an EU standby is a contradiction,
+ * refused at placement and at failover (`dr_other_jurisdiction`). To fail over into another
+ * jurisdiction, the policy must allow processing there (list a region of it).
  */
 import { RegionMismatchError, ResidencyError } from './errors.ts';
 import type {
@@ -52,8 +58,33 @@ const unknown = (path: string, id: string): ResidencyProblem => ({
   message: `unknown region '${id}'`,
 });
 
+/** The jurisdiction labels of the policy's processing regions that the matrix knows. */
+function processingJurisdictions(
+  policy: ResidencyPolicy,
+  regions: ReadonlyMap<string, RegionInfo>,
+): Set<string> {
+  return new Set(
+    policy.processingRegions.flatMap((id) => {
+      const r = regions.get(id);
+      return r ? [r.jurisdiction] : [];
+    }),
+  );
+}
+
+/** A DR region in no jurisdiction the tenant may be processed in. */
+const drOutsideProcessing = (
+  path: string,
+  standby: RegionInfo,
+  allowed: ReadonlySet<string>,
+): ResidencyProblem => ({
+  path,
+  reason: 'dr_other_jurisdiction',
+  message: `DR region '${standby.id}' is in jurisdiction ${standby.jurisdiction}, outside the processing regions' (${allowed.size > 0 ? [...allowed].sort().join(', ') : 'none known'}): list a processing region in ${standby.jurisdiction} to allow failover there`,
+});
+
 /**
- * Checks a placement: `home` with `policy`. With a matrix, every region named must exist in it.
+ * Checks a placement: `home` with `policy`. With a matrix, every region named must exist in it,
+ * and every DR region (`regions` mode) must lie in a jurisdiction of a processing region.
  * Without one (`undefined`), only the matrix-free rules run.
  * @returns the problems, empty when the placement is allowed.
  */
@@ -81,9 +112,13 @@ export function checkPlacement(
       }
     });
     if (p.dr.mode === 'regions') {
+      const allowed = processingJurisdictions(p, regions);
       p.dr.regions.forEach((id, i) => {
-        if (!regions.has(id)) {
+        const standby = regions.get(id);
+        if (!standby) {
           problems.push(unknown(`residency.dr.regions[${i}]`, id));
+        } else if (allowed.size > 0 && !allowed.has(standby.jurisdiction)) {
+          problems.push(drOutsideProcessing(`residency.dr.regions[${i}]`, standby, allowed));
         }
       });
     }
@@ -101,7 +136,8 @@ export function checkPlacement(
 /**
  * Checks whether `target` may serve the tenant during a failover: the target exists, is not
  * the home, is in the home region's `failover` list, and the DR rule allows it (`none`: never;
- * `jurisdiction`: same jurisdiction label as the home region; `regions`: listed).
+ * `jurisdiction`: same jurisdiction label as the home region; `regions`: listed, and in the
+ * jurisdiction of a processing region, which a policy registered before that check may not be).
  * Does not look at an already declared failover (see `checkFailoverDeclaration`).
  * @returns the problems, empty when allowed.
  */
@@ -151,15 +187,19 @@ export function checkFailover(
         });
       }
       break;
-    case 'regions':
+    case 'regions': {
+      const allowed = processingJurisdictions(effectiveResidency(tenant), regions);
       if (!dr.regions.includes(target)) {
         problems.push({
           path: 'residency.dr.regions',
           reason: 'dr_not_listed',
           message: `'${target}' is not a DR region of this tenant`,
         });
+      } else if (!allowed.has(standby.jurisdiction)) {
+        problems.push(drOutsideProcessing('residency.dr.regions', standby, allowed));
       }
       break;
+    }
   }
   return problems;
 }

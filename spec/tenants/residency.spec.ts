@@ -102,6 +102,33 @@ describe('tenants/ residency policy', () => {
         'us-east',
         ['residency.dr.regions[0]: unknown_region'],
       ],
+      // A DR region processes the tenant's calls during a failover: it may not widen the
+      // jurisdictions the processing regions allow.
+      [
+        'a DR region in another jurisdiction than every processing region',
+        {
+          processingRegions: ['us-east'],
+          backupRegions: ['us-east'],
+          dr: { mode: 'regions', regions: ['us-west', 'eu-west'] },
+        },
+        'us-east',
+        ['residency.dr.regions[1]: dr_other_jurisdiction'],
+      ],
+      [
+        'a DR region in another jurisdiction, processing defaulted to the home',
+        { dr: { mode: 'regions', regions: ['eu-west'] } },
+        'us-east',
+        ['residency.dr.regions[0]: dr_other_jurisdiction'],
+      ],
+      [
+        'a DR region in the jurisdiction of a processing region (not itself a processing region)',
+        {
+          processingRegions: ['us-east', 'eu-central'],
+          dr: { mode: 'regions', regions: ['eu-west'] },
+        },
+        'us-east',
+        [],
+      ],
     ];
     for (const [name, policy, home, expected] of cases) {
       it(`${expected.length === 0 ? 'allows' : 'refuses'} ${name}`, () => {
@@ -173,10 +200,19 @@ describe('tenants/ residency policy', () => {
         ['not_failover_target', 'dr_other_jurisdiction'],
       ],
       [
-        'DR regions: a listed standby, across jurisdictions',
-        t('us-east', { dr: { mode: 'regions', regions: ['eu-west'] } }),
+        'DR regions: a listed standby, across jurisdictions, where a processing region lies',
+        t('us-east', {
+          processingRegions: ['us-east', 'eu-central'],
+          dr: { mode: 'regions', regions: ['eu-west'] },
+        }),
         'eu-west',
         [],
+      ],
+      [
+        'DR regions: a listed standby outside every processing jurisdiction (registered before the check)',
+        t('us-east', { dr: { mode: 'regions', regions: ['eu-west'] } }),
+        'eu-west',
+        ['dr_other_jurisdiction'],
       ],
       [
         'DR regions: a configured standby that is not listed',
@@ -186,7 +222,10 @@ describe('tenants/ residency policy', () => {
       ],
       [
         'DR regions: a listed region the home does not fail over to',
-        t('us-west', { dr: { mode: 'regions', regions: ['eu-west'] } }),
+        t('us-west', {
+          processingRegions: ['us-west', 'eu-central'],
+          dr: { mode: 'regions', regions: ['eu-west'] },
+        }),
         'eu-west',
         ['not_failover_target'],
       ],
@@ -528,7 +567,10 @@ describe('tenants/ residency policy', () => {
         ],
         [
           'to a region the home does not fail over to',
-          { dr: { mode: 'regions', regions: ['eu-central'] } },
+          {
+            processingRegions: ['us-east', 'eu-west'],
+            dr: { mode: 'regions', regions: ['eu-central'] },
+          },
           'eu-central',
           ['not_failover_target'],
         ],
