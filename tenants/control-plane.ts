@@ -4,6 +4,7 @@
  * allowlists, subscriptions, the pack catalog, admin token hashes and the control-plane audit
  * log. PostgreSQL's pieces live in control-plane-postgres.ts.
  */
+import fs from 'node:fs';
 import { Sequelize, Transaction } from 'sequelize';
 import { keepStatements, querySql, releaseStatements, withPragmas } from './sqlite-connections.ts';
 import { createAdminTokenRepository } from './admin-token-repository.ts';
@@ -188,7 +189,48 @@ export async function openControlPlane(opts: OpenControlPlaneOptions): Promise<C
   return openSqliteControlPlane(opts);
 }
 
+/**
+ * The control plane's SQLite file is 0600, like the tenant stores and the keyring: it holds
+ * admin token hashes, the audit trail and the tenants' configuration. A new file is created
+ * 0600 before SQLite opens it, so the -wal and -shm files SQLite makes take that mode (SQLite
+ * gives them the main file's). An existing file (and -wal/-shm) of this process's user that
+ * group or others may access, as earlier versions made it (0644 under the usual umask), loses
+ * those bits. The directory is left alone: cellcds makes the data directory 0700, and one the
+ * operator made is the operator's.
+ */
+function protectSqliteFile(file: string): void {
+  if (file === ':memory:' || file === '' || file.startsWith('file:')) {
+    return;
+  }
+  try {
+    fs.closeSync(fs.openSync(file, 'wx', 0o600));
+    return;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+      // No folder, no permission: SQLite's open fails on it and says so, as before.
+      return;
+    }
+  }
+  const uid = process.getuid?.();
+  for (const f of [file, `${file}-wal`, `${file}-shm`]) {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(f);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        continue;
+      }
+      throw err;
+    }
+    // Another user's file keeps the mode that user gave it (chmod would fail anyway).
+    if (stat.isFile() && (stat.mode & 0o077) !== 0 && (uid === undefined || stat.uid === uid)) {
+      fs.chmodSync(f, stat.mode & 0o700);
+    }
+  }
+}
+
 async function openSqliteControlPlane(opts: SqliteControlPlaneOptions): Promise<ControlPlane> {
+  protectSqliteFile(opts.storage);
   const sequelize = new Sequelize({ dialect: 'sqlite', storage: opts.storage, logging: false });
   // Several processes share the file (one per region under `npm start`, the CLI): a writer that
   // finds it locked waits for its turn instead of failing at once with SQLITE_BUSY. Set on
