@@ -123,7 +123,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     json,
     async (req, res) => {
       const pack = param(req, 'pack');
-      const only = (req.query as Record<string, unknown>).existingOnly;
+      const only = queryOf(req, ['existingOnly']).existingOnly;
       if (only !== undefined && only !== 'true' && only !== 'false') {
         throw new ServiceError(400, 'invalid_request', 'existingOnly: must be true or false', {
           body: { field: 'existingOnly' },
@@ -155,7 +155,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   router.get('/tokens', async (req, res) => {
     // `?unusedForDays=N`: the stale ones only. Passed on as given (a repeated parameter is a
     // list, which the service refuses, 400 naming the field).
-    const unusedForDays = (req.query as Record<string, unknown>).unusedForDays;
+    const unusedForDays = queryOf(req, ['unusedForDays']).unusedForDays;
     const filter = unusedForDays !== undefined ? { unusedForDays } : {};
     res.json({ tokens: await admin.listTokens(principalOf(res), filter, deps.now()) });
   });
@@ -248,7 +248,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
 
   // ------------------------------------------------------------ data plane (this region)
   router.get('/tenants/:id/invocations', async (req, res) => {
-    const q = req.query as Record<string, unknown>;
+    const q = queryOf(req, ['from', 'to', 'hook', 'limit'], { once: true });
     const limit = typeof q.limit === 'string' ? Number(q.limit) : undefined;
     if (limit !== undefined && (!Number.isInteger(limit) || limit < 1 || limit > 1000)) {
       throw new ServiceError(400, 'invalid_request', 'limit: must be an integer from 1 to 1000', {
@@ -336,7 +336,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.json(await admin.verifyControlPlaneAudit(principalOf(res)));
   });
   router.get('/audit', async (req, res) => {
-    const q = req.query as Record<string, unknown>;
+    const q = queryOf(req, ['from', 'to', 'tenant', 'type', 'requestId']);
     // Passed on as given: a repeated parameter is a list, which the repository refuses (400
     // naming the field) rather than ignoring the filter.
     const query = {
@@ -365,6 +365,49 @@ function series(first: RequestHandler, second: RequestHandler): RequestHandler {
       Promise.resolve(second(req, res, next)).catch(next);
     });
   };
+}
+
+/** Longest unknown query parameter name echoed back in a refusal. */
+const MAX_PARAM_NAME = 64;
+
+/**
+ * The request's query parameters, checked against the ones the route reads: any other is
+ * refused (400 naming it and listing the known ones), never ignored, since an ignored filter
+ * (`?patient=…` on a record list) answers with everything while the caller believes it
+ * filtered. With `once`, a known parameter given more than once (a list, which no filter here
+ * takes) is refused too, naming it; without it the route passes lists on to a check of its own.
+ * @throws ServiceError 400 `invalid_request` with `field` (the parameter) and `known`.
+ */
+function queryOf<K extends string>(
+  req: Request,
+  known: readonly K[],
+  opts: { once?: boolean } = {},
+): Partial<Record<K, unknown>> {
+  const query = req.query as Record<string, unknown>;
+  const knownSet: ReadonlySet<string> = new Set(known);
+  for (const name of Object.keys(query)) {
+    if (!knownSet.has(name)) {
+      const shown = name.length > MAX_PARAM_NAME ? `${name.slice(0, MAX_PARAM_NAME)}…` : name;
+      throw new ServiceError(
+        400,
+        'invalid_request',
+        `unknown query parameter '${shown}': this route reads ${known.length > 0 ? known.join(', ') : 'none'}`,
+        { body: { field: shown, known: [...known] } },
+      );
+    }
+    if (opts.once === true && typeof query[name] !== 'string') {
+      throw new ServiceError(400, 'invalid_request', `${name}: give it once, as one value`, {
+        body: { field: name },
+      });
+    }
+  }
+  const out: Partial<Record<K, unknown>> = {};
+  for (const name of known) {
+    if (Object.hasOwn(query, name)) {
+      out[name] = query[name];
+    }
+  }
+  return out;
 }
 
 function param(req: Request, name: string): string {

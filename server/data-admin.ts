@@ -4,6 +4,7 @@
  * deprovisioning (crypto-shredding), backups and restores, audit-chain verification. Shared by
  * the admin API and the CLI; every call is authorized and audited.
  */
+import crypto from 'node:crypto';
 import path from 'node:path';
 import { finalizeCards } from '../hooks/index.ts';
 import { answerCards } from '../rules/index.ts';
@@ -68,6 +69,25 @@ export interface ReplayResult {
   cards: unknown[];
   storedCards: unknown[];
   trace: unknown[];
+}
+
+/** A record id as the service makes them (crypto.randomUUID). */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/**
+ * The record id a request asked for, as an audit event may name it: a uuid as it is; anything
+ * else (the caller's text, which may be an MRN or a name) only by its length and the first 12
+ * hex digits of its sha256, enough to match it with what the caller says it sent.
+ */
+function requestedId(
+  id: string,
+): { invocation: string } | { invocationLength: number; invocationSha256: string } {
+  return UUID.test(id)
+    ? { invocation: id }
+    : {
+        invocationLength: id.length,
+        invocationSha256: crypto.createHash('sha256').update(id).digest('hex').slice(0, 12),
+      };
 }
 
 /** Cards without their per-call uuids, for comparing a replay with the record. */
@@ -140,16 +160,58 @@ export class DataAdmin {
     return list;
   }
 
+  /**
+   * One invocation record, decrypted (the tenant's own tenant-admin and auditor only), audited
+   * `records.read`. A read that finds nothing is audited too, as a failure (see `readRecord`).
+   * @throws ForbiddenError (403), NotFoundError (404), InvalidInputError (400: not a record id).
+   */
   async readInvocation(
     principal: Principal,
     tenantId: string,
     id: string,
   ): Promise<InvocationRecord> {
+    return this.readRecord(principal, tenantId, id, 'records.read');
+  }
+
+  /**
+   * Reads a record for `action` (a read, or the read a replay starts with). The record is the
+   * store's; a read that finds none (404) or names no record id (400) probes the tenant's
+   * records, so it is audited as `action` with outcome failure, the actor, the tenant, the
+   * reason (`not_found`, `invalid_id`) and the id asked for: a uuid (the ids the service
+   * makes) as it is, any other text (the caller's: it may be an MRN) only by its length and a
+   * short sha256. A found record is audited `records.read` (a replay adds `records.replay`).
+   */
+  private async readRecord(
+    principal: Principal,
+    tenantId: string,
+    id: string,
+    action: 'records.read' | 'records.replay',
+  ): Promise<InvocationRecord> {
     authorize(principal, 'records:read', tenantId);
-    await this.tenant(principal, tenantId, 'records.read');
-    const record = await this.deps.stores
-      .store(tenantId)
-      .readInvocation(id, { actor: actorOf(principal) });
+    await this.tenant(principal, tenantId, action);
+    let record: InvocationRecord;
+    try {
+      record = await this.deps.stores
+        .store(tenantId)
+        .readInvocation(id, { actor: actorOf(principal) });
+    } catch (err) {
+      const reason =
+        err instanceof NotFoundError
+          ? 'not_found'
+          : err instanceof InvalidInputError && err.field === 'id'
+            ? 'invalid_id'
+            : undefined;
+      if (reason !== undefined) {
+        // Fails closed: an attempt that cannot be audited is answered 500, as a read would be.
+        await this.audit(principal, {
+          type: action,
+          outcome: 'failure',
+          tenant: tenantId,
+          detail: { reason, ...requestedId(id) },
+        });
+      }
+      throw err;
+    }
     await this.audit(principal, {
       type: 'records.read',
       outcome: 'success',
@@ -164,7 +226,7 @@ export class DataAdmin {
    * the instant it was answered, and says whether the cards match.
    */
   async replay(principal: Principal, tenantId: string, id: string): Promise<ReplayResult> {
-    const record = await this.readInvocation(principal, tenantId, id);
+    const record = await this.readRecord(principal, tenantId, id, 'records.replay');
     // The version as this process compiled it for calls (cached): reading, parsing and hashing
     // the stored pack again on the main thread cost every tenant's calls ~30 ms a replay.
     const compiled = await this.deps.directory.pack(record.pack.id, record.pack.version);
