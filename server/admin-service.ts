@@ -170,7 +170,15 @@ export class AdminService {
       type: 'admin.tenant.create',
       outcome: 'success',
       tenant: tenant.id,
-      ...(body.sharedIssuer === true ? { detail: { sharedIssuer: true } } : {}),
+      ...(body.sharedIssuer === true || tenant.retention
+        ? {
+            detail: {
+              ...(body.sharedIssuer === true ? { sharedIssuer: true } : {}),
+              // The period the customer set for its records (absent: kept forever).
+              ...(tenant.retention ? { retentionDays: tenant.retention.recordDays } : {}),
+            },
+          }
+        : {}),
     });
     return tenant;
   }
@@ -215,6 +223,12 @@ export class AdminService {
           .sort()
           .join(','),
         ...(body.sharedIssuer === true ? { sharedIssuer: true } : {}),
+        // A retention change, as it now stands: its days, or `forever` (removed).
+        ...(body.retention !== undefined
+          ? tenant.retention
+            ? { retentionDays: tenant.retention.recordDays }
+            : { retention: 'forever' }
+          : {}),
       },
     });
     return tenant;

@@ -36,6 +36,7 @@ import type { Deps } from './context.ts';
 import type { Logger } from './logger.ts';
 import { Metrics } from './metrics.ts';
 import { loadRegionMatrix, selectRegion } from './regions.ts';
+import { startRecordPurge } from './retention.ts';
 import { ServiceDirectory } from './service-directory.ts';
 
 export const ADMIN_TOKEN_FILE = 'admin-token';
@@ -473,6 +474,16 @@ export async function buildDeps(
     perSecond: config.authFailureAuditPerSecond,
     onError: reportAuditError,
   });
+  // Records past each tenant's retention period, purged periodically by the serving process
+  // (a CLI process on the same data directory does not; `cellcds records purge` runs one).
+  const now = () => new Date();
+  const recordPurge =
+    opts.resumeJobs !== false && config.recordPurgeIntervalMs > 0
+      ? startRecordPurge(
+          { controlPlane, stores, log, now },
+          { intervalMs: config.recordPurgeIntervalMs },
+        )
+      : undefined;
   return {
     config,
     log,
@@ -490,9 +501,11 @@ export async function buildDeps(
     failureAudit,
     // Readiness (/readyz `replayCache`): only a shared (Redis) cache can be down.
     ...(sharedCache ? { replayCacheHealth: () => sharedCache.health() } : {}),
-    now: () => new Date(),
+    now,
     async close() {
       await failureAudit.flush().catch(reportAuditError);
+      // Before the stores close: a pass in flight stops after its batch (audited).
+      await recordPurge?.stop();
       await stores.close();
       await evaluator.close();
       await replayCache.close?.();

@@ -37,7 +37,7 @@ import {
   ResidencyError,
   TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
-import type { Principal, Tenant } from '../tenants/index.ts';
+import type { Principal, PurgeResult, Tenant } from '../tenants/index.ts';
 import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
 import { formatBackupTable, listBackups } from './backup-list.ts';
 import {
@@ -61,6 +61,7 @@ import { buildEvidence, EvidenceInputError, writeEvidence } from './evidence.ts'
 import type { TenantAuditEventLike } from './evidence.ts';
 import { createLogger } from './logger.ts';
 import { runMigration } from './migrate.ts';
+import { retentionCutoff } from './retention.ts';
 import { describeRegion, formatRegionTable, loadRegionMatrix } from './regions.ts';
 import type { RegionMatrix } from './regions.ts';
 import { runServe } from './main.ts';
@@ -172,6 +173,76 @@ async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T>
   } finally {
     await evaluator.close();
     await controlPlane.close();
+  }
+}
+
+/** `--retention-days`/`--days`: digits as a number; anything else as given (refused, exit 2). */
+function retentionDaysArg(value: string): number | string {
+  return /^[0-9]{1,9}$/.test(value) ? Number(value) : value;
+}
+
+/**
+ * `records purge`: one tenant's records past its retention period, purged in the local data
+ * directory's region (the server's purge batches and this one's take turns on the store).
+ * Progress goes to stderr at most once a second; the result (counts, cutoff) to stdout.
+ */
+async function purgeTenantRecords(o: {
+  tenant: string;
+  dryRun?: boolean;
+  batchSize?: string;
+}): Promise<PurgeResult> {
+  if (!TENANT_ID_PATTERN.test(o.tenant)) {
+    throw new CliError(`--tenant must be a tenant id (${TENANT_ID_PATTERN.source})`, 2);
+  }
+  const batchSize = o.batchSize === undefined ? undefined : Number(o.batchSize);
+  if (
+    batchSize !== undefined &&
+    (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000)
+  ) {
+    throw new CliError('--batch-size must be a whole number from 1 to 1000', 2);
+  }
+  const cfg = config();
+  assertDataDirHere(cfg);
+  const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), {
+    resumeJobs: false,
+    operator: true,
+  });
+  try {
+    const tenant = await deps.controlPlane.tenants.get(o.tenant);
+    const days = tenant.retention?.recordDays;
+    if (days === undefined) {
+      throw new CliError(
+        `tenant ${o.tenant} has no retention period (its records are kept forever): set one with cellcds tenant retention ${o.tenant} --days N`,
+        2,
+      );
+    }
+    if (!(await deps.stores.listTenants()).includes(o.tenant)) {
+      throw new CliError(`tenant ${o.tenant} has no store in region ${deps.region.id}`);
+    }
+    let shown = 0;
+    const result = await deps.stores.store(o.tenant).purgeRecords({
+      before: retentionCutoff(deps.now(), days),
+      retentionDays: days,
+      actor: `${LOCAL_OPERATOR.tokenId}:${LOCAL_OPERATOR.role}`,
+      ...(o.dryRun === true ? { dryRun: true } : {}),
+      ...(batchSize !== undefined ? { batchSize } : {}),
+      onProgress: (p) => {
+        if (performance.now() - shown >= 1000) {
+          shown = performance.now();
+          process.stderr.write(
+            `purged ${String(p.invocations)} invocation records and ${String(p.feedback)} feedback so far (${String(p.batches)} batches)\n`,
+          );
+        }
+      },
+    });
+    if (result.skipped) {
+      throw new CliError(
+        `tenant ${o.tenant} is being purged by another process (the server): try again later`,
+      );
+    }
+    return result;
+  } finally {
+    await deps.close();
   }
 }
 
@@ -1119,6 +1190,10 @@ export function buildProgram(): Command {
       '--shared-issuer',
       'the issuer is already registered to another tenant: share it (its EHR must then send the tenant claim in every token)',
     )
+    .option(
+      '--retention-days <days>',
+      'keep invocation records and their feedback this many whole days (1 to 3653), then purge them (default: kept forever)',
+    )
     .action(
       async (o: {
         id: string;
@@ -1131,6 +1206,7 @@ export function buildProgram(): Command {
         fhirServer?: string[];
         smartClientId?: string;
         sharedIssuer?: boolean;
+        retentionDays?: string;
       }) => {
         const issuer: Record<string, unknown> = { iss: o.iss };
         if (o.jwksFile) {
@@ -1151,6 +1227,9 @@ export function buildProgram(): Command {
             fhirServers: o.fhirServer ?? [],
             ...(o.smartClientId === undefined ? {} : { smart: { clientId: o.smartClientId } }),
             ...(o.sharedIssuer === true ? { sharedIssuer: true } : {}),
+            ...(o.retentionDays === undefined
+              ? {}
+              : { retention: { recordDays: retentionDaysArg(o.retentionDays) } }),
           }),
         );
         out(t);
@@ -1158,19 +1237,24 @@ export function buildProgram(): Command {
     );
   tenant
     .command('list')
-    .description('list tenants: id, status, home region, name, subscriptions')
+    .description(
+      'list tenants: id, status, home region, name, subscriptions, record retention (retention:<days>d, or retention:forever)',
+    )
     .action(async () => {
       const list = await withLocal((a) => a.listTenants(LOCAL_OPERATOR));
       for (const t of list) {
+        const retention = t.retention ? `${String(t.retention.recordDays)}d` : 'forever';
         out(
-          `${t.id}\t${t.status}\t${t.region}\t${t.name}\t${t.subscriptions.map((s) => `${s.pack}@${s.version}`).join(',')}`,
+          `${t.id}\t${t.status}\t${t.region}\t${t.name}\t${t.subscriptions.map((s) => `${s.pack}@${s.version}`).join(',')}\tretention:${retention}`,
         );
       }
     });
   tenant
     .command('show')
     .argument('<id>')
-    .description('print a tenant (issuers, FHIR servers, subscriptions, residency)')
+    .description(
+      'print a tenant (issuers, FHIR servers, subscriptions, residency, retention: absent means records are kept forever)',
+    )
     .action(async (id: string) => {
       out(await withLocal((a) => a.getTenant(LOCAL_OPERATOR, id)));
     });
@@ -1258,6 +1342,41 @@ export function buildProgram(): Command {
         return a.getTenant(LOCAL_OPERATOR, id);
       });
       out(t.subscriptions);
+    });
+
+  tenant
+    .command('retention')
+    .argument('<id>')
+    .option(
+      '--days <days>',
+      'keep invocation records and their feedback this many whole days (1 to 3653)',
+    )
+    .option('--forever', 'remove the retention period: records are kept forever (the default)')
+    .description(
+      "set or remove a tenant's record retention period (older records are purged: hourly by the server, or now with cellcds records purge)",
+    )
+    .action(async (id: string, o: { days?: string; forever?: boolean }) => {
+      if ((o.days === undefined) === (o.forever !== true)) {
+        throw new CliError('name one: --days <days> or --forever', 2);
+      }
+      const retention = o.days === undefined ? null : { recordDays: retentionDaysArg(o.days) };
+      const t = await withLocal((a) => a.updateTenant(LOCAL_OPERATOR, id, { retention }));
+      out({ tenant: t.id, retention: t.retention ?? 'forever' });
+    });
+
+  const records = program
+    .command('records')
+    .description("a tenant's invocation records (local data directory)");
+  records
+    .command('purge')
+    .description(
+      "delete a tenant's invocation records (and their feedback) older than its retention period now, audited as records.purged (the server also does it hourly)",
+    )
+    .requiredOption('--tenant <id>')
+    .option('--dry-run', 'count what would be deleted; delete nothing')
+    .option('--batch-size <n>', 'records per transaction (1 to 1000, default 200)')
+    .action(async (o: { tenant: string; dryRun?: boolean; batchSize?: string }) => {
+      out(await purgeTenantRecords(o));
     });
 
   const token = program.command('token').description('operator tokens (local data directory)');

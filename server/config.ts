@@ -66,6 +66,8 @@ const Schema = z
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
     CELLCDS_REWRAP_THROTTLE_MS: intFrom(0, 60_000, 50),
     CELLCDS_JOB_LEASE_MS: intFrom(5_000, 3_600_000, 60_000),
+    // 0: no periodic purge of records past a tenant's retention (`cellcds records purge` still does).
+    CELLCDS_RECORD_PURGE_INTERVAL_MS: intFrom(0, 86_400_000, 3_600_000),
     CELLCDS_PG_STATEMENT_TIMEOUT_MS: intFrom(0, 600_000, 5000),
     CELLCDS_PG_ACQUIRE_TIMEOUT_MS: intFrom(100, 600_000, 5000),
     // The message never quotes the value: the URL may carry a password.
@@ -178,6 +180,13 @@ export interface Config {
    * owner's lease expired (tenants/DATA-PLANE.md, "Job owner and lease").
    */
   readonly jobLeaseMs: number;
+  /**
+   * How often the server purges invocation records past each tenant's retention period (ms),
+   * from CELLCDS_RECORD_PURGE_INTERVAL_MS (default 3600000, an hour; 0: never, only
+   * `cellcds records purge`). The first run starts a minute after boot (or after one interval,
+   * if shorter). docs/operations.md, "Retention".
+   */
+  readonly recordPurgeIntervalMs: number;
   /**
    * The control plane (tenants, issuers, packs, admin token hashes, audit log): a PostgreSQL
    * schema shared by replicas on any host when CELLCDS_CONTROL_PLANE_URL is set (schema
@@ -388,6 +397,7 @@ export function loadConfig(
       throttleMs: e.CELLCDS_REWRAP_THROTTLE_MS,
     }),
     jobLeaseMs: e.CELLCDS_JOB_LEASE_MS,
+    recordPurgeIntervalMs: e.CELLCDS_RECORD_PURGE_INTERVAL_MS,
     pg: Object.freeze({
       statementTimeoutMs: e.CELLCDS_PG_STATEMENT_TIMEOUT_MS,
       acquireTimeoutMs: e.CELLCDS_PG_ACQUIRE_TIMEOUT_MS,

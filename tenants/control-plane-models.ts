@@ -30,6 +30,8 @@ export interface TenantRow {
   failover: string | null;
   /** JSON of the TenantSmart registration, or null (the deployment's default client id). */
   smart: string | null;
+  /** JSON of the TenantRetention, or null (records kept forever). */
+  retention: string | null;
   createdAt: string;
   updatedAt: string;
 }
@@ -144,6 +146,7 @@ export function defineControlPlaneModels(
       residency: { type: DataTypes.TEXT, allowNull: true },
       failover: { type: DataTypes.TEXT, allowNull: true },
       smart: { type: DataTypes.TEXT, allowNull: true },
+      retention: { type: DataTypes.TEXT, allowNull: true },
       createdAt: { type: key(32), allowNull: false },
       updatedAt: { type: key(32), allowNull: false },
     },
@@ -163,7 +166,10 @@ export function defineControlPlaneModels(
       ...(schema !== undefined ? { schema } : {}),
       ...(transaction ? { transaction } : {}),
     });
-    for (const column of isPostgres ? ['smart'] : ['residency', 'failover', 'smart']) {
+    // `retention` (per-tenant retention periods) came later on both: null, kept forever.
+    for (const column of isPostgres
+      ? ['smart', 'retention']
+      : ['residency', 'failover', 'smart', 'retention']) {
       if (!Object.hasOwn(columns, column)) {
         await qi.addColumn(
           table,

@@ -32,6 +32,7 @@ import type {
   Tenant,
   TenantPatch,
   TenantRepository,
+  TenantRetention,
   TenantSmart,
   TenantStatus,
   TrustedIssuer,
@@ -42,6 +43,7 @@ function toTenant(row: TenantRow): Tenant {
   const residency = row.residency ?? null;
   const failover = row.failover ?? null;
   const smart = row.smart ?? null;
+  const retention = row.retention ?? null;
   return {
     id: row.id,
     name: row.name,
@@ -53,6 +55,7 @@ function toTenant(row: TenantRow): Tenant {
     ...(residency !== null ? { residency: JSON.parse(residency) as ResidencyPolicyInput } : {}),
     ...(failover !== null ? { failover: JSON.parse(failover) as ActiveFailover } : {}),
     ...(smart !== null ? { smart: JSON.parse(smart) as TenantSmart } : {}),
+    ...(retention !== null ? { retention: JSON.parse(retention) as TenantRetention } : {}),
     createdAt: row.createdAt,
     updatedAt: row.updatedAt,
   };
@@ -382,6 +385,7 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
         residency: tenant.residency ? JSON.stringify(tenant.residency) : null,
         failover: null,
         smart: tenant.smart ? JSON.stringify(tenant.smart) : null,
+        retention: tenant.retention ? JSON.stringify(tenant.retention) : null,
         createdAt: at,
         updatedAt: at,
       };
@@ -468,6 +472,11 @@ export function createTenantRepository(deps: TenantRepositoryDeps): TenantReposi
             : {}),
           ...(valid.smart !== undefined
             ? { smart: valid.smart === null ? null : JSON.stringify(valid.smart) }
+            : {}),
+          ...(valid.retention !== undefined
+            ? {
+                retention: valid.retention === null ? null : JSON.stringify(valid.retention),
+              }
             : {}),
           updatedAt: now().toISOString(),
         };

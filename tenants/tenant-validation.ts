@@ -13,6 +13,7 @@ import type {
   NewTenant,
   ResidencyPolicyInput,
   TenantPatch,
+  TenantRetention,
   TenantSmart,
   TenantStatus,
   TrustedIssuer,
@@ -200,6 +201,33 @@ export function validateTenantSmart(value: unknown, field = 'smart'): TenantSmar
   return { clientId };
 }
 
+/** The shortest retention period a tenant may set (whole days). */
+export const MIN_RETENTION_DAYS = 1;
+/** The longest retention period a tenant may set (whole days, ten years); longer: leave it unset. */
+export const MAX_RETENTION_DAYS = 3653;
+
+/**
+ * Validates a tenant's retention period (`{ recordDays }`: whole days, 1 to 3653).
+ * @throws InvalidInputError naming the field (`retention.recordDays`).
+ */
+export function validateTenantRetention(value: unknown, field = 'retention'): TenantRetention {
+  const raw = requireObject(value, field);
+  rejectUnknown(raw, ['recordDays'], field);
+  const days = raw.recordDays;
+  if (
+    typeof days !== 'number' ||
+    !Number.isInteger(days) ||
+    days < MIN_RETENTION_DAYS ||
+    days > MAX_RETENTION_DAYS
+  ) {
+    throw new InvalidInputError(
+      `${field}.recordDays`,
+      `must be a whole number of days from ${String(MIN_RETENTION_DAYS)} to ${String(MAX_RETENTION_DAYS)} (leave retention out, or null, to keep records forever)`,
+    );
+  }
+  return { recordDays: days };
+}
+
 /** Checks one registered JWK: public, asymmetric, signing, with a kid, importable. */
 async function validatePublicJwk(value: unknown, field: string): Promise<Json> {
   const key = requireObject(value, field);
@@ -346,7 +374,17 @@ export async function validateNewTenant(
   const raw = requireObject(input, '(body)');
   rejectUnknown(
     raw,
-    ['id', 'name', 'region', 'issuers', 'fhirServers', 'residency', 'smart', 'sharedIssuer'],
+    [
+      'id',
+      'name',
+      'region',
+      'issuers',
+      'fhirServers',
+      'residency',
+      'smart',
+      'retention',
+      'sharedIssuer',
+    ],
     '',
   );
   return {
@@ -357,6 +395,9 @@ export async function validateNewTenant(
     fhirServers: raw.fhirServers === undefined ? [] : validateFhirServers(raw.fhirServers),
     ...(raw.residency !== undefined ? { residency: validateResidencyPolicy(raw.residency) } : {}),
     ...(raw.smart !== undefined ? { smart: validateTenantSmart(raw.smart) } : {}),
+    ...(raw.retention !== undefined && raw.retention !== null
+      ? { retention: validateTenantRetention(raw.retention) }
+      : {}),
     sharedIssuer: validateSharedIssuer(raw.sharedIssuer),
   };
 }
@@ -372,7 +413,7 @@ export async function validateTenantPatch(
   const raw = requireObject(input, '(body)');
   rejectUnknown(
     raw,
-    ['name', 'status', 'issuers', 'fhirServers', 'residency', 'smart', 'sharedIssuer'],
+    ['name', 'status', 'issuers', 'fhirServers', 'residency', 'smart', 'retention', 'sharedIssuer'],
     '',
   );
   const patch: TenantPatch & { sharedIssuer: boolean } = {
@@ -395,6 +436,9 @@ export async function validateTenantPatch(
   }
   if (raw.smart !== undefined) {
     patch.smart = raw.smart === null ? null : validateTenantSmart(raw.smart);
+  }
+  if (raw.retention !== undefined) {
+    patch.retention = raw.retention === null ? null : validateTenantRetention(raw.retention);
   }
   return patch;
 }

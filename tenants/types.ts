@@ -44,6 +44,11 @@ export interface Tenant {
    * default client id (CELLCDS_SMART_CLIENT_ID) applies, if set.
    */
   smart?: TenantSmart;
+  /**
+   * How long the tenant's invocation records (and their feedback) are kept. Absent: forever
+   * (the default); records older than the period are purged (`TenantStore.purgeRecords`).
+   */
+  retention?: TenantRetention;
   createdAt: string;
   updatedAt: string;
 }
@@ -56,11 +61,21 @@ export interface NewTenant {
   fhirServers?: string[];
   residency?: ResidencyPolicyInput;
   smart?: TenantSmart;
+  retention?: TenantRetention;
   /**
    * The operator's confirmation that an issuer already registered to one other tenant becomes
    * shared (its every token must then carry `tenant`). Not stored. Without it: ConflictError.
    */
   sharedIssuer?: boolean;
+}
+
+/**
+ * A tenant's retention period: invocation records whose invocation time is more than
+ * `recordDays` whole days (of 24 h) ago are purged with their feedback, and the purge audited.
+ */
+export interface TenantRetention {
+  /** Whole days, 1..MAX_RETENTION_DAYS (tenant-validation.ts). */
+  recordDays: number;
 }
 
 /** How the SMART card viewer is registered at a tenant's EHR. */
@@ -90,6 +105,8 @@ export interface TenantPatch {
   residency?: ResidencyPolicyInput | null;
   /** A new SMART registration; `null` removes it (the default client id applies again). */
   smart?: TenantSmart | null;
+  /** A new retention period; `null` removes it (records are kept forever again). */
+  retention?: TenantRetention | null;
   /** As NewTenant's, for the issuers of this patch. */
   sharedIssuer?: boolean;
 }

@@ -8,7 +8,7 @@ import type { KeyObject } from 'node:crypto';
 import { Op, UniqueConstraintError } from 'sequelize';
 import type { Transaction, WhereOptions } from 'sequelize';
 import { ConflictError, InvalidInputError, NotFoundError } from '../errors.ts';
-import { appendAudit, auditHead, listAudit, verifyAudit } from './audit-chain.ts';
+import { appendAudit, appendAuditInTx, auditHead, listAudit, verifyAudit } from './audit-chain.ts';
 import {
   dekVersions,
   dropIfStale,
@@ -22,7 +22,8 @@ import type { IdentifiedKey, KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError, WrapLimitError } from './errors.ts';
 import { canonicalJson } from './hash-chain.ts';
 import { RECORD_ID_PATTERN } from './ids.ts';
-import { TABLES } from './models.ts';
+import { createJobOwnerId } from './job-lease.ts';
+import { HEAD_TABLES, TABLES } from './models.ts';
 import type { FeedbackRow, InvocationRow, SealedTable } from './models.ts';
 import { openRecord, sealRecordAs } from './record-cipher.ts';
 import type { Envelope } from './record-cipher.ts';
@@ -37,6 +38,9 @@ import type {
   InvocationSecret,
   InvocationSummary,
   JobInfo,
+  PurgeOptions,
+  PurgeProgress,
+  PurgeResult,
   SaveFeedbackResult,
   TenantStore,
 } from './types.ts';
@@ -918,6 +922,314 @@ async function saveFeedback(
   throw new KeyUnavailableError('dek_destroyed', 'the primary DEK kept changing; try again');
 }
 
+// ---------------------------------------------------------------------------------------------
+// Retention: purging records older than a cutoff ("Retention" in DATA-PLANE.md)
+// ---------------------------------------------------------------------------------------------
+
+/** Invocation records per purge batch (one write transaction each), by default and at most. */
+export const DEFAULT_PURGE_BATCH = 200;
+const MAX_PURGE_BATCH = 1000;
+/**
+ * How long a purge run's claim on the tenant holds without renewal (every batch renews it): a
+ * run that died is taken over by the next run after this.
+ */
+export const PURGE_LEASE_MS = 60_000;
+/** The `meta` row of the purge run in progress: its owner, lease and counts so far. */
+const PURGE_META_KEY = 'purge.run';
+/** Ids in one `IN (...)` list. */
+const IN_CHUNK = 500;
+
+/** The purge run in progress, as kept in `meta` (ids and counts only). */
+interface PurgeRun {
+  owner: string;
+  /** The database's clock (ms) until which the owner holds the run. */
+  untilMs: number;
+  cutoff: string;
+  invocations: number;
+  feedback: number;
+  batches: number;
+}
+
+/** The database's clock in milliseconds since the epoch (the same clock as job leases). */
+function dbNowSql(h: StoreHandle): string {
+  return h.dialect === 'postgres'
+    ? `SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS "nowMs"`
+    : `SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) AS "nowMs"`;
+}
+
+function parsePurgeRun(value: string | undefined): PurgeRun | undefined {
+  if (value === undefined) {
+    return undefined;
+  }
+  try {
+    const run = JSON.parse(value) as Partial<PurgeRun>;
+    const count = (n: unknown) =>
+      typeof n === 'number' && Number.isSafeInteger(n) && n >= 0 ? n : 0;
+    return {
+      owner: typeof run.owner === 'string' ? run.owner : '',
+      untilMs: typeof run.untilMs === 'number' ? run.untilMs : 0,
+      cutoff: typeof run.cutoff === 'string' ? run.cutoff : '',
+      invocations: count(run.invocations),
+      feedback: count(run.feedback),
+      batches: count(run.batches),
+    };
+  } catch {
+    return undefined; // a damaged row: taken over as if expired, with no counts to carry
+  }
+}
+
+async function runInChunks<T>(
+  items: readonly T[],
+  fn: (chunk: readonly T[]) => Promise<unknown>,
+): Promise<void> {
+  for (let i = 0; i < items.length; i += IN_CHUNK) {
+    await fn(items.slice(i, i + IN_CHUNK));
+  }
+}
+
+const marks = (n: number) => Array.from({ length: n }, () => '?').join(', ');
+
+/** What one purge batch did. */
+type PurgeBatch =
+  | { kind: 'held' }
+  | {
+      kind: 'deleted';
+      /** Invocation records this batch deleted. */
+      deleted: number;
+      /** The run's totals so far (with a carried run's). */
+      invocations: number;
+      feedback: number;
+      done: boolean;
+      carried?: PurgeRun;
+    };
+
+/**
+ * One purge batch in its own write transaction, in the lock order of every write (primary DEK
+ * row first: on PostgreSQL `FOR NO KEY UPDATE`, which a rewrap batch, a feedback write and
+ * another replica's purge batch also take, so they take turns with this one; then `meta`, the
+ * records and the audit head). Claims or renews the run's lease; deletes up to `limit` of the
+ * oldest invocation records before the cutoff, with their feedback, card links and head rows;
+ * when none is left, appends `records.purged` (if the run deleted anything) and ends the run.
+ */
+async function purgeBatch(
+  h: StoreHandle,
+  ctx: RegionContext,
+  run: { owner: string; cutoff: string; limit: number; actor: string; retentionDays?: number },
+): Promise<PurgeBatch> {
+  return h.writeTx(
+    async (t) => {
+      const [clock] = await h.raw<{ nowMs: number | string }>(t, dbNowSql(h), []);
+      const nowMs = Number(clock?.nowMs ?? 0);
+      const [meta] = await h.raw<{ value: string }>(
+        t,
+        `SELECT value FROM ${h.qualified(TABLES.meta)} WHERE "key" = ?`,
+        [PURGE_META_KEY],
+      );
+      const found = parsePurgeRun(meta?.value);
+      if (found && found.owner !== run.owner && found.untilMs > nowMs) {
+        return { kind: 'held' };
+      }
+      // Another run's counts that never reached the chain (it stopped, its lease expired).
+      const carried = found && found.owner !== run.owner ? found : undefined;
+      const mine = found && found.owner === run.owner ? found : undefined;
+      const before = mine ?? {
+        owner: run.owner,
+        untilMs: 0,
+        cutoff: run.cutoff,
+        invocations: carried?.invocations ?? 0,
+        feedback: carried?.feedback ?? 0,
+        batches: carried?.batches ?? 0,
+      };
+      const victims = await h.raw<{ seq: number; id: string }>(
+        t,
+        `SELECT seq, id FROM ${h.qualified(TABLES.invocations)} WHERE time < ?
+         ORDER BY time, seq LIMIT ?`,
+        [run.cutoff, run.limit],
+      );
+      const seqs = victims.map((v) => v.seq);
+      const ids = victims.map((v) => v.id);
+      const feedbackSeqs: number[] = [];
+      await runInChunks(ids, async (chunk) => {
+        const rows = await h.raw<{ seq: number }>(
+          t,
+          `SELECT seq FROM ${h.qualified(TABLES.feedback)} WHERE invocation_id IN (${marks(chunk.length)})`,
+          chunk,
+        );
+        feedbackSeqs.push(...rows.map((r) => r.seq));
+      });
+      // Heads first (a head never outlives its record), then the records and the card links.
+      const remove = (table: string, column: string, values: readonly unknown[]) =>
+        runInChunks(values, (chunk) =>
+          h.raw(
+            t,
+            `DELETE FROM ${h.qualified(table)} WHERE ${column} IN (${marks(chunk.length)})`,
+            chunk,
+          ),
+        );
+      await remove(HEAD_TABLES.feedback, 'seq', feedbackSeqs);
+      await remove(TABLES.feedback, 'seq', feedbackSeqs);
+      await remove(HEAD_TABLES.invocations, 'seq', seqs);
+      await remove(TABLES.invocationCards, 'invocation_id', ids);
+      await remove(TABLES.invocations, 'seq', seqs);
+      const total: PurgeRun = {
+        ...before,
+        untilMs: nowMs + PURGE_LEASE_MS,
+        invocations: before.invocations + seqs.length,
+        feedback: before.feedback + feedbackSeqs.length,
+        batches: before.batches + (seqs.length > 0 ? 1 : 0),
+      };
+      // A closing batch (limit 0, the run was stopped) deletes nothing and ends the run.
+      const done = run.limit === 0 || seqs.length < run.limit;
+      if (done) {
+        if (total.invocations + total.feedback > 0) {
+          await appendAuditInTx(
+            h,
+            t,
+            {
+              type: 'records.purged',
+              outcome: 'success',
+              actor: run.actor,
+              detail: {
+                cutoff: run.cutoff,
+                invocations: total.invocations,
+                feedback: total.feedback,
+                batches: total.batches,
+                ...(run.retentionDays !== undefined ? { retentionDays: run.retentionDays } : {}),
+                ...(carried && carried.invocations + carried.feedback > 0
+                  ? {
+                      resumedInvocations: carried.invocations,
+                      resumedFeedback: carried.feedback,
+                    }
+                  : {}),
+              },
+            },
+            ctx.now(),
+          );
+        }
+        if (meta !== undefined) {
+          await h.raw(t, `DELETE FROM ${h.qualified(TABLES.meta)} WHERE "key" = ?`, [
+            PURGE_META_KEY,
+          ]);
+        }
+      } else {
+        await h.raw(
+          t,
+          `INSERT INTO ${h.qualified(TABLES.meta)} ("key", value) VALUES (?, ?)
+           ON CONFLICT ("key") DO UPDATE SET value = excluded.value`,
+          [PURGE_META_KEY, JSON.stringify(total)],
+        );
+      }
+      return {
+        kind: 'deleted',
+        deleted: seqs.length,
+        invocations: total.invocations,
+        feedback: total.feedback,
+        done,
+        ...(carried ? { carried } : {}),
+      };
+    },
+    // Alone: after the primary row, this locks `meta` and then the audit head; in a group an
+    // earlier write could hold the audit head first.
+    { primary: true, alone: true },
+  );
+}
+
+/** What a purge run would delete: invocation records before the cutoff and their feedback. */
+async function countPurgeable(h: StoreHandle, cutoff: string): Promise<PurgeProgress> {
+  return h.readTx(async (t) => {
+    const [inv] = await h.raw<{ n: number | string }>(
+      t,
+      `SELECT COUNT(*) AS n FROM ${h.qualified(TABLES.invocations)} WHERE time < ?`,
+      [cutoff],
+    );
+    const [fb] = await h.raw<{ n: number | string }>(
+      t,
+      `SELECT COUNT(*) AS n FROM ${h.qualified(TABLES.feedback)} f
+       WHERE f.invocation_id IN (SELECT id FROM ${h.qualified(TABLES.invocations)} WHERE time < ?)`,
+      [cutoff],
+    );
+    return { invocations: Number(inv?.n ?? 0), feedback: Number(fb?.n ?? 0), batches: 0 };
+  });
+}
+
+function validatePurge(opts: PurgeOptions): { cutoff: string; limit: number } {
+  if (typeof opts !== 'object' || (opts as unknown) === null) {
+    throw new InvalidInputError('options', 'must be an object');
+  }
+  const cutoff = instant(opts.before, 'before');
+  const limit = opts.batchSize ?? DEFAULT_PURGE_BATCH;
+  if (!Number.isInteger(limit) || limit < 1 || limit > MAX_PURGE_BATCH) {
+    throw new InvalidInputError(
+      'batchSize',
+      `must be an integer from 1 to ${String(MAX_PURGE_BATCH)}`,
+    );
+  }
+  return { cutoff, limit };
+}
+
+async function purgeRecords(
+  h: StoreHandle,
+  ctx: RegionContext,
+  opts: PurgeOptions,
+  valid: { cutoff: string; limit: number },
+): Promise<PurgeResult> {
+  const base = { tenant: h.tenant, cutoff: valid.cutoff };
+  if (opts.dryRun === true) {
+    return { ...base, dryRun: true, ...(await countPurgeable(h, valid.cutoff)) };
+  }
+  // One owner per run: two runs of one process exclude each other as two replicas' do.
+  const run = {
+    owner: createJobOwnerId(),
+    cutoff: valid.cutoff,
+    limit: valid.limit,
+    actor: opts.actor ?? 'system',
+    ...(opts.retentionDays !== undefined ? { retentionDays: opts.retentionDays } : {}),
+  };
+  let resumed: PurgeRun | undefined;
+  let batches = 0;
+  for (;;) {
+    const stopping = opts.signal?.aborted === true;
+    const batch = await purgeBatch(h, ctx, stopping ? { ...run, limit: 0 } : run);
+    if (batch.kind === 'held') {
+      return {
+        ...base,
+        dryRun: false,
+        invocations: 0,
+        feedback: 0,
+        batches: 0,
+        skipped: 'running_elsewhere',
+      };
+    }
+    resumed ??= batch.carried;
+    batches += batch.deleted > 0 ? 1 : 0;
+    const progress: PurgeProgress = {
+      invocations: batch.invocations - (resumed?.invocations ?? 0),
+      feedback: batch.feedback - (resumed?.feedback ?? 0),
+      batches,
+    };
+    if (batch.done) {
+      return {
+        ...base,
+        dryRun: false,
+        ...progress,
+        ...(stopping ? { stopped: true } : {}),
+        ...(resumed && resumed.invocations + resumed.feedback > 0
+          ? { resumed: { invocations: resumed.invocations, feedback: resumed.feedback } }
+          : {}),
+      };
+    }
+    try {
+      opts.onProgress?.(progress);
+    } catch {
+      // a progress listener's fault is not the purge's
+    }
+    // Hook-path writes queued behind this batch go first.
+    await new Promise<void>((resolve) => {
+      setImmediate(resolve);
+    });
+  }
+}
+
 /** Creates the facade of `tenant` over the region context. */
 export function createTenantStore(ctx: RegionContext, tenant: string): TenantStore {
   /** A write refused at the hard wrap limit is reported (and the rotation tried again). */
@@ -1035,6 +1347,11 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
         ctx.recordWritten?.('feedback', (performance.now() - started) / 1000);
       }
       return result;
+    },
+
+    async purgeRecords(opts) {
+      const valid = validatePurge(opts);
+      return ctx.use(tenant, (h) => purgeRecords(h, ctx, opts, valid), { provision: false });
     },
 
     audit: {

@@ -336,6 +336,61 @@ export interface TenantStore {
   ): Promise<SaveFeedbackResult>;
   audit: TenantAudit;
   keys: TenantKeys;
+  /**
+   * Deletes the invocation records whose invocation time is before `before`, with their
+   * feedback, card links and head rows, in batches of one transaction each (the tenant's
+   * retention period; "Retention" in DATA-PLANE.md). A run that deleted something appends one
+   * `records.purged` event (cutoff and counts, no PHI). Among processes sharing the store, one
+   * run at a time: another one finds `skipped: 'running_elsewhere'`.
+   * @throws InvalidInputError (bad option), NotFoundError (no store), the storage's error (the
+   *   batches committed before it stay deleted and are counted by the next run's event).
+   */
+  purgeRecords(opts: PurgeOptions): Promise<PurgeResult>;
+}
+
+/** Options of `TenantStore.purgeRecords`. */
+export interface PurgeOptions {
+  /** Records whose invocation time is before this instant are deleted. */
+  before: string | Date;
+  /** Count what would be deleted; delete nothing, audit nothing. */
+  dryRun?: boolean;
+  /** Invocation records per batch (one transaction each), 1..1000. Default 200. */
+  batchSize?: number;
+  /** Recorded in `records.purged` (default `system`). */
+  actor?: string;
+  /** The retention period that gave `before`, recorded in `records.purged`. */
+  retentionDays?: number;
+  /** Called after each committed batch with the totals so far (must not throw). */
+  onProgress?: (progress: PurgeProgress) => void;
+  /**
+   * Stops the run after the batch in flight (shutdown): what it deleted is audited at once and
+   * the result says `stopped`; the next run goes on from there.
+   */
+  signal?: AbortSignal;
+}
+
+/** Records deleted so far by a purge run. */
+export interface PurgeProgress {
+  invocations: number;
+  feedback: number;
+  batches: number;
+}
+
+/** What a purge run did (or, `dryRun`, would do). */
+export interface PurgeResult extends PurgeProgress {
+  tenant: string;
+  /** ISO instant: records with an invocation time before it were purged. */
+  cutoff: string;
+  dryRun: boolean;
+  /**
+   * Counted into this run's `records.purged`: deletions of an earlier run of the tenant that
+   * stopped before its audit event (a crash), taken over when its lease expired.
+   */
+  resumed?: { invocations: number; feedback: number };
+  /** `running_elsewhere`: another process (replica) holds the tenant's purge lease. */
+  skipped?: 'running_elsewhere';
+  /** The run was stopped (`signal`) before it reached the cutoff. */
+  stopped?: boolean;
 }
 
 // ---------------------------------------------------------------------------------------------
