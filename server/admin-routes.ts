@@ -25,6 +25,7 @@ import type { AdminTokenRefusal, AuditEvent, Principal } from '../tenants/index.
 import { adminActionLog } from './admin-action-log.ts';
 import { actorOf } from './admin-service.ts';
 import type { AdminService } from './admin-service.ts';
+import { anchorsOfQuery, controlPlaneAuditHead, verifyControlPlaneAudit } from './audit-anchors.ts';
 import type { DataAdmin } from './data-admin.ts';
 import type { Deps } from './context.ts';
 import { adminCtxOf, requestIdOf } from './context.ts';
@@ -328,12 +329,24 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.json(result);
     done(res, { tenant: result.tenant });
   });
+  // `anchor=SEQ:HASH` (repeatable): heads kept earlier, which the chain must still hold. Any
+  // other parameter is refused: a misspelt `anchor` must not verify without the anchors.
   router.get('/tenants/:id/audit/verify', async (req, res) => {
-    res.json(await data.verifyAudit(principalOf(res), param(req, 'id')));
+    const kept = anchorsOfQuery(queryOf(req, ['anchor']).anchor);
+    res.json(await data.verifyAudit(principalOf(res), param(req, 'id'), kept));
+  });
+  router.get('/tenants/:id/audit/head', async (req, res) => {
+    queryOf(req, []);
+    res.json(await data.auditHead(principalOf(res), param(req, 'id')));
   });
 
-  router.get('/audit/verify', async (_req, res) => {
-    res.json(await admin.verifyControlPlaneAudit(principalOf(res)));
+  router.get('/audit/verify', async (req, res) => {
+    const kept = anchorsOfQuery(queryOf(req, ['anchor']).anchor);
+    res.json(await verifyControlPlaneAudit(deps.controlPlane, principalOf(res), kept));
+  });
+  router.get('/audit/head', async (req, res) => {
+    queryOf(req, []);
+    res.json(await controlPlaneAuditHead(deps.controlPlane, principalOf(res)));
   });
   router.get('/audit', async (req, res) => {
     const q = queryOf(req, ['from', 'to', 'tenant', 'type', 'requestId']);

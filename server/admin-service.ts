@@ -785,20 +785,6 @@ export class AdminService {
     return this.deps.controlPlane.packs.get(id, version);
   }
 
-  /** Verifies the control-plane audit chain (edited, deleted or reordered events). */
-  async verifyControlPlaneAudit(
-    principal: Principal,
-  ): Promise<{ ok: boolean; count: number; firstBadSeq?: number; problem?: string }> {
-    authorize(principal, 'audit:read');
-    const result = await this.deps.controlPlane.audit.verify();
-    await this.audit(principal, {
-      type: 'audit.verify',
-      outcome: result.ok ? 'success' : 'failure',
-      detail: { count: result.count },
-    });
-    return result;
-  }
-
   /**
    * Control-plane audit events, by time (`from` inclusive, `to` exclusive), tenant, type and
    * request id: `requestId` keeps the events whose detail names that request (a refused call's

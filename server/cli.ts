@@ -37,8 +37,18 @@ import {
   ResidencyError,
   TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
-import type { Principal, PurgeResult, Tenant } from '../tenants/index.ts';
-import { AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
+import type { ChainHead, ControlPlane, Principal, PurgeResult, Tenant } from '../tenants/index.ts';
+import { actorOf, AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
+import {
+  anchorsOfFile,
+  CONTROL_PLANE_CHAIN,
+  controlPlaneAuditHead,
+  controlPlaneChain,
+  MAX_ANCHORS,
+  parseAnchor,
+  tenantChain,
+  verifyControlPlaneAudit,
+} from './audit-anchors.ts';
 import { formatBackupTable, listBackups } from './backup-list.ts';
 import {
   buildDeps,
@@ -1062,6 +1072,13 @@ export function buildProgram(): Command {
           matrix: deps.matrix,
           from: o.from,
           to: o.to,
+          // Audited (`evidence.report`, the period) before anything is read.
+          actor: actorOf(LOCAL_OPERATOR),
+          controlPlaneChain: controlPlaneChain(deps.controlPlane.audit),
+          chainHead: async (t) => {
+            const store = await storeOf(t);
+            return store ? store.audit.head() : null;
+          },
           tenantEvents: async (t) => {
             const store = await storeOf(t);
             const events: TenantAuditEventLike[] = [];
@@ -1443,28 +1460,106 @@ export function buildProgram(): Command {
         out(await withLocal((a) => a.listAudit(LOCAL_OPERATOR, o)));
       },
     );
+  /** The local control plane only (as `withLocal`), for its audit chain's head and anchors. */
+  const withLocalControlPlane = async <T>(
+    fn: (controlPlane: ControlPlane) => Promise<T>,
+  ): Promise<T> => {
+    const cfg = config();
+    assertDataDirHere(cfg);
+    ensureDataDir(cfg.dataDir);
+    const controlPlane = await openConfiguredControlPlane(cfg);
+    try {
+      return await fn(controlPlane).catch((err: unknown) => {
+        throw usageErrorOf(err);
+      });
+    } finally {
+      await controlPlane.close();
+    }
+  };
+  /** `--anchor` values: `SEQ:HASH`, or a file of kept anchors for `chain` (exit 2 if bad). */
+  const keptAnchors = (values: readonly string[], chain: string): ChainHead[] => {
+    try {
+      const kept = values.flatMap((v) =>
+        /^[0-9]+:/.test(v) ? [parseAnchor(v)] : anchorsOfFile(readAnchorFile(v), chain, v),
+      );
+      if (kept.length > MAX_ANCHORS) {
+        throw new CliError(`at most ${String(MAX_ANCHORS)} anchors per verification`, 2);
+      }
+      return kept;
+    } catch (err) {
+      throw usageErrorOf(err);
+    }
+  };
+  const readAnchorFile = (file: string): string => {
+    try {
+      return fs.readFileSync(file, 'utf8');
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      throw new CliError(
+        `--anchor ${file}: neither SEQ:HASH nor a readable file of anchors (${typeof code === 'string' ? code : 'unreadable'})`,
+        2,
+      );
+    }
+  };
   audit
-    .command('verify')
+    .command('head')
     .description(
-      "verify a hash-chained audit log: a tenant's (through the server) or, without --tenant, the control plane's (local)",
+      "print an audit chain's head {chain, seq, hash, at} to keep out of the operator's reach (an anchor for `audit verify --anchor`): a tenant's (through the server) or, without --tenant, the control plane's (local)",
     )
     .option('--tenant <id>')
     .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
     .option('--token <token>', 'operator, tenant-admin or auditor token')
     .action(async (o: ServerOpts & { tenant?: string }) => {
+      out(
+        o.tenant
+          ? expectStatus(
+              await adminCall(
+                o,
+                'GET',
+                `/admin/tenants/${encodeURIComponent(o.tenant)}/audit/head`,
+              ),
+              200,
+            )
+          : await withLocalControlPlane((cp) => controlPlaneAuditHead(cp, LOCAL_OPERATOR)),
+      );
+    });
+  audit
+    .command('verify')
+    .description(
+      "verify a hash-chained audit log: a tenant's (through the server) or, without --tenant, the control plane's (local); with --anchor, also that it still holds heads kept earlier",
+    )
+    .option('--tenant <id>')
+    .option(
+      '--anchor <anchor>',
+      'a kept head, SEQ:HASH, or a file of them (`audit head` output, a list of those, an evidence report JSON, or SEQ:HASH lines); repeatable',
+      collect,
+      [],
+    )
+    .option('--url <base>', 'server base URL (default CELLCDS_PUBLIC_URL)')
+    .option('--token <token>', 'operator, tenant-admin or auditor token')
+    .action(async (o: ServerOpts & { tenant?: string; anchor: string[] }) => {
+      const chain = o.tenant ? tenantChain(o.tenant) : CONTROL_PLANE_CHAIN;
+      const kept = keptAnchors(o.anchor, chain);
+      const query = kept.map((a) => `anchor=${String(a.seq)}:${a.hash}`).join('&');
       const r = o.tenant
         ? expectStatus(
             await adminCall(
               o,
               'GET',
-              `/admin/tenants/${encodeURIComponent(o.tenant)}/audit/verify`,
+              `/admin/tenants/${encodeURIComponent(o.tenant)}/audit/verify${query ? `?${query}` : ''}`,
             ),
             200,
           )
-        : await withLocal((a) => a.verifyControlPlaneAudit(LOCAL_OPERATOR));
+        : await withLocalControlPlane((cp) => verifyControlPlaneAudit(cp, LOCAL_OPERATOR, kept));
       out(r);
+      const name = o.tenant ? `tenant ${o.tenant}` : 'the control plane';
       if (r.ok !== true) {
-        throw new CliError(`audit chain of ${o.tenant ?? 'the control plane'} is broken`);
+        const seq = typeof r.firstBadSeq === 'number' ? String(r.firstBadSeq) : '?';
+        throw new CliError(
+          r.problem === 'anchor_not_held'
+            ? `audit chain of ${name} no longer holds the kept anchor at seq ${seq}: an event at or before seq ${seq} was deleted, edited or reordered and the chain recomputed, or the chain was cut short`
+            : `audit chain of ${name} is broken at seq ${seq} (${typeof r.problem === 'string' ? r.problem : 'unknown'})`,
+        );
       }
     });
 

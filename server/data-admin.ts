@@ -22,10 +22,13 @@ import {
   ResidencyError,
 } from '../tenants/index.ts';
 import { actorOf } from './admin-service.ts';
+import { tenantChain, withKeptAnchors } from './audit-anchors.ts';
+import type { ExportedHead } from './audit-anchors.ts';
 import type { ServiceDirectory } from './service-directory.ts';
 import type {
   AuditEvent,
   BackupResult,
+  ChainHead,
   ChainVerification,
   ControlPlane,
   DeprovisionResult,
@@ -532,16 +535,54 @@ export class DataAdmin {
     }
   }
 
-  async verifyAudit(principal: Principal, tenantId: string): Promise<ChainVerification> {
+  /**
+   * Verifies the tenant's audit chain (edited, deleted or reordered events, by someone who did
+   * not recompute the chain) and, against `kept` anchors (heads taken earlier, see
+   * server/audit-anchors.ts), a recomputed one. Audited `audit.verify` (`count`, `anchors`).
+   * @throws ForbiddenError (403); RegionMismatchError (421).
+   */
+  async verifyAudit(
+    principal: Principal,
+    tenantId: string,
+    kept: readonly ChainHead[] = [],
+  ): Promise<ChainVerification> {
     authorize(principal, 'audit:read', tenantId);
     await this.tenant(principal, tenantId, 'audit.verify');
-    const result = await this.deps.stores.store(tenantId).audit.verify();
+    const audit = this.deps.stores.store(tenantId).audit;
+    const result = await withKeptAnchors(await audit.verify(), kept, async (seq) => {
+      const [entry] = await audit.list({ afterSeq: seq - 1, limit: 1 });
+      return entry?.seq === seq ? entry.hash : undefined;
+    });
     await this.audit(principal, {
       type: 'audit.verify',
       outcome: result.ok ? 'success' : 'failure',
       tenant: tenantId,
-      detail: { count: result.count },
+      detail: {
+        count: result.count,
+        ...(kept.length > 0 ? { anchors: kept.length } : {}),
+        ...(result.problem !== undefined ? { problem: result.problem } : {}),
+        ...(result.firstBadSeq !== undefined ? { firstBadSeq: result.firstBadSeq } : {}),
+      },
     });
     return result;
+  }
+
+  /**
+   * The tenant's audit chain head, to keep out of the operator's reach (same roles as
+   * `verifyAudit`). Audited `audit.head` (in the control plane).
+   * @throws ForbiddenError (403); RegionMismatchError (421).
+   */
+  async auditHead(principal: Principal, tenantId: string): Promise<ExportedHead> {
+    authorize(principal, 'audit:read', tenantId);
+    await this.tenant(principal, tenantId, 'audit.head');
+    const head = await this.deps.stores.store(tenantId).audit.head();
+    const at = new Date().toISOString();
+    await this.audit(principal, {
+      type: 'audit.head',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { chain: tenantChain(tenantId), seq: head.seq },
+    });
+    return { chain: tenantChain(tenantId), seq: head.seq, hash: head.hash, at };
   }
 }

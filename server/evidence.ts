@@ -2,7 +2,9 @@
  * The evidence report an auditor asks for, for a period: the region matrix, where every
  * tenant is placed and under which residency policy, key rotation history, admin access and
  * role changes, failed authentication counts, audit chain verification, and the last backup
- * and restore per tenant. JSON (`buildEvidence`) and a readable page
+ * and restore per tenant, who read or replayed which invocation records, and each audit chain's
+ * head (an anchor the report's holder keeps: `audit verify --anchor`). JSON (`buildEvidence`)
+ * and a readable page
  * (`renderEvidenceMarkdown`). Everything in it comes from PHI-free sources: the control plane
  * and the tenants' audit events (ids, reasons, counts), never records.
  *
@@ -28,6 +30,17 @@ import type { Region, RegionDescription, RegionMatrix } from './regions.ts';
 export const EVIDENCE_FORMAT = 'cellcds-evidence/1';
 /** `audit.list` returns at most this many events; larger ranges are split. */
 const AUDIT_PAGE = 10_000;
+/** Record accesses listed one by one; beyond this they are counted only. */
+export const MAX_LISTED_RECORD_ACCESSES = 1000;
+/** The control-plane chain's name in `anchors` (a tenant's: `tenant:<id>`). */
+const CONTROL_PLANE_CHAIN = 'control-plane';
+/** Control-plane events of admin access to invocation records (data-admin.ts). */
+const RECORD_ACCESS_TYPES = ['records.read', 'records.replay', 'records.list'] as const;
+type RecordAccessType = (typeof RECORD_ACCESS_TYPES)[number];
+const isRecordAccess = (type: string): type is RecordAccessType =>
+  (RECORD_ACCESS_TYPES as readonly string[]).includes(type);
+/** Events of the audit trail's own checks and of evidence runs. */
+const AUDIT_CHECK_TYPES = ['audit.verify', 'audit.head', 'evidence.report'];
 
 type Detail = Record<string, string | number | boolean>;
 
@@ -87,6 +100,51 @@ export interface BuildEvidenceOptions {
   verifyChain?: (tenant: Tenant) => Promise<ChainVerificationLike | null>;
   /** Describes a region's key provider (KEK versions, where keys are held). */
   describeKeys?: (region: Region) => Promise<KeyProviderSummary>;
+  /**
+   * The tenant's audit chain head (`null`: no store here), listed in `anchors`. A thrown error
+   * leaves the tenant out, noted in `sources`.
+   */
+  chainHead?: (tenant: Tenant) => Promise<ChainHeadLike | null>;
+  /** The control-plane audit chain: verified, and its head listed in `anchors`. */
+  controlPlaneChain?: {
+    verify(): Promise<ChainVerificationLike>;
+    head(): Promise<ChainHeadLike>;
+  };
+  /**
+   * Who produces the report (`role:tokenId`). Given, `evidence.report` (with the period) is
+   * recorded in the control-plane audit log before anything is read: the run is audited, or no
+   * report is made, and the report's control-plane anchor covers its own event.
+   */
+  actor?: string;
+}
+
+/** A chain's head: its last entry's `seq` and `hash`. */
+export interface ChainHeadLike {
+  seq: number;
+  hash: string;
+}
+
+/** A chain's head as the report lists it: an anchor to keep. `at`: when it was read. */
+export interface EvidenceAnchor extends ChainHeadLike {
+  chain: string;
+  at: string;
+}
+
+/** Admin accesses to invocation records by one actor on one tenant. */
+export interface RecordAccessCount {
+  tenant: string;
+  /** `role:tokenId` as audited. */
+  actor: string;
+  role: string;
+  tokenId: string;
+  /** Records decrypted and read (`records.read` succeeded; a replay reads too). */
+  read: number;
+  /** Replays (`records.replay` succeeded). */
+  replay: number;
+  /** Listings of invocation summaries (`records.list`). */
+  list: number;
+  /** Accesses audited as failures (a record not found, not a record id: probes). */
+  failed: number;
 }
 
 export interface TenantPlacement {
@@ -162,8 +220,33 @@ export interface EvidenceReport {
     /** Operator tokens (`admin.auth` failures). */
     operators: FailedAuthCounts;
   };
+  /**
+   * Admin access to invocation records (control-plane `records.read`, `records.replay`,
+   * `records.list`): counts per tenant and actor, and each access up to
+   * {@link MAX_LISTED_RECORD_ACCESSES}. `tenantChainReads`: the decrypts the tenants' own chains
+   * recorded (`record.read`), per tenant and actor, when their events were read.
+   */
+  recordAccess: {
+    byActor: RecordAccessCount[];
+    events: EvidenceEvent[];
+    total: number;
+    /** Accesses counted but not listed (beyond the listing bound). */
+    notListed: number;
+    tenantChainReads: Array<{ tenant: string; actor: string; success: number; failure: number }>;
+  };
+  /** Audit verifications, exported heads and evidence runs (`audit.*`, `evidence.report`). */
+  auditActivity: EvidenceEvent[];
   /** Null when no verifier was given. */
   auditChains: { checked: number; failed: number; absent: number; results: ChainCheck[] } | null;
+  /** The control-plane chain's verification; null when it was not verified. */
+  controlPlaneChain: ChainVerificationLike | null;
+  /**
+   * Each chain's head when the report was made. Kept with the report (outside the operator's
+   * reach), each is an anchor: `cellcds audit verify [--tenant T] --anchor <this JSON>` fails
+   * if the chain no longer holds that hash at that `seq` (an event at or before it deleted or
+   * edited and the chain recomputed).
+   */
+  anchors: EvidenceAnchor[];
   backups: TenantBackups[];
 }
 
@@ -284,6 +367,14 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
     throw new EvidenceInputError('from must be before to');
   }
   const now = opts.now ?? (() => new Date());
+  if (opts.actor !== undefined) {
+    await opts.controlPlane.audit.record({
+      type: 'evidence.report',
+      outcome: 'success',
+      actor: opts.actor,
+      detail: { from: from.toISOString(), to: to.toISOString() },
+    });
+  }
   const sources: string[] = ['control-plane audit log'];
   const tenants = await opts.controlPlane.tenants.list();
   const events: EvidenceEvent[] = (await listAll(opts.controlPlane.audit, from, to, sources)).map(
@@ -369,6 +460,48 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
     };
   }
 
+  let controlPlaneChain: ChainVerificationLike | null = null;
+  if (opts.controlPlaneChain) {
+    try {
+      controlPlaneChain = await opts.controlPlaneChain.verify();
+    } catch (err) {
+      controlPlaneChain = { ok: false, count: 0, problem: `not verified: ${safeReason(err)}` };
+    }
+  }
+
+  // Read last, so each head covers the events above (and this run's own `evidence.report`).
+  const anchors: EvidenceAnchor[] = [];
+  if (opts.controlPlaneChain) {
+    try {
+      const head = await opts.controlPlaneChain.head();
+      anchors.push({
+        chain: CONTROL_PLANE_CHAIN,
+        seq: head.seq,
+        hash: head.hash,
+        at: now().toISOString(),
+      });
+    } catch (err) {
+      sources.push(`control-plane audit chain head: not readable (${safeReason(err)})`);
+    }
+  }
+  if (opts.chainHead) {
+    for (const tenant of tenants) {
+      try {
+        const head = await opts.chainHead(tenant);
+        if (head !== null) {
+          anchors.push({
+            chain: `tenant:${tenant.id}`,
+            seq: head.seq,
+            hash: head.hash,
+            at: now().toISOString(),
+          });
+        }
+      } catch (err) {
+        sources.push(`tenant ${tenant.id} audit chain head: not readable (${safeReason(err)})`);
+      }
+    }
+  }
+
   const keyProviders: EvidenceReport['keyProviders'] = [];
   if (opts.describeKeys) {
     for (const region of opts.matrix.regions) {
@@ -433,8 +566,75 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
       clients: clientCounts,
       operators: operatorCounts,
     },
+    recordAccess: recordAccessOf(events),
+    auditActivity: events.filter(
+      (e) => e.source === 'control-plane' && AUDIT_CHECK_TYPES.includes(e.type),
+    ),
     auditChains,
+    controlPlaneChain,
+    anchors,
     backups,
+  };
+}
+
+/** `role:tokenId` (data-admin.ts `actorOf`) split; anything else is its own token id. */
+function actorParts(actor: string): { role: string; tokenId: string } {
+  const i = actor.indexOf(':');
+  return i > 0
+    ? { role: actor.slice(0, i), tokenId: actor.slice(i + 1) }
+    : { role: 'unknown', tokenId: actor };
+}
+
+const compareKeys = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+
+function recordAccessOf(events: readonly EvidenceEvent[]): EvidenceReport['recordAccess'] {
+  const accesses = events.filter((e) => e.source === 'control-plane' && isRecordAccess(e.type));
+  const counts = new Map<string, RecordAccessCount>();
+  const field = { 'records.read': 'read', 'records.replay': 'replay', 'records.list': 'list' };
+  for (const e of accesses) {
+    const tenant = e.tenant ?? '-';
+    const actor = e.actor ?? 'unknown';
+    const key = JSON.stringify([tenant, actor]);
+    const c = counts.get(key) ?? {
+      tenant,
+      actor,
+      ...actorParts(actor),
+      read: 0,
+      replay: 0,
+      list: 0,
+      failed: 0,
+    };
+    if (e.outcome === 'failure') {
+      c.failed += 1;
+    } else {
+      c[field[e.type as RecordAccessType] as 'read' | 'replay' | 'list'] += 1;
+    }
+    counts.set(key, c);
+  }
+  const chainReads = new Map<
+    string,
+    { tenant: string; actor: string; success: number; failure: number }
+  >();
+  for (const e of events) {
+    if (e.type === 'record.read' && e.source.startsWith('tenant:')) {
+      const tenant = e.tenant ?? e.source.slice('tenant:'.length);
+      const actor = e.actor ?? '-';
+      const key = JSON.stringify([tenant, actor]);
+      const c = chainReads.get(key) ?? { tenant, actor, success: 0, failure: 0 };
+      c[e.outcome] += 1;
+      chainReads.set(key, c);
+    }
+  }
+  const byTenantActor = (
+    a: { tenant: string; actor: string },
+    b: { tenant: string; actor: string },
+  ) => compareKeys(a.tenant, b.tenant) || compareKeys(a.actor, b.actor);
+  return {
+    byActor: [...counts.values()].sort(byTenantActor),
+    events: accesses.slice(0, MAX_LISTED_RECORD_ACCESSES),
+    total: accesses.length,
+    notListed: Math.max(0, accesses.length - MAX_LISTED_RECORD_ACCESSES),
+    tenantChainReads: [...chainReads.values()].sort(byTenantActor),
   };
 }
 
@@ -602,9 +802,63 @@ export function renderEvidenceMarkdown(report: EvidenceReport): string {
         ...Object.entries(report.failedAuth.operators.byReason).map(([r, n]) => ['operator', r, n]),
       ],
     ),
+    '## Record access',
+    '',
+    'Invocation records (the patient data of each hook call) read through the admin API: `records.read` (a record decrypted and shown), `records.replay` (a record re-evaluated; it is read too) and `records.list` (summaries listed), from the control-plane audit log. Failed: attempts audited as failures (no such record, not a record id). Attempts refused for lack of the right are counted above, under refused admin accesses (`records:read`).',
+    '',
+    `Total: ${report.recordAccess.total} access(es).`,
+    '',
+    ...table(
+      ['tenant', 'actor', 'role', 'token id', 'reads', 'replays', 'listings', 'failed'],
+      report.recordAccess.byActor.map((c) => [
+        c.tenant,
+        c.actor,
+        c.role,
+        c.tokenId,
+        c.read,
+        c.replay,
+        c.list,
+        c.failed,
+      ]),
+    ),
+    '### Each access',
+    '',
+    ...(report.recordAccess.notListed > 0
+      ? [
+          `The first ${report.recordAccess.events.length} are listed; ${report.recordAccess.notListed} more are counted above only (\`cellcds audit list --type records.read\` lists them).`,
+          '',
+        ]
+      : []),
+    ...table(
+      ['at', 'tenant', 'event', 'outcome', 'actor', 'invocation', 'detail'],
+      report.recordAccess.events.map((e) => [
+        e.at,
+        e.tenant,
+        e.type,
+        e.outcome,
+        e.actor,
+        e.detail?.invocation,
+        detailText(e.detail),
+      ]),
+    ),
+    "### Decrypts in the tenants' own audit chains",
+    '',
+    "Each record the data plane decrypts for a reader is also in the tenant's own chain (`record.read`), with the reader when it was named.",
+    '',
+    ...table(
+      ['tenant', 'actor', 'succeeded', 'failed'],
+      report.recordAccess.tenantChainReads.map((r) => [r.tenant, r.actor, r.success, r.failure]),
+    ),
     '## Audit chain verification',
     '',
   );
+  if (report.controlPlaneChain !== null) {
+    const c = report.controlPlaneChain;
+    out.push(
+      `Control-plane chain: ${c.ok ? 'ok' : 'FAILED'} (${c.count} entries${c.ok ? '' : `; first bad seq ${c.firstBadSeq ?? '-'}, ${c.problem ?? 'unknown'}`}).`,
+      '',
+    );
+  }
   if (report.auditChains === null) {
     out.push('_Not verified in this run._', '');
   } else {
@@ -625,6 +879,17 @@ export function renderEvidenceMarkdown(report: EvidenceReport): string {
     );
   }
   out.push(
+    '## Audit chain heads (anchors)',
+    '',
+    "A chain verifies by itself against edits by someone who does not recompute it (an accident, a partial change). Someone with write access to a database can delete or edit events and recompute the whole chain so that it verifies again; what shows that is a head taken earlier and kept out of their reach. Keep this report (or these lines) outside the operator's reach: `cellcds audit verify --anchor <this report's JSON>` (the control plane) and `cellcds audit verify --tenant <id> --anchor <this report's JSON>` fail if the chain no longer holds that hash at that seq.",
+    '',
+    ...table(
+      ['chain', 'anchor (seq:hash)', 'read at'],
+      report.anchors.map((a) => [a.chain, `${a.seq}:${a.hash}`, a.at]),
+    ),
+    '### Audit verifications, exported heads and evidence reports',
+    '',
+    ...table(EVENT_HEADER, eventRows(report.auditActivity)),
     '## Backups and restore tests',
     '',
     ...table(

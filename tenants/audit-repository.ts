@@ -1,7 +1,11 @@
 /**
  * The control-plane audit log: append-only (no update or delete API, and SQLite triggers
  * refuse both), ordered by a monotonically increasing `seq`. Events carry no PHI and no
- * secrets: only ids, reasons and counts. Hash chaining is added by issue 4 on top of `seq`.
+ * secrets: only ids, reasons and counts. Each event is a link of a hash chain
+ * (data-plane/hash-chain.ts) with a head row (`audit_head`) moved in the same transaction.
+ * The chain alone detects edits by someone who does not recompute it; a head exported with
+ * `head()` and kept elsewhere (a kept anchor) is what detects a rewrite by someone who does
+ * (see hash-chain.ts and `hashAt`).
  */
 import { Op } from 'sequelize';
 import type { Transaction } from 'sequelize';
@@ -12,8 +16,8 @@ import type {
   ControlPlaneModels,
   WriteTx,
 } from './control-plane-models.ts';
-import { createChainVerifier, nextChainEntry } from './data-plane/hash-chain.ts';
-import type { ChainVerification } from './data-plane/hash-chain.ts';
+import { createChainVerifier, GENESIS_HASH, nextChainEntry } from './data-plane/hash-chain.ts';
+import type { ChainHead, ChainVerification } from './data-plane/hash-chain.ts';
 import { InvalidInputError } from './errors.ts';
 import type { AuditEvent, AuditQuery, AuditRepository, StoredAuditEvent } from './types.ts';
 
@@ -134,7 +138,6 @@ function instant(value: string | Date | undefined, field: string): string | unde
   return d.toISOString();
 }
 
-/** Creates the audit repository. */
 /**
  * Appends one event to the control-plane chain inside the caller's write transaction (so a
  * change and its audit event commit together). Every insert into audit_events goes through
@@ -161,16 +164,24 @@ export async function appendAuditEvent(
   return stored.get({ plain: true });
 }
 
+/** What the control-plane chain offers beyond {@link AuditRepository}: its head and links. */
+export interface ChainedAuditRepository {
+  verify(): Promise<ChainVerification>;
+  /** The stored head (`{ seq: 0, hash: GENESIS_HASH }` for an empty log): what to keep. */
+  head(): Promise<ChainHead>;
+  /** The stored hash of the event at `seq` (undefined: no such event), to check a kept anchor. */
+  hashAt(seq: number): Promise<string | undefined>;
+}
+
+/** Creates the audit repository. */
 export function createAuditRepository(deps: {
   models: ControlPlaneModels;
   now: () => Date;
   writeTx: WriteTx;
-}): AuditRepository & { verify(): Promise<ChainVerification> } {
+}): AuditRepository & ChainedAuditRepository {
   const { Audit, AuditHead } = deps.models;
   return {
     async record(event) {
-      // `at` and the chain link are taken inside the write transaction, so seq order, time
-      // order and chain order agree, and the head moves with the event or not at all.
       // `at` and the chain link are taken inside the write transaction, so seq order, time
       // order and chain order agree, and the head moves with the event or not at all.
       const created = await deps.writeTx((transaction) =>
@@ -212,8 +223,24 @@ export function createAuditRepository(deps: {
       }
       const head = (await AuditHead.findByPk(1, { raw: true })) as AuditHeadRow | null;
       return verifier.finish(
-        head ? { seq: head.seq, hash: head.hash } : { seq: 0, hash: '0'.repeat(64) },
+        head ? { seq: head.seq, hash: head.hash } : { seq: 0, hash: GENESIS_HASH },
       );
+    },
+
+    async head() {
+      const head = (await AuditHead.findByPk(1, { raw: true })) as AuditHeadRow | null;
+      return head ? { seq: head.seq, hash: head.hash } : { seq: 0, hash: GENESIS_HASH };
+    },
+
+    async hashAt(seq) {
+      if (!Number.isSafeInteger(seq) || seq < 1) {
+        return undefined;
+      }
+      const row = (await Audit.findByPk(seq, {
+        attributes: ['hash'],
+        raw: true,
+      })) as Pick<AuditRow, 'hash'> | null;
+      return row?.hash;
     },
 
     async list(query: AuditListQuery = {}) {

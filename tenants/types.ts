@@ -468,12 +468,16 @@ export interface AdminTokenRepository {
   list(): Promise<AdminTokenInfo[]>;
 }
 
-/** Control-plane audit log (append-only; hash chaining comes with issue 4). */
+/** Control-plane audit log: append-only, hash-chained (audit-repository.ts). */
 export interface AuditRepository {
   record(event: AuditEvent): Promise<StoredAuditEvent>;
   list(query?: AuditQuery): Promise<StoredAuditEvent[]>;
   /** Verifies the hash chain of the control-plane audit log (and its head anchor). */
   verify(): Promise<{ ok: boolean; count: number; firstBadSeq?: number; problem?: string }>;
+  /** The stored head (`seq` 0 and the genesis hash when empty): what to keep as an anchor. */
+  head(): Promise<{ seq: number; hash: string }>;
+  /** The stored hash of the event at `seq` (undefined: none), to check a kept anchor. */
+  hashAt(seq: number): Promise<string | undefined>;
 }
 
 /** The control plane: one SQLite (or, later, PostgreSQL) database without PHI. */

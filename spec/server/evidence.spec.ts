@@ -13,6 +13,7 @@ import { loadRegionMatrix } from '../../server/regions.ts';
 import type { RegionMatrix } from '../../server/regions.ts';
 import { ResidencyError } from '../../tenants/index.ts';
 import type { KeyProvider, NewInvocation, RegionStores, Tenant } from '../../tenants/index.ts';
+import { anchorsOfFile, controlPlaneChain } from '../../server/audit-anchors.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import { patientViewRequest, tinyPack } from '../helpers/packs.ts';
 import type { TestIssuer } from '../helpers/test-issuer.ts';
@@ -56,6 +57,8 @@ describe('server/ evidence report', function () {
   let to: Date;
   let report: EvidenceReport;
   let auditorTokenId: string;
+  let readerTokenId: string;
+  let readId: string;
 
   const admin = () => ({ authorization: `Bearer ${t.adminToken}` });
 
@@ -155,6 +158,39 @@ describe('server/ evidence report', function () {
     await stores.restoreTenant(backup.path);
     await stores.backupTenant('hosp-a', region.backupDir);
     expect((await store.readInvocation('inv-1')).secret.cards).to.be.an('array');
+
+    // Record access through the admin API: a tenant-admin of hosp-a (issued in the registry, so
+    // the token listing above stays the run's own) lists, reads and replays the hook call's record.
+    const reader = await t.deps.controlPlane.adminTokens.issue({
+      role: 'tenant-admin',
+      tenant: 'hosp-a',
+    });
+    readerTokenId = reader.id;
+    const asReader = { authorization: `Bearer ${reader.token}` };
+    const listed = await request(t.app).get('/admin/tenants/hosp-a/invocations').set(asReader);
+    expect(listed.status).to.equal(200);
+    readId = (listed.body.invocations as Array<{ id: string }>).find(
+      (i) => !i.id.startsWith('inv-'),
+    )!.id;
+    expect(
+      (await request(t.app).get(`/admin/tenants/hosp-a/invocations/${readId}`).set(asReader))
+        .status,
+    ).to.equal(200);
+    expect(
+      (
+        await request(t.app)
+          .post(`/admin/tenants/hosp-a/invocations/${readId}/replay`)
+          .set(asReader)
+      ).status,
+    ).to.equal(200);
+    // A probe for a record that does not exist, as the admin API audits it (a failure).
+    await t.deps.controlPlane.audit.record({
+      type: 'records.read',
+      outcome: 'failure',
+      tenant: 'hosp-a',
+      actor: `tenant-admin:${reader.id}`,
+      detail: { reason: 'not_found', invocationLength: 9, invocationSha256: 'a'.repeat(12) },
+    });
     to = new Date(Date.now() + 1000);
 
     const withStore = async (tenant: Tenant) => (await stores.listTenants()).includes(tenant.id);
@@ -181,6 +217,10 @@ describe('server/ evidence report', function () {
         return (await withStore(tenant)) ? stores.store(tenant.id).audit.verify() : null;
       },
       describeKeys: () => provider.describe(),
+      chainHead: async (tenant) =>
+        (await withStore(tenant)) ? stores.store(tenant.id).audit.head() : null,
+      controlPlaneChain: controlPlaneChain(t.deps.controlPlane.audit),
+      actor: 'platform-operator:spec',
     });
   });
 
@@ -343,6 +383,76 @@ describe('server/ evidence report', function () {
     expect(md).not.to.include(PHI_MARKER);
   });
 
+  it('lists record reads and replays: who (token id, role), when, which invocation, counts per actor', () => {
+    const actor = `tenant-admin:${readerTokenId}`;
+    expect(report.recordAccess.byActor).to.deep.equal([
+      {
+        tenant: 'hosp-a',
+        actor,
+        role: 'tenant-admin',
+        tokenId: readerTokenId,
+        read: 2,
+        replay: 1,
+        list: 1,
+        failed: 1,
+      },
+    ]);
+    expect(report.recordAccess.total).to.equal(5);
+    expect(report.recordAccess.notListed).to.equal(0);
+    expect(
+      report.recordAccess.events.map((e) => [e.type, e.actor, e.detail?.invocation]),
+    ).to.deep.equal([
+      ['records.list', actor, undefined],
+      ['records.read', actor, readId],
+      ['records.read', actor, readId],
+      ['records.replay', actor, readId],
+      ['records.read', actor, undefined],
+    ]);
+    expect(report.recordAccess.events.at(-1)).to.deep.include({ outcome: 'failure' });
+    // The tenant's own chain: the spec's direct read (no reader named) and the two API reads.
+    expect(report.recordAccess.tenantChainReads).to.deep.equal([
+      { tenant: 'hosp-a', actor: '-', success: 1, failure: 0 },
+      { tenant: 'hosp-a', actor, success: 2, failure: 0 },
+    ]);
+    const md = renderEvidenceMarkdown(report);
+    expect(md).to.include(
+      `| hosp-a | ${actor} | tenant-admin | ${readerTokenId} | 2 | 1 | 1 | 1 |`,
+    );
+    expect(md).to.match(
+      new RegExp(`\\| hosp-a \\| records\\.read \\| success \\| ${actor} \\| ${readId} \\|`),
+    );
+  });
+
+  it('records its own production (who, which period) before reading, and lists it', async () => {
+    const [run] = await t.deps.controlPlane.audit.list({ type: 'evidence.report' });
+    expect(run).to.deep.include({ outcome: 'success', actor: 'platform-operator:spec' });
+    expect(run!.detail).to.deep.equal({ from: from.toISOString(), to: to.toISOString() });
+    expect(report.auditActivity.map((e) => e.type)).to.include('evidence.report');
+  });
+
+  it("gives each chain's head, an anchor that `audit verify --anchor <report>` reads", async () => {
+    const cpHead = await controlPlaneChain(t.deps.controlPlane.audit).head();
+    const aHead = await stores.store('hosp-a').audit.head();
+    expect(report.anchors.map((a) => a.chain)).to.deep.equal(['control-plane', 'tenant:hosp-a']);
+    expect(report.anchors[1]).to.deep.include(aHead);
+    // The control-plane head covers the report's own event (recorded first).
+    const run = (await t.deps.controlPlane.audit.list({ type: 'evidence.report' }))[0]!;
+    expect(report.anchors[0]!.seq).to.be.at.least(run.seq);
+    expect(report.anchors[0]!.seq).to.be.at.most(cpHead.seq);
+    expect(report.controlPlaneChain).to.deep.include({ ok: true });
+    const json = JSON.stringify(report);
+    expect(anchorsOfFile(json, 'tenant:hosp-a', 'report.json')).to.deep.equal([aHead]);
+    expect(anchorsOfFile(json, 'control-plane', 'report.json')).to.deep.equal([
+      { seq: report.anchors[0]!.seq, hash: report.anchors[0]!.hash },
+    ]);
+    expect(() => anchorsOfFile(json, 'tenant:hosp-b', 'report.json')).to.throw(
+      /report\.json holds no anchor of the tenant:hosp-b chain/,
+    );
+    const md = renderEvidenceMarkdown(report);
+    expect(md).to.include(`| tenant:hosp-a | ${aHead.seq}:${aHead.hash} |`);
+    expect(md).to.include('--anchor');
+  });
+
   it('gives the last backup and restore per tenant', () => {
     const a = report.backups.find((b) => b.tenant === 'hosp-a')!;
     expect(a.lastBackup).to.deep.include({
@@ -405,7 +515,12 @@ describe('server/ evidence report', function () {
       '### Admin actions',
       '### Residency decisions',
       '## Failed authentication',
+      '## Record access',
+      '### Each access',
+      "### Decrypts in the tenants' own audit chains",
       '## Audit chain verification',
+      '## Audit chain heads (anchors)',
+      '### Audit verifications, exported heads and evidence reports',
       '## Backups and restore tests',
     ]) {
       expect(md.split('\n'), heading).to.include(heading);

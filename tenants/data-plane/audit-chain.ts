@@ -3,6 +3,10 @@
  * refuse UPDATE and DELETE) linked by hashes (see hash-chain.ts), and a head anchor in a
  * separate table (`audit_head`), updated in the same transaction as each append, so deleting
  * the last events is detected too. Events carry no PHI and no secrets.
+ *
+ * The chain has no secret: `verifyAudit` catches changes by someone who does not recompute it.
+ * A rewrite with every later hash and the head recomputed is caught only against a head taken
+ * earlier (`auditHead`) and kept outside the database's reach (server/audit-anchors.ts).
  */
 import type { Transaction } from 'sequelize';
 import { Op } from 'sequelize';

@@ -2,9 +2,16 @@
  * A generic, append-only hash chain over rows (pure functions, no storage). Each entry is
  * `{ seq, prevHash, hash, event }` with `hash = sha256(prevHash || canonicalJson({ seq, event }))`
  * (hex), `seq` starting at 1 with no gaps, and the first `prevHash` = GENESIS_HASH. A separate
- * head anchor `{ seq, hash }` (kept outside the chain table) catches the deletion of the last
- * entries, which the links alone cannot. Used for the per-tenant audit chain and reusable for
- * the control-plane audit log.
+ * head row `{ seq, hash }` (kept outside the chain table) catches the deletion of the last
+ * entries, which the links alone cannot. Used for the per-tenant audit chains and the
+ * control-plane audit log.
+ *
+ * What this proves, and what it does not: the hash has no secret, so the chain detects changes
+ * by someone who does not recompute it (an accident, a partial edit). Someone with write access
+ * to the database can delete or edit an event, recompute every later hash and move the head row,
+ * and the chain verifies again. Only a head taken earlier and kept out of that person's reach
+ * (a kept anchor, {@link AnchorCheck}) catches that: the rewritten chain no longer holds that
+ * hash at that `seq`. A keyed MAC would not help while its key sits on the same host.
  */
 import crypto from 'node:crypto';
 
@@ -34,7 +41,20 @@ export type ChainProblem =
   /** `seq` is not the expected next number (deleted, inserted or reordered). */
   | 'seq_gap'
   /** The head anchor disagrees with the last entry (last entries deleted, or anchor edited). */
-  | 'anchor_mismatch';
+  | 'anchor_mismatch'
+  /**
+   * The chain no longer holds a kept anchor's hash at its `seq`: an entry at or before that
+   * `seq` was deleted, edited or reordered and the chain recomputed, or the chain was cut short.
+   */
+  | 'anchor_not_held';
+
+/** One kept anchor (a head taken earlier) checked against the chain as it is now. */
+export interface AnchorCheck {
+  seq: number;
+  hash: string;
+  /** True when the chain still holds exactly this hash at this `seq`. */
+  held: boolean;
+}
 
 /** Result of a verification. `firstBadSeq` is the first sequence number that fails. */
 export interface ChainVerification {
@@ -43,6 +63,8 @@ export interface ChainVerification {
   count: number;
   firstBadSeq?: number;
   problem?: ChainProblem;
+  /** The kept anchors checked, in the order given (only when some were given). */
+  anchors?: AnchorCheck[];
 }
 
 /**
