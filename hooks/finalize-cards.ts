@@ -98,6 +98,8 @@ function assertCard(card: Card, index: number): void {
   if (typeof card.summary !== 'string' || card.summary === '') {
     fail('summary is required');
   }
+  // Measured in UTF-16 code units, as the engine measures it when it shortens a summary that
+  // interpolation made too long (rules/evaluate-core.ts `shortenSummary`, to 139 at most).
   if (card.summary.length >= 140) {
     fail('summary must be shorter than 140 characters');
   }
@@ -169,8 +171,9 @@ function assertCard(card: Card, index: number): void {
  * @param newUuid uuid source; defaults to crypto.randomUUID.
  * @throws Error if a card breaks the 2.0 rules (summary missing or 140+ characters, bad
  *   indicator, no source.label, override reason without display, bad link or action): a bug
- *   upstream, since packs are validated at load and the engine refuses, per rule, a required
- *   field that interpolation left empty or invalid (rules/evaluate-core.ts `buildCard`).
+ *   upstream, since packs are validated at load and the engine shortens a summary that
+ *   interpolation made too long and refuses, per rule, a required field that interpolation
+ *   left empty or invalid (rules/evaluate-core.ts `buildCard`).
  */
 export function finalizeCards(raw: RawCard[], newUuid: () => string = randomUUID): Card[] {
   return raw.map((rawCard, index) => {

@@ -17,6 +17,7 @@ import {
   collectionText,
   compileExpression,
   instantValues,
+  parseTemplate,
   safeErrorMessage,
   SafeEvalError,
 } from './expression.ts';
@@ -31,8 +32,57 @@ function passHandOff(err: unknown): void {
   }
 }
 
-/** Card summaries must stay under this many characters (CDS Hooks 2.0). */
+/**
+ * Card summaries must stay under this many characters (CDS Hooks 2.0: "<140-character"),
+ * counted in UTF-16 code units as `finalizeCards` counts them (never fewer than the characters).
+ */
 export const SUMMARY_LIMIT = 140;
+
+const ELLIPSIS = '…';
+
+/** The first `n` code units of `text` at most, never ending inside a surrogate pair. */
+function cutAt(text: string, n: number): string {
+  let end = Math.max(0, Math.min(n, text.length));
+  const last = text.charCodeAt(end - 1);
+  if (end > 0 && end < text.length && last >= 0xd800 && last <= 0xdbff) {
+    end--; // a high surrogate whose low half would be cut off
+  }
+  return text.slice(0, end).trimEnd();
+}
+
+/**
+ * A summary that interpolation made `SUMMARY_LIMIT` characters or longer, shortened to fit with
+ * `…`: the template's leading and trailing literal text are kept whole and what lies between
+ * (the interpolated values) is cut at its end (`Warfarin + <long drug name>…: increased risk of
+ * bleeding`); when that leaves no room (a template that starts and ends with literal text that
+ * alone nearly fills the limit) or the template is not one, the whole text is cut at its end.
+ * The alert matters more than the end of a long drug name (issue: a 150-character display text
+ * used to drop the card). Shorter summaries are returned as they are.
+ */
+export function shortenSummary(text: string, template: string): string {
+  const max = SUMMARY_LIMIT - 1;
+  if (text.length <= max) {
+    return text;
+  }
+  const parsed = parseTemplate(template);
+  const parts = parsed.ok ? parsed.parts : [];
+  const first = parts.length > 1 ? parts[0] : undefined;
+  const last = parts.length > 1 ? parts[parts.length - 1] : undefined;
+  const head = first?.kind === 'text' ? first.text : '';
+  const tail = last?.kind === 'text' ? last.text : '';
+  const room = max - head.length - tail.length - ELLIPSIS.length;
+  if (
+    room >= 0 &&
+    (head !== '' || tail !== '') &&
+    text.startsWith(head) &&
+    text.endsWith(tail) &&
+    head.length + tail.length <= text.length
+  ) {
+    const middle = text.slice(head.length, text.length - tail.length);
+    return `${head}${cutAt(middle, room)}${ELLIPSIS}${tail}`;
+  }
+  return `${cutAt(text, max - ELLIPSIS.length)}${ELLIPSIS}`;
+}
 
 /**
  * Refuses a required card field that interpolation left empty: `finalizeCards` strips `""` as
@@ -274,10 +324,11 @@ function renderValue(v: CompiledValue, root: unknown, vars: Record<string, unkno
 
 /**
  * Interpolates a rule's card. A required field left empty (summary, link label, suggestion
- * label, action description, a delete's resourceId), a link url that is not an absolute http(s)
- * URL, or a summary of 140+ characters fails the rule here, so the call's other cards survive;
- * `finalizeCards`'s checks are only the backstop for bugs. Optional fields (detail, appContext)
- * may come out empty: stripping drops them.
+ * label, action description, a delete's resourceId) or a link url that is not an absolute
+ * http(s) URL fails the rule here, so the call's other cards survive; `finalizeCards`'s checks
+ * are only the backstop for bugs. Optional fields (detail, appContext) may come out empty:
+ * stripping drops them. A summary of 140+ characters is shortened (`shortenSummary`), never
+ * fatal: the card goes, and `notes` (when given) gets a PHI-free line saying so.
  * With `dropped`, a suggestion that fails so is left out instead (its reason appended there,
  * PHI-free): the card, the alert, still goes; without any suggestion left it has no
  * `selectionBehavior` either.
@@ -289,6 +340,7 @@ export function buildCard(
   root: unknown,
   vars: Record<string, unknown>,
   dropped?: string[],
+  notes?: string[],
 ): RawCard {
   const field = <T>(name: string, f: () => T): T => {
     try {
@@ -299,13 +351,15 @@ export function buildCard(
     }
   };
   const t = card.template;
-  const summary = required(
+  let summary = required(
     field('summary', () => renderText(card.summary, root, vars)),
     'summary',
   );
   if (summary.length >= SUMMARY_LIMIT) {
-    throw new SafeEvalError(
-      `card.summary: ${summary.length} characters after interpolation (must be under ${SUMMARY_LIMIT})`,
+    const before = summary.length;
+    summary = shortenSummary(summary, t.summary);
+    notes?.push(
+      `card.summary: ${before} characters after interpolation, shortened to ${summary.length} (must be under ${SUMMARY_LIMIT})`,
     );
   }
   const out: RawCard = {
@@ -622,22 +676,20 @@ class RuleRun {
     }
     let card: RawCard;
     const dropped: string[] = [];
+    const notes: string[] = [];
     try {
-      card = buildCard(rule.id, rule.card, this.root, this.vars, dropped);
+      card = buildCard(rule.id, rule.card, this.root, this.vars, dropped, notes);
     } catch (err) {
       passHandOff(err);
       this.done(rule, t0, 'error', true, undefined, safeErrorMessage(err));
       return;
     }
-    // Fired, its card sent; a suggestion it had to drop is named (a rule error for the logs).
-    this.done(
-      rule,
-      t0,
-      'fired',
-      true,
-      card,
-      dropped.length > 0 ? `suggestion dropped: ${dropped.join('; ')}` : undefined,
-    );
+    // Fired, its card sent; a shortened summary or a suggestion it had to drop is named (a rule
+    // error for the logs: the card the EHR got is not the one the pack describes).
+    if (dropped.length > 0) {
+      notes.push(`suggestion dropped: ${dropped.join('; ')}`);
+    }
+    this.done(rule, t0, 'fired', true, card, notes.length > 0 ? notes.join('; ') : undefined);
   }
 }
 

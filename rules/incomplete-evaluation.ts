@@ -1,10 +1,12 @@
 /**
  * The card that says a call's checks did not all run. A rule that errored, ran out of its time
  * budget or was skipped when the call's budget ran out produces no card, and to a clinician no
- * card reads as "no issue found": a safety check that failed silently. So the answer says so.
- * The text names the rules by their titles from the pack (never patient data or error texts).
+ * card reads as "no issue found": a safety check that failed silently. So the answer says so,
+ * at least as a warning (an `info` card reads as noise), and as `critical` when what was lost
+ * may have been a critical card. The text names the rules by their titles from the pack (never
+ * patient data or error texts).
  */
-import type { CompiledPack, EvaluationResult, RawCard, TraceEntry } from './types.ts';
+import type { CompiledPack, EvaluationResult, Indicator, RawCard, TraceEntry } from './types.ts';
 
 /** `ruleId` of the card (dropped before the EHR sees it, kept in the invocation record). */
 export const INCOMPLETE_EVALUATION_RULE_ID = 'cellcds.incomplete-evaluation';
@@ -19,8 +21,32 @@ const REASONS: Partial<Record<TraceEntry['status'], string>> = {
 };
 
 /**
- * An `info` card when some of the call's rules did not complete (`error`, `timeout`,
- * `skipped` in the trace); undefined when every rule ran.
+ * How loud the card is: `critical` when no rule of the call completed (nothing was checked) or
+ * when any rule that did not complete gives a `critical` card; else `warning`. A card's
+ * indicator is a fixed value of the pack (the schema allows no expression there), so the
+ * compiled rule knows it; a rule the pack does not name counts as critical (fail closed).
+ */
+function indicatorFor(
+  pack: CompiledPack,
+  trace: readonly TraceEntry[],
+  unfinished: readonly TraceEntry[],
+): Indicator {
+  if (unfinished.length === trace.length) {
+    return 'critical';
+  }
+  const indicators = new Map<string, Indicator>(
+    pack.pack.rules.map((r) => [r.id, r.card.indicator]),
+  );
+  const mayBeCritical = unfinished.some((t) => {
+    const indicator = indicators.get(t.ruleId);
+    return indicator !== 'info' && indicator !== 'warning';
+  });
+  return mayBeCritical ? 'critical' : 'warning';
+}
+
+/**
+ * A `warning` or `critical` card (see {@link indicatorFor}) when some of the call's rules did
+ * not complete (`error`, `timeout`, `skipped` in the trace); undefined when every rule ran.
  */
 export function incompleteEvaluationCard(
   pack: CompiledPack,
@@ -45,7 +71,7 @@ export function incompleteEvaluationCard(
       `These checks of ${pack.pack.title} did not complete on this call, so they could not ` +
       `warn you:\n\n${lines.join('\n')}\n\nCheck what they cover by other means, or try again. ` +
       'The failure is recorded for the service operator.',
-    indicator: 'info',
+    indicator: indicatorFor(pack, trace, unfinished),
     source: { label: `${pack.pack.title} (${pack.pack.publisher})` },
   };
 }

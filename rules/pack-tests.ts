@@ -317,6 +317,34 @@ function checkExpectations(test: PackTest, trace: readonly TraceEntry[]): string
   return failures;
 }
 
+/** Whether a failure already names rule `id` (an expectation, or an earlier line of ours). */
+function names(failures: readonly string[], id: string): boolean {
+  return failures.some((f) => f.startsWith(`expected rule ${id} `) || f.startsWith(`rule ${id}:`));
+}
+
+/** Statuses of a rule that did not complete on a test's data (`skipped`: see stopOnBudget). */
+const FAILED: ReadonlySet<TraceEntry['status']> = new Set(['error', 'timeout']);
+
+/** `rule x: timeout (rule budget exceeded)`: the rule and why, as stopOnBudget names them. */
+function unfinishedText(t: TraceEntry): string {
+  return `rule ${t.ruleId}: ${t.status}${t.error ? ` (${t.error})` : ''}`;
+}
+
+/**
+ * A rule that failed or ran out of time on a test's data fails the test, whether or not its
+ * expectations name the rule: live, that rule would give no card on such a call (only the
+ * "checks could not run" card), so a pack whose tests pass must not carry one
+ * (`%meds.authoredOn > @2000-01-01` failed for every patient with two prescriptions while
+ * `pack test` said 73 passed). A rule an expectation already names is not named twice. The
+ * test format has no way to expect an error: a rule that fails on realistic data is fixed in
+ * the rule (`.first()`, `.exists()`, `all()`...), not accepted in its tests.
+ */
+function unfinishedRules(trace: readonly TraceEntry[], failures: readonly string[]): string[] {
+  return trace
+    .filter((t) => FAILED.has(t.status) && !names(failures, t.ruleId))
+    .map(unfinishedText);
+}
+
 const OVER_BUDGET: ReadonlySet<TraceEntry['status']> = new Set(['timeout', 'skipped']);
 
 const failed = (name: string, failures: string[], notRun = false): PackTestResult => ({
@@ -355,8 +383,9 @@ export function testInput(compiled: CompiledPack, test: PackTest): EvaluationInp
  * Runs a pack's inline tests (call resolvePackFiles first for file-based ones; a test still
  * file-based fails). A test's `now` pins %now (`parseNow`: a date alone is 00:00 UTC; a time
  * must carry an offset, else the test fails); otherwise the current time is used. A rule
- * expected to fire must have status `fired`; one expected not to fire must be `not-fired` (an
- * error or timeout fails the test either way). `opts` bound the run (uploads); tests left are
+ * expected to fire must have status `fired`; one expected not to fire must be `not-fired`; and
+ * any rule that errors or times out fails the test, named with its error, whether or not an
+ * expectation names it (`unfinishedRules`). `opts` bound the run (uploads); tests left are
  * `notRun` and failed.
  */
 export async function runPackTests(
@@ -389,6 +418,7 @@ export async function runPackTests(
     const replacedBefore = evaluator.stats().workersReplaced;
     const result = await evaluator.evaluate(compiled, test.service, input);
     const failures = checkExpectations(test, result.trace);
+    failures.push(...unfinishedRules(result.trace, failures));
     if (opts.stopOnBudget === true) {
       const overBudget =
         evaluator.stats().workersReplaced > replacedBefore ||
@@ -397,11 +427,8 @@ export async function runPackTests(
       if (overBudget) {
         // Name every rule that did not complete, including those no expectation mentions.
         for (const t of result.trace) {
-          if (
-            (OVER_BUDGET.has(t.status) || t.status === 'error') &&
-            !failures.some((f) => f.startsWith(`expected rule ${t.ruleId} `))
-          ) {
-            failures.push(`rule ${t.ruleId}: ${t.status}${t.error ? ` (${t.error})` : ''}`);
+          if (OVER_BUDGET.has(t.status) && !names(failures, t.ruleId)) {
+            failures.push(unfinishedText(t));
           }
         }
         if (failures.length === 0) {

@@ -3,6 +3,7 @@
  * references between parts, prefetch templates, suggestion resources, embedded tests.
  * Collects every problem before failing.
  */
+import fhirpath from 'fhirpath';
 import { validateFhirResource } from '../fhir-profiles/index.ts';
 import {
   CARD_TEXT_LIMIT,
@@ -93,6 +94,127 @@ function forbiddenKeyProblems(value: unknown, path: string, out: PackProblem[], 
       }
     }
   }
+}
+
+/** A node of fhirpath.js's parse tree (the part of its shape read here). */
+interface ParseNode {
+  type: string;
+  text?: string;
+  children?: ParseNode[];
+}
+
+function isParseNode(v: unknown): v is ParseNode {
+  return isObj(v) && typeof v.type === 'string';
+}
+
+/** Binary operators a constant condition may combine constants with. */
+const CONSTANT_OPERATORS: ReadonlySet<string> = new Set([
+  'EqualityExpression',
+  'InequalityExpression',
+  'AndExpression',
+  'OrExpression',
+  'XorExpression',
+  'ImpliesExpression',
+  'AdditiveExpression',
+  'MultiplicativeExpression',
+  'UnionExpression',
+]);
+
+/** Functions without arguments that keep a constant constant. */
+const CONSTANT_FUNCTIONS: ReadonlySet<string> = new Set(['not', 'empty', 'exists']);
+
+/**
+ * The text of a parse subtree made only of literals (`false`, `{}`, `1`, `'a'`, dates,
+ * quantities), the operators above, a sign, brackets and `.not()`/`.empty()`/`.exists()`,
+ * fully bracketed; undefined for anything else (a path, a `%variable`, another function):
+ * its value may depend on the call. Not a proof of anything beyond that literal form.
+ */
+function constantText(node: ParseNode): string | undefined {
+  const kids = node.children ?? [];
+  const one = kids.length === 1 && kids[0] ? kids[0] : undefined;
+  switch (node.type) {
+    case 'EntireExpression':
+    case 'TermExpression':
+      return one ? constantText(one) : undefined;
+    case 'ParenthesizedTerm': {
+      const inner = one ? constantText(one) : undefined;
+      return inner === undefined ? undefined : `(${inner})`;
+    }
+    case 'LiteralTerm':
+      return node.text;
+    case 'PolarityExpression': {
+      const inner = one ? constantText(one) : undefined;
+      return inner === undefined || node.text === undefined ? undefined : `${node.text}${inner}`;
+    }
+    case 'InvocationExpression': {
+      const [target, call] = kids;
+      const name = call?.type === 'FunctionInvocation' ? call.text : undefined;
+      const hasArgs = (call?.children?.[0]?.children ?? []).some((c) => c.type === 'ParamList');
+      const inner = target && kids.length === 2 ? constantText(target) : undefined;
+      return inner === undefined || name === undefined || !CONSTANT_FUNCTIONS.has(name) || hasArgs
+        ? undefined
+        : `(${inner}).${name}()`;
+    }
+    default: {
+      const [left, right] = kids;
+      if (!CONSTANT_OPERATORS.has(node.type) || kids.length !== 2 || !left || !right) {
+        return undefined;
+      }
+      const l = constantText(left);
+      const r = constantText(right);
+      return l === undefined || r === undefined || node.text === undefined
+        ? undefined
+        : `(${l}) ${node.text} (${r})`;
+    }
+  }
+}
+
+/** What a `when` that can never be true always gives. */
+type NeverTrue = 'false' | 'empty' | 'empty or false';
+
+/**
+ * Whether a rule's `when` (its parse tree) can never be `true`: a constant that is false or
+ * empty (`false`, `{}`, `1 = 2`, `true.not()`), or an `and` with such an operand (`false and
+ * ...`: a rule switched off while looking like a condition). Constants are evaluated with
+ * fhirpath.js, as the engine would; anything that reads the call is assumed satisfiable (this
+ * is a literal check, not a proof). Undefined when the condition may be true.
+ */
+function neverTrue(node: ParseNode): NeverTrue | undefined {
+  const text = constantText(node);
+  if (text !== undefined) {
+    let result: unknown;
+    try {
+      result = fhirpath.evaluate({}, text);
+    } catch {
+      return undefined; // fails on every call: the "checks could not run" card says so
+    }
+    if (Array.isArray(result) && result.length === 0) {
+      return 'empty';
+    }
+    return Array.isArray(result) && result.length === 1 && result[0] === false
+      ? 'false'
+      : undefined;
+  }
+  const kids = node.children ?? [];
+  const [first, second] = kids;
+  if (node.type === 'AndExpression' && kids.length === 2 && first && second) {
+    const l = neverTrue(first);
+    const r = neverTrue(second);
+    if (l === 'false' || r === 'false') {
+      return 'false';
+    }
+    return l === undefined && r === undefined ? undefined : 'empty or false';
+  }
+  if (
+    (node.type === 'EntireExpression' ||
+      node.type === 'TermExpression' ||
+      node.type === 'ParenthesizedTerm') &&
+    kids.length === 1 &&
+    first
+  ) {
+    return neverTrue(first);
+  }
+  return undefined;
 }
 
 /** Interpolations may fill in parts of a URL; the static skeleton must still be absolute. */
@@ -196,16 +318,19 @@ class PackChecker {
     return false;
   }
 
-  private expression(source: unknown, path: string): void {
+  /** Checks an expression; returns its parse tree when it has no problem. */
+  private expression(source: unknown, path: string): ParseNode | undefined {
     if (typeof source !== 'string' || source.trim() === '') {
-      return;
+      return undefined;
     }
     if (!this.withinPackBudget(source, path)) {
-      return;
+      return undefined;
     }
-    for (const issue of analyzeExpression(source, this.scope).issues) {
+    const analysis = analyzeExpression(source, this.scope);
+    for (const issue of analysis.issues) {
       this.add(path, formatIssue(issue));
     }
+    return analysis.issues.length === 0 && isParseNode(analysis.ast) ? analysis.ast : undefined;
   }
 
   private template(text: string, path: string): void {
@@ -325,7 +450,15 @@ class PackChecker {
       if (typeof r.service === 'string' && !this.serviceIds.has(r.service)) {
         this.add(`${base}.service`, `unknown service '${r.service}'`);
       }
-      this.expression(r.when, `${base}.when`);
+      const when = this.expression(r.when, `${base}.when`);
+      // A version must not switch a safety rule off unnoticed (`when: 'false'` was accepted).
+      const never = when === undefined ? undefined : neverTrue(when);
+      if (never !== undefined) {
+        this.add(
+          `${base}.when`,
+          `rule '${typeof r.id === 'string' ? r.id : String(i)}' can never fire: its condition is always ${never}`,
+        );
+      }
       if (isObj(r.card)) {
         this.checkCard(r.card, `${base}.card`);
       }

@@ -95,7 +95,8 @@ export function cdsRouter(deps: Deps): Router {
           rulesSkipped += 1;
         }
       }
-      // Warn when checks did not all run: the EHR got an info card saying so (rules/README.md).
+      // Warn when checks did not all run (the EHR got a warning or critical card saying so,
+      // rules/README.md) or a fired card was altered (a shortened summary, a dropped suggestion).
       const level = ruleErrors + rulesSkipped > 0 ? 'warn' : 'info';
       ctx.log[level](
         {

@@ -91,7 +91,8 @@ describe('hook call: a card field that interpolation leaves empty (HTTP)', () =>
       '1 of 2 checks could not run: no card from them does not mean no issue',
     ]);
     const incomplete = res.body.cards[1] as { indicator: string; detail: string };
-    expect(incomplete.indicator).to.equal('info');
+    // The other rule ran and the failed one gives an info card: a warning, not info.
+    expect(incomplete.indicator).to.equal('warning');
     expect(incomplete.detail).to.contain('- family-chart (failed)');
     expect(incomplete.detail).to.not.contain('Quillfeather');
     const hookCall = t.logLines

@@ -490,7 +490,7 @@ describe('rules: evaluator', function () {
       ]);
     });
 
-    it('a summary of 140+ characters after interpolation is an error and no card', async () => {
+    it('a summary of 140+ characters after interpolation is shortened, its card still goes and the trace says so', async () => {
       const compiled = compilePack(
         pack([
           rule(
@@ -502,12 +502,16 @@ describe('rules: evaluator', function () {
         ]),
       );
       const result = await evaluator.evaluate(compiled, 'svc', input());
+      // The leading template text stays; the interpolated values are cut to fit, with `…`.
       expect(result.trace[0]).to.include({
-        status: 'error',
+        status: 'fired',
         fired: true,
-        error: 'card.summary: 142 characters after interpolation (must be under 140)',
+        error:
+          'card.summary: 142 characters after interpolation, shortened to 139 (must be under 140)',
       });
-      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['short']);
+      expect(result.trace[0]?.error).to.not.contain(PLANTED);
+      expect(result.cards.map((c) => c.ruleId)).to.deep.equal(['long', 'short']);
+      expect(result.cards[0]?.summary).to.equal(`${'x'.repeat(120)} ${PLANTED}, Q Zebulo…`);
     });
 
     describe('a required field that interpolation leaves empty or invalid', () => {

@@ -51,7 +51,9 @@ describe('incomplete evaluation card', () => {
       entry('rule-3', 'fired'),
     ];
     const card = incompleteEvaluationCard(pack(4), trace);
-    expect(card).to.include({ ruleId: INCOMPLETE_EVALUATION_RULE_ID, indicator: 'info' });
+    // Rule 3 ran, and the rules that did not could only give info cards: a warning (an info
+    // card reads as noise; spec/rules/safety-cards.spec.ts has the critical cases).
+    expect(card).to.include({ ruleId: INCOMPLETE_EVALUATION_RULE_ID, indicator: 'warning' });
     expect(card?.summary).to.equal(
       '3 of 4 checks could not run: no card from them does not mean no issue',
     );
@@ -67,6 +69,7 @@ describe('incomplete evaluation card', () => {
     const compiled = pack(25);
     const [card] = finalizeCards(answerCards(compiled, { cards: [], trace }));
     expect(card?.summary.length).to.be.below(140);
+    expect(card?.indicator).to.equal('critical'); // no rule completed
     expect(card?.detail).to.contain('- and 15 more');
     expect(card?.detail?.match(/^- /gm)).to.have.length(11);
     expect(card).to.not.have.property('ruleId');

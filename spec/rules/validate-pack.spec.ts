@@ -453,8 +453,16 @@ const table: Array<[string, Mutate, PackProblem]> = [
   ],
   [
     'a duplicate rule id',
-    (p) => p.rules.push({ ...structuredClone(p.rules[1]!), when: 'false' }),
+    (p) => p.rules.push({ ...structuredClone(p.rules[1]!), when: "%patient.gender = 'other'" }),
     { path: 'rules[4].id', message: "duplicate rule id 'female'" },
+  ],
+  [
+    'a rule whose condition can never be true',
+    (p) => (p.rules[1]!.when = 'false'),
+    {
+      path: 'rules[1].when',
+      message: "rule 'female' can never fire: its condition is always false",
+    },
   ],
   [
     'a duplicate service id',

@@ -49,7 +49,8 @@ function cpPack(
       {
         id: 'never',
         service: extraService ? 'cp-other' : 'cp-svc',
-        when: 'false',
+        // Never true for these calls (a constant `false` is refused at upload).
+        when: "%context.patientId = 'no-such-patient'",
         card: { summary: 'never', indicator: 'info', source: { label: 'x' } },
       },
     ],
