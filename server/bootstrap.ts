@@ -61,9 +61,20 @@ const WRAP_LIMIT_LOG: Record<
   refused: ['error', 'DEK version at its hard wrap limit: write refused (rotate the tenant keys)'],
 };
 
-/** Creates the data directory (0700) if needed. */
-export function ensureDataDir(dataDir: string): void {
+/**
+ * Creates the data directory (0700) if needed. One that group or others may read (made by the
+ * operator, 0755 under the usual umask) is left as it is but warned about: its files are 0600,
+ * yet anyone on the host could list the tenant stores' names and the backups.
+ */
+export function ensureDataDir(dataDir: string, log?: Logger): void {
   fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const mode = fs.statSync(dataDir).mode & 0o777;
+  if (log && (mode & 0o077) !== 0) {
+    log.warn(
+      { dataDir, mode: mode.toString(8), fix: `chmod 700 ${dataDir}` },
+      'data directory is accessible to group or others',
+    );
+  }
 }
 
 /**
@@ -319,7 +330,7 @@ export async function buildDeps(
     operator?: boolean;
   } = {},
 ): Promise<Deps & { close(): Promise<void> }> {
-  ensureDataDir(config.dataDir);
+  ensureDataDir(config.dataDir, log);
   // Replicas behind a load balancer must share one replay cache, or a jti could be replayed
   // against another replica: Redis when configured, else this process' memory.
   const sharedCache = config.redisUrl
