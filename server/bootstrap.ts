@@ -491,7 +491,7 @@ export async function buildDeps(
   const recordPurge =
     opts.resumeJobs !== false && config.recordPurgeIntervalMs > 0
       ? startRecordPurge(
-          { controlPlane, stores, log, now },
+          { controlPlane, stores, log, now, metrics },
           { intervalMs: config.recordPurgeIntervalMs },
         )
       : undefined;

@@ -159,6 +159,8 @@ export class Metrics {
   private readonly jobDone: Gauge<'kind'>;
   private readonly jobTotal: Gauge<'kind'>;
   private readonly jobsFinished: Counter<'kind' | 'status'>;
+  private readonly recordsPurged: Counter<'kind'>;
+  private readonly purgeFailures: Counter;
   private readonly storeWriteSeconds: Histogram<'record'>;
   private readonly evaluationsSeen = { inline: 0, worker: 0, handed_off: 0 };
   private readonly services: BoundedLabel;
@@ -238,6 +240,17 @@ export class Metrics {
       name: 'cellcds_rewrap_jobs_finished_total',
       help: 'Key rewrap jobs that stopped, by kind and final status',
       labelNames: ['kind', 'status'],
+      registers,
+    });
+    this.recordsPurged = new Counter({
+      name: 'cellcds_records_purged_total',
+      help: "Records deleted by retention purges (a tenant's retention period), by kind (invocation, feedback)",
+      labelNames: ['kind'],
+      registers,
+    });
+    this.purgeFailures = new Counter({
+      name: 'cellcds_record_purge_failures_total',
+      help: 'Retention purges of a tenant that failed (retried at the next pass; see the log line "record purge failed for a tenant")',
       registers,
     });
     const evaluations = opts.evaluations;
@@ -447,6 +460,16 @@ export class Metrics {
   }
 
   /** Counts an audit event of a refusal that could not be written (`event`: its type). */
+  /** A tenant's retention purge: what it deleted, or that it failed. */
+  recordPurge(outcome: { invocations: number; feedback: number } | 'failed'): void {
+    if (outcome === 'failed') {
+      this.purgeFailures.inc();
+      return;
+    }
+    this.recordsPurged.inc({ kind: 'invocation' }, outcome.invocations);
+    this.recordsPurged.inc({ kind: 'feedback' }, outcome.feedback);
+  }
+
   auditWriteFailure(event: string): void {
     this.auditWriteFailures.inc({
       event: oneOf(

@@ -32,6 +32,8 @@ export interface RecordPurgeDeps {
   stores: RegionStores;
   log: Logger;
   now: () => Date;
+  /** Counts what each tenant's purge deleted, or its failure (server/metrics.ts). */
+  metrics?: { recordPurge(outcome: { invocations: number; feedback: number } | 'failed'): void };
 }
 
 /** A short, PHI-free name of an error: its class, and a driver code if it has one. */
@@ -74,6 +76,7 @@ export async function purgeExpiredRecords(
         ...(opts.signal ? { signal: opts.signal } : {}),
       });
       outcomes.push({ tenant: tenant.id, recordDays, result });
+      deps.metrics?.recordPurge({ invocations: result.invocations, feedback: result.feedback });
       const fields = {
         tenant: tenant.id,
         retentionDays: recordDays,
@@ -93,6 +96,7 @@ export async function purgeExpiredRecords(
     } catch (err) {
       const error = errorClass(err);
       outcomes.push({ tenant: tenant.id, recordDays, error: error.type });
+      deps.metrics?.recordPurge('failed');
       log.error(
         { tenant: tenant.id, retentionDays: recordDays, err: error },
         'record purge failed for a tenant (retried at the next pass; other tenants go on)',

@@ -253,6 +253,16 @@ for (const backend of backends) {
         feedback: 1,
       });
 
+      // Counted for the on-call: what was purged, and each failed tenant purge.
+      const metrics = (await request(t.app).get('/metrics')).text;
+      expect(metrics).to.match(
+        /cellcds_records_purged_total\{kind="invocation",region="[^"]+"\} 2\b/,
+      );
+      expect(metrics).to.match(
+        /cellcds_records_purged_total\{kind="feedback",region="[^"]+"\} 1\b/,
+      );
+      expect(metrics).to.match(/cellcds_record_purge_failures_total\{region="[^"]+"\} [1-9]/);
+
       // No retention: kept forever.
       const forever = t.deps.stores.store('c-forever');
       expect(await forever.listInvocations()).to.have.length(3);
