@@ -90,17 +90,30 @@ function resultTime(o: Json): number | undefined {
   return undefined;
 }
 
-/** An eGFR result in mL/min/1.73 m2: a Quantity in mL/min or mL/s, or a text like "<15". */
+/**
+ * An eGFR result in mL/min/1.73 m2: a Quantity in mL/min or mL/s, its unit (UCUM code, else
+ * text) spelled in any of the usual ways (case, spaces, braces, `^2`, with or without
+ * `/1.73 m2`), or a text like "<15" or "29.5".
+ */
 function egfrMlPerMin(o: Json): number | undefined {
   const q = o.valueQuantity;
   if (isObject(q) && typeof q.value === 'number') {
-    const unit = typeof q.code === 'string' ? q.code : q.unit;
+    const raw = typeof q.code === 'string' ? q.code : q.unit;
+    const unit =
+      typeof raw === 'string'
+        ? raw
+            .toLowerCase()
+            .replace(/[\s^{}_]/g, '')
+            .replace(/\u00b2/g, '2')
+            .replace(/\.m2/g, 'm2')
+            .replace(/per/g, '/')
+        : undefined;
     // "<X" is just under X; "<=", ">" and ">=" are read at X (none changes a "< 30" test).
     const v = q.comparator === '<' ? q.value - 1e-9 : q.value;
-    if (typeof unit === 'string' && /^mL\/min(\/(\{1\.73_?m2\}|1\.73\.?m2))?$/.test(unit)) {
+    if (unit !== undefined && /^ml\/min(\/1\.73m2)?$/.test(unit)) {
       return v;
     }
-    if (typeof unit === 'string' && /^mL\/s(\/(\{1\.73_?m2\}|1\.73\.?m2))?$/.test(unit)) {
+    if (unit !== undefined && /^ml\/s(\/1\.73m2)?$/.test(unit)) {
       return v * 60;
     }
     return undefined;
@@ -114,9 +127,8 @@ function egfrMlPerMin(o: Json): number | undefined {
 
 /**
  * RULES.md R4, written here without the pack's FHIRPath: the eGFR results that count (final,
- * amended, corrected, preliminary) and are dated; the latest of them, whatever their value;
- * at that instant, the lowest value that can be read (undefined if none can: no older value
- * is used instead).
+ * amended, corrected, preliminary), are dated and can be read; the latest of them (a newer
+ * result that cannot be read does not hide it, 1.3.0); at that instant, the lowest value.
  */
 function latestEgfrOracle(resources: Json[]): number | undefined {
   const results = resources
@@ -126,17 +138,13 @@ function latestEgfrOracle(resources: Json[]): number | undefined {
         ['final', 'amended', 'corrected', 'preliminary'].includes(String(r.status)) &&
         codesOf(r.code).some((c) => EGFR_LOINC.has(c)),
     )
-    .map((r) => ({ r, t: resultTime(r) }))
-    .filter((x): x is { r: Json; t: number } => x.t !== undefined);
+    .map((r) => ({ t: resultTime(r), v: egfrMlPerMin(r) }))
+    .filter((x): x is { t: number; v: number } => x.t !== undefined && x.v !== undefined);
   if (results.length === 0) {
     return undefined;
   }
   const latest = Math.max(...results.map((x) => x.t));
-  const values = results
-    .filter((x) => x.t === latest)
-    .map((x) => egfrMlPerMin(x.r))
-    .filter((v): v is number => v !== undefined);
-  return values.length === 0 ? undefined : Math.min(...values);
+  return Math.min(...results.filter((x) => x.t === latest).map((x) => x.v));
 }
 
 /** A request of spec/fixtures/packs/medication-safety/. */
@@ -194,6 +202,10 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
       has('egfr', '33914-3') && has('hba1c', '4548-4') && has('diabetes', '44054006'),
     ).to.equal(true);
     expect(has('diabetes', '15777000'), 'prediabetes').to.equal(false);
+    // Metformin products (1.3.0, openFDA NDC directory): 1000 mg, 850 mg, ER and combinations.
+    for (const code of ['6809', '861004', '861007', '861010', '860975', '861736', '1243827']) {
+      expect(has('metformin', code), code).to.equal(true);
+    }
   });
 
   describe('its embedded tests', () => {
@@ -558,6 +570,113 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
         ).to.include('Warfarin + Ibuprofen 200 MG Oral Tablet: increased risk of bleeding');
       }
     });
+
+    it('reads prescriptions and orders naming their drug by a Medication (contained, prefetch, draft Bundle)', () => {
+      // 1.2.0: no card (only medicationCodeableConcept was read for prescriptions in prefetch).
+      for (const name of [
+        'warfarin-contained-medication',
+        'warfarin-medication-in-prefetch',
+        'draft-medication-in-draft-bundle',
+      ]) {
+        const cards = evaluate(reviewRequest(name)).cards;
+        expect(
+          cards.map((c) => c.summary),
+          name,
+        ).to.include('Warfarin + Ibuprofen 200 MG Oral Tablet: increased risk of bleeding');
+        expect(cards.map((c) => c.ruleId)).to.not.include('medication-not-identified');
+      }
+    });
+
+    it('says so when a prescription names a Medication the request does not carry', () => {
+      const cards = evaluate(reviewRequest('warfarin-medication-unresolved')).cards;
+      expect(cards.map((c) => c.ruleId)).to.not.include('warfarin-nsaid');
+      const card = cards.find((c) => c.ruleId === 'medication-not-identified');
+      expect(card?.indicator).to.equal('info');
+      expect(card?.summary).to.equal(
+        'Drug not identified for 1 prescription(s) or order(s): interactions with it were not checked',
+      );
+      expect(card?.detail).to.include('Not identified: Warfarin 5 mg tablet.');
+    });
+
+    it('names both NSAID orders on warfarin, and each suggestion deletes both and orders acetaminophen once', () => {
+      // 1.2.0: the card named ibuprofen only, and its suggestions deleted draft d-ibu only.
+      const cards = evaluate(reviewRequest('warfarin-two-nsaid-drafts')).cards;
+      expect(cards.map((c) => c.ruleId)).to.not.include('warfarin-nsaid');
+      const card = cards.find((c) => c.ruleId === 'warfarin-nsaid-two-orders');
+      expect(card?.summary).to.equal(
+        'Warfarin + Ibuprofen 200 MG Oral Tablet and Naproxen sodium 220 MG Oral Tablet: increased risk of bleeding',
+      );
+      expect(card?.suggestions).to.have.length(2);
+      for (const s of card?.suggestions ?? []) {
+        const actions = s.actions ?? [];
+        expect(actions.filter((a) => a.type === 'delete').map((a) => a.resourceId)).to.deep.equal([
+          'MedicationRequest/d-ibu',
+          'MedicationRequest/d-nap',
+        ]);
+        expect(actions.filter((a) => a.type === 'create')).to.have.length(1);
+      }
+      // Three NSAID orders: no delete actions (a suggestion's actions are fixed), said in the detail.
+      const three = evaluate(reviewRequest('warfarin-three-nsaid-drafts')).cards.find(
+        (c) => c.ruleId === 'warfarin-nsaid-draft-without-id',
+      );
+      expect(three?.summary).to.equal('Warfarin + 3 NSAID orders: increased risk of bleeding');
+      expect(three?.detail).to.include('cannot all be removed by a suggestion');
+      expect(three?.suggestions?.flatMap((s) => s.actions ?? []).map((a) => a.type)).to.deep.equal([
+        'create',
+        'create',
+      ]);
+    });
+
+    const noRecent: Array<[string, string]> = [
+      ['egfr-none', 'No recent eGFR: renal dosing could not be checked'],
+      ['egfr-none-nsaid', 'No recent eGFR: renal dosing could not be checked'],
+      [
+        'egfr-only-older-than-12-months',
+        'No eGFR in the last 12 months (latest 2018-11-02): check renal function',
+      ],
+      [
+        'egfr-latest-unreadable',
+        'No eGFR in the last 12 months (latest 2019-01-10): check renal function',
+      ],
+    ];
+    for (const [name, summary] of noRecent) {
+      it(`says when no readable eGFR of the last 12 months was there to check: ${name}`, () => {
+        const card = evaluate(reviewRequest(name)).cards.find(
+          (c) => c.ruleId === 'renal-dosing-no-recent-egfr',
+        );
+        expect(card?.indicator).to.equal('info');
+        expect(card?.summary).to.equal(summary);
+      });
+    }
+
+    it('names a later eGFR result it could not read on the card that used an older one', () => {
+      const card = evaluate(reviewRequest('egfr-latest-unreadable')).cards.find(
+        (c) => c.ruleId === 'metformin-egfr-below-30',
+      );
+      expect(card?.summary).to.equal(
+        'Metformin is contraindicated: latest eGFR is 20 mL/min/{1.73_m2} on 2019-01-10',
+      );
+      expect(card?.detail).to.include(
+        'A later eGFR result (2020-03-01) could not be read: its value or unit is not recognised.',
+      );
+    });
+
+    const unitSpellings: Array<[string, string]> = [
+      [
+        'egfr-unit-space-no-code',
+        'Metformin is contraindicated: latest eGFR is 20 mL/min/1.73 m2 on 2020-03-01',
+      ],
+      [
+        'egfr-unit-caret',
+        'Metformin is contraindicated: latest eGFR is 20 mL/min/1.73m^2 on 2020-03-01',
+      ],
+      ['egfr-text-decimal', 'Metformin is contraindicated: latest eGFR is 29.5 on 2020-03-01'],
+    ];
+    for (const [name, summary] of unitSpellings) {
+      it(`reads the eGFR and the metformin order of ${name}`, () => {
+        expect(summaryOf(reviewRequest(name), 'metformin-egfr-below-30')).to.equal(summary);
+      });
+    }
 
     // PDDI IG DigoxinCyclosporineCDSLogic "Get Card 2 Indicator" (1.1.0: one info card, on the
     // existence of any level).

@@ -141,7 +141,7 @@ describe('card viewer in Chromium', function () {
       issuer: smart.signer,
       fhirServers: [smart.fhirBaseUrl],
       subscriptions: [
-        { pack: 'medication-safety', version: '1.2.0' },
+        { pack: 'medication-safety', version: '1.3.0' },
         { pack: 'followup', version: '1.0.0' },
       ],
     });

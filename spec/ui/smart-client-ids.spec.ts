@@ -459,7 +459,7 @@ describe("card viewer in Chromium: a launch with the tenant's own client id", fu
     const sub = await request(u.handler)
       .put('/admin/tenants/hospital-own/subscriptions')
       .set('authorization', `Bearer ${u.t.adminToken}`)
-      .send([{ pack: 'medication-safety', version: '1.2.0' }]);
+      .send([{ pack: 'medication-safety', version: '1.3.0' }]);
     expect(sub.status, JSON.stringify(sub.body)).to.equal(200);
     browser = await launchChromium();
     cleanup.push(() => browser.close());

@@ -51,7 +51,7 @@ describe('card viewer: tenants sharing an issuer and a client id', function () {
       const sub = await request(u.handler)
         .put(`/admin/tenants/${id}/subscriptions`)
         .set('authorization', `Bearer ${u.t.adminToken}`)
-        .send([{ pack: 'medication-safety', version: '1.2.0' }]);
+        .send([{ pack: 'medication-safety', version: '1.3.0' }]);
       expect(sub.status).to.equal(200);
     }
   });
