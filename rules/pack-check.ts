@@ -20,6 +20,11 @@ export interface PackCheckOptions {
   memoryMb?: number;
   /** Time the worker may take to start (ms); past it the check is unavailable (not the pack's fault). */
   startTimeoutMs?: number;
+  /**
+   * Not the worker's: whether the upload's tests must fire every rule of the pack
+   * (`RunPackTestsOptions.onUncovered`). `AdminService` reads it; default true.
+   */
+  requireTestCoverage?: boolean;
 }
 
 /**

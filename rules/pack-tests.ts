@@ -66,6 +66,14 @@ export interface RunPackTestsOptions {
    * test not measured again keeps its first run's time.
    */
   liveCallBudgetMs?: number;
+  /**
+   * Test coverage: once the tests have run, called with the pack's rules that fired in none of
+   * them ({@link uncoveredRules}: one problem per rule, at `rules[i]`), if there are any. Not
+   * called when a test was not run (the pack fails on that already, and the rules it would
+   * have fired would be named wrongly). With no tests at all every rule is uncovered (the
+   * evaluator is then not used).
+   */
+  onUncovered?: (problems: PackProblem[]) => void;
 }
 
 /** Runs of one test, at most, to measure it against the live call budget (its own run included). */
@@ -289,6 +297,47 @@ export function collectPackFiles(raw: unknown, baseDir: string): CollectedPackFi
   return { pack: { ...raw, tests }, problems };
 }
 
+/**
+ * The rules of a pack that fired in none of its tests' results (`runPackTests`), each one a
+ * problem at `rules[i]`: `rule 'warfarin-nsaid' fires in none of the pack's tests: add a test
+ * where it fires`. Firing, not an `expect.fire` naming the rule, is what counts: it proves the
+ * rule's condition can be true on some data (an `expect.fire` that passes implies it; a rule
+ * that fired in a test without being named counts too). A pack without tests (a PlanDefinition
+ * carries none) has every rule uncovered, and one more problem at `tests` says so. This is what
+ * keeps a version from switching a safety rule off unnoticed (`when: "%context.patientId =
+ * 'nobody'"`, or a rule's only firing test deleted): the version is refused.
+ */
+export function uncoveredRules(
+  compiled: CompiledPack,
+  results: readonly PackTestResult[],
+): PackProblem[] {
+  const fired = new Set<string>();
+  for (const r of results) {
+    for (const t of r.trace) {
+      if (t.status === 'fired') {
+        fired.add(t.ruleId);
+      }
+    }
+  }
+  const problems: PackProblem[] = [];
+  compiled.pack.rules.forEach((rule, i) => {
+    if (!fired.has(rule.id)) {
+      problems.push({
+        path: `rules[${i}]`,
+        message: `rule '${rule.id}' fires in none of the pack's tests: add a test where it fires`,
+      });
+    }
+  });
+  if (problems.length > 0 && (compiled.pack.tests?.length ?? 0) === 0) {
+    problems.push({
+      path: 'tests',
+      message:
+        "the pack has no tests, so none of its rules is shown to fire (a PlanDefinition carries none: write the pack in cellcds's own format, with tests)",
+    });
+  }
+  return problems;
+}
+
 /** A stable hookInstance for a test (UUID-shaped), so canary-like logic is reproducible. */
 function testHookInstance(hash: string, name: string): string {
   const h = createHash('sha256').update(`${hash}|${name}`).digest('hex');
@@ -450,6 +499,12 @@ export async function runPackTests(
   if (liveMs !== undefined && results.every((r) => r.passed)) {
     const until = opts.totalMs === undefined ? Infinity : clock() + opts.totalMs;
     await holdToLiveBudget(compiled, evaluator, measured, liveMs, until, clock);
+  }
+  if (opts.onUncovered && !results.some((r) => r.notRun === true)) {
+    const uncovered = uncoveredRules(compiled, results);
+    if (uncovered.length > 0) {
+      opts.onUncovered(uncovered);
+    }
   }
   return results;
 }

@@ -31,7 +31,7 @@ import {
 } from './expression.ts';
 import type { ExprScope } from './expression.ts';
 import { schemaProblems } from './pack-schema.ts';
-import { collectPackFiles, runPackTests } from './pack-tests.ts';
+import { collectPackFiles, runPackTests, uncoveredRules } from './pack-tests.ts';
 import { isPlanDefinition, planDefinitionToPack } from './plan-definition.ts';
 import { checkPrefetchTemplate } from './prefetch-template.ts';
 import type { CompiledPack, PackProblem, RulePack } from './types.ts';
@@ -54,6 +54,14 @@ export interface ValidatePackOptions {
    * test over half the live call budget), as an upload returns them. Default: dropped.
    */
   onWarning?: (warning: string) => void;
+  /**
+   * Test coverage (with the tests run): every rule must fire in at least one of the pack's
+   * tests, else it is a problem at `rules[i]` (`rule 'x' fires in none of the pack's tests: add
+   * a test where it fires`; see `uncoveredRules`). A pack without tests (a PlanDefinition) is
+   * then refused. Default false; `pack validate`, `pack test` and uploads turn it on
+   * (CELLCDS_PACK_TEST_COVERAGE).
+   */
+  requireCoverage?: boolean;
 }
 
 type Json = Record<string, unknown>;
@@ -736,19 +744,24 @@ export async function validatePack(
     throw new PackValidationError(dedupe(problems));
   }
   const compiled = compilePack(pack as unknown as RulePack);
+  const coverage = opts.runTests !== false && opts.requireCoverage === true;
+  if (coverage && (compiled.pack.tests?.length ?? 0) === 0) {
+    throw new PackValidationError(uncoveredRules(compiled, []));
+  }
   if (opts.runTests !== false && (compiled.pack.tests?.length ?? 0) > 0) {
     const evaluator = opts.evaluator ?? createEvaluator({ workers: 1 });
     try {
-      const results = await runPackTests(
-        compiled,
-        evaluator,
-        opts.liveCallBudgetMs !== undefined ? { liveCallBudgetMs: opts.liveCallBudgetMs } : {},
-      );
+      let uncovered: PackProblem[] = [];
+      const results = await runPackTests(compiled, evaluator, {
+        ...(opts.liveCallBudgetMs !== undefined ? { liveCallBudgetMs: opts.liveCallBudgetMs } : {}),
+        ...(coverage ? { onUncovered: (u: PackProblem[]) => (uncovered = u) } : {}),
+      });
       results.forEach((r, i) => {
         for (const f of r.failures) {
           problems.push({ path: `tests[${i}]`, message: f });
         }
       });
+      problems.push(...uncovered);
       if (problems.length === 0 && opts.onWarning) {
         results.forEach((r, i) => {
           for (const w of r.warnings ?? []) {

@@ -108,6 +108,23 @@ export interface UploadedPack {
  */
 export const UPLOAD_TEST_DEFAULTS = Object.freeze({ totalMs: 20_000, callBudgetMs: 10_000 });
 
+/**
+ * The largest canary share (%). A canary tries a version on a share of a tenant's calls beside
+ * the pinned version, before it is pinned; a canary at 100 % is a full rollout that skips the
+ * pin step (and one above half serves most calls while still called a trial). To send a version
+ * every call, pin it.
+ */
+export const MAX_CANARY_PERCENT = 50;
+
+/** Why a canary percent over {@link MAX_CANARY_PERCENT} is refused, and what to do instead. */
+export function canaryPercentMessage(version: unknown): string {
+  const v = typeof version === 'string' && version !== '' ? version : 'the canary version';
+  return (
+    `must be at most ${MAX_CANARY_PERCENT}: a canary tries a version on a share of the calls; ` +
+    `to give ${v} every call, pin it instead (version ${v}, no canary: pack rollout PACK --version ${v})`
+  );
+}
+
 const ROLES: readonly Role[] = ['platform-operator', 'tenant-admin', 'rule-author', 'auditor'];
 
 export class AdminService {
@@ -261,6 +278,7 @@ export class AdminService {
         `must have at most ${MAX_SUBSCRIPTIONS} entries`,
       );
     }
+    checkCanaryPercents(input);
     await this.checkCanaries(input);
     const tenant = await this.deps.controlPlane.tenants.setSubscriptions(
       id,
@@ -322,6 +340,7 @@ export class AdminService {
       throw new InvalidInputError('pack', "is the URL's; leave it out of the body");
     }
     const entry = { pack, ...input };
+    checkCanaryPercents([entry], () => '');
     await this.checkCanaries([entry], () => '');
     const updated = await this.deps.controlPlane.tenants.setSubscription(id, entry, {
       existingOnly,
@@ -729,11 +748,31 @@ export class AdminService {
    */
   private runUploadTests(compiled: CompiledPack): Promise<string[]> {
     if ((compiled.pack.tests?.length ?? 0) === 0) {
-      return Promise.resolve([]);
+      return this.testlessPack(compiled);
     }
     const run = this.uploadTestsQueue.then(() => this.runUploadTestsNow(compiled));
     this.uploadTestsQueue = run.catch(() => undefined);
     return run;
+  }
+
+  /**
+   * A pack without tests (a PlanDefinition carries none) shows no rule firing: refused while
+   * test coverage is required (`packCheck.requireTestCoverage`, default true). Nothing is
+   * evaluated: the live evaluator is only named, never used, for zero tests.
+   * @returns no warnings. @throws PackValidationError naming each rule.
+   */
+  private async testlessPack(compiled: CompiledPack): Promise<string[]> {
+    if (this.deps.packCheck?.requireTestCoverage === false) {
+      return [];
+    }
+    let uncovered: PackProblem[] = [];
+    await runPackTests(compiled, this.deps.evaluator, {
+      onUncovered: (u) => (uncovered = u),
+    });
+    if (uncovered.length > 0) {
+      throw new PackValidationError(uncovered);
+    }
+    return [];
   }
 
   private async runUploadTestsNow(compiled: CompiledPack): Promise<string[]> {
@@ -757,14 +796,20 @@ export class AdminService {
           cause: err,
         });
       }
+      let uncovered: PackProblem[] = [];
       const results = await runPackTests(compiled, evaluator, {
         stopOnBudget: true,
         totalMs: limits.totalMs ?? UPLOAD_TEST_DEFAULTS.totalMs,
         liveCallBudgetMs: limits.liveCallBudgetMs ?? live.callBudgetMs,
+        // Each rule must fire in a test: a version cannot switch a rule off unnoticed.
+        ...(this.deps.packCheck?.requireTestCoverage !== false
+          ? { onUncovered: (u: PackProblem[]) => (uncovered = u) }
+          : {}),
       });
       problems = results.flatMap((r, i) =>
         r.failures.map((message) => ({ path: `tests[${i}]`, message })),
       );
+      problems.push(...uncovered);
       warnings = results.flatMap((r, i) => (r.warnings ?? []).map((w) => `tests[${i}]: ${w}`));
     } finally {
       await evaluator.close();
@@ -818,6 +863,30 @@ function unusedDays(value: unknown): number {
     );
   }
   return days;
+}
+
+/**
+ * Refuses a canary share over {@link MAX_CANARY_PERCENT} (a number; anything else is left to the
+ * subscription validation): 400 naming the field, pointing to pinning the version instead.
+ * @throws InvalidInputError (`subscriptions[0].canary.percent`, or `canary.percent`).
+ */
+function checkCanaryPercents(
+  input: unknown[],
+  prefix: (i: number) => string = (i) => `subscriptions[${i}].`,
+): void {
+  for (const [i, entry] of input.entries()) {
+    const canary = isRecord(entry) ? entry.canary : undefined;
+    if (
+      isRecord(canary) &&
+      typeof canary.percent === 'number' &&
+      canary.percent > MAX_CANARY_PERCENT
+    ) {
+      throw new InvalidInputError(
+        `${prefix(i)}canary.percent`,
+        canaryPercentMessage(canary.version),
+      );
+    }
+  }
 }
 
 function isRecord(value: unknown): value is Record<string, unknown> {

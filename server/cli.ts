@@ -22,6 +22,7 @@ import type {
   CompiledPack,
   EvaluationResult,
   Evaluator,
+  PackProblem,
   PackTestRequest,
   RawCard,
   RulePack,
@@ -38,7 +39,13 @@ import {
   TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
 import type { ChainHead, ControlPlane, Principal, PurgeResult, Tenant } from '../tenants/index.ts';
-import { actorOf, AdminService, UPLOAD_TEST_DEFAULTS } from './admin-service.ts';
+import {
+  actorOf,
+  AdminService,
+  canaryPercentMessage,
+  MAX_CANARY_PERCENT,
+  UPLOAD_TEST_DEFAULTS,
+} from './admin-service.ts';
 import {
   anchorsOfFile,
   CONTROL_PLANE_CHAIN,
@@ -310,6 +317,8 @@ async function loadAndValidate(
       ...(runTests
         ? {
             liveCallBudgetMs: config().evaluation.callBudgetMs,
+            // Every rule must fire in a test, as an upload requires (CELLCDS_PACK_TEST_COVERAGE).
+            requireCoverage: config().packCheck.requireTestCoverage,
             onWarning: (w: string) => process.stderr.write(`warning: ${w}\n`),
           }
         : {}),
@@ -367,8 +376,13 @@ async function packTest(file: string): Promise<void> {
   try {
     await evaluator.ready();
     // Passing tests are then held to the live call budget (CELLCDS_EVAL_BUDGET_MS), as an upload's are.
+    let uncovered: PackProblem[] = [];
     const results = await runPackTests(compiled, evaluator, {
       liveCallBudgetMs: config().evaluation.callBudgetMs,
+      // Every rule must fire in a test, as an upload requires (CELLCDS_PACK_TEST_COVERAGE).
+      ...(config().packCheck.requireTestCoverage
+        ? { onUncovered: (u: PackProblem[]) => (uncovered = u) }
+        : {}),
     });
     const width = Math.max(4, ...results.map((r) => r.name.length));
     out(`${'test'.padEnd(width)}  result`);
@@ -402,8 +416,15 @@ async function packTest(file: string): Promise<void> {
     }
     const failed = results.filter((r) => !r.passed).length;
     out(`${results.length - failed} passed, ${failed} failed`);
+    for (const p of uncovered) {
+      out(`${p.path}: ${p.message}`);
+    }
     if (failed > 0) {
       throw new CliError(`${failed} pack test(s) failed`);
+    }
+    if (uncovered.length > 0) {
+      const n = uncovered.filter((p) => p.path !== 'tests').length;
+      throw new CliError(`${n} rule(s) fire in none of the pack's tests`);
     }
   } finally {
     await evaluator.close();
@@ -662,9 +683,16 @@ async function packRollout(pack: string, o: RolloutOpts): Promise<void> {
     );
   }
   const percent = o.canaryPercent === undefined ? undefined : Number(o.canaryPercent);
-  if (percent !== undefined && (!Number.isFinite(percent) || percent < 0 || percent > 100)) {
+  if (percent !== undefined && (!Number.isFinite(percent) || percent < 0)) {
     throw new CliError(
-      `--canary-percent must be a number from 0 to 100, not ${o.canaryPercent}`,
+      `--canary-percent must be a number from 0 to ${MAX_CANARY_PERCENT}, not ${o.canaryPercent}`,
+      2,
+    );
+  }
+  if (percent !== undefined && percent > MAX_CANARY_PERCENT) {
+    // A canary at 100 % is a full rollout without the step: nothing is sent.
+    throw new CliError(
+      `--canary-percent ${o.canaryPercent} ${canaryPercentMessage(o.canaryVersion).replace('PACK', pack)}`,
       2,
     );
   }

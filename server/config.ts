@@ -61,6 +61,8 @@ const Schema = z
     CELLCDS_PACK_CHECK_TIMEOUT_MS: intFrom(100, 600_000, 20_000),
     CELLCDS_PACK_CHECK_MEMORY_MB: intFrom(16, 16_384, 512),
     CELLCDS_PACK_UPLOADS_IN_FLIGHT: intFrom(1, 64, 2),
+    // 'off' only for test setups whose small packs carry no tests (spec/helpers): never a pack field.
+    CELLCDS_PACK_TEST_COVERAGE: z.enum(['required', 'off']).default('required'),
     CELLCDS_MAX_OPEN_STORES: z.coerce.number().int().min(1).max(100_000).optional(),
     CELLCDS_REWRAP_BATCH: intFrom(1, 10_000, 200),
     CELLCDS_REWRAP_SCHEDULED_BATCH: intFrom(1, 10_000, 50),
@@ -145,6 +147,11 @@ export interface Config {
     readonly memoryMb: number;
     /** Pack uploads one process takes at once; another is refused 503 + Retry-After. */
     readonly uploadsInFlight: number;
+    /**
+     * Every rule of an uploaded pack must fire in one of its tests (CELLCDS_PACK_TEST_COVERAGE,
+     * default `required`); `off` only for test setups. `pack test` / `pack validate` too.
+     */
+    readonly requireTestCoverage: boolean;
   };
   readonly seedDemo: boolean;
   /** Shared replay cache for replicas (scale-out); unset = in-process cache. */
@@ -385,6 +392,7 @@ export function loadConfig(
       timeoutMs: e.CELLCDS_PACK_CHECK_TIMEOUT_MS,
       memoryMb: e.CELLCDS_PACK_CHECK_MEMORY_MB,
       uploadsInFlight: e.CELLCDS_PACK_UPLOADS_IN_FLIGHT,
+      requireTestCoverage: e.CELLCDS_PACK_TEST_COVERAGE === 'required',
     }),
     seedDemo: e.CELLCDS_SEED_DEMO,
     redisUrl: e.CELLCDS_REDIS_URL,

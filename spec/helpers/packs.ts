@@ -151,3 +151,43 @@ export function patientViewRequest(patientName = 'Planted Patient'): Record<stri
     },
   };
 }
+
+/** The part of a CDS Hooks request a pack test keeps (no hookInstance: the test picks one). */
+function testRequest(req: Record<string, unknown>): Record<string, unknown> {
+  const { hookInstance: _ignored, ...rest } = req;
+  return rest;
+}
+
+/**
+ * {@link tinyPack} with tests in which each of its rules fires (`warfarin-nsaid` on the
+ * order-sign request, `hello` on patient-view), plus a negative control: a pack that passes
+ * the test coverage check (CELLCDS_PACK_TEST_COVERAGE=required).
+ */
+export function coveredTinyPack(id = 'tiny', version = '1.0.0'): Record<string, unknown> {
+  return {
+    ...tinyPack(id, version),
+    tests: [
+      {
+        name: 'warfarin patient gets an NSAID',
+        service: `${id}-order-sign`,
+        now: '2021-03-01T12:00:00Z',
+        request: testRequest(warfarinNsaidRequest()),
+        expect: { fire: ['warfarin-nsaid'] },
+      },
+      {
+        name: 'no warfarin, no card',
+        service: `${id}-order-sign`,
+        now: '2021-03-01T12:00:00Z',
+        request: { ...testRequest(warfarinNsaidRequest()), prefetch: { meds: null } },
+        expect: { notFire: ['warfarin-nsaid'] },
+      },
+      {
+        name: 'patient view says hello',
+        service: `${id}-patient-view`,
+        now: '2021-03-01T12:00:00Z',
+        request: testRequest(patientViewRequest()),
+        expect: { fire: ['hello'] },
+      },
+    ],
+  };
+}

@@ -25,10 +25,18 @@ export interface CliResult {
 
 const CLI = ['--import', 'tsx', 'server/cli.ts'];
 
+/**
+ * The specs' small packs (tinyPack...) carry no tests: pack test coverage is off in the CLI and
+ * server a spec starts, unless its env sets CELLCDS_PACK_TEST_COVERAGE (a coverage spec: 'required').
+ */
+function withSpecDefaults(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  return { CELLCDS_PACK_TEST_COVERAGE: 'off', ...env };
+}
+
 /** Runs `cellcds ARGS` and waits (blocks: only for commands that need no server in this process). */
 export function runCli(args: string[], env: NodeJS.ProcessEnv, timeoutMs = 90_000): CliResult {
   const r = spawnSync(process.execPath, [...CLI, ...args], {
-    env,
+    env: withSpecDefaults(env),
     encoding: 'utf8',
     timeout: timeoutMs,
   });
@@ -38,7 +46,7 @@ export function runCli(args: string[], env: NodeJS.ProcessEnv, timeoutMs = 90_00
 /** Runs `cellcds ARGS` without blocking this process (e.g. against a server it hosts). */
 export function runCliAsync(args: string[], env: NodeJS.ProcessEnv): Promise<CliResult> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [...CLI, ...args], { env });
+    const child = spawn(process.execPath, [...CLI, ...args], { env: withSpecDefaults(env) });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -64,7 +72,7 @@ export async function startServer(
   env: NodeJS.ProcessEnv,
   ready: (stderr: string) => boolean = (e) => e.includes('Operator token for the admin API'),
 ): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [...CLI, 'serve'], { env });
+  const child = spawn(process.execPath, [...CLI, 'serve'], { env: withSpecDefaults(env) });
   let out = '';
   let err = '';
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));

@@ -6,6 +6,7 @@
  */
 import { expect } from 'chai';
 import request from 'supertest';
+import { canaryBucket } from '../../rules/index.ts';
 import { buildTestApp, PUBLIC_URL, type TestApp } from '../helpers/test-app.ts';
 import { patientViewRequest } from '../helpers/packs.ts';
 import type { TestIssuer } from '../helpers/test-issuer.ts';
@@ -64,9 +65,19 @@ describe('canary: same hook and prefetch as the pinned version', function () {
   const op = (r: request.Test) => r.set('authorization', `Bearer ${t.adminToken}`);
   const setSubs = (subs: object) =>
     op(request(t.app).put('/admin/tenants/cp-tenant/subscriptions')).send(subs);
+  // The largest canary share (MAX_CANARY_PERCENT): the calls below use a hookInstance in it.
   const withCanary = (version: string) => [
-    { pack: 'cp', version: '1.0.0', canary: { version, percent: 100 } },
+    { pack: 'cp', version: '1.0.0', canary: { version, percent: 50 } },
   ];
+  /** A hookInstance whose calls a 50 % canary of pack cp takes. */
+  const inCanary = (() => {
+    for (let i = 0; ; i++) {
+      const id = `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`;
+      if (canaryBucket('cp', id) < 5000) {
+        return id;
+      }
+    }
+  })();
 
   before(async () => {
     t = await buildTestApp();
@@ -96,7 +107,7 @@ describe('canary: same hook and prefetch as the pinned version', function () {
     return request(t.app)
       .post('/cds-services/cp-svc')
       .set('authorization', `Bearer ${await issuer.sign({ aud: url })}`)
-      .send(patientViewRequest());
+      .send({ ...patientViewRequest(), hookInstance: inCanary });
   };
 
   const refused: Array<[string, string, RegExp]> = [

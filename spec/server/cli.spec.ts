@@ -113,11 +113,13 @@ describe('cellcds CLI', function () {
     // verdict with that live rule budget: spec/server/upload-live-budget.spec.ts).
     const file = path.join(work, 'slow-rule.json');
     fs.writeFileSync(file, JSON.stringify(slowPack(1, 1, 'slow-rule')));
-    const ok = run(['pack', 'test', file]);
+    // Its slow rule never fires by design: test coverage (pack-test-coverage.spec.ts) is off.
+    const coverageOff = { CELLCDS_PACK_TEST_COVERAGE: 'off' };
+    const ok = run(['pack', 'test', file], coverageOff);
     expect(ok.status, ok.stdout + ok.stderr).to.equal(0);
     expect(ok.stdout).to.include('1 passed, 0 failed');
 
-    const tight = { CELLCDS_RULE_BUDGET_MS: '10' };
+    const tight = { ...coverageOff, CELLCDS_RULE_BUDGET_MS: '10' };
     const r = run(['pack', 'test', file], tight);
     expect(r.status, r.stdout + r.stderr).to.equal(1);
     expect(r.stdout).to.match(/case 1\s+FAIL/);

@@ -86,19 +86,26 @@ describe('configuration', () => {
     expect(loadConfig({ CELLCDS_EVAL_INLINE_MS: '0' }).evaluation.inlineSliceMs).to.equal(0);
   });
 
-  it("bounds pack uploads: a validation worker's 20 s and 512 MB, 2 at once; or as set", () => {
+  it("bounds pack uploads: a validation worker's 20 s and 512 MB, 2 at once, test coverage required; or as set", () => {
     expect(loadConfig({}).packCheck).to.deep.equal({
       timeoutMs: 20_000,
       memoryMb: 512,
       uploadsInFlight: 2,
+      requireTestCoverage: true,
     });
     expect(
       loadConfig({
         CELLCDS_PACK_CHECK_TIMEOUT_MS: '5000',
         CELLCDS_PACK_CHECK_MEMORY_MB: '256',
         CELLCDS_PACK_UPLOADS_IN_FLIGHT: '1',
+        CELLCDS_PACK_TEST_COVERAGE: 'off',
       }).packCheck,
-    ).to.deep.equal({ timeoutMs: 5000, memoryMb: 256, uploadsInFlight: 1 });
+    ).to.deep.equal({
+      timeoutMs: 5000,
+      memoryMb: 256,
+      uploadsInFlight: 1,
+      requireTestCoverage: false,
+    });
   });
 
   it('paces DEK rotations: 200 per emergency batch, a budget of 50 re-seals, 50 ms apart; or as set', () => {
