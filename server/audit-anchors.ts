@@ -149,6 +149,19 @@ export async function withKeptAnchors(
   return { ...result, ok: false, firstBadSeq: notHeld.seq, problem: 'anchor_not_held', anchors };
 }
 
+/** An `audit.verify` event's detail: the count, the anchors checked, and what failed. */
+export function verificationDetail(
+  result: ChainVerification,
+  kept: readonly ChainHead[],
+): Record<string, number | string> {
+  return {
+    count: result.count,
+    ...(kept.length > 0 ? { anchors: kept.length } : {}),
+    ...(result.problem !== undefined ? { problem: result.problem } : {}),
+    ...(result.firstBadSeq !== undefined ? { firstBadSeq: result.firstBadSeq } : {}),
+  };
+}
+
 /** The control-plane audit log's chain, as tenants/audit-repository.ts builds it. */
 export interface ChainedAudit {
   verify: () => Promise<ChainVerification>;
@@ -205,12 +218,7 @@ export async function verifyControlPlaneAudit(
     type: 'audit.verify',
     outcome: result.ok ? 'success' : 'failure',
     actor: actorOf(principal),
-    detail: {
-      count: result.count,
-      ...(kept.length > 0 ? { anchors: kept.length } : {}),
-      ...(result.problem !== undefined ? { problem: result.problem } : {}),
-      ...(result.firstBadSeq !== undefined ? { firstBadSeq: result.firstBadSeq } : {}),
-    },
+    detail: verificationDetail(result, kept),
   });
   return result;
 }

@@ -22,7 +22,7 @@ import {
   ResidencyError,
 } from '../tenants/index.ts';
 import { actorOf } from './admin-service.ts';
-import { tenantChain, withKeptAnchors } from './audit-anchors.ts';
+import { tenantChain, verificationDetail, withKeptAnchors } from './audit-anchors.ts';
 import type { ExportedHead } from './audit-anchors.ts';
 import type { ServiceDirectory } from './service-directory.ts';
 import type {
@@ -557,12 +557,7 @@ export class DataAdmin {
       type: 'audit.verify',
       outcome: result.ok ? 'success' : 'failure',
       tenant: tenantId,
-      detail: {
-        count: result.count,
-        ...(kept.length > 0 ? { anchors: kept.length } : {}),
-        ...(result.problem !== undefined ? { problem: result.problem } : {}),
-        ...(result.firstBadSeq !== undefined ? { firstBadSeq: result.firstBadSeq } : {}),
-      },
+      detail: verificationDetail(result, kept),
     });
     return result;
   }
