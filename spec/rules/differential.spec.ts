@@ -117,6 +117,23 @@ describe('differential: engine vs fhirpath.js on the shipped pack over all Synth
         lets: r.lets?.map((l) => ({ ...l, durationMs: 0 })),
       });
     try {
+      // The pack's first call goes to a worker while this thread compiles it in slices
+      // (rules/evaluator.ts, compileAside): on a loaded machine that compile can outlast the
+      // spec's first calls. Compile it here first; from then on every call must stay inline.
+      const [first] = corpusCalls(pack);
+      if (first) {
+        for (let i = 0; i < 200 && (inline.stats().inline ?? 0) === 0; i++) {
+          await inline.evaluate(compiled, first.service.id, {
+            hook: first.service.hook,
+            hookInstance: crypto.randomUUID(),
+            context: first.request.context,
+            prefetch: first.request.prefetch ?? {},
+            now: first.now,
+          });
+          await new Promise((resolve) => setTimeout(resolve, 25));
+        }
+      }
+      const base = inline.stats();
       let calls = 0;
       const differences: string[] = [];
       for (const { file, service, request, now } of corpusCalls(pack)) {
@@ -140,8 +157,8 @@ describe('differential: engine vs fhirpath.js on the shipped pack over all Synth
       }
       expect(differences, differences.slice(0, 3).join('\n')).to.deep.equal([]);
       const stats = inline.stats();
-      expect(stats.inline).to.equal(calls);
-      expect(stats.handedOff).to.equal(0);
+      expect((stats.inline ?? 0) - (base.inline ?? 0)).to.equal(calls);
+      expect((stats.handedOff ?? 0) - (base.handedOff ?? 0)).to.equal(0);
     } finally {
       await inline.close();
     }
