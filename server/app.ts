@@ -111,9 +111,14 @@ function readinessProbe(deps: Deps): () => Promise<Record<string, unknown> & { r
       deps.log.warn({ part, code: down.code, reason: down.message }, 'readiness: part is down');
     }
   };
+  const shuttingDown = () =>
+    deps.lifecycle?.shuttingDown === true
+      ? { ready: false, shuttingDown: true, region: deps.region.id }
+      : undefined;
   return async () => {
-    if (deps.lifecycle?.shuttingDown) {
-      return { ready: false, shuttingDown: true, region: deps.region.id };
+    const early = shuttingDown();
+    if (early) {
+      return early;
     }
     const checks: Array<Promise<[ReadyPart, DownReason | undefined]>> = [
       deps.controlPlane.ping().then(
@@ -166,7 +171,8 @@ function readinessProbe(deps: Deps): () => Promise<Record<string, unknown> & { r
     if (!body.ready) {
       body.reasons = reasons;
     }
-    return body;
+    // A shutdown that began while the parts were checked: out of rotation now, never a 200.
+    return shuttingDown() ?? body;
   };
 }
 
