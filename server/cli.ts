@@ -172,23 +172,34 @@ function usageErrorOf(err: unknown): unknown {
 
 /** Runs an admin operation on the local data directory. */
 async function withLocal<T>(fn: (admin: AdminService) => Promise<T>): Promise<T> {
+  return withLocalControlPlane(async (controlPlane) => {
+    const matrix = regionMatrix(config());
+    const evaluator = createEvaluator(config().evaluation);
+    try {
+      return await fn(new AdminService({ controlPlane, evaluator, regions: matrix.regions }));
+    } finally {
+      await evaluator.close();
+    }
+  });
+}
+
+/**
+ * Runs an operation on the local control plane only: no region's keyring or stores are
+ * opened, so a command run on a host whose keyProvider.dir is wrong cannot make a keyring or
+ * bind a region to it (only the server does, on the region's real keyring).
+ */
+async function withLocalControlPlane<T>(
+  fn: (controlPlane: ControlPlane) => Promise<T>,
+): Promise<T> {
   const cfg = config();
   assertDataDirHere(cfg);
-  const matrix = regionMatrix(cfg);
-  // The control plane only: no region's keyring or stores are opened, so a command run on a
-  // host whose keyProvider.dir is wrong cannot make a keyring or bind a region to it (only the
-  // server does, on the region's real keyring).
   ensureDataDir(cfg.dataDir);
   const controlPlane = await openConfiguredControlPlane(cfg);
-  const evaluator = createEvaluator(cfg.evaluation);
   try {
-    return await fn(new AdminService({ controlPlane, evaluator, regions: matrix.regions })).catch(
-      (err: unknown) => {
-        throw usageErrorOf(err);
-      },
-    );
+    return await fn(controlPlane).catch((err: unknown) => {
+      throw usageErrorOf(err);
+    });
   } finally {
-    await evaluator.close();
     await controlPlane.close();
   }
 }
@@ -1488,22 +1499,6 @@ export function buildProgram(): Command {
         out(await withLocal((a) => a.listAudit(LOCAL_OPERATOR, o)));
       },
     );
-  /** The local control plane only (as `withLocal`), for its audit chain's head and anchors. */
-  const withLocalControlPlane = async <T>(
-    fn: (controlPlane: ControlPlane) => Promise<T>,
-  ): Promise<T> => {
-    const cfg = config();
-    assertDataDirHere(cfg);
-    ensureDataDir(cfg.dataDir);
-    const controlPlane = await openConfiguredControlPlane(cfg);
-    try {
-      return await fn(controlPlane).catch((err: unknown) => {
-        throw usageErrorOf(err);
-      });
-    } finally {
-      await controlPlane.close();
-    }
-  };
   /** `--anchor` values: `SEQ:HASH`, or a file of kept anchors for `chain` (exit 2 if bad). */
   const keptAnchors = (values: readonly string[], chain: string): ChainHead[] => {
     try {
