@@ -280,6 +280,38 @@ function tokenValue(
   return encoded === undefined ? 'unusable' : { value: encoded };
 }
 
+/** Templates kept parsed, with their literal text already encoded, at most (oldest out first). */
+const MAX_COMPILED_TEMPLATES = 512;
+const compiledTemplates = new Map<string, readonly Part[] | string>();
+
+/**
+ * A template parsed and checked once, its literal parts URL-encoded (`encodeLiteral`), or its
+ * problem: a service's few templates are rendered on every call that lacks their prefetch, so
+ * they are not parsed again each time. Templates come from packs (a bounded set); the cache is
+ * bounded anyway, so a stream of distinct templates costs a re-parse, never memory.
+ */
+function compiledTemplate(template: string): readonly Part[] | string {
+  const hit = compiledTemplates.get(template);
+  if (hit !== undefined) {
+    return hit;
+  }
+  const parsed = parseTemplate(template);
+  const compiled =
+    typeof parsed === 'string'
+      ? parsed
+      : Object.freeze(
+          parsed.map((p) => (typeof p === 'string' ? encodeLiteral(p) : Object.freeze({ ...p }))),
+        );
+  if (compiledTemplates.size >= MAX_COMPILED_TEMPLATES) {
+    const oldest = compiledTemplates.keys().next();
+    if (oldest.done !== true) {
+      compiledTemplates.delete(oldest.value);
+    }
+  }
+  compiledTemplates.set(template, compiled);
+  return compiled;
+}
+
 /** A rendered template, or why it could not be rendered (see {@link renderPrefetchTemplateOrGap}). */
 export type RenderedPrefetch = { url: string } | { gap: 'absent' | 'unusable' };
 
@@ -312,7 +344,7 @@ export function renderPrefetchTemplateOrGap(
   template: string,
   context: Record<string, unknown>,
 ): RenderedPrefetch {
-  const parts = parseTemplate(template);
+  const parts = compiledTemplate(template);
   if (typeof parts === 'string') {
     throw new PackValidationError([{ path: 'prefetch', message: parts }]);
   }
@@ -320,7 +352,7 @@ export function renderPrefetchTemplateOrGap(
   let absent = false;
   for (const part of parts) {
     if (typeof part === 'string') {
-      url += encodeLiteral(part);
+      url += part;
       continue;
     }
     const value = tokenValue(part, context);

@@ -210,5 +210,33 @@ describe('rules/prefetch-template', () => {
         }),
       );
     });
+
+    it('renders each call from its own context when a template is rendered again (parsed once, kept)', () => {
+      const template = 'MedicationRequest?patient={{context.patientId}}&code=http://x.org|a%20b';
+      for (const id of ['p1', 'p2', 'p 3', 'p1']) {
+        expect(renderPrefetchTemplate(template, { patientId: id })).to.equal(
+          `MedicationRequest?patient=${encodeURIComponent(id)}&code=http://x.org%7Ca%20b`,
+        );
+      }
+      expect(renderPrefetchTemplate(template, {})).to.equal(undefined);
+    });
+
+    it('refuses an invalid template on every render, and renders past the number of templates it keeps', () => {
+      for (let i = 0; i < 2; i += 1) {
+        expect(() => renderPrefetchTemplate('Patient/{{context.draftOrders}}', {})).to.throw(
+          PackValidationError,
+        );
+      }
+      // More distinct templates than are kept parsed (512): each renders right, in and out of turn.
+      for (let round = 0; round < 2; round += 1) {
+        for (let i = 0; i < 600; i += 1) {
+          expect(
+            renderPrefetchTemplate(`Observation?code=c${String(i)}&patient={{context.patientId}}`, {
+              patientId: `x${String(i)}`,
+            }),
+          ).to.equal(`Observation?code=c${String(i)}&patient=x${String(i)}`);
+        }
+      }
+    });
   });
 });
