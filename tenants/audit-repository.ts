@@ -17,7 +17,6 @@ import type {
   WriteTx,
 } from './control-plane-models.ts';
 import { createChainVerifier, GENESIS_HASH, nextChainEntry } from './data-plane/hash-chain.ts';
-import type { ChainHead, ChainVerification } from './data-plane/hash-chain.ts';
 import { InvalidInputError } from './errors.ts';
 import type { AuditEvent, AuditQuery, AuditRepository, StoredAuditEvent } from './types.ts';
 
@@ -164,21 +163,12 @@ export async function appendAuditEvent(
   return stored.get({ plain: true });
 }
 
-/** What the control-plane chain offers beyond {@link AuditRepository}: its head and links. */
-export interface ChainedAuditRepository {
-  verify(): Promise<ChainVerification>;
-  /** The stored head (`{ seq: 0, hash: GENESIS_HASH }` for an empty log): what to keep. */
-  head(): Promise<ChainHead>;
-  /** The stored hash of the event at `seq` (undefined: no such event), to check a kept anchor. */
-  hashAt(seq: number): Promise<string | undefined>;
-}
-
 /** Creates the audit repository. */
 export function createAuditRepository(deps: {
   models: ControlPlaneModels;
   now: () => Date;
   writeTx: WriteTx;
-}): AuditRepository & ChainedAuditRepository {
+}): AuditRepository {
   const { Audit, AuditHead } = deps.models;
   return {
     async record(event) {

@@ -3,6 +3,7 @@
  * admin principals, audit, and client-token verification.
  */
 import type { Subscription, RulePack, PackRef } from '../rules/index.ts';
+import type { ChainHead, ChainVerification } from './data-plane/hash-chain.ts';
 
 export type TenantStatus = 'active' | 'suspended';
 
@@ -473,9 +474,9 @@ export interface AuditRepository {
   record(event: AuditEvent): Promise<StoredAuditEvent>;
   list(query?: AuditQuery): Promise<StoredAuditEvent[]>;
   /** Verifies the hash chain of the control-plane audit log (and its head anchor). */
-  verify(): Promise<{ ok: boolean; count: number; firstBadSeq?: number; problem?: string }>;
+  verify(): Promise<ChainVerification>;
   /** The stored head (`seq` 0 and the genesis hash when empty): what to keep as an anchor. */
-  head(): Promise<{ seq: number; hash: string }>;
+  head(): Promise<ChainHead>;
   /** The stored hash of the event at `seq` (undefined: none), to check a kept anchor. */
   hashAt(seq: number): Promise<string | undefined>;
 }
