@@ -5,7 +5,7 @@
  * The same models run on SQLite (one file) and PostgreSQL (one schema; control-plane-postgres.ts).
  */
 import { DataTypes } from 'sequelize';
-import type { Model, ModelStatic, Sequelize, Transaction } from 'sequelize';
+import type { DataType, Model, ModelStatic, Sequelize, Transaction } from 'sequelize';
 
 /**
  * Runs `fn` in a write transaction, after this process's other writes: SQLite IMMEDIATE (one
@@ -133,6 +133,46 @@ export function defineControlPlaneModels(
   const isPostgres = sequelize.getDialect() === 'postgres';
   const key = (n: number) =>
     isPostgres ? `VARCHAR(${String(n)}) COLLATE "C"` : DataTypes.STRING(n);
+  /**
+   * Adds the nullable columns a table created by an older version lacks (`sync()` creates
+   * tables, never columns): their rows keep working, the new fields unset. PostgreSQL runs this
+   * in the setup transaction, under its advisory lock (control-plane-postgres.ts passes it to
+   * sync). Two SQLite processes opening one old file at once (a server starting while a
+   * `cellcds` command runs) both find a column missing: the one whose ALTER comes second finds
+   * it added by the other, and goes on.
+   */
+  const addMissingColumns = async (
+    tableName: string,
+    columns: ReadonlyArray<readonly [string, DataType | string]>,
+    options: unknown,
+  ): Promise<void> => {
+    const qi = sequelize.getQueryInterface();
+    const transaction = (options as { transaction?: Transaction | null }).transaction ?? undefined;
+    const table = schema !== undefined ? { tableName, schema } : tableName;
+    const describe = () =>
+      qi.describeTable(tableName, {
+        ...(schema !== undefined ? { schema } : {}),
+        ...(transaction ? { transaction } : {}),
+      });
+    const have = await describe();
+    for (const [column, type] of columns) {
+      if (Object.hasOwn(have, column)) {
+        continue;
+      }
+      try {
+        await qi.addColumn(
+          table,
+          column,
+          { type, allowNull: true },
+          transaction ? { transaction } : {},
+        );
+      } catch (err) {
+        if (transaction || !Object.hasOwn(await describe(), column)) {
+          throw err;
+        }
+      }
+    }
+  };
   const Tenant = sequelize.define<Model<TenantRow, TenantRow>>(
     'Tenant',
     {
@@ -158,27 +198,14 @@ export function defineControlPlaneModels(
   // came after issue 5 but before `smart`; their sync runs in the setup transaction (under its
   // advisory lock), so the check and the ALTER run in it too.
   Tenant.addHook('afterSync', async (options) => {
-    const qi = sequelize.getQueryInterface();
-    // The PostgreSQL setup passes its transaction to sync (see control-plane-postgres.ts).
-    const transaction = (options as { transaction?: Transaction | null }).transaction ?? undefined;
-    const table = schema !== undefined ? { tableName: 'tenants', schema } : 'tenants';
-    const columns = await qi.describeTable('tenants', {
-      ...(schema !== undefined ? { schema } : {}),
-      ...(transaction ? { transaction } : {}),
-    });
     // `retention` (per-tenant retention periods) came later on both: null, kept forever.
-    for (const column of isPostgres
-      ? ['smart', 'retention']
-      : ['residency', 'failover', 'smart', 'retention']) {
-      if (!Object.hasOwn(columns, column)) {
-        await qi.addColumn(
-          table,
-          column,
-          { type: DataTypes.TEXT, allowNull: true },
-          transaction ? { transaction } : {},
-        );
-      }
-    }
+    await addMissingColumns(
+      'tenants',
+      (isPostgres ? ['smart', 'retention'] : ['residency', 'failover', 'smart', 'retention']).map(
+        (column) => [column, DataTypes.TEXT],
+      ),
+      options,
+    );
   });
   const TenantIssuer = sequelize.define<Model<TenantIssuerRow, TenantIssuerRow>>(
     'TenantIssuer',
@@ -226,37 +253,15 @@ export function defineControlPlaneModels(
   // never, until revoked. Those created before `last_used_at` get it the same way: null, no use
   // recorded yet. As for `tenants` above, PostgreSQL runs this in the setup transaction.
   AdminToken.addHook('afterSync', async (options) => {
-    const qi = sequelize.getQueryInterface();
-    const transaction = (options as { transaction?: Transaction | null }).transaction ?? undefined;
-    const table = schema !== undefined ? { tableName: 'admin_tokens', schema } : 'admin_tokens';
-    const describe = () =>
-      qi.describeTable('admin_tokens', {
-        ...(schema !== undefined ? { schema } : {}),
-        ...(transaction ? { transaction } : {}),
-      });
-    const columns = await describe();
-    for (const [column, length] of [
-      ['issued_by', 64],
-      ['expires_at', 32],
-      ['last_used_at', 32],
-    ] as const) {
-      if (Object.hasOwn(columns, column)) {
-        continue;
-      }
-      try {
-        await qi.addColumn(
-          table,
-          column,
-          { type: key(length), allowNull: true },
-          transaction ? { transaction } : {},
-        );
-      } catch (err) {
-        // Two SQLite processes opening one old file at once: the other one added it first.
-        if (transaction || !Object.hasOwn(await describe(), column)) {
-          throw err;
-        }
-      }
-    }
+    await addMissingColumns(
+      'admin_tokens',
+      [
+        ['issued_by', key(64)],
+        ['expires_at', key(32)],
+        ['last_used_at', key(32)],
+      ],
+      options,
+    );
   });
   const Audit = sequelize.define<Model<AuditRow, Creation<AuditRow, 'seq'>>>(
     'Audit',

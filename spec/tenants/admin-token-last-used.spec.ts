@@ -322,6 +322,33 @@ describe('tenants/ admin token lastUsedAt', () => {
       const again = await open();
       expect(await lastUsedOf(again, old.id)).to.equal(T0);
     });
+
+    it('two processes opening an older file at once both open it: each missing column is added once (tenants and admin_tokens alike)', async () => {
+      await (await open()).close();
+      opened.splice(0);
+      // An older control plane: before tenants' retention and admin tokens' last use.
+      await sqliteExec(file, [
+        'ALTER TABLE tenants DROP COLUMN retention',
+        'ALTER TABLE admin_tokens DROP COLUMN last_used_at',
+      ]);
+      for (let round = 0; round < 3; round += 1) {
+        const both = await Promise.allSettled([open(), open()]);
+        expect(both.map((r) => (r.status === 'rejected' ? String(r.reason) : 'ok'))).to.deep.equal([
+          'ok',
+          'ok',
+        ]);
+        await Promise.all(opened.splice(0).map((cp) => cp.close()));
+        if (round < 2) {
+          await sqliteExec(file, [
+            'ALTER TABLE tenants DROP COLUMN retention',
+            'ALTER TABLE admin_tokens DROP COLUMN last_used_at',
+          ]);
+        }
+      }
+      const cp = await open();
+      expect((await cp.tenants.list()).length).to.equal(0);
+      expect(await listOf(cp)).to.deep.equal([]);
+    });
   });
 
   (PG_URL ? describe : describe.skip)('on PostgreSQL', function () {
