@@ -4,7 +4,6 @@
  * deprovisioning (crypto-shredding), backups and restores, audit-chain verification. Shared by
  * the admin API and the CLI; every call is authorized and audited.
  */
-import crypto from 'node:crypto';
 import path from 'node:path';
 import { finalizeCards } from '../hooks/index.ts';
 import { answerCards } from '../rules/index.ts';
@@ -79,18 +78,12 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /**
  * The record id a request asked for, as an audit event may name it: a uuid as it is; anything
- * else (the caller's text, which may be an MRN or a name) only by its length and the first 12
- * hex digits of its sha256, enough to match it with what the caller says it sent.
+ * else (the caller's text, which may be an MRN or a name) only by its length. Not by a digest:
+ * an MRN has so few possible values that an unkeyed hash of it is reversed by trying them all
+ * (a 7-digit MRN in seconds), and the control-plane trail is read by platform operators.
  */
-function requestedId(
-  id: string,
-): { invocation: string } | { invocationLength: number; invocationSha256: string } {
-  return UUID.test(id)
-    ? { invocation: id }
-    : {
-        invocationLength: id.length,
-        invocationSha256: crypto.createHash('sha256').update(id).digest('hex').slice(0, 12),
-      };
+function requestedId(id: string): { invocation: string } | { invocationLength: number } {
+  return UUID.test(id) ? { invocation: id } : { invocationLength: id.length };
 }
 
 /** Cards without their per-call uuids, for comparing a replay with the record. */

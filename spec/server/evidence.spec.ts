@@ -189,7 +189,7 @@ describe('server/ evidence report', function () {
       outcome: 'failure',
       tenant: 'hosp-a',
       actor: `tenant-admin:${reader.id}`,
-      detail: { reason: 'not_found', invocationLength: 9, invocationSha256: 'a'.repeat(12) },
+      detail: { reason: 'not_found', invocationLength: 9 },
     });
     to = new Date(Date.now() + 1000);
 
