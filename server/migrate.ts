@@ -89,7 +89,7 @@ async function openBoth(
   try {
     return { source: opened, target: await openRegion(target, now) };
   } catch (err) {
-    await opened.stores.close();
+    await opened.stores.close().catch(() => undefined); // the open's error is the one to tell
     throw err;
   }
 }
@@ -159,6 +159,7 @@ export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrat
   // checkpointed: a region whose keyring this host does not hold, or that no server opened
   // yet, is refused with nothing changed (a resumed migration keeps its checkpoint).
   const { source, target } = await openBoth(sourceRegion, targetRegion, opts.now);
+  let migrationFailed = false;
   try {
     // Resume the tenant at the end only if this migration suspended it (kept in the checkpoint).
     const resumeAfter = resuming
@@ -226,8 +227,16 @@ export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrat
         .catch(() => undefined);
       throw err;
     }
+  } catch (err) {
+    migrationFailed = true;
+    throw err;
   } finally {
-    await source.stores.close();
-    await target.stores.close();
+    // Both closed whatever happens; a close that fails does not hide the migration's own error
+    // (thrown by the try block, which a throw here would replace), nor leave the other open.
+    const closed = await Promise.allSettled([source.stores.close(), target.stores.close()]);
+    const failedClose = closed.find((c) => c.status === 'rejected');
+    if (failedClose && !migrationFailed) {
+      throw failedClose.reason;
+    }
   }
 }
