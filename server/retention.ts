@@ -44,8 +44,8 @@ function errorClass(err: unknown): { type: string; code?: string } {
 }
 
 /**
- * One pass: every tenant registered with a retention period whose store is in this region,
- * purged up to its cutoff (now minus its period). A tenant whose purge fails is logged and
+ * One pass: every active tenant registered with a retention period whose store is in this
+ * region, purged up to its cutoff (now minus its period). A tenant whose purge fails is logged and
  * skipped (the next pass tries again); the others go on. Never rejects for one tenant.
  */
 export async function purgeExpiredRecords(
@@ -53,7 +53,13 @@ export async function purgeExpiredRecords(
   opts: { signal?: AbortSignal } = {},
 ): Promise<TenantPurgeOutcome[]> {
   const { log } = deps;
-  const tenants = (await deps.controlPlane.tenants.list()).filter((t) => t.retention);
+  // A suspended tenant's store is left alone: a region migration suspends its tenant and needs
+  // the store unchanged from its snapshot to its commit (a purge in between makes it snapshot
+  // again, on every pass for a long move). It is purged at the first pass after it resumes;
+  // `cellcds records purge` still purges it on demand.
+  const tenants = (await deps.controlPlane.tenants.list()).filter(
+    (t) => t.retention && t.status === 'active',
+  );
   if (tenants.length === 0) {
     return [];
   }

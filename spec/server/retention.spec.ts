@@ -270,6 +270,48 @@ for (const backend of backends) {
         (await forever.audit.list({ limit: 10_000 })).filter((e) => e.type === 'records.purged'),
       ).to.have.length(0);
     });
+
+    it('leaves a suspended tenant alone (a migration needs its store unchanged) and purges it once resumed', async () => {
+      await t.addTenant('d-suspended');
+      const store = t.deps.stores.store('d-suspended');
+      await seed(store, new Date(), 8);
+      const as = (req: request.Test) => req.set('authorization', `Bearer ${t.adminToken}`);
+      expect((await as(request(t.app).post('/admin/tenants/d-suspended/suspend'))).status).to.equal(
+        200,
+      );
+      const patched = await as(request(t.app).patch('/admin/tenants/d-suspended')).send({
+        retention: { recordDays: 7 },
+      });
+      expect(patched.status, JSON.stringify(patched.body)).to.equal(200);
+      // A fresh tenant with the same period, patched after it: the pass that purged it read the
+      // tenant list after both periods were set, and saw the suspended tenant too.
+      await t.addTenant('e-witness');
+      const witness = t.deps.stores.store('e-witness');
+      await seed(witness, new Date(), 8);
+      expect(
+        (
+          await as(request(t.app).patch('/admin/tenants/e-witness')).send({
+            retention: { recordDays: 7 },
+          })
+        ).status,
+      ).to.equal(200);
+      await until('e-witness purged', async () =>
+        (await witness.audit.list({ limit: 10_000 })).find((e) => e.type === 'records.purged'),
+      );
+      expect(await store.listInvocations()).to.have.length(3);
+      expect(
+        (await store.audit.list({ limit: 10_000 })).filter((e) => e.type === 'records.purged'),
+      ).to.have.length(0);
+
+      expect((await as(request(t.app).post('/admin/tenants/d-suspended/resume'))).status).to.equal(
+        200,
+      );
+      const event = await until('d-suspended purged once resumed', async () =>
+        (await store.audit.list({ limit: 10_000 })).find((e) => e.type === 'records.purged'),
+      );
+      expect(event.detail).to.deep.include({ invocations: 2, feedback: 1, retentionDays: 7 });
+      expect((await store.listInvocations()).map((i) => i.id)).to.deep.equal(['new-1']);
+    });
   });
 }
 
