@@ -24,6 +24,7 @@ import type {
   StoredAuditEvent,
   Tenant,
 } from '../tenants/index.ts';
+import { CONTROL_PLANE_CHAIN, tenantChain } from './audit-anchors.ts';
 import { describeRegion } from './regions.ts';
 import type { Region, RegionDescription, RegionMatrix } from './regions.ts';
 
@@ -32,8 +33,6 @@ export const EVIDENCE_FORMAT = 'cellcds-evidence/1';
 const AUDIT_PAGE = 10_000;
 /** Record accesses listed one by one; beyond this they are counted only. */
 export const MAX_LISTED_RECORD_ACCESSES = 1000;
-/** The control-plane chain's name in `anchors` (a tenant's: `tenant:<id>`). */
-const CONTROL_PLANE_CHAIN = 'control-plane';
 /** Control-plane events of admin access to invocation records (data-admin.ts). */
 const RECORD_ACCESS_TYPES = ['records.read', 'records.replay', 'records.list'] as const;
 type RecordAccessType = (typeof RECORD_ACCESS_TYPES)[number];
@@ -378,7 +377,7 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
   const sources: string[] = ['control-plane audit log'];
   const tenants = await opts.controlPlane.tenants.list();
   const events: EvidenceEvent[] = (await listAll(opts.controlPlane.audit, from, to, sources)).map(
-    (e) => toEvidence(e, 'control-plane'),
+    (e) => toEvidence(e, CONTROL_PLANE_CHAIN),
   );
 
   if (opts.tenantEvents) {
@@ -390,7 +389,7 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
         const list = await opts.tenantEvents(tenant);
         for (const e of list) {
           if (e.at >= fromIso && e.at < toIso) {
-            events.push(toEvidence({ ...e, tenant: tenant.id }, `tenant:${tenant.id}`));
+            events.push(toEvidence({ ...e, tenant: tenant.id }, tenantChain(tenant.id)));
           }
         }
         read++;
@@ -490,7 +489,7 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
         const head = await opts.chainHead(tenant);
         if (head !== null) {
           anchors.push({
-            chain: `tenant:${tenant.id}`,
+            chain: tenantChain(tenant.id),
             seq: head.seq,
             hash: head.hash,
             at: now().toISOString(),
@@ -568,7 +567,7 @@ export async function buildEvidence(opts: BuildEvidenceOptions): Promise<Evidenc
     },
     recordAccess: recordAccessOf(events),
     auditActivity: events.filter(
-      (e) => e.source === 'control-plane' && AUDIT_CHECK_TYPES.includes(e.type),
+      (e) => e.source === CONTROL_PLANE_CHAIN && AUDIT_CHECK_TYPES.includes(e.type),
     ),
     auditChains,
     controlPlaneChain,
@@ -588,7 +587,7 @@ function actorParts(actor: string): { role: string; tokenId: string } {
 const compareKeys = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
 
 function recordAccessOf(events: readonly EvidenceEvent[]): EvidenceReport['recordAccess'] {
-  const accesses = events.filter((e) => e.source === 'control-plane' && isRecordAccess(e.type));
+  const accesses = events.filter((e) => e.source === CONTROL_PLANE_CHAIN && isRecordAccess(e.type));
   const counts = new Map<string, RecordAccessCount>();
   const field = { 'records.read': 'read', 'records.replay': 'replay', 'records.list': 'list' };
   for (const e of accesses) {

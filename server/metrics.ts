@@ -459,7 +459,6 @@ export class Metrics {
     this.adminForbiddens.inc({ action: this.reasons.value(action) });
   }
 
-  /** Counts an audit event of a refusal that could not be written (`event`: its type). */
   /** A tenant's retention purge: what it deleted, or that it failed. */
   recordPurge(outcome: { invocations: number; feedback: number } | 'failed'): void {
     if (outcome === 'failed') {
@@ -470,6 +469,7 @@ export class Metrics {
     this.recordsPurged.inc({ kind: 'feedback' }, outcome.feedback);
   }
 
+  /** Counts an audit event of a refusal that could not be written (`event`: its type). */
   auditWriteFailure(event: string): void {
     this.auditWriteFailures.inc({
       event: oneOf(
