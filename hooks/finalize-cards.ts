@@ -3,8 +3,14 @@
  * fresh uuids, a selectionBehavior whenever there are suggestions, and no null/empty fields.
  */
 import { randomUUID } from 'node:crypto';
-import { findBadReference, isAbsoluteHttpUrl, RELATIVE_REFERENCE } from '../rules/index.ts';
-import type { RawCard } from '../rules/index.ts';
+import {
+  findBadReference,
+  isAbsoluteHttpUrl,
+  RELATIVE_REFERENCE,
+  shortenSummary,
+  SUMMARY_LIMIT,
+} from '../rules/index.ts';
+import type { RawCard, TraceEntry } from '../rules/index.ts';
 import type { Card } from './types.ts';
 import { isJsonObject } from './validation.ts';
 
@@ -98,10 +104,10 @@ function assertCard(card: Card, index: number): void {
   if (typeof card.summary !== 'string' || card.summary === '') {
     fail('summary is required');
   }
-  // Measured in UTF-16 code units, as the engine measures it when it shortens a summary that
-  // interpolation made too long (rules/evaluate-core.ts `shortenSummary`, to 139 at most).
-  if (card.summary.length >= 140) {
-    fail('summary must be shorter than 140 characters');
+  // Measured in UTF-16 code units, as `shortenSummary` measures it. finalizeCards shortens a
+  // longer one before this check (fitSummary); reaching this is a bug in this file.
+  if (card.summary.length >= SUMMARY_LIMIT) {
+    fail(`summary must be shorter than ${SUMMARY_LIMIT} characters`);
   }
   if (!INDICATORS.has(card.indicator)) {
     fail('indicator must be info, warning or critical');
@@ -164,18 +170,44 @@ function assertCard(card: Card, index: number): void {
 }
 
 /**
+ * A summary of `SUMMARY_LIMIT` (140) characters or more, shortened as the engine shortens one
+ * that interpolation made too long (`shortenSummary`; the template is not known here, so the
+ * text is cut at its end, with `…`): the alert still goes. As in the engine, the rule's entry
+ * in `trace` (when given and it has one) gets a PHI-free note, so the call counts a rule error
+ * and logs at warn (server/cds-routes.ts). Anything but a string is left to `assertCard`.
+ */
+function fitSummary(summary: unknown, ruleId: string, trace: TraceEntry[] | undefined): unknown {
+  if (typeof summary !== 'string' || summary.length < SUMMARY_LIMIT) {
+    return summary;
+  }
+  const short = shortenSummary(summary);
+  const note = `card.summary: ${summary.length} characters, shortened to ${short.length} before sending (must be under ${SUMMARY_LIMIT})`;
+  const entry = trace?.find((t) => t.ruleId === ruleId);
+  if (entry) {
+    entry.error = entry.error === undefined ? note : `${entry.error}; ${note}`;
+  }
+  return short;
+}
+
+/**
  * Turns engine cards into CDS Hooks 2.0 cards: a fresh uuid per card and per suggestion,
  * `selectionBehavior` defaulted to `at-most-one` when there are suggestions (dropped when there
  * are none), `ruleId` dropped, every null/empty optional field removed deeply (FHIR resources
- * in actions lose only their `null` members).
+ * in actions lose only their `null` members), a summary of 140+ characters shortened (see
+ * `fitSummary`: never a refusal of the call's cards).
  * @param newUuid uuid source; defaults to crypto.randomUUID.
- * @throws Error if a card breaks the 2.0 rules (summary missing or 140+ characters, bad
- *   indicator, no source.label, override reason without display, bad link or action): a bug
- *   upstream, since packs are validated at load and the engine shortens a summary that
- *   interpolation made too long and refuses, per rule, a required field that interpolation
- *   left empty or invalid (rules/evaluate-core.ts `buildCard`).
+ * @param trace the evaluation's trace: the entry of a card whose summary is shortened here gets
+ *   a note in `error`, as the engine's does (rules/evaluate-core.ts `buildCard`).
+ * @throws Error if a card breaks the 2.0 rules (summary missing, bad indicator, no
+ *   source.label, override reason without display, bad link or action): a bug upstream, since
+ *   packs are validated at load and the engine refuses, per rule, a required field that
+ *   interpolation left empty or invalid (rules/evaluate-core.ts `buildCard`).
  */
-export function finalizeCards(raw: RawCard[], newUuid: () => string = randomUUID): Card[] {
+export function finalizeCards(
+  raw: RawCard[],
+  newUuid: () => string = randomUUID,
+  trace?: TraceEntry[],
+): Card[] {
   return raw.map((rawCard, index) => {
     type Suggestion = NonNullable<Card['suggestions']>[number];
     type Action = NonNullable<Suggestion['actions']>[number];
@@ -212,7 +244,7 @@ export function finalizeCards(raw: RawCard[], newUuid: () => string = randomUUID
     }) as Partial<Card>;
     const card = {
       uuid: newUuid(),
-      summary: stripped.summary,
+      summary: fitSummary(stripped.summary, rawCard.ruleId, trace),
       ...(stripped.detail === undefined ? {} : { detail: stripped.detail }),
       indicator: stripped.indicator,
       // A card with no source fails the checks below with a clear message.

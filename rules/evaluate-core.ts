@@ -57,9 +57,10 @@ function cutAt(text: string, n: number): string {
  * bleeding`); when that leaves no room (a template that starts and ends with literal text that
  * alone nearly fills the limit) or the template is not one, the whole text is cut at its end.
  * The alert matters more than the end of a long drug name (issue: a 150-character display text
- * used to drop the card). Shorter summaries are returned as they are.
+ * used to drop the card). Shorter summaries are returned as they are. Without a template (the
+ * backstop in `finalizeCards`, which no longer knows it) the whole text is cut at its end.
  */
-export function shortenSummary(text: string, template: string): string {
+export function shortenSummary(text: string, template = ''): string {
   const max = SUMMARY_LIMIT - 1;
   if (text.length <= max) {
     return text;

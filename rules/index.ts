@@ -6,7 +6,13 @@ export * from './plan-definition.ts';
 export { parsePackText, packHash, packToJson, packToYaml, canonicalJson } from './pack-format.ts';
 export { validatePack } from './validate-pack.ts';
 export { ID_PATTERN, nowProblem, nowText, parseNow } from './pack-schema.ts';
-export { findBadReference, isAbsoluteHttpUrl, isFhirReference } from './evaluate-core.ts';
+export {
+  findBadReference,
+  isAbsoluteHttpUrl,
+  isFhirReference,
+  shortenSummary,
+  SUMMARY_LIMIT,
+} from './evaluate-core.ts';
 export {
   answerCards,
   incompleteEvaluationCard,

@@ -243,7 +243,7 @@ export class DataAdmin {
       prefetch: secret.prefetch,
       now: new Date(record.time),
     });
-    const cards = finalizeCards(answerCards(compiled, result));
+    const cards = finalizeCards(answerCards(compiled, result), undefined, result.trace);
     const matches =
       JSON.stringify(withoutUuids(cards)) === JSON.stringify(withoutUuids(secret.cards));
     await this.audit(principal, {

@@ -72,7 +72,9 @@ async function evaluateAndSeal(
   );
   deps.metrics.ruleTrace(pack.id, result.trace);
   // Rules that did not complete gave no card; the clinician must not read that as "no issue".
-  const cards = finalizeCards(answerCards(pack, result));
+  // A summary shortened there is noted in the trace (counted as a rule error by cds-routes.ts).
+  const raw = answerCards(pack, result);
+  const cards = finalizeCards(raw, undefined, result.trace);
   // Durable before the response: the inputs, cards and trace sealed under the tenant's current
   // data key; ids and the pack stamp (id@version@hash) in clear, no PHI.
   const invocationId = crypto.randomUUID();

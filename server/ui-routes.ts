@@ -518,7 +518,7 @@ function playgroundApi(deps: Deps, opts: UiRouterOptions): Router {
       },
       { traceValues: true },
     );
-    const cards = finalizeCards(answerCards(compiled, result));
+    const cards = finalizeCards(answerCards(compiled, result), undefined, result.trace);
     const rules = compiled.pack.rules.filter((r) => r.service === service.id);
     await deps.controlPlane.audit.record({
       type: 'playground.evaluate',

@@ -1,7 +1,8 @@
 import { expect } from 'chai';
 import fc from 'fast-check';
 import { finalizeCards, stripEmpty } from '../../hooks/index.ts';
-import type { RawCard } from '../../rules/index.ts';
+import { shortenSummary } from '../../rules/index.ts';
+import type { RawCard, TraceEntry } from '../../rules/index.ts';
 
 function raw(patch: Partial<RawCard> = {}): RawCard {
   return {
@@ -194,7 +195,6 @@ describe('hooks: finalizeCards', () => {
   });
 
   const broken: Array<[string, RawCard]> = [
-    ['a summary of 140 characters', raw({ summary: 'x'.repeat(140) })],
     ['an empty summary', raw({ summary: '' })],
     ['indicator hard-stop', raw({ indicator: 'hard-stop' as never })],
     ['no source', { ...raw(), source: undefined } as unknown as RawCard],
@@ -307,6 +307,58 @@ describe('hooks: finalizeCards', () => {
       expect(() => finalizeCards([raw(), card])).to.throw(Error, /^card\[1\]/);
     });
   }
+
+  it('shortens a summary of 140+ characters as the engine does, instead of refusing the cards', () => {
+    const long = `Warfarin + ${'a'.repeat(150)}: increased risk of bleeding`;
+    const cards = finalizeCards([raw(), raw({ ruleId: 'rule-2', summary: long })]);
+    expect(cards).to.have.length(2);
+    expect(cards[1]!.summary).to.equal(shortenSummary(long));
+    expect(cards[1]!.summary).to.have.length(139);
+    expect(cards[1]!.summary.endsWith('…')).to.equal(true);
+    expect(cards[1]!.summary.startsWith('Warfarin + aaa')).to.equal(true);
+    expect(cards[0]!.summary).to.equal('Potassium is high');
+    expect(finalizeCards([raw({ summary: 'x'.repeat(140) })])[0]!.summary).to.have.length(139);
+  });
+
+  it('never leaves a summary of 140+ code units, nor half a surrogate pair (property)', () => {
+    fc.assert(
+      fc.property(fc.string({ unit: 'binary', minLength: 140, maxLength: 400 }), (summary) => {
+        const [card] = finalizeCards([raw({ summary })]);
+        expect(card!.summary.length).to.be.below(140);
+        expect(card!.summary).to.equal(shortenSummary(summary));
+        const last = card!.summary.charCodeAt(card!.summary.length - 2);
+        expect(last >= 0xd800 && last <= 0xdbff).to.equal(false);
+      }),
+    );
+  });
+
+  it("notes a shortened summary in its rule's trace entry, as the engine does", () => {
+    const trace: TraceEntry[] = [
+      { ruleId: 'rule-1', status: 'fired', fired: true, durationMs: 1 },
+      {
+        ruleId: 'rule-2',
+        status: 'fired',
+        fired: true,
+        durationMs: 1,
+        error: 'suggestion dropped: x',
+      },
+      { ruleId: 'rule-3', status: 'fired', fired: true, durationMs: 1 },
+    ];
+    finalizeCards(
+      [
+        raw({ summary: 'y'.repeat(150) }),
+        raw({ ruleId: 'rule-2', summary: 'z'.repeat(141) }),
+        raw({ ruleId: 'rule-3' }),
+      ],
+      counter(),
+      trace,
+    );
+    const note = (n: number) =>
+      `card.summary: ${n} characters, shortened to 139 before sending (must be under 140)`;
+    expect(trace[0]!.error).to.equal(note(150));
+    expect(trace[1]!.error).to.equal(`suggestion dropped: x; ${note(141)}`);
+    expect(trace[2]).to.not.have.property('error');
+  });
 
   it('accepts a summary of 139 characters and several recommended suggestions under any', () => {
     expect(() =>
