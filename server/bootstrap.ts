@@ -451,8 +451,12 @@ export async function buildDeps(
       );
     },
   }).catch((err: unknown) => {
-    // Stores bound to another keyring: the keyring setting is the one to check.
-    if (err instanceof KeyUnavailableError && err.reason === 'keyring_mismatch') {
+    // Stores bound to another keyring, or (an operator command) not bound yet: the keyring
+    // setting is the one to check.
+    if (
+      err instanceof KeyUnavailableError &&
+      (err.reason === 'keyring_mismatch' || err.reason === 'keyring_unbound')
+    ) {
       throw asBootError(`key provider (keyring ${region.keyProvider.dir})`, keyringSetting, err);
     }
     throw asBootError(`region ${region.id} data plane`, dataPlaneSetting, err);

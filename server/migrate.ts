@@ -58,7 +58,8 @@ export function defaultMigrationStateDir(target: Region): string {
  * region's servers do both, on the region's real keyring; a migration that did either would
  * bind the target to a keyring those servers do not hold, rewrap the tenant under it, and
  * lock them out.
- * @throws KeyUnavailableError('provider' | 'keyring_mismatch') naming the region and keyring.
+ * @throws KeyUnavailableError('provider' | 'keyring_mismatch' | 'keyring_unbound') naming the
+ *   region and keyring.
  */
 async function openRegion(region: Region, now?: () => Date): Promise<MigrationRegion> {
   const keyProvider = await createLocalKeyProvider({
@@ -107,8 +108,8 @@ async function openBoth(
  * refused before the tenant is suspended or anything is audited, written or checkpointed.
  * @throws NotFoundError (tenant), RegionConfigError (unknown region), ResidencyError (422),
  *   ConflictError (another migration pending; the source changed during the move),
- *   KeyUnavailableError (`provider`: no keyring file; `keyring_mismatch`: another keyring, or a
- *   region no server bound yet), and the errors of `migrateTenant`.
+ *   KeyUnavailableError (`provider`: no keyring file; `keyring_mismatch`: another keyring;
+ *   `keyring_unbound`: a region no server bound yet), and the errors of `migrateTenant`.
  */
 export async function runMigration(opts: RunMigrationOptions): Promise<RunMigrationResult> {
   const { controlPlane: cp, matrix, to } = opts;

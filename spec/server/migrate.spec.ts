@@ -273,6 +273,7 @@ describe('cellcds migrate (server/migrate.ts)', () => {
       // region's servers will use, so it does not bind the region to it.
       await createLocalKeyProvider({ keyDir: path.dirname(targetKeyring()), region: 'eu-west' });
       const err = await refused();
+      expect(err.reason, err.message).to.equal('keyring_unbound');
       expect(err.message).to.include('no keyring binding yet').and.include(targetKeyring());
       await nothingMoved();
 

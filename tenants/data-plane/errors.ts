@@ -25,6 +25,13 @@ export type KeyUnavailableReason =
    * opened, so the process does not start.
    */
   | 'keyring_mismatch'
+  /**
+   * The region's stores have no keyring binding yet (no server opened them) and this process
+   * may not make the first one: an operator command (`cellcds migrate`, `evidence`) opened them
+   * with `mayBind: false` (`keyring-binding.ts`). Nothing was bound; start the region's servers
+   * once, then run the command again.
+   */
+  | 'keyring_unbound'
   /** The wrapped DEK names a KEK version the provider does not hold. */
   | 'unknown_kek'
   /** The DEK version is destroyed, or the store has no such version. */

@@ -38,9 +38,10 @@ export interface BindStoresOptions {
 
 /**
  * Binds the region's stores to the provider's keyring, or checks they are bound to it.
- * @throws KeyUnavailableError('keyring_mismatch') if they are bound to another keyring; at the
- *   first binding, if this keyring holds the keys of half or fewer of the sampled stores, or if
- *   `mayBind` is false (nothing is bound then).
+ * @throws KeyUnavailableError('keyring_mismatch') if they are bound to another keyring, or, at
+ *   the first binding, if this keyring holds the keys of half or fewer of the sampled stores;
+ *   KeyUnavailableError('keyring_unbound') if they are not bound yet and `mayBind` is false
+ *   (nothing is bound then).
  */
 export async function bindStoresToKeyring(
   backend: StoreBackend,
@@ -67,7 +68,7 @@ export async function bindStoresToKeyring(
   }
   if (opts.mayBind === false) {
     throw new KeyUnavailableError(
-      'keyring_mismatch',
+      'keyring_unbound',
       `region ${backend.region}'s stores have no keyring binding yet (no server opened them), ` +
         `and this command does not make a region's first binding: it cannot tell whether this ` +
         `host's keyring (${info.location}, ${mine}) is the one the region's servers use. Start ` +

@@ -105,7 +105,7 @@ function safeMessage(err: unknown): string {
  * @throws InvalidInputError for bad options (region, provider of another region, both or
  *   neither of dataDir/postgresUrl, maxOpen, batch size); the driver's error if PostgreSQL is
  *   unreachable; KeyUnavailableError('keyring_mismatch') for stores bound to another keyring,
- *   or not bound yet with `mayBind: false`.
+ *   KeyUnavailableError('keyring_unbound') for stores not bound yet with `mayBind: false`.
  */
 export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<RegionStores> {
   assertRegionId(opts.region);

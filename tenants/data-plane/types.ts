@@ -520,7 +520,7 @@ export interface OpenRegionStoresOptions {
    * May this process make the region's first keyring binding (`keyring-binding.ts`)? Default
    * true: the server. An operator command that opens a region outside the server (`cellcds
    * migrate`, `evidence`) passes false: a region no server opened yet is refused
-   * (KeyUnavailableError `keyring_mismatch`, "no keyring binding yet") before anything is bound.
+   * (KeyUnavailableError `keyring_unbound`, "no keyring binding yet") before anything is bound.
    */
   mayBind?: boolean;
   /** Open store handles kept (LRU). Default 64. */

@@ -144,12 +144,12 @@ forEachBackend('tenants/ data plane: stores bound to the region keyring', (backe
   // An operator command (cellcds migrate, evidence) opens a region with mayBind: false: only a
   // server makes a region's first binding, so a keyring the command happened to find (or made)
   // never becomes the region's.
-  it('with mayBind: false, refuses a region no process bound yet, naming it, and binds nothing', async () => {
+  it('with mayBind: false, refuses a region no process bound yet (keyring_unbound), naming it, and binds nothing', async () => {
     await unbind();
     const err = asInstance(await rejection(env.reopen({ mayBind: false })), KeyUnavailableError);
-    // keyring_mismatch: this keyring is not known to be the region's (errors.ts has no reason
-    // of its own for a region no server bound yet).
-    expect(err.reason, err.message).to.equal('keyring_mismatch');
+    // Its own reason: nothing says this keyring is not the region's (that is keyring_mismatch),
+    // only that no server bound the region yet.
+    expect(err.reason, err.message).to.equal('keyring_unbound');
     expect(err.message)
       .to.include(`region ${env.region}`)
       .and.include('no keyring binding yet')
@@ -164,6 +164,7 @@ forEachBackend('tenants/ data plane: stores bound to the region keyring', (backe
     await env.stores.store('acme').saveInvocation(invocation('inv-1'));
     await unbind();
     const err = asInstance(await rejection(env.reopen({ mayBind: false })), KeyUnavailableError);
+    expect(err.reason, err.message).to.equal('keyring_unbound');
     expect(err.message).to.include('no keyring binding yet');
     // The region's keyring, opened by a server, binds them.
     const right = await env.reopen();
