@@ -70,24 +70,30 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     ((req.body ?? {}) as Record<string, unknown>)[name];
 
   router.post('/tenants', act('admin.tenant.create', bodyField('id')), json, async (req, res) => {
+    queryOf(req, []);
     res.status(201).json(await admin.createTenant(principalOf(res), bodyOf(req)));
     done(res);
   });
-  router.get('/tenants', async (_req, res) => {
+  router.get('/tenants', async (req, res) => {
+    queryOf(req, []);
     res.json({ tenants: await admin.listTenants(principalOf(res)) });
   });
   router.get('/tenants/:id', async (req, res) => {
+    queryOf(req, []);
     res.json(await admin.getTenant(principalOf(res), param(req, 'id')));
   });
   router.patch('/tenants/:id', act('admin.tenant.update'), json, async (req, res) => {
+    queryOf(req, []);
     res.json(await admin.updateTenant(principalOf(res), param(req, 'id'), bodyOf(req)));
     done(res);
   });
   router.post('/tenants/:id/suspend', act('admin.tenant.suspend'), async (req, res) => {
+    queryOf(req, []);
     res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'suspended'));
     done(res);
   });
   router.post('/tenants/:id/resume', act('admin.tenant.resume'), async (req, res) => {
+    queryOf(req, []);
     res.json(await admin.setTenantStatus(principalOf(res), param(req, 'id'), 'active'));
     done(res);
   });
@@ -96,6 +102,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     act('residency.failover.declared'),
     json,
     async (req, res) => {
+      queryOf(req, []);
       const body = (req.body ?? {}) as Record<string, unknown>;
       const tenant = await admin.declareFailover(principalOf(res), param(req, 'id'), body.region);
       res.json(tenant);
@@ -103,6 +110,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     },
   );
   router.delete('/tenants/:id/failover', act('residency.failover.cleared'), async (req, res) => {
+    queryOf(req, []);
     res.json(await admin.clearFailover(principalOf(res), param(req, 'id')));
     done(res);
   });
@@ -111,6 +119,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     act('admin.tenant.subscriptions'),
     json,
     async (req, res) => {
+      queryOf(req, []);
       res.json(await admin.setSubscriptions(principalOf(res), param(req, 'id'), bodyOf(req)));
       done(res);
     },
@@ -142,6 +151,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     '/tenants/:id/subscriptions/:pack',
     act('admin.tenant.subscriptions'),
     async (req, res) => {
+      queryOf(req, []);
       const pack = param(req, 'pack');
       res.json(await admin.removeSubscription(principalOf(res), param(req, 'id'), pack));
       done(res, { pack });
@@ -149,6 +159,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
   );
 
   router.post('/tokens', act('admin.token.issue', bodyField('tenant')), json, async (req, res) => {
+    queryOf(req, []);
     const issued = await admin.issueToken(principalOf(res), bodyOf(req));
     res.status(201).json(issued);
     done(res, { tokenId: issued.id, tokenRole: issued.role });
@@ -164,6 +175,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     '/tokens/:id',
     act('admin.token.revoke', () => undefined),
     async (req, res) => {
+      queryOf(req, []);
       const info = await admin.revokeToken(principalOf(res), param(req, 'id'));
       res.status(204).end();
       // The target tenant is the revoked token's (read by the service).
@@ -217,6 +229,7 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     packBody,
     stillValid,
     async (req, res) => {
+      queryOf(req, []);
       if (!req.is([...YAML_TYPES, 'application/json', 'application/*+json'])) {
         throw unsupportedMediaType('application/json or application/yaml');
       }
@@ -237,13 +250,16 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     },
   );
   router.use('/rule-packs', packTooLarge);
-  router.get('/rule-packs', async (_req, res) => {
+  router.get('/rule-packs', async (req, res) => {
+    queryOf(req, []);
     res.json({ packs: await admin.listPacks(principalOf(res)) });
   });
   router.get('/rule-packs/:id/subscriptions', async (req, res) => {
+    queryOf(req, []);
     res.json({ subscriptions: await admin.packSubscriptions(principalOf(res), param(req, 'id')) });
   });
   router.get('/rule-packs/:id/versions/:version', async (req, res) => {
+    queryOf(req, []);
     res.json(await admin.getPack(principalOf(res), param(req, 'id'), param(req, 'version')));
   });
 
@@ -265,15 +281,19 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     res.json({ invocations });
   });
   router.get('/tenants/:id/invocations/:rid', async (req, res) => {
+    queryOf(req, []);
     res.json(await data.readInvocation(principalOf(res), param(req, 'id'), param(req, 'rid')));
   });
   router.post('/tenants/:id/invocations/:rid/replay', async (req, res) => {
+    queryOf(req, []);
     res.json(await data.replay(principalOf(res), param(req, 'id'), param(req, 'rid')));
   });
   router.get('/tenants/:id/keys', async (req, res) => {
+    queryOf(req, []);
     res.json(await data.keyStatus(principalOf(res), param(req, 'id')));
   });
   router.post('/tenants/:id/keys/rotate', act('key.rotate'), json, async (req, res) => {
+    queryOf(req, []);
     const body = (req.body ?? {}) as Record<string, unknown>;
     if (body.emergency !== undefined && typeof body.emergency !== 'boolean') {
       throw new ServiceError(400, 'invalid_request', 'emergency: must be a boolean', {
@@ -289,24 +309,29 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     '/regions/:region/kek/rotate',
     act('key.kek.rotate', () => undefined),
     async (req, res) => {
+      queryOf(req, []);
       const job = await data.rotateKek(principalOf(res), param(req, 'region'));
       res.status(202).json(job);
       done(res, { job: job.id });
     },
   );
   router.get('/jobs/:jobId', async (req, res) => {
+    queryOf(req, []);
     res.json(await data.job(principalOf(res), param(req, 'jobId')));
   });
   router.delete('/tenants/:id', act('tenant.deprovision'), async (req, res) => {
+    queryOf(req, []);
     const result = await data.deprovision(principalOf(res), param(req, 'id'));
     res.json(result);
     done(res, { registryRemoved: result.registryRemoved });
   });
   router.post('/tenants/:id/backups', act('backup.create'), async (req, res) => {
+    queryOf(req, []);
     res.status(201).json(await data.backup(principalOf(res), param(req, 'id')));
     done(res);
   });
   router.post('/restores', act('restore.tenant', bodyField('tenant')), json, async (req, res) => {
+    queryOf(req, []);
     const body = (req.body ?? {}) as Record<string, unknown>;
     if (typeof body.backup !== 'string' || body.backup === '') {
       throw new ServiceError(400, 'invalid_request', 'backup: the backup folder is required', {
