@@ -23,9 +23,11 @@ import {
   authorize,
   authorizeRole,
   authorizeTokenIssue,
+  canaryPercentMessage,
   ConflictError,
   ForbiddenError,
   InvalidInputError,
+  MAX_CANARY_PERCENT,
   MAX_SUBSCRIPTIONS,
   NotFoundError,
 } from '../tenants/index.ts';
@@ -108,22 +110,9 @@ export interface UploadedPack {
  */
 export const UPLOAD_TEST_DEFAULTS = Object.freeze({ totalMs: 20_000, callBudgetMs: 10_000 });
 
-/**
- * The largest canary share (%). A canary tries a version on a share of a tenant's calls beside
- * the pinned version, before it is pinned; a canary at 100 % is a full rollout that skips the
- * pin step (and one above half serves most calls while still called a trial). To send a version
- * every call, pin it.
- */
-export const MAX_CANARY_PERCENT = 50;
-
-/** Why a canary percent over {@link MAX_CANARY_PERCENT} is refused, and what to do instead. */
-export function canaryPercentMessage(version: unknown): string {
-  const v = typeof version === 'string' && version !== '' ? version : 'the canary version';
-  return (
-    `must be at most ${MAX_CANARY_PERCENT}: a canary tries a version on a share of the calls; ` +
-    `to give ${v} every call, pin it instead (version ${v}, no canary: pack rollout PACK --version ${v})`
-  );
-}
+// The canary cap is the tenant validation's (every write path refuses above it); re-exported
+// for the CLI, which refuses a bad --canary-percent before it calls the API.
+export { canaryPercentMessage, MAX_CANARY_PERCENT };
 
 const ROLES: readonly Role[] = ['platform-operator', 'tenant-admin', 'rule-author', 'auditor'];
 

@@ -35,7 +35,12 @@ export {
 export type { MemoryReplayCacheOptions } from './replay-cache.ts';
 export { createJwksFetcher } from './jwks-fetcher.ts';
 export type { JwksFetcherOptions } from './jwks-fetcher.ts';
-export { MAX_SUBSCRIPTIONS, TENANT_ID_PATTERN } from './tenant-validation.ts';
+export {
+  canaryPercentMessage,
+  MAX_CANARY_PERCENT,
+  MAX_SUBSCRIPTIONS,
+  TENANT_ID_PATTERN,
+} from './tenant-validation.ts';
 export * from './verify-id-token.ts';
 export * from './redis-replay-cache.ts';
 export {

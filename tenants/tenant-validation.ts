@@ -42,6 +42,23 @@ const MAX_ISSUERS = 50;
 const MAX_LIST = 100;
 /** The most subscriptions a tenant may have (checked before anything reads the catalog). */
 export const MAX_SUBSCRIPTIONS = MAX_LIST;
+/**
+ * The largest canary share (%), on every write path (admin API, CLI, a direct control-plane
+ * write). A canary tries a version on a share of a tenant's calls beside the pinned version; at
+ * 100 % it is a full rollout that skips the pin step (and above half it serves most calls while
+ * still called a trial). To send a version every call, pin it. server/admin-service.ts refuses
+ * it first, with this message, before the catalog is read.
+ */
+export const MAX_CANARY_PERCENT = 50;
+
+/** Why a canary percent over {@link MAX_CANARY_PERCENT} is refused, and what to do instead. */
+export function canaryPercentMessage(version: unknown): string {
+  const v = typeof version === 'string' && version !== '' ? version : 'the canary version';
+  return (
+    `must be at most ${MAX_CANARY_PERCENT}: a canary tries a version on a share of the calls; ` +
+    `to give ${v} every call, pin it instead (version ${v}, no canary: pack rollout PACK --version ${v})`
+  );
+}
 const MAX_NAME = 200;
 const MAX_REGIONS = 32;
 /**
@@ -444,7 +461,8 @@ export async function validateTenantPatch(
 }
 
 /**
- * Validates subscriptions against the catalog (`exists(pack, version)`).
+ * Validates subscriptions against the catalog (`exists(pack, version)`); a canary share is at
+ * most {@link MAX_CANARY_PERCENT}.
  * @throws InvalidInputError naming the field (`subscriptions[0].canary.percent`).
  */
 export async function validateSubscriptions(
@@ -498,8 +516,14 @@ export async function validateSubscription(
       throw new InvalidInputError(at('canary.version'), 'this pack version is not in the catalog');
     }
     const percent = canary.percent;
-    if (typeof percent !== 'number' || !Number.isFinite(percent) || percent < 0 || percent > 100) {
-      throw new InvalidInputError(at('canary.percent'), 'must be a number from 0 to 100');
+    if (typeof percent !== 'number' || !Number.isFinite(percent) || percent < 0) {
+      throw new InvalidInputError(
+        at('canary.percent'),
+        `must be a number from 0 to ${MAX_CANARY_PERCENT}`,
+      );
+    }
+    if (percent > MAX_CANARY_PERCENT) {
+      throw new InvalidInputError(at('canary.percent'), canaryPercentMessage(canary.version));
     }
     sub.canary = { version: canary.version, percent };
   }

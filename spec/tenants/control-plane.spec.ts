@@ -14,6 +14,7 @@ import {
 } from '../../tenants/index.ts';
 import type { ControlPlane, NewTenant } from '../../tenants/index.ts';
 import { coalesceReads } from '../../tenants/control-plane.ts';
+import { canaryPercentMessage } from '../../server/admin-service.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
 
 async function rejection(promise: Promise<unknown>): Promise<Error> {
@@ -626,6 +627,32 @@ describe('tenants/ control plane store', () => {
           expect((await cp.tenants.get('acme')).subscriptions).to.deep.equal([]);
         });
       }
+
+      // The admin API caps a canary at 50 % (a full rollout is a pin); a direct control-plane
+      // write (another tool, a script on the database host) is held to the same cap and message.
+      for (const percent of [51, 99.5, 100]) {
+        it(`refuses a canary at ${percent} % on a direct write, with the admin API's message`, async () => {
+          const canary = { version: '1.1.0', percent };
+          const many = await rejection(
+            cp.tenants.setSubscriptions('acme', [{ pack: 'med-safety', version: '1.0.0', canary }]),
+          );
+          expect(fieldOf(many)).to.equal('subscriptions[0].canary.percent');
+          expect(many.message).to.include(canaryPercentMessage('1.1.0'));
+          const one = await rejection(
+            cp.tenants.setSubscription('acme', { pack: 'med-safety', version: '1.0.0', canary }),
+          );
+          expect(fieldOf(one)).to.equal('canary.percent');
+          expect(one.message).to.include(canaryPercentMessage('1.1.0'));
+          expect((await cp.tenants.get('acme')).subscriptions).to.deep.equal([]);
+        });
+      }
+
+      it('stores a canary at exactly 50 %', async () => {
+        const subs = [
+          { pack: 'med-safety', version: '1.0.0', canary: { version: '1.1.0', percent: 50 } },
+        ];
+        expect((await cp.tenants.setSubscriptions('acme', subs)).subscriptions).to.deep.equal(subs);
+      });
     });
   });
 
