@@ -184,7 +184,8 @@ export interface Config {
   /**
    * How long a running DEK rewrap job's owner lease holds without renewal (ms), from
    * CELLCDS_JOB_LEASE_MS (default 60000): another replica takes a job over only after its
-   * owner's lease expired (tenants/DATA-PLANE.md, "Job owner and lease").
+   * owner's lease expired (tenants/DATA-PLANE.md, "Job owner and lease"). Also the least a
+   * record purge run's lease lasts after each batch (tenants/DATA-PLANE.md, "Retention").
    */
   readonly jobLeaseMs: number;
   /**

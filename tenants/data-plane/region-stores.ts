@@ -882,6 +882,7 @@ export async function openRegionStores(opts: OpenRegionStoresOptions): Promise<R
     provider,
     now,
     wrapLimits,
+    leaseMs: jobLeaseMs,
     use,
     wrapsCommitted: (tenant, key, count) => {
       if (!state.closed) {

@@ -82,6 +82,8 @@ export interface RegionContext extends KeyContext {
   wrapsRefused?: (tenant: string, err: WrapLimitError) => void;
   /** Told each committed record write's seconds from the call to the commit (never throws). */
   recordWritten?: (record: 'invocation' | 'feedback', seconds: number) => void;
+  /** The region's job lease (`jobLeaseMs`), the least a purge batch's lease lasts. */
+  leaseMs?: number;
 }
 
 const MAX_RETRIES = 5;
@@ -930,10 +932,24 @@ async function saveFeedback(
 export const DEFAULT_PURGE_BATCH = 200;
 const MAX_PURGE_BATCH = 1000;
 /**
- * How long a purge run's claim on the tenant holds without renewal (every batch renews it): a
- * run that died is taken over by the next run after this.
+ * How long a purge run's claim on the tenant holds without renewal, by default (the region's
+ * `jobLeaseMs`). Every batch renews it from its own end, for at least twice the batch's length
+ * (`purgeLeaseMs`): a run that died is taken over by the next run after this.
  */
 export const PURGE_LEASE_MS = 60_000;
+/** The longest lease a batch leaves (a dead run's tenant waits at most this long). */
+const MAX_PURGE_LEASE_MS = 3_600_000;
+
+/**
+ * The lease a purge batch leaves, counted from its commit: `baseMs`, or twice the batch's own
+ * length when that is longer (a store slow enough for a batch to outlast the lease is slow
+ * between batches too), at most an hour. A lease counted from the batch's start used to be
+ * over when a batch of more than `baseMs` committed: another replica waiting on the primary
+ * row took over the live run and purged beside it.
+ */
+function purgeLeaseMs(baseMs: number, batchMs: number): number {
+  return Math.min(MAX_PURGE_LEASE_MS, Math.max(baseMs, 2 * Math.max(0, batchMs)));
+}
 /** The `meta` row of the purge run in progress: its owner, lease and counts so far. */
 const PURGE_META_KEY = 'purge.run';
 /** Ids in one `IN (...)` list. */
@@ -1071,9 +1087,12 @@ async function purgeBatch(
       await remove(HEAD_TABLES.invocations, 'seq', seqs);
       await remove(TABLES.invocationCards, 'invocation_id', ids);
       await remove(TABLES.invocations, 'seq', seqs);
+      // The lease runs from now, the batch's end (see purgeLeaseMs), not from its start.
+      const [end] = await h.raw<{ nowMs: number | string }>(t, dbNowSql(h), []);
+      const endMs = Number(end?.nowMs ?? nowMs);
       const total: PurgeRun = {
         ...before,
-        untilMs: nowMs + PURGE_LEASE_MS,
+        untilMs: endMs + purgeLeaseMs(ctx.leaseMs ?? PURGE_LEASE_MS, endMs - nowMs),
         invocations: before.invocations + seqs.length,
         feedback: before.feedback + feedbackSeqs.length,
         batches: before.batches + (seqs.length > 0 ? 1 : 0),

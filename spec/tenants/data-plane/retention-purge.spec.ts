@@ -6,7 +6,7 @@
  */
 import { expect } from 'chai';
 import { InvalidInputError, NotFoundError } from '../../../tenants/errors.ts';
-import type { FeedbackInput, PurgeProgress } from '../../../tenants/data-plane.ts';
+import type { FeedbackInput, PurgeProgress, PurgeResult } from '../../../tenants/data-plane.ts';
 import { asInstance, forEachBackend, invocation, makeEnv, rejection } from './helpers.ts';
 import type { Env } from './helpers.ts';
 
@@ -227,6 +227,49 @@ forEachBackend('tenants/ data plane: retention purge', (backend) => {
     ).to.have.length(0);
     expect((await s.audit.verify()).ok).to.equal(true);
   });
+
+  if (backend === 'postgres') {
+    // Batches longer than the lease (a slow disk, lock waits; here a trigger sleeping on each
+    // deleted record): the lease runs from each batch's commit, for at least twice its length.
+    // It used to run from the batch's start, so it was over when the batch committed, and a
+    // second replica waiting on the primary row took the live run over and purged beside it.
+    it('keeps its lease through batches longer than the lease: a second replica skips it', async () => {
+      await seed(env, 'acme', 6, 1);
+      const raw = await env.raw('acme');
+      const fn = raw.t('invocations').replace('"invocations"', '"slow_purge"');
+      await raw.exec(
+        `CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql
+         AS 'BEGIN PERFORM pg_sleep(0.15); RETURN OLD; END'`,
+      );
+      await raw.exec(
+        `CREATE TRIGGER slow_purge BEFORE DELETE ON ${raw.t('invocations')}
+         FOR EACH ROW EXECUTE FUNCTION ${fn}()`,
+      );
+      // Two replicas with a 100 ms lease; a batch of 2 records takes over 300 ms.
+      const a = await env.reopen({ jobLeaseMs: 100 });
+      const b = await env.reopen({ jobLeaseMs: 100 });
+      await b.store('acme').purgeRecords({ before: CUTOFF, dryRun: true }); // its store open
+      let second: Promise<PurgeResult> | undefined;
+      const first = await a.store('acme').purgeRecords({
+        before: CUTOFF,
+        batchSize: 2,
+        onProgress: () => {
+          second ??= b.store('acme').purgeRecords({ before: CUTOFF, batchSize: 2 });
+        },
+      });
+      expect(second, 'the run had more than one batch').to.not.equal(undefined);
+      expect(await second).to.deep.include({ skipped: 'running_elsewhere', invocations: 0 });
+      expect(first).to.deep.include({ invocations: 6, feedback: 2, batches: 3 });
+      expect(first).to.not.have.property('resumed');
+      const events = (await env.stores.store('acme').audit.list({ limit: 10_000 })).filter(
+        (e) => e.type === 'records.purged',
+      );
+      expect(events).to.have.length(1);
+      expect(events[0]?.detail).to.deep.include({ invocations: 6, feedback: 2, batches: 3 });
+      expect(events[0]?.detail).to.not.have.property('resumedInvocations');
+      expect(await count(env, 'acme', 'invocations')).to.equal(1);
+    });
+  }
 
   it('takes over a damaged purge state and removes it', async () => {
     const s = env.stores.store('acme');
