@@ -288,6 +288,16 @@ export function adminRouter(deps: Deps, admin: AdminService, data: DataAdmin): R
     queryOf(req, []);
     res.json(await data.replay(principalOf(res), param(req, 'id'), param(req, 'rid')));
   });
+  // Override rates per pack, version and rule (PHI-free counts; see DataAdmin.feedbackSummary).
+  router.get('/tenants/:id/feedback/summary', async (req, res) => {
+    const q = queryOf(req, ['since', 'until'], { once: true });
+    res.json(
+      await data.feedbackSummary(principalOf(res), param(req, 'id'), {
+        ...(typeof q.since === 'string' ? { since: q.since } : {}),
+        ...(typeof q.until === 'string' ? { until: q.until } : {}),
+      }),
+    );
+  });
   router.get('/tenants/:id/keys', async (req, res) => {
     queryOf(req, []);
     res.json(await data.keyStatus(principalOf(res), param(req, 'id')));

@@ -38,7 +38,14 @@ import {
   ResidencyError,
   TENANT_ID_PATTERN,
 } from '../tenants/index.ts';
-import type { ChainHead, ControlPlane, Principal, PurgeResult, Tenant } from '../tenants/index.ts';
+import type {
+  ChainHead,
+  ControlPlane,
+  FeedbackSummary,
+  Principal,
+  PurgeResult,
+  Tenant,
+} from '../tenants/index.ts';
 import {
   actorOf,
   AdminService,
@@ -57,6 +64,7 @@ import {
   verifyControlPlaneAudit,
 } from './audit-anchors.ts';
 import { formatBackupTable, listBackups } from './backup-list.ts';
+import { DataAdmin } from './data-admin.ts';
 import {
   buildDeps,
   ensureDataDir,
@@ -272,6 +280,91 @@ async function purgeTenantRecords(o: {
   } finally {
     await deps.close();
   }
+}
+
+/**
+ * `feedback summary`: a tenant's override-rate report. Through a running server with `--url` or
+ * `--token` (GET /admin/tenants/{id}/feedback/summary); else on the local data directory's
+ * region, as a local platform operator, as `records purge` does. Either way audited
+ * `feedback.summary`; it reads clear columns only (no record opened, no key used).
+ */
+async function feedbackSummaryOf(
+  o: ServerOpts & { tenant: string; since?: string; until?: string },
+): Promise<FeedbackSummary> {
+  if (!TENANT_ID_PATTERN.test(o.tenant)) {
+    throw new CliError(`--tenant must be a tenant id (${TENANT_ID_PATTERN.source})`, 2);
+  }
+  const window = {
+    ...(o.since !== undefined ? { since: o.since } : {}),
+    ...(o.until !== undefined ? { until: o.until } : {}),
+  };
+  if (o.url !== undefined || o.token !== undefined) {
+    const query = new URLSearchParams(window).toString();
+    return expectStatus(
+      await adminCall(
+        o,
+        'GET',
+        `/admin/tenants/${encodeURIComponent(o.tenant)}/feedback/summary${query ? `?${query}` : ''}`,
+      ),
+      200,
+    ) as unknown as FeedbackSummary;
+  }
+  const cfg = config();
+  assertDataDirHere(cfg);
+  const deps = await buildDeps(cfg, createLogger({ level: 'silent' }), {
+    resumeJobs: false,
+    operator: true,
+  });
+  try {
+    const data = new DataAdmin({
+      controlPlane: deps.controlPlane,
+      stores: deps.stores,
+      evaluator: deps.evaluator,
+      directory: deps.directory,
+      backupDir: deps.backupDir,
+      regions: deps.matrix.regions,
+    });
+    return await data.feedbackSummary(LOCAL_OPERATOR, o.tenant, window).catch((err: unknown) => {
+      throw usageErrorOf(err);
+    });
+  } finally {
+    await deps.close();
+  }
+}
+
+/** The override-rate report as a table: one line per pack, version and rule, then its reasons. */
+function formatFeedbackSummary(summary: FeedbackSummary): string {
+  const head = `tenant ${summary.tenant}, cards shown from ${summary.since} to ${summary.until}`;
+  if (summary.rows.length === 0) {
+    return `${head}
+no cards shown in this window`;
+  }
+  const rate = (r: number | null) => (r === null ? '-' : `${(r * 100).toFixed(1)}%`);
+  const rows = summary.rows.map((r) => [
+    r.packId,
+    r.packVersion,
+    r.ruleId ?? 'unknown',
+    String(r.shown),
+    String(r.accepted),
+    String(r.overridden),
+    rate(r.overrideRate),
+  ]);
+  const header = ['PACK', 'VERSION', 'RULE', 'SHOWN', 'ACCEPTED', 'OVERRIDDEN', 'OVERRIDE RATE'];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]?.length ?? 0)));
+  const lines: string[] = [head, ''];
+  [header, ...rows].forEach((r, k) => {
+    lines.push(
+      r
+        .map((cell, i) => (i < 3 ? cell.padEnd(widths[i] ?? 0) : cell.padStart(widths[i] ?? 0)))
+        .join('  ')
+        .trimEnd(),
+    );
+    const reasons = k === 0 ? [] : Object.entries(summary.rows[k - 1]?.reasons ?? {});
+    for (const [code, n] of reasons.sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]))) {
+      lines.push(`    overridden: ${code}  ${String(n)}`);
+    }
+  });
+  return lines.join('\n');
 }
 
 function readJsonFile(file: string): unknown {
@@ -1434,6 +1527,31 @@ export function buildProgram(): Command {
     .action(async (o: { tenant: string; dryRun?: boolean; batchSize?: string }) => {
       out(await purgeTenantRecords(o));
     });
+
+  program
+    .command('feedback')
+    .description("a tenant's card feedback")
+    .command('summary')
+    .description(
+      'override rates per rule pack, version and rule over a window (default: the last 30 days): cards shown, accepted, overridden, and overrides per offered reason code; PHI-free, audited as feedback.summary (local data directory, or a running server with --url/--token)',
+    )
+    .requiredOption('--tenant <id>')
+    .option(
+      '--since <instant>',
+      'cards shown from this ISO 8601 instant (default: until - 30 days)',
+    )
+    .option('--until <instant>', 'cards shown before this ISO 8601 instant (default: now)')
+    .option('--json', 'print the report as JSON')
+    .option('--url <base>', 'ask a running server at this base URL')
+    .option('--token <token>', 'operator token for --url (default CELLCDS_ADMIN_TOKEN)')
+    .action(
+      async (
+        o: ServerOpts & { tenant: string; since?: string; until?: string; json?: boolean },
+      ) => {
+        const summary = await feedbackSummaryOf(o);
+        out(o.json === true ? summary : formatFeedbackSummary(summary));
+      },
+    );
 
   const token = program.command('token').description('operator tokens (local data directory)');
   token

@@ -31,6 +31,7 @@ import type {
   ChainVerification,
   ControlPlane,
   DeprovisionResult,
+  FeedbackSummary,
   InvocationRecord,
   InvocationSummary,
   JobInfo,
@@ -154,6 +155,33 @@ export class DataAdmin {
       detail: { count: list.length },
     });
     return list;
+  }
+
+  /**
+   * The tenant's override-rate report (TenantStore.feedbackSummary): counts per pack, version
+   * and rule over a window, from clear columns only (no record opened, no key used). Allowed as
+   * the tenant's audit trail is (`audit:read`: the platform operator, and the tenant's own
+   * tenant-admin and auditor), since it is PHI-free metadata of the same kind; a rule-author is
+   * refused (its role is global over packs, with no tenant or pack ownership to scope rows by).
+   * Audited `feedback.summary` (actor, tenant, window, row count).
+   * @throws ForbiddenError (403), NotFoundError (404: no such tenant), InvalidInputError (400:
+   *   `since`/`until`), RegionMismatchError (421).
+   */
+  async feedbackSummary(
+    principal: Principal,
+    tenantId: string,
+    query: { since?: string; until?: string },
+  ): Promise<FeedbackSummary> {
+    authorize(principal, 'audit:read', tenantId);
+    await this.tenant(principal, tenantId, 'feedback.summary');
+    const summary = await this.deps.stores.store(tenantId).feedbackSummary(query);
+    await this.audit(principal, {
+      type: 'feedback.summary',
+      outcome: 'success',
+      tenant: tenantId,
+      detail: { since: summary.since, until: summary.until, rows: summary.rows.length },
+    });
+    return summary;
   }
 
   /**

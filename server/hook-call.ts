@@ -89,6 +89,12 @@ async function evaluateAndSeal(
     suggestionUuids: cards.flatMap((c) => (c.suggestions ?? []).map((s) => s.uuid)),
     // Each card's own: feedback on a card may accept only its suggestions (CDS Hooks 2.0).
     cardSuggestionUuids: cards.map((c) => (c.suggestions ?? []).map((s) => s.uuid)),
+    // Which rule made each card and the reasons it offered (pack metadata, in clear on the
+    // card's link): the override-rate report counts by them without opening a record.
+    cardRules: raw.map((c) => ({
+      ruleId: c.ruleId,
+      overrideReasons: (c.overrideReasons ?? []).map((r) => `${r.system}|${r.code}`),
+    })),
     secretJson: `${inputJson.slice(0, -1)},"cards":${JSON.stringify(cards)},"trace":${JSON.stringify(result.trace)}}`,
   });
   // Awaited by runHookCall right after this returns; marked handled so that a write failing

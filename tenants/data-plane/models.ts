@@ -17,8 +17,13 @@ import type { Envelope } from './record-cipher.ts';
  * the records and heads the store holds. 5: each card's own suggestion uuids
  * (`invocation_cards.suggestion_uuids`, and `invocations.card_suggestion_uuids`, which the SQLite
  * hook batch's link trigger reads them from), added the same way; NULL in rows written before.
+ * 6: which rule of which pack version made each card, and the override reason codes it offered
+ * (`invocation_cards.rule_id`, `pack_id`, `pack_version`, `override_codes`, from
+ * `invocations.card_rules`), and the offered reason code an override named
+ * (`feedback.reason_code`): pack metadata in clear for the override-rate report
+ * (TenantStore.feedbackSummary); NULL in rows written before (rule "unknown", no reason code).
  */
-export const STORE_SCHEMA_VERSION = '5';
+export const STORE_SCHEMA_VERSION = '6';
 
 export interface MetaRow {
   key: string;
@@ -61,6 +66,13 @@ export interface InvocationRow {
    * Null: not known (a row written before schema 5, or by a caller that did not give them).
    */
   cardSuggestionUuids: string | null;
+  /**
+   * JSON: one `{ r: ruleId, o?: ["system|code", ...] }` per card, in the order of `cardUuids`
+   * (schema 6): the rule that made the card and the override reason codes it offered, pack
+   * metadata only. The SQLite hook batch's link trigger copies each into its link row. Null: not
+   * known (a row written before schema 6, or by a caller that did not give them).
+   */
+  cardRules: string | null;
   keyVersion: number;
   sealed: Envelope;
   createdAt: string;
@@ -75,6 +87,17 @@ export interface InvocationCardRow {
    * its invocation's `suggestionUuids`, as before.
    */
   suggestionUuids: string | null;
+  /** The pack's id of the rule that made the card (schema 6); null: not known (rule "unknown"). */
+  ruleId: string | null;
+  /** The pack and version that made the card (schema 6); null in links written before. */
+  packId: string | null;
+  packVersion: string | null;
+  /**
+   * JSON array of the override reason codes (`system|code`) the card offered (schema 6), copied
+   * from the pack's card template (never interpolated): an override naming one of them is
+   * counted under it. Null: none offered, or not known.
+   */
+  overrideCodes: string | null;
 }
 
 export interface FeedbackRow {
@@ -85,6 +108,13 @@ export interface FeedbackRow {
   service: string;
   outcome: string;
   receivedAt: string;
+  /**
+   * Schema 6: `system|code` of the override reason, only when it is one the card offered (its
+   * link's `overrideCodes`: pack metadata). Null otherwise: accepted, no reason, free text only,
+   * a code the card did not offer (which may be anything the EHR sent: it stays sealed only), or
+   * a row written before schema 6.
+   */
+  reasonCode: string | null;
   keyVersion: number;
   sealed: Envelope;
 }
@@ -230,6 +260,7 @@ export const HEAD_TABLES: Readonly<Record<SealedTable, string>> = {
  * (and older backups restored) stay valid. Schema 3: the job lease (job-lease.ts). Schema 4: the
  * DEK wrap count (not null, default 0). Schema 5: each card's suggestion uuids (null in older
  * rows: feedback on those cards is checked against the invocation's list, tenant-store.ts).
+ * Schema 6: each card's rule and pack version, and an override's offered reason code.
  */
 export const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; type: string }> = [
   { table: TABLES.jobs, column: 'lease_owner', type: 'VARCHAR(200)' },
@@ -240,6 +271,14 @@ export const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; type:
   // Schema 5: the suggestions of each card (JSON arrays, plaintext ids like `suggestion_uuids`).
   { table: TABLES.invocations, column: 'card_suggestion_uuids', type: 'TEXT' },
   { table: TABLES.invocationCards, column: 'suggestion_uuids', type: 'TEXT' },
+  // Schema 6: the rule, pack version and offered override codes of each card, and the offered
+  // code an override named (pack metadata, no PHI; null in older rows: rule "unknown").
+  { table: TABLES.invocations, column: 'card_rules', type: 'TEXT' },
+  { table: TABLES.invocationCards, column: 'rule_id', type: 'VARCHAR(128)' },
+  { table: TABLES.invocationCards, column: 'pack_id', type: 'VARCHAR(128)' },
+  { table: TABLES.invocationCards, column: 'pack_version', type: 'VARCHAR(64)' },
+  { table: TABLES.invocationCards, column: 'override_codes', type: 'TEXT' },
+  { table: TABLES.feedback, column: 'reason_code', type: 'TEXT' },
 ];
 
 /**
@@ -294,6 +333,7 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       cardUuids: { type: DataTypes.TEXT, allowNull: false },
       suggestionUuids: { type: DataTypes.TEXT, allowNull: false },
       cardSuggestionUuids: { type: DataTypes.TEXT, allowNull: true },
+      cardRules: { type: DataTypes.TEXT, allowNull: true },
       keyVersion: { type: DataTypes.INTEGER, allowNull: false },
       // Declared TEXT on both backends; SQLite keeps a BLOB bound here as a BLOB (TEXT affinity
       // converts numbers, never blobs), so binary envelopes need no schema change there.
@@ -312,6 +352,10 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       cardUuid: { type: DataTypes.STRING(128), primaryKey: true },
       invocationId: { type: DataTypes.STRING(128), allowNull: false },
       suggestionUuids: { type: DataTypes.TEXT, allowNull: true },
+      ruleId: { type: DataTypes.STRING(128), allowNull: true },
+      packId: { type: DataTypes.STRING(128), allowNull: true },
+      packVersion: { type: DataTypes.STRING(64), allowNull: true },
+      overrideCodes: { type: DataTypes.TEXT, allowNull: true },
     },
     { ...common, tableName: TABLES.invocationCards, indexes: [{ fields: ['invocation_id'] }] },
   );
@@ -325,6 +369,7 @@ export function defineTenantStoreModels(sequelize: Sequelize, schema?: string): 
       service: { type: DataTypes.STRING(128), allowNull: false },
       outcome: { type: DataTypes.STRING(16), allowNull: false },
       receivedAt: ts(),
+      reasonCode: { type: DataTypes.TEXT, allowNull: true },
       keyVersion: { type: DataTypes.INTEGER, allowNull: false },
       sealed: { type: DataTypes.TEXT, allowNull: false },
     },

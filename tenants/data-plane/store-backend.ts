@@ -610,15 +610,20 @@ const STORE_TRIGGERS_SQLITE = [
  * its backups, other connections and older cellcds versions never see it): an invocation row
  * inserted there links its card uuids (`card_uuids`, a JSON array) in the same statement, each
  * with its own suggestion uuids (the element of `card_suggestion_uuids` at the card's index; NULL
- * when the row has none). The hook path's batch of records is then one INSERT, one thread-pool
- * trip, and a duplicate card uuid still fails the whole statement (the links' primary key). The
- * only INSERT into the invocations table on a SQLite writer is that batch (tenant-store.ts);
- * PostgreSQL inserts the links itself.
+ * when the row has none) and, schema 6, its rule and offered override codes (the element of
+ * `card_rules`; NULL when the row has none) and the row's pack id and version. The hook path's
+ * batch of records is then one INSERT, one thread-pool trip, and a duplicate card uuid still
+ * fails the whole statement (the links' primary key). The only INSERT into the invocations table
+ * on a SQLite writer is that batch (tenant-store.ts); PostgreSQL inserts the links itself.
  */
 const INVOCATION_CARD_LINKS_SQLITE = `CREATE TEMP TRIGGER IF NOT EXISTS cellcds_invocation_card_links
   AFTER INSERT ON main.${TABLES.invocations}
-  BEGIN INSERT INTO main.${TABLES.invocationCards} (card_uuid, invocation_id, suggestion_uuids)
-    SELECT c.value, NEW.id, json_extract(NEW.card_suggestion_uuids, '$[' || c.key || ']')
+  BEGIN INSERT INTO main.${TABLES.invocationCards}
+      (card_uuid, invocation_id, suggestion_uuids, rule_id, pack_id, pack_version, override_codes)
+    SELECT c.value, NEW.id, json_extract(NEW.card_suggestion_uuids, '$[' || c.key || ']'),
+      json_extract(NEW.card_rules, '$[' || c.key || '].r'),
+      NEW.pack_id, NEW.pack_version,
+      json_extract(NEW.card_rules, '$[' || c.key || '].o')
     FROM json_each(NEW.card_uuids) AS c; END`;
 
 /** STORE_TRIGGERS_SQLITE for a PostgreSQL schema. */

@@ -34,6 +34,9 @@ import type {
   FeedbackInput,
   FeedbackRecord,
   FeedbackRefusal,
+  FeedbackSummary,
+  FeedbackSummaryQuery,
+  FeedbackSummaryRow,
   InvocationRecord,
   InvocationSecret,
   InvocationSummary,
@@ -150,6 +153,23 @@ function feedbackIdChain(item: FeedbackInput): string[] {
   );
 }
 
+/**
+ * The override reason code of `item` to store in clear (`system|code`): only when it overrides
+ * with a code its card offered, which is pack metadata. Anything else the EHR sent (another
+ * code, a display, a comment) may be the clinician's own words: sealed only, never in clear.
+ */
+function offeredReasonCode(
+  item: FeedbackInput,
+  offered: ReadonlySet<string> | undefined,
+): string | null {
+  const reason = item.overrideReason?.reason;
+  if (item.outcome !== 'overridden' || reason === undefined) {
+    return null;
+  }
+  const code = `${reason.system}|${reason.code}`;
+  return offered?.has(code) === true ? code : null;
+}
+
 /** An override reason (or none) compared as canonical JSON. */
 function reasonKey(item: FeedbackInput): string {
   return canonicalJson(item.overrideReason ?? null);
@@ -259,6 +279,8 @@ interface PendingInvocation {
   cardUuids: readonly string[];
   /** Each card's suggestion uuids, in the order of `cardUuids`; undefined: not known. */
   cardSuggestionUuids: ReadonlyArray<readonly string[]> | undefined;
+  /** Each card's rule and offered override codes, in the order of `cardUuids`; or undefined. */
+  cardRules: ValidInvocation['cardRules'];
   resolve: (outcome: Written) => void;
   reject: (err: unknown) => void;
 }
@@ -272,10 +294,10 @@ type Written = { outcome: 'saved'; wraps: number } | { outcome: 'stale'; batch: 
 const STALE: Written = { outcome: 'stale', batch: 1 };
 
 /**
- * Most rows per batch: 15 parameters each (SQLite: the 14 columns and the key's identity)
- * stays far below every driver's limit and within a kept statement's budget (1,024).
+ * Most rows per batch: 16 parameters each (SQLite: the 15 columns and the key's identity), and
+ * 2 more, stays far below every driver's limit and within a kept statement's budget (1,024).
  */
-const MAX_BATCH = 64;
+const MAX_BATCH = 63;
 
 /** In the order of invocationParams. */
 const INVOCATION_COLUMN_NAMES = [
@@ -290,6 +312,7 @@ const INVOCATION_COLUMN_NAMES = [
   'card_uuids',
   'suggestion_uuids',
   'card_suggestion_uuids',
+  'card_rules',
   'key_version',
   'sealed',
   'created_at',
@@ -297,7 +320,7 @@ const INVOCATION_COLUMN_NAMES = [
 const INVOCATION_COLUMNS = `(${INVOCATION_COLUMN_NAMES.join(', ')})`;
 const INVOCATION_PLACEHOLDERS = `(${INVOCATION_COLUMN_NAMES.map(() => '?').join(', ')})`;
 /**
- * SQLite names the columns of `VALUES` column1, column2, ...: the 14 columns, then the identity
+ * SQLite names the columns of `VALUES` column1, column2, ...: the 15 columns, then the identity
  * of the key the row is sealed with (not inserted, compared with the primary row's).
  */
 const VALUES_COLUMNS = INVOCATION_COLUMN_NAMES.map((_, i) => `column${String(i + 1)}`).join(', ');
@@ -318,6 +341,7 @@ function invocationParams(row: Omit<InvocationRow, 'seq'>): unknown[] {
     row.cardUuids,
     row.suggestionUuids,
     row.cardSuggestionUuids,
+    row.cardRules,
     row.keyVersion,
     row.sealed,
     row.createdAt,
@@ -356,18 +380,28 @@ async function insertInvocations(
         .join(', ')}`,
       fresh.flatMap((p) => invocationParams(p.row)),
     );
-    // Each link with its card's own suggestions (null: not known), as SQLite's link trigger.
+    // Each link with its card's own suggestions, rule and offered override codes (null: not
+    // known) and the pack version, as SQLite's link trigger.
     const links = fresh.flatMap((p) =>
       p.cardUuids.map((c, i) => {
         const own = p.cardSuggestionUuids?.[i];
-        return [c, p.row.id, own ? JSON.stringify(own) : null];
+        const rule = p.cardRules?.[i];
+        return [
+          c,
+          p.row.id,
+          own ? JSON.stringify(own) : null,
+          rule?.ruleId ?? null,
+          p.row.packId,
+          p.row.packVersion,
+          rule?.overrideReasons ? JSON.stringify(rule.overrideReasons) : null,
+        ];
       }),
     );
     if (links.length > 0) {
       await h.raw(
         t,
-        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id, suggestion_uuids) VALUES ${links
-          .map(() => '(?, ?, ?)')
+        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id, suggestion_uuids, rule_id, pack_id, pack_version, override_codes) VALUES ${links
+          .map(() => '(?, ?, ?, ?, ?, ?, ?)')
           .join(', ')}`,
         links.flat(),
       );
@@ -567,6 +601,18 @@ async function saveInvocation(
       suggestionUuids: JSON.stringify(v.suggestionUuids),
       cardSuggestionUuids:
         v.cardSuggestionUuids !== undefined ? JSON.stringify(v.cardSuggestionUuids) : null,
+      // Short member names: the SQLite link trigger reads them per card (`$[i].r`, `$[i].o`).
+      cardRules:
+        v.cardRules !== undefined
+          ? JSON.stringify(
+              v.cardRules.map((r) => ({
+                r: r.ruleId,
+                ...(r.overrideReasons && r.overrideReasons.length > 0
+                  ? { o: r.overrideReasons }
+                  : {}),
+              })),
+            )
+          : null,
       keyVersion: key.version,
       sealed: sealRecordAs(
         h.envelopeForm,
@@ -585,6 +631,7 @@ async function saveInvocation(
         keyCreatedAt: key.createdAt,
         cardUuids: v.cardUuids,
         cardSuggestionUuids: v.cardSuggestionUuids,
+        cardRules: v.cardRules,
         resolve,
         reject,
       });
@@ -706,13 +753,15 @@ function toFeedbackRecord(
 /**
  * Checks each item against this tenant's cards of `service` in `t`: the id of the invocation
  * that sent its card, or why it is refused (a card never sent by this service to this tenant,
- * or an accepted suggestion the card never offered).
+ * or an accepted suggestion the card never offered). With `offered`, fills it with the override
+ * reason codes each known card offered (schema 6; none for links written before).
  */
 async function checkFeedbackCards(
   h: StoreHandle,
   t: Transaction,
   items: readonly FeedbackInput[],
   service: string,
+  offered?: Map<string, ReadonlySet<string>>,
 ): Promise<Array<string | FeedbackRefusal>> {
   const known = new Map<string, { invocation: string; suggestions: ReadonlySet<string> }>();
   for (const card of new Set(items.map((i) => i.card))) {
@@ -733,6 +782,7 @@ async function checkFeedbackCards(
         // that card). A link written before schema 5 does not know them: the invocation's.
         suggestions: new Set(storedIds(link.suggestionUuids ?? inv.suggestionUuids)),
       });
+      offered?.set(card, new Set(link.overrideCodes !== null ? storedIds(link.overrideCodes) : []));
     }
   }
   return items.map((item, index): string | FeedbackRefusal => {
@@ -851,7 +901,8 @@ async function saveFeedback(
         ) {
           return undefined;
         }
-        const verdicts = await checkFeedbackCards(h, t, items, service);
+        const offered = new Map<string, ReadonlySet<string>>();
+        const verdicts = await checkFeedbackCards(h, t, items, service, offered);
         const refused = verdicts.filter((v): v is FeedbackRefusal => typeof v !== 'string');
         if (!partial && refused[0] !== undefined) {
           throw new NotFoundError(refused[0].what);
@@ -895,6 +946,7 @@ async function saveFeedback(
               service,
               outcome: item.outcome,
               receivedAt,
+              reasonCode: offeredReasonCode(item, offered.get(item.card)),
               keyVersion: key.version,
               sealed: sealedById.get(fid) ?? '',
             },
@@ -1249,6 +1301,120 @@ async function purgeRecords(
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Override rates: a report over clear columns only (no record opened, no key used)
+// ---------------------------------------------------------------------------------------------
+
+/** The window of `feedbackSummary` when none is given. */
+const SUMMARY_DEFAULT_DAYS = 30;
+
+/** @throws InvalidInputError naming `since` or `until`. */
+function validateSummaryQuery(
+  query: FeedbackSummaryQuery,
+  now: Date,
+): { since: string; until: string } {
+  const raw: unknown = query;
+  if (typeof raw !== 'object' || raw === null) {
+    throw new InvalidInputError('query', 'must be an object');
+  }
+  const until = query.until !== undefined ? instant(query.until, 'until') : now.toISOString();
+  const since =
+    query.since !== undefined
+      ? instant(query.since, 'since')
+      : new Date(Date.parse(until) - SUMMARY_DEFAULT_DAYS * 86_400_000).toISOString();
+  if (since >= until) {
+    throw new InvalidInputError('since', 'must be before until');
+  }
+  return { since, until };
+}
+
+/**
+ * Cards shown from `since` (inclusive) to `until` (exclusive), by their invocation's time, per
+ * pack, version and rule (links written before schema 6: the invocation's pack version and no
+ * rule), with the cards that got accepted and overridden feedback and the overridden ones per
+ * offered reason code. Three aggregate SELECTs in one snapshot over clear columns: no `sealed`
+ * column is read and no key is touched.
+ */
+async function feedbackSummary(
+  h: StoreHandle,
+  window: { since: string; until: string },
+): Promise<FeedbackSummary> {
+  const inv = h.qualified(TABLES.invocations);
+  const cards = h.qualified(TABLES.invocationCards);
+  const fb = h.qualified(TABLES.feedback);
+  const group = `COALESCE(c.pack_id, i.pack_id) AS "packId",
+    COALESCE(c.pack_version, i.pack_version) AS "packVersion", c.rule_id AS "ruleId"`;
+  const from = `FROM ${inv} i JOIN ${cards} c ON c.invocation_id = i.id`;
+  const withFeedback = `${from} JOIN ${fb} f ON f.invocation_id = i.id AND f.card_uuid = c.card_uuid`;
+  const inWindow = 'i.time >= ? AND i.time < ?';
+  const params = [window.since, window.until];
+  type Key = { packId: string; packVersion: string; ruleId: string | null };
+  type Counted = Key & { n: number | string };
+  const { shown, outcomes, reasons } = await h.readTx(async (t) => ({
+    shown: await h.raw<Counted>(
+      t,
+      `SELECT ${group}, COUNT(*) AS n ${from} WHERE ${inWindow} GROUP BY 1, 2, 3`,
+      params,
+    ),
+    outcomes: await h.raw<Counted & { outcome: string }>(
+      t,
+      `SELECT ${group}, f.outcome AS outcome, COUNT(DISTINCT c.card_uuid) AS n ${withFeedback}
+       WHERE ${inWindow} GROUP BY 1, 2, 3, 4`,
+      params,
+    ),
+    reasons: await h.raw<Counted & { code: string }>(
+      t,
+      `SELECT ${group}, f.reason_code AS code, COUNT(DISTINCT c.card_uuid) AS n ${withFeedback}
+       WHERE ${inWindow} AND f.outcome = 'overridden' AND f.reason_code IS NOT NULL
+       GROUP BY 1, 2, 3, 4`,
+      params,
+    ),
+  }));
+  const keyOf = (k: Key) => JSON.stringify([k.packId, k.packVersion, k.ruleId]);
+  const rows = new Map<string, FeedbackSummaryRow>();
+  const rowOf = (k: Key): FeedbackSummaryRow => {
+    let row = rows.get(keyOf(k));
+    if (!row) {
+      row = {
+        packId: k.packId,
+        packVersion: k.packVersion,
+        ruleId: k.ruleId,
+        shown: 0,
+        accepted: 0,
+        overridden: 0,
+        overrideRate: null,
+        // Keys are pack metadata, yet never a prototype's member.
+        reasons: Object.create(null) as Record<string, number>,
+      };
+      rows.set(keyOf(k), row);
+    }
+    return row;
+  };
+  for (const r of shown) {
+    rowOf(r).shown = Number(r.n);
+  }
+  for (const r of outcomes) {
+    const row = rowOf(r);
+    if (r.outcome === 'accepted') {
+      row.accepted = Number(r.n);
+    } else if (r.outcome === 'overridden') {
+      row.overridden = Number(r.n);
+    }
+  }
+  for (const r of reasons) {
+    rowOf(r).reasons[r.code] = Number(r.n);
+  }
+  for (const row of rows.values()) {
+    const answered = row.accepted + row.overridden;
+    row.overrideRate = answered > 0 ? row.overridden / answered : null;
+  }
+  const order = (a: FeedbackSummaryRow, b: FeedbackSummaryRow) =>
+    a.packId.localeCompare(b.packId) ||
+    a.packVersion.localeCompare(b.packVersion) ||
+    (a.ruleId ?? '\uffff').localeCompare(b.ruleId ?? '\uffff');
+  return { tenant: h.tenant, ...window, rows: [...rows.values()].sort(order) };
+}
+
 /** Creates the facade of `tenant` over the region context. */
 export function createTenantStore(ctx: RegionContext, tenant: string): TenantStore {
   /** A write refused at the hard wrap limit is reported (and the rotation tried again). */
@@ -1371,6 +1537,19 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
     async purgeRecords(opts) {
       const valid = validatePurge(opts);
       return ctx.use(tenant, (h) => purgeRecords(h, ctx, opts, valid), { provision: false });
+    },
+
+    async feedbackSummary(query = {}) {
+      const window = validateSummaryQuery(query, ctx.now());
+      // A read never creates a store (nor its first DEK): no store yet is no card shown.
+      return ctx
+        .use(tenant, (h) => feedbackSummary(h, window), { provision: false })
+        .catch((err: unknown) => {
+          if (err instanceof NotFoundError) {
+            return { tenant, ...window, rows: [] };
+          }
+          throw err;
+        });
     },
 
     audit: {

@@ -136,6 +136,62 @@ interface NewInvocationBase {
    * checked against that (as for records written before schema 5). Not part of the summary.
    */
   cardSuggestionUuids?: ReadonlyArray<readonly string[]>;
+  /**
+   * Each card's rule and the override reason codes it offered, in the order of `cardUuids`:
+   * pack metadata, stored in clear on the card's link (schema 6) for the override-rate report
+   * (`feedbackSummary`). Without it the cards count under rule "unknown". Not part of the summary.
+   */
+  cardRules?: ReadonlyArray<CardRule>;
+}
+
+/** Which rule made a card, and what it offered to override it with (pack metadata, no PHI). */
+export interface CardRule {
+  /** The rule's id in its pack. */
+  ruleId: string;
+  /**
+   * The card's `overrideReasons` as `system|code` (from the pack's card template, never
+   * interpolated): an override naming one of them is counted under it. Codes that are not a
+   * printable `system|code` of at most 510 characters are left out (never a refused call).
+   */
+  overrideReasons?: readonly string[];
+}
+
+/** Window of `feedbackSummary`: cards shown from `since` (inclusive) to `until` (exclusive). */
+export interface FeedbackSummaryQuery {
+  /** Default: 30 days before `until`. */
+  since?: string | Date;
+  /** Default: now. */
+  until?: string | Date;
+}
+
+/** One (pack, version, rule) row of the override-rate report: counts only, no PHI. */
+export interface FeedbackSummaryRow {
+  packId: string;
+  packVersion: string;
+  /** Null: cards stored before the store knew their rule (schema 6), counted as "unknown". */
+  ruleId: string | null;
+  /** Cards shown in the window. */
+  shown: number;
+  /** Of those, cards with at least one `accepted` feedback. */
+  accepted: number;
+  /** Of those, cards with at least one `overridden` feedback. */
+  overridden: number;
+  /** overridden / (accepted + overridden), or null when neither. */
+  overrideRate: number | null;
+  /**
+   * Overridden cards per override reason code (`system|code`), only codes the card offered;
+   * overrides with no such code (none given, free text only, another code, or stored before
+   * schema 6) count in `overridden` only.
+   */
+  reasons: Record<string, number>;
+}
+
+/** The override-rate report of `feedbackSummary`. */
+export interface FeedbackSummary {
+  tenant: string;
+  since: string;
+  until: string;
+  rows: FeedbackSummaryRow[];
 }
 
 /** Invocation metadata (clear columns, no PHI). */
@@ -346,6 +402,13 @@ export interface TenantStore {
    *   batches committed before it stay deleted and are counted by the next run's event).
    */
   purgeRecords(opts: PurgeOptions): Promise<PurgeResult>;
+  /**
+   * The override-rate report: per pack, version and rule, the cards shown in the window (by
+   * their invocation's time) and how many got accepted and overridden feedback, with counts per
+   * offered override reason code. Reads clear columns only: opens no record, uses no key.
+   * @throws InvalidInputError (`since`, `until`: not an instant, or not since < until).
+   */
+  feedbackSummary(query?: FeedbackSummaryQuery): Promise<FeedbackSummary>;
 }
 
 /** Options of `TenantStore.purgeRecords`. */

@@ -62,7 +62,58 @@ export interface ValidInvocation {
   suggestionUuids: string[];
   /** Each card's suggestion uuids, in the order of `cardUuids`; undefined if not given. */
   cardSuggestionUuids: string[][] | undefined;
+  /** Each card's rule and offered override codes, in the order of `cardUuids`; or undefined. */
+  cardRules: Array<{ ruleId: string; overrideReasons?: string[] }> | undefined;
   secretJson: string;
+}
+
+/**
+ * An override reason code as stored in clear: `system|code` from a pack's card template, at most
+ * 510 characters, no control characters (nothing here is the clinician's text).
+ */
+const REASON_CODE = /^[^\u0000-\u001f\u007f]{3,510}$/;
+/** Override reason codes kept per card (a template's list; more is not a pack's). */
+const MAX_CARD_REASONS = 64;
+
+/**
+ * `cardRules`: one `{ ruleId, overrideReasons? }` per card of `cardUuids`. Stored in clear, so
+ * shapes only: a rule id is a short name; of the reasons (an array of strings), only printable
+ * `system|code` strings are kept, the first MAX_CARD_REASONS of them: a pack's odd code is left
+ * out (overrides naming it count under no code) rather than failing the hook call that made
+ * the card.
+ */
+function cardRuleList(
+  value: unknown,
+  cardUuids: readonly string[],
+): Array<{ ruleId: string; overrideReasons?: string[] }> | undefined {
+  const field = 'cardRules';
+  if (value === undefined) {
+    return undefined;
+  }
+  if (!Array.isArray(value) || value.length !== cardUuids.length) {
+    throw new InvalidInputError(field, 'must hold one { ruleId, overrideReasons? } per card');
+  }
+  return value.map((v: unknown, i) => {
+    const f = `${field}[${i}]`;
+    if (!isObject(v)) {
+      throw new InvalidInputError(f, 'must be { ruleId, overrideReasons? }');
+    }
+    const ruleId = name(v.ruleId, `${f}.ruleId`);
+    if (v.overrideReasons === undefined) {
+      return { ruleId };
+    }
+    const reasons: unknown = v.overrideReasons;
+    if (!Array.isArray(reasons) || !reasons.every((r) => typeof r === 'string')) {
+      throw new InvalidInputError(`${f}.overrideReasons`, 'must be an array of system|code');
+    }
+    const kept = reasons.filter(
+      (r) => REASON_CODE.test(r) && r.includes('|') && !r.startsWith('|') && !r.endsWith('|'),
+    );
+    // None kept: as none offered (a NULL on the link, whichever backend writes it).
+    return kept.length === 0
+      ? { ruleId }
+      : { ruleId, overrideReasons: [...new Set(kept)].slice(0, MAX_CARD_REASONS) };
+  });
 }
 
 /**
@@ -172,6 +223,7 @@ export function validateInvocation(input: NewInvocation): ValidInvocation {
     cardUuids,
     suggestionUuids,
     cardSuggestionUuids: cardSuggestionLists(raw.cardSuggestionUuids, cardUuids, suggestionUuids),
+    cardRules: cardRuleList(raw.cardRules, cardUuids),
     secretJson,
   };
 }

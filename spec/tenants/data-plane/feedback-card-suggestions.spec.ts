@@ -120,7 +120,7 @@ forEachBackend('tenants/ data plane: feedback suggestions are checked per card',
     const [schema] = await raw.query<{ value: string }>(
       `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
     );
-    expect(schema?.value).to.equal('5'); // upgraded when first used
+    expect(schema?.value).to.equal('6'); // upgraded to the current version when first used
     expect((await links(raw)).map((l) => l.suggestion_uuids)).to.deep.equal([null, null]);
     // Records written after the upgrade are checked per card.
     await again.saveInvocation(twoCards('inv-3'));

@@ -465,7 +465,7 @@ forEachBackend('tenants/ data plane: rewrap job owner and lease', (backend) => {
     const [schema] = await raw.query<{ value: string }>(
       `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
     );
-    expect(schema?.value).to.equal('5'); // the current version (3: leases, 4: wrap counts, 5: card suggestions)
+    expect(schema?.value).to.equal('6'); // the current version (3: leases, 4: wrap counts, 5: card suggestions, 6: card rules)
     await Promise.all([c.resumePendingJobs(), d.resumePendingJobs()]);
     expect(await c.waitForJob(job.id)).to.include({ status: 'done', done: 20, total: 20 });
     expect(await events(c, 'key.rewrap')).to.have.length(1);

@@ -355,7 +355,7 @@ forEachBackend('tenants/ data plane: key rotation', (backend) => {
     const [schema] = await raw.query<{ value: string }>(
       `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
     );
-    expect(schema?.value).to.equal('5'); // upgraded to the current version (4: wrap counts, 5: card suggestions)
+    expect(schema?.value).to.equal('6'); // upgraded to the current version (4: wrap counts, 5: card suggestions, 6: card rules)
   });
 
   it("a head row copied from another table or another tenant's store fails closed", async () => {

@@ -304,7 +304,7 @@ forEachBackend('data plane: DEK wrap counts and limits', (backend) => {
     const [schema] = await raw.query<{ value: string }>(
       `SELECT value FROM ${raw.t('meta')} WHERE key = 'schema'`,
     );
-    expect(schema?.value).to.equal('5');
+    expect(schema?.value).to.equal('6');
     await save(again, 10, 1);
     expect(await wraps(again)).to.deep.equal({ 1: 4, 2: 7 });
   });
