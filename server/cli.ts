@@ -259,7 +259,7 @@ async function purgeTenantRecords(o: {
     const result = await deps.stores.store(o.tenant).purgeRecords({
       before: retentionCutoff(deps.now(), days),
       retentionDays: days,
-      actor: `${LOCAL_OPERATOR.tokenId}:${LOCAL_OPERATOR.role}`,
+      actor: actorOf(LOCAL_OPERATOR),
       ...(o.dryRun === true ? { dryRun: true } : {}),
       ...(batchSize !== undefined ? { batchSize } : {}),
       onProgress: (p) => {

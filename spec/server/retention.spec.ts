@@ -409,6 +409,8 @@ describe('cellcds CLI: retention setting and records purge', function () {
       );
       expect(events).to.have.length(1);
       expect(events[0]?.detail).to.deep.include({ invocations: 2, retentionDays: 10 });
+      // The local operator, written as every other actor is (role:tokenId).
+      expect(events[0]?.actor).to.equal('platform-operator:cli');
       expect((await store.audit.verify()).ok).to.equal(true);
     } finally {
       await after.close();
