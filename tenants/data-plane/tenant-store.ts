@@ -20,7 +20,8 @@ import {
 } from './dek-ring.ts';
 import type { IdentifiedKey, KeyContext } from './dek-ring.ts';
 import { KeyUnavailableError, RecordOpenError, WrapLimitError } from './errors.ts';
-import { canonicalJson } from './hash-chain.ts';
+import { canonicalJson, GENESIS_HASH } from './hash-chain.ts';
+import type { ChainVerification } from './hash-chain.ts';
 import { RECORD_ID_PATTERN } from './ids.ts';
 import { createJobOwnerId } from './job-lease.ts';
 import { HEAD_TABLES, TABLES } from './models.ts';
@@ -1424,6 +1425,18 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
     }
     return err;
   };
+  /**
+   * A read never creates the tenant's store (nor its first DEK, nor a `key.create` event): on a
+   * tenant with no store in this region (no call yet, or a region that may serve it and never
+   * did) it answers `empty`, as the store it would have made would.
+   */
+  const read = <T>(fn: (h: StoreHandle) => Promise<T>, empty: () => T): Promise<T> =>
+    ctx.use(tenant, fn, { provision: false }).catch((err: unknown) => {
+      if (err instanceof NotFoundError) {
+        return empty();
+      }
+      throw err;
+    });
   return {
     tenant,
     region: ctx.region,
@@ -1461,57 +1474,64 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
 
     async listInvocations(query = {}) {
       const q = validateQuery(query);
-      return ctx.use(tenant, async (h) => {
-        const where: WhereOptions<InvocationRow> = {};
-        const time: Record<symbol, string> = {};
-        if (q.from !== undefined) {
-          time[Op.gte] = q.from;
-        }
-        if (q.to !== undefined) {
-          time[Op.lt] = q.to;
-        }
-        if (q.from !== undefined || q.to !== undefined) {
-          Object.assign(where, { time });
-        }
-        if (q.hook !== undefined) {
-          Object.assign(where, { hook: q.hook });
-        }
-        // Metadata only (the sealed column stays on disk); the key version each record is
-        // under now, which a scheduled rotation keeps in the record's head row.
-        const { rows, versions } = await h.readTx(async (t) => {
-          const found = await h.models.Invocation.findAll({
-            where,
-            attributes: { exclude: ['sealed'] },
-            order: [
-              ['time', 'ASC'],
-              ['seq', 'ASC'],
-            ],
-            limit: q.limit,
-            raw: true,
-            transaction: t,
+      return read(
+        async (h) => {
+          const where: WhereOptions<InvocationRow> = {};
+          const time: Record<symbol, string> = {};
+          if (q.from !== undefined) {
+            time[Op.gte] = q.from;
+          }
+          if (q.to !== undefined) {
+            time[Op.lt] = q.to;
+          }
+          if (q.from !== undefined || q.to !== undefined) {
+            Object.assign(where, { time });
+          }
+          if (q.hook !== undefined) {
+            Object.assign(where, { hook: q.hook });
+          }
+          // Metadata only (the sealed column stays on disk); the key version each record is
+          // under now, which a scheduled rotation keeps in the record's head row.
+          const { rows, versions } = await h.readTx(async (t) => {
+            const found = await h.models.Invocation.findAll({
+              where,
+              attributes: { exclude: ['sealed'] },
+              order: [
+                ['time', 'ASC'],
+                ['seq', 'ASC'],
+              ],
+              limit: q.limit,
+              raw: true,
+              transaction: t,
+            });
+            const seqs = found.map((r) => r.seq);
+            return { rows: found, versions: await currentVersions(h, t, 'invocations', seqs) };
           });
-          const seqs = found.map((r) => r.seq);
-          return { rows: found, versions: await currentVersions(h, t, 'invocations', seqs) };
-        });
-        return rows.map((r) => toSummary(r, versions.get(r.seq)));
-      });
+          return rows.map((r) => toSummary(r, versions.get(r.seq)));
+        },
+        () => [],
+      );
     },
 
     async readInvocation(id, opts = {}) {
       if (typeof id !== 'string' || !RECORD_ID_PATTERN.test(id)) {
         throw new InvalidInputError('id', 'must be an invocation id');
       }
-      return ctx.use(tenant, (h) => readInvocation(h, ctx, id, opts.actor));
+      // No store: no such record (not a new empty store).
+      return ctx.use(tenant, (h) => readInvocation(h, ctx, id, opts.actor), { provision: false });
     },
 
     async findCard(cardUuid) {
       if (typeof cardUuid !== 'string' || !RECORD_ID_PATTERN.test(cardUuid)) {
         return undefined;
       }
-      return ctx.use(tenant, async (h) => {
-        const link = await h.models.InvocationCard.findByPk(cardUuid, { raw: true });
-        return link?.invocationId;
-      });
+      return read(
+        async (h) => {
+          const link = await h.models.InvocationCard.findByPk(cardUuid, { raw: true });
+          return link?.invocationId;
+        },
+        () => undefined,
+      );
     },
 
     async saveFeedback(items, opts) {
@@ -1541,22 +1561,30 @@ export function createTenantStore(ctx: RegionContext, tenant: string): TenantSto
 
     async feedbackSummary(query = {}) {
       const window = validateSummaryQuery(query, ctx.now());
-      // A read never creates a store (nor its first DEK): no store yet is no card shown.
-      return ctx
-        .use(tenant, (h) => feedbackSummary(h, window), { provision: false })
-        .catch((err: unknown) => {
-          if (err instanceof NotFoundError) {
-            return { tenant, ...window, rows: [] };
-          }
-          throw err;
-        });
+      // No store yet: no card shown.
+      return read(
+        (h) => feedbackSummary(h, window),
+        () => ({ tenant, ...window, rows: [] }),
+      );
     },
 
     audit: {
       append: (event) => ctx.use(tenant, (h) => appendAudit(h, event, ctx.now)),
-      list: (opts) => ctx.use(tenant, (h) => listAudit(h, opts)),
-      verify: () => ctx.use(tenant, (h) => verifyAudit(h)),
-      head: () => ctx.use(tenant, (h) => auditHead(h)),
+      list: (opts) =>
+        read(
+          (h) => listAudit(h, opts),
+          () => [],
+        ),
+      verify: () =>
+        read(
+          (h) => verifyAudit(h),
+          (): ChainVerification => ({ ok: true, count: 0 }),
+        ),
+      head: () =>
+        read(
+          (h) => auditHead(h),
+          () => ({ seq: 0, hash: GENESIS_HASH }),
+        ),
     },
 
     keys: {
