@@ -47,6 +47,15 @@ export function shippedPackRaw(): unknown {
   return shippedPack;
 }
 
+/** The shipped pack's version (specs that subscribe to it follow its releases). */
+export function shippedPackVersion(): string {
+  const version = (shippedPackRaw() as { version?: unknown }).version;
+  if (typeof version !== 'string') {
+    throw new Error(`${SHIPPED_PACK_FILE} has no version`);
+  }
+  return version;
+}
+
 export async function buildTestApp(env: Record<string, string> = {}): Promise<TestApp> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cellcds-app-'));
   const adminToken = `test-operator-${crypto.randomBytes(24).toString('hex')}`;

@@ -284,6 +284,9 @@ describe('rules/packs/medication-safety expressions (fhirpath.js directly)', () 
       ]);
       // Diabetics are tested at their last encounter, where most had an HbA1c the same day.
       expect(firedBy.get('diabetes-hba1c-overdue')).to.deep.equal(['Coleman_Ortiz']);
+      // RULES.md R8 (active problem-list variant, 1.4.0): opioid use disorder without
+      // buprenorphine or methadone; Gilberto_Orosco and Sherman_McGlynn are already dead.
+      expect(firedBy.get('oud-offer-moud')).to.deep.equal(['Virginia_Mercado']);
     });
 
     it('order-sign with an ibuprofen draft agrees with a TypeScript oracle for every patient', () => {

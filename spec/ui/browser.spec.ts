@@ -15,7 +15,7 @@ import type { FeedbackItem } from '../../hooks/index.ts';
 import { tinyPack } from '../helpers/packs.ts';
 import { startSmartServer } from '../helpers/smart-server.ts';
 import type { SmartServer } from '../helpers/smart-server.ts';
-import { shippedPackRaw } from '../helpers/test-app.ts';
+import { shippedPackRaw, shippedPackVersion } from '../helpers/test-app.ts';
 import { hasChromium, launchChromium, startUiApp } from '../helpers/ui-app.ts';
 import type { UiApp } from '../helpers/ui-app.ts';
 
@@ -141,7 +141,7 @@ describe('card viewer in Chromium', function () {
       issuer: smart.signer,
       fhirServers: [smart.fhirBaseUrl],
       subscriptions: [
-        { pack: 'medication-safety', version: '1.3.0' },
+        { pack: 'medication-safety', version: shippedPackVersion() },
         { pack: 'followup', version: '1.0.0' },
       ],
     });

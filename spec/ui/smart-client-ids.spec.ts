@@ -17,7 +17,7 @@ import type { Browser } from 'playwright-core';
 import { openControlPlane } from '../../tenants/index.ts';
 import { startSmartServer } from '../helpers/smart-server.ts';
 import type { SmartServer } from '../helpers/smart-server.ts';
-import { shippedPackRaw } from '../helpers/test-app.ts';
+import { shippedPackRaw, shippedPackVersion } from '../helpers/test-app.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
 import { hasChromium, launchChromium, startUiApp } from '../helpers/ui-app.ts';
 import type { UiApp } from '../helpers/ui-app.ts';
@@ -459,7 +459,7 @@ describe("card viewer in Chromium: a launch with the tenant's own client id", fu
     const sub = await request(u.handler)
       .put('/admin/tenants/hospital-own/subscriptions')
       .set('authorization', `Bearer ${u.t.adminToken}`)
-      .send([{ pack: 'medication-safety', version: '1.3.0' }]);
+      .send([{ pack: 'medication-safety', version: shippedPackVersion() }]);
     expect(sub.status, JSON.stringify(sub.body)).to.equal(200);
     browser = await launchChromium();
     cleanup.push(() => browser.close());

@@ -9,7 +9,7 @@ import { expect } from 'chai';
 import request from 'supertest';
 import { startFhirServer } from '../helpers/fhir-server.ts';
 import type { TestFhirServer } from '../helpers/fhir-server.ts';
-import { shippedPackRaw } from '../helpers/test-app.ts';
+import { shippedPackRaw, shippedPackVersion } from '../helpers/test-app.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
 import { startUiApp } from '../helpers/ui-app.ts';
 import type { UiApp } from '../helpers/ui-app.ts';
@@ -51,7 +51,7 @@ describe('card viewer: tenants sharing an issuer and a client id', function () {
       const sub = await request(u.handler)
         .put(`/admin/tenants/${id}/subscriptions`)
         .set('authorization', `Bearer ${u.t.adminToken}`)
-        .send([{ pack: 'medication-safety', version: '1.3.0' }]);
+        .send([{ pack: 'medication-safety', version: shippedPackVersion() }]);
       expect(sub.status).to.equal(200);
     }
   });

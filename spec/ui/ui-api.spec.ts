@@ -11,7 +11,7 @@ import type { FeedbackItem } from '../../hooks/index.ts';
 import { startFhirServer } from '../helpers/fhir-server.ts';
 import type { TestFhirServer } from '../helpers/fhir-server.ts';
 import { tinyPack } from '../helpers/packs.ts';
-import { shippedPackRaw } from '../helpers/test-app.ts';
+import { shippedPackRaw, shippedPackVersion } from '../helpers/test-app.ts';
 import { TestIssuer } from '../helpers/test-issuer.ts';
 import { startUiApp } from '../helpers/ui-app.ts';
 import type { UiApp } from '../helpers/ui-app.ts';
@@ -200,7 +200,7 @@ describe('card viewer: playground API', () => {
     const before = dataFiles(u.t.dataDir);
     const res = await evaluate(ruleAuthor, {
       pack: 'medication-safety',
-      version: '1.3.0',
+      version: shippedPackVersion(),
       service: 'medication-safety-order-sign',
       patient: { fixture: KYLA },
       draftOrders: [IBUPROFEN],
@@ -253,7 +253,7 @@ describe('card viewer: playground API', () => {
     );
     const res = await evaluate(ruleAuthor, {
       pack: 'medication-safety',
-      version: '1.3.0',
+      version: shippedPackVersion(),
       service: 'medication-safety-patient-view',
       patient: { bundle },
     });
@@ -564,7 +564,7 @@ describe('card viewer: SMART app API fails closed', () => {
     await u.t.addTenant('hospital-a', {
       issuer: ehr,
       fhirServers: [fhir.baseUrl],
-      subscriptions: [{ pack: 'medication-safety', version: '1.3.0' }],
+      subscriptions: [{ pack: 'medication-safety', version: shippedPackVersion() }],
     });
     await u.t.addTenant('hospital-b', { fhirServers: ['https://fhir.hospital-b.test.example/r4'] });
     unconfigured = await startUiApp();
@@ -572,7 +572,7 @@ describe('card viewer: SMART app API fails closed', () => {
     await unconfigured.t.addTenant('hospital-a', {
       issuer: ehr,
       fhirServers: [fhir.baseUrl],
-      subscriptions: [{ pack: 'medication-safety', version: '1.3.0' }],
+      subscriptions: [{ pack: 'medication-safety', version: shippedPackVersion() }],
     });
   });
   after(async () => {
