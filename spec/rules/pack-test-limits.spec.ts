@@ -200,22 +200,22 @@ describe('rules: embedded pack tests under limits', function () {
   });
 
   describe('the number of tests', () => {
-    it('refuses a pack with more than 100 tests, naming the limit', async () => {
+    it('refuses a pack with more than 200 tests, naming the limit', async () => {
       try {
-        await validatePack(packWithTests(101), { runTests: false });
+        await validatePack(packWithTests(201), { runTests: false });
         expect.fail('accepted');
       } catch (err) {
         expect(err).to.be.instanceOf(PackValidationError);
         expect((err as PackValidationError).problems).to.deep.include({
           path: 'tests',
-          message: 'at most 100 tests per pack (split the pack, or keep the tests that matter)',
+          message: 'at most 200 tests per pack (split the pack, or keep the tests that matter)',
         });
       }
     });
 
-    it('accepts 100', async () => {
-      const compiled = await validatePack(packWithTests(100), { runTests: false });
-      expect(compiled.pack.tests).to.have.length(100);
+    it('accepts 200', async () => {
+      const compiled = await validatePack(packWithTests(200), { runTests: false });
+      expect(compiled.pack.tests).to.have.length(200);
     });
   });
 

@@ -83,14 +83,14 @@ describe('pack upload: embedded tests under limits', function () {
       .send(patientViewRequest());
   };
 
-  it('refuses a pack with more than 100 tests (422, before running any)', async () => {
+  it('refuses a pack with more than 200 tests (422, before running any)', async () => {
     const before = t.deps.evaluator.stats().calls;
-    const res = await t.uploadPack(quickPack('many-tests', 101));
+    const res = await t.uploadPack(quickPack('many-tests', 201));
     expect(res.status).to.equal(422);
     expect(res.body.error).to.equal('unprocessable');
     expect(res.body.problems).to.deep.include({
       path: 'tests',
-      message: 'at most 100 tests per pack (split the pack, or keep the tests that matter)',
+      message: 'at most 200 tests per pack (split the pack, or keep the tests that matter)',
     });
     expect(t.deps.evaluator.stats().calls).to.equal(before);
   });
