@@ -25,6 +25,33 @@ export interface TenantPurgeOutcome {
   result?: PurgeResult;
   /** The error's class (no message: it could name a path or a host), when the purge failed. */
   error?: string;
+  /** Why the tenant was not purged in this pass, when it was left for a later one. */
+  deferred?: 'migration_in_progress';
+}
+
+/** The control-plane events that start, resume and end a region migration (server/migrate.ts). */
+const MIGRATION_EVENTS = [
+  'migration.started',
+  'migration.resumed',
+  'migration.completed',
+  'migration.failed',
+] as const;
+
+/**
+ * Whether a region migration of `tenant` is in progress: its latest migration event in the
+ * control-plane trail is `migration.started` or `migration.resumed` (a run under way, or one
+ * that died and will be resumed). Read only for suspended tenants (a migration suspends its
+ * tenant first).
+ */
+async function migrationInProgress(controlPlane: ControlPlane, tenant: string): Promise<boolean> {
+  const events = (
+    await Promise.all(MIGRATION_EVENTS.map((type) => controlPlane.audit.list({ tenant, type })))
+  ).flat();
+  const last = events.reduce<(typeof events)[number] | undefined>(
+    (latest, e) => (latest === undefined || e.seq > latest.seq ? e : latest),
+    undefined,
+  );
+  return last?.type === 'migration.started' || last?.type === 'migration.resumed';
 }
 
 export interface RecordPurgeDeps {
@@ -44,8 +71,8 @@ function errorClass(err: unknown): { type: string; code?: string } {
 }
 
 /**
- * One pass: every active tenant registered with a retention period whose store is in this
- * region, purged up to its cutoff (now minus its period). A tenant whose purge fails is logged and
+ * One pass: every tenant registered with a retention period whose store is in this region
+ * (but one being migrated), purged up to its cutoff (now minus its period). A tenant whose purge fails is logged and
  * skipped (the next pass tries again); the others go on. Never rejects for one tenant.
  */
 export async function purgeExpiredRecords(
@@ -53,13 +80,7 @@ export async function purgeExpiredRecords(
   opts: { signal?: AbortSignal } = {},
 ): Promise<TenantPurgeOutcome[]> {
   const { log } = deps;
-  // A suspended tenant's store is left alone: a region migration suspends its tenant and needs
-  // the store unchanged from its snapshot to its commit (a purge in between makes it snapshot
-  // again, on every pass for a long move). It is purged at the first pass after it resumes;
-  // `cellcds records purge` still purges it on demand.
-  const tenants = (await deps.controlPlane.tenants.list()).filter(
-    (t) => t.retention && t.status === 'active',
-  );
+  const tenants = (await deps.controlPlane.tenants.list()).filter((t) => t.retention);
   if (tenants.length === 0) {
     return [];
   }
@@ -72,6 +93,21 @@ export async function purgeExpiredRecords(
     }
     if (opts.signal?.aborted === true) {
       break;
+    }
+    // A region migration suspends its tenant and needs the store unchanged from its snapshot to
+    // its commit (a purge in between makes it snapshot again, on every pass for a long move):
+    // while one is in progress, or was interrupted and not resumed, the tenant waits (a warn
+    // line each pass). Any other suspended tenant is purged as an active one.
+    if (
+      tenant.status === 'suspended' &&
+      (await migrationInProgress(deps.controlPlane, tenant.id))
+    ) {
+      outcomes.push({ tenant: tenant.id, recordDays, deferred: 'migration_in_progress' });
+      log.warn(
+        { tenant: tenant.id, retentionDays: recordDays },
+        'record purge deferred: a region migration of the tenant is in progress (its last migration event is migration.started or migration.resumed)',
+      );
+      continue;
     }
     const started = performance.now();
     try {

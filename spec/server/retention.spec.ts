@@ -271,46 +271,60 @@ for (const backend of backends) {
       ).to.have.length(0);
     });
 
-    it('leaves a suspended tenant alone (a migration needs its store unchanged) and purges it once resumed', async () => {
-      await t.addTenant('d-suspended');
-      const store = t.deps.stores.store('d-suspended');
-      await seed(store, new Date(), 8);
+    it('purges a suspended tenant, but defers one whose region migration is in progress until it ends', async () => {
       const as = (req: request.Test) => req.set('authorization', `Bearer ${t.adminToken}`);
-      expect((await as(request(t.app).post('/admin/tenants/d-suspended/suspend'))).status).to.equal(
-        200,
-      );
-      const patched = await as(request(t.app).patch('/admin/tenants/d-suspended')).send({
-        retention: { recordDays: 7 },
-      });
-      expect(patched.status, JSON.stringify(patched.body)).to.equal(200);
-      // A fresh tenant with the same period, patched after it: the pass that purged it read the
-      // tenant list after both periods were set, and saw the suspended tenant too.
-      await t.addTenant('e-witness');
-      const witness = t.deps.stores.store('e-witness');
-      await seed(witness, new Date(), 8);
-      expect(
-        (
-          await as(request(t.app).patch('/admin/tenants/e-witness')).send({
-            retention: { recordDays: 7 },
-          })
-        ).status,
-      ).to.equal(200);
-      await until('e-witness purged', async () =>
-        (await witness.audit.list({ limit: 10_000 })).find((e) => e.type === 'records.purged'),
-      );
-      expect(await store.listInvocations()).to.have.length(3);
-      expect(
-        (await store.audit.list({ limit: 10_000 })).filter((e) => e.type === 'records.purged'),
-      ).to.have.length(0);
-
-      expect((await as(request(t.app).post('/admin/tenants/d-suspended/resume'))).status).to.equal(
-        200,
-      );
-      const event = await until('d-suspended purged once resumed', async () =>
-        (await store.audit.list({ limit: 10_000 })).find((e) => e.type === 'records.purged'),
+      const setUp = async (id: string) => {
+        await t.addTenant(id);
+        await seed(t.deps.stores.store(id), new Date(), 8);
+        expect((await as(request(t.app).post(`/admin/tenants/${id}/suspend`))).status).to.equal(
+          200,
+        );
+      };
+      await setUp('d-suspended');
+      await setUp('e-migrating');
+      // As `cellcds migrate` records it (server/migrate.ts) after suspending the tenant.
+      const migration = (type: string) =>
+        t.deps.controlPlane.audit.record({
+          type,
+          outcome: 'success',
+          tenant: 'e-migrating',
+          actor: 'platform-operator:cli',
+          detail: { from: 'local', to: 'elsewhere' },
+        });
+      await migration('migration.started');
+      for (const id of ['e-migrating', 'd-suspended']) {
+        const res = await as(request(t.app).patch(`/admin/tenants/${id}`)).send({
+          retention: { recordDays: 7 },
+        });
+        expect(res.status, JSON.stringify(res.body)).to.equal(200);
+      }
+      // A suspended tenant is purged as an active one (retention is not paused by a suspension).
+      const suspended = t.deps.stores.store('d-suspended');
+      const event = await until('d-suspended purged', async () =>
+        (await suspended.audit.list({ limit: 10_000 })).find((e) => e.type === 'records.purged'),
       );
       expect(event.detail).to.deep.include({ invocations: 2, feedback: 1, retentionDays: 7 });
-      expect((await store.listInvocations()).map((i) => i.id)).to.deep.equal(['new-1']);
+
+      // The pass that purged it saw the migrating tenant too (its period was set first): left
+      // unchanged, with a warn line saying why.
+      const migrating = t.deps.stores.store('e-migrating');
+      const deferred = await until('the deferral logged', () =>
+        Promise.resolve(
+          t.logLines.find(
+            (l) => l.includes('record purge deferred') && l.includes('"e-migrating"'),
+          ) ?? undefined,
+        ),
+      );
+      expect(JSON.parse(deferred)).to.deep.include({ tenant: 'e-migrating', retentionDays: 7 });
+      expect(await migrating.listInvocations()).to.have.length(3);
+
+      // The migration ends (here it failed: the tenant stays suspended): purged at the next pass.
+      await migration('migration.failed');
+      const purged = await until('e-migrating purged once its migration ended', async () =>
+        (await migrating.audit.list({ limit: 10_000 })).find((e) => e.type === 'records.purged'),
+      );
+      expect(purged.detail).to.deep.include({ invocations: 2, feedback: 1, retentionDays: 7 });
+      expect((await migrating.listInvocations()).map((i) => i.id)).to.deep.equal(['new-1']);
     });
   });
 }
