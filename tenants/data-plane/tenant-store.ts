@@ -299,6 +299,8 @@ const STALE: Written = { outcome: 'stale', batch: 1 };
  * 2 more, stays far below every driver's limit and within a kept statement's budget (1,024).
  */
 const MAX_BATCH = 63;
+/** Card links per INSERT on PostgreSQL: 7 parameters each, 63,000 in all (the limit: 65,535). */
+const LINKS_PER_INSERT = 9000;
 
 /** In the order of invocationParams. */
 const INVOCATION_COLUMN_NAMES = [
@@ -398,13 +400,16 @@ async function insertInvocations(
         ];
       }),
     );
-    if (links.length > 0) {
+    // In statements of LINKS_PER_INSERT at most: PostgreSQL binds at most 65,535 parameters
+    // per statement, and a batch of 63 calls may carry thousands of cards.
+    for (let i = 0; i < links.length; i += LINKS_PER_INSERT) {
+      const chunk = links.slice(i, i + LINKS_PER_INSERT);
       await h.raw(
         t,
-        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id, suggestion_uuids, rule_id, pack_id, pack_version, override_codes) VALUES ${links
+        `INSERT INTO ${h.qualified(TABLES.invocationCards)} (card_uuid, invocation_id, suggestion_uuids, rule_id, pack_id, pack_version, override_codes) VALUES ${chunk
           .map(() => '(?, ?, ?, ?, ?, ?, ?)')
           .join(', ')}`,
-        links.flat(),
+        chunk.flat(),
       );
     }
   }

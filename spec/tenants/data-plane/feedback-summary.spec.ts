@@ -97,6 +97,26 @@ forEachBackend('tenants/ data plane: feedback override-rate report', (backend) =
   });
   afterEach(async () => env.close());
 
+  it('links the cards of a batch of calls too large for one statement (PostgreSQL binds at most 65,535 parameters)', async function () {
+    this.timeout(120_000);
+    const s = env.stores.store('acme');
+    // Twelve calls of 1,000 cards each, saved at once (one hook batch): 12,000 links, 84,000
+    // parameters at 7 per link.
+    const calls = Array.from({ length: 12 }, (_, k) => {
+      const id = `inv-${String(k + 1)}`;
+      const cards = Array.from({ length: 1000 }, (_, i) => `c${String(i)}-${id}`);
+      return invocation(id, 'PHI', {
+        cardUuids: cards,
+        suggestionUuids: [],
+        cardSuggestionUuids: cards.map(() => []),
+        cardRules: cards.map(() => ({ ruleId: 'rule-a', overrideReasons: [BENEFIT] })),
+      });
+    });
+    await Promise.all(calls.map((c) => s.saveInvocation(c)));
+    const report = await s.feedbackSummary(WINDOW);
+    expect(report.rows.map((r) => [r.ruleId, r.shown])).to.deep.equal([['rule-a', 12_000]]);
+  });
+
   it("keeps each card's rule, pack version and offered codes on its link, and an override's code in clear only when its card offered it", async () => {
     const s = env.stores.store('acme');
     await s.saveInvocation(twoRules('inv-1'));
