@@ -1543,7 +1543,10 @@ export function buildProgram(): Command {
     .option('--until <instant>', 'cards shown before this ISO 8601 instant (default: now)')
     .option('--json', 'print the report as JSON')
     .option('--url <base>', 'ask a running server at this base URL')
-    .option('--token <token>', 'operator token for --url (default CELLCDS_ADMIN_TOKEN)')
+    .option(
+      '--token <token>',
+      "admin token for --url: the operator's, or the tenant's tenant-admin or auditor (default CELLCDS_ADMIN_TOKEN)",
+    )
     .action(
       async (
         o: ServerOpts & { tenant: string; since?: string; until?: string; json?: boolean },

@@ -202,8 +202,8 @@ export class DataAdmin {
    * store's; a read that finds none (404) or names no record id (400) probes the tenant's
    * records, so it is audited as `action` with outcome failure, the actor, the tenant, the
    * reason (`not_found`, `invalid_id`) and the id asked for: a uuid (the ids the service
-   * makes) as it is, any other text (the caller's: it may be an MRN) only by its length and a
-   * short sha256. A found record is audited `records.read` (a replay adds `records.replay`).
+   * makes) as it is, any other text (the caller's: it may be an MRN) only by its length. A
+   * found record is audited `records.read` (a replay adds `records.replay`).
    */
   private async readRecord(
     principal: Principal,
