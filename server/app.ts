@@ -38,14 +38,7 @@ export function createApp(deps: Deps): Express {
     res.send(await deps.metrics.render());
   });
   app.use('/cds-services', cdsRouter(deps));
-  const dataAdmin = new DataAdmin({
-    controlPlane: deps.controlPlane,
-    stores: deps.stores,
-    evaluator: deps.evaluator,
-    directory: deps.directory,
-    backupDir: deps.backupDir,
-    regions: deps.matrix.regions,
-  });
+  const dataAdmin = DataAdmin.of(deps);
   app.use(
     '/admin',
     adminRouter(

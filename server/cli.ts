@@ -316,17 +316,11 @@ async function feedbackSummaryOf(
     operator: true,
   });
   try {
-    const data = new DataAdmin({
-      controlPlane: deps.controlPlane,
-      stores: deps.stores,
-      evaluator: deps.evaluator,
-      directory: deps.directory,
-      backupDir: deps.backupDir,
-      regions: deps.matrix.regions,
-    });
-    return await data.feedbackSummary(LOCAL_OPERATOR, o.tenant, window).catch((err: unknown) => {
-      throw usageErrorOf(err);
-    });
+    return await DataAdmin.of(deps)
+      .feedbackSummary(LOCAL_OPERATOR, o.tenant, window)
+      .catch((err: unknown) => {
+        throw usageErrorOf(err);
+      });
   } finally {
     await deps.close();
   }

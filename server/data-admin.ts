@@ -23,6 +23,7 @@ import {
 import { actorOf } from './admin-service.ts';
 import { tenantChain, verificationDetail, withKeptAnchors } from './audit-anchors.ts';
 import type { ExportedHead } from './audit-anchors.ts';
+import type { Deps } from './context.ts';
 import type { ServiceDirectory } from './service-directory.ts';
 import type {
   AuditEvent,
@@ -104,6 +105,23 @@ function withoutUuids(cards: unknown): unknown {
 
 export class DataAdmin {
   constructor(private readonly deps: DataAdminDeps) {}
+
+  /** The DataAdmin of a process's dependencies (the server's, or a local CLI command's). */
+  static of(
+    deps: Pick<
+      Deps,
+      'controlPlane' | 'stores' | 'evaluator' | 'directory' | 'backupDir' | 'matrix'
+    >,
+  ): DataAdmin {
+    return new DataAdmin({
+      controlPlane: deps.controlPlane,
+      stores: deps.stores,
+      evaluator: deps.evaluator,
+      directory: deps.directory,
+      backupDir: deps.backupDir,
+      regions: deps.matrix.regions,
+    });
+  }
 
   private async audit(principal: Principal, event: Omit<AuditEvent, 'actor'>): Promise<void> {
     await this.deps.controlPlane.audit.record({ ...event, actor: actorOf(principal) });
