@@ -20,6 +20,7 @@ import type {
   Subscription,
 } from '../rules/index.ts';
 import {
+  assertCanaryPercentAllowed,
   authorize,
   authorizeRole,
   authorizeTokenIssue,
@@ -864,17 +865,10 @@ function checkCanaryPercents(
   prefix: (i: number) => string = (i) => `subscriptions[${i}].`,
 ): void {
   for (const [i, entry] of input.entries()) {
-    const canary = isRecord(entry) ? entry.canary : undefined;
-    if (
-      isRecord(canary) &&
-      typeof canary.percent === 'number' &&
-      canary.percent > MAX_CANARY_PERCENT
-    ) {
-      throw new InvalidInputError(
-        `${prefix(i)}canary.percent`,
-        canaryPercentMessage(canary.version),
-      );
-    }
+    assertCanaryPercentAllowed(
+      isRecord(entry) ? entry.canary : undefined,
+      `${prefix(i)}canary.percent`,
+    );
   }
 }
 

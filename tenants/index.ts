@@ -36,6 +36,7 @@ export type { MemoryReplayCacheOptions } from './replay-cache.ts';
 export { createJwksFetcher } from './jwks-fetcher.ts';
 export type { JwksFetcherOptions } from './jwks-fetcher.ts';
 export {
+  assertCanaryPercentAllowed,
   canaryPercentMessage,
   MAX_CANARY_PERCENT,
   MAX_SUBSCRIPTIONS,

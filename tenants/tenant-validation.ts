@@ -59,6 +59,23 @@ export function canaryPercentMessage(version: unknown): string {
     `to give ${v} every call, pin it instead (version ${v}, no canary: pack rollout PACK --version ${v})`
   );
 }
+
+/**
+ * Refuses a canary (`{ version, percent }`) whose percent is a number over
+ * {@link MAX_CANARY_PERCENT}, naming `field`; any other shape is left to the caller's checks.
+ * The admin service calls it before the catalog is read, the subscription validation on every
+ * write path.
+ * @throws InvalidInputError (`field`) with {@link canaryPercentMessage}.
+ */
+export function assertCanaryPercentAllowed(canary: unknown, field: string): void {
+  if (
+    isObject(canary) &&
+    typeof canary.percent === 'number' &&
+    canary.percent > MAX_CANARY_PERCENT
+  ) {
+    throw new InvalidInputError(field, canaryPercentMessage(canary.version));
+  }
+}
 const MAX_NAME = 200;
 const MAX_REGIONS = 32;
 /**
@@ -522,9 +539,7 @@ export async function validateSubscription(
         `must be a number from 0 to ${MAX_CANARY_PERCENT}`,
       );
     }
-    if (percent > MAX_CANARY_PERCENT) {
-      throw new InvalidInputError(at('canary.percent'), canaryPercentMessage(canary.version));
-    }
+    assertCanaryPercentAllowed(canary, at('canary.percent'));
     sub.canary = { version: canary.version, percent };
   }
   return sub;
