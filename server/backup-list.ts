@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BackupError, isFormat1, readManifestShape } from '../tenants/index.ts';
 import type { BackupManifest } from '../tenants/index.ts';
+import { textTable } from './text-table.ts';
 
 /** One backup, as its manifest describes it. */
 export interface BackupSummary {
@@ -123,14 +124,5 @@ export function formatBackupTable(backups: readonly BackupSummary[]): string {
         ? ''
         : `  (${b.format === 1 ? 'format 1' : 'no MAC'}: restore needs --allow-unauthenticated)`),
   ]);
-  const header = ['NAME', 'TENANT', 'CREATED', 'SIZE', 'RECORDS'];
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]?.length ?? 0)));
-  return [header, ...rows]
-    .map((r) =>
-      r
-        .map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i] ?? 0)))
-        .join('  ')
-        .trimEnd(),
-    )
-    .join('\n');
+  return textTable(['NAME', 'TENANT', 'CREATED', 'SIZE', 'RECORDS'], rows).join('\n');
 }

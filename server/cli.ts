@@ -90,6 +90,7 @@ import { retentionCutoff } from './retention.ts';
 import { describeRegion, formatRegionTable, loadRegionMatrix } from './regions.ts';
 import type { RegionMatrix } from './regions.ts';
 import { runServe } from './main.ts';
+import { textTable } from './text-table.ts';
 
 const LOCAL_OPERATOR: Principal = { tokenId: 'cli', role: 'platform-operator' };
 
@@ -344,15 +345,9 @@ no cards shown in this window`;
     rate(r.overrideRate),
   ]);
   const header = ['PACK', 'VERSION', 'RULE', 'SHOWN', 'ACCEPTED', 'OVERRIDDEN', 'OVERRIDE RATE'];
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]?.length ?? 0)));
   const lines: string[] = [head, ''];
-  [header, ...rows].forEach((r, k) => {
-    lines.push(
-      r
-        .map((cell, i) => (i < 3 ? cell.padEnd(widths[i] ?? 0) : cell.padStart(widths[i] ?? 0)))
-        .join('  ')
-        .trimEnd(),
-    );
+  textTable(header, rows, { right: new Set([3, 4, 5, 6]) }).forEach((line, k) => {
+    lines.push(line);
     const reasons = k === 0 ? [] : Object.entries(summary.rows[k - 1]?.reasons ?? {});
     for (const [code, n] of reasons.sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]))) {
       lines.push(`    overridden: ${code}  ${String(n)}`);

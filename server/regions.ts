@@ -10,6 +10,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { ConfigError } from './config.ts';
+import { textTable } from './text-table.ts';
 
 const REGION_ID = /^[a-z0-9][a-z0-9-]{0,31}$/;
 const JURISDICTION = /^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$/;
@@ -405,13 +406,5 @@ export function formatRegionTable(matrix: RegionMatrix): string {
     const d = describeRegion(r);
     return [d.id, d.jurisdiction, d.data, d.backups, d.keys, d.failover.join(', ') || '-'];
   });
-  const widths = header.map((h, i) =>
-    Math.max(h.length, ...rows.map((row) => row[i]?.length ?? 0)),
-  );
-  const line = (cells: readonly string[]) =>
-    cells
-      .map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0)))
-      .join('  ')
-      .trimEnd();
-  return [`Region matrix (${matrix.source}):`, line(header), ...rows.map(line)].join('\n');
+  return [`Region matrix (${matrix.source}):`, ...textTable(header, rows)].join('\n');
 }
