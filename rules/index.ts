@@ -43,5 +43,6 @@ export {
   runPackTests,
   resolvePackFiles,
   testInput,
+  uncoveredRules,
 } from './pack-tests.ts';
 export type { PackTestResult, RunPackTestsOptions } from './pack-tests.ts';

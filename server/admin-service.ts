@@ -7,6 +7,7 @@ import {
   PackCheckUnavailableError,
   PackValidationError,
   runPackTests,
+  uncoveredRules,
   validatePackInWorker,
 } from '../rules/index.ts';
 import type {
@@ -748,21 +749,17 @@ export class AdminService {
   /**
    * A pack without tests (a PlanDefinition carries none) shows no rule firing: refused while
    * test coverage is required (`packCheck.requireTestCoverage`, default true). Nothing is
-   * evaluated: the live evaluator is only named, never used, for zero tests.
+   * evaluated.
    * @returns no warnings. @throws PackValidationError naming each rule.
    */
-  private async testlessPack(compiled: CompiledPack): Promise<string[]> {
+  private testlessPack(compiled: CompiledPack): Promise<string[]> {
     if (this.deps.packCheck?.requireTestCoverage === false) {
-      return [];
+      return Promise.resolve([]);
     }
-    let uncovered: PackProblem[] = [];
-    await runPackTests(compiled, this.deps.evaluator, {
-      onUncovered: (u) => (uncovered = u),
-    });
-    if (uncovered.length > 0) {
-      throw new PackValidationError(uncovered);
-    }
-    return [];
+    const uncovered = uncoveredRules(compiled, []);
+    return uncovered.length > 0
+      ? Promise.reject(new PackValidationError(uncovered))
+      : Promise.resolve([]);
   }
 
   private async runUploadTestsNow(compiled: CompiledPack): Promise<string[]> {
